@@ -1,0 +1,38 @@
+# The two commands: `make run` and `make test`. Both create .venv and install on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.run-installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: run test lint bench chaos clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(RUN_STAMP)
+
+run: $(RUN_STAMP)
+	$(BIN)/xiaoyi run
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check app workers tests bench tools
+
+test: $(DEV_STAMP) lint
+	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+bench: $(DEV_STAMP)
+	$(BIN)/python bench/run.py
+
+chaos: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m chaos tests
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,79 @@
+"""The application factory: config → redis → upstream → blueprints → error handlers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from app import logs, store, upstream
+from app.config import Settings, load_settings
+from app.errors import (
+    ApiError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    StoreUnavailable,
+)
+from app.metrics import REQUESTS
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, redis_client: redis.Redis | None = None,
+               **overrides: Any) -> Flask:
+    """Build the Flask app. Settings and a Redis client may be injected (tests)."""
+    settings = settings or load_settings(**overrides)
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.relay.get("max_body_bytes", 1 << 20)
+    app.config["SECRET_KEY"] = settings.secret_key
+    logs.setup(settings.log_level, settings.secrets)
+    store.init_app(app, redis_client)
+    upstream.init_app(app, app.extensions[store.EXTENSION])
+
+    from app import relay
+
+    relay.init_app(app)
+    _init_errors(app)
+    app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok"})
+    return app
+
+
+def _render(err: ApiError) -> Response:
+    from app.relay.common import json_response
+
+    return json_response(err.body(), err.status, err.headers)
+
+
+def _init_errors(app: Flask) -> None:
+    app.register_error_handler(ApiError, _render)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        mapped: dict[int, ApiError] = {
+            404: NotFound(f"Unknown route {request.path[:200]}."),
+            405: MethodNotAllowed(f"{request.method} is not allowed on this route."),
+            413: RequestTooLarge("The request body is larger than the limit."),
+        }
+        return _render(mapped.get(exc.code or 400) or InvalidRequest(exc.description or ""))
+
+    @app.errorhandler(redis.RedisError)
+    def store_down(exc: redis.RedisError) -> Response:
+        log.error("store unavailable: %s", type(exc).__name__)
+        return _render(StoreUnavailable("The wallet store is unavailable; nothing was charged."))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.path)
+        return _render(ApiError("Internal error."))
+
+    @app.after_request
+    def count(resp: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        REQUESTS.labels(rule, str(resp.status_code)).inc()
+        return resp

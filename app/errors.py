@@ -1,0 +1,109 @@
+"""The error tree; one handler renders both shapes (the original service's code/msg + OpenAI's).
+
+    ApiError                      status  error.code
+    ├── InvalidKey                 401    invalid_api_key
+    ├── InvalidRequest             400    invalid_request_error
+    ├── ModelNotFound              404    model_not_found
+    ├── InsufficientQuota          429    insufficient_quota      (x-should-retry: false)
+    ├── RateLimited                429    rate_limit_exceeded     (Retry-After)
+    ├── RequestTooLarge            413    request_too_large
+    ├── UpstreamError              502    upstream_error
+    ├── UpstreamTimeout            504    upstream_timeout
+    ├── StoreUnavailable           503    service_unavailable     (wallet cannot be read/written)
+    ├── NotFound                   404    not_found               (unknown route)
+    └── MethodNotAllowed           405    method_not_allowed
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ApiError(Exception):
+    """An error answered to a developer in both shapes."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[int] = 50000
+    error_code: ClassVar[str] = "internal_error"
+    error_type: ClassVar[str] = "api_error"
+    default_msg: ClassVar[str] = "服务内部错误"
+
+    def __init__(self, message: str | None = None, *, msg: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        self.message = message or self.default_msg
+        self.msg = msg or self.default_msg
+        self.param = param
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        """Return the JSON body carrying code/msg and the OpenAI error object."""
+        return {
+            "code": self.code,
+            "msg": self.msg,
+            "error": {"message": self.message, "type": self.error_type,
+                      "param": self.param, "code": self.error_code},
+        }
+
+
+class InvalidKey(ApiError):
+    status, code, error_code = 401, 40101, "invalid_api_key"
+    error_type, default_msg = "invalid_request_error", "密钥无效"
+
+
+class InvalidRequest(ApiError):
+    status, code, error_code = 400, 40001, "invalid_request_error"
+    error_type, default_msg = "invalid_request_error", "请求参数错误"
+
+
+class ModelNotFound(ApiError):
+    status, code, error_code = 404, 40401, "model_not_found"
+    error_type, default_msg = "invalid_request_error", "模型不存在"
+
+
+class NotFound(ApiError):
+    status, code, error_code = 404, 40400, "not_found"
+    error_type, default_msg = "invalid_request_error", "接口不存在"
+
+
+class MethodNotAllowed(ApiError):
+    status, code, error_code = 405, 40500, "method_not_allowed"
+    error_type, default_msg = "invalid_request_error", "请求方法不允许"
+
+
+class InsufficientQuota(ApiError):
+    status, code, error_code = 429, 42901, "insufficient_quota"
+    error_type, default_msg = "insufficient_quota", "余额不足，请充值"
+
+    def __init__(self, message: str | None = None, **kw: Any) -> None:
+        super().__init__(message or "Your balance cannot cover this request. Please recharge.",
+                         headers={"x-should-retry": "false"}, **kw)
+
+
+class RateLimited(ApiError):
+    status, code, error_code = 429, 42902, "rate_limit_exceeded"
+    error_type, default_msg = "requests", "请求过于频繁，请稍后再试"
+
+    def __init__(self, retry_after: int, message: str | None = None) -> None:
+        super().__init__(message or f"Rate limit reached. Retry after {retry_after}s.",
+                         headers={"Retry-After": str(retry_after)})
+
+
+class RequestTooLarge(ApiError):
+    status, code, error_code = 413, 41301, "request_too_large"
+    error_type, default_msg = "invalid_request_error", "请求体过大"
+
+
+class UpstreamError(ApiError):
+    status, code, error_code = 502, 50201, "upstream_error"
+    error_type, default_msg = "api_error", "上游服务出错，请稍后再试"
+
+
+class UpstreamTimeout(ApiError):
+    status, code, error_code = 504, 50401, "upstream_timeout"
+    error_type, default_msg = "api_error", "上游服务超时，请稍后再试"
+
+
+class StoreUnavailable(ApiError):
+    status, code, error_code = 503, 50301, "service_unavailable"
+    error_type, default_msg = "api_error", "服务暂不可用，请稍后再试"

@@ -1,0 +1,20 @@
+"""Prometheus metrics, defined once. Exposed at /metrics by the admin blueprint.
+
+Under several gunicorn workers set PROMETHEUS_MULTIPROC_DIR (deploy/gunicorn.conf.py does) so
+every process's samples are summed.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter("xiaoyi_requests_total", "HTTP requests answered", ["route", "status"])
+UPSTREAM_LATENCY = Histogram(
+    "xiaoyi_upstream_latency_seconds", "Time to the upstream's response headers", ["channel"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+UPSTREAM_FAILURES = Counter("xiaoyi_upstream_failures_total", "Upstream attempts that failed",
+                            ["channel", "reason"])
+FAILOVERS = Counter("xiaoyi_upstream_failovers_total", "Requests moved to another channel")
+MONEY = Counter("xiaoyi_money_units_total",
+                "Money moved, in 0.0001 元 units, by kind (reserved/settled/released/topup)",
+                ["kind"])

@@ -1,0 +1,48 @@
+"""The developer API blueprint: every route under /v1 and /index.php/api/v1."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response
+
+from app.relay import account, chat, media
+
+bp = Blueprint("relay", __name__)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    """Relay a chat completion."""
+    return chat.relay_text("chat", "/chat/completions")
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    """Relay a legacy completion."""
+    return chat.relay_text("completion", "/completions")
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    """Relay an embeddings request."""
+    return media.embeddings()
+
+
+@bp.post("/images/generations")
+def images_generations() -> Response:
+    """Relay an image generation."""
+    return media.images()
+
+
+bp.add_url_rule("/models", "models", account.models, methods=["GET"])
+bp.add_url_rule("/balance", "balance", account.balance, methods=["GET"])
+bp.add_url_rule("/dashboard/billing/subscription", "billing_subscription",
+                account.subscription, methods=["GET"])
+bp.add_url_rule("/dashboard/billing/usage", "billing_usage", account.usage, methods=["GET"])
+
+PREFIXES = ("/v1", "/index.php/api/v1")
+
+
+def init_app(app: Flask) -> None:
+    """Mount the API under both prefixes."""
+    app.register_blueprint(bp, url_prefix=PREFIXES[0])
+    app.register_blueprint(bp, url_prefix=PREFIXES[1], name="relay_legacy")

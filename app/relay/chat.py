@@ -1,0 +1,204 @@
+"""Chat and legacy completions, plain and streamed: gather, reserve, call, settle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import requests
+from flask import Response, stream_with_context
+from redis import Redis
+
+from app import pricing, wallet
+from app.errors import ApiError, InvalidRequest, UpstreamError
+from app.metrics import MONEY
+from app.relay.common import Call, gather, hold, json_response, positive_int, settings
+from app.store import get_redis
+from app.upstream import get_upstream, iter_sse
+
+log = logging.getLogger(__name__)
+
+
+def validate_messages(body: dict[str, Any]) -> int:
+    """Check `messages` and return the prompt's token estimate."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array.", param="messages",
+                             msg="messages 不能为空")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidRequest(f"messages[{i}] must be an object with a 'role'.",
+                                 param=f"messages[{i}]", msg="messages 格式错误")
+        content = m.get("content")
+        empty = content is None or (isinstance(content, str | list) and not content)
+        if (empty and m.get("role") != "assistant") or not isinstance(
+                content, str | list | type(None)):
+            raise InvalidRequest(f"messages[{i}].content must be a non-empty string or array.",
+                                 param=f"messages[{i}].content", msg="content 不能为空")
+    return pricing.estimate_messages(messages)
+
+
+def validate_prompt(body: dict[str, Any]) -> int:
+    """Check a completions `prompt` and return its token estimate."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str | list) or not prompt:
+        raise InvalidRequest("'prompt' must be a non-empty string or array.", param="prompt",
+                             msg="prompt 不能为空")
+    return pricing.estimate_any(prompt)
+
+
+def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
+    call = gather((kind,))
+    body = call.body
+    prompt_est = validate_messages(body) if kind == "chat" else validate_prompt(body)
+    if prompt_est > settings().relay.get("max_prompt_tokens", 128000):
+        raise InvalidRequest("The prompt is too long.", param="messages", msg="输入内容过长")
+    positive_int(body, "n", 1, 1, 10)
+    max_tokens = positive_int(body, "max_tokens", None, 1)
+    if kind == "chat" and body.get("max_completion_tokens") is not None:
+        max_tokens = positive_int(body, "max_completion_tokens", None, 1)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream", msg="stream 参数错误")
+    amount = pricing.reserve_cost(call.price, prompt_est, max_tokens) * body.get("n", 1)
+    hold(call, amount)
+    MONEY.labels("reserved").inc(amount)
+    want_usage = bool(isinstance(body.get("stream_options"), dict)
+                      and body["stream_options"].get("include_usage"))
+    if stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    else:
+        body.pop("stream_options", None)
+    return call, prompt_est, stream, want_usage
+
+
+def _answer_text(kind: str, data: dict[str, Any]) -> str:
+    parts = []
+    for choice in data.get("choices") or []:
+        if kind == "chat":
+            src = choice.get("message") or choice.get("delta") or {}
+            parts.append(pricing.content_text(src.get("content")))
+        else:
+            parts.append(choice.get("text") or "")
+    return "".join(p for p in parts if p)
+
+
+def _settle(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any] | None,
+            text: str) -> int | None:
+    if usage and isinstance(usage.get("prompt_tokens"), int):
+        pt, ct = usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
+    else:
+        pt, ct = prompt_est, pricing.estimate_tokens(text)
+    cost = pricing.token_cost(call.price, pt, ct)
+    charged = wallet.settle(r, call.key.acct, call.req_id, cost,
+                            prompt_tokens=pt, completion_tokens=ct)
+    if charged is not None:
+        MONEY.labels("settled").inc(charged)
+    return charged
+
+
+def relay_text(kind: str, path: str) -> Response:
+    """Serve one chat or completions request."""
+    call, prompt_est, stream, want_usage = _prepare(kind)
+    r = get_redis()
+    try:
+        resp = get_upstream().post(path, call.body, call.upstream_model, stream=stream)
+    except BaseException:
+        wallet.release(r, call.key.acct, call.req_id)
+        raise
+    if stream:
+        return _stream(kind, call, prompt_est, resp, want_usage)
+    try:
+        data = resp.json()
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise ValueError("no choices")
+    except (ValueError, requests.RequestException) as exc:
+        wallet.release(r, call.key.acct, call.req_id)
+        raise UpstreamError("The upstream answered with malformed JSON.") from exc
+    text = _answer_text(kind, data)
+    _settle(r, call, prompt_est, data.get("usage"), text)
+    if not data.get("usage"):
+        pt, ct = prompt_est, pricing.estimate_tokens(text)
+        data["usage"] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+    for choice in data["choices"]:
+        choice.setdefault("logprobs", None)
+        if kind == "chat" and isinstance(choice.get("message"), dict):
+            choice["message"].setdefault("refusal", None)
+    data["code"], data["msg"] = 0, ""
+    return json_response(data, headers={"X-Request-Id": call.req_id})
+
+
+def _stream(kind: str, call: Call, prompt_est: int, resp: requests.Response,
+            want_usage: bool) -> Response:
+    drain_cap = settings().relay.get("drain_cap_tokens", 8192)
+    r = get_redis()
+    usage: dict[str, Any] | None = None
+    texts: list[str] = []
+
+    settled = False
+
+    def finish() -> None:
+        nonlocal settled
+        if settled:
+            return
+        settled = True
+        resp.close()
+        try:
+            _settle(r, call, prompt_est, usage, "".join(texts))
+        except Exception:
+            log.exception("could not settle %s", call.req_id)
+
+    def generate() -> Iterator[bytes]:
+        nonlocal usage
+        events = iter_sse(resp)
+        try:
+            for payload in events:
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                texts.append(_answer_text(kind, obj))
+                if not want_usage and obj.get("usage") and not obj.get("choices"):
+                    continue
+                yield b"data: " + payload + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except GeneratorExit:
+            # The client left: keep reading what the upstream produces (up to a cap) to bill it.
+            usage = _drain(events, kind, texts, drain_cap) or usage
+            raise
+        except (requests.RequestException, OSError) as exc:
+            log.warning("upstream stream broke for %s: %s", call.req_id, type(exc).__name__)
+            err = UpstreamError("The upstream stream was interrupted.")
+            yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
+        finally:
+            finish()
+
+    out = Response(stream_with_context(generate()), mimetype="text/event-stream",
+                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                            "X-Request-Id": call.req_id})
+    # A client gone before the first chunk never starts the generator: bill the prompt anyway.
+    out.call_on_close(finish)
+    return out
+
+
+def _drain(events: Iterator[bytes], kind: str, texts: list[str], cap: int) -> dict | None:
+    usage = None
+    deadline = time.monotonic() + 120
+    try:
+        for i, payload in enumerate(events):
+            if i >= cap or time.monotonic() > deadline:
+                break
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            usage = obj.get("usage") or usage
+            texts.append(_answer_text(kind, obj))
+    except (requests.RequestException, OSError, ApiError) as exc:
+        log.info("upstream ended while draining an abandoned stream: %s", type(exc).__name__)
+    return usage

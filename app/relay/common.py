@@ -1,0 +1,127 @@
+"""Request facts gathered once per relay call: body, key, account, model, price; and helpers."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from flask import Response, current_app, g, request
+
+from app import keys, ratelimit, wallet
+from app.config import ModelPrice, Settings
+from app.errors import InsufficientQuota, InvalidKey, InvalidRequest, ModelNotFound, RateLimited
+from app.store import get_redis
+
+DEFAULT_MODEL = "gpt-3.5"
+
+
+@dataclass
+class Call:
+    """Everything a relay view needs to know about the request it serves."""
+
+    req_id: str
+    body: dict[str, Any]
+    key: keys.KeyInfo
+    model: str  # the public name the developer used
+    upstream_model: str
+    price: ModelPrice
+
+
+def settings() -> Settings:
+    """Return the app's settings."""
+    return current_app.config["SETTINGS"]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Render a JSON response fast (orjson)."""
+    return Response(orjson.dumps(body), status=status, headers=headers,
+                    mimetype="application/json")
+
+
+def read_json() -> dict[str, Any]:
+    """Parse the request body as a JSON object or raise a 400."""
+    raw = request.get_data(cache=True)
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}",
+                             msg="请求体不是合法的 JSON") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.",
+                             msg="请求体必须是 JSON 对象")
+    return body
+
+
+def bearer_or_body(body: dict[str, Any] | None) -> str:
+    """Return the raw key from Authorization: Bearer, api_secret_key, or nothing."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    if body is not None and isinstance(body.get("api_secret_key"), str):
+        return body["api_secret_key"].strip()
+    return request.args.get("api_secret_key", "").strip()
+
+
+def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
+    """Resolve the key (no cache: revocation is immediate) and apply its rate limit."""
+    raw = bearer_or_body(body)
+    if not raw:
+        raise InvalidKey("You didn't provide an API key. Send it as 'Authorization: Bearer "
+                         "sk-…' or as api_secret_key in the JSON body.", msg="缺少密钥")
+    info = keys.lookup(get_redis(), raw)
+    if info is None:
+        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+    g.key_id = info.id
+    limit = settings().limits.get("key_requests_per_minute", 0)
+    wait = ratelimit.hit(get_redis(), f"key:{info.id}", limit)
+    if wait:
+        raise RateLimited(wait)
+    return info
+
+
+def gather(kinds: tuple[str, ...]) -> Call:
+    """Parse the body, authenticate, map the model and find its price."""
+    body = read_json()
+    key = authenticate(body)
+    body.pop("api_secret_key", None)
+    model = body.get("model", DEFAULT_MODEL)
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model",
+                             msg="model 参数错误")
+    cfg = settings()
+    upstream_model = cfg.models.get(model)
+    if upstream_model is None:
+        raise ModelNotFound(f"The model '{model[:100]}' does not exist.", param="model",
+                            msg="模型不存在")
+    price = cfg.prices[upstream_model]
+    if price.kind not in kinds:
+        raise InvalidRequest(f"The model '{model}' cannot be used on this endpoint.",
+                             param="model", msg="该模型不能用于此接口")
+    body["model"] = upstream_model
+    req_id = "req_" + secrets.token_hex(12)
+    g.req_id = req_id
+    return Call(req_id, body, key, model, upstream_model, price)
+
+
+def hold(call: Call, amount: int) -> None:
+    """Reserve the most this call can cost, or refuse with 429 insufficient_quota."""
+    got = wallet.reserve(get_redis(), call.key.acct, call.req_id, amount,
+                         key_id=call.key.id, model=call.upstream_model)
+    if not got.ok:
+        raise InsufficientQuota()
+
+
+def positive_int(body: dict[str, Any], name: str, default: int | None, low: int,
+                 high: int | None = None) -> int | None:
+    """Return an integer field within [low, high], or raise a 400 naming it."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (
+            high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise InvalidRequest(f"'{name}' must be an integer {bound}.", param=name,
+                             msg=f"{name} 参数错误")
+    return value

@@ -1,0 +1,102 @@
+"""Embeddings and image generation: priced per input token and per picture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from flask import Response
+
+from app import pricing, wallet
+from app.errors import InvalidRequest, UpstreamError
+from app.metrics import MONEY
+from app.relay.common import Call, gather, hold, json_response, positive_int
+from app.store import get_redis
+from app.upstream import get_upstream
+
+FORMATS = ("url", "b64_json")
+
+
+def _call_json(call: Call, path: str) -> dict[str, Any]:
+    r = get_redis()
+    try:
+        resp = get_upstream().post(path, call.body, call.upstream_model)
+        data = resp.json()
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise ValueError("no data")
+    except ValueError as exc:
+        wallet.release(r, call.key.acct, call.req_id)
+        raise UpstreamError("The upstream answered with malformed JSON.") from exc
+    except BaseException:
+        wallet.release(r, call.key.acct, call.req_id)
+        raise
+    return data
+
+
+def _charge(call: Call, cost: int, pt: int = 0) -> None:
+    charged = wallet.settle(get_redis(), call.key.acct, call.req_id, cost, prompt_tokens=pt)
+    if charged is not None:
+        MONEY.labels("settled").inc(charged)
+
+
+def embeddings() -> Response:
+    """Serve one embeddings request."""
+    call = gather(("embedding",))
+    value = call.body.get("input")
+    if not isinstance(value, str | list) or not value or (
+            isinstance(value, list) and any(v in ("", []) for v in value)):
+        raise InvalidRequest("'input' must be a non-empty string or array.", param="input",
+                             msg="input 不能为空")
+    fmt = call.body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be float or base64.",
+                             param="encoding_format", msg="encoding_format 参数错误")
+    estimate = pricing.estimate_any(value)
+    # Hold twice the estimate: the upstream's tokenizer may count more than the rule does.
+    amount = pricing.token_cost(call.price, 2 * estimate + 16)
+    hold(call, amount)
+    MONEY.labels("reserved").inc(amount)
+    data = _call_json(call, "/embeddings")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    pt = usage["prompt_tokens"] if usage and isinstance(usage.get("prompt_tokens"), int) \
+        else estimate
+    _charge(call, pricing.token_cost(call.price, pt), pt)
+    data["usage"] = {"prompt_tokens": pt, "total_tokens": pt}
+    data["code"], data["msg"] = 0, ""
+    return json_response(data, headers={"X-Request-Id": call.req_id})
+
+
+def images() -> Response:
+    """Serve one image generation request."""
+    call = gather(("image",))
+    body = call.body
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt",
+                             msg="prompt 不能为空")
+    n = positive_int(body, "n", 1, 1, 10) or 1
+    size = body.setdefault("size", "1024x1024" if "1024x1024" in call.price.images
+                           else next(iter(call.price.images)))
+    if not isinstance(size, str) or size not in call.price.images:
+        sizes = ", ".join(call.price.images)
+        raise InvalidRequest(f"'size' must be one of {sizes} for {call.model}.", param="size",
+                             msg="size 参数错误")
+    if body.get("response_format", "url") not in FORMATS:
+        raise InvalidRequest("'response_format' must be url or b64_json.",
+                             param="response_format", msg="response_format 参数错误")
+    cost = pricing.image_cost(call.price, size, n) or 0
+    hold(call, cost)
+    MONEY.labels("reserved").inc(cost)
+    data = _call_json(call, "/images/generations")
+    made = min(len(data["data"]), n)
+    _charge(call, (cost // n) * made)
+    data["code"], data["msg"] = 0, ""
+    return json_response(data, headers={"X-Request-Id": call.req_id})
+
+
+def fetch_image(url: str) -> bytes:
+    """Fetch an image the upstream linked to (used by the bot's image job)."""
+    try:
+        return get_upstream().get(url)
+    except requests.RequestException as exc:
+        raise UpstreamError("Could not fetch the upstream's image.") from exc

@@ -1,0 +1,142 @@
+"""Shared fixtures: real Redis (own database index), the fake upstream, the app, a live server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from app import create_app, keys, wallet  # noqa: E402
+from app.config import Settings, load_settings  # noqa: E402
+from app.fake_upstream import FakeUpstream  # noqa: E402
+from app.store import make_redis  # noqa: E402
+
+UPSTREAM_KEY = "up-secret-KEY-0123456789"
+TEST_DB = 13
+
+
+def _local_redis() -> str | None:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            pass
+        url = f"redis://127.0.0.1:6379/{TEST_DB}"
+        redis.Redis.from_url(url).ping()
+        return url
+    except OSError:
+        return None
+    except redis.RedisError:
+        return None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: XIAOYI_TEST_REDIS_URL, the machine's on db 13, or the embedded engine."""
+    url = os.environ.get("XIAOYI_TEST_REDIS_URL") or _local_redis()
+    if url:
+        yield url
+        return
+    from app.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A clean client on the test database (only our own index is flushed)."""
+    client = make_redis(redis_url, max_connections=400)
+    client.flushdb()
+    yield client
+    client.connection_pool.disconnect()
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[FakeUpstream]:
+    """One fake upstream for the session."""
+    with FakeUpstream(api_key=UPSTREAM_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def upstream(upstream_server: FakeUpstream) -> FakeUpstream:
+    """The fake upstream, reset for this test."""
+    upstream_server.reset()
+    return upstream_server
+
+
+def make_settings(upstream_url: str, redis_url: str, **env: str) -> Settings:
+    """Settings for tests: real Redis, the fake upstream, no .env file."""
+    base = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream_url,
+            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests",
+            "XIAOYI_LOG_LEVEL": "INFO"}
+    return load_settings({**base, **env})
+
+
+@pytest.fixture
+def settings(upstream: FakeUpstream, redis_url: str) -> Settings:
+    """Default test settings."""
+    return make_settings(upstream.url, redis_url)
+
+
+@pytest.fixture
+def app(settings: Settings, r: redis.Redis) -> Any:
+    """The app on the test database."""
+    application = create_app(settings, redis_client=r)
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    """Flask's test client."""
+    return app.test_client()
+
+
+class LiveServer:
+    """The app served by werkzeug in a thread, over real HTTP."""
+
+    def __init__(self, application: Any) -> None:
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, application, threaded=True)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+
+
+@pytest.fixture
+def live(app: Any) -> Iterator[LiveServer]:
+    """A live HTTP server for SDK and raw-HTTP tests."""
+    server = LiveServer(app)
+    yield server
+    server.stop()
+
+
+def new_key(r: redis.Redis, yuan: str = "10") -> tuple[str, str]:
+    """Create an account holding `yuan` and a key for it; return (raw key, account id)."""
+    from app.config import yuan_to_units
+
+    acct = wallet.create_account(r, initial=yuan_to_units(yuan, "test"))
+    raw, _ = keys.create_key(r, acct, "test")
+    return raw, acct
+
+
+@pytest.fixture
+def funded(r: redis.Redis) -> tuple[str, str]:
+    """A key whose account holds 10 元."""
+    return new_key(r)
