@@ -39,6 +39,9 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
     from app import relay
 
     relay.init_app(app)
+    from app import admin, health, pay  # /admin + /metrics (token only), /readyz, pay notify
+    for feature in (admin, health, pay):
+        feature.init_app(app)
     _init_errors(app)
     app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok"})
     return app

@@ -55,9 +55,9 @@ def fake_upstream(host: str, port: int, api_key: str | None) -> None:
               help="gunicorn worker processes (default: deploy/gunicorn.conf.py's)")
 def web(host: str, port: int, web_workers: int | None) -> None:
     """Serve the app with gunicorn (gevent workers: hundreds of open streams each)."""
-    from app.procs import gunicorn_argv
+    from app.procs import gunicorn_argv, prepare_env
 
-    _settings()  # fail loudly on a bad configuration before forking anything
+    os.environ.update(prepare_env(_settings()))  # fails loudly on a bad configuration
     argv = gunicorn_argv(host, port, web_workers)
     os.execv(argv[0], argv)
 
@@ -67,9 +67,10 @@ def web(host: str, port: int, web_workers: int | None) -> None:
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 def worker(queues: str, burst: bool) -> None:
     """Run an rq worker on the bot's queues."""
-    from app.procs import run_worker
+    from app.procs import prepare_env, run_worker
 
-    sys.exit(run_worker(_settings(), queues.split(","), burst))
+    os.environ.update(prepare_env(_settings(), upstream=False))
+    sys.exit(run_worker(load_settings(), queues.split(","), burst))
 
 
 @main.command()
@@ -232,8 +233,10 @@ def ledger_verify(as_json: bool) -> None:
     from app import wallet
 
     problems = wallet.verify(_redis())
-    _emit({"ok": not problems, "problems": problems}, as_json,
-          "\n".join(problems) if problems else "ledger ok")
+    if problems and not as_json:
+        click.echo("\n".join(problems), err=True)  # a failed check is an error: stderr
+        sys.exit(1)
+    _emit({"ok": not problems, "problems": problems}, as_json, "ledger ok")
     if problems:
         sys.exit(1)
 

@@ -251,7 +251,7 @@ def png_image(width: int, height: int, rgb: int) -> bytes:
 
 
 def _new_id(prefix: str) -> str:
-    """Return a fresh id such as chatcmpl-1a2b3c4d-5."""
+    """Return a fresh id such as chatcmpl-1a2b3c4d5 (process salt + counter)."""
     return f"{prefix}-{_ID_SALT}{next(_IDS):x}"
 
 
@@ -319,6 +319,7 @@ def _stream_events(
     extra = {} if usage is None else {"usage": None}
 
     def event(index: int, piece: str | None, finish: str | None) -> bytes:
+        """Serialise one choice chunk; piece None means the finishing chunk."""
         if chat:
             delta = {} if piece is None else {"content": piece}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -379,7 +380,7 @@ class FakeState:
 
 
 class FakeServer(ThreadingHTTPServer):
-    """Threaded HTTP server carrying a FakeState; closes without waiting for clients."""
+    """Serve on threads with a FakeState; close without waiting for clients."""
 
     daemon_threads = True
     block_on_close = False
@@ -406,7 +407,7 @@ class FakeServer(ThreadingHTTPServer):
 
 
 class FakeServer6(FakeServer):
-    """FakeServer listening on IPv6."""
+    """Serve like FakeServer, on IPv6."""
 
     address_family = socket.AF_INET6
 
@@ -651,7 +652,7 @@ class FakeHandler(BaseHTTPRequestHandler):
     # Views -----------------------------------------------------------------------------------
 
     def _chat(self, body: dict[str, Any]) -> None:
-        """POST /v1/chat/completions."""
+        """Answer POST /v1/chat/completions."""
         model = _model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -668,7 +669,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         self._generate(body, model, said, texts, markers, chat=True)
 
     def _completions(self, body: dict[str, Any]) -> None:
-        """POST /v1/completions."""
+        """Answer POST /v1/completions."""
         model = _model(body)
         prompts, markers = [], {}
         for text in _texts(body.get("prompt"), "prompt"):
@@ -722,7 +723,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
 
     def _embeddings(self, body: dict[str, Any]) -> None:
-        """POST /v1/embeddings."""
+        """Answer POST /v1/embeddings."""
         model = _model(body)
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
@@ -751,7 +752,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         self._send_json(out)
 
     def _images(self, body: dict[str, Any]) -> None:
-        """POST /v1/images/generations."""
+        """Answer POST /v1/images/generations."""
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise FakeError(400, "'prompt' must be a non-empty string")
@@ -780,7 +781,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         self._send_json({"created": int(time.time()), "data": data})
 
     def _file(self, path: str) -> None:
-        """GET /v1/files/img-<W>x<H>-<rgb>-<id>.png: the PNG an image URL names."""
+        """Serve GET /v1/files/img-<W>x<H>-<rgb>-<id>.png, the PNG an image URL names."""
         match = _IMAGE_RE.fullmatch(path)
         dims = (int(match[1]), int(match[2])) if match else (0, 0)
         if match is None or dims not in IMAGE_SIZES:
@@ -788,12 +789,12 @@ class FakeHandler(BaseHTTPRequestHandler):
         self._send(200, png_image(*dims, int(match[3], 16)), b"image/png")
 
     def _models(self, _body: None) -> None:
-        """GET /v1/models."""
+        """Answer GET /v1/models."""
         if not self._apply(self._behaviour({})):
             self._send(200, _MODEL_LIST)
 
     def _model_view(self, _body: None) -> None:
-        """GET /v1/models/<id>."""
+        """Answer GET /v1/models/<id>."""
         name = self.path.partition("?")[0][len("/v1/models/") :]
         if name not in MODELS:
             raise FakeError(404, f"The model '{name}' does not exist", code="model_not_found")
@@ -908,9 +909,11 @@ class FakeUpstream:
         self._thread.join(timeout=5)
 
     def __enter__(self) -> FakeUpstream:
+        """Return the running fake."""
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """Stop the fake."""
         self.stop()
 
 

@@ -18,3 +18,5 @@ FAILOVERS = Counter("xiaoyi_upstream_failovers_total", "Requests moved to anothe
 MONEY = Counter("xiaoyi_money_units_total",
                 "Money moved, in 0.0001 元 units, by kind (reserved/settled/released/topup)",
                 ["kind"])
+for _kind in ("reserved", "settled", "topup"):
+    MONEY.labels(_kind)  # show every kind from the first scrape, at 0

@@ -57,10 +57,13 @@ def token_cost(price: ModelPrice, prompt_tokens: int, completion_tokens: int = 0
     return _ceil_div(max(total, 0), 1000)
 
 
-def reserve_cost(price: ModelPrice, prompt_tokens: int, max_tokens: int | None) -> int:
-    """Return the most a token request can cost: the prompt plus max_tokens (or the cap)."""
-    limit = price.max_output if max_tokens is None else min(max_tokens, price.max_output)
-    return token_cost(price, prompt_tokens, limit)
+def reserve_cost(price: ModelPrice, prompt_tokens: int, max_tokens: int | None,
+                 choices: int = 1) -> int:
+    """Return the most a token request can cost: the prompt plus `choices` × max_tokens (or cap)."""
+    # An explicit max_tokens is held in full: capping it would let the upstream produce more
+    # than the hold covers (SPEC §4: estimated prompt + max_tokens, or the model's cap).
+    limit = price.max_output if max_tokens is None else max_tokens
+    return token_cost(price, prompt_tokens, limit * max(choices, 1))
 
 
 def image_cost(price: ModelPrice, size: str, n: int) -> int | None:

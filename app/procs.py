@@ -37,9 +37,20 @@ def ensure_embedded(data_dir: str) -> str:
     return url
 
 
-def _python_bin(name: str) -> str:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else name
+def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
+    """Resolve the embedded Redis and (for web) the fake upstream before serving."""
+    env = {"XIAOYI_REDIS_URL": settings.redis_url or ensure_embedded(settings.data_dir)}
+    if upstream and not settings.channels:
+        import subprocess
+
+        from app.supervisor import pdeathsig_preexec, wait_http
+
+        up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "fake-upstream", "--port",
+                                 str(up_port)], preexec_fn=pdeathsig_preexec())
+        wait_http(f"http://127.0.0.1:{up_port}/healthz", 15, process=proc)
+        env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
+    return env
 
 
 def gunicorn_argv(host: str, port: int, workers: int | None = None) -> list[str]:
@@ -53,17 +64,23 @@ def gunicorn_argv(host: str, port: int, workers: int | None = None) -> list[str]
 
 
 def run_worker(settings: Settings, queues: list[str], burst: bool) -> int:
-    """Run one rq SimpleWorker (no fork per job) inside an app context."""
+    """Run one rq SimpleWorker (no fork per job) inside an app context, with its pulse."""
     from rq import SimpleWorker
 
     from app import create_app
-    from app.store import get_queue, get_rq_redis
+    from app.maintenance import Pulse
+    from app.store import get_queue, get_redis, get_rq_redis
 
     app = create_app(settings)
     with app.app_context():
         worker = SimpleWorker([get_queue(q.strip()) for q in queues if q.strip()],
                               connection=get_rq_redis())
-        ok = worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+        # The pulse lets other workers requeue this one's job within seconds if it is killed.
+        pulse = Pulse(get_rq_redis(), get_redis(), worker.name, worker.queue_names()).start()
+        try:
+            ok = worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+        finally:
+            pulse.stop()
     return 0 if ok or not burst else 0
 
 

@@ -54,6 +54,23 @@ class Upstream:
         self._cool_cache = (now, names)
         return names
 
+    def health(self) -> list[dict[str, Any]]:
+        """Return each channel's state from Redis: cooling seconds left, reason, ok/fail counts."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c in self.channels:
+            pipe.pttl(f"xy:chan:{c.name}:cool")
+            pipe.get(f"xy:chan:{c.name}:cool")
+            pipe.hgetall(f"xy:chan:{c.name}:stats")
+        values = pipe.execute()
+        out = []
+        for i, c in enumerate(self.channels):
+            ttl_ms, reason, stats = values[3 * i:3 * i + 3]
+            out.append({"channel": c, "cooling": ttl_ms > 0 or ttl_ms == -1,
+                        "cooling_seconds": max(0.0, ttl_ms / 1000), "reason": reason or "",
+                        "ok": int(stats.get("ok", 0)), "fail": int(stats.get("fail", 0)),
+                        "last_error": stats.get("last_error", "")})
+        return out
+
     def order(self, model: str) -> list[Channel]:
         """Return the channels serving a model: by priority, weighted within it, resting last."""
         serving = [c for c in self.channels if c.serves(model)]

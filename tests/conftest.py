@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,39 +24,54 @@ from app.fake_upstream import FakeUpstream  # noqa: E402
 from app.store import make_redis  # noqa: E402
 
 UPSTREAM_KEY = "up-secret-KEY-0123456789"
-TEST_DB = 13
 
 
-def _local_redis() -> str | None:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            pass
-        url = f"redis://127.0.0.1:6379/{TEST_DB}"
-        redis.Redis.from_url(url).ping()
-        return url
-    except OSError:
-        return None
-    except redis.RedisError:
-        return None
+def _private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a private, non-persistent server from the embedded engine's binary."""
+    from app.embedded import find_server_binary
+    from app.supervisor import pdeathsig_preexec
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [find_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(data_dir), "--logfile", str(data_dir / "log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=pdeathsig_preexec(signal.SIGTERM))
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
+            return proc, url
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Redis: XIAOYI_TEST_REDIS_URL, the machine's on db 13, or the embedded engine."""
-    url = os.environ.get("XIAOYI_TEST_REDIS_URL") or _local_redis()
+    """A real Redis engine private to this pytest process (or XIAOYI_TEST_REDIS_URL).
+
+    Each xdist worker gets its own server, so parallel tests never flush each other's data
+    and nobody else's Redis is touched.
+    """
+    url = os.environ.get("XIAOYI_TEST_REDIS_URL")
     if url:
         yield url
         return
-    from app.embedded import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
+    proc, url = _private_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.terminate()
+    proc.wait(5)
 
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A clean client on the test database (only our own index is flushed)."""
+    """A clean client on the private test server."""
     client = make_redis(redis_url, max_connections=400)
     client.flushdb()
     yield client

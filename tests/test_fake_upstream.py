@@ -112,6 +112,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 def test_chat_plain_echoes_the_last_user_message(
     fake: FakeUpstream, http: requests.Session
 ) -> None:
+    """A chat completion echoes the last user message with usage by the counting rule."""
     r = http.post(f"{fake.url}/chat/completions", json=chat_body("hello 世界"))
     assert r.status_code == 200
     assert r.headers["Content-Type"] == "application/json"
@@ -128,6 +129,7 @@ def test_chat_plain_echoes_the_last_user_message(
 
 
 def test_chat_content_parts_and_n(fake: FakeUpstream, http: requests.Session) -> None:
+    """Content given as parts is read for its text; n gives n identical choices."""
     parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]
     r = http.post(f"{fake.url}/chat/completions", json=chat_body(parts, n=2))
     body = r.json()
@@ -138,6 +140,7 @@ def test_chat_content_parts_and_n(fake: FakeUpstream, http: requests.Session) ->
 
 
 def test_chat_max_tokens_truncates_with_length(fake: FakeUpstream, http: requests.Session) -> None:
+    """max_tokens cuts the answer and reports finish_reason length."""
     r = http.post(f"{fake.url}/chat/completions", json=chat_body("hi", max_tokens=3))
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] == "你好，我"
@@ -146,6 +149,7 @@ def test_chat_max_tokens_truncates_with_length(fake: FakeUpstream, http: request
 
 
 def test_chat_stream_without_usage(fake: FakeUpstream, http: requests.Session) -> None:
+    """A stream is chunked SSE: role chunk, pieces, stop chunk, [DONE], and no usage."""
     r = http.post(
         f"{fake.url}/chat/completions", json=chat_body("stream me", stream=True), stream=True
     )
@@ -170,6 +174,7 @@ def test_chat_stream_without_usage(fake: FakeUpstream, http: requests.Session) -
 
 
 def test_chat_stream_with_usage(fake: FakeUpstream, http: requests.Session) -> None:
+    """include_usage adds a final choices-less usage chunk and usage null elsewhere."""
     body = chat_body("count me", stream=True, stream_options={"include_usage": True})
     chunks, last = stream_chunks(http.post(f"{fake.url}/chat/completions", json=body, stream=True))
     assert last == "[DONE]"
@@ -184,6 +189,7 @@ def test_chat_stream_with_usage(fake: FakeUpstream, http: requests.Session) -> N
 
 
 def test_chat_requires_messages_and_model(fake: FakeUpstream, http: requests.Session) -> None:
+    """Missing messages, missing model or a bad n are 400s."""
     assert_error(http.post(f"{fake.url}/chat/completions", json={"model": "m"}), 400)
     assert_error(
         http.post(f"{fake.url}/chat/completions", json={"messages": [{"role": "user"}]}), 400
@@ -196,6 +202,7 @@ def test_chat_requires_messages_and_model(fake: FakeUpstream, http: requests.Ses
 
 
 def test_completions_plain(fake: FakeUpstream, http: requests.Session) -> None:
+    """A legacy completion echoes the prompt as a text_completion."""
     body = {"model": "gpt-3.5-turbo-instruct", "prompt": "say this"}
     r = http.post(f"{fake.url}/completions", json=body)
     out = r.json()
@@ -211,6 +218,7 @@ def test_completions_plain(fake: FakeUpstream, http: requests.Session) -> None:
 def test_completions_prompt_list_gives_one_choice_each(
     fake: FakeUpstream, http: requests.Session
 ) -> None:
+    """A list of prompts gets one choice per prompt, in order."""
     body = {"model": "m", "prompt": ["one", "two"]}
     texts = [c["text"] for c in http.post(f"{fake.url}/completions", json=body).json()["choices"]]
     assert texts == [ANSWER_PREFIX + "one", ANSWER_PREFIX + "two"]
@@ -220,6 +228,7 @@ def test_completions_prompt_list_gives_one_choice_each(
 def test_completions_stream(
     fake: FakeUpstream, http: requests.Session, include_usage: bool
 ) -> None:
+    """Completion streams validate and honour include_usage."""
     body = {"model": "m", "prompt": "go", "stream": True}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -243,6 +252,7 @@ def test_completions_stream(
 def test_embeddings_float_are_deterministic_unit_vectors(
     fake: FakeUpstream, http: requests.Session
 ) -> None:
+    """Float embeddings are 16-dim, unit length and depend only on the input."""
     body = {
         "model": "text-embedding-3-small",
         "input": ["alpha", "beta"],
@@ -263,6 +273,7 @@ def test_embeddings_float_are_deterministic_unit_vectors(
 def test_embeddings_base64_decodes_to_the_float_vector(
     fake: FakeUpstream, http: requests.Session
 ) -> None:
+    """base64 embeddings decode (little-endian float32) to the float vector."""
     body = {"model": "m", "input": "alpha", "encoding_format": "base64"}
     encoded = http.post(f"{fake.url}/embeddings", json=body).json()["data"][0]["embedding"]
     raw = base64.b64decode(encoded)
@@ -273,6 +284,7 @@ def test_embeddings_base64_decodes_to_the_float_vector(
 
 
 def test_embeddings_token_arrays_and_bad_input(fake: FakeUpstream, http: requests.Session) -> None:
+    """Token arrays are accepted; an empty input or unknown format is a 400."""
     out = http.post(f"{fake.url}/embeddings", json={"model": "m", "input": [[1, 2, 3], [4]]}).json()
     assert len(out["data"]) == 2 and out["usage"]["prompt_tokens"] == 5
     assert_error(http.post(f"{fake.url}/embeddings", json={"model": "m", "input": []}), 400)
@@ -281,6 +293,7 @@ def test_embeddings_token_arrays_and_bad_input(fake: FakeUpstream, http: request
 
 
 def test_openai_sdk_round_trip(fake: FakeUpstream) -> None:
+    """The official SDK reads embeddings (base64), chat and a stream with usage."""
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=fake.url, api_key=KEY, max_retries=0)
     emb = client.embeddings.create(model="text-embedding-3-small", input="hi")  # base64 on the wire
@@ -304,6 +317,7 @@ def test_openai_sdk_round_trip(fake: FakeUpstream) -> None:
 
 
 def test_images_url_serves_a_real_png(fake: FakeUpstream, http: requests.Session) -> None:
+    """An image URL serves a PNG of the requested size without the api key."""
     body = {"prompt": "a red cat", "n": 2, "size": "512x512"}
     r = http.post(f"{fake.url}/images/generations", json=body)
     out = r.json()
@@ -321,6 +335,7 @@ def test_images_url_serves_a_real_png(fake: FakeUpstream, http: requests.Session
 def test_images_b64_has_the_requested_size(
     fake: FakeUpstream, http: requests.Session, size: str
 ) -> None:
+    """b64_json images decode to PNGs of the requested size."""
     body = {"prompt": "sunset", "size": size, "response_format": "b64_json"}
     out = http.post(f"{fake.url}/images/generations", json=body).json()
     validate(out, "ImagesResponse")
@@ -336,11 +351,13 @@ def test_images_b64_has_the_requested_size(
 def test_images_reject_bad_parameters(
     fake: FakeUpstream, http: requests.Session, patch: dict[str, Any]
 ) -> None:
+    """A bad size, n, response_format or prompt is a 400."""
     body = {"prompt": "p", **patch}
     assert_error(http.post(f"{fake.url}/images/generations", json=body), 400)
 
 
 def test_unknown_image_file_is_404(fake: FakeUpstream) -> None:
+    """A file name that names no image is a 404."""
     assert_error(requests.get(f"{fake.url}/files/img-999x999-000000-1.png"), 404)
     assert_error(requests.get(f"{fake.url}/files/other.txt"), 404)
 
@@ -349,6 +366,7 @@ def test_unknown_image_file_is_404(fake: FakeUpstream) -> None:
 
 
 def test_models_list(fake: FakeUpstream, http: requests.Session) -> None:
+    """The models list has every fake model; a single model is retrievable."""
     out = http.get(f"{fake.url}/models").json()
     validate(out, "ListModelsResponse")
     assert [m["id"] for m in out["data"]] == list(MODELS)
@@ -358,6 +376,7 @@ def test_models_list(fake: FakeUpstream, http: requests.Session) -> None:
 
 
 def test_health_unknown_path_and_bad_json(fake: FakeUpstream, http: requests.Session) -> None:
+    """healthz says ok; unknown paths, wrong methods and bad JSON get OpenAI errors."""
     health = requests.get(f"{fake.base_url}/healthz")
     assert (health.status_code, health.text) == (200, "ok")
     assert_error(http.post(f"{fake.url}/nope", json={}), 404)
@@ -369,6 +388,7 @@ def test_health_unknown_path_and_bad_json(fake: FakeUpstream, http: requests.Ses
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(fake: FakeUpstream) -> None:
+    """One connection carries several requests, each with a Content-Length."""
     request = b"GET /v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + KEY.encode()
     request += b"\r\n\r\n"
     last = request.replace(b"Host: t", b"Host: t\r\nConnection: close")
@@ -382,12 +402,14 @@ def test_keep_alive_serves_several_requests_on_one_connection(fake: FakeUpstream
 
 @pytest.mark.parametrize("status", [400, 500, 503])
 def test_status_marker(fake: FakeUpstream, http: requests.Session, status: int) -> None:
+    """status=N answers HTTP N with an OpenAI error."""
     r = http.post(f"{fake.url}/chat/completions", json=chat_body(f"x [[fake:status={status}]]"))
     error = assert_error(r, status)
     assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
 
 
 def test_status_429_carries_retry_after(fake: FakeUpstream, http: requests.Session) -> None:
+    """A 429 carries Retry-After (1 s unless retry_after says otherwise)."""
     r = http.post(f"{fake.url}/embeddings", json={"model": "m", "input": "[[fake:status=429]]"})
     assert assert_error(r, 429)["code"] == "rate_limit_exceeded"
     assert r.headers["Retry-After"] == "1"
@@ -397,6 +419,7 @@ def test_status_429_carries_retry_after(fake: FakeUpstream, http: requests.Sessi
 
 
 def test_delay_marker(fake: FakeUpstream, http: requests.Session) -> None:
+    """delay=S holds the answer for S seconds."""
     started = time.monotonic()
     r = http.post(f"{fake.url}/completions", json={"model": "m", "prompt": "[[fake:delay=0.3]]hi"})
     assert time.monotonic() - started >= 0.3
@@ -404,6 +427,7 @@ def test_delay_marker(fake: FakeUpstream, http: requests.Session) -> None:
 
 
 def test_nousage_marker_plain_and_stream(fake: FakeUpstream, http: requests.Session) -> None:
+    """nousage drops usage from plain answers, streams and embeddings."""
     plain = http.post(f"{fake.url}/chat/completions", json=chat_body("x [[fake:nousage]]")).json()
     assert "usage" not in plain
     body = chat_body("x [[fake:nousage]]", stream=True, stream_options={"include_usage": True})
@@ -415,6 +439,7 @@ def test_nousage_marker_plain_and_stream(fake: FakeUpstream, http: requests.Sess
 
 
 def test_long_marker_streams_one_word_per_chunk(fake: FakeUpstream, http: requests.Session) -> None:
+    """long=N answers N words and streams one word per chunk."""
     plain = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:long=50]]")).json()
     assert plain["choices"][0]["message"]["content"] == " ".join(f"word{i}" for i in range(50))
     assert plain["usage"]["completion_tokens"] == 50
@@ -425,6 +450,7 @@ def test_long_marker_streams_one_word_per_chunk(fake: FakeUpstream, http: reques
 
 
 def test_markers_are_removed_from_the_echo(fake: FakeUpstream, http: requests.Session) -> None:
+    """Markers never appear in the echoed answer."""
     text = "[[fake:delay=0]]keep this[[fake:nousage]]"
     out = http.post(f"{fake.url}/chat/completions", json=chat_body(text)).json()
     assert out["choices"][0]["message"]["content"] == ANSWER_PREFIX + "keep this"
@@ -432,6 +458,7 @@ def test_markers_are_removed_from_the_echo(fake: FakeUpstream, http: requests.Se
 
 
 def test_unknown_marker_is_a_400(fake: FakeUpstream, http: requests.Session) -> None:
+    """An unknown marker or a bad value is a 400 naming the problem."""
     r = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:explode]]"))
     assert "explode" in assert_error(r, 400)["message"]
     r = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:status=200]]"))
@@ -439,6 +466,7 @@ def test_unknown_marker_is_a_400(fake: FakeUpstream, http: requests.Session) -> 
 
 
 def test_chunk_delay_streams_incrementally(fake: FakeUpstream) -> None:
+    """With chunk_delay each chunk reaches the socket as it is made."""
     body = chat_body("[[fake:long=3]][[fake:chunk_delay=0.2]]", stream=True)
     with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
         started = time.monotonic()
@@ -460,6 +488,7 @@ def test_chunk_delay_streams_incrementally(fake: FakeUpstream) -> None:
 def test_chunks_are_readable_before_the_stream_ends(
     fake: FakeUpstream, http: requests.Session
 ) -> None:
+    """A requests client reads the first chunk long before the last."""
     body = chat_body("[[fake:long=3]][[fake:chunk_delay=0.2]]", stream=True)
     started = time.monotonic()
     with http.post(f"{fake.url}/chat/completions", json=body, stream=True) as r:
@@ -475,6 +504,7 @@ def test_chunks_are_readable_before_the_stream_ends(
 
 @pytest.mark.parametrize("cut", [0, 2])
 def test_cut_marker_closes_without_done(fake: FakeUpstream, cut: int) -> None:
+    """cut=N closes after N content chunks: no stop chunk, no [DONE], no last chunk."""
     body = chat_body(f"[[fake:cut={cut}]]", stream=True)
     data = raw_exchange(fake.port, raw_post("/v1/chat/completions", body, close=False))
     assert data.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -485,12 +515,14 @@ def test_cut_marker_closes_without_done(fake: FakeUpstream, cut: int) -> None:
 
 
 def test_cut_marker_breaks_a_client_read(fake: FakeUpstream, http: requests.Session) -> None:
+    """A client reading a cut stream sees a broken chunked body."""
     body = {"model": "m", "prompt": "[[fake:cut=1]]", "stream": True}
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         list(http.post(f"{fake.url}/completions", json=body, stream=True).iter_lines())
 
 
 def test_malformed_marker(fake: FakeUpstream, http: requests.Session) -> None:
+    """malformed answers 200 with a body, or a stream event, that is not JSON."""
     r = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:malformed]]"))
     assert r.status_code == 200
     with pytest.raises(ValueError):
@@ -506,6 +538,7 @@ def test_malformed_marker(fake: FakeUpstream, http: requests.Session) -> None:
 
 
 def test_global_config_applies_until_reset(fake: FakeUpstream, http: requests.Session) -> None:
+    """POST /_fake/config replaces the global behaviour; markers win; reset clears it."""
     r = requests.post(f"{fake.base_url}/_fake/config", json={"status": 503, "nousage": True})
     assert r.json() == {"ok": True, "config": {"status": 503, "nousage": True}}
     assert requests.get(f"{fake.base_url}/_fake/config").json() == {"status": 503, "nousage": True}
@@ -522,6 +555,7 @@ def test_global_config_applies_until_reset(fake: FakeUpstream, http: requests.Se
 
 
 def test_global_config_rejects_unknown_names(fake: FakeUpstream) -> None:
+    """The global config refuses unknown names, bad values and non-objects."""
     assert_error(requests.post(f"{fake.base_url}/_fake/config", json={"bogus": 1}), 400)
     assert_error(requests.post(f"{fake.base_url}/_fake/config", json={"delay": "soon"}), 400)
     assert_error(requests.post(f"{fake.base_url}/_fake/config", json=[1]), 400)
@@ -530,6 +564,7 @@ def test_global_config_rejects_unknown_names(fake: FakeUpstream) -> None:
 
 
 def test_configure_helper(fake: FakeUpstream, http: requests.Session) -> None:
+    """FakeUpstream.configure() sets the global behaviour in-process."""
     fake.configure(long=4, chunk_delay=0)
     body = http.post(f"{fake.url}/completions", json={"model": "m", "prompt": "p"}).json()
     assert body["choices"][0]["text"] == "word0 word1 word2 word3"
@@ -542,6 +577,7 @@ def test_configure_helper(fake: FakeUpstream, http: requests.Session) -> None:
 
 
 def test_requests_are_recorded(fake: FakeUpstream, http: requests.Session) -> None:
+    """API requests are recorded with headers and parsed body; health and control are not."""
     http.post(
         f"{fake.url}/chat/completions", json=chat_body("remember me"), headers={"X-Trace": "7"}
     )
@@ -564,6 +600,7 @@ def test_requests_are_recorded(fake: FakeUpstream, http: requests.Session) -> No
 
 
 def test_recording_keeps_the_last_1000(fake: FakeUpstream, http: requests.Session) -> None:
+    """Only the most recent 1000 requests are kept."""
     for i in range(1005):
         http.get(f"{fake.url}/models?i={i}")
     recorded = fake.requests
@@ -575,6 +612,7 @@ def test_recording_keeps_the_last_1000(fake: FakeUpstream, http: requests.Sessio
 
 
 def test_api_key_is_enforced(fake: FakeUpstream) -> None:
+    """With an api key, a missing or wrong bearer is a 401; control and health stay open."""
     url = f"{fake.url}/chat/completions"
     error = assert_error(requests.post(url, json=chat_body("x")), 401)
     assert error["code"] == "invalid_api_key"
@@ -589,12 +627,14 @@ def test_api_key_is_enforced(fake: FakeUpstream) -> None:
 
 
 def test_no_api_key_accepts_anything() -> None:
+    """Without an api key every request is accepted."""
     with FakeUpstream() as open_fake:
         r = requests.post(f"{open_fake.url}/embeddings", json={"model": "m", "input": "x"})
         assert r.status_code == 200
 
 
 def test_stop_releases_the_port_and_closes_idle_connections() -> None:
+    """stop() is idempotent, drops keep-alive connections and frees the port."""
     fake = FakeUpstream()
     session = requests.Session()
     assert session.get(f"{fake.url}/models").status_code == 200  # leaves a keep-alive connection

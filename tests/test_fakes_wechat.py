@@ -1,9 +1,10 @@
-"""Drive the WeChat fakes with real wechatpy clients; pin the wechatpy behaviour the app relies on."""
+"""Drive the WeChat fakes with real wechatpy clients; pin wechatpy behaviour xiaoyi relies on."""
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,7 +150,8 @@ def test_set_error_counts_down_and_clears(fake: FakeWeChatAPI, client: LocalWeCh
             client.message.send_text(OPENID, "hi")
     fake.clear_errors()
     client.message.send_text(OPENID, "hi")
-    assert [c["errcode"] for c in fake.calls_to("custom/send")] == [45015, 45015, 0, 48001, 48001, 48001, 0]
+    codes = [c["errcode"] for c in fake.calls_to("custom/send")]
+    assert codes == [45015, 45015, 0, 48001, 48001, 48001, 0]
     assert len(fake.sent()) == 2
 
 
@@ -162,6 +164,26 @@ def test_unknown_endpoint_and_wrong_method(fake: FakeWeChatAPI, client: LocalWeC
     assert info.value.errcode == 43002
     raw = requests.post(fake.url + "message/custom/send", json={"touser": OPENID}, timeout=5)
     assert raw.status_code == 200 and raw.json()["errcode"] == 41001
+
+
+def test_concurrent_senders_share_one_token(
+    fake: FakeWeChatAPI, redis: fakeredis.FakeRedis
+) -> None:
+    make_client(fake, redis).fetch_access_token()
+
+    def send_five(worker: int) -> None:
+        client = make_client(fake, redis, timeout=5)
+        for n in range(5):
+            client.message.send_text(f"{OPENID}-{worker}", f"msg {n}")
+
+    threads = [threading.Thread(target=send_five, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(fake.sent()) == 40 and fake.token_fetches == 1
+    contents = [m["text"]["content"] for m in fake.sent(f"{OPENID}-3")]
+    assert contents == [f"msg {n}" for n in range(5)]
 
 
 def test_timeout_surfaces_as_raw_requests_error(
@@ -447,7 +469,8 @@ def test_notification_parses_and_bad_sign_raises(fake_pay: FakeWeChatPay) -> Non
     assert again["transaction_id"] == data["transaction_id"]
     assert again["nonce_str"] != data["nonce_str"]
     # A validly signed notification may still disagree with the order's amount.
-    assert pay.parse_payment_result(make_notify(order, fake_pay.api_key, total_fee=1))["total_fee"] == 1
+    short = make_notify(order, fake_pay.api_key, total_fee=1)
+    assert pay.parse_payment_result(short)["total_fee"] == 1
     with pytest.raises(InvalidSignatureException):
         pay.parse_payment_result(make_notify(order, fake_pay.api_key, bad_sign=True))
     with pytest.raises(InvalidSignatureException):
@@ -479,7 +502,9 @@ def test_sign_matches_wechatpy() -> None:
 # ---- wechatpy's XML parsing refuses entities (xmltodict disable_entities=True) -------------
 
 ENTITY_PAYLOADS = {
-    "internal": '<!DOCTYPE x [<!ENTITY a "AAA">]><xml><MsgType>text</MsgType><Content>&a;</Content></xml>',
+    "internal": (
+        '<!DOCTYPE x [<!ENTITY a "AAA">]><xml><MsgType>text</MsgType><Content>&a;</Content></xml>'
+    ),
     "billion_laughs": (
         '<!DOCTYPE x [<!ENTITY l "lol"><!ENTITY l2 "&l;&l;&l;&l;&l;&l;&l;&l;&l;&l;">'
         '<!ENTITY l3 "&l2;&l2;&l2;&l2;&l2;&l2;&l2;&l2;&l2;&l2;">]>'

@@ -50,20 +50,32 @@ def validate_prompt(body: dict[str, Any]) -> int:
     return pricing.estimate_any(prompt)
 
 
+def _choices(kind: str, body: dict[str, Any]) -> int:
+    """Return how many completions the upstream may produce (and bill): n × prompts, best_of."""
+    n = positive_int(body, "n", 1, 1, 10) or 1
+    if kind == "chat":
+        return n
+    best_of = positive_int(body, "best_of", None, 1, 20) or 1
+    prompt = body["prompt"]
+    prompts = len(prompt) if all(isinstance(p, str | list) for p in prompt) and \
+        isinstance(prompt, list) else 1
+    return prompts * max(n, best_of)
+
+
 def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
     call = gather((kind,))
     body = call.body
     prompt_est = validate_messages(body) if kind == "chat" else validate_prompt(body)
     if prompt_est > settings().relay.get("max_prompt_tokens", 128000):
         raise InvalidRequest("The prompt is too long.", param="messages", msg="输入内容过长")
-    positive_int(body, "n", 1, 1, 10)
-    max_tokens = positive_int(body, "max_tokens", None, 1)
-    if kind == "chat" and body.get("max_completion_tokens") is not None:
-        max_tokens = positive_int(body, "max_completion_tokens", None, 1)
+    choices = _choices(kind, body)
+    limits = [positive_int(body, name, None, 1) for name in ("max_tokens", "max_completion_tokens")]
+    given = [v for v in limits if v is not None]
+    max_tokens = max(given) if given else None  # the upstream may honour either: hold the larger
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean.", param="stream", msg="stream 参数错误")
-    amount = pricing.reserve_cost(call.price, prompt_est, max_tokens) * body.get("n", 1)
+    amount = pricing.reserve_cost(call.price, prompt_est, max_tokens, choices)
     hold(call, amount)
     MONEY.labels("reserved").inc(amount)
     want_usage = bool(isinstance(body.get("stream_options"), dict)

@@ -11,7 +11,14 @@ from flask import Response, current_app, g, request
 
 from app import keys, ratelimit, wallet
 from app.config import ModelPrice, Settings
-from app.errors import InsufficientQuota, InvalidKey, InvalidRequest, ModelNotFound, RateLimited
+from app.errors import (
+    InsufficientQuota,
+    InvalidKey,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    RequestTooLarge,
+)
 from app.store import get_redis
 
 DEFAULT_MODEL = "gpt-3.5"
@@ -43,6 +50,11 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def read_json() -> dict[str, Any]:
     """Parse the request body as a JSON object or raise a 400."""
     raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit and \
+            request.environ["wsgi.input"].read(1):
+        # A chunked body is cut at the limit without an error (werkzeug): refuse, never truncate.
+        raise RequestTooLarge("The request body is larger than the limit.")
     try:
         body = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError as exc:

@@ -218,7 +218,7 @@ def image_kind(data: bytes) -> str | None:
 
 
 def parse_multipart(content_type: str, body: bytes) -> dict[str, dict[str, Any]] | None:
-    """Split a multipart/form-data body into {field: {filename, content_type, data}}; None if malformed."""
+    """Split multipart/form-data into {field: {filename, content_type, data}}; None if malformed."""
     header = email.message.Message()
     header["Content-Type"] = content_type
     boundary = header.get_param("boundary")
@@ -238,7 +238,8 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, dict[str, Any]]
             head, sep, data = rest.partition(b"\r\n\r\n")
             if not sep:
                 return None
-        part = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(head + b"\r\n\r\n")
+        parser = email.parser.BytesHeaderParser(policy=email.policy.HTTP)
+        part = parser.parsebytes(head + b"\r\n\r\n")
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str):
             continue
@@ -246,7 +247,9 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, dict[str, Any]]
         if filename is not None:
             # Raw UTF-8 in a quoted filename arrives surrogate-escaped.
             filename = filename.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        fields[name] = {"filename": filename, "content_type": part.get("Content-Type"), "data": data}
+        fields[name] = {
+            "filename": filename, "content_type": part.get("Content-Type"), "data": data,
+        }
     return None  # no closing delimiter
 
 
@@ -363,7 +366,7 @@ class FakeWeChatAPI(LocalHTTPFake):
             return self._token_count
 
     def expire_token(self, errcode: int = 40001) -> None:
-        """Invalidate the current token: calls carrying it get `errcode` until a new one is fetched."""
+        """Invalidate the current token: calls with it get `errcode` until a new one is fetched."""
         with self._lock:
             if self._token is not None:
                 self._revoked[self._token] = errcode
@@ -585,14 +588,22 @@ class FakeWeChatAPI(LocalHTTPFake):
             not filename.lower().endswith(IMAGE_EXTENSIONS) or image_kind(data) is None
         ):
             raise _ApiError(40005)
-        media_id = self._store_media(media_type, filename, part["content_type"], data, uploaded=True)
+        media_id = self._store_media(
+            media_type, filename, part["content_type"], data, uploaded=True
+        )
         record = self._media[media_id]
         return _json_reply(
             {"type": media_type, "media_id": media_id, "created_at": record["created_at"]}
         )
 
     def _store_media(
-        self, media_type: str, filename: str, content_type: str | None, data: bytes, *, uploaded: bool
+        self,
+        media_type: str,
+        filename: str,
+        content_type: str | None,
+        data: bytes,
+        *,
+        uploaded: bool,
     ) -> str:
         """Keep media bytes under a new MEDIA-<n> id."""
         self._media_count += 1

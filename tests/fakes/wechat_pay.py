@@ -20,7 +20,9 @@ from typing import Any
 from .wechat_api import FakeRequest, FakeResponse, LocalHTTPFake
 
 CHINA_TZ = timezone(timedelta(hours=8))
-REQUIRED_FIELDS = ("body", "out_trade_no", "total_fee", "spbill_create_ip", "notify_url", "trade_type")
+REQUIRED_FIELDS = (
+    "body", "out_trade_no", "total_fee", "spbill_create_ip", "notify_url", "trade_type",
+)
 
 
 def sign(params: dict[str, Any], api_key: str, sign_type: str = "MD5") -> str:
@@ -113,7 +115,7 @@ class _PayError(Exception):
 
 
 class FakeWeChatPay(LocalHTTPFake):
-    """Fake of WeChat Pay v2: POST pay/unifiedorder and pay/orderquery, MD5 or HMAC-SHA256 signed."""
+    """Fake of WeChat Pay v2: pay/unifiedorder and pay/orderquery, MD5 or HMAC-SHA256 signed."""
 
     def __init__(
         self,
@@ -213,7 +215,9 @@ class FakeWeChatPay(LocalHTTPFake):
                     self._injected_error(endpoint)
                     answer.update(handler(params))
                 except _PayError as exc:
-                    answer.update(result_code="FAIL", err_code=exc.err_code, err_code_des=exc.message)
+                    answer.update(
+                        result_code="FAIL", err_code=exc.err_code, err_code_des=exc.message
+                    )
                 answer.update(
                     appid=self.appid, mch_id=self.mch_id, nonce_str=secrets.token_hex(16)
                 )
@@ -276,7 +280,9 @@ class FakeWeChatPay(LocalHTTPFake):
             total_fee=int(params["total_fee"]),
             prepay_id=f"wx{datetime.now(CHINA_TZ):%d%H%M%S}{self._prepay_count:010d}",
             code_url=(
-                f"weixin://wxpay/bizpayurl?pr={self._prepay_count}" if trade_type == "NATIVE" else None
+                f"weixin://wxpay/bizpayurl?pr={self._prepay_count}"
+                if trade_type == "NATIVE"
+                else None
             ),
             trade_state="NOTPAY",
             transaction_id=None,

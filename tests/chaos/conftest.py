@@ -1,0 +1,134 @@
+"""Chaos and hostile-input tests: DB 10 of the machine's Redis (or embedded servers), real processes.
+
+Tests marked `chaos` are slow fault injections: `make chaos` runs them (pytest -m chaos); a plain
+run (`make test`, no -m) leaves them out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.store import make_redis
+from app.supervisor import pdeathsig_preexec
+
+ROOT = Path(__file__).resolve().parents[2]
+CHAOS_DB = 10
+LOCK_PATH = Path(os.environ.get("TMPDIR", "/tmp")) / "xiaoyi-chaos-db10.lock"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the chaos marker."""
+    config.addinivalue_line("markers", "chaos: fault-injection tests (make chaos)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave chaos tests out unless the -m expression names them (make chaos: -m chaos)."""
+    if "chaos" in (config.option.markexpr or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("chaos") is None]
+    dropped = [i for i in items if i.get_closest_marker("chaos") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The machine's Redis, database 10 (only this index is ever flushed here)."""
+    url = os.environ.get("XIAOYI_CHAOS_REDIS_URL", f"redis://127.0.0.1:6379/{CHAOS_DB}")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        pytest.skip(f"no Redis at {url}")
+    return url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A clean client on DB 10, held alone by this test (xdist workers share the database)."""
+    with LOCK_PATH.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = make_redis(redis_url, max_connections=400)
+        client.flushdb()
+        try:
+            yield client
+        finally:
+            client.connection_pool.disconnect()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.05) -> object:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+class Proc:
+    """A real child process of ours (a worker, a web server, the CLI), logged to a file."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = log.open("wb")
+        self.popen = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._fh,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=pdeathsig_preexec(signal.SIGKILL))
+
+    @property
+    def pid(self) -> int:
+        """Return the process id."""
+        return self.popen.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to this process (only)."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def stop(self) -> None:
+        """Terminate (then kill) the whole process group we started, and wait."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        self._fh.close()
+
+    def output(self) -> str:
+        """Return what the process printed so far."""
+        self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+
+def child_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a child `xiaoyi` process: our Redis, the chaos job module importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+    env.update({"XIAOYI_REDIS_URL": redis_url, "XIAOYI_LOG_LEVEL": "INFO",
+                "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "chaos"), str(ROOT)]),
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def xiaoyi(*args: str) -> list[str]:
+    """Return the argv of `xiaoyi ARGS` run with this interpreter."""
+    return [sys.executable, "-m", "app.cli", *args]

@@ -1,0 +1,203 @@
+"""Workers die mid-job: the job is taken up again within 30 s; one answer, one charge.
+
+Fast tests drive app.maintenance in-process against real Redis and real rq registries (a worker
+whose pulse lapsed is what a dead worker looks like); the chaos tests SIGKILL a real
+`xiaoyi worker` process in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import chaosjobs
+import pytest
+import redis
+from conftest import Proc, child_env, wait_for, xiaoyi
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from app import maintenance, wallet
+from app.store import make_redis
+
+COST = 1234
+
+
+@pytest.fixture
+def conn(r: redis.Redis, redis_url: str) -> Any:
+    """rq's client (bytes) on the same database."""
+    client = make_redis(redis_url, max_connections=50, decode=False)
+    yield client
+    client.connection_pool.disconnect()
+
+
+def funded(r: redis.Redis, units: int = 100_000) -> str:
+    """Return a new account holding `units`."""
+    return wallet.create_account(r, initial=units)
+
+
+def enqueue(conn: redis.Redis, queue: str, req: str, acct: str, pause_at: str = "") -> Job:
+    """Queue one chaos job whose id is the request id."""
+    return Queue(queue, connection=conn).enqueue(
+        chaosjobs.charge_and_answer, req, acct, COST, pause_at, job_id=req)
+
+
+def take_and_start(conn: redis.Redis, queue: str) -> tuple[SimpleWorker, Job]:
+    """Do what a worker does up to the job's first line: register, pulse, dequeue, start."""
+    q = Queue(queue, connection=conn)
+    worker = SimpleWorker([q], connection=conn)
+    worker.register_birth()
+    maintenance.beat(conn, worker.name)
+    job, _ = Queue.dequeue_any([q], None, connection=conn)
+    worker.prepare_execution(job)
+    worker.prepare_job_execution(job)
+    return worker, job
+
+
+def run_burst(app: Any, conn: redis.Redis, queue: str) -> None:
+    """Run the queue to empty with a SimpleWorker in an app context (as `xiaoyi worker` does)."""
+    with app.app_context():
+        SimpleWorker([Queue(queue, connection=conn)], connection=conn).work(burst=True)
+
+
+def assert_once(r: redis.Redis, acct: str, req: str, before: int) -> None:
+    """One answer, one charge, and a consistent ledger."""
+    assert r.lrange(chaosjobs.answers_key(req), 0, -1) == [f"answer to {req}"]
+    assert wallet.balance(r, acct) == before - COST
+    settles = [e for e in wallet.ledger_entries(r, acct) if e.get("req") == req
+               and e["kind"] == "settle"]
+    assert len(settles) == 1
+    assert wallet.verify(r) == []
+
+
+def test_live_worker_job_is_left_alone(r: redis.Redis, conn: redis.Redis) -> None:
+    acct = funded(r)
+    enqueue(conn, "chaos-live", "req_live", acct)
+    worker, job = take_and_start(conn, "chaos-live")
+    report = maintenance.sweep(conn, r, ["chaos-live"], force=True)
+    assert report["abandoned"] == [] and report["buried"] == []
+    assert job.id in StartedJobRegistry("chaos-live", connection=conn)
+    assert job.get_status(refresh=True) == JobStatus.STARTED
+
+
+def test_dead_worker_job_requeued_and_run_once(app: Any, r: redis.Redis,
+                                               conn: redis.Redis) -> None:
+    acct = funded(r)
+    before = wallet.balance(r, acct)
+    enqueue(conn, "chaos-dead", "req_dead", acct)
+    worker, job = take_and_start(conn, "chaos-dead")
+    # The worker got as far as holding the money, then died: its pulse lapses.
+    wallet.reserve(r, acct, "req_dead", COST, model="chaos")
+    conn.delete(maintenance.alive_key(worker.name))
+    report = maintenance.sweep(conn, r, ["chaos-dead"], force=True)
+    assert report["abandoned"] == ["req_dead"]
+    assert report["buried"] == [worker.name]
+    assert not conn.exists(f"rq:worker:{worker.name}")
+    assert job.id not in StartedJobRegistry("chaos-dead", connection=conn)
+    assert job.get_status(refresh=True) == JobStatus.QUEUED
+    assert Job.fetch(job.id, connection=conn).meta["abandoned"] == 1
+    # A second sweep finds nothing more to do.
+    assert maintenance.sweep(conn, r, ["chaos-dead"], force=True)["abandoned"] == []
+    run_burst(app, conn, "chaos-dead")
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert_once(r, acct, "req_dead", before)
+
+
+def test_rerun_after_every_phase_keeps_effects_once(app: Any, r: redis.Redis,
+                                                    conn: redis.Redis) -> None:
+    acct = funded(r)
+    before = wallet.balance(r, acct)
+    with app.app_context():
+        for _ in range(3):  # at-least-once: the same job body run again and again
+            assert chaosjobs.charge_and_answer("req_again", acct, COST) == "answer to req_again"
+    assert_once(r, acct, "req_again", before)
+
+
+def test_abandoned_too_often_goes_to_failed(r: redis.Redis, conn: redis.Redis) -> None:
+    acct = funded(r)
+    enqueue(conn, "chaos-poison", "req_poison", acct)
+    for _ in range(maintenance.MAX_REQUEUES + 1):
+        worker, job = take_and_start(conn, "chaos-poison")
+        conn.delete(maintenance.alive_key(worker.name))
+        maintenance.sweep(conn, r, ["chaos-poison"], force=True)
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    assert job.id in FailedJobRegistry("chaos-poison", connection=conn)
+    assert Queue("chaos-poison", connection=conn).count == 0
+
+
+def test_job_stranded_in_intermediate_queue_requeued(r: redis.Redis, conn: redis.Redis) -> None:
+    acct = funded(r)
+    q = Queue("chaos-stuck", connection=conn)
+    enqueue(conn, "chaos-stuck", "req_stuck", acct)
+    conn.lmove(q.key, q.intermediate_queue_key)  # a one-queue worker's dequeue, then death
+    assert maintenance.sweep(conn, r, ["chaos-stuck"], force=True)["stuck"] == []  # first sight
+    conn.set("xy:wk:stuck:chaos-stuck:req_stuck", int(time.time()) - maintenance.STUCK_AFTER_S)
+    assert maintenance.sweep(conn, r, ["chaos-stuck"], force=True)["stuck"] == ["req_stuck"]
+    assert q.job_ids == ["req_stuck"] and conn.llen(q.intermediate_queue_key) == 0
+
+
+def test_sweep_releases_holds_left_by_a_crash(r: redis.Redis, conn: redis.Redis) -> None:
+    acct = funded(r, 5000)
+    assert wallet.reserve(r, acct, "req_crashed", 3000).ok
+    assert wallet.reserve(r, acct, "req_running", 1000).ok
+    r.zadd(wallet.PENDING, {"req_crashed": 1})  # opened long ago by a process that died
+    assert maintenance.sweep(conn, r, [], force=True)["released"] == 1
+    assert wallet.balance(r, acct) == 4000  # the running request still holds its 1000
+    assert r.exists("xy:resv:req_running") and not r.exists("xy:resv:req_crashed")
+    assert wallet.verify(r) == []
+
+
+def test_sweeps_take_turns(r: redis.Redis, conn: redis.Redis) -> None:
+    assert maintenance.sweep(conn, r, []) != {}
+    assert maintenance.sweep(conn, r, []) == {}  # another worker swept within SWEEP_S
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("phase", ["reserved", "settled"])
+def test_sigkill_worker_mid_job(r: redis.Redis, conn: redis.Redis, redis_url: str,
+                                tmp_path: Path, phase: str) -> None:
+    acct = funded(r)
+    before = wallet.balance(r, acct)
+    queue, req = f"chaos-kill-{phase}", f"req_kill_{phase}_{secrets.token_hex(3)}"
+    env = child_env(redis_url)
+    first = Proc(xiaoyi("worker", "--queues", queue), env, tmp_path / "first.log")
+    second = None
+    try:
+        enqueue(conn, queue, req, acct, pause_at=phase)
+        wait_for(lambda: f"{first.pid}:{phase}".encode() in conn.lrange(
+            f"chaos:runs:{req}", 0, -1), 20, f"the first worker to reach {phase}")
+        second = Proc(xiaoyi("worker", "--queues", queue), env, tmp_path / "second.log")
+        wait_for(lambda: conn.exists(maintenance.alive_key(_worker_of(conn, queue, second))),
+                 20, "the second worker's pulse")
+        killed_at = time.monotonic()
+        first.kill(signal.SIGKILL)
+        first.popen.wait(timeout=5)
+        r.set(f"chaos:go:{req}", 1)
+        wait_for(lambda: r.llen(chaosjobs.answers_key(req)), 30,
+                 "the answer after the kill (SPEC: within 30 s)")
+        took = time.monotonic() - killed_at
+        wait_for(lambda: Job.fetch(req, connection=conn).get_status() == JobStatus.FINISHED, 5,
+                 "the job to finish")
+        time.sleep(1)  # nothing else is on its way
+        assert took < 30
+        runs = [x.decode() for x in conn.lrange(f"chaos:runs:{req}", 0, -1)]
+        assert f"{second.pid}:answered" in runs and f"{first.pid}:answered" not in runs
+        assert Job.fetch(req, connection=conn).meta["abandoned"] == 1
+        assert_once(r, acct, req, before)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def _worker_of(conn: redis.Redis, queue: str, proc: Proc) -> str:
+    """Return the rq name of the worker process `proc` serving `queue` ('' until registered)."""
+    for key in conn.smembers(f"rq:workers:{queue}"):
+        name = key.decode().removeprefix("rq:worker:")
+        if conn.hget(key, "pid") == str(proc.pid).encode():
+            return name
+    return ""

@@ -1,0 +1,128 @@
+"""The `xiaoyi` admin verbs against the test database: keys, accounts, codes, ledger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from app import keys, wallet
+from app.cli import main
+
+
+@pytest.fixture
+def cli(redis_url: str, r: redis.Redis) -> Any:
+    """Run `xiaoyi ARGS` on the test database; return the click Result."""
+    runner = CliRunner()
+
+    def run(*args: str, env: dict[str, str] | None = None) -> Result:
+        return runner.invoke(main, list(args), env={"XIAOYI_REDIS_URL": redis_url,
+                                                    "XIAOYI_CONFIG": "", **(env or {})})
+
+    return run
+
+
+def ok_json(result: Result) -> Any:
+    """Assert success and one JSON object on stdout; return it."""
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout)
+
+
+def test_keys_create_list_revoke(cli: Any, r: redis.Redis) -> None:
+    made = ok_json(cli("keys", "create", "--name", "demo", "--balance", "2.5", "--json"))
+    raw, key_id, acct = made["key"], made["id"], made["account"]
+    assert raw.startswith("sk-") and made["masked"] == keys.mask(raw)
+    assert keys.lookup(r, raw).id == key_id
+    assert wallet.balance(r, acct) == 25_000
+    listed = ok_json(cli("keys", "list", "--json"))["keys"]
+    assert [(k["id"], k["revoked"], k["masked"]) for k in listed] == [(key_id, False, keys.mask(raw))]
+    assert raw not in json.dumps(listed, ensure_ascii=False) and "hash" not in listed[0]
+    assert ok_json(cli("keys", "revoke", key_id, "--json")) == {"revoked": key_id}
+    assert keys.lookup(r, raw) is None
+    assert ok_json(cli("keys", "list", "--json"))["keys"][0]["revoked"] is True
+    again = cli("keys", "revoke", key_id)
+    assert again.exit_code != 0 and key_id in again.stderr and again.stdout == ""
+
+
+def test_keys_create_for_existing_account(cli: Any, r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=100)
+    made = ok_json(cli("keys", "create", "--account", acct, "--balance", "1", "--json"))
+    assert made["account"] == acct and wallet.balance(r, acct) == 10_100
+    text = cli("keys", "create", "--account", acct)
+    assert text.exit_code == 0 and text.stdout.startswith("sk-")
+    assert len(ok_json(cli("keys", "list", "--account", acct, "--json"))["keys"]) == 2
+    assert wallet.verify(r) == []
+
+
+def test_accounts_show_and_topup(cli: Any, r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=12_345)
+    shown = ok_json(cli("accounts", "show", acct, "--json"))
+    assert shown["id"] == acct and shown["balance"] == 12_345 and shown["balance_yuan"] == "1.2345"
+    topped = ok_json(cli("accounts", "topup", acct, "0.5", "--json"))
+    assert topped["balance"] == 17_345 and topped["balance_yuan"] == "1.7345"
+    assert [e["kind"] for e in wallet.ledger_entries(r, acct)] == ["topup", "topup"]
+    text = cli("accounts", "show", acct)
+    assert text.exit_code == 0 and "1.7345" in text.stdout
+
+
+@pytest.mark.parametrize("args,named", [
+    (("accounts", "topup", "acct_missing", "1"), "acct_missing"),
+    (("accounts", "topup", "ACCT", "abc"), "abc"),
+    (("accounts", "topup", "ACCT", "0.00001"), "0.00001"),
+    (("accounts", "topup", "ACCT", "-1"), "-1"),
+    (("accounts", "show", "acct_missing"), "acct_missing"),
+    (("codes", "create", "--amount", "abc"), "abc"),
+    (("codes", "create", "--amount", "0"), "positive"),
+])
+def test_errors_go_to_stderr(cli: Any, r: redis.Redis, args: tuple[str, ...],
+                             named: str) -> None:
+    acct = wallet.create_account(r, initial=100)
+    result = cli(*(acct if a == "ACCT" else a for a in args))
+    assert result.exit_code != 0
+    assert result.stdout == "" and named in result.stderr
+    assert wallet.balance(r, acct) == 100 and r.xlen(wallet.LEDGER) == 1
+
+
+def test_codes_create_and_list(cli: Any, r: redis.Redis) -> None:
+    made = ok_json(cli("codes", "create", "--amount", "3", "--count", "3", "--json"))
+    assert made["amount"] == "3.0000" and len(set(made["codes"])) == 3
+    acct = wallet.create_account(r)
+    assert wallet.redeem(r, acct, made["codes"][0])[0] == "ok"
+    listed = {c["code"]: c for c in ok_json(cli("codes", "list", "--json"))["codes"]}
+    assert set(listed) == set(made["codes"])
+    assert listed[made["codes"][0]]["used_by"] == acct
+    assert all("used_by" not in listed[c] for c in made["codes"][1:])
+    assert all(int(c["amount"]) == 30_000 for c in listed.values())
+
+
+def test_ledger_export_and_verify(cli: Any, r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=5000)
+    wallet.reserve(r, acct, "req-1", 1000)
+    wallet.settle(r, acct, "req-1", 400, prompt_tokens=10, completion_tokens=5)
+    out = cli("ledger", "export")
+    assert out.exit_code == 0
+    entries = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [e["kind"] for e in entries] == ["topup", "reserve", "settle"]
+    assert sum(e["amount"] for e in entries) == wallet.balance(r, acct) == 4600
+    assert entries[2]["req"] == "req-1" and entries[2]["pt"] == "10"
+    assert ok_json(cli("ledger", "verify", "--json")) == {"ok": True, "problems": []}
+    assert cli("ledger", "verify").exit_code == 0
+    r.hincrby(wallet.acct_key(acct), "balance", 7)  # money that no ledger entry explains
+    bad = cli("ledger", "verify")
+    assert bad.exit_code != 0 and acct in bad.stderr and bad.stdout == ""
+    bad = cli("ledger", "verify", "--json")
+    assert bad.exit_code != 0 and json.loads(bad.stdout)["ok"] is False
+
+
+def test_bad_config_is_named(cli: Any, tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[prices."gpt-4"]\nprompt = "abc"\n', encoding="utf-8")
+    result = cli("keys", "list", env={"XIAOYI_CONFIG": str(path)})
+    assert result.exit_code != 0 and "prices.gpt-4.prompt" in result.stderr
+    path.write_text("[relay\n", encoding="utf-8")
+    result = cli("keys", "list", env={"XIAOYI_CONFIG": str(path)})
+    assert result.exit_code != 0 and "XIAOYI_CONFIG" in result.stderr

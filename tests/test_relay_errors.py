@@ -1,0 +1,257 @@
+"""Every error the relay answers: status, both body shapes, OpenAI's schema, and nothing charged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from conftest import LiveServer, make_settings
+from openapi_schemas import validate
+
+from app import create_app, wallet
+from app.fake_upstream import FakeUpstream
+from app.store import make_redis
+
+CODES = {"invalid_request_error": 40001, "invalid_api_key": 40101, "model_not_found": 40401,
+         "not_found": 40400, "method_not_allowed": 40500, "request_too_large": 41301,
+         "upstream_error": 50201, "service_unavailable": 50301, "upstream_timeout": 50401}
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def snapshot(r: redis.Redis, acct: str) -> tuple[int, int]:
+    """Return what a charge would change: the balance and the ledger's length."""
+    return wallet.balance(r, acct), r.xlen(wallet.LEDGER)
+
+
+def check_error(resp: Any, status: int, error_code: str) -> dict[str, Any]:
+    """Assert the status and both error shapes (requests' or Flask's response); return the body."""
+    body = resp.json() if callable(resp.json) else resp.json
+    assert resp.status_code == status, body
+    validate(body, "ErrorResponse")
+    assert body["error"]["code"] == error_code
+    assert body["code"] == CODES[error_code] and isinstance(body["msg"], str) and body["msg"]
+    assert body["error"]["message"]
+    return body
+
+
+def post(server: LiveServer, key: str, path: str, body: Any = None, data: Any = None,
+         headers: dict[str, str] | None = None) -> requests.Response:
+    """POST to the relay with a Bearer key."""
+    return requests.post(server.url + path, json=body, data=data, timeout=20,
+                         headers={"Authorization": f"Bearer {key}", **(headers or {})})
+
+
+def call(client: Any, key: str, path: str, value: Any) -> Any:
+    """POST through Flask's test client: raw bytes as they are, anything else as JSON."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if isinstance(value, bytes):
+        return client.post(path, data=value, headers=headers, content_type="application/json")
+    return client.post(path, json=value, headers=headers)
+
+
+@pytest.fixture
+def tight(tmp_path: Path, upstream: FakeUpstream, redis_url: str,
+          r: redis.Redis) -> Iterator[LiveServer]:
+    """A live relay with small limits from a TOML file: 4 KB bodies, 1 s upstream timeout."""
+    path = tmp_path / "tight.toml"
+    path.write_text("[relay]\nmax_body_bytes = 4096\ntimeout_seconds = 1\n"
+                    "max_prompt_tokens = 200\n", encoding="utf-8")
+    app = create_app(make_settings(upstream.url, redis_url, XIAOYI_CONFIG=str(path)),
+                     redis_client=r)
+    server = LiveServer(app)
+    yield server
+    server.stop()
+
+
+BAD_CHAT = {
+    "malformed JSON": b'{"messages": [',
+    "not an object": b"[1, 2]",
+    "empty body": b"",
+    "missing messages": {"model": "gpt-3.5"},
+    "empty messages": {"messages": []},
+    "messages not a list": {"messages": "hello"},
+    "message without role": {"messages": [{"content": "hi"}]},
+    "empty content": {"messages": [{"role": "user", "content": ""}]},
+    "null content": {"messages": [{"role": "user", "content": None}]},
+    "content a number": {"messages": [{"role": "user", "content": 5}]},
+    "n = 0": {"messages": HELLO, "n": 0},
+    "n = 11": {"messages": HELLO, "n": 11},
+    "n = '2'": {"messages": HELLO, "n": "2"},
+    "max_tokens = 0": {"messages": HELLO, "max_tokens": 0},
+    "stream not bool": {"messages": HELLO, "stream": "yes"},
+    "model not a string": {"messages": HELLO, "model": 35},
+    "embedding model on chat": {"messages": HELLO, "model": "text-embedding-3-small"},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHAT), ids=list(BAD_CHAT))
+def test_bad_chat_input_is_400_and_free(case: str, client: Any, funded: tuple[str, str],
+                                        r: redis.Redis, upstream: FakeUpstream) -> None:
+    key, acct = funded
+    before = snapshot(r, acct)
+    resp = call(client, key, "/v1/chat/completions", BAD_CHAT[case])
+    check_error(resp, 400, "invalid_request_error")
+    assert snapshot(r, acct) == before and upstream.requests == []
+
+
+BAD_OTHER = {
+    "completion without prompt": ("/v1/completions", {"model": "gpt-3.5-turbo-instruct"}),
+    "completion n = 11": ("/v1/completions",
+                          {"model": "gpt-3.5-turbo-instruct", "prompt": "x", "n": 11}),
+    "embedding empty input": ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ""}),
+    "embedding bad format": ("/v1/embeddings", {"model": "text-embedding-3-small",
+                                                "input": "x", "encoding_format": "hex"}),
+    "image bad size": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat",
+                                                  "size": "100x100"}),
+    "image size of another model": ("/v1/images/generations",
+                                    {"model": "dall-e-2", "prompt": "cat", "size": "1792x1024"}),
+    "image n = 0": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat", "n": 0}),
+    "image n = 11": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat", "n": 11}),
+    "image n = '2'": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat", "n": "2"}),
+    "image empty prompt": ("/v1/images/generations", {"model": "dall-e-2", "prompt": " "}),
+    "image bad format": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat",
+                                                    "response_format": "gif"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OTHER), ids=list(BAD_OTHER))
+def test_bad_input_other_endpoints_is_400_and_free(case: str, client: Any,
+                                                   funded: tuple[str, str], r: redis.Redis,
+                                                   upstream: FakeUpstream) -> None:
+    key, acct = funded
+    before = snapshot(r, acct)
+    path, body = BAD_OTHER[case]
+    check_error(call(client, key, path, body), 400, "invalid_request_error")
+    assert snapshot(r, acct) == before and upstream.requests == []
+
+
+def test_oversized_body_is_413_and_free(tight: LiveServer, funded: tuple[str, str],
+                                        r: redis.Redis, upstream: FakeUpstream) -> None:
+    key, acct = funded
+    before = snapshot(r, acct)
+    big = {"messages": [{"role": "user", "content": "字" * 3000}]}
+    check_error(post(tight, key, "/v1/chat/completions", big), 413, "request_too_large")
+    seed = {**big, "api_secret_key": key}
+    resp = requests.post(tight.url + "/index.php/api/v1/chat/completions", json=seed, timeout=20)
+    check_error(resp, 413, "request_too_large")
+    # No Content-Length (sent chunked): valid JSON padded past the limit must not be cut and served.
+    chunked = (part for part in [b'{"messages": [{"role": "user", "content": "hi"}]}', b" " * 5000])
+    resp = post(tight, key, "/v1/chat/completions", data=chunked,
+                headers={"Content-Type": "application/json"})
+    check_error(resp, 413, "request_too_large")
+    assert snapshot(r, acct) == before and upstream.requests == []
+    ok = post(tight, key, "/v1/chat/completions", {"messages": HELLO})
+    assert ok.status_code == 200  # the limit is the body size, not the service
+
+
+def test_prompt_too_long_is_400(tight: LiveServer, funded: tuple[str, str], r: redis.Redis,
+                                upstream: FakeUpstream) -> None:
+    key, acct = funded
+    before = snapshot(r, acct)
+    long = {"messages": [{"role": "user", "content": "长" * 201}]}
+    check_error(post(tight, key, "/v1/chat/completions", long), 400, "invalid_request_error")
+    assert snapshot(r, acct) == before and upstream.requests == []
+
+
+def test_auth_errors(live: LiveServer, funded: tuple[str, str]) -> None:
+    for headers in ({}, {"Authorization": "Bearer sk-unknown"}, {"Authorization": "Basic x"}):
+        resp = requests.post(live.url + "/v1/chat/completions", json={"messages": HELLO},
+                             headers=headers, timeout=10)
+        check_error(resp, 401, "invalid_api_key")
+    resp = requests.post(live.url + "/v1/chat/completions", timeout=10,
+                         json={"messages": HELLO, "api_secret_key": "sk-unknown"})
+    check_error(resp, 401, "invalid_api_key")
+
+
+def test_unknown_model_route_and_method(live: LiveServer, funded: tuple[str, str],
+                                        r: redis.Redis) -> None:
+    key, acct = funded
+    before = snapshot(r, acct)
+    resp = post(live, key, "/v1/chat/completions", {"model": "gpt-99", "messages": HELLO})
+    check_error(resp, 404, "model_not_found")
+    resp = post(live, key, "/v1/images/generations", {"model": "nope", "prompt": "x"})
+    check_error(resp, 404, "model_not_found")
+    check_error(post(live, key, "/v1/no/such/route", {}), 404, "not_found")
+    resp = requests.get(live.url + "/v1/chat/completions", timeout=10)
+    check_error(resp, 405, "method_not_allowed")
+    assert snapshot(r, acct) == before
+
+
+def _refunded(r: redis.Redis, acct: str) -> None:
+    entries = [e for e in wallet.ledger_entries(r, acct) if e["kind"] != "topup"]
+    kinds = [e["kind"] for e in entries]
+    assert kinds == ["reserve", "refund"], kinds
+    reserve, refund = entries
+    assert reserve["req"] == refund["req"] and refund["amount"] == -reserve["amount"] > 0
+    assert int(refund["cost"]) == 0
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x [[fake:status=500]]"}]}),
+    ("/v1/chat/completions", {"stream": True,
+                              "messages": [{"role": "user", "content": "x [[fake:status=503]]"}]}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "x [[fake:status=502]]"}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x [[fake:status=500]]"}),
+    ("/v1/images/generations", {"model": "dall-e-2", "prompt": "x [[fake:status=500]]"}),
+], ids=["chat", "chat-stream", "completion", "embedding", "image"])
+def test_upstream_5xx_refunds(path: str, body: dict[str, Any], live: LiveServer,
+                              funded: tuple[str, str], r: redis.Redis,
+                              upstream: FakeUpstream) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    check_error(post(live, key, path, body), 502, "upstream_error")
+    assert wallet.balance(r, acct) == before and upstream.requests
+    _refunded(r, acct)
+    assert wallet.verify(r) == []
+
+
+def test_upstream_rejects_request_is_400_refunded(live: LiveServer, funded: tuple[str, str],
+                                                  r: redis.Redis) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    body = {"messages": [{"role": "user", "content": "x [[fake:status=400]]"}]}
+    check_error(post(live, key, "/v1/chat/completions", body), 400, "invalid_request_error")
+    assert wallet.balance(r, acct) == before
+    _refunded(r, acct)
+
+
+def test_upstream_timeout_is_504_refunded(tight: LiveServer, funded: tuple[str, str],
+                                          r: redis.Redis) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    body = {"messages": [{"role": "user", "content": "slow [[fake:delay=2]]"}]}
+    check_error(post(tight, key, "/v1/chat/completions", body), 504, "upstream_timeout")
+    assert wallet.balance(r, acct) == before
+    _refunded(r, acct)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x [[fake:malformed]]"}]}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x [[fake:malformed]]"}),
+    ("/v1/images/generations", {"model": "dall-e-2", "prompt": "x [[fake:malformed]]"}),
+], ids=["chat", "embedding", "image"])
+def test_upstream_malformed_json_is_502_refunded(path: str, body: dict[str, Any],
+                                                 live: LiveServer, funded: tuple[str, str],
+                                                 r: redis.Redis) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    check_error(post(live, key, path, body), 502, "upstream_error")
+    assert wallet.balance(r, acct) == before
+    _refunded(r, acct)
+
+
+def test_wallet_store_down_is_503_and_serves_nothing(upstream: FakeUpstream,
+                                                     redis_url: str) -> None:
+    down = make_redis("redis://127.0.0.1:1/0", max_connections=4)
+    app = create_app(make_settings(upstream.url, redis_url), redis_client=down)
+    server = LiveServer(app)
+    try:
+        resp = post(server, "sk-anything", "/v1/chat/completions", {"messages": HELLO})
+        check_error(resp, 503, "service_unavailable")
+        assert upstream.requests == []
+    finally:
+        server.stop()

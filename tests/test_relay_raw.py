@@ -1,0 +1,172 @@
+"""Original-service clients over raw HTTP: api_secret_key in the body, PHP/curl style, keys, billing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+import requests
+from conftest import UPSTREAM_KEY, LiveServer, new_key
+from openapi_schemas import validate
+
+from app import keys, wallet
+from app.config import units_to_yuan
+from app.fake_upstream import FakeUpstream
+
+LEGACY = "/index.php/api/v1"
+
+
+def seed_chat(live: LiveServer, key: str, **extra: Any) -> requests.Response:
+    """POST the way the original service's Python examples did: key in the JSON body."""
+    body = {"api_secret_key": key, "messages": [{"role": "user", "content": "你好，小一"}], **extra}
+    return requests.post(live.url + LEGACY + "/chat/completions", json=body, timeout=20)
+
+
+def all_redis_text(r: redis.Redis) -> str:
+    """Dump every key name and value of the test database as one string."""
+    parts: list[str] = []
+    for name in r.scan_iter(count=1000):
+        parts.append(name)
+        kind = r.type(name)
+        if kind == "string":
+            parts.append(r.get(name) or "")
+        elif kind == "hash":
+            parts.extend(f"{k}={v}" for k, v in r.hgetall(name).items())
+        elif kind == "set":
+            parts.extend(r.smembers(name))
+        elif kind == "zset":
+            parts.extend(r.zrange(name, 0, -1))
+        elif kind == "list":
+            parts.extend(r.lrange(name, 0, -1))
+        elif kind == "stream":
+            parts.extend(json.dumps(fields) for _, fields in r.xrange(name))
+    return "\n".join(parts)
+
+
+def test_seed_style_key_in_body(live: LiveServer, funded: tuple[str, str],
+                                upstream: FakeUpstream) -> None:
+    key, _ = funded
+    resp = seed_chat(live, key, model="gpt-3.5")
+    assert "Authorization" not in resp.request.headers
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["code"] == 0 and body["msg"] == ""
+    validate(body, "CreateChatCompletionResponse")
+    assert "你好，小一" in body["choices"][0]["message"]["content"]
+    (sent,) = upstream.requests
+    assert sent["path"] == "/v1/chat/completions"
+    assert "api_secret_key" not in sent["body"]
+    assert sent["headers"]["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert key not in json.dumps(sent, ensure_ascii=False)
+    assert key[3:] not in json.dumps(sent, ensure_ascii=False)
+
+
+def test_model_defaults_to_gpt35(live: LiveServer, funded: tuple[str, str],
+                                 upstream: FakeUpstream) -> None:
+    resp = seed_chat(live, funded[0])
+    assert resp.status_code == 200 and resp.json()["code"] == 0
+    assert upstream.requests[-1]["body"]["model"] == "gpt-3.5-turbo"
+
+
+def test_php_curl_style(live: LiveServer, funded: tuple[str, str],
+                        upstream: FakeUpstream) -> None:
+    """PHP: json_encode($data) posted as a string; curl's default form content type, too."""
+    key, _ = funded
+    payload = json.dumps({"api_secret_key": key, "model": "gpt-3.5",
+                          "messages": [{"role": "user", "content": "PHP 你好"}]},
+                         ensure_ascii=False).encode()
+    for ctype in ("application/json; charset=utf-8", "application/x-www-form-urlencoded"):
+        resp = requests.post(live.url + LEGACY + "/chat/completions", data=payload, timeout=20,
+                             headers={"Content-Type": ctype, "User-Agent": "PHP-curl/7.68"})
+        assert resp.status_code == 200, (ctype, resp.text)
+        body = resp.json()
+        assert body["code"] == 0 and body["msg"] == ""
+        assert body["choices"][0]["message"]["content"].endswith("PHP 你好")
+        sent = upstream.requests[-1]
+        assert sent["body"]["model"] == "gpt-3.5-turbo" and "api_secret_key" not in sent["body"]
+        assert key not in json.dumps(sent, ensure_ascii=False)
+
+
+def test_seed_style_errors_carry_code_and_msg(live: LiveServer, r: redis.Redis) -> None:
+    resp = seed_chat(live, "sk-wrong")
+    assert resp.status_code == 401
+    body = resp.json()
+    assert body["code"] == 40101 and body["msg"] == "密钥无效"
+    validate(body, "ErrorResponse")
+    key, _ = new_key(r, "0")
+    resp = seed_chat(live, key)
+    assert resp.status_code == 429 and resp.headers["x-should-retry"] == "false"
+    assert resp.json()["code"] == 42901 and resp.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_balance_and_billing_shapes(live: LiveServer, funded: tuple[str, str],
+                                    r: redis.Redis) -> None:
+    key, acct = funded
+    auth = {"Authorization": f"Bearer {key}"}
+    assert seed_chat(live, key).status_code == 200
+    bal, used = wallet.balance(r, acct), int(r.hget(wallet.acct_key(acct), "used"))
+    assert used > 0 and bal + used == 100_000
+    for prefix in ("/v1", LEGACY):
+        body = requests.get(live.url + prefix + "/balance", headers=auth, timeout=10).json()
+        assert body == {"code": 0, "msg": "", "object": "balance", "account": acct,
+                        "balance": units_to_yuan(bal), "used": units_to_yuan(used),
+                        "currency": "CNY"}
+    sub = requests.get(live.url + "/v1/dashboard/billing/subscription", headers=auth,
+                       timeout=10).json()
+    assert sub["object"] == "billing_subscription" and sub["code"] == 0
+    assert sub["hard_limit_usd"] == sub["soft_limit_usd"] == 10.0
+    assert isinstance(sub["access_until"], int) and sub["has_payment_method"] is True
+    usage = requests.get(live.url + "/v1/dashboard/billing/usage", headers=auth,
+                         timeout=10).json()
+    assert usage["object"] == "list" and usage["total_usage"] == used / 100
+    # What ChatGPT web clients show: hard limit minus usage (in cents) = the balance.
+    assert abs(sub["hard_limit_usd"] - usage["total_usage"] / 100 - bal / 10_000) < 1e-9
+    resp = requests.get(live.url + "/v1/balance", timeout=10)
+    assert resp.status_code == 401
+    validate(resp.json(), "ErrorResponse")
+
+
+def test_only_a_hash_of_the_key_is_stored(live: LiveServer, funded: tuple[str, str],
+                                          r: redis.Redis) -> None:
+    key, acct = funded
+    assert seed_chat(live, key).status_code == 200
+    requests.get(live.url + "/v1/balance", headers={"Authorization": f"Bearer {key}"},
+                 timeout=10)
+    dump = all_redis_text(r)
+    assert keys.hash_key(key) in dump  # the scan did see the key records
+    assert key not in dump and key[3:] not in dump and key[3:20] not in dump
+
+
+def test_masked_display(funded: tuple[str, str], r: redis.Redis) -> None:
+    key, acct = funded
+    (row,) = keys.list_keys(r, acct)
+    assert row["masked"] == f"{key[:7]}…{key[-4:]}" and "hash" not in row
+    assert key not in json.dumps(row, ensure_ascii=False)
+    assert keys.lookup(r, row["masked"]) is None
+
+
+def test_revoke_is_immediate(live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
+    key, acct = funded
+    auth = {"Authorization": f"Bearer {key}"}
+    assert requests.get(live.url + "/v1/models", headers=auth, timeout=10).status_code == 200
+    (row,) = keys.list_keys(r, acct)
+    assert keys.revoke(r, row["id"]) is True
+    resp = requests.get(live.url + "/v1/models", headers=auth, timeout=10)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    assert seed_chat(live, key).status_code == 401
+    assert keys.revoke(r, row["id"]) is False
+
+
+def test_rotate_old_401_new_200(live: LiveServer, funded: tuple[str, str],
+                                r: redis.Redis) -> None:
+    old, acct = funded
+    (row,) = keys.list_keys(r, acct)
+    rotated = keys.rotate(r, row["id"])
+    assert rotated is not None
+    new, info = rotated
+    assert new != old and info.acct == acct
+    assert seed_chat(live, old).status_code == 401
+    resp = seed_chat(live, new)
+    assert resp.status_code == 200 and resp.json()["code"] == 0
+    assert keys.live_key_id(r, acct) == info.id

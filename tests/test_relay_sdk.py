@@ -1,0 +1,155 @@
+"""The official `openai` SDK against the live relay: every endpoint, streams, and its exceptions."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+import openai
+import pytest
+import redis
+from conftest import LiveServer, new_key
+from openapi_schemas import validate
+
+from app import wallet
+
+
+def sdk(live: LiveServer, key: str) -> openai.OpenAI:
+    """Return an SDK client on the live relay that never retries."""
+    return openai.OpenAI(api_key=key, base_url=live.url + "/v1", max_retries=0, timeout=20)
+
+
+def dump(obj: Any) -> dict[str, Any]:
+    """Return the JSON the SDK parsed (including fields its models do not know)."""
+    return obj.model_dump(mode="json", exclude_unset=True)
+
+
+def test_chat_plain(live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    raw = sdk(live, key).chat.completions.with_raw_response.create(
+        model="gpt-3.5-turbo", messages=[{"role": "user", "content": "你好 world"}])
+    body = raw.http_response.json()
+    validate(body, "CreateChatCompletionResponse")
+    assert body["code"] == 0 and body["msg"] == ""
+    done = raw.parse()
+    assert "你好 world" in done.choices[0].message.content
+    assert done.usage is not None and done.usage.total_tokens > 0
+    assert 0 < before - wallet.balance(r, acct) < before
+    assert wallet.verify(r) == []
+
+
+def test_chat_stream_include_usage(live: LiveServer, funded: tuple[str, str]) -> None:
+    key, _ = funded
+    chunks = list(sdk(live, key).chat.completions.create(
+        model="gpt-3.5", messages=[{"role": "user", "content": "stream me"}], stream=True,
+        stream_options={"include_usage": True}))
+    for chunk in chunks:
+        validate(dump(chunk), "CreateChatCompletionStreamResponse")
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "stream me" in text
+
+
+def test_chat_stream_without_include_usage(live: LiveServer, funded: tuple[str, str],
+                                           r: redis.Redis) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    chunks = list(sdk(live, key).chat.completions.create(
+        model="gpt-3.5", messages=[{"role": "user", "content": "no usage please"}], stream=True))
+    assert chunks and all(c.choices for c in chunks)  # no usage-only chunk forwarded
+    assert all(getattr(c, "usage", None) is None for c in chunks)
+    for chunk in chunks:
+        validate(dump(chunk), "CreateChatCompletionStreamResponse")
+    assert wallet.balance(r, acct) < before  # billed from the usage the relay asked for itself
+
+
+def test_completions_plain_and_stream(live: LiveServer, funded: tuple[str, str]) -> None:
+    client = sdk(live, funded[0])
+    raw = client.completions.with_raw_response.create(
+        model="gpt-3.5-turbo-instruct", prompt="Say this is a test", max_tokens=30)
+    body = raw.http_response.json()
+    validate(body, "CreateCompletionResponse")
+    assert "Say this is a test" in raw.parse().choices[0].text
+    chunks = list(client.completions.create(
+        model="gpt-3.5-turbo-instruct", prompt="stream it", stream=True,
+        stream_options={"include_usage": True}))
+    for chunk in chunks:
+        validate(dump(chunk), "CreateCompletionStreamResponse")
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert "stream it" in "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_embeddings_base64_default_and_float(live: LiveServer, funded: tuple[str, str]) -> None:
+    client = sdk(live, funded[0])
+    got = client.embeddings.create(model="text-embedding-3-small", input=["hello", "你好"])
+    assert len(got.data) == 2 and len(got.data[0].embedding) == 16  # the SDK decoded base64
+    assert abs(sum(v * v for v in got.data[0].embedding) - 1.0) < 1e-3
+    raw = client.embeddings.with_raw_response.create(
+        model="text-embedding-ada-002", input="hello", encoding_format="float")
+    body = raw.http_response.json()
+    validate(body, "CreateEmbeddingResponse")
+    assert body["usage"]["prompt_tokens"] > 0
+    packed = struct.pack("<16f", *body["data"][0]["embedding"])
+    assert struct.unpack("<16f", packed) == tuple(got.data[0].embedding)
+
+
+def test_images_url_and_b64(live: LiveServer, funded: tuple[str, str]) -> None:
+    client = sdk(live, funded[0])
+    raw = client.images.with_raw_response.generate(
+        model="dall-e-2", prompt="a cat", size="256x256", n=2, response_format="url")
+    body = raw.http_response.json()
+    validate(body, "ImagesResponse")
+    assert len(body["data"]) == 2 and body["data"][0]["url"].startswith("http")
+    raw = client.images.with_raw_response.generate(
+        model="dall-e-2", prompt="a dog", size="256x256", response_format="b64_json")
+    body = raw.http_response.json()
+    validate(body, "ImagesResponse")
+    png = base64.b64decode(raw.parse().data[0].b64_json)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_models_list(live: LiveServer, funded: tuple[str, str]) -> None:
+    raw = sdk(live, funded[0]).models.with_raw_response.list()
+    validate(raw.http_response.json(), "ListModelsResponse")
+    ids = {m.id for m in raw.parse()}
+    assert {"gpt-3.5", "gpt-4", "gpt-3.5-turbo", "dall-e-2"} <= ids
+
+
+def test_bad_key_is_authentication_error(live: LiveServer, r: redis.Redis) -> None:
+    with pytest.raises(openai.AuthenticationError) as info:
+        sdk(live, "sk-not-a-real-key").chat.completions.create(
+            model="gpt-3.5", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 401
+    validate(info.value.response.json(), "ErrorResponse")
+    assert info.value.code == "invalid_api_key"
+
+
+def test_unknown_model_is_not_found(live: LiveServer, funded: tuple[str, str],
+                                    r: redis.Redis) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk(live, key).chat.completions.create(
+            model="gpt-99", messages=[{"role": "user", "content": "hi"}])
+    validate(info.value.response.json(), "ErrorResponse")
+    assert info.value.code == "model_not_found"
+    assert wallet.balance(r, acct) == before
+
+
+def test_empty_wallet_is_rate_limit_insufficient_quota(live: LiveServer, r: redis.Redis,
+                                                       upstream: Any) -> None:
+    key, acct = new_key(r, "0")
+    with pytest.raises(openai.RateLimitError) as info:
+        sdk(live, key).chat.completions.create(
+            model="gpt-3.5", messages=[{"role": "user", "content": "hi"}])
+    err = info.value
+    assert err.status_code == 429 and err.code == "insufficient_quota"
+    assert err.response.headers["x-should-retry"] == "false"
+    body = err.response.json()
+    validate(body, "ErrorResponse")
+    assert body["code"] == 42901 and body["msg"]
+    assert wallet.balance(r, acct) == 0 and upstream.requests == []

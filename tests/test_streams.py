@@ -1,0 +1,185 @@
+"""Streams over real HTTP: chunk shapes, usage forwarding, abandoned and cut streams, billing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import requests
+from conftest import LiveServer, make_settings
+from openapi_schemas import validate
+
+from app import create_app, pricing, wallet
+from app.config import Settings
+from app.fake_upstream import FakeUpstream
+
+PRICE_MODEL = "gpt-3.5-turbo"
+
+
+def open_stream(live: LiveServer, key: str, content: str, path: str = "/v1/chat/completions",
+                **extra: Any) -> requests.Response:
+    """Start a streamed chat request and return the open response."""
+    body = {"model": "gpt-3.5", "stream": True,
+            "messages": [{"role": "user", "content": content}], **extra}
+    resp = requests.post(live.url + path, json=body, stream=True, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    return resp
+
+
+def read_events(resp: requests.Response) -> list[bytes]:
+    """Read every `data:` payload of a stream to its end."""
+    return [line[5:].strip() for line in resp.iter_lines() if line.startswith(b"data:")]
+
+
+def wait_settled(r: redis.Redis, req: str, timeout: float = 30) -> None:
+    """Poll until the request's reservation is settled (the relay may still be draining)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if r.exists(f"xy:done:{req}") and not r.exists(f"xy:resv:{req}"):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"reservation {req} was not settled within {timeout}s")
+
+
+def settle_entry(r: redis.Redis, acct: str, req: str) -> dict[str, Any]:
+    """Return the one settle/refund ledger entry of a request."""
+    found = [e for e in wallet.ledger_entries(r, acct)
+             if e.get("req") == req and e["kind"] in ("settle", "refund")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_chat_stream_chunks_validate_and_end_with_done(live: LiveServer, funded: tuple[str, str],
+                                                       r: redis.Redis, settings: Settings) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    resp = open_stream(live, key, "hello stream", stream_options={"include_usage": True})
+    events = read_events(resp)
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] > 0
+    req = resp.headers["X-Request-Id"]
+    wait_settled(r, req)
+    entry = settle_entry(r, acct, req)
+    price = settings.prices[PRICE_MODEL]
+    cost = pricing.token_cost(price, usage["prompt_tokens"], usage["completion_tokens"])
+    assert int(entry["cost"]) == cost == before - wallet.balance(r, acct)
+
+
+def test_legacy_path_stream_without_usage(live: LiveServer, funded: tuple[str, str],
+                                          upstream: FakeUpstream) -> None:
+    resp = open_stream(live, funded[0], "via php path", path="/index.php/api/v1/chat/completions")
+    events = read_events(resp)
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    assert events[-1] == b"[DONE]" and all(c["choices"] for c in chunks)
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    # The relay asked the upstream for usage itself (to bill), but did not forward it.
+    sent = upstream.requests[-1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+def test_completion_stream_chunks_validate(live: LiveServer, funded: tuple[str, str]) -> None:
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": "once upon", "stream": True,
+            "stream_options": {"include_usage": True}}
+    resp = requests.post(live.url + "/v1/completions", json=body, stream=True, timeout=30,
+                         headers={"Authorization": f"Bearer {funded[0]}"})
+    events = read_events(resp)
+    assert events[-1] == b"[DONE]"
+    for event in events[:-1]:
+        validate(orjson.loads(event), "CreateCompletionStreamResponse")
+
+
+def test_abandoned_stream_is_drained_and_billed_for_full_usage(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, settings: Settings) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    resp = open_stream(live, key, "tell me [[fake:long=200]] [[fake:chunk_delay=0.01]]")
+    req = resp.headers["X-Request-Id"]
+    lines = resp.iter_lines()
+    got: list[bytes] = []
+    for line in lines:
+        if line.startswith(b"data:"):
+            got.append(line)
+            if len(got) == 2:
+                break
+    resp.close()  # the client walks away after two chunks
+    wait_settled(r, req)
+    entry = settle_entry(r, acct, req)
+    # The fake counts "tell me" as 2 tokens (+1) and produced 200 words in all.
+    assert (int(entry["pt"]), int(entry["ct"])) == (3, 200)
+    price = settings.prices[PRICE_MODEL]
+    full = pricing.token_cost(price, 3, 200)
+    reserved = pricing.reserve_cost(price, pricing.estimate_messages(
+        [{"content": "tell me [[fake:long=200]] [[fake:chunk_delay=0.01]]"}]), None)
+    assert full < reserved
+    assert int(entry["cost"]) == full == before - wallet.balance(r, acct)
+    assert wallet.verify(r) == []
+
+
+def test_stream_cut_by_upstream_bills_produced_tokens(live: LiveServer, funded: tuple[str, str],
+                                                      r: redis.Redis, settings: Settings) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    content = "cut me short [[fake:cut=3]]"
+    resp = open_stream(live, key, content)
+    events = read_events(resp)
+    assert b"[DONE]" not in events
+    chunks = [orjson.loads(e) for e in events]
+    error = chunks[-1]
+    validate(error, "ErrorResponse")
+    assert error["error"]["code"] == "upstream_error"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    assert 0 < len(text)
+    req = resp.headers["X-Request-Id"]
+    wait_settled(r, req)
+    entry = settle_entry(r, acct, req)
+    prompt = pricing.estimate_messages([{"content": content}])
+    produced = pricing.estimate_tokens(text)
+    assert (int(entry["pt"]), int(entry["ct"])) == (prompt, produced)
+    price = settings.prices[PRICE_MODEL]
+    assert int(entry["cost"]) == pricing.token_cost(price, prompt, produced)
+    assert before - wallet.balance(r, acct) == int(entry["cost"])
+    assert wallet.verify(r) == []
+
+
+def _capped_settings(tmp_path: Path, upstream: FakeUpstream, redis_url: str) -> Settings:
+    path = tmp_path / "xiaoyi.toml"
+    path.write_text("[relay]\ndrain_cap_tokens = 5\n", encoding="utf-8")
+    return make_settings(upstream.url, redis_url, XIAOYI_CONFIG=str(path))
+
+
+def test_abandoned_stream_drain_is_capped(tmp_path: Path, upstream: FakeUpstream,
+                                          redis_url: str, r: redis.Redis,
+                                          funded: tuple[str, str]) -> None:
+    app = create_app(_capped_settings(tmp_path, upstream, redis_url), redis_client=r)
+    server = LiveServer(app)
+    try:
+        key, acct = funded
+        content = "cap [[fake:long=300]] [[fake:chunk_delay=0.01]]"
+        resp = open_stream(server, key, content)
+        req = resp.headers["X-Request-Id"]
+        seen = []
+        for line in resp.iter_lines():
+            if line.startswith(b"data:"):
+                seen.append(line)
+                if len(seen) == 3:
+                    break
+        resp.close()
+        wait_settled(r, req)
+        entry = settle_entry(r, acct, req)
+        # No usage arrived: the relay estimated what it read (the sent part plus ≤ 5 chunks).
+        assert int(entry["pt"]) == pricing.estimate_messages([{"content": content}])
+        assert 1 <= int(entry["ct"]) < 100
+        assert wallet.verify(r) == []
+    finally:
+        server.stop()

@@ -1,0 +1,176 @@
+"""The wallet on real Redis: Lua-level races, the relay under concurrency, exactly-once effects."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+import requests
+from click.testing import CliRunner
+from conftest import LiveServer, new_key
+from openapi_schemas import validate
+
+from app import pricing, wallet
+from app.cli import main
+from app.config import Settings
+from app.fake_upstream import FakeUpstream
+
+THREADS = 64
+
+
+def race(fn: Callable[[int], Any], n: int = THREADS) -> list[Any]:
+    """Run fn(i) in n threads released together by a barrier; return the results in order."""
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> Any:
+        barrier.wait()
+        return fn(i)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def balance_history(r: redis.Redis, acct: str) -> list[int]:
+    """Replay the account's ledger: every balance it ever had, in order."""
+    out, total = [], 0
+    for entry in wallet.ledger_entries(r, acct):
+        total += entry["amount"]
+        out.append(total)
+    return out
+
+
+def test_lua_reserve_race(r: redis.Redis) -> None:
+    amount = 1234
+    acct = wallet.create_account(r, initial=5 * amount + amount // 2)
+    results = race(lambda i: wallet.reserve(r, acct, f"req-{i}", amount))
+    won = [i for i, got in enumerate(results) if got.ok]
+    assert len(won) == 5
+    assert all(got.reason == "short" for got in results if not got.ok)
+    assert wallet.balance(r, acct) == amount // 2
+    assert min(balance_history(r, acct)) >= 0
+    assert wallet.verify(r) == []
+    # Settle the winners concurrently, each twice: every request is charged exactly once.
+    charged = race(lambda i: wallet.settle(r, acct, f"req-{won[i % 5]}", 1000), 10)
+    assert sorted(c is None for c in charged) == [False] * 5 + [True] * 5
+    assert wallet.balance(r, acct) == 5 * amount + amount // 2 - 5 * 1000
+    assert r.zcard(wallet.PENDING) == 0 and wallet.verify(r) == []
+
+
+def test_lua_reserve_race_mixed_amounts(r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=10_000)
+    results = race(lambda i: wallet.reserve(r, acct, f"m-{i}", 100 + 37 * i))
+    held = sum(100 + 37 * i for i, got in enumerate(results) if got.ok)
+    assert held <= 10_000 and wallet.balance(r, acct) == 10_000 - held >= 0
+    assert min(balance_history(r, acct)) >= 0 and wallet.verify(r) == []
+
+
+def test_same_request_reserved_once(r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=100_000)
+    results = race(lambda i: wallet.reserve(r, acct, "dup", 500))
+    assert sum(got.ok for got in results) == 1
+    assert {got.reason for got in results if not got.ok} == {"duplicate"}
+    wallet.settle(r, acct, "dup", 200)
+    again = wallet.reserve(r, acct, "dup", 500)
+    assert not again.ok and again.reason == "settled"
+    assert wallet.balance(r, acct) == 100_000 - 200
+
+
+def test_settle_never_overdraws(r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=1000)
+    assert wallet.reserve(r, acct, "big", 800).ok
+    assert wallet.settle(r, acct, "big", 5000) == 1000  # the hold plus what is left, no more
+    assert wallet.balance(r, acct) == 0 and wallet.verify(r) == []
+    assert wallet.settle(r, acct, "big", 5000) is None
+
+
+def test_release_returns_everything(r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=1000)
+    assert wallet.reserve(r, acct, "fail", 700).ok
+    wallet.release(r, acct, "fail")
+    assert wallet.balance(r, acct) == 1000
+    kinds = [e["kind"] for e in wallet.ledger_entries(r, acct)]
+    assert kinds == ["topup", "reserve", "refund"] and wallet.verify(r) == []
+
+
+def test_release_stale(r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=1000)
+    assert wallet.reserve(r, acct, "crashed", 600).ok
+    assert wallet.release_stale(r, older_than_s=3600) == 0
+    assert wallet.release_stale(r, older_than_s=-1) == 1
+    assert wallet.balance(r, acct) == 1000 and r.zcard(wallet.PENDING) == 0
+
+
+def test_topup_ref_race_credits_once(r: redis.Redis) -> None:
+    acct = wallet.create_account(r)
+    results = race(lambda i: wallet.topup(r, acct, 5000, ref="pay-order-1"), 32)
+    assert sum(credited for credited, _ in results) == 1
+    assert wallet.balance(r, acct) == 5000 and wallet.verify(r) == []
+    with pytest.raises(wallet.NoAccount):
+        wallet.topup(r, "acct_missing", 1)
+    with pytest.raises(wallet.WalletError):
+        wallet.topup(r, acct, 0)
+
+
+def test_redeem_race_uses_code_once(r: redis.Redis) -> None:
+    accts = [wallet.create_account(r) for _ in range(8)]
+    (code,) = wallet.create_codes(r, 3000)
+    results = race(lambda i: wallet.redeem(r, accts[i % 8], code.lower()), 32)
+    assert [s for s, _, _ in results].count("ok") == 1
+    assert {s for s, _, _ in results} == {"ok", "used"}
+    assert sum(wallet.balance(r, a) for a in accts) == 3000
+    assert wallet.redeem(r, accts[0], "XYNOSUCHCODE")[0] == "unknown"
+    assert wallet.verify(r) == []
+
+
+def test_create_account_is_idempotent(r: redis.Redis) -> None:
+    assert wallet.create_account(r, "acct_fixed", initial=100) == "acct_fixed"
+    assert wallet.create_account(r, "acct_fixed", initial=100) == "acct_fixed"
+    assert wallet.balance(r, "acct_fixed") == 100 and wallet.verify(r) == []
+
+
+def test_verify_finds_a_corrupted_balance(r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=100)
+    r.hincrby(wallet.acct_key(acct), "balance", 1)
+    (problem,) = wallet.verify(r)
+    assert acct in problem and "101" in problem
+
+
+def test_relay_race_64_requests(live: LiveServer, r: redis.Redis, upstream: FakeUpstream,
+                                settings: Settings, redis_url: str) -> None:
+    messages = [{"role": "user", "content": "race 并发 [[fake:delay=0.2]]"}]
+    price = settings.prices[settings.models["gpt-3.5"]]
+    hold = pricing.reserve_cost(price, pricing.estimate_messages(messages), 50)
+    start = 5 * hold + hold // 3
+    key, acct = new_key(r, "0")
+    wallet.topup(r, acct, start)
+
+    def call(_: int) -> requests.Response:
+        return requests.post(live.url + "/v1/chat/completions", timeout=60,
+                             headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "gpt-3.5", "messages": messages, "max_tokens": 50})
+
+    responses = race(call)
+    ok = [resp for resp in responses if resp.status_code == 200]
+    refused = [resp for resp in responses if resp.status_code != 200]
+    assert len(ok) >= start // hold == 5  # a request is refused only when the holds are out
+    for resp in refused:
+        assert resp.status_code == 429 and resp.headers["x-should-retry"] == "false"
+        body = resp.json()
+        assert body["error"]["code"] == "insufficient_quota" and body["code"] == 42901
+        validate(body, "ErrorResponse")
+    usage = ok[0].json()["usage"]
+    cost = pricing.token_cost(price, usage["prompt_tokens"], usage["completion_tokens"])
+    assert 0 < cost < hold
+    assert len(ok) * cost <= start
+    assert wallet.balance(r, acct) == start - len(ok) * cost >= 0
+    assert min(balance_history(r, acct)) >= 0
+    assert len(upstream.requests) == len(ok)  # a refused request never reached the upstream
+    assert r.zcard(wallet.PENDING) == 0
+    assert wallet.verify(r) == []
+    result = CliRunner().invoke(main, ["ledger", "verify"], env={"XIAOYI_REDIS_URL": redis_url,
+                                                                 "XIAOYI_CONFIG": ""})
+    assert result.exit_code == 0, result.output
