@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint bench chaos clean
+.PHONY: run test lint bench chaos clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,14 @@ run: $(RUN_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check app workers tests bench tools
 
-test: $(DEV_STAMP) lint
+test: $(DEV_STAMP) lint chromium
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# Debian's Chromium for the admin page's browser test (skipped with a reason when not installable).
+chromium:
+	@test -x /usr/bin/chromium || apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1) \
+	  || echo "chromium not installable: tests/test_admin_browser.py will skip"
 
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/run.py

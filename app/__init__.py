@@ -36,12 +36,16 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
     store.init_app(app, redis_client)
     upstream.init_app(app, app.extensions[store.EXTENSION])
 
-    from app import relay
+    from app import openapi, relay
 
     relay.init_app(app)
+    openapi.init_app(app)  # GET /openapi.json: the developer API's description
     from app import admin, health, pay  # /admin + /metrics (token only), /readyz, pay notify
     for feature in (admin, health, pay):
         feature.init_app(app)
+    from app import wechat  # /wechat (answers 503 while XIAOYI_WECHAT_TOKEN is unset)
+
+    wechat.init_app(app)
     _init_errors(app)
     app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok"})
     return app

@@ -24,7 +24,13 @@ def _redis(settings: Settings | None = None) -> redis.Redis:
     from app.store import make_redis, resolve_url
 
     s = settings or _settings()
-    return make_redis(resolve_url(s.redis_url, s.data_dir), max_connections=8)
+    client = make_redis(resolve_url(s.redis_url, s.data_dir), max_connections=8)
+    try:
+        client.ping()
+    except redis.RedisError as exc:  # the URL may carry a password: name the setting only
+        raise click.ClickException(
+            f"cannot reach Redis (XIAOYI_REDIS_URL): {type(exc).__name__}") from exc
+    return client
 
 
 def _emit(obj: Any, as_json: bool, text: str) -> None:
@@ -171,8 +177,10 @@ def accounts_topup(acct: str, yuan: str, as_json: bool) -> None:
     try:
         amount = yuan_to_units(yuan, "amount")
         wallet.topup(r, acct, amount, note="admin top-up")
+    except wallet.NoAccount as exc:
+        raise click.ClickException(f"no account {acct}") from exc
     except (ConfigError, wallet.WalletError) as exc:
-        raise click.ClickException(str(exc) or f"no account {acct}") from exc
+        raise click.ClickException(str(exc)) from exc
     view = _account_view(r, acct)
     _emit(view, as_json, f"{acct}: balance {view['balance_yuan']} 元")
 
@@ -239,6 +247,12 @@ def ledger_verify(as_json: bool) -> None:
     _emit({"ok": not problems, "problems": problems}, as_json, "ledger ok")
     if problems:
         sys.exit(1)
+
+
+from app.wechat.cli import menu_group, wechat_group  # noqa: E402 - the bot's command groups
+
+main.add_command(menu_group)
+main.add_command(wechat_group)
 
 
 if __name__ == "__main__":

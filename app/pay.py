@@ -19,6 +19,7 @@ import secrets
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from xml.parsers.expat import ExpatError
 
 import redis
 import requests
@@ -172,9 +173,9 @@ def verify_notify(settings: Settings, body: bytes) -> dict[str, Any] | None:
         if not isinstance(fields, dict) or not _signed(fields, settings.pay_api_key or ""):
             return None
         return client(settings).parse_payment_result(body)
-    except (InvalidSignatureException, ValueError, TypeError, AttributeError):
+    except (InvalidSignatureException, ExpatError, ValueError, TypeError, AttributeError):
         return None
-    except Exception:  # expat and friends: any unparsable body is simply not ours
+    except Exception:  # any other parser failure: the body is simply not ours
         log.warning("unparsable payment notification", exc_info=True)
         return None
 
@@ -187,11 +188,9 @@ def _matches(r: redis.Redis, settings: Settings, data: dict[str, Any]) -> dict[s
         return None
     no = data.get("out_trade_no")
     order = r.hgetall(order_key(no)) if isinstance(no, str) and len(no) <= 64 else {}
-    if not order or data.get("fee_type", "CNY") not in ("CNY", None):
+    if "fen" not in order or data.get("fee_type", "CNY") not in ("CNY", None):
         return None
-    if data.get("total_fee") != int(order["fen"]):
-        return None
-    return order
+    return order if data.get("total_fee") == int(order["fen"]) else None
 
 
 def handle_notify(r: redis.Redis, settings: Settings, body: bytes) -> tuple[bool, str]:

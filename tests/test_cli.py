@@ -70,7 +70,7 @@ def test_accounts_show_and_topup(cli: Any, r: redis.Redis) -> None:
 
 
 @pytest.mark.parametrize("args,named", [
-    (("accounts", "topup", "acct_missing", "1"), "acct_missing"),
+    (("accounts", "topup", "acct_missing", "1"), "no account acct_missing"),
     (("accounts", "topup", "ACCT", "abc"), "abc"),
     (("accounts", "topup", "ACCT", "0.00001"), "0.00001"),
     (("accounts", "topup", "ACCT", "-1"), "-1"),
@@ -126,3 +126,10 @@ def test_bad_config_is_named(cli: Any, tmp_path: Path) -> None:
     path.write_text("[relay\n", encoding="utf-8")
     result = cli("keys", "list", env={"XIAOYI_CONFIG": str(path)})
     assert result.exit_code != 0 and "XIAOYI_CONFIG" in result.stderr
+
+
+def test_unreachable_redis_is_a_clean_error(cli: Any) -> None:
+    result = cli("keys", "list", env={"XIAOYI_REDIS_URL": "redis://:s3cret@127.0.0.1:1/0"})
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "XIAOYI_REDIS_URL" in result.stderr and "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -109,6 +109,15 @@ def test_reserve_covers_any_completion_up_to_max_tokens(price: ModelPrice, pt: i
     assert isinstance(held, int) and held >= pricing.token_cost(price, pt, ct) >= 0
 
 
+@given(prices, counts, st.integers(1, 100_000), st.integers(1, 200), st.data())
+def test_reserve_covers_every_choice(price: ModelPrice, pt: int, max_tokens: int, choices: int,
+                                     data: st.DataObject) -> None:
+    ct = data.draw(st.integers(0, max_tokens * choices))
+    held = pricing.reserve_cost(price, pt, max_tokens, choices)
+    assert held >= pricing.token_cost(price, pt, ct)
+    assert held >= pricing.reserve_cost(price, pt, max_tokens)  # more choices never hold less
+
+
 @given(prices, counts, st.data())
 def test_reserve_without_max_tokens_covers_the_models_cap(price: ModelPrice, pt: int,
                                                           data: st.DataObject) -> None:

@@ -18,7 +18,8 @@ from app.store import make_redis
 
 CODES = {"invalid_request_error": 40001, "invalid_api_key": 40101, "model_not_found": 40401,
          "not_found": 40400, "method_not_allowed": 40500, "request_too_large": 41301,
-         "upstream_error": 50201, "service_unavailable": 50301, "upstream_timeout": 50401}
+         "upstream_error": 50201, "service_unavailable": 50301, "upstream_timeout": 50401,
+         "rate_limit_exceeded": 42902}
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -255,3 +256,22 @@ def test_wallet_store_down_is_503_and_serves_nothing(upstream: FakeUpstream,
         assert upstream.requests == []
     finally:
         server.stop()
+
+
+def test_rate_limit_is_429_with_retry_after(tmp_path: Path, upstream: FakeUpstream,
+                                            redis_url: str, r: redis.Redis,
+                                            funded: tuple[str, str]) -> None:
+    path = tmp_path / "limits.toml"
+    path.write_text("[limits]\nkey_requests_per_minute = 2\n", encoding="utf-8")
+    app = create_app(make_settings(upstream.url, redis_url, XIAOYI_CONFIG=str(path)),
+                     redis_client=r)
+    client = app.test_client()
+    key, acct = funded
+    for _ in range(2):
+        assert call(client, key, "/v1/chat/completions", {"messages": HELLO}).status_code == 200
+    before = snapshot(r, acct)
+    resp = call(client, key, "/v1/chat/completions", {"messages": HELLO})
+    check_error(resp, 429, "rate_limit_exceeded")
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert "x-should-retry" not in resp.headers
+    assert snapshot(r, acct) == before and len(upstream.requests) == 2

@@ -170,3 +170,20 @@ def test_rotate_old_401_new_200(live: LiveServer, funded: tuple[str, str],
     resp = seed_chat(live, new)
     assert resp.status_code == 200 and resp.json()["code"] == 0
     assert keys.live_key_id(r, acct) == info.id
+
+
+def test_body_key_with_empty_bearer_and_bearer_precedence(live: LiveServer, r: redis.Redis,
+                                                          upstream: FakeUpstream) -> None:
+    key, acct = new_key(r, "1")
+    other, other_acct = new_key(r, "1")
+    body = {"api_secret_key": key, "messages": [{"role": "user", "content": "hi"}]}
+    resp = requests.post(live.url + LEGACY + "/chat/completions", json=body, timeout=20,
+                         headers={"Authorization": "Bearer "})  # an SDK given api_key=""
+    assert resp.status_code == 200, resp.text
+    resp = requests.post(live.url + "/v1/chat/completions", json=body, timeout=20,
+                         headers={"Authorization": f"Bearer {other}"})
+    assert resp.status_code == 200
+    assert wallet.balance(r, acct) < 10_000 and wallet.balance(r, other_acct) < 10_000
+    for sent in upstream.requests:
+        dumped = json.dumps(sent, ensure_ascii=False)
+        assert "api_secret_key" not in sent["body"] and key not in dumped and other not in dumped

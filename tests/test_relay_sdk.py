@@ -83,9 +83,11 @@ def test_completions_plain_and_stream(live: LiveServer, funded: tuple[str, str])
     assert "stream it" in "".join(c.choices[0].text for c in chunks if c.choices)
 
 
-def test_embeddings_base64_default_and_float(live: LiveServer, funded: tuple[str, str]) -> None:
+def test_embeddings_base64_default_and_float(live: LiveServer, funded: tuple[str, str],
+                                             upstream: Any) -> None:
     client = sdk(live, funded[0])
     got = client.embeddings.create(model="text-embedding-3-small", input=["hello", "你好"])
+    assert upstream.requests[-1]["body"]["encoding_format"] == "base64"  # the SDK's default
     assert len(got.data) == 2 and len(got.data[0].embedding) == 16  # the SDK decoded base64
     assert abs(sum(v * v for v in got.data[0].embedding) - 1.0) < 1e-3
     raw = client.embeddings.with_raw_response.create(

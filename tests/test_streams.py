@@ -183,3 +183,45 @@ def test_abandoned_stream_drain_is_capped(tmp_path: Path, upstream: FakeUpstream
         assert wallet.verify(r) == []
     finally:
         server.stop()
+
+
+def test_include_usage_is_honoured_when_the_upstream_sends_none(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, settings: Settings) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    content = "count me [[fake:nousage]]"
+    resp = open_stream(live, key, content, stream_options={"include_usage": True})
+    events = read_events(resp)
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    last = chunks[-1]
+    assert last["choices"] == [] and last["id"] == chunks[0]["id"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    prompt = pricing.estimate_messages([{"content": content}])
+    assert last["usage"] == {"prompt_tokens": prompt,
+                             "completion_tokens": pricing.estimate_tokens(text),
+                             "total_tokens": prompt + pricing.estimate_tokens(text)}
+    req = resp.headers["X-Request-Id"]
+    wait_settled(r, req)
+    cost = pricing.token_cost(settings.prices[PRICE_MODEL], prompt, pricing.estimate_tokens(text))
+    assert int(settle_entry(r, acct, req)["cost"]) == cost == before - wallet.balance(r, acct)
+
+
+def test_plain_answer_without_upstream_usage_gets_the_estimate(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, settings: Settings) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    content = "估算 please [[fake:nousage]]"
+    resp = requests.post(live.url + "/v1/chat/completions", timeout=20,
+                         headers={"Authorization": f"Bearer {key}"},
+                         json={"messages": [{"role": "user", "content": content}]})
+    body = resp.json()
+    validate(body, "CreateChatCompletionResponse")
+    prompt = pricing.estimate_messages([{"content": content}])
+    completion = pricing.estimate_tokens(body["choices"][0]["message"]["content"])
+    assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    cost = pricing.token_cost(settings.prices[PRICE_MODEL], prompt, completion)
+    assert before - wallet.balance(r, acct) == cost

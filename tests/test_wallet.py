@@ -174,3 +174,35 @@ def test_relay_race_64_requests(live: LiveServer, r: redis.Redis, upstream: Fake
     result = CliRunner().invoke(main, ["ledger", "verify"], env={"XIAOYI_REDIS_URL": redis_url,
                                                                  "XIAOYI_CONFIG": ""})
     assert result.exit_code == 0, result.output
+
+
+HOLD_CASES = {
+    # A hold that covered one completion (or capped max_tokens) would let the upstream produce
+    # more than the wallet holds; each of these must be refused before reaching the upstream.
+    "max_tokens above the model's default cap": (
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 100_000}),
+    "max_completion_tokens larger than max_tokens": (
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 10, "max_completion_tokens": 100_000}),
+    "n choices": ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 1000, "n": 10,
+                                           "messages": [{"role": "user", "content": "hi"}]}),
+    "a list of prompts": ("/v1/completions", {"model": "gpt-3.5-turbo-instruct",
+                                              "prompt": ["hi"] * 50, "max_tokens": 2000}),
+    "best_of": ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi",
+                                    "max_tokens": 4000, "best_of": 20}),
+}
+
+
+@pytest.mark.parametrize("case", list(HOLD_CASES), ids=list(HOLD_CASES))
+def test_hold_covers_everything_the_upstream_may_bill(case: str, client: Any, r: redis.Redis,
+                                                      upstream: FakeUpstream) -> None:
+    key, acct = new_key(r, "1")  # 1 元 = 10,000 units; each case may cost more than that
+    path, body = HOLD_CASES[case]
+    resp = client.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 429 and resp.json["error"]["code"] == "insufficient_quota"
+    assert wallet.balance(r, acct) == 10_000 and upstream.requests == []
+    fewer = {k: 5 if k in ("max_tokens", "max_completion_tokens") else v for k, v in body.items()}
+    resp = client.post(path, json=fewer, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200, resp.json
+    assert wallet.verify(r) == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import redis
 from flask import Blueprint, Response
@@ -28,24 +27,29 @@ bp = Blueprint("metrics", __name__)
 class StateCollector(Collector):
     """Gauges read from Redis at scrape: rq queues and registries, workers, channel cooldowns."""
 
-    def __init__(self, rq_redis: redis.Redis, channels: list[dict[str, Any]]) -> None:
+    def __init__(self, rq_redis: redis.Redis) -> None:
         self.rq_redis = rq_redis
-        self.channels = channels
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Yield the gauges."""
+        """Yield the gauges (only xiaoyi_redis_up 0 while Redis cannot be read)."""
+        try:
+            rows, alive, channels = (queue_counts(self.rq_redis), len(workers(self.rq_redis)),
+                                     get_upstream().health())
+        except redis.RedisError:
+            yield GaugeMetricFamily("xiaoyi_redis_up", "1 when Redis answered this scrape", 0)
+            return
+        yield GaugeMetricFamily("xiaoyi_redis_up", "1 when Redis answered this scrape", 1)
         jobs = GaugeMetricFamily("xiaoyi_rq_jobs", "rq jobs by queue and state",
                                  labels=["queue", "state"])
-        for row in queue_counts(self.rq_redis):
+        for row in rows:
             for state in ("queued", "started", "failed", "deferred", "scheduled", "finished"):
                 jobs.add_metric([row["name"], state], row[state])
         yield jobs
-        yield GaugeMetricFamily("xiaoyi_rq_workers", "rq workers alive",
-                                value=len(workers(self.rq_redis)))
+        yield GaugeMetricFamily("xiaoyi_rq_workers", "rq workers alive", value=alive)
         cooling = GaugeMetricFamily("xiaoyi_channel_cooling",
                                     "1 while an upstream channel rests after failures",
                                     labels=["channel"])
-        for row in self.channels:
+        for row in channels:
             cooling.add_metric([row["channel"].name], 1 if row["cooling"] else 0)
         yield cooling
 
@@ -60,7 +64,7 @@ def exposition() -> bytes:
     else:
         counted = REGISTRY
     state = CollectorRegistry()
-    state.register(StateCollector(get_rq_redis(), get_upstream().health()))
+    state.register(StateCollector(get_rq_redis()))
     return generate_latest(counted) + generate_latest(state)
 
 

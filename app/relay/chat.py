@@ -10,12 +10,20 @@ from typing import Any
 import orjson
 import requests
 from flask import Response, stream_with_context
-from redis import Redis
+from redis import Redis, RedisError
 
 from app import pricing, wallet
 from app.errors import ApiError, InvalidRequest, UpstreamError
 from app.metrics import MONEY
-from app.relay.common import Call, gather, hold, json_response, positive_int, settings
+from app.relay.common import (
+    Call,
+    gather,
+    hold,
+    json_response,
+    positive_int,
+    settings,
+    texts_or_tokens,
+)
 from app.store import get_redis
 from app.upstream import get_upstream, iter_sse
 
@@ -44,9 +52,9 @@ def validate_messages(body: dict[str, Any]) -> int:
 def validate_prompt(body: dict[str, Any]) -> int:
     """Check a completions `prompt` and return its token estimate."""
     prompt = body.get("prompt")
-    if not isinstance(prompt, str | list) or not prompt:
-        raise InvalidRequest("'prompt' must be a non-empty string or array.", param="prompt",
-                             msg="prompt 不能为空")
+    if not texts_or_tokens(prompt):
+        raise InvalidRequest("'prompt' must be a non-empty string, array of strings or token "
+                             "array(s).", param="prompt", msg="prompt 不能为空")
     return pricing.estimate_any(prompt)
 
 
@@ -56,10 +64,9 @@ def _choices(kind: str, body: dict[str, Any]) -> int:
     if kind == "chat":
         return n
     best_of = positive_int(body, "best_of", None, 1, 20) or 1
-    prompt = body["prompt"]
-    prompts = len(prompt) if all(isinstance(p, str | list) for p in prompt) and \
-        isinstance(prompt, list) else 1
-    return prompts * max(n, best_of)
+    prompt = body["prompt"]  # a list of strings or of token arrays is one prompt each
+    many = isinstance(prompt, list) and all(isinstance(p, str | list) for p in prompt)
+    return (len(prompt) if many else 1) * max(n, best_of)
 
 
 def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
@@ -75,6 +82,11 @@ def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean.", param="stream", msg="stream 参数错误")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(
+            options.get("include_usage", False), bool)):
+        raise InvalidRequest("'stream_options' must be an object with a boolean include_usage.",
+                             param="stream_options", msg="stream_options 参数错误")
     amount = pricing.reserve_cost(call.price, prompt_est, max_tokens, choices)
     hold(call, amount)
     MONEY.labels("reserved").inc(amount)
@@ -110,6 +122,28 @@ def _settle(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any] | None,
     if charged is not None:
         MONEY.labels("settled").inc(charged)
     return charged
+
+
+SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8)  # a stream already delivered waits out a Redis blip
+
+
+def _settle_retrying(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any] | None,
+                     text: str) -> None:
+    """Settle a delivered stream, retrying while Redis is unreachable (else the hold stays open)."""
+    for pause in (*SETTLE_BACKOFF_S, None):
+        try:
+            _settle(r, call, prompt_est, usage, text)
+            return
+        except RedisError as exc:
+            if pause is None:
+                log.error("could not settle %s: %s; its hold stays open", call.req_id,
+                          type(exc).__name__)
+                return
+            log.warning("settling %s: Redis unavailable, retrying in %ss", call.req_id, pause)
+            time.sleep(pause)
+        except Exception:
+            log.exception("could not settle %s", call.req_id)
+            return
 
 
 def relay_text(kind: str, path: str) -> Response:
@@ -158,26 +192,30 @@ def _stream(kind: str, call: Call, prompt_est: int, resp: requests.Response,
             return
         settled = True
         resp.close()
-        try:
-            _settle(r, call, prompt_est, usage, "".join(texts))
-        except Exception:
-            log.exception("could not settle %s", call.req_id)
+        _settle_retrying(r, call, prompt_est, usage, "".join(texts))
 
     def generate() -> Iterator[bytes]:
         nonlocal usage
         events = iter_sse(resp)
+        last: dict[str, Any] = {}
         try:
             for payload in events:
                 try:
                     obj = orjson.loads(payload)
                 except orjson.JSONDecodeError:
                     continue
+                if not isinstance(obj, dict):
+                    continue
+                last = obj
                 if obj.get("usage"):
                     usage = obj["usage"]
                 texts.append(_answer_text(kind, obj))
                 if not want_usage and obj.get("usage") and not obj.get("choices"):
                     continue
                 yield b"data: " + payload + b"\n\n"
+            if want_usage and not usage:  # asked for usage, the upstream gave none: estimate it
+                yield b"data: " + orjson.dumps(_usage_chunk(kind, call, last, prompt_est,
+                                                            "".join(texts))) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except GeneratorExit:
             # The client left: keep reading what the upstream produces (up to a cap) to bill it.
@@ -198,6 +236,18 @@ def _stream(kind: str, call: Call, prompt_est: int, resp: requests.Response,
     return out
 
 
+def _usage_chunk(kind: str, call: Call, last: dict[str, Any], prompt_est: int,
+                 text: str) -> dict[str, Any]:
+    """Build the final usage-only chunk from the estimate (what _settle bills)."""
+    ct = pricing.estimate_tokens(text)
+    return {"id": last.get("id") or call.req_id,
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": last.get("created") or int(time.time()),
+            "model": last.get("model") or call.upstream_model, "choices": [],
+            "usage": {"prompt_tokens": prompt_est, "completion_tokens": ct,
+                      "total_tokens": prompt_est + ct}}
+
+
 def _drain(events: Iterator[bytes], kind: str, texts: list[str], cap: int) -> dict | None:
     usage = None
     deadline = time.monotonic() + 120
@@ -208,6 +258,8 @@ def _drain(events: Iterator[bytes], kind: str, texts: list[str], cap: int) -> di
             try:
                 obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
                 continue
             usage = obj.get("usage") or usage
             texts.append(_answer_text(kind, obj))

@@ -63,17 +63,50 @@ def read_json() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.",
                              msg="请求体必须是 JSON 对象")
+    if too_deep(body):
+        raise InvalidRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.",
+                             msg="请求体嵌套过深")
     return body
+
+
+MAX_JSON_DEPTH = 64  # deeper bodies are refused: re-serialising them for the upstream fails
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Tell whether a parsed JSON value nests deeper than `limit` (iteratively: no recursion)."""
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        level = [v for x in level if isinstance(x, dict | list)
+                 for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, dict | list)]
+    return False
+
+
+def texts_or_tokens(value: Any) -> bool:
+    """Tell whether a prompt/input has one of OpenAI's forms: text(s) or token array(s)."""
+    def tokens(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    if isinstance(value, str):
+        return bool(value)
+    if not isinstance(value, list) or not value:
+        return False
+    return (all(isinstance(v, str) and v for v in value) or tokens(value)
+            or all(tokens(v) for v in value))
 
 
 def bearer_or_body(body: dict[str, Any] | None) -> str:
     """Return the raw key from Authorization: Bearer, api_secret_key, or nothing."""
     auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
+    if auth[:7].lower() == "bearer " and auth[7:].strip():  # an empty Bearer falls through
         return auth[7:].strip()
     if body is not None and isinstance(body.get("api_secret_key"), str):
         return body["api_secret_key"].strip()
-    return request.args.get("api_secret_key", "").strip()
+    return ""  # never from the query string: URLs end up in access logs
 
 
 def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:

@@ -10,7 +10,7 @@ from flask import Response
 from app import pricing, wallet
 from app.errors import InvalidRequest, UpstreamError
 from app.metrics import MONEY
-from app.relay.common import Call, gather, hold, json_response, positive_int
+from app.relay.common import Call, gather, hold, json_response, positive_int, texts_or_tokens
 from app.store import get_redis
 from app.upstream import get_upstream
 
@@ -43,10 +43,9 @@ def embeddings() -> Response:
     """Serve one embeddings request."""
     call = gather(("embedding",))
     value = call.body.get("input")
-    if not isinstance(value, str | list) or not value or (
-            isinstance(value, list) and any(v in ("", []) for v in value)):
-        raise InvalidRequest("'input' must be a non-empty string or array.", param="input",
-                             msg="input 不能为空")
+    if not texts_or_tokens(value):
+        raise InvalidRequest("'input' must be a non-empty string, array of strings or token "
+                             "array(s).", param="input", msg="input 不能为空")
     fmt = call.body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64.",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -115,11 +115,14 @@ def _notify(pipe: Pipeline, dk: str) -> None:
     pipe.expire(f"xy:wx:rdy:{dk}", 60)
 
 
-def await_outcome(r: redis.Redis, dk: str, wait_s: float) -> tuple[str, dict[str, Any] | None]:
-    """Wait up to wait_s for a message's outcome; return (state, reply item or None)."""
+def await_outcome(r: redis.Redis, dk: str, wait_s: float,
+                  then: Callable[[], None] | None = None) -> tuple[str, dict[str, Any] | None]:
+    """Mark a webhook waiting, run `then` (queue the job), wait up to wait_s for the outcome."""
     deadline = time.time() + wait_s
     state, reply = script(r, WAIT)(keys=[st_key(dk)],
                                    args=[int(deadline * 1000), STATE_TTL])
+    if then is not None:
+        then()
     while state == "waiting":
         left = deadline - time.time()
         if left <= 0:

@@ -13,7 +13,6 @@ import time
 from app import wallet
 from app.store import get_redis
 
-
 # KEYS[1]=sent marker, KEYS[2]=answers list; ARGV[1]=answer. Deliver unless delivered already.
 SEND_ONCE = """
 if redis.call('SET', KEYS[1], 1, 'NX') then redis.call('RPUSH', KEYS[2], ARGV[1]) end

@@ -6,9 +6,12 @@ run (`make test`, no -m) leaves them out.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +27,30 @@ from app.supervisor import pdeathsig_preexec
 ROOT = Path(__file__).resolve().parents[2]
 CHAOS_DB = 10
 LOCK_PATH = Path(os.environ.get("TMPDIR", "/tmp")) / "xiaoyi-chaos-db10.lock"
+
+
+def _load_root_conftest() -> object:
+    """Load tests/conftest.py under its own name (`import conftest` finds this file instead)."""
+    spec = importlib.util.spec_from_file_location("xiaoyi_root_conftest",
+                                                  ROOT / "tests" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_root = _load_root_conftest()
+make_settings = _root.make_settings  # type: ignore[attr-defined]
+new_key = _root.new_key  # type: ignore[attr-defined]
+LiveServer = _root.LiveServer  # type: ignore[attr-defined]
+UPSTREAM_KEY: str = _root.UPSTREAM_KEY  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,9 +80,9 @@ def redis_url() -> str:
     return url
 
 
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A clean client on DB 10, held alone by this test (xdist workers share the database)."""
+@contextlib.contextmanager
+def clean_db(redis_url: str) -> Iterator[redis.Redis]:
+    """Hold DB 10 alone (xdist workers share it), flushed, and yield a client on it."""
     with LOCK_PATH.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         client = make_redis(redis_url, max_connections=400)
@@ -65,6 +92,13 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
         finally:
             client.connection_pool.disconnect()
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A clean client on DB 10, held alone by this test."""
+    with clean_db(redis_url) as client:
+        yield client
 
 
 def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.05) -> object:

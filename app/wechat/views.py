@@ -1,0 +1,72 @@
+"""The webhook: GET answers WeChat's echostr check, POST receives messages and events."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, current_app, request
+from wechatpy.crypto import WeChatCrypto
+
+from app.config import Settings
+from app.store import get_redis
+from app.wechat import dispatch, verify
+from app.wechat.verify import Refused
+
+log = logging.getLogger(__name__)
+bp = Blueprint("wechat", __name__)
+CRYPTO = "xiaoyi.wechat_crypto"
+
+
+def _plain(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, mimetype="text/plain")
+
+
+def _read_body() -> bytes:
+    """Read the body, refusing (413) more than 64 KB before anything parses it."""
+    limit = verify.MAX_BODY_BYTES
+    if (request.content_length or 0) > limit:
+        raise Refused(413, "body larger than 64 KB")
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise Refused(413, "body larger than 64 KB")
+    return body
+
+
+def _message(crypto: WeChatCrypto | None) -> str | bytes:
+    """Return the message XML of a verified POST (decrypted in safe mode)."""
+    args = request.args
+    body = _read_body()
+    if args.get("encrypt_type", "raw").lower() != "aes":
+        return body
+    if crypto is None:
+        raise Refused(400, "encrypted message but XIAOYI_WECHAT_AES_KEY is not set")
+    return verify.decrypt(crypto, body, args.get("msg_signature", ""),
+                          args.get("timestamp", ""), args.get("nonce", ""))
+
+
+@bp.route("/wechat", methods=["GET", "POST"])
+def webhook() -> Response:
+    """Verify, parse and answer one request from WeChat; never answer it with a 500."""
+    settings: Settings = current_app.config["SETTINGS"]
+    if not settings.wechat_token:
+        return _plain("WeChat is not configured: set XIAOYI_WECHAT_TOKEN.", 503)
+    args = request.args
+    crypto = current_app.extensions.get(CRYPTO)
+    try:
+        verify.check_signature(settings.wechat_token, args.get("signature", ""),
+                               args.get("timestamp", ""), args.get("nonce", ""))
+        if request.method == "GET":
+            return _plain(args.get("echostr", ""))
+        msg = verify.parse(_message(crypto))
+    except Refused as exc:
+        log.warning("wechat webhook refused (%s): %s", exc.status, exc.reason)
+        return _plain(exc.reason, exc.status)
+    encrypted = args.get("encrypt_type", "raw").lower() == "aes"
+    try:
+        xml = verify.render(dispatch.handle(get_redis(), settings, msg), msg)
+        if xml and encrypted:
+            xml = crypto.encrypt_message(xml, args.get("nonce", ""))
+    except Exception:  # §7.3: WeChat must never see an error
+        log.exception("wechat message from %s failed; answering success", msg.source)
+        return _plain("success")
+    return Response(xml, mimetype="application/xml") if xml else _plain("success")

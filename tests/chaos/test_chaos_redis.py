@@ -1,0 +1,159 @@
+"""Redis dies and comes back (a real valkey server with AOF in a tmp dir, fixed port).
+
+Money, ledger and keys survive a crash (SIGKILL: no shutdown, no last fsync); while Redis is down
+every API route answers 503 in the documented error shape, fast and without a stack trace; the
+same app instance recovers by itself once Redis is back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from conftest import LiveServer, free_port, make_settings, new_key, wait_for
+
+from app import create_app, keys, wallet
+from app.embedded import EmbeddedRedis
+from app.fake_upstream import FakeUpstream
+from app.store import make_redis
+
+CHAT = {"model": "gpt-3.5", "messages": [{"role": "user", "content": "你好 redis"}]}
+ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("POST", "/v1/chat/completions", CHAT),
+    ("POST", "/v1/chat/completions", {**CHAT, "stream": True}),
+    ("POST", "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi"}),
+    ("POST", "/v1/embeddings", {"model": "text-embedding-ada-002", "input": "hi"}),
+    ("POST", "/v1/images/generations", {"model": "dall-e-2", "prompt": "a cat"}),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/balance", None),
+    ("GET", "/v1/dashboard/billing/subscription", None),
+    ("GET", "/v1/dashboard/billing/usage", None),
+    ("GET", "/index.php/api/v1/balance", None),
+]
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A real valkey server with AOF (appendfsync always) on a fixed port."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def crash(server: EmbeddedRedis) -> None:
+    """SIGKILL the server: no SHUTDOWN, no final fsync; then forget the dead process."""
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not server.is_running(), 10, "the server to die")
+    server.stop()
+
+
+def snapshot(r: redis.Redis, acct: str, raw: str) -> dict[str, Any]:
+    """Everything about an account that must survive a restart."""
+    info = keys.lookup(r, raw)
+    return {"account": wallet.get_account(r, acct), "ledger": list(wallet.ledger_entries(r)),
+            "key": info, "keys": keys.list_keys(r, acct), "codes": wallet.list_codes(r),
+            "usage": wallet.usage_by_day(r, 2)}
+
+
+def call(client: Any, method: str, path: str, body: dict[str, Any] | None, key: str) -> Any:
+    """Make one API call with the key as a bearer token."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if method == "GET":
+        return client.get(path, headers=headers)
+    return client.post(path, json=body, headers=headers)
+
+
+def assert_unavailable(resp: Any) -> None:
+    """503 in both documented shapes, no internals."""
+    assert resp.status_code == 503, resp.get_data(as_text=True)[:300]
+    body = resp.get_json()
+    assert body["code"] == 50301 and body["msg"]
+    assert body["error"]["code"] == "service_unavailable" and body["error"]["type"] == "api_error"
+    text = resp.get_data(as_text=True)
+    for leak in ("Traceback", "redis", "Redis", "ConnectionError", "127.0.0.1", "File \""):
+        assert leak not in text
+
+
+def test_crash_keeps_money_and_api_fails_closed(embedded: EmbeddedRedis,
+                                               upstream: FakeUpstream) -> None:
+    app = create_app(make_settings(upstream.url, embedded.url))  # builds its own pool from the URL
+    client = app.test_client()
+    r = make_redis(embedded.url, max_connections=10)
+    raw, acct = new_key(r, "10")
+    assert call(client, *ROUTES[0], raw).status_code == 200
+    code = wallet.create_codes(r, 5000)[0]
+    assert wallet.redeem(r, acct, code)[0] == "ok"
+    _, dead = keys.create_key(r, acct, "old")
+    keys.revoke(r, dead.id)
+    before = snapshot(r, acct, raw)
+    crash(embedded)
+
+    for method, path, body in ROUTES:
+        started = time.monotonic()
+        assert_unavailable(call(client, method, path, body, raw))
+        assert time.monotonic() - started < 5
+    assert client.get("/healthz").status_code == 200
+
+    embedded.start()  # same port, same data dir: the AOF is replayed
+    wait_for(lambda: call(client, "GET", "/v1/balance", None, raw).status_code == 200, 15,
+             "the same app to reconnect by itself")
+    assert snapshot(r, acct, raw) == before
+    assert wallet.redeem(r, acct, code)[0] == "used"
+    for method, path, body in ROUTES:
+        assert call(client, method, path, body, raw).status_code == 200, path
+    assert wallet.balance(r, acct) < before["account"]["balance"]
+    assert wallet.verify(r) == []
+
+
+def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
+                                             upstream: FakeUpstream) -> None:
+    app = create_app(make_settings(upstream.url, embedded.url))
+    live = LiveServer(app)
+    r = make_redis(embedded.url, max_connections=10)
+    raw, acct = new_key(r, "10")
+    start = wallet.balance(r, acct)
+    body = {**CHAT, "stream": True,
+            "messages": [{"role": "user", "content": "[[fake:long=10]][[fake:chunk_delay=0.1]]"}]}
+    lines: list[bytes] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with requests.post(live.url + "/v1/chat/completions", json=body, stream=True, timeout=60,
+                           headers={"Authorization": f"Bearer {raw}"}) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        reader.start()
+        assert first.wait(10)
+        crash(embedded)  # the hold is open, the stream goes on and ends while Redis is down
+        wait_for(lambda: lines and lines[-1] == b"data: [DONE]", 10, "the end of the stream")
+        time.sleep(1)
+        embedded.start()  # from this thread: the server dies with the thread that started it
+        reader.join(30)
+        rest = lines
+        assert rest[-1] == b"data: [DONE]"
+        # The relay settles once Redis is back: charged for the answer, nothing left on hold.
+        wait_for(lambda: not r.zcard(wallet.PENDING), 20, "the settlement")
+        charged = start - wallet.balance(r, acct)
+        settles = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+        assert len(settles) == 1 and int(settles[0]["cost"]) == charged > 0
+        assert int(settles[0]["ct"]) == 10
+        assert wallet.verify(r) == []
+    finally:
+        live.stop()

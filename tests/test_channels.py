@@ -1,0 +1,165 @@
+"""Channels: failover between two fake upstreams, cooldown seen on /admin and /readyz, recovery."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import requests
+from conftest import UPSTREAM_KEY, new_key
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import create_app, wallet
+from app.config import load_settings
+from app.fake_upstream import FakeUpstream
+from app.store import make_redis
+
+BEARER = {"Authorization": "Bearer admin-token-for-tests"}
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def second() -> Iterator[FakeUpstream]:
+    """A second fake upstream, started for this test."""
+    with FakeUpstream(api_key=UPSTREAM_KEY) as fake:
+        yield fake
+
+
+def make_app(r: redis.Redis, redis_url: str, first: FakeUpstream, backup: FakeUpstream,
+             **relay: int) -> Any:
+    """An app with channel "a" (tried first) and "b" (priority 1), 1 s cooldown, no probe cache."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests"}
+    channels = [{"name": "a", "base_url": first.url, "api_key": UPSTREAM_KEY, "priority": 0},
+                {"name": "b", "base_url": backup.url, "api_key": UPSTREAM_KEY, "priority": 1}]
+    toml = {"channels": channels,
+            "relay": {"cooldown_seconds": 1, "probe_cache_seconds": 0, **relay}}
+    return create_app(load_settings(env, toml=toml), redis_client=r).test_client()
+
+
+def chats(fake: FakeUpstream) -> int:
+    """Count the chat requests a fake received."""
+    return sum(1 for q in fake.requests if q["path"].startswith(CHAT))
+
+
+def metric(client: Any, name: str, **labels: str) -> float:
+    """Read one sample from /metrics (0 when absent)."""
+    text = client.get("/metrics", headers=BEARER).get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0
+
+
+def channel_state(client: Any, name: str) -> str:
+    """Return the state cell of a channel's row on /admin."""
+    page = client.get("/admin/", headers=BEARER).get_data(as_text=True)
+    row = re.search(rf'<tr data-channel="{name}">(.*?)</tr>', page, re.S)
+    assert row, page
+    return re.search(r'class="(?:bad|ok) state">([^<]*)<', row[1])[1]
+
+
+def ask(client: Any, key: str) -> Any:
+    """Send one chat completion."""
+    return client.post(CHAT, headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "gpt-3.5", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def readiness(client: Any) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Return /readyz's status and its channels by name."""
+    resp = client.get("/readyz")
+    return resp.status_code, {c["name"]: c for c in resp.get_json()["channels"]}
+
+
+def test_failover_cooldown_and_recovery(r: redis.Redis, redis_url: str, upstream: FakeUpstream,
+                                        second: FakeUpstream) -> None:
+    client = make_app(r, redis_url, second, upstream)
+    key, acct = new_key(r)
+    assert requests.post(second.base_url + "/_fake/config", json={"status": 500},
+                         timeout=5).status_code == 200
+    failovers = metric(client, "xiaoyi_upstream_failovers_total")
+    failures = metric(client, "xiaoyi_upstream_failures_total", channel="a", reason="http_500")
+    answers = [ask(client, key) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert all("You said: hi" in a.get_json()["choices"][0]["message"]["content"]
+               for a in answers)
+    assert chats(upstream) == 4 and chats(second) >= 1
+    assert metric(client, "xiaoyi_upstream_failovers_total") >= failovers + 1
+    assert metric(client, "xiaoyi_upstream_failures_total", channel="a",
+                  reason="http_500") >= failures + 1
+    assert metric(client, "xiaoyi_channel_cooling", channel="a") == 1
+    assert channel_state(client, "a").startswith("冷却中")
+    assert channel_state(client, "b") == "正常"
+    status, chans = readiness(client)
+    assert status == 200
+    assert chans["a"]["cooling"] and not chans["a"]["reachable"]
+    assert chans["b"]["reachable"] and not chans["b"]["cooling"]
+
+    requests.post(second.base_url + "/_fake/config", json={}, timeout=5)  # heal "a"
+    deadline = time.monotonic() + 5
+    while channel_state(client, "a") != "正常":
+        assert time.monotonic() < deadline, "channel a never came back"
+        time.sleep(0.1)
+    status, chans = readiness(client)
+    assert status == 200 and chans["a"]["reachable"] and not chans["a"]["cooling"]
+    time.sleep(1.05)  # the per-process cooldown cache lasts one second
+    before_a, before_b = chats(second), chats(upstream)
+    failovers = metric(client, "xiaoyi_upstream_failovers_total")
+    assert all(ask(client, key).status_code == 200 for _ in range(3))
+    assert chats(second) == before_a + 3 and chats(upstream) == before_b
+    assert metric(client, "xiaoyi_upstream_failovers_total") == failovers
+    assert wallet.verify(r) == [] and wallet.balance(r, acct) < 100_000
+
+
+@pytest.mark.parametrize("behaviour,reason", [({"status": 429}, "http_429"),
+                                              ({"delay": 3}, "timeout")])
+def test_429_and_timeouts_fail_over(r: redis.Redis, redis_url: str, upstream: FakeUpstream,
+                                    second: FakeUpstream, behaviour: dict, reason: str) -> None:
+    client = make_app(r, redis_url, second, upstream, timeout_seconds=1)
+    key, _ = new_key(r)
+    second.configure(**behaviour)
+    before = metric(client, "xiaoyi_upstream_failures_total", channel="a", reason=reason)
+    assert ask(client, key).status_code == 200
+    assert chats(upstream) == 1
+    assert metric(client, "xiaoyi_upstream_failures_total", channel="a",
+                  reason=reason) == before + 1
+    assert channel_state(client, "a").startswith("冷却中")
+
+
+def test_every_channel_failing_is_502_and_not_ready(r: redis.Redis, redis_url: str,
+                                                    upstream: FakeUpstream,
+                                                    second: FakeUpstream) -> None:
+    client = make_app(r, redis_url, second, upstream)
+    key, acct = new_key(r)
+    before = wallet.balance(r, acct)
+    for fake in (upstream, second):
+        fake.configure(status=503)
+    resp = ask(client, key)
+    assert resp.status_code == 502 and resp.get_json()["error"]["code"] == "upstream_error"
+    assert wallet.balance(r, acct) == before and wallet.verify(r) == []
+    status, chans = readiness(client)
+    assert status == 503 and not any(c["reachable"] for c in chans.values())
+    assert chans["a"]["cooling"] and chans["b"]["cooling"]
+
+
+def test_readyz_caches_probes_and_needs_redis(r: redis.Redis, redis_url: str,
+                                              upstream: FakeUpstream) -> None:
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    client = create_app(load_settings(env), redis_client=r).test_client()
+    for _ in range(3):
+        status, chans = readiness(client)
+        assert status == 200 and chans["default"]["reachable"]
+    probes = [q for q in upstream.requests if q["path"] == "/v1/models"]
+    assert len(probes) == 1  # cached for probe_cache_seconds (5)
+    assert probes[0]["headers"]["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    dead = make_redis("redis://127.0.0.1:1/0", max_connections=2)
+    down = create_app(load_settings(env), redis_client=dead).test_client()
+    resp = down.get("/readyz")
+    assert resp.status_code == 503
+    assert resp.get_json()["redis"] is False and resp.get_json()["status"] == "unavailable"
+    assert down.get("/healthz").status_code == 200

@@ -1,0 +1,167 @@
+"""deploy/: the compose file, nginx, Redis, systemd units, Dockerfile and gunicorn config hold up."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from app.embedded import find_server_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def test_compose_names_every_service_and_keeps_redis_durable() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"redis", "web", "worker", "nginx"} <= set(services)
+    for name in ("web", "worker"):
+        assert services[name]["deploy"]["replicas"] == 2
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert (DEPLOY / services[name]["build"]["context"] / "deploy/Dockerfile").exists()
+        assert services[name]["environment"]["XIAOYI_REDIS_URL"].startswith("redis://redis:")
+    assert "xiaoyi web" in " ".join(services["web"]["command"])
+    assert "xiaoyi worker" in " ".join(services["worker"]["command"])
+    redis_svc = services["redis"]
+    assert any(v.endswith(":/data") for v in redis_svc["volumes"])
+    assert "redis-data" in compose["volumes"]
+    conf_mount = next(v for v in redis_svc["volumes"] if "redis.conf" in v)
+    assert (DEPLOY / conf_mount.split(":")[0]).exists()
+    assert conf_mount.split(":")[1] in redis_svc["command"]
+    nginx = services["nginx"]
+    assert any(v.startswith("./nginx.conf:") for v in nginx["volumes"])
+    assert "443:443" in nginx["ports"] and "ports" not in redis_svc
+
+
+def test_nginx_streams_sse_unbuffered_with_long_timeouts() -> None:
+    conf = (DEPLOY / "nginx.conf").read_text()
+    body = re.sub(r"#.*", "", conf)
+    assert body.count("{") == body.count("}")
+    api = re.search(r"location ~ \^/\(v1\|index\\\.php/api/v1\)/ \{(.*?)\}", body, re.S)
+    assert api, "no location for the developer API"
+    assert re.search(r"proxy_buffering\s+off;", api[1])
+    timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", api[1])
+    assert timeout and int(timeout[1]) >= 300
+    assert "ssl_certificate " in body and "ssl_certificate_key" in body
+    assert "server web:8000" in body and "X-Forwarded-Proto" in body
+
+
+def directives(text: str) -> dict[str, str]:
+    """Return a redis.conf's directives (last one wins)."""
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, value = line.partition(" ")
+            out[name.lower()] = value.strip()
+    return out
+
+
+def test_redis_conf_is_durable_and_loads(tmp_path: Path) -> None:
+    conf = directives((DEPLOY / "redis.conf").read_text())
+    assert conf["appendonly"] == "yes" and conf["appendfsync"] == "always"
+    assert conf["maxmemory-policy"] == "noeviction"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([find_server_binary(), str(DEPLOY / "redis.conf"), "--port",
+                             str(port), "--dir", str(tmp_path), "--daemonize", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis(port=port, decode_responses=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, "the server refused deploy/redis.conf"
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    """Parse a systemd unit file."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((DEPLOY / "systemd" / name).read_text())
+    return parser
+
+
+def test_systemd_units() -> None:
+    web, worker = unit("xiaoyi-web.service"), unit("xiaoyi-worker@.service")
+    assert web["Service"]["ExecStart"].endswith("xiaoyi web --host 127.0.0.1 --port 8000")
+    assert "xiaoyi worker --queues chat,image" in worker["Service"]["ExecStart"]
+    for u in (web, worker):
+        assert u["Service"]["Restart"] == "always"
+        assert u["Service"]["EnvironmentFile"] == "/etc/xiaoyi/xiaoyi.env"
+        assert u["Install"]["WantedBy"] == "multi-user.target"
+    assert web["Service"]["Environment"].startswith("PROMETHEUS_MULTIPROC_DIR=/run/xiaoyi/")
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return
+    out = subprocess.run([analyze, "verify", str(DEPLOY / "systemd" / "xiaoyi-web.service"),
+                          str(DEPLOY / "systemd" / "xiaoyi-worker@.service")],
+                         capture_output=True, text=True, timeout=30)
+    problems = [line for line in (out.stdout + out.stderr).splitlines()
+                if line.strip() and "is not executable" not in line]  # /opt/xiaoyi is absent
+    assert problems == []
+
+
+def test_dockerfile_copies_what_exists() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.1[1-9]", text, re.M)
+    for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), path
+    cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
+    assert cmd and json.loads(cmd[1])[:2] == ["xiaoyi", "web"]
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
+    assert "!app/" in ignore and ignore.splitlines()[1].strip() == "*"
+
+
+@pytest.mark.parametrize("preset", [False, True])
+def test_gunicorn_conf_sets_up_multiprocess_metrics(tmp_path: Path, preset: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    stale = tmp_path / "prom" / "counter_123.db"
+    if preset:
+        stale.parent.mkdir()
+        stale.write_bytes(b"old")
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(stale.parent)
+    script = ("import os, runpy, json; c = runpy.run_path('deploy/gunicorn.conf.py'); "
+              "print(json.dumps([c['worker_class'], c['timeout'], "
+              "os.environ['PROMETHEUS_MULTIPROC_DIR']]))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True, timeout=30)
+    worker_class, timeout, prom = json.loads(out.stdout)
+    assert worker_class == "gevent" and timeout >= 60
+    assert Path(prom).is_dir()
+    if preset:
+        assert prom == str(stale.parent) and not stale.exists()
+    else:
+        shutil.rmtree(prom)
+
+
+def test_operations_doc_has_every_section() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for section in ("Admin", "Metrics", "Channels", "Limits", "Pay", "Deploy", "Scale out"):
+        assert re.search(rf"^## {section}\b", doc, re.M), section

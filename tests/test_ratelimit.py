@@ -1,0 +1,80 @@
+"""Per-key rate limits: 429 + Retry-After + rate_limit_exceeded, shared by two app instances."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+from conftest import UPSTREAM_KEY, new_key
+
+from app import create_app, wallet
+from app.config import load_settings
+from app.fake_upstream import FakeUpstream
+from app.store import make_redis
+
+
+def two_apps(upstream: FakeUpstream, redis_url: str, limit: int) -> list[Any]:
+    """Two independent app instances (own clients, own pools) on the same Redis."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    settings = load_settings(env, toml={"limits": {"key_requests_per_minute": limit}})
+    return [create_app(settings, redis_client=make_redis(redis_url, max_connections=50))
+            for _ in range(2)]
+
+
+def chat(client: Any, key: str) -> Any:
+    """Send one chat completion."""
+    return client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={"messages": [{"role": "user", "content": "limit me"}]})
+
+
+def test_limit_holds_across_two_app_instances(upstream: FakeUpstream, redis_url: str,
+                                              r: redis.Redis) -> None:
+    apps = [a.test_client() for a in two_apps(upstream, redis_url, 3)]
+    key, acct = new_key(r)
+    other, _ = new_key(r)
+    assert [chat(apps[i % 2], key).status_code for i in range(3)] == [200, 200, 200]
+    before = wallet.balance(r, acct)
+    for client in apps:
+        resp = chat(client, key)
+        assert resp.status_code == 429
+        body = resp.get_json()
+        assert body["error"]["code"] == "rate_limit_exceeded" and body["code"] == 42902
+        assert body["error"]["type"] == "requests" and body["msg"]
+        assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert wallet.balance(r, acct) == before  # a refused request holds nothing
+    assert chat(apps[1], other).status_code == 200  # another key has its own window
+    balance = apps[0].get("/v1/balance", headers={"Authorization": f"Bearer {key}"})
+    assert balance.status_code == 429  # every authenticated route counts
+    assert wallet.verify(r) == []
+
+
+def test_concurrent_requests_on_both_instances_admit_exactly_the_limit(
+        upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    apps = two_apps(upstream, redis_url, 5)
+    key, _ = new_key(r)
+    statuses: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(20)
+
+    def hit(i: int) -> None:
+        client = apps[i % 2].test_client()
+        start.wait()
+        status = client.get("/v1/balance", headers={"Authorization": f"Bearer {key}"}).status_code
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=hit, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(statuses) == [200] * 5 + [429] * 15
+
+
+def test_zero_disables_the_limit(upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    client = two_apps(upstream, redis_url, 0)[0].test_client()
+    key, _ = new_key(r)
+    headers = {"Authorization": f"Bearer {key}"}
+    assert all(client.get("/v1/balance", headers=headers).status_code == 200 for _ in range(30))

@@ -1,0 +1,132 @@
+"""The WeChat API client (shared token, lock, 40001) and the `menu` / `wechat send` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import UPSTREAM_KEY
+from fakes import FakeWeChatAPI
+from wechat_kit import AES_KEY, TOKEN, bot, wechat_settings
+from wechatpy.exceptions import WeChatClientException
+
+from app.cli import main
+from app.wechat.client import SharedTokenClient
+
+OPENID = "oClientUser000000000000001"
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from app.config import load_settings
+    from app.store import make_redis
+    from app.wechat.client import SharedTokenClient
+    settings = load_settings()
+    client = SharedTokenClient(settings, make_redis(settings.redis_url, 4))
+    time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+    print(client.access_token, flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeWeChatAPI]:
+    with FakeWeChatAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def wx(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
+    fake_api.reset()
+    return fake_api
+
+
+def env_for(wx: FakeWeChatAPI, redis_url: str, upstream_url: str = "") -> dict[str, str]:
+    return {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream_url,
+            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_WECHAT_TOKEN": TOKEN,
+            "XIAOYI_WECHAT_APP_ID": wx.appid, "XIAOYI_WECHAT_APP_SECRET": wx.secret,
+            "XIAOYI_WECHAT_API_BASE_URL": wx.url, "XIAOYI_WECHAT_AES_KEY": "",
+            "XIAOYI_CONFIG": "", "XIAOYI_LOG_LEVEL": "WARNING"}
+
+
+def test_three_processes_fetch_the_token_once(wx: FakeWeChatAPI, redis_url: str,
+                                              r: Any) -> None:
+    wx.set_delay("token", 0.3)  # widen the race: without the lock all three would fetch
+    env = {**os.environ, **env_for(wx, redis_url)}
+    start = f"{time.time() + 2.0:.3f}"
+    procs = [subprocess.Popen([sys.executable, "-c", TOKEN_SCRIPT, start], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=30) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert {out.strip() for out, _ in outputs} == {"TOKEN-1"}
+    assert wx.token_fetches == 1
+    assert 0 < r.ttl(f"xy:wx:token:{wx.appid}_access_token") <= 7200 - 300
+
+
+def test_expired_token_is_refreshed_and_the_call_retried_once(
+        wx: FakeWeChatAPI, upstream: Any, redis_url: str, r: Any) -> None:
+    client = SharedTokenClient(wechat_settings(upstream.url, redis_url, wx), r)
+    client.message.send_text(OPENID, "one")
+    wx.expire_token()  # WeChat answers 40001 to the old token
+    client.message.send_text(OPENID, "two")
+    assert wx.token_fetches == 2 and [m["text"]["content"] for m in wx.sent()] == ["one", "two"]
+    wx.set_error("message/custom/send", 40001)  # a 40001 that never ends: bounded, no loop
+    with pytest.raises(WeChatClientException) as exc:
+        client.message.send_text(OPENID, "three")
+    assert exc.value.errcode == 40001 and wx.token_fetches == 3
+    assert len(wx.calls_to("message/custom/send")) == 5  # one, two ×2, three ×2
+
+
+def test_a_token_replaced_by_another_process_is_not_fetched_again(
+        wx: FakeWeChatAPI, upstream: Any, redis_url: str, r: Any) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    first, second = SharedTokenClient(settings, r), SharedTokenClient(settings, r)
+    old = first.access_token
+    wx.expire_token()
+    new = first.refresh(old)
+    assert second.refresh(old) == new != old
+    assert wx.token_fetches == 2
+
+
+def test_menu_push_and_show(wx: FakeWeChatAPI, redis_url: str, r: Any) -> None:
+    runner = CliRunner()
+    env = env_for(wx, redis_url)
+    assert "(no menu)" in runner.invoke(main, ["menu", "show"], env=env).output
+    pushed = runner.invoke(main, ["menu", "push"], env=env)
+    assert pushed.exit_code == 0, pushed.output
+    assert [b["key"] for b in wx.menu["button"]] == ["CHAT_API", "BALANCE", "HELP"]
+    shown = runner.invoke(main, ["menu", "show"], env=env)
+    assert json.loads(shown.output)["menu"]["button"][0]["name"] == "Chat的API"
+    wx.set_error("menu/create", 40018)
+    failed = runner.invoke(main, ["menu", "push"], env=env)
+    assert failed.exit_code != 0 and "40018" in failed.output
+
+
+@pytest.mark.parametrize("aes", [False, True], ids=["plain", "aes"])
+def test_wechat_send_acts_as_wechat(wx: FakeWeChatAPI, upstream: Any, redis_url: str,
+                                    r: Any, aes: bool) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx, aes=aes)
+    env = {**env_for(wx, redis_url, upstream.url), "XIAOYI_WECHAT_AES_KEY": AES_KEY if aes else ""}
+    runner = CliRunner()
+    with bot(settings, r) as (_, url):
+        balance = runner.invoke(main, ["wechat", "send", "余额", "--url", f"{url}/wechat"],
+                                env=env)
+        card = runner.invoke(main, ["wechat", "send", "--event", "click:CHAT_API", "--url",
+                                    f"{url}/wechat", "--openid", "oCliOther0000000000000001"],
+                             env=env)
+        chat = runner.invoke(main, ["wechat", "send", "你好呀", "--url", f"{url}/wechat"],
+                             env=env)
+        wrong = runner.invoke(main, ["wechat", "send", "余额", "--url", f"{url}/wechat"],
+                              env={**env, "XIAOYI_WECHAT_TOKEN": "not-the-token"})
+    assert balance.exit_code == 0 and balance.output.startswith("账户余额：1.0000 元")
+    assert "sk-" in card.output and "curl" in card.output
+    assert "你好呀" in chat.output
+    assert wrong.exit_code == 1 and "HTTP 403" in wrong.output
