@@ -20,7 +20,31 @@ from typing import Any
 
 import redis
 
+from app.ratelimit import WINDOW
+from app.store import script
+
 PREFIX = "sk-"
+RATE_KEY_PREFIX = "xy:rl:key:"  # the window ratelimit.hit(r, f"key:{id}", …) keeps
+
+# The relay's hot path: the lookup and the key's per-minute window in one round trip.
+# KEYS[1]=lookup hash; ARGV: now_ms, window_ms, limit, member, window key prefix
+# -> {} unknown key | {fields of the lookup hash, wait_ms (0 allowed)}
+# ratelimit.WINDOW runs unchanged as a local function (its KEYS/ARGV are its parameters) on the
+# window key built from the key's id, so both paths count into the same window.
+LOOKUP_AND_HIT = "local function window(KEYS, ARGV)\n" + WINDOW + """
+end
+local data = redis.call('HGETALL', KEYS[1])
+if #data == 0 then return {} end
+local wait = 0
+if tonumber(ARGV[3]) > 0 then
+  local id = ''
+  for i = 1, #data, 2 do
+    if data[i] == 'id' then id = data[i + 1] end
+  end
+  wait = window({ARGV[5] .. id}, ARGV)
+end
+return {data, wait}
+"""
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,27 @@ def lookup(r: redis.Redis, raw: str) -> KeyInfo | None:
     if not data:
         return None
     return KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
+
+
+def lookup_and_hit(r: redis.Redis, raw: str, limit: int,
+                   window_s: int = 60) -> tuple[KeyInfo | None, int]:
+    """Look a key up and count one request in its window (ratelimit.hit's) in one round trip.
+
+    Return (info, seconds to wait: 0 when allowed); (None, 0) for an unknown key, which counts
+    nothing. limit <= 0 turns the window off.
+    """
+    if not raw.startswith(PREFIX) or len(raw) > 200:
+        return None, 0
+    now = int(time.time() * 1000)
+    res = script(r, LOOKUP_AND_HIT)(
+        keys=[f"xy:key:{hash_key(raw)}"],
+        args=[now, window_s * 1000, limit, f"{now}-{secrets.token_hex(4)}", RATE_KEY_PREFIX])
+    if not res:
+        return None, 0
+    flat, wait_ms = res[0], int(res[1])
+    data = dict(zip(flat[::2], flat[1::2], strict=True))
+    info = KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
+    return info, (0 if wait_ms == 0 else max(1, -(-wait_ms // 1000)))
 
 
 def revoke(r: redis.Redis, key_id: str) -> bool:

@@ -65,16 +65,14 @@ def gunicorn_argv(host: str, port: int, workers: int | None = None) -> list[str]
 
 def run_worker(settings: Settings, queues: list[str], burst: bool) -> int:
     """Run one rq SimpleWorker (no fork per job) inside an app context, with its pulse."""
-    from rq import SimpleWorker
-
     from app import create_app
-    from app.maintenance import Pulse
+    from app.maintenance import Pulse, worker_class
     from app.store import get_queue, get_redis, get_rq_redis
 
     app = create_app(settings)
     with app.app_context():
-        worker = SimpleWorker([get_queue(q.strip()) for q in queues if q.strip()],
-                              connection=get_rq_redis())
+        worker = worker_class()([get_queue(q.strip()) for q in queues if q.strip()],
+                                connection=get_rq_redis())
         # The pulse lets other workers requeue this one's job within seconds if it is killed.
         pulse = Pulse(get_rq_redis(), get_redis(), worker.name, worker.queue_names()).start()
         try:

@@ -226,8 +226,17 @@ class Upstream:
         raise UpstreamError(f"Every upstream channel failed ({last or 'timeout'}).")
 
     def get(self, url: str, timeout: float = 30, max_bytes: int = 20 << 20) -> bytes:
-        """Fetch a URL the upstream gave us (an image link), size-capped."""
-        with self.session.get(url, timeout=(5, timeout), stream=True) as resp:
+        """Fetch a URL the upstream gave us (an image link): public hosts only, size-capped."""
+        from urllib.parse import urlsplit
+
+        from app.netguard import UnsafeURL, check_url
+
+        try:
+            check_url(url, {urlsplit(c.base_url).hostname or "" for c in self.channels})
+        except UnsafeURL as exc:
+            raise UpstreamError(f"Refused to fetch the upstream's link: {exc}") from exc
+        with self.session.get(url, timeout=(5, timeout), stream=True,
+                              allow_redirects=False) as resp:
             resp.raise_for_status()
             chunks, size = [], 0
             for chunk in resp.iter_content(65536):

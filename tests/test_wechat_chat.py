@@ -110,14 +110,14 @@ def test_no_customer_service_api_parks_for_continue(start: Callable[..., Any], r
                                                     wx: FakeWeChatAPI) -> None:
     _, wechat = start(reply_wait_seconds=0.3)
     wx.set_error("message/custom/send", 48001)
-    got = [wechat.say(OPENID, "[[fake:delay=1.6]]订阅号的问题", msg_id="777000003")
+    got = [wechat.say(OPENID, "[[fake:delay=2.2]]订阅号的问题", msg_id="777000003")
            for _ in range(3)]
     assert got == [None, None, TEXTS["still_thinking"]]
     wait_for(lambda: outbox.parked_count(r, OPENID))
     assert "订阅号的问题" in wechat.say(OPENID, "继续")
     assert wechat.say(OPENID, "继续") == TEXTS["nothing_parked"]
     # Now known to have no push API: the first arrival already says how to get the answer.
-    assert wechat.say(OPENID, "[[fake:delay=0.8]]第二个问题") == TEXTS["still_thinking"]
+    assert wechat.say(OPENID, "[[fake:delay=1.2]]第二个问题") == TEXTS["still_thinking"]
     assert wechat.say(OPENID, "继续") == TEXTS["pending"]
     wait_for(lambda: outbox.parked_count(r, OPENID))
     assert "第二个问题" in wechat.say(OPENID, "/continue")
@@ -169,14 +169,23 @@ def test_empty_wallet_gets_recharge_hint(start: Callable[..., Any], upstream: An
     assert chats(upstream) == []
 
 
-def test_upstream_failure_retries_then_apologises_without_charge(
-        start: Callable[..., Any], upstream: Any, wx: FakeWeChatAPI, r: Any) -> None:
-    _, wechat = start(daily_free_messages=0, reply_wait_seconds=0.2)
+def test_upstream_failure_retries_then_apologises_and_gives_the_free_chat_back(
+        start: Callable[..., Any], upstream: Any, wx: FakeWeChatAPI) -> None:
+    _, wechat = start(daily_free_messages=1, reply_wait_seconds=0.2)
     assert wechat.say(OPENID, "[[fake:status=503]]坏了") is None
     sent = wait_for(lambda: wx.sent(OPENID), timeout=15)
     assert sent[0]["text"]["content"] == TEXTS["chat_failed"]
     assert len(chats(upstream)) == 3  # the first run and rq's two retries
-    assert wallet.balance(r, r.get(f"xy:wx:user:{OPENID}")) == 10000
+    assert wechat.say(OPENID, "余额").endswith("今日免费对话剩余：1 条")
+
+
+def test_refused_request_releases_the_hold(start: Callable[..., Any], upstream: Any,
+                                           r: Any) -> None:
+    _, wechat = start(daily_free_messages=0)
+    assert wechat.say(OPENID, "[[fake:status=400]]不行") == TEXTS["chat_failed"]
+    acct = r.get(f"xy:wx:user:{OPENID}")
+    assert wallet.balance(r, acct) == 10000 and len(chats(upstream)) == 1
+    assert [e["kind"] for e in wallet.ledger_entries(r, acct)] == ["topup", "reserve", "refund"]
     assert wallet.verify(r) == []
 
 
@@ -185,3 +194,13 @@ def test_user_rate_limit(start: Callable[..., Any]) -> None:
     wechat.say(OPENID, "帮助")
     wechat.say(OPENID, "帮助")
     assert "太频繁" in wechat.say(OPENID, "帮助")
+
+
+def test_push_disabled_answers_passively_or_parks(start: Callable[..., Any], r: Any,
+                                                  wx: FakeWeChatAPI) -> None:
+    _, wechat = start(push_enabled=False, reply_wait_seconds=0.3)
+    assert "快的" in wechat.say(OPENID, "快的")
+    assert wechat.say(OPENID, "[[fake:delay=0.8]]慢的") == TEXTS["still_thinking"]
+    wait_for(lambda: outbox.parked_count(r, OPENID))
+    assert "慢的" in wechat.say(OPENID, "继续")
+    assert wx.calls_to("message/custom/send") == []

@@ -156,3 +156,10 @@ def test_render_escapes_and_parses_back() -> None:
     with pytest.raises(Refused) as exc:
         verify.check_signature(TOKEN, sign(TOKEN, "1", "n"), "1", "n")
     assert exc.value.status == 403
+
+
+def test_unpriced_bot_model_fails_at_start(upstream: Any, redis_url: str, r: Any,
+                                           wx: FakeWeChatAPI) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx, chat_model="gpt-9")
+    with pytest.raises(ConfigError, match="bot.chat_model"):
+        create_app(settings, redis_client=r)

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from flask import Response, current_app, g, request
 
-from app import keys, ratelimit, wallet
+from app import keys, wallet
 from app.config import ModelPrice, Settings
 from app.errors import (
     InsufficientQuota,
@@ -115,12 +115,11 @@ def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
     if not raw:
         raise InvalidKey("You didn't provide an API key. Send it as 'Authorization: Bearer "
                          "sk-…' or as api_secret_key in the JSON body.", msg="缺少密钥")
-    info = keys.lookup(get_redis(), raw)
+    limit = settings().limits.get("key_requests_per_minute", 0)
+    info, wait = keys.lookup_and_hit(get_redis(), raw, limit)  # one round trip for both
     if info is None:
         raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
     g.key_id = info.id
-    limit = settings().limits.get("key_requests_per_minute", 0)
-    wait = ratelimit.hit(get_redis(), f"key:{info.id}", limit)
     if wait:
         raise RateLimited(wait)
     return info

@@ -11,15 +11,31 @@ from __future__ import annotations
 from flask import Flask
 from wechatpy.crypto import WeChatCrypto
 
-from app.config import ConfigError
+from app.config import ConfigError, Settings
 from app.store import EXTENSION as REDIS
 from app.wechat import client
 from app.wechat.views import CRYPTO, bp
 
 
+def check_bot(settings: Settings) -> None:
+    """Refuse bot models or sizes that have no price (SPEC §7.7)."""
+    bot = settings.bot
+    for name in ("chat_model", "image_model"):
+        upstream = settings.models.get(bot[name], bot[name])
+        if upstream not in settings.prices:
+            raise ConfigError(f"bot.{name}: {bot[name]!r} is not a priced model")
+    image = settings.prices[settings.models.get(bot["image_model"], bot["image_model"])]
+    if bot["image_size"] not in image.images:
+        raise ConfigError(f"bot.image_size: {bot['image_size']!r} has no price")
+    if bot.get("image_format", "b64_json") not in ("b64_json", "url"):
+        raise ConfigError("bot.image_format: must be b64_json or url")
+
+
 def init_app(app: Flask) -> None:
     """Mount /wechat and build the crypto and API client the settings allow."""
     settings = app.config["SETTINGS"]
+    if settings.wechat_token:
+        check_bot(settings)
     if settings.wechat_token and settings.wechat_aes_key:
         if not settings.wechat_app_id:
             raise ConfigError("XIAOYI_WECHAT_APP_ID: required in safe mode (AES key set)")

@@ -32,7 +32,7 @@ def route(msg: BaseMessage) -> tuple[str, str]:
         return commands.classify(heard) if heard.strip() else ("static", "voice_empty")
     if msg.type == "event":
         event = str(msg._data.get("Event", "")).lower()
-        if event == "subscribe":
+        if event in ("subscribe", "subscribe_scan"):
             return "welcome", ""
         key = msg._data.get("EventKey")
         if event == "click" and key in ("CHAT_API", "BALANCE", "HELP"):
@@ -77,6 +77,7 @@ def _at_once(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str
     if kind == "image":
         if not arg:
             return outbox.text_item(text("image_usage", settings))
+        outbox.mark_pending(r, openid, f"{dk}:img")
         dedupe.enqueue("image", IMAGE_JOB, dk, openid, dk, arg)
         pushes = outbox.push_possible(r, settings)
         return outbox.text_item(text("image_started" if pushes else "image_started_parked",

@@ -3,7 +3,7 @@
 Keys (owned here):
     xy:wx:user:{openid}             string  the user's account id
     xy:wx:free:{openid}:{yyyymmdd}  string  free chats used that day (China date), 2-day TTL
-    xy:wx:free:{dk}                 string  '1:<day key>' this message was a free chat, '0' paid
+    xy:wx:freemark:{dk}             string  '1:<day key>' this message was a free chat, '0' paid
     xy:wx:keylock:{acct}            lock    one key issuance at a time per account
 """
 
@@ -70,17 +70,18 @@ def account_of(r: redis.Redis, openid: str) -> str | None:
 def use_free(r: redis.Redis, settings: Settings, openid: str, dk: str) -> bool:
     """Count this message against today's free chats; True when it is free (once per message)."""
     limit = settings.bot["daily_free_messages"]
-    res = script(r, USE_FREE)(keys=[f"xy:wx:free:{openid}:{china_day()}", f"xy:wx:free:{dk}"],
-                              args=[limit, FREE_MARK_TTL])
+    res = script(r, USE_FREE)(
+        keys=[f"xy:wx:free:{openid}:{china_day()}", f"xy:wx:freemark:{dk}"],
+        args=[limit, FREE_MARK_TTL])
     return int(res) == 1
 
 
 def refund_free(r: redis.Redis, dk: str) -> bool:
     """Give a free chat back when its answer failed."""
-    mark = r.get(f"xy:wx:free:{dk}") or ""
+    mark = r.get(f"xy:wx:freemark:{dk}") or ""
     if not mark.startswith("1:"):
         return False
-    return int(script(r, REFUND_FREE)(keys=[f"xy:wx:free:{dk}", mark[2:]])) == 1
+    return int(script(r, REFUND_FREE)(keys=[f"xy:wx:freemark:{dk}", mark[2:]])) == 1
 
 
 def free_left(r: redis.Redis, settings: Settings, openid: str) -> int:

@@ -134,23 +134,61 @@ class Proc:
         if self.popen.poll() is None:
             os.kill(self.popen.pid, sig)
 
+    def children(self) -> list[int]:
+        """Return the pids of this process's live children."""
+        return children_of(self.popen.pid)
+
     def stop(self) -> None:
-        """Terminate (then kill) the whole process group we started, and wait."""
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-            except ProcessLookupError:
-                pass
+        """Terminate (then kill) the whole process group we started, even a leaderless one."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 5
+        while _group_alive(self.popen.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(self.popen.pid):
+            os.killpg(self.popen.pid, signal.SIGKILL)
         self._fh.close()
 
     def output(self) -> str:
         """Return what the process printed so far."""
         self._fh.flush()
         return self.log.read_text(errors="replace")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """Return the pids of the live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Tell whether a process (not a zombie) exists."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def child_env(redis_url: str, **extra: str) -> dict[str, str]:

@@ -157,3 +157,43 @@ def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
         assert wallet.verify(r) == []
     finally:
         live.stop()
+
+
+def test_webhook_answers_while_redis_is_down_and_parked_answers_survive(
+        embedded: EmbeddedRedis, upstream: FakeUpstream) -> None:
+    from fakes import FakeWeChatAPI
+    from wechat_kit import WeChat, bot, run_jobs, text_xml, wechat_settings
+
+    from app.wechat import outbox
+
+    openid = "oChaosRedisDown000000000001"
+    r = make_redis(embedded.url, max_connections=20)
+    with FakeWeChatAPI() as wx:
+        wx.set_error("message/custom/send", 48001)  # no customer-service API: answers park
+        with bot(wechat_settings(upstream.url, embedded.url, wx), r, worker=False) as (app, url):
+            wechat = WeChat(url, wx.appid)
+            assert wechat.post(text_xml(openid, "停放 parked [[fake:delay=2]]")).status_code == 200
+            run_jobs(app)
+            assert outbox.parked_count(r, openid) == 1
+            crash(embedded)
+
+            for xml in (text_xml(openid, "你好"), text_xml(openid, "继续"),
+                        text_xml(openid, "余额")):
+                started = time.monotonic()
+                resp = wechat.post(xml)
+                assert time.monotonic() - started < 5
+                assert resp.status_code == 200  # never an error page for WeChat (§7.3)
+                assert "Traceback" not in resp.text and "redis" not in resp.text.lower()
+
+            embedded.start()
+            wait_for(lambda: _ping(r), 15, "Redis to be back")
+            answer = wechat.say(openid, "继续")
+            assert answer is not None and "停放 parked" in answer
+            assert outbox.parked_count(r, openid) == 0
+
+
+def _ping(r: redis.Redis) -> bool:
+    try:
+        return bool(r.ping())
+    except redis.RedisError:
+        return False

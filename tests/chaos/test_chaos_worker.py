@@ -16,7 +16,7 @@ from typing import Any
 import chaosjobs
 import pytest
 import redis
-from conftest import Proc, child_env, wait_for, xiaoyi
+from conftest import Proc, child_env, pid_alive, wait_for, xiaoyi
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
@@ -156,6 +156,36 @@ def test_sweeps_take_turns(r: redis.Redis, conn: redis.Redis) -> None:
     assert maintenance.sweep(conn, r, []) == {}  # another worker swept within SWEEP_S
 
 
+def test_worker_lock_of_dead_worker_is_freed_at_once(r: redis.Redis, conn: redis.Redis) -> None:
+    dead = SimpleWorker([Queue("chaos-lock", connection=conn)], connection=conn)
+    live = SimpleWorker([Queue("chaos-lock", connection=conn)], connection=conn)
+    for w in (dead, live):
+        w.register_birth()
+        maintenance.beat(conn, w.name)
+    held_dead = maintenance.worker_lock(r, "xy:test:lock:a", 300, worker=dead.name)
+    held_live = maintenance.worker_lock(r, "xy:test:lock:b", 300, worker=live.name)
+    held_dead.__enter__()  # the job took its lock, then its worker was SIGKILLed
+    held_live.__enter__()
+    conn.delete(maintenance.alive_key(dead.name))
+    assert maintenance.sweep(conn, r, [], force=True)["buried"] == [dead.name]
+    assert not r.exists("xy:test:lock:a") and r.exists("xy:test:lock:b")
+    started = time.monotonic()
+    with maintenance.worker_lock(r, "xy:test:lock:a", 300, blocking_timeout=5, worker=""):
+        assert time.monotonic() - started < 1  # the requeued run does not wait 300 s
+    held_live.__exit__(None, None, None)
+    assert not r.exists("xy:test:lock:b") and not r.exists(maintenance.locks_key(live.name))
+
+
+def test_worker_lock_is_a_lock(r: redis.Redis) -> None:
+    with maintenance.worker_lock(r, "xy:test:lock:c", 5, worker="w1"):
+        with pytest.raises(redis.exceptions.LockError):
+            with maintenance.worker_lock(r, "xy:test:lock:c", 5, blocking_timeout=0.2,
+                                         worker="w2"):
+                pass
+        assert r.hget(maintenance.locks_key("w1"), "xy:test:lock:c")
+    assert not r.exists("xy:test:lock:c")
+
+
 @pytest.mark.chaos
 @pytest.mark.parametrize("phase", ["reserved", "settled"])
 def test_sigkill_worker_mid_job(r: redis.Redis, conn: redis.Redis, redis_url: str,
@@ -201,3 +231,18 @@ def _worker_of(conn: redis.Redis, queue: str, proc: Proc) -> str:
         if conn.hget(key, "pid") == str(proc.pid).encode():
             return name
     return ""
+
+
+@pytest.mark.chaos
+def test_sigkilled_worker_leaves_no_scheduler_behind(r: redis.Redis, redis_url: str,
+                                                     tmp_path: Path) -> None:
+    worker = Proc(xiaoyi("worker", "--queues", "chaos-orphan"), child_env(redis_url),
+                  tmp_path / "worker.log")
+    try:
+        scheduler = wait_for(worker.children, 20, "the worker's rq scheduler process")[0]
+        worker.kill(signal.SIGKILL)
+        worker.popen.wait(timeout=5)
+        # rq's own scheduler would live on, orphaned, holding the scheduler lock for ever.
+        wait_for(lambda: not pid_alive(scheduler), 10, "the orphaned scheduler to stop")
+    finally:
+        worker.stop()

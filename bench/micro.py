@@ -1,0 +1,131 @@
+"""Where a relay request's CPU goes: each step timed alone, in one process, without gevent.
+
+    .venv/bin/python bench/micro.py --redis-url redis://127.0.0.1:6379/9 \
+        --upstream-url http://127.0.0.1:PORT/v1 --upstream-key KEY [--quick] [--json]
+
+bench/run.py runs it against its own fake upstream and Redis DB. CPU time (process_time) per
+call, best of 3 batches: wall time would count the other processes' work. The rows compare what
+the relay did before the performance work with what it does now (requests vs urllib3, four
+Redis round trips vs three) and price the rest of the request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BODY = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "你好, say hi"}],
+        "max_tokens": 32}
+
+
+def cpu_us(fn: Callable[[], Any], n: int) -> float:
+    """Return the best-of-3 CPU microseconds per call of fn."""
+    for _ in range(min(200, n)):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.process_time() - started) / n * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time each step and print a table (or JSON)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--upstream-url", required=True)
+    p.add_argument("--upstream-key", default="")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    n = 300 if args.quick else 2000
+    os.environ.update(XIAOYI_REDIS_URL=args.redis_url, XIAOYI_UPSTREAM_BASE_URL=args.upstream_url,
+                      XIAOYI_UPSTREAM_API_KEY=args.upstream_key, XIAOYI_LOG_LEVEL="WARNING",
+                      XIAOYI_CONFIG="", XIAOYI_WECHAT_TOKEN="")
+
+    import orjson
+    import requests
+
+    from app import create_app, keys, ratelimit, wallet
+    from app.store import EXTENSION as REDIS
+    from app.upstream import EXTENSION as UPSTREAM
+
+    app = create_app()
+    r = app.extensions[REDIS]
+    up = app.extensions[UPSTREAM]
+    acct = wallet.create_account(r, initial=10**9, name="micro")
+    raw_key, info = keys.create_key(r, acct, "micro")
+    data = orjson.dumps(BODY)
+    url = args.upstream_url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {args.upstream_key}"}
+    session = requests.Session()
+    channel = up.channels[0]
+    pool = up._prepare(channel).pool  # the urllib3 pool the relay uses
+    rows: list[tuple[str, float]] = []
+
+    def row(name: str, fn: Callable[[], Any], count: int = n) -> None:
+        rows.append((name, cpu_us(fn, count)))
+
+    row("upstream call, requests.Session.post (before)",
+        lambda: session.post(url, data=data, headers=headers).content)
+    if pool is not None:
+        path = up._prepare(channel).prefix + "/chat/completions"
+        row("upstream call, urllib3 pool.urlopen (now)",
+            lambda: pool.urlopen("POST", path, body=data, headers=headers, retries=False).data)
+    row("Upstream.post + .json() (now, with failover bookkeeping)",
+        lambda: up.post("/chat/completions", BODY, "gpt-3.5-turbo").json())
+    row("Redis: key lookup HGETALL (before)", lambda: keys.lookup(r, raw_key))
+    row("Redis: rate-limit window script (before)",
+        lambda: ratelimit.hit(r, f"key:{info.id}", 10**9))
+    row("Redis: lookup + window in one script (now)",
+        lambda: keys.lookup_and_hit(r, raw_key, 10**9))
+
+    counter = iter(range(10**9))
+
+    def reserve_settle() -> None:
+        req = f"micro-{next(counter)}"
+        wallet.reserve(r, acct, req, 100, key_id=info.id, model="gpt-3.5-turbo")
+        wallet.settle(r, acct, req, 50, prompt_tokens=3, completion_tokens=5)
+
+    row("Redis: reserve + settle scripts (unchanged)", reserve_settle)
+    row("Redis: one PING (a bare round trip, for scale)", r.ping)
+
+    def environ(path: str, method: str = "POST") -> dict[str, Any]:
+        return {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "bench",
+                "SERVER_PORT": "80", "wsgi.input": io.BytesIO(data),
+                "CONTENT_LENGTH": str(len(data)), "CONTENT_TYPE": "application/json",
+                "HTTP_AUTHORIZATION": f"Bearer {raw_key}", "wsgi.url_scheme": "http",
+                "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": sys.stderr,
+                "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+                "REMOTE_ADDR": "127.0.0.1"}
+
+    def call(path: str, method: str = "POST") -> None:
+        out = app(environ(path, method), lambda status, headers, exc=None: None)
+        b"".join(out)
+        getattr(out, "close", lambda: None)()
+
+    row("Flask: GET /healthz through the WSGI app", lambda: call("/healthz", "GET"))
+    row("whole relay request, in-process (POST /v1/chat/completions)",
+        lambda: call("/v1/chat/completions"), max(200, n // 2))
+    if args.json:
+        print(json.dumps({"rows": rows, "n": n}))
+    else:
+        for name, us in rows:
+            print(f"{us:8.0f} µs  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Pure parts of the bot: splitting answers, job paths, texts, import direction, context budget."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.config import load_settings
+from app.wechat import context, dispatch, texts
+from workers.deliver import split_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab 。\n中文😀é"), max_size=3000),
+       st.integers(min_value=8, max_value=600))
+def test_split_keeps_order_and_limit(content: str, limit: int) -> None:
+    pieces = split_text(content, limit)
+    assert "".join(pieces) == content
+    assert all(len(p.encode("utf-8")) <= limit for p in pieces)
+    assert all(pieces) or pieces == [""]
+
+
+def test_split_prefers_sentence_ends() -> None:
+    content = "第一句话。" * 100 + "尾巴"
+    pieces = split_text(content, 100)
+    assert all(p.endswith("。") for p in pieces[:-1])
+
+
+def test_job_paths_resolve_and_app_never_imports_workers() -> None:
+    for path in (dispatch.CHAT_JOB, dispatch.IMAGE_JOB):
+        module, _, name = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name))
+    for source in (ROOT / "app").rglob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        assert "import workers" not in text and "from workers" not in text, source
+
+
+def test_every_text_is_defined() -> None:
+    defined = load_settings({}).texts
+    assert set(texts.NAMES) <= set(defined)
+
+
+def test_context_keeps_whole_recent_turns_within_budget(r: Any) -> None:
+    cfg = load_settings({}, toml={"bot": {"context_max_tokens": 17}})
+    pipe = r.pipeline()
+    for i in range(5):
+        context.append_turn(pipe, cfg, "oCtx", f"问题{i}", f"回答{i}")  # 4 tokens a message
+    pipe.execute()
+    kept = context.history(r, cfg, "oCtx")
+    assert [m["content"] for m in kept] == ["问题3", "回答3", "问题4", "回答4"]
+    assert context.messages_for(r, cfg, "oCtx", "新")[-1] == {"role": "user", "content": "新"}
+    assert 0 < r.ttl("xy:wx:ctx:oCtx") <= cfg.bot["context_idle_seconds"]

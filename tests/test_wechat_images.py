@@ -1,0 +1,94 @@
+"""画 …: the image job makes a picture upstream, uploads it and sends it (or a link, or parks)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fakes import FakeWeChatAPI
+from PIL import Image
+from wechat_kit import WeChat, bot, text_xml, wait_for, wechat_settings
+
+from app import wallet
+from app.config import load_settings
+from app.wechat import outbox
+from workers.images import MAX_MEDIA_BYTES, fit
+
+OPENID = "oImageUser000000000000000001"
+TEXTS = load_settings({}).texts
+PRICE = 1300  # dall-e-2 512x512 = 0.13 元
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeWeChatAPI]:
+    with FakeWeChatAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def wx(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
+    fake_api.reset()
+    return fake_api
+
+
+def images(upstream: Any) -> list[dict[str, Any]]:
+    return [q["body"] for q in upstream.requests if q["path"].startswith("/v1/images/")]
+
+
+def test_picture_is_uploaded_and_sent(upstream: Any, redis_url: str, r: Any,
+                                      wx: FakeWeChatAPI) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    with bot(settings, r) as (_, url):
+        wechat = WeChat(url, wx.appid)
+        acks = [wechat.say(OPENID, "画 一只猫", msg_id="888000001") for _ in range(2)]
+        assert acks == [TEXTS["image_started"]] * 2
+        sent = wait_for(lambda: wx.sent(OPENID))
+    upload = wx.uploads[0]
+    assert upload["is_png"] and upload["filename"] == "image.png"
+    assert sent == [{"touser": OPENID, "msgtype": "image",
+                     "image": {"media_id": upload["media_id"]}}]
+    assert len(images(upstream)) == 1 and images(upstream)[0]["prompt"] == "一只猫"
+    assert images(upstream)[0]["response_format"] == "b64_json"
+    acct = r.get(f"xy:wx:user:{OPENID}")
+    assert wallet.balance(r, acct) == 10_000 - PRICE and wallet.verify(r) == []
+
+
+def test_upload_refused_sends_the_link(upstream: Any, redis_url: str, r: Any,
+                                       wx: FakeWeChatAPI) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx, image_format="url")
+    wx.set_error("media/upload", 40005)
+    with bot(settings, r) as (_, url):
+        WeChat(url, wx.appid).say(OPENID, "/image a red fox")
+        sent = wait_for(lambda: wx.sent(OPENID))
+    link = images(upstream)[0]
+    assert link["response_format"] == "url"
+    content = sent[0]["text"]["content"]
+    assert content.startswith("图片已生成") and "/v1/files/img-512x512-" in content
+
+
+def test_without_push_the_picture_waits_for_continue(upstream: Any, redis_url: str, r: Any,
+                                                     wx: FakeWeChatAPI) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    wx.set_error("message/custom/send", 48001)
+    with bot(settings, r) as (_, url):
+        wechat = WeChat(url, wx.appid)
+        assert wechat.say(OPENID, "画 山水") == TEXTS["image_started"]
+        wait_for(lambda: outbox.parked_count(r, OPENID))
+        got = wechat.reply(wechat.post(text_xml(OPENID, "继续")))
+        assert wechat.say(OPENID, "画 第二张") == TEXTS["image_started_parked"]
+    assert got["MsgType"] == "image" and got["Image"]["MediaId"] == wx.uploads[0]["media_id"]
+
+
+def test_fit_keeps_small_pictures_and_shrinks_big_ones() -> None:
+    small = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(small, "PNG")
+    assert fit(small.getvalue()) == (small.getvalue(), "png")
+    noise = Image.frombytes("RGB", (1200, 1200), os.urandom(1200 * 1200 * 3))
+    big = io.BytesIO()
+    noise.save(big, "PNG")
+    assert len(big.getvalue()) > MAX_MEDIA_BYTES
+    data, ext = fit(big.getvalue())
+    assert ext == "jpg" and len(data) <= MAX_MEDIA_BYTES and data.startswith(b"\xff\xd8\xff")
