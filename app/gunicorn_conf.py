@@ -15,6 +15,8 @@ timeout = 120  # seconds a worker may be silent before it is restarted
 graceful_timeout = 30  # seconds to finish open streams on restart/stop
 keepalive = 15  # seconds an idle keep-alive connection stays open
 accesslog = os.environ.get("XIAOYI_ACCESS_LOG") or None  # "-" = stdout
+# The path without its query string (a client may put a key there), no referer.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
 errorlog = "-"
 loglevel = os.environ.get("XIAOYI_LOG_LEVEL", "info").lower()
 limit_request_line = 8190

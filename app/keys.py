@@ -100,7 +100,7 @@ def lookup_and_hit(r: redis.Redis, raw: str, limit: int,
     Return (info, seconds to wait: 0 when allowed); (None, 0) for an unknown key, which counts
     nothing. limit <= 0 turns the window off.
     """
-    if not raw.startswith(PREFIX) or len(raw) > 200:
+    if not plausible(raw):
         return None, 0
     now = int(time.time() * 1000)
     res = script(r, LOOKUP_AND_HIT)(
@@ -108,10 +108,23 @@ def lookup_and_hit(r: redis.Redis, raw: str, limit: int,
         args=[now, window_s * 1000, limit, f"{now}-{secrets.token_hex(4)}", RATE_KEY_PREFIX])
     if not res:
         return None, 0
-    flat, wait_ms = res[0], int(res[1])
+    return info_from_fields(res[0]), wait_seconds(int(res[1]))
+
+
+def plausible(raw: str) -> bool:
+    """Tell whether a raw key could be one of ours (else it is refused without a lookup)."""
+    return raw.startswith(PREFIX) and len(raw) <= 200
+
+
+def info_from_fields(flat: list[str]) -> KeyInfo:
+    """Build a KeyInfo from a lookup hash's HGETALL reply as a Lua script returns it."""
     data = dict(zip(flat[::2], flat[1::2], strict=True))
-    info = KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
-    return info, (0 if wait_ms == 0 else max(1, -(-wait_ms // 1000)))
+    return KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
+
+
+def wait_seconds(wait_ms: int) -> int:
+    """Turn the window's milliseconds to wait into whole seconds (0: allowed), as ratelimit.hit."""
+    return 0 if wait_ms == 0 else max(1, -(-wait_ms // 1000))
 
 
 def revoke(r: redis.Redis, key_id: str) -> bool:

@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", required=True)
     p.add_argument("--upstream-url", required=True)
     p.add_argument("--upstream-key", default="")
+    p.add_argument("--config", default="", help="XIAOYI_CONFIG (bench/run.py's: limits off)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     n = 300 if args.quick else 2000
     os.environ.update(XIAOYI_REDIS_URL=args.redis_url, XIAOYI_UPSTREAM_BASE_URL=args.upstream_url,
                       XIAOYI_UPSTREAM_API_KEY=args.upstream_key, XIAOYI_LOG_LEVEL="WARNING",
-                      XIAOYI_CONFIG="", XIAOYI_WECHAT_TOKEN="")
+                      XIAOYI_CONFIG=args.config, XIAOYI_WECHAT_TOKEN="")
 
     import orjson
     import requests
@@ -112,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                 "REMOTE_ADDR": "127.0.0.1"}
 
     def call(path: str, method: str = "POST") -> None:
-        out = app(environ(path, method), lambda status, headers, exc=None: None)
-        b"".join(out)
+        statuses: list[str] = []
+        out = app(environ(path, method), lambda status, headers, exc=None: statuses.append(status))
+        body = b"".join(out)
         getattr(out, "close", lambda: None)()
+        if not statuses[0].startswith("200"):
+            raise SystemExit(f"{path} answered {statuses[0]}: {body[:300]!r}")
 
     row("Flask: GET /healthz through the WSGI app", lambda: call("/healthz", "GET"))
     row("whole relay request, in-process (POST /v1/chat/completions)",

@@ -611,7 +611,8 @@ def bench_micro(stack: Stack, quick: bool) -> dict[str, Any]:
     """Run bench/micro.py in a fresh process against the stack's Redis and upstream."""
     argv = [sys.executable, str(BENCH / "micro.py"), "--json", "--redis-url",
             stack.env["XIAOYI_REDIS_URL"], "--upstream-url", stack.env["XIAOYI_UPSTREAM_BASE_URL"],
-            "--upstream-key", UPSTREAM_KEY] + (["--quick"] if quick else [])
+            "--upstream-key", UPSTREAM_KEY, "--config", stack.env["XIAOYI_CONFIG"]] + (
+                ["--quick"] if quick else [])
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"error": done.stderr[-2000:]}

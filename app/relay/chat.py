@@ -17,6 +17,7 @@ from app.errors import ApiError, InvalidRequest, UpstreamError
 from app.metrics import MONEY
 from app.relay.common import (
     Call,
+    authenticate_deferred,
     gather,
     hold,
     json_response,
@@ -70,7 +71,7 @@ def _choices(kind: str, body: dict[str, Any]) -> int:
 
 
 def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
-    call = gather((kind,))
+    call = gather((kind,), defer_key=True)  # the key is checked in hold()'s round trip
     body = call.body
     prompt_est = validate_messages(body) if kind == "chat" else validate_prompt(body)
     if prompt_est > settings().relay.get("max_prompt_tokens", 128000):
@@ -148,7 +149,11 @@ def _settle_retrying(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any
 
 def relay_text(kind: str, path: str) -> Response:
     """Serve one chat or completions request."""
-    call, prompt_est, stream, want_usage = _prepare(kind)
+    try:
+        call, prompt_est, stream, want_usage = _prepare(kind)
+    except ApiError:
+        authenticate_deferred()  # a bad key or a rate limit is answered first, as always
+        raise
     r = get_redis()
     try:
         resp = get_upstream().post(path, call.body, call.upstream_model, stream=stream)

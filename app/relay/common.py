@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,34 @@ from app.errors import (
     RateLimited,
     RequestTooLarge,
 )
-from app.store import get_redis
+from app.ratelimit import WINDOW
+from app.store import get_redis, script
 
 DEFAULT_MODEL = "gpt-3.5"
+
+# The chat hot path in one round trip: the key lookup, its per-minute window (ratelimit.WINDOW)
+# and the reservation (wallet.RESERVE); both scripts run unchanged as local functions (their
+# KEYS/ARGV are the parameters), on keys named as ratelimit.hit and wallet.reserve name them.
+# The account's keys follow from the looked-up key, so they are built here (one Redis server).
+# KEYS[1]=lookup hash, KEYS[2]=pending zset, KEYS[3]=ledger
+# ARGV: now_ms, window_ms, limit, member, window prefix, req_id, amount, model, account prefix
+# -> {0} unknown key | {1, key fields, wait_ms} rate-limited | {2, key fields, RESERVE's reply}
+AUTH_AND_RESERVE = (
+    "local function window(KEYS, ARGV)\n" + WINDOW + "\nend\n"
+    "local function reserve(KEYS, ARGV)\n" + wallet.RESERVE + "\nend\n" + """
+local data = redis.call('HGETALL', KEYS[1])
+if #data == 0 then return {0} end
+local f = {}
+for i = 1, #data, 2 do f[data[i]] = data[i + 1] end
+if tonumber(ARGV[3]) > 0 then
+  local wait = window({ARGV[5] .. f['id']}, ARGV)
+  if wait ~= 0 then return {1, data, wait} end
+end
+local req = ARGV[6]
+return {2, data, reserve({ARGV[9] .. f['acct'], 'xy:resv:' .. req, KEYS[2], KEYS[3],
+                          'xy:done:' .. req}, {f['acct'], req, ARGV[7], ARGV[1], f['id'], ARGV[8]})}
+""")
+UNRESOLVED = keys.KeyInfo("", "", "", "")  # Call.key until hold() authenticates a deferred key
 
 
 @dataclass
@@ -109,12 +135,31 @@ def bearer_or_body(body: dict[str, Any] | None) -> str:
     return ""  # never from the query string: URLs end up in access logs
 
 
-def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
-    """Resolve the key (no cache: revocation is immediate) and apply its rate limit."""
+def _raw_key(body: dict[str, Any] | None) -> str:
     raw = bearer_or_body(body)
     if not raw:
         raise InvalidKey("You didn't provide an API key. Send it as 'Authorization: Bearer "
                          "sk-…' or as api_secret_key in the JSON body.", msg="缺少密钥")
+    return raw
+
+
+def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
+    """Resolve the key (no cache: revocation is immediate) and apply its rate limit."""
+    return _check_key(_raw_key(body))
+
+
+def authenticate_deferred() -> None:
+    """Check a key gather(defer_key=True) left for hold(), when hold() did not run.
+
+    A view calls this when the request failed before hold(): a bad key or a rate limit is
+    answered before the request's own error, in the order gather() always had.
+    """
+    raw = g.pop("deferred_key", None)
+    if raw is not None:
+        _check_key(raw)
+
+
+def _check_key(raw: str) -> keys.KeyInfo:
     limit = settings().limits.get("key_requests_per_minute", 0)
     info, wait = keys.lookup_and_hit(get_redis(), raw, limit)  # one round trip for both
     if info is None:
@@ -125,10 +170,18 @@ def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
     return info
 
 
-def gather(kinds: tuple[str, ...]) -> Call:
-    """Parse the body, authenticate, map the model and find its price."""
+def gather(kinds: tuple[str, ...], defer_key: bool = False) -> Call:
+    """Parse the body, authenticate, map the model and find its price.
+
+    defer_key: look the key up later, in hold()'s round trip (Call.key is UNRESOLVED until
+    then); the view must call authenticate_deferred() when it fails before hold().
+    """
     body = read_json()
-    key = authenticate(body)
+    if defer_key:
+        g.deferred_key = _raw_key(body)
+        key = UNRESOLVED
+    else:
+        key = authenticate(body)
     body.pop("api_secret_key", None)
     model = body.get("model", DEFAULT_MODEL)
     if not isinstance(model, str) or not model:
@@ -149,8 +202,34 @@ def gather(kinds: tuple[str, ...]) -> Call:
     return Call(req_id, body, key, model, upstream_model, price)
 
 
+def _auth_and_hold(call: Call, amount: int) -> None:
+    """Authenticate the deferred key, count it in its window and reserve: one round trip."""
+    raw = g.pop("deferred_key")
+    if not keys.plausible(raw):
+        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+    limit = settings().limits.get("key_requests_per_minute", 0)
+    now = int(time.time() * 1000)
+    res = script(get_redis(), AUTH_AND_RESERVE)(
+        keys=[f"xy:key:{keys.hash_key(raw)}", wallet.PENDING, wallet.LEDGER],
+        args=[now, 60_000, limit, f"{now}-{secrets.token_hex(4)}", keys.RATE_KEY_PREFIX,
+              call.req_id, amount, call.upstream_model, wallet.acct_key("")])
+    if int(res[0]) == 0:
+        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+    call.key = keys.info_from_fields(res[1])
+    g.key_id = call.key.id
+    if int(res[0]) == 1:
+        raise RateLimited(keys.wait_seconds(int(res[2])))
+    code = int(res[2][0])
+    if code == -2:
+        raise wallet.NoAccount(call.key.acct)
+    if code != 1:
+        raise InsufficientQuota()
+
+
 def hold(call: Call, amount: int) -> None:
     """Reserve the most this call can cost, or refuse with 429 insufficient_quota."""
+    if call.key is UNRESOLVED:
+        return _auth_and_hold(call, amount)
     got = wallet.reserve(get_redis(), call.key.acct, call.req_id, amount,
                          key_id=call.key.id, model=call.upstream_model)
     if not got.ok:

@@ -8,13 +8,15 @@ Jobs live in workers/ and are enqueued by dotted path: this package never import
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from flask import Flask
 from wechatpy.crypto import WeChatCrypto
 
 from app.config import ConfigError, Settings
 from app.store import EXTENSION as REDIS
 from app.wechat import client
-from app.wechat.views import CRYPTO, bp
+from app.wechat.views import CRYPTO, POOL, bp
 
 
 def check_bot(settings: Settings) -> None:
@@ -45,4 +47,6 @@ def init_app(app: Flask) -> None:
         except (AssertionError, ValueError) as exc:
             raise ConfigError("XIAOYI_WECHAT_AES_KEY: not a valid EncodingAESKey") from exc
     client.init_app(app, app.extensions[REDIS])
+    # Messages are handled on a pool so a hung store cannot hold the answer past WeChat's 5 s.
+    app.extensions[POOL] = ThreadPoolExecutor(max_workers=1000, thread_name_prefix="wechat")
     app.register_blueprint(bp)

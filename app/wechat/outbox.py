@@ -136,9 +136,16 @@ def await_outcome(r: redis.Redis, dk: str, wait_s: float,
 
 
 def finish_now(r: redis.Redis, dk: str, item: dict[str, Any] | None, ttl: int = 60) -> None:
-    """Record a reply made at once (a command) so WeChat's retries get the same one."""
+    """Record a reply made at once (a command) so WeChat's retries get the same one.
+
+    A developer key in the reply is kept masked: a raw key is shown once and never stored.
+    """
+    from app.keys import mask
+    from app.logs import KEY_PATTERN
+
+    stored = KEY_PATTERN.sub(lambda m: mask(m.group(0)), _dump(item)) if item else ""
     pipe = r.pipeline()
-    pipe.hset(st_key(dk), mapping={"state": "passive", "reply": _dump(item) if item else ""})
+    pipe.hset(st_key(dk), mapping={"state": "passive", "reply": stored})
     pipe.expire(st_key(dk), ttl)
     _notify(pipe, dk)
     pipe.execute()
@@ -221,7 +228,10 @@ def get_answer(r: redis.Redis, dk: str) -> dict[str, str] | None:
 @contextmanager
 def run_lock(r: redis.Redis, dk: str, seconds: int = 300) -> Iterator[None]:
     """Let one job run at a time work on a message (a duplicate run waits, then finds it done)."""
-    with r.lock(f"xy:wx:run:{dk}", timeout=seconds, blocking_timeout=seconds, sleep=0.1):
+    # Registered under this worker: the sweeper frees it at once if the worker is SIGKILLed.
+    from app.maintenance import worker_lock
+
+    with worker_lock(r, f"xy:wx:run:{dk}", seconds):
         yield
 
 

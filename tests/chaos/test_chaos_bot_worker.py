@@ -54,10 +54,6 @@ def chat_calls(upstream: FakeUpstream) -> int:
 
 
 @pytest.mark.chaos
-@pytest.mark.xfail(strict=True, reason=(
-    "app/wechat/outbox.run_lock holds a plain Redis lock for 300 s: the killed run's lock makes "
-    "the requeued job wait 5 minutes. Fix: take it with app.maintenance.worker_lock (freed as "
-    "soon as the dead worker is found); then remove this marker."))
 def test_sigkill_mid_reply_chat(r: redis.Redis, redis_url: str, upstream: FakeUpstream,
                                 wx: FakeWeChatAPI, tmp_path: Path) -> None:
     env = bot_env(tmp_path, upstream, wx, redis_url)

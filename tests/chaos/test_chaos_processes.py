@@ -36,6 +36,7 @@ class Cluster:
 
     r: redis.Redis
     env: dict[str, str]
+    procs: list[Proc]
     settings: Settings
     webs: list[str]
     upstream: FakeUpstream
@@ -67,7 +68,8 @@ enabled = true
                         XIAOYI_WECHAT_PAY_MCH_ID=fake_pay.mch_id,
                         XIAOYI_WECHAT_PAY_API_KEY=fake_pay.api_key,
                         XIAOYI_WECHAT_PAY_API_BASE_URL=fake_pay.url,
-                        XIAOYI_PUBLIC_URL="https://xiaoyi.example", WEB_CONCURRENCY="2")
+                        XIAOYI_PUBLIC_URL="https://xiaoyi.example", WEB_CONCURRENCY="2",
+                        XIAOYI_ACCESS_LOG="-")
         try:
             webs = []
             for i in range(2):
@@ -77,7 +79,7 @@ enabled = true
             procs.append(Proc(xiaoyi("worker"), env, tmp / "worker.log"))
             for url in webs:
                 wait_for(lambda u=url: _up(u), 30, f"{url} to serve")
-            yield Cluster(r, env, load_settings(env), webs, upstream_server, wx, fake_pay)
+            yield Cluster(r, env, procs, load_settings(env), webs, upstream_server, wx, fake_pay)
         finally:
             for proc in procs:
                 proc.stop()
@@ -191,3 +193,15 @@ def test_concurrent_pay_notifications_across_processes_credit_once(cluster: Clus
     credits = [e for e in wallet.ledger_entries(cluster.r, acct) if e.get("req") == f"pay:{no[1]}"]
     assert len(credits) == 1
     assert wallet.verify(cluster.r) == []
+
+
+def test_web_process_logs_hold_no_key(cluster: Cluster) -> None:
+    key, _ = new_key(cluster.r)
+    for url in cluster.webs:
+        requests.get(url + "/v1/models", params={"api_secret_key": key}, timeout=10)
+        requests.post(url + "/v1/chat/completions", json={"api_secret_key": key}, timeout=10)
+        requests.get(url + "/v1/balance", headers={"Authorization": f"Bearer {key}x"}, timeout=10)
+    time.sleep(0.5)
+    logs = "".join(proc.output() for proc in cluster.procs)
+    assert "/v1/models" in logs  # the access log is on
+    assert key not in logs and UPSTREAM_KEY not in logs

@@ -197,3 +197,26 @@ def _ping(r: redis.Redis) -> bool:
         return bool(r.ping())
     except redis.RedisError:
         return False
+
+
+@pytest.mark.chaos
+def test_webhook_answers_within_5s_while_redis_hangs(embedded: EmbeddedRedis,
+                                                    upstream: FakeUpstream) -> None:
+    from fakes import FakeWeChatAPI
+    from wechat_kit import WeChat, bot, text_xml, wechat_settings
+
+    r = make_redis(embedded.url, max_connections=20)
+    with FakeWeChatAPI() as wx, bot(wechat_settings(upstream.url, embedded.url, wx), r,
+                                    worker=False) as (_, url):
+        wechat = WeChat(url, wx.appid)
+        assert wechat.post(text_xml("oChaosHungRedis00000000001", "余额")).status_code == 200
+        pid = embedded.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            resp = wechat.post(text_xml("oChaosHungRedis00000000001", "余额"))
+            took = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert resp.status_code == 200 and took < 5, took

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from conftest import UPSTREAM_KEY, free_port, make_settings, new_key
+from conftest import UPSTREAM_KEY, free_port, make_settings, new_key, wait_for
 
 from app import create_app, pricing, wallet
 from app.fake_upstream import FakeUpstream
@@ -237,4 +237,31 @@ def test_upstream_400_is_the_developers_error_and_free(r: redis.Redis, tmp_path:
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "invalid_request_error"
     assert len(chat_paths(backup)) == 0  # not retried elsewhere
     assert wallet.balance(r, acct) == before
+    assert_clean(r)
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("marker", ["[[fake:status=500]]", "[[fake:status=429]]",
+                                    "[[fake:malformed]]", "[[fake:delay=3]]"])
+def test_wechat_user_gets_a_polite_message_never_silence(r: redis.Redis, redis_url: str,
+                                                         upstream: FakeUpstream,
+                                                         marker: str) -> None:
+    from fakes import FakeWeChatAPI
+    from wechat_kit import WeChat, bot, wechat_settings
+
+    openid = "oChaosUpstreamFault00000001"
+    with FakeWeChatAPI() as wx:
+        settings = wechat_settings(upstream.url, redis_url, wx, daily_free_messages=0,
+                                   reply_wait_seconds=0.2)
+        settings = type(settings)(**{**settings.__dict__, "relay": {
+            **settings.relay, "timeout_seconds": 1}})
+        with bot(settings, r) as (_, url):
+            wechat = WeChat(url, wx.appid)
+            assert wechat.say(openid, f"{marker} 你好") is None  # answered later, by push
+            sent = wait_for(lambda: wx.sent(openid), 30, "a message to the user")
+    polite = settings.texts["chat_failed"]
+    assert [m["text"]["content"] for m in sent] == [polite]
+    acct = r.get(f"xy:wx:user:{openid}")
+    assert not [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert wallet.balance(r, acct) == settings.bot["trial_credit_units"]  # nothing charged
     assert_clean(r)
