@@ -71,7 +71,7 @@ def _init_errors(app: Flask) -> None:
 
     @app.errorhandler(redis.RedisError)
     def store_down(exc: redis.RedisError) -> Response:
-        log.error("store unavailable: %s", type(exc).__name__)
+        log.error("store unavailable: %s %s", type(exc).__name__, str(exc)[:300])
         return _render(StoreUnavailable("The wallet store is unavailable; nothing was charged."))
 
     @app.errorhandler(Exception)

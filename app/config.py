@@ -164,6 +164,8 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
         kind = spec.get("kind", "image" if images else "chat")
         if kind not in ("chat", "completion", "embedding", "image"):
             raise ConfigError(f"{where}.kind: {kind!r} is not chat/completion/embedding/image")
+        if kind == "image" and not images:
+            raise ConfigError(f"{where}.images: an image model needs a price per size")
         max_output = spec.get("max_output", 4096)
         if not isinstance(max_output, int) or max_output <= 0:
             raise ConfigError(f"{where}.max_output: must be a positive integer")

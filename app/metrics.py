@@ -15,8 +15,5 @@ UPSTREAM_LATENCY = Histogram(
 UPSTREAM_FAILURES = Counter("xiaoyi_upstream_failures_total", "Upstream attempts that failed",
                             ["channel", "reason"])
 FAILOVERS = Counter("xiaoyi_upstream_failovers_total", "Requests moved to another channel")
-MONEY = Counter("xiaoyi_money_units_total",
-                "Money moved, in 0.0001 元 units, by kind (reserved/settled/released/topup)",
-                ["kind"])
-for _kind in ("reserved", "settled", "topup"):
-    MONEY.labels(_kind)  # show every kind from the first scrape, at 0
+# Money moved (xiaoyi_money_units_total{kind}) is counted by the wallet's Lua scripts in Redis
+# (every process, workers included) and exported at scrape time by app/admin/metrics.py.

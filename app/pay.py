@@ -31,7 +31,6 @@ from wechatpy.pay.utils import calculate_signature
 
 from app import wallet
 from app.config import ConfigError, Settings, yuan_to_units
-from app.metrics import MONEY
 from app.store import get_redis
 
 log = logging.getLogger(__name__)
@@ -211,7 +210,6 @@ def handle_notify(r: redis.Redis, settings: Settings, body: bytes) -> tuple[bool
         log.error("paid order %s names a missing account", no)
         return False, "账户不存在"
     if credited:
-        MONEY.labels("topup").inc(units)
         log.info("order %s paid: %s units credited", no, units)
     r.hset(order_key(no), mapping={"state": "paid", "paid_at": int(time.time() * 1000),
                                    "transaction_id": str(data.get("transaction_id", ""))[:64]})

@@ -11,6 +11,8 @@ Keys (all owned here):
     xy:codes              zset   code -> created (ms)
     xy:usage:{yyyymmdd}   hash   {model}:cost / :requests / :tokens
     xy:ledger             stream acct, kind, amount, req, key, model, pt, ct, ts, note
+    xy:stats:money        hash   units moved by kind (reserved, settled, released, topup, redeem),
+                                 counted by the scripts themselves so /metrics sees every process
 
 Invariant: for every account, the sum of its ledger amounts equals its balance, and the balance
 is never negative (every debit checks and subtracts inside one script).
@@ -30,6 +32,7 @@ import redis
 from app.store import script
 
 LEDGER = "xy:ledger"
+STATS = "xy:stats:money"
 PENDING = "xy:resv:pending"
 DONE_TTL = 7 * 86400
 
@@ -47,7 +50,7 @@ def _day(ts_ms: int) -> str:
     return time.strftime("%Y%m%d", time.gmtime(ts_ms / 1000 + 8 * 3600))  # China time
 
 
-# KEYS[1]=acct hash, KEYS[2]=accts zset, KEYS[3]=ledger
+# KEYS[1]=acct hash, KEYS[2]=accts zset, KEYS[3]=ledger, KEYS[4]=money stats
 # ARGV: acct_id, kind, name, now_ms, initial_units, note
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -58,12 +61,13 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 if amt > 0 then
   redis.call('XADD', KEYS[3], '*', 'acct', ARGV[1], 'kind', 'topup', 'amount', amt,
              'ts', ARGV[4], 'note', ARGV[6])
+  redis.call('HINCRBY', KEYS[4], 'topup', amt)
 end
 return 1
 """
 
-# KEYS[1]=acct, KEYS[2]=resv, KEYS[3]=pending, KEYS[4]=ledger, KEYS[5]=done marker
-# ARGV: acct_id, req_id, amount, now_ms, key_id, model
+# KEYS[1]=acct, KEYS[2]=resv, KEYS[3]=pending, KEYS[4]=ledger, KEYS[5]=done marker,
+# KEYS[6]=money stats; ARGV: acct_id, req_id, amount, now_ms, key_id, model
 # -> {1, balance} | {-1, balance} short | {-2} no account | {-3} open already | {-4} settled
 RESERVE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
@@ -78,10 +82,12 @@ redis.call('HSET', KEYS[2], 'acct', ARGV[1], 'amount', amt, 'ts', ARGV[4], 'key'
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('XADD', KEYS[4], '*', 'acct', ARGV[1], 'kind', 'reserve', 'amount', -amt,
            'req', ARGV[2], 'key', ARGV[5], 'model', ARGV[6], 'ts', ARGV[4])
+redis.call('HINCRBY', KEYS[6], 'reserved', amt)
 return {1, bal}
 """
 
-# KEYS[1]=acct, KEYS[2]=resv, KEYS[3]=pending, KEYS[4]=ledger, KEYS[5]=done, KEYS[6]=usage day
+# KEYS[1]=acct, KEYS[2]=resv, KEYS[3]=pending, KEYS[4]=ledger, KEYS[5]=done, KEYS[6]=usage day,
+# KEYS[7]=money stats
 # ARGV: acct_id, req_id, cost, now_ms, prompt_tokens, completion_tokens, kind, done_ttl
 # A cost above the hold takes the excess from the balance only as far as it reaches, so settling
 # can never overdraw. -> {1, charged, balance} | {0} nothing open (settled already)
@@ -101,6 +107,8 @@ redis.call('HINCRBY', KEYS[1], 'used', cost)
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[5], cost, 'EX', ARGV[8])
+redis.call('HINCRBY', KEYS[7], 'settled', cost)
+if back > 0 then redis.call('HINCRBY', KEYS[7], 'released', back) end
 redis.call('XADD', KEYS[4], '*', 'acct', ARGV[1], 'kind', ARGV[7], 'amount', back,
            'cost', cost, 'req', ARGV[2], 'key', key, 'model', model, 'pt', ARGV[5],
            'ct', ARGV[6], 'ts', ARGV[4])
@@ -112,7 +120,7 @@ end
 return {1, cost, bal}
 """
 
-# KEYS[1]=acct, KEYS[2]=ledger, KEYS[3]=ref marker ('' ref: no marker)
+# KEYS[1]=acct, KEYS[2]=ledger, KEYS[3]=ref marker ('' ref: no marker), KEYS[4]=money stats
 # ARGV: acct_id, amount, now_ms, kind, note, ref
 # -> {1, balance} | {-2} no account | {0, balance} this ref was credited already
 TOPUP = """
@@ -125,10 +133,11 @@ end
 local bal = redis.call('HINCRBY', KEYS[1], 'balance', tonumber(ARGV[2]))
 redis.call('XADD', KEYS[2], '*', 'acct', ARGV[1], 'kind', ARGV[4], 'amount', ARGV[2],
            'ts', ARGV[3], 'note', ARGV[5], 'req', ARGV[6])
+redis.call('HINCRBY', KEYS[4], 'topup', tonumber(ARGV[2]))
 return {1, bal}
 """
 
-# KEYS[1]=code hash, KEYS[2]=acct, KEYS[3]=ledger
+# KEYS[1]=code hash, KEYS[2]=acct, KEYS[3]=ledger, KEYS[4]=money stats
 # ARGV: acct_id, now_ms, code
 # -> {1, amount, balance} | {-1} used | {-2} unknown code | {-3} no account
 REDEEM = """
@@ -140,6 +149,7 @@ redis.call('HSET', KEYS[1], 'used_by', ARGV[1], 'used_at', ARGV[2])
 local bal = redis.call('HINCRBY', KEYS[2], 'balance', amt)
 redis.call('XADD', KEYS[3], '*', 'acct', ARGV[1], 'kind', 'redeem', 'amount', amt,
            'ts', ARGV[2], 'note', 'code ' .. string.sub(ARGV[3], 1, 6) .. '…')
+redis.call('HINCRBY', KEYS[4], 'redeem', amt)
 return {1, amt, bal}
 """
 
@@ -179,7 +189,7 @@ def create_account(r: redis.Redis, acct: str | None = None, *, kind: str = "api"
                    name: str = "", initial: int = 0, note: str = "initial credit") -> str:
     """Create an account (with an optional initial credit) unless it exists; return its id."""
     acct = acct or new_account_id()
-    script(r, CREATE)(keys=[acct_key(acct), "xy:accts", LEDGER],
+    script(r, CREATE)(keys=[acct_key(acct), "xy:accts", LEDGER, STATS],
                       args=[acct, kind, name, _now_ms(), initial, note])
     return acct
 
@@ -205,7 +215,7 @@ def reserve(r: redis.Redis, acct: str, req: str, amount: int, *, key_id: str = "
             model: str = "") -> Reserved:
     """Hold `amount` units for request `req`, atomically; refuse when the balance is short."""
     res = script(r, RESERVE)(
-        keys=[acct_key(acct), f"xy:resv:{req}", PENDING, LEDGER, f"xy:done:{req}"],
+        keys=[acct_key(acct), f"xy:resv:{req}", PENDING, LEDGER, f"xy:done:{req}", STATS],
         args=[acct, req, amount, _now_ms(), key_id, model])
     code = int(res[0])
     if code == 1:
@@ -222,7 +232,7 @@ def settle(r: redis.Redis, acct: str, req: str, cost: int, *, prompt_tokens: int
     now = _now_ms()
     res = script(r, SETTLE)(
         keys=[acct_key(acct), f"xy:resv:{req}", PENDING, LEDGER, f"xy:done:{req}",
-              f"xy:usage:{_day(now)}"],
+              f"xy:usage:{_day(now)}", STATS],
         args=[acct, req, cost, now, prompt_tokens, completion_tokens, kind, DONE_TTL])
     return int(res[1]) if int(res[0]) == 1 else None
 
@@ -237,7 +247,7 @@ def topup(r: redis.Redis, acct: str, amount: int, *, kind: str = "topup", note: 
     """Credit an account; with `ref`, at most once per ref. Return (credited now, balance)."""
     if amount <= 0:
         raise WalletError("amount must be positive")
-    res = script(r, TOPUP)(keys=[acct_key(acct), LEDGER, f"xy:ref:{ref}"],
+    res = script(r, TOPUP)(keys=[acct_key(acct), LEDGER, f"xy:ref:{ref}", STATS],
                            args=[acct, amount, _now_ms(), kind, note, ref])
     if int(res[0]) == -2:
         raise NoAccount(acct)
@@ -274,7 +284,7 @@ def redeem(r: redis.Redis, acct: str, code: str) -> tuple[str, int, int]:
     code = code.strip().upper()
     if not code or len(code) > 64:
         return "unknown", 0, balance(r, acct)
-    res = script(r, REDEEM)(keys=[f"xy:code:{code}", acct_key(acct), LEDGER],
+    res = script(r, REDEEM)(keys=[f"xy:code:{code}", acct_key(acct), LEDGER, STATS],
                             args=[acct, _now_ms(), code])
     status = int(res[0])
     if status == -3:
@@ -353,3 +363,10 @@ def usage_by_day(r: redis.Redis, days: int = 14) -> dict[str, dict[str, int]]:
         pipe.hgetall(f"xy:usage:{name}")
     return {name: {k: int(v) for k, v in data.items()}
             for name, data in zip(names, pipe.execute(), strict=True)}
+
+
+def money_stats(r: redis.Redis) -> dict[str, int]:
+    """Return the units moved by kind, across every process."""
+    found = {k: int(v) for k, v in r.hgetall(STATS).items()}
+    return {kind: found.get(kind, 0)
+            for kind in ("reserved", "settled", "released", "topup", "redeem")}

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if "--app-dir" in sys.argv:  # time another checkout's app (bench/run.py --baseline)
+    ROOT = Path(sys.argv[sys.argv.index("--app-dir") + 1]).resolve()
 sys.path.insert(0, str(ROOT))
 
 BODY = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "你好, say hi"}],
@@ -41,6 +43,32 @@ def cpu_us(fn: Callable[[], Any], n: int) -> float:
     return best
 
 
+def whole(app: Any, data: bytes, raw_key: str, rows: list[tuple[str, float]], n: int) -> None:
+    """Time GET /healthz and a whole POST /v1/chat/completions through the WSGI app."""
+
+    def environ(path: str, method: str = "POST") -> dict[str, Any]:
+        return {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "bench",
+                "SERVER_PORT": "80", "wsgi.input": io.BytesIO(data),
+                "CONTENT_LENGTH": str(len(data)), "CONTENT_TYPE": "application/json",
+                "HTTP_AUTHORIZATION": f"Bearer {raw_key}", "wsgi.url_scheme": "http",
+                "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": sys.stderr,
+                "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+                "REMOTE_ADDR": "127.0.0.1"}
+
+    def call(path: str, method: str = "POST") -> None:
+        statuses: list[str] = []
+        out = app(environ(path, method), lambda status, headers, exc=None: statuses.append(status))
+        body = b"".join(out)
+        getattr(out, "close", lambda: None)()
+        if not statuses[0].startswith("200"):
+            raise SystemExit(f"{path} answered {statuses[0]}: {body[:300]!r}")
+
+    rows.append(("Flask: GET /healthz through the WSGI app",
+                 cpu_us(lambda: call("/healthz", "GET"), n)))
+    rows.append(("whole relay request, in-process (POST /v1/chat/completions)",
+                 cpu_us(lambda: call("/v1/chat/completions"), n)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time each step and print a table (or JSON)."""
     p = argparse.ArgumentParser()
@@ -50,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="", help="XIAOYI_CONFIG (bench/run.py's: limits off)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--app-dir", default=None, help="the app checkout to time (default: this one)")
+    p.add_argument("--whole-only", action="store_true", help="only the whole request")
     args = p.parse_args(argv)
     n = 300 if args.quick else 2000
     os.environ.update(XIAOYI_REDIS_URL=args.redis_url, XIAOYI_UPSTREAM_BASE_URL=args.upstream_url,
@@ -69,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     acct = wallet.create_account(r, initial=10**9, name="micro")
     raw_key, info = keys.create_key(r, acct, "micro")
     data = orjson.dumps(BODY)
+    rows: list[tuple[str, float]] = []
+    if args.whole_only:
+        whole(app, data, raw_key, rows, max(200, n // 2))
+        print(json.dumps({"rows": rows, "n": n}) if args.json else rows)
+        return 0
     url = args.upstream_url.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {args.upstream_key}"}
     session = requests.Session()
     channel = up.channels[0]
     pool = up._prepare(channel).pool  # the urllib3 pool the relay uses
-    rows: list[tuple[str, float]] = []
 
     def row(name: str, fn: Callable[[], Any], count: int = n) -> None:
         rows.append((name, cpu_us(fn, count)))
@@ -100,29 +134,25 @@ def main(argv: list[str] | None = None) -> int:
         wallet.reserve(r, acct, req, 100, key_id=info.id, model="gpt-3.5-turbo")
         wallet.settle(r, acct, req, 50, prompt_tokens=3, completion_tokens=5)
 
-    row("Redis: reserve + settle scripts (unchanged)", reserve_settle)
+    row("Redis: reserve + settle scripts (before; embeddings/images still)", reserve_settle)
+
+    from app.relay.common import AUTH_AND_RESERVE
+    from app.store import script
+
+    merged = script(r, AUTH_AND_RESERVE)
+    digest = f"xy:key:{keys.hash_key(raw_key)}"
+
+    def merged_settle() -> None:
+        req = f"micro-{next(counter)}"
+        now = int(time.time() * 1000)
+        merged(keys=[digest, wallet.PENDING, wallet.LEDGER],
+               args=[now, 60_000, 10**9, f"{now}-{req}", keys.RATE_KEY_PREFIX, req, 100,
+                     "gpt-3.5-turbo", wallet.acct_key("")])
+        wallet.settle(r, acct, req, 50, prompt_tokens=3, completion_tokens=5)
+
+    row("Redis: lookup+window+reserve script, then settle (chat now)", merged_settle)
     row("Redis: one PING (a bare round trip, for scale)", r.ping)
-
-    def environ(path: str, method: str = "POST") -> dict[str, Any]:
-        return {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "bench",
-                "SERVER_PORT": "80", "wsgi.input": io.BytesIO(data),
-                "CONTENT_LENGTH": str(len(data)), "CONTENT_TYPE": "application/json",
-                "HTTP_AUTHORIZATION": f"Bearer {raw_key}", "wsgi.url_scheme": "http",
-                "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": sys.stderr,
-                "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
-                "REMOTE_ADDR": "127.0.0.1"}
-
-    def call(path: str, method: str = "POST") -> None:
-        statuses: list[str] = []
-        out = app(environ(path, method), lambda status, headers, exc=None: statuses.append(status))
-        body = b"".join(out)
-        getattr(out, "close", lambda: None)()
-        if not statuses[0].startswith("200"):
-            raise SystemExit(f"{path} answered {statuses[0]}: {body[:300]!r}")
-
-    row("Flask: GET /healthz through the WSGI app", lambda: call("/healthz", "GET"))
-    row("whole relay request, in-process (POST /v1/chat/completions)",
-        lambda: call("/v1/chat/completions"), max(200, n // 2))
+    whole(app, data, raw_key, rows, max(200, n // 2))
     if args.json:
         print(json.dumps({"rows": rows, "n": n}))
     else:

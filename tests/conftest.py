@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,38 +14,15 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fakes import FakeWeChatAPI, FakeWeChatPay  # noqa: E402
+from private_redis import private_redis  # noqa: E402
+
 from app import create_app, keys, wallet  # noqa: E402
 from app.config import Settings, load_settings  # noqa: E402
 from app.fake_upstream import FakeUpstream  # noqa: E402
 from app.store import make_redis  # noqa: E402
 
 UPSTREAM_KEY = "up-secret-KEY-0123456789"
-
-
-def _private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a private, non-persistent server from the embedded engine's binary."""
-    from app.embedded import find_server_binary
-    from app.supervisor import pdeathsig_preexec
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [find_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(data_dir), "--logfile", str(data_dir / "log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        preexec_fn=pdeathsig_preexec(signal.SIGTERM))
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
-            return proc, url
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +36,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         yield url
         return
-    proc, url = _private_redis(tmp_path_factory.mktemp("redis"))
+    proc, url = private_redis(tmp_path_factory.mktemp("redis"))
     yield url
     proc.terminate()
     proc.wait(5)
@@ -90,6 +63,34 @@ def upstream(upstream_server: FakeUpstream) -> FakeUpstream:
     """The fake upstream, reset for this test."""
     upstream_server.reset()
     return upstream_server
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeWeChatAPI]:
+    """One fake WeChat API for the module."""
+    with FakeWeChatAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def wx(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
+    """The module's fake WeChat API, reset for this test."""
+    fake_api.reset()
+    return fake_api
+
+
+@pytest.fixture(scope="module")
+def fake_pay_server() -> Iterator[FakeWeChatPay]:
+    """One fake WeChat Pay for the module."""
+    with FakeWeChatPay() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_pay(fake_pay_server: FakeWeChatPay) -> FakeWeChatPay:
+    """The module's fake WeChat Pay, reset for this test."""
+    fake_pay_server.reset()
+    return fake_pay_server
 
 
 def make_settings(upstream_url: str, redis_url: str, **env: str) -> Settings:

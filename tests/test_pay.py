@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,18 +23,10 @@ SUCCESS = b"<return_code><![CDATA[SUCCESS]]></return_code>"
 FAIL = b"<return_code><![CDATA[FAIL]]></return_code>"
 
 
-@pytest.fixture(scope="module")
-def pay_server() -> Iterator[FakeWeChatPay]:
-    """One fake WeChat Pay for this module."""
-    with FakeWeChatPay() as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(pay_server: FakeWeChatPay) -> FakeWeChatPay:
-    """The fake, reset for this test."""
-    pay_server.reset()
-    return pay_server
+def fake(fake_pay: FakeWeChatPay) -> FakeWeChatPay:
+    """The shared fake WeChat Pay (conftest's `fake_pay`), reset for this test."""
+    return fake_pay
 
 
 def pay_settings(fake: FakeWeChatPay, redis_url: str, upstream_url: str,

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proc_kit import alive
 
 from app.supervisor import Supervisor, SupervisorInterrupt, wait_http, wait_port
 
@@ -43,6 +44,11 @@ signal.signal(signal.SIGTERM, handler)
 open(sys.argv[1] + "." + sys.argv[2], "w").close()
 time.sleep(60)
 """
+# A child that ignores SIGTERM, then creates the file sys.argv[1] (ready) and sleeps.
+IGNORE_SIGTERM = (
+    "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "open(sys.argv[1], 'w').close(); time.sleep(60)"
+)
 # A process that supervises two children until it receives SIGTERM/SIGINT.
 SUPERVISOR_SCRIPT = """
 import sys
@@ -61,16 +67,6 @@ sys.exit(code)
 """
 
 
-def alive(pid: int) -> bool:
-    """Return True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
-
-
 def wait_until(predicate: object, timeout: float = 5.0) -> bool:
     """Poll a zero-argument callable until it returns true or `timeout` passes."""
     assert callable(predicate)
@@ -80,6 +76,14 @@ def wait_until(predicate: object, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return bool(predicate())
+
+
+def add_stubborn(supervisor: Supervisor, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """Start a child that ignores SIGTERM and wait until it is running; return its process."""
+    ready = tmp_path / "ready"
+    process = supervisor.add("stubborn", [sys.executable, "-c", IGNORE_SIGTERM, str(ready)])
+    assert wait_until(ready.exists)
+    return process
 
 
 def read_pid(path: Path, timeout: float = 5.0) -> int:
@@ -135,13 +139,7 @@ def test_stop_goes_in_reverse_start_order(supervisor: Supervisor, tmp_path: Path
 
 def test_stop_kills_a_child_that_ignores_sigterm(supervisor: Supervisor, tmp_path: Path) -> None:
     """A child that ignores SIGTERM is SIGKILLed once the timeout passes."""
-    ready = tmp_path / "ready"
-    code = (
-        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        "open(sys.argv[1], 'w').close(); time.sleep(60)"
-    )
-    process = supervisor.add("stubborn", [sys.executable, "-c", code, str(ready)])
-    assert wait_until(ready.exists)
+    process = add_stubborn(supervisor, tmp_path)
     started = time.monotonic()
     supervisor.stop(timeout=0.5)
     assert 0.4 < time.monotonic() - started < 3
@@ -355,13 +353,7 @@ def test_waiting_fails_fast_when_the_process_died() -> None:
 
 def test_second_signal_while_stopping_kills_at_once(supervisor: Supervisor, tmp_path: Path) -> None:
     """A second Ctrl-C during a slow stop skips the rest of the grace period."""
-    ready = tmp_path / "ready"
-    code = (
-        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        "open(sys.argv[1], 'w').close(); time.sleep(60)"
-    )
-    process = supervisor.add("stubborn", [sys.executable, "-c", code, str(ready)])
-    assert wait_until(ready.exists)
+    process = add_stubborn(supervisor, tmp_path)
     supervisor.install_signal_handlers()
     try:
         with pytest.raises(SupervisorInterrupt):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -13,25 +10,12 @@ import requests
 from click.testing import CliRunner
 from conftest import LiveServer, new_key
 from openapi_schemas import validate
+from proc_kit import race
 
 from app import pricing, wallet
 from app.cli import main
 from app.config import Settings
 from app.fake_upstream import FakeUpstream
-
-THREADS = 64
-
-
-def race(fn: Callable[[int], Any], n: int = THREADS) -> list[Any]:
-    """Run fn(i) in n threads released together by a barrier; return the results in order."""
-    barrier = threading.Barrier(n)
-
-    def run(i: int) -> Any:
-        barrier.wait()
-        return fn(i)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(run, range(n)))
 
 
 def balance_history(r: redis.Redis, acct: str) -> list[int]:

@@ -23,18 +23,6 @@ TEXTS = load_settings({}).texts
 NOTE = TEXTS["more"]
 
 
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeWeChatAPI]:
-    with FakeWeChatAPI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def wx(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
-    fake_api.reset()
-    return fake_api
-
-
 @pytest.fixture
 def start(upstream: Any, redis_url: str, r: Any,
           wx: FakeWeChatAPI) -> Iterator[Callable[..., tuple[Any, WeChat]]]:

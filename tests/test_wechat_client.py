@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +33,6 @@ TOKEN_SCRIPT = textwrap.dedent("""
     time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
     print(client.access_token, flush=True)
 """)
-
-
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeWeChatAPI]:
-    with FakeWeChatAPI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def wx(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
-    fake_api.reset()
-    return fake_api
 
 
 def env_for(wx: FakeWeChatAPI, redis_url: str, upstream_url: str = "") -> dict[str, str]:

@@ -24,19 +24,12 @@ TEXTS = load_settings({}).texts
 KEY = re.compile(r"sk-[A-Za-z0-9_\-]{20,}")
 
 
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeWeChatAPI]:
-    with FakeWeChatAPI() as fake:
-        yield fake
-
-
 @pytest.fixture
 def served(upstream: Any, redis_url: str, r: Any,
-           fake_api: FakeWeChatAPI) -> Iterator[tuple[WeChat, str]]:
-    fake_api.reset()
-    settings = wechat_settings(upstream.url, redis_url, fake_api)
+           wx: FakeWeChatAPI) -> Iterator[tuple[WeChat, str]]:
+    settings = wechat_settings(upstream.url, redis_url, wx)
     with bot(settings, r, worker=False) as (_, url):
-        yield WeChat(url, fake_api.appid), url
+        yield WeChat(url, wx.appid), url
 
 
 def test_classify_both_forms() -> None:

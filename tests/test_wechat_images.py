@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from fakes import FakeWeChatAPI
 from PIL import Image
 from wechat_kit import WeChat, bot, text_xml, wait_for, wechat_settings
@@ -20,18 +18,6 @@ from workers.images import MAX_MEDIA_BYTES, fit
 OPENID = "oImageUser000000000000000001"
 TEXTS = load_settings({}).texts
 PRICE = 1300  # dall-e-2 512x512 = 0.13 元
-
-
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeWeChatAPI]:
-    with FakeWeChatAPI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def wx(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
-    fake_api.reset()
-    return fake_api
 
 
 def images(upstream: Any) -> list[dict[str, Any]]:

@@ -29,18 +29,6 @@ XXE = """<?xml version="1.0"?><!DOCTYPE x [<!ENTITY xxe SYSTEM "file:///etc/pass
 <MsgType>text</MsgType><Content>&xxe;</Content><MsgId>2</MsgId></xml>"""
 
 
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeWeChatAPI]:
-    with FakeWeChatAPI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def wx(fake_api: FakeWeChatAPI) -> FakeWeChatAPI:
-    fake_api.reset()
-    return fake_api
-
-
 @pytest.fixture(params=[False, True], ids=["plain", "aes"])
 def served(request: Any, upstream: Any, redis_url: str, r: Any,
            wx: FakeWeChatAPI) -> Iterator[tuple[WeChat, Any]]:

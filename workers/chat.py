@@ -10,20 +10,17 @@ import logging
 from typing import Any
 
 import redis
-import requests
 from flask import current_app
 
 from app import pricing, wallet
 from app.config import Settings, units_to_yuan
-from app.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from app.errors import InvalidRequest, UpstreamError
 from app.store import get_redis
 from app.upstream import get_upstream
 from app.wechat import context, outbox, users
-from app.wechat.texts import text
 from workers import deliver
 
 log = logging.getLogger(__name__)
-TRANSIENT = (UpstreamError, UpstreamTimeout, requests.RequestException, ValueError, KeyError)
 
 
 def reply_chat(openid: str, dedupe_key: str, text_in: str) -> str:
@@ -62,14 +59,14 @@ def _produce(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str
                                     settings.bot["chat_max_tokens"])
         held = wallet.reserve(r, acct, dk, hold, key_id="wechat", model=model)
         if not held.ok and held.reason == "short":
-            note = text("insufficient", settings, balance=units_to_yuan(held.balance))
-            return deliver.deliver(r, settings, openid, dk, [outbox.text_item(note)])
+            return deliver.note(r, settings, openid, dk, "insufficient",
+                                balance=units_to_yuan(held.balance))
         if not held.ok and held.reason == "settled":
             outbox.clear_pending(r, openid, dk)
             return "settled"  # charged and answered by an earlier run whose answer expired
     try:
         answer, pt, ct = _ask(settings, model, messages)
-    except TRANSIENT as exc:
+    except deliver.TRANSIENT as exc:
         if not deliver.last_attempt():
             raise
         _give_up(r, settings, openid, acct, dk, free, exc)
@@ -111,4 +108,4 @@ def _give_up(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str
         users.refund_free(r, dk)
     else:
         wallet.release(r, acct, dk)
-    deliver.deliver(r, settings, openid, dk, [outbox.text_item(text("chat_failed", settings))])
+    deliver.note(r, settings, openid, dk, "chat_failed")

@@ -11,10 +11,12 @@ import logging
 from typing import Any
 
 import redis
+import requests
 from rq import get_current_job
 from wechatpy.exceptions import WeChatClientException
 
 from app.config import Settings
+from app.errors import UpstreamError, UpstreamTimeout
 from app.wechat import outbox
 from app.wechat.client import get_client
 from app.wechat.texts import text
@@ -22,6 +24,8 @@ from app.wechat.texts import text
 log = logging.getLogger(__name__)
 Item = dict[str, Any]
 PUSH_BLOCKED = frozenset({48001, 45015, 45047})  # no API / out of the 48 h window / 5 used
+# Upstream failures a bot job leaves to rq's retries (until its last attempt).
+TRANSIENT = (UpstreamError, UpstreamTimeout, requests.RequestException, ValueError, KeyError)
 _BREAKS = "\n。！？；!?;，, "
 
 
@@ -72,6 +76,12 @@ def deliver(r: redis.Redis, settings: Settings, openid: str, dk: str, items: lis
             r, settings, openid, dk, items)
     outbox.clear_pending(r, openid, dk)
     return how
+
+
+def note(r: redis.Redis, settings: Settings, openid: str, dk: str, name: str,
+         **values: Any) -> str:
+    """Deliver the bot's text `name` (filled with `values`) as the answer; return how."""
+    return deliver(r, settings, openid, dk, [outbox.text_item(text(name, settings, **values))])
 
 
 def _park(r: redis.Redis, settings: Settings, openid: str, dk: str, items: list[Item]) -> str:

@@ -13,25 +13,22 @@ import logging
 from typing import Any
 
 import redis
-import requests
 from flask import current_app
 from PIL import Image
 from wechatpy.exceptions import WeChatClientException
 
 from app import pricing, wallet
 from app.config import Settings, units_to_yuan
-from app.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from app.errors import InvalidRequest
 from app.relay.media import fetch_image
 from app.store import get_redis
 from app.upstream import get_upstream
 from app.wechat import outbox, users
 from app.wechat.client import get_client
-from app.wechat.texts import text
 from workers import deliver
 
 log = logging.getLogger(__name__)
 MAX_MEDIA_BYTES = 2 * 1024 * 1024
-TRANSIENT = (UpstreamError, UpstreamTimeout, requests.RequestException, ValueError, KeyError)
 
 
 def reply_image(openid: str, dedupe_key: str, prompt: str) -> str:
@@ -49,8 +46,7 @@ def reply_image(openid: str, dedupe_key: str, prompt: str) -> str:
             done = made
         if done.get("media"):
             return deliver.deliver(r, settings, openid, dk, [{"t": "image", "m": done["media"]}])
-        note = text("image_link", settings, url=done["url"])
-        return deliver.deliver(r, settings, openid, dk, [outbox.text_item(note)])
+        return deliver.note(r, settings, openid, dk, "image_link", url=done["url"])
 
 
 def _make(r: redis.Redis, settings: Settings, openid: str, acct: str, req: str,
@@ -62,13 +58,13 @@ def _make(r: redis.Redis, settings: Settings, openid: str, acct: str, req: str,
     cost = pricing.image_cost(settings.prices[model], size, 1) or 0
     held = wallet.reserve(r, acct, req, cost, key_id="wechat", model=model)
     if not held.ok and held.reason == "short":
-        note = text("insufficient", settings, balance=units_to_yuan(held.balance))
-        return deliver.deliver(r, settings, openid, dk, [outbox.text_item(note)])
+        return deliver.note(r, settings, openid, dk, "insufficient",
+                            balance=units_to_yuan(held.balance))
     if not held.ok and held.reason == "settled":
         return "settled"
     try:
         picture, url = _generate(settings, model, size, prompt)
-    except (InvalidRequest, *TRANSIENT) as exc:
+    except (InvalidRequest, *deliver.TRANSIENT) as exc:
         if isinstance(exc, InvalidRequest) or deliver.last_attempt():
             return _give_up(r, settings, openid, acct, req, exc)
         raise
@@ -128,6 +124,5 @@ def _give_up(r: redis.Redis, settings: Settings, openid: str, acct: str, req: st
     """Give the hold back and tell the user politely."""
     log.warning("image for %s failed for good: %s", openid, exc)
     wallet.release(r, acct, req)
-    deliver.deliver(r, settings, openid, f"{req}:img",
-                    [outbox.text_item(text("image_failed", settings))])
+    deliver.note(r, settings, openid, f"{req}:img", "image_failed")
     return "failed"

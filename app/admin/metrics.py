@@ -13,28 +13,30 @@ from collections.abc import Iterator
 import redis
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from app import wallet
 from app.admin.auth import is_admin, unauthorized
 from app.admin.rqviews import queue_counts, workers
-from app.store import get_rq_redis
+from app.store import get_redis, get_rq_redis
 from app.upstream import get_upstream
 
 bp = Blueprint("metrics", __name__)
 
 
 class StateCollector(Collector):
-    """Gauges read from Redis at scrape: rq queues and registries, workers, channel cooldowns."""
+    """Read from Redis at scrape: rq queues and registries, workers, channel cooldowns, money."""
 
     def __init__(self, rq_redis: redis.Redis) -> None:
         self.rq_redis = rq_redis
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Yield the gauges (only xiaoyi_redis_up 0 while Redis cannot be read)."""
         try:
             rows, alive, channels = (queue_counts(self.rq_redis), len(workers(self.rq_redis)),
                                      get_upstream().health())
+            moved = wallet.money_stats(get_redis())
         except redis.RedisError:
             yield GaugeMetricFamily("xiaoyi_redis_up", "1 when Redis answered this scrape", 0)
             return
@@ -46,6 +48,12 @@ class StateCollector(Collector):
                 jobs.add_metric([row["name"], state], row[state])
         yield jobs
         yield GaugeMetricFamily("xiaoyi_rq_workers", "rq workers alive", value=alive)
+        money = CounterMetricFamily(
+            "xiaoyi_money_units", "Money moved in 0.0001 元 units by kind, across every process "
+            "(reserved, settled, released, topup, redeem)", labels=["kind"])
+        for kind, units in moved.items():
+            money.add_metric([kind], units)
+        yield money
         cooling = GaugeMetricFamily("xiaoyi_channel_cooling",
                                     "1 while an upstream channel rests after failures",
                                     labels=["channel"])

@@ -15,7 +15,6 @@ from app import keys, wallet
 from app.admin.auth import bp, csrf_token
 from app.admin.rqviews import queue_counts, workers
 from app.config import ConfigError, units_to_yuan, yuan_to_units
-from app.metrics import MONEY
 from app.store import get_redis, get_rq_redis
 from app.upstream import get_upstream
 
@@ -141,7 +140,6 @@ def topup(acct: str) -> Response:
     except wallet.NoAccount:
         abort(404)
     if credited:
-        MONEY.labels("topup").inc(units)
         current_app.logger.info("admin top-up of %s units to %s", units, acct)
     flash(f"已充值 {units_to_yuan(units)} 元" if credited else "该表单已提交过，未重复充值")
     return redirect(url_for("admin.account", acct=acct))

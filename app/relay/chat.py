@@ -14,7 +14,6 @@ from redis import Redis, RedisError
 
 from app import pricing, wallet
 from app.errors import ApiError, InvalidRequest, UpstreamError
-from app.metrics import MONEY
 from app.relay.common import (
     Call,
     authenticate_deferred,
@@ -26,7 +25,7 @@ from app.relay.common import (
     texts_or_tokens,
 )
 from app.store import get_redis
-from app.upstream import get_upstream, iter_sse
+from app.upstream import UpstreamResponse, get_upstream, iter_sse
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,6 @@ def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
                              param="stream_options", msg="stream_options 参数错误")
     amount = pricing.reserve_cost(call.price, prompt_est, max_tokens, choices)
     hold(call, amount)
-    MONEY.labels("reserved").inc(amount)
     want_usage = bool(isinstance(body.get("stream_options"), dict)
                       and body["stream_options"].get("include_usage"))
     if stream:
@@ -120,8 +118,6 @@ def _settle(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any] | None,
     cost = pricing.token_cost(call.price, pt, ct)
     charged = wallet.settle(r, call.key.acct, call.req_id, cost,
                             prompt_tokens=pt, completion_tokens=ct)
-    if charged is not None:
-        MONEY.labels("settled").inc(charged)
     return charged
 
 
@@ -182,7 +178,7 @@ def relay_text(kind: str, path: str) -> Response:
     return json_response(data, headers={"X-Request-Id": call.req_id})
 
 
-def _stream(kind: str, call: Call, prompt_est: int, resp: requests.Response,
+def _stream(kind: str, call: Call, prompt_est: int, resp: UpstreamResponse | requests.Response,
             want_usage: bool) -> Response:
     drain_cap = settings().relay.get("drain_cap_tokens", 8192)
     r = get_redis()

@@ -45,7 +45,8 @@ if tonumber(ARGV[3]) > 0 then
 end
 local req = ARGV[6]
 return {2, data, reserve({ARGV[9] .. f['acct'], 'xy:resv:' .. req, KEYS[2], KEYS[3],
-                          'xy:done:' .. req}, {f['acct'], req, ARGV[7], ARGV[1], f['id'], ARGV[8]})}
+                          'xy:done:' .. req, 'xy:stats:money'},
+                         {f['acct'], req, ARGV[7], ARGV[1], f['id'], ARGV[8]})}
 """)
 UNRESOLVED = keys.KeyInfo("", "", "", "")  # Call.key until hold() authenticates a deferred key
 

@@ -9,7 +9,6 @@ from flask import Response
 
 from app import pricing, wallet
 from app.errors import InvalidRequest, UpstreamError
-from app.metrics import MONEY
 from app.relay.common import Call, gather, hold, json_response, positive_int, texts_or_tokens
 from app.store import get_redis
 from app.upstream import get_upstream
@@ -34,9 +33,7 @@ def _call_json(call: Call, path: str) -> dict[str, Any]:
 
 
 def _charge(call: Call, cost: int, pt: int = 0) -> None:
-    charged = wallet.settle(get_redis(), call.key.acct, call.req_id, cost, prompt_tokens=pt)
-    if charged is not None:
-        MONEY.labels("settled").inc(charged)
+    wallet.settle(get_redis(), call.key.acct, call.req_id, cost, prompt_tokens=pt)
 
 
 def embeddings() -> Response:
@@ -54,7 +51,6 @@ def embeddings() -> Response:
     # Hold twice the estimate: the upstream's tokenizer may count more than the rule does.
     amount = pricing.token_cost(call.price, 2 * estimate + 16)
     hold(call, amount)
-    MONEY.labels("reserved").inc(amount)
     data = _call_json(call, "/embeddings")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     pt = usage["prompt_tokens"] if usage and isinstance(usage.get("prompt_tokens"), int) \
@@ -85,7 +81,6 @@ def images() -> Response:
                              param="response_format", msg="response_format 参数错误")
     cost = pricing.image_cost(call.price, size, n) or 0
     hold(call, cost)
-    MONEY.labels("reserved").inc(cost)
     data = _call_json(call, "/images/generations")
     made = min(len(data["data"]), n)
     _charge(call, (cost // n) * made)

@@ -1,4 +1,5 @@
-"""Chaos and hostile-input tests: DB 10 of the machine's Redis (or embedded servers), real processes.
+"""Chaos and hostile-input tests: a private real Redis per pytest process (or embedded servers with
+AOF, or XIAOYI_CHAOS_REDIS_URL), real processes.
 
 Tests marked `chaos` are slow fault injections: `make chaos` runs them (pytest -m chaos); a plain
 run (`make test`, no -m) leaves them out.
@@ -25,7 +26,6 @@ from app.store import make_redis
 from app.supervisor import pdeathsig_preexec
 
 ROOT = Path(__file__).resolve().parents[2]
-CHAOS_DB = 10
 LOCK_PATH = Path(os.environ.get("TMPDIR", "/tmp")) / "xiaoyi-chaos-db10.lock"
 
 
@@ -70,21 +70,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The machine's Redis, database 10 (only this index is ever flushed here)."""
-    url = os.environ.get("XIAOYI_CHAOS_REDIS_URL", f"redis://127.0.0.1:6379/{CHAOS_DB}")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        pytest.skip(f"no Redis at {url}")
-    return url
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """XIAOYI_CHAOS_REDIS_URL, or a real server private to this pytest process."""
+    url = os.environ.get("XIAOYI_CHAOS_REDIS_URL")
+    if url:
+        yield url
+        return
+    from private_redis import private_redis
+
+    proc, url = private_redis(tmp_path_factory.mktemp("chaos-redis"))
+    yield url
+    proc.terminate()
+    proc.wait(5)
 
 
 @contextlib.contextmanager
 def clean_db(redis_url: str) -> Iterator[redis.Redis]:
-    """Hold DB 10 alone (xdist workers share it), flushed, and yield a client on it."""
+    """Yield a flushed client; on a shared XIAOYI_CHAOS_REDIS_URL, hold it alone (file lock)."""
     with LOCK_PATH.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.environ.get("XIAOYI_CHAOS_REDIS_URL"):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         client = make_redis(redis_url, max_connections=400)
         client.flushdb()
         try:

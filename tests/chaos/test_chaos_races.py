@@ -8,12 +8,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import redis
 import requests
 from conftest import LiveServer, new_key
+from proc_kit import race
 
 from app import keys, wallet
 
@@ -21,24 +20,12 @@ CHAT = {"model": "gpt-3.5", "max_tokens": 50,
         "messages": [{"role": "user", "content": "race me"}]}
 
 
-def run_together(n: int, work: Any) -> list[Any]:
-    """Run work(i) on n threads released at the same instant; return the results in order."""
-    barrier = threading.Barrier(n)
-
-    def go(i: int) -> Any:
-        barrier.wait()
-        return work(i)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(go, range(n)))
-
-
 def test_wallet_64_way_reserve_never_overdraws(r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=10 * 1000)
-    got = run_together(64, lambda i: wallet.reserve(r, acct, f"req_{i}", 1000).ok)
+    got = race(lambda i: wallet.reserve(r, acct, f"req_{i}", 1000).ok, 64)
     assert sum(got) == 10  # exactly what the balance covers, whatever the interleaving
     assert wallet.balance(r, acct) == 0
-    run_together(64, lambda i: wallet.settle(r, acct, f"req_{i}", 400) if got[i] else None)
+    race(lambda i: wallet.settle(r, acct, f"req_{i}", 400) if got[i] else None, 64)
     assert wallet.balance(r, acct) == 10 * 600
     assert wallet.verify(r) == []
 
@@ -62,7 +49,7 @@ def test_wallet_64_way_mixed_traffic(r: redis.Redis) -> None:
             wallet.topup(r, acct, 1000, ref=f"pay_{i // 32}")  # two refs, two tries each
         return spent
 
-    spent = sum(run_together(64, work))
+    spent = sum(race(work, 64))
     assert wallet.balance(r, acct) == 5000 + 8 * 700 + 2 * 1000 - spent >= 0
     assert wallet.verify(r) == []
 
@@ -77,7 +64,7 @@ def test_http_64_way_on_one_key(live: LiveServer, r: redis.Redis) -> None:
         return session.post(live.url + "/v1/chat/completions", json=CHAT, timeout=30,
                             headers={"Authorization": f"Bearer {key}"}).status_code
 
-    statuses = Counter(run_together(64, one))
+    statuses = Counter(race(one, 64))
     assert set(statuses) <= {200, 429} and statuses[200] >= 1, statuses
     entries = list(wallet.ledger_entries(r, acct))
     settles = [e for e in entries if e["kind"] == "settle"]
@@ -90,7 +77,7 @@ def test_http_64_way_on_one_key(live: LiveServer, r: redis.Redis) -> None:
 def test_one_code_many_users(r: redis.Redis) -> None:
     accounts = [wallet.create_account(r) for _ in range(48)]
     code = wallet.create_codes(r, 5000)[0]
-    results = run_together(48, lambda i: wallet.redeem(r, accounts[i], code.lower())[0])
+    results = race(lambda i: wallet.redeem(r, accounts[i], code.lower())[0], 48)
     assert Counter(results) == {"ok": 1, "used": 47}
     winner = accounts[results.index("ok")]
     assert [wallet.balance(r, a) for a in accounts].count(5000) == 1
