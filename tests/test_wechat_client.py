@@ -89,7 +89,9 @@ def test_menu_push_and_show(wx: FakeWeChatAPI, redis_url: str, r: Any) -> None:
     assert "(no menu)" in runner.invoke(main, ["menu", "show"], env=env).output
     pushed = runner.invoke(main, ["menu", "push"], env=env)
     assert pushed.exit_code == 0, pushed.output
-    assert [b["key"] for b in wx.menu["button"]] == ["CHAT_API", "BALANCE", "HELP"]
+    buttons = wx.menu["button"]
+    assert [b.get("key") for b in buttons] == ["CHAT_API", "BALANCE", None]
+    assert [b["key"] for b in buttons[2]["sub_button"]] == ["HELP", "RECHARGE"]
     shown = runner.invoke(main, ["menu", "show"], env=env)
     assert json.loads(shown.output)["menu"]["button"][0]["name"] == "Chat的API"
     wx.set_error("menu/create", 40018)

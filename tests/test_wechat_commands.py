@@ -102,6 +102,7 @@ def test_one_code_twelve_users_credits_once(served: tuple[WeChat, str], r: Any) 
 def test_recharge_by_yuan_without_pay(served: tuple[WeChat, str]) -> None:
     wechat, _ = served
     assert wechat.say(OPENID, "充值 10") == TEXTS["pay_unavailable"]
+    assert wechat.click(OPENID, "RECHARGE") == TEXTS["recharge_how"]
 
 
 def test_recharge_by_yuan_starts_a_pay_order(upstream: Any, redis_url: str, r: Any,
@@ -114,7 +115,10 @@ def test_recharge_by_yuan_starts_a_pay_order(upstream: Any, redis_url: str, r: A
         settings = load_settings(env, toml={"pay": {"enabled": True}})
         with bot(settings, r, worker=False) as (_, url):
             reply = WeChat(url, fake_api.appid).say(OPENID, "充值 10元")
+            clicked = WeChat(url, fake_api.appid).click(OPENID + "x", "RECHARGE")
     assert "充值订单已创建：10 元" in reply and "weixin://" in reply
+    assert "充值订单已创建：10 元" in clicked and "weixin://" in clicked  # pay.menu_yuan
+    assert len(pay.orders) == 2
 
 
 def test_commands_are_fast_under_16_concurrent_senders(served: tuple[WeChat, str]) -> None:

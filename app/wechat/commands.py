@@ -135,8 +135,15 @@ def _pay(ctx: Ctx, yuan: str) -> Item:
     return outbox.text_item(start_order(ctx.r, ctx.settings, ctx.acct, ctx.openid, units))
 
 
+def recharge_menu(ctx: Ctx) -> Item:
+    """The 充值 menu entry: a WeChat Pay order of pay.menu_yuan, or how to recharge."""
+    if not ctx.settings.pay.get("enabled"):
+        return _t(ctx, "recharge_how")
+    return _pay(ctx, str(ctx.settings.pay.get("menu_yuan", "10")))
+
+
 HANDLERS: dict[str, Callable[[Ctx], Item]] = {
     "help": help_, "reset": reset, "balance": balance, "more": more, "key": key,
     "rotate": rotate, "redeem": redeem, "CHAT_API": api_card, "BALANCE": balance,
-    "HELP": help_,
+    "HELP": help_, "RECHARGE": recharge_menu,
 }

@@ -19,7 +19,7 @@ Item = dict[str, Any]
 
 CHAT_JOB = "workers.chat.reply_chat"
 IMAGE_JOB = "workers.images.reply_image"
-EVENTS = frozenset({"welcome", "CHAT_API", "BALANCE", "HELP"})
+EVENTS = frozenset({"welcome", "CHAT_API", "BALANCE", "HELP", "RECHARGE"})
 
 
 def route(msg: BaseMessage) -> tuple[str, str]:
@@ -35,7 +35,7 @@ def route(msg: BaseMessage) -> tuple[str, str]:
         if event in ("subscribe", "subscribe_scan"):
             return "welcome", ""
         key = msg._data.get("EventKey")
-        if event == "click" and key in ("CHAT_API", "BALANCE", "HELP"):
+        if event == "click" and key in ("CHAT_API", "BALANCE", "HELP", "RECHARGE"):
             return str(key), ""
         return "ignore", ""
     return "static", "unsupported"

@@ -28,6 +28,7 @@ from app.config import Settings, load_settings
 from app.fake_upstream import FakeUpstream
 
 LIMIT = 30  # key requests per minute in this module's config
+USER_LIMIT = 6  # WeChat messages per user per minute in this module's config
 
 
 @dataclass
@@ -53,6 +54,7 @@ def cluster(redis_url: str, upstream_server: FakeUpstream,
     config.write_text(f"""
 [limits]
 key_requests_per_minute = {LIMIT}
+user_messages_per_minute = {USER_LIMIT}
 [bot]
 reply_wait_seconds = 2.0
 daily_free_messages = 0
@@ -117,6 +119,15 @@ def test_key_rate_limit_is_shared_across_processes(cluster: Cluster) -> None:
     assert Counter(s for s, _, _ in results) == {200: LIMIT, 429: 10}
     assert {u for s, u, _ in results if s == 200} == set(cluster.webs)  # both processes served
     assert all(int(after) >= 1 for s, _, after in results if s == 429)
+
+
+def test_user_message_limit_is_shared_across_processes(cluster: Cluster) -> None:
+    openid = "oChaosUserLimit" + secrets.token_hex(6)
+    replies = [WeChat(cluster.webs[i % 2], cluster.wx.appid).say(openid, "余额")
+               for i in range(USER_LIMIT + 4)]
+    limited = [text for text in replies if text and "太频繁" in text]
+    assert len(limited) == 4, replies
+    assert all(text and text.startswith("账户余额") for text in replies[:USER_LIMIT]), replies
 
 
 def test_revoked_key_stops_at_once_in_every_process(cluster: Cluster) -> None:
