@@ -161,7 +161,10 @@ def test_gunicorn_conf_sets_up_multiprocess_metrics(tmp_path: Path, preset: bool
         shutil.rmtree(prom)
 
 
-def test_operations_doc_has_every_section() -> None:
-    doc = (ROOT / "docs" / "operations.md").read_text()
+def test_readme_has_every_operations_section() -> None:
+    doc = (ROOT / "README.md").read_text()
     for section in ("Admin", "Metrics", "Channels", "Limits", "Pay", "Deploy", "Scale out"):
-        assert re.search(rf"^## {section}\b", doc, re.M), section
+        assert re.search(rf"^### {section}\b", doc, re.M), section
+    for section in ("Connect your official account", "Reliability", "Benchmarks", "Architecture",
+                    "Configuration"):
+        assert re.search(rf"^##+ {section}\b", doc, re.M), section
