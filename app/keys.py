@@ -127,24 +127,28 @@ def wait_seconds(wait_ms: int) -> int:
     return 0 if wait_ms == 0 else max(1, -(-wait_ms // 1000))
 
 
+# KEYS[1]=key id hash, KEYS[2]=lookup hash -> 1 revoked now | 0 revoked already (one winner)
+REVOKE = """
+if redis.call('HGET', KEYS[1], 'revoked') ~= '0' then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'revoked', 1)
+return 1
+"""
+
+
 def revoke(r: redis.Redis, key_id: str) -> bool:
-    """Revoke a key at once; return False when no such live key."""
+    """Revoke a key at once; return False when no such live key (or another revoke won)."""
     digest = r.hget(f"xy:keyid:{key_id}", "hash")
-    if digest is None or r.hget(f"xy:keyid:{key_id}", "revoked") == "1":
+    if digest is None:
         return False
-    pipe = r.pipeline(transaction=True)
-    pipe.delete(f"xy:key:{digest}")
-    pipe.hset(f"xy:keyid:{key_id}", "revoked", 1)
-    pipe.execute()
-    return True
+    return int(script(r, REVOKE)(keys=[f"xy:keyid:{key_id}", f"xy:key:{digest}"])) == 1
 
 
 def rotate(r: redis.Redis, key_id: str) -> tuple[str, KeyInfo] | None:
-    """Revoke a key and issue its replacement for the same account."""
+    """Revoke a key and issue its replacement; of concurrent rotations only one issues a key."""
     data = r.hgetall(f"xy:keyid:{key_id}")
-    if not data:
+    if not data or not revoke(r, key_id):
         return None
-    revoke(r, key_id)
     return create_key(r, data["acct"], data.get("name", ""))
 
 

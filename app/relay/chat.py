@@ -200,13 +200,7 @@ def _stream(kind: str, call: Call, prompt_est: int, resp: UpstreamResponse | req
         events = iter_sse(resp)
         last: dict[str, Any] = {}
         try:
-            for payload in events:
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(obj, dict):
-                    continue
+            for payload, obj in _objects(events):
                 last = obj
                 if obj.get("usage"):
                     usage = obj["usage"]
@@ -249,19 +243,24 @@ def _usage_chunk(kind: str, call: Call, last: dict[str, Any], prompt_est: int,
                       "total_tokens": prompt_est + ct}}
 
 
+def _objects(events: Iterator[bytes]) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Yield (payload, parsed object) for each event that is a JSON object; skip the rest."""
+    for payload in events:
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            yield payload, obj
+
+
 def _drain(events: Iterator[bytes], kind: str, texts: list[str], cap: int) -> dict | None:
     usage = None
     deadline = time.monotonic() + 120
     try:
-        for i, payload in enumerate(events):
+        for i, (_, obj) in enumerate(_objects(events)):
             if i >= cap or time.monotonic() > deadline:
                 break
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(obj, dict):
-                continue
             usage = obj.get("usage") or usage
             texts.append(_answer_text(kind, obj))
     except (requests.RequestException, OSError, ApiError) as exc:

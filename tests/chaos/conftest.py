@@ -1,5 +1,5 @@
 """Chaos and hostile-input tests: a private real Redis per pytest process (or embedded servers with
-AOF, or XIAOYI_CHAOS_REDIS_URL), real processes.
+AOF, or XIAOYI_TEST_REDIS_URL), real processes.
 
 Tests marked `chaos` are slow fault injections: `make chaos` runs them (pytest -m chaos); a plain
 run (`make test`, no -m) leaves them out.
@@ -69,26 +69,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """XIAOYI_CHAOS_REDIS_URL, or a real server private to this pytest process."""
-    url = os.environ.get("XIAOYI_CHAOS_REDIS_URL")
-    if url:
-        yield url
-        return
-    from private_redis import private_redis
-
-    proc, url = private_redis(tmp_path_factory.mktemp("chaos-redis"))
-    yield url
-    proc.terminate()
-    proc.wait(5)
-
-
 @contextlib.contextmanager
 def clean_db(redis_url: str) -> Iterator[redis.Redis]:
-    """Yield a flushed client; on a shared XIAOYI_CHAOS_REDIS_URL, hold it alone (file lock)."""
+    """Yield a flushed client; on a shared XIAOYI_TEST_REDIS_URL, hold it alone (file lock).
+
+    Without that variable `redis_url` (tests/conftest.py) is a server private to this process.
+    """
     with LOCK_PATH.open("w") as lock:
-        if os.environ.get("XIAOYI_CHAOS_REDIS_URL"):
+        if os.environ.get("XIAOYI_TEST_REDIS_URL"):
             fcntl.flock(lock, fcntl.LOCK_EX)
         client = make_redis(redis_url, max_connections=400)
         client.flushdb()
