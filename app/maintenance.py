@@ -14,7 +14,8 @@ Keys (owned here; rq's own keys are only read, or changed through rq's classes):
     xy:wk:stuck:{queue}:{job}     string, TTL 1 h: when a job was first seen stranded in an
                                          intermediate queue (dequeued, never started)
     xy:wk:locks:{worker}          hash   lock name -> token: locks a worker's job holds
-                                         (worker_lock), freed at once when the worker is dead
+                                         (app.rqworker.worker_lock), freed at once when the
+                                         worker is dead
 
 A started job is abandoned when its execution's worker has no rq record any more, or beats here
 and its pulse has lapsed. The sweeper takes it out of the registry (ZREM: of several sweepers
@@ -28,14 +29,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import redis
-from redis.exceptions import LockError
 
 from app import wallet
+from app.rqworker import RELEASE, locks_key
+from app.rqworker import worker_class as worker_class  # re-exported
+from app.rqworker import worker_lock as worker_lock  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,6 @@ STALE_HOLD_S = 900  # an open reservation this old was left by a crash: release 
 BEATING = "xy:wk:beating"
 SWEEP_LOCK = "xy:wk:sweep"
 WORKER_PREFIX = "rq:worker:"  # rq's worker hash (BaseWorker.redis_worker_namespace_prefix)
-
-
-# KEYS[1]=lock; ARGV[1]=token. Free the lock only while it still holds this token.
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def alive_key(worker: str) -> str:
@@ -168,48 +163,6 @@ def requeue_stuck(conn: redis.Redis, queues: list[str]) -> list[str]:
     return done
 
 
-def locks_key(worker: str) -> str:
-    """Name the hash of the locks a worker's running job holds."""
-    return f"xy:wk:locks:{worker}"
-
-
-def _current_worker() -> str:
-    from rq import get_current_job
-
-    job = get_current_job()
-    return (job.worker_name or "") if job is not None else ""
-
-
-@contextmanager
-def worker_lock(r: redis.Redis, name: str, timeout: int, blocking_timeout: float | None = None,
-                worker: str | None = None) -> Iterator[None]:
-    """Hold a Redis lock that is freed as soon as this worker is found dead, not after `timeout`.
-
-    A plain lock of a SIGKILLed worker blocks the requeued job until its TTL lapses; this one is
-    registered under the running job's worker, and the sweeper deletes it with the dead worker.
-    """
-    worker = _current_worker() if worker is None else worker
-    lock = r.lock(name, timeout=timeout, sleep=0.1,
-                  blocking_timeout=timeout if blocking_timeout is None else blocking_timeout)
-    if not lock.acquire():
-        raise LockError(f"could not acquire {name}")
-    token = lock.local.token
-    if worker:
-        pipe = r.pipeline(transaction=False)
-        pipe.hset(locks_key(worker), name, token.decode() if isinstance(token, bytes) else token)
-        pipe.expire(locks_key(worker), timeout)
-        pipe.execute()
-    try:
-        yield
-    finally:
-        if worker:
-            r.hdel(locks_key(worker), name)
-        try:
-            lock.release()
-        except LockError:
-            log.warning("lock %s had expired or was freed before its release", name)
-
-
 def bury_dead(conn: redis.Redis) -> list[str]:
     """Remove the records and free the locks of beating workers whose pulse lapsed."""
     from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY
@@ -253,55 +206,6 @@ def sweep(conn: redis.Redis, r: redis.Redis, queues: Iterable[str] = (), *,
     report["buried"] = bury_dead(conn)
     report["released"] = wallet.release_stale(r, STALE_HOLD_S)
     return report
-
-
-def worker_class() -> type:
-    """Return rq's SimpleWorker whose scheduler process dies with it (rq's outlives a SIGKILL)."""
-    import signal
-
-    from rq import SimpleWorker
-    from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-    from rq.scheduler import RQScheduler
-
-    from app.supervisor import pdeathsig_preexec
-
-    class Scheduler(RQScheduler):
-        """rq's scheduler, forked with PR_SET_PDEATHSIG so an orphan stops (SIGTERM) at once."""
-
-        def start(self) -> Any:
-            self._on_fork = pdeathsig_preexec(signal.SIGTERM)  # made in the parent: knows its pid
-            return super().start()
-
-        def work(self) -> None:
-            if getattr(self, "_on_fork", None):
-                self._on_fork()
-            super().work()
-
-    class Worker(SimpleWorker):
-        """SimpleWorker (no fork per job) with the scheduler above."""
-
-        def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO",
-                             date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
-                             log_format: str = DEFAULT_LOGGING_FORMAT) -> None:
-            # rq 2.12's BaseWorker._start_scheduler, building our Scheduler class.
-            self.scheduler = Scheduler(
-                self.queues, connection=self.connection, serializer=self.serializer,
-                logging_level=logging_level if logging_level is not None else self.log.level,
-                date_format=date_format, log_format=log_format)
-            self.scheduler.acquire_locks()
-            if not self.scheduler.acquired_locks:
-                return
-            if not burst:
-                self.scheduler.start()
-                return
-            try:
-                self.scheduler.register_birth()
-                self.scheduler.enqueue_scheduled_jobs()
-            finally:
-                self.scheduler.release_locks()
-                self.scheduler.register_death()
-
-    return Worker
 
 
 class Pulse:

@@ -1,0 +1,107 @@
+"""Own the fake upstream's behaviour markers and config, its OpenAI error and its JSON codec."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import orjson
+
+    _dumps: Callable[[Any], bytes] = orjson.dumps
+    _loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    import json
+
+    def _dumps(obj: Any) -> bytes:
+        """Serialise obj as compact UTF-8 JSON."""
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+    _loads = json.loads
+
+_MARKER_RE = re.compile(r"\[\[fake:([a-z_]+)(?:=([^\]]*))?\]\]")
+
+
+class FakeError(Exception):
+    """Carry an HTTP status and the fields of an OpenAI error body."""
+
+    def __init__(
+        self, status: int, message: str, etype: str = "invalid_request_error",
+        code: str | None = None, extra_headers: bytes = b"",
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.etype = status, message, etype
+        self.code, self.extra_headers = code, extra_headers
+
+    def body(self) -> bytes:
+        """Return the OpenAI-shaped JSON error body."""
+        error = {"message": self.message, "type": self.etype, "param": None, "code": self.code}
+        return _dumps({"error": error})
+
+
+def _as_status(value: Any) -> int:
+    """Parse an error status between 400 and 599."""
+    status = int(str(value))
+    if not 400 <= status <= 599:
+        raise ValueError("status must be 400-599")
+    return status
+
+
+def _as_seconds(value: Any) -> float:
+    """Parse a non-negative number of seconds (at most 600)."""
+    seconds = float(str(value))
+    if not 0 <= seconds <= 600:
+        raise ValueError("seconds must be 0-600")
+    return seconds
+
+
+def _as_count(value: Any) -> int:
+    """Parse a non-negative integer count (at most 1,000,000)."""
+    count = int(str(value))
+    if not 0 <= count <= 1_000_000:
+        raise ValueError("count must be 0-1000000")
+    return count
+
+
+def _as_flag(value: Any) -> bool:
+    """Parse a flag; a bare marker (None) means true."""
+    if value is None or value is True or str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if value is False or str(value).lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("flag must be true or false")
+
+
+BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
+    "status": _as_status,
+    "retry_after": _as_seconds,
+    "delay": _as_seconds,
+    "nousage": _as_flag,
+    "long": _as_count,
+    "chunk_delay": _as_seconds,
+    "cut": _as_count,
+    "malformed": _as_flag,
+}
+
+
+def parse_behaviour(raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate behaviour settings by name; raise FakeError(400) on an unknown name or bad value."""
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        parse = BEHAVIOURS.get(name)
+        if parse is None:
+            raise FakeError(400, f"unknown fake behaviour {name!r}; known: {', '.join(BEHAVIOURS)}")
+        try:
+            out[name] = parse(value)
+        except ValueError as exc:
+            raise FakeError(400, f"bad value for fake behaviour {name!r}: {exc}") from None
+    return out
+
+
+def extract_markers(text: str) -> tuple[str, dict[str, Any]]:
+    """Return text without its [[fake:...]] markers, and the behaviour they ask for."""
+    if "[[fake:" not in text:
+        return text, {}
+    found = parse_behaviour({m[1]: m[2] for m in _MARKER_RE.finditer(text)})
+    return _MARKER_RE.sub("", text).strip(), found
