@@ -183,9 +183,13 @@ class Upstream:
             raise translate(exc) from exc
         return UpstreamResponse(raw)
 
-    def post(self, path: str, body: dict[str, Any], model: str,
-             stream: bool = False) -> requests.Response | UpstreamResponse:
-        """POST to the first healthy channel, failing over on 429/5xx/timeouts."""
+    def post(self, path: str, body: dict[str, Any], model: str, stream: bool = False,
+             expect: str | None = None) -> Any:
+        """POST to the first healthy channel, failing over on 429/5xx/timeouts.
+
+        Returns the response; with `expect` (a non-stream call) returns the parsed JSON object
+        instead, and a 200 whose body is not an object with that list field fails over too.
+        """
         data = orjson.dumps(body)
         channels = self.order(model)
         if not channels:
@@ -208,8 +212,16 @@ class Upstream:
                 continue
             self._prepare(channel).latency.observe(time.perf_counter() - started)
             if resp.status_code == 200:
-                self._mark(channel, True)
-                return resp
+                if expect is None:
+                    self._mark(channel, True)
+                    return resp
+                parsed = _parse(resp, expect)
+                if parsed is not None:
+                    self._mark(channel, True)
+                    return parsed
+                last = "malformed JSON"
+                self._mark(channel, False, "malformed")
+                continue
             status = resp.status_code
             message = _error_message(resp)
             resp.close()
@@ -221,6 +233,8 @@ class Upstream:
                 raise InvalidRequest(f"Upstream rejected the request: {message}")
             last = f"HTTP {status}"
             self._mark(channel, False, f"http_{status}")
+        if last == "malformed JSON" and len(channels) == 1:
+            raise UpstreamError("The upstream answered with malformed JSON.")
         if timed_out and not last:
             raise UpstreamTimeout("The upstream did not answer in time.")
         raise UpstreamError(f"Every upstream channel failed ({last or 'timeout'}).")
@@ -339,6 +353,15 @@ def translate(exc: BaseException, reading: bool = False) -> requests.RequestExce
     if isinstance(exc, ProtocolError | NewConnectionError | OSError):
         return requests.ConnectionError(exc)
     return requests.RequestException(exc)
+
+
+def _parse(resp: requests.Response | UpstreamResponse, field: str) -> dict[str, Any] | None:
+    """Return the body as a JSON object holding a list `field`, or None when it is not one."""
+    try:
+        data = resp.json()
+    except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get(field), list) else None
 
 
 def _error_message(resp: requests.Response | UpstreamResponse) -> str:

@@ -116,7 +116,8 @@ def test_failover_cooldown_and_recovery(r: redis.Redis, redis_url: str, upstream
 
 
 @pytest.mark.parametrize("behaviour,reason", [({"status": 429}, "http_429"),
-                                              ({"delay": 3}, "timeout")])
+                                              ({"delay": 3}, "timeout"),
+                                              ({"malformed": True}, "malformed")])
 def test_429_and_timeouts_fail_over(r: redis.Redis, redis_url: str, upstream: FakeUpstream,
                                     second: FakeUpstream, behaviour: dict, reason: str) -> None:
     client = make_app(r, redis_url, second, upstream, timeout_seconds=1)

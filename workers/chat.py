@@ -88,7 +88,7 @@ def _produce(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str
 def _ask(settings: Settings, model: str, messages: list[dict[str, Any]]) -> tuple[str, int, int]:
     """Call the upstream; return (answer, prompt tokens, completion tokens)."""
     body = {"model": model, "messages": messages, "max_tokens": settings.bot["chat_max_tokens"]}
-    data = get_upstream().post("/chat/completions", body, model).json()
+    data = get_upstream().post("/chat/completions", body, model, expect="choices")
     answer = data["choices"][0]["message"]["content"]
     if not isinstance(answer, str) or not answer.strip():
         raise UpstreamError("The upstream answered nothing.")

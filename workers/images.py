@@ -88,8 +88,8 @@ def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[b
     """Return (picture bytes, its URL or '') from the upstream."""
     body = {"model": model, "prompt": prompt, "n": 1, "size": size,
             "response_format": settings.bot.get("image_format", "b64_json")}
-    first: dict[str, Any] = get_upstream().post("/images/generations", body, model).json()[
-        "data"][0]
+    first: dict[str, Any] = get_upstream().post("/images/generations", body, model,
+                                                 expect="data")["data"][0]
     if first.get("b64_json"):
         return base64.b64decode(first["b64_json"]), ""
     return fetch_image(first["url"]), first["url"]

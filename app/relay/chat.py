@@ -152,19 +152,15 @@ def relay_text(kind: str, path: str) -> Response:
         raise
     r = get_redis()
     try:
-        resp = get_upstream().post(path, call.body, call.upstream_model, stream=stream)
+        # Non-stream: a channel answering malformed JSON fails over like a 5xx.
+        got = get_upstream().post(path, call.body, call.upstream_model, stream=stream,
+                                  expect=None if stream else "choices")
     except BaseException:
         wallet.release(r, call.key.acct, call.req_id)
         raise
     if stream:
-        return _stream(kind, call, prompt_est, resp, want_usage)
-    try:
-        data = resp.json()
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise ValueError("no choices")
-    except (ValueError, requests.RequestException) as exc:
-        wallet.release(r, call.key.acct, call.req_id)
-        raise UpstreamError("The upstream answered with malformed JSON.") from exc
+        return _stream(kind, call, prompt_est, got, want_usage)
+    data: dict[str, Any] = got
     text = _answer_text(kind, data)
     _settle(r, call, prompt_est, data.get("usage"), text)
     if not data.get("usage"):
