@@ -111,7 +111,8 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Return every configured secret (for log scrubbing and tests)."""
         values = [self.upstream_api_key, self.wechat_app_secret, self.wechat_aes_key,
-                  self.pay_api_key, self.admin_token, *(c.api_key for c in self.channels)]
+                  self.pay_api_key, self.admin_token, self.secret_key, self.wechat_token,
+                  *(c.api_key for c in self.channels)]
         return tuple(v for v in values if v and len(v) >= 6)
 
 

@@ -32,13 +32,14 @@ def make_redis(url: str, max_connections: int | None = None,
     return redis.Redis(connection_pool=pool)
 
 
-def client_url(client: redis.Redis) -> str:
-    """Return the URL a client connects to (to build a sibling client)."""
-    kw = client.connection_pool.connection_kwargs
-    if kw.get("path"):
-        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
-    auth = f":{kw['password']}@" if kw.get("password") else ""
-    return f"redis://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+def bytes_twin(client: redis.Redis) -> redis.Redis:
+    """Return a client on the same server, same connection settings (TLS, user…), bytes replies."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    twin = redis.BlockingConnectionPool(connection_class=pool.connection_class,
+                                        max_connections=pool.max_connections, timeout=5,
+                                        **kwargs)
+    return redis.Redis(connection_pool=twin)
 
 
 def init_app(app: Flask, client: redis.Redis | None = None) -> None:
@@ -48,7 +49,7 @@ def init_app(app: Flask, client: redis.Redis | None = None) -> None:
                                         app.config["SETTINGS"].data_dir))
     app.extensions[EXTENSION] = client
     # rq stores pickled/bytes data: it needs a client that does not decode responses.
-    app.extensions[RQ_EXTENSION] = make_redis(client_url(client), decode=False)
+    app.extensions[RQ_EXTENSION] = bytes_twin(client)
 
 
 def get_redis() -> redis.Redis:

@@ -365,12 +365,16 @@ def _parse(resp: requests.Response | UpstreamResponse, field: str) -> dict[str, 
 
 
 def _error_message(resp: requests.Response | UpstreamResponse) -> str:
+    """Return the upstream's error message, whatever shape (or no body) it came in."""
     try:
-        err = resp.json().get("error")
-        text = err.get("message") if isinstance(err, dict) else str(err)
+        data = resp.json()
+        err = data.get("error") if isinstance(data, dict) else data
+        text = err.get("message") if isinstance(err, dict) else err
     except ValueError:
         text = resp.text[:200]
-    return (text or f"HTTP {resp.status_code}")[:300]
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+        text = ""
+    return (str(text) if text else f"HTTP {resp.status_code}")[:300]
 
 
 def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[bytes]:

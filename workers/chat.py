@@ -89,7 +89,9 @@ def _ask(settings: Settings, model: str, messages: list[dict[str, Any]]) -> tupl
     """Call the upstream; return (answer, prompt tokens, completion tokens)."""
     body = {"model": model, "messages": messages, "max_tokens": settings.bot["chat_max_tokens"]}
     data = get_upstream().post("/chat/completions", body, model, expect="choices")
-    answer = data["choices"][0]["message"]["content"]
+    first = data["choices"][0] if data["choices"] else None
+    message = first.get("message") if isinstance(first, dict) else None
+    answer = message.get("content") if isinstance(message, dict) else None
     if not isinstance(answer, str) or not answer.strip():
         raise UpstreamError("The upstream answered nothing.")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 Item = dict[str, Any]
 PUSH_BLOCKED = frozenset({48001, 45015, 45047})  # no API / out of the 48 h window / 5 used
 # Upstream failures a bot job leaves to rq's retries (until its last attempt).
-TRANSIENT = (UpstreamError, UpstreamTimeout, requests.RequestException, ValueError, KeyError)
+# Anything the upstream's reply can break with is retried, then answered with an apology.
+TRANSIENT = (UpstreamError, UpstreamTimeout, requests.RequestException, ValueError, KeyError,
+             IndexError, TypeError)
 _BREAKS = "\n。！？；!?;，, "
 
 

@@ -100,21 +100,35 @@ def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
 
 def _answer_text(kind: str, data: dict[str, Any]) -> str:
     parts = []
-    for choice in data.get("choices") or []:
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
         if kind == "chat":
             src = choice.get("message") or choice.get("delta") or {}
-            parts.append(pricing.content_text(src.get("content")))
-        else:
-            parts.append(choice.get("text") or "")
+            parts.append(pricing.content_text(src.get("content") if isinstance(src, dict) else ""))
+        elif isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
     return "".join(p for p in parts if p)
+
+
+def _reported(usage: Any) -> tuple[int, int] | None:
+    """Return the upstream's (prompt, completion) tokens when its usage is well-formed."""
+    if isinstance(usage, dict):
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+        if isinstance(pt, int) and isinstance(ct, int) and pt >= 0 and ct >= 0:
+            return pt, ct
+    return None
+
+
+def _tokens(usage: Any, prompt_est: int, text: str) -> tuple[int, int]:
+    """Return (prompt, completion) tokens: the upstream's usage when well-formed, else estimates."""
+    return _reported(usage) or (prompt_est, pricing.estimate_tokens(text))
 
 
 def _settle(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any] | None,
             text: str) -> int | None:
-    if usage and isinstance(usage.get("prompt_tokens"), int):
-        pt, ct = usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
-    else:
-        pt, ct = prompt_est, pricing.estimate_tokens(text)
+    pt, ct = _tokens(usage, prompt_est, text)
     cost = pricing.token_cost(call.price, pt, ct)
     charged = wallet.settle(r, call.key.acct, call.req_id, cost,
                             prompt_tokens=pt, completion_tokens=ct)
@@ -163,10 +177,12 @@ def relay_text(kind: str, path: str) -> Response:
     data: dict[str, Any] = got
     text = _answer_text(kind, data)
     _settle(r, call, prompt_est, data.get("usage"), text)
-    if not data.get("usage"):
+    if _reported(data.get("usage")) is None:  # usage always present, and what was billed
         pt, ct = prompt_est, pricing.estimate_tokens(text)
         data["usage"] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
     for choice in data["choices"]:
+        if not isinstance(choice, dict):
+            continue
         choice.setdefault("logprobs", None)
         if kind == "chat" and isinstance(choice.get("message"), dict):
             choice["message"].setdefault("refusal", None)

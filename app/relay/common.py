@@ -222,7 +222,7 @@ def _auth_and_hold(call: Call, amount: int) -> None:
         raise RateLimited(keys.wait_seconds(int(res[2])))
     code = int(res[2][0])
     if code == -2:
-        raise wallet.NoAccount(call.key.acct)
+        raise InvalidKey("The key's account no longer exists.", msg="账户不存在")
     if code != 1:
         raise InsufficientQuota()
 
@@ -231,8 +231,11 @@ def hold(call: Call, amount: int) -> None:
     """Reserve the most this call can cost, or refuse with 429 insufficient_quota."""
     if call.key is UNRESOLVED:
         return _auth_and_hold(call, amount)
-    got = wallet.reserve(get_redis(), call.key.acct, call.req_id, amount,
-                         key_id=call.key.id, model=call.upstream_model)
+    try:
+        got = wallet.reserve(get_redis(), call.key.acct, call.req_id, amount,
+                             key_id=call.key.id, model=call.upstream_model)
+    except wallet.NoAccount as exc:
+        raise InvalidKey("The key's account no longer exists.", msg="账户不存在") from exc
     if not got.ok:
         raise InsufficientQuota()
 
