@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from app.ratelimit import WINDOW
+from app.ratelimit import WINDOW, wait_seconds
 from app.store import script
 
 PREFIX = "sk-"
@@ -85,12 +85,10 @@ def create_key(r: redis.Redis, acct: str, name: str = "") -> tuple[str, KeyInfo]
 
 def lookup(r: redis.Redis, raw: str) -> KeyInfo | None:
     """Return the key's info when it is valid, else None (one Redis round trip)."""
-    if not raw.startswith(PREFIX) or len(raw) > 200:
+    if not plausible(raw):
         return None
     data = r.hgetall(f"xy:key:{hash_key(raw)}")
-    if not data:
-        return None
-    return KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
+    return _info(data) if data else None
 
 
 def lookup_and_hit(r: redis.Redis, raw: str, limit: int,
@@ -118,13 +116,11 @@ def plausible(raw: str) -> bool:
 
 def info_from_fields(flat: list[str]) -> KeyInfo:
     """Build a KeyInfo from a lookup hash's HGETALL reply as a Lua script returns it."""
-    data = dict(zip(flat[::2], flat[1::2], strict=True))
+    return _info(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def _info(data: dict[str, str]) -> KeyInfo:
     return KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
-
-
-def wait_seconds(wait_ms: int) -> int:
-    """Turn the window's milliseconds to wait into whole seconds (0: allowed), as ratelimit.hit."""
-    return 0 if wait_ms == 0 else max(1, -(-wait_ms // 1000))
 
 
 # KEYS[1]=key id hash, KEYS[2]=lookup hash -> 1 revoked now | 0 revoked already (one winner)

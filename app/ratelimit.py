@@ -29,6 +29,11 @@ return 0
 """
 
 
+def wait_seconds(wait_ms: int) -> int:
+    """Turn WINDOW's milliseconds to wait into whole seconds (0: allowed, else >= 1)."""
+    return 0 if wait_ms == 0 else max(1, -(-wait_ms // 1000))
+
+
 def hit(r: redis.Redis, subject: str, limit: int, window_s: int = 60) -> int:
     """Count one request; return 0 when allowed, else whole seconds to wait (>= 1)."""
     if limit <= 0:
@@ -36,4 +41,4 @@ def hit(r: redis.Redis, subject: str, limit: int, window_s: int = 60) -> int:
     now = int(time.time() * 1000)
     wait_ms = int(script(r, WINDOW)(keys=[f"xy:rl:{subject}"],
                                     args=[now, window_s * 1000, limit, f"{now}-{secrets.token_hex(4)}"]))
-    return 0 if wait_ms == 0 else max(1, -(-wait_ms // 1000))
+    return wait_seconds(wait_ms)

@@ -46,8 +46,10 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _day(ts_ms: int) -> str:
-    return time.strftime("%Y%m%d", time.gmtime(ts_ms / 1000 + 8 * 3600))  # China time
+def china_day(ts_ms: int | None = None) -> str:
+    """Return the date in China (UTC+8) as yyyymmdd, of ts_ms or now."""
+    ts = time.time() if ts_ms is None else ts_ms / 1000
+    return time.strftime("%Y%m%d", time.gmtime(ts + 8 * 3600))
 
 
 # KEYS[1]=acct hash, KEYS[2]=accts zset, KEYS[3]=ledger, KEYS[4]=money stats
@@ -232,7 +234,7 @@ def settle(r: redis.Redis, acct: str, req: str, cost: int, *, prompt_tokens: int
     now = _now_ms()
     res = script(r, SETTLE)(
         keys=[acct_key(acct), f"xy:resv:{req}", PENDING, LEDGER, f"xy:done:{req}",
-              f"xy:usage:{_day(now)}", STATS],
+              f"xy:usage:{china_day(now)}", STATS],
         args=[acct, req, cost, now, prompt_tokens, completion_tokens, kind, DONE_TTL])
     return int(res[1]) if int(res[0]) == 1 else None
 
@@ -357,7 +359,7 @@ def release_stale(r: redis.Redis, older_than_s: int = 900) -> int:
 def usage_by_day(r: redis.Redis, days: int = 14) -> dict[str, dict[str, int]]:
     """Return {yyyymmdd: {model:field: n}} for the last `days` days."""
     now = _now_ms()
-    names = [_day(now - i * 86400_000) for i in range(days - 1, -1, -1)]
+    names = [china_day(now - i * 86400_000) for i in range(days - 1, -1, -1)]
     pipe = r.pipeline()
     for name in names:
         pipe.hgetall(f"xy:usage:{name}")

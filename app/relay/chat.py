@@ -16,7 +16,6 @@ from app import pricing, wallet
 from app.errors import ApiError, InvalidRequest, UpstreamError
 from app.relay.common import (
     Call,
-    authenticate_deferred,
     gather,
     hold,
     json_response,
@@ -159,11 +158,7 @@ def _settle_retrying(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any
 
 def relay_text(kind: str, path: str) -> Response:
     """Serve one chat or completions request."""
-    try:
-        call, prompt_est, stream, want_usage = _prepare(kind)
-    except ApiError:
-        authenticate_deferred()  # a bad key or a rate limit is answered first, as always
-        raise
+    call, prompt_est, stream, want_usage = _prepare(kind)
     r = get_redis()
     try:
         # Non-stream: a channel answering malformed JSON fails over like a 5xx.

@@ -20,7 +20,7 @@ from app.errors import (
     RateLimited,
     RequestTooLarge,
 )
-from app.ratelimit import WINDOW
+from app.ratelimit import WINDOW, wait_seconds
 from app.store import get_redis, script
 
 DEFAULT_MODEL = "gpt-3.5"
@@ -175,7 +175,7 @@ def gather(kinds: tuple[str, ...], defer_key: bool = False) -> Call:
     """Parse the body, authenticate, map the model and find its price.
 
     defer_key: look the key up later, in hold()'s round trip (Call.key is UNRESOLVED until
-    then); the view must call authenticate_deferred() when it fails before hold().
+    then); the relay blueprint's error handler checks it when the request fails before hold().
     """
     body = read_json()
     if defer_key:
@@ -219,7 +219,7 @@ def _auth_and_hold(call: Call, amount: int) -> None:
     call.key = keys.info_from_fields(res[1])
     g.key_id = call.key.id
     if int(res[0]) == 1:
-        raise RateLimited(keys.wait_seconds(int(res[2])))
+        raise RateLimited(wait_seconds(int(res[2])))
     code = int(res[2][0])
     if code == -2:
         raise InvalidKey("The key's account no longer exists.", msg="账户不存在")

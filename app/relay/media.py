@@ -32,7 +32,7 @@ def _charge(call: Call, cost: int, pt: int = 0) -> None:
 
 def embeddings() -> Response:
     """Serve one embeddings request."""
-    call = gather(("embedding",))
+    call = gather(("embedding",), defer_key=True)  # checked in hold()'s round trip
     value = call.body.get("input")
     if not texts_or_tokens(value):
         raise InvalidRequest("'input' must be a non-empty string, array of strings or token "
@@ -57,7 +57,7 @@ def embeddings() -> Response:
 
 def images() -> Response:
     """Serve one image generation request."""
-    call = gather(("image",))
+    call = gather(("image",), defer_key=True)  # checked in hold()'s round trip
     body = call.body
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():

@@ -9,8 +9,6 @@ Keys (owned here):
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from app import keys, wallet
@@ -44,11 +42,6 @@ return 1
 """
 
 
-def china_day(ts: float | None = None) -> str:
-    """Return today's date in China (UTC+8) as yyyymmdd."""
-    return time.strftime("%Y%m%d", time.gmtime((ts or time.time()) + 8 * 3600))
-
-
 def ensure_account(r: redis.Redis, settings: Settings, openid: str) -> str:
     """Return the user's account id, creating it with the trial credit on first contact."""
     key = f"xy:wx:user:{openid}"
@@ -71,7 +64,7 @@ def use_free(r: redis.Redis, settings: Settings, openid: str, dk: str) -> bool:
     """Count this message against today's free chats; True when it is free (once per message)."""
     limit = settings.bot["daily_free_messages"]
     res = script(r, USE_FREE)(
-        keys=[f"xy:wx:free:{openid}:{china_day()}", f"xy:wx:freemark:{dk}"],
+        keys=[f"xy:wx:free:{openid}:{wallet.china_day()}", f"xy:wx:freemark:{dk}"],
         args=[limit, FREE_MARK_TTL])
     return int(res) == 1
 
@@ -86,7 +79,7 @@ def refund_free(r: redis.Redis, dk: str) -> bool:
 
 def free_left(r: redis.Redis, settings: Settings, openid: str) -> int:
     """Return how many free chats the user has left today."""
-    used = int(r.get(f"xy:wx:free:{openid}:{china_day()}") or 0)
+    used = int(r.get(f"xy:wx:free:{openid}:{wallet.china_day()}") or 0)
     return max(0, settings.bot["daily_free_messages"] - used)
 
 
