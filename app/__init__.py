@@ -9,9 +9,9 @@ import redis
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app import logs, store, upstream
-from app.config import Settings, load_settings
-from app.errors import (
+from app.core import logs
+from app.core.config import Settings, load_settings
+from app.core.errors import (
     ApiError,
     InvalidRequest,
     MethodNotAllowed,
@@ -19,7 +19,8 @@ from app.errors import (
     RequestTooLarge,
     StoreUnavailable,
 )
-from app.metrics import REQUESTS
+from app.core.metrics import REQUESTS
+from app.edges import store, upstream
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +37,20 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
     store.init_app(app, redis_client)
     upstream.init_app(app, app.extensions[store.EXTENSION])
 
-    from app import openapi, relay
+    from app.web import admin, health, openapi, pay_notify, relay, wechat
 
-    relay.init_app(app)
-    openapi.init_app(app)  # GET /openapi.json: the developer API's description
-    from app import admin, health, pay  # /admin + /metrics (token only), /readyz, pay notify
-    for feature in (admin, health, pay):
+    # relay: /v1 + /index.php/api/v1; openapi: /openapi.json; admin: /admin + /metrics (token
+    # only); health: /readyz; pay_notify: /wechat/pay/notify; wechat: /wechat (503 while
+    # XIAOYI_WECHAT_TOKEN is unset)
+    for feature in (relay, openapi, admin, health, pay_notify, wechat):
         feature.init_app(app)
-    from app import wechat  # /wechat (answers 503 while XIAOYI_WECHAT_TOKEN is unset)
-
-    wechat.init_app(app)
     _init_errors(app)
     app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok"})
     return app
 
 
 def _render(err: ApiError) -> Response:
-    from app.relay.common import json_response
+    from app.web.relay.common import json_response
 
     return json_response(err.body(), err.status, err.headers)
 

@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     import orjson
     import requests
 
-    from app import create_app, keys, ratelimit, wallet
-    from app.store import EXTENSION as REDIS
-    from app.upstream import EXTENSION as UPSTREAM
+    from app import create_app
+    from app.core.money import keys, ratelimit, wallet
+    from app.edges.store import EXTENSION as REDIS
+    from app.edges.upstream import EXTENSION as UPSTREAM
 
     app = create_app()
     r = app.extensions[REDIS]
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     row("Redis: reserve + settle scripts (before; embeddings/images still)", reserve_settle)
 
-    from app.relay.common import AUTH_AND_RESERVE
-    from app.store import script
+    from app.edges.store import script
+    from app.web.relay.common import AUTH_AND_RESERVE
 
     merged = script(r, AUTH_AND_RESERVE)
     digest = f"xy:key:{keys.hash_key(raw_key)}"

@@ -261,7 +261,7 @@ def bench_redis(url: str | None) -> Iterator[tuple[str, str]]:
     try:
         client.ping()
     except redis.RedisError:
-        from app.embedded import EmbeddedRedis
+        from app.runtime.embedded import EmbeddedRedis
 
         log(f"no Redis at {url}: starting an embedded one")
         with tempfile.TemporaryDirectory(prefix="xiaoyi-bench-redis-") as tmp:
@@ -338,7 +338,7 @@ def start_stack(stack: Stack, args: argparse.Namespace, redis_url: str, need_lit
     """Start the fake upstream, xiaoyi web (+ rq workers) and, when asked, LiteLLM."""
     py = sys.executable
     up = stack.ports["upstream"] = free_port()
-    stack.procs["upstream"] = spawn("upstream", [py, "-m", "app.cli", "fake-upstream", "--host",
+    stack.procs["upstream"] = spawn("upstream", [py, "-m", "app.runtime.cli", "fake-upstream", "--host",
                                                  HOST, "--port", str(up), "--api-key",
                                                  UPSTREAM_KEY])
     wait_http(up, proc=stack.procs["upstream"].popen)
@@ -355,7 +355,7 @@ def start_stack(stack: Stack, args: argparse.Namespace, redis_url: str, need_lit
         "XIAOYI_ADMIN_TOKEN": "", "XIAOYI_ACCESS_LOG": "",
     }
     web = stack.ports["xiaoyi"] = free_port()
-    argv = [py, "-m", "app.cli", "web", "--host", HOST, "--port", str(web)]
+    argv = [py, "-m", "app.runtime.cli", "web", "--host", HOST, "--port", str(web)]
     if args.web_workers:
         argv += ["--workers", str(args.web_workers)]
     stack.procs["xiaoyi"] = spawn("xiaoyi", argv, stack.env)
@@ -364,13 +364,13 @@ def start_stack(stack: Stack, args: argparse.Namespace, redis_url: str, need_lit
         stack.baseline = args.baseline
         stack.ports["baseline"] = free_port()
         start_baseline(stack, args.baseline, stack.ports["baseline"], args.web_workers)
-    created = subprocess.run([py, "-m", "app.cli", "keys", "create", "--balance", "1000000",
+    created = subprocess.run([py, "-m", "app.runtime.cli", "keys", "create", "--balance", "1000000",
                               "--name", "bench", "--json"], env={**os.environ, **stack.env},
                              cwd=ROOT, capture_output=True, text=True, check=True)
     stack.key = json.loads(created.stdout)["key"]
     if need_workers:
         for i in (1, 2):  # as `xiaoyi run` starts them
-            stack.procs[f"worker{i}"] = spawn(f"worker{i}", [py, "-m", "app.cli", "worker"],
+            stack.procs[f"worker{i}"] = spawn(f"worker{i}", [py, "-m", "app.runtime.cli", "worker"],
                                               stack.env)
     if need_litellm:
         stack.ports["litellm"] = free_port()
@@ -390,7 +390,7 @@ def start_baseline(stack: Stack, rev: str, port: int, workers: int | None) -> No
     argv = [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"{HOST}:{port}"]
     if workers:
         argv += ["-w", str(workers)]
-    proc = stack.procs["baseline"] = spawn("baseline", [*argv, "app.wsgi:app"],
+    proc = stack.procs["baseline"] = spawn("baseline", [*argv, "app.runtime.wsgi:app"],
                                            {**stack.env, "PYTHONPATH": str(tree)}, cwd=tree)
     wait_http(port, proc=proc.popen)
 
@@ -569,8 +569,8 @@ def _webhook_ok(expect: str) -> Callable[[int, bytes], bool]:
 
 def wechat_ready(stack: Stack) -> str:
     """Return '' when POST /wechat answers a signed command, else why not."""
-    if not (ROOT / "app" / "wechat" / "views.py").exists():
-        return "app/wechat/views.py does not exist"
+    if not (ROOT / "app" / "web" / "wechat" / "views.py").exists():
+        return "app/web/wechat/views.py does not exist"
     port = stack.ports["xiaoyi"]
     try:
         res = loadgen.sequential(HOST, port, lambda _: loadgen.wechat_request(
@@ -983,7 +983,7 @@ def setup_notes(stack: Stack, redis_kind: str, nofile: int,
     """Describe the setup for the report."""
     import gunicorn
 
-    conf = ROOT / "app" / "gunicorn_conf.py"
+    conf = ROOT / "app" / "runtime" / "gunicorn_conf.py"
     text = conf.read_text(encoding="utf-8")
     workers = args.web_workers or re.search(r'"WEB_CONCURRENCY", "(\d+)"', text)
     worker_class = re.search(r'"XIAOYI_WEB_WORKER_CLASS", "(\w+)"', text)

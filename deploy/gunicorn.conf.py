@@ -1,6 +1,6 @@
 """gunicorn config used by `xiaoyi web` and the systemd unit; override values below as needed.
 
-The defaults live in app/gunicorn_conf.py; they are read by path so that the app package (and
+The defaults live in app/runtime/gunicorn_conf.py; they are read by path so that the app package (and
 requests, redis…) is not imported before gevent patches the standard library.
 
 Prometheus: every worker process keeps its own counters, so /metrics sums them from files in
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 globals().update({k: v for k, v in runpy.run_path(
-    str(Path(__file__).resolve().parent.parent / "app" / "gunicorn_conf.py")).items()
+    str(Path(__file__).resolve().parent.parent / "app" / "runtime" / "gunicorn_conf.py")).items()
     if not k.startswith("__")})
 
 _prom_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

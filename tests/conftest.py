@@ -14,13 +14,14 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import FakeWeChatAPI, FakeWeChatPay  # noqa: E402
 from private_redis import private_redis  # noqa: E402
 
-from app import create_app, keys, wallet  # noqa: E402
-from app.config import Settings, load_settings  # noqa: E402
-from app.fake_upstream import FakeUpstream  # noqa: E402
-from app.store import make_redis  # noqa: E402
+from app import create_app  # noqa: E402
+from app.core.config import Settings, load_settings  # noqa: E402
+from app.core.money import keys, wallet
+from app.edges.store import make_redis  # noqa: E402
+from fakes import FakeWeChatAPI, FakeWeChatPay  # noqa: E402
+from fakes.upstream import FakeUpstream  # noqa: E402
 
 UPSTREAM_KEY = "up-secret-KEY-0123456789"
 
@@ -149,7 +150,7 @@ def live(app: Any) -> Iterator[LiveServer]:
 
 def new_key(r: redis.Redis, yuan: str = "10") -> tuple[str, str]:
     """Create an account holding `yuan` and a key for it; return (raw key, account id)."""
-    from app.config import yuan_to_units
+    from app.core.config import yuan_to_units
 
     acct = wallet.create_account(r, initial=yuan_to_units(yuan, "test"))
     raw, _ = keys.create_key(r, acct, "test")

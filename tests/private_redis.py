@@ -13,8 +13,8 @@ import redis
 
 def private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """Start a private, non-persistent server from the embedded engine's binary."""
-    from app.embedded import find_server_binary
-    from app.supervisor import pdeathsig_preexec
+    from app.runtime.embedded import find_server_binary
+    from app.runtime.supervisor import pdeathsig_preexec
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

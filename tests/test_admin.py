@@ -14,10 +14,11 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from app import create_app, keys, wallet
-from app.config import load_settings
-from app.fake_upstream import FakeUpstream
-from app.store import make_redis
+from app import create_app
+from app.core.config import load_settings
+from app.core.money import keys, wallet
+from app.edges.store import make_redis
+from fakes.upstream import FakeUpstream
 
 TOKEN = "admin-token-for-tests"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,7 +13,7 @@ import requests
 from conftest import LiveServer, new_key
 from rq import Queue, SimpleWorker
 
-from app.store import make_redis
+from app.edges.store import make_redis
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,8 +6,8 @@ from collections import Counter
 
 import redis
 
-from app.config import Channel, load_settings
-from app.upstream import Upstream
+from app.core.config import Channel, load_settings
+from app.edges.upstream import Upstream
 
 
 def upstream_with(r: redis.Redis, redis_url: str, channels: list[dict]) -> Upstream:

@@ -13,10 +13,11 @@ import requests
 from conftest import UPSTREAM_KEY, new_key
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import create_app, wallet
-from app.config import load_settings
-from app.fake_upstream import FakeUpstream
-from app.store import make_redis
+from app import create_app
+from app.core.config import load_settings
+from app.core.money import wallet
+from app.edges.store import make_redis
+from fakes.upstream import FakeUpstream
 
 BEARER = {"Authorization": "Bearer admin-token-for-tests"}
 CHAT = "/v1/chat/completions"

@@ -10,8 +10,8 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from app import keys, wallet
-from app.cli import main
+from app.core.money import keys, wallet
+from app.runtime.cli import main
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.config import (
+from app.core.config import (
     ENV_SETTINGS,
     ConfigError,
     load_settings,
@@ -132,7 +132,7 @@ def test_units_to_yuan() -> None:
 def test_cli_with_bad_config_exits_naming_the_setting(tmp_path: Path) -> None:
     env = write(tmp_path, '[prices."gpt-3.5-turbo"]\nprompt = "abc"\n')
     exe = shutil.which("xiaoyi", path=str(Path(sys.executable).parent))
-    argv = [exe] if exe else [sys.executable, "-m", "app.cli"]
+    argv = [exe] if exe else [sys.executable, "-m", "app.runtime.cli"]
     done = subprocess.run([*argv, "keys", "list"], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", **env,
                                "XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0"},

@@ -17,7 +17,7 @@ import pytest
 import redis
 import yaml
 
-from app.embedded import find_server_binary
+from app.runtime.embedded import find_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -1,4 +1,4 @@
-"""Tests for app.embedded: a real valkey-server child with durable AOF storage."""
+"""Tests for app.runtime.embedded: a real valkey-server child with durable AOF storage."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import redis
 from proc_kit import alive
 
-from app import embedded
-from app.embedded import EmbeddedRedis, EmbeddedRedisError, find_server_binary
+from app.runtime import embedded
+from app.runtime.embedded import EmbeddedRedis, EmbeddedRedisError, find_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def test_server_dies_with_its_parent(tmp_path: Path) -> None:
     """PR_SET_PDEATHSIG: killing the owning process (even with SIGKILL) stops the server."""
     script = (
         "import sys, time\n"
-        "from app.embedded import EmbeddedRedis\n"
+        "from app.runtime.embedded import EmbeddedRedis\n"
         "server = EmbeddedRedis(sys.argv[1])\n"
         "server.start()\n"
         "print(server.pid, flush=True)\n"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.fake_upstream import ANSWER_PREFIX, MODELS, FakeUpstream, count_tokens
+from fakes.upstream import ANSWER_PREFIX, MODELS, FakeUpstream, count_tokens
 
 try:
     from tests import openapi_schemas

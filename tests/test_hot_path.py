@@ -18,10 +18,11 @@ import redis
 import requests
 from conftest import make_settings, new_key
 
-from app import create_app, keys, ratelimit, wallet
-from app.fake_upstream import FakeUpstream
-from app.upstream import EXTENSION as UPSTREAM
-from app.upstream import UpstreamResponse, translate
+from app import create_app
+from app.core.money import keys, ratelimit, wallet
+from app.edges.upstream import EXTENSION as UPSTREAM
+from app.edges.upstream import UpstreamResponse, translate
+from fakes.upstream import FakeUpstream
 
 HELLO = [{"role": "user", "content": "hello"}]
 

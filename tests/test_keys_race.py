@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from proc_kit import race
 
-from app import keys, wallet
+from app.core.money import keys, wallet
 
 
 def test_concurrent_rotations_issue_one_key(r: redis.Redis) -> None:

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue, SimpleWorker
 
 from app import create_app
-from app.fake_upstream import FakeUpstream
-from app.store import make_redis
+from app.edges.store import make_redis
+from fakes.upstream import FakeUpstream
 
 BEARER = {"Authorization": "Bearer admin-token-for-tests"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_gunicorn_workers_are_summed(tmp_path: Path, upstream: FakeUpstream, red
            "XIAOYI_CONFIG": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
-         "-w", "2", "-b", f"127.0.0.1:{port}", "app.wsgi:app"],
+         "-w", "2", "-b", f"127.0.0.1:{port}", "app.runtime.wsgi:app"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -7,7 +7,7 @@ from typing import Any
 import redis
 from test_metrics import scrape
 
-from app import wallet
+from app.core.money import wallet
 
 
 def money(client: Any, kind: str) -> float:

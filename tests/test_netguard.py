@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.netguard import UnsafeURL, check_url
+from app.edges.netguard import UnsafeURL, check_url
 
 
 @pytest.mark.parametrize("url", [
@@ -26,8 +26,8 @@ def test_trusted_upstream_host_passes() -> None:
 
 
 def test_relay_fetch_refuses_private_link(app: object) -> None:
-    from app.errors import UpstreamError
-    from app.upstream import get_upstream
+    from app.core.errors import UpstreamError
+    from app.edges.upstream import get_upstream
 
     with app.app_context(), pytest.raises(UpstreamError):  # type: ignore[attr-defined]
         get_upstream().get("http://169.254.169.254/latest/meta-data/")

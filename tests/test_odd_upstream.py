@@ -12,7 +12,8 @@ import pytest
 import redis
 from conftest import make_settings, new_key
 
-from app import create_app, wallet
+from app import create_app
+from app.core.money import wallet
 
 ANSWER = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-3.5-turbo"}
 

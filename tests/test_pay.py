@@ -10,12 +10,14 @@ import pytest
 import redis
 import xmltodict
 from conftest import UPSTREAM_KEY
-from fakes import FakeWeChatPay, make_notify
 from fakes.wechat_pay import sign, to_xml
 
-from app import create_app, pay, wallet
-from app.config import ConfigError, Settings, load_settings
-from app.fake_upstream import FakeUpstream
+from app import create_app
+from app.core.config import ConfigError, Settings, load_settings
+from app.core.money import wallet
+from app.edges import pay
+from fakes import FakeWeChatPay, make_notify
+from fakes.upstream import FakeUpstream
 
 NOTIFY = "/wechat/pay/notify"
 PUBLIC = "https://xiaoyi.example.com"

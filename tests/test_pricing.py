@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app import pricing
-from app.config import ModelPrice
+from app.core import pricing
+from app.core.config import ModelPrice
 
 GPT35 = ModelPrice(kind="chat", prompt_per_1k=100, completion_per_1k=200, max_output=4096)
 

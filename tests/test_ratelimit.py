@@ -8,10 +8,11 @@ from typing import Any
 import redis
 from conftest import UPSTREAM_KEY, new_key
 
-from app import create_app, wallet
-from app.config import load_settings
-from app.fake_upstream import FakeUpstream
-from app.store import make_redis
+from app import create_app
+from app.core.config import load_settings
+from app.core.money import wallet
+from app.edges.store import make_redis
+from fakes.upstream import FakeUpstream
 
 
 def two_apps(upstream: FakeUpstream, redis_url: str, limit: int) -> list[Any]:

@@ -12,9 +12,10 @@ import requests
 from conftest import LiveServer, make_settings
 from openapi_schemas import validate
 
-from app import create_app, wallet
-from app.fake_upstream import FakeUpstream
-from app.store import make_redis
+from app import create_app
+from app.core.money import wallet
+from app.edges.store import make_redis
+from fakes.upstream import FakeUpstream
 
 CODES = {"invalid_request_error": 40001, "invalid_api_key": 40101, "model_not_found": 40401,
          "not_found": 40400, "method_not_allowed": 40500, "request_too_large": 41301,

@@ -10,9 +10,9 @@ import requests
 from conftest import UPSTREAM_KEY, LiveServer, new_key
 from openapi_schemas import validate
 
-from app import keys, wallet
-from app.config import units_to_yuan
-from app.fake_upstream import FakeUpstream
+from app.core.config import units_to_yuan
+from app.core.money import keys, wallet
+from fakes.upstream import FakeUpstream
 
 LEGACY = "/index.php/api/v1"
 

@@ -12,7 +12,7 @@ import redis
 from conftest import LiveServer, new_key
 from openapi_schemas import validate
 
-from app import wallet
+from app.core.money import wallet
 
 
 def sdk(live: LiveServer, key: str) -> openai.OpenAI:

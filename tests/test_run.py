@@ -52,7 +52,7 @@ def test_run_prints_a_working_demo_key_and_stops_cleanly(tmp_path: Path) -> None
     env.update(XIAOYI_DATA_DIR=str(tmp_path / "var"), XIAOYI_FAKE_UPSTREAM_PORT=str(up_port),
                WEB_CONCURRENCY="1")
     log = (tmp_path / "run.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "run", "--port", str(port),
                              "--workers", "1"], env=env, cwd=tmp_path, stdout=log,
                             stderr=subprocess.STDOUT)
     try:

@@ -11,7 +11,8 @@ import redis
 from conftest import LiveServer
 from test_streams import open_stream, settle_entry, wait_settled
 
-from app import pricing, wallet
+from app.core import pricing
+from app.core.money import wallet
 
 
 def test_chunks_arrive_as_the_upstream_produces_them(live: LiveServer,

@@ -13,9 +13,11 @@ import requests
 from conftest import LiveServer, make_settings
 from openapi_schemas import validate
 
-from app import create_app, pricing, wallet
-from app.config import Settings
-from app.fake_upstream import FakeUpstream
+from app import create_app
+from app.core import pricing
+from app.core.config import Settings
+from app.core.money import wallet
+from fakes.upstream import FakeUpstream
 
 PRICE_MODEL = "gpt-3.5-turbo"
 

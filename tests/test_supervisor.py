@@ -1,4 +1,4 @@
-"""Tests for app.supervisor: children start, fail loudly and stop without orphans."""
+"""Tests for app.runtime.supervisor: children start, fail loudly and stop without orphans."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from proc_kit import alive
 
-from app.supervisor import Supervisor, SupervisorInterrupt, wait_http, wait_port
+from app.runtime.supervisor import Supervisor, SupervisorInterrupt, wait_http, wait_port
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="process groups and /proc are checked on Linux"
@@ -52,7 +52,7 @@ IGNORE_SIGTERM = (
 # A process that supervises two children until it receives SIGTERM/SIGINT.
 SUPERVISOR_SCRIPT = """
 import sys
-from app.supervisor import Supervisor
+from app.runtime.supervisor import Supervisor
 sup = Supervisor()
 sup.install_signal_handlers()
 code = 1

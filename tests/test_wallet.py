@@ -12,10 +12,11 @@ from conftest import LiveServer, new_key
 from openapi_schemas import validate
 from proc_kit import race
 
-from app import pricing, wallet
-from app.cli import main
-from app.config import Settings
-from app.fake_upstream import FakeUpstream
+from app.core import pricing
+from app.core.config import Settings
+from app.core.money import wallet
+from app.runtime.cli import main
+from fakes.upstream import FakeUpstream
 
 
 def balance_history(r: redis.Redis, acct: str) -> list[int]:

@@ -9,14 +9,14 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from fakes import FakeWeChatAPI
 from rq.job import Job
 from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
 
-from app import wallet
-from app.config import load_settings
-from app.store import get_queue, get_rq_redis
-from app.wechat import outbox
+from app.bot import outbox
+from app.core.config import load_settings
+from app.core.money import wallet
+from app.edges.store import get_queue, get_rq_redis
+from fakes import FakeWeChatAPI
 
 OPENID = "oChatUser0000000000000000001"
 TEXTS = load_settings({}).texts

@@ -14,20 +14,20 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import UPSTREAM_KEY
-from fakes import FakeWeChatAPI
 from wechat_kit import AES_KEY, TOKEN, bot, wechat_settings
 from wechatpy.exceptions import WeChatClientException
 
-from app.cli import main
-from app.wechat.client import SharedTokenClient
+from app.edges.wechat_api import SharedTokenClient
+from app.runtime.cli import main
+from fakes import FakeWeChatAPI
 
 OPENID = "oClientUser000000000000001"
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN_SCRIPT = textwrap.dedent("""
     import sys, time
-    from app.config import load_settings
-    from app.store import make_redis
-    from app.wechat.client import SharedTokenClient
+    from app.core.config import load_settings
+    from app.edges.store import make_redis
+    from app.edges.wechat_api import SharedTokenClient
     settings = load_settings()
     client = SharedTokenClient(settings, make_redis(settings.redis_url, 4))
     time.sleep(max(0.0, float(sys.argv[1]) - time.time()))

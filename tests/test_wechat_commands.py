@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import requests
 from conftest import UPSTREAM_KEY
-from fakes import FakeWeChatAPI, FakeWeChatPay
 from wechat_kit import TOKEN, WeChat, bot, wechat_settings
 
-from app import wallet
-from app.config import load_settings
-from app.wechat import commands
+from app.core.config import load_settings
+from app.core.money import wallet
+from app.web.wechat import commands
+from fakes import FakeWeChatAPI, FakeWeChatPay
 
 OPENID = "oCmdUser00000000000000000001"
 TEXTS = load_settings({}).texts

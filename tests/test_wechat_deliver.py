@@ -9,8 +9,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.config import load_settings
-from app.wechat import context, dispatch, texts
+from app.bot import context, texts
+from app.core.config import load_settings
+from app.web.wechat import dispatch
 from workers.deliver import split_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,13 +6,13 @@ import io
 import os
 from typing import Any
 
-from fakes import FakeWeChatAPI
 from PIL import Image
 from wechat_kit import WeChat, bot, text_xml, wait_for, wechat_settings
 
-from app import wallet
-from app.config import load_settings
-from app.wechat import outbox
+from app.bot import outbox
+from app.core.config import load_settings
+from app.core.money import wallet
+from fakes import FakeWeChatAPI
 from workers.images import MAX_MEDIA_BYTES, fit
 
 OPENID = "oImageUser000000000000000001"

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import requests
 import xmltodict
-from fakes import FakeWeChatAPI
 from wechat_kit import TOKEN, WeChat, bot, event_xml, sign, text_xml, wechat_settings
 
 from app import create_app
-from app.config import ConfigError, load_settings
-from app.store import make_redis
-from app.wechat import verify
-from app.wechat.verify import Refused
+from app.core.config import ConfigError, load_settings
+from app.edges.store import make_redis
+from app.web.wechat import verify
+from app.web.wechat.verify import Refused
+from fakes import FakeWeChatAPI
 
 OPENID = "oWebhookUser000000000000001"
 BOMB = """<?xml version="1.0"?>

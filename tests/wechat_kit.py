@@ -19,14 +19,14 @@ import redis
 import requests
 import xmltodict
 from conftest import UPSTREAM_KEY, LiveServer
-from fakes import FakeWeChatAPI
 from rq import SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 from wechatpy.crypto import WeChatCrypto
 
 from app import create_app
-from app.config import Settings, load_settings
-from app.store import get_queue, get_rq_redis
+from app.core.config import Settings, load_settings
+from app.edges.store import get_queue, get_rq_redis
+from fakes import FakeWeChatAPI
 
 TOKEN = "wx-test-token-0123"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"  # 43 characters, decodes to 32 bytes

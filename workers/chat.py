@@ -12,12 +12,13 @@ from typing import Any
 import redis
 from flask import current_app
 
-from app import pricing, wallet
-from app.config import Settings, units_to_yuan
-from app.errors import InvalidRequest, UpstreamError
-from app.store import get_redis
-from app.upstream import get_upstream
-from app.wechat import context, outbox, users
+from app.bot import context, outbox, users
+from app.core import pricing
+from app.core.config import Settings, units_to_yuan
+from app.core.errors import InvalidRequest, UpstreamError
+from app.core.money import wallet
+from app.edges.store import get_redis
+from app.edges.upstream import get_upstream
 from workers import deliver
 
 log = logging.getLogger(__name__)

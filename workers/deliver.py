@@ -15,11 +15,11 @@ import requests
 from rq import get_current_job
 from wechatpy.exceptions import WeChatClientException
 
-from app.config import Settings
-from app.errors import UpstreamError, UpstreamTimeout
-from app.wechat import outbox
-from app.wechat.client import get_client
-from app.wechat.texts import text
+from app.bot import outbox
+from app.bot.texts import text
+from app.core.config import Settings
+from app.core.errors import UpstreamError, UpstreamTimeout
+from app.edges.wechat_api import get_client
 
 log = logging.getLogger(__name__)
 Item = dict[str, Any]

@@ -17,14 +17,14 @@ from flask import current_app
 from PIL import Image
 from wechatpy.exceptions import WeChatClientException
 
-from app import pricing, wallet
-from app.config import Settings, units_to_yuan
-from app.errors import InvalidRequest
-from app.relay.media import fetch_image
-from app.store import get_redis
-from app.upstream import get_upstream
-from app.wechat import outbox, users
-from app.wechat.client import get_client
+from app.bot import outbox, users
+from app.core import pricing
+from app.core.config import Settings, units_to_yuan
+from app.core.errors import InvalidRequest
+from app.core.money import wallet
+from app.edges.store import get_redis
+from app.edges.upstream import get_upstream
+from app.edges.wechat_api import get_client
 from workers import deliver
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[b
                                                  expect="data")["data"][0]
     if first.get("b64_json"):
         return base64.b64decode(first["b64_json"]), ""
-    return fetch_image(first["url"]), first["url"]
+    return get_upstream().get(first["url"]), first["url"]
 
 
 def fit(picture: bytes, limit: int = MAX_MEDIA_BYTES) -> tuple[bytes, str]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import time
 
-from app import wallet
-from app.store import get_redis
+from app.core.money import wallet
+from app.edges.store import get_redis
 
 # KEYS[1]=sent marker, KEYS[2]=answers list; ARGV[1]=answer. Deliver unless delivered already.
 SEND_ONCE = """

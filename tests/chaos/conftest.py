@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.store import make_redis
-from app.supervisor import pdeathsig_preexec
+from app.edges.store import make_redis
+from app.runtime.supervisor import pdeathsig_preexec
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK_PATH = Path(os.environ.get("TMPDIR", "/tmp")) / "xiaoyi-chaos-db10.lock"
@@ -196,4 +196,4 @@ def child_env(redis_url: str, **extra: str) -> dict[str, str]:
 
 def xiaoyi(*args: str) -> list[str]:
     """Return the argv of `xiaoyi ARGS` run with this interpreter."""
-    return [sys.executable, "-m", "app.cli", *args]
+    return [sys.executable, "-m", "app.runtime.cli", *args]

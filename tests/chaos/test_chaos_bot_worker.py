@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import UPSTREAM_KEY, Proc, child_env, wait_for, xiaoyi
-from fakes import FakeWeChatAPI
 from wechat_kit import TOKEN, WeChat, bot, text_xml
 
-from app import wallet
-from app.config import load_settings
-from app.fake_upstream import FakeUpstream
-from app.wechat import users
+from app.bot import users
+from app.core.config import load_settings
+from app.core.money import wallet
+from fakes import FakeWeChatAPI
+from fakes.upstream import FakeUpstream
 
 OPENID = "oChaosKillUser00000000000001"
 MSG_ID = "880000000000000001"

@@ -1,4 +1,4 @@
-"""Hostile input on the developer API: schemathesis fuzzes every operation of app/openapi.json.
+"""Hostile input on the developer API: schemathesis fuzzes every operation of app/web/openapi.json.
 
 Against a live server with a funded key: no 5xx, every status, content type, header and body as
 documented, schema-violating requests rejected with a 4xx, and the wallet consistent afterwards.
@@ -27,10 +27,11 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from app import create_app, wallet
-from app.fake_upstream import FakeUpstream
+from app import create_app
+from app.core.money import wallet
+from fakes.upstream import FakeUpstream
 
-SPEC = json.loads((ROOT / "app" / "openapi.json").read_text())
+SPEC = json.loads((ROOT / "app" / "web" / "openapi.json").read_text())
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance, negative_data_rejection,
           ignored_auth]

@@ -18,15 +18,16 @@ import pytest
 import redis
 import xmltodict
 from conftest import clean_db
-from fakes import FakeWeChatAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wechat_kit import AES_KEY, TOKEN, sign, wechat_settings
 from wechatpy.crypto import PrpCrypto, WeChatCrypto
 
-from app import create_app, wallet
-from app.fake_upstream import FakeUpstream
-from app.wechat import users
+from app import create_app
+from app.bot import users
+from app.core.money import wallet
+from fakes import FakeWeChatAPI
+from fakes.upstream import FakeUpstream
 
 USERS = [f"oFuzzUser{i:019d}" for i in range(3)]
 FIELDS = ["ToUserName", "FromUserName", "CreateTime", "MsgType", "Content", "MsgId", "Event",

@@ -20,12 +20,13 @@ import pytest
 import redis
 import requests
 from conftest import UPSTREAM_KEY, Proc, child_env, clean_db, free_port, new_key, wait_for, xiaoyi
-from fakes import FakeWeChatAPI, FakeWeChatPay
 from wechat_kit import TOKEN, WeChat, text_xml
 
-from app import keys, pay, wallet
-from app.config import Settings, load_settings
-from app.fake_upstream import FakeUpstream
+from app.core.config import Settings, load_settings
+from app.core.money import keys, wallet
+from app.edges import pay
+from fakes import FakeWeChatAPI, FakeWeChatPay
+from fakes.upstream import FakeUpstream
 
 LIMIT = 30  # key requests per minute in this module's config
 USER_LIMIT = 6  # WeChat messages per user per minute in this module's config

@@ -14,7 +14,7 @@ import requests
 from conftest import LiveServer, new_key
 from proc_kit import race
 
-from app import keys, wallet
+from app.core.money import keys, wallet
 
 CHAT = {"model": "gpt-3.5", "max_tokens": 50,
         "messages": [{"role": "user", "content": "race me"}]}

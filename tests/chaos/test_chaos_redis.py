@@ -20,10 +20,11 @@ import redis
 import requests
 from conftest import LiveServer, free_port, make_settings, new_key, wait_for
 
-from app import create_app, keys, wallet
-from app.embedded import EmbeddedRedis
-from app.fake_upstream import FakeUpstream
-from app.store import make_redis
+from app import create_app
+from app.core.money import keys, wallet
+from app.edges.store import make_redis
+from app.runtime.embedded import EmbeddedRedis
+from fakes.upstream import FakeUpstream
 
 CHAT = {"model": "gpt-3.5", "messages": [{"role": "user", "content": "你好 redis"}]}
 ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -161,10 +162,10 @@ def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
 
 def test_webhook_answers_while_redis_is_down_and_parked_answers_survive(
         embedded: EmbeddedRedis, upstream: FakeUpstream) -> None:
-    from fakes import FakeWeChatAPI
     from wechat_kit import WeChat, bot, run_jobs, text_xml, wechat_settings
 
-    from app.wechat import outbox
+    from app.bot import outbox
+    from fakes import FakeWeChatAPI
 
     openid = "oChaosRedisDown000000000001"
     r = make_redis(embedded.url, max_connections=20)
@@ -202,8 +203,9 @@ def _ping(r: redis.Redis) -> bool:
 @pytest.mark.chaos
 def test_webhook_answers_within_5s_while_redis_hangs(embedded: EmbeddedRedis,
                                                     upstream: FakeUpstream) -> None:
-    from fakes import FakeWeChatAPI
     from wechat_kit import WeChat, bot, text_xml, wechat_settings
+
+    from fakes import FakeWeChatAPI
 
     r = make_redis(embedded.url, max_connections=20)
     with FakeWeChatAPI() as wx, bot(wechat_settings(upstream.url, embedded.url, wx), r,

@@ -17,12 +17,13 @@ import pytest
 import redis
 import requests
 from conftest import UPSTREAM_KEY, LiveServer, child_env, new_key, xiaoyi
-from fakes import FakeWeChatAPI
 from wechat_kit import AES_KEY, WeChat, event_xml, text_xml, wechat_settings
 
-from app import create_app, keys
-from app.fake_upstream import FakeUpstream
-from app.logs import ScrubSecrets
+from app import create_app
+from app.core.logs import ScrubSecrets
+from app.core.money import keys
+from fakes import FakeWeChatAPI
+from fakes.upstream import FakeUpstream
 
 ADMIN = "admin-token-for-chaos-0123456789"
 PAY_KEY = "paykey-chaos-0123456789abcdefghijk"

@@ -16,8 +16,10 @@ import pytest
 import redis
 from conftest import UPSTREAM_KEY, free_port, make_settings, new_key, wait_for
 
-from app import create_app, pricing, wallet
-from app.fake_upstream import FakeUpstream
+from app import create_app
+from app.core import pricing
+from app.core.money import wallet
+from fakes.upstream import FakeUpstream
 
 CHAT = {"model": "gpt-3.5", "messages": [{"role": "user", "content": "你好 failover"}]}
 
@@ -246,8 +248,9 @@ def test_upstream_400_is_the_developers_error_and_free(r: redis.Redis, tmp_path:
 def test_wechat_user_gets_a_polite_message_never_silence(r: redis.Redis, redis_url: str,
                                                          upstream: FakeUpstream,
                                                          marker: str) -> None:
-    from fakes import FakeWeChatAPI
     from wechat_kit import WeChat, bot, wechat_settings
+
+    from fakes import FakeWeChatAPI
 
     openid = "oChaosUpstreamFault00000001"
     with FakeWeChatAPI() as wx:

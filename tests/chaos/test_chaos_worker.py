@@ -1,6 +1,6 @@
 """Workers die mid-job: the job is taken up again within 30 s; one answer, one charge.
 
-Fast tests drive app.maintenance in-process against real Redis and real rq registries (a worker
+Fast tests drive app.runtime.maintenance in-process against real Redis and real rq registries (a worker
 whose pulse lapsed is what a dead worker looks like); the chaos tests SIGKILL a real
 `xiaoyi worker` process in the middle of a job.
 """
@@ -21,8 +21,9 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from app import maintenance, wallet
-from app.store import make_redis
+from app.core.money import wallet
+from app.edges.store import make_redis
+from app.runtime import maintenance
 
 COST = 1234
 

@@ -1,0 +1,106 @@
+"""WeChat users: openid → wallet account (with a trial credit), daily free chats, their API key.
+
+Keys (owned here):
+    xy:wx:user:{openid}             string  the user's account id
+    xy:wx:free:{openid}:{yyyymmdd}  string  free chats used that day (China date), 2-day TTL
+    xy:wx:freemark:{dk}             string  '1:<day key>' this message was a free chat, '0' paid
+    xy:wx:keylock:{acct}            lock    one key issuance at a time per account
+"""
+
+from __future__ import annotations
+
+import redis
+
+from app.core.config import Settings
+from app.core.money import keys, wallet
+from app.edges.store import script
+
+FREE_MARK_TTL = 86400
+
+# KEYS[1]=day counter, KEYS[2]=message marker; ARGV: daily limit, marker ttl
+# -> 1 free (counted once per message) | 0 paid
+USE_FREE = """
+local m = redis.call('GET', KEYS[2])
+if m then return tonumber(string.sub(m, 1, 1)) end
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used < tonumber(ARGV[1]) then
+  redis.call('INCR', KEYS[1])
+  redis.call('EXPIRE', KEYS[1], 172800)
+  redis.call('SET', KEYS[2], '1:' .. KEYS[1], 'EX', ARGV[2])
+  return 1
+end
+redis.call('SET', KEYS[2], '0', 'EX', ARGV[2])
+return 0
+"""
+
+# KEYS[1]=message marker, KEYS[2]=day counter -> 1 given back | 0 nothing to give back
+REFUND_FREE = """
+if redis.call('GET', KEYS[1]) ~= '1:' .. KEYS[2] then return 0 end
+redis.call('DEL', KEYS[1])
+if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
+return 1
+"""
+
+
+def ensure_account(r: redis.Redis, settings: Settings, openid: str) -> str:
+    """Return the user's account id, creating it with the trial credit on first contact."""
+    key = f"xy:wx:user:{openid}"
+    acct = r.get(key)
+    if acct is None:
+        r.set(key, wallet.new_account_id(), nx=True)
+        acct = r.get(key)
+    if not r.exists(wallet.acct_key(acct)):
+        wallet.create_account(r, acct, kind="wechat", name=openid,
+                              initial=settings.bot["trial_credit_units"], note="trial credit")
+    return acct
+
+
+def account_of(r: redis.Redis, openid: str) -> str | None:
+    """Return the user's account id, or None before first contact."""
+    return r.get(f"xy:wx:user:{openid}")
+
+
+def use_free(r: redis.Redis, settings: Settings, openid: str, dk: str) -> bool:
+    """Count this message against today's free chats; True when it is free (once per message)."""
+    limit = settings.bot["daily_free_messages"]
+    res = script(r, USE_FREE)(
+        keys=[f"xy:wx:free:{openid}:{wallet.china_day()}", f"xy:wx:freemark:{dk}"],
+        args=[limit, FREE_MARK_TTL])
+    return int(res) == 1
+
+
+def refund_free(r: redis.Redis, dk: str) -> bool:
+    """Give a free chat back when its answer failed."""
+    mark = r.get(f"xy:wx:freemark:{dk}") or ""
+    if not mark.startswith("1:"):
+        return False
+    return int(script(r, REFUND_FREE)(keys=[f"xy:wx:freemark:{dk}", mark[2:]])) == 1
+
+
+def free_left(r: redis.Redis, settings: Settings, openid: str) -> int:
+    """Return how many free chats the user has left today."""
+    used = int(r.get(f"xy:wx:free:{openid}:{wallet.china_day()}") or 0)
+    return max(0, settings.bot["daily_free_messages"] - used)
+
+
+def issue_key(r: redis.Redis, acct: str) -> tuple[str | None, str]:
+    """Return (raw key when issued now, masked key): a key is issued once, then only masked."""
+    with r.lock(f"xy:wx:keylock:{acct}", timeout=10, blocking_timeout=10, sleep=0.05):
+        live = sorted((k for k in keys.list_keys(r, acct) if not k["revoked"]),
+                      key=lambda k: int(k.get("created", 0)))
+        if live:
+            return None, live[-1].get("masked", "")
+        raw, info = keys.create_key(r, acct, "wechat")
+        return raw, info.masked
+
+
+def rotate_key(r: redis.Redis, acct: str) -> str:
+    """Revoke the account's live key (if any) and issue a new one; return the raw key."""
+    with r.lock(f"xy:wx:keylock:{acct}", timeout=10, blocking_timeout=10, sleep=0.05):
+        key_id = keys.live_key_id(r, acct)
+        if key_id is not None:
+            rotated = keys.rotate(r, key_id)
+            if rotated is not None:
+                return rotated[0]
+        raw, _ = keys.create_key(r, acct, "wechat")
+        return raw

@@ -1,0 +1,1 @@
+"""Clients of the outside world: Redis stores, upstream channels, WeChat and WeChat Pay."""

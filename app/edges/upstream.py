@@ -1,0 +1,405 @@
+"""Upstream channels: choose, call with failover, cool failing ones down, read SSE streams.
+
+Keys (owned here):
+    xy:chan:{name}:cool    string, TTL = cooldown: the channel is resting
+    xy:chan:{name}:stats   hash   ok, fail, last_error, last_ok (ms)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+import requests
+import urllib3
+from flask import current_app
+from requests.adapters import HTTPAdapter
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, default_user_agent, get_environ_proxies
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    DecodeError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from app.core.config import Channel, Settings
+from app.core.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
+
+log = logging.getLogger(__name__)
+EXTENSION = "xiaoyi.upstream"
+RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524}
+OK_FLUSH_SECONDS = 1.0  # successful calls are counted in-process and added to Redis this often
+
+
+class Upstream:
+    """The HTTP client to every channel (one pooled session per process)."""
+
+    def __init__(self, settings: Settings, r: redis.Redis) -> None:
+        self.channels = sorted(settings.channels, key=lambda c: c.priority)
+        self.redis = r
+        self.timeout = (settings.relay.get("connect_timeout_seconds", 5),
+                        settings.relay.get("timeout_seconds", 60))
+        self.cooldown = settings.relay.get("cooldown_seconds", 30)
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=1000, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._cool_cache: tuple[float, set[str]] = (0.0, set())
+        # The hot path (post) talks urllib3 directly: requests.Session costs ~0.4 ms of CPU per
+        # call (environment proxy lookups, cookie jar, hooks, header merging). Channels an
+        # environment proxy applies to keep the requests session, so proxies work as before.
+        verify = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+                  or DEFAULT_CA_BUNDLE_PATH)
+        self._tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": verify}
+        self._u3_timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
+        self._pools: dict[tuple[str, str, int | None], urllib3.HTTPConnectionPool] = {}
+        self._prepared: dict[int, _Prepared] = {}
+        self._ok_pending: dict[str, int] = {}
+        self._ok_flushed = time.monotonic()
+
+    def cooling(self) -> set[str]:
+        """Return the names of channels resting now (cached for one second)."""
+        at, names = self._cool_cache
+        now = time.monotonic()
+        if now - at < 1.0:
+            return names
+        values = self.redis.mget([f"xy:chan:{c.name}:cool" for c in self.channels])
+        names = {c.name for c, v in zip(self.channels, values, strict=True) if v}
+        self._cool_cache = (now, names)
+        return names
+
+    def health(self) -> list[dict[str, Any]]:
+        """Return each channel's state from Redis: cooling seconds left, reason, ok/fail counts."""
+        self.flush_ok()
+        pipe = self.redis.pipeline(transaction=False)
+        for c in self.channels:
+            pipe.pttl(f"xy:chan:{c.name}:cool")
+            pipe.get(f"xy:chan:{c.name}:cool")
+            pipe.hgetall(f"xy:chan:{c.name}:stats")
+        values = pipe.execute()
+        out = []
+        for i, c in enumerate(self.channels):
+            ttl_ms, reason, stats = values[3 * i:3 * i + 3]
+            out.append({"channel": c, "cooling": ttl_ms > 0 or ttl_ms == -1,
+                        "cooling_seconds": max(0.0, ttl_ms / 1000), "reason": reason or "",
+                        "ok": int(stats.get("ok", 0)), "fail": int(stats.get("fail", 0)),
+                        "last_error": stats.get("last_error", "")})
+        return out
+
+    def order(self, model: str) -> list[Channel]:
+        """Return the channels serving a model: by priority, weighted within it, resting last."""
+        serving = [c for c in self.channels if c.serves(model)]
+        resting = self.cooling() if len(serving) > 1 else set()
+        ordered: list[Channel] = []
+        for prio in sorted({c.priority for c in serving}):
+            group = [c for c in serving if c.priority == prio]
+            while group:
+                pick = random.choices(group, weights=[c.weight for c in group])[0]
+                ordered.append(pick)
+                group.remove(pick)
+        return [c for c in ordered if c.name not in resting] + [
+            c for c in ordered if c.name in resting]
+
+    def _mark(self, channel: Channel, ok: bool, reason: str = "") -> None:
+        stats = f"xy:chan:{channel.name}:stats"
+        try:
+            if ok:
+                if channel.name in self._cool_cache[1]:
+                    self.redis.delete(f"xy:chan:{channel.name}:cool")
+                # One Redis round trip less per request: successes are summed here and added
+                # at most once a second (health() flushes first, so its counts are current).
+                self._ok_pending[channel.name] = self._ok_pending.get(channel.name, 0) + 1
+                if time.monotonic() - self._ok_flushed >= OK_FLUSH_SECONDS:
+                    self.flush_ok()
+            else:
+                UPSTREAM_FAILURES.labels(channel.name, reason).inc()
+                pipe = self.redis.pipeline()
+                pipe.set(f"xy:chan:{channel.name}:cool", reason, ex=self.cooldown)
+                pipe.hincrby(stats, "fail", 1)
+                pipe.hset(stats, "last_error", reason)
+                pipe.execute()
+                self._cool_cache = (0.0, set())
+        except redis.RedisError:
+            log.warning("could not record channel health for %s", channel.name)
+
+    def flush_ok(self) -> None:
+        """Add the successes counted in this process to the channels' Redis stats."""
+        pending, self._ok_pending = self._ok_pending, {}
+        self._ok_flushed = time.monotonic()
+        if not pending:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, count in pending.items():
+                pipe.hincrby(f"xy:chan:{name}:stats", "ok", count)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("could not record channel successes")
+
+    def _prepare(self, channel: Channel) -> _Prepared:
+        """Return what calling a channel needs, computed once per channel."""
+        found = self._prepared.get(id(channel))
+        if found is None or found.channel is not channel:
+            headers = {"User-Agent": default_user_agent(), "Accept-Encoding": "gzip, deflate",
+                       "Accept": "*/*", "Content-Type": "application/json",
+                       "Authorization": f"Bearer {channel.api_key}"}
+            url = urllib3.util.parse_url(channel.base_url)
+            pool = None
+            if not get_environ_proxies(channel.base_url):  # else requests handles the proxy
+                key = (url.scheme or "http", url.host or "", url.port)
+                pool = self._pools.get(key)
+                if pool is None:
+                    tls = self._tls if key[0] == "https" else {}
+                    pool = self._pools[key] = urllib3.connection_from_url(
+                        channel.base_url, maxsize=1000, block=False, retries=False,
+                        timeout=self._u3_timeout, **tls)
+            found = _Prepared(channel, pool, (url.path or "").rstrip("/"), headers,
+                              UPSTREAM_LATENCY.labels(channel.name))
+            self._prepared[id(channel)] = found
+        return found
+
+    def _send(self, channel: Channel, path: str, data: bytes,
+              stream: bool) -> requests.Response | UpstreamResponse:
+        """POST once; raise requests' exceptions whichever client carried the call."""
+        prep = self._prepare(channel)
+        if prep.pool is None:
+            return self.session.post(channel.base_url + path, data=data, headers=prep.headers,
+                                     timeout=self.timeout, stream=stream)
+        try:
+            raw = prep.pool.urlopen("POST", prep.prefix + path, body=data, headers=prep.headers,
+                                    timeout=self._u3_timeout, preload_content=not stream,
+                                    redirect=False, retries=False)
+        except (Urllib3Error, OSError) as exc:
+            raise translate(exc) from exc
+        return UpstreamResponse(raw)
+
+    def post(self, path: str, body: dict[str, Any], model: str, stream: bool = False,
+             expect: str | None = None) -> Any:
+        """POST to the first healthy channel, failing over on 429/5xx/timeouts.
+
+        Returns the response; with `expect` (a non-stream call) returns the parsed JSON object
+        instead, and a 200 whose body is not an object with that list field fails over too.
+        """
+        data = orjson.dumps(body)
+        channels = self.order(model)
+        if not channels:
+            raise UpstreamError(f"No upstream channel serves model {model}.")
+        timed_out = False
+        last = ""
+        for i, channel in enumerate(channels):
+            if i:
+                FAILOVERS.inc()
+            started = time.perf_counter()
+            try:
+                resp = self._send(channel, path, data, stream)
+            except requests.Timeout:
+                timed_out = True
+                self._mark(channel, False, "timeout")
+                continue
+            except requests.RequestException as exc:
+                last = type(exc).__name__
+                self._mark(channel, False, "connect")
+                continue
+            self._prepare(channel).latency.observe(time.perf_counter() - started)
+            if resp.status_code == 200:
+                if expect is None:
+                    self._mark(channel, True)
+                    return resp
+                parsed = _parse(resp, expect)
+                if parsed is not None:
+                    self._mark(channel, True)
+                    return parsed
+                last = "malformed JSON"
+                self._mark(channel, False, "malformed")
+                continue
+            status = resp.status_code
+            message = _error_message(resp)
+            resp.close()
+            if status in RETRYABLE:
+                last = f"HTTP {status}"
+                self._mark(channel, False, f"http_{status}")
+                continue
+            if status == 400 or status == 404 or status == 422:
+                raise InvalidRequest(f"Upstream rejected the request: {message}")
+            last = f"HTTP {status}"
+            self._mark(channel, False, f"http_{status}")
+        if last == "malformed JSON" and len(channels) == 1:
+            raise UpstreamError("The upstream answered with malformed JSON.")
+        if timed_out and not last:
+            raise UpstreamTimeout("The upstream did not answer in time.")
+        raise UpstreamError(f"Every upstream channel failed ({last or 'timeout'}).")
+
+    def get(self, url: str, timeout: float = 30, max_bytes: int = 20 << 20) -> bytes:
+        """Fetch a URL the upstream gave us (an image link): public hosts only, size-capped."""
+        from urllib.parse import urlsplit
+
+        from app.edges.netguard import UnsafeURL, check_url
+
+        try:
+            check_url(url, {urlsplit(c.base_url).hostname or "" for c in self.channels})
+        except UnsafeURL as exc:
+            raise UpstreamError(f"Refused to fetch the upstream's link: {exc}") from exc
+        try:
+            with self.session.get(url, timeout=(5, timeout), stream=True,
+                                  allow_redirects=False) as resp:
+                resp.raise_for_status()
+                chunks, size = [], 0
+                for chunk in resp.iter_content(65536):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise UpstreamError("The upstream's file is too large.")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except requests.RequestException as exc:
+            raise UpstreamError("Could not fetch the upstream's file.") from exc
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One channel's call facts: its urllib3 pool (None: use requests, a proxy applies)."""
+
+    channel: Channel
+    pool: urllib3.HTTPConnectionPool | None
+    prefix: str  # the base URL's path, e.g. /v1
+    headers: dict[str, str]
+    latency: Any  # the channel's UPSTREAM_LATENCY child
+
+
+class UpstreamResponse:
+    """The part of requests.Response the relay uses, over a urllib3 response.
+
+    Errors are raised as requests' exceptions (as requests would raise them), so callers catch
+    requests.RequestException whichever client made the call.
+    """
+
+    __slots__ = ("raw", "status_code", "headers", "_content")
+
+    def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
+        self.raw = raw
+        self.status_code: int = raw.status
+        self.headers = raw.headers
+        self._content: bytes | None = None
+
+    @property
+    def content(self) -> bytes:
+        """Return the whole body (read now unless the request preloaded it)."""
+        if self._content is None:
+            try:
+                self._content = self.raw.data or b""
+            except (Urllib3Error, OSError) as exc:
+                raise translate(exc) from exc
+        return self._content
+
+    @property
+    def text(self) -> str:
+        """Return the body decoded with its charset (UTF-8 when none is given)."""
+        ctype = self.headers.get("Content-Type", "")
+        charset = ctype.partition("charset=")[2].split(";")[0].strip().strip('"') or "utf-8"
+        try:
+            return self.content.decode(charset, "replace")
+        except LookupError:
+            return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """Parse the body as JSON; a ValueError (orjson.JSONDecodeError) when it is not."""
+        return orjson.loads(self.content)
+
+    def iter_content(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        """Yield the body as it arrives (each HTTP chunk of a chunked response)."""
+        if self._content is not None:
+            yield self._content
+            return
+        try:
+            yield from self.raw.stream(chunk_size, decode_content=True)
+        except (Urllib3Error, OSError) as exc:
+            raise translate(exc, reading=True) from exc
+
+    def close(self) -> None:
+        """Release the connection (closed first when the body was not read to its end)."""
+        if self._content is None and not self.raw.isclosed():
+            self.raw.close()
+        self.raw.release_conn()
+
+    def __enter__(self) -> UpstreamResponse:
+        """Return self."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the response."""
+        self.close()
+
+
+def translate(exc: BaseException, reading: bool = False) -> requests.RequestException:
+    """Map a urllib3/socket error to the requests exception requests itself would raise."""
+    if reading:  # requests.Response.iter_content's mapping
+        if isinstance(exc, ProtocolError):
+            return requests.exceptions.ChunkedEncodingError(exc)
+        if isinstance(exc, DecodeError):
+            return requests.exceptions.ContentDecodingError(exc)
+        return requests.ConnectionError(exc)
+    if isinstance(exc, ConnectTimeoutError) and not isinstance(exc, NewConnectionError):
+        return requests.ConnectTimeout(exc)
+    if isinstance(exc, ReadTimeoutError):
+        return requests.ReadTimeout(exc)
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return requests.exceptions.SSLError(exc)
+    if isinstance(exc, ProtocolError | NewConnectionError | OSError):
+        return requests.ConnectionError(exc)
+    return requests.RequestException(exc)
+
+
+def _parse(resp: requests.Response | UpstreamResponse, field: str) -> dict[str, Any] | None:
+    """Return the body as a JSON object holding a list `field`, or None when it is not one."""
+    try:
+        data = resp.json()
+    except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get(field), list) else None
+
+
+def _error_message(resp: requests.Response | UpstreamResponse) -> str:
+    """Return the upstream's error message, whatever shape (or no body) it came in."""
+    try:
+        data = resp.json()
+        err = data.get("error") if isinstance(data, dict) else data
+        text = err.get("message") if isinstance(err, dict) else err
+    except ValueError:
+        text = resp.text[:200]
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+        text = ""
+    return (str(text) if text else f"HTTP {resp.status_code}")[:300]
+
+
+def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[bytes]:
+    """Yield each SSE event's data payload (bytes) as it arrives; stops at [DONE] or EOF."""
+    buf = b""
+    for chunk in resp.iter_content(chunk_size=None):
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        return
+                    yield payload
+
+
+def init_app(app: Any, r: redis.Redis) -> None:
+    """Build this process's upstream client."""
+    app.extensions[EXTENSION] = Upstream(app.config["SETTINGS"], r)
+
+
+def get_upstream() -> Upstream:
+    """Return the app's upstream client."""
+    return current_app.extensions[EXTENSION]

@@ -1,0 +1,112 @@
+"""The WeChat API client: wechatpy's WeChatClient with one access token shared through Redis.
+
+Keys (owned here):
+    xy:wx:token:{appid}_access_token   string  the token (wechatpy RedisStorage, JSON string),
+                                               TTL = expires_in - 300 s so every process
+                                               refreshes before WeChat expires it
+    xy:wx:token:{appid}:lock           string  the refresh lock (SET NX PX, released by token)
+
+wechatpy fetches without a lock and, on 40001, refreshes and retries recursively without limit
+(docs/wechatpy-notes.md). Here `auto_retry` is off: a missing token is fetched under the Redis
+lock (so many processes fetch once), and a call answered 40001/40014/42001 refreshes the token
+(unless another process already replaced the one that failed) and is retried once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from flask import current_app
+from wechatpy import WeChatClient
+from wechatpy.exceptions import WeChatClientException
+from wechatpy.session.redisstorage import RedisStorage
+
+from app.core.config import Settings
+
+EXTENSION = "xiaoyi.wechat_client"
+PREFIX = "xy:wx:token"
+TOKEN_ERRORS = frozenset({40001, 40014, 42001})
+TIMEOUT = (3.05, 15)  # connect, read (seconds)
+LOCK_SECONDS = 15
+
+
+class NotConfigured(RuntimeError):
+    """The WeChat app id / secret are not set."""
+
+
+class SharedTokenClient(WeChatClient):
+    """WeChatClient whose token lives in Redis and is refreshed under a Redis lock."""
+
+    def __init__(self, settings: Settings, r: redis.Redis) -> None:
+        if not settings.wechat_app_id or not settings.wechat_app_secret:
+            raise NotConfigured("set XIAOYI_WECHAT_APP_ID and XIAOYI_WECHAT_APP_SECRET")
+        super().__init__(settings.wechat_app_id, settings.wechat_app_secret,
+                         session=RedisStorage(r, prefix=PREFIX), timeout=TIMEOUT,
+                         auto_retry=False)
+        base = settings.wechat_api_base_url
+        self.API_BASE_URL = base if base.endswith("/") else base + "/"
+        self.redis = r
+
+    @property
+    def access_token(self) -> str:
+        """Return the shared token, fetching it (once for every process) when missing."""
+        token = self.session.get(self.access_token_key)
+        return token or self.refresh(None)
+
+    def fetch_access_token(self) -> dict[str, Any]:
+        """Fill a missing token (wechatpy's hook), under the lock."""
+        return {"access_token": self.refresh(None)}
+
+    def refresh(self, failed: str | None) -> str:
+        """Fetch a new token under the lock unless another process replaced `failed` already."""
+        lock = self.redis.lock(f"{PREFIX}:{self.appid}:lock", timeout=LOCK_SECONDS,
+                               blocking_timeout=LOCK_SECONDS, sleep=0.05)
+        with lock:
+            current = self.session.get(self.access_token_key)
+            if current and current != failed:
+                return current
+            return self._fetch_token()
+
+    def _fetch_token(self) -> str:
+        resp = self._http.get(self.API_BASE_URL + "token", timeout=TIMEOUT, params={
+            "grant_type": "client_credential", "appid": self.appid, "secret": self.secret})
+        resp.raise_for_status()
+        data = resp.json()
+        if data.get("errcode") or not data.get("access_token"):
+            raise WeChatClientException(data.get("errcode"), data.get("errmsg"), client=self,
+                                        request=resp.request, response=resp)
+        ttl = max(60, int(data.get("expires_in", 7200)) - 300)
+        self.session.set(self.access_token_key, data["access_token"], ttl)
+        return data["access_token"]
+
+    def _request(self, method: str, url_or_endpoint: str, **kwargs: Any) -> Any:
+        """Call the API; on a token error refresh and retry once."""
+        params = dict(kwargs.pop("params", None) or {})
+        if "access_token" in params:
+            return super()._request(method, url_or_endpoint, params=params, **kwargs)
+        token = self.access_token
+        try:
+            return super()._request(method, url_or_endpoint,
+                                    params={**params, "access_token": token}, **kwargs)
+        except WeChatClientException as exc:
+            if exc.errcode not in TOKEN_ERRORS:
+                raise
+        token = self.refresh(token)
+        return super()._request(method, url_or_endpoint,
+                                params={**params, "access_token": token}, **kwargs)
+
+
+def init_app(app: Any, r: redis.Redis) -> None:
+    """Build this process's client when the app id and secret are configured."""
+    settings: Settings = app.config["SETTINGS"]
+    if settings.wechat_app_id and settings.wechat_app_secret:
+        app.extensions[EXTENSION] = SharedTokenClient(settings, r)
+
+
+def get_client() -> SharedTokenClient:
+    """Return the app's WeChat client; raise NotConfigured when there is none."""
+    client = current_app.extensions.get(EXTENSION)
+    if client is None:
+        raise NotConfigured("set XIAOYI_WECHAT_APP_ID and XIAOYI_WECHAT_APP_SECRET")
+    return client

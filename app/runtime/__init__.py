@@ -1,0 +1,1 @@
+"""Process plumbing: cli, procs, supervisor, embedded engine, rq worker class, maintenance, wsgi."""

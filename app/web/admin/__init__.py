@@ -1,0 +1,26 @@
+"""The admin blueprint (/admin pages, /admin/rq) and /metrics; both exist only with an admin token.
+
+    auth.py     the blueprint, Bearer/session checks, login form, CSRF, security headers
+    views.py    overview, accounts, account (keys, revoke, top-up, ledger)
+    money.py    usage charts, recent requests, redemption codes and pay orders
+    rqviews.py  queues, workers, failed jobs (requeue, delete)
+    metrics.py  /metrics (Prometheus text, multiprocess-aware)
+    charts.py   inline SVG bar charts
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from app.web.admin import auth, metrics, money, rqviews, views
+
+__all__ = ["init_app", "money", "rqviews", "views"]
+
+
+def init_app(app: Flask) -> None:
+    """Mount /admin and /metrics when XIAOYI_ADMIN_TOKEN is set; otherwise they are 404."""
+    if not app.config["SETTINGS"].admin_token:
+        return
+    auth.init_cookies(app)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(metrics.bp)

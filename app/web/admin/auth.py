@@ -1,0 +1,171 @@
+"""Admin access: `Authorization: Bearer <XIAOYI_ADMIN_TOKEN>` for scripts, a login form for browsers.
+
+The browser session is Flask's signed cookie (itsdangerous; HttpOnly, SameSite=Strict, Secure
+behind https) holding an HMAC fingerprint of the token — never the token — and a CSRF token that
+every cookie-authenticated POST must echo in a hidden `csrf` field. Tokens are compared with
+hmac.compare_digest; login attempts are rate-limited per client address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import timedelta
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.exceptions import BadRequest
+
+from app.core.money import ratelimit
+from app.edges.store import get_redis
+
+bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
+LOGIN_ATTEMPTS_PER_MINUTE = 10
+SESSION_HOURS = 12
+CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def _token() -> str:
+    return current_app.config["SETTINGS"].admin_token or ""
+
+
+def _fingerprint() -> str:
+    """Return what the session stores instead of the token (changes when the token does)."""
+    key = str(current_app.config["SECRET_KEY"]).encode()
+    return hmac.new(key, b"admin-session:" + _token().encode(), hashlib.sha256).hexdigest()
+
+
+def token_matches(given: str) -> bool:
+    """Compare a presented token with the admin token in constant time."""
+    token = _token()
+    return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def bearer_ok() -> bool:
+    """Tell whether the request carries `Authorization: Bearer <admin token>`."""
+    auth = request.headers.get("Authorization", "")
+    return auth[:7].lower() == "bearer " and token_matches(auth[7:].strip())
+
+
+def session_ok() -> bool:
+    """Tell whether the browser session was opened by a login with the current token."""
+    held = session.get("admin")
+    return isinstance(held, str) and hmac.compare_digest(held, _fingerprint())
+
+
+def csrf_token() -> str:
+    """Return this session's CSRF token, creating it on first use."""
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return session["csrf"]
+
+
+def check_csrf() -> None:
+    """Refuse a form POST whose hidden csrf field does not match the session's."""
+    sent = request.form.get("csrf", "")
+    held = session.get("csrf", "")
+    if not sent or not held or not hmac.compare_digest(sent.encode(), str(held).encode()):
+        raise BadRequest("The form expired or did not come from this admin; reload and retry.")
+
+
+def unauthorized() -> Response:
+    """Answer 401 with a Bearer challenge."""
+    return Response("admin token required\n", 401, mimetype="text/plain",
+                    headers={"WWW-Authenticate": 'Bearer realm="xiaoyi-admin"'})
+
+
+def is_admin() -> bool:
+    """Tell whether the request is the admin's, by header or by session."""
+    return bearer_ok() or session_ok()
+
+
+@bp.before_request
+def guard() -> Response | None:
+    """Let the admin in; send browsers to the login form and scripts a 401."""
+    if request.endpoint == "admin.login":
+        return None
+    if bearer_ok():
+        g.admin_via = "bearer"  # a header cannot be forged cross-site: no CSRF check needed
+        return None
+    if request.headers.get("Authorization"):
+        return unauthorized()
+    if session_ok():
+        g.admin_via = "session"
+        if request.method == "POST":
+            check_csrf()
+        return None
+    if request.method == "GET":
+        return redirect(url_for("admin.login", next=request.full_path.rstrip("?")))
+    return unauthorized()
+
+
+@bp.after_request
+def harden(resp: Response) -> Response:
+    """Forbid framing, caching, referrers and any external asset on admin pages."""
+    resp.headers["Content-Security-Policy"] = CSP
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
+
+
+def _safe_next(target: str | None) -> str:
+    if target and target.startswith("/admin") and "//" not in target and "\\" not in target:
+        return target
+    return url_for("admin.overview")
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Response | str:
+    """Show the login form; on a right token open the session."""
+    error = ""
+    status = 200
+    if request.method == "POST":
+        check_csrf()
+        wait = ratelimit.hit(get_redis(), f"admin-login:{request.remote_addr}",
+                             LOGIN_ATTEMPTS_PER_MINUTE)
+        if wait:
+            error, status = f"尝试次数过多，请 {wait} 秒后再试。", 429
+        elif token_matches(request.form.get("token", "")):
+            session.clear()
+            session.permanent = True
+            session["admin"] = _fingerprint()
+            csrf_token()
+            return redirect(_safe_next(request.form.get("next")))
+        else:
+            error, status = "令牌不正确。", 401
+    page = render_template("admin_login.html", error=error,
+                           next=request.values.get("next", ""))
+    return Response(page, status, mimetype="text/html")
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    """Close the browser session."""
+    session.clear()
+    return redirect(url_for("admin.login"))
+
+
+def init_cookies(app: Flask) -> None:
+    """Configure the session cookie the admin relies on."""
+    settings = app.config["SETTINGS"]
+    app.config.update(
+        SESSION_COOKIE_NAME="xiaoyi_admin",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=settings.public_url.startswith("https://"),
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=SESSION_HOURS),
+    )

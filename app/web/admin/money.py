@@ -1,0 +1,86 @@
+"""Admin pages about money: usage charts, recent requests, redemption codes and pay orders."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from flask import flash, render_template, request
+
+from app.core.config import ConfigError, units_to_yuan, yuan_to_units
+from app.core.money import wallet
+from app.edges import pay
+from app.edges.store import get_redis
+from app.web.admin.auth import bp
+from app.web.admin.charts import bar_chart
+
+MAX_CODES = 100
+LEDGER_SCANNED = 2000
+
+
+def by_model(days: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """Sum usage_by_day's {model:field: n} over the days, per model, costliest first."""
+    sums: dict[str, dict[str, int]] = defaultdict(lambda: {"cost": 0, "requests": 0,
+                                                           "tokens": 0})
+    for fields in days.values():
+        for name, value in fields.items():
+            model, _, field = name.rpartition(":")  # model names may contain ':'
+            if field in ("cost", "requests", "tokens"):
+                sums[model][field] += value
+    return sorted(({"model": m, **v} for m, v in sums.items()), key=lambda row: -row["cost"])
+
+
+def day_total(fields: dict[str, int], field: str) -> int:
+    """Sum one field over the models of a day."""
+    return sum(v for k, v in fields.items() if k.rpartition(":")[2] == field)
+
+
+@bp.get("/usage")
+def usage() -> str:
+    """Show spending and requests by day and by model as inline SVG bar charts."""
+    days_n = min(max(request.args.get("days", 14, type=int) or 14, 1), 90)
+    days = wallet.usage_by_day(get_redis(), days_n)
+    labels = [f"{d[4:6]}-{d[6:]}" for d in days]
+    cost = [(label, day_total(f, "cost")) for label, f in zip(labels, days.values(), strict=True)]
+    reqs = [(label, day_total(f, "requests"))
+            for label, f in zip(labels, days.values(), strict=True)]
+    models = by_model(days)
+    charts = [
+        bar_chart("每日消费（元）", cost, units_to_yuan),
+        bar_chart("每日请求数", reqs),
+        bar_chart("按模型消费（元）", [(m["model"], m["cost"]) for m in models], units_to_yuan),
+    ]
+    return render_template("admin_usage.html", charts=charts, models=models, days=days_n,
+                           rows=list(zip(labels, cost, reqs, strict=True)))
+
+
+@bp.get("/requests")
+def requests_page() -> str:
+    """Show the newest settled requests (the ledger's settle entries)."""
+    acct = request.args.get("acct", "").strip() or None
+    entries = wallet.recent_ledger(get_redis(), acct, LEDGER_SCANNED)
+    rows = [e for e in entries if e.get("kind") in ("settle", "refund")][:200]
+    return render_template("admin_requests.html", rows=rows, acct=acct or "",
+                           scanned=LEDGER_SCANNED)
+
+
+@bp.route("/codes", methods=["GET", "POST"])
+def codes() -> str:
+    """List redemption codes and recent pay orders; the form creates codes."""
+    r = get_redis()
+    created: list[str] = []
+    if request.method == "POST":
+        count = request.form.get("count", 1, type=int) or 0
+        try:
+            units = yuan_to_units(request.form.get("yuan", "").strip(), "金额")
+        except ConfigError as exc:
+            flash(str(exc))
+            units = 0
+        if units > 0 and 1 <= count <= MAX_CODES:
+            created = wallet.create_codes(r, units, count)
+        elif units > 0:
+            flash(f"数量需在 1–{MAX_CODES} 之间")
+        else:
+            flash("金额需大于 0")
+    return render_template("admin_codes.html", created=created, codes=wallet.list_codes(r, 200),
+                           orders=pay.recent_orders(r, 50))

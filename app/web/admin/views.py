@@ -1,0 +1,145 @@
+"""Admin pages: overview (totals, channels, queues), accounts, one account (keys, ledger)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from flask import Response, abort, current_app, flash, redirect, render_template, request, url_for
+
+from app.core.config import ConfigError, units_to_yuan, yuan_to_units
+from app.core.money import keys, wallet
+from app.edges.store import get_redis, get_rq_redis
+from app.edges.upstream import get_upstream
+from app.web.admin.auth import bp, csrf_token
+from app.web.admin.rqviews import queue_counts, workers
+
+PAGE = 50
+ACCOUNTS = "xy:accts"  # wallet's index of accounts (zset id -> created ms)
+NONCE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def when(ms: Any) -> str:
+    """Format epoch milliseconds (or a stream id) as China time."""
+    try:
+        value = int(str(ms).split("-")[0])
+    except ValueError:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value / 1000 + 8 * 3600))
+
+
+@bp.context_processor
+def helpers() -> dict[str, Any]:
+    """Give every admin template the money and time formatters and the CSRF token."""
+    return {"yuan": lambda units: units_to_yuan(int(units or 0)), "when": when,
+            "csrf_token": csrf_token}
+
+
+def shown_url(url: str) -> str:
+    """Return scheme://host[:port]/path of a channel URL, without credentials or query."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def totals(r: redis.Redis) -> dict[str, int]:
+    """Sum balances and spending over every account (pipelined in chunks)."""
+    out = {"accounts": 0, "balance": 0, "used": 0}
+    ids = r.zrange(ACCOUNTS, 0, -1)
+    for start in range(0, len(ids), 1000):
+        pipe = r.pipeline(transaction=False)
+        for acct in ids[start:start + 1000]:
+            pipe.hmget(wallet.acct_key(acct), "balance", "used")
+        for bal, used in pipe.execute():
+            out["balance"] += int(bal or 0)
+            out["used"] += int(used or 0)
+    out["accounts"] = len(ids)
+    out["keys"] = r.zcard("xy:keyids")
+    out["open_reservations"] = r.zcard(wallet.PENDING)
+    today = next(iter(wallet.usage_by_day(r, 1).values()))
+    for field in ("cost", "requests", "tokens"):
+        out[f"today_{field}"] = sum(v for k, v in today.items() if k.rpartition(":")[2] == field)
+    return out
+
+
+@bp.get("/")
+def overview() -> str:
+    """Show totals, channels with their health, and the queues."""
+    r = get_redis()
+    channels = [{**row, "url": shown_url(row["channel"].base_url)}
+                for row in get_upstream().health()]
+    conn = get_rq_redis()
+    return render_template("admin_overview.html", totals=totals(r), channels=channels,
+                           queues=queue_counts(conn), workers=len(workers(conn)))
+
+
+@bp.get("/accounts")
+def accounts() -> Response | str:
+    """List accounts with balances, newest first; `q` jumps to an account id."""
+    r = get_redis()
+    q = request.args.get("q", "").strip()
+    if q:
+        if r.exists(wallet.acct_key(q)):
+            return redirect(url_for("admin.account", acct=q))
+        flash(f"没有账户 {q[:64]}")
+    page = max(0, request.args.get("page", 0, type=int) or 0)
+    ids = r.zrevrange(ACCOUNTS, page * PAGE, page * PAGE + PAGE - 1)
+    pipe = r.pipeline(transaction=False)
+    for acct in ids:
+        pipe.hgetall(wallet.acct_key(acct))
+        pipe.scard(f"xy:acct:{acct}:keys")
+    values = pipe.execute()
+    rows = [{**values[2 * i], "id": acct, "keys": values[2 * i + 1]}
+            for i, acct in enumerate(ids)]
+    return render_template("admin_accounts.html", rows=rows, page=page,
+                           more=len(ids) == PAGE, total=r.zcard(ACCOUNTS))
+
+
+@bp.get("/accounts/<acct>")
+def account(acct: str) -> str:
+    """Show one account: balance, keys (masked) with revoke, ledger entries."""
+    r = get_redis()
+    info = wallet.get_account(r, acct)
+    if info is None:
+        abort(404)
+    return render_template("admin_account.html", acct=info, keys=keys.list_keys(r, acct),
+                           ledger=wallet.recent_ledger(r, acct, 200),
+                           nonce=secrets.token_hex(16))
+
+
+@bp.post("/keys/<key_id>/revoke")
+def revoke_key(key_id: str) -> Response:
+    """Revoke a key at once, then go back to its account's page."""
+    r = get_redis()
+    flash(f"已吊销 {key_id}" if keys.revoke(r, key_id) else f"{key_id} 不存在或早已吊销")
+    acct = request.form.get("acct", "")
+    if acct and r.exists(wallet.acct_key(acct)):
+        return redirect(url_for("admin.account", acct=acct))
+    return redirect(url_for("admin.accounts"))
+
+
+@bp.post("/accounts/<acct>/topup")
+def topup(acct: str) -> Response:
+    """Credit an account by hand; the form's nonce makes a double submit credit once."""
+    nonce = request.form.get("nonce", "")
+    try:
+        units = yuan_to_units(request.form.get("yuan", "").strip(), "金额")
+    except ConfigError as exc:
+        flash(str(exc))
+        return redirect(url_for("admin.account", acct=acct))
+    if not NONCE.match(nonce) or units <= 0 or units > 1_000_000 * 10_000:
+        flash("金额无效")
+        return redirect(url_for("admin.account", acct=acct))
+    try:
+        credited, _ = wallet.topup(get_redis(), acct, units, kind="topup", note="admin",
+                                   ref=f"admin:{nonce}")
+    except wallet.NoAccount:
+        abort(404)
+    if credited:
+        current_app.logger.info("admin top-up of %s units to %s", units, acct)
+    flash(f"已充值 {units_to_yuan(units)} 元" if credited else "该表单已提交过，未重复充值")
+    return redirect(url_for("admin.account", acct=acct))

@@ -1,0 +1,52 @@
+"""The WeChat official-account bot: webhook, commands, context, menu, and the WeChat API client.
+
+Modules: views (the /wechat route), verify (signatures, AES, safe XML, replies), dispatch (one
+message's route), dedupe (retries and job ids), outbox (waiting, passive replies, push, parking),
+commands, context, users (accounts, free chats, keys), client (shared access token), menu, cli.
+Jobs live in workers/ and are enqueued by dotted path: this package never imports them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from flask import Flask
+from wechatpy.crypto import WeChatCrypto
+
+from app.core.config import ConfigError, Settings
+from app.edges import wechat_api as client
+from app.edges.store import EXTENSION as REDIS
+from app.web.wechat.views import CRYPTO, POOL, bp
+
+
+def check_bot(settings: Settings) -> None:
+    """Refuse bot models or sizes that have no price (SPEC §7.7)."""
+    bot = settings.bot
+    for name in ("chat_model", "image_model"):
+        upstream = settings.models.get(bot[name], bot[name])
+        if upstream not in settings.prices:
+            raise ConfigError(f"bot.{name}: {bot[name]!r} is not a priced model")
+    image = settings.prices[settings.models.get(bot["image_model"], bot["image_model"])]
+    if bot["image_size"] not in image.images:
+        raise ConfigError(f"bot.image_size: {bot['image_size']!r} has no price")
+    if bot.get("image_format", "b64_json") not in ("b64_json", "url"):
+        raise ConfigError("bot.image_format: must be b64_json or url")
+
+
+def init_app(app: Flask) -> None:
+    """Mount /wechat and build the crypto and API client the settings allow."""
+    settings = app.config["SETTINGS"]
+    if settings.wechat_token:
+        check_bot(settings)
+    if settings.wechat_token and settings.wechat_aes_key:
+        if not settings.wechat_app_id:
+            raise ConfigError("XIAOYI_WECHAT_APP_ID: required in safe mode (AES key set)")
+        try:
+            app.extensions[CRYPTO] = WeChatCrypto(settings.wechat_token, settings.wechat_aes_key,
+                                                  settings.wechat_app_id)
+        except (AssertionError, ValueError) as exc:
+            raise ConfigError("XIAOYI_WECHAT_AES_KEY: not a valid EncodingAESKey") from exc
+    client.init_app(app, app.extensions[REDIS])
+    # Messages are handled on a pool so a hung store cannot hold the answer past WeChat's 5 s.
+    app.extensions[POOL] = ThreadPoolExecutor(max_workers=1000, thread_name_prefix="wechat")
+    app.register_blueprint(bp)

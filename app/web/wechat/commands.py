@@ -1,0 +1,149 @@
+"""Bot commands (Chinese and / forms), answered at once with a passive reply."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from app.bot import context, outbox, users
+from app.bot.texts import text
+from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
+from app.core.money import wallet
+
+log = logging.getLogger(__name__)
+Item = dict[str, Any]
+
+EXACT: dict[str, str] = {
+    "帮助": "help", "/help": "help", "help": "help", "菜单": "help",
+    "新对话": "reset", "清除": "reset", "/reset": "reset",
+    "余额": "balance", "/balance": "balance",
+    "继续": "more", "/continue": "more",
+    "密钥": "key", "/key": "key",
+    "重置密钥": "rotate", "/rotate": "rotate",
+    "画": "image", "/image": "image",
+    "充值": "redeem", "/redeem": "redeem",
+}
+_PREFIXED = re.compile(r"^(画|/image|充值|/redeem)(?:[\s:：]+)(.+)$", re.IGNORECASE | re.DOTALL)
+_YUAN = re.compile(r"^(\d{1,6}(?:\.\d{1,2})?)\s*元?$")
+
+
+@dataclass
+class Ctx:
+    """What a command handler needs."""
+
+    r: redis.Redis
+    settings: Settings
+    openid: str
+    acct: str
+    dk: str
+    arg: str = ""
+
+
+def classify(raw: str) -> tuple[str, str]:
+    """Return (command name or 'chat', argument) for a user's text."""
+    body = raw.strip()
+    bare = body.rstrip("。.!！?？ ").strip().lower()
+    if bare in EXACT:
+        return EXACT[bare], ""
+    found = _PREFIXED.match(body)
+    if found:
+        return EXACT[found.group(1).lower()], found.group(2).strip()
+    return "chat", body
+
+
+def _t(ctx: Ctx, name: str, **values: Any) -> Item:
+    return outbox.text_item(text(name, ctx.settings, **values))
+
+
+def help_(ctx: Ctx) -> Item:
+    """Show the help."""
+    return _t(ctx, "help")
+
+
+def reset(ctx: Ctx) -> Item:
+    """Start a new conversation."""
+    context.reset(ctx.r, ctx.openid)
+    return _t(ctx, "reset")
+
+
+def balance(ctx: Ctx) -> Item:
+    """Show the balance and today's free chats."""
+    return _t(ctx, "balance", balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)),
+              free=users.free_left(ctx.r, ctx.settings, ctx.openid))
+
+
+def more(ctx: Ctx) -> Item:
+    """Serve the next parked answer (继续)."""
+    item = outbox.unpark(ctx.r, ctx.settings, ctx.openid, text("more", ctx.settings))
+    if item is not None:
+        return item
+    return _t(ctx, "pending" if outbox.is_pending(ctx.r, ctx.openid) else "nothing_parked")
+
+
+def key(ctx: Ctx) -> Item:
+    """Show the API key: in full when issued now, masked afterwards."""
+    raw, masked = users.issue_key(ctx.r, ctx.acct)
+    return _t(ctx, "key_new", key=raw) if raw else _t(ctx, "key_masked", key=masked)
+
+
+def rotate(ctx: Ctx) -> Item:
+    """Replace the API key (the old one stops working at once)."""
+    return _t(ctx, "key_rotated", key=users.rotate_key(ctx.r, ctx.acct))
+
+
+def api_card(ctx: Ctx) -> Item:
+    """The CHAT_API menu: the key (full once, then masked), balance and example code."""
+    raw, masked = users.issue_key(ctx.r, ctx.acct)
+    head = text("key_new", ctx.settings, key=raw) if raw else text(
+        "key_masked", ctx.settings, key=masked)
+    card = text("api_card", ctx.settings, balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)),
+                base=ctx.settings.public_url, key=raw or "你的密钥",
+                model=ctx.settings.bot["chat_model"])
+    return outbox.text_item(f"{head}\n\n{card}")
+
+
+def redeem(ctx: Ctx) -> Item:
+    """Redeem a code, or start a WeChat Pay order for a number of 元."""
+    arg = ctx.arg.strip()
+    if not arg:
+        return _t(ctx, "redeem_usage")
+    if _YUAN.match(arg):
+        return _pay(ctx, _YUAN.match(arg).group(1))
+    status, amount, bal = wallet.redeem(ctx.r, ctx.acct, arg)
+    if status == "ok":
+        return _t(ctx, "redeem_ok", amount=units_to_yuan(amount), balance=units_to_yuan(bal))
+    return _t(ctx, "redeem_used" if status == "used" else "redeem_unknown")
+
+
+def _pay(ctx: Ctx, yuan: str) -> Item:
+    if not ctx.settings.pay.get("enabled"):
+        return _t(ctx, "pay_unavailable")
+    try:
+        from app.edges.pay import start_order
+    except ImportError:
+        log.warning("WeChat Pay is enabled but app.edges.pay is missing")
+        return _t(ctx, "pay_unavailable")
+    try:
+        units = yuan_to_units(yuan, "amount")
+    except ConfigError:
+        return _t(ctx, "redeem_usage")
+    return outbox.text_item(start_order(ctx.r, ctx.settings, ctx.acct, ctx.openid, units))
+
+
+def recharge_menu(ctx: Ctx) -> Item:
+    """The 充值 menu entry: a WeChat Pay order of pay.menu_yuan, or how to recharge."""
+    if not ctx.settings.pay.get("enabled"):
+        return _t(ctx, "recharge_how")
+    return _pay(ctx, str(ctx.settings.pay.get("menu_yuan", "10")))
+
+
+HANDLERS: dict[str, Callable[[Ctx], Item]] = {
+    "help": help_, "reset": reset, "balance": balance, "more": more, "key": key,
+    "rotate": rotate, "redeem": redeem, "CHAT_API": api_card, "BALANCE": balance,
+    "HELP": help_, "RECHARGE": recharge_menu,
+}

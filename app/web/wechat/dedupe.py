@@ -1,0 +1,59 @@
+"""Dedupe of WeChat's retries (SPEC §7.2) and the bot's rq jobs, one per message.
+
+Keys (owned here):
+    xy:wx:dd:{dk}   string  first-arrival marker, SET NX before any work (1 day)
+    xy:wx:n:{dk}    string  how many times WeChat delivered the message (10 minutes)
+
+dk (the dedupe key) = FromUserName + MsgId; for events FromUserName + CreateTime + Event.
+The rq job id is derived from it, so every retry joins the one job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import redis
+from wechatpy.messages import BaseMessage
+
+from app.edges.store import get_queue, get_rq_redis
+
+MARK_TTL = 86400
+COUNT_TTL = 600
+JOB_TIMEOUT = 180
+
+
+def key_for(msg: BaseMessage) -> str:
+    """Return the message's dedupe key."""
+    data = msg._data
+    openid = str(msg.source)
+    if data.get("MsgType") == "event":
+        return f"{openid}:{data.get('CreateTime', '')}:{str(data.get('Event', '')).lower()}"
+    msg_id = data.get("MsgId") or f"t{data.get('CreateTime', '')}{data.get('MsgType', '')}"
+    return f"{openid}:{msg_id}"
+
+
+def arrive(r: redis.Redis, dk: str) -> tuple[bool, int]:
+    """Record one delivery of a message; return (first delivery?, delivery number)."""
+    pipe = r.pipeline()
+    pipe.set(f"xy:wx:dd:{dk}", 1, nx=True, ex=MARK_TTL)
+    pipe.incr(f"xy:wx:n:{dk}")
+    pipe.expire(f"xy:wx:n:{dk}", COUNT_TTL)
+    first, count, _ = pipe.execute()
+    return bool(first), int(count)
+
+
+def job_id(dk: str, kind: str) -> str:
+    """Return the rq job id of a message's job (rq allows letters, digits, - and _)."""
+    return f"wx-{kind}-{hashlib.sha256(dk.encode()).hexdigest()[:32]}"
+
+
+def enqueue(queue: str, func: str, dk: str, *args: str, only_missing: bool = False) -> None:
+    """Queue the message's job by dotted path; with only_missing, unless it exists already."""
+    from rq import Retry
+    from rq.job import Job
+
+    jid = job_id(dk, queue)
+    if only_missing and Job.exists(jid, connection=get_rq_redis()):
+        return
+    get_queue(queue).enqueue(func, *args, job_id=jid, retry=Retry(max=2, interval=[1, 3]),
+                             job_timeout=JOB_TIMEOUT, result_ttl=600, failure_ttl=7 * 86400)

@@ -1,0 +1,88 @@
+"""The webhook: GET answers WeChat's echostr check, POST receives messages and events."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from flask import Blueprint, Flask, Response, current_app, request
+from wechatpy.crypto import WeChatCrypto
+from wechatpy.messages import BaseMessage
+
+from app.core.config import Settings
+from app.edges.store import get_redis
+from app.web.wechat import dispatch, verify
+from app.web.wechat.verify import Refused
+
+log = logging.getLogger(__name__)
+bp = Blueprint("wechat", __name__)
+CRYPTO = "xiaoyi.wechat_crypto"
+POOL = "xiaoyi.wechat_pool"
+DEADLINE_SECONDS = 4.3  # WeChat gives up after 5 s; answer "success" before that, whatever hangs
+
+
+def _plain(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, mimetype="text/plain")
+
+
+def _read_body() -> bytes:
+    """Read the body, refusing (413) more than 64 KB before anything parses it."""
+    limit = verify.MAX_BODY_BYTES
+    if (request.content_length or 0) > limit:
+        raise Refused(413, "body larger than 64 KB")
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise Refused(413, "body larger than 64 KB")
+    return body
+
+
+def _message(crypto: WeChatCrypto | None) -> str | bytes:
+    """Return the message XML of a verified POST (decrypted in safe mode)."""
+    args = request.args
+    body = _read_body()
+    if args.get("encrypt_type", "raw").lower() != "aes":
+        return body
+    if crypto is None:
+        raise Refused(400, "encrypted message but XIAOYI_WECHAT_AES_KEY is not set")
+    return verify.decrypt(crypto, body, args.get("msg_signature", ""),
+                          args.get("timestamp", ""), args.get("nonce", ""))
+
+
+@bp.route("/wechat", methods=["GET", "POST"])
+def webhook() -> Response:
+    """Verify, parse and answer one request from WeChat; never answer it with a 500."""
+    settings: Settings = current_app.config["SETTINGS"]
+    if not settings.wechat_token:
+        return _plain("WeChat is not configured: set XIAOYI_WECHAT_TOKEN.", 503)
+    args = request.args
+    crypto = current_app.extensions.get(CRYPTO)
+    try:
+        verify.check_signature(settings.wechat_token, args.get("signature", ""),
+                               args.get("timestamp", ""), args.get("nonce", ""))
+        if request.method == "GET":
+            return _plain(args.get("echostr", ""))
+        msg = verify.parse(_message(crypto))
+    except Refused as exc:
+        log.warning("wechat webhook refused (%s): %s", exc.status, exc.reason)
+        return _plain(exc.reason, exc.status)
+    encrypted = args.get("encrypt_type", "raw").lower() == "aes"
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        future = app.extensions[POOL].submit(_answer, app, settings, msg)
+        xml = future.result(timeout=DEADLINE_SECONDS)
+        if xml and encrypted:
+            xml = crypto.encrypt_message(xml, args.get("nonce", ""))
+    except FutureTimeout:
+        log.error("wechat message from %s not answered in %.1f s; answering success",
+                  msg.source, DEADLINE_SECONDS)
+        return _plain("success")
+    except Exception:  # §7.3: WeChat must never see an error
+        log.exception("wechat message from %s failed; answering success", msg.source)
+        return _plain("success")
+    return Response(xml, mimetype="application/xml") if xml else _plain("success")
+
+
+def _answer(app: Flask, settings: Settings, msg: BaseMessage) -> str:
+    """Handle one verified message in the app's context; return the reply XML or ''."""
+    with app.app_context():
+        return verify.render(dispatch.handle(get_redis(), settings, msg), msg)

@@ -1,0 +1,1 @@
+"""Fakes of the outside world for demos, tests and benchmarks (not part of the app)."""

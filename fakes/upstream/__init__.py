@@ -1,0 +1,79 @@
+"""Serve an OpenAI-compatible fake upstream for demos, tests and benchmarks.
+
+Routes: POST /v1/chat/completions, /v1/completions (both also streamed), /v1/embeddings,
+/v1/images/generations; GET /v1/models[/<id>], /v1/files/img-<id>.png (the generated PNGs),
+/healthz; control endpoints POST /_fake/config, POST /_fake/reset, GET /_fake/config and
+GET /_fake/requests (these and the image files ignore the api key).
+
+Behaviour is steered per request by markers in the last user message, prompt, input or image
+prompt (``[[fake:status=500]]``, removed from the echoed text), or for every request by
+POST /_fake/config with a JSON object of the same names; a marker wins over the global config:
+
+    status=N       answer HTTP N (400-599) in OpenAI error shape; a 429 carries Retry-After
+    retry_after=S  the Retry-After seconds of a 429 (default 1)
+    delay=S        sleep S seconds before answering
+    nousage        omit usage, also from streams that asked for it with include_usage
+    long=N         answer "word0 word1 ... word<N-1>", streamed one word per chunk
+    chunk_delay=S  sleep S seconds between stream chunks
+    cut=N          stream: close the connection after N content chunks (no [DONE], no last chunk)
+    malformed      answer 200 with a body (or, streaming, an event) that is not JSON
+
+The HTTP layer is a lean hand-written HTTP/1.1 reader on top of http.server (keep-alive,
+Content-Length or chunked bodies, Expect: 100-continue) so the fake stays fast enough to be the
+baseline of the relay benchmarks.
+"""
+
+from __future__ import annotations
+
+from fakes.upstream.answers import (
+    ANSWER_PREFIX,
+    EMBEDDING_DIMS,
+    MODEL_CREATED,
+    MODELS,
+    STREAM_PIECES,
+    count_tokens,
+    embedding_bytes,
+    make_answer,
+)
+from fakes.upstream.behaviour import BEHAVIOURS, FakeError, extract_markers, parse_behaviour
+from fakes.upstream.images import IMAGE_SIZES, png_image
+from fakes.upstream.protocol import MAX_BODY_BYTES, FakeProtocol
+from fakes.upstream.server import (
+    MAX_RECORDED,
+    FakeServer,
+    FakeServer6,
+    FakeState,
+    FakeUpstream,
+    main,
+    make_server,
+    serve,
+)
+from fakes.upstream.views import FakeHandler
+
+__all__ = [
+    "ANSWER_PREFIX",
+    "BEHAVIOURS",
+    "EMBEDDING_DIMS",
+    "IMAGE_SIZES",
+    "MAX_BODY_BYTES",
+    "MAX_RECORDED",
+    "MODEL_CREATED",
+    "MODELS",
+    "STREAM_PIECES",
+    "FakeError",
+    "FakeHandler",
+    "FakeProtocol",
+    "FakeServer",
+    "FakeServer6",
+    "FakeState",
+    "FakeUpstream",
+    "count_tokens",
+    "embedding_bytes",
+    "extract_markers",
+    "main",
+    "make_answer",
+    "make_server",
+    "parse_behaviour",
+    "png_image",
+    "serve",
+]
