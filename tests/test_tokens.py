@@ -64,8 +64,12 @@ def test_plain_chinese_keeps_seed() -> None:
     assert tk.text_tokens(text, "gpt-4o") == len(text)
 
 
+ANY_CHAR = st.characters(exclude_categories=[])  # surrogates included
+SEEDISH = st.sampled_from("ab Z9 中文\u3400\U00020000\U000323af\uf900\u4dc0\u3000é\ud800_-")
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=80))
+@given(st.text(alphabet=st.one_of(ANY_CHAR, SEEDISH), max_size=80))
 def test_seed_matches_oracle(text: str) -> None:
     assert tk.seed_count(text) == naive_seed(text)
 
@@ -100,11 +104,14 @@ def test_250k_compatibility_ideographs(model: str) -> None:
 
 
 def test_lone_surrogates_count() -> None:
-    assert tk.text_tokens("a\ud800b\udfff" * 10, "gpt-4o") >= 20
+    text = "a\ud800b\udfff" * 10
+    full = tk.text_tokens(text, "gpt-4o")
+    assert full >= 20
+    assert tk.text_tokens(text, "gpt-4o", limit=5) >= full
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.characters(codec=None), max_size=200), st.sampled_from(MODELS))
+@given(st.text(alphabet=st.one_of(ANY_CHAR, SEEDISH), max_size=200), st.sampled_from(MODELS))
 def test_text_tokens_bounds_both(text: str, model: str) -> None:
     n = tk.text_tokens(text, model)
     assert n >= tk.seed_count(text)
@@ -113,6 +120,7 @@ def test_text_tokens_bounds_both(text: str, model: str) -> None:
         assert n >= tk._bpe(name, text, None)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # bpe_openai's own resource loading
 def test_bpe_matches_public_api() -> None:
     import bpe_openai
 
@@ -133,6 +141,19 @@ def test_bpe_matches_public_api() -> None:
 ])
 def test_encodings_for(model: str | None, expected: tuple[str, ...]) -> None:
     assert tk.encodings_for(model) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.one_of(ANY_CHAR, SEEDISH), max_size=120), st.integers(0, 80),
+       st.sampled_from(MODELS))
+def test_limit_never_lowers_the_bound(text: str, limit: int, model: str) -> None:
+    full = tk.text_tokens(text, model)
+    capped = tk.text_tokens(text, model, limit=limit)
+    assert capped == full if full <= limit else capped > limit and capped >= full
+    msgs = [{"role": "user", "content": text}]
+    whole = tk.messages_bound(msgs, model)
+    got = tk.messages_bound(msgs, model, limit=limit + 10)
+    assert got == whole if whole <= limit + 10 else got > limit + 10
 
 
 def test_limit_stops_early_and_still_bounds() -> None:
@@ -188,6 +209,11 @@ def test_no_aspect_ratio_beats_the_worst_case() -> None:
     assert max(tk._tiles(w, h) for w in sides for h in sides) == tk._WORST_TILES == 8
 
 
+@given(st.integers(1, 10**6), st.integers(1, 10**6))
+def test_tiles_never_exceed_the_worst_case(w: int, h: int) -> None:
+    assert 1 <= tk._tiles(w, h) <= tk._WORST_TILES
+
+
 def test_image_model_multipliers() -> None:
     remote = image_part("https://example.com/cat.jpg")
     assert tk.image_tokens(remote, "gpt-4o-mini") == 2833 + 5667 * 8
@@ -238,6 +264,7 @@ def test_tool_calls_and_tool_results_count() -> None:
 
 @pytest.mark.parametrize("shape", [
     {"type": "mystery", "payload": "сюрприз " * 100},
+    {"type": "mystery", "payload": "\ud800 сюрприз " * 100},  # orjson refuses: stdlib path
     ["nested", {"deep": "ещё текст " * 100}],
     12345678901234567890123,
 ])

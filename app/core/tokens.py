@@ -1,20 +1,24 @@
 """Token bounds: what a request can cost, and what to bill from untrusted upstream usage.
 
 Pure: no I/O beyond bpe-openai's bundled tables, no Flask or Redis. Every text counts
-max(seed rule, real BPE count) (SPEC §3): plain Chinese and English keep the original service's
-numbers, and no character is free. Models map to encodings by name (`encodings_for`): o200k_base
+max(seed rule, real BPE count) (SPEC §3): no character is free, and the seed's numbers stay
+wherever the seed is larger (Chinese under o200k; cl100k often spends >1 token per 汉字, so
+gpt-3.5/gpt-4 Chinese counts rise above the seed). Models map to encodings by name (`encodings_for`): o200k_base
 for gpt-4o/4.1/4.5/5, gpt-oss, o-series; cl100k_base for gpt-3.5, gpt-4(-turbo), embeddings,
 instruct, davinci-002/babbage-002; anything else (unknown, retired p50k names) takes the max of
 both: twice a cheap count, and never below either OpenAI tokenizer.
 
-`limit` (the prompt-length limit) stops a count early: a result above `limit` means "refuse",
-and it is still an upper bound (every BPE token covers at least one UTF-8 byte).
+`limit` (the prompt-length limit; pass it on the request path) stops a count early: a result
+above `limit` only means "refuse" (text_tokens then returns a byte-count upper bound; the
+request-level bounds return their partial sum), so never reserve with it.
 
-Measured on the dev box (CPython 3.11, bpe-openai 0.1.4, one core), see the report in the PR:
-  import of the 74 MB extension 0.5 s, then o200k 55 ms and cl100k 22 ms to load (call `warm()`);
-  200-char chat message 12 µs (messages_bound, 2 messages: 25 µs; unknown model 40 µs);
-  180k tokens of English (~0.9 M chars) 30 ms; 1 M CJK chars 75 ms; 1024² PNG data URL 60 µs;
-  32 MB of base64 text: 2.4 s per encoding without `limit`, 0.3 s with limit=128k.
+Measured on the dev box (CPython 3.11, bpe-openai 0.1.4, one noisy core; best of runs):
+  loading the Rust extension directly 1 ms (its package __init__ would cost 0.5 s and 60 MB);
+  o200k 55 ms / 67 MB and cl100k 25 ms / 29 MB on first use (`warm()` before forking);
+  a 200-char mixed message 18 µs (seed 5 µs), unknown model 26 µs; messages_bound of
+  system + 200-char user 25-30 µs (unknown model 36 µs); 210k tokens of English (0.9 M chars)
+  21 ms; 192k CJK chars 17 ms; 1024² PNG data URL 36 µs; 3.5 MB JPEG data URL 0.4 ms;
+  300k token ids 6 ms; 32 MB of base64 text 4 s without `limit`, 90 ms with limit=128k.
 """
 
 from __future__ import annotations
@@ -110,12 +114,17 @@ def warm() -> None:
         _tokenizer(name)
 
 
+def _clean(text: str) -> str:
+    """Replace lone surrogates (valid in JSON, not in UTF-8) with U+FFFD, as a decoder would."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _bpe(name: str, text: str, cap: int | None) -> int | None:
     tok = _tokenizer(name)
     try:
         return tok.count(text) if cap is None else tok.count_till_limit(text, cap)
-    except UnicodeEncodeError:  # lone surrogates: count them as U+FFFD, as a decoder would
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        text = _clean(text)
         return tok.count(text) if cap is None else tok.count_till_limit(text, cap)
 
 
@@ -138,7 +147,7 @@ def text_tokens(text: str, model: str | None, *, limit: int | None = None) -> in
     for name in encodings_for(model):
         n = _bpe(name, text, limit)
         if n is None:  # BPE tokens are ≥ 1 UTF-8 byte; the seed is ≤ len(text) + 2
-            return max(len(text.encode("utf-8", "surrogatepass")), len(text) + 2, limit + 1)
+            return max(len(_clean(text).encode()), len(text) + 2, limit + 1)
         best = max(best, n)
     return max(best, seed_count(text))
 
