@@ -20,7 +20,7 @@ from app.core.money import keys, wallet
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
-TOKEN = "admin-token-for-tests"
+TOKEN = "admin-token-for-tests-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 HELLO = [{"role": "user", "content": "你好 admin"}]
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -106,7 +106,7 @@ def test_session_dies_when_the_token_changes(upstream: FakeUpstream, redis_url: 
                                              r: redis.Redis) -> None:
     common = {"XIAOYI_SECRET_KEY": "fixed-cookie-secret-0123456789"}
     old = create_app(make_settings(upstream.url, redis_url, **common), redis_client=r)
-    new = create_app(make_settings(upstream.url, redis_url, XIAOYI_ADMIN_TOKEN="rotated-token",
+    new = create_app(make_settings(upstream.url, redis_url, XIAOYI_ADMIN_TOKEN="rotated-admin-token-0123456789",
                                    **common), redis_client=r)
     browser = old.test_client()
     login(browser)
