@@ -107,7 +107,7 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
             pass
     except TimeoutError:
         return False
-    except ConnectionResetError:
+    except OSError:  # reset, or TLS cut without close_notify
         pass
     return True
 
