@@ -34,10 +34,12 @@ def ensure_nginx() -> str:
         return NGINX
     reason = "no apt-get, or not root"
     if shutil.which("apt-get") and os.geteuid() == 0:
-        done = subprocess.run(["apt-get", "install", "-y", "nginx-light"], capture_output=True,
-                              text=True, timeout=900)
-        if Path(NGINX).exists():
-            return NGINX
+        # An old package list makes the first install fail: update it, then try again.
+        for step in (["install", "nginx-light"], ["update"], ["install", "nginx-light"]):
+            done = subprocess.run(["apt-get", "-y", "-q", *step], capture_output=True, text=True,
+                                  timeout=900)
+            if Path(NGINX).exists():
+                return NGINX
         reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or [str(done.returncode)]
     pytest.skip(f"nginx is absent and `apt-get install -y nginx-light` failed: {reason}")
 
