@@ -21,7 +21,7 @@ from itsdangerous import BadSignature
 from proc_kit import race
 
 from app import create_app
-from app.core.config import ConfigError, load_settings
+from app.core.config import ENV_SETTINGS, ConfigError, load_settings
 from app.edges.store import make_redis
 from app.web.admin.cookies import COOKIE, STORE_KEY, stored_key
 from fakes.upstream import FakeUpstream
@@ -158,3 +158,20 @@ def test_admin_with_the_store_down_answers_503(upstream: FakeUpstream, redis_url
         resp = down.get(path, headers=headers)
         assert resp.status_code == 503, path
         assert resp.json["error"]["code"] == "service_unavailable"
+
+
+def test_readme_and_settings_say_what_the_secrets_are() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| `XIAOYI_")]
+    rows = {name: row for row in table for name in ENV_SETTINGS if f"`{name}`" in row}
+    assert set(rows) == set(ENV_SETTINGS)  # every setting is documented
+    for text in (rows["XIAOYI_SECRET_KEY"], ENV_SETTINGS["XIAOYI_SECRET_KEY"][1]):
+        assert "never derived from the admin token" in text and "kept in the store" in text
+    for text in (rows["XIAOYI_ADMIN_TOKEN"], ENV_SETTINGS["XIAOYI_ADMIN_TOKEN"][1]):
+        assert "at least 24 characters" in text
+    security = readme.split("### Security", 1)[1].split("\n### ", 1)[0]
+    for needed in ("XIAOYI_ADMIN_TOKEN", "XIAOYI_SECRET_KEY", "appendonly yes",
+                   "appendfsync always", "noeviction", "client_body_timeout",
+                   "proxy_request_buffering on", "XIAOYI_WEB_BODY_TIMEOUT"):
+        assert needed in security, needed
