@@ -47,11 +47,11 @@ def test_stalled_clients_wait_at_nginx_and_streams_flow(
                 assert web.open_sockets() < held + 20
                 time.sleep(0.1)
             assert all(closed_within(sock, 35) for sock in crowd)  # nginx drops them itself
-            # An answer streamed slowly reaches the client before the upstream has finished.
+            # An answer streamed slowly (20 s and more) is seen before the upstream has finished.
             slow = {"stream": True, "messages": [
-                {"role": "user", "content": "[[fake:long=3]][[fake:chunk_delay=30]]"}]}
+                {"role": "user", "content": "[[fake:long=4]][[fake:chunk_delay=5]]"}]}
             with requests.post(nginx.url + "/v1/chat/completions", json=slow, headers=auth,
-                               verify=nginx.cert, stream=True, timeout=(5, 15)) as resp:
+                               verify=nginx.cert, stream=True, timeout=(5, 10)) as resp:
                 assert resp.status_code == 200
                 first = next(line for line in resp.iter_lines() if line)
                 assert first.startswith(b"data: {")
@@ -64,4 +64,4 @@ def test_stalled_clients_wait_at_nginx_and_streams_flow(
         assert wallet.verify(r) == []
         assert wallet.balance(r, acct) < 100_000
     finally:
-        assert web.stop() == 0
+        assert web.stop(quick=True) == 0  # the abandoned stream need not be waited for

@@ -20,7 +20,7 @@ import pytest
 import redis
 import requests
 from conftest import UPSTREAM_KEY, new_key
-from web_kit import ROOT, Web, chat_head, closed_within, stall, still_open
+from web_kit import ROOT, Web, allow_open_files, chat_head, closed_within, stall, still_open
 
 from app.core.money import wallet
 from fakes.upstream import FakeUpstream
@@ -102,6 +102,7 @@ def test_stalled_headers_and_bodies_are_dropped(tmp_path: Path, upstream: FakeUp
 @pytest.mark.timeout(240)
 def test_healthz_and_paying_traffic_answer_during_2000_stalled_connections(
         tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    allow_open_files(4096)  # 2 000 client sockets in this process
     key, acct = new_key(r)
     web = Web(tmp_path, web_env(upstream, redis_url, WEB_CONCURRENCY="2"))  # default 30 s
     crowd = []

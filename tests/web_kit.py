@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,16 +74,25 @@ class Web:
                     pass
         return count
 
-    def stop(self) -> int:
-        """SIGTERM the master (the process group if it hangs); return its exit status."""
+    def stop(self, quick: bool = False) -> int:
+        """SIGTERM (graceful) or SIGINT (quick) the master; return its exit status."""
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
+            os.kill(self.proc.pid, signal.SIGINT if quick else signal.SIGTERM)
         try:
             return self.proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-            raise AssertionError("xiaoyi web did not stop within 40 s on SIGTERM") from None
+            raise AssertionError("xiaoyi web did not stop within 40 s") from None
+
+
+def allow_open_files(wanted: int) -> None:
+    """Raise this process's soft open-file limit to `wanted`, or skip when the hard one is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard open-file limit ({hard}) is below the {wanted} this test needs")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def stall(url: str, head: bytes) -> socket.socket:
