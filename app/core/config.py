@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 UNITS_PER_YUAN = 10_000  # money is an integer count of 0.0001 元
+MIN_SECRET_CHARS = 24  # a shorter admin token or cookie key is refused at start (SPEC §7.13)
 
-# name -> (default, meaning). Written down once; the README table is generated from this.
+# name -> (default, meaning). Written down once; README's Configuration table says the same.
 ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
     "XIAOYI_REDIS_URL": (None, "Redis URL; unset: start the embedded server"),
     "XIAOYI_DATA_DIR": ("./var", "where the embedded Redis keeps its AOF"),
     "XIAOYI_UPSTREAM_BASE_URL": (None, "OpenAI-compatible base URL; unset: built-in fake upstream"),
     "XIAOYI_UPSTREAM_API_KEY": ("", "the upstream's key (never shown or logged)"),
     "XIAOYI_CONFIG": (None, "TOML file: channels, model map, prices, limits, bot, menu, pay"),
-    "XIAOYI_ADMIN_TOKEN": (None, "admin bearer token for /admin and /metrics; unset: disabled"),
+    "XIAOYI_ADMIN_TOKEN": (None, "admin bearer token for /admin and /metrics, at least "
+                                 f"{MIN_SECRET_CHARS} characters; unset: admin disabled"),
     "XIAOYI_PUBLIC_URL": ("http://localhost:8000", "base URL shown in example code"),
     "XIAOYI_WECHAT_TOKEN": (None, "the official account's server-config token"),
     "XIAOYI_WECHAT_APP_ID": (None, "the official account's AppID"),
@@ -40,7 +42,9 @@ ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
         "https://api.mch.weixin.qq.com/",
         "WeChat Pay API base (point at a fake in tests)",
     ),
-    "XIAOYI_SECRET_KEY": (None, "signs admin cookies; unset: derived from the admin token"),
+    "XIAOYI_SECRET_KEY": (None, f"signs admin cookies (at least {MIN_SECRET_CHARS} characters), never "
+                                "derived from the admin token; unset: generated once, kept in the "
+                                "store"),
     "XIAOYI_LOG_LEVEL": ("INFO", "logging level"),
 }
 
@@ -95,7 +99,7 @@ class Settings:
     pay_mch_id: str | None
     pay_api_key: str | None
     pay_api_base_url: str
-    secret_key: str
+    secret_key: str | None  # None: the admin keeps a random one in the store
     log_level: str
     models: dict[str, str]
     prices: dict[str, ModelPrice]
@@ -263,7 +267,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         pay_mch_id=get("XIAOYI_WECHAT_PAY_MCH_ID"),
         pay_api_key=get("XIAOYI_WECHAT_PAY_API_KEY"),
         pay_api_base_url=get("XIAOYI_WECHAT_PAY_API_BASE_URL") or "",
-        secret_key=get("XIAOYI_SECRET_KEY") or f"xiaoyi-cookie:{admin_token or os.urandom(16).hex()}",
+        secret_key=get("XIAOYI_SECRET_KEY"),
         log_level=(get("XIAOYI_LOG_LEVEL") or "INFO").upper(),
         models=models,
         prices=prices,
@@ -278,6 +282,12 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     )
     if values["wechat_aes_key"] and len(values["wechat_aes_key"]) != 43:
         raise ConfigError("XIAOYI_WECHAT_AES_KEY: must be 43 characters (EncodingAESKey)")
+    for name, secret in (("XIAOYI_ADMIN_TOKEN", admin_token),
+                         ("XIAOYI_SECRET_KEY", values["secret_key"])):
+        if secret is not None and len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(f"{name}: must be at least {MIN_SECRET_CHARS} characters (it has "
+                              f"{len(secret)}); make one with: python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'")
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("XIAOYI_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
     values.update(overrides)
