@@ -4,23 +4,25 @@ Matching runs one Aho-Corasick automaton (ahocorasick-rs, all overlapping matche
 copy of the text. Folding is NFKD (full-width → half-width and other compatibility forms, e.g.
 ① → 1, accents split off), case folding, then every character that is not a letter or digit
 is dropped: spaces, punctuation, symbols, zero-width and other format characters, accents. So
-"敏 感 词", "敏*感*词", "敏\u200b感词", "ＳＥＸ" and "Séx" all hit their listed words. Folding
-is done per character on a hit, so every folded character knows the original one it came from
-and masking stars exactly the original characters of a hit, symbols inserted inside it
-included. A word that starts (ends) with a Latin letter or digit hits only where the text has
-none just before (after) it: "ass" never hits "class". Traditional and simplified Chinese are
-not folded into each other: list both forms.
+"敏 感 词", "敏*感*词", "敏\u200b感词", "ＳＥＸ" and "Séx" all hit their listed words. On a hit
+each folded character is traced back to the one it came from, so masking stars exactly the
+original characters of a hit, symbols inserted inside it included; the masked text is checked
+again, as stars can join two halves of a word. A word that starts (ends) with a Latin letter or
+digit hits only where the text has none just before (after) it: "ass" never hits "class".
+Traditional and simplified Chinese are not folded into each other: list both forms.
 
-Speed, 10 000 listed words and a 2 000-character Chinese message, on the 2-core dev VM: about
-0.1 ms a check without a hit, 0.2 ms with hits (masking included); `python
-tests/test_safety.py` measures again. (pyahocorasick took 1-2 ms on the same text: its nodes
-search their children linearly, slow for an alphabet of thousands of Chinese characters.)
+Speed, 10 000 listed words and a 2 000-character Chinese message, CPU time on the 2-core dev
+VM: about 0.06 ms a check without a hit, 0.2 ms with 23 hits (masking included), 0.3 ms when
+characters expand under folding (accents, ligatures, ß: positions are then mapped one by one).
+`python tests/test_safety.py` measures again. (pyahocorasick took 1-2 ms on the same text: its
+trie nodes search their children linearly, slow for thousands of distinct characters.)
 
 The word file (UTF-8, one word a line; a line starting with `#`, and text after " #", are
-comments) is re-read when its mtime, size or inode changes, checked at most every
-`reload_seconds`; the new matcher replaces the old one in one assignment, so concurrent checks
-(threads or greenlets) see one list or the other, whole. At start an unreadable file is a
-ConfigError; at reload the old list stays and a warning is logged.
+comments) is looked at no more than every `reload_seconds`; a change (mtime, size or inode) is
+read once the file has stayed the same for one such period, so a file caught half-written is
+not loaded. The new matcher replaces the old in one assignment: concurrent checks (threads or
+greenlets) see one list or the other, whole. At start an unreadable file is a ConfigError; at
+reload the old list stays and a warning is logged (once a problem).
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ from app.core.metrics import SAFETY_HITS
 log = logging.getLogger(__name__)
 TRAILING_COMMENT = re.compile(r"\s+#.*$")
 DROP = re.compile(r"[\W_]+")  # everything but letters and digits
+KEEP = re.compile(r"[^\W_]+")
+
+
+def _wide(text: str) -> str:
+    return unicodedata.normalize("NFKD", text).casefold()
 
 
 def fold(text: str) -> str:
     """Return the text as the matcher sees it: NFKD, case-folded, letters and digits only."""
-    return DROP.sub("", unicodedata.normalize("NFKD", text).casefold())
+    return DROP.sub("", _wide(text))
 
 
 class _Fold(dict[int, str]):
@@ -60,11 +67,44 @@ class _Fold(dict[int, str]):
         return folded
 
 
-FOLD = _Fold()
+class _Lengths(dict[int, str]):
+    """Map a code point to chr(length of its folded text), for str.translate."""
+
+    def __missing__(self, code: int) -> str:
+        self[code] = length = chr(len(FOLD[code]))
+        return length
+
+
+FOLD, LENGTHS = _Fold(), _Lengths()
+
+
+def _origin(text: str, wide: str) -> Callable[[int], int]:
+    """Return a map from a position in fold(text) to the index of the character it came from."""
+    if len(wide) == len(text):  # no character expanded: `wide` lines up with `text`
+        runs = [m.span() for m in KEEP.finditer(wide)]  # the kept stretches of `wide`
+        marks = list(accumulate((end - start for start, end in runs), initial=0))
+
+        def within_run(p: int) -> int:
+            k = bisect_right(marks, p) - 1
+            return runs[k][0] + p - marks[k]
+
+        return within_run
+    ends = list(accumulate(text.translate(LENGTHS).encode("latin-1")))  # through text[i]
+    return lambda p: bisect_right(ends, p)
 
 
 def _latin(folded: str) -> bool:
     return any(c.isascii() and c.isalnum() for c in folded)
+
+
+def _star(text: str, spans: list[tuple[int, int]]) -> str:
+    """Return text with the characters of every (first, last) span replaced by *."""
+    out, done = [], 0
+    for first, last in sorted(spans):
+        if last >= done:
+            out += (text[done:first], "*" * (last + 1 - max(first, done)))
+            done = last + 1
+    return "".join((*out, text[done:]))
 
 
 @dataclass(frozen=True)
@@ -100,24 +140,22 @@ class Matcher:
         words: dict[str, int] = {}  # listed word -> where it first appears
         masked = text
         while spans := self._spans(masked, words):  # again: stars can join a word's halves
-            chars = list(masked)
-            for first, last in spans:
-                chars[first:last + 1] = "*" * (last + 1 - first)
-            masked = "".join(chars)
+            masked = _star(masked, spans)
         return Verdict(bool(words), sorted(words, key=words.__getitem__), masked)
 
     def _spans(self, text: str, words: dict[str, int]) -> list[tuple[int, int]]:
-        if not self.size or not self._find(fold(text)):
+        wide = _wide(text) if self.size else ""
+        folded = DROP.sub("", wide)
+        matches = self._find(folded) if folded else []
+        if not matches:
             return []
-        pieces = list(map(FOLD.__getitem__, map(ord, text)))  # char by char: positions line up
-        ends = list(accumulate(map(len, pieces)))  # ends[i]: folded length through text[i]
-        spans = []
-        for index, start, end in self._find("".join(pieces)):
-            first, last = bisect_right(ends, start), bisect_right(ends, end - 1)
+        origin, spans = _origin(text, wide), []
+        for index, start, end in matches:
+            first, last = origin(start), origin(end - 1)
             latin_start, latin_end = self.edges[index]
-            if latin_start and first > 0 and _latin(pieces[first - 1]):
+            if latin_start and first > 0 and _latin(FOLD[ord(text[first - 1])]):
                 continue
-            if latin_end and last + 1 < len(text) and _latin(pieces[last + 1]):
+            if latin_end and last + 1 < len(text) and _latin(FOLD[ord(text[last + 1])]):
                 continue
             spans.append((first, last))
             word = self.words[index]
