@@ -232,19 +232,20 @@ def test_checks_during_reloads_see_one_list_or_the_other(tmp_path: Path) -> None
     write_words(path, "甲乙", "丙丁")
     f = Filter(path, reload_seconds=0, clock=clock)
     seen: set[tuple[str, ...]] = set()
-    stop = threading.Event()
+    start = threading.Barrier(4)
 
     def check() -> None:
-        while not stop.is_set():
+        start.wait(timeout=30)
+        for _ in range(300):
             seen.add(tuple(f.check("甲乙丙丁戊己").words))
 
     threads = [threading.Thread(target=check) for _ in range(3)]
     for t in threads:
         t.start()
+    start.wait(timeout=30)
     for i in range(1, 30):  # replaced atomically, as the README advises
         write_words(tmp_path / "next.txt", *(("戊己",) if i % 2 else ("甲乙", "丙丁")), bump=i)
         os.replace(tmp_path / "next.txt", path)
-    stop.set()
     for t in threads:
         t.join(timeout=30)
     assert seen and seen <= {("甲乙", "丙丁"), ("戊己",)}
