@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,26 @@ class Channel:
         return not self.models or model in self.models
 
 
+SAFETY_ACTIONS = ("off", "refuse", "mask")
+SAFETY_PLACES = ("bot_input", "bot_output", "api_input", "api_output")
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    """The [safety] table: the sensitive-word filter and the optional moderation check."""
+
+    enabled: bool = False
+    words_file: str = ""  # absolute once parsed; empty: no word filter
+    reload_seconds: float = 5.0  # the file's mtime is checked at most this often
+    bot_input: str = "refuse"  # off | refuse | mask, for each place text is screened
+    bot_output: str = "mask"
+    api_input: str = "off"
+    api_output: str = "off"
+    moderation: bool = False  # also ask the upstream's /moderations about bot input
+    moderation_model: str = "omni-moderation-latest"
+    moderation_categories: tuple[str, ...] = ()  # empty: any flagged category counts
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings, read once at start."""
@@ -110,6 +130,7 @@ class Settings:
     pay: dict[str, Any]
     menu: dict[str, Any]
     texts: dict[str, str]
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -226,6 +247,39 @@ def _bot(table: dict[str, Any]) -> dict[str, Any]:
     return bot
 
 
+def _safety(table: dict[str, Any]) -> SafetySettings:
+    defaults = {f.name: f.default for f in fields(SafetySettings)}
+    for key, value in table.items():
+        where = f"safety.{key}"
+        if key not in defaults:
+            raise ConfigError(f"{where}: unknown setting")
+        if isinstance(defaults[key], bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+        if isinstance(defaults[key], str) and not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+        if key in SAFETY_PLACES and value not in SAFETY_ACTIONS:
+            raise ConfigError(f"{where}: {value!r} is not off, refuse or mask")
+    cfg = {**defaults, **table}
+    seconds = cfg["reload_seconds"]
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        raise ConfigError("safety.reload_seconds: must be a number >= 0")
+    categories = cfg["moderation_categories"]
+    if not isinstance(categories, list | tuple) or not all(isinstance(c, str) for c in categories):
+        raise ConfigError("safety.moderation_categories: must be a list of category names")
+    if cfg["moderation"] and not cfg["moderation_model"]:
+        raise ConfigError("safety.moderation_model: required when moderation is on")
+    words = cfg["words_file"]
+    if words:
+        path = Path(words).expanduser().resolve()
+        if cfg["enabled"] and not (path.is_file() and os.access(path, os.R_OK)):
+            raise ConfigError(f"safety.words_file: {path} is not a readable file")
+        words = str(path)
+    elif cfg["enabled"] and not cfg["moderation"]:
+        raise ConfigError("safety.words_file: required when safety is enabled without moderation")
+    return SafetySettings(**{**cfg, "words_file": words, "reload_seconds": float(seconds),
+                             "moderation_categories": tuple(categories)})
+
+
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Read the environment (+ .env) and the TOML file; raise ConfigError naming a bad setting."""
     if env is None:
@@ -279,6 +333,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         pay=dict(data.get("pay", {})),
         menu=dict(data.get("menu", {})),
         texts=dict(data.get("texts", {})),
+        safety=_safety(data.get("safety", {})),
     )
     if values["wechat_aes_key"] and len(values["wechat_aes_key"]) != 43:
         raise ConfigError("XIAOYI_WECHAT_AES_KEY: must be 43 characters (EncodingAESKey)")
