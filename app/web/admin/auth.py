@@ -32,7 +32,8 @@ from flask import (
 from werkzeug.exceptions import BadRequest
 
 from app.core.money import ratelimit
-from app.edges.store import get_redis, script
+from app.core.money.scripts import script
+from app.edges.store import get_redis
 from app.web.admin.cookies import cookie_key
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
