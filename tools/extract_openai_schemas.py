@@ -26,7 +26,6 @@ ROOTS: tuple[str, ...] = (
     "ListModelsResponse",
     "ErrorResponse",
     "Model",
-    "CreateResponse",
     "Response",
     "ResponseStreamEvent",
 )

@@ -25,8 +25,7 @@ def _echo_tool(tool: Any) -> Any:
 def skeleton(rid: str, body: dict[str, Any], model: str, *, previous: str | None,
              store: bool) -> dict[str, Any]:
     """Return the in-progress Response for a request: every field OpenAI sends, no output yet."""
-    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
-    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    reasoning, text = body.get("reasoning", {}), body.get("text", {})  # objects (checked)
     out: dict[str, Any] = {
         "id": rid, "object": "response", "created_at": int(time.time()),
         "status": "in_progress", "background": False, "completed_at": None, "error": None,
@@ -40,9 +39,9 @@ def skeleton(rid: str, body: dict[str, Any], model: str, *, previous: str | None
         "tool_choice": body.get("tool_choice", "auto"),
         "tools": [_echo_tool(t) for t in body.get("tools") or []],
         "top_p": body.get("top_p", 1.0), "truncation": body.get("truncation", "disabled"),
-        "usage": None, "user": body.get("user"), "metadata": body.get("metadata") or {},
+        "metadata": body.get("metadata") or {},  # usage: set once known (never null)
     }
-    for name in ("service_tier", "safety_identifier", "prompt_cache_key"):
+    for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key"):
         if body.get(name) is not None:
             out[name] = body[name]
     return out

@@ -31,7 +31,8 @@ def _key(acct: str, rid: str) -> str:
 
 
 def _plausible(rid: str) -> bool:
-    return rid.startswith("resp_") and len(rid) <= 100
+    """Tell whether an id could be one of ours (resp_ + hex); others are not looked up."""
+    return rid.startswith("resp_") and len(rid) <= 100 and rid.isascii() and rid[5:].isalnum()
 
 
 def load(r: redis.Redis, acct: str, rid: str) -> tuple[list[str], list[dict[str, Any]]] | None:

@@ -20,7 +20,7 @@ from flask import Blueprint, Response
 from app.core import pricing, tokens
 from app.core.errors import InvalidKey, InvalidRequest, NotFound
 from app.core.money import Hold, keys
-from app.core.responses import answer, events, native, request
+from app.core.responses import answer, events, native, request, to_chat
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store
@@ -89,20 +89,20 @@ def _prepare(call: Call, plan: Plan) -> int:
                              msg="input 不能为空")
     plan.stream, plan.store = body.get("stream", False), body.get("store", True)
     instructions = body.get("instructions")
-    messages = request.to_messages(instructions, items, strict=not plan.native)
-    fmt = body.get("text") if plan.native else request.chat_format(body.get("text"))
+    messages = to_chat.to_messages(instructions, items, strict=not plan.native)
+    fmt = body.get("text") if plan.native else to_chat.chat_format(body.get("text"))
     limit = relay.get("max_prompt_tokens", 128000)
     plan.prompt_bound = tokens.messages_bound(
-        messages, call.upstream_model, tools=request.chat_tools(body.get("tools")),
+        messages, call.upstream_model, tools=to_chat.chat_tools(body.get("tools")),
         response_format=fmt, limit=limit)
     if plan.prompt_bound > limit:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
     plan.completion_max = body.get("max_output_tokens") or call.price.max_output
     if plan.native:
-        plan.upstream = {**body, "input": request.replay(items), "store": False}
+        plan.upstream = {**body, "input": to_chat.replay(items), "store": False}
         plan.upstream.pop("previous_response_id", None)
     else:
-        plan.upstream = request.to_chat(body, items, plan.stream)
+        plan.upstream = to_chat.to_chat(body, items, plan.stream)
     plan.response = answer.skeleton(answer.new_id("resp"), body, call.upstream_model,
                                     previous=prev, store=plan.store)
     return pricing.reserve_cost(call.price, plan.prompt_bound, plan.completion_max)
@@ -140,17 +140,12 @@ def _plain(call: Call, held: Hold, plan: Plan, data: dict[str, Any]) -> dict[str
     """Turn the upstream's answer into the final Response and settle it."""
     if plan.native:
         final = native.own(plan.response, data)
-        text = native.output_text(final.get("output"))
-        reported = data.get("usage")
+        pt, ct = bill(call, plan, data.get("usage"), native.output_text(final.get("output")))
+        final["usage"] = answer.usage(pt, ct, data.get("usage"))
     else:
         state = events.from_chat(data, plan.response)
-        text, reported = state.text(), state.usage
-    pt, ct = bill(call, plan, reported, text)
-    usage = answer.usage(pt, ct, reported)
-    if plan.native:
-        final["usage"] = usage
-    else:
-        final = state.finish(usage)[1]
+        pt, ct = bill(call, plan, state.usage, state.text())
+        final = state.finish(answer.usage(pt, ct, state.usage))[1]
     held.settle(pricing.token_cost(call.price, pt, ct), prompt_tokens=pt, completion_tokens=ct)
     return final
 
@@ -184,33 +179,33 @@ def _stored(rid: str) -> tuple[str, dict[str, Any]]:
     return acct, found
 
 
-def retrieve(rid: str) -> Response:
+def retrieve(response_id: str) -> Response:
     """Serve GET /v1/responses/{id}: a stored Response of the key's account."""
-    return json_response({**_stored(rid)[1], "code": 0, "msg": ""})
+    return json_response({**_stored(response_id)[1], "code": 0, "msg": ""})
 
 
-def input_items(rid: str) -> Response:
+def input_items(response_id: str) -> Response:
     """Serve GET /v1/responses/{id}/input_items: the input items that turn was given."""
-    acct, _ = _stored(rid)
-    data = response_store.input_items(get_redis(), acct, rid) or []
+    acct, _ = _stored(response_id)
+    data = response_store.input_items(get_redis(), acct, response_id) or []
     return json_response({"object": "list", "data": data, "has_more": False,
                           "first_id": data[0]["id"] if data else None,
                           "last_id": data[-1]["id"] if data else None, "code": 0, "msg": ""})
 
 
-def delete(rid: str) -> Response:
+def delete(response_id: str) -> Response:
     """Serve DELETE /v1/responses/{id}."""
-    acct, _ = _stored(rid)
-    response_store.delete(get_redis(), acct, rid)
-    return json_response({"id": rid, "object": "response", "deleted": True, "code": 0,
+    acct, _ = _stored(response_id)
+    response_store.delete(get_redis(), acct, response_id)
+    return json_response({"id": response_id, "object": "response", "deleted": True, "code": 0,
                           "msg": ""})
 
 
 def register(bp: Blueprint) -> None:
     """Add the Responses routes to the relay blueprint."""
     bp.add_url_rule("/responses", "responses", create, methods=["POST"])
-    bp.add_url_rule("/responses/<rid>", "response", retrieve, methods=["GET"])
-    bp.add_url_rule("/responses/<rid>", "response_delete", delete, methods=["DELETE"])
-    bp.add_url_rule("/responses/<rid>/input_items", "response_input_items", input_items,
+    bp.add_url_rule("/responses/<response_id>", "response", retrieve, methods=["GET"])
+    bp.add_url_rule("/responses/<response_id>", "response_delete", delete, methods=["DELETE"])
+    bp.add_url_rule("/responses/<response_id>/input_items", "response_input_items", input_items,
                     methods=["GET"])
 
