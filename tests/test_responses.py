@@ -282,6 +282,14 @@ def test_retrieve_input_items_and_delete(live: LiveServer, funded: tuple[str, st
     items = client.responses.input_items.list(made.id)
     assert [(i.type, i.role, i.content[0].text) for i in items.data] == [
         ("message", "user", "keep me")]
+    pair = client.responses.create(model=MODEL, input=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    data = client.responses.input_items.with_raw_response.list(pair.id).http_response.json()
+    assert [(d["type"], d["status"], d["content"]) for d in data["data"]] == [
+        ("message", "completed", [{"type": "input_text", "text": "a"}]),
+        ("message", "completed", [{"type": "output_text", "text": "b"}])]
+    assert all(d["id"].startswith("msg_") for d in data["data"]) and not data["has_more"]
+    client.responses.delete(pair.id)
     (stored,) = r.scan_iter("xy:resp:*")
     assert stored == f"xy:resp:{{{funded[1]}}}:{made.id}"  # the account's hash tag
     assert 0 < r.ttl(stored) <= 30 * 86400

@@ -116,3 +116,15 @@ def _check_part(part: Any, where: str, native: bool) -> None:
     if kind == "input_file" and not (isinstance(part.get("file_data"), str)
                                      or isinstance(part.get("file_id"), str)):
         raise bad(f"{where}: files must be given by file_data or file_id.", f"{where}.file_data")
+
+
+def listed(item: dict[str, Any], new_id: str) -> dict[str, Any]:
+    """Return an input item as GET …/input_items lists it: with an id, a type and content parts."""
+    out = {"id": new_id, **item} if "id" not in item else dict(item)
+    if (item.get("type") or "message") != "message":
+        return out
+    content = item.get("content")
+    if isinstance(content, str):
+        kind = "output_text" if item.get("role") == "assistant" else "input_text"
+        content = [{"type": kind, "text": content}]
+    return {**out, "type": "message", "content": content, "status": "completed"}

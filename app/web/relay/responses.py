@@ -125,8 +125,7 @@ def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[s
     """Store the turn when asked to; return the Response with `store` saying what happened."""
     if not plan.store:
         return final
-    items = [item if "id" in item else {"id": answer.new_id("msg"), **item}
-             for item in plan.items]  # ids, as input_items lists them
+    items = [request.listed(item, answer.new_id("msg")) for item in plan.items]
     try:
         stored = response_store.save(r, acct, plan.chain, items, final, ttl=plan.ttl,
                                      max_bytes=plan.max_bytes)
