@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import openai
@@ -413,10 +415,11 @@ def test_balance_that_cannot_cover_the_hold_is_429(live: LiveServer, r: redis.Re
     assert wallet.balance(r, acct) == 1
 
 
-def serve_with(upstream: FakeUpstream, redis_url: str, r: redis.Redis,
+def serve_with(upstream: FakeUpstream | str, redis_url: str, r: redis.Redis,
                **relay: int) -> LiveServer:
-    """Start the relay live with extra [relay] settings."""
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+    """Start the relay live (on the fake upstream or another base URL) with [relay] settings."""
+    url = upstream if isinstance(upstream, str) else upstream.url
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": url,
            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests"}
     return LiveServer(create_app(load_settings(env, toml={"relay": relay}), redis_client=r))
 
@@ -437,6 +440,48 @@ def test_stored_turns_follow_ttl_and_size_settings(upstream: FakeUpstream, redis
             client.responses.create(model=MODEL, input="x", previous_response_id=big.id)
     finally:
         server.stop()
+
+
+class AbsurdUsage(BaseHTTPRequestHandler):
+    """An upstream at the HTTP edge that answers every chat with absurd usage numbers."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        """Answer one chat completion claiming 10**12 prompt and 10**9 completion tokens."""
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = orjson.dumps({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 10**12, "completion_tokens": 10**9,
+                      "total_tokens": 10**12 + 10**9}})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        """Log nothing."""
+
+
+def test_absurd_upstream_usage_is_billed_at_the_bound(redis_url: str, r: redis.Redis,
+                                                      settings: Settings) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), AbsurdUsage)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    server = serve_with(f"http://127.0.0.1:{stub.server_address[1]}/v1", redis_url, r)
+    try:
+        key, acct = new_key(r)
+        got = sdk(server, key).responses.create(model=MODEL, input="x", max_output_tokens=20)
+    finally:
+        server.stop()
+        stub.shutdown()
+    bound = tokens.messages_bound([{"role": "user", "content": "x"}], MODEL)
+    assert got.usage is not None
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (bound, 20)
+    (entry,) = settles(r, acct)
+    price = settings.prices[MODEL]
+    assert int(entry["cost"]) == pricing.token_cost(price, bound, 20) == reserved(r, acct)[0]
+    assert wallet.verify(r) == []
 
 
 @pytest.fixture
