@@ -18,6 +18,9 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     cut=N          stream: close the connection after N content chunks (no [DONE], no last chunk)
     malformed      answer 200 with a body (or, streaming, an event) that is not JSON
 
+POST /v1/responses (OpenAI's Responses API, plain and typed-event streams) and tool calls for
+requests that force one are served by fakes/upstream/responses.py.
+
 The HTTP layer is a lean hand-written HTTP/1.1 reader on top of http.server (keep-alive,
 Content-Length or chunked bodies, Expect: 100-continue) so the fake stays fast enough to be the
 baseline of the relay benchmarks.

@@ -31,6 +31,7 @@ from fakes.upstream.answers import (
 from fakes.upstream.behaviour import FakeError, _loads, extract_markers
 from fakes.upstream.images import _IMAGE_RE, IMAGE_SIZES, png_image
 from fakes.upstream.protocol import FakeProtocol
+from fakes.upstream.responses import answer_responses, chat_tool_call, forced_tool
 
 
 class FakeHandler(FakeProtocol):
@@ -92,6 +93,9 @@ class FakeHandler(FakeProtocol):
         said, markers = extract_markers(texts[last]) if last >= 0 else ("", {})
         if markers:
             texts[last] = said
+        if forced_tool(body):  # tool_choice forces a call: answer with one (fakes/.../responses)
+            prompt = sum(map(count_tokens, texts)) + 1
+            return chat_tool_call(self, body, model, said, self._behaviour(markers), prompt)
         self._generate(body, model, said, texts, markers, chat=True)
 
     def _completions(self, body: dict[str, Any]) -> None:
@@ -255,4 +259,5 @@ _ROUTES: dict[str, dict[str, Callable[..., None]]] = {
     "/v1/embeddings": {"POST": FakeHandler._embeddings},
     "/v1/images/generations": {"POST": FakeHandler._images},
     "/v1/models": {"GET": FakeHandler._models, "HEAD": FakeHandler._models},
+    "/v1/responses": {"POST": answer_responses},
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response
 
-from app.web.relay import account, chat, media
+from app.web.relay import account, chat, media, responses
 
 bp = Blueprint("relay", __name__)
 
@@ -33,6 +33,7 @@ def images_generations() -> Response:
     return media.images()
 
 
+responses.register(bp)  # /responses, /responses/<id>[/input_items]
 bp.add_url_rule("/models", "models", account.models, methods=["GET"])
 bp.add_url_rule("/balance", "balance", account.balance, methods=["GET"])
 bp.add_url_rule("/dashboard/billing/subscription", "billing_subscription",
