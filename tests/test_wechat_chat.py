@@ -12,7 +12,7 @@ import pytest
 from rq.job import Job
 from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
 
-from app.bot import outbox
+from app.bot import handoff
 from app.core.config import load_settings
 from app.core.money import wallet
 from app.edges.store import get_queue, get_rq_redis
@@ -101,13 +101,13 @@ def test_no_customer_service_api_parks_for_continue(start: Callable[..., Any], r
     got = [wechat.say(OPENID, "[[fake:delay=2.2]]订阅号的问题", msg_id="777000003")
            for _ in range(3)]
     assert got == [None, None, TEXTS["still_thinking"]]
-    wait_for(lambda: outbox.parked_count(r, OPENID))
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)))
     assert "订阅号的问题" in wechat.say(OPENID, "继续")
     assert wechat.say(OPENID, "继续") == TEXTS["nothing_parked"]
     # Now known to have no push API: the first arrival already says how to get the answer.
     assert wechat.say(OPENID, "[[fake:delay=1.2]]第二个问题") == TEXTS["still_thinking"]
     assert wechat.say(OPENID, "继续") == TEXTS["pending"]
-    wait_for(lambda: outbox.parked_count(r, OPENID))
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)))
     assert "第二个问题" in wechat.say(OPENID, "/continue")
     assert wx.sent(OPENID) == []
 
@@ -117,7 +117,7 @@ def test_long_answer_is_split_in_order_within_push_limit(start: Callable[..., An
                                                          r: Any) -> None:
     _, wechat = start(max_push_messages=2, chat_max_tokens=4000)
     assert wechat.say(OPENID, "[[fake:long=1500]]") is None  # pushed, not passive
-    wait_for(lambda: len(wx.sent(OPENID)) == 2 and outbox.parked_count(r, OPENID))
+    wait_for(lambda: len(wx.sent(OPENID)) == 2 and r.llen(handoff.park_key(OPENID)))
     pushed = [m["text"]["content"] for m in wx.sent(OPENID)]
     assert pushed[-1].endswith(NOTE) and not pushed[0].endswith(NOTE)
     parts = [pushed[0], pushed[1][: -len(NOTE)]]
@@ -189,6 +189,6 @@ def test_push_disabled_answers_passively_or_parks(start: Callable[..., Any], r: 
     _, wechat = start(push_enabled=False, reply_wait_seconds=0.3)
     assert "快的" in wechat.say(OPENID, "快的")
     assert wechat.say(OPENID, "[[fake:delay=0.8]]慢的") == TEXTS["still_thinking"]
-    wait_for(lambda: outbox.parked_count(r, OPENID))
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)))
     assert "慢的" in wechat.say(OPENID, "继续")
     assert wx.calls_to("message/custom/send") == []

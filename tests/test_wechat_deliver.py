@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.bot import context, texts
+from app.bot.delivery import split_text
 from app.core.config import load_settings
 from app.web.wechat import dispatch
-from workers.deliver import split_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

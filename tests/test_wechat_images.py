@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 from wechat_kit import WeChat, bot, text_xml, wait_for, wechat_settings
 
-from app.bot import outbox
+from app.bot import handoff
 from app.core.config import load_settings
 from app.core.money import wallet
 from fakes import FakeWeChatAPI
@@ -62,7 +62,7 @@ def test_without_push_the_picture_waits_for_continue(upstream: Any, redis_url: s
     with bot(settings, r) as (_, url):
         wechat = WeChat(url, wx.appid)
         assert wechat.say(OPENID, "画 山水") == TEXTS["image_started"]
-        wait_for(lambda: outbox.parked_count(r, OPENID))
+        wait_for(lambda: r.llen(handoff.park_key(OPENID)))
         got = wechat.reply(wechat.post(text_xml(OPENID, "继续")))
         assert wechat.say(OPENID, "画 第二张") == TEXTS["image_started_parked"]
     assert got["MsgType"] == "image" and got["Image"]["MediaId"] == wx.uploads[0]["media_id"]
