@@ -40,6 +40,9 @@ def test_job_paths_resolve_and_app_never_imports_workers() -> None:
     for source in (ROOT / "app").rglob("*.py"):
         text = source.read_text(encoding="utf-8")
         assert "import workers" not in text and "from workers" not in text, source
+    for source in (ROOT / "workers").rglob("*.py"):  # ARCHITECTURE: workers never import web
+        text = source.read_text(encoding="utf-8")
+        assert "app.web" not in text and "from app import web" not in text, source
 
 
 def test_every_text_is_defined() -> None:

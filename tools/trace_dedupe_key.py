@@ -6,10 +6,13 @@ whose arguments carry the dedupe key (the key itself, or a string containing it)
 "passive" (the answer is ready while the webhook waits) and "pushed" (the webhook gives up, the
 job pushes). Prints, per path:
 
-    stops     distinct functions that were handed the key
-    calls     calls that were handed it
+    stops     distinct functions that were handed the key (key-naming helpers, `*_key`, left
+              out: they only turn it into a Redis key name)
+    calls     calls that were handed it (helpers left out)
     modules   distinct modules those functions live in
     crossings consecutive key-carrying calls that change module (each hop between modules)
+    delivery  stops in the delivery code (before: app/bot/outbox.py and workers/deliver.py;
+              after: app/bot/delivery.py and app/bot/handoff.py)
 
 Usage: .venv/bin/python tools/trace_dedupe_key.py
 """
@@ -53,12 +56,17 @@ class Tracer:
                 self.calls.append((module, code.co_qualname))
 
 
+DELIVERY = ("app.bot.outbox", "workers.deliver", "app.bot.delivery", "app.bot.handoff")
+
+
 def summary(calls: list[tuple[str, str]]) -> dict[str, int]:
     """Count stops, calls, modules and module crossings of a trace."""
+    calls = [c for c in calls if not c[1].endswith("_key")]
     mods = [module for module, _ in calls]
     crossings = sum(1 for a, b in zip(mods, mods[1:], strict=False) if a != b)
     return {"stops": len(set(calls)), "calls": len(calls), "modules": len(set(mods)),
-            "crossings": crossings}
+            "crossings": crossings,
+            "delivery": len({c for c in calls if c[0] in DELIVERY})}
 
 
 def run(path: str, upstream: Any, wx: Any, redis_url: str) -> list[tuple[str, str]]:
