@@ -207,10 +207,16 @@ def test_replayed_query_with_another_body_is_refused_while_a_retry_works(
     with bot(settings, r) as (_, url):
         wechat = WeChat(url, wx.appid, aes=aes)
         ts, nonce = str(int(time.time())), "replay1"
-        params, body = wechat.signed(text_xml(OPENID, "你好 replay", "5550001"), ts, nonce)
+        message = text_xml(OPENID, "你好 replay", "5550001")
+        params, body = wechat.signed(message, ts, nonce)
         first = wechat.reply(requests.post(wechat.url, params=params, data=body, timeout=15))
         retry = wechat.reply(requests.post(wechat.url, params=params, data=body, timeout=15))
         assert first["Content"] == retry["Content"] and "你好 replay" in first["Content"]
+        # the same message encrypted afresh under the same query (a new IV): still a retry
+        params2, body2 = wechat.signed(message, ts, nonce)
+        assert (body2 != body) == aes
+        again = wechat.reply(requests.post(wechat.url, params=params2, data=body2, timeout=15))
+        assert again["Content"] == first["Content"]
         _, other = wechat.signed(text_xml(OPENID, "余额", "5550002"), ts, nonce)
         resp = requests.post(wechat.url, params=params, data=other, timeout=5)
         assert resp.status_code == 403

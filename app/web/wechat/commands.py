@@ -30,6 +30,7 @@ EXACT: dict[str, str] = {
     "充值": "redeem", "/redeem": "redeem",
 }
 _PREFIXED = re.compile(r"^(画|/image|充值|/redeem)(?:[\s:：]+)(.+)$", re.IGNORECASE | re.DOTALL)
+PLACEHOLDER = "sk-你的密钥"
 _YUAN = re.compile(r"^(\d{1,6}(?:\.\d{1,2})?)\s*元?$")
 
 
@@ -119,7 +120,8 @@ def api_card(ctx: Ctx) -> Item:
     head = text("key_new", ctx.settings, key=raw) if raw else text(
         "key_masked", ctx.settings, key=masked)
     card = text("api_card", ctx.settings, balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)),
-                base=ctx.settings.public_url.rstrip("/"), model=ctx.settings.bot["chat_model"])
+                base=ctx.settings.public_url.rstrip("/"), model=ctx.settings.bot["chat_model"],
+                key=PLACEHOLDER)  # {key}: older custom cards get the placeholder, never a key
     blocks = [head, *card.strip("\n").split("\n\n")]
     limit = ctx.settings.bot["text_limit_bytes"]
     while len(blocks) > 2 and len("\n\n".join(blocks).encode("utf-8")) > limit:

@@ -3,11 +3,13 @@
 WeChat's query signature covers only token, timestamp and nonce, not the body. So a leaked
 push URL (proxy logs, port 80) could carry any message, as any openid, for as long as the
 timestamp is fresh. Each (timestamp, nonce) is remembered with a digest of its body for the
-whole window in which the timestamp is accepted: the same body again is one of WeChat's
-retries (it joins the one job), another body is refused.
+whole window in which the timestamp is accepted: the same message again is one of WeChat's
+retries (it joins the one job), another message is refused. The digest is over the message XML
+(decrypted in safe mode: a re-encrypted retry of the same message still passes, and only WeChat
+can produce a valid encrypted body anyway).
 
 Keys (owned here):
-    xy:wx:nonce:{sha256(timestamp:nonce)[:32]}   string  sha256 of the body, TTL 2 × window
+    xy:wx:nonce:{sha256(timestamp:nonce)[:32]}   string  sha256 of the message, TTL 2 × window
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ def nonce_key(timestamp: str, nonce: str) -> str:
     return f"xy:wx:nonce:{digest}"
 
 
-def check_once(r: redis.Redis, timestamp: str, nonce: str, body: bytes) -> None:
-    """Record the query's body; refuse (403) a query seen before with another body."""
-    digest = hashlib.sha256(body).hexdigest()
+def check_once(r: redis.Redis, timestamp: str, nonce: str, message: bytes) -> None:
+    """Record the query's message; refuse (403) a query seen before with another message."""
+    digest = hashlib.sha256(message).hexdigest()
     key = nonce_key(timestamp, nonce)
     pipe = r.pipeline(transaction=True)
     pipe.set(key, digest, nx=True, ex=NONCE_TTL)

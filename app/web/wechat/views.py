@@ -67,17 +67,18 @@ def webhook() -> Response:
                                args.get("timestamp", ""), args.get("nonce", ""))
         if request.method == "GET":
             return _plain(args.get("echostr", ""))
-        body = _read_body()
-        msg = verify.parse(_message(crypto, body))
+        xml = _message(crypto, _read_body())
+        msg = verify.parse(xml)
     except Refused as exc:
         return _refused(exc)
     query = (args.get("timestamp", ""), args.get("nonce", ""))
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     try:
-        future = app.extensions[POOL].submit(_answer, app, settings, msg, query, body)
-        xml = future.result(timeout=DEADLINE_SECONDS)
-        if xml and crypto is not None:
-            xml = crypto.encrypt_message(xml, args.get("nonce", ""))
+        future = app.extensions[POOL].submit(_answer, app, settings, msg, query,
+                                             xml.encode("utf-8") if isinstance(xml, str) else xml)
+        reply = future.result(timeout=DEADLINE_SECONDS)
+        if reply and crypto is not None:
+            reply = crypto.encrypt_message(reply, args.get("nonce", ""))
     except Refused as exc:
         return _refused(exc)
     except FutureTimeout:
@@ -87,7 +88,7 @@ def webhook() -> Response:
     except Exception:  # §7.3: WeChat must never see an error
         log.exception("wechat message from %s failed; answering success", msg.source)
         return _plain("success")
-    return Response(xml, mimetype="application/xml") if xml else _plain("success")
+    return Response(reply, mimetype="application/xml") if reply else _plain("success")
 
 
 def _refused(exc: Refused) -> Response:
@@ -96,9 +97,9 @@ def _refused(exc: Refused) -> Response:
 
 
 def _answer(app: Flask, settings: Settings, msg: BaseMessage, query: tuple[str, str],
-            body: bytes) -> str:
+            xml: bytes) -> str:
     """Handle one verified message in the app's context; return the reply XML or ''."""
     with app.app_context():
         r = get_redis()
-        replay.check_once(r, *query, body)
+        replay.check_once(r, *query, xml)
         return verify.render(dispatch.handle(r, settings, msg), msg)
