@@ -420,7 +420,7 @@ def serve_with(upstream: FakeUpstream | str, redis_url: str, r: redis.Redis,
     """Start the relay live (on the fake upstream or another base URL) with [relay] settings."""
     url = upstream if isinstance(upstream, str) else upstream.url
     env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": url,
-           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests"}
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789"}
     return LiveServer(create_app(load_settings(env, toml={"relay": relay}), redis_client=r))
 
 

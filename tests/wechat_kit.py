@@ -135,10 +135,9 @@ class WeChat:
         self.url = base_url + "/wechat"
         self.crypto = WeChatCrypto(TOKEN, AES_KEY, appid) if aes else None
 
-    def post(self, xml: str | bytes, timestamp: int | None = None, token: str = TOKEN,
-             msg_signature: str | None = None) -> requests.Response:
-        """POST a message signed like WeChat (timestamp/signature can be spoiled)."""
-        ts, nonce = str(timestamp or int(time.time())), secrets.token_hex(6)
+    def signed(self, xml: str | bytes, ts: str, nonce: str, token: str = TOKEN,
+               msg_signature: str | None = None) -> tuple[dict[str, str], bytes]:
+        """Return (query, body) of a message as WeChat signs (and encrypts) it."""
         params = {"signature": sign(token, ts, nonce), "timestamp": ts, "nonce": nonce}
         body = xml.encode() if isinstance(xml, str) else xml
         if self.crypto is not None:
@@ -147,6 +146,13 @@ class WeChat:
                     f"</Encrypt></xml>").encode()
             params.update(encrypt_type="aes",
                           msg_signature=msg_signature or sign(token, ts, nonce, env["Encrypt"]))
+        return params, body
+
+    def post(self, xml: str | bytes, timestamp: int | None = None, token: str = TOKEN,
+             msg_signature: str | None = None) -> requests.Response:
+        """POST a message signed like WeChat (timestamp/signature can be spoiled)."""
+        ts, nonce = str(timestamp or int(time.time())), secrets.token_hex(6)
+        params, body = self.signed(xml, ts, nonce, token, msg_signature)
         return requests.post(self.url, params=params, data=body, timeout=15)
 
     def reply(self, resp: requests.Response) -> dict[str, Any] | None:

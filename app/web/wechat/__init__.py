@@ -1,13 +1,15 @@
 """The WeChat official-account bot: webhook, commands, context, menu, and the WeChat API client.
 
-Modules: views (the /wechat route), verify (signatures, AES, safe XML, replies), dispatch (one
-message's route), dedupe (retries and job ids), outbox (waiting, passive replies, push, parking),
-commands, context, users (accounts, free chats, keys), client (shared access token), menu, cli.
-Jobs live in workers/ and are enqueued by dotted path: this package never imports them.
+Modules: views (the /wechat route), verify (signatures, AES, safe XML, replies), replay (one
+message per signed query), dispatch (one message's route), dedupe (retries and job ids),
+commands. The bot's state lives in app/bot (delivery: waiting, passive replies, push, parking,
+继续; context; users); the WeChat API client in app/edges/wechat_api.py. Jobs live in workers/
+and are enqueued by dotted path: this package never imports them.
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from flask import Flask
@@ -17,6 +19,8 @@ from app.core.config import ConfigError, Settings
 from app.edges import wechat_api as client
 from app.edges.store import EXTENSION as REDIS
 from app.web.wechat.views import CRYPTO, POOL, bp
+
+log = logging.getLogger(__name__)
 
 
 def check_bot(settings: Settings) -> None:
@@ -47,6 +51,10 @@ def init_app(app: Flask) -> None:
         except (AssertionError, ValueError) as exc:
             raise ConfigError("XIAOYI_WECHAT_AES_KEY: not a valid EncodingAESKey") from exc
     client.init_app(app, app.extensions[REDIS])
+    if settings.wechat_token and not client.configured(settings):
+        log.warning("XIAOYI_WECHAT_APP_ID/XIAOYI_WECHAT_APP_SECRET not set: no customer-service "
+                    "messages; answers that miss the passive reply, and pictures (as links), "
+                    "wait for 继续")
     # Messages are handled on a pool so a hung store cannot hold the answer past WeChat's 5 s.
     app.extensions[POOL] = ThreadPoolExecutor(max_workers=1000, thread_name_prefix="wechat")
     app.register_blueprint(bp)
