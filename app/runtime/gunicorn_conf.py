@@ -12,7 +12,9 @@ worker_class = os.environ.get("XIAOYI_WEB_WORKER_CLASS", "gevent")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))  # one per core on the 2-core target
 worker_connections = int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000"))  # per gevent worker
 timeout = 120  # seconds a worker may be silent before it is restarted
-graceful_timeout = 30  # seconds to finish open streams on restart/stop
+# Seconds open streams get to finish on stop/restart; a stream still open near the end gets an
+# error event and [DONE] (app.runtime.graceful), never a bare cut.
+graceful_timeout = int(os.environ.get("XIAOYI_GRACEFUL_TIMEOUT", "30"))
 keepalive = 15  # seconds an idle keep-alive connection stays open
 accesslog = os.environ.get("XIAOYI_ACCESS_LOG") or None  # "-" = stdout
 # The path without its query string (a client may put a key there), no referer.

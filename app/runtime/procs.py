@@ -6,10 +6,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from app.core.config import Settings, yuan_to_units
+from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
+
+if TYPE_CHECKING:
+    from app.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 _embedded: list = []  # keeps the embedded server object alive for this process
@@ -82,55 +87,173 @@ def run_worker(settings: Settings, queues: list[str], burst: bool) -> int:
     return 0 if ok or not burst else 0
 
 
-def _demo_key(settings: Settings, url: str) -> str:
+class StartError(Exception):
+    """`xiaoyi run` could not start a part; the message says which and why, in one line."""
+
+
+# Process knobs read outside load_settings (gunicorn_conf, store, run): name -> (low, high).
+ENV_INTS = {"WEB_CONCURRENCY": (1, 256), "XIAOYI_WEB_CONNECTIONS": (1, 100_000),
+            "XIAOYI_GRACEFUL_TIMEOUT": (0, 3600), "XIAOYI_REDIS_POOL_SIZE": (1, 100_000),
+            "XIAOYI_FAKE_UPSTREAM_PORT": (1, 65535)}
+
+
+def _check_env_ints() -> None:
+    for name, (low, high) in ENV_INTS.items():
+        value = os.environ.get(name, "").strip()
+        if value and not (value.isdigit() and low <= int(value) <= high):
+            raise ConfigError(f"{name}: {value!r} must be a whole number from {low} to {high}")
+
+
+def check_config(settings: Settings) -> None:
+    """Raise ConfigError for any bad setting the app would refuse, before any child starts.
+
+    Builds the app once on a store client that never connects, so every check create_app makes
+    (WeChat crypto and AppID, bot models and prices, pay…) runs here, in a second or less; then
+    the process knobs, the Redis URL's form and the custom menu.
+    """
+    from app import create_app
+    from app.edges import wechat_menu
+    from app.edges.store import make_redis
+
+    _check_env_ints()
+    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1))
+    if settings.redis_url:
+        try:
+            make_redis(settings.redis_url).connection_pool.disconnect()  # parses, never connects
+        except ValueError as exc:
+            raise ConfigError(f"XIAOYI_REDIS_URL: not a Redis URL ({exc})") from exc
+    if settings.menu:
+        wechat_menu.definition(settings)
+
+
+DEMO_ACCOUNT = "demo"
+DEMO_CREDIT = "10"  # 元, credited once, when the demo account is created
+DEMO_KEY_FILE = "demo-key"  # in XIAOYI_DATA_DIR, mode 0600: only the key's hash is in Redis
+
+
+def _read_demo_key(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_demo_key(path: Path, raw: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # an older file may have been wider
+        fh.write(raw + "\n")
+
+
+def demo_key(settings: Settings, url: str) -> tuple[str, int]:
+    """Return the demo account's one live key (reused across starts) and its balance in units."""
     from app.core.money import keys, wallet
     from app.edges.store import make_redis
 
     r = make_redis(url, max_connections=2)
-    acct = wallet.create_account(r, "demo", name="demo", initial=yuan_to_units("10", "demo"),
-                                 note="demo credit")
-    raw, _ = keys.create_key(r, acct, "demo")
-    return raw
-
-
-def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Start embedded Redis, the fake upstream when none is set, web and workers; wait."""
-    from app.runtime.supervisor import Supervisor, wait_http
-
-    env: dict[str, str] = {}
-    url = settings.redis_url or ensure_embedded(settings.data_dir)
-    env["XIAOYI_REDIS_URL"] = url
-    sup = Supervisor()
-    sup.install_signal_handlers()
-    xiaoyi = [sys.executable, "-m", "app.runtime.cli"]
     try:
-        if not settings.channels:
-            up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
-            sup.add("fake-upstream", [*xiaoyi, "fake-upstream", "--port", str(up_port)])
-            env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
-            wait_http(f"http://127.0.0.1:{up_port}/healthz", 15)
-        sup.add("web", [*xiaoyi, "web", "--host", host, "--port", str(port)], env)
-        for i in range(workers):
-            sup.add(f"worker-{i + 1}", [*xiaoyi, "worker"], env)
-        wait_http(f"http://{host}:{port}/healthz", 30)
-        key = _demo_key(settings, url)
-        base = f"http://{host}:{port}"
-        print(f"""
+        wallet.create_account(r, DEMO_ACCOUNT, name="demo", note="demo credit",
+                              initial=yuan_to_units(DEMO_CREDIT, "demo credit"))
+        path = Path(settings.data_dir) / DEMO_KEY_FILE
+        raw = _read_demo_key(path)
+        info = keys.lookup(r, raw) if raw and keys.plausible(raw) else None
+        if raw is None or info is None or info.acct != DEMO_ACCOUNT:
+            raw, info = keys.create_key(r, DEMO_ACCOUNT, "demo")
+            _write_demo_key(path, raw)
+        for row in keys.list_keys(r, DEMO_ACCOUNT):  # one live demo key, never a pile of them
+            if not row["revoked"] and row["id"] != info.id:
+                keys.revoke(r, row["id"])
+        return raw, wallet.balance(r, DEMO_ACCOUNT)
+    finally:
+        r.connection_pool.disconnect()
+
+
+def _shown(url: str) -> str:
+    """Return a Redis URL without its password (the banner is a log, and logs hold no secrets)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _banner(settings: Settings, host: str, port: int, redis_url: str, upstream: str,
+            key: str, balance: int) -> str:
+    base = f"http://{host}:{port}"
+    admin = "" if settings.admin_token else "(set XIAOYI_ADMIN_TOKEN to enable)"
+    where = "" if settings.redis_url else f"  (embedded, AOF in {settings.data_dir})"
+    low = "" if balance > 0 else f"  (empty: xiaoyi accounts topup {DEMO_ACCOUNT} 10)"
+    return f"""
 xiaoyi is running.
   API:      {base}/v1   (also {base}/index.php/api/v1)
   WeChat:   {base}/wechat
-  Admin:    {base}/admin  {'(set XIAOYI_ADMIN_TOKEN to enable)' if not settings.admin_token else ''}
-  Redis:    {url}{'  (embedded, AOF in ' + settings.data_dir + ')' if not settings.redis_url else ''}
-  Upstream: {env.get('XIAOYI_UPSTREAM_BASE_URL', 'configured channels')}
+  Admin:    {base}/admin  {admin}
+  Redis:    {_shown(redis_url)}{where}
+  Upstream: {upstream}
 
-Demo key (10 元): {key}
+Demo key ({units_to_yuan(balance)} 元): {key}{low}
 
 Try:
   curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"api_secret_key": "{key}", "model": "gpt-3.5", "messages": [{{"role": "user", "content": "你好"}}]}}'
 
-Ctrl-C stops everything.
-""", flush=True)
+Ctrl-C stops everything (open streams get XIAOYI_GRACEFUL_TIMEOUT seconds to finish).
+"""
+
+
+def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,
+                    env: dict[str, str]) -> None:
+    """Start the fake upstream (when no channel is set), the rq workers and the web server."""
+    from app.runtime.gunicorn_conf import graceful_timeout
+    from app.runtime.supervisor import wait_http
+
+    xiaoyi = [sys.executable, "-m", "app.runtime.cli"]
+    if not settings.channels:
+        up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        up = sup.add("fake-upstream", [*xiaoyi, "fake-upstream", "--port", str(up_port)])
+        env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
+        _wait(wait_http, f"http://127.0.0.1:{up_port}/healthz", 15, up, "the fake upstream")
+    for i in range(workers):
+        sup.add(f"worker-{i + 1}", [*xiaoyi, "worker"], env)
+    # Stopped first (reverse order): it stops accepting, lets open streams end, then the rest go.
+    web = sup.add("web", [*xiaoyi, "web", "--host", host, "--port", str(port)], env,
+                  stop_timeout=graceful_timeout + 5)
+    _wait(wait_http, f"http://{host}:{port}/healthz", 30, web, f"the web server on {host}:{port}")
+
+
+def _wait(wait_http: Any, url: str, timeout: float, process: Any, what: str) -> None:
+    try:
+        wait_http(url, timeout, process=process)
+    except RuntimeError as exc:
+        raise StartError(f"{what} exited with {process.returncode} while starting "
+                         "(its log is above)") from exc
+    except TimeoutError as exc:
+        raise StartError(f"{what} did not answer within {timeout:g} s") from exc
+
+
+def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
+    """Start embedded Redis, the fake upstream when none is set, web and workers; wait.
+
+    The caller has run check_config(settings): a bad setting never gets this far.
+    """
+    from app.runtime.supervisor import Supervisor
+
+    sup = Supervisor()
+    sup.install_signal_handlers()
+    try:
+        try:
+            url = settings.redis_url or ensure_embedded(settings.data_dir)
+        except RuntimeError as exc:
+            raise StartError(str(exc)) from exc
+        except OSError as exc:
+            raise StartError(f"XIAOYI_DATA_DIR {settings.data_dir}: {exc.strerror or exc}") from exc
+        env = {"XIAOYI_REDIS_URL": url}
+        _start_children(sup, settings, host, port, workers, env)
+        key, balance = demo_key(settings, url)
+        print(_banner(settings, host, port, url, env.get("XIAOYI_UPSTREAM_BASE_URL",
+                                                         "configured channels"), key, balance),
+              flush=True)
         return sup.wait()
     except KeyboardInterrupt:
         return 0
