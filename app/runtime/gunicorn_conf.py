@@ -31,3 +31,25 @@ def child_exit(server: object, worker: object) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_starting(server: object) -> None:
+    """Make Ctrl-C a graceful stop like SIGTERM (a second Ctrl-C still stops at once)."""
+    server.handle_int = server.handle_term  # type: ignore[attr-defined]
+
+
+def post_worker_init(worker: object) -> None:
+    """Make SIGINT graceful in the worker too; end streams still open as the grace runs out."""
+    import signal
+
+    from app.runtime import graceful
+
+    signal.signal(signal.SIGINT, worker.handle_exit)  # type: ignore[attr-defined]
+    graceful.watch(worker)
+
+
+def worker_int(worker: object) -> None:
+    """On a quick stop (SIGQUIT), end every open stream with an error event and [DONE]."""
+    from app.runtime import graceful
+
+    graceful.cut_now()

@@ -17,6 +17,7 @@ from app.core.errors import ApiError, InvalidRequest, UpstreamError
 from app.core.money import wallet
 from app.edges.store import get_redis
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse
+from app.web.relay import shutdown
 from app.web.relay.common import (
     Call,
     gather,
@@ -207,6 +208,7 @@ def _stream(kind: str, call: Call, prompt_est: int, resp: UpstreamResponse | req
         nonlocal usage
         events = iter_sse(resp)
         last: dict[str, Any] = {}
+        open_stream = shutdown.opened(resp)  # a server stop ends it with END, never bare
         try:
             for payload, obj in _objects(events):
                 last = obj
@@ -216,6 +218,9 @@ def _stream(kind: str, call: Call, prompt_est: int, resp: UpstreamResponse | req
                 if not want_usage and obj.get("usage") and not obj.get("choices"):
                     continue
                 yield b"data: " + payload + b"\n\n"
+            if open_stream.cut:
+                yield shutdown.END
+                return
             if want_usage and not usage:  # asked for usage, the upstream gave none: estimate it
                 yield b"data: " + orjson.dumps(_usage_chunk(kind, call, last, prompt_est,
                                                             "".join(texts))) + b"\n\n"
@@ -225,10 +230,14 @@ def _stream(kind: str, call: Call, prompt_est: int, resp: UpstreamResponse | req
             usage = _drain(events, kind, texts, drain_cap) or usage
             raise
         except (requests.RequestException, OSError) as exc:
+            if open_stream.cut:
+                yield shutdown.END
+                return
             log.warning("upstream stream broke for %s: %s", call.req_id, type(exc).__name__)
             err = UpstreamError("The upstream stream was interrupted.")
             yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
         finally:
+            shutdown.closed(open_stream)
             finish()
 
     out = Response(stream_with_context(generate()), mimetype="text/event-stream",
