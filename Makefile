@@ -19,8 +19,13 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(RUN_STAMP)
 
+# make run PORT=8080 HOST=0.0.0.0 ARGS="--workers 4": anything in ARGS goes to `xiaoyi run`.
+PORT ?= 8000
+HOST ?= 127.0.0.1
+ARGS ?=
+
 run: $(RUN_STAMP)
-	$(BIN)/xiaoyi run
+	$(BIN)/xiaoyi run --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check app workers tests bench tools

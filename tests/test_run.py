@@ -114,3 +114,17 @@ def test_run_prints_a_working_demo_key_reuses_it_and_stops_cleanly(tmp_path: Pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_make_run_takes_a_port_and_arguments() -> None:
+    repo = Path(__file__).resolve().parents[1]
+
+    def dry_run(*args: str) -> list[str]:
+        done = subprocess.run(["make", "-n", "run", *args], cwd=repo, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return [line.strip() for line in done.stdout.splitlines()]
+
+    assert ".venv/bin/xiaoyi run --host 127.0.0.1 --port 8000" in dry_run()
+    assert ".venv/bin/xiaoyi run --host 0.0.0.0 --port 9123 --workers 3" in dry_run(
+        "PORT=9123", "HOST=0.0.0.0", "ARGS=--workers 3")
