@@ -55,7 +55,7 @@ SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
     "run": [(["--port", "0"], {}, "Invalid value"), (["--port", "65536"], {}, "Invalid value"),
             (["--workers", "33"], {}, "Invalid value")],
     "web": [(["--workers", "0"], {}, "Invalid value")],
-    "worker": [(["--queues", "chta"], {}, "chta"), (["--queues", ","], {}, "none given")],
+    "worker": [(["--queues", "chat,a b"], {}, "a b"), (["--queues", ","], {}, "none given")],
     "fake-upstream": [(["--port", "99999"], {}, "Invalid value")],
 }
 

@@ -91,13 +91,15 @@ def _open_stream(base: str, key: str, content: str) -> Iterator[str]:
             yield line[6:].decode()
 
 
-def _stop_mid_stream(proc: subprocess.Popen, events: Iterator[str], sig: int) -> list[str]:
+def _stop_mid_stream(proc: subprocess.Popen, events: Iterator[str], *sigs: int) -> list[str]:
     """Read the first content chunk, signal the server, read on to the end; return the events."""
     got = [next(events), next(events)]  # the role head, then the first content piece
-    if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole process group
-        os.killpg(proc.pid, sig)
-    else:
-        proc.send_signal(sig)
+    for i, sig in enumerate(sigs):
+        time.sleep(0.5 if i else 0)  # a second Ctrl-C comes a moment after the first
+        if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole process group
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
     got += list(events)  # a bare cut raises ChunkedEncodingError here
     return got
 
@@ -129,13 +131,16 @@ def test_a_stream_shorter_than_the_grace_finishes(web: Any, r: redis.Redis) -> N
     assert int(entry["ct"]) == chunks[-1]["usage"]["completion_tokens"]  # the upstream's usage
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_stream_longer_than_the_grace_ends_with_an_error_and_done(web: Any, r: redis.Redis,
-                                                                   sig: int) -> None:
-    proc, base = web(grace=4)
+@pytest.mark.parametrize("sigs,grace", [
+    ((signal.SIGTERM,), 4), ((signal.SIGINT,), 4),
+    ((signal.SIGINT, signal.SIGINT), 30),  # a second Ctrl-C: stop now, still error + [DONE]
+], ids=["SIGTERM", "Ctrl-C", "Ctrl-C twice"])
+def test_a_stream_longer_than_the_grace_ends_with_an_error_and_done(
+        web: Any, r: redis.Redis, sigs: tuple[int, ...], grace: int) -> None:
+    proc, base = web(grace=grace)
     key, acct = new_key(r)
     content = f"写一首长诗 {ENDLESS}"
-    events = _stop_mid_stream(proc, _open_stream(base, key, content), sig)
+    events = _stop_mid_stream(proc, _open_stream(base, key, content), *sigs)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])
     assert error["error"]["code"] == "server_shutting_down" and error["code"] == 50302

@@ -7,6 +7,7 @@ configuration in this process before any child starts, so a bad setting is refus
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import click
@@ -17,6 +18,7 @@ from app.runtime.money_cli import accounts_group, codes_group, keys_group, ledge
 from app.runtime.wechat_cli import menu_group, wechat_group
 
 QUEUES = ("chat", "image")  # the bot's rq queues
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 PORT = click.IntRange(1, 65535)
 
 
@@ -31,10 +33,13 @@ def _checked() -> Settings:
 
 def _queues(_ctx: click.Context, _param: click.Parameter, value: str) -> list[str]:
     names = [q.strip() for q in value.split(",") if q.strip()]
-    unknown = [q for q in names if q not in QUEUES]
-    if not names or unknown:
-        raise click.BadParameter(f"{', '.join(unknown) or 'none given'}: the queues are "
-                                 f"{', '.join(QUEUES)}")
+    bad = [q for q in names if not QUEUE_NAME.fullmatch(q)]
+    if not names or bad:
+        raise click.BadParameter(f"{', '.join(bad) or 'none given'}: comma-separated queue "
+                                 f"names (the bot's are {', '.join(QUEUES)})")
+    for name in sorted(set(names) - set(QUEUES)):  # allowed (tests, custom jobs), but say so
+        click.echo(f"xiaoyi: warning: queue {name!r} is not one the bot uses "
+                   f"({', '.join(QUEUES)})", err=True)
     return names
 
 
