@@ -32,7 +32,7 @@ lint: $(DEV_STAMP)
 
 # The whole suite, the fault injections included (they fit: about 2 minutes on 2 cores).
 test: $(DEV_STAMP) lint chromium
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "chaos or not chaos"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "chaos or not chaos" -rs
 
 # Debian's Chromium for the admin page's browser test (skipped with a reason when not installable).
 chromium:

@@ -8,6 +8,7 @@ started), so nothing can be waited for; the bounded wait only guards against a h
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,18 @@ def test_bad_toml_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text, encoding="utf-8")
     _assert_one_line(_refuse(tmp_path, "run", {"XIAOYI_CONFIG": str(path)}), named)
+
+
+@pytest.mark.parametrize("command", ["run", "web"])
+def test_a_busy_port_is_refused_in_one_line(tmp_path: Path, command: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+        done = subprocess.run([sys.executable, "-m", "app.runtime.cli", command, "--port",
+                               str(port)], env={**base, "XIAOYI_DATA_DIR": str(tmp_path / "var")},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert not (tmp_path / "var").exists()  # refused before anything started

@@ -9,7 +9,7 @@ import redis
 
 from app.core.config import load_settings
 from app.core.money import keys, wallet
-from app.runtime.procs import DEMO_ACCOUNT, DEMO_KEY_FILE, demo_key
+from app.runtime.demo import DEMO_ACCOUNT, DEMO_KEY_FILE, banner, demo_key
 
 
 def _live(r: redis.Redis) -> list[str]:
@@ -53,3 +53,11 @@ def test_extra_live_demo_keys_are_revoked(redis_url: str, r: redis.Redis, tmp_pa
     assert balance == 100 and raw not in piled
     assert _live(r) == [keys.lookup(r, raw).id]
     assert all(keys.lookup(r, old) is None for old in piled)
+
+
+def test_the_banner_hides_the_redis_password_and_shows_the_balance() -> None:
+    settings = load_settings({"XIAOYI_REDIS_URL": "redis://u:s3cret@10.0.0.5:6380/2"})
+    text = banner(settings, "0.0.0.0", 8080, settings.redis_url or "", "up", "sk-demo", 88_900)
+    assert "s3cret" not in text and "redis://u:***@10.0.0.5:6380/2" in text
+    assert "Demo key (8.8900 元): sk-demo" in text and "http://127.0.0.1:8080/v1" in text
+    assert "topup" in banner(settings, "127.0.0.1", 8000, "redis://h/0", "up", "sk-demo", 0)

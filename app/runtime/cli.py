@@ -70,12 +70,13 @@ def fake_upstream(host: str, port: int, api_key: str | None) -> None:
               help="gunicorn worker processes (default: deploy/gunicorn.conf.py's)")
 def web(host: str, port: int, web_workers: int | None) -> None:
     """Serve the app with gunicorn (gevent workers: hundreds of open streams each)."""
-    from app.runtime.procs import gunicorn_argv, prepare_env
+    from app.runtime.procs import StartError, check_port, gunicorn_argv, prepare_env
 
     s = _checked()
     try:
+        check_port(host, port, f"choose another: xiaoyi web --port {port + 1}")
         os.environ.update(prepare_env(s))
-    except (RuntimeError, TimeoutError) as exc:
+    except (StartError, RuntimeError, TimeoutError) as exc:
         raise CliError(str(exc)) from exc
     argv = gunicorn_argv(host, port, web_workers)
     os.execv(argv[0], argv)

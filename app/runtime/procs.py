@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
+from app.core.config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from app.runtime.supervisor import Supervisor
@@ -104,6 +104,17 @@ def _check_env_ints() -> None:
             raise ConfigError(f"{name}: {value!r} must be a whole number from {low} to {high}")
 
 
+def check_port(host: str, port: int, hint: str) -> None:
+    """Raise StartError when host:port cannot be listened on (in use, or not this machine's)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                             f"({hint})") from exc
+
+
 def check_config(settings: Settings) -> None:
     """Raise ConfigError for any bad setting the app would refuse, before any child starts.
 
@@ -124,82 +135,6 @@ def check_config(settings: Settings) -> None:
             raise ConfigError(f"XIAOYI_REDIS_URL: not a Redis URL ({exc})") from exc
     if settings.menu:
         wechat_menu.definition(settings)
-
-
-DEMO_ACCOUNT = "demo"
-DEMO_CREDIT = "10"  # 元, credited once, when the demo account is created
-DEMO_KEY_FILE = "demo-key"  # in XIAOYI_DATA_DIR, mode 0600: only the key's hash is in Redis
-
-
-def _read_demo_key(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _write_demo_key(path: Path, raw: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        os.fchmod(fh.fileno(), 0o600)  # an older file may have been wider
-        fh.write(raw + "\n")
-
-
-def demo_key(settings: Settings, url: str) -> tuple[str, int]:
-    """Return the demo account's one live key (reused across starts) and its balance in units."""
-    from app.core.money import keys, wallet
-    from app.edges.store import make_redis
-
-    r = make_redis(url, max_connections=2)
-    try:
-        wallet.create_account(r, DEMO_ACCOUNT, name="demo", note="demo credit",
-                              initial=yuan_to_units(DEMO_CREDIT, "demo credit"))
-        path = Path(settings.data_dir) / DEMO_KEY_FILE
-        raw = _read_demo_key(path)
-        info = keys.lookup(r, raw) if raw and keys.plausible(raw) else None
-        if raw is None or info is None or info.acct != DEMO_ACCOUNT:
-            raw, info = keys.create_key(r, DEMO_ACCOUNT, "demo")
-            _write_demo_key(path, raw)
-        for row in keys.list_keys(r, DEMO_ACCOUNT):  # one live demo key, never a pile of them
-            if not row["revoked"] and row["id"] != info.id:
-                keys.revoke(r, row["id"])
-        return raw, wallet.balance(r, DEMO_ACCOUNT)
-    finally:
-        r.connection_pool.disconnect()
-
-
-def _shown(url: str) -> str:
-    """Return a Redis URL without its password (the banner is a log, and logs hold no secrets)."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _banner(settings: Settings, host: str, port: int, redis_url: str, upstream: str,
-            key: str, balance: int) -> str:
-    base = f"http://{host}:{port}"
-    admin = "" if settings.admin_token else "(set XIAOYI_ADMIN_TOKEN to enable)"
-    where = "" if settings.redis_url else f"  (embedded, AOF in {settings.data_dir})"
-    low = "" if balance > 0 else f"  (empty: xiaoyi accounts topup {DEMO_ACCOUNT} 10)"
-    return f"""
-xiaoyi is running.
-  API:      {base}/v1   (also {base}/index.php/api/v1)
-  WeChat:   {base}/wechat
-  Admin:    {base}/admin  {admin}
-  Redis:    {_shown(redis_url)}{where}
-  Upstream: {upstream}
-
-Demo key ({units_to_yuan(balance)} 元): {key}{low}
-
-Try:
-  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"api_secret_key": "{key}", "model": "gpt-3.5", "messages": [{{"role": "user", "content": "你好"}}]}}'
-
-Ctrl-C stops everything (open streams get XIAOYI_GRACEFUL_TIMEOUT seconds to finish).
-"""
 
 
 def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,
@@ -237,8 +172,14 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
 
     The caller has run check_config(settings): a bad setting never gets this far.
     """
+    from app.runtime.demo import banner, demo_key
     from app.runtime.supervisor import Supervisor
 
+    check_port(host, port, f"choose another: xiaoyi run --port {port + 1}, "
+                           f"or make run PORT={port + 1}")
+    if not settings.channels:
+        up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        check_port("127.0.0.1", up_port, "the fake upstream's: set XIAOYI_FAKE_UPSTREAM_PORT")
     sup = Supervisor()
     sup.install_signal_handlers()
     try:
@@ -251,7 +192,7 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
         env = {"XIAOYI_REDIS_URL": url}
         _start_children(sup, settings, host, port, workers, env)
         key, balance = demo_key(settings, url)
-        print(_banner(settings, host, port, url, env.get("XIAOYI_UPSTREAM_BASE_URL",
+        print(banner(settings, host, port, url, env.get("XIAOYI_UPSTREAM_BASE_URL",
                                                          "configured channels"), key, balance),
               flush=True)
         return sup.wait()
