@@ -194,6 +194,16 @@ def _is_http_url(value: Any) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc) and " " not in value
 
 
+def _check_urls(values: dict[str, Any]) -> None:
+    """Refuse a URL setting that is not an absolute http(s) URL."""
+    for name, key in (("XIAOYI_UPSTREAM_BASE_URL", "upstream_base_url"),
+                      ("XIAOYI_PUBLIC_URL", "public_url"),
+                      ("XIAOYI_WECHAT_API_BASE_URL", "wechat_api_base_url"),
+                      ("XIAOYI_WECHAT_PAY_API_BASE_URL", "pay_api_base_url")):
+        if values[key] and not _is_http_url(values[key]):
+            raise ConfigError(f"{name}: must be an http(s):// URL")
+
+
 def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
     prices: dict[str, ModelPrice] = {}
     for model, spec in table.items():
@@ -321,12 +331,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     )
     if values["wechat_aes_key"] and len(values["wechat_aes_key"]) != 43:
         raise ConfigError("XIAOYI_WECHAT_AES_KEY: must be 43 characters (EncodingAESKey)")
-    for name, key in (("XIAOYI_UPSTREAM_BASE_URL", "upstream_base_url"),
-                      ("XIAOYI_PUBLIC_URL", "public_url"),
-                      ("XIAOYI_WECHAT_API_BASE_URL", "wechat_api_base_url"),
-                      ("XIAOYI_WECHAT_PAY_API_BASE_URL", "pay_api_base_url")):
-        if values[key] and not _is_http_url(values[key]):
-            raise ConfigError(f"{name}: must be an http(s):// URL")
+    _check_urls(values)
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("XIAOYI_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
     values.update(overrides)
