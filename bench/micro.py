@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     row("Redis: reserve + settle scripts (before; embeddings/images still)", reserve_settle)
 
-    from app.edges.store import script
-    from app.web.relay.common import AUTH_AND_RESERVE
+    from app.core.money.hold import AUTH_AND_RESERVE
+    from app.core.money.scripts import script
 
     merged = script(r, AUTH_AND_RESERVE)
     digest = f"xy:key:{keys.hash_key(raw_key)}"

@@ -127,7 +127,7 @@ def fake_pay(fake_pay_server: FakeWeChatPay) -> FakeWeChatPay:
 def make_settings(upstream_url: str, redis_url: str, **env: str) -> Settings:
     """Settings for tests: real Redis, the fake upstream, no .env file."""
     base = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream_url,
-            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests",
+            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789",
             "XIAOYI_LOG_LEVEL": "INFO"}
     return load_settings({**base, **env})
 

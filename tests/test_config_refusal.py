@@ -36,6 +36,9 @@ ENV_CASES: dict[str, tuple[dict[str, str], str]] = {
     "graceful timeout": ({"XIAOYI_GRACEFUL_TIMEOUT": "-1"}, "XIAOYI_GRACEFUL_TIMEOUT"),
     "pool size": ({"XIAOYI_REDIS_POOL_SIZE": "lots"}, "XIAOYI_REDIS_POOL_SIZE"),
     "fake upstream port": ({"XIAOYI_FAKE_UPSTREAM_PORT": "90000"}, "XIAOYI_FAKE_UPSTREAM_PORT"),
+    "keep-alive seconds": ({"XIAOYI_WEB_KEEPALIVE": "soon"}, "XIAOYI_WEB_KEEPALIVE"),
+    "web backlog": ({"XIAOYI_WEB_BACKLOG": "0"}, "XIAOYI_WEB_BACKLOG"),
+    "admin token too short": ({"XIAOYI_ADMIN_TOKEN": "short"}, "XIAOYI_ADMIN_TOKEN"),
 }
 TOML_CASES: dict[str, tuple[str, str]] = {
     "unparsable TOML": ("[relay\n", "is not valid TOML"),

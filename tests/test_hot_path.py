@@ -2,7 +2,7 @@
 
 * key lookup + rate-limit window in one script (keys.lookup_and_hit), counting in the same
   window as ratelimit.hit;
-* chat: lookup + window + reservation in one script (common.AUTH_AND_RESERVE), with the old
+* chat: lookup + window + reservation in one script (money.hold.AUTH_AND_RESERVE), with the old
   order of errors kept (401/429 before a bad request's 400/404);
 * the upstream called through urllib3 (UpstreamResponse), raising requests' exceptions;
 * channel successes counted in-process and flushed (health() is always current).

@@ -7,16 +7,16 @@ as request id (a settled request is never charged again), and delivery records w
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import redis
 from flask import current_app
 
 from app.bot import context, outbox, users
-from app.core import pricing
+from app.core import money, pricing
 from app.core.config import Settings, units_to_yuan
 from app.core.errors import InvalidRequest, UpstreamError
-from app.core.money import wallet
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from workers import deliver
@@ -37,8 +37,9 @@ def reply_chat(openid: str, dedupe_key: str, text_in: str) -> str:
                 return produced
             answer = produced
         elif answer.get("paid") == "1":  # a run that died before settling
-            wallet.settle(r, acct, dedupe_key, int(answer["cost"]),
-                          prompt_tokens=int(answer["pt"]), completion_tokens=int(answer["ct"]))
+            money.Hold(r, acct, dedupe_key, 0).settle(
+                int(answer["cost"]), prompt_tokens=int(answer["pt"]),
+                completion_tokens=int(answer["ct"]))
         return deliver.deliver(r, settings, openid, dedupe_key,
                                deliver.text_items(settings, answer["text"]))
 
@@ -55,25 +56,28 @@ def _produce(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str
     model, price = chat_model(settings)
     messages = context.messages_for(r, settings, openid, question)
     free = users.use_free(r, settings, openid, dk)
+    held: money.Hold | None = None
     if not free:
-        hold = pricing.reserve_cost(price, pricing.estimate_messages(messages),
-                                    settings.bot["chat_max_tokens"])
-        held = wallet.reserve(r, acct, dk, hold, key_id="wechat", model=model)
-        if not held.ok and held.reason == "short":
+        amount = pricing.reserve_cost(price, pricing.estimate_messages(messages),
+                                      settings.bot["chat_max_tokens"])
+        try:
+            held = money.reserve(r, acct, dk, amount, key_id="wechat", model=model)
+        except money.Short as exc:
             return deliver.note(r, settings, openid, dk, "insufficient",
-                                balance=units_to_yuan(held.balance))
-        if not held.ok and held.reason == "settled":
+                                balance=units_to_yuan(exc.balance))
+        except money.Settled:
             outbox.clear_pending(r, openid, dk)
             return "settled"  # charged and answered by an earlier run whose answer expired
     try:
-        answer, pt, ct = _ask(settings, model, messages)
+        with held or nullcontext():  # a failure releases the hold
+            answer, pt, ct = _ask(settings, model, messages)
     except deliver.TRANSIENT as exc:
         if not deliver.last_attempt():
             raise
-        _give_up(r, settings, openid, acct, dk, free, exc)
+        _give_up(r, settings, openid, dk, free, exc)
         raise
     except InvalidRequest as exc:
-        _give_up(r, settings, openid, acct, dk, free, exc)
+        _give_up(r, settings, openid, dk, free, exc)
         return "refused"
     cost = 0 if free else pricing.token_cost(price, pt, ct)
     fields = {"text": answer, "cost": cost, "pt": pt, "ct": ct, "paid": 0 if free else 1}
@@ -81,8 +85,8 @@ def _produce(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str
     outbox.save_answer(pipe, dk, fields)
     context.append_turn(pipe, settings, openid, question, answer)
     pipe.execute()
-    if not free:
-        wallet.settle(r, acct, dk, cost, prompt_tokens=pt, completion_tokens=ct)
+    if held is not None:
+        held.settle(cost, prompt_tokens=pt, completion_tokens=ct)
     return {k: str(v) for k, v in fields.items()}
 
 
@@ -103,12 +107,10 @@ def _ask(settings: Settings, model: str, messages: list[dict[str, Any]]) -> tupl
     return answer, pt, ct
 
 
-def _give_up(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str, free: bool,
+def _give_up(r: redis.Redis, settings: Settings, openid: str, dk: str, free: bool,
              exc: Exception) -> None:
-    """Give the hold (or the free chat) back and tell the user politely."""
+    """Give the free chat back (the hold was released) and tell the user politely."""
     log.warning("chat for %s failed for good: %s", openid, exc)
     if free:
         users.refund_free(r, dk)
-    else:
-        wallet.release(r, acct, dk)
     deliver.note(r, settings, openid, dk, "chat_failed")

@@ -18,10 +18,9 @@ from PIL import Image
 from wechatpy.exceptions import WeChatClientException
 
 from app.bot import outbox, users
-from app.core import pricing
+from app.core import money, pricing
 from app.core.config import Settings, units_to_yuan
 from app.core.errors import InvalidRequest
-from app.core.money import wallet
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.edges.wechat_api import get_client
@@ -56,32 +55,37 @@ def _make(r: redis.Redis, settings: Settings, openid: str, acct: str, req: str,
     model = settings.models.get(settings.bot["image_model"], settings.bot["image_model"])
     size = settings.bot["image_size"]
     cost = pricing.image_cost(settings.prices[model], size, 1) or 0
-    held = wallet.reserve(r, acct, req, cost, key_id="wechat", model=model)
-    if not held.ok and held.reason == "short":
+    try:
+        held = money.reserve(r, acct, req, cost, key_id="wechat", model=model)
+    except money.Short as exc:
         return deliver.note(r, settings, openid, dk, "insufficient",
-                            balance=units_to_yuan(held.balance))
-    if not held.ok and held.reason == "settled":
+                            balance=units_to_yuan(exc.balance))
+    except money.Settled:
         return "settled"
     try:
-        picture, url = _generate(settings, model, size, prompt)
-    except (InvalidRequest, *deliver.TRANSIENT) as exc:
+        with held:  # a failure releases the hold
+            picture, url = _generate(settings, model, size, prompt)
+            media = _upload_or_link(openid, picture, url)
+    except (InvalidRequest, WeChatClientException, OSError, *deliver.TRANSIENT) as exc:
         if isinstance(exc, InvalidRequest) or deliver.last_attempt():
-            return _give_up(r, settings, openid, acct, req, exc)
+            return _give_up(r, settings, openid, req, exc)
         raise
-    try:
-        media = _upload(picture)
-    except (WeChatClientException, OSError, ValueError) as exc:
-        if not url and not deliver.last_attempt():
-            raise
-        if not url:
-            return _give_up(r, settings, openid, acct, req, exc)
-        log.warning("upload for %s failed (%s); sending the link", openid, exc)
-        media = ""
     pipe = r.pipeline(transaction=True)
     outbox.save_answer(pipe, dk, {"media": media, "url": url})
     pipe.execute()
-    wallet.settle(r, acct, req, cost)
+    held.settle(cost)
     return {"media": media, "url": url}
+
+
+def _upload_or_link(openid: str, picture: bytes, url: str) -> str:
+    """Upload the picture; return its media id, or '' when only the link can be sent."""
+    try:
+        return _upload(picture)
+    except (WeChatClientException, OSError, ValueError) as exc:
+        if not url:
+            raise
+        log.warning("upload for %s failed (%s); sending the link", openid, exc)
+        return ""
 
 
 def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[bytes, str]:
@@ -119,10 +123,9 @@ def _upload(picture: bytes) -> str:
     return get_client().media.upload("image", (f"image.{ext}", data, mime))["media_id"]
 
 
-def _give_up(r: redis.Redis, settings: Settings, openid: str, acct: str, req: str,
+def _give_up(r: redis.Redis, settings: Settings, openid: str, req: str,
              exc: Exception) -> str:
-    """Give the hold back and tell the user politely."""
+    """Tell the user politely (the hold was released)."""
     log.warning("image for %s failed for good: %s", openid, exc)
-    wallet.release(r, acct, req)
     deliver.note(r, settings, openid, f"{req}:img", "image_failed")
     return "failed"

@@ -29,7 +29,7 @@ import redis
 from redis.client import Pipeline
 
 from app.core.config import Settings
-from app.edges.store import script
+from app.core.money.scripts import script
 
 STATE_TTL = 86400
 NOPUSH = "xy:wx:nopush"

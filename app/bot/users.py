@@ -13,7 +13,7 @@ import redis
 
 from app.core.config import Settings
 from app.core.money import keys, wallet
-from app.edges.store import script
+from app.core.money.scripts import script
 
 FREE_MARK_TTL = 86400
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,17 @@ from urllib.parse import urlsplit
 
 UNITS_PER_YUAN = 10_000  # money is an integer count of 0.0001 元
 MAX_CODES_PER_BATCH = 100  # redemption codes made at once (the CLI and the admin form)
+MIN_SECRET_CHARS = 24  # a shorter admin token or cookie key is refused at start (SPEC §7.13)
 
-# name -> (default, meaning). Written down once; the README table is generated from this.
+# name -> (default, meaning). Written down once; README's Configuration table says the same.
 ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
     "XIAOYI_REDIS_URL": (None, "Redis URL; unset: start the embedded server"),
     "XIAOYI_DATA_DIR": ("./var", "where the embedded Redis keeps its AOF"),
     "XIAOYI_UPSTREAM_BASE_URL": (None, "OpenAI-compatible base URL; unset: built-in fake upstream"),
     "XIAOYI_UPSTREAM_API_KEY": ("", "the upstream's key (never shown or logged)"),
     "XIAOYI_CONFIG": (None, "TOML file: channels, model map, prices, limits, bot, menu, pay"),
-    "XIAOYI_ADMIN_TOKEN": (None, "admin bearer token for /admin and /metrics; unset: disabled"),
+    "XIAOYI_ADMIN_TOKEN": (None, "admin bearer token for /admin and /metrics, at least "
+                                 f"{MIN_SECRET_CHARS} characters; unset: admin disabled"),
     "XIAOYI_PUBLIC_URL": ("http://localhost:8000", "base URL shown in example code"),
     "XIAOYI_WECHAT_TOKEN": (None, "the official account's server-config token"),
     "XIAOYI_WECHAT_APP_ID": (None, "the official account's AppID"),
@@ -42,7 +44,9 @@ ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
         "https://api.mch.weixin.qq.com/",
         "WeChat Pay API base (point at a fake in tests)",
     ),
-    "XIAOYI_SECRET_KEY": (None, "signs admin cookies; unset: derived from the admin token"),
+    "XIAOYI_SECRET_KEY": (None, f"signs admin cookies (at least {MIN_SECRET_CHARS} characters), never "
+                                "derived from the admin token; unset: generated once, kept in the "
+                                "store"),
     "XIAOYI_LOG_LEVEL": ("INFO", "logging level"),
 }
 
@@ -78,6 +82,26 @@ class Channel:
         return not self.models or model in self.models
 
 
+SAFETY_ACTIONS = ("off", "refuse", "mask")
+SAFETY_PLACES = ("bot_input", "bot_output", "api_input", "api_output")
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    """The [safety] table: the sensitive-word filter and the optional moderation check."""
+
+    enabled: bool = False
+    words_file: str = ""  # absolute once parsed; empty: no word filter
+    reload_seconds: float = 5.0  # the file's mtime is checked at most this often
+    bot_input: str = "refuse"  # off | refuse | mask, for each place text is screened
+    bot_output: str = "mask"
+    api_input: str = "off"
+    api_output: str = "off"
+    moderation: bool = False  # also ask the upstream's /moderations about bot input
+    moderation_model: str = "omni-moderation-latest"
+    moderation_categories: tuple[str, ...] = ()  # empty: any flagged category counts
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings, read once at start."""
@@ -97,7 +121,7 @@ class Settings:
     pay_mch_id: str | None
     pay_api_key: str | None
     pay_api_base_url: str
-    secret_key: str
+    secret_key: str | None  # None: the admin keeps a random one in the store
     log_level: str
     models: dict[str, str]
     prices: dict[str, ModelPrice]
@@ -108,6 +132,7 @@ class Settings:
     pay: dict[str, Any]
     menu: dict[str, Any]
     texts: dict[str, str]
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -274,6 +299,39 @@ def _bot(table: dict[str, Any]) -> dict[str, Any]:
     return bot
 
 
+def _safety(table: dict[str, Any]) -> SafetySettings:
+    defaults = {f.name: f.default for f in fields(SafetySettings)}
+    for key, value in table.items():
+        where = f"safety.{key}"
+        if key not in defaults:
+            raise ConfigError(f"{where}: unknown setting")
+        if isinstance(defaults[key], bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+        if isinstance(defaults[key], str) and not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+        if key in SAFETY_PLACES and value not in SAFETY_ACTIONS:
+            raise ConfigError(f"{where}: {value!r} is not off, refuse or mask")
+    cfg = {**defaults, **table}
+    seconds = cfg["reload_seconds"]
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        raise ConfigError("safety.reload_seconds: must be a number >= 0")
+    categories = cfg["moderation_categories"]
+    if not isinstance(categories, list | tuple) or not all(isinstance(c, str) for c in categories):
+        raise ConfigError("safety.moderation_categories: must be a list of category names")
+    if cfg["moderation"] and not cfg["moderation_model"]:
+        raise ConfigError("safety.moderation_model: required when moderation is on")
+    words = cfg["words_file"]
+    if words:
+        path = Path(words).expanduser().resolve()
+        if cfg["enabled"] and not (path.is_file() and os.access(path, os.R_OK)):
+            raise ConfigError(f"safety.words_file: {path} is not a readable file")
+        words = str(path)
+    elif cfg["enabled"] and not cfg["moderation"]:
+        raise ConfigError("safety.words_file: required when safety is enabled without moderation")
+    return SafetySettings(**{**cfg, "words_file": words, "reload_seconds": float(seconds),
+                             "moderation_categories": tuple(categories)})
+
+
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Read the environment (+ .env) and the TOML file; raise ConfigError naming a bad setting."""
     if env is None:
@@ -316,7 +374,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         pay_mch_id=get("XIAOYI_WECHAT_PAY_MCH_ID"),
         pay_api_key=get("XIAOYI_WECHAT_PAY_API_KEY"),
         pay_api_base_url=get("XIAOYI_WECHAT_PAY_API_BASE_URL") or "",
-        secret_key=get("XIAOYI_SECRET_KEY") or f"xiaoyi-cookie:{admin_token or os.urandom(16).hex()}",
+        secret_key=get("XIAOYI_SECRET_KEY"),
         log_level=(get("XIAOYI_LOG_LEVEL") or "INFO").upper(),
         models=models,
         prices=prices,
@@ -328,10 +386,17 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         pay=dict(data.get("pay", {})),
         menu=dict(data.get("menu", {})),
         texts=dict(data.get("texts", {})),
+        safety=_safety(data.get("safety", {})),
     )
     if values["wechat_aes_key"] and len(values["wechat_aes_key"]) != 43:
         raise ConfigError("XIAOYI_WECHAT_AES_KEY: must be 43 characters (EncodingAESKey)")
     _check_urls(values)
+    for name, secret in (("XIAOYI_ADMIN_TOKEN", admin_token),
+                         ("XIAOYI_SECRET_KEY", values["secret_key"])):
+        if secret is not None and len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(f"{name}: must be at least {MIN_SECRET_CHARS} characters (it has "
+                              f"{len(secret)}); make one with: python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'")
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("XIAOYI_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
     values.update(overrides)

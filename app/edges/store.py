@@ -12,11 +12,9 @@ import redis
 from flask import Flask, current_app
 
 if TYPE_CHECKING:
-    from redis.commands.core import Script
     from rq import Queue
 
 EXTENSION = "xiaoyi.redis"
-_scripts: dict[tuple[int, str], Script] = {}
 
 
 RQ_EXTENSION = "xiaoyi.rq_redis"
@@ -76,12 +74,3 @@ def resolve_url(url: str | None, data_dir: str) -> str:
     from app.runtime.procs import ensure_embedded
 
     return ensure_embedded(data_dir)
-
-
-def script(client: redis.Redis, source: str) -> Script:
-    """Return a registered script (EVALSHA with automatic reload), once per client."""
-    key = (id(client), source)
-    found = _scripts.get(key)
-    if found is None:
-        found = _scripts[key] = client.register_script(source)
-    return found

@@ -93,15 +93,29 @@ class StartError(Exception):
 
 # Process knobs read outside load_settings (gunicorn_conf, store, run): name -> (low, high).
 ENV_INTS = {"WEB_CONCURRENCY": (1, 256), "XIAOYI_WEB_CONNECTIONS": (1, 100_000),
-            "XIAOYI_GRACEFUL_TIMEOUT": (0, 3600), "XIAOYI_REDIS_POOL_SIZE": (1, 100_000),
-            "XIAOYI_FAKE_UPSTREAM_PORT": (1, 65535)}
+            "XIAOYI_WEB_BACKLOG": (1, 65_535), "XIAOYI_GRACEFUL_TIMEOUT": (0, 3600),
+            "XIAOYI_REDIS_POOL_SIZE": (1, 100_000), "XIAOYI_FAKE_UPSTREAM_PORT": (1, 65535)}
+ENV_SECONDS = ("XIAOYI_WEB_KEEPALIVE", "XIAOYI_WEB_BODY_TIMEOUT")  # 0 < seconds < 1 day
 
 
-def _check_env_ints() -> None:
+def _check_env_numbers() -> None:
     for name, (low, high) in ENV_INTS.items():
         value = os.environ.get(name, "").strip()
         if value and not (value.isdigit() and low <= int(value) <= high):
             raise ConfigError(f"{name}: {value!r} must be a whole number from {low} to {high}")
+    for name in ENV_SECONDS:
+        value = os.environ.get(name, "").strip()
+        try:
+            ok = not value or 0 < float(value) < 86_400
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name}: {value!r} is not a number of seconds > 0")
+
+
+def graceful_timeout() -> int:
+    """Return the seconds open streams get on stop (gunicorn_conf reads the same variable)."""
+    return int(os.environ.get("XIAOYI_GRACEFUL_TIMEOUT") or "30")
 
 
 def check_port(host: str, port: int, hint: str) -> None:
@@ -126,7 +140,7 @@ def check_config(settings: Settings) -> None:
     from app.edges import wechat_menu
     from app.edges.store import make_redis
 
-    _check_env_ints()
+    _check_env_numbers()
     create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1))
     if settings.redis_url:
         try:
@@ -140,7 +154,6 @@ def check_config(settings: Settings) -> None:
 def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,
                     env: dict[str, str]) -> None:
     """Start the fake upstream (when no channel is set), the rq workers and the web server."""
-    from app.runtime.gunicorn_conf import graceful_timeout
     from app.runtime.supervisor import wait_http
 
     xiaoyi = [sys.executable, "-m", "app.runtime.cli"]
@@ -153,7 +166,7 @@ def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, w
         sup.add(f"worker-{i + 1}", [*xiaoyi, "worker"], env)
     # Stopped first (reverse order): it stops accepting, lets open streams end, then the rest go.
     web = sup.add("web", [*xiaoyi, "web", "--host", host, "--port", str(port)], env,
-                  stop_timeout=graceful_timeout + 5)
+                  stop_timeout=graceful_timeout() + 5)
     _wait(wait_http, f"http://{host}:{port}/healthz", 30, web, f"the web server on {host}:{port}")
 
 

@@ -1,0 +1,7 @@
+"""Money: wallet, keys, rate limits and their Lua scripts; `reserve()`/`authorize()` → Hold."""
+
+from __future__ import annotations
+
+from app.core.money.hold import Hold, Settled, Short, authenticate, authorize, reserve
+
+__all__ = ["Hold", "Settled", "Short", "authenticate", "authorize", "reserve"]

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from app.core.money.ratelimit import WINDOW, wait_seconds
-from app.edges.store import script
+from app.core.money.scripts import script
 
 PREFIX = "sk-"
 RATE_KEY_PREFIX = "xy:rl:key:"  # the window ratelimit.hit(r, f"key:{id}", …) keeps

@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from app.edges.store import script
+from app.core.money.scripts import script
 
 # KEYS[1]=window zset; ARGV: now_ms, window_ms, limit, member
 # -> 0 allowed | retry-after in ms (>0) refused

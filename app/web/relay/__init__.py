@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response
 
-from app.core.errors import ApiError
-from app.web.relay import account, chat, common, media
+from app.web.relay import account, chat, media
 
 bp = Blueprint("relay", __name__)
 
@@ -39,20 +38,6 @@ bp.add_url_rule("/balance", "balance", account.balance, methods=["GET"])
 bp.add_url_rule("/dashboard/billing/subscription", "billing_subscription",
                 account.subscription, methods=["GET"])
 bp.add_url_rule("/dashboard/billing/usage", "billing_usage", account.usage, methods=["GET"])
-
-@bp.errorhandler(ApiError)
-def api_error(err: ApiError) -> Response:
-    """Answer a bad key or a rate limit before the request's own error, as if checked first.
-
-    Views gather the key lazily (gather(defer_key=True)) so hold() can look it up in the same
-    round trip as the reservation; a request that fails before hold() is checked here.
-    """
-    try:
-        common.authenticate_deferred()
-    except ApiError as key_err:
-        err = key_err
-    return common.json_response(err.body(), err.status, err.headers)
-
 
 PREFIXES = ("/v1", "/index.php/api/v1")
 

@@ -5,23 +5,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import requests
 from flask import Response, stream_with_context
-from redis import Redis, RedisError
+from redis import RedisError
 
 from app.core import pricing
 from app.core.errors import ApiError, InvalidRequest, UpstreamError
-from app.core.money import wallet
-from app.edges.store import get_redis
+from app.core.money import Hold
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse
 from app.web.relay import shutdown
 from app.web.relay.common import (
     Call,
-    gather,
-    hold,
+    admit,
     json_response,
     positive_int,
     settings,
@@ -70,8 +69,17 @@ def _choices(kind: str, body: dict[str, Any]) -> int:
     return (len(prompt) if many else 1) * max(n, best_of)
 
 
-def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
-    call = gather((kind,), defer_key=True)  # the key is checked in hold()'s round trip
+@dataclass
+class Plan:
+    """What _prepare learnt about a text request."""
+
+    prompt_est: int = 0
+    stream: bool = False
+    want_usage: bool = False
+
+
+def _prepare(kind: str, call: Call, plan: Plan) -> int:
+    """Check the body (filling `plan`) and return the most the call can cost."""
     body = call.body
     prompt_est = validate_messages(body) if kind == "chat" else validate_prompt(body)
     if prompt_est > settings().relay.get("max_prompt_tokens", 128000):
@@ -88,15 +96,13 @@ def _prepare(kind: str) -> tuple[Call, int, bool, bool]:
             options.get("include_usage", False), bool)):
         raise InvalidRequest("'stream_options' must be an object with a boolean include_usage.",
                              param="stream_options", msg="stream_options 参数错误")
-    amount = pricing.reserve_cost(call.price, prompt_est, max_tokens, choices)
-    hold(call, amount)
-    want_usage = bool(isinstance(body.get("stream_options"), dict)
-                      and body["stream_options"].get("include_usage"))
+    plan.prompt_est, plan.stream = prompt_est, stream
+    plan.want_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     if stream:
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        body["stream_options"] = {**(options or {}), "include_usage": True}
     else:
         body.pop("stream_options", None)
-    return call, prompt_est, stream, want_usage
+    return pricing.reserve_cost(call.price, prompt_est, max_tokens, choices)
 
 
 def _answer_text(kind: str, data: dict[str, Any]) -> str:
@@ -127,24 +133,22 @@ def _tokens(usage: Any, prompt_est: int, text: str) -> tuple[int, int]:
     return _reported(usage) or (prompt_est, pricing.estimate_tokens(text))
 
 
-def _settle(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any] | None,
+def _settle(held: Hold, call: Call, prompt_est: int, usage: dict[str, Any] | None,
             text: str) -> int | None:
     pt, ct = _tokens(usage, prompt_est, text)
-    cost = pricing.token_cost(call.price, pt, ct)
-    charged = wallet.settle(r, call.key.acct, call.req_id, cost,
-                            prompt_tokens=pt, completion_tokens=ct)
-    return charged
+    return held.settle(pricing.token_cost(call.price, pt, ct), prompt_tokens=pt,
+                       completion_tokens=ct)
 
 
 SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8)  # a stream already delivered waits out a Redis blip
 
 
-def _settle_retrying(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any] | None,
+def _settle_retrying(held: Hold, call: Call, prompt_est: int, usage: dict[str, Any] | None,
                      text: str) -> None:
     """Settle a delivered stream, retrying while Redis is unreachable (else the hold stays open)."""
     for pause in (*SETTLE_BACKOFF_S, None):
         try:
-            _settle(r, call, prompt_est, usage, text)
+            _settle(held, call, prompt_est, usage, text)
             return
         except RedisError as exc:
             if pause is None:
@@ -160,22 +164,19 @@ def _settle_retrying(r: Redis, call: Call, prompt_est: int, usage: dict[str, Any
 
 def relay_text(kind: str, path: str) -> Response:
     """Serve one chat or completions request."""
-    call, prompt_est, stream, want_usage = _prepare(kind)
-    r = get_redis()
-    try:
+    plan = Plan()
+    call, held = admit((kind,), lambda c: _prepare(kind, c, plan))
+    with held:  # an upstream failure releases the whole hold
         # Non-stream: a channel answering malformed JSON fails over like a 5xx.
-        got = get_upstream().post(path, call.body, call.upstream_model, stream=stream,
-                                  expect=None if stream else "choices")
-    except BaseException:
-        wallet.release(r, call.key.acct, call.req_id)
-        raise
-    if stream:
-        return _stream(kind, call, prompt_est, got, want_usage)
+        got = get_upstream().post(path, call.body, call.upstream_model, stream=plan.stream,
+                                  expect=None if plan.stream else "choices")
+    if plan.stream:
+        return _stream(kind, call, held, plan, got)
     data: dict[str, Any] = got
     text = _answer_text(kind, data)
-    _settle(r, call, prompt_est, data.get("usage"), text)
+    _settle(held, call, plan.prompt_est, data.get("usage"), text)
     if _reported(data.get("usage")) is None:  # usage always present, and what was billed
-        pt, ct = prompt_est, pricing.estimate_tokens(text)
+        pt, ct = plan.prompt_est, pricing.estimate_tokens(text)
         data["usage"] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
     for choice in data["choices"]:
         if not isinstance(choice, dict):
@@ -187,10 +188,10 @@ def relay_text(kind: str, path: str) -> Response:
     return json_response(data, headers={"X-Request-Id": call.req_id})
 
 
-def _stream(kind: str, call: Call, prompt_est: int, resp: UpstreamResponse | requests.Response,
-            want_usage: bool) -> Response:
+def _stream(kind: str, call: Call, held: Hold, plan: Plan,
+            resp: UpstreamResponse | requests.Response) -> Response:
     drain_cap = settings().relay.get("drain_cap_tokens", 8192)
-    r = get_redis()
+    prompt_est, want_usage = plan.prompt_est, plan.want_usage
     usage: dict[str, Any] | None = None
     texts: list[str] = []
 
@@ -202,7 +203,7 @@ def _stream(kind: str, call: Call, prompt_est: int, resp: UpstreamResponse | req
             return
         settled = True
         resp.close()
-        _settle_retrying(r, call, prompt_est, usage, "".join(texts))
+        _settle_retrying(held, call, prompt_est, usage, "".join(texts))
 
     def generate() -> Iterator[bytes]:
         nonlocal usage

@@ -3,52 +3,26 @@
 from __future__ import annotations
 
 import secrets
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from flask import Response, current_app, g, request
 
+from app.core import money
 from app.core.config import ModelPrice, Settings
 from app.core.errors import (
-    InsufficientQuota,
+    ApiError,
     InvalidKey,
     InvalidRequest,
     ModelNotFound,
-    RateLimited,
     RequestTooLarge,
 )
-from app.core.money import keys, wallet
-from app.core.money.ratelimit import WINDOW, wait_seconds
-from app.edges.store import get_redis, script
+from app.core.money import keys
+from app.edges.store import get_redis
 
 DEFAULT_MODEL = "gpt-3.5"
-
-# The chat hot path in one round trip: the key lookup, its per-minute window (ratelimit.WINDOW)
-# and the reservation (wallet.RESERVE); both scripts run unchanged as local functions (their
-# KEYS/ARGV are the parameters), on keys named as ratelimit.hit and wallet.reserve name them.
-# The account's keys follow from the looked-up key, so they are built here (one Redis server).
-# KEYS[1]=lookup hash, KEYS[2]=pending zset, KEYS[3]=ledger
-# ARGV: now_ms, window_ms, limit, member, window prefix, req_id, amount, model, account prefix
-# -> {0} unknown key | {1, key fields, wait_ms} rate-limited | {2, key fields, RESERVE's reply}
-AUTH_AND_RESERVE = (
-    "local function window(KEYS, ARGV)\n" + WINDOW + "\nend\n"
-    "local function reserve(KEYS, ARGV)\n" + wallet.RESERVE + "\nend\n" + """
-local data = redis.call('HGETALL', KEYS[1])
-if #data == 0 then return {0} end
-local f = {}
-for i = 1, #data, 2 do f[data[i]] = data[i + 1] end
-if tonumber(ARGV[3]) > 0 then
-  local wait = window({ARGV[5] .. f['id']}, ARGV)
-  if wait ~= 0 then return {1, data, wait} end
-end
-local req = ARGV[6]
-return {2, data, reserve({ARGV[9] .. f['acct'], 'xy:resv:' .. req, KEYS[2], KEYS[3],
-                          'xy:done:' .. req, 'xy:stats:money'},
-                         {f['acct'], req, ARGV[7], ARGV[1], f['id'], ARGV[8]})}
-""")
-UNRESOLVED = keys.KeyInfo("", "", "", "")  # Call.key until hold() authenticates a deferred key
 
 
 @dataclass
@@ -57,10 +31,11 @@ class Call:
 
     req_id: str
     body: dict[str, Any]
-    key: keys.KeyInfo
+    raw_key: str  # checked by admit() in the reservation's round trip
     model: str  # the public name the developer used
     upstream_model: str
     price: ModelPrice
+    key: keys.KeyInfo | None = field(default=None)
 
 
 def settings() -> Settings:
@@ -144,46 +119,26 @@ def _raw_key(body: dict[str, Any] | None) -> str:
     return raw
 
 
+def _limit() -> int:
+    return settings().limits.get("key_requests_per_minute", 0)
+
+
 def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
     """Resolve the key (no cache: revocation is immediate) and apply its rate limit."""
-    return _check_key(_raw_key(body))
-
-
-def authenticate_deferred() -> None:
-    """Check a key gather(defer_key=True) left for hold(), when hold() did not run.
-
-    A view calls this when the request failed before hold(): a bad key or a rate limit is
-    answered before the request's own error, in the order gather() always had.
-    """
-    raw = g.pop("deferred_key", None)
-    if raw is not None:
-        _check_key(raw)
-
-
-def _check_key(raw: str) -> keys.KeyInfo:
-    limit = settings().limits.get("key_requests_per_minute", 0)
-    info, wait = keys.lookup_and_hit(get_redis(), raw, limit)  # one round trip for both
-    if info is None:
-        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+    info = money.authenticate(get_redis(), _raw_key(body), _limit())
     g.key_id = info.id
-    if wait:
-        raise RateLimited(wait)
     return info
 
 
-def gather(kinds: tuple[str, ...], defer_key: bool = False) -> Call:
-    """Parse the body, authenticate, map the model and find its price.
-
-    defer_key: look the key up later, in hold()'s round trip (Call.key is UNRESOLVED until
-    then); the relay blueprint's error handler checks it when the request fails before hold().
-    """
+def gather(kinds: tuple[str, ...]) -> Call:
+    """Parse the body, take the raw key (checked later), map the model and find its price."""
     body = read_json()
-    if defer_key:
-        g.deferred_key = _raw_key(body)
-        key = UNRESOLVED
-    else:
-        key = authenticate(body)
+    raw = _raw_key(body)
     body.pop("api_secret_key", None)
+    req_id = "req_" + secrets.token_hex(12)
+    g.req_id = req_id
+    call = Call(req_id, body, raw, "", "", ModelPrice("chat"))
+    g.call = call
     model = body.get("model", DEFAULT_MODEL)
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model",
@@ -198,46 +153,31 @@ def gather(kinds: tuple[str, ...], defer_key: bool = False) -> Call:
         raise InvalidRequest(f"The model '{model}' cannot be used on this endpoint.",
                              param="model", msg="该模型不能用于此接口")
     body["model"] = upstream_model
-    req_id = "req_" + secrets.token_hex(12)
-    g.req_id = req_id
-    return Call(req_id, body, key, model, upstream_model, price)
+    call.model, call.upstream_model, call.price = model, upstream_model, price
+    return call
 
 
-def _auth_and_hold(call: Call, amount: int) -> None:
-    """Authenticate the deferred key, count it in its window and reserve: one round trip."""
-    raw = g.pop("deferred_key")
-    if not keys.plausible(raw):
-        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
-    limit = settings().limits.get("key_requests_per_minute", 0)
-    now = int(time.time() * 1000)
-    res = script(get_redis(), AUTH_AND_RESERVE)(
-        keys=[f"xy:key:{keys.hash_key(raw)}", wallet.PENDING, wallet.LEDGER],
-        args=[now, 60_000, limit, f"{now}-{secrets.token_hex(4)}", keys.RATE_KEY_PREFIX,
-              call.req_id, amount, call.upstream_model, wallet.acct_key("")])
-    if int(res[0]) == 0:
-        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
-    call.key = keys.info_from_fields(res[1])
-    g.key_id = call.key.id
-    if int(res[0]) == 1:
-        raise RateLimited(wait_seconds(int(res[2])))
-    code = int(res[2][0])
-    if code == -2:
-        raise InvalidKey("The key's account no longer exists.", msg="账户不存在")
-    if code != 1:
-        raise InsufficientQuota()
+def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call, money.Hold]:
+    """Gather and check the request, then authenticate + rate-limit + reserve in one round trip.
 
-
-def hold(call: Call, amount: int) -> None:
-    """Reserve the most this call can cost, or refuse with 429 insufficient_quota."""
-    if call.key is UNRESOLVED:
-        return _auth_and_hold(call, amount)
+    `prepare` validates the body and returns the most the call can cost. A request refused
+    before the reservation has its key checked first, so a bad key (401) or a rate limit (429)
+    is answered before the request's own error.
+    """
     try:
-        got = wallet.reserve(get_redis(), call.key.acct, call.req_id, amount,
-                             key_id=call.key.id, model=call.upstream_model)
-    except wallet.NoAccount as exc:
-        raise InvalidKey("The key's account no longer exists.", msg="账户不存在") from exc
-    if not got.ok:
-        raise InsufficientQuota()
+        call = gather(kinds)
+        amount = prepare(call)
+    except ApiError:
+        call = g.get("call")
+        if call is not None:
+            g.key_id = money.authenticate(get_redis(), call.raw_key, _limit()).id
+        raise
+    held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,
+                           model=call.upstream_model, limit=_limit())
+    assert held.key is not None
+    call.key = held.key
+    g.key_id = held.key.id
+    return call, held
 
 
 def positive_int(body: dict[str, Any], name: str, default: int | None, low: int,
