@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 UNITS_PER_YUAN = 10_000  # money is an integer count of 0.0001 元
+MAX_CODES_PER_BATCH = 100  # redemption codes made at once (the CLI and the admin form)
 MIN_SECRET_CHARS = 24  # a shorter admin token or cookie key is refused at start (SPEC §7.13)
 
 # name -> (default, meaning). Written down once; README's Configuration table says the same.
@@ -147,6 +149,8 @@ def yuan_to_units(value: Any, setting: str) -> int:
         amount = Decimal(str(value)) * UNITS_PER_YUAN
     except (InvalidOperation, ValueError) as exc:
         raise ConfigError(f"{setting}: {value!r} is not a number") from exc
+    if not amount.is_finite():
+        raise ConfigError(f"{setting}: {value!r} is not a number")
     if amount != amount.to_integral_value() or amount < 0:
         raise ConfigError(f"{setting}: {value!r} must be >= 0 with at most 4 decimals")
     return int(amount)
@@ -175,8 +179,54 @@ def _read_toml(path: Path, setting: str) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"{setting}: file {path} not found") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{setting}: {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+TABLES = ("models", "prices", "relay", "limits", "bot", "pay", "menu", "texts")
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """Refuse a TOML whose tables or lists have the wrong type, naming the setting."""
+    for name in TABLES:
+        if not isinstance(data.get(name, {}), dict):
+            raise ConfigError(f"{name}: must be a table ([{name}])")
+    for public, upstream in data.get("models", {}).items():
+        if not isinstance(upstream, str):
+            raise ConfigError(f"models.{public}: must be a string (an upstream model name)")
+    for key, text in data.get("texts", {}).items():
+        if not isinstance(text, str):
+            raise ConfigError(f"texts.{key}: must be a string")
+    channels = data.get("channels", [])
+    if not isinstance(channels, list) or not all(isinstance(c, dict) for c in channels):
+        raise ConfigError("channels: must be an array of tables ([[channels]])")
+    for i, spec in enumerate(channels):
+        url = spec.get("base_url")
+        if url is not None and not _is_http_url(url):
+            raise ConfigError(f"channels[{i}].base_url: must be an http(s):// URL")
+        models = spec.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ConfigError(f"channels[{i}].models: must be an array of model names")
+
+
+def _is_http_url(value: Any) -> bool:
+    """Tell whether value is an absolute http(s) URL with a host."""
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and " " not in value
+
+
+def _check_urls(values: dict[str, Any]) -> None:
+    """Refuse a URL setting that is not an absolute http(s) URL."""
+    for name, key in (("XIAOYI_UPSTREAM_BASE_URL", "upstream_base_url"),
+                      ("XIAOYI_PUBLIC_URL", "public_url"),
+                      ("XIAOYI_WECHAT_API_BASE_URL", "wechat_api_base_url"),
+                      ("XIAOYI_WECHAT_PAY_API_BASE_URL", "pay_api_base_url")):
+        if values[key] and not _is_http_url(values[key]):
+            raise ConfigError(f"{name}: must be an http(s):// URL")
 
 
 def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
@@ -185,6 +235,8 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
         where = f"prices.{model}"
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: must be a table")
+        if not isinstance(spec.get("images", {}), dict):
+            raise ConfigError(f"{where}.images: must be a table of size = 元")
         images = {size: yuan_to_units(v, f"{where}.images.{size}")
                   for size, v in spec.get("images", {}).items()}
         kind = spec.get("kind", "image" if images else "chat")
@@ -297,6 +349,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     if config_path:
         data = _merge(data, _read_toml(Path(config_path), "XIAOYI_CONFIG"))
     data = _merge(data, overrides.pop("toml", {}))
+    _check_shape(data)
 
     models = data.get("models", {})
     prices = _prices(data.get("prices", {}))
@@ -337,6 +390,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     )
     if values["wechat_aes_key"] and len(values["wechat_aes_key"]) != 43:
         raise ConfigError("XIAOYI_WECHAT_AES_KEY: must be 43 characters (EncodingAESKey)")
+    _check_urls(values)
     for name, secret in (("XIAOYI_ADMIN_TOKEN", admin_token),
                          ("XIAOYI_SECRET_KEY", values["secret_key"])):
         if secret is not None and len(secret) < MIN_SECRET_CHARS:

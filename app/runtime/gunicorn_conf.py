@@ -39,7 +39,10 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))  # one per core on the 2-c
 worker_connections = int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000"))  # per gevent worker
 backlog = int(os.environ.get("XIAOYI_WEB_BACKLOG", "2048"))  # accepted by the kernel, not yet served
 timeout = 120  # seconds a worker may be silent before it is restarted
-graceful_timeout = 30  # seconds to finish open streams on restart/stop
+# Seconds open streams get to finish on stop/restart; a stream still open near the end gets an
+# error event and [DONE] (app.runtime.graceful), never a bare cut.
+graceful_timeout = int(os.environ.get("XIAOYI_GRACEFUL_TIMEOUT") or "30")  # as procs reads it
+
 # Idle keep-alive connections close after this; under gevent it also bounds reading the headers.
 keepalive = max(1, round(_seconds("XIAOYI_WEB_KEEPALIVE", "15")))
 body_timeout = _seconds("XIAOYI_WEB_BODY_TIMEOUT", "30")  # a body stalled this long is dropped
@@ -132,3 +135,25 @@ def child_exit(server: object, worker: object) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_starting(server: object) -> None:
+    """Make Ctrl-C a graceful stop like SIGTERM (a second Ctrl-C still stops at once)."""
+    server.handle_int = server.handle_term  # type: ignore[attr-defined]
+
+
+def post_worker_init(worker: object) -> None:
+    """Make SIGINT graceful in the worker too; end streams still open as the grace runs out."""
+    import signal
+
+    from app.runtime import graceful
+
+    signal.signal(signal.SIGINT, worker.handle_exit)  # type: ignore[attr-defined]
+    graceful.watch(worker)
+
+
+def worker_int(worker: object) -> None:
+    """On a quick stop (SIGQUIT), end every open stream with an error event and [DONE]."""
+    from app.runtime import graceful
+
+    graceful.cut_now()

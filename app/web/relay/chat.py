@@ -17,6 +17,7 @@ from app.core import pricing
 from app.core.errors import ApiError, InvalidRequest, UpstreamError
 from app.core.money import Hold
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse
+from app.web.relay import shutdown
 from app.web.relay.common import (
     Call,
     admit,
@@ -208,6 +209,7 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan,
         nonlocal usage
         events = iter_sse(resp)
         last: dict[str, Any] = {}
+        open_stream = shutdown.opened(resp)  # a server stop ends it with END, never bare
         try:
             for payload, obj in _objects(events):
                 last = obj
@@ -217,6 +219,9 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan,
                 if not want_usage and obj.get("usage") and not obj.get("choices"):
                     continue
                 yield b"data: " + payload + b"\n\n"
+            if open_stream.cut:
+                yield shutdown.END
+                return
             if want_usage and not usage:  # asked for usage, the upstream gave none: estimate it
                 yield b"data: " + orjson.dumps(_usage_chunk(kind, call, last, prompt_est,
                                                             "".join(texts))) + b"\n\n"
@@ -226,10 +231,14 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan,
             usage = _drain(events, kind, texts, drain_cap) or usage
             raise
         except (requests.RequestException, OSError) as exc:
+            if open_stream.cut:
+                yield shutdown.END
+                return
             log.warning("upstream stream broke for %s: %s", call.req_id, type(exc).__name__)
             err = UpstreamError("The upstream stream was interrupted.")
             yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
         finally:
+            shutdown.closed(open_stream)
             finish()
 
     out = Response(stream_with_context(generate()), mimetype="text/event-stream",
