@@ -44,7 +44,8 @@ def start(upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI,
             table = {"enabled": True, "words_file": str(words_file(tmp_path, *words)),
                      **safety}
             settings = wechat_settings(upstream.url, redis_url, wx, daily_free_messages=0,
-                                       safety=table, env_extra={"XIAOYI_ADMIN_TOKEN": ADMIN})
+                                       safety=table, env_extra={"XIAOYI_ADMIN_TOKEN": ADMIN},
+                                       reply_wait_seconds=3.0)
             app, url = stack.enter_context(bot(settings, r))
             return app, WeChat(url, wx.appid), url
         yield run
