@@ -99,12 +99,10 @@ class Delivery:
         pipe.execute()
 
     def wait(self, attempt: int, then: Callable[[], None] | None = None) -> Item | None:
-        """Run `then` (queue the job) unless decided already, wait; return the passive reply or None.
+        """Run `then` (queue the job) unless decided, wait; return the passive reply or None.
 
-        A message already answered (a command's reply, a refusal, a rate-limit note) or being
-        pushed never queues its job again: a job queued then would charge for an answer that
-        no one can be given any more.
-        """
+        A decided message (answered, refused, rate-limited, pushed) never queues its job again:
+        that job would charge for an answer no one can be given any more."""
         state, item = self._await(self.settings.bot["reply_wait_seconds"], then)
         if state == "passive":
             return item
