@@ -18,6 +18,7 @@ from app.bot import handoff
 from app.core.config import load_settings
 from app.core.money import wallet
 from app.edges.store import get_queue, get_rq_redis
+from app.web.wechat import dedupe
 from fakes import FakeWeChatAPI
 
 OPENID = "oChatUser0000000000000000001"
@@ -184,6 +185,20 @@ def test_user_rate_limit(start: Callable[..., Any]) -> None:
     wechat.say(OPENID, "帮助")
     wechat.say(OPENID, "帮助")
     assert "太频繁" in wechat.say(OPENID, "帮助")
+
+
+def test_a_retry_of_a_rate_limited_message_queues_nothing(start: Callable[..., Any],
+                                                           upstream: Any, r: Any) -> None:
+    app, wechat = start(limits={"user_messages_per_minute": 1}, daily_free_messages=0)
+    wechat.say(OPENID, "帮助")
+    got = [wechat.say(OPENID, "一个问题", msg_id="777000009") for _ in range(3)]
+    assert all("太频繁" in g for g in got)
+    with app.app_context():  # a retry queues its job before answering: none may exist
+        assert not Job.exists(dedupe.job_id(f"{OPENID}:777000009", "chat"),
+                              connection=get_rq_redis())
+    assert chats(upstream) == []
+    acct = r.get(f"xy:wx:user:{OPENID}")
+    assert [e["kind"] for e in wallet.ledger_entries(r, acct)] == ["topup"]
 
 
 def test_push_disabled_answers_passively_or_parks(start: Callable[..., Any], r: Any,

@@ -34,7 +34,7 @@ def test_split_prefers_sentence_ends() -> None:
 
 
 def test_job_paths_resolve_and_app_never_imports_workers() -> None:
-    for path in (dispatch.CHAT_JOB, dispatch.IMAGE_JOB):
+    for path in (dispatch.CHAT_JOB, dispatch.IMAGE_JOB, dispatch.PICTURE_JOB):
         module, _, name = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name))
     for source in (ROOT / "app").rglob("*.py"):

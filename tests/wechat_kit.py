@@ -33,8 +33,8 @@ AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"  # 43 characters, decode
 
 
 def wechat_settings(upstream_url: str, redis_url: str, fake: FakeWeChatAPI, aes: bool = False,
-                    **bot: Any) -> Settings:
-    """Settings with WeChat configured against the fake, and [bot] overrides."""
+                    env_extra: dict[str, str] | None = None, **bot: Any) -> Settings:
+    """Settings with WeChat configured against the fake, [bot] overrides (and limits, safety)."""
     env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream_url,
            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_WECHAT_TOKEN": TOKEN,
            "XIAOYI_WECHAT_APP_ID": fake.appid, "XIAOYI_WECHAT_APP_SECRET": fake.secret,
@@ -42,10 +42,9 @@ def wechat_settings(upstream_url: str, redis_url: str, fake: FakeWeChatAPI, aes:
            "XIAOYI_LOG_LEVEL": "WARNING"}
     if aes:
         env["XIAOYI_WECHAT_AES_KEY"] = AES_KEY
-    limits = bot.pop("limits", None)
-    toml: dict[str, Any] = {"bot": {"reply_wait_seconds": 1.0, **bot}}
-    if limits:
-        toml["limits"] = limits
+    env.update(env_extra or {})
+    tables = {name: bot.pop(name) for name in ("limits", "safety") if name in bot}
+    toml: dict[str, Any] = {"bot": {"reply_wait_seconds": 1.0, **bot}, **tables}
     return load_settings(env, toml=toml)
 
 
@@ -118,6 +117,15 @@ def voice_xml(openid: str, recognition: str, msg_id: str | None = None) -> str:
             f"<CreateTime>{int(time.time())}</CreateTime><MsgType>voice</MsgType><MediaId>m1"
             f"</MediaId><Format>amr</Format><Recognition>{escape(recognition)}</Recognition>"
             f"<MsgId>{msg_id}</MsgId></xml>")
+
+
+def image_xml(openid: str, media_id: str, pic_url: str, msg_id: str | None = None) -> str:
+    """Return a picture message as WeChat sends it (PicUrl and MediaId)."""
+    msg_id = msg_id or str(secrets.randbelow(10**17) + 10**17)
+    return (f"<xml><ToUserName><![CDATA[gh_test]]></ToUserName><FromUserName><![CDATA["
+            f"{openid}]]></FromUserName><CreateTime>{int(time.time())}</CreateTime><MsgType>"
+            f"<![CDATA[image]]></MsgType><PicUrl><![CDATA[{pic_url}]]></PicUrl><MediaId>"
+            f"<![CDATA[{media_id}]]></MediaId><MsgId>{msg_id}</MsgId></xml>")
 
 
 def event_xml(openid: str, event: str, key: str = "", create_time: int | None = None) -> str:

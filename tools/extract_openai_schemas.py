@@ -28,6 +28,7 @@ ROOTS: tuple[str, ...] = (
     "Model",
     "Response",
     "ResponseStreamEvent",
+    "CreateModerationResponse",
 )
 
 # Keywords whose values are data, not subschemas: refs inside them are not followed.

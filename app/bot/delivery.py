@@ -99,7 +99,10 @@ class Delivery:
         pipe.execute()
 
     def wait(self, attempt: int, then: Callable[[], None] | None = None) -> Item | None:
-        """Run `then` (queue the job), wait briefly; return the passive reply or None."""
+        """Run `then` (queue the job) unless decided, wait; return the passive reply or None.
+
+        A decided message (answered, refused, rate-limited, pushed) never queues its job again:
+        that job would charge for an answer no one can be given any more."""
         state, item = self._await(self.settings.bot["reply_wait_seconds"], then)
         if state == "passive":
             return item
@@ -116,7 +119,7 @@ class Delivery:
         key = h.state_key(self.dk)
         state, reply, sealed = script(self.r, h.WAIT)(keys=[key],
                                                       args=[int(deadline * 1000), h.STATE_TTL])
-        if then is not None:
+        if then is not None and state == "waiting":  # decided already: nothing to (re)queue
             then()
         while state == "waiting":
             left = deadline - time.time()

@@ -5,7 +5,9 @@ malformed answers, all raised as UpstreamError/UpstreamTimeout where the body is
 WeChat's transient errors and a Redis blip. The job then returns rq's `Retry` (rq ≥ 2.1: a job
 may ask for its own retry), so jobs are enqueued without one and anything else (a KeyError, a
 TypeError: a bug) fails the job at once into rq's failed registry. Either way, once no retry
-is left the user gets a short apology; a hold is released by its own `with` block.
+is left the user gets a short apology; a hold is released by its own `with` block. A request
+the upstream refuses (InvalidRequest) or a Hopeless one is apologised for by the job itself,
+which then ends normally: nothing is retried, and nothing is a bug.
 
 Keys (owned here):
     xy:wx:ans:{dk}   hash  the produced answer (text or media, cost, paid): a re-run reuses it
@@ -35,6 +37,10 @@ KEEP_TTL = 86400
 TRANSIENT: tuple[type[BaseException], ...] = (
     UpstreamError, UpstreamTimeout, requests.RequestException, WeChatTransient,
     redis.ConnectionError, redis.TimeoutError)
+
+
+class Hopeless(Exception):
+    """A failure no retry can mend (WeChat refused the media, the picture is unreadable)."""
 
 
 def answer_key(dk: str) -> str:

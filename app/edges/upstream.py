@@ -239,6 +239,11 @@ class Upstream:
             raise UpstreamTimeout("The upstream did not answer in time.")
         raise UpstreamError(f"Every upstream channel failed ({last or 'timeout'}).")
 
+    def moderate(self, content: str | list[Any], model: str) -> dict[str, Any]:
+        """Ask /moderations about a text (or input parts); return its body (a results list)."""
+        body = {"model": model, "input": content}
+        return self.post("/moderations", body, model, expect="results")
+
     def get(self, url: str, timeout: float = 30, max_bytes: int = 20 << 20) -> bytes:
         """Fetch a URL the upstream gave us (an image link): public hosts only, size-capped."""
         from urllib.parse import urlsplit

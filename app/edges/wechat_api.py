@@ -125,6 +125,21 @@ class SharedTokenClient(WeChatClient):
             raise
 
 
+def download_media(client: WeChatClient, media_id: str, max_bytes: int) -> bytes:
+    """Fetch temporary media by its MediaId (media/get); raise WeChatClientException if refused.
+
+    WeChat answers media as bytes and a refusal as JSON (an errcode: wechatpy raises it); a
+    body larger than max_bytes, or JSON without an errcode, is refused here alike.
+    """
+    got = client.media.download(media_id)
+    if not isinstance(got, requests.Response):
+        raise WeChatClientException(None, "media/get answered JSON, not media", client=client)
+    if len(got.content) > max_bytes:
+        raise WeChatClientException(None, f"media/get: more than {max_bytes} bytes",
+                                    client=client)
+    return got.content
+
+
 def init_app(app: Any, r: redis.Redis) -> None:
     """Build this process's client when the app id and secret are configured."""
     settings: Settings = app.config["SETTINGS"]

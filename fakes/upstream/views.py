@@ -30,8 +30,10 @@ from fakes.upstream.answers import (
 )
 from fakes.upstream.behaviour import FakeError, _loads, extract_markers
 from fakes.upstream.images import _IMAGE_RE, IMAGE_SIZES, png_image
+from fakes.upstream.moderation import answer_moderations
 from fakes.upstream.protocol import FakeProtocol
 from fakes.upstream.responses import answer_responses, chat_tool_call, forced_tool
+from fakes.upstream.vision import image_tokens
 
 
 class FakeHandler(FakeProtocol):
@@ -94,9 +96,10 @@ class FakeHandler(FakeProtocol):
         if markers:
             texts[last] = said
         if forced_tool(body):  # tool_choice forces a call: answer with one (fakes/.../responses)
-            prompt = sum(map(count_tokens, texts)) + 1
+            prompt = sum(map(count_tokens, texts)) + 1 + image_tokens(messages, model)
             return chat_tool_call(self, body, model, said, self._behaviour(markers), prompt)
-        self._generate(body, model, said, texts, markers, chat=True)
+        self._generate(body, model, said, texts, markers, chat=True,
+                       images=image_tokens(messages, model))
 
     def _completions(self, body: dict[str, Any]) -> None:
         """Answer POST /v1/completions."""
@@ -110,9 +113,9 @@ class FakeHandler(FakeProtocol):
 
     def _generate(
         self, body: dict[str, Any], model: str, said: str | list[str], texts: list[str],
-        markers: dict[str, Any], chat: bool,
+        markers: dict[str, Any], chat: bool, images: int = 0,
     ) -> None:  # fmt: skip
-        """Answer a chat or completion request, as JSON or as a stream."""
+        """Answer a chat or completion request, as JSON or as a stream (images: their tokens)."""
         n = _int_param(body, "n", 1, 10, 1)
         limit = _int_param(body, "max_completion_tokens", 1, 10**9, None)
         limit = _int_param(body, "max_tokens", 1, 10**9, limit)
@@ -125,7 +128,7 @@ class FakeHandler(FakeProtocol):
         usage = None
         if not behaviour.get("nousage"):
             completion = sum(count_tokens("".join(pieces)) for pieces, _ in answers)
-            usage = _usage(sum(map(count_tokens, texts)) + 1, completion)
+            usage = _usage(sum(map(count_tokens, texts)) + 1 + images, completion)
         prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         base = {"id": _new_id(prefix), "object": kind, "created": int(time.time()), "model": model}
         if stream:
@@ -258,6 +261,7 @@ _ROUTES: dict[str, dict[str, Callable[..., None]]] = {
     "/v1/completions": {"POST": FakeHandler._completions},
     "/v1/embeddings": {"POST": FakeHandler._embeddings},
     "/v1/images/generations": {"POST": FakeHandler._images},
+    "/v1/moderations": {"POST": answer_moderations},
     "/v1/models": {"GET": FakeHandler._models, "HEAD": FakeHandler._models},
     "/v1/responses": {"POST": answer_responses},
 }

@@ -4,6 +4,7 @@
     cookies.py  the session cookie and its random key (XIAOYI_SECRET_KEY or kept in the store)
     views.py    overview, accounts, account (keys, revoke, top-up, ledger)
     money.py    usage charts, recent requests, redemption codes and pay orders
+    safety.py   content-safety hits per day
     rqviews.py  queues, workers, failed jobs (requeue, delete)
     metrics.py  /metrics (Prometheus text, multiprocess-aware)
     charts.py   inline SVG bar charts
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.web.admin import auth, cookies, metrics, money, rqviews, views
+from app.web.admin import auth, cookies, metrics, money, rqviews, safety, views
 
-__all__ = ["init_app", "money", "rqviews", "views"]
+__all__ = ["init_app", "money", "rqviews", "safety", "views"]
 
 
 def init_app(app: Flask) -> None:

@@ -16,6 +16,7 @@ from flask import Flask
 from wechatpy.crypto import WeChatCrypto
 
 from app.core.config import ConfigError, Settings
+from app.core.safety import get_filter
 from app.edges import wechat_api as client
 from app.edges.store import EXTENSION as REDIS
 from app.web.wechat.views import CRYPTO, POOL, bp
@@ -35,6 +36,22 @@ def check_bot(settings: Settings) -> None:
         raise ConfigError(f"bot.image_size: {bot['image_size']!r} has no price")
     if bot.get("image_format", "b64_json") not in ("b64_json", "url"):
         raise ConfigError("bot.image_format: must be b64_json or url")
+    check_vision(settings)
+
+
+def check_vision(settings: Settings) -> None:
+    """Refuse a vision model that is not a priced chat model, and bad picture limits."""
+    bot = settings.bot
+    name = bot.get("vision_model")
+    price = settings.prices.get(settings.models.get(name, name)) if isinstance(name, str) else None
+    if price is None or price.kind != "chat":
+        raise ConfigError(f"bot.vision_model: {name!r} is not a priced chat model")
+    for key, least in (("picture_max_side", 64), ("picture_max_bytes", 65536)):
+        value = bot.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"bot.{key}: must be an integer of at least {least}")
+    if not isinstance(bot.get("vision_prompt"), str) or not bot["vision_prompt"].strip():
+        raise ConfigError("bot.vision_prompt: must be a non-empty text")
 
 
 def init_app(app: Flask) -> None:
@@ -42,6 +59,7 @@ def init_app(app: Flask) -> None:
     settings = app.config["SETTINGS"]
     if settings.wechat_token:
         check_bot(settings)
+    get_filter(settings.safety)  # the word file is read now: a bad one stops the start
     if settings.wechat_token and settings.wechat_aes_key:
         if not settings.wechat_app_id:
             raise ConfigError("XIAOYI_WECHAT_APP_ID: required in safe mode (AES key set)")
