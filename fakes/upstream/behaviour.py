@@ -73,6 +73,16 @@ def _as_flag(value: Any) -> bool:
     raise ValueError("flag must be true or false")
 
 
+def _as_reported(value: Any) -> Any:
+    """Parse a usage count to report as is: any JSON value (huge ints, floats, strings)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return _loads(value)
+    except ValueError:
+        return value  # a bare word is reported as a string
+
+
 BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "status": _as_status,
     "retry_after": _as_seconds,
@@ -82,6 +92,9 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "chunk_delay": _as_seconds,
     "cut": _as_count,
     "malformed": _as_flag,
+    "crlf": _as_flag,
+    "prompt_tokens": _as_reported,
+    "completion_tokens": _as_reported,
 }
 
 
