@@ -37,7 +37,8 @@ def model(model_id: str) -> Response:
 
 def _account() -> dict:
     # The original service's way: POST with api_secret_key in the JSON body.
-    key = authenticate(read_json() if request.method == "POST" else None)
+    posted = request.method == "POST" and request.get_data(cache=True)
+    key = authenticate(read_json() if posted else None)
     acct = wallet.get_account(get_redis(), key.acct)
     if acct is None:
         raise InvalidKey("The key's account no longer exists.", msg="账户不存在")

@@ -85,14 +85,17 @@ def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+MAX_TOKEN_ID = 0xFFFFFFFF
+
+
 def texts_or_tokens(value: Any, *, empty_text: bool = False) -> bool:
     """Tell whether a prompt/input has one of OpenAI's forms: text(s) or token array(s).
 
     Arrays are never empty; texts may be empty only with `empty_text` (completions' prompt).
     """
-    def tokens(v: Any) -> bool:
+    def tokens(v: Any) -> bool:  # token ids: unsigned 32-bit integers
         return isinstance(v, list) and bool(v) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in v)
+            type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in v)
 
     def text(v: Any) -> bool:
         return isinstance(v, str) and (empty_text or bool(v))
