@@ -165,7 +165,7 @@ class FakeHandler(FakeProtocol):
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise FakeError(400, "'encoding_format' must be 'float' or 'base64'")
-        dims = min(_int_param(body, "dimensions", 1, 1 << 20, EMBEDDING_DIMS), EMBEDDING_DIMS)
+        dims = min(_int_param(body, "dimensions", 1, 2**63 - 1, EMBEDDING_DIMS), EMBEDDING_DIMS)
         texts, markers = [], {}
         for text in _texts(body.get("input"), "input"):
             clean, found = extract_markers(text)

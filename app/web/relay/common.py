@@ -93,9 +93,9 @@ def texts_or_tokens(value: Any, *, empty_text: bool = False) -> bool:
 
     Arrays are never empty; texts may be empty only with `empty_text` (completions' prompt).
     """
-    def tokens(v: Any) -> bool:  # token ids: unsigned 32-bit integers
+    def tokens(v: Any) -> bool:  # token ids: unsigned 32-bit integers (3.0 is an integer too)
         return isinstance(v, list) and bool(v) and all(
-            type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in v)
+            type(t) in (int, float) and t == int(t) and 0 <= t <= MAX_TOKEN_ID for t in v)
 
     def text(v: Any) -> bool:
         return isinstance(v, str) and (empty_text or bool(v))
@@ -198,6 +198,8 @@ def optional_int(body: dict[str, Any], name: str, low: int,
     value = body.get(name)
     if value is None:
         return None
+    if type(value) is float and value.is_integer():  # JSON Schema's integer: 3.0 is one
+        value = body[name] = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (
             high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
