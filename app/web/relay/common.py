@@ -198,8 +198,8 @@ def optional_int(body: dict[str, Any], name: str, low: int,
     value = body.get(name)
     if value is None:
         return None
-    if type(value) is float and value.is_integer():  # JSON Schema's integer: 3.0 is one
-        value = body[name] = int(value)
+    if type(value) is float and value.is_integer() and abs(value) < 2**63:
+        value = body[name] = int(value)  # JSON Schema's integer: 3.0 is one (an int64, too)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (
             high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
