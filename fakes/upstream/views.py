@@ -118,8 +118,8 @@ class FakeHandler(FakeProtocol):
     ) -> None:  # fmt: skip
         """Answer a chat or completion request, as JSON or as a stream."""
         n = _int_param(body, "n", 1, 128, 1)
-        limit = _int_param(body, "max_completion_tokens", 0, 10**9, None)
-        limit = _int_param(body, "max_tokens", 0, 10**9, limit)
+        limit = _int_param(body, "max_completion_tokens", 0, 2**63 - 1, None)
+        limit = _int_param(body, "max_tokens", 0, 2**63 - 1, limit)
         stream = body.get("stream") is True
         behaviour = self._behaviour(markers)
         if self._apply(behaviour, stream):
