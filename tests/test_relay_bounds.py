@@ -211,3 +211,20 @@ def test_absurd_embedding_usage_never_empties_a_wallet(live: LiveServer, r: redi
     assert 10_000 - wallet.balance(r, acct) == pricing.token_cost(
         PRICES["text-embedding-3-small"], bound)
     assert wallet.verify(r) == []
+
+
+@pytest.mark.parametrize("quality,size,units", [
+    (None, "1024x1024", 2800), ("auto", "1024x1024", 2800), ("standard", "1792x1024", 5600),
+    ("hd", "1024x1024", 5600), ("hd", "1024x1792", 8400)])
+def test_image_quality_is_priced(quality: str | None, size: str, units: int, live: LiveServer,
+                                 r: redis.Redis, upstream: FakeUpstream) -> None:
+    """dall-e-3 hd costs what the upstream charges (config), auto is sent as the default."""
+    key, acct = new_key(r, "1")
+    body = {"model": "dall-e-3", "prompt": "a lighthouse", "size": size, "quality": quality,
+            "style": "natural"}
+    resp = post(live, key, body, "/v1/images/generations")
+    assert resp.status_code == 200, resp.text
+    assert 10_000 - wallet.balance(r, acct) == units
+    sent = upstream.requests[-1]["body"]
+    assert sent.get("quality") == (None if quality is None else "standard" if quality == "auto"
+                                   else quality)
