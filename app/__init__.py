@@ -9,7 +9,7 @@ import redis
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app.core import logs
+from app.core import logs, tokens
 from app.core.config import Settings, load_settings
 from app.core.errors import (
     ApiError,
@@ -31,9 +31,13 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
     settings = settings or load_settings(**overrides)
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
-    app.config["MAX_CONTENT_LENGTH"] = settings.relay.get("max_body_bytes", 1 << 20)
+    app.config["MAX_CONTENT_LENGTH"] = settings.relay.get("max_body_bytes", 32 << 20)
     app.config["SECRET_KEY"] = settings.secret_key
     logs.setup(settings.log_level, settings.secrets)
+    # The tokenizer tables load here (~80 ms, once per process): gunicorn builds the app in each
+    # worker after forking (no preload_app), and `xiaoyi run`, rq jobs and tests all call this
+    # factory too, so no request ever pays for the first load.
+    tokens.warm()
     store.init_app(app, redis_client)
     upstream.init_app(app, app.extensions[store.EXTENSION])
 
@@ -60,9 +64,11 @@ def _init_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
+        allow = ", ".join(getattr(exc, "valid_methods", None) or [])
         mapped: dict[int, ApiError] = {
             404: NotFound(f"Unknown route {request.path[:200]}."),
-            405: MethodNotAllowed(f"{request.method} is not allowed on this route."),
+            405: MethodNotAllowed(f"{request.method} is not allowed on this route.",
+                                  headers={"Allow": allow} if allow else None),
             413: RequestTooLarge("The request body is larger than the limit."),
         }
         return _render(mapped.get(exc.code or 400) or InvalidRequest(exc.description or ""))

@@ -29,6 +29,11 @@ ROOTS: tuple[str, ...] = (
     "Response",
     "ResponseStreamEvent",
     "CreateModerationResponse",
+    # The request bodies of the four POST routes (tests/test_conformance.py draws from them).
+    "CreateChatCompletionRequest",
+    "CreateCompletionRequest",
+    "CreateEmbeddingRequest",
+    "CreateImageRequest",
 )
 
 # Keywords whose values are data, not subschemas: refs inside them are not followed.

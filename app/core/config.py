@@ -63,7 +63,16 @@ class ModelPrice:
     prompt_per_1k: int = 0
     completion_per_1k: int = 0
     max_output: int = 4096
-    images: dict[str, int] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)  # size -> units, default quality
+    qualities: dict[str, dict[str, int]] = field(default_factory=dict)  # quality -> size -> units
+    default_quality: str = "standard"  # what an absent or "auto" quality is priced and sent as
+    max_images: int = 10  # the most pictures one request may ask for (dall-e-3: 1)
+
+    def image_price(self, size: str, quality: str | None = None) -> int | None:
+        """Return the price of one picture of a size and quality, or None when unpriced."""
+        if quality is None or quality == self.default_quality:
+            return self.images.get(size)
+        return self.qualities.get(quality, {}).get(size)
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,12 @@ class Settings:
     menu: dict[str, Any]
     texts: dict[str, str]
     safety: SafetySettings = field(default_factory=SafetySettings)
+    defaults: dict[str, str] = field(default_factory=dict)  # route kind -> public model name
+    aliases: dict[str, str] = field(default_factory=dict)  # legacy name -> public model name
+
+    def resolve(self, name: str) -> str | None:
+        """Return the upstream model a public name or alias maps to, or None when unknown."""
+        return self.models.get(self.aliases.get(name, name))
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -235,26 +250,56 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
         where = f"prices.{model}"
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: must be a table")
-        if not isinstance(spec.get("images", {}), dict):
-            raise ConfigError(f"{where}.images: must be a table of size = 元")
-        images = {size: yuan_to_units(v, f"{where}.images.{size}")
-                  for size, v in spec.get("images", {}).items()}
+        images = _sizes(spec.get("images", {}), f"{where}.images")
+        qualities = {q: _sizes(sizes, f"{where}.quality.{q}")
+                     for q, sizes in spec.get("quality", {}).items()}
         kind = spec.get("kind", "image" if images else "chat")
         if kind not in ("chat", "completion", "embedding", "image"):
             raise ConfigError(f"{where}.kind: {kind!r} is not chat/completion/embedding/image")
         if kind == "image" and not images:
             raise ConfigError(f"{where}.images: an image model needs a price per size")
-        max_output = spec.get("max_output", 4096)
-        if not isinstance(max_output, int) or max_output <= 0:
-            raise ConfigError(f"{where}.max_output: must be a positive integer")
+        for name in ("max_output", "max_images"):
+            value = spec.get(name, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{where}.{name}: must be a positive integer")
         prices[model] = ModelPrice(
             kind=kind,
             prompt_per_1k=yuan_to_units(spec.get("prompt", 0), f"{where}.prompt"),
             completion_per_1k=yuan_to_units(spec.get("completion", 0), f"{where}.completion"),
-            max_output=max_output,
-            images=images,
+            max_output=spec.get("max_output", 4096),
+            images=images, qualities=qualities,
+            default_quality=str(spec.get("default_quality", "standard")),
+            max_images=spec.get("max_images", 10),
         )
     return prices
+
+
+def _sizes(table: Any, where: str) -> dict[str, int]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table of size = price")
+    return {size: yuan_to_units(v, f"{where}.{size}") for size, v in table.items()}
+
+
+ROUTE_KINDS = ("chat", "completion", "embedding", "image")
+
+
+def _model_names(data: dict[str, Any], prices: dict[str, ModelPrice]) -> tuple[
+        dict[str, str], dict[str, str], dict[str, str]]:
+    """Check and return (models, aliases, per-route defaults)."""
+    models = data.get("models", {})
+    for public, upstream in models.items():
+        if upstream not in prices:
+            raise ConfigError(f"models.{public}: upstream model {upstream!r} has no price")
+    aliases = data.get("aliases", {})
+    for alias, public in aliases.items():
+        if public not in models:
+            raise ConfigError(f"aliases.{alias}: {public!r} is not a name in [models]")
+    defaults = data.get("defaults", {})
+    for kind, public in defaults.items():
+        target = models.get(aliases.get(public, public))
+        if kind not in ROUTE_KINDS or target is None or prices[target].kind != kind:
+            raise ConfigError(f"defaults.{kind}: {public!r} is not a {kind} model in [models]")
+    return models, aliases, defaults
 
 
 def _channels(table: list[dict[str, Any]], env: dict[str, str], default_url: str | None,
@@ -351,11 +396,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     data = _merge(data, overrides.pop("toml", {}))
     _check_shape(data)
 
-    models = data.get("models", {})
     prices = _prices(data.get("prices", {}))
-    for public, upstream in models.items():
-        if upstream not in prices:
-            raise ConfigError(f"models.{public}: upstream model {upstream!r} has no price")
+    models, aliases, defaults = _model_names(data, prices)
     admin_token = get("XIAOYI_ADMIN_TOKEN")
     upstream_key = get("XIAOYI_UPSTREAM_API_KEY") or ""
     values: dict[str, Any] = dict(
@@ -387,6 +429,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         menu=dict(data.get("menu", {})),
         texts=dict(data.get("texts", {})),
         safety=_safety(data.get("safety", {})),
+        defaults=defaults,
+        aliases=aliases,
     )
     if values["wechat_aes_key"] and len(values["wechat_aes_key"]) != 43:
         raise ConfigError("XIAOYI_WECHAT_AES_KEY: must be 43 characters (EncodingAESKey)")

@@ -19,3 +19,7 @@ SAFETY_HITS = Counter("xiaoyi_safety_hits_total", "Texts the content-safety filt
                       ["where", "action"])
 # Money moved (xiaoyi_money_units_total{kind}) is counted by the wallet's Lua scripts in Redis
 # (every process, workers included) and exported at scrape time by app/admin/metrics.py.
+USAGE_ANOMALIES = Counter(
+    "xiaoyi_usage_anomalies_total",
+    "Upstream usage reports billed at the request's bound instead (absurd, non-integer, missing "
+    "or above what the request could produce)", ["channel", "reason"])

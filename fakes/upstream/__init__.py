@@ -17,6 +17,11 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     chunk_delay=S  sleep S seconds between stream chunks
     cut=N          stream: close the connection after N content chunks (no [DONE], no last chunk)
     malformed      answer 200 with a body (or, streaming, an event) that is not JSON
+    crlf           stream: frame events with CRLF, as sse-starlette does, each JSON payload split
+                   over two `data:` lines, with a `retry:` field and `:` comment lines between
+    prompt_tokens=V, completion_tokens=V
+                   report these usage counts as given (any JSON value: 10**15, 9223372036854775807,
+                   -1, 2.5, "3"), whatever was really counted
     flag[=C]       /v1/moderations: flag the input in category C (bare: harassment)
 
 A chat request's usage counts its image_url parts by OpenAI's tile rule (fakes/upstream/vision.py).

@@ -89,6 +89,16 @@ def as_category(value: Any) -> str:
     return str(value)
 
 
+def _as_reported(value: Any) -> Any:
+    """Parse a usage count to report as is: any JSON value (huge ints, floats, strings)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return _loads(value)
+    except ValueError:
+        return value  # a bare word is reported as a string
+
+
 BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "status": _as_status,
     "retry_after": _as_seconds,
@@ -99,6 +109,9 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "cut": _as_count,
     "malformed": _as_flag,
     "flag": as_category,
+    "crlf": _as_flag,
+    "prompt_tokens": _as_reported,
+    "completion_tokens": _as_reported,
 }
 
 
