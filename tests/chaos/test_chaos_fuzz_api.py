@@ -61,6 +61,11 @@ class Target:
 
     def check(self, case: Any) -> None:
         """Send one case with the funded key and run every check."""
+        body = getattr(case, "body", None)
+        if isinstance(body, dict) and isinstance(body.get("previous_response_id"), str):
+            # A stored response id is state no generator can draw: an unknown one is refused
+            # with OpenAI's 400 previous_response_not_found (tests/test_responses.py covers it).
+            body["previous_response_id"] = None
         resp = case.call_and_validate(base_url=self.live.url, session=self.session,
                                       headers={"Authorization": f"Bearer {self.key}"},
                                       checks=CHECKS, timeout=30)
@@ -72,8 +77,11 @@ def target(redis_url: str) -> Iterator[Target]:
     """A live relay on DB 10 (held for the module) with a key worth 100000 元; no rate limit."""
     with clean_db(redis_url) as r, FakeUpstream(api_key="fuzz-upstream-KEY-123456") as up:
         settings = make_settings(up.url, redis_url, XIAOYI_UPSTREAM_API_KEY=up.server.state.api_key)
+        # No rate limit; a prompt cap no drawn body reaches (the cap's 400 is a documented
+        # refusal, tested in tests/test_relay_bounds.py, that no schema can express).
         settings = type(settings)(**{**settings.__dict__,
-                                     "limits": {**settings.limits, "key_requests_per_minute": 0}})
+                                     "limits": {**settings.limits, "key_requests_per_minute": 0},
+                                     "relay": {**settings.relay, "max_prompt_tokens": 10**9}})
         app = create_app(settings, redis_client=r)
         live = LiveServer(app)
         key, _ = new_key(r, "100000")
