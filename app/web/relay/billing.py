@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis import RedisError
@@ -36,11 +37,12 @@ class Bounds(Protocol):
 class Meter:
     """One call's billed tokens: set from a usage object, or estimated from the answer text."""
 
-    __slots__ = ("call", "plan", "channel", "billed")
+    __slots__ = ("call", "plan", "channel", "billed", "nothing")
 
     def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
         self.billed: tuple[int, int] | None = None
+        self.nothing = False  # a stream the content filter cut before any text: bill nothing
 
     def usage(self, usage: Any) -> tuple[int, int] | None:
         """Bound a reported usage object (recording any anomaly); None when there is none."""
@@ -79,17 +81,33 @@ class Meter:
         extra = usage if isinstance(usage, dict) else {}
         return {**extra, "prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
+    def cut(self, delivered: str) -> None:
+        """Bill only what a stream cut by the content filter delivered: the prompt and the text
+        sent (estimated: a usage the upstream reports later covers text never sent), or nothing
+        when no text was sent, as for a refused plain answer."""
+        self.nothing = not delivered
+        ct = tokens.completion_tokens(delivered, self.call.upstream_model) if delivered else 0
+        self.billed = (0, 0) if self.nothing else (self.plan.prompt_bound,
+                                                   min(ct, self.plan.completion_max))
+
     def settle(self, held: Hold, text: str) -> int | None:
-        """Charge what the meter says."""
+        """Charge what the meter says (release the hold when it says nothing was delivered)."""
+        if self.nothing:
+            held.release()
+            return 0
         pt, ct = self.tokens(text)
         return held.settle(pricing.token_cost(self.call.price, pt, ct), prompt_tokens=pt,
                            completion_tokens=ct)
 
     def settle_retrying(self, held: Hold, text: str) -> None:
         """Settle a delivered stream (chat, completions, responses), retrying while Redis is down."""
+        self._retrying(lambda: self.settle(held, text))
+
+    def _retrying(self, close: Callable[[], Any]) -> None:
+        """Run a hold's settle or release, retrying while Redis is unreachable."""
         for pause in (*SETTLE_BACKOFF_S, None):
             try:
-                self.settle(held, text)
+                close()
                 return
             except RedisError as exc:
                 if pause is None:

@@ -23,7 +23,7 @@ from app.core.money import Hold, keys
 from app.core.responses import answer, events, native, request, to_chat
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
-from app.web.relay import response_store
+from app.web.relay import response_store, screening
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, admit, authenticate, json_response, settings
 
@@ -83,6 +83,7 @@ def _prepare(call: Call, plan: Plan) -> int:
     plan.max_bytes = relay.get("responses_max_stored_bytes", response_store.MAX_BYTES)
     request.check(body, plan.native)
     plan.items = request.input_items(body.get("input"), plan.native)
+    screening.screen_input(screening.responses_slots(body, plan.items))  # [safety] api_input
     prev = body.get("previous_response_id")
     items = (_history(call, plan, prev) if prev else []) + plan.items
     if not items:
@@ -124,13 +125,15 @@ def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[s
 
 
 def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[str, Any]:
-    """Turn the upstream's answer into the final Response and settle it."""
+    """Turn the upstream's answer into the final Response, screen and settle it."""
     if plan.native:
         final = native.own(plan.response, data)
-        text, reported = native.output_text(final.get("output")), data.get("usage")
+        output = final.get("output")
+        text, reported = native.output_text(output), data.get("usage")
     else:
         state = events.from_chat(data, plan.response)
-        text, reported = state.text(), state.usage
+        output, text, reported = state.items, state.text(), state.usage
+    screening.screen_answer(screening.output_slots(output))  # refused: the caller releases
     meter.usage(reported)
     usage = answer.usage(*meter.tokens(text), reported)
     if plan.native:

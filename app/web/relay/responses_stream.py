@@ -21,6 +21,7 @@ from app.edges.upstream import UpstreamResponse, iter_sse
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, settings
 from app.web.relay.responses import Plan, keep
+from app.web.relay.stream_guard import open_guard
 
 log = logging.getLogger(__name__)
 BROKEN = "The upstream stream was interrupted."
@@ -51,16 +52,35 @@ class Turn:
         self.terminal: dict[str, Any] | None = None  # a native terminal event, held back
         self.text: str | None = None  # what was produced, once the stream has ended
         self.closed = False
+        # [safety] api_output on chat chunks (stream_guard); a native stream: native_guard.
+        self.guard = None if plan.native else open_guard("chat")
+
+    def cut(self) -> bool:
+        """Tell whether the content filter ended the stream (the upstream is read no further)."""
+        return self.guard is not None and self.guard.refused
 
     def feed(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Return the events one upstream payload makes (a native terminal one waits for end)."""
         if isinstance(self.state, events.ChatEvents):
-            return self.state.feed(obj)
+            return self._screened(self.guard.take(obj) if self.guard is not None else obj)
         event = self.state.take(obj)
         if event is not None and event["type"] in native.TERMINAL:
             self.terminal = event
             return []
         return [] if event is None else [event]
+
+    def _screened(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """Return the events of a chat chunk the guard let through."""
+        assert isinstance(self.state, events.ChatEvents)
+        made = self.state.feed(chunk)
+        if self.cut():  # the chunk ends the answer with finish_reason content_filter
+            self.meter.cut(self.state.text())  # bill what was delivered (nothing: release)
+        return made
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Return the events of text the guard still held when the upstream ended."""
+        tail = self.guard.finish({}) if self.guard is not None else None
+        return [] if tail is None else self._screened(tail)
 
     def _usage(self) -> dict[str, Any]:
         self.text = self.state.text()
@@ -95,9 +115,10 @@ class Turn:
         deadline = time.monotonic() + DRAIN_SECONDS
         try:
             for i, obj in enumerate(_objects(payloads)):
-                if i >= self.drain_cap or time.monotonic() > deadline:
+                if i >= self.drain_cap or time.monotonic() > deadline or self.cut():
                     break
                 self.feed(obj)
+            self.flush()
             self.end()  # stored: the client saw the id in response.created
         except (requests.RequestException, OSError, ApiError, RedisError) as exc:
             log.info("upstream ended while draining an abandoned stream: %s", type(exc).__name__)
@@ -119,9 +140,11 @@ class Turn:
             for obj in _objects(payloads):
                 for event in self.feed(obj):
                     yield events.frame(event)
-            yield b"".join(map(events.frame, self.end()))
+                if self.cut():
+                    break
+            yield b"".join(map(events.frame, self.flush() + self.end()))
         except GeneratorExit:
-            if self.text is None:
+            if self.text is None and not self.cut():
                 self.drain(payloads)
             raise
         except (requests.RequestException, OSError) as exc:
