@@ -11,6 +11,10 @@ import os
 worker_class = os.environ.get("XIAOYI_WEB_WORKER_CLASS", "gevent")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))  # one per core on the 2-core target
 worker_connections = int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000"))  # per gevent worker
+# Connections the kernel queues before a worker accepts them (capped by net.core.somaxconn):
+# 2 000 streams or 750 wrk connections opened at once must not overflow it (a dropped SYN is
+# retried after 1 s, 3 s…, which shows up as a multi-second p99).
+backlog = int(os.environ.get("XIAOYI_WEB_BACKLOG", "4096"))
 timeout = 120  # seconds a worker may be silent before it is restarted
 graceful_timeout = 30  # seconds to finish open streams on restart/stop
 keepalive = 15  # seconds an idle keep-alive connection stays open

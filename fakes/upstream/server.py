@@ -57,7 +57,7 @@ class FakeServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 1024
+    request_queue_size = 4096  # listen backlog (capped by somaxconn): 2 000+ connects at once
 
     def __init__(self, address: tuple[str, int], state: FakeState) -> None:
         self.state = state
