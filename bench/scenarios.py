@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import loadgen
+from bench import loadgen, openloop
 from bench.measure import measured
 from bench.procs import HOST, OUT, ROOT, CpuMeter, listen_drops, log, rss_mb
 from bench.stack import MODEL, UPSTREAM_KEY, WECHAT_TOKEN, Stack
@@ -85,7 +85,7 @@ def wechat_ready(stack: Stack) -> str:
         return "app/web/wechat/views.py does not exist"
     port = stack.ports["xiaoyi"]
     try:
-        res = loadgen.sequential(HOST, port, lambda _: loadgen.wechat_request(
+        res = openloop.sequential(HOST, port, lambda _: openloop.wechat_request(
             f"{HOST}:{port}", WECHAT_TOKEN, "bench-probe", "帮助"), 1, _webhook_ok("<xml>"))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"POST /wechat failed: {exc!r}"
@@ -98,12 +98,12 @@ def bench_webhook(stack: Stack, cpu: CpuMeter, rate: float, seconds: float,
     port = stack.ports["xiaoyi"]
     host = f"{HOST}:{port}"
     openids = [f"bench-user-{i:05d}" for i in range(users)]
-    warm = loadgen.open_loop(HOST, port, lambda i: loadgen.wechat_request(
+    warm = openloop.open_loop(HOST, port, lambda i: openloop.wechat_request(
         host, WECHAT_TOKEN, openids[i], "帮助"), rate, users / rate, _webhook_ok("<xml>"))
     log(f"webhook warm-up (first contact of {users} users): p50 {warm['p50_ms']:.1f} ms "
         f"p99 {warm['p99_ms']:.1f} ms errors {warm['errors']}")
     with measured(stack, "xiaoyi", cpu) as sink:
-        sink.update(loadgen.open_loop(HOST, port, lambda i: loadgen.wechat_request(
+        sink.update(openloop.open_loop(HOST, port, lambda i: openloop.wechat_request(
             host, WECHAT_TOKEN, openids[i % users], "余额"), rate, seconds, _webhook_ok("余额")))
     sink["first_contact"] = {k: warm[k] for k in ("p50_ms", "p99_ms", "errors")}
     sink["generator_floor"] = generator_floor(stack, rate, min(seconds, 3.0))
@@ -118,7 +118,7 @@ def generator_floor(stack: Stack, rate: float, seconds: float) -> dict[str, Any]
     """Drive the fake upstream's /healthz at the same rate: the load generator's own floor."""
     port = stack.ports["upstream"]
     request = loadgen.http_request("GET", "/healthz", f"{HOST}:{port}", close=True)
-    res = loadgen.open_loop(HOST, port, lambda _: request, rate, seconds,
+    res = openloop.open_loop(HOST, port, lambda _: request, rate, seconds,
                             lambda status, _body: status == 200)
     return {k: round(res[k], 1) if isinstance(res[k], float) else res[k]
             for k in ("p50_ms", "p99_ms", "sender_late_ms", "errors")}
@@ -129,11 +129,11 @@ def bench_botchat(stack: Stack, cpu: CpuMeter, count: int, upstream_ms: float) -
     port = stack.ports["xiaoyi"]
     host = f"{HOST}:{port}"
     openid = "bench-chatter"
-    loadgen.sequential(HOST, port, lambda _: loadgen.wechat_request(
+    openloop.sequential(HOST, port, lambda _: openloop.wechat_request(
         host, WECHAT_TOKEN, openid, "帮助"), 1, _webhook_ok("<xml>"))
     expect = "You said"  # the fake upstream's echo: the answer itself, not 'still thinking'
     with measured(stack, "xiaoyi", cpu) as sink:
-        sink.update(loadgen.sequential(HOST, port, lambda i: loadgen.wechat_request(
+        sink.update(openloop.sequential(HOST, port, lambda i: openloop.wechat_request(
             host, WECHAT_TOKEN, openid, f"第{i}个问题: 今天天气怎么样"), count,
             _webhook_ok(expect)))
     sink["upstream_p50_ms"] = upstream_ms
