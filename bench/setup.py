@@ -48,8 +48,8 @@ def setup_notes(stack: Stack, nofile: int, args: argparse.Namespace) -> dict[str
                   f"backlog {_setting(text, 'XIAOYI_WEB_BACKLOG')}; Redis pool per worker "
                   f"{os.environ.get('XIAOYI_REDIS_POOL_SIZE', 'default')}",
         "redis": stack.redis_kind,
-        "fake upstream": "`python -m app.runtime.cli fake-upstream` (threaded, one thread per "
-                         "connection, listen backlog 4096 capped by net.core.somaxconn)",
+        "fake upstream": "`python -m fakes.upstream --gevent` (one greenlet per connection, "
+                         "listen backlog 4096 capped by net.core.somaxconn)",
         "load": "wrk -t2 (throughput -c16, in flight -c750); bench/loadgen.py and "
                 "bench/firsttoken.py (latency, first token, streams, webhook)",
         "kernel": f"net.core.somaxconn {_sysctl('net.core.somaxconn')}, "

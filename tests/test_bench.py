@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import select
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,18 +52,18 @@ def test_parse_wrk_without_errors() -> None:
     assert out["errors"] == 0 and out["error_kinds"] == {}
 
 
-def stream_request(fake: FakeUpstream, text: str = "hi") -> bytes:
-    """Return a stream chat request for the fake upstream."""
+def stream_request(port: int, text: str = "hi") -> bytes:
+    """Return a stream chat request for the fake upstream on port."""
     body = json.dumps({"model": "gpt-3.5-turbo", "stream": True,
                        "messages": [{"role": "user", "content": text}]}).encode()
-    return loadgen.http_request("POST", "/v1/chat/completions", f"127.0.0.1:{fake.port}", body,
+    return loadgen.http_request("POST", "/v1/chat/completions", f"127.0.0.1:{port}", body,
                                 {"Authorization": f"Bearer {UPSTREAM_KEY}",
                                  "Content-Type": "application/json"})
 
 
 def test_first_token_times_every_stream(upstream: FakeUpstream) -> None:
     """Each stream is read to its end on one connection; the first token comes before the end."""
-    res = firsttoken.first_token("127.0.0.1", upstream.port, stream_request(upstream), 20,
+    res = firsttoken.first_token("127.0.0.1", upstream.port, stream_request(upstream.port), 20,
                                  warmup=5)
     assert res["n"] == 20 and res["errors"] == 0
     assert 0 < res["p50_ms"] <= res["total_p50_ms"]
@@ -70,7 +73,7 @@ def test_first_token_times_every_stream(upstream: FakeUpstream) -> None:
 def test_first_token_counts_an_error_answer(upstream: FakeUpstream) -> None:
     """An error answer has no first token: it is an error, and the connection stays usable."""
     res = firsttoken.first_token("127.0.0.1", upstream.port,
-                                 stream_request(upstream, "[[fake:status=500]]"), 3, warmup=0)
+                                 stream_request(upstream.port, "[[fake:status=500]]"), 3, warmup=0)
     assert res["n"] == 0 and res["errors"] == 3
 
 
@@ -164,3 +167,31 @@ def test_portkey_verdict_and_side_by_side_table() -> None:
     assert any(line.startswith("| 750 in flight × 1.5 s upstream: req/s | 486 | 470 | 480 |")
                for line in table)
     assert table[-1] == "LiteLLM proxy not measured: off."
+
+
+@pytest.mark.parametrize("flags", [["--gevent"], []])
+def test_fake_upstream_process_serves_and_stops_on_sigterm(flags: list[str]) -> None:
+    """`python -m fakes.upstream` (on greenlets or threads) answers a stream, then exits on TERM."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fakes.upstream", "--port", str(port),
+                             "--api-key", UPSTREAM_KEY, *flags],
+                            cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):  # bounded wait for the port
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        res = firsttoken.first_token("127.0.0.1", port, stream_request(port), 3, warmup=0)
+        assert res["n"] == 3 and res["errors"] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"Traceback" not in proc.stderr.read()
