@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from bench.measure import measured, run_wrk, tree_pids
-from bench.procs import OUT, CpuMeter, listen_drops, log, rss_mb, sockets_by_peer
+from bench.procs import CpuMeter, listen_drops, log, rss_mb, sockets_by_peer
+from bench.profile import profile_workers, summarise_profile
 from bench.stack import Stack
-from bench.tools import py_spy
 
 CONNECTIONS = 750
 DELAY_S = 1.5
@@ -52,45 +49,6 @@ class Sampler:
         return out
 
 
-def profile_workers(stack: Stack, seconds: float) -> list[subprocess.Popen]:
-    """Start py-spy on each xiaoyi worker for `seconds` (raw collapsed stacks in bench/out)."""
-    spy = py_spy()
-    if spy is None:
-        return []
-    procs = []
-    for pid in stack.workers():
-        out = OUT / f"profile-inflight-{pid}.txt"
-        procs.append(subprocess.Popen([spy, "record", "-r", "200", "-d", str(int(seconds)),
-                                       "-f", "raw", "--nonblocking", "-o", str(out),
-                                       "-p", str(pid)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-    return procs
-
-
-def summarise_profile(paths: list[Path], top: int = 25) -> dict[str, Any]:
-    """Return the share of samples each function is on the stack (inclusive) and on top (self)."""
-    inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    total = 0
-    for path in paths:
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            stack, _, n = line.rpartition(" ")
-            if not n.isdigit():
-                continue
-            total += int(n)
-            frames = [f.split(" (")[0] + " (" + f.rpartition("/")[2].split(":")[0]
-                      for f in stack.split(";") if f]
-            for name in set(frames):
-                inclusive[name] += int(n)
-            if frames:
-                own[frames[-1]] += int(n)
-
-    def share(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(f"{name})", round(100 * n / total, 1)) for name, n in counter.most_common(top)]
-
-    return {"samples": total, "inclusive": share(inclusive), "self": share(own)} if total else {}
-
-
 def bench_inflight(stack: Stack, wrk: str, cpu: CpuMeter, runs: int, seconds: float,
                    targets: list[str], profile: bool = False) -> dict[str, Any]:
     """wrk -c750 --timeout 10s against each target while the fake upstream waits 1.5 s."""
@@ -109,9 +67,8 @@ def bench_inflight(stack: Stack, wrk: str, cpu: CpuMeter, runs: int, seconds: fl
                     f"cpu {row['cpu_cores']}")
     finally:
         stack.fake_config(None)
-    spies = sorted(OUT.glob("profile-inflight-*.txt"))
-    if profile and spies:
-        out["profile"] = summarise_profile(spies)
+    if profile:
+        out["profile"] = summarise_profile("inflight")
     return out
 
 
@@ -121,10 +78,7 @@ def _one(stack: Stack, wrk: str, cpu: CpuMeter, target: str, seconds: float,
     with measured(stack, target, cpu):
         run_wrk(wrk, stack, target, 2 * DELAY_S + 1, CONNECTIONS, WRK_TIMEOUT_S)
     sampler = Sampler(stack, target)
-    if profile:
-        for old in OUT.glob("profile-inflight-*.txt"):
-            old.unlink()
-    spies = profile_workers(stack, seconds - 2) if profile else []
+    spies = profile_workers(stack, "inflight", seconds - 2) if profile else []
     drops = listen_drops()
     with measured(stack, target, cpu) as sink:
         sink.update(run_wrk(wrk, stack, target, seconds, CONNECTIONS, WRK_TIMEOUT_S,

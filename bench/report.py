@@ -64,14 +64,18 @@ def _inflight(res: dict[str, Any]) -> list[str]:
                          f"{r['p99_ms']:.0f} | {r['errors']} {r['error_kinds'] or ''} | "
                          f"{r['listen_drops']} | {r['rss_peak_mb']} | {socks} | "
                          f"{_cores(r['cpu_cores'], t)} |")
-    prof = inf.get("profile")
-    if prof:
-        lines += ["", f"py-spy on xiaoyi's workers during run 1 ({prof['samples']} samples, "
-                      "200 Hz, idle excluded): share of samples a function is on the stack "
-                      "(inclusive) and on top (self)", "", "| inclusive | % | self | % |",
-                  "|---|---|---|---|"]
-        for (a, x), (b, y) in zip(prof["inclusive"], prof["self"], strict=False):
-            lines.append(f"| `{a}` | {x} | `{b}` | {y} |")
+    return lines + _profile(inf.get("profile"), "run 1")
+
+
+def _profile(prof: dict[str, Any] | None, when: str) -> list[str]:
+    """Return the py-spy summary table (empty without a profile)."""
+    if not prof:
+        return []
+    lines = ["", f"py-spy on xiaoyi's workers during {when} ({prof['samples']} samples, 200 Hz, "
+                 "idle excluded): share of samples a function is on the stack (inclusive) and "
+                 "on top (self)", "", "| inclusive | % | self | % |", "|---|---|---|---|"]
+    for (a, x), (b, y) in zip(prof["inclusive"], prof["self"], strict=False):
+        lines.append(f"| `{a}` | {x} | `{b}` | {y} |")
     return lines
 
 
@@ -112,6 +116,7 @@ def _wechat(res: dict[str, Any]) -> list[str]:
                   f"p99 {floor.get('p99_ms')} ms (its own floor). First contact (account + "
                   f"trial credit created): p50 {wh['first_contact']['p50_ms']:.1f} ms, "
                   f"p99 {wh['first_contact']['p99_ms']:.1f} ms."]
+        lines += _profile(wh.get("profile"), "the measured messages")
     bc = res.get("botchat")
     if isinstance(bc, dict):
         lines += ["", f"Bot chat, {bc['n']} messages one at a time (webhook → rq job → upstream "

@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inflight-seconds", type=float, default=20.0,
                    help="length of each 750-in-flight run (quick: 8)")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy xiaoyi's workers during the first 750-in-flight run")
+                   help="py-spy xiaoyi's workers in the first 750-in-flight run and the webhook")
     p.add_argument("--output", default=str(ROOT / "bench" / "results.md"),
                    help="the report to write")
     p.add_argument("--update-readme", action="store_true",
@@ -114,7 +114,7 @@ def run_sections(stack: Stack, args: argparse.Namespace, meter: CpuMeter, wrk: s
         why = wechat_ready(stack)
         if "webhook" in sections:
             res["webhook"] = why or bench_webhook(stack, meter, args.webhook_rate,
-                                                  3 if quick else 10, 200)
+                                                  3 if quick else 10, 200, args.profile)
         if "botchat" in sections:
             upstream_ms = med([r["p50_ms"] for r in res["latency"]["upstream"]])
             res["botchat"] = why or bench_botchat(stack, meter, 10 if quick else 40,

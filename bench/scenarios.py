@@ -12,6 +12,7 @@ from typing import Any
 from bench import loadgen, openloop
 from bench.measure import measured
 from bench.procs import HOST, OUT, ROOT, CpuMeter, listen_drops, log, rss_mb
+from bench.profile import profile_workers, summarise_profile
 from bench.stack import MODEL, UPSTREAM_KEY, WECHAT_TOKEN, Stack
 
 SLOW_STREAM = {"model": MODEL, "stream": True, "messages": [
@@ -93,7 +94,7 @@ def wechat_ready(stack: Stack) -> str:
 
 
 def bench_webhook(stack: Stack, cpu: CpuMeter, rate: float, seconds: float,
-                  users: int) -> dict[str, Any]:
+                  users: int, profile: bool = False) -> dict[str, Any]:
     """The 余额 command at a fixed rate from `users` known users; time each passive reply."""
     port = stack.ports["xiaoyi"]
     host = f"{HOST}:{port}"
@@ -102,9 +103,14 @@ def bench_webhook(stack: Stack, cpu: CpuMeter, rate: float, seconds: float,
         host, WECHAT_TOKEN, openids[i], "帮助"), rate, users / rate, _webhook_ok("<xml>"))
     log(f"webhook warm-up (first contact of {users} users): p50 {warm['p50_ms']:.1f} ms "
         f"p99 {warm['p99_ms']:.1f} ms errors {warm['errors']}")
+    spies = profile_workers(stack, "webhook", seconds - 1) if profile else []
     with measured(stack, "xiaoyi", cpu) as sink:
         sink.update(openloop.open_loop(HOST, port, lambda i: openloop.wechat_request(
             host, WECHAT_TOKEN, openids[i % users], "余额"), rate, seconds, _webhook_ok("余额")))
+    for spy in spies:
+        spy.wait(timeout=60)
+    if profile:
+        sink["profile"] = summarise_profile("webhook")
     sink["first_contact"] = {k: warm[k] for k in ("p50_ms", "p99_ms", "errors")}
     sink["generator_floor"] = generator_floor(stack, rate, min(seconds, 3.0))
     log(f"webhook 余额 at {rate:.0f}/s: p50 {sink['p50_ms']:.1f} ms p99 {sink['p99_ms']:.1f} ms "
