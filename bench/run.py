@@ -8,8 +8,8 @@ Writes bench/results.md, bench/results.png and the raw numbers to bench/out/resu
 
 Everything runs on this machine: the fake upstream, xiaoyi (`python -m app.runtime.cli web`:
 gunicorn + gevent, as deployed), Portkey's gateway (npm, into bench/.portkey, when Node is
-present), LiteLLM's proxy (1 worker, in bench/.litellm-venv), Redis (DB 9 of the local server,
-flushed; an embedded server when none answers) and the load generators (wrk, installed from
+present), LiteLLM's proxy (1 worker, in bench/.litellm-venv), Redis (a private non-persistent
+server for the run, or --redis-url's DB, flushed) and the load generators (wrk, installed from
 Debian when missing, and bench/loadgen.py). They share the cores, so every run also records how
 much CPU each of them and the rest of the machine used. The peers are paused (SIGSTOP) while
 they are not measured. Targets are checked on medians over the runs; ratios and differences
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test of the bench)")
     p.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     p.add_argument("--runs", type=int, default=None, help="runs per measure (default 3; quick 1)")
-    p.add_argument("--redis-url", default=None, help="a Redis DB to use and flush (not DB 0)")
+    p.add_argument("--redis-url", default=None, help="a Redis DB to use and flush (not DB 0); default: a private server")
     p.add_argument("--web-workers", type=int, default=None, help="gunicorn workers for xiaoyi")
     p.add_argument("--baseline", default=None,
                    help="also measure this git revision of the app (git archive, read-only)")

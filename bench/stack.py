@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,34 +87,58 @@ class Stack:
 
 @contextmanager
 def bench_redis(url: str | None) -> Iterator[tuple[str, str]]:
-    """Yield (url, kind): the given/local Redis DB (flushed; never DB 0) or an embedded one."""
+    """Yield (url, kind): a private server (default) or the given Redis DB, flushed (never DB 0).
+
+    Private by default: two benchmarks sharing one server's DB would flush each other's keys.
+    """
     import redis
 
-    url = url or os.environ.get("XIAOYI_BENCH_REDIS_URL") or "redis://127.0.0.1:6379/9"
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        from app.runtime.embedded import EmbeddedRedis
-
-        log(f"no Redis at {url}: starting an embedded one")
-        with tempfile.TemporaryDirectory(prefix="xiaoyi-bench-redis-") as tmp:
-            server = EmbeddedRedis(tmp)
-            try:
-                yield server.start(), "embedded valkey (appendfsync always)"
-            finally:
-                server.stop()
+    url = url or os.environ.get("XIAOYI_BENCH_REDIS_URL")
+    if not url:
+        with private_redis() as (private_url, kind):
+            yield private_url, kind
         return
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
     db = client.connection_pool.connection_kwargs.get("db", 0)
     if int(db) == 0:
         sys.exit(f"refusing to flush DB 0 of {url}: give a benchmark DB (e.g. /9)")
     client.flushdb()
     info = client.info("server")
     try:
-        yield url, f"redis {info.get('redis_version', '?')} (local server, DB {db})"
+        yield url, f"redis {info.get('redis_version', '?')} (given server, DB {db})"
     finally:
         client.flushdb()
         client.close()
+
+
+@contextmanager
+def private_redis() -> Iterator[tuple[str, str]]:
+    """Run a private, non-persistent server (the embedded engine's binary) for this run."""
+    import redis
+
+    from app.runtime.embedded import find_server_binary
+
+    binary, port = find_server_binary(), free_port()
+    with tempfile.TemporaryDirectory(prefix="xiaoyi-bench-redis-") as tmp:
+        proc = spawn("redis", [binary, "--port", str(port), "--bind", HOST, "--save", "",
+                               "--appendonly", "no", "--dir", tmp, "--maxclients", "20000"])
+        url = f"redis://{HOST}:{port}/0"
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    info = redis.Redis.from_url(url, socket_connect_timeout=0.5).info("server")
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or proc.popen.poll() is not None:
+                        raise
+                    time.sleep(0.05)
+            name = "valkey" if "valkey_version" in info else "redis"
+            version = info.get("valkey_version") or info.get("redis_version", "?")
+            yield url, (f"private {name} {version} on :{port} (no persistence, as the local "
+                        "server is configured)")
+        finally:
+            proc.stop()
 
 
 def write_config(path: os.PathLike[str]) -> None:
