@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test of the bench)")
     p.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     p.add_argument("--runs", type=int, default=None, help="runs per measure (default 3; quick 1)")
-    p.add_argument("--redis-url", default=None, help="a Redis DB to use and flush (not DB 0); default: a private server")
+    p.add_argument("--redis-url", default=None,
+                   help="a Redis DB to use and flush (not DB 0); default: a private server")
     p.add_argument("--web-workers", type=int, default=None, help="gunicorn workers for xiaoyi")
     p.add_argument("--baseline", default=None,
                    help="also measure this git revision of the app (git archive, read-only)")
