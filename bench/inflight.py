@@ -33,7 +33,7 @@ class Sampler:
         self.ticks += 1
         if self.workers and self.ticks % 2 == 0:
             ports = {"redis": self.stack.redis_port, "upstream": self.stack.ports["upstream"],
-                     "client": self.stack.ports["xiaoyi"]}
+                     "clients": self.stack.ports["xiaoyi"]}
             for pid, counts in sockets_by_peer(self.workers, ports).items():
                 peak = self.sockets.setdefault(pid, {})
                 for name, n in counts.items():

@@ -222,7 +222,7 @@ def sockets_by_peer(pids: list[int], ports: dict[str, int]) -> dict[int, dict[st
         if len(fields) < 4:
             continue
         local, peer = fields[2].rpartition(":")[2], fields[3].rpartition(":")[2]
-        name = by_port.get(peer) or (by_port.get(local) and f"{by_port[local]} (in)")
+        name = by_port.get(peer) or by_port.get(local)  # a server's own port: its clients
         if not name:
             continue
         for pid in map(int, _SS_PID.findall(line)):
