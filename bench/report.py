@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +164,25 @@ def write_report(res: dict[str, Any], s: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _busiest(res: dict[str, Any]) -> float:
+    """Return the most CPU the rest of the machine took during any measurement (cores)."""
+    rows = [r for section in ("throughput", "latency", "ttft") for runs in
+            (res.get(section) or {}).values() for r in runs]
+    rows += [r for runs in (res.get("inflight") or {}).get("runs", {}).values() for r in runs]
+    return max((r.get("cpu_cores", {}).get("other", 0.0) for r in rows), default=0.0)
+
+
 def update_readme(res: dict[str, Any], s: dict[str, Any], readme: Path) -> str:
     """Replace README's side-by-side table (between the bench markers); return a note."""
     text = readme.read_text(encoding="utf-8")
     if README_BEGIN not in text or README_END not in text:
         return "README has no bench table markers: not updated"
     meta = res["meta"]
-    block = [README_BEGIN, "", f"From `{meta['command']}` on {meta['date']} "
-             f"({meta['machine']}, load average at the start {meta.get('load', '?')}):", "",
-             *side_by_side(res, s), "", README_END]
+    command = re.sub(r" --(update-readme|output \S+)", "", meta["command"])
+    block = [README_BEGIN, "", f"From `{command}` on {meta['date']} ({meta['machine']}; load "
+             f"average at the start {meta.get('load', '?')}; other work on the machine took up "
+             f"to {_busiest(res):.2f} cores during a measurement). Targets and verdicts: "
+             "`bench/results.md`.", "", *side_by_side(res, s), "", README_END]
     head, _, rest = text.partition(README_BEGIN)
     tail = rest.partition(README_END)[2]
     readme.write_text(head + "\n".join(block) + tail, encoding="utf-8")
