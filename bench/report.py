@@ -91,7 +91,8 @@ def _streams(res: dict[str, Any]) -> list[str]:
                  f"{d['p50_s']} | {d.get('listen_drops', '')} | | | |")
     w = st.get("warmup")
     if w:
-        lines.append(f"| warm-up, {w.get('streams', '')} streams (not counted) | "
+        lines.append(f"| warm-up, {w.get('rounds', 1)} × {w.get('streams', '')} streams (not "
+                     "counted; the last) | "
                      f"{w['completed']} | {w['dropped']} | | | | | {w['rss_after_mb']} | |")
     for i, r in enumerate(st["rounds"], 1):
         c = r["cpu_cores"]

@@ -15,6 +15,7 @@ from bench.procs import HOST, OUT, ROOT, CpuMeter, listen_drops, log, rss_mb
 from bench.profile import profile_workers, summarise_profile
 from bench.stack import MODEL, UPSTREAM_KEY, WECHAT_TOKEN, Stack
 
+WARMUP_ROUNDS = 2
 SLOW_STREAM = {"model": MODEL, "stream": True, "messages": [
     {"role": "user", "content": "[[fake:chunk_delay=0.2]] [[fake:long=9]] stream"}]}
 
@@ -28,14 +29,18 @@ def bench_streams(stack: Stack, cpu: CpuMeter, rounds: int, count: int) -> dict[
         port = stack.ports[target]
         request = stack.chat_request(target, SLOW_STREAM, close=True)
         if target == "xiaoyi":
-            # A warm-up round 1.5× as large: connection pools and allocator arenas reach a size
-            # no measured round needs (the streams split unevenly between the workers, and a
-            # worker's RSS follows the largest share it ever held); growth after it is a leak.
-            warm = loadgen.streams(HOST, port, request, count * 3 // 2, "word8", timeout=120)
-            time.sleep(1.0)
-            out["warmup"] = {"streams": count * 3 // 2, "completed": warm.completed,
-                             "dropped": warm.dropped, "rss_after_mb": rss_mb(workers)}
-            log(f"streams warm-up round: {out['warmup']}")
+            # Two warm-up rounds 1.5× as large: connection pools and allocator arenas reach a
+            # size no measured round needs. The streams split unevenly between the workers and
+            # a worker's RSS follows the largest share it ever held, so one warm-up can leave a
+            # worker below what a later round gives it. Growth after both counts as a leak.
+            for _ in range(WARMUP_ROUNDS):
+                warm = loadgen.streams(HOST, port, request, count * 3 // 2, "word8",
+                                       timeout=120)
+                time.sleep(1.0)
+                out["warmup"] = {"streams": count * 3 // 2, "rounds": WARMUP_ROUNDS,
+                                 "completed": warm.completed, "dropped": warm.dropped,
+                                 "rss_after_mb": rss_mb(workers)}
+                log(f"streams warm-up round: {out['warmup']}")
         for i in range(rounds if target == "xiaoyi" else 1):
             row = _stream_round(stack, cpu, target, request, count, workers)
             if target == "upstream":
