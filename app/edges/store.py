@@ -23,7 +23,11 @@ RQ_EXTENSION = "xiaoyi.rq_redis"
 def make_redis(url: str, max_connections: int | None = None,
                decode: bool = True) -> redis.Redis:
     """Build a client on a blocking pool (greenlets wait for a connection instead of failing)."""
-    size = max_connections or int(os.environ.get("XIAOYI_REDIS_POOL_SIZE", "200"))
+    # One connection per request a gevent worker may hold (gunicorn's worker_connections): a
+    # smaller pool makes a burst of requests queue for it, and past `timeout` they fail (seen
+    # with 1 500 streams opened at once per worker). Connections are made on demand only.
+    size = max_connections or int(os.environ.get("XIAOYI_REDIS_POOL_SIZE")
+                                  or os.environ.get("XIAOYI_WEB_CONNECTIONS") or "2000")
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=size, timeout=5, socket_timeout=10, socket_connect_timeout=2,
         health_check_interval=30, decode_responses=decode)
