@@ -33,6 +33,8 @@ def check(body: dict[str, Any], native: bool) -> None:
         if not isinstance(body.get(name, {}), dict):
             raise bad(f"'{name}' must be an object.", name)
     limit = body.get("max_output_tokens")
+    if type(limit) is float and limit.is_integer() and abs(limit) < 2**63:
+        limit = body["max_output_tokens"] = int(limit)  # JSON Schema's integer: 16.0 is one
     if limit is not None and (type(limit) is not int or limit < 16):
         raise bad("'max_output_tokens' must be an integer >= 16.", "max_output_tokens")
     prev = body.get("previous_response_id")
