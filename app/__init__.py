@@ -20,7 +20,7 @@ from app.core.errors import (
     StoreUnavailable,
 )
 from app.core.metrics import REQUESTS
-from app.edges import store, upstream
+from app.edges import durability, store, upstream
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
     app.config["MAX_CONTENT_LENGTH"] = settings.relay.get("max_body_bytes", 1 << 20)
     app.config["SECRET_KEY"] = settings.secret_key
     logs.setup(settings.log_level, settings.secrets)
-    store.init_app(app, redis_client)
+    store.init_app(app, redis_client)  # refuses without XIAOYI_REDIS_URL: never a private Redis
+    durability.init_app(app, app.extensions[store.EXTENSION], settings.allow_volatile_store)
     upstream.init_app(app, app.extensions[store.EXTENSION])
 
     from app.web import admin, health, openapi, pay_notify, relay, wechat

@@ -10,13 +10,14 @@ from typing import Any
 import fakeredis
 import pytest
 import requests
-from fakes import FakeWeChatAPI, FakeWeChatPay, make_notify, parse_multipart, sign
 from PIL import Image
 from wechatpy import WeChatClient, parse_message
 from wechatpy.exceptions import InvalidSignatureException, WeChatClientException, WeChatPayException
 from wechatpy.pay import WeChatPay
 from wechatpy.pay.utils import calculate_signature, calculate_signature_hmac
 from wechatpy.session.redisstorage import RedisStorage
+
+from fakes import FakeWeChatAPI, FakeWeChatPay, make_notify, parse_multipart, sign
 
 OPENID = "oUser000000000000000000001"
 NOTIFY_URL = "https://xiaoyi.example/wechat/pay/notify"

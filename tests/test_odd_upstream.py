@@ -13,7 +13,7 @@ import redis
 from conftest import make_settings, new_key
 
 from app import create_app
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 
 ANSWER = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-3.5-turbo"}
 
@@ -65,7 +65,7 @@ def test_odd_error_bodies_are_a_clean_502(odd: ThreadingHTTPServer, r: redis.Red
                                           redis_url: str, body: Any) -> None:
     resp, acct = ask(odd, r, redis_url, 503, body)
     assert resp.status_code == 502 and resp.json["error"]["code"] == "upstream_error"
-    assert wallet.balance(r, acct) == 100_000 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
 
 
 @pytest.mark.parametrize("usage", ["abc", [1, 2], {"prompt_tokens": "3"},
@@ -78,6 +78,6 @@ def test_malformed_usage_is_billed_by_the_estimate(odd: ThreadingHTTPServer, r: 
     assert resp.status_code == 200, resp.json
     # 你好 (2) prompt, 好的 ok (2 + ceil(1.3)) completion: the estimate rule, billed and shown.
     assert resp.json["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
-    settled = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     assert len(settled) == 1 and (settled[0]["pt"], settled[0]["ct"]) == ("2", "4")
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []

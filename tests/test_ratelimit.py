@@ -10,7 +10,7 @@ from conftest import UPSTREAM_KEY, new_key
 
 from app import create_app
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
@@ -48,7 +48,7 @@ def test_limit_holds_across_two_app_instances(upstream: FakeUpstream, redis_url:
     assert chat(apps[1], other).status_code == 200  # another key has its own window
     balance = apps[0].get("/v1/balance", headers={"Authorization": f"Bearer {key}"})
     assert balance.status_code == 429  # every authenticated route counts
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_concurrent_requests_on_both_instances_admit_exactly_the_limit(

@@ -14,8 +14,10 @@ import requests
 from conftest import UPSTREAM_KEY
 from wechat_kit import TOKEN, WeChat, bot, wechat_settings
 
+from app.bot.users import account_of
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
+from app.core.money.codes import create_codes
 from app.web.wechat import commands
 from fakes import FakeWeChatAPI, FakeWeChatPay
 
@@ -79,7 +81,7 @@ def test_balance_help_and_menu_clicks(served: tuple[WeChat, str]) -> None:
 
 def test_one_code_twelve_users_credits_once(served: tuple[WeChat, str], r: Any) -> None:
     wechat, _ = served
-    code = wallet.create_codes(r, 50_000)[0]
+    code = create_codes(r, 50_000)[0]
     users = [f"oRedeemUser{i:017d}" for i in range(12)]
     for openid in users:  # accounts exist first: the race is on the code alone
         wechat.say(openid, "余额")
@@ -93,9 +95,9 @@ def test_one_code_twelve_users_credits_once(served: tuple[WeChat, str], r: Any) 
         replies = list(pool.map(redeem, users))
     assert sum(reply.startswith("充值成功") for reply in replies) == 1
     assert replies.count(TEXTS["redeem_used"]) == 11
-    balances = [wallet.balance(r, r.get(f"xy:wx:user:{u}")) for u in users]
+    balances = [wallet.balance(r, account_of(r, u)) for u in users]
     assert sorted(balances) == [10_000] * 11 + [60_000]
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
     assert wechat.say(users[0], "充值 NOPE") == TEXTS["redeem_unknown"]
 
 

@@ -12,7 +12,9 @@ import xmltodict
 from wechat_kit import TOKEN, WeChat, bot, event_xml, sign, text_xml, wechat_settings
 
 from app import create_app
+from app.bot import users
 from app.core.config import ConfigError, load_settings
+from app.core.money import wallet
 from app.edges.store import make_redis
 from app.web.wechat import verify
 from app.web.wechat.verify import Refused
@@ -103,8 +105,8 @@ def test_subscribe_welcome_with_help(served: tuple[WeChat, Any]) -> None:
     wechat, r = served
     got = wechat.reply(wechat.post(event_xml(OPENID, "subscribe")))
     assert "小一机器人" in got["Content"] and "新对话" in got["Content"]
-    acct = r.get(f"xy:wx:user:{OPENID}")
-    assert int(r.hget(f"xy:acct:{acct}", "balance")) == 10000  # trial credit, 1 元
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 10000  # trial credit, 1 元
 
 
 def test_unconfigured_webhook_answers_503_and_app_starts(upstream: Any, redis_url: str,

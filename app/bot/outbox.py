@@ -1,6 +1,7 @@
 """Answers between the webhook and the bot's jobs: waiting, passive hand-off, push, parking.
 
-Keys (owned here; {dk} is a dedupe key, see dedupe.py):
+Keys (owned here; {dk} is a dedupe key, see dedupe.py, written with its openid as the hash tag
+and {openid} is the user's tag: app/bot/slots.py; one user's keys share a Cluster slot):
     xy:wx:st:{dk}        hash    state, until (ms), reply (JSON item): one message's delivery
     xy:wx:rdy:{dk}       list    wake-up tokens for webhooks waiting on that message (BLPOP)
     xy:wx:ans:{dk}       hash    the produced answer (text or media, cost, paid): a re-run reuses it
@@ -28,6 +29,7 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
+from app.bot import slots
 from app.core.config import Settings
 from app.core.money.scripts import script
 
@@ -85,12 +87,12 @@ return out
 
 def st_key(dk: str) -> str:
     """Name a message's delivery-state hash."""
-    return f"xy:wx:st:{dk}"
+    return f"xy:wx:st:{slots.message(dk)}"
 
 
 def park_key(openid: str) -> str:
     """Name a user's parked-items list."""
-    return f"xy:wx:park:{openid}"
+    return f"xy:wx:park:{slots.user(openid)}"
 
 
 def text_item(content: str) -> dict[str, str]:
@@ -111,8 +113,8 @@ def _now_ms() -> int:
 
 
 def _notify(pipe: Pipeline, dk: str) -> None:
-    pipe.rpush(f"xy:wx:rdy:{dk}", *([1] * WAKE_TOKENS))
-    pipe.expire(f"xy:wx:rdy:{dk}", 60)
+    pipe.rpush(f"xy:wx:rdy:{slots.message(dk)}", *([1] * WAKE_TOKENS))
+    pipe.expire(f"xy:wx:rdy:{slots.message(dk)}", 60)
 
 
 def await_outcome(r: redis.Redis, dk: str, wait_s: float,
@@ -127,7 +129,7 @@ def await_outcome(r: redis.Redis, dk: str, wait_s: float,
         left = deadline - time.time()
         if left <= 0:
             break
-        r.blpop([f"xy:wx:rdy:{dk}"], timeout=max(left, 0.01))
+        r.blpop([f"xy:wx:rdy:{slots.message(dk)}"], timeout=max(left, 0.01))
         state, reply = script(r, TAKE)(keys=[st_key(dk)], args=[_now_ms(), "0"])
         state = "waiting" if state in ("", "handed") else state
     if state == "waiting":
@@ -155,7 +157,7 @@ def finish(r: redis.Redis, settings: Settings, openid: str, dk: str, can_passive
            reply: dict[str, Any], rest: list[dict[str, Any]]) -> str:
     """Hand an answer to a waiting webhook ('passive') or to the pusher ('push', 'pushing')."""
     return script(r, FINISH)(
-        keys=[st_key(dk), f"xy:wx:rdy:{dk}", park_key(openid)],
+        keys=[st_key(dk), f"xy:wx:rdy:{slots.message(dk)}", park_key(openid)],
         args=[_now_ms(), "1" if can_passive else "0", STATE_TTL,
               settings.bot.get("park_ttl_seconds", 172800), _dump(reply),
               *(_dump(i) for i in rest)])
@@ -194,14 +196,14 @@ def parked_count(r: redis.Redis, openid: str) -> int:
 def claim_sent(r: redis.Redis, dk: str, index: int) -> bool:
     """Record that item `index` is being pushed; False when a run pushed it already."""
     pipe = r.pipeline()
-    pipe.sadd(f"xy:wx:sent:{dk}", index)
-    pipe.expire(f"xy:wx:sent:{dk}", STATE_TTL)
+    pipe.sadd(f"xy:wx:sent:{slots.message(dk)}", index)
+    pipe.expire(f"xy:wx:sent:{slots.message(dk)}", STATE_TTL)
     return bool(pipe.execute()[0])
 
 
 def unclaim_sent(r: redis.Redis, dk: str, index: int) -> None:
     """Forget a push that WeChat refused (so a later run may try it)."""
-    r.srem(f"xy:wx:sent:{dk}", index)
+    r.srem(f"xy:wx:sent:{slots.message(dk)}", index)
 
 
 def push_possible(r: redis.Redis, settings: Settings) -> bool:
@@ -216,13 +218,13 @@ def mark_no_push(r: redis.Redis) -> None:
 
 def save_answer(pipe: Pipeline, dk: str, fields: dict[str, Any]) -> None:
     """Keep a produced answer (inside the caller's transaction) so a re-run reuses it."""
-    pipe.hset(f"xy:wx:ans:{dk}", mapping={k: str(v) for k, v in fields.items()})
-    pipe.expire(f"xy:wx:ans:{dk}", STATE_TTL)
+    pipe.hset(f"xy:wx:ans:{slots.message(dk)}", mapping={k: str(v) for k, v in fields.items()})
+    pipe.expire(f"xy:wx:ans:{slots.message(dk)}", STATE_TTL)
 
 
 def get_answer(r: redis.Redis, dk: str) -> dict[str, str] | None:
     """Return the answer a previous run produced, or None."""
-    return r.hgetall(f"xy:wx:ans:{dk}") or None
+    return r.hgetall(f"xy:wx:ans:{slots.message(dk)}") or None
 
 
 @contextmanager
@@ -231,23 +233,23 @@ def run_lock(r: redis.Redis, dk: str, seconds: int = 300) -> Iterator[None]:
     # Registered under this worker: the sweeper frees it at once if the worker is SIGKILLed.
     from app.edges.worklock import worker_lock
 
-    with worker_lock(r, f"xy:wx:run:{dk}", seconds):
+    with worker_lock(r, f"xy:wx:run:{slots.message(dk)}", seconds):
         yield
 
 
 def mark_pending(r: redis.Redis, openid: str, dk: str) -> None:
     """Note that a message of the user is being answered (for 继续's reply)."""
     pipe = r.pipeline()
-    pipe.sadd(f"xy:wx:pending:{openid}", dk)
-    pipe.expire(f"xy:wx:pending:{openid}", 600)
+    pipe.sadd(f"xy:wx:pending:{slots.user(openid)}", dk)
+    pipe.expire(f"xy:wx:pending:{slots.user(openid)}", 600)
     pipe.execute()
 
 
 def clear_pending(r: redis.Redis, openid: str, dk: str) -> None:
     """Note that a message's answer was delivered or parked."""
-    r.srem(f"xy:wx:pending:{openid}", dk)
+    r.srem(f"xy:wx:pending:{slots.user(openid)}", dk)
 
 
 def is_pending(r: redis.Redis, openid: str) -> bool:
     """Tell whether any message of the user is still being answered."""
-    return bool(r.scard(f"xy:wx:pending:{openid}"))
+    return bool(r.scard(f"xy:wx:pending:{slots.user(openid)}"))

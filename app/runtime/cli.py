@@ -21,16 +21,35 @@ def _settings() -> Settings:
 
 
 def _redis(settings: Settings | None = None) -> redis.Redis:
-    from app.edges.store import make_redis, resolve_url
+    """Connect to the money store: XIAOYI_REDIS_URL, or the one `xiaoyi run` keeps running here.
+
+    Never starts a Redis (that would be a second, empty wallet).
+    """
+    from app.edges.store import make_redis
+    from app.runtime.procs import admin_store_url
 
     s = settings or _settings()
-    client = make_redis(resolve_url(s.redis_url, s.data_dir), max_connections=8)
+    try:
+        client = make_redis(admin_store_url(s), max_connections=8,
+                            wait_replicas=s.redis_wait_replicas)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         client.ping()
     except redis.RedisError as exc:  # the URL may carry a password: name the setting only
         raise click.ClickException(
             f"cannot reach Redis (XIAOYI_REDIS_URL): {type(exc).__name__}") from exc
     return client
+
+
+def _prepared(settings: Settings, upstream: bool = True) -> dict[str, str]:
+    """Check the store settings for web/worker (no URL: refuse) and return their environment."""
+    from app.runtime.procs import prepare_env
+
+    try:
+        return prepare_env(settings, upstream)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _emit(obj: Any, as_json: bool, text: str) -> None:
@@ -61,9 +80,9 @@ def fake_upstream(host: str, port: int, api_key: str | None) -> None:
               help="gunicorn worker processes (default: deploy/gunicorn.conf.py's)")
 def web(host: str, port: int, web_workers: int | None) -> None:
     """Serve the app with gunicorn (gevent workers: hundreds of open streams each)."""
-    from app.runtime.procs import gunicorn_argv, prepare_env
+    from app.runtime.procs import gunicorn_argv
 
-    os.environ.update(prepare_env(_settings()))  # fails loudly on a bad configuration
+    os.environ.update(_prepared(_settings()))  # fails loudly on a bad configuration
     argv = gunicorn_argv(host, port, web_workers)
     os.execv(argv[0], argv)
 
@@ -73,9 +92,9 @@ def web(host: str, port: int, web_workers: int | None) -> None:
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 def worker(queues: str, burst: bool) -> None:
     """Run an rq worker on the bot's queues."""
-    from app.runtime.procs import prepare_env, run_worker
+    from app.runtime.procs import run_worker
 
-    os.environ.update(prepare_env(_settings(), upstream=False))
+    os.environ.update(_prepared(_settings(), upstream=False))
     sys.exit(run_worker(load_settings(), queues.split(","), burst))
 
 
@@ -106,12 +125,15 @@ def keys_create(account: str | None, name: str, balance: str | None, as_json: bo
 
     r = _redis()
     initial = yuan_to_units(balance, "--balance") if balance else 0
-    if account and wallet.get_account(r, account) is None:
-        wallet.create_account(r, account, initial=initial)
-    elif account and initial:
-        wallet.topup(r, account, initial, note="keys create --balance")
-    acct = account or wallet.create_account(r, initial=initial, name=name)
-    raw, info = keys.create_key(r, acct, name)
+    try:
+        if account and wallet.get_account(r, account) is None:
+            wallet.create_account(r, account, initial=initial)
+        elif account and initial:
+            wallet.topup(r, account, initial, note="keys create --balance")
+        acct = account or wallet.create_account(r, initial=initial, name=name)
+        raw, info = keys.create_key(r, acct, name)
+    except wallet.WalletError as exc:
+        raise click.ClickException(str(exc)) from exc
     _emit({"key": raw, "id": info.id, "account": acct, "masked": info.masked}, as_json,
           f"{raw}\n(id {info.id}, account {acct}; shown once, keep it safe)")
 
@@ -196,11 +218,12 @@ def codes_group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def codes_create(amount: str, count: int, as_json: bool) -> None:
     """Create one-use redemption codes."""
+    from app.core.money import codes as money_codes
     from app.core.money import wallet
 
     try:
         units = yuan_to_units(amount, "--amount")
-        codes = wallet.create_codes(_redis(), units, count)
+        codes = money_codes.create_codes(_redis(), units, count)
     except (ConfigError, wallet.WalletError) as exc:
         raise click.ClickException(str(exc)) from exc
     _emit({"codes": codes, "amount": units_to_yuan(units)}, as_json, "\n".join(codes))
@@ -210,9 +233,9 @@ def codes_create(amount: str, count: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def codes_list(as_json: bool) -> None:
     """List codes and who used them."""
-    from app.core.money import wallet
+    from app.core.money import codes
 
-    rows = wallet.list_codes(_redis())
+    rows = codes.list_codes(_redis())
     _emit({"codes": rows}, as_json, "\n".join(
         f"{c['code']}  {units_to_yuan(int(c['amount']))} 元  {c.get('used_by', 'unused')}"
         for c in rows) or "(no codes)")
@@ -228,19 +251,19 @@ def ledger_group() -> None:
 @click.option("--account", default=None)
 def ledger_export(as_json: bool, account: str | None) -> None:
     """Print every ledger entry, one JSON object a line."""
-    from app.core.money import wallet
+    from app.core.money import ledger
 
-    for entry in wallet.ledger_entries(_redis(), account):
+    for entry in ledger.ledger_entries(_redis(), account):
         click.echo(json.dumps(entry, ensure_ascii=False))
 
 
 @ledger_group.command("verify")
 @click.option("--json", "as_json", is_flag=True)
 def ledger_verify(as_json: bool) -> None:
-    """Check sum(ledger) == balance >= 0 for every account; non-zero exit if not."""
-    from app.core.money import wallet
+    """Check sum(ledger) == balance >= 0 for every account, and that no account or key is lost."""
+    from app.core.money import ledger
 
-    problems = wallet.verify(_redis())
+    problems = ledger.verify(_redis())
     if problems and not as_json:
         click.echo("\n".join(problems), err=True)  # a failed check is an error: stderr
         sys.exit(1)

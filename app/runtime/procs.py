@@ -9,37 +9,70 @@ from pathlib import Path
 
 import redis
 
-from app.core.config import Settings, yuan_to_units
+from app.core.config import ConfigError, Settings, yuan_to_units
 
 log = logging.getLogger(__name__)
 _embedded: list = []  # keeps the embedded server object alive for this process
 
 
+def running_embedded(data_dir: str) -> str | None:
+    """Return the URL of the embedded Redis that `xiaoyi run` keeps in data_dir, if it answers."""
+    port_file = Path(data_dir) / "redis.port"
+    if not port_file.exists():
+        return None
+    url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        return url
+    except (redis.RedisError, ValueError):
+        return None
+
+
+def admin_store_url(settings: Settings) -> str:
+    """Return the money store for an admin command: XIAOYI_REDIS_URL, or `xiaoyi run`'s engine.
+
+    Never starts a Redis (that would be a second, empty wallet): raise ConfigError instead.
+    """
+    from app.edges.store import NO_URL
+
+    url = settings.redis_url or running_embedded(settings.data_dir)
+    if url is None:
+        raise ConfigError(NO_URL)
+    return url
+
+
 def ensure_embedded(data_dir: str) -> str:
-    """Return the URL of the embedded Redis in data_dir, starting it when nobody runs it."""
+    """Return the URL of the embedded Redis in data_dir, starting it when nobody runs it.
+
+    Only `xiaoyi run` calls this: every other entry point needs XIAOYI_REDIS_URL.
+    """
     from app.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
 
-    port_file = Path(data_dir) / "redis.port"
-    if port_file.exists():
-        url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-            return url
-        except (redis.RedisError, ValueError):
-            log.info("stale %s; starting a new embedded Redis", port_file)
+    url = running_embedded(data_dir)
+    if url is not None:
+        return url
     server = EmbeddedRedis(data_dir)
     try:
         url = server.start()
     except EmbeddedRedisError as exc:
         raise RuntimeError(f"could not start the embedded Redis in {data_dir}: {exc}") from exc
-    port_file.write_text(str(server.port))
+    (Path(data_dir) / "redis.port").write_text(str(server.port))
     _embedded.append(server)
     return url
 
 
 def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
-    """Resolve the embedded Redis and (for web) the fake upstream before serving."""
-    env = {"XIAOYI_REDIS_URL": settings.redis_url or ensure_embedded(settings.data_dir)}
+    """Check the store URLs and start (for web) the fake upstream before serving.
+
+    Refuses without XIAOYI_REDIS_URL: web and worker never start a Redis of their own.
+    """
+    from app.edges.store import NO_URL, make_queue_redis
+
+    if not settings.redis_url:
+        raise ConfigError(NO_URL)
+    queue_url = settings.queue_redis_url or settings.redis_url
+    make_queue_redis(queue_url)  # refuses a Cluster for the queues before anything starts
+    env = {"XIAOYI_REDIS_URL": settings.redis_url}
     if upstream and not settings.channels:
         import subprocess
 

@@ -24,13 +24,13 @@ def _settings() -> Settings:
 
 
 def _client(settings: Settings) -> SharedTokenClient:
-    from app.edges.store import make_redis, resolve_url
+    from app.edges.store import make_redis
     from app.edges.wechat_api import NotConfigured, SharedTokenClient
+    from app.runtime.procs import admin_store_url
 
     try:
-        return SharedTokenClient(settings, make_redis(resolve_url(settings.redis_url,
-                                                                  settings.data_dir), 4))
-    except NotConfigured as exc:
+        return SharedTokenClient(settings, make_redis(admin_store_url(settings), 4))
+    except (NotConfigured, ConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

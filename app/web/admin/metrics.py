@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.core.money import wallet
+from app.core.money import tally
 from app.edges.store import get_redis, get_rq_redis
 from app.edges.upstream import get_upstream
 from app.web.admin.auth import is_admin, unauthorized
@@ -36,7 +36,7 @@ class StateCollector(Collector):
         try:
             rows, alive, channels = (queue_counts(self.rq_redis), len(workers(self.rq_redis)),
                                      get_upstream().health())
-            moved = wallet.money_stats(get_redis())
+            moved = tally.money_stats(get_redis())
         except redis.RedisError:
             yield GaugeMetricFamily("xiaoyi_redis_up", "1 when Redis answered this scrape", 0)
             return
