@@ -6,8 +6,9 @@ argument (negative, float, text, 2**53 or more, too long) before its first write
 completely or not at all. `SCRIPTS` lists them all (tests feed each one absurd values).
 
 `run()` sends a script with EVALSHA (loading it on NOSCRIPT), optionally behind idempotent
-index writes in the same round trip, and followed by WAIT when the client asks for replica
-acknowledgements (`set_wait_replicas`, Sentinel deployments).
+index writes in the same round trip (on a Cluster: just before, as they live on other nodes),
+and followed by WAIT when the client asks for replica acknowledgements (`set_wait_replicas`,
+Sentinel deployments).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from app.core.money.layout import MAX_UNITS
@@ -138,6 +140,10 @@ def run(r: redis.Redis, script: MoneyScript, keys: Sequence[str], args: Sequence
     if len(keys) != len(script.keys) or len(args) != len(script.args):
         raise ValueError(f"{script.name}: wrong number of keys or arguments")
     replicas = _wait_replicas(r)
+    if isinstance(r, RedisCluster):  # no WAIT; the index writes go to other nodes anyway
+        for command in before:
+            r.execute_command(*command)
+        before = ()
     if not before and not replicas:
         try:
             return r.evalsha(script.sha, len(keys), *keys, *args)
@@ -148,7 +154,7 @@ def run(r: redis.Redis, script: MoneyScript, keys: Sequence[str], args: Sequence
         pipe = r.pipeline(transaction=False)
         for command in before:
             pipe.execute_command(*command)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # Cluster too
         if replicas:
             pipe.execute_command("WAIT", replicas, WAIT_TIMEOUT_MS)
         replies = pipe.execute(raise_on_error=False)
