@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
+from redis.sentinel import SentinelConnectionPool
 
 from app.core.config import ConfigError
 
@@ -43,7 +44,11 @@ def _nodes(client: Any) -> list[tuple[str, redis.Redis]]:
     """Return (name, direct client) of every data node to check (a Cluster's primaries)."""
     if isinstance(client, RedisCluster):
         return [(f"{n.host}:{n.port}", n.redis_connection) for n in client.get_primaries()]
-    kwargs = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        host, port = pool.get_master_address()
+        return [(f"{pool.service_name}@{host}:{port}", client)]
+    kwargs = pool.connection_kwargs
     return [(f"{kwargs.get('host', 'unix')}:{kwargs.get('port', '')}", client)]
 
 

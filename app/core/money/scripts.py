@@ -14,6 +14,8 @@ Sentinel deployments).
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,10 @@ if TYPE_CHECKING:
     from redis.commands.core import Script
 
 WAIT_ATTR = "_xy_wait_replicas"
+WAIT_SKIP_ATTR = "_xy_wait_skip_until"
 WAIT_TIMEOUT_MS = 1000
+WAIT_SKIP_S = 5.0  # after a short acknowledgement, writes go on without waiting this long
+log = logging.getLogger(__name__)
 
 PRELUDE = f"""
 local MAX = {MAX_UNITS}
@@ -127,7 +132,18 @@ def set_wait_replicas(client: Any, replicas: int) -> None:
 
 
 def _wait_replicas(client: Any) -> int:
+    """Return how many replica acknowledgements to wait for (0 while none are to be had)."""
+    if time.monotonic() < getattr(client, WAIT_SKIP_ATTR, 0.0):
+        return 0
     return int(getattr(client, WAIT_ATTR, 0))
+
+
+def _replicas_missing(client: Any, wanted: int, got: int) -> None:
+    """Warn that a write was acknowledged by fewer replicas; stop waiting for a while."""
+    log.warning("money write acknowledged by %d of %d replicas (WAIT %d ms): it could be lost "
+                "in a failover; not waiting for replicas for %d s", got, wanted,
+                WAIT_TIMEOUT_MS, WAIT_SKIP_S)
+    setattr(client, WAIT_SKIP_ATTR, time.monotonic() + WAIT_SKIP_S)
 
 
 def run(r: redis.Redis, script: MoneyScript, keys: Sequence[str], args: Sequence[Any],
@@ -159,6 +175,8 @@ def run(r: redis.Redis, script: MoneyScript, keys: Sequence[str], args: Sequence
             pipe.execute_command("WAIT", replicas, WAIT_TIMEOUT_MS)
         replies = pipe.execute(raise_on_error=False)
         reply = replies[len(before)]
+        if replicas and isinstance(replies[-1], int) and replies[-1] < replicas:
+            _replicas_missing(r, replicas, replies[-1])
         if isinstance(reply, NoScriptError) and attempt == 1:
             r.script_load(script.source)
             continue

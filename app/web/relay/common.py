@@ -192,8 +192,9 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
         amount = prepare(call)
     except ApiError:
         call = g.get("call")
-        if call is not None:
-            info, g.rate_window = money.authenticate(get_redis(), call.raw_key, _limit())
+        raw = call.raw_key if call is not None else bearer_or_body(None)  # unparsable body
+        if raw:
+            info, g.rate_window = money.authenticate(get_redis(), raw, _limit())
             g.key_id = info.id
         raise
     held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,
