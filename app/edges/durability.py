@@ -17,6 +17,7 @@ from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
 from app.core.config import ConfigError
+from app.core.money.migrate import old_layout_present
 
 log = logging.getLogger(__name__)
 EXTENSION = "xiaoyi.durability"
@@ -88,9 +89,19 @@ def check(client: Any, allow_volatile: bool = False) -> Durability:
     return result
 
 
+class OldLayout(ConfigError):
+    """The store still holds the previous key layout."""
+
+
 def init_app(app: Any, client: Any, allow_volatile: bool) -> None:
-    """Run the check for this process; keep the result for /readyz (refuse a volatile store)."""
+    """Run the checks for this process; keep the result for /readyz.
+
+    Refuses a volatile store, and a store still in the previous key layout.
+    """
     try:
+        if old_layout_present(client):
+            raise OldLayout("the money store holds the previous key layout: stop every web and "
+                            "worker process, run `xiaoyi ledger migrate`, then start them again")
         app.extensions[EXTENSION] = check(client, allow_volatile)
     except redis.RedisError as exc:
         log.warning("DURABILITY: could not check the store at start: %s", type(exc).__name__)

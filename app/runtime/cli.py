@@ -272,6 +272,18 @@ def ledger_verify(as_json: bool) -> None:
         sys.exit(1)
 
 
+@ledger_group.command("migrate")
+@click.option("--json", "as_json", is_flag=True)
+def ledger_migrate(as_json: bool) -> None:
+    """Move a store of the previous key layout to the current one (stop web and workers first)."""
+    from app.core.money import migrate
+
+    done = migrate.migrate(_redis())
+    _emit(done, as_json, "migrated: " + ", ".join(f"{k} {v}" for k, v in done.items()
+                                                    if k != "migrated")
+          if done["migrated"] else "nothing to migrate")
+
+
 from app.runtime.wechat_cli import menu_group, wechat_group  # noqa: E402 - the bot's command groups
 
 main.add_command(menu_group)
