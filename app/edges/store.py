@@ -17,7 +17,7 @@ Every client has a blocking pool: greenlets wait for a free connection instead o
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
@@ -100,10 +100,10 @@ def _sentinel_client(parts: Any, scheme: str, size: int, decode: bool) -> redis.
         if "sentinel_password" in query else {}
     manager = Sentinel(nodes, sentinel_kwargs={**TIMEOUTS, **sentinel_auth},
                        username=user, password=password, **TIMEOUTS)
-    return manager.master_for(
+    return cast(redis.Redis, manager.master_for(
         path[0], connection_pool_class=BlockingSentinelPool, max_connections=size, timeout=5,
         db=int(path[1]) if len(path) > 1 else 0, decode_responses=decode,
-        ssl=scheme.startswith("rediss"), health_check_interval=30)
+        ssl=scheme.startswith("rediss"), health_check_interval=30))
 
 
 def is_cluster(client: Any) -> bool:
@@ -116,7 +116,7 @@ def make_queue_redis(url: str) -> redis.Redis:
     if urlsplit(url).scheme.lower().endswith("+cluster"):
         raise ConfigError("XIAOYI_QUEUE_REDIS_URL: rq cannot run on a Redis Cluster; point "
                           "the queues at a single-node or Sentinel Redis")
-    return make_redis(url, max_connections=50, decode=False)
+    return cast(redis.Redis, make_redis(url, max_connections=50, decode=False))
 
 
 def bytes_twin(client: redis.Redis) -> redis.Redis:
@@ -126,9 +126,9 @@ def bytes_twin(client: redis.Redis) -> redis.Redis:
                           "single-node or Sentinel Redis for the rq queues")
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
-        return pool.sentinel_manager.master_for(
+        return cast(redis.Redis, pool.sentinel_manager.master_for(
             pool.service_name, connection_pool_class=BlockingSentinelPool,
-            max_connections=50, timeout=5, decode_responses=False)
+            max_connections=50, timeout=5, decode_responses=False))
     kwargs = {**pool.connection_kwargs, "decode_responses": False}
     twin = redis.BlockingConnectionPool(connection_class=pool.connection_class,
                                         max_connections=pool.max_connections, timeout=5,
@@ -156,7 +156,7 @@ def get_redis() -> Any:
 
 def get_rq_redis() -> redis.Redis:
     """Return the app's Redis client for rq (bytes responses)."""
-    return current_app.extensions[RQ_EXTENSION]
+    return cast(redis.Redis, current_app.extensions[RQ_EXTENSION])
 
 
 def get_queue(name: str) -> Queue:

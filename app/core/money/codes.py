@@ -14,10 +14,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-import redis
-
 from app.core.money import wallet
-from app.core.money.layout import CODES, MAX_UNITS, code_key
+from app.core.money.layout import CODES, MAX_UNITS, Store, WalletError, code_key
 from app.core.money.scripts import Arg, Id, declare, run
 
 # -> {1, amount} claimed now or by this account before | {-1} used by another | {-2} unknown
@@ -35,10 +33,10 @@ def normalize(code: str) -> str:
     return code.strip().upper()
 
 
-def create_codes(r: redis.Redis, amount: int, count: int = 1) -> list[str]:
+def create_codes(r: Store, amount: int, count: int = 1) -> list[str]:
     """Create redemption codes worth `amount` units each."""
     if not isinstance(amount, int) or not 0 < amount <= MAX_UNITS or count <= 0:
-        raise wallet.WalletError("amount and count must be positive")
+        raise WalletError("amount and count must be positive")
     codes = ["XY" + secrets.token_hex(8).upper() for _ in range(count)]
     now = wallet.now_ms()
     pipe = r.pipeline(transaction=False)
@@ -51,7 +49,7 @@ def create_codes(r: redis.Redis, amount: int, count: int = 1) -> list[str]:
     return codes
 
 
-def list_codes(r: redis.Redis, limit: int = 200) -> list[dict[str, Any]]:
+def list_codes(r: Store, limit: int = 200) -> list[dict[str, Any]]:
     """Return the newest codes with their state."""
     codes = r.zrevrange(CODES, 0, limit - 1)
     pipe = r.pipeline(transaction=False)
@@ -61,7 +59,7 @@ def list_codes(r: redis.Redis, limit: int = 200) -> list[dict[str, Any]]:
     return [{"code": c, **d} for c, d in zip(codes, found, strict=True) if d]
 
 
-def redeem(r: redis.Redis, acct: str, code: str) -> tuple[str, int, int]:
+def redeem(r: Store, acct: str, code: str) -> tuple[str, int, int]:
     """Redeem a code once. Return (status, amount, balance); status ok | used | unknown."""
     code = normalize(code)
     if not code or len(code) > 64:
@@ -76,7 +74,7 @@ def redeem(r: redis.Redis, acct: str, code: str) -> tuple[str, int, int]:
     return ("ok", amount, bal) if credited else ("used", 0, bal)
 
 
-def _credit(r: redis.Redis, acct: str, code: str, amount: int) -> tuple[bool, int]:
+def _credit(r: Store, acct: str, code: str, amount: int) -> tuple[bool, int]:
     """Credit a claimed code to its account (once, by its ref) and mark it credited."""
     credited, bal = wallet.topup(r, acct, amount, kind="redeem", ref=f"code:{code}",
                                  note=f"code {code[:6]}…")
@@ -84,7 +82,7 @@ def _credit(r: redis.Redis, acct: str, code: str, amount: int) -> tuple[bool, in
     return credited, bal
 
 
-def complete_redemptions(r: redis.Redis, batch: int = 500) -> int:
+def complete_redemptions(r: Store, batch: int = 500) -> int:
     """Credit every claimed code a crash left uncredited; return how many were credited now."""
     done = 0
     codes = r.zrange(CODES, 0, -1)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from types import TracebackType
 
-import redis
-
 from app.core.errors import InsufficientQuota, InvalidKey, RateLimited
 from app.core.money import keys, wallet
-from app.core.money.layout import MAX_UNITS, key_record, window_key
+from app.core.money.layout import MAX_UNITS, Store, key_record, window_key
 from app.core.money.ratelimit import WINDOW_FN, Window, to_window, window_args
 from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
 
@@ -57,7 +55,7 @@ class Hold:
 
     __slots__ = ("r", "acct", "req", "amount", "key", "done", "window")
 
-    def __init__(self, r: redis.Redis, acct: str, req: str, amount: int,
+    def __init__(self, r: Store, acct: str, req: str, amount: int,
                  key: keys.KeyInfo | None = None, window: Window | None = None) -> None:
         self.r, self.acct, self.req, self.amount, self.key = r, acct, req, amount, key
         self.window = window or Window()
@@ -99,7 +97,7 @@ def _bounded(value: object) -> int:
     return min(max(value, 0), MAX_UNITS)
 
 
-def reserve(r: redis.Redis, acct: str, req: str, amount: int, *, key_id: str = "",
+def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
             model: str = "") -> Hold:
     """Hold `amount` units for request `req`; raise Short, Settled or wallet.NoAccount."""
     got = wallet.reserve(r, acct, req, amount, key_id=key_id, model=model)
@@ -114,7 +112,7 @@ def _invalid() -> InvalidKey:
     return InvalidKey("Incorrect API key provided.", msg="密钥无效")
 
 
-def authenticate(r: redis.Redis, raw: str, limit: int) -> tuple[keys.KeyInfo, Window]:
+def authenticate(r: Store, raw: str, limit: int) -> tuple[keys.KeyInfo, Window]:
     """Resolve a key (no cache: revocation is immediate) and count it in its rate window."""
     info, window = keys.lookup_and_hit(r, raw, limit)
     if info is None:
@@ -124,7 +122,7 @@ def authenticate(r: redis.Redis, raw: str, limit: int) -> tuple[keys.KeyInfo, Wi
     return info, window
 
 
-def authorize(r: redis.Redis, raw: str, req: str, amount: int, *, model: str,
+def authorize(r: Store, raw: str, req: str, amount: int, *, model: str,
               limit: int) -> Hold:
     """Authenticate, count the rate window and reserve in one script; return the hold.
 

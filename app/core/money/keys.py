@@ -15,12 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from app.core.money.layout import (
     EMBEDDABLE,
     KEY_ACCOUNT,
     KEY_IDS,
+    Store,
     check_account_id,
     key_id_record,
     key_pointer,
@@ -107,7 +106,7 @@ def embedded_account(raw: str) -> str | None:
     return acct if EMBEDDABLE.match(acct) else None
 
 
-def account_of(r: redis.Redis, raw: str) -> str | None:
+def account_of(r: Store, raw: str) -> str | None:
     """Return the account a raw key belongs to, if it can be one (the older form: a lookup)."""
     if not plausible(raw):
         return None
@@ -120,7 +119,7 @@ def new_raw_key(acct: str) -> str:
     return f"{PREFIX}{acct}-{secret}" if EMBEDDABLE.match(acct) else PREFIX + secret
 
 
-def create_key(r: redis.Redis, acct: str, name: str = "") -> tuple[str, KeyInfo]:
+def create_key(r: Store, acct: str, name: str = "") -> tuple[str, KeyInfo]:
     """Issue a new key for an account; return (raw key, info). Indexes are written first."""
     check_account_id(acct)
     raw = new_raw_key(acct)
@@ -138,7 +137,7 @@ def create_key(r: redis.Redis, acct: str, name: str = "") -> tuple[str, KeyInfo]
     return raw, KeyInfo(key_id, acct, name, mask(raw))
 
 
-def lookup(r: redis.Redis, raw: str) -> KeyInfo | None:
+def lookup(r: Store, raw: str) -> KeyInfo | None:
     """Return the key's info when it is valid, else None."""
     acct = account_of(r, raw)
     if acct is None:
@@ -147,7 +146,7 @@ def lookup(r: redis.Redis, raw: str) -> KeyInfo | None:
     return _info(data) if data and data.get("acct") == acct else None
 
 
-def lookup_and_hit(r: redis.Redis, raw: str, limit: int,
+def lookup_and_hit(r: Store, raw: str, limit: int,
                    window_s: int = 60) -> tuple[KeyInfo | None, Window]:
     """Look a key up and count one request in its window, in one script.
 
@@ -174,12 +173,13 @@ def _info(data: dict[str, str]) -> KeyInfo:
     return KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
 
 
-def key_account(r: redis.Redis, key_id: str) -> str | None:
+def key_account(r: Store, key_id: str) -> str | None:
     """Return the account of a key id, or None."""
-    return r.hget(KEY_ACCOUNT, key_id)
+    found = r.hget(KEY_ACCOUNT, key_id)
+    return str(found) if found is not None else None
 
 
-def revoke(r: redis.Redis, key_id: str) -> bool:
+def revoke(r: Store, key_id: str) -> bool:
     """Revoke a key at once; return False when no such live key (or another revoke won)."""
     acct = key_account(r, key_id)
     if acct is None:
@@ -193,7 +193,7 @@ def revoke(r: redis.Redis, key_id: str) -> bool:
     return True
 
 
-def rotate(r: redis.Redis, key_id: str) -> tuple[str, KeyInfo] | None:
+def rotate(r: Store, key_id: str) -> tuple[str, KeyInfo] | None:
     """Revoke a key and issue its replacement; of concurrent rotations only one issues a key."""
     acct = key_account(r, key_id)
     data = r.hgetall(key_id_record(acct, key_id)) if acct else {}
@@ -202,7 +202,7 @@ def rotate(r: redis.Redis, key_id: str) -> tuple[str, KeyInfo] | None:
     return create_key(r, acct, data.get("name", ""))
 
 
-def list_keys(r: redis.Redis, acct: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+def list_keys(r: Store, acct: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
     """Return key records (masked, never the hash) newest first."""
     if acct:
         pairs = [(acct, k) for k in sorted(r.smembers(keys_set(acct)))]
@@ -222,7 +222,7 @@ def list_keys(r: redis.Redis, acct: str | None = None, limit: int = 500) -> list
     return rows
 
 
-def live_key_id(r: redis.Redis, acct: str) -> str | None:
+def live_key_id(r: Store, acct: str) -> str | None:
     """Return the newest unrevoked key id of an account."""
     rows = [k for k in list_keys(r, acct) if not k["revoked"]]
     rows.sort(key=lambda k: int(k.get("created", 0)))

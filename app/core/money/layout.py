@@ -50,6 +50,12 @@ one slot and authenticates, rate-limits and reserves in one script.
 from __future__ import annotations
 
 import re
+from typing import Any, TypeAlias
+
+# A money store client: redis.Redis or redis.cluster.RedisCluster (or a Sentinel master), always
+# with decode_responses=True. redis-py types its replies as bytes | str | Awaitable…, which says
+# nothing here, so the client is Any and the values read from it are converted where used.
+Store: TypeAlias = Any
 
 MAX_UNITS = 2**53 - 1  # every integer a script accepts stays below 2**53 (exact in Lua)
 DONE_KEEP_MS = 7 * 86400 * 1000

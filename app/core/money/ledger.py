@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-
 from app.core.money import wallet
 from app.core.money.layout import (
     ACCOUNTS,
     HOLDERS,
     KEY_ACCOUNT,
+    Store,
     acct_key,
     holds_key,
     key_id_record,
@@ -38,7 +37,7 @@ def _entry(acct: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     return {"id": entry_id, "acct": acct, **fields, "amount": int(fields["amount"])}
 
 
-def account_ids(r: redis.Redis) -> list[str]:
+def account_ids(r: Store) -> list[str]:
     """Return every account id the store knows: the index, and any account or ledger key."""
     found = set(r.zrange(ACCOUNTS, 0, -1))
     for pattern in ("xy:{*}:acct", "xy:{*}:ledger"):
@@ -47,7 +46,7 @@ def account_ids(r: redis.Redis) -> list[str]:
     return sorted(found)
 
 
-def ledger_entries(r: redis.Redis, acct: str | None = None,
+def ledger_entries(r: Store, acct: str | None = None,
                    batch: int = 1000) -> Iterator[dict[str, Any]]:
     """Yield every ledger entry of one account in order (or of every account, one by one)."""
     for owner in [acct] if acct is not None else account_ids(r):
@@ -61,13 +60,13 @@ def ledger_entries(r: redis.Redis, acct: str | None = None,
             start = "(" + rows[-1][0]
 
 
-def recent_ledger(r: redis.Redis, acct: str, limit: int = 50) -> list[dict[str, Any]]:
+def recent_ledger(r: Store, acct: str, limit: int = 50) -> list[dict[str, Any]]:
     """Return an account's newest ledger entries, newest first."""
     rows = r.xrevrange(ledger_key(acct), "+", "-", count=limit)
     return [_entry(acct, entry_id, fields) for entry_id, fields in rows]
 
 
-def recent_requests(r: redis.Redis, accounts: int = 50, per_account: int = 100,
+def recent_requests(r: Store, accounts: int = 50, per_account: int = 100,
                     limit: int = 200) -> list[dict[str, Any]]:
     """Return the newest settled requests of the most recently active accounts, newest first."""
     owners = r.zrevrange(HOLDERS, 0, accounts - 1)
@@ -81,7 +80,7 @@ def recent_requests(r: redis.Redis, accounts: int = 50, per_account: int = 100,
     return rows[:limit]
 
 
-def verify(r: redis.Redis) -> list[str]:
+def verify(r: Store) -> list[str]:
     """Check every account (sum(ledger) == balance >= 0) and every key; return the problems.
 
     Also reports what the indexes or the ledgers know but the store has lost: an account
@@ -102,7 +101,7 @@ def verify(r: redis.Redis) -> list[str]:
     return problems + verify_keys(r)
 
 
-def verify_keys(r: redis.Redis) -> list[str]:
+def verify_keys(r: Store) -> list[str]:
     """Report keys whose record or (while live) lookup hash is gone."""
     problems = []
     for key_id, acct in sorted(r.hgetall(KEY_ACCOUNT).items()):
@@ -114,7 +113,7 @@ def verify_keys(r: redis.Redis) -> list[str]:
     return problems
 
 
-def open_holds(r: redis.Redis) -> int:
+def open_holds(r: Store) -> int:
     """Return how many holds are open (over the accounts that held lately)."""
     owners = r.zrange(HOLDERS, 0, -1)
     pipe = r.pipeline(transaction=False)
@@ -123,7 +122,7 @@ def open_holds(r: redis.Redis) -> int:
     return sum(pipe.execute()) if owners else 0
 
 
-def release_stale(r: redis.Redis, older_than_s: int = 900) -> int:
+def release_stale(r: Store, older_than_s: int = 900) -> int:
     """Release holds a crashed process left open for `older_than_s`; return how many."""
     now = wallet.now_ms()
     cutoff = now - older_than_s * 1000

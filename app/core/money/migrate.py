@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
-
 from app.core.money import layout
+from app.core.money.layout import Store
 from app.core.money.ledger import verify
 
 OLD_LEDGER = "xy:ledger"
@@ -34,7 +33,7 @@ def old_layout_present(r: Any, thorough: bool = False) -> bool:
     return thorough and any(True for _ in r.scan_iter(match="xy:acct:*", count=1000))
 
 
-def _old_accounts(r: redis.Redis) -> set[str]:
+def _old_accounts(r: Store) -> set[str]:
     found = set(r.zrange(layout.ACCOUNTS, 0, -1))
     for name in r.scan_iter(match="xy:acct:*", count=1000):
         if not name.endswith(":keys"):
@@ -42,7 +41,7 @@ def _old_accounts(r: redis.Redis) -> set[str]:
     return found
 
 
-def _copy_ledger(r: redis.Redis) -> dict[str, str]:
+def _copy_ledger(r: Store) -> dict[str, str]:
     """Copy each entry to its account's stream (same id); return req -> account of settles."""
     owners: dict[str, str] = {}
     last: dict[str, str] = {}
@@ -63,7 +62,7 @@ def _after(a: str, b: str) -> bool:
     return tuple(map(int, a.split("-"))) > tuple(map(int, b.split("-")))
 
 
-def _copy_account(r: redis.Redis, acct: str) -> None:
+def _copy_account(r: Store, acct: str) -> None:
     old = r.hgetall(f"xy:acct:{acct}")
     if old and not r.exists(layout.acct_key(acct)):
         r.hset(layout.acct_key(acct), mapping=old)
@@ -80,7 +79,7 @@ def _copy_account(r: redis.Redis, acct: str) -> None:
             r.set(layout.key_pointer(record["hash"]), acct)
 
 
-def _copy_markers(r: redis.Redis, owners: dict[str, str]) -> None:
+def _copy_markers(r: Store, owners: dict[str, str]) -> None:
     for name in r.scan_iter(match="xy:resv:*", count=1000):
         if name == OLD_PENDING:
             continue
@@ -105,12 +104,12 @@ def _copy_markers(r: redis.Redis, owners: dict[str, str]) -> None:
             r.hset(name, "credited", 1)
 
 
-def _ms(r: redis.Redis) -> int:
+def _ms(r: Store) -> int:
     seconds, micros = r.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def _rename_bot_keys(r: redis.Redis) -> int:
+def _rename_bot_keys(r: Store) -> int:
     moved = 0
     for prefix in BOT_PREFIXES:
         for name in list(r.scan_iter(match=prefix + "*", count=1000)):
@@ -123,7 +122,7 @@ def _rename_bot_keys(r: redis.Redis) -> int:
     return moved
 
 
-def _delete_old(r: redis.Redis, accounts: set[str]) -> None:
+def _delete_old(r: Store, accounts: set[str]) -> None:
     names: list[str] = [OLD_LEDGER, OLD_PENDING]
     for acct in accounts:
         names += [f"xy:acct:{acct}", f"xy:acct:{acct}:keys"]
@@ -134,7 +133,7 @@ def _delete_old(r: redis.Redis, accounts: set[str]) -> None:
         r.delete(*names[start:start + 500])
 
 
-def migrate(r: redis.Redis) -> dict[str, Any]:
+def migrate(r: Store) -> dict[str, Any]:
     """Move the old layout to the new one; return what was done (or raise on a mismatch)."""
     if not old_layout_present(r, thorough=True):
         return {"migrated": False}

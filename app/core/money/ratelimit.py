@@ -10,8 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-import redis
-
+from app.core.money.layout import Store
 from app.core.money.scripts import Arg, Id, declare, run
 
 # window(key, now, window_ms, limit, member) -> wait_ms (0: counted), remaining, reset_ms
@@ -68,13 +67,13 @@ def to_window(limit: int, reply: list[int]) -> Window:
     return Window(wait_seconds(wait_ms), limit, remaining, reset)
 
 
-def check(r: redis.Redis, subject: str, limit: int, window_s: int = 60) -> Window:
+def check(r: Store, subject: str, limit: int, window_s: int = 60) -> Window:
     """Count one request in the subject's window; return the outcome (limit <= 0: off)."""
     if limit <= 0:
         return Window()
     return to_window(limit, run(r, WINDOW, [f"xy:rl:{subject}"], window_args(limit, window_s)))
 
 
-def hit(r: redis.Redis, subject: str, limit: int, window_s: int = 60) -> int:
+def hit(r: Store, subject: str, limit: int, window_s: int = 60) -> int:
     """Count one request; return 0 when allowed, else whole seconds to wait (>= 1)."""
     return check(r, subject, limit, window_s).wait

@@ -24,7 +24,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from app.core.money.layout import MAX_UNITS
+from app.core.money.layout import MAX_UNITS, Store
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -146,7 +146,7 @@ def _replicas_missing(client: Any, wanted: int, got: int) -> None:
     setattr(client, WAIT_SKIP_ATTR, time.monotonic() + WAIT_SKIP_S)
 
 
-def run(r: redis.Redis, script: MoneyScript, keys: Sequence[str], args: Sequence[Any],
+def run(r: Store, script: MoneyScript, keys: Sequence[str], args: Sequence[Any],
         before: Sequence[tuple[Any, ...]] = ()) -> Any:
     """Run a money script in one round trip, after `before` (idempotent index writes).
 
@@ -192,7 +192,7 @@ def run(r: redis.Redis, script: MoneyScript, keys: Sequence[str], args: Sequence
 _plain: dict[tuple[int, str], Script] = {}
 
 
-def script(client: redis.Redis, source: str) -> Script:
+def script(client: Store, source: str) -> Script:
     """Return a registered non-money script (EVALSHA with automatic reload), once per client."""
     key = (id(client), source)
     found = _plain.get(key)

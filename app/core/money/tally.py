@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from app.core.money.layout import STATS, usage_key
+from app.core.money.layout import STATS, Store, usage_key
 
 log = logging.getLogger(__name__)
 FLUSH_S = 1.0
@@ -31,7 +31,7 @@ KINDS = ("reserved", "settled", "released", "topup", "redeem")
 class Tally:
     """One client's counts not yet added to the store."""
 
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: Store) -> None:
         self.r = weakref.ref(r)
         self.lock = threading.Lock()
         self.money: Counter[str] = Counter()
@@ -85,7 +85,7 @@ _tallies: weakref.WeakKeyDictionary[Any, Tally] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
-def add(r: redis.Redis, money: dict[str, int],
+def add(r: Store, money: dict[str, int],
         usage: tuple[str, str, int, int] | None = None) -> None:
     """Count what a script moved on this client's store."""
     with _lock:
@@ -95,7 +95,7 @@ def add(r: redis.Redis, money: dict[str, int],
     found.add(money, usage)
 
 
-def flush(r: redis.Redis | None = None) -> None:
+def flush(r: Store | None = None) -> None:
     """Add this process's pending counts now (of one client, or of every client)."""
     with _lock:
         pending = [t for c, t in _tallies.items() if r is None or c is r]
@@ -106,14 +106,14 @@ def flush(r: redis.Redis | None = None) -> None:
 atexit.register(flush)
 
 
-def money_stats(r: redis.Redis) -> dict[str, int]:
+def money_stats(r: Store) -> dict[str, int]:
     """Return the units moved by kind, across every process."""
     flush(r)
     found = {k: int(v) for k, v in r.hgetall(STATS).items()}
     return {kind: found.get(kind, 0) for kind in KINDS}
 
 
-def usage_by_day(r: redis.Redis, days: list[str]) -> dict[str, dict[str, int]]:
+def usage_by_day(r: Store, days: list[str]) -> dict[str, dict[str, int]]:
     """Return {yyyymmdd: {model:field: n}} for the given days."""
     flush(r)
     pipe = r.pipeline(transaction=False)

@@ -13,8 +13,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from app.core.money import tally
 from app.core.money.layout import (
     ACCOUNTS,
@@ -22,6 +20,7 @@ from app.core.money.layout import (
     HOLDERS,
     MAX_UNITS,
     BadAccountId,
+    Store,
     WalletError,
     acct_key,
     check_account_id,
@@ -160,7 +159,7 @@ def _units(value: int, name: str, low: int = 0) -> int:
     return value
 
 
-def create_account(r: redis.Redis, acct: str | None = None, *, kind: str = "api",
+def create_account(r: Store, acct: str | None = None, *, kind: str = "api",
                    name: str = "", initial: int = 0, note: str = "initial credit") -> str:
     """Create an account (with an optional initial credit) unless it exists; return its id."""
     acct = check_account_id(acct or new_account_id())
@@ -173,7 +172,7 @@ def create_account(r: redis.Redis, acct: str | None = None, *, kind: str = "api"
     return acct
 
 
-def get_account(r: redis.Redis, acct: str) -> dict[str, Any] | None:
+def get_account(r: Store, acct: str) -> dict[str, Any] | None:
     """Return an account's fields with integer money, or None (also for an impossible id)."""
     try:
         data: dict[str, Any] = r.hgetall(acct_key(acct))
@@ -187,7 +186,7 @@ def get_account(r: redis.Redis, acct: str) -> dict[str, Any] | None:
     return data
 
 
-def balance(r: redis.Redis, acct: str) -> int:
+def balance(r: Store, acct: str) -> int:
     """Return the balance in units (0 for an unknown account)."""
     try:
         value = r.hget(acct_key(acct), "balance")
@@ -206,7 +205,7 @@ _marked: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDiction
 _marked_lock = threading.Lock()
 
 
-def holder_writes(r: redis.Redis, acct: str, now: int) -> list[tuple[Any, ...]]:
+def holder_writes(r: Store, acct: str, now: int) -> list[tuple[Any, ...]]:
     """Return the HOLDERS write a hold must be preceded by (none when done lately here)."""
     with _marked_lock:
         seen = _marked.setdefault(r, {})
@@ -215,7 +214,7 @@ def holder_writes(r: redis.Redis, acct: str, now: int) -> list[tuple[Any, ...]]:
     return [("ZADD", HOLDERS, now, acct)]
 
 
-def holder_written(r: redis.Redis, acct: str, now: int) -> None:
+def holder_written(r: Store, acct: str, now: int) -> None:
     """Remember that this process marked the account in HOLDERS at `now`."""
     with _marked_lock:
         seen = _marked.setdefault(r, {})
@@ -224,7 +223,7 @@ def holder_written(r: redis.Redis, acct: str, now: int) -> None:
         seen[acct] = now
 
 
-def reserve(r: redis.Redis, acct: str, req: str, amount: int, *, key_id: str = "",
+def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
             model: str = "") -> Reserved:
     """Hold `amount` units for request `req`, atomically; refuse when the balance is short."""
     _units(amount, "amount")
@@ -240,7 +239,7 @@ def reserve(r: redis.Redis, acct: str, req: str, amount: int, *, key_id: str = "
     return reserved(r, res, amount, acct)
 
 
-def reserved(r: redis.Redis, res: list[Any], amount: int, acct: str) -> Reserved:
+def reserved(r: Store, res: list[Any], amount: int, acct: str) -> Reserved:
     """Turn the reserve function's reply into a Reserved (tallying a hold); NoAccount if none."""
     code = int(res[0])
     if code == 1:
@@ -252,7 +251,7 @@ def reserved(r: redis.Redis, res: list[Any], amount: int, acct: str) -> Reserved
     return Reserved(False, int(res[1]) if len(res) > 1 else 0, reason)
 
 
-def settle(r: redis.Redis, acct: str, req: str, cost: int, *, prompt_tokens: int = 0,
+def settle(r: Store, acct: str, req: str, cost: int, *, prompt_tokens: int = 0,
            completion_tokens: int = 0, kind: str = "settle",
            max_ts: int = MAX_UNITS) -> int | None:
     """Charge `cost` and release the rest of the hold; None if nothing (old enough) is open."""
@@ -269,12 +268,12 @@ def settle(r: redis.Redis, acct: str, req: str, cost: int, *, prompt_tokens: int
     return charged
 
 
-def release(r: redis.Redis, acct: str, req: str) -> None:
+def release(r: Store, acct: str, req: str) -> None:
     """Give a whole reservation back (the upstream failed)."""
     settle(r, acct, req, 0, kind="refund")
 
 
-def topup(r: redis.Redis, acct: str, amount: int, *, kind: str = "topup", note: str = "",
+def topup(r: Store, acct: str, amount: int, *, kind: str = "topup", note: str = "",
           ref: str = "") -> tuple[bool, int]:
     """Credit an account; with `ref`, at most once per ref. Return (credited now, balance)."""
     if not isinstance(amount, int) or amount <= 0:
