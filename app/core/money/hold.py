@@ -135,16 +135,18 @@ def authorize(r: Store, raw: str, req: str, amount: int, *, model: str,
     digest = keys.hash_key(raw)
     args = window_args(max(limit, 0))
     now = int(args[0])
+    before = wallet.holder_writes(r, acct, now)
     try:
         res = run(r, AUTHORIZE,
                   [key_record(acct, digest), window_key(acct, digest),
                    *wallet.hold_keys(acct, req)],
-                  [acct, *args, req, amount, model], before=wallet.holder_writes(r, acct, now))
+                  [acct, *args, req, amount, model], before=before)
     except IndexWriteFailed as exc:
         if int(exc.reply[0]) == 2 and int(exc.reply[2][0]) == 1:
             wallet.release(r, acct, req)  # never leave a hold the sweep cannot find
         raise
-    wallet.holder_written(r, acct, now)
+    if before:
+        wallet.holder_written(r, acct, now)
     if int(res[0]) == 0:
         raise _invalid()
     info = keys.info_from_fields(res[1])

@@ -49,6 +49,7 @@ one slot and authenticates, rate-limits and reserves in one script.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, TypeAlias
 
@@ -85,6 +86,7 @@ def check_account_id(acct: str) -> str:
     return acct
 
 
+@functools.lru_cache(maxsize=65536)
 def tag(acct: str) -> str:
     """Return the prefix of every key of an account: ``xy:{A}:``."""
     return f"xy:{{{check_account_id(acct)}}}:"

@@ -41,12 +41,14 @@ class Tally:
     def add(self, money: dict[str, int], usage: tuple[str, str, int, int] | None) -> None:
         """Count money moved (and one request's usage), flushing within FLUSH_S."""
         with self.lock:
-            self.money.update({k: v for k, v in money.items() if v})
+            for kind, units in money.items():
+                self.money[kind] += units
             if usage is not None:
                 day, model, cost, tokens = usage
-                tokens = min(tokens, 2**53)  # a counter must never overflow Redis's int64
-                self.usage.update({(day, f"{model}:cost"): cost, (day, f"{model}:requests"): 1,
-                                   (day, f"{model}:tokens"): tokens})
+                self.usage[(day, model + ":cost")] += cost
+                self.usage[(day, model + ":requests")] += 1
+                # a counter must never overflow Redis's int64
+                self.usage[(day, model + ":tokens")] += min(tokens, 2**53)
             if self.timer is None:
                 self.timer = threading.Timer(FLUSH_S, self.flush)
                 self.timer.daemon = True
@@ -88,10 +90,12 @@ _lock = threading.Lock()
 def add(r: Store, money: dict[str, int],
         usage: tuple[str, str, int, int] | None = None) -> None:
     """Count what a script moved on this client's store."""
-    with _lock:
-        found = _tallies.get(r)
-        if found is None:
-            found = _tallies[r] = Tally(r)
+    found = _tallies.get(r)
+    if found is None:
+        with _lock:
+            found = _tallies.get(r)
+            if found is None:
+                found = _tallies[r] = Tally(r)
     found.add(money, usage)
 
 

@@ -6,6 +6,7 @@ balance, and the balance is never negative (every debit checks and subtracts ins
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 import time
@@ -24,11 +25,9 @@ from app.core.money.layout import (
     WalletError,
     acct_key,
     check_account_id,
-    done_key,
-    holds_key,
     ledger_key,
     refs_key,
-    resv_key,
+    tag,
 )
 from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
 
@@ -142,10 +141,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@functools.lru_cache(maxsize=4)
+def _day_of_hour(hour: int) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(hour * 3600 + 8 * 3600))
+
+
 def china_day(ts_ms: int | None = None) -> str:
     """Return the date in China (UTC+8) as yyyymmdd, of ts_ms or now."""
     ts = time.time() if ts_ms is None else ts_ms / 1000
-    return time.strftime("%Y%m%d", time.gmtime(ts + 8 * 3600))
+    return _day_of_hour(int(ts // 3600))
 
 
 def new_account_id() -> str:
@@ -196,9 +200,10 @@ def balance(r: Store, acct: str) -> int:
 
 
 def hold_keys(acct: str, req: str) -> list[str]:
-    """Return the KEYS of RESERVE and SETTLE for one hold."""
-    return [acct_key(acct), resv_key(acct, req), holds_key(acct), ledger_key(acct),
-            done_key(acct)]
+    """Return the KEYS of RESERVE and SETTLE for one hold (acct, resv, holds, ledger, done)."""
+    prefix = tag(acct)
+    return [prefix + "acct", f"{prefix}resv:{req}", prefix + "holds", prefix + "ledger",
+            prefix + "done"]
 
 
 _marked: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
@@ -228,14 +233,16 @@ def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
     """Hold `amount` units for request `req`, atomically; refuse when the balance is short."""
     _units(amount, "amount")
     now = now_ms()
+    before = holder_writes(r, acct, now)
     try:
         res = run(r, RESERVE, hold_keys(acct, req), [req, amount, now, key_id, model],
-                  before=holder_writes(r, acct, now))
+                  before=before)
     except IndexWriteFailed as exc:
         if int(exc.reply[0]) == 1:  # never leave a hold the sweep cannot find
             release(r, acct, req)
         raise
-    holder_written(r, acct, now)
+    if before:
+        holder_written(r, acct, now)
     return reserved(r, res, amount, acct)
 
 
