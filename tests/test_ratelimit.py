@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -79,3 +80,31 @@ def test_zero_disables_the_limit(upstream: FakeUpstream, redis_url: str, r: redi
     key, _ = new_key(r)
     headers = {"Authorization": f"Bearer {key}"}
     assert all(client.get("/v1/balance", headers=headers).status_code == 200 for _ in range(30))
+
+
+def test_successful_answers_carry_openai_ratelimit_headers(upstream: FakeUpstream,
+                                                           redis_url: str, r: redis.Redis) -> None:
+    """x-ratelimit-{limit,remaining,reset}-requests as OpenAI sends them, JSON and stream."""
+    client = two_apps(upstream, redis_url, 4)[0].test_client()
+    key, _ = new_key(r)
+    auth = {"Authorization": f"Bearer {key}"}
+    answers = [
+        client.post("/v1/chat/completions", headers=auth, json={
+            "messages": [{"role": "user", "content": "hi"}]}),
+        client.post("/v1/chat/completions", headers=auth, json={
+            "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+        client.post("/v1/embeddings", headers=auth, json={
+            "model": "text-embedding-ada-002", "input": "hi"}),
+        client.get("/index.php/api/v1/models", headers=auth),
+    ]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert answers[1].mimetype == "text/event-stream" and b"[DONE]" in answers[1].data
+    for left, answer in zip((3, 2, 1, 0), answers, strict=True):
+        assert answer.headers["x-ratelimit-limit-requests"] == "4"
+        assert answer.headers["x-ratelimit-remaining-requests"] == str(left)
+        reset = answer.headers["x-ratelimit-reset-requests"]
+        assert re.fullmatch(r"(\d+m)?\d+(\.\d+)?s|\d+ms", reset), reset  # Go duration: 1m0s
+    refused = client.get("/v1/models", headers=auth)
+    assert refused.status_code == 429 and "x-ratelimit-limit-requests" not in refused.headers
+    unlimited = two_apps(upstream, redis_url, 0)[0].test_client()
+    assert "x-ratelimit-limit-requests" not in unlimited.get("/v1/models", headers=auth).headers

@@ -177,3 +177,17 @@ def test_money_keys_never_carry_a_ttl(r: redis.Redis, client: Any, funded: tuple
             assert r.pttl(name) == -1, name
     assert seen == set(MONEY_PATTERNS)  # the workload made every kind of money key
     assert ledger.verify(r) == []
+
+
+def test_verify_names_lost_accounts_and_keys(r: redis.Redis) -> None:
+    acct = wallet.create_account(r, initial=300)
+    raw, info = keys.create_key(r, acct)
+    _, other = keys.create_key(r, acct)
+    assert ledger.verify(r) == []
+    r.delete(f"xy:{{{acct}}}:key:{keys.hash_key(raw)}")  # a live key's lookup hash evicted
+    r.delete(f"xy:{{{acct}}}:keyid:{other.id}")  # another key's record evicted
+    r.delete(f"xy:{{{acct}}}:acct")  # and the account itself
+    problems = ledger.verify(r)
+    assert f"{acct}: account lost (it has ledger entries but its hash is gone)" in problems
+    assert f"{acct}: key {info.id} lost (live, its lookup hash is gone)" in problems
+    assert f"{acct}: key {other.id} lost (indexed, its record is gone)" in problems

@@ -1,6 +1,6 @@
 """Races: 64 concurrent spenders on one wallet, one code for many users, key rotation in flight.
 
-After each: no negative balance, sum(ledger) == balance for every account (wallet.verify).
+After each: no negative balance, sum(ledger) == balance for every account (ledger.verify).
 """
 
 from __future__ import annotations
