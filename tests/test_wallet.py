@@ -192,3 +192,17 @@ def test_hold_covers_everything_the_upstream_may_bill(case: str, client: Any, r:
     resp = client.post(path, json=fewer, headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 200, resp.json
     assert ledger.verify(r) == []
+
+
+def test_holders_index_is_written_before_holds_and_pruned_when_idle(r: redis.Redis) -> None:
+    """Every account with a hold is in xy:holders (the sweep's index); idle ones leave it."""
+    busy, idle = wallet.create_account(r, initial=1000), wallet.create_account(r, initial=1000)
+    assert wallet.reserve(r, busy, "open", 100).ok and wallet.reserve(r, idle, "done", 100).ok
+    wallet.settle(r, idle, "done", 50)
+    assert set(r.zrange(layout.HOLDERS, 0, -1)) == {busy, idle}
+    assert ledger.release_stale(r) == 0 and r.zcard(layout.HOLDERS) == 2  # marked lately: kept
+    r.zadd(layout.HOLDERS, {busy: 1, idle: 1})  # both marked long ago
+    assert ledger.release_stale(r) == 0
+    assert r.zrange(layout.HOLDERS, 0, -1) == [busy]  # an open hold keeps its account listed
+    assert ledger.release_stale(r, older_than_s=-1) == 1 and r.zcard(layout.HOLDERS) == 0
+    assert wallet.balance(r, busy) == 1000 and ledger.verify(r) == []

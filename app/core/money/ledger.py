@@ -122,16 +122,26 @@ def open_holds(r: Store) -> int:
     return sum(pipe.execute()) if owners else 0
 
 
-def release_stale(r: Store, older_than_s: int = 900) -> int:
+def release_stale(r: Store, older_than_s: int = 900, batch: int = 500) -> int:
     """Release holds a crashed process left open for `older_than_s`; return how many."""
     now = wallet.now_ms()
     cutoff = now - older_than_s * 1000
     count = 0
-    for owner, score in r.zrange(HOLDERS, 0, -1, withscores=True):
-        for req in r.zrangebyscore(holds_key(owner), "-inf", cutoff):
-            # max_ts: a hold opened again since (a bot job's retry) is left alone
-            if wallet.settle(r, owner, req, 0, kind="refund", max_ts=cutoff) is not None:
-                count += 1
-        if score <= now - HOLDER_GRACE_MS and not r.zcard(holds_key(owner)):
-            script(r, DROP_HOLDER)(keys=[HOLDERS], args=[owner, now - HOLDER_GRACE_MS])
+    holders = r.zrange(HOLDERS, 0, -1, withscores=True)
+    for start in range(0, len(holders), batch):
+        chunk = holders[start:start + batch]
+        pipe = r.pipeline(transaction=False)
+        for owner, _ in chunk:
+            pipe.zrangebyscore(holds_key(owner), "-inf", cutoff)
+            pipe.zcard(holds_key(owner))
+        found = pipe.execute()
+        for i, (owner, score) in enumerate(chunk):
+            stale, open_now = found[2 * i], found[2 * i + 1]
+            for req in stale:
+                # max_ts: a hold opened again since (a bot job's retry) is left alone
+                if wallet.settle(r, owner, req, 0, kind="refund", max_ts=cutoff) is not None:
+                    count += 1
+                    open_now -= 1
+            if score <= now - HOLDER_GRACE_MS and open_now <= 0 and not r.zcard(holds_key(owner)):
+                script(r, DROP_HOLDER)(keys=[HOLDERS], args=[owner, now - HOLDER_GRACE_MS])
     return count
