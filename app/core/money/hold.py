@@ -17,7 +17,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from app.core.errors import InsufficientQuota, InvalidKey, RateLimited
-from app.core.money import keys, wallet
+from app.core.money import holders, keys, wallet
 from app.core.money.layout import MAX_UNITS, Store, key_record, window_key
 from app.core.money.ratelimit import WINDOW_FN, Window, to_window, window_args
 from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
@@ -135,7 +135,7 @@ def authorize(r: Store, raw: str, req: str, amount: int, *, model: str,
     digest = keys.hash_key(raw)
     args = window_args(max(limit, 0))
     now = int(args[0])
-    before = wallet.holder_writes(r, acct, now)
+    before = holders.writes(r, acct, now)
     try:
         res = run(r, AUTHORIZE,
                   [key_record(acct, digest), window_key(acct, digest),
@@ -146,7 +146,7 @@ def authorize(r: Store, raw: str, req: str, amount: int, *, model: str,
             wallet.release(r, acct, req)  # never leave a hold the sweep cannot find
         raise
     if before:
-        wallet.holder_written(r, acct, now)
+        holders.written(r, acct, now)
     if int(res[0]) == 0:
         raise _invalid()
     info = keys.info_from_fields(res[1])

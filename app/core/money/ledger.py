@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from app.core.money import wallet
+from app.core.money import holders, wallet
 from app.core.money.layout import (
     ACCOUNTS,
     HOLDERS,
@@ -21,16 +21,6 @@ from app.core.money.layout import (
     key_record,
     ledger_key,
 )
-from app.core.money.scripts import script
-
-HOLDER_GRACE_MS = 600_000  # an account leaves HOLDERS this long after its last hold, if none open
-
-# KEYS[1]=holders; ARGV: account, cutoff -> 1 dropped | 0 kept (marked again since the cutoff)
-DROP_HOLDER = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return 0
-"""
 
 
 def _entry(acct: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
@@ -127,9 +117,9 @@ def release_stale(r: Store, older_than_s: int = 900, batch: int = 500) -> int:
     now = wallet.now_ms()
     cutoff = now - older_than_s * 1000
     count = 0
-    holders = r.zrange(HOLDERS, 0, -1, withscores=True)
-    for start in range(0, len(holders), batch):
-        chunk = holders[start:start + batch]
+    listed = r.zrange(HOLDERS, 0, -1, withscores=True)
+    for start in range(0, len(listed), batch):
+        chunk = listed[start:start + batch]
         pipe = r.pipeline(transaction=False)
         for owner, _ in chunk:
             pipe.zrangebyscore(holds_key(owner), "-inf", cutoff)
@@ -142,6 +132,6 @@ def release_stale(r: Store, older_than_s: int = 900, batch: int = 500) -> int:
                 if wallet.settle(r, owner, req, 0, kind="refund", max_ts=cutoff) is not None:
                     count += 1
                     open_now -= 1
-            if score <= now - HOLDER_GRACE_MS and open_now <= 0 and not r.zcard(holds_key(owner)):
-                script(r, DROP_HOLDER)(keys=[HOLDERS], args=[owner, now - HOLDER_GRACE_MS])
+            if open_now <= 0:
+                holders.drop_if_idle(r, owner, score, now)
     return count

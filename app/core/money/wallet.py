@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import functools
 import secrets
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from app.core.money import tally
+from app.core.money import holders, tally
 from app.core.money.layout import (
     ACCOUNTS,
     DONE_KEEP_MS,
-    HOLDERS,
     MAX_UNITS,
     BadAccountId,
     Store,
@@ -31,7 +28,6 @@ from app.core.money.layout import (
 )
 from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
 
-HOLDER_REFRESH_MS = 60_000  # a process re-marks an account in HOLDERS at most this often
 ACCOUNT_KINDS = ("api", "wechat")
 
 CREATE = declare(
@@ -206,34 +202,12 @@ def hold_keys(acct: str, req: str) -> list[str]:
             prefix + "done"]
 
 
-_marked: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
-_marked_lock = threading.Lock()
-
-
-def holder_writes(r: Store, acct: str, now: int) -> list[tuple[Any, ...]]:
-    """Return the HOLDERS write a hold must be preceded by (none when done lately here)."""
-    with _marked_lock:
-        seen = _marked.setdefault(r, {})
-        if now - seen.get(acct, -HOLDER_REFRESH_MS) < HOLDER_REFRESH_MS:
-            return []
-    return [("ZADD", HOLDERS, now, acct)]
-
-
-def holder_written(r: Store, acct: str, now: int) -> None:
-    """Remember that this process marked the account in HOLDERS at `now`."""
-    with _marked_lock:
-        seen = _marked.setdefault(r, {})
-        if len(seen) > 100_000:
-            seen.clear()
-        seen[acct] = now
-
-
 def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
             model: str = "") -> Reserved:
     """Hold `amount` units for request `req`, atomically; refuse when the balance is short."""
     _units(amount, "amount")
     now = now_ms()
-    before = holder_writes(r, acct, now)
+    before = holders.writes(r, acct, now)
     try:
         res = run(r, RESERVE, hold_keys(acct, req), [req, amount, now, key_id, model],
                   before=before)
@@ -242,7 +216,7 @@ def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
             release(r, acct, req)
         raise
     if before:
-        holder_written(r, acct, now)
+        holders.written(r, acct, now)
     return reserved(r, res, amount, acct)
 
 
