@@ -21,6 +21,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from app import create_app
 from app.bot import users
+from app.core import money
 from app.core.config import ConfigError, Settings
 from app.core.money import codes, keys, ledger, wallet
 from app.edges import durability, pay
@@ -183,11 +184,18 @@ def test_verify_names_lost_accounts_and_keys(r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=300)
     raw, info = keys.create_key(r, acct)
     _, other = keys.create_key(r, acct)
+    with money.authorize(r, keys.create_key(r, acct)[0], "req-v", 10, model="m", limit=0) as h:
+        h.settle(5)  # the ledger names this third key
+    every_key = keys.list_keys(r, acct)
     assert ledger.verify(r) == []
     r.delete(f"xy:{{{acct}}}:key:{keys.hash_key(raw)}")  # a live key's lookup hash evicted
     r.delete(f"xy:{{{acct}}}:keyid:{other.id}")  # another key's record evicted
+    used = next(k["id"] for k in every_key if k["id"] not in (info.id, other.id))
+    r.delete(f"xy:{{{acct}}}:keyid:{used}")  # its record...
+    r.hdel("xy:keyacct", used)  # ...and its index entry: only the ledger still knows it
     r.delete(f"xy:{{{acct}}}:acct")  # and the account itself
     problems = ledger.verify(r)
     assert f"{acct}: account lost (it has ledger entries but its hash is gone)" in problems
     assert f"{acct}: key {info.id} lost (live, its lookup hash is gone)" in problems
+    assert f"{acct}: key {used} lost (named by the ledger, its record is gone)" in problems
     assert f"{acct}: key {other.id} lost (indexed, its record is gone)" in problems

@@ -6,7 +6,7 @@ same on one node and on a Redis Cluster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from app.core.money import holders, wallet
@@ -76,9 +76,14 @@ def verify(r: Store) -> list[str]:
     Also reports what the indexes or the ledgers know but the store has lost: an account
     without its hash, a key without its record, a live key without its lookup hash.
     """
-    problems = []
+    problems: list[str] = []
+    used_keys: set[tuple[str, str]] = set()
     for acct in account_ids(r):
-        total = sum(entry["amount"] for entry in ledger_entries(r, acct))
+        total = 0
+        for entry in ledger_entries(r, acct):
+            total += entry["amount"]
+            if entry.get("key", "").startswith("key_"):
+                used_keys.add((entry["key"], acct))
         bal = r.hget(acct_key(acct), "balance")
         if bal is None:
             what = "has ledger entries" if r.exists(ledger_key(acct)) else "is indexed"
@@ -88,16 +93,18 @@ def verify(r: Store) -> list[str]:
             problems.append(f"{acct}: balance {int(bal)} != ledger sum {total}")
         if int(bal) < 0:
             problems.append(f"{acct}: negative balance {int(bal)}")
-    return problems + verify_keys(r)
+    return problems + verify_keys(r, used_keys)
 
 
-def verify_keys(r: Store) -> list[str]:
-    """Report keys whose record or (while live) lookup hash is gone."""
+def verify_keys(r: Store, used: Collection[tuple[str, str]] = ()) -> list[str]:
+    """Report keys (indexed, or named by a ledger entry) whose record or lookup hash is gone."""
     problems = []
-    for key_id, acct in sorted(r.hgetall(KEY_ACCOUNT).items()):
+    indexed = {(k, a) for k, a in r.hgetall(KEY_ACCOUNT).items()}
+    for key_id, acct in sorted(indexed | set(used)):
         record = r.hgetall(key_id_record(acct, key_id))
         if not record:
-            problems.append(f"{acct}: key {key_id} lost (indexed, its record is gone)")
+            known = "indexed" if (key_id, acct) in indexed else "named by the ledger"
+            problems.append(f"{acct}: key {key_id} lost ({known}, its record is gone)")
         elif record.get("revoked") == "0" and not r.exists(key_record(acct, record["hash"])):
             problems.append(f"{acct}: key {key_id} lost (live, its lookup hash is gone)")
     return problems
