@@ -60,7 +60,7 @@ class World:
         values: dict[str, Any] = {
             "acct": self.acct, "now": self.now, "initial": 5, "note": "n", "name": "n",
             "amount": 10, "req": req, "cost": 5, "pt": 1, "ct": 2, "max_ts": layout.MAX_UNITS,
-            "ref": "ref-1", "key_id": "key_x", "model": "gpt-4", "window_ms": 60_000,
+            "ref": "ref-1", "key_id": self.key.id, "model": "gpt-4", "window_ms": 60_000,
             "limit": 100, "member": "m-1", "id": "key_new", "created": self.now,
             "masked": "sk-x…y", "digest": "d" * 64}
         out = []
