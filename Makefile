@@ -31,8 +31,13 @@ lock: | $(BIN)/python
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 -q \
 	  --custom-compile-command "make lock" -o requirements-dev.lock
 
+# make run PORT=8080 HOST=0.0.0.0 ARGS="--workers 4": anything in ARGS goes to `xiaoyi run`.
+PORT ?= 8000
+HOST ?= 127.0.0.1
+ARGS ?=
+
 run: $(RUN_STAMP)
-	$(BIN)/xiaoyi run
+	$(BIN)/xiaoyi run --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check app workers tests bench tools fakes
@@ -40,7 +45,7 @@ lint: $(DEV_STAMP)
 
 # The whole suite, the fault injections included (they fit: about 2 minutes on 2 cores).
 test: $(DEV_STAMP) lint chromium
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "chaos or not chaos"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "chaos or not chaos" -rs
 
 # Debian's Chromium for the admin page's browser test (skipped with a reason when not installable).
 chromium:

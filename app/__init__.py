@@ -9,7 +9,7 @@ import redis
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app.core import logs
+from app.core import logs, tokens
 from app.core.config import Settings, load_settings
 from app.core.errors import (
     ApiError,
@@ -25,17 +25,26 @@ from app.edges import durability, store, upstream
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, redis_client: redis.Redis | None = None,
-               **overrides: Any) -> Flask:
-    """Build the Flask app. Settings and a Redis client may be injected (tests)."""
+def create_app(settings: Settings | None = None, redis_client: redis.Redis | None = None, *,
+               check_store: bool = True, **overrides: Any) -> Flask:
+    """Build the Flask app. Settings and a Redis client may be injected (tests).
+
+    check_store=False skips the start-up durability check (for a configuration check on a
+    client that never connects).
+    """
     settings = settings or load_settings(**overrides)
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
-    app.config["MAX_CONTENT_LENGTH"] = settings.relay.get("max_body_bytes", 1 << 20)
+    app.config["MAX_CONTENT_LENGTH"] = settings.relay.get("max_body_bytes", 32 << 20)
     app.config["SECRET_KEY"] = settings.secret_key
     logs.setup(settings.log_level, settings.secrets)
+    # The tokenizer tables load here (~80 ms, once per process): gunicorn builds the app in each
+    # worker after forking (no preload_app), and `xiaoyi run`, rq jobs and tests all call this
+    # factory too, so no request ever pays for the first load.
+    tokens.warm()
     store.init_app(app, redis_client)  # refuses without XIAOYI_REDIS_URL: never a private Redis
-    durability.init_app(app, app.extensions[store.EXTENSION], settings.allow_volatile_store)
+    if check_store:
+        durability.init_app(app, app.extensions[store.EXTENSION], settings.allow_volatile_store)
     upstream.init_app(app, app.extensions[store.EXTENSION])
 
     from app.web import admin, health, openapi, pay_notify, relay, wechat
@@ -61,9 +70,11 @@ def _init_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
+        allow = ", ".join(getattr(exc, "valid_methods", None) or [])
         mapped: dict[int, ApiError] = {
             404: NotFound(f"Unknown route {request.path[:200]}."),
-            405: MethodNotAllowed(f"{request.method} is not allowed on this route."),
+            405: MethodNotAllowed(f"{request.method} is not allowed on this route.",
+                                  headers={"Allow": allow} if allow else None),
             413: RequestTooLarge("The request body is larger than the limit."),
         }
         return _render(mapped.get(exc.code or 400) or InvalidRequest(exc.description or ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,35 @@ from fakes import FakeWeChatAPI, FakeWeChatPay  # noqa: E402
 from fakes.upstream import FakeUpstream  # noqa: E402
 
 UPSTREAM_KEY = "up-secret-KEY-0123456789"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test its own node id, so each one is run and counted once.
+
+    schemathesis' `@schema.parametrize()` makes one item per API operation, named
+    `test_fuzz_quick[POST /v1/chat/completions]`, but all with the node id `…::test_fuzz_quick`;
+    pytest-xdist reports results by node id, so `make test` counted 8 operations as 1 test
+    (546 passed of 560 collected). The item's own name is unique: use it. A duplicate left
+    over is an error rather than a hidden result.
+    """
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        parent, _, last = item.nodeid.rpartition("::")
+        if counts[item.nodeid] > 1 and parent and item.name != last:
+            _set_nodeid(item, f"{parent}::{item.name}")
+    dupes = [nodeid for nodeid, n in Counter(item.nodeid for item in items).items() if n > 1]
+    if dupes:
+        raise pytest.UsageError(f"tests sharing a node id would be counted once: {dupes[:5]}")
+
+
+def _set_nodeid(item: pytest.Item, nodeid: str) -> None:
+    """Replace an item's node id (pytest 9 keeps it structured in `_id`, older ones in `_nodeid`)."""
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9
+        item._nodeid = nodeid
+    else:
+        item._id = NodeId.parse(nodeid)
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +129,7 @@ def fake_pay(fake_pay_server: FakeWeChatPay) -> FakeWeChatPay:
 def make_settings(upstream_url: str, redis_url: str, **env: str) -> Settings:
     """Settings for tests: real Redis, the fake upstream, no .env file."""
     base = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream_url,
-            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests",
+            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789",
             "XIAOYI_LOG_LEVEL": "INFO"}
     return load_settings({**base, **env})
 

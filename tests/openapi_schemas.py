@@ -30,7 +30,10 @@ _DATA_KEYWORDS = frozenset({"example", "examples", "default", "enum", "const"})
 _NAME_MAPS = frozenset(
     {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
 )
-_IGNORED_KEYWORDS = frozenset({"discriminator", "example", "xml", "externalDocs"})
+# $recursiveAnchor (draft 2019-09, CompoundFilter) is dropped; its $recursiveRef "#" becomes a
+# $ref to the schema itself (see _self_refs).
+_IGNORED_KEYWORDS = frozenset({"discriminator", "example", "xml", "externalDocs",
+                               "$recursiveAnchor"})
 
 
 def _openapi_to_jsonschema(node: Any) -> Any:
@@ -98,6 +101,20 @@ def _strict_integers(cls: type[Validator]) -> type[Validator]:
     return extend(cls, type_checker=checker)
 
 
+def _self_refs(node: Any, target: str) -> Any:
+    """Replace each `$recursiveRef: "#"` in a translated schema by a $ref to `target` (in place)."""
+    if isinstance(node, dict):
+        if node.get("$recursiveRef") == "#":
+            node["$ref"] = target
+            del node["$recursiveRef"]
+        for value in node.values():
+            _self_refs(value, target)
+    elif isinstance(node, list):
+        for value in node:
+            _self_refs(value, target)
+    return node
+
+
 @cache
 def _registry() -> tuple[type[Validator], Registry[Any]]:
     """Build the validator class and a registry resolving `#/components/schemas/X` refs."""
@@ -105,7 +122,9 @@ def _registry() -> tuple[type[Validator], Registry[Any]]:
     schemas: dict[str, Any] = dict(doc["schemas"])
     schemas.update(_derived(schemas))
     cls, spec = _dialect(doc)
-    contents = {"components": {"schemas": _openapi_to_jsonschema(schemas)}}
+    translated = {name: _self_refs(_openapi_to_jsonschema(schema), REF_PREFIX + name)
+                  for name, schema in schemas.items()}
+    contents = {"components": {"schemas": translated}}
     registry: Registry[Any] = Registry().with_resource(BASE_URI, spec.create_resource(contents))
     return _strict_integers(cls), registry
 

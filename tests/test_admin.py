@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis
+from admin_kit import BEARER, TOKEN, chat, crawl, csrf_of, login
 from conftest import UPSTREAM_KEY, make_settings, new_key
 from rq import Queue, SimpleWorker
 from rq.exceptions import NoSuchJobError
@@ -20,30 +21,6 @@ from app.core.money import keys, ledger, wallet
 from app.core.money.codes import create_codes, list_codes
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
-
-TOKEN = "admin-token-for-tests"
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
-HELLO = [{"role": "user", "content": "你好 admin"}]
-CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-def csrf_of(client: Any, path: str = "/admin/login") -> str:
-    """Return the CSRF token a page's forms carry."""
-    found = CSRF.search(client.get(path).get_data(as_text=True))
-    assert found, f"no csrf field on {path}"
-    return found[1]
-
-
-def login(client: Any, token: str = TOKEN, next_path: str = "/admin/") -> Any:
-    """Log in through the form; return the response."""
-    return client.post("/admin/login", data={"token": token, "csrf": csrf_of(client),
-                                             "next": next_path})
-
-
-def chat(client: Any, key: str, text: str = "你好 admin") -> Any:
-    """Send one chat completion through the relay."""
-    return client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                       json={"model": "gpt-3.5", "messages": [{"role": "user", "content": text}]})
 
 
 def test_admin_and_metrics_are_404_without_a_token(upstream: FakeUpstream, redis_url: str,
@@ -107,8 +84,9 @@ def test_session_dies_when_the_token_changes(upstream: FakeUpstream, redis_url: 
                                              r: redis.Redis) -> None:
     common = {"XIAOYI_SECRET_KEY": "fixed-cookie-secret-0123456789"}
     old = create_app(make_settings(upstream.url, redis_url, **common), redis_client=r)
-    new = create_app(make_settings(upstream.url, redis_url, XIAOYI_ADMIN_TOKEN="rotated-token",
-                                   **common), redis_client=r)
+    new = create_app(make_settings(upstream.url, redis_url,
+                                   XIAOYI_ADMIN_TOKEN="rotated-admin-token-0123456789", **common),
+                     redis_client=r)
     browser = old.test_client()
     login(browser)
     cookie = browser.get_cookie("xiaoyi_admin")
@@ -234,22 +212,6 @@ SECRETS = {"XIAOYI_WECHAT_APP_SECRET": "wechat-app-secret-0123456789",
            "XIAOYI_WECHAT_PAY_API_KEY": "pay-api-key-0123456789abcdefghij",
            "XIAOYI_WECHAT_TOKEN": "wechat-server-token-0123",
            "XIAOYI_WECHAT_AES_KEY": "AESkey" + "a" * 37, "BACKUP_KEY": "chan-secret-backup-key-987"}
-
-
-def crawl(client: Any, start: str) -> dict[str, str]:
-    """Follow every /admin link from `start` (GET only); return {path: html}."""
-    seen: dict[str, str] = {}
-    todo = [start]
-    while todo and len(seen) < 200:
-        path = todo.pop()
-        if path in seen:
-            continue
-        resp = client.get(path)
-        assert resp.status_code == 200, path
-        seen[path] = resp.get_data(as_text=True)
-        for link in re.findall(r'href="(/admin[^"]*)"', seen[path]):
-            todo.append(link.replace("&amp;", "&"))
-    return seen
 
 
 def test_no_page_shows_a_secret(upstream: FakeUpstream, redis_url: str,

@@ -19,7 +19,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
-TOKEN = "admin-token-for-tests"
+TOKEN = "admin-token-for-tests-0123456789"
 
 
 def ensure_chromium() -> None:

@@ -19,7 +19,7 @@ from app.core.money import ledger, wallet
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
-BEARER = {"Authorization": "Bearer admin-token-for-tests"}
+BEARER = {"Authorization": "Bearer admin-token-for-tests-0123456789"}
 CHAT = "/v1/chat/completions"
 
 
@@ -33,7 +33,7 @@ def second() -> Iterator[FakeUpstream]:
 def make_app(r: redis.Redis, redis_url: str, first: FakeUpstream, backup: FakeUpstream,
              **relay: int) -> Any:
     """An app with channel "a" (tried first) and "b" (priority 1), 1 s cooldown, no probe cache."""
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests"}
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789"}
     channels = [{"name": "a", "base_url": first.url, "api_key": UPSTREAM_KEY, "priority": 0},
                 {"name": "b", "base_url": backup.url, "api_key": UPSTREAM_KEY, "priority": 1}]
     toml = {"channels": channels,

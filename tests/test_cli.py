@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,14 @@ def test_keys_create_list_revoke(cli: Any, r: redis.Redis) -> None:
     made = ok_json(cli("keys", "create", "--name", "demo", "--balance", "2.5", "--json"))
     raw, key_id, acct = made["key"], made["id"], made["account"]
     assert raw.startswith("sk-") and made["masked"] == keys.mask(raw)
+    assert made["balance"] == "2.5000" and made["name"] == "demo"
     assert keys.lookup(r, raw).id == key_id
     assert wallet.balance(r, acct) == 25_000
     listed = ok_json(cli("keys", "list", "--json"))["keys"]
-    assert [(k["id"], k["revoked"], k["masked"]) for k in listed] == [(key_id, False, keys.mask(raw))]
+    assert [(k["id"], k["revoked"], k["masked"], k["name"]) for k in listed] == [
+        (key_id, False, keys.mask(raw), "demo")]
+    text = cli("keys", "list")
+    assert text.exit_code == 0 and f"{key_id}  {keys.mask(raw)}  {acct}  live  demo" in text.stdout
     assert raw not in json.dumps(listed, ensure_ascii=False) and "hash" not in listed[0]
     assert ok_json(cli("keys", "revoke", key_id, "--json")) == {"revoked": key_id}
     assert keys.lookup(r, raw) is None
@@ -62,9 +67,9 @@ def test_keys_create_for_existing_account(cli: Any, r: redis.Redis) -> None:
 def test_accounts_show_and_topup(cli: Any, r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=12_345)
     shown = ok_json(cli("accounts", "show", acct, "--json"))
-    assert shown["id"] == acct and shown["balance"] == 12_345 and shown["balance_yuan"] == "1.2345"
+    assert shown["id"] == acct and shown["balance"] == "1.2345" and shown["used"] == "0.0000"
     topped = ok_json(cli("accounts", "topup", acct, "0.5", "--json"))
-    assert topped["balance"] == 17_345 and topped["balance_yuan"] == "1.7345"
+    assert topped["balance"] == "1.7345"
     assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup", "topup"]
     text = cli("accounts", "show", acct)
     assert text.exit_code == 0 and "1.7345" in text.stdout
@@ -97,7 +102,9 @@ def test_codes_create_and_list(cli: Any, r: redis.Redis) -> None:
     assert set(listed) == set(made["codes"])
     assert listed[made["codes"][0]]["used_by"] == acct
     assert all("used_by" not in listed[c] for c in made["codes"][1:])
-    assert all(int(c["amount"]) == 30_000 for c in listed.values())
+    assert all(c["amount"] == "3.0000" for c in listed.values())  # 元, as codes create says
+    text = cli("codes", "list")
+    assert text.exit_code == 0 and f"{made['codes'][0]}  3.0000 元  {acct}" in text.stdout
 
 
 def test_ledger_export_and_verify(cli: Any, r: redis.Redis) -> None:
@@ -108,13 +115,15 @@ def test_ledger_export_and_verify(cli: Any, r: redis.Redis) -> None:
     assert out.exit_code == 0
     entries = [json.loads(line) for line in out.stdout.splitlines()]
     assert [e["kind"] for e in entries] == ["topup", "reserve", "settle"]
-    assert sum(e["amount"] for e in entries) == wallet.balance(r, acct) == 4600
+    assert [e["amount"] for e in entries] == ["0.5000", "-0.1000", "0.0600"]  # 元
+    assert sum(Decimal(e["amount"]) for e in entries) * 10_000 == wallet.balance(r, acct) == 4600
     assert entries[2]["req"] == "req-1" and entries[2]["pt"] == "10"
     assert ok_json(cli("ledger", "verify", "--json")) == {"ok": True, "problems": []}
     assert cli("ledger", "verify").exit_code == 0
     r.hincrby(layout.acct_key(acct), "balance", 7)  # money that no ledger entry explains
-    bad = cli("ledger", "verify")
-    assert bad.exit_code != 0 and acct in bad.stderr and bad.stdout == ""
+    bad = cli("ledger", "verify")  # the problems are the report (stdout); the error is one line
+    assert bad.exit_code != 0 and acct in bad.stdout
+    assert bad.stderr.count("\n") == 1 and "does not add up" in bad.stderr
     bad = cli("ledger", "verify", "--json")
     assert bad.exit_code != 0 and json.loads(bad.stdout)["ok"] is False
 

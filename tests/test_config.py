@@ -38,7 +38,10 @@ def test_defaults_load() -> None:
     assert (gpt35.kind, gpt35.prompt_per_1k, gpt35.completion_per_1k) == ("chat", 100, 200)
     assert s.prices["dall-e-2"].kind == "image" and s.prices["dall-e-2"].images["256x256"] == 1200
     assert s.prices["text-embedding-3-small"].kind == "embedding"
-    assert s.relay["max_body_bytes"] == 1 << 20 and s.relay["timeout_seconds"] == 60
+    assert s.relay["max_body_bytes"] == 32 << 20 and s.relay["timeout_seconds"] == 60
+    assert s.defaults == {"chat": "gpt-3.5", "completion": "gpt-3.5-turbo-instruct",
+                          "embedding": "text-embedding-ada-002", "image": "dall-e-2"}
+    assert s.resolve("text-davinci-003") == "gpt-3.5-turbo-instruct" and s.resolve("x") is None
     assert s.limits["key_requests_per_minute"] == 600
     assert s.bot["trial_credit_units"] == 10_000 and s.bot["chat_model"] in s.models
 
@@ -56,7 +59,7 @@ def test_toml_overrides_merge_table_by_table(tmp_path: Path) -> None:
                 '[[channels]]\nname = "a"\nbase_url = "http://a/v1"\napi_key_env = "KEY_A"\n'
                 'priority = 1\n')
     s = load_settings({**env, "KEY_A": "secret-a-123"})
-    assert s.relay["timeout_seconds"] == 5 and s.relay["max_body_bytes"] == 1 << 20
+    assert s.relay["timeout_seconds"] == 5 and s.relay["max_body_bytes"] == 32 << 20
     assert s.prices["gpt-4"].prompt_per_1k == 3000 and s.prices["gpt-4"].completion_per_1k == 4200
     (channel,) = s.channels
     assert (channel.name, channel.api_key, channel.priority) == ("a", "secret-a-123", 1)
@@ -87,6 +90,11 @@ def test_dotenv_is_read_but_never_overrides_the_environment(
     ('[prices]\n"gpt-4" = "0.1"\n', "prices.gpt-4"),
     ('[prices."sketch"]\nkind = "image"\n', "prices.sketch.images"),
     ('[models]\n"my-model" = "unpriced-upstream"\n', "models.my-model"),
+    ('[aliases]\n"old" = "nowhere"\n', "aliases.old"),
+    ('[defaults]\nimage = "gpt-4"\n', "defaults.image"),
+    ('[defaults]\nvideo = "gpt-4"\n', "defaults.video"),
+    ('[prices."dall-e-3".quality.hd]\n"1024x1024" = "x"\n', "prices.dall-e-3.quality.hd.1024x1024"),
+    ('[prices."dall-e-3"]\nmax_images = 0\n', "prices.dall-e-3.max_images"),
     ("[relay]\ntimeout_seconds = -1\n", "relay.timeout_seconds"),
     ('[relay]\nmax_body_bytes = "big"\n', "relay.max_body_bytes"),
     ('[limits]\nkey_requests_per_minute = 1.5\n', "limits.key_requests_per_minute"),

@@ -17,6 +17,8 @@ import pytest
 import redis
 import yaml
 
+from app.core.config import load_settings
+from app.core.errors import RequestTooLarge
 from app.runtime.embedded import find_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +66,31 @@ def test_nginx_streams_sse_unbuffered_with_long_timeouts() -> None:
     assert timeout and int(timeout[1]) >= 300
     assert "ssl_certificate " in body and "ssl_certificate_key" in body
     assert "server web:8000" in body and "X-Forwarded-Proto" in body
+
+
+def _size(value: str) -> int:
+    """Turn an nginx size (32m, 1k, 512) into bytes."""
+    return int(value[:-1]) << {"k": 10, "m": 20}[value[-1]] if value[-1] in "km" else int(value)
+
+
+def test_nginx_buffers_request_bodies_and_bounds_slow_clients() -> None:
+    body = re.sub(r"#.*", "", (DEPLOY / "nginx.conf").read_text())
+    api = re.search(r"location ~ \^/\(v1\|index\\\.php/api/v1\)/ \{(.*?)\}", body, re.S)
+    assert api and re.search(r"proxy_request_buffering\s+on;", api[1])
+    assert "proxy_request_buffering off" not in body and re.search(r"proxy_buffering\s+off;", api[1])
+    timeouts = [int(t) for t in re.findall(r"client_body_timeout\s+(\d+)s;", body)]
+    assert timeouts and max(timeouts) <= 30 and re.search(r"client_body_timeout", api[1])
+    header = re.search(r"client_header_timeout\s+(\d+)s;", body)
+    assert header and int(header[1]) <= 30
+    size = re.search(r"client_max_body_size\s+(\d+[km]?);", api[1])
+    assert size and _size(size[1]) == 32 << 20  # SPEC §3: the relay's default body limit
+    assert _size(size[1]) >= load_settings({}).relay["max_body_bytes"]
+    page = re.search(r"error_page\s+413\s+=\s+(@\w+);", api[1])
+    assert page, "nginx's own 413 must keep the relay's JSON shape"
+    named = re.search(rf"location {page[1]} \{{(.*?)\n\s*\}}", body, re.S)
+    answer = named and re.search(r"return 413 '(.*)';", named[1])
+    assert answer and json.loads(answer[1]) == RequestTooLarge(
+        "The request body is larger than the limit.").body()
 
 
 def directives(text: str) -> dict[str, str]:
@@ -133,6 +160,9 @@ def test_systemd_units() -> None:
         assert u["Service"]["EnvironmentFile"] == "/etc/xiaoyi/xiaoyi.env"
         assert u["Install"]["WantedBy"] == "multi-user.target"
     assert web["Service"]["Environment"].startswith("PROMETHEUS_MULTIPROC_DIR=/run/xiaoyi/")
+    # `xiaoyi` imports prometheus_client at start: the directory must exist before gunicorn runs.
+    prom = web["Service"]["Environment"].split("=", 1)[1].removeprefix("/run/")
+    assert prom in web["Service"]["RuntimeDirectory"].split()
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return

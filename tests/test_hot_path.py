@@ -113,6 +113,20 @@ def test_chat_short_balance_reserves_nothing(client: Any, r: redis.Redis,
     assert not list(r.scan_iter("xy:{*}:resv:*")) and ledger.verify(r) == []
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2**62}),
+    ("/v1/responses", {"input": "hello", "max_output_tokens": 2**62}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 2**62}),
+])
+def test_a_hold_past_any_wallet_is_a_429_not_a_store_error(client: Any, r: redis.Redis,
+                                                           path: str, body: dict[str, Any]) -> None:
+    """A hold above what a money script accepts (2**53 units) is unaffordable, never a 503."""
+    key, acct = new_key(r, "100")
+    resp = client.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 429 and resp.json["error"]["code"] == "insufficient_quota"
+    assert wallet.balance(r, acct) == 1_000_000 and ledger.open_holds(r) == 0
+
+
 def test_revoked_key_is_refused_at_once(client: Any, r: redis.Redis,
                                         funded: tuple[str, str]) -> None:
     key, _ = funded

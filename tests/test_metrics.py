@@ -22,7 +22,7 @@ from app import create_app
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
-BEARER = {"Authorization": "Bearer admin-token-for-tests"}
+BEARER = {"Authorization": "Bearer admin-token-for-tests-0123456789"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -110,7 +110,7 @@ def test_gunicorn_workers_are_summed(tmp_path: Path, upstream: FakeUpstream, red
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "XIAOYI_REDIS_URL": url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
-           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests",
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789",
            "XIAOYI_WEB_WORKER_CLASS": "sync", "PROMETHEUS_MULTIPROC_DIR": str(prom),
            "XIAOYI_CONFIG": ""}
     proc = subprocess.Popen(

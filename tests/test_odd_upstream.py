@@ -13,6 +13,7 @@ import redis
 from conftest import make_settings, new_key
 
 from app import create_app
+from app.core import pricing
 from app.core.money import ledger, wallet
 
 ANSWER = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-3.5-turbo"}
@@ -68,16 +69,42 @@ def test_odd_error_bodies_are_a_clean_502(odd: ThreadingHTTPServer, r: redis.Red
     assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
 
 
-@pytest.mark.parametrize("usage", ["abc", [1, 2], {"prompt_tokens": "3"},
-                                   {"prompt_tokens": 3, "completion_tokens": "x"}])
-def test_malformed_usage_is_billed_by_the_estimate(odd: ThreadingHTTPServer, r: redis.Redis,
-                                                   redis_url: str, usage: Any) -> None:
-    choices = [7, {"index": 0, "finish_reason": "stop",
-                   "message": {"role": "assistant", "content": "好的 ok"}}]
-    resp, acct = ask(odd, r, redis_url, 200, {**ANSWER, "choices": choices, "usage": usage})
-    assert resp.status_code == 200, resp.json
-    # 你好 (2) prompt, 好的 ok (2 + ceil(1.3)) completion: the estimate rule, billed and shown.
-    assert resp.json["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+CHOICES = [7, {"index": 0, "finish_reason": "stop",
+               "message": {"role": "assistant", "content": "好的 ok"}}]
+PROMPT = pricing.estimate_messages([{"role": "user", "content": "你好"}], "gpt-3.5-turbo")
+
+
+def _settled(r: redis.Redis, acct: str) -> tuple[int, int]:
     settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
-    assert len(settled) == 1 and (settled[0]["pt"], settled[0]["ct"]) == ("2", "4")
+    assert len(settled) == 1
+    return int(settled[0]["pt"]), int(settled[0]["ct"])
+
+
+@pytest.mark.parametrize("usage", ["abc", [1, 2], None])
+def test_no_usage_object_is_billed_by_the_estimate(odd: ThreadingHTTPServer, r: redis.Redis,
+                                                   redis_url: str, usage: Any) -> None:
+    resp, acct = ask(odd, r, redis_url, 200, {**ANSWER, "choices": CHOICES, "usage": usage})
+    assert resp.status_code == 200, resp.json
+    # The prompt's bound and max(seed rule, tokenizer) of 好的 ok: billed and shown.
+    ct = pricing.estimate_tokens("好的 ok", "gpt-3.5-turbo")
+    assert ct >= 4  # never below the seed's 2 + ceil(1.3)
+    assert resp.json["usage"] == {"prompt_tokens": PROMPT, "completion_tokens": ct,
+                                  "total_tokens": PROMPT + ct}
+    assert _settled(r, acct) == (PROMPT, ct)
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("usage,billed", [
+    ({"prompt_tokens": "3"}, (PROMPT, 4096)),  # non-int prompt, missing completion: the bounds
+    ({"prompt_tokens": 3, "completion_tokens": "x"}, (3, 4096)),
+    ({"prompt_tokens": 3, "completion_tokens": True}, (3, 4096)),
+    ({"prompt_tokens": -5, "completion_tokens": 2.5}, (PROMPT, 4096)),
+])
+def test_malformed_usage_is_billed_at_the_bound(odd: ThreadingHTTPServer, r: redis.Redis,
+                                                redis_url: str, usage: Any,
+                                                billed: tuple[int, int]) -> None:
+    resp, acct = ask(odd, r, redis_url, 200, {**ANSWER, "choices": CHOICES, "usage": usage})
+    assert resp.status_code == 200, resp.json
+    shown = resp.json["usage"]
+    assert (shown["prompt_tokens"], shown["completion_tokens"]) == billed == _settled(r, acct)
     assert ledger.verify(r) == []

@@ -1,4 +1,4 @@
-"""The pure money arithmetic: the original service's token rule and costs (exact integers)."""
+"""The pure money arithmetic: the original service's token rule, the estimates, costs (integers)."""
 
 from __future__ import annotations
 
@@ -34,21 +34,41 @@ GPT35 = ModelPrice(kind="chat", prompt_per_1k=100, completion_per_1k=200, max_ou
     ("我用Python写code", 3 + 3),  # 我用写 + ceil(1.3 × 2)
     ("中文English混合text测试123", 6 + 4),  # 中文混合测试 + ceil(1.3 × 3)
 ])
-def test_estimate_rule(text: str, tokens: int) -> None:
-    assert pricing.estimate_tokens(text) == tokens
+def test_seed_rule(text: str, tokens: int) -> None:
+    assert pricing.seed_tokens(text) == tokens
+    assert pricing.estimate_tokens(text, "gpt-4o") >= tokens  # the estimate never goes below
 
 
-def test_estimate_messages_and_parts() -> None:
+@pytest.mark.parametrize("text", ["你好世界，今天天气很好", "hello world, this is a test",
+                                  "我用Python写code"])
+def test_plain_text_keeps_the_seed_numbers(text: str) -> None:
+    """Under o200k plain Chinese and English text is billed by the seed's rule."""
+    assert pricing.estimate_tokens(text, "gpt-4o") == pricing.seed_tokens(text)
+
+
+@pytest.mark.parametrize("text", ["\uf900" * 50, "こんにちは" * 10, "안녕하세요" * 10,
+                                  "привет мир " * 10, "😀" * 20, "，。！？" * 20])
+def test_no_character_is_free(text: str) -> None:
+    """What the seed counts as 0 (kana, hangul, Cyrillic, emoji, punctuation) costs tokens."""
+    assert pricing.seed_tokens(text) < len(text) // 5
+    for model in ("gpt-4", "gpt-4o", "gpt-3.5-turbo", None):
+        assert pricing.estimate_tokens(text, model) >= len(text) // 5
+
+
+def test_estimate_messages_counts_every_part() -> None:
     messages = [
         {"role": "system", "content": "你好"},
         {"role": "user", "content": [{"type": "text", "text": "hello world"},
                                      {"type": "image_url", "image_url": {"url": "http://x"}}]},
         {"role": "assistant", "content": None},
     ]
-    assert pricing.estimate_messages(messages) == 2 + 3
-    assert pricing.estimate_any(["你好", "hello world"]) == 5
-    assert pricing.estimate_any("你好世界") == 4
-    assert pricing.estimate_any(None) == 0
+    plain = pricing.estimate_messages(messages, "gpt-4o")
+    assert plain >= 2 + 3 + 85  # the texts, plus at least a low-detail image
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    assert pricing.estimate_messages(messages, "gpt-4o", tools=tools) > plain + 10
+    assert pricing.estimate_any(["你好", "hello world"], "gpt-4o") >= 5
+    assert pricing.estimate_any([[1, 2, 3], [4]], "gpt-4o") == 4  # token arrays: one per id
 
 
 def _hanzi(ch: str) -> bool:
@@ -69,17 +89,17 @@ texts = st.text(alphabet=st.sampled_from(list("ab1 Z9-,.你好世界㐀\U0002000
 
 
 @given(texts)
-def test_estimate_matches_oracle(text: str) -> None:
-    got = pricing.estimate_tokens(text)
+def test_seed_rule_matches_oracle(text: str) -> None:
+    got = pricing.seed_tokens(text)
     assert isinstance(got, int) and got >= 0
     assert got == reference_estimate(text)
 
 
 @given(texts, texts)
-def test_estimate_monotonic_and_subadditive(a: str, b: str) -> None:
-    joined = pricing.estimate_tokens(a + " " + b)
-    assert max(pricing.estimate_tokens(a), pricing.estimate_tokens(b)) <= joined
-    assert joined <= pricing.estimate_tokens(a) + pricing.estimate_tokens(b)
+def test_seed_rule_monotonic_and_subadditive(a: str, b: str) -> None:
+    joined = pricing.seed_tokens(a + " " + b)
+    assert max(pricing.seed_tokens(a), pricing.seed_tokens(b)) <= joined
+    assert joined <= pricing.seed_tokens(a) + pricing.seed_tokens(b)
 
 
 prices = st.builds(ModelPrice, kind=st.just("chat"),
@@ -137,4 +157,16 @@ def test_small_costs_round_up() -> None:
 def test_image_cost(n: int, size: str) -> None:
     price = ModelPrice(kind="image", images={"256x256": 1200, "512x512": 1300, "1024x1024": 1400})
     assert pricing.image_cost(price, size, n) == price.images[size] * n
+    assert pricing.image_cost(price, size, n, "standard") == price.images[size] * n
     assert pricing.image_cost(price, "100x100", n) is None
+    assert pricing.image_cost(price, size, n, "hd") is None  # an unpriced quality: refused
+
+
+def test_hd_costs_what_the_config_says() -> None:
+    from app.core.config import load_settings
+
+    dalle3 = load_settings({}).prices["dall-e-3"]
+    standard = pricing.image_cost(dalle3, "1024x1024", 1)
+    assert pricing.image_cost(dalle3, "1024x1024", 1, "hd") == 2 * standard  # as OpenAI bills
+    assert pricing.image_cost(dalle3, "1792x1024", 1, "hd") == 3 * standard
+    assert dalle3.max_images == 1

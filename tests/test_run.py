@@ -1,4 +1,4 @@
-"""`xiaoyi run` on embedded defaults: prints a demo key that works, and Ctrl-C leaves no process."""
+"""`xiaoyi run` on embedded defaults: a working demo key, reused across starts; no orphans on stop."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 import requests
+
+from app.core.config import units_to_yuan
+from app.core.money import keys, wallet
+from app.edges.store import make_redis
 
 
 def _free_port() -> int:
@@ -46,38 +50,81 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_run_prints_a_working_demo_key_and_stops_cleanly(tmp_path: Path) -> None:
-    port, up_port = _free_port(), _free_port()
+BANNER = re.compile(r"Demo key \(([0-9.]+) 元\): (sk-\S+)")
+
+
+def _start(tmp_path: Path, port: int, name: str) -> tuple[subprocess.Popen, Path]:
+    """Start `xiaoyi run` on tmp_path/var with its output in tmp_path/NAME.log."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
-    env.update(XIAOYI_DATA_DIR=str(tmp_path / "var"), XIAOYI_FAKE_UPSTREAM_PORT=str(up_port),
+    env.update(XIAOYI_DATA_DIR=str(tmp_path / "var"), XIAOYI_FAKE_UPSTREAM_PORT=str(_free_port()),
                WEB_CONCURRENCY="1")
-    log = (tmp_path / "run.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "run", "--port", str(port),
-                             "--workers", "1"], env=env, cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT)
+    path = tmp_path / f"{name}.log"
+    with path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "run", "--port",
+                                 str(port), "--workers", "1"], env=env, cwd=tmp_path, stdout=log,
+                                stderr=subprocess.STDOUT)
+    return proc, path
+
+
+def _banner(proc: subprocess.Popen, path: Path) -> tuple[str, str, str]:
+    """Wait for the banner; return (balance shown, demo key, the whole output so far)."""
+    deadline = time.monotonic() + 60
+    while not (found := BANNER.search(path.read_text())):
+        assert proc.poll() is None, path.read_text()[-2000:]
+        assert time.monotonic() < deadline, "no demo key printed"
+        time.sleep(0.1)
+    return found.group(1), found.group(2), path.read_text()
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    """Signal `xiaoyi run`; assert it exits 0 and leaves no process behind."""
+    family = _descendants(proc.pid)
+    assert len(family) >= 4  # Redis, fake upstream, gunicorn (+ its worker), rq worker
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in family if _alive(p)], "children left behind"
+
+
+def test_run_prints_a_working_demo_key_reuses_it_and_stops_cleanly(tmp_path: Path) -> None:
+    port = _free_port()
+    proc, log = _start(tmp_path, port, "first")
     try:
-        deadline = time.monotonic() + 60
-        while not re.search(r"Demo key \(10 元\): (sk-\S+)", (tmp_path / "run.log").read_text()):
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "no demo key printed"
-            time.sleep(0.1)
-        out = (tmp_path / "run.log").read_text()
-        key = re.search(r"Demo key \(10 元\): (sk-\S+)", out).group(1)  # type: ignore[union-attr]
+        shown, key, out = _banner(proc, log)
+        assert shown == "10.0000"
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in out
-        resp = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+        resp = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                             headers={"Connection": "close"}, json={  # no idle keep-alive to wait for
             "api_secret_key": key, "model": "gpt-3.5",
             "messages": [{"role": "user", "content": "你好"}]})
         assert resp.status_code == 200 and resp.json()["code"] == 0, resp.text
         assert (tmp_path / "var" / "appendonlydir").is_dir()  # the embedded engine keeps an AOF
-        family = _descendants(proc.pid)
-        assert len(family) >= 4  # Redis, fake upstream, gunicorn (+ its worker), rq worker
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=40) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in family) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in family if _alive(p)], "children left behind"
+        _stop(proc, signal.SIGINT)
+        proc, log = _start(tmp_path, port, "second")  # the same data directory: the same wallet
+        shown, again, out = _banner(proc, log)
+        assert again == key  # reused, not one more live key per start
+        url = re.search(r"Redis:\s+(redis://\S+)", out).group(1)  # type: ignore[union-attr]
+        r = make_redis(url, max_connections=2)
+        assert shown == units_to_yuan(wallet.balance(r, "demo")) and shown != "10.0000"
+        assert [k["revoked"] for k in keys.list_keys(r, "demo")] == [False]
+        r.connection_pool.disconnect()
+        _stop(proc, signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
+
+
+def test_make_run_takes_a_port_and_arguments() -> None:
+    repo = Path(__file__).resolve().parents[1]
+
+    def dry_run(*args: str) -> list[str]:
+        done = subprocess.run(["make", "-n", "run", *args], cwd=repo, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return [line.strip() for line in done.stdout.splitlines()]
+
+    assert ".venv/bin/xiaoyi run --host 127.0.0.1 --port 8000" in dry_run()
+    assert ".venv/bin/xiaoyi run --host 0.0.0.0 --port 9123 --workers 3" in dry_run(
+        "PORT=9123", "HOST=0.0.0.0", "ARGS=--workers 3")

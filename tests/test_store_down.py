@@ -66,7 +66,7 @@ def test_every_keyed_request_is_503_when_the_store_is_down(
 
 def test_admin_and_readyz_say_unavailable(down_app: Any) -> None:
     client = down_app.test_client()
-    admin = client.get("/admin/", headers={"Authorization": "Bearer admin-token-for-tests"})
+    admin = client.get("/admin/", headers={"Authorization": "Bearer admin-token-for-tests-0123456789"})
     assert admin.status_code == 503
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["redis"] is False

@@ -22,6 +22,16 @@ from fakes.upstream import FakeUpstream
 PRICE_MODEL = "gpt-3.5-turbo"
 
 
+def prompt_bound(content: str) -> int:
+    """The prompt the relay bills without usage: its bound for one user message."""
+    return pricing.estimate_messages([{"role": "user", "content": content}], PRICE_MODEL)
+
+
+def answer_tokens(text: str) -> int:
+    """The completion the relay bills without usage: max(seed rule, tokenizer)."""
+    return pricing.estimate_tokens(text, PRICE_MODEL)
+
+
 def open_stream(live: LiveServer, key: str, content: str, path: str = "/v1/chat/completions",
                 **extra: Any) -> requests.Response:
     """Start a streamed chat request and return the open response."""
@@ -122,8 +132,8 @@ def test_abandoned_stream_is_drained_and_billed_for_full_usage(
     assert (int(entry["pt"]), int(entry["ct"])) == (3, 200)
     price = settings.prices[PRICE_MODEL]
     full = pricing.token_cost(price, 3, 200)
-    reserved = pricing.reserve_cost(price, pricing.estimate_messages(
-        [{"content": "tell me [[fake:long=200]] [[fake:chunk_delay=0.01]]"}]), None)
+    reserved = pricing.reserve_cost(price, prompt_bound(
+        "tell me [[fake:long=200]] [[fake:chunk_delay=0.01]]"), None)
     assert full < reserved
     assert int(entry["cost"]) == full == before - wallet.balance(r, acct)
     assert ledger.verify(r) == []
@@ -146,8 +156,8 @@ def test_stream_cut_by_upstream_bills_produced_tokens(live: LiveServer, funded: 
     req = resp.headers["X-Request-Id"]
     wait_settled(r, req)
     entry = settle_entry(r, acct, req)
-    prompt = pricing.estimate_messages([{"content": content}])
-    produced = pricing.estimate_tokens(text)
+    prompt = prompt_bound(content)
+    produced = answer_tokens(text)
     assert (int(entry["pt"]), int(entry["ct"])) == (prompt, produced)
     price = settings.prices[PRICE_MODEL]
     assert int(entry["cost"]) == pricing.token_cost(price, prompt, produced)
@@ -181,7 +191,7 @@ def test_abandoned_stream_drain_is_capped(tmp_path: Path, upstream: FakeUpstream
         wait_settled(r, req)
         entry = settle_entry(r, acct, req)
         # No usage arrived: the relay estimated what it read (the sent part plus ≤ 5 chunks).
-        assert int(entry["pt"]) == pricing.estimate_messages([{"content": content}])
+        assert int(entry["pt"]) == prompt_bound(content)
         assert 1 <= int(entry["ct"]) < 100
         assert ledger.verify(r) == []
     finally:
@@ -202,13 +212,13 @@ def test_include_usage_is_honoured_when_the_upstream_sends_none(
     last = chunks[-1]
     assert last["choices"] == [] and last["id"] == chunks[0]["id"]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
-    prompt = pricing.estimate_messages([{"content": content}])
+    prompt = prompt_bound(content)
     assert last["usage"] == {"prompt_tokens": prompt,
-                             "completion_tokens": pricing.estimate_tokens(text),
-                             "total_tokens": prompt + pricing.estimate_tokens(text)}
+                             "completion_tokens": answer_tokens(text),
+                             "total_tokens": prompt + answer_tokens(text)}
     req = resp.headers["X-Request-Id"]
     wait_settled(r, req)
-    cost = pricing.token_cost(settings.prices[PRICE_MODEL], prompt, pricing.estimate_tokens(text))
+    cost = pricing.token_cost(settings.prices[PRICE_MODEL], prompt, answer_tokens(text))
     assert int(settle_entry(r, acct, req)["cost"]) == cost == before - wallet.balance(r, acct)
 
 
@@ -222,7 +232,7 @@ def test_plain_answer_without_upstream_usage_gets_the_estimate(
                          json={"messages": [{"role": "user", "content": content}]})
     body = resp.json()
     validate(body, "CreateChatCompletionResponse")
-    prompt = pricing.estimate_messages([{"content": content}])
+    prompt = prompt_bound(content)
     completion = pricing.estimate_tokens(body["choices"][0]["message"]["content"])
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
                              "total_tokens": prompt + completion}

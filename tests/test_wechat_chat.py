@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from rq.job import Job
 from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
 
-from app.bot import outbox, users
+from app.bot import handoff, users
 from app.core.config import load_settings
 from app.core.money import ledger, wallet
 from app.edges.store import get_queue, get_rq_redis
+from app.web.wechat import dedupe
 from fakes import FakeWeChatAPI
 
 OPENID = "oChatUser0000000000000000001"
@@ -42,7 +45,7 @@ def test_answer_and_context_across_turns_then_reset(start: Callable[..., Any],
                                                     upstream: Any) -> None:
     _, wechat = start()
     first = wechat.say(OPENID, "我叫小明")
-    assert "我叫小明" in first
+    assert "我叫小明" in first and not first.endswith(TEXTS["cut"])
     assert "我叫什么" in wechat.say(OPENID, "我叫什么")
     messages = chats(upstream)[-1]["messages"]
     assert messages[0]["role"] == "system"
@@ -101,13 +104,13 @@ def test_no_customer_service_api_parks_for_continue(start: Callable[..., Any], r
     got = [wechat.say(OPENID, "[[fake:delay=2.2]]订阅号的问题", msg_id="777000003")
            for _ in range(3)]
     assert got == [None, None, TEXTS["still_thinking"]]
-    wait_for(lambda: outbox.parked_count(r, OPENID))
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)))
     assert "订阅号的问题" in wechat.say(OPENID, "继续")
     assert wechat.say(OPENID, "继续") == TEXTS["nothing_parked"]
     # Now known to have no push API: the first arrival already says how to get the answer.
     assert wechat.say(OPENID, "[[fake:delay=1.2]]第二个问题") == TEXTS["still_thinking"]
     assert wechat.say(OPENID, "继续") == TEXTS["pending"]
-    wait_for(lambda: outbox.parked_count(r, OPENID))
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)))
     assert "第二个问题" in wechat.say(OPENID, "/continue")
     assert wx.sent(OPENID) == []
 
@@ -117,7 +120,7 @@ def test_long_answer_is_split_in_order_within_push_limit(start: Callable[..., An
                                                          r: Any) -> None:
     _, wechat = start(max_push_messages=2, chat_max_tokens=4000)
     assert wechat.say(OPENID, "[[fake:long=1500]]") is None  # pushed, not passive
-    wait_for(lambda: len(wx.sent(OPENID)) == 2 and outbox.parked_count(r, OPENID))
+    wait_for(lambda: len(wx.sent(OPENID)) == 2 and r.llen(handoff.park_key(OPENID)))
     pushed = [m["text"]["content"] for m in wx.sent(OPENID)]
     assert pushed[-1].endswith(NOTE) and not pushed[0].endswith(NOTE)
     parts = [pushed[0], pushed[1][: -len(NOTE)]]
@@ -184,11 +187,97 @@ def test_user_rate_limit(start: Callable[..., Any]) -> None:
     assert "太频繁" in wechat.say(OPENID, "帮助")
 
 
+def test_a_retry_of_a_rate_limited_message_queues_nothing(start: Callable[..., Any],
+                                                           upstream: Any, r: Any) -> None:
+    app, wechat = start(limits={"user_messages_per_minute": 1}, daily_free_messages=0)
+    wechat.say(OPENID, "帮助")
+    got = [wechat.say(OPENID, "一个问题", msg_id="777000009") for _ in range(3)]
+    assert all("太频繁" in g for g in got)
+    with app.app_context():  # a retry queues its job before answering: none may exist
+        assert not Job.exists(dedupe.job_id(f"{OPENID}:777000009", "chat"),
+                              connection=get_rq_redis())
+    assert chats(upstream) == []
+    acct = users.account_of(r, OPENID)
+    assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup"]
+
+
 def test_push_disabled_answers_passively_or_parks(start: Callable[..., Any], r: Any,
                                                   wx: FakeWeChatAPI) -> None:
     _, wechat = start(push_enabled=False, reply_wait_seconds=0.3)
     assert "快的" in wechat.say(OPENID, "快的")
     assert wechat.say(OPENID, "[[fake:delay=0.8]]慢的") == TEXTS["still_thinking"]
-    wait_for(lambda: outbox.parked_count(r, OPENID))
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)))
     assert "慢的" in wechat.say(OPENID, "继续")
     assert wx.calls_to("message/custom/send") == []
+
+
+def test_an_answer_cut_by_the_token_limit_says_so_and_continuing_works(
+        start: Callable[..., Any], upstream: Any) -> None:
+    _, wechat = start(chat_max_tokens=6)
+    cut = TEXTS["cut"]
+    got = wechat.say(OPENID, "讲一个很长很长的故事")
+    assert got.endswith(cut) and "继续说" in cut
+    shown = got[: -len(cut)]
+    assert chats(upstream)[-1]["max_tokens"] == 6
+    more = wechat.say(OPENID, "继续说")  # a normal chat message, with the cut answer as context
+    assert more.startswith("你好，我是小一")
+    messages = chats(upstream)[-1]["messages"]
+    assert messages[-2:] == [{"role": "assistant", "content": shown},
+                             {"role": "user", "content": "继续说"}]
+    assert not wechat.say(OPENID, "新对话").endswith(cut)
+
+
+class _LyingUpstream(ThreadingHTTPServer):
+    """An OpenAI-shaped upstream that answers every chat with absurd usage numbers."""
+
+    def __init__(self, usage: dict[str, Any]) -> None:
+        usage_given = usage
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                body = json.dumps({
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                    "model": "gpt-3.5-turbo", "usage": usage_given,
+                    "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                        "role": "assistant", "content": "好的"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                """Stay quiet."""
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        """Return the base URL (…/v1)."""
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 10**15, "completion_tokens": 10**15},
+    {"prompt_tokens": 2**63 - 1, "completion_tokens": -5},
+    {"prompt_tokens": "many", "completion_tokens": 1.5},
+], ids=["huge", "int64", "not-ints"])
+def test_the_bot_bills_untrusted_usage_within_its_bounds(usage: dict[str, Any], redis_url: str,
+                                                         r: Any, wx: FakeWeChatAPI) -> None:
+    liar = _LyingUpstream(usage)
+    try:
+        settings = wechat_settings(liar.url, redis_url, wx, daily_free_messages=0)
+        with bot(settings, r) as (_, url):
+            assert WeChat(url, wx.appid).say(OPENID, "你好") == "好的"
+    finally:
+        liar.shutdown()
+    acct = users.account_of(r, OPENID)
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    hold = next(e for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve")
+    assert 0 < int(entry["cost"]) <= -int(hold["amount"])  # never above the hold
+    assert int(entry["ct"]) <= settings.bot["chat_max_tokens"]
+    assert wallet.balance(r, acct) == 10_000 - int(entry["cost"]) > 0
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []

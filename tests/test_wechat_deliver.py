@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.bot import context, texts
+from app.bot.delivery import split_text
 from app.core.config import load_settings
 from app.web.wechat import dispatch
-from workers.deliver import split_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,12 +34,15 @@ def test_split_prefers_sentence_ends() -> None:
 
 
 def test_job_paths_resolve_and_app_never_imports_workers() -> None:
-    for path in (dispatch.CHAT_JOB, dispatch.IMAGE_JOB):
+    for path in (dispatch.CHAT_JOB, dispatch.IMAGE_JOB, dispatch.PICTURE_JOB):
         module, _, name = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name))
     for source in (ROOT / "app").rglob("*.py"):
         text = source.read_text(encoding="utf-8")
         assert "import workers" not in text and "from workers" not in text, source
+    for source in (ROOT / "workers").rglob("*.py"):  # ARCHITECTURE: workers never import web
+        text = source.read_text(encoding="utf-8")
+        assert "app.web" not in text and "from app import web" not in text, source
 
 
 def test_every_text_is_defined() -> None:

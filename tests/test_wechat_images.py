@@ -6,11 +6,13 @@ import io
 import os
 from typing import Any
 
+import pytest
 from PIL import Image
 from wechat_kit import WeChat, bot, text_xml, wait_for, wechat_settings
 
-from app.bot import outbox, users
+from app.bot import handoff, users
 from app.core.config import load_settings
+from app.core.errors import UpstreamError
 from app.core.money import ledger, wallet
 from fakes import FakeWeChatAPI
 from workers.images import MAX_MEDIA_BYTES, fit
@@ -62,10 +64,17 @@ def test_without_push_the_picture_waits_for_continue(upstream: Any, redis_url: s
     with bot(settings, r) as (_, url):
         wechat = WeChat(url, wx.appid)
         assert wechat.say(OPENID, "画 山水") == TEXTS["image_started"]
-        wait_for(lambda: outbox.parked_count(r, OPENID))
+        wait_for(lambda: r.llen(handoff.park_key(OPENID)))
         got = wechat.reply(wechat.post(text_xml(OPENID, "继续")))
         assert wechat.say(OPENID, "画 第二张") == TEXTS["image_started_parked"]
     assert got["MsgType"] == "image" and got["Image"]["MediaId"] == wx.uploads[0]["media_id"]
+
+
+def test_an_unreadable_upstream_picture_is_an_upstream_failure() -> None:
+    """An odd upstream body is retried as an upstream failure, never as a bug (SPEC §7.14)."""
+    for junk in (b"not a picture", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b""):
+        with pytest.raises(UpstreamError):
+            fit(junk)
 
 
 def test_fit_keeps_small_pictures_and_shrinks_big_ones() -> None:

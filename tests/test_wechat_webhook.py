@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from wechat_kit import TOKEN, WeChat, bot, event_xml, sign, text_xml, wechat_set
 from app import create_app
 from app.bot import users
 from app.core.config import ConfigError, load_settings
-from app.core.money import wallet
+from app.core.money import keys, wallet
 from app.edges.store import make_redis
 from app.web.wechat import verify
 from app.web.wechat.verify import Refused
@@ -153,3 +154,98 @@ def test_unpriced_bot_model_fails_at_start(upstream: Any, redis_url: str, r: Any
     settings = wechat_settings(upstream.url, redis_url, wx, chat_model="gpt-9")
     with pytest.raises(ConfigError, match="bot.chat_model"):
         create_app(settings, redis_client=r)
+
+
+def _signed(ts: str, nonce: str) -> dict[str, str]:
+    return {"signature": sign(TOKEN, ts, nonce), "timestamp": ts, "nonce": nonce}
+
+
+def test_safe_mode_refuses_plaintext(upstream: Any, redis_url: str, r: Any,
+                                     wx: FakeWeChatAPI) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx, aes=True)
+    with bot(settings, r) as (_, url):
+        ts, nonce = str(int(time.time())), "plain1"
+        body = text_xml(OPENID, "余额")
+        resp = requests.post(f"{url}/wechat", params=_signed(ts, nonce), data=body, timeout=5)
+        assert resp.status_code == 403  # a valid query signature, but no encryption
+        raw = requests.post(f"{url}/wechat", params={**_signed(ts, "plain2"),
+                                                     "encrypt_type": "raw"}, data=body, timeout=5)
+        assert raw.status_code == 403
+        # encrypt_type=aes without msg_signature: refused too
+        env = WeChat(url, wx.appid, aes=True).crypto.encrypt_message(body, "plain3", ts)
+        encrypt = xmltodict.parse(env)["xml"]["Encrypt"]
+        bare = requests.post(f"{url}/wechat", params={**_signed(ts, "plain3"),
+                                                      "encrypt_type": "aes"},
+                             data=f"<xml><Encrypt>{encrypt}</Encrypt></xml>", timeout=5)
+        assert bare.status_code == 403
+    assert r.keys("xy:*") == [] and upstream.requests == []
+
+
+def test_compat_mode_uses_the_encrypted_part(upstream: Any, redis_url: str, r: Any,
+                                             wx: FakeWeChatAPI) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx, aes=True)
+    victim = "oVictimUser0000000000000001"
+    with bot(settings, r) as (_, url):
+        wechat = WeChat(url, wx.appid, aes=True)
+        ts, nonce = str(int(time.time())), "compat1"
+        inner = text_xml(OPENID, "余额")
+        env = xmltodict.parse(wechat.crypto.encrypt_message(inner, nonce, ts))["xml"]
+        # 兼容模式: clear fields next to Encrypt; here they lie (another user, another command)
+        body = (f"<xml><ToUserName>gh_test</ToUserName><FromUserName>{victim}</FromUserName>"
+                f"<CreateTime>{ts}</CreateTime><MsgType>text</MsgType><Content>重置密钥</Content>"
+                f"<MsgId>1</MsgId><Encrypt>{env['Encrypt']}</Encrypt></xml>")
+        params = {**_signed(ts, nonce), "encrypt_type": "aes",
+                  "msg_signature": sign(TOKEN, ts, nonce, env["Encrypt"])}
+        resp = requests.post(f"{url}/wechat", params=params, data=body, timeout=5)
+        assert "账户余额" in wechat.reply(resp)["Content"]
+    assert users.account_of(r, victim) is None
+
+
+@pytest.mark.parametrize("aes", [False, True], ids=["plain", "aes"])
+def test_replayed_query_with_another_body_is_refused_while_a_retry_works(
+        aes: bool, upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI) -> None:
+    settings = wechat_settings(upstream.url, redis_url, wx, aes=aes)
+    with bot(settings, r) as (_, url):
+        wechat = WeChat(url, wx.appid, aes=aes)
+        ts, nonce = str(int(time.time())), "replay1"
+        message = text_xml(OPENID, "你好 replay", "5550001")
+        params, body = wechat.signed(message, ts, nonce)
+        first = wechat.reply(requests.post(wechat.url, params=params, data=body, timeout=15))
+        retry = wechat.reply(requests.post(wechat.url, params=params, data=body, timeout=15))
+        assert first["Content"] == retry["Content"] and "你好 replay" in first["Content"]
+        # the same message encrypted afresh under the same query (a new IV): still a retry
+        params2, body2 = wechat.signed(message, ts, nonce)
+        assert (body2 != body) == aes
+        again = wechat.reply(requests.post(wechat.url, params=params2, data=body2, timeout=15))
+        assert again["Content"] == first["Content"]
+        _, other = wechat.signed(text_xml(OPENID, "余额", "5550002"), ts, nonce)
+        resp = requests.post(wechat.url, params=params, data=other, timeout=5)
+        assert resp.status_code == 403
+    assert len([q for q in upstream.requests if q["path"].endswith("/chat/completions")]) == 1
+
+
+@pytest.mark.parametrize("aes", [False, True], ids=["plain", "aes"])
+def test_leaked_push_url_cannot_rotate_another_users_key(aes: bool, upstream: Any,
+                                                         redis_url: str, r: Any,
+                                                         wx: FakeWeChatAPI) -> None:
+    """The issue's attack: reuse a seen push URL to send 重置密钥 as another openid."""
+    settings = wechat_settings(upstream.url, redis_url, wx, aes=aes)
+    victim = "oVictimUser0000000000000002"
+    with bot(settings, r, worker=False) as (_, url):
+        wechat = WeChat(url, wx.appid, aes=aes)
+        key = wechat.click(victim, "CHAT_API")
+        ts, nonce = str(int(time.time())), "leaked1"
+        params, body = wechat.signed(text_xml("oAttacker0000000000000001", "余额"), ts, nonce)
+        assert requests.post(wechat.url, params=params, data=body, timeout=5).status_code == 200
+        attack = text_xml(victim, "重置密钥")  # the attacker's body: plain XML, as any openid
+        tries = [requests.post(wechat.url, params=params, data=attack, timeout=5),
+                 requests.post(wechat.url, params={k: v for k, v in params.items()
+                                                   if k in ("signature", "timestamp", "nonce")},
+                               data=attack, timeout=5)]
+        assert all(t.status_code in (400, 403) for t in tries)  # refused, nothing done
+        assert "sk-" not in "".join(t.text for t in tries)
+        assert wechat.say(victim, "密钥").count("…") == 1
+    acct = users.account_of(r, victim)
+    live = [k for k in keys.list_keys(r, acct) if not k["revoked"]]
+    raw = re.search(r"sk-[A-Za-z0-9_\-]{20,}", key).group(0)
+    assert len(live) == 1 and live[0]["masked"] == keys.mask(raw)

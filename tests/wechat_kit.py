@@ -33,8 +33,8 @@ AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"  # 43 characters, decode
 
 
 def wechat_settings(upstream_url: str, redis_url: str, fake: FakeWeChatAPI, aes: bool = False,
-                    **bot: Any) -> Settings:
-    """Settings with WeChat configured against the fake, and [bot] overrides."""
+                    env_extra: dict[str, str] | None = None, **bot: Any) -> Settings:
+    """Settings with WeChat configured against the fake, [bot] overrides (and limits, safety)."""
     env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream_url,
            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_WECHAT_TOKEN": TOKEN,
            "XIAOYI_WECHAT_APP_ID": fake.appid, "XIAOYI_WECHAT_APP_SECRET": fake.secret,
@@ -42,10 +42,9 @@ def wechat_settings(upstream_url: str, redis_url: str, fake: FakeWeChatAPI, aes:
            "XIAOYI_LOG_LEVEL": "WARNING"}
     if aes:
         env["XIAOYI_WECHAT_AES_KEY"] = AES_KEY
-    limits = bot.pop("limits", None)
-    toml: dict[str, Any] = {"bot": {"reply_wait_seconds": 1.0, **bot}}
-    if limits:
-        toml["limits"] = limits
+    env.update(env_extra or {})
+    tables = {name: bot.pop(name) for name in ("limits", "safety") if name in bot}
+    toml: dict[str, Any] = {"bot": {"reply_wait_seconds": 1.0, **bot}, **tables}
     return load_settings(env, toml=toml)
 
 
@@ -120,6 +119,15 @@ def voice_xml(openid: str, recognition: str, msg_id: str | None = None) -> str:
             f"<MsgId>{msg_id}</MsgId></xml>")
 
 
+def image_xml(openid: str, media_id: str, pic_url: str, msg_id: str | None = None) -> str:
+    """Return a picture message as WeChat sends it (PicUrl and MediaId)."""
+    msg_id = msg_id or str(secrets.randbelow(10**17) + 10**17)
+    return (f"<xml><ToUserName><![CDATA[gh_test]]></ToUserName><FromUserName><![CDATA["
+            f"{openid}]]></FromUserName><CreateTime>{int(time.time())}</CreateTime><MsgType>"
+            f"<![CDATA[image]]></MsgType><PicUrl><![CDATA[{pic_url}]]></PicUrl><MediaId>"
+            f"<![CDATA[{media_id}]]></MediaId><MsgId>{msg_id}</MsgId></xml>")
+
+
 def event_xml(openid: str, event: str, key: str = "", create_time: int | None = None) -> str:
     """Return an event (subscribe, CLICK with a key)."""
     stamp = create_time or int(time.time() * 1000) % 10**10  # distinct per call in a test
@@ -135,10 +143,9 @@ class WeChat:
         self.url = base_url + "/wechat"
         self.crypto = WeChatCrypto(TOKEN, AES_KEY, appid) if aes else None
 
-    def post(self, xml: str | bytes, timestamp: int | None = None, token: str = TOKEN,
-             msg_signature: str | None = None) -> requests.Response:
-        """POST a message signed like WeChat (timestamp/signature can be spoiled)."""
-        ts, nonce = str(timestamp or int(time.time())), secrets.token_hex(6)
+    def signed(self, xml: str | bytes, ts: str, nonce: str, token: str = TOKEN,
+               msg_signature: str | None = None) -> tuple[dict[str, str], bytes]:
+        """Return (query, body) of a message as WeChat signs (and encrypts) it."""
         params = {"signature": sign(token, ts, nonce), "timestamp": ts, "nonce": nonce}
         body = xml.encode() if isinstance(xml, str) else xml
         if self.crypto is not None:
@@ -147,6 +154,13 @@ class WeChat:
                     f"</Encrypt></xml>").encode()
             params.update(encrypt_type="aes",
                           msg_signature=msg_signature or sign(token, ts, nonce, env["Encrypt"]))
+        return params, body
+
+    def post(self, xml: str | bytes, timestamp: int | None = None, token: str = TOKEN,
+             msg_signature: str | None = None) -> requests.Response:
+        """POST a message signed like WeChat (timestamp/signature can be spoiled)."""
+        ts, nonce = str(timestamp or int(time.time())), secrets.token_hex(6)
+        params, body = self.signed(xml, ts, nonce, token, msg_signature)
         return requests.post(self.url, params=params, data=body, timeout=15)
 
     def reply(self, resp: requests.Response) -> dict[str, Any] | None:

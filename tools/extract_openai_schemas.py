@@ -26,6 +26,14 @@ ROOTS: tuple[str, ...] = (
     "ListModelsResponse",
     "ErrorResponse",
     "Model",
+    "Response",
+    "ResponseStreamEvent",
+    "CreateModerationResponse",
+    # The request bodies of the four POST routes (tests/test_conformance.py draws from them).
+    "CreateChatCompletionRequest",
+    "CreateCompletionRequest",
+    "CreateEmbeddingRequest",
+    "CreateImageRequest",
 )
 
 # Keywords whose values are data, not subschemas: refs inside them are not followed.
@@ -64,6 +72,8 @@ def closure(schemas: dict[str, Any], roots: Iterable[str]) -> dict[str, Any]:
             raise KeyError(f"schema {name!r} is not in components.schemas")
         found[name] = schemas[name]
         for ref in iter_refs(schemas[name]):
+            if ref == "#":  # $recursiveRef to the schema itself (CompoundFilter): nothing new
+                continue
             if not ref.startswith(REF_PREFIX):
                 raise ValueError(f"{name}: unsupported reference {ref!r}")
             todo.append(ref[len(REF_PREFIX) :].split("/", 1)[0])

@@ -1,107 +1,130 @@
-"""The image job (画 …): reserve → upstream images → fit into 2 MB → media/upload → push.
+"""The image job (画 …): hold → upstream images → fit into 2 MB → media/upload → push.
 
 Idempotent per message: the uploaded media id is kept, the charge uses the dedupe key as
 request id, and the push records what it sent. Delivery state lives under "{dedupe key}:img"
-(the message's own state holds the passive "正在作画" reply).
+(the message's own state holds the passive "正在作画" reply). Without the customer-service API
+configured (no AppSecret) nothing can be uploaded: the job asks the upstream for a link and
+parks it for 继续.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import logging
 from typing import Any
 
-import redis
+import requests
 from flask import current_app
 from PIL import Image
 from wechatpy.exceptions import WeChatClientException
 
-from app.bot import outbox, users
+from app.bot import jobs, users
+from app.bot.delivery import Delivery
 from app.core import money, pricing
 from app.core.config import Settings, units_to_yuan
-from app.core.errors import InvalidRequest
+from app.core.errors import InvalidRequest, UpstreamError
+from app.edges import wechat_api
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
-from app.edges.wechat_api import get_client
-from workers import deliver
 
 log = logging.getLogger(__name__)
 MAX_MEDIA_BYTES = 2 * 1024 * 1024
 
 
-def reply_image(openid: str, dedupe_key: str, prompt: str) -> str:
-    """Make a picture for a WeChat user and send it; return how it was delivered."""
-    r = get_redis()
-    settings: Settings = current_app.config["SETTINGS"]
-    dk = f"{dedupe_key}:img"
-    with outbox.run_lock(r, dk):
-        acct = users.ensure_account(r, settings, openid)
-        done = outbox.get_answer(r, dk)
+class Undeliverable(Exception):
+    """The picture can reach the user neither as media nor as a link (not transient)."""
+
+
+def reply_image(openid: str, dedupe_key: str, prompt: str) -> Any:
+    """Make a picture for a WeChat user and send it; return how (or rq's Retry)."""
+    dl = Delivery(get_redis(), current_app.config["SETTINGS"], openid, f"{dedupe_key}:img")
+    return jobs.attempt(lambda: _reply(dl, dedupe_key, prompt), lambda exc: _give_up(dl, exc))
+
+
+def _reply(dl: Delivery, req: str, prompt: str) -> str:
+    with jobs.running(dl.r, dl.dk):
+        acct = users.ensure_account(dl.r, dl.settings, dl.openid)
+        done = jobs.kept(dl.r, dl.dk)
         if done is None:
-            made = _make(r, settings, openid, acct, dedupe_key, prompt)
+            made = _make(dl, acct, req, prompt)
             if isinstance(made, str):
                 return made
             done = made
         if done.get("media"):
-            return deliver.deliver(r, settings, openid, dk, [{"t": "image", "m": done["media"]}])
-        return deliver.note(r, settings, openid, dk, "image_link", url=done["url"])
+            return dl.send([{"t": "image", "m": done["media"]}])
+        return dl.note("image_link", url=done["url"])
 
 
-def _make(r: redis.Redis, settings: Settings, openid: str, acct: str, req: str,
-          prompt: str) -> dict[str, str] | str:
-    """Reserve, generate and upload; return {media or url}, or how the message was settled."""
-    dk = f"{req}:img"
+def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | str:
+    """Hold, generate and upload; return {media or url}, or how the message was settled."""
+    settings = dl.settings
     model = settings.models.get(settings.bot["image_model"], settings.bot["image_model"])
     size = settings.bot["image_size"]
     cost = pricing.image_cost(settings.prices[model], size, 1) or 0
     try:
-        held = money.reserve(r, acct, req, cost, key_id="wechat", model=model)
+        held = money.reserve(dl.r, acct, req, cost, key_id="wechat", model=model)
     except money.Short as exc:
-        return deliver.note(r, settings, openid, dk, "insufficient",
-                            balance=units_to_yuan(exc.balance))
+        return dl.note("insufficient", balance=units_to_yuan(exc.balance))
     except money.Settled:
         return "settled"
     try:
-        with held:  # a failure releases the hold
+        with held:  # any failure before settle() releases the hold
             picture, url = _generate(settings, model, size, prompt)
-            media = _upload_or_link(openid, picture, url)
-    except (InvalidRequest, WeChatClientException, OSError, *deliver.TRANSIENT) as exc:
-        if isinstance(exc, InvalidRequest) or deliver.last_attempt():
-            return _give_up(r, settings, openid, req, exc)
-        raise
-    pipe = r.pipeline(transaction=True)
-    outbox.save_answer(pipe, dk, {"media": media, "url": url})
-    pipe.execute()
-    held.settle(cost)
+            media = _upload_or_link(settings, dl.openid, picture, url)
+            pipe = dl.r.pipeline(transaction=True)
+            jobs.keep(pipe, dl.dk, {"media": media, "url": url})
+            pipe.execute()
+            held.settle(cost)
+    except InvalidRequest as exc:  # the upstream refused the prompt: no retry helps
+        _give_up(dl, exc)
+        return "refused"
     return {"media": media, "url": url}
 
 
-def _upload_or_link(openid: str, picture: bytes, url: str) -> str:
+def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[bytes | None, str]:
+    """Return (picture bytes or None, its URL or '') from the upstream."""
+    fmt = settings.bot.get("image_format", "b64_json")
+    if not wechat_api.configured(settings):
+        fmt = "url"  # nothing can be uploaded: the user gets the link
+    body = {"model": model, "prompt": prompt, "n": 1, "size": size, "response_format": fmt}
+    data = get_upstream().post("/images/generations", body, model, expect="data")["data"]
+    first = data[0] if data and isinstance(data[0], dict) else {}
+    b64, url = first.get("b64_json"), first.get("url")
+    if isinstance(b64, str) and b64:
+        try:
+            return base64.b64decode(b64, validate=True), ""
+        except (binascii.Error, ValueError) as exc:
+            raise UpstreamError("The upstream's picture is not base64.") from exc
+    if isinstance(url, str) and url:
+        return None, url
+    raise UpstreamError("The upstream answered no picture.")
+
+
+def _upload_or_link(settings: Settings, openid: str, picture: bytes | None, url: str) -> str:
     """Upload the picture; return its media id, or '' when only the link can be sent."""
+    if not wechat_api.configured(settings):
+        if not url:
+            raise Undeliverable("no AppSecret to upload with, and the upstream gave no link")
+        return ""
     try:
-        return _upload(picture)
-    except (WeChatClientException, OSError, ValueError) as exc:
+        return _upload(picture if picture is not None else get_upstream().get(url))
+    except (WeChatClientException, requests.RequestException) as exc:
         if not url:
             raise
         log.warning("upload for %s failed (%s); sending the link", openid, exc)
         return ""
 
 
-def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[bytes, str]:
-    """Return (picture bytes, its URL or '') from the upstream."""
-    body = {"model": model, "prompt": prompt, "n": 1, "size": size,
-            "response_format": settings.bot.get("image_format", "b64_json")}
-    first: dict[str, Any] = get_upstream().post("/images/generations", body, model,
-                                                 expect="data")["data"][0]
-    if first.get("b64_json"):
-        return base64.b64decode(first["b64_json"]), ""
-    return get_upstream().get(first["url"]), first["url"]
-
-
 def fit(picture: bytes, limit: int = MAX_MEDIA_BYTES) -> tuple[bytes, str]:
     """Return (bytes, extension) WeChat accepts: as is when small, else a JPEG within limit."""
-    with Image.open(io.BytesIO(picture)) as img:
+    try:
+        img = Image.open(io.BytesIO(picture))
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UpstreamError(f"The upstream's picture is unreadable ({type(exc).__name__}).") from exc
+    with img:
         kind = (img.format or "").lower()
         if len(picture) <= limit and kind in ("png", "jpeg", "gif", "bmp"):
             return picture, "jpg" if kind == "jpeg" else kind
@@ -120,12 +143,14 @@ def _upload(picture: bytes) -> str:
     """Upload as temporary media; return the media id."""
     data, ext = fit(picture)
     mime = "image/jpeg" if ext == "jpg" else f"image/{ext}"
-    return get_client().media.upload("image", (f"image.{ext}", data, mime))["media_id"]
+    got = wechat_api.get_client().media.upload("image", (f"image.{ext}", data, mime))
+    media = got.get("media_id") if isinstance(got, dict) else None
+    if not isinstance(media, str) or not media:
+        raise wechat_api.WeChatTransient(None, "media/upload answered no media_id")
+    return media
 
 
-def _give_up(r: redis.Redis, settings: Settings, openid: str, req: str,
-             exc: Exception) -> str:
-    """Tell the user politely (the hold was released)."""
-    log.warning("image for %s failed for good: %s", openid, exc)
-    deliver.note(r, settings, openid, f"{req}:img", "image_failed")
-    return "failed"
+def _give_up(dl: Delivery, exc: BaseException) -> None:
+    """Apologise (any hold was released)."""
+    log.warning("image for %s failed for good: %s: %s", dl.openid, type(exc).__name__, exc)
+    dl.note("image_failed")

@@ -42,8 +42,12 @@ def history(r: redis.Redis, settings: Settings, openid: str) -> list[dict[str, A
 
 
 def messages_for(r: redis.Redis, settings: Settings, openid: str,
-                 question: str) -> list[dict[str, Any]]:
-    """Return the chat messages to send upstream: system prompt, context, the question."""
+                 question: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the chat messages to send upstream: system prompt, context, the question.
+
+    The question is a text, or content parts (a picture and its question); only texts are
+    kept in the context (append_turn), so a picture is sent once and never stored.
+    """
     system = settings.bot.get("system_prompt") or ""
     head = [{"role": "system", "content": system}] if system else []
     return [*head, *history(r, settings, openid), {"role": "user", "content": question}]

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 UNITS_PER_YUAN = 10_000  # money is an integer count of 0.0001 元
+MAX_CODES_PER_BATCH = 100  # redemption codes made at once (the CLI and the admin form)
+MIN_SECRET_CHARS = 24  # a shorter admin token or cookie key is refused at start (SPEC §7.13)
 
-# name -> (default, meaning). Written down once; the README table is generated from this.
+# name -> (default, meaning). Written down once; README's Configuration table says the same.
 ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
     "XIAOYI_REDIS_URL": (None, "money store: redis://, rediss://, redis+sentinel://h:p,h:p/name "
                                 "or redis+cluster://h:p,h:p; only `xiaoyi run` starts an "
@@ -31,7 +34,8 @@ ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
     "XIAOYI_UPSTREAM_BASE_URL": (None, "OpenAI-compatible base URL; unset: built-in fake upstream"),
     "XIAOYI_UPSTREAM_API_KEY": ("", "the upstream's key (never shown or logged)"),
     "XIAOYI_CONFIG": (None, "TOML file: channels, model map, prices, limits, bot, menu, pay"),
-    "XIAOYI_ADMIN_TOKEN": (None, "admin bearer token for /admin and /metrics; unset: disabled"),
+    "XIAOYI_ADMIN_TOKEN": (None, "admin bearer token for /admin and /metrics, at least "
+                                 f"{MIN_SECRET_CHARS} characters; unset: admin disabled"),
     "XIAOYI_PUBLIC_URL": ("http://localhost:8000", "base URL shown in example code"),
     "XIAOYI_WECHAT_TOKEN": (None, "the official account's server-config token"),
     "XIAOYI_WECHAT_APP_ID": (None, "the official account's AppID"),
@@ -47,7 +51,9 @@ ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
         "https://api.mch.weixin.qq.com/",
         "WeChat Pay API base (point at a fake in tests)",
     ),
-    "XIAOYI_SECRET_KEY": (None, "signs admin cookies; unset: derived from the admin token"),
+    "XIAOYI_SECRET_KEY": (None, f"signs admin cookies (at least {MIN_SECRET_CHARS} characters), never "
+                                "derived from the admin token; unset: generated once, kept in the "
+                                "store"),
     "XIAOYI_LOG_LEVEL": ("INFO", "logging level"),
 }
 
@@ -64,7 +70,16 @@ class ModelPrice:
     prompt_per_1k: int = 0
     completion_per_1k: int = 0
     max_output: int = 4096
-    images: dict[str, int] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)  # size -> units, default quality
+    qualities: dict[str, dict[str, int]] = field(default_factory=dict)  # quality -> size -> units
+    default_quality: str = "standard"  # what an absent or "auto" quality is priced and sent as
+    max_images: int = 10  # the most pictures one request may ask for (dall-e-3: 1)
+
+    def image_price(self, size: str, quality: str | None = None) -> int | None:
+        """Return the price of one picture of a size and quality, or None when unpriced."""
+        if quality is None or quality == self.default_quality:
+            return self.images.get(size)
+        return self.qualities.get(quality, {}).get(size)
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,26 @@ class Channel:
     def serves(self, model: str) -> bool:
         """Tell whether this channel offers the upstream model."""
         return not self.models or model in self.models
+
+
+SAFETY_ACTIONS = ("off", "refuse", "mask")
+SAFETY_PLACES = ("bot_input", "bot_output", "api_input", "api_output")
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    """The [safety] table: the sensitive-word filter and the optional moderation check."""
+
+    enabled: bool = False
+    words_file: str = ""  # absolute once parsed; empty: no word filter
+    reload_seconds: float = 5.0  # the file's mtime is checked at most this often
+    bot_input: str = "refuse"  # off | refuse | mask, for each place text is screened
+    bot_output: str = "mask"
+    api_input: str = "off"
+    api_output: str = "off"
+    moderation: bool = False  # also ask the upstream's /moderations about bot input
+    moderation_model: str = "omni-moderation-latest"
+    moderation_categories: tuple[str, ...] = ()  # empty: any flagged category counts
 
 
 @dataclass(frozen=True)
@@ -102,7 +137,7 @@ class Settings:
     pay_mch_id: str | None
     pay_api_key: str | None
     pay_api_base_url: str
-    secret_key: str
+    secret_key: str | None  # None: the admin keeps a random one in the store
     log_level: str
     models: dict[str, str]
     prices: dict[str, ModelPrice]
@@ -116,6 +151,13 @@ class Settings:
     queue_redis_url: str | None = None
     redis_wait_replicas: int = 0
     allow_volatile_store: bool = False
+    safety: SafetySettings = field(default_factory=SafetySettings)
+    defaults: dict[str, str] = field(default_factory=dict)  # route kind -> public model name
+    aliases: dict[str, str] = field(default_factory=dict)  # legacy name -> public model name
+
+    def resolve(self, name: str) -> str | None:
+        """Return the upstream model a public name or alias maps to, or None when unknown."""
+        return self.models.get(self.aliases.get(name, name))
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -132,6 +174,8 @@ def yuan_to_units(value: Any, setting: str) -> int:
         amount = Decimal(str(value)) * UNITS_PER_YUAN
     except (InvalidOperation, ValueError) as exc:
         raise ConfigError(f"{setting}: {value!r} is not a number") from exc
+    if not amount.is_finite():
+        raise ConfigError(f"{setting}: {value!r} is not a number")
     if amount != amount.to_integral_value() or amount < 0:
         raise ConfigError(f"{setting}: {value!r} must be >= 0 with at most 4 decimals")
     return int(amount)
@@ -160,8 +204,54 @@ def _read_toml(path: Path, setting: str) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"{setting}: file {path} not found") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{setting}: {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+TABLES = ("models", "prices", "relay", "limits", "bot", "pay", "menu", "texts")
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """Refuse a TOML whose tables or lists have the wrong type, naming the setting."""
+    for name in TABLES:
+        if not isinstance(data.get(name, {}), dict):
+            raise ConfigError(f"{name}: must be a table ([{name}])")
+    for public, upstream in data.get("models", {}).items():
+        if not isinstance(upstream, str):
+            raise ConfigError(f"models.{public}: must be a string (an upstream model name)")
+    for key, text in data.get("texts", {}).items():
+        if not isinstance(text, str):
+            raise ConfigError(f"texts.{key}: must be a string")
+    channels = data.get("channels", [])
+    if not isinstance(channels, list) or not all(isinstance(c, dict) for c in channels):
+        raise ConfigError("channels: must be an array of tables ([[channels]])")
+    for i, spec in enumerate(channels):
+        url = spec.get("base_url")
+        if url is not None and not _is_http_url(url):
+            raise ConfigError(f"channels[{i}].base_url: must be an http(s):// URL")
+        models = spec.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ConfigError(f"channels[{i}].models: must be an array of model names")
+
+
+def _is_http_url(value: Any) -> bool:
+    """Tell whether value is an absolute http(s) URL with a host."""
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and " " not in value
+
+
+def _check_urls(values: dict[str, Any]) -> None:
+    """Refuse a URL setting that is not an absolute http(s) URL."""
+    for name, key in (("XIAOYI_UPSTREAM_BASE_URL", "upstream_base_url"),
+                      ("XIAOYI_PUBLIC_URL", "public_url"),
+                      ("XIAOYI_WECHAT_API_BASE_URL", "wechat_api_base_url"),
+                      ("XIAOYI_WECHAT_PAY_API_BASE_URL", "pay_api_base_url")):
+        if values[key] and not _is_http_url(values[key]):
+            raise ConfigError(f"{name}: must be an http(s):// URL")
 
 
 def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
@@ -170,24 +260,56 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
         where = f"prices.{model}"
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: must be a table")
-        images = {size: yuan_to_units(v, f"{where}.images.{size}")
-                  for size, v in spec.get("images", {}).items()}
+        images = _sizes(spec.get("images", {}), f"{where}.images")
+        qualities = {q: _sizes(sizes, f"{where}.quality.{q}")
+                     for q, sizes in spec.get("quality", {}).items()}
         kind = spec.get("kind", "image" if images else "chat")
         if kind not in ("chat", "completion", "embedding", "image"):
             raise ConfigError(f"{where}.kind: {kind!r} is not chat/completion/embedding/image")
         if kind == "image" and not images:
             raise ConfigError(f"{where}.images: an image model needs a price per size")
-        max_output = spec.get("max_output", 4096)
-        if not isinstance(max_output, int) or max_output <= 0:
-            raise ConfigError(f"{where}.max_output: must be a positive integer")
+        for name in ("max_output", "max_images"):
+            value = spec.get(name, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{where}.{name}: must be a positive integer")
         prices[model] = ModelPrice(
             kind=kind,
             prompt_per_1k=yuan_to_units(spec.get("prompt", 0), f"{where}.prompt"),
             completion_per_1k=yuan_to_units(spec.get("completion", 0), f"{where}.completion"),
-            max_output=max_output,
-            images=images,
+            max_output=spec.get("max_output", 4096),
+            images=images, qualities=qualities,
+            default_quality=str(spec.get("default_quality", "standard")),
+            max_images=spec.get("max_images", 10),
         )
     return prices
+
+
+def _sizes(table: Any, where: str) -> dict[str, int]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table of size = price")
+    return {size: yuan_to_units(v, f"{where}.{size}") for size, v in table.items()}
+
+
+ROUTE_KINDS = ("chat", "completion", "embedding", "image")
+
+
+def _model_names(data: dict[str, Any], prices: dict[str, ModelPrice]) -> tuple[
+        dict[str, str], dict[str, str], dict[str, str]]:
+    """Check and return (models, aliases, per-route defaults)."""
+    models = data.get("models", {})
+    for public, upstream in models.items():
+        if upstream not in prices:
+            raise ConfigError(f"models.{public}: upstream model {upstream!r} has no price")
+    aliases = data.get("aliases", {})
+    for alias, public in aliases.items():
+        if public not in models:
+            raise ConfigError(f"aliases.{alias}: {public!r} is not a name in [models]")
+    defaults = data.get("defaults", {})
+    for kind, public in defaults.items():
+        target = models.get(aliases.get(public, public))
+        if kind not in ROUTE_KINDS or target is None or prices[target].kind != kind:
+            raise ConfigError(f"defaults.{kind}: {public!r} is not a {kind} model in [models]")
+    return models, aliases, defaults
 
 
 def _channels(table: list[dict[str, Any]], env: dict[str, str], default_url: str | None,
@@ -239,6 +361,39 @@ def _count(value: str | None, setting: str) -> int:
     return int(value)
 
 
+def _safety(table: dict[str, Any]) -> SafetySettings:
+    defaults = {f.name: f.default for f in fields(SafetySettings)}
+    for key, value in table.items():
+        where = f"safety.{key}"
+        if key not in defaults:
+            raise ConfigError(f"{where}: unknown setting")
+        if isinstance(defaults[key], bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+        if isinstance(defaults[key], str) and not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+        if key in SAFETY_PLACES and value not in SAFETY_ACTIONS:
+            raise ConfigError(f"{where}: {value!r} is not off, refuse or mask")
+    cfg = {**defaults, **table}
+    seconds = cfg["reload_seconds"]
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        raise ConfigError("safety.reload_seconds: must be a number >= 0")
+    categories = cfg["moderation_categories"]
+    if not isinstance(categories, list | tuple) or not all(isinstance(c, str) for c in categories):
+        raise ConfigError("safety.moderation_categories: must be a list of category names")
+    if cfg["moderation"] and not cfg["moderation_model"]:
+        raise ConfigError("safety.moderation_model: required when moderation is on")
+    words = cfg["words_file"]
+    if words:
+        path = Path(words).expanduser().resolve()
+        if cfg["enabled"] and not (path.is_file() and os.access(path, os.R_OK)):
+            raise ConfigError(f"safety.words_file: {path} is not a readable file")
+        words = str(path)
+    elif cfg["enabled"] and not cfg["moderation"]:
+        raise ConfigError("safety.words_file: required when safety is enabled without moderation")
+    return SafetySettings(**{**cfg, "words_file": words, "reload_seconds": float(seconds),
+                             "moderation_categories": tuple(categories)})
+
+
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Read the environment (+ .env) and the TOML file; raise ConfigError naming a bad setting."""
     if env is None:
@@ -256,12 +411,10 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     if config_path:
         data = _merge(data, _read_toml(Path(config_path), "XIAOYI_CONFIG"))
     data = _merge(data, overrides.pop("toml", {}))
+    _check_shape(data)
 
-    models = data.get("models", {})
     prices = _prices(data.get("prices", {}))
-    for public, upstream in models.items():
-        if upstream not in prices:
-            raise ConfigError(f"models.{public}: upstream model {upstream!r} has no price")
+    models, aliases, defaults = _model_names(data, prices)
     admin_token = get("XIAOYI_ADMIN_TOKEN")
     upstream_key = get("XIAOYI_UPSTREAM_API_KEY") or ""
     values: dict[str, Any] = dict(
@@ -280,7 +433,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         pay_mch_id=get("XIAOYI_WECHAT_PAY_MCH_ID"),
         pay_api_key=get("XIAOYI_WECHAT_PAY_API_KEY"),
         pay_api_base_url=get("XIAOYI_WECHAT_PAY_API_BASE_URL") or "",
-        secret_key=get("XIAOYI_SECRET_KEY") or f"xiaoyi-cookie:{admin_token or os.urandom(16).hex()}",
+        secret_key=get("XIAOYI_SECRET_KEY"),
         log_level=(get("XIAOYI_LOG_LEVEL") or "INFO").upper(),
         models=models,
         prices=prices,
@@ -295,9 +448,19 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         queue_redis_url=get("XIAOYI_QUEUE_REDIS_URL"),
         redis_wait_replicas=_count(get("XIAOYI_REDIS_WAIT_REPLICAS"), "XIAOYI_REDIS_WAIT_REPLICAS"),
         allow_volatile_store=get("XIAOYI_ALLOW_VOLATILE_STORE") in ("1", "true", "yes"),
+        safety=_safety(data.get("safety", {})),
+        defaults=defaults,
+        aliases=aliases,
     )
     if values["wechat_aes_key"] and len(values["wechat_aes_key"]) != 43:
         raise ConfigError("XIAOYI_WECHAT_AES_KEY: must be 43 characters (EncodingAESKey)")
+    _check_urls(values)
+    for name, secret in (("XIAOYI_ADMIN_TOKEN", admin_token),
+                         ("XIAOYI_SECRET_KEY", values["secret_key"])):
+        if secret is not None and len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(f"{name}: must be at least {MIN_SECRET_CHARS} characters (it has "
+                              f"{len(secret)}); make one with: python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'")
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("XIAOYI_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
     values.update(overrides)

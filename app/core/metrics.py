@@ -15,5 +15,11 @@ UPSTREAM_LATENCY = Histogram(
 UPSTREAM_FAILURES = Counter("xiaoyi_upstream_failures_total", "Upstream attempts that failed",
                             ["channel", "reason"])
 FAILOVERS = Counter("xiaoyi_upstream_failovers_total", "Requests moved to another channel")
+SAFETY_HITS = Counter("xiaoyi_safety_hits_total", "Texts the content-safety filter caught",
+                      ["where", "action"])
 # Money moved (xiaoyi_money_units_total{kind}) is counted by the wallet's Lua scripts in Redis
 # (every process, workers included) and exported at scrape time by app/admin/metrics.py.
+USAGE_ANOMALIES = Counter(
+    "xiaoyi_usage_anomalies_total",
+    "Upstream usage reports billed at the request's bound instead (absurd, non-integer, missing "
+    "or above what the request could produce)", ["channel", "reason"])

@@ -1,26 +1,24 @@
-"""Pure money arithmetic: the token estimate (the original service's rule) and costs. No I/O.
+"""Pure money arithmetic: token estimates (delegated to app.core.tokens) and costs. No I/O.
 
-All amounts are integer units of 0.0001 元; every division rounds up, so the service never
-charges less than the price list says and never needs a float.
+Every estimate is max(the original service's rule, a real tokenizer's count) (SPEC §3), so
+plain Chinese and English text keep the seed's numbers and no character is free. Pass the
+UPSTREAM model name: it picks the tokenizer. All amounts are integer units of 0.0001 元; every
+division rounds up, so the service never charges less than the price list says.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from typing import Any
 
+from app.core import tokens
 from app.core.config import ModelPrice
 
-# CJK Unified Ideographs: the base block, extension A, and extensions B–I (planes 2–3).
-_HANZI = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\U00020000-\U0002ebef\U00030000-\U000323af]")
-_WORD = re.compile(r"[A-Za-z0-9]+")
+seed_tokens = tokens.seed_count  # 汉字数 + ceil(1.3 × 单词数), the original service's rule
 
 
-def estimate_tokens(text: str) -> int:
-    """Return 汉字数 + ceil(1.3 × 单词数) for one text."""
-    words = len(_WORD.findall(text))
-    return len(_HANZI.findall(text)) + (13 * words + 9) // 10
+def estimate_tokens(text: str, model: str | None = None) -> int:
+    """Return max(seed rule, tokenizer count) of one text."""
+    return tokens.text_tokens(text, model)
 
 
 def content_text(content: Any) -> str:
@@ -33,18 +31,14 @@ def content_text(content: Any) -> str:
     return ""
 
 
-def estimate_messages(messages: Iterable[dict[str, Any]]) -> int:
-    """Sum the estimate over every message's content (the rule counts contents only)."""
-    return sum(estimate_tokens(content_text(m.get("content"))) for m in messages)
+def estimate_messages(messages: Any, model: str | None = None, **extra: Any) -> int:
+    """Return an upper bound of a chat prompt (tools=, functions=, response_format=, limit=)."""
+    return tokens.messages_bound(messages, model, **extra)
 
 
-def estimate_any(value: Any) -> int:
-    """Estimate tokens of a prompt/input that is a string or a list of strings."""
-    if isinstance(value, str):
-        return estimate_tokens(value)
-    if isinstance(value, list):
-        return sum(estimate_any(v) if isinstance(v, str | list) else 1 for v in value)
-    return 0
+def estimate_any(value: Any, model: str | None = None, *, limit: int | None = None) -> int:
+    """Return an upper bound of a prompt/input: text(s) or token array(s)."""
+    return tokens.prompt_bound(value, model, limit=limit)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -57,16 +51,20 @@ def token_cost(price: ModelPrice, prompt_tokens: int, completion_tokens: int = 0
     return _ceil_div(max(total, 0), 1000)
 
 
+def completion_max(price: ModelPrice, max_tokens: int | None, choices: int = 1) -> int:
+    """Return the most completion tokens a request can produce: max_tokens (or cap) × choices."""
+    return (price.max_output if max_tokens is None else max_tokens) * max(choices, 1)
+
+
 def reserve_cost(price: ModelPrice, prompt_tokens: int, max_tokens: int | None,
                  choices: int = 1) -> int:
     """Return the most a token request can cost: the prompt plus `choices` × max_tokens (or cap)."""
     # An explicit max_tokens is held in full: capping it would let the upstream produce more
-    # than the hold covers (SPEC §4: estimated prompt + max_tokens, or the model's cap).
-    limit = price.max_output if max_tokens is None else max_tokens
-    return token_cost(price, prompt_tokens, limit * max(choices, 1))
+    # than the hold covers (SPEC §4: the prompt bound + max_tokens, or the model's cap).
+    return token_cost(price, prompt_tokens, completion_max(price, max_tokens, choices))
 
 
-def image_cost(price: ModelPrice, size: str, n: int) -> int | None:
-    """Return the cost of n pictures of a size, or None when the size has no price."""
-    each = price.images.get(size)
+def image_cost(price: ModelPrice, size: str, n: int, quality: str | None = None) -> int | None:
+    """Return the cost of n pictures of a size and quality, or None when it has no price."""
+    each = price.image_price(size, quality)
     return None if each is None else each * n

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis
 from flask import Flask, current_app
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import parse_url
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.core.config import ConfigError, Settings
@@ -48,19 +49,41 @@ def _pool_size(max_connections: int | None) -> int:
     return max_connections or int(os.environ.get("XIAOYI_REDIS_POOL_SIZE", "200"))
 
 
-def _nodes(netloc: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+def _nodes(netloc: str, setting: str = "XIAOYI_REDIS_URL",
+           ) -> tuple[str | None, str | None, list[tuple[str, int]]]:
     """Split ``[user:password@]h:p,h:p`` into (user, password, [(host, port)])."""
     auth, _, hosts = netloc.rpartition("@")
     user, _, password = auth.partition(":") if auth else ("", "", "")
     nodes = []
     for part in filter(None, hosts.split(",")):
         host, _, port = part.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"XIAOYI_REDIS_URL: {part!r} is not host:port")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{setting}: {part!r} is not host:port")
         nodes.append((host.strip("[]"), int(port)))
     if not nodes:
-        raise ConfigError("XIAOYI_REDIS_URL: no host:port given")
+        raise ConfigError(f"{setting}: no host:port given")
     return unquote(user) or None, unquote(password) or None, nodes
+
+
+def check_url(url: str, setting: str = "XIAOYI_REDIS_URL", queues: bool = False) -> None:
+    """Raise ConfigError when url is no store URL of ours (it is parsed, never connected to)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
+        if queues and scheme.endswith("+cluster"):
+            raise ConfigError(f"{setting}: rq cannot run on a Redis Cluster; point the queues "
+                              "at a single-node or Sentinel Redis")
+        _nodes(parts.netloc, setting)
+        if scheme.endswith("+sentinel") and not parts.path.strip("/"):
+            raise ConfigError(f"{setting}: redis+sentinel:// needs /master-name")
+    elif scheme in ("redis", "rediss", "unix"):
+        try:
+            parse_url(url)
+        except ValueError as exc:  # its message names the part, never the password
+            raise ConfigError(f"{setting}: not a Redis URL ({exc})") from exc
+    else:
+        raise ConfigError(f"{setting}: unsupported scheme {scheme!r} (redis://, rediss://, "
+                          "unix://, redis+sentinel://, redis+cluster://)")
 
 
 def make_redis(url: str, max_connections: int | None = None, decode: bool = True,
@@ -109,6 +132,14 @@ def _sentinel_client(parts: Any, scheme: str, size: int, decode: bool) -> redis.
 def is_cluster(client: Any) -> bool:
     """Tell whether a client talks to a Redis Cluster."""
     return isinstance(client, RedisCluster)
+
+
+def close(client: Any) -> None:
+    """Close a client's connections, whatever its kind (a Cluster client has no single pool)."""
+    if is_cluster(client):
+        client.close()
+    else:
+        client.connection_pool.disconnect()
 
 
 def make_queue_redis(url: str) -> redis.Redis:

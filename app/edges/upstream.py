@@ -35,6 +35,9 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from app.core.config import Channel, Settings
 from app.core.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
+from app.edges.fetch import FetchError, fetch
+from app.edges.netguard import UnsafeURL, check_url, origin
+from app.edges.sse import data_events
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +204,16 @@ class Upstream:
 
     def post(self, path: str, body: dict[str, Any], model: str, stream: bool = False,
              expect: str | None = None) -> Any:
+        """POST with failover (see call()) and return the answer alone."""
+        return self.call(path, body, model, stream, expect).value
+
+    def call(self, path: str, body: dict[str, Any], model: str, stream: bool = False,
+             expect: str | None = None) -> Answer:
         """POST to the first healthy channel, failing over on 429/5xx/timeouts.
 
-        Returns the response; with `expect` (a non-stream call) returns the parsed JSON object
-        instead, and a 200 whose body is not an object with that list field fails over too.
+        Returns the response and the channel that gave it; with `expect` (a non-stream call)
+        the parsed JSON object instead of the response, and a 200 whose body is not an object
+        with that list field fails over too.
         """
         data = orjson.dumps(body)
         channels = self.order(model)
@@ -230,11 +239,11 @@ class Upstream:
             if resp.status_code == 200:
                 if expect is None:
                     self._mark(channel, True)
-                    return resp
+                    return Answer(resp, channel)
                 parsed = _parse(resp, expect)
                 if parsed is not None:
                     self._mark(channel, True)
-                    return parsed
+                    return Answer(parsed, channel)
                 last = "malformed JSON"
                 self._mark(channel, False, "malformed")
                 continue
@@ -255,29 +264,32 @@ class Upstream:
             raise UpstreamTimeout("The upstream did not answer in time.")
         raise UpstreamError(f"Every upstream channel failed ({last or 'timeout'}).")
 
+    def moderate(self, content: str | list[Any], model: str) -> dict[str, Any]:
+        """Ask /moderations about a text (or input parts); return its body (a results list)."""
+        body = {"model": model, "input": content}
+        return self.post("/moderations", body, model, expect="results")
+
     def get(self, url: str, timeout: float = 30, max_bytes: int = 20 << 20) -> bytes:
-        """Fetch a URL the upstream gave us (an image link): public hosts only, size-capped."""
-        from urllib.parse import urlsplit
+        """Fetch a URL the upstream gave us (an image link): public hosts only, size-capped.
 
-        from app.edges.netguard import UnsafeURL, check_url
-
+        A channel's own host and port may be private; the address checked is the one fetched.
+        """
         try:
-            check_url(url, {urlsplit(c.base_url).hostname or "" for c in self.channels})
+            target = check_url(url, {origin(c.base_url) for c in self.channels})
         except UnsafeURL as exc:
             raise UpstreamError(f"Refused to fetch the upstream's link: {exc}") from exc
         try:
-            with self.session.get(url, timeout=(5, timeout), stream=True,
-                                  allow_redirects=False) as resp:
-                resp.raise_for_status()
-                chunks, size = [], 0
-                for chunk in resp.iter_content(65536):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise UpstreamError("The upstream's file is too large.")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except requests.RequestException as exc:
-            raise UpstreamError("Could not fetch the upstream's file.") from exc
+            return fetch(target, timeout, max_bytes)
+        except FetchError as exc:
+            raise UpstreamError(f"Could not fetch the upstream's file ({exc}).") from exc
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a call returned (a response, or parsed JSON) and the channel that answered."""
+
+    value: Any
+    channel: Channel
 
 
 @dataclass(frozen=True)
@@ -396,19 +408,9 @@ def _error_message(resp: requests.Response | UpstreamResponse) -> str:
     return (str(text) if text else f"HTTP {resp.status_code}")[:300]
 
 
-def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[bytes]:
-    """Yield each SSE event's data payload (bytes) as it arrives; stops at [DONE] or EOF."""
-    buf = b""
-    for chunk in resp.iter_content(chunk_size=None):
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        return
-                    yield payload
+def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
+    """Yield each SSE event's data as it arrives (app.edges.sse); stops at [DONE] or EOF."""
+    return data_events(resp.iter_content(chunk_size=None))
 
 
 def init_app(app: Any, r: redis.Redis) -> None:

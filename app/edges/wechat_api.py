@@ -9,7 +9,9 @@ Keys (owned here):
 wechatpy fetches without a lock and, on 40001, refreshes and retries recursively without limit
 (docs/wechatpy-notes.md). Here `auto_retry` is off: a missing token is fetched under the Redis
 lock (so many processes fetch once), and a call answered 40001/40014/42001 refreshes the token
-(unless another process already replaced the one that failed) and is retried once.
+(unless another process already replaced the one that failed) and is retried once. WeChat's
+transient failures (errcode -1 "system busy", an HTTP error status) are raised as
+WeChatTransient, so the bot's jobs retry them and nothing else (SPEC §7.14).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+import requests
 from flask import current_app
 from wechatpy import WeChatClient
 from wechatpy.exceptions import WeChatClientException
@@ -27,12 +30,27 @@ from app.core.config import Settings
 EXTENSION = "xiaoyi.wechat_client"
 PREFIX = "xy:wx:token"
 TOKEN_ERRORS = frozenset({40001, 40014, 42001})
+BUSY = frozenset({-1})  # "system busy, try again"
 TIMEOUT = (3.05, 15)  # connect, read (seconds)
 LOCK_SECONDS = 15
 
 
 class NotConfigured(RuntimeError):
     """The WeChat app id / secret are not set."""
+
+
+class WeChatTransient(WeChatClientException):
+    """WeChat failed in a way that may pass: system busy, or an HTTP error status."""
+
+
+def configured(settings: Settings) -> bool:
+    """Tell whether the API can be called (the app id and secret are set)."""
+    return bool(settings.wechat_app_id and settings.wechat_app_secret)
+
+
+def transient(exc: BaseException) -> bool:
+    """Tell whether a failed call may succeed when retried (network, busy, HTTP status)."""
+    return isinstance(exc, WeChatTransient | requests.RequestException)
 
 
 class SharedTokenClient(WeChatClient):
@@ -84,23 +102,48 @@ class SharedTokenClient(WeChatClient):
         """Call the API; on a token error refresh and retry once."""
         params = dict(kwargs.pop("params", None) or {})
         if "access_token" in params:
-            return super()._request(method, url_or_endpoint, params=params, **kwargs)
+            return self._call(method, url_or_endpoint, params=params, **kwargs)
         token = self.access_token
         try:
-            return super()._request(method, url_or_endpoint,
-                                    params={**params, "access_token": token}, **kwargs)
+            return self._call(method, url_or_endpoint,
+                              params={**params, "access_token": token}, **kwargs)
         except WeChatClientException as exc:
             if exc.errcode not in TOKEN_ERRORS:
                 raise
         token = self.refresh(token)
-        return super()._request(method, url_or_endpoint,
-                                params={**params, "access_token": token}, **kwargs)
+        return self._call(method, url_or_endpoint,
+                          params={**params, "access_token": token}, **kwargs)
+
+    def _call(self, method: str, url_or_endpoint: str, **kwargs: Any) -> Any:
+        """Call wechatpy once; raise its transient failures as WeChatTransient."""
+        try:
+            return super()._request(method, url_or_endpoint, **kwargs)
+        except WeChatClientException as exc:
+            if exc.errcode is None or exc.errcode in BUSY:
+                raise WeChatTransient(exc.errcode, exc.errmsg, client=self, request=exc.request,
+                                      response=exc.response) from exc
+            raise
+
+
+def download_media(client: WeChatClient, media_id: str, max_bytes: int) -> bytes:
+    """Fetch temporary media by its MediaId (media/get); raise WeChatClientException if refused.
+
+    WeChat answers media as bytes and a refusal as JSON (an errcode: wechatpy raises it); a
+    body larger than max_bytes, or JSON without an errcode, is refused here alike.
+    """
+    got = client.media.download(media_id)
+    if not isinstance(got, requests.Response):
+        raise WeChatClientException(None, "media/get answered JSON, not media", client=client)
+    if len(got.content) > max_bytes:
+        raise WeChatClientException(None, f"media/get: more than {max_bytes} bytes",
+                                    client=client)
+    return got.content
 
 
 def init_app(app: Any, r: redis.Redis) -> None:
     """Build this process's client when the app id and secret are configured."""
     settings: Settings = app.config["SETTINGS"]
-    if settings.wechat_app_id and settings.wechat_app_secret:
+    if configured(settings):
         app.extensions[EXTENSION] = SharedTokenClient(settings, r)
 
 

@@ -2,18 +2,50 @@
 
 gevent workers hold hundreds of open SSE streams each (sync workers hold one, gthread
 workers × threads); every value can be overridden with GUNICORN_CMD_ARGS or the environment.
+
+Slow clients (SPEC §7.12): under gevent workers gunicorn reads each request's headers within
+`keepalive` seconds (the same bound ends idle keep-alive connections), but reads bodies without
+any timeout. `pre_request` wraps every body so that a read waiting `body_timeout` seconds
+without a byte drops the connection. Stalled connections then cost one greenlet each until
+dropped; `worker_connections` per worker, `backlog` and the open-file limit are sized so that
+thousands of them leave /healthz and paying requests answering. nginx in front buffers bodies
+too (deploy/nginx.conf), so behind it slow clients never reach gunicorn at all.
+
+This file is read by path in gunicorn's master: it imports only the standard library.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import socket
+from typing import Any
+
+
+def _seconds(name: str, default: str) -> float:
+    """Read a positive number of seconds from the environment, or stop naming the variable."""
+    raw = os.environ.get(name) or default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 86_400:
+        raise SystemExit(f"configuration error: {name}: {raw!r} is not a number of seconds > 0")
+    return value
+
 
 worker_class = os.environ.get("XIAOYI_WEB_WORKER_CLASS", "gevent")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))  # one per core on the 2-core target
 worker_connections = int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000"))  # per gevent worker
+backlog = int(os.environ.get("XIAOYI_WEB_BACKLOG", "2048"))  # accepted by the kernel, not yet served
 timeout = 120  # seconds a worker may be silent before it is restarted
-graceful_timeout = 30  # seconds to finish open streams on restart/stop
-keepalive = 15  # seconds an idle keep-alive connection stays open
+# Seconds open streams get to finish on stop/restart; a stream still open near the end gets an
+# error event and [DONE] (app.runtime.graceful), never a bare cut.
+graceful_timeout = int(os.environ.get("XIAOYI_GRACEFUL_TIMEOUT") or "30")  # as procs reads it
+
+# Idle keep-alive connections close after this; under gevent it also bounds reading the headers.
+keepalive = max(1, round(_seconds("XIAOYI_WEB_KEEPALIVE", "15")))
+body_timeout = _seconds("XIAOYI_WEB_BODY_TIMEOUT", "30")  # a body stalled this long is dropped
 accesslog = os.environ.get("XIAOYI_ACCESS_LOG") or None  # "-" = stdout
 # The path without its query string (a client may put a key there), no referer.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
@@ -21,6 +53,80 @@ errorlog = "-"
 loglevel = os.environ.get("XIAOYI_LOG_LEVEL", "info").lower()
 limit_request_line = 8190
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn >= 25.1 opens a control socket at one path per user ($XDG_RUNTIME_DIR/gunicorn.ctl or
+# ~/.gunicorn/gunicorn.ctl) that every instance on the host would share. None by default; set
+# XIAOYI_WEB_CONTROL_SOCKET to a path of this instance's own to use `gunicornc`.
+control_socket_disable = not os.environ.get("XIAOYI_WEB_CONTROL_SOCKET")
+if not control_socket_disable:
+    control_socket = os.environ["XIAOYI_WEB_CONTROL_SOCKET"]
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Raise this process's soft open-file limit towards `wanted` (workers inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+_raise_open_files(worker_connections + 1024)  # every connection, plus Redis and upstream sockets
+
+
+class StallGuard:
+    """A request body whose every read gives up after `seconds` without a byte."""
+
+    def __init__(self, req: Any, sock: socket.socket, seconds: float, log: Any) -> None:
+        self.req, self.body, self.sock, self.seconds, self.log = req, req.body, sock, seconds, log
+
+    def _guarded(self, method: Any, *args: Any) -> Any:
+        before = self.sock.gettimeout()
+        self.sock.settimeout(self.seconds)
+        try:
+            return method(*args)
+        except TimeoutError:
+            self._drop()
+            raise
+        finally:
+            try:
+                self.sock.settimeout(before)
+            except OSError:
+                pass
+
+    def _drop(self) -> None:
+        """Close the connection: nothing more is read from it or written to it."""
+        self.req.must_close = True
+        self.log.warning("dropped %s %s from %s: the body stalled for %ss", self.req.method,
+                         self.req.path, self.req.peer_addr, self.seconds)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def read(self, size: int | None = None) -> bytes:
+        """Read like gunicorn's Body, within the stall bound."""
+        return self._guarded(self.body.read, size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        """Read a line like gunicorn's Body, within the stall bound."""
+        return self._guarded(self.body.readline, size)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        """Read lines like gunicorn's Body, within the stall bound."""
+        return self._guarded(self.body.readlines, size)
+
+    def __iter__(self) -> StallGuard:
+        return self
+
+    def __next__(self) -> bytes:
+        return self._guarded(self.body.__next__)
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    """Bound the reads of this request's body (HTTP/1: the body comes from the socket)."""
+    worker.log.debug("%s %s", req.method, req.path)
+    sock = getattr(getattr(req, "unreader", None), "sock", None)
+    if sock is not None and getattr(req, "body", None) is not None:
+        req.body = StallGuard(req, sock, body_timeout, worker.log)
 
 
 def child_exit(server: object, worker: object) -> None:
@@ -29,3 +135,25 @@ def child_exit(server: object, worker: object) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_starting(server: object) -> None:
+    """Make Ctrl-C a graceful stop like SIGTERM (a second Ctrl-C still stops at once)."""
+    server.handle_int = server.handle_term  # type: ignore[attr-defined]
+
+
+def post_worker_init(worker: object) -> None:
+    """Make SIGINT graceful in the worker too; end streams still open as the grace runs out."""
+    import signal
+
+    from app.runtime import graceful
+
+    signal.signal(signal.SIGINT, worker.handle_exit)  # type: ignore[attr-defined]
+    graceful.watch(worker)
+
+
+def worker_int(worker: object) -> None:
+    """On a quick stop (SIGQUIT), end every open stream with an error event and [DONE]."""
+    from app.runtime import graceful
+
+    graceful.cut_now()

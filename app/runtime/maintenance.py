@@ -17,9 +17,17 @@ Keys (owned here; rq's own keys are only read, or changed through rq's classes):
     xy:wk:locks:{worker}          hash   lock name -> token: locks a worker's job holds
                                          (app.edges.worklock.worker_lock), freed at once when the
                                          worker is dead; in the money store (where the locks are)
+    xy:wk:sched:{worker}          hash   rq scheduler locks its scheduler holds
+                                         (app.runtime.rqworker), freed likewise; in the queue Redis
 
 The pulse and sweep keys live in the queue Redis next to rq's; the money sweep (stale holds,
 half-done redemptions) works on the money store, account by account (app.core.money.ledger).
+
+Scheduled jobs (the bot's retries) need an rq scheduler, and rq runs one per queue: whichever
+worker holds `rq:scheduler-lock:{queue}`. When that worker dies, the others' schedulers look for
+the lock only at rq's maintenance interval (10 min), so retries would stall. Each sweep therefore
+frees a dead worker's scheduler locks and, for every queue whose lock is free, takes it for a
+moment and moves the due scheduled jobs to their queue itself (app.runtime.rqworker.enqueue_due).
 
 A started job is abandoned when its execution's worker has no rq record any more, or beats here
 and its pulse has lapsed. The sweeper takes it out of the registry (ZREM: of several sweepers
@@ -41,6 +49,7 @@ import redis
 from app.core.money import codes, ledger
 from app.edges.worklock import RELEASE, locks_key
 from app.edges.worklock import worker_lock as worker_lock  # re-exported
+from app.runtime.rqworker import enqueue_due, sched_locks_key
 from app.runtime.rqworker import worker_class as worker_class  # re-exported
 
 log = logging.getLogger(__name__)
@@ -81,6 +90,7 @@ def forget(conn: redis.Redis, worker: str) -> None:
     pipe = conn.pipeline(transaction=False)
     pipe.delete(alive_key(worker))
     pipe.srem(BEATING, worker)
+    pipe.delete(sched_locks_key(worker))
     pipe.execute()
 
 
@@ -180,10 +190,13 @@ def bury_dead(conn: redis.Redis, r: redis.Redis) -> list[str]:
             continue
         key = WORKER_PREFIX + worker
         queues = _text(conn.hget(key, "queues") or b"")
-        for name, token in r.hgetall(locks_key(worker)).items():
+        for name, token in r.hgetall(locks_key(worker)).items():  # job locks: money store
             r.eval(RELEASE, 1, name, token)
         r.delete(locks_key(worker))
+        for name, token in conn.hgetall(sched_locks_key(worker)).items():  # rq's: queue Redis
+            conn.eval(RELEASE, 1, name, token)
         pipe = conn.pipeline()
+        pipe.delete(sched_locks_key(worker))
         pipe.srem(REDIS_WORKER_KEYS, key)
         for name in filter(None, queues.split(",")):
             pipe.srem(WORKERS_BY_QUEUE_KEY % name, key)
@@ -210,6 +223,7 @@ def sweep(conn: redis.Redis, r: redis.Redis, queues: Iterable[str] = (), *,
     report = {"abandoned": requeue_abandoned(conn, names),
               "stuck": requeue_stuck(conn, names)}
     report["buried"] = bury_dead(conn, r)
+    report["scheduled"] = enqueue_due(conn, names)
     if force or conn.set(MONEY_LOCK, 1, nx=True, ex=MONEY_SWEEP_S):
         report["released"] = ledger.release_stale(r, STALE_HOLD_S)
         report["redeemed"] = codes.complete_redemptions(r)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from app.core.config import ConfigError, Settings, yuan_to_units
+from app.core.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from app.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 _embedded: list = []  # keeps the embedded server object alive for this process
@@ -79,8 +84,11 @@ def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
         from app.runtime.supervisor import pdeathsig_preexec, wait_http
 
         up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        # Its own session: Ctrl-C in the terminal reaches gunicorn only, which then finishes open
+        # streams against this upstream; it still dies with its parent (PR_SET_PDEATHSIG).
         proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "fake-upstream", "--port",
-                                 str(up_port)], preexec_fn=pdeathsig_preexec())
+                                 str(up_port)], preexec_fn=pdeathsig_preexec(),
+                                start_new_session=True)
         wait_http(f"http://127.0.0.1:{up_port}/healthz", 15, process=proc)
         env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
     return env
@@ -115,55 +123,126 @@ def run_worker(settings: Settings, queues: list[str], burst: bool) -> int:
     return 0 if ok or not burst else 0
 
 
-def _demo_key(settings: Settings, url: str) -> str:
-    from app.core.money import keys, wallet
-    from app.edges.store import make_redis
+class StartError(Exception):
+    """`xiaoyi run` could not start a part; the message says which and why, in one line."""
 
-    r = make_redis(url, max_connections=2)
-    acct = wallet.create_account(r, "demo", name="demo", initial=yuan_to_units("10", "demo"),
-                                 note="demo credit")
-    raw, _ = keys.create_key(r, acct, "demo")
-    return raw
+
+# Process knobs read outside load_settings (gunicorn_conf, store, run): name -> (low, high).
+ENV_INTS = {"WEB_CONCURRENCY": (1, 256), "XIAOYI_WEB_CONNECTIONS": (1, 100_000),
+            "XIAOYI_WEB_BACKLOG": (1, 65_535), "XIAOYI_GRACEFUL_TIMEOUT": (0, 3600),
+            "XIAOYI_REDIS_POOL_SIZE": (1, 100_000), "XIAOYI_FAKE_UPSTREAM_PORT": (1, 65535)}
+ENV_SECONDS = ("XIAOYI_WEB_KEEPALIVE", "XIAOYI_WEB_BODY_TIMEOUT")  # 0 < seconds < 1 day
+
+
+def _check_env_numbers() -> None:
+    for name, (low, high) in ENV_INTS.items():
+        value = os.environ.get(name, "").strip()
+        if value and not (value.isdigit() and low <= int(value) <= high):
+            raise ConfigError(f"{name}: {value!r} must be a whole number from {low} to {high}")
+    for name in ENV_SECONDS:
+        value = os.environ.get(name, "").strip()
+        try:
+            ok = not value or 0 < float(value) < 86_400
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name}: {value!r} is not a number of seconds > 0")
+
+
+def graceful_timeout() -> int:
+    """Return the seconds open streams get on stop (gunicorn_conf reads the same variable)."""
+    return int(os.environ.get("XIAOYI_GRACEFUL_TIMEOUT") or "30")
+
+
+def check_port(host: str, port: int, hint: str) -> None:
+    """Raise StartError when host:port cannot be listened on (in use, or not this machine's)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                             f"({hint})") from exc
+
+
+def check_config(settings: Settings) -> None:
+    """Raise ConfigError for any bad setting the app would refuse, before any child starts.
+
+    Builds the app once on a store client that never connects, so every check create_app makes
+    (WeChat crypto and AppID, bot models and prices, pay…) runs here, in a second or less; then
+    the process knobs, the Redis URL's form and the custom menu.
+    """
+    from app import create_app
+    from app.edges import wechat_menu
+    from app.edges.store import check_url
+
+    _check_env_numbers()
+    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
+    if settings.redis_url:
+        check_url(settings.redis_url, "XIAOYI_REDIS_URL")  # parses, never connects
+    if settings.queue_redis_url:
+        check_url(settings.queue_redis_url, "XIAOYI_QUEUE_REDIS_URL", queues=True)
+    if settings.menu:
+        wechat_menu.definition(settings)
+
+
+def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,
+                    env: dict[str, str]) -> None:
+    """Start the fake upstream (when no channel is set), the rq workers and the web server."""
+    from app.runtime.supervisor import wait_http
+
+    xiaoyi = [sys.executable, "-m", "app.runtime.cli"]
+    if not settings.channels:
+        up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        up = sup.add("fake-upstream", [*xiaoyi, "fake-upstream", "--port", str(up_port)])
+        env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
+        _wait(wait_http, f"http://127.0.0.1:{up_port}/healthz", 15, up, "the fake upstream")
+    for i in range(workers):
+        sup.add(f"worker-{i + 1}", [*xiaoyi, "worker"], env)
+    # Stopped first (reverse order): it stops accepting, lets open streams end, then the rest go.
+    web = sup.add("web", [*xiaoyi, "web", "--host", host, "--port", str(port)], env,
+                  stop_timeout=graceful_timeout() + 5)
+    _wait(wait_http, f"http://{host}:{port}/healthz", 30, web, f"the web server on {host}:{port}")
+
+
+def _wait(wait_http: Any, url: str, timeout: float, process: Any, what: str) -> None:
+    try:
+        wait_http(url, timeout, process=process)
+    except RuntimeError as exc:
+        raise StartError(f"{what} exited with {process.returncode} while starting "
+                         "(its log is above)") from exc
+    except TimeoutError as exc:
+        raise StartError(f"{what} did not answer within {timeout:g} s") from exc
 
 
 def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Start embedded Redis, the fake upstream when none is set, web and workers; wait."""
-    from app.runtime.supervisor import Supervisor, wait_http
+    """Start embedded Redis, the fake upstream when none is set, web and workers; wait.
 
-    env: dict[str, str] = {}
-    url = settings.redis_url or ensure_embedded(settings.data_dir)
-    env["XIAOYI_REDIS_URL"] = url
+    The caller has run check_config(settings): a bad setting never gets this far.
+    """
+    from app.runtime.demo import banner, demo_key
+    from app.runtime.supervisor import Supervisor
+
+    check_port(host, port, f"choose another: xiaoyi run --port {port + 1}, "
+                           f"or make run PORT={port + 1}")
+    if not settings.channels:
+        up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        check_port("127.0.0.1", up_port, "the fake upstream's: set XIAOYI_FAKE_UPSTREAM_PORT")
     sup = Supervisor()
     sup.install_signal_handlers()
-    xiaoyi = [sys.executable, "-m", "app.runtime.cli"]
     try:
-        if not settings.channels:
-            up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
-            sup.add("fake-upstream", [*xiaoyi, "fake-upstream", "--port", str(up_port)])
-            env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
-            wait_http(f"http://127.0.0.1:{up_port}/healthz", 15)
-        sup.add("web", [*xiaoyi, "web", "--host", host, "--port", str(port)], env)
-        for i in range(workers):
-            sup.add(f"worker-{i + 1}", [*xiaoyi, "worker"], env)
-        wait_http(f"http://{host}:{port}/healthz", 30)
-        key = _demo_key(settings, url)
-        base = f"http://{host}:{port}"
-        print(f"""
-xiaoyi is running.
-  API:      {base}/v1   (also {base}/index.php/api/v1)
-  WeChat:   {base}/wechat
-  Admin:    {base}/admin  {'(set XIAOYI_ADMIN_TOKEN to enable)' if not settings.admin_token else ''}
-  Redis:    {url}{'  (embedded, AOF in ' + settings.data_dir + ')' if not settings.redis_url else ''}
-  Upstream: {env.get('XIAOYI_UPSTREAM_BASE_URL', 'configured channels')}
-
-Demo key (10 元): {key}
-
-Try:
-  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"api_secret_key": "{key}", "model": "gpt-3.5", "messages": [{{"role": "user", "content": "你好"}}]}}'
-
-Ctrl-C stops everything.
-""", flush=True)
+        try:
+            url = settings.redis_url or ensure_embedded(settings.data_dir)
+        except RuntimeError as exc:
+            raise StartError(str(exc)) from exc
+        except OSError as exc:
+            raise StartError(f"XIAOYI_DATA_DIR {settings.data_dir}: {exc.strerror or exc}") from exc
+        env = {"XIAOYI_REDIS_URL": url}
+        _start_children(sup, settings, host, port, workers, env)
+        key, balance = demo_key(settings, url)
+        print(banner(settings, host, port, url, env.get("XIAOYI_UPSTREAM_BASE_URL",
+                                                         "configured channels"), key, balance),
+              flush=True)
         return sup.wait()
     except KeyboardInterrupt:
         return 0

@@ -73,6 +73,7 @@ class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen[bytes]
+    stop_timeout: float | None = None  # seconds it may take to stop; None: stop()'s timeout
 
     @property
     def pid(self) -> int:
@@ -139,8 +140,13 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         *,
         cwd: str | os.PathLike[str] | None = None,
+        stop_timeout: float | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` now as child `name`; `env` entries are added on top of os.environ."""
+        """Start `argv` now as child `name`; `env` entries are added on top of os.environ.
+
+        `stop_timeout` is how long this child may take to stop (e.g. a web server's grace for
+        open streams) before it is killed; by default, the timeout given to `stop()`.
+        """
         if any(child.name == name for child in self.children):
             raise ValueError(f"a child named {name!r} already exists")
         if self._stopping:
@@ -158,7 +164,8 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=pdeathsig_preexec(signal.SIGTERM),
             )
-            self.children.append(Child(name=name, argv=list(argv), process=process))
+            self.children.append(Child(name=name, argv=list(argv), process=process,
+                                       stop_timeout=stop_timeout))
         finally:
             self._starting = False
         log.info("started %s (pid %d): %s", name, process.pid, " ".join(argv))
@@ -208,7 +215,7 @@ class Supervisor:
         self._stopping = True
         self._stop_requested.set()
         for child in reversed(self.children):
-            self._stop_child(child, timeout)
+            self._stop_child(child, timeout if child.stop_timeout is None else child.stop_timeout)
 
     def _stop_child(self, child: Child, timeout: float) -> None:
         """Stop one child and everything left in its process group."""

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import TYPE_CHECKING
 
 import click
 import requests
 from wechatpy.exceptions import WeChatClientException
 
-from app.core.config import ConfigError, Settings, load_settings
+from app.core.config import ConfigError, Settings
+from app.runtime.clikit import CliError, config_error, emit, json_option
+from app.runtime.clikit import settings as _settings
 
 if TYPE_CHECKING:
     from app.edges.wechat_api import SharedTokenClient
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from exc
 
 
 def _client(settings: Settings) -> SharedTokenClient:
@@ -30,8 +24,15 @@ def _client(settings: Settings) -> SharedTokenClient:
 
     try:
         return SharedTokenClient(settings, make_redis(admin_store_url(settings), 4))
-    except (NotConfigured, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except NotConfigured as exc:
+        raise CliError(str(exc)) from exc
+    except ConfigError as exc:  # no XIAOYI_REDIS_URL and no `xiaoyi run` engine here
+        raise CliError(config_error(exc)) from exc
+
+
+def _why(exc: Exception) -> str:
+    """Say what failed without echoing a URL (it carries the access token)."""
+    return str(exc) if isinstance(exc, WeChatClientException) else type(exc).__name__
 
 
 @click.group("menu")
@@ -40,28 +41,35 @@ def menu_group() -> None:
 
 
 @menu_group.command("push")
-def menu_push() -> None:
-    """Create the menu on WeChat from the config."""
+@json_option
+def menu_push(as_json: bool) -> None:
+    """Create the menu on WeChat from the config; print what was pushed."""
     from app.edges import wechat_menu as menu
 
     settings = _settings()
     try:
+        pushed = menu.definition(settings)
+    except ConfigError as exc:
+        raise CliError(config_error(exc)) from exc
+    try:
         menu.push(_client(settings), settings)
-    except (ConfigError, WeChatClientException, requests.RequestException) as exc:
-        raise click.ClickException(f"menu push failed: {exc}") from exc
-    click.echo(json.dumps(menu.definition(settings), ensure_ascii=False, indent=2))
+    except (WeChatClientException, requests.RequestException) as exc:
+        raise CliError(f"menu push failed: {_why(exc)}") from exc
+    emit({"pushed": pushed}, as_json, json.dumps(pushed, ensure_ascii=False, indent=2))
 
 
 @menu_group.command("show")
-def menu_show() -> None:
+@json_option
+def menu_show(as_json: bool) -> None:
     """Print the menu WeChat has now."""
     from app.edges import wechat_menu as menu
 
     try:
         current = menu.show(_client(_settings()))
     except (WeChatClientException, requests.RequestException) as exc:
-        raise click.ClickException(f"menu show failed: {exc}") from exc
-    click.echo(json.dumps(current, ensure_ascii=False, indent=2) if current else "(no menu)")
+        raise CliError(f"menu show failed: {_why(exc)}") from exc
+    emit(current or {"menu": None}, as_json,
+         json.dumps(current, ensure_ascii=False, indent=2) if current else "(no menu)")
 
 
 @click.group("wechat")
@@ -75,21 +83,23 @@ def wechat_group() -> None:
 @click.option("--event", default=None, help="an event instead of text: subscribe, click:KEY")
 @click.option("--url", default="http://127.0.0.1:8000/wechat", show_default=True)
 @click.option("--msg-id", default=None, help="MsgId (repeat one to act as WeChat's retry)")
-def wechat_send(text: str, openid: str, event: str | None, url: str, msg_id: str | None) -> None:
+@json_option
+def wechat_send(text: str, openid: str, event: str | None, url: str, msg_id: str | None,
+                as_json: bool) -> None:
     """Send TEXT (or an event) to a running webhook, signed like WeChat; print the reply."""
     from app.runtime import simulate
 
     settings = _settings()
     if not settings.wechat_token:
-        raise click.ClickException("set XIAOYI_WECHAT_TOKEN (the webhook's token)")
+        raise CliError("set XIAOYI_WECHAT_TOKEN (the webhook's token)")
     if not text and not event:
-        raise click.ClickException("give TEXT or --event")
+        raise CliError("give TEXT or --event")
     xml = simulate.message_xml(openid, text, event, msg_id)
     try:
         resp = simulate.post(settings, url, xml, openid)
     except requests.RequestException as exc:
-        raise click.ClickException(f"could not reach {url}: {exc}") from exc
+        raise CliError(f"could not reach {url}: {type(exc).__name__}") from exc
     if resp.status_code != 200:
-        click.echo(f"HTTP {resp.status_code}: {resp.text[:500]}", err=True)
-        sys.exit(1)
-    click.echo(simulate.describe(simulate.read_reply(settings, resp.text)))
+        raise CliError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+    reply = simulate.read_reply(settings, resp.text)
+    emit({"reply": reply}, as_json, simulate.describe(reply))

@@ -1,7 +1,7 @@
 """Serve an OpenAI-compatible fake upstream for demos, tests and benchmarks.
 
 Routes: POST /v1/chat/completions, /v1/completions (both also streamed), /v1/embeddings,
-/v1/images/generations; GET /v1/models[/<id>], /v1/files/img-<id>.png (the generated PNGs),
+/v1/images/generations, /v1/moderations (fakes/upstream/moderation.py); GET /v1/models[/<id>], /v1/files/img-<id>.png (the generated PNGs),
 /healthz; control endpoints POST /_fake/config, POST /_fake/reset, GET /_fake/config and
 GET /_fake/requests (these and the image files ignore the api key).
 
@@ -17,6 +17,17 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     chunk_delay=S  sleep S seconds between stream chunks
     cut=N          stream: close the connection after N content chunks (no [DONE], no last chunk)
     malformed      answer 200 with a body (or, streaming, an event) that is not JSON
+    crlf           stream: frame events with CRLF, as sse-starlette does, each JSON payload split
+                   over two `data:` lines, with a `retry:` field and `:` comment lines between
+    prompt_tokens=V, completion_tokens=V
+                   report these usage counts as given (any JSON value: 10**15, 9223372036854775807,
+                   -1, 2.5, "3"), whatever was really counted
+    flag[=C]       /v1/moderations: flag the input in category C (bare: harassment)
+
+A chat request's usage counts its image_url parts by OpenAI's tile rule (fakes/upstream/vision.py).
+
+POST /v1/responses (OpenAI's Responses API, plain and typed-event streams) and tool calls for
+requests that force one are served by fakes/upstream/responses.py.
 
 The HTTP layer is a lean hand-written HTTP/1.1 reader on top of http.server (keep-alive,
 Content-Length or chunked bodies, Expect: 100-continue) so the fake stays fast enough to be the

@@ -114,6 +114,8 @@ def _int_param(body: dict[str, Any], name: str, low: int, high: int, default: in
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, float) and value.is_integer():  # JSON Schema's integer: 3.0 is one
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise FakeError(400, f"'{name}' must be an integer between {low} and {high}")
     return value

@@ -73,6 +73,32 @@ def _as_flag(value: Any) -> bool:
     raise ValueError("flag must be true or false")
 
 
+CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+    "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions", "sexual",
+    "sexual/minors", "violence", "violence/graphic",
+)  # fmt: skip
+
+
+def as_category(value: Any) -> str:
+    """Parse the flag marker's value: a category name; bare means harassment."""
+    if value is None or value is True or value == "":
+        return "harassment"
+    if value not in CATEGORIES:
+        raise ValueError(f"not a moderation category: {value!r}")
+    return str(value)
+
+
+def _as_reported(value: Any) -> Any:
+    """Parse a usage count to report as is: any JSON value (huge ints, floats, strings)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return _loads(value)
+    except ValueError:
+        return value  # a bare word is reported as a string
+
+
 BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "status": _as_status,
     "retry_after": _as_seconds,
@@ -82,6 +108,10 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "chunk_delay": _as_seconds,
     "cut": _as_count,
     "malformed": _as_flag,
+    "flag": as_category,
+    "crlf": _as_flag,
+    "prompt_tokens": _as_reported,
+    "completion_tokens": _as_reported,
 }
 
 

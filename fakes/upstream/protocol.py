@@ -205,6 +205,7 @@ class FakeProtocol(BaseHTTPRequestHandler):
         if behaviour.get("malformed"):
             events = iter([(_TAIL, b"{this is not JSON")])
         sent = 0
+        frame = _crlf_frame if behaviour.get("crlf") else _lf_frame
         for kind, payload in itertools.chain(events, [(_TAIL, b"[DONE]")]):
             if kind != _HEAD and cut is not None and sent >= cut:
                 if pending:
@@ -213,9 +214,25 @@ class FakeProtocol(BaseHTTPRequestHandler):
                 return
             if delay and not pending:
                 time.sleep(delay)
-            data = b"data: " + payload + b"\n\n"
-            self.wfile.write(pending + (b"%x\r\n%s\r\n" % (len(data), data) if chunked else data))
+            data = frame(payload)
+            # CRLF framing also splits each event between its CR and LF across two HTTP chunks.
+            cut_at = data.find(b"\r\n") + 1 if frame is _crlf_frame else len(data)
+            parts = [p for p in (data[:cut_at], data[cut_at:]) if p]
+            self.wfile.write(pending + b"".join(
+                b"%x\r\n%s\r\n" % (len(p), p) if chunked else p for p in parts))
             pending = b""
             sent += kind == _CONTENT
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
+
+
+def _lf_frame(payload: bytes) -> bytes:
+    """Frame one event the usual way: one data line, LF LF."""
+    return b"data: " + payload + b"\n\n"
+
+
+def _crlf_frame(payload: bytes) -> bytes:
+    """Frame one event as sse-starlette does (CRLF), with a comment, retry and 2 data lines."""
+    head, rest = (payload[:1], payload[1:]) if payload.startswith(b"{") else (payload, b"")
+    lines = b": ping\r\nretry: 3000\r\ndata: " + head + b"\r\n"
+    return lines + (b"data: " + rest + b"\r\n" if rest else b"") + b"\r\n"

@@ -30,7 +30,18 @@ from fakes.upstream.answers import (
 )
 from fakes.upstream.behaviour import FakeError, _loads, extract_markers
 from fakes.upstream.images import _IMAGE_RE, IMAGE_SIZES, png_image
+from fakes.upstream.moderation import answer_moderations
 from fakes.upstream.protocol import FakeProtocol
+from fakes.upstream.responses import answer_responses, chat_tool_call, forced_tool
+from fakes.upstream.vision import image_tokens
+
+
+def _reported(usage: dict[str, Any], behaviour: dict[str, Any]) -> dict[str, Any]:
+    """Replace usage counts by the ones a prompt_tokens/completion_tokens marker asks for."""
+    for name in ("prompt_tokens", "completion_tokens"):
+        if name in behaviour:
+            usage[name] = behaviour[name]
+    return usage
 
 
 class FakeHandler(FakeProtocol):
@@ -92,7 +103,11 @@ class FakeHandler(FakeProtocol):
         said, markers = extract_markers(texts[last]) if last >= 0 else ("", {})
         if markers:
             texts[last] = said
-        self._generate(body, model, said, texts, markers, chat=True)
+        if forced_tool(body):  # tool_choice forces a call: answer with one (fakes/.../responses)
+            prompt = sum(map(count_tokens, texts)) + 1 + image_tokens(messages, model)
+            return chat_tool_call(self, body, model, said, self._behaviour(markers), prompt)
+        self._generate(body, model, said, texts, markers, chat=True,
+                       images=image_tokens(messages, model))
 
     def _completions(self, body: dict[str, Any]) -> None:
         """Answer POST /v1/completions."""
@@ -106,12 +121,12 @@ class FakeHandler(FakeProtocol):
 
     def _generate(
         self, body: dict[str, Any], model: str, said: str | list[str], texts: list[str],
-        markers: dict[str, Any], chat: bool,
+        markers: dict[str, Any], chat: bool, images: int = 0,
     ) -> None:  # fmt: skip
-        """Answer a chat or completion request, as JSON or as a stream."""
-        n = _int_param(body, "n", 1, 10, 1)
-        limit = _int_param(body, "max_completion_tokens", 1, 10**9, None)
-        limit = _int_param(body, "max_tokens", 1, 10**9, limit)
+        """Answer a chat or completion request, as JSON or as a stream (images: their tokens)."""
+        n = _int_param(body, "n", 1, 128, 1)
+        limit = _int_param(body, "max_completion_tokens", 0, 2**63 - 1, None)
+        limit = _int_param(body, "max_tokens", 0, 2**63 - 1, limit)
         stream = body.get("stream") is True
         behaviour = self._behaviour(markers)
         if self._apply(behaviour, stream):
@@ -121,7 +136,10 @@ class FakeHandler(FakeProtocol):
         usage = None
         if not behaviour.get("nousage"):
             completion = sum(count_tokens("".join(pieces)) for pieces, _ in answers)
-            usage = _usage(sum(map(count_tokens, texts)) + 1, completion)
+            usage = _reported(_usage(sum(map(count_tokens, texts)) + 1 + images, completion), behaviour)
+        if not chat and body.get("echo") is True:  # the prompt comes back before the answer
+            answers = [([p, *pieces], f) for p, (pieces, f) in zip(
+                [p for p in said for _ in range(n)], answers, strict=True)]
         prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         base = {"id": _new_id(prefix), "object": kind, "created": int(time.time()), "model": model}
         if stream:
@@ -154,7 +172,7 @@ class FakeHandler(FakeProtocol):
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise FakeError(400, "'encoding_format' must be 'float' or 'base64'")
-        dims = _int_param(body, "dimensions", 1, EMBEDDING_DIMS, EMBEDDING_DIMS)
+        dims = min(_int_param(body, "dimensions", 1, 2**63 - 1, EMBEDDING_DIMS), EMBEDDING_DIMS)
         texts, markers = [], {}
         for text in _texts(body.get("input"), "input"):
             clean, found = extract_markers(text)
@@ -174,7 +192,7 @@ class FakeHandler(FakeProtocol):
             data.append({"object": "embedding", "index": index, "embedding": vector})
         out: dict[str, Any] = {"object": "list", "data": data, "model": model}
         if not behaviour.get("nousage"):
-            out["usage"] = _usage(sum(map(count_tokens, texts)) + 1)
+            out["usage"] = _reported(_usage(sum(map(count_tokens, texts)) + 1), behaviour)
         self._send_json(out)
 
     def _images(self, body: dict[str, Any]) -> None:
@@ -254,5 +272,7 @@ _ROUTES: dict[str, dict[str, Callable[..., None]]] = {
     "/v1/completions": {"POST": FakeHandler._completions},
     "/v1/embeddings": {"POST": FakeHandler._embeddings},
     "/v1/images/generations": {"POST": FakeHandler._images},
+    "/v1/moderations": {"POST": answer_moderations},
     "/v1/models": {"GET": FakeHandler._models, "HEAD": FakeHandler._models},
+    "/v1/responses": {"POST": answer_responses},
 }

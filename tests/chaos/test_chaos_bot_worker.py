@@ -7,6 +7,7 @@ is thinking; the second takes the job up again within 30 s.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
@@ -87,6 +88,44 @@ def test_sigkill_mid_reply_chat(r: redis.Redis, redis_url: str, upstream: FakeUp
             assert account["balance"] == settings.bot["trial_credit_units"] - cost
             assert ledger.open_holds(r) == 0
             assert ledger.verify(r) == []
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.chaos
+def test_a_failing_message_after_a_sigkill_gets_its_polite_reply_within_30s(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, wx: FakeWeChatAPI,
+        tmp_path: Path) -> None:
+    """The killed worker held rq's scheduler lock; the retries of a failing chat still run."""
+    env = bot_env(tmp_path, upstream, wx, redis_url)
+    settings = load_settings(env)
+    openid = "oChaosSchedUser0000000000001"
+    lock = "rq:scheduler-lock:chat"
+    first = Proc(xiaoyi("worker"), env, tmp_path / "first.log")
+    second: Proc | None = None
+    try:
+        holder = wait_for(lambda: r.get(lock), 30, "the first worker's scheduler lock")
+        second = Proc(xiaoyi("worker"), env, tmp_path / "second.log")
+        wait_for(lambda: len(r.keys("xy:wk:alive:*")) == 2, 30, "both workers' pulses")
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its scheduler, mid-lease
+        first.popen.wait(timeout=5)
+        killed_at = time.monotonic()
+        assert r.get(lock) == holder  # the dead scheduler's lock stays (rq: 61 s)
+        with bot(settings, r, worker=False) as (_, url):
+            resp = WeChat(url, wx.appid).post(text_xml(openid, "[[fake:status=503]]坏了"))
+            assert resp.status_code == 200
+            sent = wait_for(lambda: wx.sent(openid), 30, "the apology within 30 s of the kill")
+            took = time.monotonic() - killed_at
+        time.sleep(1)  # nothing else is on its way
+        assert took < 30
+        assert [m["text"]["content"] for m in wx.sent(openid)] == [settings.texts["chat_failed"]]
+        assert sent[0]["text"]["content"] == settings.texts["chat_failed"]
+        assert 1 <= chat_calls(upstream) <= 3
+        acct = users.account_of(r, openid)
+        assert wallet.balance(r, acct) == settings.bot["trial_credit_units"]
+        assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
     finally:
         first.stop()
         if second is not None:

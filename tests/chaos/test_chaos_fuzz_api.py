@@ -8,6 +8,7 @@ documented, schema-violating requests rejected with a 4xx, and the wallet consis
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,13 +19,16 @@ import schemathesis
 from conftest import ROOT, LiveServer, clean_db, make_settings, new_key
 from schemathesis import GenerationMode
 from schemathesis.checks import (
+    allow_header_conformance,
     content_type_conformance,
     ignored_auth,
     negative_data_rejection,
     not_a_server_error,
+    positive_data_acceptance,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from app import create_app
@@ -32,9 +36,12 @@ from app.core.money import ledger
 from fakes.upstream import FakeUpstream
 
 SPEC = json.loads((ROOT / "app" / "web" / "openapi.json").read_text())
+# ST202: negative_data_rejection + positive_data_acceptance (what the schema allows is served or
+# refused only for money: 429); ST204: unsupported_method (405 with Allow) and
+# allow_header_conformance (Allow lists exactly the documented methods).
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance, negative_data_rejection,
-          ignored_auth]
+          positive_data_acceptance, ignored_auth, unsupported_method, allow_header_conformance]
 
 quick = schemathesis.openapi.from_dict(SPEC)
 quick.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
@@ -81,7 +88,8 @@ def test_openapi_json_is_served(target: Target) -> None:
     assert resp.status_code == 200 and resp.headers["Content-Type"] == "application/json"
     assert resp.json() == SPEC
     served = {p for p in SPEC["paths"]}
-    routes = {str(rule) for rule in target.live.server.app.url_map.iter_rules()
+    routes = {re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", str(rule))  # Flask's <x> is OpenAPI's {x}
+              for rule in target.live.server.app.url_map.iter_rules()
               if str(rule).startswith("/v1/")}
     assert routes == served  # every /v1 route is described, and nothing else
 
@@ -119,6 +127,8 @@ HOSTILE: list[tuple[str, bytes, int]] = [
      b'[{"role": "user", "content": "hi"}]}', 429),  # the whole max_tokens is held
     ("/v1/chat/completions", b'{"model": "' + b"x" * 100_000 + b'", "messages": []}', 404),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"a" * (2 << 20)
+     + b'"}]}', 400),  # under the body limit, over the prompt cap
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"a" * (33 << 20)
      + b'"}]}', 413),
     ("/v1/images/generations", b'{"model": "dall-e-2", "prompt": "x", "size": "99999x99999"}', 400),
     ("/v1/images/generations", b'{"model": "dall-e-2", "prompt": "x", "n": 0}', 400),

@@ -165,7 +165,7 @@ def test_webhook_answers_while_redis_is_down_and_parked_answers_survive(
         embedded: EmbeddedRedis, upstream: FakeUpstream) -> None:
     from wechat_kit import WeChat, bot, run_jobs, text_xml, wechat_settings
 
-    from app.bot import outbox
+    from app.bot import handoff
     from fakes import FakeWeChatAPI
 
     openid = "oChaosRedisDown000000000001"
@@ -176,7 +176,7 @@ def test_webhook_answers_while_redis_is_down_and_parked_answers_survive(
             wechat = WeChat(url, wx.appid)
             assert wechat.post(text_xml(openid, "停放 parked [[fake:delay=2]]")).status_code == 200
             run_jobs(app)
-            assert outbox.parked_count(r, openid) == 1
+            assert r.llen(handoff.park_key(openid)) == 1
             crash(embedded)
 
             for xml in (text_xml(openid, "你好"), text_xml(openid, "继续"),
@@ -191,7 +191,7 @@ def test_webhook_answers_while_redis_is_down_and_parked_answers_survive(
             wait_for(lambda: _ping(r), 15, "Redis to be back")
             answer = wechat.say(openid, "继续")
             assert answer is not None and "停放 parked" in answer
-            assert outbox.parked_count(r, openid) == 0
+            assert r.llen(handoff.park_key(openid)) == 0
 
 
 def _ping(r: redis.Redis) -> bool:

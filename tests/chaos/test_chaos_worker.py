@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ import redis
 from conftest import Proc, child_env, pid_alive, wait_for, xiaoyi
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.scheduler import RQScheduler
 
 from app.core.money import layout, ledger, wallet
 from app.edges.store import make_redis
 from app.runtime import maintenance
+from app.runtime.rqworker import sched_locks_key
 
 COST = 1234
 
@@ -250,3 +253,43 @@ def test_sigkilled_worker_leaves_no_scheduler_behind(r: redis.Redis, redis_url: 
         wait_for(lambda: not pid_alive(scheduler), 10, "the orphaned scheduler to stop")
     finally:
         worker.stop()
+
+
+def _due_retry(conn: redis.Redis, queue: str, req: str, acct: str) -> Job:
+    """Schedule a job as a retry whose time has come (rq's ScheduledJobRegistry)."""
+    return Queue(queue, connection=conn).enqueue_at(
+        datetime.now(UTC) - timedelta(seconds=1), chaosjobs.charge_and_answer, req, acct, COST,
+        job_id=req)
+
+
+def test_due_retries_run_after_the_scheduler_lock_holder_died(app: Any, r: redis.Redis,
+                                                              conn: redis.Redis) -> None:
+    """A SIGKILLed group leaves rq's scheduler lock (61 s): the sweep frees it and schedules."""
+    acct = funded(r)
+    before = wallet.balance(r, acct)
+    job = _due_retry(conn, "chaos-sched", "req_sched", acct)
+    dead = "dead-scheduler-worker"
+    maintenance.beat(conn, dead)
+    lock = RQScheduler.get_locking_key("chaos-sched")
+    conn.set(lock, "scheduler-of-the-dead", ex=61)  # what its scheduler held when killed
+    conn.hset(sched_locks_key(dead), lock, "scheduler-of-the-dead")
+    assert maintenance.sweep(conn, r, force=True)["scheduled"] == []  # still alive: left alone
+    conn.delete(maintenance.alive_key(dead))  # the pulse lapses
+    report = maintenance.sweep(conn, r, force=True)
+    assert report["buried"] == [dead] and report["scheduled"] == ["req_sched"]
+    assert not conn.exists(lock) and not conn.exists(sched_locks_key(dead))
+    assert job.get_status(refresh=True) == JobStatus.QUEUED
+    assert ScheduledJobRegistry("chaos-sched", connection=conn).count == 0
+    run_burst(app, conn, "chaos-sched")
+    assert_once(r, acct, "req_sched", before)
+
+
+def test_a_live_scheduler_keeps_its_queue(r: redis.Redis, conn: redis.Redis) -> None:
+    acct = funded(r)
+    _due_retry(conn, "chaos-live-sched", "req_live_sched", acct)
+    conn.set(RQScheduler.get_locking_key("chaos-live-sched"), "a-live-scheduler", ex=61)
+    assert maintenance.sweep(conn, r, force=True)["scheduled"] == []
+    assert ScheduledJobRegistry("chaos-live-sched", connection=conn).count == 1
+    conn.delete(RQScheduler.get_locking_key("chaos-live-sched"))  # it stopped, releasing it
+    assert maintenance.sweep(conn, r, force=True)["scheduled"] == ["req_live_sched"]
+    assert not conn.exists(RQScheduler.get_locking_key("chaos-live-sched"))

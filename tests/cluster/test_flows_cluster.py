@@ -20,7 +20,7 @@ from redis.cluster import RedisCluster
 from wechat_kit import WeChat, bot, wait_for, wechat_settings
 
 from app import create_app
-from app.bot import outbox, users
+from app.bot import handoff, users
 from app.core.config import load_settings
 from app.core.money import codes, keys, layout, ledger, tally, wallet
 from app.edges import pay
@@ -65,7 +65,7 @@ def test_bot_park_continue_free_chats_and_push(cluster: Cluster, store: Any, que
         wait_for(lambda: wx.sent(OPENID), timeout=15)
         wx.set_error("message/custom/send", 48001)  # no push API: parked for 继续
         assert wechat.say(OPENID, "[[fake:delay=0.8]]停放的") is None
-        wait_for(lambda: outbox.parked_count(store, OPENID), timeout=15)
+        wait_for(lambda: store.llen(handoff.park_key(OPENID)), timeout=15)
         assert "停放的" in (wechat.say(OPENID, "继续") or "")
         assert wechat.say(OPENID, "继续") == TEXTS["nothing_parked"]
         assert wechat.say(OPENID, "新对话") == TEXTS["reset"]
@@ -124,7 +124,7 @@ def test_channel_cooldown_admin_pages_and_sweep(cluster: Cluster, store: Any,
         up = get_upstream()
         up._mark(up.channels[0], False, "http_500")  # another process saw it fail
         assert [h["cooling"] for h in up.health()] == [True]
-    admin = {"Authorization": "Bearer admin-token-for-tests"}
+    admin = {"Authorization": "Bearer admin-token-for-tests-0123456789"}
     for page in ("/admin/", "/admin/accounts", f"/admin/accounts/{acct}", "/admin/requests",
                  f"/admin/requests?acct={acct}", "/admin/usage", "/admin/codes"):
         resp = client.get(page, headers=admin)

@@ -23,6 +23,10 @@ OLD_PENDING = "xy:resv:pending"
 BOT_PREFIXES = ("xy:wx:user:", "xy:wx:ctx:", "xy:wx:park:", "xy:wx:free:")
 
 
+class MigrationError(RuntimeError):
+    """The migrated store does not add up; the old keys are kept."""
+
+
 def old_layout_present(r: Any, thorough: bool = False) -> bool:
     """Tell whether the store holds the previous layout (thorough: scan for old accounts too).
 
@@ -145,7 +149,7 @@ def migrate(r: Store) -> dict[str, Any]:
     _copy_markers(r, owners)
     problems = verify(r)
     if problems:
-        raise RuntimeError("the migrated ledger does not match: " + "; ".join(problems[:10]))
+        raise MigrationError("the migrated ledger does not match: " + "; ".join(problems[:10]))
     moved = _rename_bot_keys(r)
     _delete_old(r, accounts)
     return {"migrated": True, "accounts": len(accounts), "bot_keys": moved}

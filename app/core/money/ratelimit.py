@@ -67,11 +67,20 @@ def to_window(limit: int, reply: list[int]) -> Window:
     return Window(wait_seconds(wait_ms), limit, remaining, reset)
 
 
+def take(r: Store, key: str, limit: int, window_s: int = 60) -> tuple[Window, str]:
+    """Count one request in the window at `key` (limit >= 1); return it and the request's member.
+
+    The member lets a caller give the request back (ZREM) when it should not count after all.
+    """
+    args = window_args(limit, window_s)
+    return to_window(limit, run(r, WINDOW, [key], args)), str(args[3])
+
+
 def check(r: Store, subject: str, limit: int, window_s: int = 60) -> Window:
     """Count one request in the subject's window; return the outcome (limit <= 0: off)."""
     if limit <= 0:
         return Window()
-    return to_window(limit, run(r, WINDOW, [f"xy:rl:{subject}"], window_args(limit, window_s)))
+    return take(r, f"xy:rl:{subject}", limit, window_s)[0]
 
 
 def hit(r: Store, subject: str, limit: int, window_s: int = 60) -> int:

@@ -1,9 +1,14 @@
 """Admin access: `Authorization: Bearer <XIAOYI_ADMIN_TOKEN>` for scripts, a login form for browsers.
 
-The browser session is Flask's signed cookie (itsdangerous; HttpOnly, SameSite=Strict, Secure
-behind https) holding an HMAC fingerprint of the token — never the token — and a CSRF token that
-every cookie-authenticated POST must echo in a hidden `csrf` field. Tokens are compared with
-hmac.compare_digest; login attempts are rate-limited per client address.
+The browser session is Flask's signed cookie (cookies.py: a random key, never derived from the
+token; HttpOnly, SameSite=Strict, Secure behind https) holding an HMAC fingerprint of the token —
+never the token — and a CSRF token that every cookie-authenticated POST must echo in a hidden
+`csrf` field. Tokens are compared with hmac.compare_digest. Failed logins, not successful ones,
+count toward a per-address limit kept in Redis (shared by every process): each attempt takes a
+slot in the window atomically before the token is checked, and a right token gives it back.
+
+Keys (owned here):
+    xy:admin:login:{addr}   zset   attempt id -> time (ms) of the last minute's failed logins
 """
 
 from __future__ import annotations
@@ -11,11 +16,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import timedelta
 
 from flask import (
     Blueprint,
-    Flask,
     Response,
     current_app,
     g,
@@ -29,10 +32,10 @@ from werkzeug.exceptions import BadRequest
 
 from app.core.money import ratelimit
 from app.edges.store import get_redis
+from app.web.admin.cookies import cookie_key
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
-LOGIN_ATTEMPTS_PER_MINUTE = 10
-SESSION_HOURS = 12
+LOGIN_FAILURES_PER_MINUTE = 10
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
@@ -43,7 +46,7 @@ def _token() -> str:
 
 def _fingerprint() -> str:
     """Return what the session stores instead of the token (changes when the token does)."""
-    key = str(current_app.config["SECRET_KEY"]).encode()
+    key = cookie_key().encode()
     return hmac.new(key, b"admin-session:" + _token().encode(), hashlib.sha256).hexdigest()
 
 
@@ -94,6 +97,7 @@ def is_admin() -> bool:
 @bp.before_request
 def guard() -> Response | None:
     """Let the admin in; send browsers to the login form and scripts a 401."""
+    cookie_key()  # the store is down: 503 now, before any session is written
     if request.endpoint == "admin.login":
         return None
     if bearer_ok():
@@ -128,6 +132,22 @@ def _safe_next(target: str | None) -> str:
     return url_for("admin.overview")
 
 
+def take_attempt() -> tuple[int, str]:
+    """Take a slot in this address's login window; return (seconds to wait or 0, slot id)."""
+    window, slot = ratelimit.take(get_redis(), _login_key(), LOGIN_FAILURES_PER_MINUTE)
+    return window.wait, slot
+
+
+def _login_key() -> str:
+    """Name this address's login window (one key: a single-slot script on a Cluster too)."""
+    return f"xy:admin:login:{request.remote_addr}"
+
+
+def give_back(slot: str) -> None:
+    """Return a successful login's slot: only failures count toward the limit."""
+    get_redis().zrem(_login_key(), slot)
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Response | str:
     """Show the login form; on a right token open the session."""
@@ -135,11 +155,11 @@ def login() -> Response | str:
     status = 200
     if request.method == "POST":
         check_csrf()
-        wait = ratelimit.hit(get_redis(), f"admin-login:{request.remote_addr}",
-                             LOGIN_ATTEMPTS_PER_MINUTE)
-        if wait:
+        wait, slot = take_attempt()
+        if wait:  # locked: even the right token is not checked (no oracle while locked)
             error, status = f"尝试次数过多，请 {wait} 秒后再试。", 429
         elif token_matches(request.form.get("token", "")):
+            give_back(slot)
             session.clear()
             session.permanent = True
             session["admin"] = _fingerprint()
@@ -157,15 +177,3 @@ def logout() -> Response:
     """Close the browser session."""
     session.clear()
     return redirect(url_for("admin.login"))
-
-
-def init_cookies(app: Flask) -> None:
-    """Configure the session cookie the admin relies on."""
-    settings = app.config["SETTINGS"]
-    app.config.update(
-        SESSION_COOKIE_NAME="xiaoyi_admin",
-        SESSION_COOKIE_HTTPONLY=True,
-        SESSION_COOKIE_SAMESITE="Strict",
-        SESSION_COOKIE_SECURE=settings.public_url.startswith("https://"),
-        PERMANENT_SESSION_LIFETIME=timedelta(hours=SESSION_HOURS),
-    )

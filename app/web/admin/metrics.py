@@ -2,7 +2,9 @@
 
 Counters and histograms live in app/metrics.py; with PROMETHEUS_MULTIPROC_DIR set the samples of
 every gunicorn worker are summed. Queue depths, worker counts and channel cooldowns are read from
-Redis at scrape time, so they are right whichever process answers.
+Redis at scrape time, so they are right whichever process answers; so are today's content-safety
+hits (xiaoyi_safety_hits_today), which the rq workers see too, while the counter
+xiaoyi_safety_hits_total counts only the hits of the processes that share this /metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.core.money import tally
+from app.bot import screening
+from app.core.money import tally, wallet
 from app.edges.store import get_redis, get_rq_redis
 from app.edges.upstream import get_upstream
 from app.web.admin.auth import is_admin, unauthorized
@@ -37,6 +40,8 @@ class StateCollector(Collector):
             rows, alive, channels = (queue_counts(self.rq_redis), len(workers(self.rq_redis)),
                                      get_upstream().health())
             moved = tally.money_stats(get_redis())
+            today = wallet.china_day()
+            hits = screening.hits_by_day(get_redis(), [today])[today]
         except redis.RedisError:
             yield GaugeMetricFamily("xiaoyi_redis_up", "1 when Redis answered this scrape", 0)
             return
@@ -54,12 +59,24 @@ class StateCollector(Collector):
         for kind, units in moved.items():
             money.add_metric([kind], units)
         yield money
+        yield _safety_today(hits)
         cooling = GaugeMetricFamily("xiaoyi_channel_cooling",
                                     "1 while an upstream channel rests after failures",
                                     labels=["channel"])
         for row in channels:
             cooling.add_metric([row["channel"].name], 1 if row["cooling"] else 0)
         yield cooling
+
+
+def _safety_today(hits: dict[str, int]) -> GaugeMetricFamily:
+    """Today's content-safety hits from the store: every process's, the workers' included."""
+    gauge = GaugeMetricFamily(
+        "xiaoyi_safety_hits_today", "Content-safety hits this China day (UTC+8), every process",
+        labels=["where", "action"])
+    for field, count in sorted(hits.items()):
+        where, _, action = field.rpartition(":")
+        gauge.add_metric([where, action], count)
+    return gauge
 
 
 def exposition() -> bytes:

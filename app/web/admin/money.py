@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import flash, render_template, request
 
-from app.core.config import ConfigError, units_to_yuan, yuan_to_units
+from app.core.config import MAX_CODES_PER_BATCH, ConfigError, units_to_yuan, yuan_to_units
 from app.core.money import codes as money_codes
 from app.core.money import ledger, tally, wallet
 from app.edges import pay
@@ -15,7 +15,6 @@ from app.edges.store import get_redis
 from app.web.admin.auth import bp
 from app.web.admin.charts import bar_chart
 
-MAX_CODES = 100
 LEDGER_SCANNED = 2000
 
 
@@ -85,11 +84,11 @@ def codes() -> str:
         except ConfigError as exc:
             flash(str(exc))
             units = 0
-        if units > 0 and 1 <= count <= MAX_CODES:
+        if units > 0 and 1 <= count <= MAX_CODES_PER_BATCH:
             created = money_codes.create_codes(r, units, count)
         elif units > 0:
-            flash(f"数量需在 1–{MAX_CODES} 之间")
+            flash(f"数量需在 1–{MAX_CODES_PER_BATCH} 之间")
         else:
             flash("金额需大于 0")
     return render_template("admin_codes.html", created=created, codes=money_codes.list_codes(r, 200),
-                           orders=pay.recent_orders(r, 50))
+                           orders=pay.recent_orders(r, 50), max_codes=MAX_CODES_PER_BATCH)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,21 +21,26 @@ from app.web.admin.rqviews import queue_counts, workers
 PAGE = 50
 ACCOUNTS = layout.ACCOUNTS  # the index of accounts (zset id -> created ms)
 NONCE = re.compile(r"^[0-9a-f]{32}$")
+CHINA = timezone(timedelta(hours=8))  # China has one zone and no daylight saving
+ZONE = "UTC+8"  # every time on an admin page is China time, and its column says so
 
 
-def when(ms: Any) -> str:
-    """Format epoch milliseconds (or a stream id) as China time."""
-    try:
-        value = int(str(ms).split("-")[0])
-    except ValueError:
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value / 1000 + 8 * 3600))
+def when(value: Any) -> str:
+    """Format epoch milliseconds, a stream id or a datetime (naive = UTC) as China time."""
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+    else:
+        try:
+            moment = datetime.fromtimestamp(int(str(value).split("-")[0]) / 1000, UTC)
+        except (ValueError, OverflowError, OSError):
+            return ""
+    return moment.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @bp.context_processor
 def helpers() -> dict[str, Any]:
-    """Give every admin template the money and time formatters and the CSRF token."""
-    return {"yuan": lambda units: units_to_yuan(int(units or 0)), "when": when,
+    """Give every admin template the money and time formatters, the zone and the CSRF token."""
+    return {"yuan": lambda units: units_to_yuan(int(units or 0)), "when": when, "zone": ZONE,
             "csrf_token": csrf_token}
 
 

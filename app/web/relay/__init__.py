@@ -1,10 +1,10 @@
-"""The developer API blueprint: every route under /v1 and /index.php/api/v1."""
+"""The developer API blueprint: every route under /v1, /index.php/api/v1 and /index.php/v1."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Flask, Response
 
-from app.web.relay import account, chat, media
+from app.web.relay import account, chat, media, responses
 from app.web.relay.common import ratelimit_headers
 
 bp = Blueprint("relay", __name__)
@@ -35,16 +35,20 @@ def images_generations() -> Response:
     return media.images()
 
 
+responses.register(bp)  # /responses, /responses/<id>[/input_items]
 bp.add_url_rule("/models", "models", account.models, methods=["GET"])
-bp.add_url_rule("/balance", "balance", account.balance, methods=["GET"])
+bp.add_url_rule("/models/<path:model_id>", "model", account.model, methods=["GET"])
+bp.add_url_rule("/balance", "balance", account.balance, methods=["GET", "POST"])
 bp.add_url_rule("/dashboard/billing/subscription", "billing_subscription",
                 account.subscription, methods=["GET"])
 bp.add_url_rule("/dashboard/billing/usage", "billing_usage", account.usage, methods=["GET"])
 
-PREFIXES = ("/v1", "/index.php/api/v1")
+# /index.php/v1: the seed's base_url is http://host/index.php/ and its examples say xxxxx/v1/...
+PREFIXES = ("/v1", "/index.php/api/v1", "/index.php/v1")
 
 
 def init_app(app: Flask) -> None:
-    """Mount the API under both prefixes."""
+    """Mount the API under every prefix."""
     app.register_blueprint(bp, url_prefix=PREFIXES[0])
     app.register_blueprint(bp, url_prefix=PREFIXES[1], name="relay_legacy")
+    app.register_blueprint(bp, url_prefix=PREFIXES[2], name="relay_seed")

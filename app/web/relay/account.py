@@ -4,27 +4,41 @@ from __future__ import annotations
 
 import time
 
-from flask import Response
+from flask import Response, request
 
 from app.core.config import UNITS_PER_YUAN, units_to_yuan
-from app.core.errors import InvalidKey
+from app.core.errors import InvalidKey, ModelNotFound
 from app.core.money import wallet
 from app.edges.store import get_redis
-from app.web.relay.common import authenticate, json_response, settings
+from app.web.relay.common import authenticate, json_response, read_json, settings
 
 CREATED = 1_700_000_000
+
+
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": CREATED, "owned_by": "xiaoyi"}
 
 
 def models() -> Response:
     """List the models this service offers (public names after the model map)."""
     authenticate(None)
-    data = [{"id": name, "object": "model", "created": CREATED, "owned_by": "xiaoyi"}
-            for name in settings().models]
+    data = [_model(name) for name in settings().models]
     return json_response({"object": "list", "data": data, "code": 0, "msg": ""})
 
 
+def model(model_id: str) -> Response:
+    """Answer one model (a public name or a legacy alias), or 404."""
+    authenticate(None)
+    if settings().resolve(model_id) is None:
+        raise ModelNotFound(f"The model '{model_id[:100]}' does not exist.", param="model",
+                            msg="模型不存在")
+    return json_response({**_model(model_id), "code": 0, "msg": ""})
+
+
 def _account() -> dict:
-    key = authenticate(None)
+    # The original service's way: POST with api_secret_key in the JSON body.
+    posted = request.method == "POST" and request.get_data(cache=True)
+    key = authenticate(read_json() if posted else None)
     acct = wallet.get_account(get_redis(), key.acct)
     if acct is None:
         raise InvalidKey("The key's account no longer exists.", msg="账户不存在")

@@ -14,16 +14,16 @@ from app.core import money
 from app.core.config import ModelPrice, Settings
 from app.core.errors import (
     ApiError,
+    InsufficientQuota,
     InvalidKey,
     InvalidRequest,
     ModelNotFound,
     RequestTooLarge,
 )
 from app.core.money import keys
+from app.core.money.layout import MAX_UNITS
 from app.core.money.ratelimit import Window
 from app.edges.store import get_redis
-
-DEFAULT_MODEL = "gpt-3.5"
 
 
 @dataclass
@@ -88,18 +88,26 @@ def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def texts_or_tokens(value: Any) -> bool:
-    """Tell whether a prompt/input has one of OpenAI's forms: text(s) or token array(s)."""
-    def tokens(v: Any) -> bool:
+MAX_TOKEN_ID = 0xFFFFFFFF
+
+
+def texts_or_tokens(value: Any, *, empty_text: bool = False) -> bool:
+    """Tell whether a prompt/input has one of OpenAI's forms: text(s) or token array(s).
+
+    Arrays are never empty; texts may be empty only with `empty_text` (completions' prompt).
+    """
+    def tokens(v: Any) -> bool:  # token ids: unsigned 32-bit integers (3.0 is an integer too)
         return isinstance(v, list) and bool(v) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in v)
+            type(t) in (int, float) and t == int(t) and 0 <= t <= MAX_TOKEN_ID for t in v)
+
+    def text(v: Any) -> bool:
+        return isinstance(v, str) and (empty_text or bool(v))
 
     if isinstance(value, str):
-        return bool(value)
+        return text(value)
     if not isinstance(value, list) or not value:
         return False
-    return (all(isinstance(v, str) and v for v in value) or tokens(value)
-            or all(tokens(v) for v in value))
+    return all(text(v) for v in value) or tokens(value) or all(tokens(v) for v in value)
 
 
 def bearer_or_body(body: dict[str, Any] | None) -> str:
@@ -154,20 +162,26 @@ def go_duration(ms: int) -> str:
 
 
 def gather(kinds: tuple[str, ...]) -> Call:
-    """Parse the body, take the raw key (checked later), map the model and find its price."""
+    """Parse the body, take the raw key (checked later), map the model and find its price.
+
+    Top-level fields sent as null are dropped (null is the same as absent, as at OpenAI); a
+    missing model takes the route's default (config [defaults]); aliases map to public names.
+    """
     body = read_json()
     raw = _raw_key(body)
+    for name in [k for k, v in body.items() if v is None]:
+        del body[name]
     body.pop("api_secret_key", None)
     req_id = "req_" + secrets.token_hex(12)
     g.req_id = req_id
     call = Call(req_id, body, raw, "", "", ModelPrice("chat"))
     g.call = call
-    model = body.get("model", DEFAULT_MODEL)
+    cfg = settings()
+    model = body.get("model", cfg.defaults.get(kinds[0], ""))
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model",
                              msg="model 参数错误")
-    cfg = settings()
-    upstream_model = cfg.models.get(model)
+    upstream_model = cfg.resolve(model)
     if upstream_model is None:
         raise ModelNotFound(f"The model '{model[:100]}' does not exist.", param="model",
                             msg="模型不存在")
@@ -190,6 +204,8 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
     try:
         call = gather(kinds)
         amount = prepare(call)
+        if amount > MAX_UNITS:  # more than any wallet can hold (and than a script accepts)
+            raise InsufficientQuota()
     except ApiError:
         call = g.get("call")
         raw = call.raw_key if call is not None else bearer_or_body(None)  # unparsable body
@@ -205,15 +221,27 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
     return call, held
 
 
-def positive_int(body: dict[str, Any], name: str, default: int | None, low: int,
+def optional_int(body: dict[str, Any], name: str, low: int,
                  high: int | None = None) -> int | None:
-    """Return an integer field within [low, high], or raise a 400 naming it."""
-    value = body.get(name, default)
+    """Return an optional integer field within [low, high] (None when absent), or raise a 400."""
+    value = body.get(name)
     if value is None:
-        return default
+        return None
+    if type(value) is float and value.is_integer() and abs(value) < 2**63:
+        value = body[name] = int(value)  # JSON Schema's integer: 3.0 is one (an int64, too)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (
             high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise InvalidRequest(f"'{name}' must be an integer {bound}.", param=name,
+                             msg=f"{name} 参数错误")
+    return value
+
+
+def optional_choice(body: dict[str, Any], name: str, allowed: tuple[Any, ...]) -> Any:
+    """Return an optional field that must be one of `allowed` (None when absent), or a 400."""
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or value not in allowed):
+        shown = ", ".join(map(str, allowed))
+        raise InvalidRequest(f"'{name}' must be one of {shown}.", param=name,
                              msg=f"{name} 参数错误")
     return value

@@ -9,67 +9,96 @@ from flask import Response
 from app.core import pricing
 from app.core.errors import InvalidRequest
 from app.edges.upstream import get_upstream
-from app.web.relay.common import Call, admit, json_response, positive_int, texts_or_tokens
+from app.web.relay.billing import Meter
+from app.web.relay.common import (
+    Call,
+    admit,
+    json_response,
+    optional_choice,
+    optional_int,
+    settings,
+    texts_or_tokens,
+)
+from app.web.relay.rules import Plan
 
 FORMATS = ("url", "b64_json")
+QUALITIES = ("standard", "hd", "low", "medium", "high", "auto")  # OpenAI's enum
+STYLES = ("vivid", "natural")
 
 
-def _post(call: Call, path: str) -> dict[str, Any]:
-    # A channel answering malformed JSON fails over like a 5xx (see Upstream.post).
-    return get_upstream().post(path, call.body, call.upstream_model, expect="data")
-
-
-def _embeddings_cost(call: Call) -> int:
+def _embeddings_cost(call: Call, plan: Plan) -> int:
     value = call.body.get("input")
     if not texts_or_tokens(value):
         raise InvalidRequest("'input' must be a non-empty string, array of strings or token "
                              "array(s).", param="input", msg="input 不能为空")
-    fmt = call.body.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise InvalidRequest("'encoding_format' must be float or base64.",
-                             param="encoding_format", msg="encoding_format 参数错误")
-    # Hold twice the estimate: the upstream's tokenizer may count more than the rule does.
-    return pricing.token_cost(call.price, 2 * pricing.estimate_any(value) + 16)
+    optional_choice(call.body, "encoding_format", ("float", "base64"))
+    cap = settings().relay.get("max_input_tokens", 300000)
+    plan.prompt_bound = pricing.estimate_any(value, call.upstream_model, limit=cap)
+    if plan.prompt_bound > cap:
+        raise InvalidRequest(f"The input is too long: more than {cap} tokens.", param="input",
+                             msg="输入内容过长")
+    return pricing.token_cost(call.price, plan.prompt_bound)
 
 
 def embeddings() -> Response:
     """Serve one embeddings request."""
-    call, held = admit(("embedding",), _embeddings_cost)
+    plan = Plan()
+    call, held = admit(("embedding",), lambda c: _embeddings_cost(c, plan))
     with held:
-        data = _post(call, "/embeddings")
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-        pt = usage["prompt_tokens"] if usage and isinstance(usage.get("prompt_tokens"), int) \
-            else pricing.estimate_any(call.body["input"])
-        held.settle(pricing.token_cost(call.price, pt), prompt_tokens=pt)
+        got = get_upstream().call("/embeddings", call.body, call.upstream_model, expect="data")
+        data: dict[str, Any] = got.value
+        meter = Meter(call, plan, got.channel.name)
+        meter.usage(data.get("usage"))
+        meter.settle(held, "")
+    pt, _ = meter.tokens("")
     data["usage"] = {"prompt_tokens": pt, "total_tokens": pt}
+    data["model"] = call.model
     data["code"], data["msg"] = 0, ""
     return json_response(data, headers={"X-Request-Id": call.req_id})
 
 
+def _size(call: Call) -> str:
+    """Return the requested size (absent or "auto": 1024x1024, else the first priced)."""
+    price, body = call.price, call.body
+    size = body.get("size", "auto")
+    if size == "auto":
+        size = body["size"] = "1024x1024" if "1024x1024" in price.images else next(
+            iter(price.images))
+    return size
+
+
 def _images_cost(call: Call) -> int:
-    body = call.body
+    body, price = call.body, call.price
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt",
                              msg="prompt 不能为空")
-    n = positive_int(body, "n", 1, 1, 10) or 1
-    size = body.setdefault("size", "1024x1024" if "1024x1024" in call.price.images
-                           else next(iter(call.price.images)))
-    if not isinstance(size, str) or size not in call.price.images:
-        sizes = ", ".join(call.price.images)
-        raise InvalidRequest(f"'size' must be one of {sizes} for {call.model}.", param="size",
-                             msg="size 参数错误")
-    if body.get("response_format", "url") not in FORMATS:
-        raise InvalidRequest("'response_format' must be url or b64_json.",
-                             param="response_format", msg="response_format 参数错误")
-    return pricing.image_cost(call.price, size, n) or 0
+    optional_choice(body, "response_format", FORMATS)
+    optional_choice(body, "style", STYLES)
+    quality = optional_choice(body, "quality", QUALITIES)
+    if quality == "auto":  # priced and sent as the model's default: what is made is what is billed
+        quality = body["quality"] = price.default_quality
+    n = optional_int(body, "n", 1, 10) or 1
+    if n > price.max_images:
+        raise InvalidRequest(f"'n' must be at most {price.max_images} for {call.model}.",
+                             param="n", msg="n 参数错误")
+    size = _size(call)
+    cost = pricing.image_cost(price, size, n, quality) if isinstance(size, str) else None
+    if cost is None:
+        offered = ", ".join(price.images)
+        what = f"size {size!r}" if quality is None else f"size {size!r} at quality {quality!r}"
+        raise InvalidRequest(f"The {what} is not offered for {call.model} (sizes: {offered}).",
+                             param="quality" if price.image_price(str(size)) else "size",
+                             msg="size/quality 参数错误")
+    return cost
 
 
 def images() -> Response:
     """Serve one image generation request."""
     call, held = admit(("image",), _images_cost)
     with held:
-        data = _post(call, "/images/generations")
+        data = get_upstream().post("/images/generations", call.body, call.upstream_model,
+                                   expect="data")
         n = call.body.get("n") or 1
         made = min(len(data["data"]), n)
         held.settle((held.amount // n) * made)

@@ -1,22 +1,27 @@
 """The WeChat official-account bot: webhook, commands, context, menu, and the WeChat API client.
 
-Modules: views (the /wechat route), verify (signatures, AES, safe XML, replies), dispatch (one
-message's route), dedupe (retries and job ids), outbox (waiting, passive replies, push, parking),
-commands, context, users (accounts, free chats, keys), client (shared access token), menu, cli.
-Jobs live in workers/ and are enqueued by dotted path: this package never imports them.
+Modules: views (the /wechat route), verify (signatures, AES, safe XML, replies), replay (one
+message per signed query), dispatch (one message's route), dedupe (retries and job ids),
+commands. The bot's state lives in app/bot (delivery: waiting, passive replies, push, parking,
+继续; context; users); the WeChat API client in app/edges/wechat_api.py. Jobs live in workers/
+and are enqueued by dotted path: this package never imports them.
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from flask import Flask
 from wechatpy.crypto import WeChatCrypto
 
 from app.core.config import ConfigError, Settings
+from app.core.safety import get_filter
 from app.edges import wechat_api as client
 from app.edges.store import EXTENSION as REDIS
 from app.web.wechat.views import CRYPTO, POOL, bp
+
+log = logging.getLogger(__name__)
 
 
 def check_bot(settings: Settings) -> None:
@@ -31,6 +36,22 @@ def check_bot(settings: Settings) -> None:
         raise ConfigError(f"bot.image_size: {bot['image_size']!r} has no price")
     if bot.get("image_format", "b64_json") not in ("b64_json", "url"):
         raise ConfigError("bot.image_format: must be b64_json or url")
+    check_vision(settings)
+
+
+def check_vision(settings: Settings) -> None:
+    """Refuse a vision model that is not a priced chat model, and bad picture limits."""
+    bot = settings.bot
+    name = bot.get("vision_model")
+    price = settings.prices.get(settings.models.get(name, name)) if isinstance(name, str) else None
+    if price is None or price.kind != "chat":
+        raise ConfigError(f"bot.vision_model: {name!r} is not a priced chat model")
+    for key, least in (("picture_max_side", 64), ("picture_max_bytes", 65536)):
+        value = bot.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"bot.{key}: must be an integer of at least {least}")
+    if not isinstance(bot.get("vision_prompt"), str) or not bot["vision_prompt"].strip():
+        raise ConfigError("bot.vision_prompt: must be a non-empty text")
 
 
 def init_app(app: Flask) -> None:
@@ -38,6 +59,7 @@ def init_app(app: Flask) -> None:
     settings = app.config["SETTINGS"]
     if settings.wechat_token:
         check_bot(settings)
+    get_filter(settings.safety)  # the word file is read now: a bad one stops the start
     if settings.wechat_token and settings.wechat_aes_key:
         if not settings.wechat_app_id:
             raise ConfigError("XIAOYI_WECHAT_APP_ID: required in safe mode (AES key set)")
@@ -47,6 +69,10 @@ def init_app(app: Flask) -> None:
         except (AssertionError, ValueError) as exc:
             raise ConfigError("XIAOYI_WECHAT_AES_KEY: not a valid EncodingAESKey") from exc
     client.init_app(app, app.extensions[REDIS])
+    if settings.wechat_token and not client.configured(settings):
+        log.warning("XIAOYI_WECHAT_APP_ID/XIAOYI_WECHAT_APP_SECRET not set: no customer-service "
+                    "messages; answers that miss the passive reply, and pictures (as links), "
+                    "wait for 继续")
     # Messages are handled on a pool so a hung store cannot hold the answer past WeChat's 5 s.
     app.extensions[POOL] = ThreadPoolExecutor(max_workers=1000, thread_name_prefix="wechat")
     app.register_blueprint(bp)

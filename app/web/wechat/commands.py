@@ -10,7 +10,8 @@ from typing import Any
 
 import redis
 
-from app.bot import context, outbox, users
+from app.bot import context, users
+from app.bot.delivery import Delivery, text_item
 from app.bot.texts import text
 from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
 from app.core.money import codes, wallet
@@ -29,19 +30,32 @@ EXACT: dict[str, str] = {
     "充值": "redeem", "/redeem": "redeem",
 }
 _PREFIXED = re.compile(r"^(画|/image|充值|/redeem)(?:[\s:：]+)(.+)$", re.IGNORECASE | re.DOTALL)
+PLACEHOLDER = "sk-你的密钥"
 _YUAN = re.compile(r"^(\d{1,6}(?:\.\d{1,2})?)\s*元?$")
 
 
 @dataclass
 class Ctx:
-    """What a command handler needs."""
+    """What a command handler needs: the message's delivery, the user's account, the argument."""
 
-    r: redis.Redis
-    settings: Settings
-    openid: str
+    dl: Delivery
     acct: str
-    dk: str
     arg: str = ""
+
+    @property
+    def r(self) -> redis.Redis:
+        """Return the store."""
+        return self.dl.r
+
+    @property
+    def settings(self) -> Settings:
+        """Return the settings."""
+        return self.dl.settings
+
+    @property
+    def openid(self) -> str:
+        """Return the user's openid."""
+        return self.dl.openid
 
 
 def classify(raw: str) -> tuple[str, str]:
@@ -57,7 +71,7 @@ def classify(raw: str) -> tuple[str, str]:
 
 
 def _t(ctx: Ctx, name: str, **values: Any) -> Item:
-    return outbox.text_item(text(name, ctx.settings, **values))
+    return ctx.dl.text(name, **values)
 
 
 def help_(ctx: Ctx) -> Item:
@@ -79,10 +93,10 @@ def balance(ctx: Ctx) -> Item:
 
 def more(ctx: Ctx) -> Item:
     """Serve the next parked answer (继续)."""
-    item = outbox.unpark(ctx.r, ctx.settings, ctx.openid, text("more", ctx.settings))
+    item = ctx.dl.unpark()
     if item is not None:
         return item
-    return _t(ctx, "pending" if outbox.is_pending(ctx.r, ctx.openid) else "nothing_parked")
+    return _t(ctx, "pending" if ctx.dl.pending() else "nothing_parked")
 
 
 def key(ctx: Ctx) -> Item:
@@ -97,14 +111,22 @@ def rotate(ctx: Ctx) -> Item:
 
 
 def api_card(ctx: Ctx) -> Item:
-    """The CHAT_API menu: the key (full once, then masked), balance and example code."""
+    """The CHAT_API menu: the key (full once, then masked), balance and example code.
+
+    The examples carry a placeholder, never a key (a masked key in them would only give 401);
+    blocks are dropped from the end if the card would pass WeChat's text limit.
+    """
     raw, masked = users.issue_key(ctx.r, ctx.acct)
     head = text("key_new", ctx.settings, key=raw) if raw else text(
         "key_masked", ctx.settings, key=masked)
     card = text("api_card", ctx.settings, balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)),
-                base=ctx.settings.public_url, key=raw or "你的密钥",
-                model=ctx.settings.bot["chat_model"])
-    return outbox.text_item(f"{head}\n\n{card}")
+                base=ctx.settings.public_url.rstrip("/"), model=ctx.settings.bot["chat_model"],
+                key=PLACEHOLDER)  # {key}: older custom cards get the placeholder, never a key
+    blocks = [head, *card.strip("\n").split("\n\n")]
+    limit = ctx.settings.bot["text_limit_bytes"]
+    while len(blocks) > 2 and len("\n\n".join(blocks).encode("utf-8")) > limit:
+        blocks.pop()
+    return text_item("\n\n".join(blocks))
 
 
 def redeem(ctx: Ctx) -> Item:
@@ -132,7 +154,7 @@ def _pay(ctx: Ctx, yuan: str) -> Item:
         units = yuan_to_units(yuan, "amount")
     except ConfigError:
         return _t(ctx, "redeem_usage")
-    return outbox.text_item(start_order(ctx.r, ctx.settings, ctx.acct, ctx.openid, units))
+    return text_item(start_order(ctx.r, ctx.settings, ctx.acct, ctx.openid, units))
 
 
 def recharge_menu(ctx: Ctx) -> Item:

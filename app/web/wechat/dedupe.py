@@ -49,12 +49,15 @@ def job_id(dk: str, kind: str) -> str:
 
 
 def enqueue(queue: str, func: str, dk: str, *args: str, only_missing: bool = False) -> None:
-    """Queue the message's job by dotted path; with only_missing, unless it exists already."""
-    from rq import Retry
+    """Queue the message's job by dotted path; with only_missing, unless it exists already.
+
+    No rq Retry here: a job asks for its own retry on a transient failure (app.bot.jobs), so
+    anything else fails it at once.
+    """
     from rq.job import Job
 
     jid = job_id(dk, queue)
     if only_missing and Job.exists(jid, connection=get_rq_redis()):
         return
-    get_queue(queue).enqueue(func, *args, job_id=jid, retry=Retry(max=2, interval=[1, 3]),
-                             job_timeout=JOB_TIMEOUT, result_ttl=600, failure_ttl=7 * 86400)
+    get_queue(queue).enqueue(func, *args, job_id=jid, job_timeout=JOB_TIMEOUT, result_ttl=600,
+                             failure_ttl=7 * 86400)

@@ -1,18 +1,24 @@
-"""Route one verified message: dedupe, commands answered at once, chat and pictures through rq."""
+"""Route one verified message: dedupe, commands answered at once, chat and pictures through rq.
+
+What a user writes (a text, a voice message's Recognition, a 画 prompt) is screened
+([safety] bot_input) before anything is queued or charged: a refused one gets
+texts.safety_refused, a masked one goes on masked. A picture (MsgType image) is queued by its
+MediaId only; its PicUrl is never read (SPEC §7.10).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import redis
 from wechatpy.messages import BaseMessage
 
-from app.bot import outbox, users
-from app.bot.texts import text
+from app.bot import screening, users
+from app.bot.delivery import Delivery, text_item
 from app.core.config import Settings
 from app.core.money import ratelimit
+from app.edges import wechat_api
 from app.web.wechat import commands, dedupe
 
 log = logging.getLogger(__name__)
@@ -20,17 +26,22 @@ Item = dict[str, Any]
 
 CHAT_JOB = "workers.chat.reply_chat"
 IMAGE_JOB = "workers.images.reply_image"
+PICTURE_JOB = "workers.pictures.reply_picture"
+ASKED = frozenset({"chat", "picture"})  # answered by a job the webhook waits for
 EVENTS = frozenset({"welcome", "CHAT_API", "BALANCE", "HELP", "RECHARGE"})
 
 
 def route(msg: BaseMessage) -> tuple[str, str]:
-    """Return (kind, argument): a command name, 'chat', 'image', 'static' (a text), 'ignore'."""
+    """Return (kind, argument): a command name, 'chat', 'picture', 'static' (a text), 'ignore'."""
     if msg.type == "text":
         content = msg.content if isinstance(msg.content, str) else ""
         return commands.classify(content) if content.strip() else ("static", "help")
     if msg.type == "voice":
         heard = msg.recognition if isinstance(msg.recognition, str) else ""
         return commands.classify(heard) if heard.strip() else ("static", "voice_empty")
+    if msg.type == "image":
+        media = msg.media_id if isinstance(msg.media_id, str) else ""
+        return ("picture", media.strip()) if media.strip() else ("static", "unsupported")
     if msg.type == "event":
         event = str(msg._data.get("Event", "")).lower()
         if event in ("subscribe", "subscribe_scan"):
@@ -47,55 +58,54 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
     kind, arg = route(msg)
     if kind == "ignore":
         return None
-    openid = str(msg.source)
     dk = dedupe.key_for(msg)
+    dl = Delivery(r, settings, str(msg.source), dk)
     first, attempt = dedupe.arrive(r, dk)
-    if not first:
-        return _outcome(r, settings, openid, dk, attempt, lambda: dedupe.enqueue(
-            "chat", CHAT_JOB, dk, openid, dk, arg, only_missing=True) if kind == "chat" else None)
-    acct = users.ensure_account(r, settings, openid)
+    if not first:  # a retry: the outcome of the first delivery (a lost job is queued again)
+        return dl.wait(attempt, (lambda: _queue(dl, kind, arg, only_missing=True))
+                       if kind in ASKED else None)
+    acct = users.ensure_account(r, settings, dl.openid)
     if kind not in EVENTS:
-        wait = ratelimit.hit(r, f"wx:{openid}", settings.limits.get("user_messages_per_minute", 0))
+        limit = settings.limits.get("user_messages_per_minute", 0)
+        wait = ratelimit.hit(r, f"wx:{dl.openid}", limit)
         if wait:
-            item = outbox.text_item(text("rate_limited", settings, seconds=wait))
-            outbox.finish_now(r, dk, item)
-            return item
-    if kind == "chat":
-        outbox.mark_pending(r, openid, dk)
-        return _outcome(r, settings, openid, dk, attempt,
-                        lambda: dedupe.enqueue("chat", CHAT_JOB, dk, openid, dk, arg))
-    item = _at_once(r, settings, openid, acct, dk, kind, arg)
-    outbox.finish_now(r, dk, item)
-    return item
+            return dl.reply_now(dl.text("rate_limited", seconds=wait))
+    if kind == "picture" and not wechat_api.configured(settings):
+        return dl.reply_now(dl.text("picture_unavailable"))  # no media/get without the API
+    if kind in ASKED:
+        dl.expect()
+        return dl.wait(attempt, lambda: _queue(dl, kind, arg))
+    return dl.reply_now(_at_once(dl, acct, kind, arg))
 
 
-def _at_once(r: redis.Redis, settings: Settings, openid: str, acct: str, dk: str, kind: str,
-             arg: str) -> Item:
+def _queue(dl: Delivery, kind: str, arg: str, only_missing: bool = False) -> None:
+    """Queue the message's job; a refused text is answered instead (the waiting webhook gets it)."""
+    if kind == "picture":
+        dedupe.enqueue("chat", PICTURE_JOB, dl.dk, dl.openid, dl.dk, arg,
+                       only_missing=only_missing)
+        return
+    screened = screening.bot_input(dl.r, dl.settings, arg)
+    if screened.action == "refuse":
+        dl.drop_pending()
+        dl.reply_now(dl.text("safety_refused"))
+        return
+    dedupe.enqueue("chat", CHAT_JOB, dl.dk, dl.openid, dl.dk, screened.text,
+                   only_missing=only_missing)
+
+
+def _at_once(dl: Delivery, acct: str, kind: str, arg: str) -> Item:
     if kind == "static":
-        return outbox.text_item(text(arg, settings))
+        return dl.text(arg)
     if kind == "welcome":
-        return outbox.text_item(f"{text('welcome', settings)}\n\n{text('help', settings)}")
+        return text_item(f"{dl.text('welcome')['c']}\n\n{dl.text('help')['c']}")
     if kind == "image":
-        if not arg:
-            return outbox.text_item(text("image_usage", settings))
-        outbox.mark_pending(r, openid, f"{dk}:img")
-        dedupe.enqueue("image", IMAGE_JOB, dk, openid, dk, arg)
-        pushes = outbox.push_possible(r, settings)
-        return outbox.text_item(text("image_started" if pushes else "image_started_parked",
-                                     settings))
-    return commands.HANDLERS[kind](commands.Ctx(r, settings, openid, acct, dk, arg))
-
-
-def _outcome(r: redis.Redis, settings: Settings, openid: str, dk: str, attempt: int,
-             then: Callable[[], None]) -> Item | None:
-    """Queue (via `then`) and wait briefly for the answer; say 'still thinking' if it is late."""
-    state, item = outbox.await_outcome(r, dk, settings.bot["reply_wait_seconds"], then)
-    if state == "passive":
-        return item
-    if state == "parked":
-        return outbox.unpark(r, settings, openid, text("more", settings))
-    if state in ("pushing", "pushed"):
-        return None
-    if attempt >= 3 or not outbox.push_possible(r, settings):
-        return outbox.text_item(text("still_thinking", settings))
-    return None
+        screened = screening.bot_input(dl.r, dl.settings, arg) if arg else None
+        if screened is None:
+            return dl.text("image_usage")
+        if screened.action == "refuse":
+            return dl.text("safety_refused")
+        arg = screened.text
+        Delivery(dl.r, dl.settings, dl.openid, f"{dl.dk}:img").expect()
+        dedupe.enqueue("image", IMAGE_JOB, dl.dk, dl.openid, dl.dk, arg)
+        return dl.text("image_started" if dl.can_push() else "image_started_parked")
+    return commands.HANDLERS[kind](commands.Ctx(dl, acct, arg))

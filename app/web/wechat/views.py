@@ -1,4 +1,9 @@
-"""The webhook: GET answers WeChat's echostr check, POST receives messages and events."""
+"""The webhook: GET answers WeChat's echostr check, POST receives messages and events.
+
+With an AES key configured only encrypted bodies are taken (safe mode is never downgraded;
+兼容模式 sends both parts and the encrypted one is used), and a signed query carries one
+message only (app/web/wechat/replay.py).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from wechatpy.messages import BaseMessage
 
 from app.core.config import Settings
 from app.edges.store import get_redis
-from app.web.wechat import dispatch, verify
+from app.web.wechat import dispatch, replay, verify
 from app.web.wechat.verify import Refused
 
 log = logging.getLogger(__name__)
@@ -36,11 +41,12 @@ def _read_body() -> bytes:
     return body
 
 
-def _message(crypto: WeChatCrypto | None) -> str | bytes:
+def _message(crypto: WeChatCrypto | None, body: bytes) -> str | bytes:
     """Return the message XML of a verified POST (decrypted in safe mode)."""
     args = request.args
-    body = _read_body()
     if args.get("encrypt_type", "raw").lower() != "aes":
+        if crypto is not None:
+            raise Refused(403, "safe mode: a message without encrypt_type=aes is refused")
         return body
     if crypto is None:
         raise Refused(400, "encrypted message but XIAOYI_WECHAT_AES_KEY is not set")
@@ -61,17 +67,20 @@ def webhook() -> Response:
                                args.get("timestamp", ""), args.get("nonce", ""))
         if request.method == "GET":
             return _plain(args.get("echostr", ""))
-        msg = verify.parse(_message(crypto))
+        xml = _message(crypto, _read_body())
+        msg = verify.parse(xml)
     except Refused as exc:
-        log.warning("wechat webhook refused (%s): %s", exc.status, exc.reason)
-        return _plain(exc.reason, exc.status)
-    encrypted = args.get("encrypt_type", "raw").lower() == "aes"
+        return _refused(exc)
+    query = (args.get("timestamp", ""), args.get("nonce", ""))
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     try:
-        future = app.extensions[POOL].submit(_answer, app, settings, msg)
-        xml = future.result(timeout=DEADLINE_SECONDS)
-        if xml and encrypted:
-            xml = crypto.encrypt_message(xml, args.get("nonce", ""))
+        future = app.extensions[POOL].submit(_answer, app, settings, msg, query,
+                                             xml.encode("utf-8") if isinstance(xml, str) else xml)
+        reply = future.result(timeout=DEADLINE_SECONDS)
+        if reply and crypto is not None:
+            reply = crypto.encrypt_message(reply, args.get("nonce", ""))
+    except Refused as exc:
+        return _refused(exc)
     except FutureTimeout:
         log.error("wechat message from %s not answered in %.1f s; answering success",
                   msg.source, DEADLINE_SECONDS)
@@ -79,10 +88,18 @@ def webhook() -> Response:
     except Exception:  # §7.3: WeChat must never see an error
         log.exception("wechat message from %s failed; answering success", msg.source)
         return _plain("success")
-    return Response(xml, mimetype="application/xml") if xml else _plain("success")
+    return Response(reply, mimetype="application/xml") if reply else _plain("success")
 
 
-def _answer(app: Flask, settings: Settings, msg: BaseMessage) -> str:
+def _refused(exc: Refused) -> Response:
+    log.warning("wechat webhook refused (%s): %s", exc.status, exc.reason)
+    return _plain(exc.reason, exc.status)
+
+
+def _answer(app: Flask, settings: Settings, msg: BaseMessage, query: tuple[str, str],
+            xml: bytes) -> str:
     """Handle one verified message in the app's context; return the reply XML or ''."""
     with app.app_context():
-        return verify.render(dispatch.handle(get_redis(), settings, msg), msg)
+        r = get_redis()
+        replay.check_once(r, *query, xml)
+        return verify.render(dispatch.handle(r, settings, msg), msg)

@@ -1,0 +1,266 @@
+"""Deliver answers to a WeChat user: passive hand-off, push, park, 继续 (SPEC §5, §7.5).
+
+One small object per message, `Delivery(r, settings, openid, dk)`. The webhook calls expect(),
+wait() and reply_now(); the jobs call send_text(), send() and note(); 继续 calls unpark().
+WeChat allows max_push_messages customer-service messages per user message: the rest is parked
+and the last pushed message says to send 继续. Each pushed item is recorded before it is sent,
+so a re-run of the job never sends it twice. Without the customer-service API (48001, no
+AppSecret, push disabled) answers that miss the passive reply are parked for 继续.
+Redis keys and scripts: app/bot/handoff.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import requests
+from redis.client import Pipeline
+from wechatpy.exceptions import WeChatClientException
+
+from app.bot import handoff as h
+from app.bot.jobs import last_attempt
+from app.bot.sealed import SEAL_TTL, seal, unseal
+from app.bot.texts import text
+from app.core.config import Settings
+from app.core.logs import KEY_PATTERN
+from app.core.money.keys import mask
+from app.core.money.scripts import script
+from app.edges import wechat_api
+
+log = logging.getLogger(__name__)
+Item = dict[str, Any]
+PUSH_BLOCKED = frozenset({48001, 45015, 45047})  # no API / out of the 48 h window / 5 used
+_BREAKS = "\n。！？；!?;，, "
+
+
+def text_item(content: str) -> Item:
+    """Return a text item ({"t": "text", "c"}; an image is {"t": "image", "m": media_id})."""
+    return {"t": "text", "c": content}
+
+
+def split_text(content: str, limit: int) -> list[str]:
+    """Split text into pieces of at most `limit` UTF-8 bytes, in order, never mid-character."""
+    pieces: list[str] = []
+    rest = content
+    while len(rest.encode("utf-8")) > limit:
+        cut, size = 0, 0
+        for ch in rest:
+            size += len(ch.encode("utf-8"))
+            if size > limit:
+                break
+            cut += 1
+        soft = max(rest.rfind(b, 0, cut) for b in _BREAKS) + 1
+        cut = max(1, soft if soft > cut * 3 // 4 else cut)
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    if rest or not pieces:
+        pieces.append(rest)
+    return pieces
+
+
+def _dump(item: Item) -> str:
+    return json.dumps(item, ensure_ascii=False)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Delivery:
+    """The way one message's answer takes to its user."""
+
+    __slots__ = ("r", "settings", "openid", "dk")
+
+    def __init__(self, r: redis.Redis, settings: Settings, openid: str, dk: str) -> None:
+        self.r, self.settings, self.openid, self.dk = r, settings, openid, dk
+
+    def text(self, name: str, **values: Any) -> Item:
+        """Return the bot's text `name` as an item."""
+        return text_item(text(name, self.settings, **values))
+
+    def can_push(self) -> bool:
+        """Tell whether customer-service pushes are possible (configured, enabled, allowed)."""
+        return (wechat_api.configured(self.settings)
+                and bool(self.settings.bot.get("push_enabled", True))
+                and not self.r.exists(h.NOPUSH))
+
+    # The webhook's side.
+
+    def expect(self) -> None:
+        """Note that the message is being answered (继续 then says 'still thinking')."""
+        pipe = self.r.pipeline()
+        pipe.sadd(h.pending_key(self.openid), self.dk)
+        pipe.expire(h.pending_key(self.openid), 600)
+        pipe.execute()
+
+    def wait(self, attempt: int, then: Callable[[], None] | None = None) -> Item | None:
+        """Run `then` (queue the job) unless decided, wait; return the passive reply or None.
+
+        A decided message (answered, refused, rate-limited, pushed) never queues its job again:
+        that job would charge for an answer no one can be given any more."""
+        state, item = self._await(self.settings.bot["reply_wait_seconds"], then)
+        if state == "passive":
+            return item
+        if state == "parked":
+            return self.unpark()
+        if state in ("pushing", "pushed"):
+            return None
+        if attempt >= 3 or not self.can_push():
+            return self.text("still_thinking")
+        return None
+
+    def _await(self, wait_s: float, then: Callable[[], None] | None) -> tuple[str, Item | None]:
+        deadline = time.time() + wait_s
+        key = h.state_key(self.dk)
+        state, reply, sealed = script(self.r, h.WAIT)(keys=[key],
+                                                      args=[int(deadline * 1000), h.STATE_TTL])
+        if then is not None and state == "waiting":  # decided already: nothing to (re)queue
+            then()
+        while state == "waiting":
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            self.r.blpop([h.wake_key(self.dk)], timeout=max(left, 0.01))
+            state, reply, sealed = script(self.r, h.TAKE)(keys=[key], args=[_now_ms(), "0"])
+            state = "waiting" if state in ("", "handed") else state
+        if state == "waiting":
+            state, reply, sealed = script(self.r, h.TAKE)(keys=[key], args=[_now_ms() + 50, "1"])
+        return state, self._opened(reply, sealed)
+
+    def _opened(self, reply: str, sealed: str) -> Item | None:
+        """Return the stored reply, the sealed one (a raw key) when this process can open it."""
+        plain = unseal(self.settings, self.dk, sealed) if sealed else None
+        raw = plain or reply
+        return json.loads(raw) if raw else None
+
+    def reply_now(self, item: Item | None) -> Item | None:
+        """Record a reply made at once (a command) so WeChat's retries get the same one.
+
+        A reply showing a raw API key is stored masked, and sealed (app/bot/sealed.py) for
+        SEAL_TTL seconds so a retry of a lost first answer still shows the key.
+        """
+        fields = {"state": "passive", "reply": ""}
+        if item:
+            dumped = _dump(item)
+            fields["reply"] = KEY_PATTERN.sub(lambda m: mask(m.group(0)), dumped)
+            if fields["reply"] != dumped:
+                fields["sealed"] = seal(self.settings, self.dk, dumped)
+        pipe = self.r.pipeline()
+        pipe.hset(h.state_key(self.dk), mapping=fields)
+        pipe.expire(h.state_key(self.dk), SEAL_TTL)
+        self._wake(pipe)
+        pipe.execute()
+        return item
+
+    def unpark(self) -> Item | None:
+        """Pop the user's next parked item (noting when more wait); None when nothing waits."""
+        pipe = self.r.pipeline()
+        pipe.lpop(h.park_key(self.openid))
+        pipe.llen(h.park_key(self.openid))
+        raw, left = pipe.execute()
+        item = json.loads(raw) if raw else None
+        return self._with_note(item) if item and left else item
+
+    def pending(self) -> bool:
+        """Tell whether any message of the user is still being answered."""
+        return bool(self.r.scard(h.pending_key(self.openid)))
+
+    def parked(self) -> int:
+        """Return how many of the user's items wait for 继续."""
+        return int(self.r.llen(h.park_key(self.openid)))
+
+    # The job's side.
+
+    def send_text(self, content: str) -> str:
+        """Deliver a text answer, split within WeChat's limit; return how."""
+        room = self.settings.bot["text_limit_bytes"] - len(
+            text("more", self.settings).encode("utf-8"))
+        return self.send([text_item(p) for p in split_text(content.strip() or "……", room)])
+
+    def note(self, name: str, **values: Any) -> str:
+        """Deliver the bot's text `name` (filled with `values`) as the answer; return how."""
+        return self.send([self.text(name, **values)])
+
+    def send(self, items: list[Item]) -> str:
+        """Deliver items: passively via a waiting webhook, else push (or park); return how."""
+        can_push = self.can_push()
+        rest = items[1:] if not can_push else []
+        first = self._with_note(items[0]) if rest else items[0]
+        how = script(self.r, h.FINISH)(
+            keys=[h.state_key(self.dk), h.wake_key(self.dk), h.park_key(self.openid)],
+            args=[_now_ms(), "1" if len(items) == 1 or not can_push else "0", h.STATE_TTL,
+                  self._park_ttl(), _dump(first), *(_dump(i) for i in rest)])
+        if how in ("push", "pushing"):
+            how = self._push(items) if can_push else self._park(items)
+        self.drop_pending()
+        return how
+
+    def drop_pending(self) -> None:
+        """Note that the message's answer was delivered, parked or settled before."""
+        self.r.srem(h.pending_key(self.openid), self.dk)
+
+    def _push(self, items: list[Item]) -> str:
+        """Push up to max_push_messages items; park the rest (and all, if WeChat refuses)."""
+        limit = max(1, self.settings.bot["max_push_messages"])
+        now, later = items[:limit], items[limit:]
+        client = wechat_api.get_client()
+        for i, item in enumerate(now):
+            if not self._claim(i):
+                continue
+            try:
+                _send(client, self.openid,
+                      self._with_note(item) if later and i == len(now) - 1 else item)
+            except (WeChatClientException, requests.RequestException) as exc:
+                self.r.srem(h.sent_key(self.dk), i)
+                code = getattr(exc, "errcode", None)
+                if code == 48001:
+                    self.r.set(h.NOPUSH, 1, ex=h.NOPUSH_TTL)
+                if wechat_api.transient(exc) and not last_attempt():
+                    raise  # rq retries, and the re-run skips what was sent
+                log.warning("push to %s refused (%s); parking %d items", self.openid, code,
+                            len(items) - i)
+                return self._park(items[i:])
+        self._park(later, state="pushed")
+        return "pushed"
+
+    def _claim(self, index: int) -> bool:
+        pipe = self.r.pipeline()
+        pipe.sadd(h.sent_key(self.dk), index)
+        pipe.expire(h.sent_key(self.dk), h.STATE_TTL)
+        return bool(pipe.execute()[0])
+
+    def _park(self, items: list[Item], state: str = "parked") -> str:
+        """Keep items for 继续 and record the message's final state."""
+        pipe = self.r.pipeline()
+        if items:
+            pipe.rpush(h.park_key(self.openid), *(_dump(i) for i in items))
+            pipe.expire(h.park_key(self.openid), self._park_ttl())
+        pipe.hset(h.state_key(self.dk), "state", state)
+        pipe.expire(h.state_key(self.dk), h.STATE_TTL)
+        self._wake(pipe)
+        pipe.execute()
+        return state
+
+    def _park_ttl(self) -> int:
+        return int(self.settings.bot.get("park_ttl_seconds", 172800))
+
+    def _wake(self, pipe: Pipeline) -> None:
+        pipe.rpush(h.wake_key(self.dk), *([1] * h.WAKE_TOKENS))
+        pipe.expire(h.wake_key(self.dk), h.WAKE_TTL)
+
+    def _with_note(self, item: Item) -> Item:
+        if item["t"] != "text":
+            return item
+        return text_item(item["c"] + text("more", self.settings))
+
+
+def _send(client: Any, openid: str, item: Item) -> None:
+    if item["t"] == "image":
+        client.message.send_image(openid, item["m"])
+    else:
+        client.message.send_text(openid, item["c"])

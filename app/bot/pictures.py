@@ -1,0 +1,90 @@
+"""A picture a user sent: fetched by MediaId, shrunk to fit, asked about as a data URL.
+
+The picture is fetched only through WeChat's API (media/get with the shared access token),
+never from the PicUrl of the message (SPEC §7.10: that URL comes from the message, so fetching
+it would let a forged message make the service fetch any address). A picture over
+[bot] picture_max_side pixels on its longest side or [bot] picture_max_bytes bytes, or in a
+format OpenAI does not take, is re-encoded as a JPEG within both limits (EXIF orientation
+applied, transparency on white). The bytes live only in the job's memory and in the upstream
+request: the context keeps PLACEHOLDER in their place.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from typing import Any
+
+from PIL import Image, ImageOps
+from wechatpy.exceptions import WeChatClientException
+
+from app.bot.jobs import Hopeless
+from app.core.config import Settings
+from app.edges import wechat_api
+
+log = logging.getLogger(__name__)
+PLACEHOLDER = "[图片]"
+MAX_FETCH_BYTES = 20 << 20  # what media/get may answer; WeChat's own image limit is 10 MB
+TAKEN = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+MIN_SIDE = 64  # shrinking for bytes stops here
+
+
+def fetch(media_id: str) -> bytes:
+    """Fetch the user's picture through media/get; Hopeless when WeChat refuses for good."""
+    try:
+        return wechat_api.download_media(wechat_api.get_client(), media_id, MAX_FETCH_BYTES)
+    except wechat_api.NotConfigured as exc:
+        raise Hopeless("no AppID/AppSecret: media/get cannot be called") from exc
+    except WeChatClientException as exc:
+        if wechat_api.transient(exc):
+            raise  # rq retries it
+        raise Hopeless(f"media/get refused the picture ({exc.errcode}: {exc.errmsg})") from exc
+
+
+def _flat(img: Image.Image) -> Image.Image:
+    """Return the picture upright, as RGB (transparent parts on white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        back = Image.new("RGB", img.size, (255, 255, 255))
+        back.paste(img, mask=img.getchannel("A"))
+        return back
+    return img.convert("RGB")
+
+
+def shrink(data: bytes, max_side: int, max_bytes: int) -> tuple[bytes, str]:
+    """Return (bytes, MIME type): as sent when it fits, else a JPEG within both limits."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG" and max(img.size) > max_side:
+            img.draft("RGB", (max_side, max_side))  # decode at a fraction of the size
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise Hopeless(f"the picture is unreadable ({type(exc).__name__})") from exc
+    with img:
+        mime = TAKEN.get(img.format or "")
+        fits = max(img.size) <= max_side and len(data) <= max_bytes
+        if mime and fits and not getattr(img, "is_animated", False):
+            return data, mime
+        flat = _flat(img)
+    flat.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    quality = 85
+    while True:
+        out = io.BytesIO()
+        flat.save(out, "JPEG", quality=quality, optimize=True)
+        if out.tell() <= max_bytes or min(flat.size) < MIN_SIDE:
+            log.info("picture re-encoded: %d bytes -> %d (%dx%d)", len(data), out.tell(),
+                     *flat.size)
+            return out.getvalue(), "image/jpeg"
+        flat = flat.resize((flat.width * 3 // 4, flat.height * 3 // 4), Image.Resampling.LANCZOS)
+        quality = max(60, quality - 10)
+
+
+def content(settings: Settings, media_id: str) -> list[dict[str, Any]]:
+    """Return the user message's parts: the picture as a data URL, then the bot's question."""
+    bot = settings.bot
+    data, mime = shrink(fetch(media_id), bot["picture_max_side"], bot["picture_max_bytes"])
+    url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return [{"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": bot["vision_prompt"]}]

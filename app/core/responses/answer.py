@@ -1,0 +1,106 @@
+"""The Response object: a new one's skeleton, `usage` in the Responses shape, its final state."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+# chat finish_reason -> the Responses incomplete_details.reason it means
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def new_id(prefix: str) -> str:
+    """Return a fresh id in OpenAI's style: resp_…, msg_…, fc_… (48 hex digits)."""
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def _echo_tool(tool: Any) -> Any:
+    """Return a tool as OpenAI echoes it: a function tool with all four of its fields."""
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        return tool
+    return {"description": None, "parameters": None, "strict": None, **tool}
+
+
+def skeleton(rid: str, body: dict[str, Any], model: str, *, previous: str | None,
+             store: bool) -> dict[str, Any]:
+    """Return the in-progress Response for a request: every field OpenAI sends, no output yet."""
+    reasoning, text = body.get("reasoning", {}), body.get("text", {})  # objects (checked)
+    out: dict[str, Any] = {
+        "id": rid, "object": "response", "created_at": int(time.time()),
+        "status": "in_progress", "background": False, "completed_at": None, "error": None,
+        "incomplete_details": None, "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": previous,
+        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "store": store, "temperature": body.get("temperature", 1.0),
+        "text": {**text, "format": text.get("format") or {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": [_echo_tool(t) for t in body.get("tools") or []],
+        "top_p": body.get("top_p", 1.0), "truncation": body.get("truncation", "disabled"),
+        "metadata": body.get("metadata") or {},  # usage: set once known (never null)
+    }
+    for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    return out
+
+
+def _small(value: Any, most: int) -> int:
+    """Return a reported detail count when it is a sane int no larger than its total, else 0."""
+    return value if type(value) is int and 0 <= value <= most else 0
+
+
+def usage(input_tokens: int, output_tokens: int, reported: Any = None) -> dict[str, Any]:
+    """Return `usage` in the Responses shape; details (cached, reasoning) from `reported` if sane.
+
+    `reported` is the upstream's usage in either shape (chat's prompt_tokens_details or the
+    Responses API's input_tokens_details); the token totals are always the billed ones.
+    """
+    rep = reported if isinstance(reported, dict) else {}
+    ins = rep.get("input_tokens_details") or rep.get("prompt_tokens_details")
+    outs = rep.get("output_tokens_details") or rep.get("completion_tokens_details")
+    ins = ins if isinstance(ins, dict) else {}
+    outs = outs if isinstance(outs, dict) else {}
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": _small(ins.get("cached_tokens"), input_tokens),
+                                 "cache_write_tokens": _small(ins.get("cache_write_tokens"),
+                                                              input_tokens)},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": _small(outs.get("reasoning_tokens"),
+                                                             output_tokens)},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def reported_tokens(reported: Any) -> tuple[Any, Any]:
+    """Return the upstream's (input, output) token counts, in either usage shape (untrusted)."""
+    if not isinstance(reported, dict):
+        return None, None
+    if "input_tokens" in reported or "output_tokens" in reported:
+        return reported.get("input_tokens"), reported.get("output_tokens")
+    return reported.get("prompt_tokens"), reported.get("completion_tokens")
+
+
+def finish(response: dict[str, Any], output: list[dict[str, Any]], finish_reason: Any,
+           usage_: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the final Response: its output, status (completed or incomplete) and usage."""
+    reason = INCOMPLETE.get(finish_reason) if isinstance(finish_reason, str) else None
+    done = "incomplete" if reason else "completed"
+    for item in output:
+        if item.get("status") == "in_progress":
+            item["status"] = done
+    return {**response, "status": done, "output": output, "usage": usage_,
+            "completed_at": None if reason else int(time.time()),
+            "incomplete_details": {"reason": reason} if reason else None}
+
+
+def failed(response: dict[str, Any], output: list[dict[str, Any]], message: str) -> dict[str, Any]:
+    """Return the Response of a generation the upstream broke off."""
+    for item in output:
+        if item.get("status") == "in_progress":
+            item["status"] = "incomplete"
+    return {**response, "status": "failed", "output": output,
+            "error": {"code": "server_error", "message": message}}

@@ -1,0 +1,190 @@
+"""Chat/completions answers → the Responses API's output items and typed stream events.
+
+One state machine serves both: a stream feeds it each chunk (and forwards the events it
+returns); a plain answer feeds it the whole message as one chunk (and keeps only the output).
+The event sequence is OpenAI's:
+
+    response.created, response.in_progress,
+    per message: output_item.added, content_part.added, output_text.delta…, output_text.done,
+                 content_part.done, output_item.done   (refusal parts: refusal.delta/.done)
+    per call:    output_item.added, function_call_arguments.delta…, .done, output_item.done
+    response.completed | response.incomplete | response.failed
+
+each with a sequence_number from 0, framed as `event: <type>` + `data: <json>`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+
+from app.core.responses import answer
+
+_FIELD = {"output_text": "text", "refusal": "refusal"}
+
+
+def frame(event: dict[str, Any]) -> bytes:
+    """Return one event as SSE: its type on the event line, itself on the data line."""
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+class ChatEvents:
+    """Build a Response from chat/completions output, emitting the typed events as it goes."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self.response = response  # the skeleton (answer.skeleton)
+        self.seq = 0
+        self.items: list[dict[str, Any]] = []
+        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.part_open = False
+        self.calls: dict[Any, dict[str, Any]] = {}  # chat tool-call index -> its item
+        self.finish_reason: Any = None
+        self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
+        self.texts: list[str] = []  # everything produced, to estimate tokens without usage
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Return the next event of the sequence."""
+        ev = {"type": kind, **fields, "sequence_number": self.seq}
+        self.seq += 1
+        return ev
+
+    def start(self) -> list[dict[str, Any]]:
+        """Return the opening events: created, in_progress."""
+        snap = copy.deepcopy(self.response)
+        return [self.event("response.created", response=snap),
+                self.event("response.in_progress", response=snap)]
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """Take one chat chunk (or a whole answer as one); return the events it makes."""
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        out: list[dict[str, Any]] = []
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue  # one answer per Response (n is not a Responses parameter)
+            delta = choice.get("delta") or choice.get("message") or {}
+            delta = delta if isinstance(delta, dict) else {}
+            for kind in ("output_text", "refusal"):
+                piece = delta.get("content" if kind == "output_text" else "refusal")
+                if isinstance(piece, str) and piece:
+                    out += self._text(kind, piece)
+            calls = delta.get("tool_calls")
+            for i, call in enumerate(calls if isinstance(calls, list) else []):
+                if isinstance(call, dict):
+                    out += self._call(call.get("index", i), call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return out
+
+    def _index(self) -> int:
+        return len(self.items) - 1
+
+    def _open(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        out = self._close()
+        self.items.append(item)
+        self.open = item
+        return out + [self.event("response.output_item.added", output_index=self._index(),
+                                 item=copy.deepcopy(item))]
+
+    def _text(self, kind: str, piece: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.open is None or self.open["type"] != "message":
+            out += self._open({"id": answer.new_id("msg"), "type": "message",
+                               "status": "in_progress", "content": [], "role": "assistant"})
+        item = self.open
+        assert item is not None
+        if not self.part_open or item["content"][-1]["type"] != kind:
+            out += self._close_part()
+            part = {"type": kind, _FIELD[kind]: ""}
+            if kind == "output_text":
+                part.update(annotations=[], logprobs=[])
+            item["content"].append(part)
+            self.part_open = True
+            out.append(self.event("response.content_part.added", item_id=item["id"],
+                                  output_index=self._index(),
+                                  content_index=len(item["content"]) - 1, part=dict(part)))
+        item["content"][-1][_FIELD[kind]] += piece
+        self.texts.append(piece)
+        where = {"item_id": item["id"], "output_index": self._index(),
+                 "content_index": len(item["content"]) - 1}
+        if kind == "output_text":
+            return out + [self.event("response.output_text.delta", **where, delta=piece,
+                                     logprobs=[])]
+        return out + [self.event("response.refusal.delta", **where, delta=piece)]
+
+    def _call(self, key: Any, call: dict[str, Any]) -> list[dict[str, Any]]:
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        out: list[dict[str, Any]] = []
+        item = self.calls.get(key)
+        if item is None:
+            name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+            call_id = call.get("id") if isinstance(call.get("id"), str) else answer.new_id("call")
+            item = {"id": answer.new_id("fc"), "type": "function_call", "status": "in_progress",
+                    "arguments": "", "call_id": call_id, "name": name}
+            self.calls[key] = item
+            out += self._open(item)
+        elif not item["name"] and isinstance(fn.get("name"), str):
+            item["name"] = fn["name"]
+        args = fn.get("arguments")
+        if isinstance(args, str) and args:
+            item["arguments"] += args
+            self.texts.append(args)
+            out.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
+                                  output_index=self.items.index(item), delta=args))
+        return out
+
+    def _close_part(self) -> list[dict[str, Any]]:
+        item = self.open
+        if not self.part_open or item is None:
+            return []
+        self.part_open = False
+        part = item["content"][-1]
+        where = {"item_id": item["id"], "output_index": self._index(),
+                 "content_index": len(item["content"]) - 1}
+        done = (self.event("response.output_text.done", **where, text=part["text"], logprobs=[])
+                if part["type"] == "output_text"
+                else self.event("response.refusal.done", **where, refusal=part["refusal"]))
+        return [done, self.event("response.content_part.done", **where, part=dict(part))]
+
+    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
+        item = self.open
+        if item is None:
+            return []
+        out = self._close_part()
+        if item["type"] == "function_call":
+            out.append(self.event("response.function_call_arguments.done", item_id=item["id"],
+                                  output_index=self._index(), name=item["name"],
+                                  arguments=item["arguments"]))
+        item["status"] = status
+        self.open = None
+        return out + [self.event("response.output_item.done", output_index=self._index(),
+                                 item=copy.deepcopy(item))]
+
+    def finish(self, usage: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Close what is open; return the closing events and the final Response."""
+        reason = answer.INCOMPLETE.get(self.finish_reason) if isinstance(
+            self.finish_reason, str) else None
+        out = self._close("incomplete" if reason else "completed")
+        final = answer.finish(self.response, self.items, self.finish_reason, usage)
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return out + [self.event(kind, response=final)], final
+
+    def fail(self, message: str, usage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return the response.failed event of a broken-off generation, and its Response."""
+        final = {**answer.failed(self.response, self.items, message), "usage": usage}
+        self.open, self.part_open = None, False
+        return self.event("response.failed", response=final), final
+
+    def text(self) -> str:
+        """Return everything produced so far (text, refusals, call arguments)."""
+        return "".join(self.texts)
+
+
+def from_chat(data: dict[str, Any], response: dict[str, Any]) -> ChatEvents:
+    """Run a whole chat completion through the state machine (finish() gives the Response)."""
+    state = ChatEvents(response)
+    state.feed(data)
+    return state

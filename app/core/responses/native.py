@@ -1,0 +1,76 @@
+"""A native upstream's Responses events, renumbered and given this service's response identity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+# Events whose `delta` is produced text (what an estimate counts when no usage comes).
+_PRODUCED = ("response.output_text.delta", "response.refusal.delta",
+             "response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
+             "response.reasoning_text.delta", "response.reasoning_summary_text.delta")
+
+
+def output_text(output: Any) -> str:
+    """Return every text an output list holds (messages, refusals, call arguments, reasoning)."""
+    parts: list[str] = []
+    for item in output if isinstance(output, list) else []:
+        if not isinstance(item, dict):
+            continue
+        for name in ("arguments", "input"):
+            if isinstance(item.get(name), str):
+                parts.append(item[name])
+        for key in ("content", "summary"):
+            parts_of = item.get(key)
+            for part in parts_of if isinstance(parts_of, list) else []:
+                if isinstance(part, dict):
+                    parts += [part[f] for f in ("text", "refusal") if isinstance(part.get(f), str)]
+    return "".join(parts)
+
+
+def own(skeleton: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
+    """Return an upstream's Response with this service's id, chain and store flag."""
+    return {**upstream, **{k: skeleton[k] for k in ("id", "previous_response_id", "store")}}
+
+
+class NativeEvents:
+    """Pass a native stream through: own sequence numbers, own response id/chain/store flag."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self.response = response  # the skeleton: its id, previous_response_id, store win
+        self.seq = 0
+        self.final: dict[str, Any] | None = None  # the terminal event's Response
+        self.usage: Any = None
+        self.texts: list[str] = []
+        self.items: dict[int, Any] = {}  # output_index -> finished item
+
+    def take(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Return the event to forward for one upstream event (None: not an event, skip it)."""
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            return None
+        event = {**obj, "sequence_number": self.seq}
+        self.seq += 1
+        if isinstance(event.get("response"), dict):
+            event["response"] = own(self.response, event["response"])
+        if kind in _PRODUCED and isinstance(event.get("delta"), str):
+            self.texts.append(event["delta"])
+        if kind == "response.output_item.done" and isinstance(event.get("output_index"), int):
+            self.items[event["output_index"]] = event.get("item")
+        if kind in TERMINAL and isinstance(event.get("response"), dict):
+            self.final = event["response"]
+            self.usage = self.final.get("usage")
+        return event
+
+    def failed(self, message: str, usage: dict[str, Any]) -> dict[str, Any]:
+        """Return the response.failed event closing a stream the upstream broke off."""
+        output = [self.items[i] for i in sorted(self.items)]
+        self.final = {**self.response, "status": "failed", "output": output, "usage": usage,
+                      "error": {"code": "server_error", "message": message}}
+        event = {"type": "response.failed", "response": self.final, "sequence_number": self.seq}
+        self.seq += 1
+        return event
+
+    def text(self) -> str:
+        """Return the text produced so far."""
+        return "".join(self.texts)

@@ -1,0 +1,130 @@
+"""Check a Responses request and turn its input into items (OpenAI's published schema).
+
+What OpenAI accepts is accepted (a field sent as null is absent); what this service cannot honour
+is refused with a 400 naming it, never silently dropped: background mode, the Conversations API,
+stored prompt templates, item references, and tools the upstream would run and bill itself
+(web search, file search, code interpreter…): only client-side tools (function, custom) pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.core.responses.to_chat import TEXT_PARTS, bad, chat_format, chat_tool_choice
+
+ROLES = ("user", "assistant", "system", "developer")
+CLIENT_TOOLS = ("function", "custom")  # run by the caller: their only cost is tokens
+REFUSED = {"background": "background mode", "conversation": "the Conversations API",
+           "prompt": "stored prompt templates"}
+PART_TYPES = (*TEXT_PARTS, "input_image", "input_file")
+
+
+def check(body: dict[str, Any], native: bool) -> None:
+    """Check the request's top-level fields (the input items are checked by input_items)."""
+    for name, what in REFUSED.items():
+        if body.get(name) not in (None, False):
+            raise bad(f"'{name}' ({what}) is not supported by this service.", name)
+    if not isinstance(body.get("instructions", ""), str):
+        raise bad("'instructions' must be a string.", "instructions")
+    for name in ("stream", "store", "parallel_tool_calls"):
+        if not isinstance(body.get(name, False), bool):
+            raise bad(f"'{name}' must be a boolean.", name)
+    for name in ("metadata", "text", "reasoning"):
+        if not isinstance(body.get(name, {}), dict):
+            raise bad(f"'{name}' must be an object.", name)
+    limit = body.get("max_output_tokens")
+    if limit is not None and (type(limit) is not int or limit < 16):
+        raise bad("'max_output_tokens' must be an integer >= 16.", "max_output_tokens")
+    prev = body.get("previous_response_id")
+    if prev is not None and (not isinstance(prev, str) or not prev):
+        raise bad("'previous_response_id' must be a non-empty string.", "previous_response_id")
+    _check_tools(body.get("tools"), native)
+    if not native:
+        chat_tool_choice(body.get("tool_choice"))
+        chat_format(body.get("text"))
+
+
+def _check_tools(tools: Any, native: bool) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise bad("'tools' must be an array.", "tools")
+    allowed = CLIENT_TOOLS if native else ("function",)
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in allowed:
+            raise bad(f"tools[{i}]: tools of type '{kind}' are not supported by this service "
+                      f"(supported: {', '.join(allowed)}).", f"tools[{i}].type", "不支持该工具类型")
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise bad(f"tools[{i}].name must be a non-empty string.", f"tools[{i}].name")
+
+
+def input_items(value: Any, native: bool) -> list[dict[str, Any]]:
+    """Return the request's input as a list of items (a string is one user message); check it."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": value}]}]
+    if not isinstance(value, list):
+        raise bad("'input' must be a string or an array of input items.", "input")
+    for i, item in enumerate(value):
+        _check_item(item, f"input[{i}]", native)
+    return value
+
+
+def _check_item(item: Any, where: str, native: bool) -> None:
+    if not isinstance(item, dict):
+        raise bad(f"{where} must be an object.", where)
+    kind = item.get("type") or "message"
+    if kind == "message":
+        if item.get("role") not in ROLES:
+            raise bad(f"{where}.role must be one of {', '.join(ROLES)}.", f"{where}.role")
+        content = item.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                _check_part(part, f"{where}.content[{j}]", native)
+        elif not isinstance(content, str):
+            raise bad(f"{where}.content must be a string or an array.", f"{where}.content")
+    elif kind == "function_call":
+        for name in ("call_id", "name", "arguments"):
+            if not isinstance(item.get(name), str):
+                raise bad(f"{where}.{name} must be a string.", f"{where}.{name}")
+    elif kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise bad(f"{where}.call_id must be a string.", f"{where}.call_id")
+        if not isinstance(item.get("output"), str | list):
+            raise bad(f"{where}.output must be a string or an array.", f"{where}.output")
+    elif kind == "item_reference" or (kind != "reasoning" and not native):
+        raise bad(f"{where}: input items of type '{kind}' are not supported by this service; "
+                  "send the items themselves or previous_response_id.", f"{where}.type",
+                  "不支持该输入类型")
+
+
+def _check_part(part: Any, where: str, native: bool) -> None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in PART_TYPES:
+        raise bad(f"{where}.type must be one of {', '.join(PART_TYPES)}.", f"{where}.type")
+    field = TEXT_PARTS.get(kind)
+    if field and not isinstance(part.get(field), str):
+        raise bad(f"{where}.{field} must be a string.", f"{where}.{field}")
+    if native:
+        return
+    if kind == "input_image" and not isinstance(part.get("image_url"), str):
+        raise bad(f"{where}: images must be given by image_url (a URL or a data URL); "
+                  "file_id is not supported by this service.", f"{where}.image_url")
+    if kind == "input_file" and not (isinstance(part.get("file_data"), str)
+                                     or isinstance(part.get("file_id"), str)):
+        raise bad(f"{where}: files must be given by file_data or file_id.", f"{where}.file_data")
+
+
+def listed(item: dict[str, Any], new_id: str) -> dict[str, Any]:
+    """Return an input item as GET …/input_items lists it: with an id, a type and content parts."""
+    out = {"id": new_id, **item} if "id" not in item else dict(item)
+    if (item.get("type") or "message") != "message":
+        return out
+    content = item.get("content")
+    if isinstance(content, str):
+        kind = "output_text" if item.get("role") == "assistant" else "input_text"
+        content = [{"type": kind, "text": content}]
+    return {**out, "type": "message", "content": content, "status": "completed"}

@@ -1,0 +1,179 @@
+"""Translate a Responses request to chat/completions (for upstreams that only speak chat).
+
+Items become messages (developer → system, which every chat upstream knows), function calls
+become an assistant turn's tool_calls and their outputs tool messages; tools, tool_choice and
+text.format take chat's shapes; max_output_tokens becomes max_tokens (max_completion_tokens for
+reasoning models). `replay` readies stored items for a native upstream instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.core.errors import InvalidRequest
+
+TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
+# Chat fields a Responses request carries under the same name and meaning.
+PASSED = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key",
+          "service_tier")
+# Models that take max_completion_tokens on chat/completions (max_tokens is refused there).
+REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
+
+
+def bad(message: str, param: str | None, msg: str = "请求参数错误") -> InvalidRequest:
+    """Return the 400 for a request OpenAI would refuse (or this service cannot serve)."""
+    return InvalidRequest(message, param=param, msg=msg)
+
+
+def _chat_part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part.get("type")
+    if kind in TEXT_PARTS:
+        return {"type": "text", "text": part.get(TEXT_PARTS[kind]) or ""}
+    if kind == "input_image":
+        spec = {"url": part.get("image_url")}
+        if part.get("detail") in ("low", "high", "auto"):
+            spec["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": spec}
+    if kind == "input_file":
+        return {"type": "file", "file": {k: part[k] for k in ("file_data", "file_id", "filename")
+                                         if isinstance(part.get(k), str)}}
+    return part  # only when bounding a native request: counted as its JSON text
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(_chat_part(p).get("text", "") for p in content if isinstance(p, dict))
+
+
+def _message(item: dict[str, Any]) -> dict[str, Any]:
+    role, content = item["role"], item.get("content")
+    if role == "user":
+        parts = content if isinstance(content, str) else [
+            _chat_part(p) for p in content if isinstance(p, dict)]
+        if isinstance(parts, list) and len(parts) == 1 and parts[0].get("type") == "text":
+            parts = parts[0]["text"]  # a plain string: every chat upstream takes that
+        return {"role": "user", "content": parts}
+    # Chat-only upstreams know "system" everywhere; "developer" only on OpenAI's newest models.
+    return {"role": "assistant" if role == "assistant" else "system", "content": _text(content)}
+
+
+def to_messages(instructions: str | None, items: list[dict[str, Any]],
+                strict: bool = True) -> list[dict[str, Any]]:
+    """Translate items to chat messages; strict=False keeps untranslatable items (to bound them)."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions \
+        else []
+    for item in items:
+        kind = item.get("type") or "message"
+        if kind == "message":
+            out.append(_message(item))
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if out and out[-1]["role"] == "assistant":  # one assistant turn: text + its calls
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item["call_id"],
+                        "content": _text(item["output"])})
+        elif kind != "reasoning" or not strict:
+            if strict:
+                raise bad(f"The conversation holds an item of type '{kind}' that a chat "
+                          "upstream cannot take.", "previous_response_id")
+            out.append(item)
+    return out
+
+
+def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Translate Responses function tools to chat tools (others are kept, to be bounded)."""
+    out = []
+    for tool in tools or []:
+        if tool.get("type") != "function":
+            out.append(tool)
+            continue
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict")
+              if tool.get(k) is not None}
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    """Translate a Responses tool_choice to chat's (or raise the 400 for one chat lacks)."""
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if kind == "allowed_tools" and isinstance(choice.get("tools"), list):
+        tools = [{"type": "function", "function": {"name": t.get("name")}}
+                 for t in choice["tools"] if isinstance(t, dict)]
+        return {"type": "allowed_tools",
+                "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": tools}}
+    raise bad("'tool_choice' must be none, auto, required, a function or allowed_tools.",
+              "tool_choice")
+
+
+def chat_format(text: Any) -> dict[str, Any] | None:
+    """Translate text.format to chat's response_format (None for plain text)."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema" and isinstance(fmt.get("name"), str) and isinstance(
+            fmt.get("schema"), dict):
+        spec = {k: fmt[k] for k in ("name", "schema", "description", "strict")
+                if fmt.get(k) is not None}
+        return {"type": "json_schema", "json_schema": spec}
+    raise bad("'text.format' must be text, json_object or json_schema (with name and schema).",
+              "text.format")
+
+
+def to_chat(body: dict[str, Any], items: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+    """Build the chat/completions body for a Responses request whose input is `items`."""
+    model = body["model"]
+    chat: dict[str, Any] = {"model": model,
+                            "messages": to_messages(body.get("instructions"), items)}
+    tools = chat_tools(body.get("tools"))
+    if tools:
+        chat["tools"] = tools
+        for name, value in (("tool_choice", chat_tool_choice(body.get("tool_choice"))),
+                            ("parallel_tool_calls", body.get("parallel_tool_calls"))):
+            if value is not None:
+                chat[name] = value
+    fmt = chat_format(body.get("text"))
+    if fmt:
+        chat["response_format"] = fmt
+    verbosity = body.get("text", {}).get("verbosity")
+    if verbosity is not None:
+        chat["verbosity"] = verbosity
+    limit = body.get("max_output_tokens")
+    if limit is not None:
+        chat["max_completion_tokens" if model.startswith(REASONING_MODELS) else "max_tokens"] = limit
+    effort = body.get("reasoning", {}).get("effort")
+    if effort is not None:
+        chat["reasoning_effort"] = effort
+    chat.update({k: body[k] for k in PASSED if body.get(k) is not None})
+    if stream:
+        chat["stream"], chat["stream_options"] = True, {"include_usage": True}
+    return chat
+
+
+def replay(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return stored items fit to resend to a native upstream (which keeps nothing: store=false).
+
+    Item ids name objects the upstream never stored, so they are dropped (an assistant message
+    becomes a plain one); a reasoning item is only resendable with its encrypted_content.
+    """
+    out: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type") or "message"
+        if kind == "reasoning" and not item.get("encrypted_content"):
+            continue
+        if kind == "message" and item.get("role") == "assistant":
+            out.append({"type": "message", "role": "assistant", "content": _text(item["content"])})
+        else:
+            out.append({k: v for k, v in item.items() if k not in ("id", "status")})
+    return out

@@ -1,0 +1,141 @@
+"""What every `xiaoyi` command shares: one-line errors, settings, the store client, --json output.
+
+Every failure ends as exactly one line on stderr, `xiaoyi: <why>`, and a non-zero exit: our own
+errors (exit 1), click's usage errors (exit 2, with a pointer to --help instead of the usage
+block), a bad setting, an unreachable Redis, and anything unexpected (its traceback only with
+XIAOYI_LOG_LEVEL=DEBUG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import click
+import redis
+
+from app.core.config import (
+    UNITS_PER_YUAN,
+    ConfigError,
+    Settings,
+    load_settings,
+    units_to_yuan,
+    yuan_to_units,
+)
+
+PROG = "xiaoyi"
+
+
+class CliError(click.ClickException):
+    """An error of ours, shown as one line on stderr with exit code 1."""
+
+
+def one_line(text: str) -> str:
+    """Collapse text to one line (an error message never spans lines)."""
+    return " ".join(text.split()) or "error"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `xiaoyi: message` on stderr as one line and exit with `code`."""
+    click.echo(f"{PROG}: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def config_error(exc: ConfigError) -> str:
+    """Return the one-line text of a bad setting: `configuration error: <setting>: <why>`."""
+    return f"configuration error: {exc}"
+
+
+def _usage_text(exc: click.UsageError) -> str:
+    where = exc.ctx.command_path if exc.ctx else PROG
+    return f"{exc.format_message()} (see '{where} --help')"
+
+
+class XiaoyiGroup(click.Group):
+    """The root group: turns every error below it into one line on stderr."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """Run the command; in standalone mode, report any failure as one line and exit."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name or PROG, complete_var, False, **extra)
+        except click.UsageError as exc:
+            fail(_usage_text(exc), exc.exit_code)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        except ConfigError as exc:
+            fail(config_error(exc))
+        except redis.RedisError as exc:  # the URL may carry a password: name the setting only
+            fail(f"Redis failed (XIAOYI_REDIS_URL): {type(exc).__name__}")
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
+            if os.environ.get("XIAOYI_LOG_LEVEL", "").upper() == "DEBUG":
+                traceback.print_exc()
+            fail(f"unexpected error: {type(exc).__name__}: {exc} "
+                 "(XIAOYI_LOG_LEVEL=DEBUG shows the traceback)")
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def settings() -> Settings:
+    """Load the settings; a bad one is a one-line error naming it."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise CliError(config_error(exc)) from exc
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:  # a shape the loader missed
+        where = os.environ.get("XIAOYI_CONFIG") or ".env / environment"
+        raise CliError(config_error(ConfigError(
+            f"XIAOYI_CONFIG: {where} has a value of the wrong type ({type(exc).__name__}: "
+            f"{exc})"))) from exc
+
+
+def store(s: Settings | None = None) -> redis.Redis:
+    """Return a client on the money store, checked with PING."""
+    from app.edges.store import make_redis
+    from app.runtime.procs import admin_store_url
+
+    s = s or settings()
+    # XIAOYI_REDIS_URL, or the engine `xiaoyi run` keeps in XIAOYI_DATA_DIR; never a new Redis
+    # (that would be a second, empty wallet): without either, a one-line configuration error.
+    client = make_redis(admin_store_url(s), max_connections=8,
+                        wait_replicas=s.redis_wait_replicas)
+    try:
+        client.ping()
+    except redis.RedisError as exc:  # the URL may carry a password: name the setting only
+        raise CliError(f"cannot reach Redis (XIAOYI_REDIS_URL): {type(exc).__name__}") from exc
+    return client
+
+
+MAX_YUAN = 1_000_000  # the most 元 one command moves (a typo'd 1e30 is refused, not stored)
+
+
+def yuan(value: str, option: str) -> int:
+    """Parse an amount of 元 given on the command line into units; one-line error if bad."""
+    try:
+        units = yuan_to_units(value, option)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    if units > MAX_YUAN * UNITS_PER_YUAN:
+        raise CliError(f"{option}: {value!r} is more than {MAX_YUAN} 元")
+    return units
+
+
+def money(units: int | str) -> str:
+    """Format units as 元, the one unit users see."""
+    return units_to_yuan(int(units))
+
+
+def emit(obj: Any, as_json: bool, text: str) -> None:
+    """Print obj as one JSON object (--json) or text for people."""
+    click.echo(json.dumps(obj, ensure_ascii=False) if as_json else text)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")

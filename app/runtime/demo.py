@@ -1,0 +1,90 @@
+"""The demo key `xiaoyi run` prints: one live key on the `demo` account, reused across starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from app.core.config import Settings, units_to_yuan, yuan_to_units
+
+DEMO_ACCOUNT = "demo"
+DEMO_CREDIT = "10"  # 元, credited once, when the demo account is created
+DEMO_KEY_FILE = "demo-key"  # in XIAOYI_DATA_DIR, mode 0600: only the key's hash is in Redis
+
+
+def _read_demo_key(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_demo_key(path: Path, raw: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # an older file may have been wider
+        fh.write(raw + "\n")
+
+
+def demo_key(settings: Settings, url: str) -> tuple[str, int]:
+    """Return the demo account's one live key (reused across starts) and its balance in units."""
+    from app.core.money import keys, wallet
+    from app.edges.store import close, make_redis
+
+    r = make_redis(url, max_connections=2)
+    try:
+        wallet.create_account(r, DEMO_ACCOUNT, name="demo", note="demo credit",
+                              initial=yuan_to_units(DEMO_CREDIT, "demo credit"))
+        path = Path(settings.data_dir) / DEMO_KEY_FILE
+        raw = _read_demo_key(path)
+        info = keys.lookup(r, raw) if raw and keys.plausible(raw) else None
+        if raw is None or info is None or info.acct != DEMO_ACCOUNT:
+            raw, info = keys.create_key(r, DEMO_ACCOUNT, "demo")
+            _write_demo_key(path, raw)
+        for row in keys.list_keys(r, DEMO_ACCOUNT):  # one live demo key, never a pile of them
+            if not row["revoked"] and row["id"] != info.id:
+                keys.revoke(r, row["id"])
+        return raw, wallet.balance(r, DEMO_ACCOUNT)
+    finally:
+        close(r)
+
+
+def _shown(url: str) -> str:
+    """Return a Redis URL without its password (the banner is a log, and logs hold no secrets)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def banner(settings: Settings, host: str, port: int, redis_url: str, upstream: str,
+           key: str, balance: int) -> str:
+    """Return what `xiaoyi run` prints once everything answers: URLs, the demo key, a curl."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    base = f"http://{shown}:{port}"
+    admin = "" if settings.admin_token else "(set XIAOYI_ADMIN_TOKEN to enable)"
+    where = "" if settings.redis_url else f"  (embedded, AOF in {settings.data_dir})"
+    low = "" if balance > 0 else f"  (empty: xiaoyi accounts topup {DEMO_ACCOUNT} 10)"
+    return f"""
+xiaoyi is running.
+  API:      {base}/v1   (also {base}/index.php/api/v1)
+  WeChat:   {base}/wechat
+  Admin:    {base}/admin  {admin}
+  Redis:    {_shown(redis_url)}{where}
+  Upstream: {upstream}
+
+Demo key ({units_to_yuan(balance)} 元): {key}{low}
+
+Try:
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"api_secret_key": "{key}", "model": "gpt-3.5", "messages": [{{"role": "user", "content": "你好"}}]}}'
+
+Ctrl-C stops everything (open streams get XIAOYI_GRACEFUL_TIMEOUT seconds to finish).
+"""
+
+

@@ -1,0 +1,94 @@
+"""What a text call bills: the upstream's usage, bounded by the request, or estimates (SPEC §4).
+
+Upstream numbers are untrusted: a usage object is billed through tokens.bound_usage (never more
+than the prompt bound and the held completion maximum); an anomaly is counted in
+xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
+usage object the prompt bound and max(seed rule, tokenizer) of the visible answer are billed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from redis import RedisError
+
+from app.core import pricing, tokens
+from app.core.metrics import USAGE_ANOMALIES
+from app.core.money import Hold
+from app.web.relay.common import Call
+from app.web.relay.rules import Plan
+
+log = logging.getLogger(__name__)
+SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8)  # a stream already delivered waits out a Redis blip
+
+
+class Meter:
+    """One call's billed tokens: set from a usage object, or estimated from the answer text."""
+
+    __slots__ = ("call", "plan", "channel", "billed")
+
+    def __init__(self, call: Call, plan: Plan, channel: str) -> None:
+        self.call, self.plan, self.channel = call, plan, channel
+        self.billed: tuple[int, int] | None = None
+
+    def usage(self, usage: Any) -> tuple[int, int] | None:
+        """Bound a reported usage object (recording any anomaly); None when there is none."""
+        if not isinstance(usage, dict):
+            return None
+        if self.billed is None:
+            # Where nothing can be produced (embeddings, max_tokens 0) a missing count is 0.
+            none = 0 if self.plan.completion_max == 0 else None
+            reported = usage.get("prompt_tokens"), usage.get("completion_tokens", none)
+            pt, ct, anomaly = tokens.bound_usage(*reported, self.plan.prompt_bound,
+                                                 self.plan.completion_max)
+            if anomaly:
+                self._anomaly(anomaly, reported)
+            self.billed = pt, ct
+        return self.billed
+
+    def _anomaly(self, anomaly: str, reported: tuple[Any, Any]) -> None:
+        for reason in anomaly.split(","):
+            USAGE_ANOMALIES.labels(self.channel, reason).inc()
+        shown = tuple(repr(v)[:40] for v in reported)
+        log.warning("usage anomaly on channel %s for %s: %s (reported prompt=%s completion=%s; "
+                    "billed at the bound %d/%d)", self.channel, self.call.req_id, anomaly,
+                    *shown, self.plan.prompt_bound, self.plan.completion_max)
+
+    def tokens(self, text: str) -> tuple[int, int]:
+        """Return (prompt, completion) to bill: the bounded usage, else the estimates."""
+        if self.billed is not None:
+            return self.billed
+        ct = tokens.completion_tokens(text, self.call.upstream_model) if text else 0
+        return self.plan.prompt_bound, min(ct, self.plan.completion_max)
+
+    def shown(self, text: str, usage: Any = None) -> dict[str, Any]:
+        """Return the usage object the client sees: what was billed (extra details kept)."""
+        pt, ct = self.tokens(text)
+        extra = usage if isinstance(usage, dict) else {}
+        return {**extra, "prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+
+    def settle(self, held: Hold, text: str) -> int | None:
+        """Charge what the meter says."""
+        pt, ct = self.tokens(text)
+        return held.settle(pricing.token_cost(self.call.price, pt, ct), prompt_tokens=pt,
+                           completion_tokens=ct)
+
+    def settle_retrying(self, held: Hold, text: str) -> None:
+        """Settle a delivered stream, retrying while Redis is unreachable."""
+        for pause in (*SETTLE_BACKOFF_S, None):
+            try:
+                self.settle(held, text)
+                return
+            except RedisError as exc:
+                if pause is None:
+                    log.error("could not settle %s: %s; its hold stays open", self.call.req_id,
+                              type(exc).__name__)
+                    return
+                log.warning("settling %s: Redis unavailable, retrying in %ss", self.call.req_id,
+                            pause)
+                time.sleep(pause)
+            except Exception:
+                log.exception("could not settle %s", self.call.req_id)
+                return

@@ -1,0 +1,210 @@
+"""POST /v1/responses (plain and streamed) and GET/DELETE /v1/responses/{id}.
+
+A request is relayed to the upstream's own /responses when `relay.responses_native = 1`, else
+translated to chat/completions and back (app/core/responses). Either way: the whole
+conversation (previous_response_id's stored turns + this input) is bounded with the offline
+tokenizer and reserved with max_output_tokens (or the model's cap), the upstream's usage is
+bounded before it is billed, `usage` is what was billed, and the turn is stored unless
+`store` is false (response_store).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from flask import Blueprint, Response
+
+from app.core import pricing, tokens
+from app.core.errors import InvalidKey, InvalidRequest, NotFound
+from app.core.money import Hold, keys
+from app.core.responses import answer, events, native, request, to_chat
+from app.edges.store import get_redis
+from app.edges.upstream import get_upstream
+from app.web.relay import response_store
+from app.web.relay.common import Call, admit, authenticate, json_response, settings
+
+log = logging.getLogger(__name__)
+
+
+class PreviousNotFound(InvalidRequest):
+    """previous_response_id names no stored response of this account (OpenAI answers 400)."""
+
+    error_code = "previous_response_not_found"
+
+
+class ResponseNotFound(NotFound):
+    """GET/DELETE of an id that is not a stored response of this account."""
+
+
+@dataclass
+class Plan:
+    """What preparing a Responses request learnt: mode, conversation, bounds, the skeleton."""
+
+    native: bool = False
+    stream: bool = False
+    store: bool = True
+    acct: str | None = None  # the key's account, read when a previous turn is continued
+    chain: list[str] = field(default_factory=list)
+    items: list[dict[str, Any]] = field(default_factory=list)  # this turn's input items
+    upstream: dict[str, Any] = field(default_factory=dict)
+    prompt_bound: int = 0
+    completion_max: int = 0
+    response: dict[str, Any] = field(default_factory=dict)
+    ttl: int = response_store.TTL_SECONDS
+    max_bytes: int = response_store.MAX_BYTES
+
+
+def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
+    """Return the stored conversation up to `prev` (of the key's account) or raise the 400."""
+    info = keys.lookup(get_redis(), call.raw_key)
+    if info is None:
+        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+    found = response_store.load(get_redis(), info.acct, prev)
+    if found is None:
+        raise PreviousNotFound(f"Previous response with id '{prev[:100]}' not found.",
+                               param="previous_response_id", msg="上一轮回答不存在或已过期")
+    plan.acct, (plan.chain, history) = info.acct, found
+    if len(plan.chain) >= response_store.MAX_TURNS:
+        raise InvalidRequest("The conversation is too long; start a new one.",
+                             param="previous_response_id", msg="对话轮数过多，请开始新对话")
+    return history
+
+
+def _prepare(call: Call, plan: Plan) -> int:
+    """Check the request, build the upstream body and return the most the call can cost."""
+    body = {k: v for k, v in call.body.items() if v is not None}  # null is the same as absent
+    relay = settings().relay
+    plan.native = bool(relay.get("responses_native", 0))
+    plan.ttl = relay.get("responses_ttl_seconds", response_store.TTL_SECONDS)
+    plan.max_bytes = relay.get("responses_max_stored_bytes", response_store.MAX_BYTES)
+    request.check(body, plan.native)
+    plan.items = request.input_items(body.get("input"), plan.native)
+    prev = body.get("previous_response_id")
+    items = (_history(call, plan, prev) if prev else []) + plan.items
+    if not items:
+        raise InvalidRequest("Missing required parameter: 'input'.", param="input",
+                             msg="input 不能为空")
+    plan.stream, plan.store = body.get("stream", False), body.get("store", True)
+    instructions = body.get("instructions")
+    messages = to_chat.to_messages(instructions, items, strict=not plan.native)
+    fmt = body.get("text") if plan.native else to_chat.chat_format(body.get("text"))
+    limit = relay.get("max_prompt_tokens", 128000)
+    plan.prompt_bound = tokens.messages_bound(
+        messages, call.upstream_model, tools=to_chat.chat_tools(body.get("tools")),
+        response_format=fmt, limit=limit)
+    if plan.prompt_bound > limit:
+        raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
+    plan.completion_max = body.get("max_output_tokens") or call.price.max_output
+    if plan.native:
+        plan.upstream = {**body, "input": to_chat.replay(items), "store": False}
+        plan.upstream.pop("previous_response_id", None)
+    else:
+        plan.upstream = to_chat.to_chat(body, items, plan.stream)
+    plan.response = answer.skeleton(answer.new_id("resp"), body, call.upstream_model,
+                                    previous=prev, store=plan.store)
+    return pricing.reserve_cost(call.price, plan.prompt_bound, plan.completion_max)
+
+
+def bill(call: Call, plan: Plan, reported: Any, text: str) -> tuple[int, int]:
+    """Return the (input, output) tokens to bill: the upstream's usage bounded, or estimates."""
+    rp, rc = answer.reported_tokens(reported)
+    if rp is None and rc is None:
+        ct = tokens.completion_tokens(text, call.upstream_model)
+        return plan.prompt_bound, min(ct, plan.completion_max)
+    pt, ct, anomaly = tokens.bound_usage(rp, rc, plan.prompt_bound, plan.completion_max)
+    if anomaly:
+        log.warning("usage anomaly on %s (model %s): %s; billed %d+%d", call.req_id,
+                    call.upstream_model, anomaly, pt, ct)
+    return pt, ct
+
+
+def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[str, Any]:
+    """Store the turn when asked to; return the Response with `store` saying what happened."""
+    if not plan.store:
+        return final
+    items = [request.listed(item, answer.new_id("msg")) for item in plan.items]
+    try:
+        stored = response_store.save(r, acct, plan.chain, items, final, ttl=plan.ttl,
+                                     max_bytes=plan.max_bytes)
+    except redis.RedisError as exc:
+        log.error("response %s not stored: %s", final["id"], type(exc).__name__)
+        stored = False
+    return final if stored else {**final, "store": False}
+
+
+def _plain(call: Call, held: Hold, plan: Plan, data: dict[str, Any]) -> dict[str, Any]:
+    """Turn the upstream's answer into the final Response and settle it."""
+    if plan.native:
+        final = native.own(plan.response, data)
+        pt, ct = bill(call, plan, data.get("usage"), native.output_text(final.get("output")))
+        final["usage"] = answer.usage(pt, ct, data.get("usage"))
+    else:
+        state = events.from_chat(data, plan.response)
+        pt, ct = bill(call, plan, state.usage, state.text())
+        final = state.finish(answer.usage(pt, ct, state.usage))[1]
+    held.settle(pricing.token_cost(call.price, pt, ct), prompt_tokens=pt, completion_tokens=ct)
+    return final
+
+
+def create() -> Response:
+    """Serve POST /v1/responses."""
+    from app.web.relay import responses_stream
+
+    plan = Plan()
+    call, held = admit(("chat",), lambda c: _prepare(c, plan))
+    assert call.key is not None
+    with held:  # an upstream failure (or a bug) before settling releases the whole hold
+        if plan.acct is not None and plan.acct != call.key.acct:
+            raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+        path = "/responses" if plan.native else "/chat/completions"
+        expect = None if plan.stream else "output" if plan.native else "choices"
+        got = get_upstream().post(path, plan.upstream, call.upstream_model,
+                                  stream=plan.stream, expect=expect)
+        if plan.stream:
+            return responses_stream.relay(call, held, plan, got)
+        final = _plain(call, held, plan, got)
+    final = keep(get_redis(), call.key.acct, plan, final)
+    return json_response({**final, "code": 0, "msg": ""}, headers={"X-Request-Id": call.req_id})
+
+
+def _stored(rid: str) -> tuple[str, dict[str, Any]]:
+    acct = authenticate(None).acct
+    found = response_store.get(get_redis(), acct, rid)
+    if found is None:
+        raise ResponseNotFound(f"Response with id '{rid[:100]}' not found.", msg="回答不存在或已过期")
+    return acct, found
+
+
+def retrieve(response_id: str) -> Response:
+    """Serve GET /v1/responses/{id}: a stored Response of the key's account."""
+    return json_response({**_stored(response_id)[1], "code": 0, "msg": ""})
+
+
+def input_items(response_id: str) -> Response:
+    """Serve GET /v1/responses/{id}/input_items: the input items that turn was given."""
+    acct, _ = _stored(response_id)
+    data = response_store.input_items(get_redis(), acct, response_id) or []
+    return json_response({"object": "list", "data": data, "has_more": False,
+                          "first_id": data[0]["id"] if data else None,
+                          "last_id": data[-1]["id"] if data else None, "code": 0, "msg": ""})
+
+
+def delete(response_id: str) -> Response:
+    """Serve DELETE /v1/responses/{id}."""
+    acct, _ = _stored(response_id)
+    response_store.delete(get_redis(), acct, response_id)
+    return json_response({"id": response_id, "object": "response", "deleted": True, "code": 0,
+                          "msg": ""})
+
+
+def register(bp: Blueprint) -> None:
+    """Add the Responses routes to the relay blueprint."""
+    bp.add_url_rule("/responses", "responses", create, methods=["POST"])
+    bp.add_url_rule("/responses/<response_id>", "response", retrieve, methods=["GET"])
+    bp.add_url_rule("/responses/<response_id>", "response_delete", delete, methods=["DELETE"])
+    bp.add_url_rule("/responses/<response_id>/input_items", "response_input_items", input_items,
+                    methods=["GET"])
+

@@ -1,0 +1,131 @@
+"""What a chat or completions request may be, and the most it can cost (SPEC §3, §4).
+
+The checks follow OpenAI's published schema and refuse only what it refuses (plus the prompt
+cap and an unaffordable hold); everything else, unknown fields included, goes upstream as sent.
+The hold is an upper bound: the prompt counted by app.core.tokens (every character, tools,
+functions, response_format, image parts) plus max_tokens (or the model's cap) per choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.core import pricing, tokens
+from app.core.errors import InsufficientQuota, InvalidRequest
+from app.web.relay.common import Call, optional_int, settings, texts_or_tokens
+
+MAX_N = 128  # OpenAI's limit for `n`
+MAX_HOLD_UNITS = 1 << 52  # a hold no wallet can cover (and no Lua double can count exactly)
+ENDOFTEXT = "<|endoftext|>"  # OpenAI's default prompt
+
+
+@dataclass
+class Plan:
+    """What the checks learnt about a text request."""
+
+    prompt_bound: int = 0
+    completion_max: int = 0
+    stream: bool = False
+    want_usage: bool = False
+
+
+def check_messages(body: dict[str, Any]) -> list[Any]:
+    """Check `messages` as OpenAI's schema does: a non-empty array of role-bearing objects."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array.", param="messages",
+                             msg="messages 不能为空")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidRequest(f"messages[{i}] must be an object with a 'role'.",
+                                 param=f"messages[{i}]", msg="messages 格式错误")
+        content = m.get("content")
+        # Only assistant (and legacy function) messages may omit content or send null; an
+        # empty string is fine for every role, an empty array for none.
+        missing = content is None and m["role"] not in ("assistant", "function")
+        if missing or not isinstance(content, str | list | type(None)) or content == []:
+            raise InvalidRequest(f"messages[{i}].content must be a string or a non-empty array.",
+                                 param=f"messages[{i}].content", msg="content 不能为空")
+    return messages
+
+
+def check_prompt(body: dict[str, Any]) -> Any:
+    """Check a completions `prompt` (null or absent is OpenAI's default, <|endoftext|>)."""
+    prompt = body.setdefault("prompt", ENDOFTEXT)
+    if not texts_or_tokens(prompt, empty_text=True):
+        raise InvalidRequest("'prompt' must be a string, a non-empty array of strings or token "
+                             "array(s).", param="prompt", msg="prompt 参数错误")
+    return prompt
+
+
+def _choices(kind: str, body: dict[str, Any]) -> int:
+    """Return how many completions the upstream may produce (and bill): n × prompts, best_of."""
+    n = optional_int(body, "n", 1, MAX_N) or 1
+    if kind == "chat":
+        return n
+    best_of = optional_int(body, "best_of", 0, 20) or 1
+    prompt = body["prompt"]  # a list of strings or of token arrays is one prompt each
+    many = isinstance(prompt, list) and all(isinstance(p, str | list) for p in prompt)
+    return (len(prompt) if many else 1) * max(n, best_of)
+
+
+def _prompt_bound(kind: str, call: Call) -> int:
+    """Return the prompt's upper bound, or raise 400 past the prompt cap."""
+    body, model = call.body, call.upstream_model
+    cap = settings().relay.get("max_prompt_tokens", 128000)
+    if kind == "chat":
+        bound = pricing.estimate_messages(
+            check_messages(body), model, tools=body.get("tools"),
+            functions=body.get("functions"), response_format=body.get("response_format"),
+            limit=cap)
+    else:
+        bound = pricing.estimate_any(check_prompt(body), model, limit=cap)
+        if isinstance(body.get("suffix"), str):
+            bound += tokens.text_tokens(body["suffix"], model, limit=cap)
+    if bound > cap:
+        raise InvalidRequest(f"The prompt is too long: more than {cap} tokens.",
+                             param="messages" if kind == "chat" else "prompt",
+                             msg="输入内容过长")
+    return bound
+
+
+def _completion_max(kind: str, call: Call) -> int:
+    """Return the most completion tokens the request can produce, all choices together."""
+    body = call.body
+    given = [v for v in (optional_int(body, "max_tokens", 0),
+                         optional_int(body, "max_completion_tokens", 0)) if v is not None]
+    most = pricing.completion_max(call.price, max(given) if given else None,
+                                  _choices(kind, body))
+    prediction = body.get("prediction")
+    if kind == "chat" and prediction is not None:  # rejected prediction tokens are billed too
+        most += _choices(kind, body) * tokens.text_tokens(str(prediction), call.upstream_model)
+    return most
+
+
+def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream", msg="stream 参数错误")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(
+            options.get("include_usage", False), bool)):
+        raise InvalidRequest("'stream_options' must be an object with a boolean include_usage.",
+                             param="stream_options", msg="stream_options 参数错误")
+    plan.stream = stream
+    plan.want_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    if stream:  # the relay asks for usage itself, to bill it
+        body["stream_options"] = {**(options or {}), "include_usage": True}
+    else:
+        body.pop("stream_options", None)
+
+
+def prepare(kind: str, call: Call, plan: Plan) -> int:
+    """Check the body (filling `plan`) and return the most the call can cost."""
+    plan.prompt_bound = _prompt_bound(kind, call)
+    plan.completion_max = _completion_max(kind, call)
+    _stream_flags(call.body, plan)
+    amount = pricing.token_cost(call.price, plan.prompt_bound, plan.completion_max)
+    if amount > MAX_HOLD_UNITS:
+        raise InsufficientQuota()
+    return amount

@@ -1,0 +1,210 @@
+"""Own the fake upstream's Responses API (POST /v1/responses) and its forced tool calls.
+
+POST /v1/responses answers like OpenAI's: a Response object, or (stream: true) the typed events
+framed as `event: <type>` + `data: {...}` with sequence numbers, no [DONE]. The answer echoes the
+last user message as chat does, and the markers work the same (status, delay, nousage, long,
+chunk_delay, cut, malformed).
+
+A request that forces a tool (tool_choice "required", or a named function) is answered with a
+call to that function (the first function tool for "required") whose arguments are
+{"said": <the last user message>}: on /v1/chat/completions (plain and streamed) and here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from fakes.upstream.answers import (
+    _CONTENT,
+    _HEAD,
+    _TAIL,
+    _int_param,
+    _model,
+    _new_id,
+    _usage,
+    count_tokens,
+    make_answer,
+)
+from fakes.upstream.behaviour import FakeError, _dumps, extract_markers
+
+if TYPE_CHECKING:
+    from fakes.upstream.views import FakeHandler
+
+
+def forced_tool(body: dict[str, Any]) -> str | None:
+    """Return the name of the function the request forces the model to call, if any."""
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    names = [t.get("name") or (t.get("function") or {}).get("name")
+             for t in tools or [] if isinstance(t, dict) and t.get("type") == "function"]
+    if choice == "required" and names:
+        return names[0]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return choice.get("name") or (choice.get("function") or {}).get("name")
+    return None
+
+
+def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
+                   behaviour: dict[str, Any], prompt_tokens: int) -> None:
+    """Answer a chat completion that forces a tool with a call to it."""
+    if handler._apply(behaviour, body.get("stream") is True):
+        return
+    name, args = forced_tool(body) or "", _dumps({"said": said}).decode()
+    call_id = _new_id("call")
+    usage = None if behaviour.get("nousage") else _usage(prompt_tokens, count_tokens(args) + 1)
+    base = {"id": _new_id("chatcmpl"), "created": int(time.time()), "model": model}
+    if body.get("stream") is not True:
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+        out = {**base, "object": "chat.completion", "choices": [choice]}
+        return handler._send_json({**out, "usage": usage} if usage else out)
+    base["object"] = "chat.completion.chunk"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _dumps({**base, "choices": [choice]})
+
+    half = len(args) // 2
+    head = {"index": 0, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": ""}}
+    chunks = [(_HEAD, chunk({"role": "assistant", "content": None, "tool_calls": [head]}))]
+    chunks += [(_CONTENT, chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+               for piece in (args[:half], args[half:])]
+    chunks.append((_TAIL, chunk({}, "tool_calls")))
+    wants = isinstance(body.get("stream_options"), dict) and body["stream_options"].get(
+        "include_usage") is True
+    if usage and wants:
+        chunks.append((_TAIL, _dumps({**base, "choices": [], "usage": usage})))
+    handler._stream(iter(chunks), behaviour)
+
+
+def _said(body: dict[str, Any]) -> tuple[str, list[str]]:
+    """Return the last user message's text and every text of the input (for token counts)."""
+    value = body.get("input")
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else value or []
+    texts, said = [body["instructions"]] if isinstance(body.get("instructions"), str) else [], ""
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            raise FakeError(400, "each input item must be an object")
+        content = item.get("content")
+        if isinstance(content, str):
+            parts = [content]
+        elif isinstance(content, list):
+            parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        else:  # function_call / function_call_output items
+            parts = [item.get("output") or item.get("arguments") or ""]
+        text = " ".join(p for p in parts if isinstance(p, str))
+        texts.append(text)
+        if item.get("role") == "user":
+            said = text
+    return said, texts
+
+
+def _response_usage(texts: list[str], pieces: list[str]) -> dict[str, Any]:
+    """Build a Responses usage object: the input's tokens (+1) and the answer's."""
+    inp, out = sum(map(count_tokens, texts)) + 1, count_tokens("".join(pieces))
+    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": inp + out}
+
+
+def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
+    """Answer POST /v1/responses."""
+    model = _model(body)
+    if body.get("previous_response_id") is not None:  # this fake stores nothing
+        prev = body["previous_response_id"]
+        raise FakeError(400, f"Previous response with id '{prev}' not found.",
+                        code="previous_response_not_found")
+    said, texts = _said(body)
+    said, markers = extract_markers(said)
+    limit = _int_param(body, "max_output_tokens", 16, 10**9, None)
+    stream = body.get("stream") is True
+    behaviour = handler._behaviour(markers)
+    if handler._apply(behaviour, stream):
+        return
+    rid = _new_id("resp")
+    tool = forced_tool(body)
+    if tool:
+        args = _dumps({"said": said}).decode()
+        item = {"id": _new_id("fc"), "type": "function_call", "status": "completed",
+                "call_id": _new_id("call"), "name": tool, "arguments": args}
+        pieces, finish = [args], "stop"
+    else:
+        pieces, finish = make_answer(said, behaviour, limit)
+        part = {"type": "output_text", "text": "".join(pieces), "annotations": [], "logprobs": []}
+        item = {"id": _new_id("msg"), "type": "message", "status": "completed",
+                "role": "assistant", "content": [part]}
+    usage = None if behaviour.get("nousage") else _response_usage(texts, pieces)
+    done = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
+            "status": "completed" if finish == "stop" else "incomplete", "error": None,
+            "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
+            "instructions": body.get("instructions"), "output": [item], "usage": usage,
+            "parallel_tool_calls": True, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "temperature": 1.0, "top_p": 1.0,
+            "metadata": {}, "store": False, "previous_response_id": None}
+    if not stream:
+        return handler._send_json(done)
+    _write_events(handler, _events(done, item, pieces), behaviour)
+
+
+def _events(done: dict[str, Any], item: dict[str, Any], pieces: list[str]) -> Iterator[dict]:
+    """Yield the typed events of one answer (a message or a function call), unnumbered."""
+    start = {**done, "status": "in_progress", "output": [], "usage": None}
+    yield {"type": "response.created", "response": start}
+    yield {"type": "response.in_progress", "response": start}
+    opened = {**item, "status": "in_progress"}
+    where = {"item_id": item["id"], "output_index": 0}
+    if item["type"] == "function_call":
+        yield {"type": "response.output_item.added", "output_index": 0,
+               "item": {**opened, "arguments": ""}}
+        for piece in pieces:
+            yield {"type": "response.function_call_arguments.delta", **where, "delta": piece}
+        yield {"type": "response.function_call_arguments.done", **where, "name": item["name"],
+               "arguments": item["arguments"]}
+    else:
+        part = item["content"][0]
+        yield {"type": "response.output_item.added", "output_index": 0,
+               "item": {**opened, "content": []}}
+        yield {"type": "response.content_part.added", **where, "content_index": 0,
+               "part": {**part, "text": ""}}
+        for piece in pieces:
+            yield {"type": "response.output_text.delta", **where, "content_index": 0,
+                   "delta": piece, "logprobs": []}
+        yield {"type": "response.output_text.done", **where, "content_index": 0,
+               "text": part["text"], "logprobs": []}
+        yield {"type": "response.content_part.done", **where, "content_index": 0, "part": part}
+    yield {"type": "response.output_item.done", "output_index": 0, "item": item}
+    yield {"type": f"response.{done['status']}", "response": done}
+
+
+def _write_events(handler: FakeHandler, events: Iterator[dict], behaviour: dict[str, Any]) -> None:
+    """Write typed SSE events (one flushed HTTP chunk each), honouring chunk_delay and cut."""
+    chunked = handler.request_version != "HTTP/1.0"
+    handler.close_connection = handler.close_connection or not chunked
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+    head += b"Cache-Control: no-cache\r\n" + (b"Transfer-Encoding: chunked\r\n" if chunked else b"")
+    handler.headers_sent = True
+    handler.wfile.write(head + handler._conn_header() + b"\r\n")
+    delay, cut, deltas = behaviour.get("chunk_delay"), behaviour.get("cut"), 0
+    if behaviour.get("malformed"):
+        events = iter([{"type": "malformed"}])
+    for seq in itertools.count():
+        event = next(events, None)
+        if event is None:
+            break
+        is_delta = event["type"].endswith(".delta")
+        if is_delta and cut is not None and deltas >= cut:
+            handler.close_connection = True  # the socket closes with no terminating chunk
+            return
+        if delay and seq:
+            time.sleep(delay)
+        payload = b"{this is not JSON" if event["type"] == "malformed" else _dumps(
+            {**event, "sequence_number": seq})
+        data = b"event: " + event["type"].encode() + b"\ndata: " + payload + b"\n\n"
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+        deltas += is_delta
+    if chunked:
+        handler.wfile.write(b"0\r\n\r\n")

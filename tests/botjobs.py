@@ -1,0 +1,40 @@
+"""Bot job functions the tests enqueue: the real jobs' Hold and failure handling, a chosen fault.
+
+Run by real rq workers (tests/wechat_kit.py's, in-process). Each run counts itself, holds money
+through money.reserve() exactly as workers/chat.py does, and then fails with a bug (KeyError) or
+a transient upstream failure, so tests can watch what app.bot.jobs makes of each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+
+from app.bot import jobs
+from app.bot.delivery import Delivery
+from app.core import money
+from app.core.errors import UpstreamError
+from app.edges.store import get_redis
+
+
+def runs_key(dk: str) -> str:
+    """Name the counter of a test job's runs."""
+    return f"test:runs:{dk}"
+
+
+def hold_then_fail(openid: str, dk: str, acct: str, cost: int, fault: str) -> Any:
+    """Hold `cost`, then fail with `fault` ('bug': KeyError, 'upstream': UpstreamError)."""
+    r = get_redis()
+    dl = Delivery(r, current_app.config["SETTINGS"], openid, dk)
+
+    def work() -> str:
+        r.incr(runs_key(dk))
+        with money.reserve(r, acct, dk, cost, key_id="wechat", model="test") as held:
+            if fault == "bug":
+                return {"text": "x"}["answer"]  # the kind of bug a job can have
+            raise UpstreamError("The upstream is down.")
+        held.settle(cost)
+        return "unreachable"
+
+    return jobs.attempt(work, lambda exc: dl.note("chat_failed"))

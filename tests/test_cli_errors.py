@@ -1,0 +1,177 @@
+"""Every `xiaoyi` command, fed bad arguments, fails with one line on stderr and no traceback.
+
+The commands are enumerated from the click group, so a new command is covered by the generic
+cases (unknown option, missing and extra arguments, bad numbers in every integer option) at once,
+and the completeness test fails until its own bad inputs are listed in SEMANTIC below.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from app.core.money import layout, ledger, wallet
+from app.runtime.cli import main
+
+SERVERS = {"run", "web", "worker", "fake-upstream"}  # serve until stopped: print no data
+MONEY = {"--balance", "--amount", "YUAN"}  # amounts of 元
+BAD_MONEY = ["abc", "-5", "1.00001", "inf", "nan", "1e30", ""]
+NO_WECHAT = {"XIAOYI_WECHAT_APP_ID": "", "XIAOYI_WECHAT_APP_SECRET": "",
+             "XIAOYI_WECHAT_TOKEN": ""}
+WECHAT_TOKEN = {"XIAOYI_WECHAT_TOKEN": "tok-for-cli-errors"}
+
+# Per command: bad inputs no generic rule can guess (unknown ids, empty values, nothing to
+# reach), as (args, extra environment, a word the error must contain).
+SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
+    "accounts show": [(["acct_missing"], {}, "no account acct_missing"),
+                      (["a b"], {}, "Invalid value")],
+    "accounts topup": [(["acct_missing", "1"], {}, "no account acct_missing"),
+                       (["ACCT", "0"], {}, "positive"),
+                       (["ACCT", "1000001"], {}, "more than")],
+    "codes create": [(["--amount", "0"], {}, "positive"),
+                     (["--amount", "1", "--count", "101"], {}, "1<=x<=100")],
+    "codes list": [],  # takes nothing that can be wrong but the generic cases
+    "keys create": [(["--account", "{x}"], {}, "Invalid value"),
+                    (["--account", "x" * 65], {}, "Invalid value")],
+    "keys list": [(["--account", "a b"], {}, "Invalid value")],
+    "keys revoke": [(["key_missing"], {}, "no live key key_missing"), (["REVOKED"], {}, "no live")],
+    "ledger export": [(["--account", "{x}"], {}, "Invalid value")],
+    "ledger verify": [(["BROKEN"], {}, "does not add up")],
+    "ledger migrate": [([], {"XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
+                       ([], {"XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": "/nonexistent/xy-var"},
+                        "XIAOYI_REDIS_URL is not set")],
+    "menu push": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
+    "menu show": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
+    "wechat send": [(["hi"], NO_WECHAT, "XIAOYI_WECHAT_TOKEN"),
+                    ([], WECHAT_TOKEN, "give TEXT or --event"),
+                    (["hi", "--url", "not-a-url"], WECHAT_TOKEN, "could not reach"),
+                    (["hi", "--url", "http://127.0.0.1:1/wechat"], WECHAT_TOKEN,
+                     "could not reach")],
+    "run": [(["--port", "0"], {}, "Invalid value"), (["--port", "65536"], {}, "Invalid value"),
+            (["--workers", "33"], {}, "Invalid value")],
+    "web": [(["--workers", "0"], {}, "Invalid value")],
+    "worker": [(["--queues", "chat,a b"], {}, "a b"), (["--queues", ","], {}, "none given")],
+    "fake-upstream": [(["--port", "99999"], {}, "Invalid value")],
+}
+
+
+def leaves(group: click.Group = main, path: tuple[str, ...] = ()) -> Iterator[
+        tuple[str, click.Command]]:
+    """Yield ('keys create', command) for every runnable command under the group."""
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from leaves(cmd, (*path, name))
+        else:
+            yield " ".join((*path, name)), cmd
+
+
+def _required(cmd: click.Command, but: click.Parameter | None = None) -> list[str]:
+    """Placeholders for the command's required arguments and options (except `but`)."""
+    out: list[str] = []
+    for p in cmd.params:
+        if p.required and p is not but:
+            out += ["1"] if isinstance(p, click.Argument) else [p.opts[0], "1"]
+    return out
+
+
+def _generic(cmd: click.Command) -> Iterator[tuple[list[str], str]]:
+    """Bad inputs every command must refuse: unknown option, missing/extra args, bad numbers."""
+    yield ["--no-such-option"], "No such option"
+    if _required(cmd):
+        yield [], "Missing"
+    if not any(isinstance(p, click.Argument) and p.nargs == -1 for p in cmd.params):
+        yield [*_required(cmd), "extra-1", "extra-2", "extra-3"], "unexpected extra argument"
+    for p in cmd.params:
+        name, rest = p.opts[0], _required(cmd, but=p)
+        if isinstance(p, click.Option) and isinstance(p.type, click.types.IntParamType):
+            for bad in ("abc", "1.5", "-5", "99999999999"):
+                yield [*rest, name, bad], "Invalid value"
+        if isinstance(p, click.Option) and name in MONEY:
+            for bad in BAD_MONEY:
+                yield [*rest, name, bad], name
+        elif isinstance(p, click.Argument) and p.metavar in MONEY:
+            for bad in BAD_MONEY:  # click reads "-5" as an option here: either error names it
+                yield ["ACCT", bad], bad or p.metavar
+
+
+def _cases() -> Iterator[Any]:
+    for path, cmd in leaves():
+        for args, named in _generic(cmd):
+            yield pytest.param(path, args, {}, named, id=f"{path} {' '.join(args)}")
+        for args, env, named in SEMANTIC.get(path, []):
+            yield pytest.param(path, args, env, named, id=f"{path} {' '.join(args)}")
+
+
+def _entries(r: redis.Redis) -> int:
+    """Count the ledger entries of every account."""
+    return sum(r.xlen(layout.ledger_key(a)) for a in ledger.account_ids(r))
+
+
+@pytest.fixture
+def invoke(redis_url: str, r: redis.Redis) -> Any:
+    """Run `xiaoyi PATH ARGS` in-process on the test database; return (Result, entries added)."""
+
+    def run(path: str, args: list[str], env: dict[str, str]) -> tuple[Result, int]:
+        acct = wallet.create_account(r, initial=100)
+        if "REVOKED" in args or "BROKEN" in args:
+            from app.core.money import keys
+
+            _, info = keys.create_key(r, acct, "gone")
+            keys.revoke(r, info.id)
+            r.hincrby(layout.acct_key(acct), "balance", 7)  # money no ledger entry explains
+            args = [info.id if a == "REVOKED" else a for a in args if a != "BROKEN"]
+        args = [acct if a == "ACCT" else a for a in args]
+        base = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_CONFIG": "", "XIAOYI_WECHAT_AES_KEY": ""}
+        before = _entries(r)
+        result = CliRunner().invoke(main, [*path.split(), *args], env={**base, **env})
+        return result, _entries(r) - before
+
+    return run
+
+
+@pytest.mark.parametrize("path,args,env,named", list(_cases()))
+def test_bad_arguments_are_one_line(invoke: Any, r: redis.Redis, path: str, args: list[str],
+                                    env: dict[str, str], named: str) -> None:
+    result, moved = invoke(path, args, env)
+    assert result.exit_code not in (0, None), (result.stdout, result.stderr)
+    # Our main() handled it (exited), rather than letting an exception out.
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xiaoyi: "), result.stderr
+    assert named in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    if path != "ledger verify":  # its report goes to stdout, the verdict to stderr
+        assert result.stdout == ""
+    assert moved == 0  # a refused command moved no money
+
+
+def test_every_command_has_its_bad_inputs_listed() -> None:
+    assert sorted(SEMANTIC) == sorted(path for path, _ in leaves())
+
+
+def test_every_command_that_prints_data_takes_json() -> None:
+    for path, cmd in leaves():
+        names = {o for p in cmd.params for o in p.opts}
+        assert path.split()[-1] in SERVERS or "--json" in names, f"{path} lacks --json"
+
+
+@pytest.mark.parametrize("args", [
+    ["keys", "create", "--balance", "abc"], ["keys", "create", "--balance", "-5"],
+    ["codes", "create", "--amount", "1", "--count", "1000"], ["accounts", "show"],
+    ["no-such-command"],
+])
+def test_the_real_entry_point_prints_one_line(args: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+    done = subprocess.run([sys.executable, "-m", "app.runtime.cli", *args], env={
+        **env, "XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0"}, capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("xiaoyi: ")

@@ -1,0 +1,129 @@
+"""`xiaoyi run|web|worker` refuse a bad setting at once: one line, before any child process starts.
+
+Each case runs the real console entry point. "At once" is shown without timing: the refusal
+comes before XIAOYI_DATA_DIR is created (no embedded Redis, fake upstream, web or worker was
+started), so nothing can be waited for; the bounded wait only guards against a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"  # 43 characters: a well-formed key
+SAFE_NO_APPID = {"XIAOYI_WECHAT_TOKEN": "tok123", "XIAOYI_WECHAT_AES_KEY": AES_KEY}
+
+ENV_CASES: dict[str, tuple[dict[str, str], str]] = {
+    "safe mode without an AppID": (SAFE_NO_APPID, "XIAOYI_WECHAT_APP_ID: required in safe mode"),
+    "AES key too short": ({"XIAOYI_WECHAT_AES_KEY": "short"}, "XIAOYI_WECHAT_AES_KEY"),
+    "AES key not base64": ({**SAFE_NO_APPID, "XIAOYI_WECHAT_APP_ID": "wx1",
+                            "XIAOYI_WECHAT_AES_KEY": "!" * 43}, "XIAOYI_WECHAT_AES_KEY"),
+    "bad log level": ({"XIAOYI_LOG_LEVEL": "LOUD"}, "XIAOYI_LOG_LEVEL"),
+    "config file missing": ({"XIAOYI_CONFIG": "/nonexistent/x.toml"}, "XIAOYI_CONFIG"),
+    "config is a directory": ({"XIAOYI_CONFIG": "/"}, "XIAOYI_CONFIG"),
+    "redis url": ({"XIAOYI_REDIS_URL": "not-a-url"}, "XIAOYI_REDIS_URL"),
+    "upstream url": ({"XIAOYI_UPSTREAM_BASE_URL": "api.openai.com/v1"},
+                     "XIAOYI_UPSTREAM_BASE_URL"),
+    "public url": ({"XIAOYI_PUBLIC_URL": "localhost:8000"}, "XIAOYI_PUBLIC_URL"),
+    "pay on without merchant": ({"XIAOYI_CONFIG": "[pay]\nenabled = true\n"},
+                                "XIAOYI_WECHAT_APP_ID"),
+    "web workers": ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
+    "graceful timeout": ({"XIAOYI_GRACEFUL_TIMEOUT": "-1"}, "XIAOYI_GRACEFUL_TIMEOUT"),
+    "pool size": ({"XIAOYI_REDIS_POOL_SIZE": "lots"}, "XIAOYI_REDIS_POOL_SIZE"),
+    "fake upstream port": ({"XIAOYI_FAKE_UPSTREAM_PORT": "90000"}, "XIAOYI_FAKE_UPSTREAM_PORT"),
+    "keep-alive seconds": ({"XIAOYI_WEB_KEEPALIVE": "soon"}, "XIAOYI_WEB_KEEPALIVE"),
+    "web backlog": ({"XIAOYI_WEB_BACKLOG": "0"}, "XIAOYI_WEB_BACKLOG"),
+    "admin token too short": ({"XIAOYI_ADMIN_TOKEN": "short"}, "XIAOYI_ADMIN_TOKEN"),
+}
+TOML_CASES: dict[str, tuple[str, str]] = {
+    "unparsable TOML": ("[relay\n", "is not valid TOML"),
+    "price not a number": ('[prices."gpt-4"]\nprompt = "abc"\n', "prices.gpt-4.prompt"),
+    "price too precise": ('[prices."gpt-4"]\nprompt = "0.00001"\n', "prices.gpt-4.prompt"),
+    "price infinite": ('[prices."gpt-4"]\nprompt = "inf"\n', "prices.gpt-4.prompt"),
+    "prices not a table": ("prices = 5\n", "prices: must be a table"),
+    "mapped model unpriced": ('[models]\n"my" = "nope"\n', "models.my"),
+    "model name not a string": ("[models]\nmy = 5\n", "models.my"),
+    "limit not an integer": ("[limits]\nkey_requests_per_minute = 1.5\n",
+                             "limits.key_requests_per_minute"),
+    "limit negative": ("[limits]\nuser_messages_per_minute = -1\n",
+                       "limits.user_messages_per_minute"),
+    "relay not a table": ('relay = "fast"\n', "relay: must be a table"),
+    "relay value a string": ('[relay]\ntimeout_seconds = "60"\n', "relay.timeout_seconds"),
+    "bot wait too long": ("[bot]\nreply_wait_seconds = 9\n", "bot.reply_wait_seconds"),
+    "bot trial credit": ('[bot]\ntrial_credit = "lots"\n', "bot.trial_credit"),
+    "channels not an array": ("channels = 5\n", "channels: must be an array"),
+    "channel without url": ('[[channels]]\nname = "a"\n', "channels[0].base_url"),
+    "channel url not http": ('[[channels]]\nbase_url = "ftp://x"\n', "channels[0].base_url"),
+    "channel models": ('[[channels]]\nbase_url = "http://x"\nmodels = "gpt-4"\n',
+                       "channels[0].models"),
+    "channel priority": ('[[channels]]\nbase_url = "http://x"\npriority = "high"\n',
+                         "channels[0].priority"),
+    "pay bounds": ('[pay]\nmin_yuan = "abc"\n', "pay.min_yuan"),
+    "menu malformed": ("[menu]\nbutton = 5\n", "menu.button"),
+    "text not a string": ("[texts]\nhelp = 5\n", "texts.help"),
+    "image sizes": ('[prices.x]\nkind = "image"\nimages = 5\n', "prices.x.images"),
+}
+
+
+def _refuse(tmp_path: Path, command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run `xiaoyi COMMAND` with env on a clean environment and a fresh XIAOYI_DATA_DIR."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+    data_dir = tmp_path / "var"
+    done = subprocess.run(
+        [sys.executable, "-m", "app.runtime.cli", command, "--port", "1"]
+        if command != "worker" else [sys.executable, "-m", "app.runtime.cli", "worker"],
+        env={**base, "XIAOYI_DATA_DIR": str(data_dir), **env}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60)
+    assert not data_dir.exists(), "a child was started before the refusal"
+    return done
+
+
+def _assert_one_line(done: subprocess.CompletedProcess, named: str) -> None:
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("xiaoyi: configuration error: "), done.stderr
+    assert named in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "web", "worker"])
+def test_safe_mode_without_appid_is_refused_in_one_line(tmp_path: Path, command: str) -> None:
+    done = _refuse(tmp_path, command, SAFE_NO_APPID)
+    _assert_one_line(done, "XIAOYI_WECHAT_APP_ID: required in safe mode (AES key set)")
+
+
+@pytest.mark.parametrize("name", list(ENV_CASES))
+def test_bad_environment_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
+    env, named = ENV_CASES[name]
+    if "\n" in env.get("XIAOYI_CONFIG", ""):
+        (tmp_path / "x.toml").write_text(env["XIAOYI_CONFIG"], encoding="utf-8")
+        env = {**env, "XIAOYI_CONFIG": str(tmp_path / "x.toml")}
+    _assert_one_line(_refuse(tmp_path, "run", env), named)
+
+
+@pytest.mark.parametrize("name", list(TOML_CASES))
+def test_bad_toml_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
+    text, named = TOML_CASES[name]
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+    _assert_one_line(_refuse(tmp_path, "run", {"XIAOYI_CONFIG": str(path)}), named)
+
+
+@pytest.mark.parametrize("command", ["run", "web"])
+def test_a_busy_port_is_refused_in_one_line(tmp_path: Path, command: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+        done = subprocess.run([sys.executable, "-m", "app.runtime.cli", command, "--port",
+                               str(port)], env={**base, "XIAOYI_DATA_DIR": str(tmp_path / "var")},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert not (tmp_path / "var").exists()  # refused before anything started

@@ -1,0 +1,63 @@
+"""The demo key of `xiaoyi run`: one live key on the `demo` account, reused across starts."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import redis
+
+from app.core.config import load_settings
+from app.core.money import keys, ledger, wallet
+from app.runtime.demo import DEMO_ACCOUNT, DEMO_KEY_FILE, banner, demo_key
+
+
+def _live(r: redis.Redis) -> list[str]:
+    return [k["id"] for k in keys.list_keys(r, DEMO_ACCOUNT) if not k["revoked"]]
+
+
+def test_the_demo_key_is_reused_and_the_balance_is_real(redis_url: str, r: redis.Redis,
+                                                         tmp_path: Path) -> None:
+    settings = load_settings({"XIAOYI_DATA_DIR": str(tmp_path / "var")})
+    first, balance = demo_key(settings, redis_url)
+    assert balance == 100_000 and keys.lookup(r, first).acct == DEMO_ACCOUNT  # 10 元, once
+    path = tmp_path / "var" / DEMO_KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == first
+    wallet.reserve(r, DEMO_ACCOUNT, "req-1", 5_000)
+    wallet.settle(r, DEMO_ACCOUNT, "req-1", 1_111)
+    again, balance = demo_key(settings, redis_url)
+    assert again == first and balance == 100_000 - 1_111  # no second credit, the real balance
+    assert len(_live(r)) == 1 and ledger.verify(r) == []
+
+
+def test_a_revoked_or_foreign_demo_key_is_replaced(redis_url: str, r: redis.Redis,
+                                                    tmp_path: Path) -> None:
+    settings = load_settings({"XIAOYI_DATA_DIR": str(tmp_path)})
+    first, _ = demo_key(settings, redis_url)
+    keys.revoke(r, keys.lookup(r, first).id)
+    second, _ = demo_key(settings, redis_url)
+    assert second != first and keys.lookup(r, second) is not None
+    other, _ = keys.create_key(r, wallet.create_account(r), "not demo")
+    (tmp_path / DEMO_KEY_FILE).write_text(other)  # a key of another account is not the demo's
+    third, _ = demo_key(settings, redis_url)
+    assert third not in (second, other) and keys.lookup(r, other) is not None
+    assert _live(r) == [keys.lookup(r, third).id]  # the replaced demo key was revoked
+
+
+def test_extra_live_demo_keys_are_revoked(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    settings = load_settings({"XIAOYI_DATA_DIR": str(tmp_path)})
+    wallet.create_account(r, DEMO_ACCOUNT, initial=100)
+    piled = [keys.create_key(r, DEMO_ACCOUNT, "demo")[0] for _ in range(3)]  # older releases
+    (tmp_path / DEMO_KEY_FILE).write_text("garbage\n")
+    raw, balance = demo_key(settings, redis_url)
+    assert balance == 100 and raw not in piled
+    assert _live(r) == [keys.lookup(r, raw).id]
+    assert all(keys.lookup(r, old) is None for old in piled)
+
+
+def test_the_banner_hides_the_redis_password_and_shows_the_balance() -> None:
+    settings = load_settings({"XIAOYI_REDIS_URL": "redis://u:s3cret@10.0.0.5:6380/2"})
+    text = banner(settings, "0.0.0.0", 8080, settings.redis_url or "", "up", "sk-demo", 88_900)
+    assert "s3cret" not in text and "redis://u:***@10.0.0.5:6380/2" in text
+    assert "Demo key (8.8900 元): sk-demo" in text and "http://127.0.0.1:8080/v1" in text
+    assert "topup" in banner(settings, "127.0.0.1", 8000, "redis://h/0", "up", "sk-demo", 0)

@@ -1,0 +1,180 @@
+"""The English and Chinese READMEs name every setting and command, match in shape, and curl only
+paths the service serves and documents."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from werkzeug.exceptions import HTTPException
+
+from app.core.config import ENV_SETTINGS
+from app.runtime.cli import main
+from app.web.relay import PREFIXES
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ("README.md", "README.zh-CN.md")
+SWITCH = {"README.md": "English | [简体中文](README.zh-CN.md)",
+          "README.zh-CN.md": "[English](README.md) | 简体中文"}
+DATA_FLAGS = {"-d", "--data", "--data-raw", "--data-binary", "--data-urlencode", "-F", "--form",
+              "--json"}
+FENCE = re.compile(r"^\s*```\s*([\w+-]*)")
+
+
+def _read(name: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split a README into its prose lines and its fenced code blocks (language, text)."""
+    prose: list[str] = []
+    blocks: list[tuple[str, str]] = []
+    lang: str | None = None
+    body: list[str] = []
+    for line in (ROOT / name).read_text(encoding="utf-8").splitlines():
+        fence = FENCE.match(line)
+        if fence and lang is None:
+            lang, body = fence.group(1), []
+        elif fence and line.strip() == "```":
+            blocks.append((lang or "", "\n".join(body)))
+            lang = None
+        elif lang is None:
+            prose.append(line)
+        else:
+            body.append(line)
+    assert lang is None, f"{name}: a code block is never closed"
+    return prose, blocks
+
+
+def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Return every leaf command of the `xiaoyi` group as a path of names."""
+    found: list[tuple[str, ...]] = []
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            found += _command_paths(command, (*prefix, name))
+        else:
+            found.append((*prefix, name))
+    return found
+
+
+def _slug(heading: str) -> str:
+    """Return GitHub's anchor for a heading's text."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(prose: list[str]) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    for line in prose:
+        heading = re.match(r"^#{1,6} (.+)$", line)
+        if heading:
+            slug = _slug(heading.group(1))
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _curl_calls(code: str) -> list[tuple[str, str]]:
+    """Return (method, URL) of every curl command in a shell block."""
+    tokens = shlex.split(code.replace("\\\n", " "), comments=True)
+    calls: list[tuple[str, str]] = []
+    commands: list[list[str]] = []
+    for token in tokens:
+        if token == "curl":
+            commands.append([])
+        elif commands:
+            commands[-1].append(token)
+    for args in commands:
+        method = "POST" if DATA_FLAGS & set(args) else "GET"
+        for flag in ("-X", "--request"):
+            if flag in args:
+                method = args[args.index(flag) + 1].upper()
+        calls += [(method, a) for a in args if re.match(r"https?://", a)]
+    return calls
+
+
+def _openapi_templates(app: Any) -> list[re.Pattern[str]]:
+    """Return the documented API paths (relative to a prefix) as patterns."""
+    spec = app.test_client().get("/openapi.json").get_json()
+    patterns = []
+    for path in spec["paths"]:
+        relative = path.removeprefix("/v1")
+        patterns.append(re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(relative)) + "$"))
+    return patterns
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_environment_setting_is_documented(name: str) -> None:
+    """Every XIAOYI_* variable the config reads appears in the README."""
+    prose, blocks = _read(name)
+    text = "\n".join(prose + [code for _, code in blocks])
+    missing = [var for var in ENV_SETTINGS
+               if not re.search(rf"(?<![A-Z0-9_]){var}(?![A-Z0-9_])", text)]
+    assert not missing, f"{name} does not mention {missing}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_cli_command_is_documented(name: str) -> None:
+    """Every `xiaoyi` subcommand appears as `xiaoyi …` (or `` `group sub` `` for a subcommand)."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    paths = _command_paths(main)
+    assert len(paths) >= 16, paths  # the walk found the nested groups
+    missing = []
+    for path in paths:
+        words = r"\s+".join(re.escape(p) for p in path)
+        forms = [rf"xiaoyi\s+{words}(?![\w-])"] + ([rf"`{words}(?![\w-])"] if len(path) > 1 else [])
+        if not any(re.search(form, text) for form in forms):
+            missing.append("xiaoyi " + " ".join(path))
+    assert not missing, f"{name} does not mention {missing}"
+
+
+def test_same_number_of_top_level_sections() -> None:
+    """Both READMEs have as many `## ` sections."""
+    counts = {}
+    for name in NAMES:
+        prose, _ = _read(name)
+        counts[name] = [line for line in prose if line.startswith("## ")]
+    english, chinese = (counts[n] for n in NAMES)
+    assert len(english) == len(chinese), (english, chinese)
+    assert len(english) >= 8
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_language_switch_and_anchors(name: str) -> None:
+    """Each README links the other at the top, and every in-page link has its heading."""
+    prose, _ = _read(name)
+    assert SWITCH[name] in prose[:5], f"{name}: no language switch near the top"
+    anchors = _anchors(prose)
+    links = re.findall(r"\]\(#([^)]+)\)", "\n".join(prose))
+    broken = sorted({link for link in links if link not in anchors})
+    assert not broken, f"{name}: links to missing headings {broken}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_curl_examples_use_documented_paths(name: str, app: Any) -> None:
+    """Every ```bash block starting with curl calls a served route the docs describe."""
+    prose, blocks = _read(name)
+    text = "\n".join(prose)
+    adapter = app.url_map.bind("localhost")
+    templates = _openapi_templates(app)
+    checked = 0
+    for lang, code in blocks:
+        if lang != "bash" or not code.lstrip().startswith("curl"):
+            continue
+        for method, url in _curl_calls(code):
+            path = re.sub(r"^https?://[^/]+", "", url).split("?")[0] or "/"
+            try:
+                endpoint, _ = adapter.match(path, method=method)
+            except HTTPException as exc:
+                pytest.fail(f"{name}: {method} {path} is not served ({exc.code})")
+            prefix = next((p for p in PREFIXES if path.startswith(p + "/")), None)
+            if endpoint.split(".")[0].startswith("relay") and prefix:
+                rest = path[len(prefix):]
+                assert any(t.match(rest) for t in templates), \
+                    f"{name}: {path} is not in /openapi.json"
+            else:
+                assert path in text, f"{name}: {path} is curled but never described"
+            checked += 1
+    if name == "README.zh-CN.md":
+        assert checked >= 4  # the Chinese quick start's curl examples were found and checked

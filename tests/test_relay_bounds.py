@@ -1,0 +1,230 @@
+"""Issue 9 items 1-2 through real HTTP: the hold is an upper bound; upstream usage is untrusted."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from conftest import LiveServer, make_settings, new_key
+from openapi_schemas import validate
+from PIL import Image
+from prometheus_client import REGISTRY
+
+from app import create_app
+from app.core import pricing
+from app.core.config import load_settings
+from app.core.money import ledger, wallet
+from fakes.upstream import FakeUpstream
+
+PRICES = load_settings({}).prices
+GPT4 = PRICES["gpt-4"]
+
+
+def compat(count: int) -> str:
+    """`count` CJK compatibility ideographs (U+F900…): 0 by the seed's rule, 3 tokens each."""
+    return "".join(chr(0xF900 + i % 0x1DA) for i in range(count))
+
+
+def post(live: LiveServer, key: str, body: dict[str, Any],
+         path: str = "/v1/chat/completions") -> requests.Response:
+    """POST one request with a Bearer key."""
+    return requests.post(live.url + path, json=body, timeout=60,
+                         headers={"Authorization": f"Bearer {key}"})
+
+
+def entries(r: redis.Redis, acct: str, kind: str) -> list[dict[str, Any]]:
+    """Return the account's ledger entries of one kind."""
+    return [e for e in ledger.ledger_entries(r, acct) if e["kind"] == kind]
+
+
+def test_free_prompt_attack_is_refused(live: LiveServer, r: redis.Redis,
+                                       upstream: FakeUpstream) -> None:
+    """A 0.05 元 key sending 250k compatibility ideographs to gpt-4: 400, nothing served."""
+    key, acct = new_key(r, "0.05")
+    body = {"model": "gpt-4", "messages": [{"role": "user", "content": compat(250_000)}]}
+    resp = post(live, key, body)
+    assert resp.status_code == 400 and "too long" in resp.json()["error"]["message"]
+    assert upstream.requests == [] and wallet.balance(r, acct) == 500
+
+
+def test_free_prompt_attack_under_a_high_cap_is_insufficient(
+        tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    """With the cap raised past the prompt, the hold (the bound) is what refuses it: 429."""
+    path = tmp_path / "cap.toml"
+    path.write_text("[relay]\nmax_prompt_tokens = 2000000\n", encoding="utf-8")
+    live = LiveServer(create_app(make_settings(upstream.url, redis_url, XIAOYI_CONFIG=str(path)),
+                                 redis_client=r))
+    try:
+        key, acct = new_key(r, "0.05")
+        body = {"model": "gpt-4", "max_tokens": 1,
+                "messages": [{"role": "user", "content": compat(250_000)}]}
+        resp = post(live, key, body)
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "insufficient_quota"
+        assert upstream.requests == [] and wallet.balance(r, acct) == 500
+    finally:
+        live.stop()
+
+
+def test_parallel_attack_pays_every_bound(live: LiveServer, r: redis.Redis,
+                                          upstream: FakeUpstream) -> None:
+    """20 parallel prompts the seed's rule counts as 0 each pay their whole bound, or are refused."""
+    key, acct = new_key(r, "10")
+    messages = [{"role": "user", "content": compat(3000) + " [[fake:nousage]]"}]
+    body = {"model": "gpt-4", "max_tokens": 1, "messages": messages}
+    bound = pricing.estimate_messages(messages, "gpt-4")
+    assert pricing.seed_tokens(messages[0]["content"]) < 10 and bound > 8000
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: post(live, key, body), range(20)))
+    served = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(served) + len(refused) == 20 and served and refused
+    costs = [int(e["cost"]) for e in entries(r, acct, "settle")]
+    assert len(costs) == len(served)
+    for answer in served:
+        usage = answer.json()["usage"]
+        assert usage["prompt_tokens"] == bound and usage["completion_tokens"] <= 1
+    assert all(c >= pricing.token_cost(GPT4, bound) for c in costs)
+    assert 100_000 - wallet.balance(r, acct) == sum(costs) >= len(served) * pricing.token_cost(
+        GPT4, bound)
+    assert wallet.balance(r, acct) >= 0 and ledger.verify(r) == []
+
+
+def reserved(live: LiveServer, r: redis.Redis, body: dict[str, Any]) -> int:
+    """Return the amount one request held (its reserve ledger entry)."""
+    key, acct = new_key(r, "100")
+    resp = post(live, key, body)
+    assert resp.status_code == 200, resp.text
+    (entry,) = entries(r, acct, "reserve")
+    return abs(int(entry["amount"]))
+
+
+def png_data_url(side: int) -> str:
+    """A PNG of side × side pixels as a data URL."""
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def test_tools_response_format_and_images_raise_the_hold(live: LiveServer,
+                                                         r: redis.Redis) -> None:
+    text = [{"role": "user", "content": "weather?"}]
+    base = {"model": "gpt-4o", "max_tokens": 1, "messages": text}
+    plain = reserved(live, r, base)
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "天气 " * 300,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    price = PRICES["gpt-4o"]
+    assert reserved(live, r, {**base, "tools": tools}) >= plain + pricing.token_cost(price, 300)
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "description": "字段 " * 300}}}
+    assert reserved(live, r, {**base, "response_format": schema}) >= plain + pricing.token_cost(
+        price, 300)
+    image = [{"role": "user", "content": [
+        {"type": "text", "text": "weather?"},
+        {"type": "image_url", "image_url": {"url": png_data_url(1024)}}]}]
+    # OpenAI's rule for a 1024² picture at high detail: 85 + 170 × 4 tiles.
+    with_image = reserved(live, r, {**base, "messages": image})
+    assert with_image >= plain + pricing.token_cost(price, 85 + 170 * 4) - 1
+
+
+def test_n_choices_are_held_and_billed(live: LiveServer, r: redis.Redis) -> None:
+    key, acct = new_key(r, "100")
+    body = {"model": "gpt-3.5", "n": 20, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "hi"}]}
+    resp = post(live, key, body)
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 20
+    (entry,) = entries(r, acct, "reserve")
+    price = PRICES["gpt-3.5-turbo"]
+    assert abs(int(entry["amount"])) >= pricing.token_cost(price, 0, 20 * 50)
+
+
+def anomalies(reason: str) -> float:
+    """Return xiaoyi_usage_anomalies_total for the default channel and a reason."""
+    return REGISTRY.get_sample_value("xiaoyi_usage_anomalies_total",
+                                     {"channel": "default", "reason": reason}) or 0.0
+
+
+@pytest.mark.parametrize("marker,reason", [
+    ("prompt_tokens=1000000000000000", "prompt_over_bound"),
+    ("prompt_tokens=9223372036854775807", "prompt_absurd"),
+    ("completion_tokens=9223372036854775807", "completion_absurd"),
+    ("completion_tokens=1000000", "completion_over_max"),
+    ("prompt_tokens=-3", "prompt_negative"),
+    ('prompt_tokens="12"', "prompt_not_int"),
+])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_absurd_usage_is_billed_at_the_bound(marker: str, reason: str, stream: bool,
+                                             live: LiveServer, r: redis.Redis,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    key, acct = new_key(r, "10")
+    messages = [{"role": "user", "content": f"hello [[fake:{marker}]]"}]
+    body = {"model": "gpt-3.5", "max_tokens": 20, "messages": messages, "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    before = anomalies(reason)
+    with caplog.at_level(logging.WARNING, logger="app.web.relay.billing"):
+        resp = post(live, key, body)
+        assert resp.status_code == 200, resp.text
+        usage = _usage_of(resp, stream)
+    bound = pricing.estimate_messages(messages, "gpt-3.5-turbo")
+    (settle,) = entries(r, acct, "settle")
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (int(settle["pt"]),
+                                                                    int(settle["ct"]))
+    assert usage["prompt_tokens"] <= bound and usage["completion_tokens"] <= 20
+    price = PRICES["gpt-3.5-turbo"]
+    assert int(settle["cost"]) <= pricing.token_cost(price, bound, 20)
+    assert 0 < 100_000 - wallet.balance(r, acct) == int(settle["cost"])
+    assert ledger.verify(r) == []
+    assert anomalies(reason) == before + 1
+    assert any("usage anomaly on channel default" in m and reason in m for m in caplog.messages)
+
+
+def _usage_of(resp: requests.Response, stream: bool) -> dict[str, Any]:
+    """Return the usage the client saw (the last stream chunk's, or the body's)."""
+    if not stream:
+        validate(resp.json(), "CreateChatCompletionResponse")
+        return resp.json()["usage"]
+    import orjson
+
+    events = [line[5:].strip() for line in resp.iter_lines() if line.startswith(b"data:")]
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    return chunks[-1]["usage"]
+
+
+def test_absurd_embedding_usage_never_empties_a_wallet(live: LiveServer, r: redis.Redis) -> None:
+    key, acct = new_key(r, "1")
+    body = {"model": "text-embedding-3-small",
+            "input": ["alpha [[fake:prompt_tokens=9223372036854775807]]", "beta"]}
+    resp = post(live, key, body, "/v1/embeddings")
+    assert resp.status_code == 200, resp.text
+    bound = pricing.estimate_any(body["input"], "text-embedding-3-small")
+    assert resp.json()["usage"] == {"prompt_tokens": bound, "total_tokens": bound}
+    assert 10_000 - wallet.balance(r, acct) == pricing.token_cost(
+        PRICES["text-embedding-3-small"], bound)
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("quality,size,units", [
+    (None, "1024x1024", 2800), ("auto", "1024x1024", 2800), ("standard", "1792x1024", 5600),
+    ("hd", "1024x1024", 5600), ("hd", "1024x1792", 8400)])
+def test_image_quality_is_priced(quality: str | None, size: str, units: int, live: LiveServer,
+                                 r: redis.Redis, upstream: FakeUpstream) -> None:
+    """dall-e-3 hd costs what the upstream charges (config), auto is sent as the default."""
+    key, acct = new_key(r, "1")
+    body = {"model": "dall-e-3", "prompt": "a lighthouse", "size": size, "quality": quality,
+            "style": "natural"}
+    resp = post(live, key, body, "/v1/images/generations")
+    assert resp.status_code == 200, resp.text
+    assert 10_000 - wallet.balance(r, acct) == units
+    sent = upstream.requests[-1]["body"]
+    assert sent.get("quality") == (None if quality is None else "standard" if quality == "auto"
+                                   else quality)

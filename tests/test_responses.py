@@ -1,0 +1,543 @@
+"""POST /v1/responses through the official openai SDK and raw HTTP against the live relay.
+
+Both upstream modes run against the fake upstream: chat-only (the relay translates to
+chat/completions and back) and native (`relay.responses_native = 1`: relayed to /v1/responses).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import openai
+import orjson
+import pytest
+import redis
+import requests
+from conftest import UPSTREAM_KEY, LiveServer, new_key
+from openai._streaming import SSEDecoder
+from openapi_schemas import validate
+from PIL import Image
+
+from app import create_app
+from app.core import pricing, tokens
+from app.core.config import Settings, load_settings
+from app.core.money import ledger, wallet
+from fakes.upstream import ANSWER_PREFIX, FakeUpstream, count_tokens
+
+MODEL = "gpt-4o-mini"
+
+
+def sdk(live: LiveServer, key: str, prefix: str = "/v1") -> openai.OpenAI:
+    """Return an SDK client on the live relay that never retries."""
+    return openai.OpenAI(api_key=key, base_url=live.url + prefix, max_retries=0, timeout=20)
+
+
+def settles(r: redis.Redis, acct: str, count: int = 1) -> list[dict[str, Any]]:
+    """Wait (bounded) for `count` settle entries of the account; return them, oldest first."""
+    deadline = time.monotonic() + 20
+    while True:
+        found = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+        if len(found) >= count or time.monotonic() > deadline:
+            assert len(found) == count, found
+            return found
+        time.sleep(0.05)
+
+
+def reserved(r: redis.Redis, acct: str) -> list[int]:
+    """Return the amounts the account's requests held, oldest first."""
+    return [-e["amount"] for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve"]
+
+
+def sse(resp: requests.Response) -> list[tuple[str, dict[str, Any]]]:
+    """Parse a raw text/event-stream answer (the SDK's decoder) into (event, data) pairs."""
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    return [(e.event or "", e.json()) for e in SSEDecoder().iter_bytes(resp.iter_content(None))]
+
+
+def post(live: LiveServer, key: str, body: dict[str, Any], path: str = "/v1/responses",
+         **kw: Any) -> requests.Response:
+    """POST a Responses request over raw HTTP."""
+    return requests.post(live.url + path, json=body, timeout=20,
+                         headers={"Authorization": f"Bearer {key}"}, **kw)
+
+
+def png_data_url() -> str:
+    """Return a small PNG as a data URL."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def last_chat(upstream: FakeUpstream) -> dict[str, Any]:
+    """Return the body of the last chat/completions request the fake upstream received."""
+    sent = [q for q in upstream.requests if q["path"] == "/v1/chat/completions"]
+    return sent[-1]["body"]
+
+
+def test_create_plain_validates_and_bills_what_the_ledger_settles(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream, r: redis.Redis,
+        settings: Settings) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    raw = sdk(live, key).responses.with_raw_response.create(model=MODEL, input="你好 world")
+    body = raw.http_response.json()
+    validate(body, "Response")
+    assert body["code"] == 0 and body["status"] == "completed" and body["store"] is True
+    got = raw.parse()
+    assert got.output_text == ANSWER_PREFIX + "你好 world"
+    assert last_chat(upstream)["messages"] == [{"role": "user", "content": "你好 world"}]
+    usage = got.usage
+    assert usage is not None
+    assert usage.input_tokens == count_tokens("你好 world") + 1  # the fake's own usage
+    assert usage.output_tokens == count_tokens(got.output_text)
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    (entry,) = settles(r, acct)
+    price = settings.prices[MODEL]
+    cost = pricing.token_cost(price, usage.input_tokens, usage.output_tokens)
+    assert (int(entry["pt"]), int(entry["ct"]), int(entry["cost"])) == (
+        usage.input_tokens, usage.output_tokens, cost)
+    bound = tokens.messages_bound([{"role": "user", "content": "你好 world"}], MODEL)
+    assert reserved(r, acct) == [pricing.token_cost(price, bound, price.max_output)]
+    assert before - wallet.balance(r, acct) == cost > 0
+    assert ledger.verify(r) == []
+
+
+def test_instructions_are_a_system_message_and_are_echoed(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    got = sdk(live, funded[0]).responses.create(
+        model=MODEL, instructions="只用中文回答。", input="hello", max_output_tokens=64,
+        temperature=0.5)
+    sent = last_chat(upstream)
+    assert sent["messages"][0] == {"role": "system", "content": "只用中文回答。"}
+    assert sent["max_tokens"] == 64 and sent["temperature"] == 0.5
+    assert got.instructions == "只用中文回答。" and got.max_output_tokens == 64
+    assert got.temperature == 0.5
+
+
+def test_input_items_map_to_chat_messages(live: LiveServer, funded: tuple[str, str],
+                                          upstream: FakeUpstream) -> None:
+    image = png_data_url()
+    raw = sdk(live, funded[0]).responses.with_raw_response.create(model=MODEL, input=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "what is this?"},
+                                     {"type": "input_image", "image_url": image,
+                                      "detail": "low"}]},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "A red box."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "sure?"}]},
+    ])
+    validate(raw.http_response.json(), "Response")
+    assert last_chat(upstream)["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                     {"type": "image_url",
+                                      "image_url": {"url": image, "detail": "low"}}]},
+        {"role": "assistant", "content": "A red box."},
+        {"role": "user", "content": "sure?"},
+    ]
+    assert raw.parse().output_text == ANSWER_PREFIX + "sure?"
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+
+
+def test_function_call_then_its_output_continue_the_conversation(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    client = sdk(live, funded[0])
+    raw = client.responses.with_raw_response.create(
+        model=MODEL, input="北京天气", tools=[WEATHER], tool_choice="required")
+    validate(raw.http_response.json(), "Response")
+    sent = last_chat(upstream)
+    assert sent["tools"] == [{"type": "function", "function": {
+        k: WEATHER[k] for k in ("name", "description", "parameters")}}]
+    assert sent["tool_choice"] == "required"
+    (call,) = raw.parse().output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.arguments == '{"said":"北京天气"}' and call.status == "completed"
+    second = client.responses.create(
+        model=MODEL, previous_response_id=raw.parse().id, tools=[WEATHER],
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "晴"}])
+    assert last_chat(upstream)["messages"] == [
+        {"role": "user", "content": "北京天气"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "晴"},
+    ]
+    assert second.output_text == ANSWER_PREFIX + "北京天气"  # the fake echoes the last user turn
+
+
+def test_stream_text_deltas_and_final_response(live: LiveServer, funded: tuple[str, str],
+                                              r: redis.Redis) -> None:
+    key, acct = funded
+    with sdk(live, key).responses.stream(model=MODEL, input="stream me please") as stream:
+        seen = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in seen]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    deltas = [e.delta for e in seen if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == final.output_text
+    assert final.output_text == ANSWER_PREFIX + "stream me please"
+    assert final.id == seen[0].response.id and final.status == "completed"
+    assert final.usage is not None
+    (entry,) = settles(r, acct)
+    assert (int(entry["pt"]), int(entry["ct"])) == (final.usage.input_tokens,
+                                                    final.usage.output_tokens)
+
+
+def test_stream_events_are_typed_sse_valid_under_openai_schema(
+        live: LiveServer, funded: tuple[str, str]) -> None:
+    resp = post(live, funded[0], {"model": MODEL, "input": "hi", "stream": True}, stream=True)
+    events = sse(resp)
+    for name, data in events:
+        assert name == data["type"]
+        validate(data, "ResponseStreamEvent")
+    validate(events[-1][1]["response"], "Response")
+    assert events[-1][0] == "response.completed"
+
+
+def test_previous_response_id_carries_context(live: LiveServer, funded: tuple[str, str],
+                                              upstream: FakeUpstream, r: redis.Redis,
+                                              settings: Settings) -> None:
+    client = sdk(live, funded[0])
+    first = client.responses.create(model=MODEL, instructions="Old rules.", input="我叫小明")
+    second = client.responses.create(model=MODEL, input="我叫什么？",
+                                     previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    turns = [{"role": "user", "content": "我叫小明"},
+             {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "我叫什么？"}]
+    assert last_chat(upstream)["messages"] == turns  # the old instructions are not carried
+    price = settings.prices[MODEL]  # the hold bounds the whole conversation
+    assert reserved(r, funded[1])[-1] == pricing.token_cost(
+        price, tokens.messages_bound(turns, MODEL), price.max_output)
+    with client.responses.stream(model=MODEL, input="第三轮", instructions="New rules.",
+                                 previous_response_id=second.id) as stream:
+        third = stream.get_final_response()
+    assert last_chat(upstream)["messages"] == [
+        {"role": "system", "content": "New rules."}, *turns,
+        {"role": "assistant", "content": second.output_text},
+        {"role": "user", "content": "第三轮"}]
+    client.responses.create(model=MODEL, input="第四轮", previous_response_id=third.id)
+    assert last_chat(upstream)["messages"][-2:] == [
+        {"role": "assistant", "content": third.output_text},
+        {"role": "user", "content": "第四轮"}]
+
+
+def test_store_false_is_not_kept(live: LiveServer, funded: tuple[str, str],
+                                 r: redis.Redis) -> None:
+    key, acct = funded
+    client = sdk(live, key)
+    got = client.responses.create(model=MODEL, input="forget me", store=False)
+    assert got.store is False
+    balance = wallet.balance(r, acct)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="again", previous_response_id=got.id)
+    assert caught.value.code == "previous_response_not_found"
+    assert caught.value.param == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(got.id)
+    assert wallet.balance(r, acct) == balance  # refused before anything was held
+    assert not list(r.scan_iter("xy:resp:*"))
+
+
+def test_another_account_cannot_continue_or_read(live: LiveServer, funded: tuple[str, str],
+                                                 r: redis.Redis) -> None:
+    mine = sdk(live, funded[0]).responses.create(model=MODEL, input="secret")
+    other = sdk(live, new_key(r)[0])
+    with pytest.raises(openai.BadRequestError) as caught:
+        other.responses.create(model=MODEL, input="tell me", previous_response_id=mine.id)
+    assert caught.value.code == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(mine.id)
+    assert sdk(live, funded[0]).responses.retrieve(mine.id).id == mine.id
+
+
+def test_a_bad_key_is_401_before_the_previous_id_is_judged(live: LiveServer) -> None:
+    client = sdk(live, "sk-not-a-key")
+    with pytest.raises(openai.AuthenticationError):
+        client.responses.create(model=MODEL, input="x", previous_response_id="resp_nope")
+
+
+def test_retrieve_input_items_and_delete(live: LiveServer, funded: tuple[str, str],
+                                         r: redis.Redis) -> None:
+    client = sdk(live, funded[0])
+    made = client.responses.create(model=MODEL, input="keep me")
+    raw = client.responses.with_raw_response.retrieve(made.id)
+    validate(raw.http_response.json(), "Response")
+    assert raw.parse().output_text == made.output_text and raw.parse().usage == made.usage
+    items = client.responses.input_items.list(made.id)
+    assert [(i.type, i.role, i.content[0].text) for i in items.data] == [
+        ("message", "user", "keep me")]
+    pair = client.responses.create(model=MODEL, input=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    data = client.responses.input_items.with_raw_response.list(pair.id).http_response.json()
+    assert [(d["type"], d["status"], d["content"]) for d in data["data"]] == [
+        ("message", "completed", [{"type": "input_text", "text": "a"}]),
+        ("message", "completed", [{"type": "output_text", "text": "b"}])]
+    assert all(d["id"].startswith("msg_") for d in data["data"]) and not data["has_more"]
+    client.responses.delete(pair.id)
+    (stored,) = r.scan_iter("xy:resp:*")
+    assert stored == f"xy:resp:{{{funded[1]}}}:{made.id}"  # the account's hash tag
+    assert 0 < r.ttl(stored) <= 30 * 86400
+    assert client.responses.delete(made.id) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
+
+
+def test_upstream_failure_releases_the_hold(live: LiveServer, funded: tuple[str, str],
+                                            upstream: FakeUpstream, r: redis.Redis) -> None:
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    upstream.configure(status=500)
+    client = sdk(live, key)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.responses.create(model=MODEL, input="fail please")
+    assert caught.value.status_code == 502
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(model=MODEL, input="fail please", stream=True)
+    kinds = [e["kind"] for e in ledger.ledger_entries(r, acct)]
+    assert kinds.count("reserve") == 2 and kinds.count("refund") == 2  # a release: cost 0
+    assert wallet.balance(r, acct) == before and ledger.verify(r) == []
+    assert not list(r.scan_iter("xy:resp:*"))
+
+
+def test_stream_broken_by_the_upstream_fails_and_bills_what_was_produced(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
+    key, acct = funded
+    resp = post(live, key, {"model": MODEL, "stream": True,
+                            "input": "[[fake:long=40]][[fake:cut=5]]"}, stream=True)
+    events = sse(resp)
+    name, data = events[-1]
+    assert name == "response.failed" and data["response"]["error"]["code"] == "server_error"
+    validate(data, "ResponseStreamEvent")
+    text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert text == "word0 word1 word2 word3 word4"
+    (entry,) = settles(r, acct)
+    assert int(entry["ct"]) == tokens.completion_tokens(text, MODEL) > 0
+    assert int(entry["cost"]) > 0 and ledger.verify(r) == []
+
+
+def test_truncated_answer_is_incomplete(live: LiveServer, funded: tuple[str, str],
+                                        upstream: FakeUpstream) -> None:
+    got = sdk(live, funded[0]).responses.create(
+        model=MODEL, input="[[fake:long=100]]", max_output_tokens=16)
+    assert last_chat(upstream)["max_tokens"] == 16
+    assert got.status == "incomplete" and got.incomplete_details is not None
+    assert got.incomplete_details.reason == "max_output_tokens"
+    assert got.output[0].status == "incomplete" and got.usage is not None
+    assert got.usage.output_tokens == 16
+
+
+def test_abandoned_stream_is_drained_billed_and_stored(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
+    key, acct = funded
+    resp = post(live, key, {"model": MODEL, "stream": True,
+                            "input": "[[fake:long=200]][[fake:chunk_delay=0.01]]"}, stream=True)
+    lines = resp.iter_lines()
+    rid = next(line for line in lines if line.startswith(b"data:"))  # response.created
+    for _ in zip(range(6), lines, strict=False):
+        pass
+    resp.close()  # the client walks away after a few events
+    (entry,) = settles(r, acct)
+    assert int(entry["ct"]) == 200  # the fake's usage for all it produced, read after the client left
+    made = requests.get(live.url + "/v1/responses/" + orjson.loads(rid[5:])["response"]["id"],
+                        headers={"Authorization": f"Bearer {key}"}, timeout=20).json()
+    validate(made, "Response")
+    assert made["status"] == "completed" and made["usage"]["output_tokens"] == 200
+    assert made["output"][0]["content"][0]["text"].endswith("word199")
+
+
+def test_without_upstream_usage_the_bill_is_the_estimate(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream,
+        r: redis.Redis) -> None:
+    key, acct = funded
+    got = sdk(live, key).responses.create(model=MODEL, input="估计 [[fake:nousage]]")
+    assert got.usage is not None
+    bound = tokens.messages_bound(last_chat(upstream)["messages"], MODEL)
+    assert got.usage.input_tokens == bound
+    assert got.usage.output_tokens == tokens.completion_tokens(got.output_text, MODEL)
+    (entry,) = settles(r, acct)
+    assert (int(entry["pt"]), int(entry["ct"])) == (bound, got.usage.output_tokens)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": "x", "max_output_tokens": 8}, "max_output_tokens"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": 42}, "input"),
+    ({"input": "x", "metadata": "m"}, "metadata"),
+    ({}, "input"),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
+])
+def test_refused_requests_are_400_and_charge_nothing(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, body: dict[str, Any],
+        param: str) -> None:
+    key, acct = funded
+    resp = post(live, key, {"model": MODEL, **body})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()
+    validate(err, "ErrorResponse")
+    assert err["error"]["param"] == param and err["code"] == 40001
+    assert wallet.balance(r, acct) == 100_000 and not list(ledger.ledger_entries(r, acct))[1:]
+
+
+def test_legacy_prefix_and_key_in_body(live: LiveServer, funded: tuple[str, str]) -> None:
+    resp = requests.post(live.url + "/index.php/api/v1/responses", timeout=20,
+                         json={"api_secret_key": funded[0], "input": "旧接口", "model": MODEL})
+    assert resp.status_code == 200, resp.text
+    validate(resp.json(), "Response")
+    assert resp.json()["output"][0]["content"][0]["text"] == ANSWER_PREFIX + "旧接口"
+
+
+def test_balance_that_cannot_cover_the_hold_is_429(live: LiveServer, r: redis.Redis) -> None:
+    key, acct = new_key(r, "0.0001")
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk(live, key).responses.create(model=MODEL, input="too poor")
+    assert caught.value.code == "insufficient_quota"
+    assert wallet.balance(r, acct) == 1
+
+
+def serve_with(upstream: FakeUpstream | str, redis_url: str, r: redis.Redis,
+               **relay: int) -> LiveServer:
+    """Start the relay live (on the fake upstream or another base URL) with [relay] settings."""
+    url = upstream if isinstance(upstream, str) else upstream.url
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789"}
+    return LiveServer(create_app(load_settings(env, toml={"relay": relay}), redis_client=r))
+
+
+def test_stored_turns_follow_ttl_and_size_settings(upstream: FakeUpstream, redis_url: str,
+                                                   r: redis.Redis) -> None:
+    server = serve_with(upstream, redis_url, r, responses_ttl_seconds=600,
+                        responses_max_stored_bytes=4000)
+    try:
+        key, acct = new_key(r)
+        client = sdk(server, key)
+        small = client.responses.create(model=MODEL, input="short")
+        assert 0 < r.ttl(f"xy:resp:{{{acct}}}:{small.id}") <= 600
+        big = client.responses.create(model=MODEL, input="长" * 3000)
+        assert big.store is False  # answered, but too large to keep: it says so
+        assert not r.exists(f"xy:resp:{{{acct}}}:{big.id}")
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model=MODEL, input="x", previous_response_id=big.id)
+    finally:
+        server.stop()
+
+
+class AbsurdUsage(BaseHTTPRequestHandler):
+    """An upstream at the HTTP edge that answers every chat with absurd usage numbers."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        """Answer one chat completion claiming 10**12 prompt and 10**9 completion tokens."""
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = orjson.dumps({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 10**12, "completion_tokens": 10**9,
+                      "total_tokens": 10**12 + 10**9}})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        """Log nothing."""
+
+
+def test_absurd_upstream_usage_is_billed_at_the_bound(redis_url: str, r: redis.Redis,
+                                                      settings: Settings) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), AbsurdUsage)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    server = serve_with(f"http://127.0.0.1:{stub.server_address[1]}/v1", redis_url, r)
+    try:
+        key, acct = new_key(r)
+        got = sdk(server, key).responses.create(model=MODEL, input="x", max_output_tokens=20)
+    finally:
+        server.stop()
+        stub.shutdown()
+    bound = tokens.messages_bound([{"role": "user", "content": "x"}], MODEL)
+    assert got.usage is not None
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (bound, 20)
+    (entry,) = settles(r, acct)
+    price = settings.prices[MODEL]
+    assert int(entry["cost"]) == pricing.token_cost(price, bound, 20) == reserved(r, acct)[0]
+    assert ledger.verify(r) == []
+
+
+@pytest.fixture
+def native(upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> Iterator[LiveServer]:
+    """The relay with relay.responses_native = 1, live over HTTP."""
+    server = serve_with(upstream, redis_url, r, responses_native=1)
+    yield server
+    server.stop()
+
+
+def native_sent(upstream: FakeUpstream) -> dict[str, Any]:
+    """Return the body of the last /v1/responses request the fake upstream received."""
+    sent = [q for q in upstream.requests if q["path"] == "/v1/responses"]
+    return sent[-1]["body"]
+
+
+def test_native_upstream_plain_stream_and_previous(native: LiveServer, funded: tuple[str, str],
+                                                   upstream: FakeUpstream,
+                                                   r: redis.Redis) -> None:
+    key, acct = funded
+    client = sdk(native, key)
+    raw = client.responses.with_raw_response.create(model=MODEL, input="原生", instructions="hi")
+    body = raw.http_response.json()
+    validate(body, "Response")
+    first = raw.parse()
+    sent = native_sent(upstream)
+    assert sent["store"] is False and sent["instructions"] == "hi"
+    assert first.output_text == ANSWER_PREFIX + "原生" and first.id.startswith("resp_")
+    assert first.store is True and first.usage is not None
+    with client.responses.stream(model=MODEL, input="第二轮",
+                                 previous_response_id=first.id) as stream:
+        seen = list(stream)
+        second = stream.get_final_response()
+    sent = native_sent(upstream)
+    assert "previous_response_id" not in sent and sent["store"] is False
+    assert sent["input"] == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "原生"}]},
+        {"type": "message", "role": "assistant", "content": first.output_text},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "第二轮"}]}]
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    assert {e.response.id for e in seen if hasattr(e, "response")} == {second.id}
+    assert second.previous_response_id == first.id and second.output_text.endswith("第二轮")
+    entries = settles(r, acct, 2)
+    assert [(int(e["pt"]), int(e["ct"])) for e in entries] == [
+        (u.input_tokens, u.output_tokens) for u in (first.usage, second.usage)]
+    assert ledger.verify(r) == []
+
+
+def test_native_function_call_and_refused_builtin_tool(native: LiveServer,
+                                                       funded: tuple[str, str]) -> None:
+    client = sdk(native, funded[0])
+    got = client.responses.create(model=MODEL, input="上海", tools=[WEATHER],
+                                  tool_choice={"type": "function", "name": "get_weather"})
+    (call,) = got.output
+    assert call.type == "function_call" and call.arguments == '{"said":"上海"}'
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="x", tools=[{"type": "file_search",
+                                                               "vector_store_ids": ["vs_1"]}])
+    assert caught.value.param == "tools[0].type"

@@ -1,0 +1,160 @@
+"""The pure Responses translation (app/core/responses): shapes the fake upstream never produces.
+
+Each event and Response is validated against OpenAI's published schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from openapi_schemas import validate
+
+from app.core.errors import InvalidRequest
+from app.core.responses import answer, events, request, to_chat
+
+BODY: dict[str, Any] = {"model": "gpt-4o-mini", "input": "hi"}
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    """Return one chat stream chunk for choice 0."""
+    return {"object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def run(chunks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Feed chunks through the state machine; return every event and the final Response."""
+    state = events.ChatEvents(answer.skeleton("resp_1", BODY, "gpt-4o-mini", previous=None,
+                                              store=True))
+    out = state.start()
+    for c in chunks:
+        out += state.feed(c)
+    closing, final = state.finish(answer.usage(10, 20))
+    out += closing
+    for event in out:
+        validate(event, "ResponseStreamEvent")
+        assert events.frame(event).startswith(b"event: " + event["type"].encode() + b"\ndata: {")
+    validate(final, "Response")
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    return out, final
+
+
+def test_text_then_parallel_tool_calls() -> None:
+    out, final = run([
+        chunk({"role": "assistant", "content": "Let me check."}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                               "function": {"name": "weather", "arguments": '{"city":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"北京"}'}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                               "function": {"name": "time", "arguments": "{}"}}]}),
+        chunk({}, "tool_calls"),
+    ])
+    assert [e["type"] for e in out] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed"]
+    message, first, second = final["output"]
+    assert message["content"][0]["text"] == "Let me check."
+    assert (first["call_id"], first["name"], first["arguments"]) == (
+        "call_a", "weather", '{"city":"北京"}')
+    assert (second["call_id"], second["name"], second["arguments"]) == ("call_b", "time", "{}")
+    assert [e["output_index"] for e in out if e["type"] == "response.output_item.done"] == [0, 1, 2]
+    assert final["status"] == "completed" and final["usage"]["total_tokens"] == 30
+
+
+def test_refusal_part_and_length_cut() -> None:
+    out, final = run([chunk({"content": "Partial "}), chunk({"refusal": "I can't"}),
+                      chunk({}, "length")])
+    kinds = [e["type"] for e in out]
+    assert "response.refusal.delta" in kinds and "response.refusal.done" in kinds
+    assert kinds[-1] == "response.incomplete"
+    (message,) = final["output"]
+    assert [p["type"] for p in message["content"]] == ["output_text", "refusal"]
+    assert message["status"] == "incomplete"
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_whole_answer_and_failure() -> None:
+    base = answer.skeleton("resp_2", BODY, "gpt-4o-mini", previous="resp_1", store=False)
+    data = {"choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "ok", "tool_calls": [
+            {"id": "call_x", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7,
+                      "prompt_tokens_details": {"cached_tokens": 3},
+                      "completion_tokens_details": {"reasoning_tokens": 99}}}
+    state = events.from_chat(data, base)
+    assert answer.reported_tokens(state.usage) == (5, 7)
+    final = state.finish(answer.usage(5, 7, state.usage))[1]
+    validate(final, "Response")
+    assert [i["type"] for i in final["output"]] == ["message", "function_call"]
+    # Details the totals cannot hold are dropped; sane ones are kept.
+    assert final["usage"]["input_tokens_details"]["cached_tokens"] == 3
+    assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == 0
+    broken = events.ChatEvents(base)
+    broken.feed(chunk({"content": "half"}))
+    event, failed = broken.fail("cut", answer.usage(5, 1))
+    validate(event, "ResponseStreamEvent")
+    assert failed["status"] == "failed" and failed["output"][0]["status"] == "incomplete"
+
+
+@pytest.mark.parametrize(("responses", "chat"), [
+    ({"tool_choice": {"type": "function", "name": "f"}},
+     {"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+    ({"tool_choice": {"type": "allowed_tools", "mode": "required",
+                      "tools": [{"type": "function", "name": "f"}]}},
+     {"tool_choice": {"type": "allowed_tools", "allowed_tools": {
+         "mode": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}}}),
+    ({"text": {"format": {"type": "json_schema", "name": "out", "strict": True,
+                          "schema": {"type": "object"}}, "verbosity": "low"}},
+     {"response_format": {"type": "json_schema", "json_schema": {
+         "name": "out", "strict": True, "schema": {"type": "object"}}}, "verbosity": "low"}),
+    ({"text": {"format": {"type": "json_object"}}}, {"response_format": {"type": "json_object"}}),
+    ({"max_output_tokens": 100, "reasoning": {"effort": "low"}, "model": "o3-mini"},
+     {"max_completion_tokens": 100, "reasoning_effort": "low", "model": "o3-mini"}),
+    ({"temperature": 0.2, "top_p": 0.9, "user": "u1", "metadata": {"a": "b"}},
+     {"temperature": 0.2, "top_p": 0.9, "user": "u1"}),
+])
+def test_request_fields_translate(responses: dict[str, Any], chat: dict[str, Any]) -> None:
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    body = {**BODY, "tools": tools, **responses}
+    request.check(body, native=False)
+    got = to_chat.to_chat(body, request.input_items(body["input"], native=False), stream=True)
+    expected = {"model": body["model"], "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {
+                    "name": "f", "parameters": {"type": "object"}}}],
+                "stream": True, "stream_options": {"include_usage": True}, **chat}
+    assert got == expected
+
+
+def test_replay_drops_ids_and_bare_reasoning() -> None:
+    items = [{"id": "msg_1", "type": "message", "role": "user",
+              "content": [{"type": "input_text", "text": "q"}]},
+             {"id": "rs_1", "type": "reasoning", "summary": []},
+             {"id": "rs_2", "type": "reasoning", "summary": [], "encrypted_content": "e"},
+             {"id": "msg_2", "type": "message", "role": "assistant", "status": "completed",
+              "content": [{"type": "output_text", "text": "a", "annotations": []}]},
+             {"id": "fc_1", "type": "function_call", "call_id": "c", "name": "f",
+              "arguments": "{}", "status": "completed"}]
+    assert to_chat.replay(items) == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "q"}]},
+        {"type": "reasoning", "summary": [], "encrypted_content": "e"},
+        {"type": "message", "role": "assistant", "content": "a"},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]
+
+
+def test_native_mode_lets_custom_tools_and_unknown_items_through() -> None:
+    body = {**BODY, "tools": [{"type": "custom", "name": "shell"}],
+            "input": [{"type": "custom_tool_call_output", "call_id": "c", "output": "ok"}]}
+    request.check(body, native=True)
+    assert request.input_items(body["input"], native=True) == body["input"]
+    with pytest.raises(InvalidRequest):
+        request.check(body, native=False)
+    with pytest.raises(InvalidRequest):
+        request.input_items(body["input"], native=False)
