@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.core import logs, tokens
 from app.core.config import Settings, load_settings
@@ -37,6 +38,8 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.relay.get("max_body_bytes", 32 << 20)
     app.config["SECRET_KEY"] = settings.secret_key
+    if settings.trusted_proxies:  # behind nginx: the client is the address nginx saw
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
     logs.setup(settings.log_level, settings.secrets)
     # The tokenizer tables load here (~80 ms, once per process): gunicorn builds the app in each
     # worker after forking (no preload_app), and `xiaoyi run`, rq jobs and tests all call this

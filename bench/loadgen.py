@@ -2,19 +2,15 @@
 
 * `latency` — one keep-alive connection, requests one after another (sync sockets).
 * `streams` — N concurrent SSE streams (asyncio), each checked to the end.
-* `open_loop` — requests sent at a fixed rate whatever the answers do (asyncio, one connection
-  each, as WeChat's servers do); latency is measured from the *scheduled* send time, so a
-  stalled server cannot hide its queue (no coordinated omission).
 
-wrk drives the throughput runs; these cover what wrk cannot check (stream contents, signed
-webhook URLs, fixed arrival rates).
+wrk drives the throughput and in-flight runs; these cover what wrk cannot check (stream
+contents). bench/openloop.py sends fixed-rate arrivals (the webhook), bench/firsttoken.py times
+the first token of a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -246,100 +242,5 @@ def streams(host: str, port: int, request: bytes, count: int, expect: str,
         finally:
             stop.set()
             await task
-
-    return asyncio.run(main())
-
-
-# -- fixed-rate arrivals (the WeChat webhook) ---------------------------------------------------
-
-
-def wechat_signature(token: str, timestamp: str, nonce: str) -> str:
-    """Return WeChat's signature: SHA1 of the sorted token, timestamp and nonce."""
-    return hashlib.sha1("".join(sorted([token, timestamp, nonce])).encode()).hexdigest()
-
-
-def wechat_text_xml(openid: str, content: str) -> bytes:
-    """Return a plaintext-mode text message as WeChat posts it."""
-    return (f"<xml><ToUserName><![CDATA[gh_bench]]></ToUserName>"
-            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
-            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
-            f"<Content><![CDATA[{content}]]></Content>"
-            f"<MsgId>{secrets.randbelow(10**18)}</MsgId></xml>").encode()
-
-
-def wechat_request(host: str, token: str, openid: str, content: str) -> bytes:
-    """Return a signed POST /wechat request carrying a text message."""
-    timestamp, nonce = str(int(time.time())), secrets.token_hex(8)
-    query = (f"signature={wechat_signature(token, timestamp, nonce)}&timestamp={timestamp}"
-             f"&nonce={nonce}&openid={openid}")
-    return http_request("POST", f"/wechat?{query}", host, wechat_text_xml(openid, content),
-                        {"Content-Type": "text/xml"}, close=True)
-
-
-def open_loop(host: str, port: int, make_request: Callable[[int], bytes], rate: float,
-              seconds: float, check: Callable[[int, bytes], bool],
-              timeout: float = 10) -> dict[str, Any]:
-    """Send rate×seconds requests at a fixed rate; time each from its scheduled start."""
-
-    async def main() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        total = int(rate * seconds)
-        lat: list[float] = []
-        bad: dict[str, int] = {}
-        requests = [make_request(i) for i in range(total)]  # signed before the clock starts
-        start = loop.time() + 0.2
-
-        async def one(i: int, at: float) -> None:
-            try:
-                status, body = await _exchange(host, port, requests[i], timeout)
-                if check(status, body):
-                    lat.append((loop.time() - at) * 1000)
-                    return
-                reason = f"HTTP {status}" if status != 200 else "unexpected reply"
-            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
-                reason = type(exc).__name__
-            bad[reason] = bad.get(reason, 0) + 1
-
-        tasks = []
-        late = 0.0
-        for i in range(total):
-            at = start + i / rate
-            delay = at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                late = max(late, -delay)
-            tasks.append(asyncio.create_task(one(i, at)))
-        await asyncio.gather(*tasks)
-        return {"sent": total, "ok": len(lat), "errors": bad, "rate": rate,
-                "p50_ms": percentile(lat, 0.5), "p90_ms": percentile(lat, 0.9),
-                "p99_ms": percentile(lat, 0.99), "max_ms": max(lat) if lat else 0.0,
-                "sender_late_ms": late * 1000}
-
-    return asyncio.run(main())
-
-
-def sequential(host: str, port: int, make_request: Callable[[int], bytes], count: int,
-               check: Callable[[int, bytes], bool], timeout: float = 10) -> dict[str, Any]:
-    """Send requests one after another (a new connection each); time each."""
-
-    async def main() -> dict[str, Any]:
-        lat: list[float] = []
-        bad: dict[str, int] = {}
-        for i in range(count):
-            request = make_request(i)
-            started = time.perf_counter()
-            try:
-                status, body = await _exchange(host, port, request, timeout)
-                if check(status, body):
-                    lat.append((time.perf_counter() - started) * 1000)
-                    continue
-                reason = f"HTTP {status}" if status != 200 else "unexpected reply"
-            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-                reason = type(exc).__name__
-            bad[reason] = bad.get(reason, 0) + 1
-        return {"n": count, "ok": len(lat), "errors": bad, "samples_ms": lat,
-                "p50_ms": percentile(lat, 0.5), "p90_ms": percentile(lat, 0.9),
-                "max_ms": max(lat) if lat else 0.0}
 
     return asyncio.run(main())

@@ -20,6 +20,7 @@ import yaml
 from app.core.config import load_settings
 from app.core.errors import RequestTooLarge
 from app.runtime.embedded import find_server_binary
+from app.web.relay import PREFIXES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -55,14 +56,34 @@ def test_compose_names_every_service_and_keeps_redis_durable() -> None:
     assert "443:443" in nginx["ports"] and "ports" not in redis_svc
 
 
+def api_location(body: str) -> str:
+    """Return the body of nginx.conf's developer-API location; check it serves every prefix.
+
+    The location is the one regex location; its pattern (PCRE, here also valid Python) must
+    take every prefix the relay serves (app.web.relay.PREFIXES) and nothing else of the site.
+    """
+    (found,) = re.findall(r"location ~ (\S+) \{(.*?)\}", body, re.S)
+    pattern, block = found
+    for prefix in PREFIXES:
+        assert re.match(pattern, prefix + "/chat/completions"), prefix
+    for other in ("/wechat", "/admin/login", "/healthz", "/index.php/x/v1/models", "/v2/models"):
+        assert not re.match(pattern, other), other
+    return block
+
+
+def test_nginx_api_location_takes_every_relay_prefix() -> None:
+    body = re.sub(r"#.*", "", (DEPLOY / "nginx.conf").read_text())
+    assert PREFIXES == ("/v1", "/index.php/api/v1", "/index.php/v1")
+    assert re.search(r"proxy_buffering\s+off;", api_location(body))
+
+
 def test_nginx_streams_sse_unbuffered_with_long_timeouts() -> None:
     conf = (DEPLOY / "nginx.conf").read_text()
     body = re.sub(r"#.*", "", conf)
     assert body.count("{") == body.count("}")
-    api = re.search(r"location ~ \^/\(v1\|index\\\.php/api/v1\)/ \{(.*?)\}", body, re.S)
-    assert api, "no location for the developer API"
-    assert re.search(r"proxy_buffering\s+off;", api[1])
-    timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", api[1])
+    api = api_location(body)
+    assert re.search(r"proxy_buffering\s+off;", api)
+    timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", api)
     assert timeout and int(timeout[1]) >= 300
     assert "ssl_certificate " in body and "ssl_certificate_key" in body
     assert "server web:8000" in body and "X-Forwarded-Proto" in body
@@ -75,17 +96,17 @@ def _size(value: str) -> int:
 
 def test_nginx_buffers_request_bodies_and_bounds_slow_clients() -> None:
     body = re.sub(r"#.*", "", (DEPLOY / "nginx.conf").read_text())
-    api = re.search(r"location ~ \^/\(v1\|index\\\.php/api/v1\)/ \{(.*?)\}", body, re.S)
-    assert api and re.search(r"proxy_request_buffering\s+on;", api[1])
-    assert "proxy_request_buffering off" not in body and re.search(r"proxy_buffering\s+off;", api[1])
+    api = api_location(body)
+    assert re.search(r"proxy_request_buffering\s+on;", api)
+    assert "proxy_request_buffering off" not in body and re.search(r"proxy_buffering\s+off;", api)
     timeouts = [int(t) for t in re.findall(r"client_body_timeout\s+(\d+)s;", body)]
-    assert timeouts and max(timeouts) <= 30 and re.search(r"client_body_timeout", api[1])
+    assert timeouts and max(timeouts) <= 30 and re.search(r"client_body_timeout", api)
     header = re.search(r"client_header_timeout\s+(\d+)s;", body)
     assert header and int(header[1]) <= 30
-    size = re.search(r"client_max_body_size\s+(\d+[km]?);", api[1])
+    size = re.search(r"client_max_body_size\s+(\d+[km]?);", api)
     assert size and _size(size[1]) == 32 << 20  # SPEC §3: the relay's default body limit
     assert _size(size[1]) >= load_settings({}).relay["max_body_bytes"]
-    page = re.search(r"error_page\s+413\s+=\s+(@\w+);", api[1])
+    page = re.search(r"error_page\s+413\s+=\s+(@\w+);", api)
     assert page, "nginx's own 413 must keep the relay's JSON shape"
     named = re.search(rf"location {page[1]} \{{(.*?)\n\s*\}}", body, re.S)
     answer = named and re.search(r"return 413 '(.*)';", named[1])

@@ -153,8 +153,8 @@ def test_a_stream_longer_than_the_grace_ends_with_an_error_and_done(
     assert proc.wait(timeout=60) == 0
     # Billed for what it produced: the prompt's and the delivered text's estimates.
     entry = _settled(r, acct)
-    pt, ct = pricing.estimate_messages([{"content": content}]), pricing.estimate_tokens(
-        _text(events[:-1]))
+    pt = pricing.estimate_messages([{"role": "user", "content": content}], "gpt-3.5-turbo")
+    ct = pricing.estimate_tokens(_text(events[:-1]), "gpt-3.5-turbo")
     price = load_settings({}).prices["gpt-3.5-turbo"]
     assert (int(entry["pt"]), int(entry["ct"])) == (pt, ct) and ct > 0
     assert int(entry["cost"]) == pricing.token_cost(price, pt, ct)

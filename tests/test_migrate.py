@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import make_settings
 
 from app import create_app
-from app.bot import users
+from app.bot import handoff, users
 from app.core import money
 from app.core.money import codes, keys, ledger, wallet
 from app.edges.durability import OldLayout
@@ -53,6 +53,9 @@ def write_old_store(r: redis.Redis) -> tuple[str, str]:
     r.zadd("xy:keyids", {key_id: 1})
     r.set(f"xy:wx:user:{OPENID}", acct)
     r.rpush(f"xy:wx:park:{OPENID}", '{"t": "text", "c": "parked"}')
+    r.hset(f"xy:wx:st:{OPENID}:555", mapping={"state": "passive", "reply": '{"t": "text"}'})
+    r.expire(f"xy:wx:st:{OPENID}:555", 3600)  # a message answered just before the upgrade
+    r.set(f"xy:wx:dd:{OPENID}:555", 1, ex=3600)
     return acct, raw
 
 
@@ -70,7 +73,11 @@ def test_old_store_migrates_and_keeps_every_unit(r: redis.Redis, upstream: FakeU
     assert wallet.balance(r, acct) == 8_000 and ledger.verify(r) == []
     assert len(list(ledger.ledger_entries(r, acct))) == 6
     assert users.account_of(r, OPENID) == acct  # the WeChat user keeps the account
-    assert r.llen(f"xy:wx:park:{{{OPENID}}}") == 1
+    assert r.llen(handoff.park_key(OPENID)) == 1
+    dk = f"{OPENID}:555"  # WeChat's retry after the upgrade finds the message decided and seen
+    assert r.hget(handoff.state_key(dk), "state") == "passive"
+    assert 0 < r.ttl(handoff.state_key(dk)) <= 3600 and r.exists(f"xy:wx:dd:{{{OPENID}}}:555")
+    assert not list(r.scan_iter(f"xy:wx:*:{OPENID}*"))  # nothing left under an untagged name
     with money.authorize(r, raw, "req_new", 100, model="gpt-4", limit=5) as held:  # old key
         held.settle(40)
     assert not wallet.reserve(r, acct, "req_a", 10).ok  # settled before: never again

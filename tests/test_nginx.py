@@ -3,18 +3,24 @@ stalled clients never reach the web server, answers streamed unbuffered, the rel
 
 from __future__ import annotations
 
+import http.client
+import re
+import ssl
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import redis
 import requests
+from admin_kit import TOKEN
 from conftest import UPSTREAM_KEY, new_key
 from nginx_kit import Nginx
 from web_kit import Web, chat_head, closed_within
 
 from app.core.errors import RequestTooLarge
 from app.core.money import ledger, wallet
+from app.web.relay import PREFIXES
 from fakes.upstream import FakeUpstream
 
 
@@ -65,3 +71,58 @@ def test_stalled_clients_wait_at_nginx_and_streams_flow(
         assert wallet.balance(r, acct) < 100_000
     finally:
         assert web.stop(quick=True) == 0  # the abandoned stream need not be waited for
+
+
+def _admin_login(nginx: Nginx, source: str, token: str, forged: str) -> int:
+    """Log in to /admin through nginx from the local address `source`, forging X-Forwarded-For."""
+    context = ssl.create_default_context(cafile=str(nginx.cert))
+
+    def call(method: str, body: str = "", **headers: str) -> tuple[int, str, str]:
+        conn = http.client.HTTPSConnection("localhost", nginx.port, context=context, timeout=20,
+                                           source_address=(source, 0))
+        try:
+            conn.request(method, "/admin/login", body=body,
+                         headers={"X-Forwarded-For": forged, **headers})
+            resp = conn.getresponse()
+            return resp.status, resp.getheader("Set-Cookie", ""), resp.read().decode()
+        finally:
+            conn.close()
+
+    status, cookie, html = call("GET")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert status == 200 and cookie and csrf
+    form = urllib.parse.urlencode({"token": token, "csrf": csrf[1], "next": "/admin/"})
+    return call("POST", form, Cookie=cookie.split(";")[0],
+                **{"Content-Type": "application/x-www-form-urlencoded"})[0]
+
+
+@pytest.mark.timeout(180)
+def test_behind_nginx_every_prefix_is_the_api_and_clients_are_told_apart(
+        tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    key, _ = new_key(r)
+    (tmp_path / "web").mkdir()
+    web = Web(tmp_path / "web", {"XIAOYI_REDIS_URL": redis_url, "WEB_CONCURRENCY": "1",
+                                 "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+                                 "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+                                 "XIAOYI_ADMIN_TOKEN": TOKEN, "XIAOYI_TRUSTED_PROXIES": "1"})
+    try:
+        with Nginx(tmp_path, web.port) as nginx:
+            # /index.php/v1 takes API bodies (3 MB is over the rest of the site's 2 MB): the
+            # relay answers it, in its own JSON, not nginx's HTML 413.
+            big = {"messages": [{"role": "user", "content": "x " * (1_500_000)}]}
+            for prefix in PREFIXES:
+                resp = requests.post(nginx.url + prefix + "/chat/completions", json=big,
+                                     headers={"Authorization": f"Bearer {key}"},
+                                     verify=nginx.cert, timeout=60)
+                assert resp.status_code == 400, (prefix, resp.status_code, resp.text[:200])
+                assert resp.json()["error"]["code"] == "invalid_request_error", prefix
+            # nginx appends the address it saw to X-Forwarded-For; the web trusts that one
+            # entry only: a forged one neither escapes the lock nor locks anyone else out.
+            fails = [_admin_login(nginx, "127.0.0.2", "wrong-" + TOKEN, f"198.51.100.{i}")
+                     for i in range(10)]
+            assert fails == [401] * 10
+            assert _admin_login(nginx, "127.0.0.2", TOKEN, "192.0.2.1") == 429
+            assert _admin_login(nginx, "127.0.0.3", TOKEN, "127.0.0.2") == 302
+            assert r.zcard("xy:admin:login:127.0.0.2") == 10
+    finally:
+        assert web.stop() == 0

@@ -207,7 +207,6 @@ def test_405_carries_allow(method: str, path: str, allow: set[str], live: LiveSe
     validate(resp.json(), "ErrorResponse")
 
 
-@pytest.mark.xfail(strict=False, reason="x-ratelimit headers land with the money branch")
 def test_x_ratelimit_headers(live: LiveServer, funded: tuple[str, str]) -> None:
     resp = bearer(live, funded[0], "/chat/completions", {"messages": HELLO})
     assert resp.status_code == 200

@@ -52,7 +52,7 @@ def test_defaults_drop_stalled_bodies_after_30_s_and_open_no_control_socket(
                          capture_output=True, text=True, timeout=30)
     assert json.loads(out.stdout) == {
         "body_timeout": 30, "keepalive": 15, "worker_class": "gevent",
-        "worker_connections": 2000, "backlog": 2048, "control_socket_disable": True}
+        "worker_connections": 2000, "backlog": 4096, "control_socket_disable": True}
     # gunicorn itself reports the hook and the settings it will run with.
     shown = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py",
                             "--print-config", "app.runtime.wsgi:app"], cwd=ROOT, env=env,

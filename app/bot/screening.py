@@ -9,7 +9,8 @@ the store, which every process shares (the admin page and /metrics read it).
 Keys (owned here):
     xy:safety:{yyyymmdd}   hash  "{where}:{action}" -> hits that China day (90-day TTL)
 
-`where` is bot_input, bot_output or bot_moderation (the relay may add api_input, api_output).
+`where` is bot_input, bot_output or bot_moderation, or the developer API's api_input and
+api_output (app/web/relay/screening.py counts its hits through hit()).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def count(r: redis.Redis, where: str, action: str) -> None:
     pipe.hincrby(key, f"{where}:{action}", 1)
     pipe.expire(key, HITS_TTL)
     pipe.execute()
+
+
+def hit(r: redis.Redis, where: str, action: str) -> None:
+    """Count one hit screened outside screen() (moderation, the API): metric, then the store."""
+    SAFETY_HITS.labels(where=where, action=action).inc()
+    count(r, where, action)
 
 
 def hits_by_day(r: redis.Redis, days: list[str]) -> dict[str, dict[str, int]]:
@@ -88,7 +95,6 @@ def flagged(r: redis.Redis, settings: Settings, text: str) -> bool:
     except ValueError as exc:
         raise UpstreamError(f"The upstream's moderation answer is malformed: {exc}") from exc
     if verdict.flagged:
-        SAFETY_HITS.labels(where=MODERATION, action="refuse").inc()
-        count(r, MODERATION, "refuse")
+        hit(r, MODERATION, "refuse")
         log.info("safety: %s refuse (%s)", MODERATION, ",".join(verdict.categories))
     return verdict.flagged

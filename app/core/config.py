@@ -55,7 +55,10 @@ ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
                                 "derived from the admin token; unset: generated once, kept in the "
                                 "store"),
     "XIAOYI_LOG_LEVEL": ("INFO", "logging level"),
+    "XIAOYI_TRUSTED_PROXIES": ("0", "how many proxies in front (nginx: 1) whose X-Forwarded-For "
+                                    "names the client; 0: the header is ignored"),
 }
+MAX_TRUSTED_PROXIES = 5
 
 
 class ConfigError(Exception):
@@ -154,6 +157,7 @@ class Settings:
     safety: SafetySettings = field(default_factory=SafetySettings)
     defaults: dict[str, str] = field(default_factory=dict)  # route kind -> public model name
     aliases: dict[str, str] = field(default_factory=dict)  # legacy name -> public model name
+    trusted_proxies: int = 0  # X-Forwarded-For entries set by our own proxies (0: ignore it)
 
     def resolve(self, name: str) -> str | None:
         """Return the upstream model a public name or alias maps to, or None when unknown."""
@@ -394,6 +398,14 @@ def _safety(table: dict[str, Any]) -> SafetySettings:
                              "moderation_categories": tuple(categories)})
 
 
+def _trusted_proxies(raw: str) -> int:
+    """Parse XIAOYI_TRUSTED_PROXIES: a count of proxies, 0 to MAX_TRUSTED_PROXIES."""
+    if not (raw.strip().isdigit() and int(raw) <= MAX_TRUSTED_PROXIES):
+        raise ConfigError(f"XIAOYI_TRUSTED_PROXIES: must be a whole number from 0 to "
+                          f"{MAX_TRUSTED_PROXIES} (the proxies in front: nginx alone is 1)")
+    return int(raw)
+
+
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Read the environment (+ .env) and the TOML file; raise ConfigError naming a bad setting."""
     if env is None:
@@ -461,6 +473,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
             raise ConfigError(f"{name}: must be at least {MIN_SECRET_CHARS} characters (it has "
                               f"{len(secret)}); make one with: python -c 'import secrets; "
                               "print(secrets.token_urlsafe(32))'")
+    values["trusted_proxies"] = _trusted_proxies(get("XIAOYI_TRUSTED_PROXIES") or "0")
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("XIAOYI_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
     values.update(overrides)

@@ -46,7 +46,11 @@ class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool)
 
 
 def _pool_size(max_connections: int | None) -> int:
-    return max_connections or int(os.environ.get("XIAOYI_REDIS_POOL_SIZE", "200"))
+    # One connection per request a gevent worker may hold (gunicorn's worker_connections): a
+    # smaller pool makes a burst of requests queue for it, and past `timeout` they fail (seen
+    # with 1 500 streams opened at once per worker). Connections are made on demand only.
+    return max_connections or int(os.environ.get("XIAOYI_REDIS_POOL_SIZE")
+                                  or os.environ.get("XIAOYI_WEB_CONNECTIONS") or "2000")
 
 
 def _nodes(netloc: str, setting: str = "XIAOYI_REDIS_URL",

@@ -55,6 +55,10 @@ def _stats(name: str) -> str:
 EXTENSION = "xiaoyi.upstream"
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524}
 OK_FLUSH_SECONDS = 1.0  # successful calls are counted in-process and added to Redis this often
+# Connections kept per channel and process: one per request a gevent worker may hold (gunicorn's
+# worker_connections), so none is closed after use and reopened under many slow requests. The
+# pool never blocks: past this size a connection is still opened, then closed after its call.
+POOL_MAXSIZE = max(1000, int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000")))
 
 
 class Upstream:
@@ -67,7 +71,7 @@ class Upstream:
                         settings.relay.get("timeout_seconds", 60))
         self.cooldown = settings.relay.get("cooldown_seconds", 30)
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=1000, max_retries=0)
+        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=POOL_MAXSIZE, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._cool_cache: tuple[float, set[str]] = (0.0, set())
@@ -180,7 +184,7 @@ class Upstream:
                 if pool is None:
                     tls = self._tls if key[0] == "https" else {}
                     pool = self._pools[key] = urllib3.connection_from_url(
-                        channel.base_url, maxsize=1000, block=False, retries=False,
+                        channel.base_url, maxsize=POOL_MAXSIZE, block=False, retries=False,
                         timeout=self._u3_timeout, **tls)
             found = _Prepared(channel, pool, (url.path or "").rstrip("/"), headers,
                               UPSTREAM_LATENCY.labels(channel.name))

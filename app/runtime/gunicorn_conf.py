@@ -37,7 +37,10 @@ def _seconds(name: str, default: str) -> float:
 worker_class = os.environ.get("XIAOYI_WEB_WORKER_CLASS", "gevent")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))  # one per core on the 2-core target
 worker_connections = int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000"))  # per gevent worker
-backlog = int(os.environ.get("XIAOYI_WEB_BACKLOG", "2048"))  # accepted by the kernel, not yet served
+# Connections the kernel queues before a worker accepts them (capped by net.core.somaxconn):
+# 2 000 streams or 750 wrk connections opened at once must not overflow it (a dropped SYN is
+# retried after 1 s, 3 s…, which shows up as a multi-second p99).
+backlog = int(os.environ.get("XIAOYI_WEB_BACKLOG", "4096"))
 timeout = 120  # seconds a worker may be silent before it is restarted
 # Seconds open streams get to finish on stop/restart; a stream still open near the end gets an
 # error event and [DONE] (app.runtime.graceful), never a bare cut.

@@ -103,9 +103,16 @@ def _said(body: dict[str, Any]) -> tuple[str, list[str]]:
     return said, texts
 
 
-def _response_usage(texts: list[str], pieces: list[str]) -> dict[str, Any]:
-    """Build a Responses usage object: the input's tokens (+1) and the answer's."""
+def _response_usage(texts: list[str], pieces: list[str],
+                    behaviour: dict[str, Any]) -> dict[str, Any]:
+    """Build a Responses usage object: the input's tokens (+1) and the answer's.
+
+    The prompt_tokens/completion_tokens markers replace input_tokens/output_tokens as given.
+    """
     inp, out = sum(map(count_tokens, texts)) + 1, count_tokens("".join(pieces))
+    inp, out = behaviour.get("prompt_tokens", inp), behaviour.get("completion_tokens", out)
+    if "prompt_tokens" in behaviour or "completion_tokens" in behaviour:
+        return {"input_tokens": inp, "output_tokens": out, "total_tokens": 0}
     return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": inp + out}
@@ -137,7 +144,7 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
         part = {"type": "output_text", "text": "".join(pieces), "annotations": [], "logprobs": []}
         item = {"id": _new_id("msg"), "type": "message", "status": "completed",
                 "role": "assistant", "content": [part]}
-    usage = None if behaviour.get("nousage") else _response_usage(texts, pieces)
+    usage = None if behaviour.get("nousage") else _response_usage(texts, pieces, behaviour)
     done = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
             "status": "completed" if finish == "stop" else "incomplete", "error": None,
             "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},

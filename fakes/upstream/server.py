@@ -9,8 +9,8 @@ import socketserver
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
-from types import FrameType
 from typing import Any
 
 from fakes.upstream.behaviour import FakeError, parse_behaviour
@@ -57,7 +57,7 @@ class FakeServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 1024
+    request_queue_size = 4096  # listen backlog (capped by somaxconn): 2 000+ connects at once
 
     def __init__(self, address: tuple[str, int], state: FakeState) -> None:
         self.state = state
@@ -93,9 +93,15 @@ def make_server(
     return cls((host, port), FakeState(api_key))
 
 
-def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-    """Turn SIGTERM into KeyboardInterrupt so serve() shuts down cleanly."""
-    raise KeyboardInterrupt
+def _in_background(fn: Callable[[], object]) -> None:
+    """Run fn on a greenlet when gevent patched threading (a signal callback must not block)."""
+    if "gevent" in sys.modules:
+        from gevent import monkey, spawn
+
+        if monkey.is_module_patched("threading"):
+            spawn(fn)
+            return
+    threading.Thread(target=fn, daemon=True).start()
 
 
 def serve(host: str = "127.0.0.1", port: int = 9000, api_key: str | None = None) -> None:
@@ -103,7 +109,9 @@ def serve(host: str = "127.0.0.1", port: int = 9000, api_key: str | None = None)
     server = make_server(host, port, api_key)
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        # shutdown() waits for the serving loop, so it runs beside it, not in the handler.
+        previous = signal.signal(signal.SIGTERM,
+                                 lambda _signum, _frame: _in_background(server.shutdown))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -171,11 +179,18 @@ class FakeUpstream:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run `python -m fakes.upstream [--host H] [--port P] [--api-key K]`."""
+    """Run `python -m fakes.upstream [--host H] [--port P] [--api-key K] [--gevent]`."""
     parser = argparse.ArgumentParser(description="OpenAI-compatible fake upstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--gevent", action="store_true",
+                        help="serve each connection on a greenlet, not a thread (fakes/upstream/"
+                             "__main__.py patches the standard library before import): thousands "
+                             "of slow streams without GIL contention")
     args = parser.parse_args(argv)
+    if args.gevent and "gevent" not in sys.modules:
+        print("--gevent works through `python -m fakes.upstream` only: serving on threads",
+              file=sys.stderr, flush=True)
     print(f"fake upstream on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     serve(args.host, args.port, args.api_key)

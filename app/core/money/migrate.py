@@ -7,7 +7,7 @@ deleted, and a second run finds nothing to do. The old layout only ever lived on
 
 Old keys: xy:acct:<A> (hash), xy:acct:<A>:keys, xy:ledger (one stream, field acct),
 xy:resv:<req> + xy:resv:pending, xy:done:<req>, xy:ref:<ref> (value: account),
-xy:key:<sha>, xy:keyid:<id>, xy:rl:key:<id>; the bot's xy:wx:{user,ctx,park,free}:<openid>…
+xy:key:<sha>, xy:keyid:<id>, xy:rl:key:<id>; the bot's xy:wx:{user,ctx,park,free,…}:<openid>…
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from app.core.money.ledger import verify
 
 OLD_LEDGER = "xy:ledger"
 OLD_PENDING = "xy:resv:pending"
-BOT_PREFIXES = ("xy:wx:user:", "xy:wx:ctx:", "xy:wx:park:", "xy:wx:free:")
+# The bot's keys named by an openid or a dedupe key (`<openid>:<rest>`): renamed to carry the
+# openid as their hash tag (app/bot/slots.py), TTLs kept. A message in flight when the processes
+# stopped keeps its delivery state, kept answer and dedupe marker (locks are not carried over).
+BOT_PREFIXES = ("xy:wx:user:", "xy:wx:ctx:", "xy:wx:park:", "xy:wx:free:", "xy:wx:pending:",
+                "xy:wx:dd:", "xy:wx:n:", "xy:wx:st:", "xy:wx:ans:", "xy:wx:sent:",
+                "xy:wx:freemark:")
 
 
 class MigrationError(RuntimeError):

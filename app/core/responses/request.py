@@ -33,6 +33,8 @@ def check(body: dict[str, Any], native: bool) -> None:
         if not isinstance(body.get(name, {}), dict):
             raise bad(f"'{name}' must be an object.", name)
     limit = body.get("max_output_tokens")
+    if type(limit) is float and limit.is_integer() and abs(limit) < 2**63:
+        limit = body["max_output_tokens"] = int(limit)  # JSON Schema's integer: 16.0 is one
     if limit is not None and (type(limit) is not int or limit < 16):
         raise bad("'max_output_tokens' must be an integer >= 16.", "max_output_tokens")
     prev = body.get("previous_response_id")
@@ -76,7 +78,8 @@ def input_items(value: Any, native: bool) -> list[dict[str, Any]]:
 def _check_item(item: Any, where: str, native: bool) -> None:
     if not isinstance(item, dict):
         raise bad(f"{where} must be an object.", where)
-    kind = item.get("type") or "message"
+    kind = item.get("type")
+    kind = "message" if kind is None else kind  # a message may leave its type out
     if kind == "message":
         if item.get("role") not in ROLES:
             raise bad(f"{where}.role must be one of {', '.join(ROLES)}.", f"{where}.role")
@@ -93,7 +96,11 @@ def _check_item(item: Any, where: str, native: bool) -> None:
     elif kind == "function_call_output":
         if not isinstance(item.get("call_id"), str):
             raise bad(f"{where}.call_id must be a string.", f"{where}.call_id")
-        if not isinstance(item.get("output"), str | list):
+        output = item.get("output")
+        if isinstance(output, list):
+            for j, part in enumerate(output):
+                _check_part(part, f"{where}.output[{j}]", native)
+        elif not isinstance(output, str):
             raise bad(f"{where}.output must be a string or an array.", f"{where}.output")
     elif kind == "item_reference" or (kind != "reasoning" and not native):
         raise bad(f"{where}: input items of type '{kind}' are not supported by this service; "

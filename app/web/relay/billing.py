@@ -1,46 +1,58 @@
 """What a text call bills: the upstream's usage, bounded by the request, or estimates (SPEC §4).
 
-Upstream numbers are untrusted: a usage object is billed through tokens.bound_usage (never more
-than the prompt bound and the held completion maximum); an anomaly is counted in
+Upstream numbers are untrusted: a usage object (chat's prompt/completion_tokens or the Responses
+API's input/output_tokens) is billed through tokens.bound_usage (never more than the prompt bound
+and the held completion maximum); an anomaly is counted in
 xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
 usage object the prompt bound and max(seed rule, tokenizer) of the visible answer are billed.
+Every text route (chat, completions, embeddings, responses) bills through one Meter.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from redis import RedisError
 
 from app.core import pricing, tokens
 from app.core.metrics import USAGE_ANOMALIES
 from app.core.money import Hold
+from app.core.responses.answer import reported_tokens
 from app.web.relay.common import Call
-from app.web.relay.rules import Plan
 
 log = logging.getLogger(__name__)
 SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8)  # a stream already delivered waits out a Redis blip
 
 
+class Bounds(Protocol):
+    """What a request's checks learnt that bounds its bill (rules.Plan, responses.Plan)."""
+
+    prompt_bound: int
+    completion_max: int
+
+
 class Meter:
     """One call's billed tokens: set from a usage object, or estimated from the answer text."""
 
-    __slots__ = ("call", "plan", "channel", "billed")
+    __slots__ = ("call", "plan", "channel", "billed", "nothing")
 
-    def __init__(self, call: Call, plan: Plan, channel: str) -> None:
+    def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
         self.billed: tuple[int, int] | None = None
+        self.nothing = False  # a stream the content filter cut before any text: bill nothing
 
     def usage(self, usage: Any) -> tuple[int, int] | None:
         """Bound a reported usage object (recording any anomaly); None when there is none."""
         if not isinstance(usage, dict):
             return None
         if self.billed is None:
-            # Where nothing can be produced (embeddings, max_tokens 0) a missing count is 0.
-            none = 0 if self.plan.completion_max == 0 else None
-            reported = usage.get("prompt_tokens"), usage.get("completion_tokens", none)
+            reported = reported_tokens(usage)
+            if reported[1] is None and self.plan.completion_max == 0:
+                # Where nothing can be produced (embeddings, max_tokens 0) a missing count is 0.
+                reported = reported[0], 0
             pt, ct, anomaly = tokens.bound_usage(*reported, self.plan.prompt_bound,
                                                  self.plan.completion_max)
             if anomaly:
@@ -69,17 +81,33 @@ class Meter:
         extra = usage if isinstance(usage, dict) else {}
         return {**extra, "prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
+    def cut(self, delivered: str) -> None:
+        """Bill only what a stream cut by the content filter delivered: the prompt and the text
+        sent (estimated: a usage the upstream reports later covers text never sent), or nothing
+        when no text was sent, as for a refused plain answer."""
+        self.nothing = not delivered
+        ct = tokens.completion_tokens(delivered, self.call.upstream_model) if delivered else 0
+        self.billed = (0, 0) if self.nothing else (self.plan.prompt_bound,
+                                                   min(ct, self.plan.completion_max))
+
     def settle(self, held: Hold, text: str) -> int | None:
-        """Charge what the meter says."""
+        """Charge what the meter says (release the hold when it says nothing was delivered)."""
+        if self.nothing:
+            held.release()
+            return 0
         pt, ct = self.tokens(text)
         return held.settle(pricing.token_cost(self.call.price, pt, ct), prompt_tokens=pt,
                            completion_tokens=ct)
 
     def settle_retrying(self, held: Hold, text: str) -> None:
-        """Settle a delivered stream, retrying while Redis is unreachable."""
+        """Settle a delivered stream (chat, completions, responses), retrying while Redis is down."""
+        self._retrying(lambda: self.settle(held, text))
+
+    def _retrying(self, close: Callable[[], Any]) -> None:
+        """Run a hold's settle or release, retrying while Redis is unreachable."""
         for pause in (*SETTLE_BACKOFF_S, None):
             try:
-                self.settle(held, text)
+                close()
                 return
             except RedisError as exc:
                 if pause is None:

@@ -15,10 +15,11 @@ from app.core import pricing
 from app.core.errors import ApiError, UpstreamError
 from app.core.money import Hold
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse
-from app.web.relay import shutdown
+from app.web.relay import screening, shutdown
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, admit, json_response, settings
 from app.web.relay.rules import Plan, prepare
+from app.web.relay.stream_guard import StreamGuard, open_guard
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,16 @@ def relay_text(kind: str, path: str) -> Response:
     """Serve one chat or completions request."""
     plan = Plan()
     call, held = admit((kind,), lambda c: prepare(kind, c, plan))
-    with held:  # an upstream failure releases the whole hold
+    with held:  # an upstream failure (or a refused answer) releases the whole hold
         # Non-stream: a channel answering malformed JSON fails over like a 5xx.
         got = get_upstream().call(path, call.body, call.upstream_model, stream=plan.stream,
                                   expect=None if plan.stream else "choices")
-    meter = Meter(call, plan, got.channel.name)
-    if plan.stream:
-        return _stream(kind, call, held, plan, meter, got.value)
-    data: dict[str, Any] = got.value
-    text = _answer_text(kind, data)
+        meter = Meter(call, plan, got.channel.name)
+        if plan.stream:
+            return _stream(kind, call, held, plan, meter, got.value)
+        data: dict[str, Any] = got.value
+        text = _answer_text(kind, data)  # as produced: what is billed, even when masked
+        screening.screen_answer(screening.choice_slots(kind, data))
     meter.usage(data.get("usage"))
     meter.settle(held, text)
     data["usage"] = meter.shown(text, data.get("usage"))  # always present: what was billed
@@ -78,7 +80,8 @@ def relay_text(kind: str, path: str) -> Response:
 def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
             resp: UpstreamResponse | requests.Response) -> Response:
     drain_cap = settings().relay.get("drain_cap_tokens", 8192)
-    texts: list[str] = []
+    texts: list[str] = []  # as produced (what the meter estimates from)
+    guard = open_guard(kind)  # [safety] api_output: held back, masked or cut
     settled = False
 
     def finish() -> None:
@@ -97,23 +100,25 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
             for obj in _objects(events):
                 last = obj
                 texts.append(_answer_text(kind, obj))
-                if obj.get("usage"):
-                    meter.usage(obj["usage"])
-                    if not plan.want_usage and not obj.get("choices"):
-                        continue
-                    obj["usage"] = meter.shown("", obj["usage"])
-                obj["model"] = call.model
-                yield b"data: " + orjson.dumps(obj) + b"\n\n"
+                screened = guard.take(obj) if guard is not None else obj
+                yield from _forward(screened, call, plan, meter, guard)
+                if guard is not None and guard.refused:
+                    break
+            tail = guard.finish(last) if guard is not None else None
+            if tail is not None:
+                yield from _forward(tail, call, plan, meter, guard)
             if open_stream.cut:
                 yield shutdown.END
                 return
-            if plan.want_usage and meter.billed is None:  # asked, the upstream gave none
+            cut = guard is not None and guard.refused  # the upstream's usage was never read
+            if plan.want_usage and (meter.billed is None or cut):  # asked, none was sent
                 yield b"data: " + orjson.dumps(_usage_chunk(kind, call, meter, last,
                                                             "".join(texts))) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except GeneratorExit:
             # The client left: keep reading what the upstream produces (up to a cap) to bill it.
-            meter.usage(_drain(events, kind, texts, drain_cap))
+            if guard is None or not guard.refused:
+                meter.usage(_drain(events, kind, texts, drain_cap))
             raise
         except (requests.RequestException, OSError) as exc:
             if open_stream.cut:
@@ -132,6 +137,20 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
     # A client gone before the first chunk never starts the generator: bill the prompt anyway.
     out.call_on_close(finish)
     return out
+
+
+def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
+             guard: StreamGuard | None) -> Iterator[bytes]:
+    """Yield one (screened) chunk as the client gets it: the billed usage, the model's name."""
+    if guard is not None and guard.refused:  # obj ends each open choice: content_filter
+        meter.cut("".join(guard.delivered))
+    if obj.get("usage"):
+        meter.usage(obj["usage"])
+        if not plan.want_usage and not obj.get("choices"):
+            return
+        obj["usage"] = meter.shown("", obj["usage"])
+    obj["model"] = call.model
+    yield b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def _usage_chunk(kind: str, call: Call, meter: Meter, last: dict[str, Any],

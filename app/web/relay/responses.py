@@ -4,7 +4,7 @@ A request is relayed to the upstream's own /responses when `relay.responses_nati
 translated to chat/completions and back (app/core/responses). Either way: the whole
 conversation (previous_response_id's stored turns + this input) is bounded with the offline
 tokenizer and reserved with max_output_tokens (or the model's cap), the upstream's usage is
-bounded before it is billed, `usage` is what was billed, and the turn is stored unless
+bounded before it is billed (billing.Meter, which counts anomalies), `usage` is what was billed, and the turn is stored unless
 `store` is false (response_store).
 """
 
@@ -23,7 +23,8 @@ from app.core.money import Hold, keys
 from app.core.responses import answer, events, native, request, to_chat
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
-from app.web.relay import response_store
+from app.web.relay import response_store, screening
+from app.web.relay.billing import Meter
 from app.web.relay.common import Call, admit, authenticate, json_response, settings
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def _prepare(call: Call, plan: Plan) -> int:
     plan.max_bytes = relay.get("responses_max_stored_bytes", response_store.MAX_BYTES)
     request.check(body, plan.native)
     plan.items = request.input_items(body.get("input"), plan.native)
+    screening.screen_input(screening.responses_slots(body, plan.items))  # [safety] api_input
     prev = body.get("previous_response_id")
     items = (_history(call, plan, prev) if prev else []) + plan.items
     if not items:
@@ -108,19 +110,6 @@ def _prepare(call: Call, plan: Plan) -> int:
     return pricing.reserve_cost(call.price, plan.prompt_bound, plan.completion_max)
 
 
-def bill(call: Call, plan: Plan, reported: Any, text: str) -> tuple[int, int]:
-    """Return the (input, output) tokens to bill: the upstream's usage bounded, or estimates."""
-    rp, rc = answer.reported_tokens(reported)
-    if rp is None and rc is None:
-        ct = tokens.completion_tokens(text, call.upstream_model)
-        return plan.prompt_bound, min(ct, plan.completion_max)
-    pt, ct, anomaly = tokens.bound_usage(rp, rc, plan.prompt_bound, plan.completion_max)
-    if anomaly:
-        log.warning("usage anomaly on %s (model %s): %s; billed %d+%d", call.req_id,
-                    call.upstream_model, anomaly, pt, ct)
-    return pt, ct
-
-
 def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[str, Any]:
     """Store the turn when asked to; return the Response with `store` saying what happened."""
     if not plan.store:
@@ -135,17 +124,23 @@ def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[s
     return final if stored else {**final, "store": False}
 
 
-def _plain(call: Call, held: Hold, plan: Plan, data: dict[str, Any]) -> dict[str, Any]:
-    """Turn the upstream's answer into the final Response and settle it."""
+def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[str, Any]:
+    """Turn the upstream's answer into the final Response, screen and settle it."""
     if plan.native:
         final = native.own(plan.response, data)
-        pt, ct = bill(call, plan, data.get("usage"), native.output_text(final.get("output")))
-        final["usage"] = answer.usage(pt, ct, data.get("usage"))
+        output = final.get("output")
+        text, reported = native.output_text(output), data.get("usage")
     else:
         state = events.from_chat(data, plan.response)
-        pt, ct = bill(call, plan, state.usage, state.text())
-        final = state.finish(answer.usage(pt, ct, state.usage))[1]
-    held.settle(pricing.token_cost(call.price, pt, ct), prompt_tokens=pt, completion_tokens=ct)
+        output, text, reported = state.items, state.text(), state.usage
+    screening.screen_answer(screening.output_slots(output))  # refused: the caller releases
+    meter.usage(reported)
+    usage = answer.usage(*meter.tokens(text), reported)
+    if plan.native:
+        final["usage"] = usage
+    else:
+        final = state.finish(usage)[1]
+    meter.settle(held, text)
     return final
 
 
@@ -161,11 +156,12 @@ def create() -> Response:
             raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
         path = "/responses" if plan.native else "/chat/completions"
         expect = None if plan.stream else "output" if plan.native else "choices"
-        got = get_upstream().post(path, plan.upstream, call.upstream_model,
+        got = get_upstream().call(path, plan.upstream, call.upstream_model,
                                   stream=plan.stream, expect=expect)
+        meter = Meter(call, plan, got.channel.name)
         if plan.stream:
-            return responses_stream.relay(call, held, plan, got)
-        final = _plain(call, held, plan, got)
+            return responses_stream.relay(call, held, plan, meter, got.value)
+        final = _plain(held, plan, meter, got.value)
     final = keep(get_redis(), call.key.acct, plan, final)
     return json_response({**final, "code": 0, "msg": ""}, headers={"X-Request-Id": call.req_id})
 

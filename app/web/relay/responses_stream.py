@@ -13,18 +13,18 @@ import requests
 from flask import Response, stream_with_context
 from redis import RedisError
 
-from app.core import pricing
 from app.core.errors import ApiError
 from app.core.money import Hold
 from app.core.responses import answer, events, native
 from app.edges.store import get_redis
 from app.edges.upstream import UpstreamResponse, iter_sse
+from app.web.relay.billing import Meter
 from app.web.relay.common import Call, settings
-from app.web.relay.responses import Plan, bill, keep
+from app.web.relay.responses import Plan, keep
+from app.web.relay.stream_guard import open_guard
 
 log = logging.getLogger(__name__)
 BROKEN = "The upstream stream was interrupted."
-SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8)  # a delivered stream waits out a Redis blip to settle
 DRAIN_SECONDS = 120
 
 
@@ -42,30 +42,50 @@ def _objects(payloads: Iterator[bytes]) -> Iterator[dict[str, Any]]:
 class Turn:
     """One streamed turn: its state machine, then what is stored and billed when it ends."""
 
-    def __init__(self, call: Call, held: Hold, plan: Plan,
+    def __init__(self, call: Call, held: Hold, plan: Plan, meter: Meter,
                  resp: UpstreamResponse | requests.Response) -> None:
-        self.call, self.held, self.plan, self.resp = call, held, plan, resp
+        self.call, self.held, self.plan, self.meter, self.resp = call, held, plan, meter, resp
         self.state: events.ChatEvents | native.NativeEvents = (
             native.NativeEvents(plan.response) if plan.native else events.ChatEvents(plan.response))
         self.redis = get_redis()  # captured: close() may run outside the request context
         self.drain_cap = settings().relay.get("drain_cap_tokens", 8192)
         self.terminal: dict[str, Any] | None = None  # a native terminal event, held back
-        self.billed: tuple[int, int] | None = None
+        self.text: str | None = None  # what was produced, once the stream has ended
         self.closed = False
+        # [safety] api_output on chat chunks (stream_guard); a native stream: native_guard.
+        self.guard = None if plan.native else open_guard("chat")
+
+    def cut(self) -> bool:
+        """Tell whether the content filter ended the stream (the upstream is read no further)."""
+        return self.guard is not None and self.guard.refused
 
     def feed(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Return the events one upstream payload makes (a native terminal one waits for end)."""
         if isinstance(self.state, events.ChatEvents):
-            return self.state.feed(obj)
+            return self._screened(self.guard.take(obj) if self.guard is not None else obj)
         event = self.state.take(obj)
         if event is not None and event["type"] in native.TERMINAL:
             self.terminal = event
             return []
         return [] if event is None else [event]
 
+    def _screened(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """Return the events of a chat chunk the guard let through."""
+        assert isinstance(self.state, events.ChatEvents)
+        made = self.state.feed(chunk)
+        if self.cut():  # the chunk ends the answer with finish_reason content_filter
+            self.meter.cut(self.state.text())  # bill what was delivered (nothing: release)
+        return made
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Return the events of text the guard still held when the upstream ended."""
+        tail = self.guard.finish({}) if self.guard is not None else None
+        return [] if tail is None else self._screened(tail)
+
     def _usage(self) -> dict[str, Any]:
-        pt, ct = self.billed = bill(self.call, self.plan, self.state.usage, self.state.text())
-        return answer.usage(pt, ct, self.state.usage)
+        self.text = self.state.text()
+        self.meter.usage(self.state.usage)
+        return answer.usage(*self.meter.tokens(self.text), self.state.usage)
 
     def _keep(self, event: dict[str, Any]) -> dict[str, Any]:
         assert self.call.key is not None
@@ -95,9 +115,10 @@ class Turn:
         deadline = time.monotonic() + DRAIN_SECONDS
         try:
             for i, obj in enumerate(_objects(payloads)):
-                if i >= self.drain_cap or time.monotonic() > deadline:
+                if i >= self.drain_cap or time.monotonic() > deadline or self.cut():
                     break
                 self.feed(obj)
+            self.flush()
             self.end()  # stored: the client saw the id in response.created
         except (requests.RequestException, OSError, ApiError, RedisError) as exc:
             log.info("upstream ended while draining an abandoned stream: %s", type(exc).__name__)
@@ -108,20 +129,7 @@ class Turn:
             return
         self.closed = True
         self.resp.close()
-        pt, ct = self.billed or bill(self.call, self.plan, None, "")
-        cost = pricing.token_cost(self.call.price, pt, ct)
-        for pause in (*SETTLE_BACKOFF_S, None):
-            try:
-                self.held.settle(cost, prompt_tokens=pt, completion_tokens=ct)
-                return
-            except RedisError as exc:
-                if pause is None:
-                    log.error("could not settle %s: %s; its hold stays open", self.call.req_id,
-                              type(exc).__name__)
-                    return
-                log.warning("settling %s: Redis unavailable, retrying in %ss", self.call.req_id,
-                            pause)
-                time.sleep(pause)
+        self.meter.settle_retrying(self.held, self.text or "")
 
     def events(self) -> Iterator[bytes]:
         """Yield the SSE stream; bill and close whatever way it ends."""
@@ -132,9 +140,11 @@ class Turn:
             for obj in _objects(payloads):
                 for event in self.feed(obj):
                     yield events.frame(event)
-            yield b"".join(map(events.frame, self.end()))
+                if self.cut():
+                    break
+            yield b"".join(map(events.frame, self.flush() + self.end()))
         except GeneratorExit:
-            if self.billed is None:
+            if self.text is None and not self.cut():
                 self.drain(payloads)
             raise
         except (requests.RequestException, OSError) as exc:
@@ -144,10 +154,10 @@ class Turn:
             self.close()
 
 
-def relay(call: Call, held: Hold, plan: Plan,
+def relay(call: Call, held: Hold, plan: Plan, meter: Meter,
           resp: UpstreamResponse | requests.Response) -> Response:
     """Answer a streamed Responses request: text/event-stream of typed events."""
-    turn = Turn(call, held, plan, resp)
+    turn = Turn(call, held, plan, meter, resp)
     out = Response(stream_with_context(turn.events()), mimetype="text/event-stream",
                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                             "X-Request-Id": call.req_id})

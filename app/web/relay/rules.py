@@ -1,7 +1,7 @@
 """What a chat or completions request may be, and the most it can cost (SPEC §3, §4).
 
 The checks follow OpenAI's published schema and refuse only what it refuses (plus the prompt
-cap and an unaffordable hold); everything else, unknown fields included, goes upstream as sent.
+cap, an unaffordable hold and, with [safety] api_input, a listed word: screening.py); everything else, unknown fields included, goes upstream as sent.
 The hold is an upper bound: the prompt counted by app.core.tokens (every character, tools,
 functions, response_format, image parts) plus max_tokens (or the model's cap) per choice.
 """
@@ -14,6 +14,7 @@ from typing import Any
 from app.core import pricing, tokens
 from app.core.errors import InsufficientQuota, InvalidRequest
 from app.web.relay.common import Call, optional_int, settings, texts_or_tokens
+from app.web.relay.screening import chat_slots, completion_slots, screen_input
 
 MAX_N = 128  # OpenAI's limit for `n`
 MAX_HOLD_UNITS = 1 << 52  # a hold no wallet can cover (and no Lua double can count exactly)
@@ -121,7 +122,13 @@ def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
 
 
 def prepare(kind: str, call: Call, plan: Plan) -> int:
-    """Check the body (filling `plan`) and return the most the call can cost."""
+    """Check the body (filling `plan`), screen its texts and return the most the call can cost."""
+    if kind == "chat":  # the shape first: a malformed body is a 400 of its own
+        check_messages(call.body)
+        screen_input(chat_slots(call.body))
+    else:
+        check_prompt(call.body)
+        screen_input(completion_slots(call.body))
     plan.prompt_bound = _prompt_bound(kind, call)
     plan.completion_max = _completion_max(kind, call)
     _stream_flags(call.body, plan)

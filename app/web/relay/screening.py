@@ -1,0 +1,185 @@
+"""Content safety on the developer API: [safety] api_input and api_output (off by default).
+
+The word filter is app/core/safety.py's, the hit counters the bot's (app/bot/screening.py): one
+hit per request screened (where = api_input or api_output), in xiaoyi_safety_hits_total and in
+the per-day store counter the admin page shows.
+
+api_input screens every prompt text of chat, completions and responses requests (each message's
+text content and text parts, string prompts, suffix, instructions, function-call outputs) after
+the body's checks and before the hold: `refuse` answers 400 content_policy_violation (OpenAI's
+code for flagged content) with nothing held or charged and no upstream call; `mask` sends the
+masked texts upstream. api_output screens a whole answer's text (each choice's content or text,
+each output_text part): `mask` masks it (and drops the choice's logprobs, which would spell the
+words out); `refuse` releases the hold and answers the same 400. Streams: stream_guard.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+from flask import g
+from redis import RedisError
+
+from app.bot import screening
+from app.core.errors import InvalidRequest
+from app.core.safety import Matcher, get_filter
+from app.edges.store import get_redis
+from app.web.relay.common import settings
+
+log = logging.getLogger(__name__)
+TEXT_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+
+
+class ContentRefused(InvalidRequest):
+    """A prompt or an answer holds a listed word and [safety] says refuse (nothing is charged)."""
+
+    code, error_code = 40002, "content_policy_violation"
+
+
+def refused_input(param: str | None) -> ContentRefused:
+    """Return the 400 for a prompt the filter refuses."""
+    return ContentRefused("Your request was rejected by this service's content filter: it "
+                          "contains text that is not allowed. Nothing was charged.",
+                          param=param, msg="请求包含不适宜的内容，已被拒绝。这次没有扣费。")
+
+
+def refused_output() -> ContentRefused:
+    """Return the 400 for an answer the filter withholds."""
+    return ContentRefused("The answer was withheld by this service's content filter: it "
+                          "contains text that is not allowed. Nothing was charged.",
+                          msg="回答包含不适宜的内容，已被拦截。这次没有扣费。")
+
+
+class Slot(NamedTuple):
+    """One text of a request or an answer: holder[key], where it is, what spells it out too."""
+
+    holder: Any  # the dict or list holding the text
+    key: Any  # its key or index there
+    param: str | None = None  # its place in the request (the 400's `param`)
+    probs: dict[str, Any] | None = None  # the object whose `logprobs` repeat the text
+
+
+def matcher(where: str) -> tuple[str, Matcher | None]:
+    """Return the action configured for `where` and the word list (None: nothing to screen)."""
+    cfg = settings().safety
+    action = getattr(cfg, where)
+    found = get_filter(cfg) if action != "off" else None
+    return action, found.current() if found is not None else None
+
+
+def count(where: str, action: str) -> None:
+    """Count one screened request's hit (the store's day counter may miss a Redis blip)."""
+    log.info("safety: %s %s on %s", where, action, g.get("req_id", "-"))
+    try:
+        screening.hit(get_redis(), where, action)
+    except RedisError as exc:
+        log.warning("safety: could not count a %s hit in the store: %s", where,
+                    type(exc).__name__)
+
+
+def _parts(holder: dict[str, Any], key: str, param: str) -> Iterator[Slot]:
+    """Yield a content's texts: the string itself, or each text part of an array."""
+    value = holder.get(key)
+    if isinstance(value, str):
+        yield Slot(holder, key, param)
+    elif isinstance(value, list):
+        for j, part in enumerate(value):
+            name = TEXT_FIELDS.get(part.get("type")) if isinstance(part, dict) else None
+            if name and isinstance(part.get(name), str):
+                yield Slot(part, name, f"{param}[{j}].{name}", part)
+
+
+def chat_slots(body: dict[str, Any]) -> Iterator[Slot]:
+    """Yield the texts of every message of a chat request."""
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict):
+            yield from _parts(message, "content", f"messages[{i}].content")
+
+
+def completion_slots(body: dict[str, Any]) -> Iterator[Slot]:
+    """Yield a completions request's prompt string(s) and suffix."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        yield Slot(body, "prompt", "prompt")
+    elif isinstance(prompt, list):
+        yield from (Slot(prompt, i, f"prompt[{i}]") for i, p in enumerate(prompt)
+                    if isinstance(p, str))
+    if isinstance(body.get("suffix"), str):
+        yield Slot(body, "suffix", "suffix")
+
+
+def responses_slots(body: dict[str, Any], items: list[dict[str, Any]]) -> Iterator[Slot]:
+    """Yield a Responses request's instructions and the texts of this turn's input items."""
+    if isinstance(body.get("instructions"), str):
+        yield Slot(body, "instructions", "instructions")
+    if isinstance(body.get("input"), str):  # one user message, made by request.input_items
+        yield Slot(items[0]["content"][0], "text", "input")
+        return
+    for i, item in enumerate(items):
+        kind = item.get("type") or "message"
+        if kind == "message":
+            yield from _parts(item, "content", f"input[{i}].content")
+        elif kind == "function_call_output":
+            yield from _parts(item, "output", f"input[{i}].output")
+
+
+def _hits(where: str, slots: Iterable[Slot]) -> tuple[str, list[tuple[Slot, str]]]:
+    """Return the action for `where` and each text that holds a listed word, with it masked."""
+    action, words = matcher(where)
+    if words is None:
+        return action, []
+    hits = [(slot, verdict.masked) for slot in list(slots)
+            if (verdict := words.check(slot.holder[slot.key])).hit]
+    if hits:
+        count(where, action)
+    return action, hits
+
+
+def _mask(hits: list[tuple[Slot, str]]) -> None:
+    for slot, masked in hits:
+        slot.holder[slot.key] = masked
+        forget_logprobs(slot.probs)
+
+
+def screen_input(slots: Iterable[Slot]) -> None:
+    """Screen a request's prompt texts: raise the 400 (refuse), or mask them in place."""
+    action, hits = _hits("api_input", slots)
+    if hits and action == "refuse":
+        raise refused_input(hits[0][0].param)
+    _mask(hits)
+
+
+def choice_slots(kind: str, data: dict[str, Any]) -> Iterator[Slot]:
+    """Yield the answer text of every choice of a chat or completions answer."""
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        holder = choice.get("message") if kind == "chat" else choice
+        key = "content" if kind == "chat" else "text"
+        if isinstance(holder, dict) and isinstance(holder.get(key), str):
+            yield Slot(holder, key, probs=choice)
+
+
+def output_slots(output: Any) -> Iterator[Slot]:
+    """Yield the texts of a Response's output messages (output_text and refusal parts)."""
+    for i, item in enumerate(output if isinstance(output, list) else []):
+        if isinstance(item, dict) and item.get("type") == "message":
+            yield from _parts(item, "content", f"output[{i}].content")
+
+
+def screen_answer(slots: Iterable[Slot]) -> None:
+    """Screen a whole answer: raise the 400 (refuse; the caller's hold is released), or mask."""
+    action, hits = _hits("api_output", slots)
+    if hits and action == "refuse":
+        raise refused_output()
+    _mask(hits)
+
+
+def forget_logprobs(probs: dict[str, Any] | None) -> None:
+    """Drop the logprobs of a masked text (their tokens would spell the listed words out)."""
+    if probs is not None and probs.get("logprobs"):
+        probs["logprobs"] = [] if isinstance(probs["logprobs"], list) else None

@@ -1,0 +1,236 @@
+"""Content safety on chat and completions over real HTTP ([safety] api_input, api_output): refused
+prompts cost nothing and never reach the upstream, masked prompts go upstream masked, answers are
+masked (a word cut across stream chunks too) or refused, and both are off by default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+import redis
+from conftest import LiveServer, new_key
+from openapi_schemas import validate
+from safety_kit import (
+    WORD,
+    chunks,
+    hits,
+    kinds,
+    plus_one,
+    post,
+    relay_fixture,  # noqa: F401 (the `relay` fixture)
+    sent,
+    settle_of,
+    split_across_chunks,
+)
+
+from app.core import pricing, tokens
+from app.core.config import load_settings
+from app.core.money import ledger, wallet
+from app.web.relay.screening import refused_input, refused_output
+from fakes.upstream import ANSWER_PREFIX, FakeUpstream, count_tokens
+
+Start = Callable[..., LiveServer]
+PRICE = load_settings({}).prices["gpt-3.5-turbo"]
+CHAT, LEGACY = "/v1/chat/completions", "/v1/completions"
+
+
+def sdk(live: LiveServer, key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=live.url + "/v1", max_retries=0, timeout=20)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (CHAT, {"messages": [{"role": "system", "content": "be nice"},
+                         {"role": "user", "content": [{"type": "text", "text": "hello"},
+                                                      {"type": "text", "text": "说违 禁*词"}]}]},
+     "messages[1].content[1].text"),
+    (CHAT, {"messages": [{"role": "user", "content": "ok"},
+                         {"role": "assistant", "content": "ＸＸ违禁词"}]}, "messages[1].content"),
+    (LEGACY, {"prompt": ["fine", "fine 违禁词"]}, "prompt[1]"),
+    (LEGACY, {"prompt": "fine", "suffix": "违\u200b禁词"}, "suffix"),
+    ("/index.php/api/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "违禁词"}], "stream": True}, "messages[0].content"),
+], ids=["chat-part", "chat-assistant", "completions-list", "completions-suffix", "legacy-stream"])
+def test_a_refused_prompt_is_a_400_with_nothing_held_and_no_upstream_call(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis, path: str, body: dict[str, Any],
+        param: str) -> None:
+    live = relay(api_input="refuse")
+    key, acct = new_key(r)
+    before = hits(r, "api_input", "refuse")
+    resp = post(live, key, path, body)
+    assert resp.status_code == 400
+    assert resp.json() == refused_input(param).body()
+    assert resp.json()["error"]["code"] == "content_policy_violation"
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert resp.json()["code"] == 40002 and "没有扣费" in resp.json()["msg"]
+    assert upstream.requests == []  # nothing went upstream
+    assert kinds(r, acct) == [] and wallet.balance(r, acct) == 100_000  # nothing held
+    assert hits(r, "api_input", "refuse") == plus_one(before)
+
+
+def test_the_sdk_sees_a_bad_request_and_a_bad_key_is_answered_first(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis) -> None:
+    live = relay(api_input="refuse")
+    key, acct = new_key(r)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(live, key).chat.completions.create(
+            model="gpt-3.5", messages=[{"role": "user", "content": "这是违禁词"}])
+    assert info.value.code == "content_policy_violation"
+    with pytest.raises(openai.AuthenticationError):
+        sdk(live, "sk-not-a-key").chat.completions.create(
+            model="gpt-3.5", messages=[{"role": "user", "content": "这是违禁词"}])
+    assert sdk(live, key).chat.completions.create(  # a clean prompt is served as usual
+        model="gpt-3.5", messages=[{"role": "user", "content": "你好"}]).choices[0].message.content
+    assert len(upstream.requests) == 1 and kinds(r, acct) == ["reserve", "settle"]
+
+
+def test_a_masked_prompt_goes_upstream_masked(relay: Start, upstream: FakeUpstream,
+                                              r: redis.Redis) -> None:
+    live = relay(api_input="mask")
+    key, acct = new_key(r)
+    before = hits(r, "api_input", "mask")
+    got = sdk(live, key).chat.completions.create(model="gpt-3.5", messages=[
+        {"role": "system", "content": "不要说违禁词"},
+        {"role": "user", "content": [{"type": "text", "text": "你好"},
+                                     {"type": "text", "text": "说违 禁 词吧"}]}])
+    (body,) = sent(upstream, CHAT)
+    assert body["messages"] == [
+        {"role": "system", "content": "不要说***"},
+        {"role": "user", "content": [{"type": "text", "text": "你好"},
+                                     {"type": "text", "text": "说*****吧"}]}]
+    assert WORD not in str(got.model_dump())  # the fake echoes what it received: masked
+    assert hits(r, "api_input", "mask") == plus_one(before)  # one hit per request
+    resp = post(live, key, LEGACY, {"prompt": ["a 违禁词", "b"], "suffix": "c 违禁词"})
+    assert resp.status_code == 200
+    assert sent(upstream, LEGACY)[0]["prompt"] == ["a ***", "b"]
+    assert sent(upstream, LEGACY)[0]["suffix"] == "c ***"
+    assert kinds(r, acct) == ["reserve", "settle"] * 2 and ledger.verify(r) == []
+
+
+def test_a_masked_answer_masks_every_choice_and_bills_what_was_produced(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis) -> None:
+    live = relay(api_output="mask")
+    key, acct = new_key(r)
+    before = hits(r, "api_output", "mask")
+    resp = post(live, key, CHAT, {"n": 2, "messages": [{"role": "user", "content": "说违禁词"}]})
+    assert resp.status_code == 200, resp.text
+    validate(resp.json(), "CreateChatCompletionResponse")
+    assert [c["message"]["content"] for c in resp.json()["choices"]] == [
+        ANSWER_PREFIX + "说***"] * 2
+    assert sent(upstream, CHAT)[0]["messages"][0]["content"] == "说违禁词"  # input: off
+    assert hits(r, "api_output", "mask") == plus_one(before)
+    entry = settle_of(r, acct)  # billed as the upstream produced (and reported) it
+    assert int(entry["ct"]) == 2 * count_tokens(ANSWER_PREFIX + "说违禁词")
+    text = sdk(live, key).completions.create(model="gpt-3.5-turbo-instruct",
+                                             prompt="写违禁词").choices[0].text
+    assert text == ANSWER_PREFIX + "写***"
+
+
+@pytest.mark.parametrize("path", [CHAT, LEGACY])
+def test_a_masked_stream_masks_a_word_cut_across_chunks(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis, path: str) -> None:
+    live = relay(api_output="mask")
+    key, acct = new_key(r)
+    said = split_across_chunks()
+    before = hits(r, "api_output", "mask")
+    if path == CHAT:
+        stream = sdk(live, key).chat.completions.create(
+            model="gpt-3.5", messages=[{"role": "user", "content": said}], stream=True,
+            stream_options={"include_usage": True})
+        got = list(stream)
+        pieces = [c.choices[0].delta.content or "" for c in got if c.choices]
+        assert got[-1].usage is not None
+        usage = got[-1].usage.completion_tokens
+    else:
+        got_raw = chunks(post(live, key, path, {"prompt": said, "stream": True,
+                                               "stream_options": {"include_usage": True}},
+                              stream=True))
+        pieces = [c["choices"][0]["text"] for c in got_raw if c["choices"]]
+        usage = got_raw[-1]["usage"]["completion_tokens"]
+    assert "".join(pieces) == ANSWER_PREFIX + said.replace(WORD, "***")
+    assert not any(set(p) & set(WORD) for p in pieces)  # no character of it ever went out
+    assert hits(r, "api_output", "mask") == plus_one(before)  # one hit per stream
+    entry = settle_of(r, acct)
+    assert int(entry["ct"]) == usage == count_tokens(ANSWER_PREFIX + said)
+    assert ledger.verify(r) == []
+
+
+def test_a_phrase_spread_over_several_chunks_is_masked(relay: Start, r: redis.Redis) -> None:
+    live = relay("word2 word3", api_output="mask")  # folded: word2word3, over two chunks
+    key, _ = new_key(r)
+    got = chunks(post(live, key, CHAT, {"stream": True, "messages": [
+        {"role": "user", "content": "[[fake:long=6]]"}]}, stream=True))
+    pieces = [c["choices"][0]["delta"].get("content") or "" for c in got if c["choices"]]
+    assert "".join(pieces) == "word0 word1 *********** word4 word5"
+    assert got[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_refused_answer_is_never_charged(relay: Start, upstream: FakeUpstream,
+                                           r: redis.Redis) -> None:
+    live = relay(api_output="refuse")
+    key, acct = new_key(r)
+    before = hits(r, "api_output", "refuse")
+    resp = post(live, key, CHAT, {"messages": [{"role": "user", "content": "说违禁词"}]})
+    assert resp.status_code == 400 and resp.json() == refused_output().body()
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(live, key).completions.create(model="gpt-3.5-turbo-instruct", prompt="说违禁词")
+    assert info.value.code == "content_policy_violation"
+    assert len(upstream.requests) == 2  # answered upstream, withheld here
+    assert kinds(r, acct) == ["reserve", "refund"] * 2
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
+    assert hits(r, "api_output", "refuse") == (before[0] + 2, before[1] + 2)
+
+
+def test_a_refused_stream_ends_with_content_filter_and_bills_what_it_delivered(
+        relay: Start, r: redis.Redis) -> None:
+    live = relay("word5", api_output="refuse")
+    key, acct = new_key(r)
+    messages = [{"role": "user", "content": "[[fake:long=10]]"}]
+    got = chunks(post(live, key, CHAT, {"messages": messages, "stream": True,
+                                        "stream_options": {"include_usage": True}}, stream=True))
+    for chunk in got:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    delivered = "".join(c["choices"][0]["delta"].get("content") or ""
+                        for c in got if c["choices"])
+    assert delivered and "word0 word1 word2 word3 word4".startswith(delivered.rstrip())
+    assert "5" not in delivered
+    assert [c["choices"][0]["finish_reason"] for c in got if c["choices"]][-1] == "content_filter"
+    entry, usage = settle_of(r, acct), got[-1]["usage"]
+    bound = pricing.estimate_messages(messages, "gpt-3.5-turbo")
+    ct = tokens.completion_tokens(delivered, "gpt-3.5-turbo")
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (bound, ct)
+    assert (int(entry["pt"]), int(entry["ct"])) == (bound, ct)
+    cost = pricing.token_cost(PRICE, bound, ct)
+    assert int(entry["cost"]) == cost == 100_000 - wallet.balance(r, acct)
+    assert ledger.verify(r) == []
+
+
+def test_a_stream_refused_before_any_text_costs_nothing(relay: Start, r: redis.Redis) -> None:
+    live = relay("word0", api_output="refuse")
+    key, acct = new_key(r)
+    got = chunks(post(live, key, CHAT, {"stream": True, "stream_options": {"include_usage": True},
+                                        "messages": [{"role": "user",
+                                                      "content": "[[fake:long=10]]"}]},
+                      stream=True))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in got if c["choices"]) == ""
+    assert [c["choices"][0]["finish_reason"] for c in got if c["choices"]][-1] == "content_filter"
+    assert got[-1]["usage"]["total_tokens"] == 0
+    assert kinds(r, acct) == ["reserve", "refund"] and wallet.balance(r, acct) == 100_000
+
+
+def test_api_screening_is_off_by_default(relay: Start, upstream: FakeUpstream,
+                                         r: redis.Redis) -> None:
+    live = relay()  # the bot's filter is on; the API's two places keep their default, off
+    key, _ = new_key(r)
+    before = [hits(r, "api_input", a) + hits(r, "api_output", a) for a in ("refuse", "mask")]
+    resp = post(live, key, CHAT, {"messages": [{"role": "user", "content": "说违禁词"}]})
+    assert resp.json()["choices"][0]["message"]["content"] == ANSWER_PREFIX + "说违禁词"
+    assert sent(upstream, CHAT)[0]["messages"][0]["content"] == "说违禁词"
+    said = split_across_chunks()
+    got = chunks(post(live, key, CHAT, {"stream": True, "messages": [
+        {"role": "user", "content": said}]}, stream=True))
+    assert "".join(c["choices"][0]["delta"].get("content") or ""
+                   for c in got if c["choices"]) == ANSWER_PREFIX + said
+    assert [hits(r, "api_input", a) + hits(r, "api_output", a)
+            for a in ("refuse", "mask")] == before

@@ -1,0 +1,120 @@
+"""Content safety on /v1/responses (translated to chat) over real HTTP and the openai SDK: refused
+or masked input, masked or refused output, plain and streamed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+import redis
+from conftest import LiveServer, new_key
+from openapi_schemas import validate
+from safety_kit import (
+    WORD,
+    hits,
+    kinds,
+    plus_one,
+    post,
+    relay_fixture,  # noqa: F401 (the `relay` fixture)
+    sent,
+    split_across_chunks,
+)
+from test_responses import sse
+
+from app.core.money import ledger, wallet
+from app.web.relay.screening import refused_input, refused_output
+from fakes.upstream import ANSWER_PREFIX, FakeUpstream
+
+Start = Callable[..., LiveServer]
+MODEL = "gpt-4o-mini"
+PATH = "/v1/responses"
+
+
+def sdk(live: LiveServer, key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=live.url + "/v1", max_retries=0, timeout=20)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "说违禁词"}, "input"),
+    ({"input": "hi", "instructions": "违 禁 词"}, "instructions"),
+    ({"input": [{"role": "user", "content": "ok"},
+                {"role": "user", "content": [{"type": "input_text", "text": "Ｘ违禁词"}]}]},
+     "input[1].content[0].text"),
+])
+def test_a_refused_input_is_a_400_with_nothing_held_and_no_upstream_call(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis, body: dict[str, Any],
+        param: str) -> None:
+    live = relay(api_input="refuse")
+    key, acct = new_key(r)
+    before = hits(r, "api_input", "refuse")
+    resp = post(live, key, PATH, {"model": MODEL, **body})
+    assert resp.status_code == 400 and resp.json() == refused_input(param).body()
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(live, key).responses.create(model=MODEL, **body)
+    assert info.value.code == "content_policy_violation"
+    assert upstream.requests == [] and kinds(r, acct) == []
+    assert hits(r, "api_input", "refuse") == (before[0] + 2, before[1] + 2)
+
+
+def test_a_masked_input_goes_upstream_masked(relay: Start, upstream: FakeUpstream,
+                                             r: redis.Redis) -> None:
+    live = relay(api_input="mask")
+    key, acct = new_key(r)
+    got = sdk(live, key).responses.create(model=MODEL, instructions="别说违禁词", input="说违禁词")
+    (body,) = sent(upstream, "/v1/chat/completions")
+    assert body["messages"] == [{"role": "system", "content": "别说***"},
+                                {"role": "user", "content": "说***"}]
+    assert got.output_text == ANSWER_PREFIX + "说***" and got.instructions == "别说***"
+    assert kinds(r, acct) == ["reserve", "settle"]
+
+
+def test_a_masked_answer_is_masked_plain_stored_and_streamed(
+        relay: Start, r: redis.Redis) -> None:
+    live = relay(api_output="mask")
+    key, _ = new_key(r)
+    before = hits(r, "api_output", "mask")
+    client = sdk(live, key)
+    plain = client.responses.with_raw_response.create(model=MODEL, input="说违禁词")
+    validate(plain.http_response.json(), "Response")
+    got = plain.parse()
+    assert got.output_text == ANSWER_PREFIX + "说***"
+    assert client.responses.retrieve(got.id).output_text == ANSWER_PREFIX + "说***"
+    said = split_across_chunks()
+    with client.responses.stream(model=MODEL, input=said) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == ANSWER_PREFIX + said.replace(WORD, "***")
+    assert not any(set(d) & set(WORD) for d in deltas)
+    assert hits(r, "api_output", "mask") == (before[0] + 2, before[1] + 2)
+
+
+def test_a_refused_answer_is_withheld_and_never_charged(relay: Start, r: redis.Redis) -> None:
+    live = relay(api_output="refuse")
+    key, acct = new_key(r)
+    before = hits(r, "api_output", "refuse")
+    resp = post(live, key, PATH, {"model": MODEL, "input": "说违禁词"})
+    assert resp.status_code == 400 and resp.json() == refused_output().body()
+    assert kinds(r, acct) == ["reserve", "refund"] and wallet.balance(r, acct) == 100_000
+    assert hits(r, "api_output", "refuse") == plus_one(before)
+
+
+def test_a_refused_stream_ends_incomplete_for_content_filter(relay: Start,
+                                                              r: redis.Redis) -> None:
+    live = relay(api_output="refuse")
+    key, acct = new_key(r)
+    events = sse(post(live, key, PATH, {"model": MODEL, "input": split_across_chunks(),
+                                        "stream": True}, stream=True))
+    text = "".join(e["delta"] for kind, e in events if kind == "response.output_text.delta")
+    assert ANSWER_PREFIX.startswith(text) or text.startswith(ANSWER_PREFIX)
+    assert not set(text) & set(WORD)
+    kind, last = events[-1]
+    assert kind == "response.incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "content_filter"}
+    validate(last["response"], "Response")
+    usage = last["response"]["usage"]
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (int(entry["pt"]), int(entry["ct"]))
+    assert 100_000 - wallet.balance(r, acct) == int(entry["cost"]) > 0  # what was delivered
+    assert ledger.verify(r) == []
