@@ -5,19 +5,31 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint bench chaos clean chromium
+.PHONY: run test lint bench chaos clean chromium lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# Installs are reproducible: the exact versions of requirements*.lock (made by `make lock` from
+# pyproject.toml), then the app itself without resolving anything again.
+$(RUN_STAMP): pyproject.toml requirements.lock | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(DEV_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(DEV_STAMP): pyproject.toml requirements-dev.lock | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@ $(RUN_STAMP)
+
+# Re-resolve the lock files after changing pyproject.toml (keeps the pinned versions it can).
+lock: | $(BIN)/python
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 -q \
+	  --custom-compile-command "make lock" -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 -q \
+	  --custom-compile-command "make lock" -o requirements-dev.lock
 
 # make run PORT=8080 HOST=0.0.0.0 ARGS="--workers 4": anything in ARGS goes to `xiaoyi run`.
 PORT ?= 8000
@@ -28,7 +40,8 @@ run: $(RUN_STAMP)
 	$(BIN)/xiaoyi run --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check app workers tests bench tools
+	$(BIN)/ruff check app workers tests bench tools fakes
+	$(BIN)/mypy
 
 # The whole suite, the fault injections included (they fit: about 2 minutes on 2 cores).
 test: $(DEV_STAMP) lint chromium

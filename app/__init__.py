@@ -21,14 +21,18 @@ from app.core.errors import (
     StoreUnavailable,
 )
 from app.core.metrics import REQUESTS
-from app.edges import store, upstream
+from app.edges import durability, store, upstream
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, redis_client: redis.Redis | None = None,
-               **overrides: Any) -> Flask:
-    """Build the Flask app. Settings and a Redis client may be injected (tests)."""
+def create_app(settings: Settings | None = None, redis_client: redis.Redis | None = None, *,
+               check_store: bool = True, **overrides: Any) -> Flask:
+    """Build the Flask app. Settings and a Redis client may be injected (tests).
+
+    check_store=False skips the start-up durability check (for a configuration check on a
+    client that never connects).
+    """
     settings = settings or load_settings(**overrides)
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
@@ -41,7 +45,9 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
     # worker after forking (no preload_app), and `xiaoyi run`, rq jobs and tests all call this
     # factory too, so no request ever pays for the first load.
     tokens.warm()
-    store.init_app(app, redis_client)
+    store.init_app(app, redis_client)  # refuses without XIAOYI_REDIS_URL: never a private Redis
+    if check_store:
+        durability.init_app(app, app.extensions[store.EXTENSION], settings.allow_volatile_store)
     upstream.init_app(app, app.extensions[store.EXTENSION])
 
     from app.web import admin, health, openapi, pay_notify, relay, wechat

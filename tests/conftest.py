@@ -19,7 +19,7 @@ from private_redis import private_redis  # noqa: E402
 
 from app import create_app  # noqa: E402
 from app.core.config import Settings, load_settings  # noqa: E402
-from app.core.money import keys, wallet
+from app.core.money import keys, tally, wallet
 from app.edges.store import make_redis  # noqa: E402
 from fakes import FakeWeChatAPI, FakeWeChatPay  # noqa: E402
 from fakes.upstream import FakeUpstream  # noqa: E402
@@ -76,9 +76,11 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
     """A clean client on the private test server."""
+    tally.flush()  # counts an earlier test's processes still hold land before the flush
     client = make_redis(redis_url, max_connections=400)
     client.flushdb()
     yield client
+    tally.flush()
     client.connection_pool.disconnect()
 
 

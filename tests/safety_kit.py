@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from app import create_app
 from app.bot import screening
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
 from fakes.upstream.answers import make_answer
 
@@ -62,14 +62,14 @@ def plus_one(before: tuple[int, float]) -> tuple[int, float]:
 
 def kinds(r: redis.Redis, acct: str) -> list[str]:
     """Return the kinds of the account's ledger entries after its funding, oldest first."""
-    found = [e["kind"] for e in wallet.ledger_entries(r, acct)]
+    found = [e["kind"] for e in ledger.ledger_entries(r, acct)]
     assert found[0] == "topup"  # new_key's 10 元
     return found[1:]
 
 
 def settle_of(r: redis.Redis, acct: str) -> dict[str, Any]:
     """Return the account's one settle entry."""
-    (entry,) = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     return entry
 
 

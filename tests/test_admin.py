@@ -17,7 +17,8 @@ from rq.job import Job
 
 from app import create_app
 from app.core.config import load_settings
-from app.core.money import keys, wallet
+from app.core.money import keys, ledger, wallet
+from app.core.money.codes import create_codes, list_codes
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
@@ -102,14 +103,14 @@ def test_posts_need_the_csrf_field(client: Any, r: redis.Redis) -> None:
     assert client.post("/admin/codes", data={"yuan": "5", "count": "2"}).status_code == 400
     assert client.post("/admin/codes", data={"yuan": "5", "count": "2",
                                              "csrf": "forged"}).status_code == 400
-    assert wallet.list_codes(r) == []
+    assert list_codes(r) == []
     resp = client.post("/admin/codes", data={"yuan": "5", "count": "2",
                                              "csrf": csrf_of(client, "/admin/codes")})
-    assert resp.status_code == 200 and len(wallet.list_codes(r)) == 2
+    assert resp.status_code == 200 and len(list_codes(r)) == 2
     # Scripts using the Bearer header need no CSRF field (a header cannot be forged cross-site).
     assert client.application.test_client().post(
         "/admin/codes", data={"yuan": "1", "count": "1"}, headers=BEARER).status_code == 200
-    assert len(wallet.list_codes(r)) == 3
+    assert len(list_codes(r)) == 3
 
 
 def test_codes_form_validates(client: Any, r: redis.Redis) -> None:
@@ -117,10 +118,10 @@ def test_codes_form_validates(client: Any, r: redis.Redis) -> None:
                  {"yuan": "1", "count": "101"}, {"yuan": "1.00001", "count": "1"}):
         resp = client.post("/admin/codes", data=data, headers=BEARER)
         assert resp.status_code == 200 and 'class="flash"' in resp.get_data(as_text=True)
-    assert wallet.list_codes(r) == []
+    assert list_codes(r) == []
     page = client.post("/admin/codes", data={"yuan": "2.5", "count": "3"},
                        headers=BEARER).get_data(as_text=True)
-    made = wallet.list_codes(r)
+    made = list_codes(r)
     assert len(made) == 3 and all(c["code"] in page for c in made)
     assert {int(c["amount"]) for c in made} == {25_000}
 
@@ -145,7 +146,7 @@ def test_revoke_and_topup_from_the_account_page(client: Any, r: redis.Redis) -> 
     assert keys.lookup(r, key) is None and chat(client, key).status_code == 401
     assert "已吊销" in client.get(f"/admin/accounts/{acct}").get_data(as_text=True)
     assert client.get("/admin/accounts/acct_missing").status_code == 404
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_usage_requests_and_overview_show_settled_requests(client: Any, r: redis.Redis) -> None:
@@ -165,7 +166,7 @@ def test_usage_requests_and_overview_show_settled_requests(client: Any, r: redis
     assert 'data-channel="default"' in overview and "正常" in overview
     assert 'data-queue="chat"' in overview and 'data-queue="image"' in overview
     listing = client.get("/admin/accounts", headers=BEARER).get_data(as_text=True)
-    assert acct in listing and wallet.verify(r) == []
+    assert acct in listing and ledger.verify(r) == []
     resp = client.get(f"/admin/accounts?q={acct}", headers=BEARER)
     assert resp.status_code == 302 and resp.location == f"/admin/accounts/{acct}"
 
@@ -229,7 +230,7 @@ def test_no_page_shows_a_secret(upstream: FakeUpstream, redis_url: str,
         raw_keys.append(keys.create_key(r, acct, "second")[0])
         assert chat(client, key).status_code == 200
     keys.revoke(r, keys.lookup(r, raw_keys[-1]).id)
-    wallet.create_codes(r, 10_000, 2)
+    create_codes(r, 10_000, 2)
     conn = make_redis(redis_url, decode=False)
     Queue("image", connection=conn).enqueue("math.sqrt", -1)
     SimpleWorker([Queue("image", connection=conn)], connection=conn).work(burst=True)

@@ -12,7 +12,8 @@ from admin_kit import chat, crawl, login
 from conftest import new_key
 from rq import Queue, SimpleWorker
 
-from app.core.money import wallet
+from app.core.money import codes as money_codes
+from app.core.money import layout, ledger
 from app.edges import pay
 from app.edges.store import make_redis
 
@@ -78,8 +79,8 @@ def test_every_admin_time_is_china_time_and_labelled(client: Any, r: redis.Redis
                                                      redis_url: str) -> None:
     key, acct = new_key(r)
     assert chat(client, key).status_code == 200
-    code = wallet.create_codes(r, 10_000, 1)[0]
-    assert wallet.redeem(r, acct, code)[0] == "ok"
+    code = money_codes.create_codes(r, 10_000, 1)[0]
+    assert money_codes.redeem(r, acct, code)[0] == "ok"
     r.hset(pay.order_key("XYTIMES1"), mapping={"acct": acct, "openid": "o1", "fen": 100,
                                                "units": 10_000, "state": "paid",
                                                "created": CREATED_MS, "paid_at": PAID_MS})
@@ -112,11 +113,11 @@ def test_every_admin_time_is_china_time_and_labelled(client: Any, r: redis.Redis
     job.refresh()
     assert job.ended_at is not None and worker.last_heartbeat is not None
     assert {china(job.ended_at), china(worker.last_heartbeat)} <= set(shown["/admin/rq"])
-    ledger = wallet.recent_ledger(r, acct, 10)
-    assert len(ledger) >= 3  # the initial credit, the chat, the redeemed code
-    stamps = {china(int(str(e.get("ts") or e["id"]).split("-")[0])) for e in ledger}
+    entries = ledger.recent_ledger(r, acct, 10)
+    assert len(entries) >= 3  # the initial credit, the chat, the redeemed code
+    stamps = {china(int(str(e.get("ts") or e["id"]).split("-")[0])) for e in entries}
     assert stamps <= set(shown[f"/admin/accounts/{acct}"])
-    assert china(int(r.hget(wallet.acct_key(acct), "created"))) in shown["/admin/accounts"]
+    assert china(int(r.hget(layout.acct_key(acct), "created"))) in shown["/admin/accounts"]
 
 
 def _times(html: str) -> list[tuple[str, str]]:

@@ -38,7 +38,7 @@ def test_models_filter_and_resting_channels_go_last(r: redis.Redis, redis_url: s
     up = upstream_with(r, redis_url, table)
     assert [c.name for c in up.order("gpt-4")] == ["main", "spare"]
     assert up.order("dall-e-2")[-1].name == "spare"
-    r.set("xy:chan:main:cool", "http_500", ex=30)  # another process saw main fail
+    r.set("xy:chan:{main}:cool", "http_500", ex=30)  # another process saw main fail
     up = upstream_with(r, redis_url, table)  # a process that has not cached the state yet
     assert [c.name for c in up.order("gpt-4")] == ["spare", "main"]
     assert isinstance(up.order("gpt-4")[0], Channel)

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
@@ -113,7 +113,7 @@ def test_failover_cooldown_and_recovery(r: redis.Redis, redis_url: str, upstream
     assert all(ask(client, key).status_code == 200 for _ in range(3))
     assert chats(second) == before_a + 3 and chats(upstream) == before_b
     assert metric(client, "xiaoyi_upstream_failovers_total") == failovers
-    assert wallet.verify(r) == [] and wallet.balance(r, acct) < 100_000
+    assert ledger.verify(r) == [] and wallet.balance(r, acct) < 100_000
 
 
 @pytest.mark.parametrize("behaviour,reason", [({"status": 429}, "http_429"),
@@ -142,7 +142,7 @@ def test_every_channel_failing_is_502_and_not_ready(r: redis.Redis, redis_url: s
         fake.configure(status=503)
     resp = ask(client, key)
     assert resp.status_code == 502 and resp.get_json()["error"]["code"] == "upstream_error"
-    assert wallet.balance(r, acct) == before and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == before and ledger.verify(r) == []
     status, chans = readiness(client)
     assert status == 503 and not any(c["reachable"] for c in chans.values())
     assert chans["a"]["cooling"] and chans["b"]["cooling"]

@@ -11,7 +11,8 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from app.core.money import keys, wallet
+from app.core.money import keys, layout, ledger, wallet
+from app.core.money.codes import redeem
 from app.runtime.cli import main
 
 
@@ -60,7 +61,7 @@ def test_keys_create_for_existing_account(cli: Any, r: redis.Redis) -> None:
     text = cli("keys", "create", "--account", acct)
     assert text.exit_code == 0 and text.stdout.startswith("sk-")
     assert len(ok_json(cli("keys", "list", "--account", acct, "--json"))["keys"]) == 2
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_accounts_show_and_topup(cli: Any, r: redis.Redis) -> None:
@@ -69,7 +70,7 @@ def test_accounts_show_and_topup(cli: Any, r: redis.Redis) -> None:
     assert shown["id"] == acct and shown["balance"] == "1.2345" and shown["used"] == "0.0000"
     topped = ok_json(cli("accounts", "topup", acct, "0.5", "--json"))
     assert topped["balance"] == "1.7345"
-    assert [e["kind"] for e in wallet.ledger_entries(r, acct)] == ["topup", "topup"]
+    assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup", "topup"]
     text = cli("accounts", "show", acct)
     assert text.exit_code == 0 and "1.7345" in text.stdout
 
@@ -89,14 +90,14 @@ def test_errors_go_to_stderr(cli: Any, r: redis.Redis, args: tuple[str, ...],
     result = cli(*(acct if a == "ACCT" else a for a in args))
     assert result.exit_code != 0
     assert result.stdout == "" and named in result.stderr
-    assert wallet.balance(r, acct) == 100 and r.xlen(wallet.LEDGER) == 1
+    assert wallet.balance(r, acct) == 100 and r.xlen(layout.ledger_key(acct)) == 1
 
 
 def test_codes_create_and_list(cli: Any, r: redis.Redis) -> None:
     made = ok_json(cli("codes", "create", "--amount", "3", "--count", "3", "--json"))
     assert made["amount"] == "3.0000" and len(set(made["codes"])) == 3
     acct = wallet.create_account(r)
-    assert wallet.redeem(r, acct, made["codes"][0])[0] == "ok"
+    assert redeem(r, acct, made["codes"][0])[0] == "ok"
     listed = {c["code"]: c for c in ok_json(cli("codes", "list", "--json"))["codes"]}
     assert set(listed) == set(made["codes"])
     assert listed[made["codes"][0]]["used_by"] == acct
@@ -119,7 +120,7 @@ def test_ledger_export_and_verify(cli: Any, r: redis.Redis) -> None:
     assert entries[2]["req"] == "req-1" and entries[2]["pt"] == "10"
     assert ok_json(cli("ledger", "verify", "--json")) == {"ok": True, "problems": []}
     assert cli("ledger", "verify").exit_code == 0
-    r.hincrby(wallet.acct_key(acct), "balance", 7)  # money that no ledger entry explains
+    r.hincrby(layout.acct_key(acct), "balance", 7)  # money that no ledger entry explains
     bad = cli("ledger", "verify")  # the problems are the report (stdout); the error is one line
     assert bad.exit_code != 0 and acct in bad.stdout
     assert bad.stderr.count("\n") == 1 and "does not add up" in bad.stderr

@@ -18,7 +18,7 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from app.core.money import wallet
+from app.core.money import layout, ledger, wallet
 from app.runtime.cli import main
 
 SERVERS = {"run", "web", "worker", "fake-upstream"}  # serve until stopped: print no data
@@ -45,6 +45,9 @@ SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
     "keys revoke": [(["key_missing"], {}, "no live key key_missing"), (["REVOKED"], {}, "no live")],
     "ledger export": [(["--account", "{x}"], {}, "Invalid value")],
     "ledger verify": [(["BROKEN"], {}, "does not add up")],
+    "ledger migrate": [([], {"XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
+                       ([], {"XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": "/nonexistent/xy-var"},
+                        "XIAOYI_REDIS_URL is not set")],
     "menu push": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
     "menu show": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
     "wechat send": [(["hi"], NO_WECHAT, "XIAOYI_WECHAT_TOKEN"),
@@ -107,6 +110,11 @@ def _cases() -> Iterator[Any]:
             yield pytest.param(path, args, env, named, id=f"{path} {' '.join(args)}")
 
 
+def _entries(r: redis.Redis) -> int:
+    """Count the ledger entries of every account."""
+    return sum(r.xlen(layout.ledger_key(a)) for a in ledger.account_ids(r))
+
+
 @pytest.fixture
 def invoke(redis_url: str, r: redis.Redis) -> Any:
     """Run `xiaoyi PATH ARGS` in-process on the test database; return (Result, entries added)."""
@@ -118,13 +126,13 @@ def invoke(redis_url: str, r: redis.Redis) -> Any:
 
             _, info = keys.create_key(r, acct, "gone")
             keys.revoke(r, info.id)
-            r.hincrby(wallet.acct_key(acct), "balance", 7)  # money no ledger entry explains
+            r.hincrby(layout.acct_key(acct), "balance", 7)  # money no ledger entry explains
             args = [info.id if a == "REVOKED" else a for a in args if a != "BROKEN"]
         args = [acct if a == "ACCT" else a for a in args]
         base = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_CONFIG": "", "XIAOYI_WECHAT_AES_KEY": ""}
-        before = r.xlen(wallet.LEDGER)
+        before = _entries(r)
         result = CliRunner().invoke(main, [*path.split(), *args], env={**base, **env})
-        return result, r.xlen(wallet.LEDGER) - before
+        return result, _entries(r) - before
 
     return run
 

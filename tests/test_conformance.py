@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from openapi_schemas import _document, _openapi_to_jsonschema, validate
 
 from app import create_app
-from app.core.money import wallet
+from app.core.money import ledger
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
@@ -160,7 +160,7 @@ def test_what_openai_accepts_the_relay_serves(path: str,
 
     run()
     _, r, _ = relay
-    assert r.zcard(wallet.PENDING) == 0 and wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
     # OpenAI's schema allows many bodies OpenAI refuses by its descriptions (empty texts to
     # embed or draw, token ids below 0): still, a good share must be served.
     assert len(statuses) >= EXAMPLES and statuses.count(200) >= 5, statuses

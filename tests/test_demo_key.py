@@ -8,7 +8,7 @@ from pathlib import Path
 import redis
 
 from app.core.config import load_settings
-from app.core.money import keys, wallet
+from app.core.money import keys, ledger, wallet
 from app.runtime.demo import DEMO_ACCOUNT, DEMO_KEY_FILE, banner, demo_key
 
 
@@ -27,7 +27,7 @@ def test_the_demo_key_is_reused_and_the_balance_is_real(redis_url: str, r: redis
     wallet.settle(r, DEMO_ACCOUNT, "req-1", 1_111)
     again, balance = demo_key(settings, redis_url)
     assert again == first and balance == 100_000 - 1_111  # no second credit, the real balance
-    assert len(_live(r)) == 1 and wallet.verify(r) == []
+    assert len(_live(r)) == 1 and ledger.verify(r) == []
 
 
 def test_a_revoked_or_foreign_demo_key_is_replaced(redis_url: str, r: redis.Redis,

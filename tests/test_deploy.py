@@ -34,7 +34,10 @@ def test_compose_names_every_service_and_keeps_redis_durable() -> None:
         assert services[name]["deploy"]["replicas"] == 2
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (DEPLOY / services[name]["build"]["context"] / "deploy/Dockerfile").exists()
-        assert services[name]["environment"]["XIAOYI_REDIS_URL"].startswith("redis://redis:")
+        money = services[name]["environment"]["XIAOYI_REDIS_URL"]  # ${XIAOYI_MONEY_URL:-default}
+        assert re.fullmatch(r"\$\{XIAOYI_MONEY_URL:-redis://redis:6379/0\}", money)
+        assert services[name]["environment"]["XIAOYI_QUEUE_REDIS_URL"] == "redis://redis:6379/0"
+        assert services[name]["depends_on"]["money-init"]["required"] is False
     assert "xiaoyi web" in " ".join(services["web"]["command"])
     assert "xiaoyi worker" in " ".join(services["worker"]["command"])
     redis_svc = services["redis"]
@@ -43,6 +46,11 @@ def test_compose_names_every_service_and_keeps_redis_durable() -> None:
     conf_mount = next(v for v in redis_svc["volumes"] if "redis.conf" in v)
     assert (DEPLOY / conf_mount.split(":")[0]).exists()
     assert conf_mount.split(":")[1] in redis_svc["command"]
+    for node in ("money-1", "money-2", "money-3"):  # the cluster profile
+        assert services[node]["profiles"] == ["cluster"] and "--cluster-enabled yes" in " ".join(
+            services[node]["command"])
+        assert any(v.endswith(":/data") for v in services[node]["volumes"])
+    assert "--cluster create" in " ".join(services["money-init"]["command"])
     nginx = services["nginx"]
     assert any(v.startswith("./nginx.conf:") for v in nginx["volumes"])
     assert "443:443" in nginx["ports"] and "ports" not in redis_svc
@@ -117,15 +125,22 @@ def directives(text: str) -> dict[str, str]:
     return out
 
 
-def test_redis_conf_is_durable_and_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster-node"])
+def test_redis_conf_is_durable_and_loads(tmp_path: Path, cluster: bool) -> None:
     conf = directives((DEPLOY / "redis.conf").read_text())
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == "always"
     assert conf["maxmemory-policy"] == "noeviction"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    extra: list[str] = []
+    if cluster:  # the flags of compose.yaml's money-1..3 (the cluster profile)
+        compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+        line = compose["services"]["money-1"]["command"][-1]
+        extra = line.split("--bind 0.0.0.0 --protected-mode no ")[1].replace(
+            "$$(hostname)", "money-1").replace("/data/", f"{tmp_path}/").split()
     proc = subprocess.Popen([find_server_binary(), str(DEPLOY / "redis.conf"), "--port",
-                             str(port), "--dir", str(tmp_path), "--daemonize", "no"],
+                             str(port), "--dir", str(tmp_path), "--daemonize", "no", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         client = redis.Redis(port=port, decode_responses=True)
@@ -141,6 +156,8 @@ def test_redis_conf_is_durable_and_loads(tmp_path: Path) -> None:
         assert client.config_get("appendfsync") == {"appendfsync": "always"}
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        if cluster:
+            assert client.info("cluster")["cluster_enabled"] == 1
         client.close()
     finally:
         proc.terminate()

@@ -27,7 +27,7 @@ from conftest import UPSTREAM_KEY, new_key
 
 from app.core import pricing
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger
 from app.runtime.graceful import grace_seconds
 
 SLOW = "[[fake:chunk_delay=0.25]]"  # the default answer: about 8 pieces, 2 s
@@ -58,12 +58,16 @@ def web(redis_url: str, upstream: Any, tmp_path: Path) -> Iterator[Any]:
     """Start `xiaoyi web` with a given grace; yield a starter returning (process, base URL)."""
     procs: list[subprocess.Popen] = []
 
-    def start(grace: int) -> tuple[subprocess.Popen, str]:
+    def start(grace: int, fake_port: int | None = None) -> tuple[subprocess.Popen, str]:
+        """fake_port: no upstream set, so `xiaoyi web` starts the fake upstream on that port."""
         port, log = _free_port(), tmp_path / "web.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
         env.update(XIAOYI_REDIS_URL=redis_url, XIAOYI_UPSTREAM_BASE_URL=upstream.url,
                    XIAOYI_UPSTREAM_API_KEY=UPSTREAM_KEY, XIAOYI_GRACEFUL_TIMEOUT=str(grace),
                    WEB_CONCURRENCY="1")
+        if fake_port is not None:
+            del env["XIAOYI_UPSTREAM_BASE_URL"], env["XIAOYI_UPSTREAM_API_KEY"]
+            env["XIAOYI_FAKE_UPSTREAM_PORT"] = str(fake_port)
         with log.open("w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "web", "--port",
                                      str(port)], env=env, cwd=tmp_path, stdout=out,
@@ -113,8 +117,8 @@ def _text(events: list[str]) -> str:
 
 
 def _settled(r: redis.Redis, acct: str) -> dict[str, str]:
-    entries = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
-    assert len(entries) == 1 and r.zcard(wallet.PENDING) == 0 and wallet.verify(r) == []
+    entries = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert len(entries) == 1 and ledger.open_holds(r) == 0 and ledger.verify(r) == []
     return entries[0]
 
 
@@ -154,6 +158,31 @@ def test_a_stream_longer_than_the_grace_ends_with_an_error_and_done(
     price = load_settings({}).prices["gpt-3.5-turbo"]
     assert (int(entry["pt"]), int(entry["ct"])) == (pt, ct) and ct > 0
     assert int(entry["cost"]) == pricing.token_cost(price, pt, ct)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_ctrl_c_on_xiaoyi_web_spares_its_fake_upstream_until_the_stream_ends(
+        web: Any, r: redis.Redis) -> None:
+    """The fake upstream `xiaoyi web` starts is out of the terminal's group, yet dies with it."""
+    fake_port = _free_port()
+    proc, base = web(grace=30, fake_port=fake_port)
+    key, acct = new_key(r)
+    events = _stop_mid_stream(proc, _open_stream(base, key, f"你好 {SLOW}"), signal.SIGINT)
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert proc.wait(timeout=60) == 0
+    assert _settled(r, acct)["ct"] == str(chunks[-1]["usage"]["completion_tokens"])
+    deadline = time.monotonic() + 20  # bounded: PR_SET_PDEATHSIG stops it when gunicorn exits
+    while _answers(f"http://127.0.0.1:{fake_port}/healthz"):
+        assert time.monotonic() < deadline, "the fake upstream outlived `xiaoyi web`"
+        time.sleep(0.1)
 
 
 def test_xiaoyi_run_ends_an_open_stream_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """The relay's hot path after the performance work (bench/): same answers, fewer round trips.
 
 * key lookup + rate-limit window in one script (keys.lookup_and_hit), counting in the same
-  window as ratelimit.hit;
-* chat: lookup + window + reservation in one script (money.hold.AUTH_AND_RESERVE), with the old
+  window as money.authorize;
+* chat: lookup + window + reservation in one script (money.hold.AUTHORIZE), with the old
   order of errors kept (401/429 before a bad request's 400/404);
 * the upstream called through urllib3 (UpstreamResponse), raising requests' exceptions;
 * channel successes counted in-process and flushed (health() is always current).
@@ -19,7 +19,9 @@ import requests
 from conftest import make_settings, new_key
 
 from app import create_app
-from app.core.money import keys, ratelimit, wallet
+from app.core import money
+from app.core.errors import RateLimited
+from app.core.money import keys, layout, ledger, wallet
 from app.edges.upstream import EXTENSION as UPSTREAM
 from app.edges.upstream import UpstreamResponse, translate
 from fakes.upstream import FakeUpstream
@@ -42,26 +44,32 @@ def limited_app(tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis
                       redis_client=r)
 
 
-def test_lookup_and_hit_counts_in_ratelimit_hits_window(r: redis.Redis) -> None:
+def test_lookup_and_hit_counts_in_the_window_authorize_uses(r: redis.Redis) -> None:
     raw, acct = new_key(r)
     info = keys.lookup(r, raw)
     assert info is not None
-    assert ratelimit.hit(r, f"key:{info.id}", 3) == 0
-    assert ratelimit.hit(r, f"key:{info.id}", 3) == 0
-    found, wait = keys.lookup_and_hit(r, raw, 3)
-    assert found == info and wait == 0
-    found, wait = keys.lookup_and_hit(r, raw, 3)
-    assert found == info and 1 <= wait <= 60
-    assert ratelimit.hit(r, f"key:{info.id}", 3) >= 1  # and the other way round
+    found, window = keys.lookup_and_hit(r, raw, 3)
+    assert found == info and window.wait == 0 and (window.limit, window.remaining) == (3, 2)
+    with money.authorize(r, raw, "req-w", 10, model="gpt-3.5-turbo", limit=3) as held:
+        assert held.window.remaining == 1 and held.window.reset_ms == 60_000
+        held.settle(10)
+    found, window = keys.lookup_and_hit(r, raw, 3)
+    assert found == info and window.remaining == 0
+    found, window = keys.lookup_and_hit(r, raw, 3)  # the fourth request of the minute
+    assert found == info and 1 <= window.wait <= 60
+    with pytest.raises(RateLimited):
+        money.authorize(r, raw, "req-x", 10, model="gpt-3.5-turbo", limit=3)
+    assert ledger.verify(r) == [] and ledger.open_holds(r) == 0
 
 
 def test_lookup_and_hit_unknown_or_off(r: redis.Redis) -> None:
     raw, _ = new_key(r)
-    assert keys.lookup_and_hit(r, "sk-nope", 3) == (None, 0)
-    assert keys.lookup_and_hit(r, "not-a-key", 3) == (None, 0)
-    assert not list(r.scan_iter("xy:rl:*"))  # an unknown key counts nothing
-    info, wait = keys.lookup_and_hit(r, raw, 0)  # 0 = no limit: nothing counted
-    assert info is not None and wait == 0 and not list(r.scan_iter("xy:rl:*"))
+    assert keys.lookup_and_hit(r, "sk-nope", 3)[0] is None
+    assert keys.lookup_and_hit(r, "not-a-key", 3)[0] is None
+    assert keys.lookup_and_hit(r, raw[:-1] + ("A" if raw[-1] != "A" else "B"), 3)[0] is None
+    assert not list(r.scan_iter("xy:*rl:*"))  # an unknown key counts nothing
+    info, window = keys.lookup_and_hit(r, raw, 0)  # 0 = no limit: nothing counted
+    assert info is not None and window.wait == 0 and not list(r.scan_iter("xy:*rl:*"))
 
 
 def test_chat_reserves_settles_and_balances(client: Any, r: redis.Redis,
@@ -71,11 +79,11 @@ def test_chat_reserves_settles_and_balances(client: Any, r: redis.Redis,
     resp = chat(client, key, {"messages": HELLO, "max_tokens": 16})
     assert resp.status_code == 200
     req = resp.headers["X-Request-Id"]
-    kinds = [e["kind"] for e in wallet.ledger_entries(r, acct)]
+    kinds = [e["kind"] for e in ledger.ledger_entries(r, acct)]
     assert kinds[-2:] == ["reserve", "settle"]
-    assert r.exists(f"xy:done:{req}") and not r.exists(f"xy:resv:{req}")
-    assert r.zscore(wallet.PENDING, req) is None
-    assert wallet.balance(r, acct) < before and wallet.verify(r) == []
+    assert r.zscore(layout.done_key(acct), req) and not r.exists(layout.resv_key(acct, req))
+    assert ledger.open_holds(r) == 0
+    assert wallet.balance(r, acct) < before and ledger.verify(r) == []
 
 
 def test_chat_error_order_is_kept(tmp_path: Path, upstream: FakeUpstream, redis_url: str,
@@ -91,8 +99,8 @@ def test_chat_error_order_is_kept(tmp_path: Path, upstream: FakeUpstream, redis_
     assert resp.status_code == 429 and resp.get_json()["error"]["code"] == "rate_limit_exceeded"
     resp = chat(client, key, {"messages": HELLO})
     assert resp.status_code == 429 and resp.get_json()["error"]["code"] == "rate_limit_exceeded"
-    assert upstream.requests == [] and wallet.verify(r) == []
-    assert [e["kind"] for e in wallet.ledger_entries(r, acct)] == ["topup"]
+    assert upstream.requests == [] and ledger.verify(r) == []
+    assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup"]
 
 
 def test_chat_short_balance_reserves_nothing(client: Any, r: redis.Redis,
@@ -102,7 +110,21 @@ def test_chat_short_balance_reserves_nothing(client: Any, r: redis.Redis,
     assert resp.status_code == 429
     assert resp.get_json()["error"]["code"] == "insufficient_quota"
     assert upstream.requests == [] and wallet.balance(r, acct) == 1
-    assert not list(r.scan_iter("xy:resv:*")) and wallet.verify(r) == []
+    assert not list(r.scan_iter("xy:{*}:resv:*")) and ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2**62}),
+    ("/v1/responses", {"input": "hello", "max_output_tokens": 2**62}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 2**62}),
+])
+def test_a_hold_past_any_wallet_is_a_429_not_a_store_error(client: Any, r: redis.Redis,
+                                                           path: str, body: dict[str, Any]) -> None:
+    """A hold above what a money script accepts (2**53 units) is unaffordable, never a 503."""
+    key, acct = new_key(r, "100")
+    resp = client.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 429 and resp.json["error"]["code"] == "insufficient_quota"
+    assert wallet.balance(r, acct) == 1_000_000 and ledger.open_holds(r) == 0
 
 
 def test_revoked_key_is_refused_at_once(client: Any, r: redis.Redis,

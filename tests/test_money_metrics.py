@@ -7,7 +7,8 @@ from typing import Any
 import redis
 from test_metrics import scrape
 
-from app.core.money import wallet
+from app.core.money import ledger, wallet
+from app.core.money.codes import create_codes, redeem
 
 
 def money(client: Any, kind: str) -> float:
@@ -21,12 +22,12 @@ def test_every_kind_of_money_is_counted_whoever_moves_it(client: Any, r: redis.R
     acct = wallet.create_account(r, initial=50_000)
     assert wallet.reserve(r, acct, "req-m1", 20_000).ok
     wallet.settle(r, acct, "req-m1", 7_000, prompt_tokens=10, completion_tokens=5)
-    code = wallet.create_codes(r, 3_000)[0]
-    assert wallet.redeem(r, acct, code)[0] == "ok"
+    code = create_codes(r, 3_000)[0]
+    assert redeem(r, acct, code)[0] == "ok"
     after = {k: money(client, k) for k in before}
     assert after["topup"] - before["topup"] == 50_000
     assert after["reserved"] - before["reserved"] == 20_000
     assert after["settled"] - before["settled"] == 7_000
     assert after["released"] - before["released"] == 13_000
     assert after["redeem"] - before["redeem"] == 3_000
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []

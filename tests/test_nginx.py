@@ -19,7 +19,7 @@ from nginx_kit import Nginx
 from web_kit import Web, chat_head, closed_within
 
 from app.core.errors import RequestTooLarge
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.web.relay import PREFIXES
 from fakes.upstream import FakeUpstream
 
@@ -67,7 +67,7 @@ def test_stalled_clients_wait_at_nginx_and_streams_flow(
             assert resp.status_code == 413
             assert resp.json() == RequestTooLarge(
                 "The request body is larger than the limit.").body()
-        assert wallet.verify(r) == []
+        assert ledger.verify(r) == []
         assert wallet.balance(r, acct) < 100_000
     finally:
         assert web.stop(quick=True) == 0  # the abandoned stream need not be waited for

@@ -14,7 +14,7 @@ from conftest import make_settings, new_key
 
 from app import create_app
 from app.core import pricing
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 
 ANSWER = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-3.5-turbo"}
 
@@ -66,7 +66,7 @@ def test_odd_error_bodies_are_a_clean_502(odd: ThreadingHTTPServer, r: redis.Red
                                           redis_url: str, body: Any) -> None:
     resp, acct = ask(odd, r, redis_url, 503, body)
     assert resp.status_code == 502 and resp.json["error"]["code"] == "upstream_error"
-    assert wallet.balance(r, acct) == 100_000 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
 
 
 CHOICES = [7, {"index": 0, "finish_reason": "stop",
@@ -75,7 +75,7 @@ PROMPT = pricing.estimate_messages([{"role": "user", "content": "你好"}], "gpt
 
 
 def _settled(r: redis.Redis, acct: str) -> tuple[int, int]:
-    settled = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     assert len(settled) == 1
     return int(settled[0]["pt"]), int(settled[0]["ct"])
 
@@ -91,7 +91,7 @@ def test_no_usage_object_is_billed_by_the_estimate(odd: ThreadingHTTPServer, r: 
     assert resp.json["usage"] == {"prompt_tokens": PROMPT, "completion_tokens": ct,
                                   "total_tokens": PROMPT + ct}
     assert _settled(r, acct) == (PROMPT, ct)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 @pytest.mark.parametrize("usage,billed", [
@@ -107,4 +107,4 @@ def test_malformed_usage_is_billed_at_the_bound(odd: ThreadingHTTPServer, r: red
     assert resp.status_code == 200, resp.json
     shown = resp.json["usage"]
     assert (shown["prompt_tokens"], shown["completion_tokens"]) == billed == _settled(r, acct)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []

@@ -14,7 +14,7 @@ from fakes.wechat_pay import sign, to_xml
 
 from app import create_app
 from app.core.config import ConfigError, Settings, load_settings
-from app.core.money import wallet
+from app.core.money import layout, ledger, wallet
 from app.edges import pay
 from fakes import FakeWeChatPay, make_notify
 from fakes.upstream import FakeUpstream
@@ -78,7 +78,7 @@ def test_start_order_creates_a_native_order(r: redis.Redis, settings: Settings,
     stored = r.hgetall(pay.order_key(sent["out_trade_no"]))
     assert stored["acct"] == acct and stored["fen"] == "1234" and stored["state"] == "pending"
     assert stored["openid"] == "oUser1" and stored["code_url"] == sent["code_url"]
-    assert r.ttl(pay.order_key(sent["out_trade_no"])) > 0
+    assert r.ttl(pay.order_key(sent["out_trade_no"])) == -1  # a money record: never evicted
     pay.start_order(r, settings, acct, "oUser1", 123_400)
     assert len({o["out_trade_no"] for o in fake.orders}) == 2  # out_trade_no is unique
 
@@ -144,11 +144,11 @@ def test_a_valid_notification_credits_once_however_often_it_comes(
         t.join(10)
     assert len(answers) == 8 and all(SUCCESS in a for a in answers)
     assert wallet.balance(r, acct) == before + 100_000
-    topups = [e for e in wallet.ledger_entries(r, acct) if e["note"] == "wechat pay"]
+    topups = [e for e in ledger.ledger_entries(r, acct) if e["note"] == "wechat pay"]
     assert len(topups) == 1 and topups[0]["req"] == f"pay:{no}"
     stored = r.hgetall(pay.order_key(no))
     assert stored["state"] == "paid" and stored["transaction_id"].startswith("4200")
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_concurrent_first_deliveries_credit_once(r: redis.Redis, settings: Settings,
@@ -168,7 +168,7 @@ def test_concurrent_first_deliveries_credit_once(r: redis.Redis, settings: Setti
     for t in threads:
         t.join(10)
     assert results == [(True, "OK")] * 10
-    assert wallet.balance(r, acct) == 10_000 + 30_000 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == 10_000 + 30_000 and ledger.verify(r) == []
 
 
 def forged(fake: FakeWeChatPay, no: str) -> dict[str, tuple[bytes, str]]:
@@ -201,15 +201,15 @@ def forged(fake: FakeWeChatPay, no: str) -> dict[str, tuple[bytes, str]]:
 def test_forged_or_mismatched_notifications_change_nothing(
         r: redis.Redis, settings: Settings, fake: FakeWeChatPay, acct: str, client: Any) -> None:
     no = order(r, settings, acct, 10)
-    before, ledger = wallet.balance(r, acct), r.xlen(wallet.LEDGER)
+    before, entries = wallet.balance(r, acct), r.xlen(layout.ledger_key(acct))
     for name, (body, reason) in forged(fake, no).items():
         answer = notify(client, body)
         assert FAIL in answer and reason.encode() in answer, name
-        assert wallet.balance(r, acct) == before and r.xlen(wallet.LEDGER) == ledger, name
+        assert wallet.balance(r, acct) == before and r.xlen(layout.ledger_key(acct)) == entries, name
         assert r.hget(pay.order_key(no), "state") == "pending", name
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
     assert SUCCESS in notify(client, fake.notify_for(no))  # the genuine one still works
-    assert wallet.balance(r, acct) == before + 100_000 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == before + 100_000 and ledger.verify(r) == []
 
 
 def test_failed_payment_result_credits_nothing(r: redis.Redis, settings: Settings,
@@ -221,7 +221,7 @@ def test_failed_payment_result_credits_nothing(r: redis.Redis, settings: Setting
     fields["result_code"] = "FAIL"  # a genuine, signed "payment failed" notification
     fields["sign"] = sign(fields, fake.api_key)
     assert FAIL in notify(client, to_xml(fields))
-    assert wallet.balance(r, acct) == 10_000 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []
     assert r.hget(pay.order_key(no), "state") == "pending"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -10,7 +11,7 @@ from conftest import UPSTREAM_KEY, new_key
 
 from app import create_app
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
@@ -48,7 +49,7 @@ def test_limit_holds_across_two_app_instances(upstream: FakeUpstream, redis_url:
     assert chat(apps[1], other).status_code == 200  # another key has its own window
     balance = apps[0].get("/v1/balance", headers={"Authorization": f"Bearer {key}"})
     assert balance.status_code == 429  # every authenticated route counts
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_concurrent_requests_on_both_instances_admit_exactly_the_limit(
@@ -79,3 +80,31 @@ def test_zero_disables_the_limit(upstream: FakeUpstream, redis_url: str, r: redi
     key, _ = new_key(r)
     headers = {"Authorization": f"Bearer {key}"}
     assert all(client.get("/v1/balance", headers=headers).status_code == 200 for _ in range(30))
+
+
+def test_successful_answers_carry_openai_ratelimit_headers(upstream: FakeUpstream,
+                                                           redis_url: str, r: redis.Redis) -> None:
+    """x-ratelimit-{limit,remaining,reset}-requests as OpenAI sends them, JSON and stream."""
+    client = two_apps(upstream, redis_url, 4)[0].test_client()
+    key, _ = new_key(r)
+    auth = {"Authorization": f"Bearer {key}"}
+    answers = [
+        client.post("/v1/chat/completions", headers=auth, json={
+            "messages": [{"role": "user", "content": "hi"}]}),
+        client.post("/v1/chat/completions", headers=auth, json={
+            "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+        client.post("/v1/embeddings", headers=auth, json={
+            "model": "text-embedding-ada-002", "input": "hi"}),
+        client.get("/index.php/api/v1/models", headers=auth),
+    ]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert answers[1].mimetype == "text/event-stream" and b"[DONE]" in answers[1].data
+    for left, answer in zip((3, 2, 1, 0), answers, strict=True):
+        assert answer.headers["x-ratelimit-limit-requests"] == "4"
+        assert answer.headers["x-ratelimit-remaining-requests"] == str(left)
+        reset = answer.headers["x-ratelimit-reset-requests"]
+        assert re.fullmatch(r"(\d+m)?\d+(\.\d+)?s|\d+ms", reset), reset  # Go duration: 1m0s
+    refused = client.get("/v1/models", headers=auth)
+    assert refused.status_code == 429 and "x-ratelimit-limit-requests" not in refused.headers
+    unlimited = two_apps(upstream, redis_url, 0)[0].test_client()
+    assert "x-ratelimit-limit-requests" not in unlimited.get("/v1/models", headers=auth).headers

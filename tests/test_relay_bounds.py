@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from app import create_app
 from app.core import pricing
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
 
 PRICES = load_settings({}).prices
@@ -41,7 +41,7 @@ def post(live: LiveServer, key: str, body: dict[str, Any],
 
 def entries(r: redis.Redis, acct: str, kind: str) -> list[dict[str, Any]]:
     """Return the account's ledger entries of one kind."""
-    return [e for e in wallet.ledger_entries(r, acct) if e["kind"] == kind]
+    return [e for e in ledger.ledger_entries(r, acct) if e["kind"] == kind]
 
 
 def test_free_prompt_attack_is_refused(live: LiveServer, r: redis.Redis,
@@ -93,7 +93,7 @@ def test_parallel_attack_pays_every_bound(live: LiveServer, r: redis.Redis,
     assert all(c >= pricing.token_cost(GPT4, bound) for c in costs)
     assert 100_000 - wallet.balance(r, acct) == sum(costs) >= len(served) * pricing.token_cost(
         GPT4, bound)
-    assert wallet.balance(r, acct) >= 0 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) >= 0 and ledger.verify(r) == []
 
 
 def reserved(live: LiveServer, r: redis.Redis, body: dict[str, Any]) -> int:
@@ -180,7 +180,7 @@ def test_absurd_usage_is_billed_at_the_bound(marker: str, reason: str, stream: b
     price = PRICES["gpt-3.5-turbo"]
     assert int(settle["cost"]) <= pricing.token_cost(price, bound, 20)
     assert 0 < 100_000 - wallet.balance(r, acct) == int(settle["cost"])
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
     assert anomalies(reason) == before + 1
     assert any("usage anomaly on channel default" in m and reason in m for m in caplog.messages)
 
@@ -210,7 +210,7 @@ def test_absurd_embedding_usage_never_empties_a_wallet(live: LiveServer, r: redi
     assert resp.json()["usage"] == {"prompt_tokens": bound, "total_tokens": bound}
     assert 10_000 - wallet.balance(r, acct) == pricing.token_cost(
         PRICES["text-embedding-3-small"], bound)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 @pytest.mark.parametrize("quality,size,units", [

@@ -17,7 +17,7 @@ from conftest import LiveServer, new_key
 from openapi_schemas import validate
 
 from app.core import pricing
-from app.core.money import wallet
+from app.core.money import ledger
 from fakes.upstream import FakeUpstream
 
 SEED_PATHS = ("/index.php/api/v1", "/index.php/v1")
@@ -156,7 +156,7 @@ def test_completions_scoring_idiom(live: LiveServer, funded: tuple[str, str], r:
     assert data["usage"]["completion_tokens"] == 0
     resp = bearer(live, key, "/completions", {**body, "best_of": 0})
     assert resp.status_code == 200, resp.text
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_vision_900kb_base64_is_served(live: LiveServer, funded: tuple[str, str]) -> None:
@@ -207,7 +207,6 @@ def test_405_carries_allow(method: str, path: str, allow: set[str], live: LiveSe
     validate(resp.json(), "ErrorResponse")
 
 
-@pytest.mark.xfail(strict=False, reason="x-ratelimit headers land with the money branch")
 def test_x_ratelimit_headers(live: LiveServer, funded: tuple[str, str]) -> None:
     resp = bearer(live, funded[0], "/chat/completions", {"messages": HELLO})
     assert resp.status_code == 200
@@ -256,7 +255,7 @@ def test_crlf_framed_stream_arrives_whole_and_is_billed(kind: str, live: LiveSer
     model = "gpt-3.5-turbo" if kind == "chat" else "gpt-3.5-turbo-instruct"
     usage = chunks[-1]["usage"]
     assert usage["completion_tokens"] == pricing.estimate_tokens(text, model) > 10
-    settled = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     assert [int(e["ct"]) for e in settled] == [usage["completion_tokens"]]
 
 

@@ -13,7 +13,7 @@ from conftest import LiveServer, make_settings
 from openapi_schemas import validate
 
 from app import create_app
-from app.core.money import wallet
+from app.core.money import layout, ledger, wallet
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
 
@@ -26,7 +26,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 def snapshot(r: redis.Redis, acct: str) -> tuple[int, int]:
     """Return what a charge would change: the balance and the ledger's length."""
-    return wallet.balance(r, acct), r.xlen(wallet.LEDGER)
+    return wallet.balance(r, acct), r.xlen(layout.ledger_key(acct))
 
 
 def check_error(resp: Any, status: int, error_code: str) -> dict[str, Any]:
@@ -199,7 +199,7 @@ def test_unknown_model_route_and_method(live: LiveServer, funded: tuple[str, str
 
 
 def _refunded(r: redis.Redis, acct: str) -> None:
-    entries = [e for e in wallet.ledger_entries(r, acct) if e["kind"] != "topup"]
+    entries = [e for e in ledger.ledger_entries(r, acct) if e["kind"] != "topup"]
     kinds = [e["kind"] for e in entries]
     assert kinds == ["reserve", "refund"], kinds
     reserve, refund = entries
@@ -223,7 +223,7 @@ def test_upstream_5xx_refunds(path: str, body: dict[str, Any], live: LiveServer,
     check_error(post(live, key, path, body), 502, "upstream_error")
     assert wallet.balance(r, acct) == before and upstream.requests
     _refunded(r, acct)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_upstream_rejects_request_is_400_refunded(live: LiveServer, funded: tuple[str, str],

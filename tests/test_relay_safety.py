@@ -27,7 +27,7 @@ from safety_kit import (
 
 from app.core import pricing, tokens
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.web.relay.screening import refused_input, refused_output
 from fakes.upstream import ANSWER_PREFIX, FakeUpstream, count_tokens
 
@@ -105,7 +105,7 @@ def test_a_masked_prompt_goes_upstream_masked(relay: Start, upstream: FakeUpstre
     assert resp.status_code == 200
     assert sent(upstream, LEGACY)[0]["prompt"] == ["a ***", "b"]
     assert sent(upstream, LEGACY)[0]["suffix"] == "c ***"
-    assert kinds(r, acct) == ["reserve", "settle"] * 2 and wallet.verify(r) == []
+    assert kinds(r, acct) == ["reserve", "settle"] * 2 and ledger.verify(r) == []
 
 
 def test_a_masked_answer_masks_every_choice_and_bills_what_was_produced(
@@ -153,7 +153,7 @@ def test_a_masked_stream_masks_a_word_cut_across_chunks(
     assert hits(r, "api_output", "mask") == plus_one(before)  # one hit per stream
     entry = settle_of(r, acct)
     assert int(entry["ct"]) == usage == count_tokens(ANSWER_PREFIX + said)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_a_phrase_spread_over_several_chunks_is_masked(relay: Start, r: redis.Redis) -> None:
@@ -178,7 +178,7 @@ def test_a_refused_answer_is_never_charged(relay: Start, upstream: FakeUpstream,
     assert info.value.code == "content_policy_violation"
     assert len(upstream.requests) == 2  # answered upstream, withheld here
     assert kinds(r, acct) == ["reserve", "refund"] * 2
-    assert wallet.balance(r, acct) == 100_000 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
     assert hits(r, "api_output", "refuse") == (before[0] + 2, before[1] + 2)
 
 
@@ -203,7 +203,7 @@ def test_a_refused_stream_ends_with_content_filter_and_bills_what_it_delivered(
     assert (int(entry["pt"]), int(entry["ct"])) == (bound, ct)
     cost = pricing.token_cost(PRICE, bound, ct)
     assert int(entry["cost"]) == cost == 100_000 - wallet.balance(r, acct)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_a_stream_refused_before_any_text_costs_nothing(relay: Start, r: redis.Redis) -> None:

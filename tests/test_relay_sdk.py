@@ -12,7 +12,7 @@ import redis
 from conftest import LiveServer, new_key
 from openapi_schemas import validate
 
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 
 
 def sdk(live: LiveServer, key: str) -> openai.OpenAI:
@@ -37,7 +37,7 @@ def test_chat_plain(live: LiveServer, funded: tuple[str, str], r: redis.Redis) -
     assert "你好 world" in done.choices[0].message.content
     assert done.usage is not None and done.usage.total_tokens > 0
     assert 0 < before - wallet.balance(r, acct) < before
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_chat_stream_include_usage(live: LiveServer, funded: tuple[str, str]) -> None:

@@ -27,7 +27,7 @@ from PIL import Image
 from app import create_app
 from app.core import pricing, tokens
 from app.core.config import Settings, load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes.upstream import ANSWER_PREFIX, FakeUpstream, count_tokens
 
 MODEL = "gpt-4o-mini"
@@ -42,7 +42,7 @@ def settles(r: redis.Redis, acct: str, count: int = 1) -> list[dict[str, Any]]:
     """Wait (bounded) for `count` settle entries of the account; return them, oldest first."""
     deadline = time.monotonic() + 20
     while True:
-        found = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+        found = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
         if len(found) >= count or time.monotonic() > deadline:
             assert len(found) == count, found
             return found
@@ -51,7 +51,7 @@ def settles(r: redis.Redis, acct: str, count: int = 1) -> list[dict[str, Any]]:
 
 def reserved(r: redis.Redis, acct: str) -> list[int]:
     """Return the amounts the account's requests held, oldest first."""
-    return [-e["amount"] for e in wallet.ledger_entries(r, acct) if e["kind"] == "reserve"]
+    return [-e["amount"] for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve"]
 
 
 def sse(resp: requests.Response) -> list[tuple[str, dict[str, Any]]]:
@@ -106,7 +106,7 @@ def test_create_plain_validates_and_bills_what_the_ledger_settles(
     bound = tokens.messages_bound([{"role": "user", "content": "你好 world"}], MODEL)
     assert reserved(r, acct) == [pricing.token_cost(price, bound, price.max_output)]
     assert before - wallet.balance(r, acct) == cost > 0
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_instructions_are_a_system_message_and_are_echoed(
@@ -311,9 +311,9 @@ def test_upstream_failure_releases_the_hold(live: LiveServer, funded: tuple[str,
     assert caught.value.status_code == 502
     with pytest.raises(openai.InternalServerError):
         client.responses.create(model=MODEL, input="fail please", stream=True)
-    kinds = [e["kind"] for e in wallet.ledger_entries(r, acct)]
+    kinds = [e["kind"] for e in ledger.ledger_entries(r, acct)]
     assert kinds.count("reserve") == 2 and kinds.count("refund") == 2  # a release: cost 0
-    assert wallet.balance(r, acct) == before and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == before and ledger.verify(r) == []
     assert not list(r.scan_iter("xy:resp:*"))
 
 
@@ -330,7 +330,7 @@ def test_stream_broken_by_the_upstream_fails_and_bills_what_was_produced(
     assert text == "word0 word1 word2 word3 word4"
     (entry,) = settles(r, acct)
     assert int(entry["ct"]) == tokens.completion_tokens(text, MODEL) > 0
-    assert int(entry["cost"]) > 0 and wallet.verify(r) == []
+    assert int(entry["cost"]) > 0 and ledger.verify(r) == []
 
 
 def test_truncated_answer_is_incomplete(live: LiveServer, funded: tuple[str, str],
@@ -396,7 +396,7 @@ def test_refused_requests_are_400_and_charge_nothing(
     err = resp.json()
     validate(err, "ErrorResponse")
     assert err["error"]["param"] == param and err["code"] == 40001
-    assert wallet.balance(r, acct) == 100_000 and not list(wallet.ledger_entries(r, acct))[1:]
+    assert wallet.balance(r, acct) == 100_000 and not list(ledger.ledger_entries(r, acct))[1:]
 
 
 def test_legacy_prefix_and_key_in_body(live: LiveServer, funded: tuple[str, str]) -> None:
@@ -481,7 +481,7 @@ def test_absurd_upstream_usage_is_billed_at_the_bound(redis_url: str, r: redis.R
     (entry,) = settles(r, acct)
     price = settings.prices[MODEL]
     assert int(entry["cost"]) == pricing.token_cost(price, bound, 20) == reserved(r, acct)[0]
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 @pytest.fixture
@@ -527,7 +527,7 @@ def test_native_upstream_plain_stream_and_previous(native: LiveServer, funded: t
     entries = settles(r, acct, 2)
     assert [(int(e["pt"]), int(e["ct"])) for e in entries] == [
         (u.input_tokens, u.output_tokens) for u in (first.usage, second.usage)]
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_native_function_call_and_refused_builtin_tool(native: LiveServer,

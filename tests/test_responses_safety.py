@@ -23,7 +23,7 @@ from safety_kit import (
 )
 from test_responses import sse
 
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.web.relay.screening import refused_input, refused_output
 from fakes.upstream import ANSWER_PREFIX, FakeUpstream
 
@@ -114,7 +114,7 @@ def test_a_refused_stream_ends_incomplete_for_content_filter(relay: Start,
     assert last["response"]["incomplete_details"] == {"reason": "content_filter"}
     validate(last["response"], "Response")
     usage = last["response"]["usage"]
-    (entry,) = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     assert (usage["input_tokens"], usage["output_tokens"]) == (int(entry["pt"]), int(entry["ct"]))
     assert 100_000 - wallet.balance(r, acct) == int(entry["cost"]) > 0  # what was delivered
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []

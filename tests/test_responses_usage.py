@@ -15,7 +15,7 @@ from test_responses import MODEL, reserved, serve_with, settles, sse
 
 from app.core import pricing, tokens
 from app.core.config import Settings
-from app.core.money import wallet
+from app.core.money import ledger
 from fakes.upstream import FakeUpstream
 
 
@@ -65,7 +65,7 @@ def test_absurd_usage_is_billed_at_the_bound_and_counted(
     assert int(entry["cost"]) <= pricing.token_cost(price, bound, 40) == reserved(r, acct)[0]
     assert anomalies(reason) == before + 1
     assert any("usage anomaly on channel default" in m and reason in m for m in caplog.messages)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_plausible_usage_is_no_anomaly(relay: LiveServer, r: redis.Redis) -> None:

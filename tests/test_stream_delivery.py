@@ -12,7 +12,7 @@ from conftest import LiveServer
 from test_streams import open_stream, settle_entry, wait_settled
 
 from app.core import pricing
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 
 
 def test_chunks_arrive_as_the_upstream_produces_them(live: LiveServer,
@@ -43,17 +43,17 @@ def test_client_gone_before_the_first_token_pays_the_prompt(live: LiveServer, r:
                      + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(0.1)  # the request is in; leave before the upstream's first token
     deadline = time.monotonic() + 20
-    while not [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "reserve"]:
+    while not [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve"]:
         assert time.monotonic() < deadline, "the request never reserved"
         time.sleep(0.05)
-    req = next(e["req"] for e in wallet.ledger_entries(r, acct) if e["kind"] == "reserve")
+    req = next(e["req"] for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve")
     wait_settled(r, req)
     entry = settle_entry(r, acct, req)
     price = live.server.app.config["SETTINGS"].prices["gpt-3.5-turbo"]
     prompt_cost = pricing.token_cost(price, pricing.estimate_tokens(text.split("[[")[0]), 0)
     assert int(entry["cost"]) >= prompt_cost > 0
     assert wallet.balance(r, acct) == before - int(entry["cost"])
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_first_chunk_reaches_the_client_before_the_stream_ends(live: LiveServer,

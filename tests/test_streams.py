@@ -16,7 +16,7 @@ from openapi_schemas import validate
 from app import create_app
 from app.core import pricing
 from app.core.config import Settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
 
 PRICE_MODEL = "gpt-3.5-turbo"
@@ -53,7 +53,8 @@ def wait_settled(r: redis.Redis, req: str, timeout: float = 30) -> None:
     """Poll until the request's reservation is settled (the relay may still be draining)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if r.exists(f"xy:done:{req}") and not r.exists(f"xy:resv:{req}"):
+        done = any(r.zscore(name, req) for name in r.scan_iter("xy:{*}:done"))
+        if done and not list(r.scan_iter(f"xy:{{*}}:resv:{req}")):
             return
         time.sleep(0.05)
     pytest.fail(f"reservation {req} was not settled within {timeout}s")
@@ -61,7 +62,7 @@ def wait_settled(r: redis.Redis, req: str, timeout: float = 30) -> None:
 
 def settle_entry(r: redis.Redis, acct: str, req: str) -> dict[str, Any]:
     """Return the one settle/refund ledger entry of a request."""
-    found = [e for e in wallet.ledger_entries(r, acct)
+    found = [e for e in ledger.ledger_entries(r, acct)
              if e.get("req") == req and e["kind"] in ("settle", "refund")]
     assert len(found) == 1, found
     return found[0]
@@ -135,7 +136,7 @@ def test_abandoned_stream_is_drained_and_billed_for_full_usage(
         "tell me [[fake:long=200]] [[fake:chunk_delay=0.01]]"), None)
     assert full < reserved
     assert int(entry["cost"]) == full == before - wallet.balance(r, acct)
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_stream_cut_by_upstream_bills_produced_tokens(live: LiveServer, funded: tuple[str, str],
@@ -161,7 +162,7 @@ def test_stream_cut_by_upstream_bills_produced_tokens(live: LiveServer, funded: 
     price = settings.prices[PRICE_MODEL]
     assert int(entry["cost"]) == pricing.token_cost(price, prompt, produced)
     assert before - wallet.balance(r, acct) == int(entry["cost"])
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def _capped_settings(tmp_path: Path, upstream: FakeUpstream, redis_url: str) -> Settings:
@@ -192,7 +193,7 @@ def test_abandoned_stream_drain_is_capped(tmp_path: Path, upstream: FakeUpstream
         # No usage arrived: the relay estimated what it read (the sent part plus ≤ 5 chunks).
         assert int(entry["pt"]) == prompt_bound(content)
         assert 1 <= int(entry["ct"]) < 100
-        assert wallet.verify(r) == []
+        assert ledger.verify(r) == []
     finally:
         server.stop()
 

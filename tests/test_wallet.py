@@ -14,7 +14,8 @@ from proc_kit import race
 
 from app.core import pricing
 from app.core.config import Settings
-from app.core.money import wallet
+from app.core.money import layout, ledger, wallet
+from app.core.money.codes import create_codes, redeem
 from app.runtime.cli import main
 from fakes.upstream import FakeUpstream
 
@@ -22,7 +23,7 @@ from fakes.upstream import FakeUpstream
 def balance_history(r: redis.Redis, acct: str) -> list[int]:
     """Replay the account's ledger: every balance it ever had, in order."""
     out, total = [], 0
-    for entry in wallet.ledger_entries(r, acct):
+    for entry in ledger.ledger_entries(r, acct):
         total += entry["amount"]
         out.append(total)
     return out
@@ -37,12 +38,12 @@ def test_lua_reserve_race(r: redis.Redis) -> None:
     assert all(got.reason == "short" for got in results if not got.ok)
     assert wallet.balance(r, acct) == amount // 2
     assert min(balance_history(r, acct)) >= 0
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
     # Settle the winners concurrently, each twice: every request is charged exactly once.
     charged = race(lambda i: wallet.settle(r, acct, f"req-{won[i % 5]}", 1000), 10)
     assert sorted(c is None for c in charged) == [False] * 5 + [True] * 5
     assert wallet.balance(r, acct) == 5 * amount + amount // 2 - 5 * 1000
-    assert r.zcard(wallet.PENDING) == 0 and wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
 
 
 def test_lua_reserve_race_mixed_amounts(r: redis.Redis) -> None:
@@ -50,7 +51,7 @@ def test_lua_reserve_race_mixed_amounts(r: redis.Redis) -> None:
     results = race(lambda i: wallet.reserve(r, acct, f"m-{i}", 100 + 37 * i))
     held = sum(100 + 37 * i for i, got in enumerate(results) if got.ok)
     assert held <= 10_000 and wallet.balance(r, acct) == 10_000 - held >= 0
-    assert min(balance_history(r, acct)) >= 0 and wallet.verify(r) == []
+    assert min(balance_history(r, acct)) >= 0 and ledger.verify(r) == []
 
 
 def test_same_request_reserved_once(r: redis.Redis) -> None:
@@ -68,7 +69,7 @@ def test_settle_never_overdraws(r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=1000)
     assert wallet.reserve(r, acct, "big", 800).ok
     assert wallet.settle(r, acct, "big", 5000) == 1000  # the hold plus what is left, no more
-    assert wallet.balance(r, acct) == 0 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == 0 and ledger.verify(r) == []
     assert wallet.settle(r, acct, "big", 5000) is None
 
 
@@ -77,23 +78,23 @@ def test_release_returns_everything(r: redis.Redis) -> None:
     assert wallet.reserve(r, acct, "fail", 700).ok
     wallet.release(r, acct, "fail")
     assert wallet.balance(r, acct) == 1000
-    kinds = [e["kind"] for e in wallet.ledger_entries(r, acct)]
-    assert kinds == ["topup", "reserve", "refund"] and wallet.verify(r) == []
+    kinds = [e["kind"] for e in ledger.ledger_entries(r, acct)]
+    assert kinds == ["topup", "reserve", "refund"] and ledger.verify(r) == []
 
 
 def test_release_stale(r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=1000)
     assert wallet.reserve(r, acct, "crashed", 600).ok
-    assert wallet.release_stale(r, older_than_s=3600) == 0
-    assert wallet.release_stale(r, older_than_s=-1) == 1
-    assert wallet.balance(r, acct) == 1000 and r.zcard(wallet.PENDING) == 0
+    assert ledger.release_stale(r, older_than_s=3600) == 0
+    assert ledger.release_stale(r, older_than_s=-1) == 1
+    assert wallet.balance(r, acct) == 1000 and ledger.open_holds(r) == 0
 
 
 def test_topup_ref_race_credits_once(r: redis.Redis) -> None:
     acct = wallet.create_account(r)
     results = race(lambda i: wallet.topup(r, acct, 5000, ref="pay-order-1"), 32)
     assert sum(credited for credited, _ in results) == 1
-    assert wallet.balance(r, acct) == 5000 and wallet.verify(r) == []
+    assert wallet.balance(r, acct) == 5000 and ledger.verify(r) == []
     with pytest.raises(wallet.NoAccount):
         wallet.topup(r, "acct_missing", 1)
     with pytest.raises(wallet.WalletError):
@@ -102,25 +103,25 @@ def test_topup_ref_race_credits_once(r: redis.Redis) -> None:
 
 def test_redeem_race_uses_code_once(r: redis.Redis) -> None:
     accts = [wallet.create_account(r) for _ in range(8)]
-    (code,) = wallet.create_codes(r, 3000)
-    results = race(lambda i: wallet.redeem(r, accts[i % 8], code.lower()), 32)
+    (code,) = create_codes(r, 3000)
+    results = race(lambda i: redeem(r, accts[i % 8], code.lower()), 32)
     assert [s for s, _, _ in results].count("ok") == 1
     assert {s for s, _, _ in results} == {"ok", "used"}
     assert sum(wallet.balance(r, a) for a in accts) == 3000
-    assert wallet.redeem(r, accts[0], "XYNOSUCHCODE")[0] == "unknown"
-    assert wallet.verify(r) == []
+    assert redeem(r, accts[0], "XYNOSUCHCODE")[0] == "unknown"
+    assert ledger.verify(r) == []
 
 
 def test_create_account_is_idempotent(r: redis.Redis) -> None:
     assert wallet.create_account(r, "acct_fixed", initial=100) == "acct_fixed"
     assert wallet.create_account(r, "acct_fixed", initial=100) == "acct_fixed"
-    assert wallet.balance(r, "acct_fixed") == 100 and wallet.verify(r) == []
+    assert wallet.balance(r, "acct_fixed") == 100 and ledger.verify(r) == []
 
 
 def test_verify_finds_a_corrupted_balance(r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=100)
-    r.hincrby(wallet.acct_key(acct), "balance", 1)
-    (problem,) = wallet.verify(r)
+    r.hincrby(layout.acct_key(acct), "balance", 1)
+    (problem,) = ledger.verify(r)
     assert acct in problem and "101" in problem
 
 
@@ -154,8 +155,8 @@ def test_relay_race_64_requests(live: LiveServer, r: redis.Redis, upstream: Fake
     assert wallet.balance(r, acct) == start - len(ok) * cost >= 0
     assert min(balance_history(r, acct)) >= 0
     assert len(upstream.requests) == len(ok)  # a refused request never reached the upstream
-    assert r.zcard(wallet.PENDING) == 0
-    assert wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0
+    assert ledger.verify(r) == []
     result = CliRunner().invoke(main, ["ledger", "verify"], env={"XIAOYI_REDIS_URL": redis_url,
                                                                  "XIAOYI_CONFIG": ""})
     assert result.exit_code == 0, result.output
@@ -190,4 +191,18 @@ def test_hold_covers_everything_the_upstream_may_bill(case: str, client: Any, r:
     fewer = {k: 5 if k in ("max_tokens", "max_completion_tokens") else v for k, v in body.items()}
     resp = client.post(path, json=fewer, headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 200, resp.json
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
+
+
+def test_holders_index_is_written_before_holds_and_pruned_when_idle(r: redis.Redis) -> None:
+    """Every account with a hold is in xy:holders (the sweep's index); idle ones leave it."""
+    busy, idle = wallet.create_account(r, initial=1000), wallet.create_account(r, initial=1000)
+    assert wallet.reserve(r, busy, "open", 100).ok and wallet.reserve(r, idle, "done", 100).ok
+    wallet.settle(r, idle, "done", 50)
+    assert set(r.zrange(layout.HOLDERS, 0, -1)) == {busy, idle}
+    assert ledger.release_stale(r) == 0 and r.zcard(layout.HOLDERS) == 2  # marked lately: kept
+    r.zadd(layout.HOLDERS, {busy: 1, idle: 1})  # both marked long ago
+    assert ledger.release_stale(r) == 0
+    assert r.zrange(layout.HOLDERS, 0, -1) == [busy]  # an open hold keeps its account listed
+    assert ledger.release_stale(r, older_than_s=-1) == 1 and r.zcard(layout.HOLDERS) == 0
+    assert wallet.balance(r, busy) == 1000 and ledger.verify(r) == []

@@ -14,9 +14,9 @@ import pytest
 from rq.job import Job
 from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
 
-from app.bot import handoff
+from app.bot import handoff, users
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.edges.store import get_queue, get_rq_redis
 from app.web.wechat import dedupe
 from fakes import FakeWeChatAPI
@@ -136,7 +136,7 @@ def test_free_chats_then_paid_and_a_rerun_charges_and_sends_once(
         start: Callable[..., Any], upstream: Any, wx: FakeWeChatAPI, r: Any) -> None:
     app, wechat = start(daily_free_messages=1, reply_wait_seconds=0.3)
     assert wechat.say(OPENID, "免费的") is not None
-    acct = r.get(f"xy:wx:user:{OPENID}")
+    acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 10000
     assert wechat.say(OPENID, "[[fake:delay=0.6]]付费的", msg_id="777000004") is None
     wait_for(lambda: wx.sent(OPENID))
@@ -148,9 +148,9 @@ def test_free_chats_then_paid_and_a_rerun_charges_and_sends_once(
         wait_for(lambda: Job.fetch(job.id, connection=get_rq_redis()).is_finished)
     assert len(wx.sent(OPENID)) == 1 and len(chats(upstream)) == 2
     assert wallet.balance(r, acct) == 10000 - spent
-    assert [e["kind"] for e in wallet.ledger_entries(r, acct) if e.get("req") == dk] == [
+    assert [e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk] == [
         "reserve", "settle"]
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_empty_wallet_gets_recharge_hint(start: Callable[..., Any], upstream: Any) -> None:
@@ -174,10 +174,10 @@ def test_refused_request_releases_the_hold(start: Callable[..., Any], upstream: 
                                            r: Any) -> None:
     _, wechat = start(daily_free_messages=0)
     assert wechat.say(OPENID, "[[fake:status=400]]不行") == TEXTS["chat_failed"]
-    acct = r.get(f"xy:wx:user:{OPENID}")
+    acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 10000 and len(chats(upstream)) == 1
-    assert [e["kind"] for e in wallet.ledger_entries(r, acct)] == ["topup", "reserve", "refund"]
-    assert wallet.verify(r) == []
+    assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup", "reserve", "refund"]
+    assert ledger.verify(r) == []
 
 
 def test_user_rate_limit(start: Callable[..., Any]) -> None:
@@ -197,8 +197,8 @@ def test_a_retry_of_a_rate_limited_message_queues_nothing(start: Callable[..., A
         assert not Job.exists(dedupe.job_id(f"{OPENID}:777000009", "chat"),
                               connection=get_rq_redis())
     assert chats(upstream) == []
-    acct = r.get(f"xy:wx:user:{OPENID}")
-    assert [e["kind"] for e in wallet.ledger_entries(r, acct)] == ["topup"]
+    acct = users.account_of(r, OPENID)
+    assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup"]
 
 
 def test_push_disabled_answers_passively_or_parks(start: Callable[..., Any], r: Any,
@@ -274,10 +274,10 @@ def test_the_bot_bills_untrusted_usage_within_its_bounds(usage: dict[str, Any], 
             assert WeChat(url, wx.appid).say(OPENID, "你好") == "好的"
     finally:
         liar.shutdown()
-    acct = r.get(f"xy:wx:user:{OPENID}")
-    (entry,) = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
-    hold = next(e for e in wallet.ledger_entries(r, acct) if e["kind"] == "reserve")
+    acct = users.account_of(r, OPENID)
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    hold = next(e for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve")
     assert 0 < int(entry["cost"]) <= -int(hold["amount"])  # never above the hold
     assert int(entry["ct"]) <= settings.bot["chat_max_tokens"]
     assert wallet.balance(r, acct) == 10_000 - int(entry["cost"]) > 0
-    assert r.zcard(wallet.PENDING) == 0 and wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []

@@ -19,9 +19,10 @@ import requests
 from conftest import UPSTREAM_KEY
 from wechat_kit import TOKEN, WeChat, bot, event_xml, text_xml, wechat_settings
 
-from app.bot import sealed
+from app.bot import sealed, users
 from app.core.config import load_settings
-from app.core.money import keys, wallet
+from app.core.money import codes as money_codes
+from app.core.money import keys, ledger, wallet
 from app.web.wechat import commands
 from fakes import FakeWeChatAPI, FakeWeChatPay
 
@@ -85,9 +86,9 @@ def test_balance_help_and_menu_clicks(served: tuple[WeChat, str]) -> None:
 
 def test_one_code_twelve_users_credits_once(served: tuple[WeChat, str], r: Any) -> None:
     wechat, _ = served
-    code = wallet.create_codes(r, 50_000)[0]
-    users = [f"oRedeemUser{i:017d}" for i in range(12)]
-    for openid in users:  # accounts exist first: the race is on the code alone
+    code = money_codes.create_codes(r, 50_000)[0]
+    openids = [f"oRedeemUser{i:017d}" for i in range(12)]
+    for openid in openids:  # accounts exist first: the race is on the code alone
         wechat.say(openid, "余额")
     barrier = threading.Barrier(12)
 
@@ -96,13 +97,13 @@ def test_one_code_twelve_users_credits_once(served: tuple[WeChat, str], r: Any) 
         return wechat.say(openid, f"充值 {code.lower()}")
 
     with ThreadPoolExecutor(12) as pool:
-        replies = list(pool.map(redeem, users))
+        replies = list(pool.map(redeem, openids))
     assert sum(reply.startswith("充值成功") for reply in replies) == 1
     assert replies.count(TEXTS["redeem_used"]) == 11
-    balances = [wallet.balance(r, r.get(f"xy:wx:user:{u}")) for u in users]
+    balances = [wallet.balance(r, users.account_of(r, u)) for u in openids]
     assert sorted(balances) == [10_000] * 11 + [60_000]
-    assert wallet.verify(r) == []
-    assert wechat.say(users[0], "充值 NOPE") == TEXTS["redeem_unknown"]
+    assert ledger.verify(r) == []
+    assert wechat.say(openids[0], "充值 NOPE") == TEXTS["redeem_unknown"]
 
 
 def test_recharge_by_yuan_without_pay(served: tuple[WeChat, str]) -> None:
@@ -210,7 +211,7 @@ def test_retry_of_the_key_issuing_message_shows_the_same_key_on_any_process(
                    for w in (first, other, other)]
         assert shown == [shown[0]] * 3 and rotated == [rotated[0]] * 3
         assert rotated[0] != shown[0]
-        acct = r.get(f"xy:wx:user:{OPENID}")
+        acct = users.account_of(r, OPENID)
         live = [k for k in keys.list_keys(r, acct) if not k["revoked"]]
         assert len(live) == 1 and live[0]["masked"] == keys.mask(rotated[0])
         stored = _everything(r)

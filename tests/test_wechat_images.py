@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from wechat_kit import WeChat, bot, text_xml, wait_for, wechat_settings
 
-from app.bot import handoff
+from app.bot import handoff, users
 from app.core.config import load_settings
 from app.core.errors import UpstreamError
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes import FakeWeChatAPI
 from workers.images import MAX_MEDIA_BYTES, fit
 
@@ -40,8 +40,8 @@ def test_picture_is_uploaded_and_sent(upstream: Any, redis_url: str, r: Any,
                      "image": {"media_id": upload["media_id"]}}]
     assert len(images(upstream)) == 1 and images(upstream)[0]["prompt"] == "一只猫"
     assert images(upstream)[0]["response_format"] == "b64_json"
-    acct = r.get(f"xy:wx:user:{OPENID}")
-    assert wallet.balance(r, acct) == 10_000 - PRICE and wallet.verify(r) == []
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 10_000 - PRICE and ledger.verify(r) == []
 
 
 def test_upload_refused_sends_the_link(upstream: Any, redis_url: str, r: Any,

@@ -16,7 +16,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from wechat_kit import WorkerThread, bot, run_jobs, wait_for, wechat_settings
 
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.edges.store import get_queue, get_rq_redis
 from fakes import FakeWeChatAPI
 
@@ -53,10 +53,10 @@ def test_a_keyerror_fails_the_job_at_once_with_the_hold_released(
         assert "KeyError" in (job.latest_result().exc_string or "")
     assert int(r.get(runs_key(dk))) == 1
     assert [m["text"]["content"] for m in wx.sent(OPENID)] == [TEXTS["chat_failed"]]
-    assert wallet.balance(r, acct) == 10_000 and r.zcard(wallet.PENDING) == 0
-    kinds = Counter(e["kind"] for e in wallet.ledger_entries(r, acct) if e.get("req") == dk)
+    assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
     assert kinds == {"reserve": 1, "refund": 1}
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_a_transient_failure_is_retried_then_apologised_for_once(
@@ -70,7 +70,7 @@ def test_a_transient_failure_is_retried_then_apologised_for_once(
             wait_for(lambda: _failed(app, job_id), timeout=20)
     assert int(r.get(runs_key(dk))) == 3  # the first run and two retries
     assert [m["text"]["content"] for m in wx.sent(OPENID)] == [TEXTS["chat_failed"]]
-    assert wallet.balance(r, acct) == 10_000 and r.zcard(wallet.PENDING) == 0
-    kinds = Counter(e["kind"] for e in wallet.ledger_entries(r, acct) if e.get("req") == dk)
+    assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
     assert kinds == {"reserve": 3, "refund": 3}
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []

@@ -16,9 +16,9 @@ import pytest
 import requests
 from wechat_kit import WeChat, bot, wait_for, wechat_settings
 
-from app.bot import handoff
+from app.bot import handoff, users
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes import FakeWeChatAPI
 
 OPENID = "oNoSecretUser000000000000001"
@@ -49,6 +49,6 @@ def test_pictures_and_slow_answers_wait_for_continue(upstream: Any, redis_url: s
     assert requests.get(url_shown, timeout=10).content.startswith(b"\x89PNG")
     assert answer.startswith("你好，我是小一的测试模型")
     assert wx.calls == []  # not even an access token was asked for
-    acct = r.get(f"xy:wx:user:{OPENID}")
+    acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 10_000 - PRICE  # the picture is paid, the chat was free
-    assert r.zcard(wallet.PENDING) == 0 and wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []

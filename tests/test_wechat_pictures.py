@@ -19,10 +19,11 @@ from PIL import Image
 from wechat_kit import WeChat, bot, image_xml, wait_for, wechat_settings
 
 from app import create_app
+from app.bot import users
 from app.bot.pictures import shrink
 from app.core import pricing, tokens
 from app.core.config import ConfigError, load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes import FakeWeChatAPI
 from fakes.upstream import ANSWER_PREFIX, count_tokens
 
@@ -100,8 +101,8 @@ def chats(upstream: Any) -> list[dict[str, Any]]:
     return [q["body"] for q in upstream.requests if q["path"].startswith("/v1/chat/")]
 
 
-def ledger(r: Any) -> list[dict[str, Any]]:
-    return wallet.ledger_entries(r, r.get(f"xy:wx:user:{OPENID}"))
+def entries(r: Any) -> list[dict[str, Any]]:
+    return ledger.ledger_entries(r, users.account_of(r, OPENID))
 
 
 def send_picture(wechat: WeChat, media_id: str, pic_url: str,
@@ -124,7 +125,7 @@ def test_a_picture_is_answered_and_billed_with_its_image_tokens(
     assert asked["model"] == "gpt-4o"
     assert sent_picture(asked) == ("image/jpeg", picture)  # small enough: sent as it came
     assert asked["messages"][-1]["content"][-1] == {"type": "text", "text": BOT["vision_prompt"]}
-    reserve, settle = [e for e in ledger(r) if e["kind"] in ("reserve", "settle")]
+    reserve, settle = [e for e in entries(r) if e["kind"] in ("reserve", "settle")]
     image = 85 + 170 * 4  # 1000 × 800 → 960 × 768: 2 × 2 tiles of 512 px
     texts = [m["content"] for m in asked["messages"][:-1]] + [BOT["vision_prompt"]]
     assert int(settle["pt"]) == sum(map(count_tokens, texts)) + 1 + image  # the fake's usage
@@ -132,7 +133,7 @@ def test_a_picture_is_answered_and_billed_with_its_image_tokens(
     bound = tokens.messages_bound(asked["messages"], "gpt-4o")
     assert bound >= int(settle["pt"]) > image
     assert -int(reserve["amount"]) == pricing.reserve_cost(PRICE, bound, BOT["chat_max_tokens"])
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
     assert wechat.say(OPENID, "余额").endswith(f"今日免费对话剩余：{BOT['daily_free_messages']} 条")
     wechat.say(OPENID, "图里是什么颜色")
     history = chats(upstream)[-1]["messages"]
@@ -152,7 +153,7 @@ def test_an_oversized_picture_is_downscaled_before_it_is_sent(
     mime, data = sent_picture(wait_for(lambda: chats(upstream))[0])
     with Image.open(io.BytesIO(data)) as shown:
         assert (mime, shown.format, shown.size) == ("image/jpeg", "JPEG", (2048, 1536))
-    settle = wait_for(lambda: next((e for e in ledger(r) if e["kind"] == "settle"), None))
+    settle = wait_for(lambda: next((e for e in entries(r) if e["kind"] == "settle"), None))
     assert int(settle["pt"]) > 85 + 170 * 4  # 2048 × 1536 → 1024 × 768: 2 × 2 tiles
     assert pic_host.hits == []
 
@@ -180,7 +181,7 @@ def test_a_failing_media_get_apologises_and_charges_nothing(
     assert got == TEXTS["picture_failed"]
     assert len(wx.calls_to("media/get")) == (3 if errcode == -1 else 1)
     assert chats(upstream) == [] and pic_host.hits == []
-    assert [e["kind"] for e in ledger(r)] == ["topup"]
+    assert [e["kind"] for e in entries(r)] == ["topup"]
 
 
 def test_an_unreadable_picture_or_a_failing_upstream_charges_nothing(
@@ -195,8 +196,8 @@ def test_an_unreadable_picture_or_a_failing_upstream_charges_nothing(
     assert send_picture(wechat, wx.add_media(jpeg(50, 50)),
                         pic_host.url("ok.jpg")) == TEXTS["picture_failed"]
     assert len(chats(upstream)) == 1
-    assert [e["kind"] for e in ledger(r)] == ["topup", "reserve", "refund"]
-    assert wallet.balance(r, r.get(f"xy:wx:user:{OPENID}")) == 10_000 and wallet.verify(r) == []
+    assert [e["kind"] for e in entries(r)] == ["topup", "reserve", "refund"]
+    assert wallet.balance(r, users.account_of(r, OPENID)) == 10_000 and ledger.verify(r) == []
     assert pic_host.hits == []
 
 
@@ -229,7 +230,7 @@ def test_a_picture_answer_is_screened_too(start: Callable[..., Any], upstream: A
                               "bot_output": "refuse"})
     got = send_picture(wechat, wx.add_media(jpeg(40, 40)), pic_host.url("s.jpg"))
     assert got == TEXTS["safety_answer_refused"]
-    assert [e["kind"] for e in ledger(r)] == ["topup", "reserve", "refund"]
+    assert [e["kind"] for e in entries(r)] == ["topup", "reserve", "refund"]
 
 
 @pytest.mark.parametrize("model", ["dall-e-2", "text-embedding-3-small", "no-such-model"])

@@ -16,9 +16,9 @@ from rq.job import Job
 from wechat_kit import WeChat, bot, voice_xml, wechat_settings
 
 from app import create_app
-from app.bot import screening
+from app.bot import screening, users
 from app.core.config import ConfigError, load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from app.edges.store import get_rq_redis
 from app.web.wechat import dedupe
 from fakes import FakeWeChatAPI
@@ -56,11 +56,11 @@ def chats(upstream: Any) -> list[dict[str, Any]]:
 
 
 def account(r: Any) -> str:
-    return r.get(f"xy:wx:user:{OPENID}")
+    return users.account_of(r, OPENID)
 
 
 def kinds(r: Any) -> list[str]:
-    return [e["kind"] for e in wallet.ledger_entries(r, account(r))]
+    return [e["kind"] for e in ledger.ledger_entries(r, account(r))]
 
 
 def today(r: Any) -> dict[str, int]:
@@ -102,7 +102,7 @@ def test_an_answer_with_a_listed_word_is_masked_and_charged(start: Callable[...,
     _, wechat, _ = start(words=(PREFIX_WORD,))  # defaults: bot_input refuse, bot_output mask
     masked = ANSWER_PREFIX.replace(PREFIX_WORD, "****") + "你好"
     assert wechat.say(OPENID, "你好") == masked
-    (settle,) = [e for e in wallet.ledger_entries(r, account(r)) if e["kind"] == "settle"]
+    (settle,) = [e for e in ledger.ledger_entries(r, account(r)) if e["kind"] == "settle"]
     assert int(settle["cost"]) > 0
     assert wallet.balance(r, account(r)) == 10_000 - int(settle["cost"])
     wechat.say(OPENID, "再说一遍")
@@ -116,7 +116,7 @@ def test_a_refused_answer_costs_nothing_and_stays_out_of_the_context(
     assert wechat.say(OPENID, "你好") == TEXTS["safety_answer_refused"]
     assert len(chats(upstream)) == 1
     assert kinds(r) == ["topup", "reserve", "refund"]
-    assert wallet.balance(r, account(r)) == 10_000 and wallet.verify(r) == []
+    assert wallet.balance(r, account(r)) == 10_000 and ledger.verify(r) == []
     wechat.say(OPENID, "第二个问题")
     assert [m["role"] for m in chats(upstream)[-1]["messages"]] == ["system", "user"]
     assert today(r) == {"bot_output:refuse": 2}

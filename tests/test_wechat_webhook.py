@@ -13,8 +13,9 @@ import xmltodict
 from wechat_kit import TOKEN, WeChat, bot, event_xml, sign, text_xml, wechat_settings
 
 from app import create_app
+from app.bot import users
 from app.core.config import ConfigError, load_settings
-from app.core.money import keys
+from app.core.money import keys, wallet
 from app.edges.store import make_redis
 from app.web.wechat import verify
 from app.web.wechat.verify import Refused
@@ -105,8 +106,8 @@ def test_subscribe_welcome_with_help(served: tuple[WeChat, Any]) -> None:
     wechat, r = served
     got = wechat.reply(wechat.post(event_xml(OPENID, "subscribe")))
     assert "小一机器人" in got["Content"] and "新对话" in got["Content"]
-    acct = r.get(f"xy:wx:user:{OPENID}")
-    assert int(r.hget(f"xy:acct:{acct}", "balance")) == 10000  # trial credit, 1 元
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 10000  # trial credit, 1 元
 
 
 def test_unconfigured_webhook_answers_503_and_app_starts(upstream: Any, redis_url: str,
@@ -197,7 +198,7 @@ def test_compat_mode_uses_the_encrypted_part(upstream: Any, redis_url: str, r: A
                   "msg_signature": sign(TOKEN, ts, nonce, env["Encrypt"])}
         resp = requests.post(f"{url}/wechat", params=params, data=body, timeout=5)
         assert "账户余额" in wechat.reply(resp)["Content"]
-    assert r.get(f"xy:wx:user:{victim}") is None
+    assert users.account_of(r, victim) is None
 
 
 @pytest.mark.parametrize("aes", [False, True], ids=["plain", "aes"])
@@ -244,7 +245,7 @@ def test_leaked_push_url_cannot_rotate_another_users_key(aes: bool, upstream: An
         assert all(t.status_code in (400, 403) for t in tries)  # refused, nothing done
         assert "sk-" not in "".join(t.text for t in tries)
         assert wechat.say(victim, "密钥").count("…") == 1
-    acct = r.get(f"xy:wx:user:{victim}")
+    acct = users.account_of(r, victim)
     live = [k for k in keys.list_keys(r, acct) if not k["revoked"]]
     raw = re.search(r"sk-[A-Za-z0-9_\-]{20,}", key).group(0)
     assert len(live) == 1 and live[0]["masked"] == keys.mask(raw)

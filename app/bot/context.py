@@ -1,6 +1,6 @@
 """Conversation context per WeChat user: the recent turns that fit a token budget.
 
-Keys (owned here):
+Keys (owned here; {openid} is the user's hash tag: app/bot/slots.py):
     xy:wx:ctx:{openid}   list   JSON {"role", "content"} messages, oldest first, appended a turn
                                 (user + assistant) at a time; TTL = bot.context_idle_seconds
 """
@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
+from app.bot import slots
 from app.core.config import Settings
 from app.core.pricing import estimate_tokens
 
@@ -20,7 +21,7 @@ MAX_MESSAGES = 60  # stored at most (30 turns); the token budget picks from thes
 
 
 def _key(openid: str) -> str:
-    return f"xy:wx:ctx:{openid}"
+    return f"xy:wx:ctx:{slots.user(openid)}"
 
 
 def history(r: redis.Redis, settings: Settings, openid: str) -> list[dict[str, Any]]:

@@ -1,6 +1,8 @@
 """The Redis side of delivery: key names and the scripts that decide who delivers an answer.
 
-Keys (owned here; {dk} is a message's dedupe key, see app/web/wechat/dedupe.py):
+Keys (owned here; {dk} is a message's dedupe key, see app/web/wechat/dedupe.py, written with
+its openid as the hash tag, and {openid} is the user's tag: app/bot/slots.py; every key of one
+user, and so every key a script or transaction here touches, shares one Redis Cluster slot):
     xy:wx:st:{dk}          hash    state, until (ms), reply (JSON item), sealed (a reply holding
                                    a raw API key, encrypted: app/bot/sealed.py)
     xy:wx:rdy:{dk}         list    wake-up tokens for webhooks waiting on that message (BLPOP)
@@ -17,6 +19,8 @@ webhook's TAKE are each one script, so exactly one side delivers an answer.
 
 from __future__ import annotations
 
+from app.bot import slots
+
 NOPUSH = "xy:wx:nopush"
 STATE_TTL = 86400
 NOPUSH_TTL = 86400
@@ -26,27 +30,27 @@ WAKE_TOKENS = 4
 
 def state_key(dk: str) -> str:
     """Name a message's delivery-state hash."""
-    return f"xy:wx:st:{dk}"
+    return f"xy:wx:st:{slots.message(dk)}"
 
 
 def wake_key(dk: str) -> str:
     """Name a message's wake-up list."""
-    return f"xy:wx:rdy:{dk}"
+    return f"xy:wx:rdy:{slots.message(dk)}"
 
 
 def sent_key(dk: str) -> str:
     """Name the set of a message's items already pushed."""
-    return f"xy:wx:sent:{dk}"
+    return f"xy:wx:sent:{slots.message(dk)}"
 
 
 def park_key(openid: str) -> str:
     """Name a user's parked-items list."""
-    return f"xy:wx:park:{openid}"
+    return f"xy:wx:park:{slots.user(openid)}"
 
 
 def pending_key(openid: str) -> str:
     """Name the set of a user's messages still being answered."""
-    return f"xy:wx:pending:{openid}"
+    return f"xy:wx:pending:{slots.user(openid)}"
 
 
 # KEYS[1]=st; ARGV: until_ms, ttl -> {state, reply, sealed}: mark a webhook waiting unless decided

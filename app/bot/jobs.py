@@ -9,7 +9,7 @@ is left the user gets a short apology; a hold is released by its own `with` bloc
 the upstream refuses (InvalidRequest) or a Hopeless one is apologised for by the job itself,
 which then ends normally: nothing is retried, and nothing is a bug.
 
-Keys (owned here):
+Keys (owned here; {dk} carries its openid as the hash tag: app/bot/slots.py):
     xy:wx:ans:{dk}   hash  the produced answer (text or media, cost, paid): a re-run reuses it
     xy:wx:run:{dk}   lock  one job run at a time per message
 """
@@ -26,6 +26,7 @@ import requests
 from redis.client import Pipeline
 from rq import Retry, get_current_job
 
+from app.bot import slots
 from app.core.errors import UpstreamError, UpstreamTimeout
 from app.edges.wechat_api import WeChatTransient
 from app.edges.worklock import worker_lock
@@ -45,12 +46,12 @@ class Hopeless(Exception):
 
 def answer_key(dk: str) -> str:
     """Name a message's kept answer."""
-    return f"xy:wx:ans:{dk}"
+    return f"xy:wx:ans:{slots.message(dk)}"
 
 
 def run_key(dk: str) -> str:
     """Name a message's run lock."""
-    return f"xy:wx:run:{dk}"
+    return f"xy:wx:run:{slots.message(dk)}"
 
 
 def last_attempt() -> bool:

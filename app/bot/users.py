@@ -1,6 +1,6 @@
 """WeChat users: openid → wallet account (with a trial credit), daily free chats, their API key.
 
-Keys (owned here):
+Keys (owned here; {openid}/{dk} carry the user's hash tag: app/bot/slots.py):
     xy:wx:user:{openid}             string  the user's account id
     xy:wx:free:{openid}:{yyyymmdd}  string  free chats used that day (China date), 2-day TTL
     xy:wx:freemark:{dk}             string  '1:<day key>' this message was a free chat, '0' paid
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import redis
 
+from app.bot import slots
 from app.core.config import Settings
-from app.core.money import keys, wallet
+from app.core.money import keys, layout, wallet
 from app.core.money.scripts import script
 
 FREE_MARK_TTL = 86400
@@ -44,12 +45,12 @@ return 1
 
 def ensure_account(r: redis.Redis, settings: Settings, openid: str) -> str:
     """Return the user's account id, creating it with the trial credit on first contact."""
-    key = f"xy:wx:user:{openid}"
+    key = f"xy:wx:user:{slots.user(openid)}"
     acct = r.get(key)
     if acct is None:
         r.set(key, wallet.new_account_id(), nx=True)
         acct = r.get(key)
-    if not r.exists(wallet.acct_key(acct)):
+    if not r.exists(layout.acct_key(acct)):
         wallet.create_account(r, acct, kind="wechat", name=openid,
                               initial=settings.bot["trial_credit_units"], note="trial credit")
     return acct
@@ -57,29 +58,31 @@ def ensure_account(r: redis.Redis, settings: Settings, openid: str) -> str:
 
 def account_of(r: redis.Redis, openid: str) -> str | None:
     """Return the user's account id, or None before first contact."""
-    return r.get(f"xy:wx:user:{openid}")
+    return r.get(f"xy:wx:user:{slots.user(openid)}")
 
 
 def use_free(r: redis.Redis, settings: Settings, openid: str, dk: str) -> bool:
     """Count this message against today's free chats; True when it is free (once per message)."""
     limit = settings.bot["daily_free_messages"]
     res = script(r, USE_FREE)(
-        keys=[f"xy:wx:free:{openid}:{wallet.china_day()}", f"xy:wx:freemark:{dk}"],
+        keys=[f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}",
+              f"xy:wx:freemark:{slots.message(dk)}"],
         args=[limit, FREE_MARK_TTL])
     return int(res) == 1
 
 
 def refund_free(r: redis.Redis, dk: str) -> bool:
     """Give a free chat back when its answer failed."""
-    mark = r.get(f"xy:wx:freemark:{dk}") or ""
+    mark = r.get(f"xy:wx:freemark:{slots.message(dk)}") or ""
     if not mark.startswith("1:"):
         return False
-    return int(script(r, REFUND_FREE)(keys=[f"xy:wx:freemark:{dk}", mark[2:]])) == 1
+    return int(script(r, REFUND_FREE)(keys=[f"xy:wx:freemark:{slots.message(dk)}",
+                                                 mark[2:]])) == 1
 
 
 def free_left(r: redis.Redis, settings: Settings, openid: str) -> int:
     """Return how many free chats the user has left today."""
-    used = int(r.get(f"xy:wx:free:{openid}:{wallet.china_day()}") or 0)
+    used = int(r.get(f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}") or 0)
     return max(0, settings.bot["daily_free_messages"] - used)
 
 

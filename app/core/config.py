@@ -22,7 +22,14 @@ MIN_SECRET_CHARS = 24  # a shorter admin token or cookie key is refused at start
 
 # name -> (default, meaning). Written down once; README's Configuration table says the same.
 ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
-    "XIAOYI_REDIS_URL": (None, "Redis URL; unset: start the embedded server"),
+    "XIAOYI_REDIS_URL": (None, "money store: redis://, rediss://, redis+sentinel://h:p,h:p/name "
+                                "or redis+cluster://h:p,h:p; only `xiaoyi run` starts an "
+                                "embedded server when unset"),
+    "XIAOYI_QUEUE_REDIS_URL": (None, "Redis for the rq queues (single node or Sentinel); "
+                                      "unset: XIAOYI_REDIS_URL"),
+    "XIAOYI_REDIS_WAIT_REPLICAS": ("0", "replicas that must acknowledge each money write "
+                                        "(WAIT; 1 with Sentinel)"),
+    "XIAOYI_ALLOW_VOLATILE_STORE": ("0", "1: start even on an allkeys-* eviction policy"),
     "XIAOYI_DATA_DIR": ("./var", "where the embedded Redis keeps its AOF"),
     "XIAOYI_UPSTREAM_BASE_URL": (None, "OpenAI-compatible base URL; unset: built-in fake upstream"),
     "XIAOYI_UPSTREAM_API_KEY": ("", "the upstream's key (never shown or logged)"),
@@ -144,6 +151,9 @@ class Settings:
     pay: dict[str, Any]
     menu: dict[str, Any]
     texts: dict[str, str]
+    queue_redis_url: str | None = None
+    redis_wait_replicas: int = 0
+    allow_volatile_store: bool = False
     safety: SafetySettings = field(default_factory=SafetySettings)
     defaults: dict[str, str] = field(default_factory=dict)  # route kind -> public model name
     aliases: dict[str, str] = field(default_factory=dict)  # legacy name -> public model name
@@ -348,6 +358,13 @@ def _bot(table: dict[str, Any]) -> dict[str, Any]:
     return bot
 
 
+def _count(value: str | None, setting: str) -> int:
+    """Parse a small non-negative integer setting."""
+    if value is None or not value.isdigit() or int(value) > 16:
+        raise ConfigError(f"{setting}: {value!r} must be an integer from 0 to 16")
+    return int(value)
+
+
 def _safety(table: dict[str, Any]) -> SafetySettings:
     defaults = {f.name: f.default for f in fields(SafetySettings)}
     for key, value in table.items():
@@ -440,6 +457,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         pay=dict(data.get("pay", {})),
         menu=dict(data.get("menu", {})),
         texts=dict(data.get("texts", {})),
+        queue_redis_url=get("XIAOYI_QUEUE_REDIS_URL"),
+        redis_wait_replicas=_count(get("XIAOYI_REDIS_WAIT_REPLICAS"), "XIAOYI_REDIS_WAIT_REPLICAS"),
+        allow_volatile_store=get("XIAOYI_ALLOW_VOLATILE_STORE") in ("1", "true", "yes"),
         safety=_safety(data.get("safety", {})),
         defaults=defaults,
         aliases=aliases,

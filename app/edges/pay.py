@@ -34,7 +34,6 @@ from app.core.money import wallet
 log = logging.getLogger(__name__)
 CHINA = timezone(timedelta(hours=8))
 UNITS_PER_FEN = 100
-ORDER_TTL = 90 * 86400
 ORDERS = "xy:pay:orders"
 
 
@@ -99,12 +98,10 @@ def _new_order(r: redis.Redis, acct: str, openid: str, units: int) -> str:
         if r.hsetnx(order_key(no), "acct", acct):
             break
     now = int(time.time() * 1000)
-    pipe = r.pipeline(transaction=True)
-    pipe.hset(order_key(no), mapping={"openid": openid, "fen": units // UNITS_PER_FEN,
-                                      "units": units, "state": "new", "created": now})
-    pipe.expire(order_key(no), ORDER_TTL)
-    pipe.zadd(ORDERS, {no: now})
-    pipe.execute()
+    # No TTL: an order is a money record (a notification credits it), never evicted.
+    r.hset(order_key(no), mapping={"openid": openid, "fen": units // UNITS_PER_FEN,
+                                   "units": units, "state": "new", "created": now})
+    r.zadd(ORDERS, {no: now})  # the admin's list; an order missing from it is still paid once
     return no
 
 
@@ -218,4 +215,5 @@ def recent_orders(r: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
     pipe = r.pipeline(transaction=False)
     for no in nos:
         pipe.hgetall(order_key(no))
-    return [{"no": no, **data} for no, data in zip(nos, pipe.execute(), strict=True) if data]
+    found = pipe.execute() if nos else []
+    return [{"no": no, **data} for no, data in zip(nos, found, strict=True) if data]

@@ -1,8 +1,9 @@
 """Upstream channels: choose, call with failover, cool failing ones down, read SSE streams.
 
 Keys (owned here):
-    xy:chan:{name}:cool    string, TTL = cooldown: the channel is resting
-    xy:chan:{name}:stats   hash   ok, fail, last_error, last_ok (ms)
+    xy:chan:{<name>}:cool    string, TTL = cooldown: the channel is resting
+    xy:chan:{<name>}:stats   hash   ok, fail, last_error, last_ok (ms)
+    (one hash tag per channel: its two keys share a Redis Cluster slot)
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ from app.edges.netguard import UnsafeURL, check_url, origin
 from app.edges.sse import data_events
 
 log = logging.getLogger(__name__)
+
+
+def _cool(name: str) -> str:
+    """Name a channel's cooldown key."""
+    return f"xy:chan:{{{name}}}:cool"
+
+
+def _stats(name: str) -> str:
+    """Name a channel's stats hash."""
+    return f"xy:chan:{{{name}}}:stats"
+
+
 EXTENSION = "xiaoyi.upstream"
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524}
 OK_FLUSH_SECONDS = 1.0  # successful calls are counted in-process and added to Redis this often
@@ -80,7 +93,10 @@ class Upstream:
         now = time.monotonic()
         if now - at < 1.0:
             return names
-        values = self.redis.mget([f"xy:chan:{c.name}:cool" for c in self.channels])
+        pipe = self.redis.pipeline(transaction=False)  # not MGET: the keys span slots
+        for c in self.channels:
+            pipe.get(_cool(c.name))
+        values = pipe.execute()
         names = {c.name for c, v in zip(self.channels, values, strict=True) if v}
         self._cool_cache = (now, names)
         return names
@@ -90,9 +106,9 @@ class Upstream:
         self.flush_ok()
         pipe = self.redis.pipeline(transaction=False)
         for c in self.channels:
-            pipe.pttl(f"xy:chan:{c.name}:cool")
-            pipe.get(f"xy:chan:{c.name}:cool")
-            pipe.hgetall(f"xy:chan:{c.name}:stats")
+            pipe.pttl(_cool(c.name))
+            pipe.get(_cool(c.name))
+            pipe.hgetall(_stats(c.name))
         values = pipe.execute()
         out = []
         for i, c in enumerate(self.channels):
@@ -118,11 +134,11 @@ class Upstream:
             c for c in ordered if c.name in resting]
 
     def _mark(self, channel: Channel, ok: bool, reason: str = "") -> None:
-        stats = f"xy:chan:{channel.name}:stats"
+        stats = _stats(channel.name)
         try:
             if ok:
                 if channel.name in self._cool_cache[1]:
-                    self.redis.delete(f"xy:chan:{channel.name}:cool")
+                    self.redis.delete(_cool(channel.name))
                 # One Redis round trip less per request: successes are summed here and added
                 # at most once a second (health() flushes first, so its counts are current).
                 self._ok_pending[channel.name] = self._ok_pending.get(channel.name, 0) + 1
@@ -131,7 +147,7 @@ class Upstream:
             else:
                 UPSTREAM_FAILURES.labels(channel.name, reason).inc()
                 pipe = self.redis.pipeline()
-                pipe.set(f"xy:chan:{channel.name}:cool", reason, ex=self.cooldown)
+                pipe.set(_cool(channel.name), reason, ex=self.cooldown)
                 pipe.hincrby(stats, "fail", 1)
                 pipe.hset(stats, "last_error", reason)
                 pipe.execute()
@@ -148,7 +164,7 @@ class Upstream:
         try:
             pipe = self.redis.pipeline(transaction=False)
             for name, count in pending.items():
-                pipe.hincrby(f"xy:chan:{name}:stats", "ok", count)
+                pipe.hincrby(_stats(name), "ok", count)
             pipe.execute()
         except redis.RedisError:
             log.warning("could not record channel successes")

@@ -98,11 +98,15 @@ def settings() -> Settings:
 
 
 def store(s: Settings | None = None) -> redis.Redis:
-    """Return a client on the configured store, checked with PING."""
-    from app.edges.store import make_redis, resolve_url
+    """Return a client on the money store, checked with PING."""
+    from app.edges.store import make_redis
+    from app.runtime.procs import admin_store_url
 
     s = s or settings()
-    client = make_redis(resolve_url(s.redis_url, s.data_dir), max_connections=8)
+    # XIAOYI_REDIS_URL, or the engine `xiaoyi run` keeps in XIAOYI_DATA_DIR; never a new Redis
+    # (that would be a second, empty wallet): without either, a one-line configuration error.
+    client = make_redis(admin_store_url(s), max_connections=8,
+                        wait_replicas=s.redis_wait_replicas)
     try:
         client.ping()
     except redis.RedisError as exc:  # the URL may carry a password: name the setting only

@@ -31,7 +31,7 @@ def _write_demo_key(path: Path, raw: str) -> None:
 def demo_key(settings: Settings, url: str) -> tuple[str, int]:
     """Return the demo account's one live key (reused across starts) and its balance in units."""
     from app.core.money import keys, wallet
-    from app.edges.store import make_redis
+    from app.edges.store import close, make_redis
 
     r = make_redis(url, max_connections=2)
     try:
@@ -48,7 +48,7 @@ def demo_key(settings: Settings, url: str) -> tuple[str, int]:
                 keys.revoke(r, row["id"])
         return raw, wallet.balance(r, DEMO_ACCOUNT)
     finally:
-        r.connection_pool.disconnect()
+        close(r)
 
 
 def _shown(url: str) -> str:

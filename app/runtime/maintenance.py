@@ -13,11 +13,15 @@ Keys (owned here; rq's own keys are only read, or changed through rq's classes):
     xy:wk:sweep                   string, TTL SWEEP_S: one sweep at a time across every worker
     xy:wk:stuck:{queue}:{job}     string, TTL 1 h: when a job was first seen stranded in an
                                          intermediate queue (dequeued, never started)
+    xy:wk:money                   string, TTL MONEY_SWEEP_S: one money sweep at a time
     xy:wk:locks:{worker}          hash   lock name -> token: locks a worker's job holds
                                          (app.edges.worklock.worker_lock), freed at once when the
-                                         worker is dead
+                                         worker is dead; in the money store (where the locks are)
     xy:wk:sched:{worker}          hash   rq scheduler locks its scheduler holds
-                                         (app.runtime.rqworker), freed likewise
+                                         (app.runtime.rqworker), freed likewise; in the queue Redis
+
+The pulse and sweep keys live in the queue Redis next to rq's; the money sweep (stale holds,
+half-done redemptions) works on the money store, account by account (app.core.money.ledger).
 
 Scheduled jobs (the bot's retries) need an rq scheduler, and rq runs one per queue: whichever
 worker holds `rq:scheduler-lock:{queue}`. When that worker dies, the others' schedulers look for
@@ -29,7 +33,7 @@ A started job is abandoned when its execution's worker has no rq record any more
 and its pulse has lapsed. The sweeper takes it out of the registry (ZREM: of several sweepers
 exactly one wins) and puts it back at the front of its queue, at most MAX_REQUEUES times; past
 that, rq's own cleanup files it as failed (AbandonedJobError) for an admin to look at. Jobs must
-be idempotent in their effects (SPEC §7.5): charges are keyed by request id (wallet `xy:done`).
+be idempotent in their effects (SPEC §7.5): charges are keyed by request id (`xy:{A}:done`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Any
 
 import redis
 
-from app.core.money import wallet
+from app.core.money import codes, ledger
 from app.edges.worklock import RELEASE, locks_key
 from app.edges.worklock import worker_lock as worker_lock  # re-exported
 from app.runtime.rqworker import enqueue_due, sched_locks_key
@@ -56,9 +60,11 @@ SWEEP_S = 3  # seconds between sweeps (across all workers: one sweep per period)
 STUCK_AFTER_S = 10  # a job dequeued but never started for this long is requeued
 MAX_REQUEUES = 3  # abandonments after which a job is failed instead of run again
 STALE_HOLD_S = 900  # an open reservation this old was left by a crash: release it
+MONEY_SWEEP_S = 60  # seconds between money sweeps (across all workers)
 
 BEATING = "xy:wk:beating"
 SWEEP_LOCK = "xy:wk:sweep"
+MONEY_LOCK = "xy:wk:money"
 WORKER_PREFIX = "rq:worker:"  # rq's worker hash (BaseWorker.redis_worker_namespace_prefix)
 
 
@@ -173,8 +179,8 @@ def requeue_stuck(conn: redis.Redis, queues: list[str]) -> list[str]:
     return done
 
 
-def bury_dead(conn: redis.Redis) -> list[str]:
-    """Remove the records and free the locks of beating workers whose pulse lapsed."""
+def bury_dead(conn: redis.Redis, r: redis.Redis) -> list[str]:
+    """Remove the records (queue Redis) and free the locks (money store) of dead workers."""
     from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY
 
     buried = []
@@ -184,11 +190,13 @@ def bury_dead(conn: redis.Redis) -> list[str]:
             continue
         key = WORKER_PREFIX + worker
         queues = _text(conn.hget(key, "queues") or b"")
-        for held in (locks_key(worker), sched_locks_key(worker)):
-            for name, token in conn.hgetall(held).items():
-                conn.eval(RELEASE, 1, name, token)
+        for name, token in r.hgetall(locks_key(worker)).items():  # job locks: money store
+            r.eval(RELEASE, 1, name, token)
+        r.delete(locks_key(worker))
+        for name, token in conn.hgetall(sched_locks_key(worker)).items():  # rq's: queue Redis
+            conn.eval(RELEASE, 1, name, token)
         pipe = conn.pipeline()
-        pipe.delete(locks_key(worker), sched_locks_key(worker))
+        pipe.delete(sched_locks_key(worker))
         pipe.srem(REDIS_WORKER_KEYS, key)
         for name in filter(None, queues.split(",")):
             pipe.srem(WORKERS_BY_QUEUE_KEY % name, key)
@@ -214,9 +222,11 @@ def sweep(conn: redis.Redis, r: redis.Redis, queues: Iterable[str] = (), *,
     names = known_queues(conn, queues)
     report = {"abandoned": requeue_abandoned(conn, names),
               "stuck": requeue_stuck(conn, names)}
-    report["buried"] = bury_dead(conn)
+    report["buried"] = bury_dead(conn, r)
     report["scheduled"] = enqueue_due(conn, names)
-    report["released"] = wallet.release_stale(r, STALE_HOLD_S)
+    if force or conn.set(MONEY_LOCK, 1, nx=True, ex=MONEY_SWEEP_S):
+        report["released"] = ledger.release_stale(r, STALE_HOLD_S)
+        report["redeemed"] = codes.complete_redemptions(r)
     return report
 
 

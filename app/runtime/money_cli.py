@@ -49,12 +49,15 @@ def keys_create(account: str | None, name: str, balance: str | None, as_json: bo
 
     initial = yuan(balance, "--balance") if balance is not None else 0
     r = store()
-    if account and wallet.get_account(r, account) is None:
-        wallet.create_account(r, account, initial=initial, name=name)
-    elif account and initial:
-        wallet.topup(r, account, initial, note="keys create --balance")
-    acct = account or wallet.create_account(r, initial=initial, name=name)
-    raw, info = keys.create_key(r, acct, name)
+    try:
+        if account and wallet.get_account(r, account) is None:
+            wallet.create_account(r, account, initial=initial, name=name)
+        elif account and initial:
+            wallet.topup(r, account, initial, note="keys create --balance")
+        acct = account or wallet.create_account(r, initial=initial, name=name)
+        raw, info = keys.create_key(r, acct, name)
+    except wallet.WalletError as exc:
+        raise CliError(str(exc)) from exc
     view = _account_view(r, acct)
     emit({"key": raw, "id": info.id, "name": name, "account": acct, "masked": info.masked,
           "balance": view["balance"]}, as_json,
@@ -133,12 +136,12 @@ def codes_group() -> None:
 @json_option
 def codes_create(amount: str, count: int, as_json: bool) -> None:
     """Create one-use redemption codes."""
-    from app.core.money import wallet
+    from app.core.money import codes as money_codes
 
     units = yuan(amount, "--amount")
     if units <= 0:
         raise CliError(f"--amount: {amount!r} must be positive")
-    codes = wallet.create_codes(store(), units, count)
+    codes = money_codes.create_codes(store(), units, count)
     emit({"codes": codes, "amount": money(units)}, as_json, "\n".join(codes))
 
 
@@ -146,9 +149,9 @@ def codes_create(amount: str, count: int, as_json: bool) -> None:
 @json_option
 def codes_list(as_json: bool) -> None:
     """List codes, their value (元) and who used them."""
-    from app.core.money import wallet
+    from app.core.money import codes
 
-    rows = [{**c, "amount": money(c.get("amount", 0))} for c in wallet.list_codes(store())]
+    rows = [{**c, "amount": money(c.get("amount", 0))} for c in codes.list_codes(store())]
     emit({"codes": rows}, as_json, "\n".join(
         f"{c['code']}  {c['amount']} 元  {c.get('used_by', 'unused')}" for c in rows)
         or "(no codes)")
@@ -164,19 +167,34 @@ def ledger_group() -> None:
 @click.option("--account", default=None, callback=_account_id)
 def ledger_export(as_json: bool, account: str | None) -> None:
     """Print every ledger entry (amount in 元), one JSON object a line."""
-    from app.core.money import wallet
+    from app.core.money import ledger
 
-    for entry in wallet.ledger_entries(store(), account):
+    for entry in ledger.ledger_entries(store(), account):
         click.echo(json.dumps({**entry, "amount": money(entry["amount"])}, ensure_ascii=False))
 
 
 @ledger_group.command("verify")
 @json_option
 def ledger_verify(as_json: bool) -> None:
-    """Check sum(ledger) == balance >= 0 for every account; non-zero exit if not."""
-    from app.core.money import wallet
+    """Check sum(ledger) == balance >= 0 for every account, and that no account or key is lost."""
+    from app.core.money import ledger
 
-    problems = wallet.verify(store())
+    problems = ledger.verify(store())
     emit({"ok": not problems, "problems": problems}, as_json, "\n".join(problems) or "ledger ok")
     if problems:
         fail(f"the ledger does not add up: {len(problems)} problem(s), listed on stdout")
+
+
+@ledger_group.command("migrate")
+@json_option
+def ledger_migrate(as_json: bool) -> None:
+    """Move a store of the previous key layout to the current one (stop web and workers first)."""
+    from app.core.money import migrate, wallet
+
+    try:
+        done = migrate.migrate(store())
+    except (migrate.MigrationError, wallet.WalletError) as exc:  # the old keys are kept
+        raise CliError(f"migration stopped: {exc}") from exc
+    emit(done, as_json, "migrated: " + ", ".join(f"{k} {v}" for k, v in done.items()
+                                                   if k != "migrated")
+         if done["migrated"] else "nothing to migrate")

@@ -20,39 +20,75 @@ log = logging.getLogger(__name__)
 _embedded: list = []  # keeps the embedded server object alive for this process
 
 
+def running_embedded(data_dir: str) -> str | None:
+    """Return the URL of the embedded Redis that `xiaoyi run` keeps in data_dir, if it answers."""
+    port_file = Path(data_dir) / "redis.port"
+    if not port_file.exists():
+        return None
+    url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        return url
+    except (redis.RedisError, ValueError):
+        return None
+
+
+def admin_store_url(settings: Settings) -> str:
+    """Return the money store for an admin command: XIAOYI_REDIS_URL, or `xiaoyi run`'s engine.
+
+    Never starts a Redis (that would be a second, empty wallet): raise ConfigError instead.
+    """
+    from app.edges.store import NO_URL
+
+    url = settings.redis_url or running_embedded(settings.data_dir)
+    if url is None:
+        raise ConfigError(NO_URL)
+    return url
+
+
 def ensure_embedded(data_dir: str) -> str:
-    """Return the URL of the embedded Redis in data_dir, starting it when nobody runs it."""
+    """Return the URL of the embedded Redis in data_dir, starting it when nobody runs it.
+
+    Only `xiaoyi run` calls this: every other entry point needs XIAOYI_REDIS_URL.
+    """
     from app.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
 
-    port_file = Path(data_dir) / "redis.port"
-    if port_file.exists():
-        url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-            return url
-        except (redis.RedisError, ValueError):
-            log.info("stale %s; starting a new embedded Redis", port_file)
+    url = running_embedded(data_dir)
+    if url is not None:
+        return url
     server = EmbeddedRedis(data_dir)
     try:
         url = server.start()
     except EmbeddedRedisError as exc:
         raise RuntimeError(f"could not start the embedded Redis in {data_dir}: {exc}") from exc
-    port_file.write_text(str(server.port))
+    (Path(data_dir) / "redis.port").write_text(str(server.port))
     _embedded.append(server)
     return url
 
 
 def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
-    """Resolve the embedded Redis and (for web) the fake upstream before serving."""
-    env = {"XIAOYI_REDIS_URL": settings.redis_url or ensure_embedded(settings.data_dir)}
+    """Check the store URLs and start (for web) the fake upstream before serving.
+
+    Refuses without XIAOYI_REDIS_URL: web and worker never start a Redis of their own.
+    """
+    from app.edges.store import NO_URL, make_queue_redis
+
+    if not settings.redis_url:
+        raise ConfigError(NO_URL)
+    queue_url = settings.queue_redis_url or settings.redis_url
+    make_queue_redis(queue_url)  # refuses a Cluster for the queues before anything starts
+    env = {"XIAOYI_REDIS_URL": settings.redis_url}
     if upstream and not settings.channels:
         import subprocess
 
         from app.runtime.supervisor import pdeathsig_preexec, wait_http
 
         up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        # Its own session: Ctrl-C in the terminal reaches gunicorn only, which then finishes open
+        # streams against this upstream; it still dies with its parent (PR_SET_PDEATHSIG).
         proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "fake-upstream", "--port",
-                                 str(up_port)], preexec_fn=pdeathsig_preexec())
+                                 str(up_port)], preexec_fn=pdeathsig_preexec(),
+                                start_new_session=True)
         wait_http(f"http://127.0.0.1:{up_port}/healthz", 15, process=proc)
         env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
     return env
@@ -138,15 +174,14 @@ def check_config(settings: Settings) -> None:
     """
     from app import create_app
     from app.edges import wechat_menu
-    from app.edges.store import make_redis
+    from app.edges.store import check_url
 
     _check_env_numbers()
-    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1))
+    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
     if settings.redis_url:
-        try:
-            make_redis(settings.redis_url).connection_pool.disconnect()  # parses, never connects
-        except ValueError as exc:
-            raise ConfigError(f"XIAOYI_REDIS_URL: not a Redis URL ({exc})") from exc
+        check_url(settings.redis_url, "XIAOYI_REDIS_URL")  # parses, never connects
+    if settings.queue_redis_url:
+        check_url(settings.queue_redis_url, "XIAOYI_QUEUE_REDIS_URL", queues=True)
     if settings.menu:
         wechat_menu.definition(settings)
 

@@ -18,14 +18,16 @@ if TYPE_CHECKING:
 
 
 def _client(settings: Settings) -> SharedTokenClient:
-    from app.edges.store import make_redis, resolve_url
+    from app.edges.store import make_redis
     from app.edges.wechat_api import NotConfigured, SharedTokenClient
+    from app.runtime.procs import admin_store_url
 
     try:
-        return SharedTokenClient(settings, make_redis(resolve_url(settings.redis_url,
-                                                                  settings.data_dir), 4))
+        return SharedTokenClient(settings, make_redis(admin_store_url(settings), 4))
     except NotConfigured as exc:
         raise CliError(str(exc)) from exc
+    except ConfigError as exc:  # no XIAOYI_REDIS_URL and no `xiaoyi run` engine here
+        raise CliError(config_error(exc)) from exc
 
 
 def _why(exc: Exception) -> str:

@@ -1,5 +1,8 @@
 """Liveness and readiness: /healthz (the process answers) and /readyz (Redis + an upstream).
 
+/readyz also shows the start-up durability check of the money store (`store`: appendonly and
+maxmemory-policy per node, and its warnings, e.g. AOF off).
+
 /readyz is public (load balancers call it), so it names channels but never their URLs or keys.
 A channel is reachable when GET {base_url}/models answers 200 within the probe timeout; each
 process caches a channel's result for `relay.probe_cache_seconds`.
@@ -17,6 +20,7 @@ import requests
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from app.core.config import Channel
+from app.edges import durability
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 
@@ -75,8 +79,9 @@ def readyz() -> Response:
                  "cooling_seconds": round(health.get(name, {}).get("cooling_seconds", 0), 1)}
                 for name, (ok, detail) in probes.items()]
     ready = redis_ok and any(c["reachable"] for c in channels)
+    found = current_app.extensions.get(durability.EXTENSION)
     body = {"status": "ready" if ready else "unavailable", "redis": redis_ok,
-            "channels": channels}
+            "store": found.detail() if found is not None else None, "channels": channels}
     resp = jsonify(body)
     resp.status_code = 200 if ready else 503
     resp.headers["Cache-Control"] = "no-store"

@@ -21,7 +21,7 @@ from wechat_kit import TOKEN, WeChat, bot, text_xml
 
 from app.bot import users
 from app.core.config import load_settings
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes import FakeWeChatAPI
 from fakes.upstream import FakeUpstream
 
@@ -81,13 +81,13 @@ def test_sigkill_mid_reply_chat(r: redis.Redis, redis_url: str, upstream: FakeUp
             assert chat_calls(upstream) == 2  # the killed run's answer never existed
             acct = users.account_of(r, OPENID)
             account = wallet.get_account(r, acct)
-            entries = [e for e in wallet.ledger_entries(r, acct) if e.get("req") == DK]
+            entries = [e for e in ledger.ledger_entries(r, acct) if e.get("req") == DK]
             assert Counter(e["kind"] for e in entries) == {"reserve": 1, "settle": 1}
             cost = int(next(e for e in entries if e["kind"] == "settle")["cost"])
             assert cost > 0 and account["used"] == cost
             assert account["balance"] == settings.bot["trial_credit_units"] - cost
-            assert r.zcard(wallet.PENDING) == 0
-            assert wallet.verify(r) == []
+            assert ledger.open_holds(r) == 0
+            assert ledger.verify(r) == []
     finally:
         first.stop()
         if second is not None:
@@ -125,7 +125,7 @@ def test_a_failing_message_after_a_sigkill_gets_its_polite_reply_within_30s(
         assert 1 <= chat_calls(upstream) <= 3
         acct = users.account_of(r, openid)
         assert wallet.balance(r, acct) == settings.bot["trial_credit_units"]
-        assert r.zcard(wallet.PENDING) == 0 and wallet.verify(r) == []
+        assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
     finally:
         first.stop()
         if second is not None:

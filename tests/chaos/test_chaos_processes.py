@@ -22,8 +22,9 @@ import requests
 from conftest import UPSTREAM_KEY, Proc, child_env, clean_db, free_port, new_key, wait_for, xiaoyi
 from wechat_kit import TOKEN, WeChat, text_xml
 
+from app.bot import users
 from app.core.config import Settings, load_settings
-from app.core.money import keys, wallet
+from app.core.money import keys, ledger, wallet
 from app.edges import pay
 from fakes import FakeWeChatAPI, FakeWeChatPay
 from fakes.upstream import FakeUpstream
@@ -174,10 +175,10 @@ def test_one_msgid_on_two_web_processes_is_one_job(cluster: Cluster) -> None:
     pushed = cluster.wx.sent(openid)
     assert passive or pushed
     assert len(pushed) <= 1 and not (passive and pushed)
-    acct = cluster.r.get(f"xy:wx:user:{openid}")
-    settles = [e for e in wallet.ledger_entries(cluster.r, acct) if e["kind"] == "settle"]
+    acct = users.account_of(cluster.r, openid)
+    settles = [e for e in ledger.ledger_entries(cluster.r, acct) if e["kind"] == "settle"]
     assert len(settles) == 1
-    assert wallet.verify(cluster.r) == []
+    assert ledger.verify(cluster.r) == []
 
 
 def test_concurrent_pay_notifications_across_processes_credit_once(cluster: Cluster) -> None:
@@ -202,9 +203,9 @@ def test_concurrent_pay_notifications_across_processes_credit_once(cluster: Clus
     assert len(answers) == 16
     assert all(a.status_code == 200 and b"SUCCESS" in a.content for a in answers)
     assert wallet.balance(cluster.r, acct) == 10_000 + 500_000
-    credits = [e for e in wallet.ledger_entries(cluster.r, acct) if e.get("req") == f"pay:{no[1]}"]
+    credits = [e for e in ledger.ledger_entries(cluster.r, acct) if e.get("req") == f"pay:{no[1]}"]
     assert len(credits) == 1
-    assert wallet.verify(cluster.r) == []
+    assert ledger.verify(cluster.r) == []
 
 
 def test_web_process_logs_hold_no_key(cluster: Cluster) -> None:

@@ -1,6 +1,6 @@
 """Races: 64 concurrent spenders on one wallet, one code for many users, key rotation in flight.
 
-After each: no negative balance, sum(ledger) == balance for every account (wallet.verify).
+After each: no negative balance, sum(ledger) == balance for every account (ledger.verify).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import requests
 from conftest import LiveServer, new_key
 from proc_kit import race
 
-from app.core.money import keys, wallet
+from app.core.money import keys, ledger, wallet
+from app.core.money.codes import create_codes, list_codes, redeem
 
 CHAT = {"model": "gpt-3.5", "max_tokens": 50,
         "messages": [{"role": "user", "content": "race me"}]}
@@ -27,12 +28,12 @@ def test_wallet_64_way_reserve_never_overdraws(r: redis.Redis) -> None:
     assert wallet.balance(r, acct) == 0
     race(lambda i: wallet.settle(r, acct, f"req_{i}", 400) if got[i] else None, 64)
     assert wallet.balance(r, acct) == 10 * 600
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_wallet_64_way_mixed_traffic(r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=5000)
-    codes = wallet.create_codes(r, 700, 8)
+    codes = create_codes(r, 700, 8)
 
     def work(i: int) -> int:
         spent = 0
@@ -44,14 +45,14 @@ def test_wallet_64_way_mixed_traffic(r: redis.Redis) -> None:
                 assert wallet.settle(r, acct, req, 100) is None  # settling twice charges nothing
                 spent += charged
         if i < 8:
-            wallet.redeem(r, acct, codes[i])
+            redeem(r, acct, codes[i])
         if i % 16 == 0:
             wallet.topup(r, acct, 1000, ref=f"pay_{i // 32}")  # two refs, two tries each
         return spent
 
     spent = sum(race(work, 64))
     assert wallet.balance(r, acct) == 5000 + 8 * 700 + 2 * 1000 - spent >= 0
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_http_64_way_on_one_key(live: LiveServer, r: redis.Redis) -> None:
@@ -66,24 +67,24 @@ def test_http_64_way_on_one_key(live: LiveServer, r: redis.Redis) -> None:
 
     statuses = Counter(race(one, 64))
     assert set(statuses) <= {200, 429} and statuses[200] >= 1, statuses
-    entries = list(wallet.ledger_entries(r, acct))
+    entries = list(ledger.ledger_entries(r, acct))
     settles = [e for e in entries if e["kind"] == "settle"]
     assert len(settles) == statuses[200]
     assert wallet.balance(r, acct) == 120 - sum(int(e["cost"]) for e in settles) >= 0
-    assert r.zcard(wallet.PENDING) == 0
-    assert wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0
+    assert ledger.verify(r) == []
 
 
 def test_one_code_many_users(r: redis.Redis) -> None:
     accounts = [wallet.create_account(r) for _ in range(48)]
-    code = wallet.create_codes(r, 5000)[0]
-    results = race(lambda i: wallet.redeem(r, accounts[i], code.lower())[0], 48)
+    code = create_codes(r, 5000)[0]
+    results = race(lambda i: redeem(r, accounts[i], code.lower())[0], 48)
     assert Counter(results) == {"ok": 1, "used": 47}
     winner = accounts[results.index("ok")]
     assert [wallet.balance(r, a) for a in accounts].count(5000) == 1
     assert wallet.balance(r, winner) == 5000
-    assert wallet.list_codes(r)[0]["used_by"] == winner
-    assert wallet.verify(r) == []
+    assert list_codes(r)[0]["used_by"] == winner
+    assert ledger.verify(r) == []
 
 
 def test_key_rotation_with_requests_in_flight(live: LiveServer, r: redis.Redis) -> None:
@@ -123,5 +124,5 @@ def test_key_rotation_with_requests_in_flight(live: LiveServer, r: redis.Redis) 
     assert statuses[200] > 0
     ok = requests.get(live.url + "/v1/balance", headers={"Authorization": f"Bearer {new}"})
     assert ok.status_code == 200 and ok.json()["account"] == acct
-    assert r.zcard(wallet.PENDING) == 0
-    assert wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0
+    assert ledger.verify(r) == []

@@ -21,7 +21,8 @@ import requests
 from conftest import LiveServer, free_port, make_settings, new_key, wait_for
 
 from app import create_app
-from app.core.money import keys, wallet
+from app.core.money import keys, ledger, tally, wallet
+from app.core.money.codes import create_codes, list_codes, redeem
 from app.edges.store import make_redis
 from app.runtime.embedded import EmbeddedRedis
 from fakes.upstream import FakeUpstream
@@ -62,9 +63,9 @@ def crash(server: EmbeddedRedis) -> None:
 def snapshot(r: redis.Redis, acct: str, raw: str) -> dict[str, Any]:
     """Everything about an account that must survive a restart."""
     info = keys.lookup(r, raw)
-    return {"account": wallet.get_account(r, acct), "ledger": list(wallet.ledger_entries(r)),
-            "key": info, "keys": keys.list_keys(r, acct), "codes": wallet.list_codes(r),
-            "usage": wallet.usage_by_day(r, 2)}
+    return {"account": wallet.get_account(r, acct), "ledger": list(ledger.ledger_entries(r)),
+            "key": info, "keys": keys.list_keys(r, acct), "codes": list_codes(r),
+            "usage": tally.usage_by_day(r, [wallet.china_day()])}
 
 
 def call(client: Any, method: str, path: str, body: dict[str, Any] | None, key: str) -> Any:
@@ -93,8 +94,8 @@ def test_crash_keeps_money_and_api_fails_closed(embedded: EmbeddedRedis,
     r = make_redis(embedded.url, max_connections=10)
     raw, acct = new_key(r, "10")
     assert call(client, *ROUTES[0], raw).status_code == 200
-    code = wallet.create_codes(r, 5000)[0]
-    assert wallet.redeem(r, acct, code)[0] == "ok"
+    code = create_codes(r, 5000)[0]
+    assert redeem(r, acct, code)[0] == "ok"
     _, dead = keys.create_key(r, acct, "old")
     keys.revoke(r, dead.id)
     before = snapshot(r, acct, raw)
@@ -110,11 +111,11 @@ def test_crash_keeps_money_and_api_fails_closed(embedded: EmbeddedRedis,
     wait_for(lambda: call(client, "GET", "/v1/balance", None, raw).status_code == 200, 15,
              "the same app to reconnect by itself")
     assert snapshot(r, acct, raw) == before
-    assert wallet.redeem(r, acct, code)[0] == "used"
+    assert redeem(r, acct, code)[0] == "used"
     for method, path, body in ROUTES:
         assert call(client, method, path, body, raw).status_code == 200, path
     assert wallet.balance(r, acct) < before["account"]["balance"]
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
@@ -150,12 +151,12 @@ def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
         rest = lines
         assert rest[-1] == b"data: [DONE]"
         # The relay settles once Redis is back: charged for the answer, nothing left on hold.
-        wait_for(lambda: not r.zcard(wallet.PENDING), 20, "the settlement")
+        wait_for(lambda: not ledger.open_holds(r), 20, "the settlement")
         charged = start - wallet.balance(r, acct)
-        settles = [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+        settles = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
         assert len(settles) == 1 and int(settles[0]["cost"]) == charged > 0
         assert int(settles[0]["ct"]) == 10
-        assert wallet.verify(r) == []
+        assert ledger.verify(r) == []
     finally:
         live.stop()
 

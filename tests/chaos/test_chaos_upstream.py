@@ -17,8 +17,9 @@ import redis
 from conftest import UPSTREAM_KEY, free_port, make_settings, new_key, wait_for
 
 from app import create_app
+from app.bot import users
 from app.core import pricing
-from app.core.money import wallet
+from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
 
 CHAT = {"model": "gpt-3.5", "messages": [{"role": "user", "content": "你好 failover"}]}
@@ -79,8 +80,8 @@ def post(client: Any, key: str, body: dict[str, Any], path: str = "/v1/chat/comp
 
 def assert_clean(r: redis.Redis) -> None:
     """No hold left open and sum(ledger) == balance for every account."""
-    assert r.zcard(wallet.PENDING) == 0
-    assert wallet.verify(r) == []
+    assert ledger.open_holds(r) == 0
+    assert ledger.verify(r) == []
 
 
 def chat_paths(fake: FakeUpstream) -> list[str]:
@@ -101,10 +102,10 @@ def test_failover_to_second_channel(r: redis.Redis, tmp_path: Path, upstream: Fa
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert "你好 failover" in resp.get_json()["choices"][0]["message"]["content"]
     assert len(chat_paths(upstream)) == 1 and len(chat_paths(backup)) == 1
-    assert r.exists("xy:chan:first:cool")  # the failing channel rests
+    assert r.exists("xy:chan:{first}:cool")  # the failing channel rests
     charged = before - wallet.balance(r, acct)
     assert charged > 0
-    assert len([e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]) == 1
+    assert len([e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]) == 1
     # While it rests, the next request goes straight to the second channel.
     assert post(client, key, CHAT).status_code == 200
     assert len(chat_paths(upstream)) == 1 and len(chat_paths(backup)) == 2
@@ -264,7 +265,7 @@ def test_wechat_user_gets_a_polite_message_never_silence(r: redis.Redis, redis_u
             sent = wait_for(lambda: wx.sent(openid), 30, "a message to the user")
     polite = settings.texts["chat_failed"]
     assert [m["text"]["content"] for m in sent] == [polite]
-    acct = r.get(f"xy:wx:user:{openid}")
-    assert not [e for e in wallet.ledger_entries(r, acct) if e["kind"] == "settle"]
+    acct = users.account_of(r, openid)
+    assert not [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     assert wallet.balance(r, acct) == settings.bot["trial_credit_units"]  # nothing charged
     assert_clean(r)

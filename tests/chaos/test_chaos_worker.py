@@ -23,7 +23,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.scheduler import RQScheduler
 
-from app.core.money import wallet
+from app.core.money import layout, ledger, wallet
 from app.edges.store import make_redis
 from app.runtime import maintenance
 from app.runtime.rqworker import sched_locks_key
@@ -72,10 +72,10 @@ def assert_once(r: redis.Redis, acct: str, req: str, before: int) -> None:
     """One answer, one charge, and a consistent ledger."""
     assert r.lrange(chaosjobs.answers_key(req), 0, -1) == [f"answer to {req}"]
     assert wallet.balance(r, acct) == before - COST
-    settles = [e for e in wallet.ledger_entries(r, acct) if e.get("req") == req
+    settles = [e for e in ledger.ledger_entries(r, acct) if e.get("req") == req
                and e["kind"] == "settle"]
     assert len(settles) == 1
-    assert wallet.verify(r) == []
+    assert ledger.verify(r) == []
 
 
 def test_live_worker_job_is_left_alone(r: redis.Redis, conn: redis.Redis) -> None:
@@ -148,11 +148,14 @@ def test_sweep_releases_holds_left_by_a_crash(r: redis.Redis, conn: redis.Redis)
     acct = funded(r, 5000)
     assert wallet.reserve(r, acct, "req_crashed", 3000).ok
     assert wallet.reserve(r, acct, "req_running", 1000).ok
-    r.zadd(wallet.PENDING, {"req_crashed": 1})  # opened long ago by a process that died
+    # opened long ago by a process that died
+    r.zadd(layout.holds_key(acct), {"req_crashed": 1})
+    r.hset(layout.resv_key(acct, "req_crashed"), "ts", 1)
     assert maintenance.sweep(conn, r, [], force=True)["released"] == 1
     assert wallet.balance(r, acct) == 4000  # the running request still holds its 1000
-    assert r.exists("xy:resv:req_running") and not r.exists("xy:resv:req_crashed")
-    assert wallet.verify(r) == []
+    assert r.exists(layout.resv_key(acct, "req_running"))
+    assert not r.exists(layout.resv_key(acct, "req_crashed"))
+    assert ledger.verify(r) == []
 
 
 def test_sweeps_take_turns(r: redis.Redis, conn: redis.Redis) -> None:

@@ -1,4 +1,7 @@
-"""Money: wallet, keys, rate limits and their Lua scripts; `reserve()`/`authorize()` → Hold."""
+"""Money: wallet, keys, rate limits and their Lua scripts; `reserve()`/`authorize()` → Hold.
+
+The key layout (hash tags, global views) is documented in one place: app/core/money/layout.py.
+"""
 
 from __future__ import annotations
 

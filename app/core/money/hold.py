@@ -14,39 +14,27 @@ round trip: authorize(). A request that fails before it is checked with authenti
 
 from __future__ import annotations
 
-import secrets
-import time
 from types import TracebackType
 
-import redis
-
 from app.core.errors import InsufficientQuota, InvalidKey, RateLimited
-from app.core.money import keys, wallet
-from app.core.money.ratelimit import WINDOW, wait_seconds
-from app.core.money.scripts import script
+from app.core.money import holders, keys, wallet
+from app.core.money.layout import MAX_UNITS, Store, key_record, window_key
+from app.core.money.ratelimit import WINDOW_FN, Window, to_window, window_args
+from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
 
-# The relay's hot path in one round trip: the key lookup, its per-minute window
-# (ratelimit.WINDOW) and the reservation (wallet.RESERVE); both scripts run unchanged as local
-# functions (their KEYS/ARGV are the parameters), on keys named as ratelimit.hit and
-# wallet.reserve name them.
-# KEYS[1]=lookup hash, KEYS[2]=pending zset, KEYS[3]=ledger
-# ARGV: now_ms, window_ms, limit, member, window prefix, req_id, amount, model, account prefix
-# -> {0} unknown key | {1, key fields, wait_ms} rate-limited | {2, key fields, RESERVE's reply}
-AUTH_AND_RESERVE = (
-    "local function window(KEYS, ARGV)\n" + WINDOW + "\nend\n"
-    "local function reserve(KEYS, ARGV)\n" + wallet.RESERVE + "\nend\n" + """
-local data = redis.call('HGETALL', KEYS[1])
-if #data == 0 then return {0} end
-local f = {}
-for i = 1, #data, 2 do f[data[i]] = data[i + 1] end
-if tonumber(ARGV[3]) > 0 then
-  local wait = window({ARGV[5] .. f['id']}, ARGV)
-  if wait ~= 0 then return {1, data, wait} end
-end
-local req = ARGV[6]
-return {2, data, reserve({ARGV[9] .. f['acct'], 'xy:resv:' .. req, KEYS[2], KEYS[3],
-                          'xy:done:' .. req, 'xy:stats:money'},
-                         {f['acct'], req, ARGV[7], ARGV[1], f['id'], ARGV[8]})}
+# The relay's hot path in one script: the key check, its rate window and the reservation, all
+# in the key's account slot (the raw key names the account).
+# -> {0} unknown key | {1, key fields, wait_ms, remaining, reset_ms} rate-limited |
+#    {2, key fields, the reserve function's reply, remaining, reset_ms}
+AUTHORIZE = declare(
+    "authorize", ["record", "window", *wallet.HOLD_KEYS],
+    [*keys.CHECK_ARGS, Id("req"), Arg("amount"), Text("model", 200)],
+    WINDOW_FN + wallet.RESERVE_FN + keys.KEY_CHECK + """
+local wait, left, reset = 0, 0, 0
+if limit > 0 then wait, left, reset = window(KEYS[2], now, window_ms, limit, member) end
+if wait ~= 0 then return {1, data, wait, left, reset} end
+return {2, data, reserve(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], req, amount, now,
+                         f['id'], model), left, reset}
 """)
 
 
@@ -65,17 +53,23 @@ class Settled(Exception):
 class Hold:
     """An open reservation: settle() it on success; any exception in its block releases it."""
 
-    __slots__ = ("r", "acct", "req", "amount", "key", "done")
+    __slots__ = ("r", "acct", "req", "amount", "key", "done", "window")
 
-    def __init__(self, r: redis.Redis, acct: str, req: str, amount: int,
-                 key: keys.KeyInfo | None = None) -> None:
+    def __init__(self, r: Store, acct: str, req: str, amount: int,
+                 key: keys.KeyInfo | None = None, window: Window | None = None) -> None:
         self.r, self.acct, self.req, self.amount, self.key = r, acct, req, amount, key
+        self.window = window or Window()
         self.done = False
 
     def settle(self, cost: int, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> int | None:
-        """Charge `cost` (at most the hold) and give the rest back; None if settled already."""
-        charged = wallet.settle(self.r, self.acct, self.req, cost, prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens)
+        """Charge `cost` (at most the hold, then the balance) and give the rest back.
+
+        Returns what was charged, None if settled already. Token counts are only recorded:
+        any value is brought into [0, 2**53) first, so the script never refuses them.
+        """
+        charged = wallet.settle(self.r, self.acct, self.req, _bounded(cost),
+                                prompt_tokens=_bounded(prompt_tokens),
+                                completion_tokens=_bounded(completion_tokens))
         self.done = True
         return charged
 
@@ -96,7 +90,14 @@ class Hold:
             self.release()
 
 
-def reserve(r: redis.Redis, acct: str, req: str, amount: int, *, key_id: str = "",
+def _bounded(value: object) -> int:
+    """Return an integer count in [0, MAX_UNITS] (an odd value counts as 0)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return 0
+    return min(max(value, 0), MAX_UNITS)
+
+
+def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
             model: str = "") -> Hold:
     """Hold `amount` units for request `req`; raise Short, Settled or wallet.NoAccount."""
     got = wallet.reserve(r, acct, req, amount, key_id=key_id, model=model)
@@ -107,34 +108,56 @@ def reserve(r: redis.Redis, acct: str, req: str, amount: int, *, key_id: str = "
     raise Short(got.balance)
 
 
-def authenticate(r: redis.Redis, raw: str, limit: int) -> keys.KeyInfo:
+def _invalid() -> InvalidKey:
+    return InvalidKey("Incorrect API key provided.", msg="密钥无效")
+
+
+def authenticate(r: Store, raw: str, limit: int) -> tuple[keys.KeyInfo, Window]:
     """Resolve a key (no cache: revocation is immediate) and count it in its rate window."""
-    info, wait = keys.lookup_and_hit(r, raw, limit)
+    info, window = keys.lookup_and_hit(r, raw, limit)
     if info is None:
-        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
-    if wait:
-        raise RateLimited(wait)
-    return info
+        raise _invalid()
+    if window.wait:
+        raise RateLimited(window.wait)
+    return info, window
 
 
-def authorize(r: redis.Redis, raw: str, req: str, amount: int, *, model: str,
+def authorize(r: Store, raw: str, req: str, amount: int, *, model: str,
               limit: int) -> Hold:
-    """Authenticate, count the rate window and reserve, in one round trip; return the hold."""
-    if not keys.plausible(raw):
-        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
-    now = int(time.time() * 1000)
-    res = script(r, AUTH_AND_RESERVE)(
-        keys=[f"xy:key:{keys.hash_key(raw)}", wallet.PENDING, wallet.LEDGER],
-        args=[now, 60_000, limit, f"{now}-{secrets.token_hex(4)}", keys.RATE_KEY_PREFIX,
-              req, amount, model, wallet.acct_key("")])
+    """Authenticate, count the rate window and reserve in one script; return the hold.
+
+    One round trip for keys that name their account; keys of the older form look their
+    account up first.
+    """
+    acct = keys.account_of(r, raw)
+    if acct is None:
+        raise _invalid()
+    digest = keys.hash_key(raw)
+    args = window_args(max(limit, 0))
+    now = int(args[0])
+    before = holders.writes(r, acct, now)
+    try:
+        res = run(r, AUTHORIZE,
+                  [key_record(acct, digest), window_key(acct, digest),
+                   *wallet.hold_keys(acct, req)],
+                  [acct, *args, req, amount, model], before=before)
+    except IndexWriteFailed as exc:
+        if int(exc.reply[0]) == 2 and int(exc.reply[2][0]) == 1:
+            wallet.release(r, acct, req)  # never leave a hold the sweep cannot find
+        raise
+    if before:
+        holders.written(r, acct, now)
     if int(res[0]) == 0:
-        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+        raise _invalid()
     info = keys.info_from_fields(res[1])
     if int(res[0]) == 1:
-        raise RateLimited(wait_seconds(int(res[2])))
-    code = int(res[2][0])
-    if code == -2:
-        raise InvalidKey("The key's account no longer exists.", msg="账户不存在")
-    if code != 1:
-        raise Short(int(res[2][1]) if len(res[2]) > 1 else 0)
-    return Hold(r, info.acct, req, amount, info)
+        raise RateLimited(to_window(limit, res[2:5]).wait)
+    window = to_window(max(limit, 0), [0, *res[3:5]])
+    try:
+        wallet.reserved(r, res[2], amount, acct)
+    except wallet.NoAccount:
+        raise InvalidKey("The key's account no longer exists.", msg="账户不存在") from None
+    got = res[2]
+    if int(got[0]) != 1:
+        raise Short(int(got[1]) if len(got) > 1 else 0)
+    return Hold(r, acct, req, amount, info, window)

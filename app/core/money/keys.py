@@ -1,13 +1,10 @@
 """Issue, hash, look up, revoke and rotate developer API keys. Only a hash is stored.
 
-Keys (owned here):
-    xy:key:{sha256}       hash   id, acct, name, created, masked   (present only while valid)
-    xy:keyid:{id}         hash   hash, acct, name, created, masked, revoked
-    xy:acct:{acct}:keys   set    key ids of an account
-    xy:keyids             zset   key id -> created (ms)
-
-No in-process cache: a revocation deletes the lookup hash, so every process stops accepting the
-key on its next request (SPEC §7.8).
+A raw key names its account: ``sk-<account id>-<43 random chars>``, so its record, its rate
+window and the wallet share the account's slot (layout.py). Keys issued before (``sk-`` + 43
+random chars), or for an account id a key cannot carry, are found through ``xy:keyptr:<sha>``:
+one more round trip. No in-process cache: a revocation deletes the lookup hash, so every process
+stops accepting the key on its next request (SPEC §7.8).
 """
 
 from __future__ import annotations
@@ -18,33 +15,62 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
-from app.core.money.ratelimit import WINDOW, wait_seconds
-from app.core.money.scripts import script
+from app.core.money.layout import (
+    EMBEDDABLE,
+    KEY_ACCOUNT,
+    KEY_IDS,
+    Store,
+    check_account_id,
+    key_id_record,
+    key_pointer,
+    key_record,
+    keys_set,
+    window_key,
+)
+from app.core.money.ratelimit import WINDOW_FN, Window, to_window, window_args
+from app.core.money.scripts import Arg, Id, Text, declare, run
 
 PREFIX = "sk-"
-RATE_KEY_PREFIX = "xy:rl:key:"  # the window ratelimit.hit(r, f"key:{id}", …) keeps
+SECRET_LEN = 43  # secrets.token_urlsafe(32)
 
-# The relay's hot path: the lookup and the key's per-minute window in one round trip.
-# KEYS[1]=lookup hash; ARGV: now_ms, window_ms, limit, member, window key prefix
-# -> {} unknown key | {fields of the lookup hash, wait_ms (0 allowed)}
-# ratelimit.WINDOW runs unchanged as a local function (its KEYS/ARGV are its parameters) on the
-# window key built from the key's id, so both paths count into the same window.
-LOOKUP_AND_HIT = "local function window(KEYS, ARGV)\n" + WINDOW + """
-end
+CREATE_KEY = declare(
+    "create_key", ["record", "keyid", "keys"],
+    [Id("id"), Id("acct"), Text("name", 200), Arg("created"), Text("masked", 64), Id("digest")],
+    """
+redis.call('HSET', KEYS[1], 'id', id, 'acct', acct, 'name', name, 'created', s(created),
+           'masked', masked)
+redis.call('HSET', KEYS[2], 'id', id, 'acct', acct, 'name', name, 'created', s(created),
+           'masked', masked, 'hash', digest, 'revoked', '0')
+redis.call('SADD', KEYS[3], id)
+return 1
+""")
+
+# -> 1 revoked now | 0 revoked already (of concurrent revocations exactly one wins)
+REVOKE = declare("revoke", ["keyid", "record"], [], """
+if redis.call('HGET', KEYS[1], 'revoked') ~= '0' then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'revoked', '1')
+return 1
+""")
+
+# The key check that opens every hot path: the record must exist and name the expected account.
+KEY_CHECK = """
 local data = redis.call('HGETALL', KEYS[1])
-if #data == 0 then return {} end
-local wait = 0
-if tonumber(ARGV[3]) > 0 then
-  local id = ''
-  for i = 1, #data, 2 do
-    if data[i] == 'id' then id = data[i + 1] end
-  end
-  wait = window({ARGV[5] .. id}, ARGV)
-end
-return {data, wait}
+if #data == 0 then return {0} end
+local f = {}
+for i = 1, #data, 2 do f[data[i]] = data[i + 1] end
+if f['acct'] ~= acct then return {0} end
 """
+CHECK_ARGS = [Id("acct"), Arg("now"), Arg("window_ms", lo=1, hi=86_400_000),
+              Arg("limit", hi=10**9), Id("member")]
+
+# -> {0} unknown key | {1, key fields, wait_ms, remaining, reset_ms} (limit 0: no window)
+LOOKUP_AND_HIT = declare("lookup_and_hit", ["record", "window"], CHECK_ARGS,
+                         WINDOW_FN + KEY_CHECK + """
+if limit == 0 then return {1, data, 0, 0, 0} end
+local wait, left, reset = window(KEYS[2], now, window_ms, limit, member)
+return {1, data, wait, left, reset}
+""")
 
 
 @dataclass(frozen=True)
@@ -67,51 +93,75 @@ def mask(raw: str) -> str:
     return f"{raw[:7]}…{raw[-4:]}"
 
 
-def create_key(r: redis.Redis, acct: str, name: str = "") -> tuple[str, KeyInfo]:
-    """Issue a new key (256 random bits) for an account; return (raw key, info)."""
-    raw = PREFIX + secrets.token_urlsafe(32)
-    key_id = "key_" + secrets.token_hex(6)
-    digest = hash_key(raw)
-    now = int(time.time() * 1000)
-    info = {"id": key_id, "acct": acct, "name": name, "created": now, "masked": mask(raw)}
-    pipe = r.pipeline(transaction=True)
-    pipe.hset(f"xy:key:{digest}", mapping=info)
-    pipe.hset(f"xy:keyid:{key_id}", mapping={**info, "hash": digest, "revoked": 0})
-    pipe.sadd(f"xy:acct:{acct}:keys", key_id)
-    pipe.zadd("xy:keyids", {key_id: now})
-    pipe.execute()
-    return raw, KeyInfo(key_id, acct, name, info["masked"])
-
-
-def lookup(r: redis.Redis, raw: str) -> KeyInfo | None:
-    """Return the key's info when it is valid, else None (one Redis round trip)."""
-    if not plausible(raw):
-        return None
-    data = r.hgetall(f"xy:key:{hash_key(raw)}")
-    return _info(data) if data else None
-
-
-def lookup_and_hit(r: redis.Redis, raw: str, limit: int,
-                   window_s: int = 60) -> tuple[KeyInfo | None, int]:
-    """Look a key up and count one request in its window (ratelimit.hit's) in one round trip.
-
-    Return (info, seconds to wait: 0 when allowed); (None, 0) for an unknown key, which counts
-    nothing. limit <= 0 turns the window off.
-    """
-    if not plausible(raw):
-        return None, 0
-    now = int(time.time() * 1000)
-    res = script(r, LOOKUP_AND_HIT)(
-        keys=[f"xy:key:{hash_key(raw)}"],
-        args=[now, window_s * 1000, limit, f"{now}-{secrets.token_hex(4)}", RATE_KEY_PREFIX])
-    if not res:
-        return None, 0
-    return info_from_fields(res[0]), wait_seconds(int(res[1]))
-
-
 def plausible(raw: str) -> bool:
     """Tell whether a raw key could be one of ours (else it is refused without a lookup)."""
     return raw.startswith(PREFIX) and len(raw) <= 200
+
+
+def embedded_account(raw: str) -> str | None:
+    """Return the account a raw key names (``sk-<acct>-<secret>``), or None (older form)."""
+    if len(raw) < len(PREFIX) + 2 + SECRET_LEN or raw[-SECRET_LEN - 1] != "-":
+        return None
+    acct = raw[len(PREFIX):-SECRET_LEN - 1]
+    return acct if EMBEDDABLE.match(acct) else None
+
+
+def account_of(r: Store, raw: str) -> str | None:
+    """Return the account a raw key belongs to, if it can be one (the older form: a lookup)."""
+    if not plausible(raw):
+        return None
+    return embedded_account(raw) or r.get(key_pointer(hash_key(raw)))
+
+
+def new_raw_key(acct: str) -> str:
+    """Return a new raw key (256 random bits) that names its account when the id allows it."""
+    secret = secrets.token_urlsafe(32)
+    return f"{PREFIX}{acct}-{secret}" if EMBEDDABLE.match(acct) else PREFIX + secret
+
+
+def create_key(r: Store, acct: str, name: str = "") -> tuple[str, KeyInfo]:
+    """Issue a new key for an account; return (raw key, info). Indexes are written first."""
+    check_account_id(acct)
+    raw = new_raw_key(acct)
+    key_id = "key_" + secrets.token_hex(6)
+    digest = hash_key(raw)
+    now = int(time.time() * 1000)
+    pipe = r.pipeline(transaction=False)
+    pipe.zadd(KEY_IDS, {key_id: now})
+    pipe.hset(KEY_ACCOUNT, key_id, acct)
+    if embedded_account(raw) is None:
+        pipe.set(key_pointer(digest), acct)
+    pipe.execute()
+    run(r, CREATE_KEY, [key_record(acct, digest), key_id_record(acct, key_id), keys_set(acct)],
+        [key_id, acct, name, now, mask(raw), digest])
+    return raw, KeyInfo(key_id, acct, name, mask(raw))
+
+
+def lookup(r: Store, raw: str) -> KeyInfo | None:
+    """Return the key's info when it is valid, else None."""
+    acct = account_of(r, raw)
+    if acct is None:
+        return None
+    data = r.hgetall(key_record(acct, hash_key(raw)))
+    return _info(data) if data and data.get("acct") == acct else None
+
+
+def lookup_and_hit(r: Store, raw: str, limit: int,
+                   window_s: int = 60) -> tuple[KeyInfo | None, Window]:
+    """Look a key up and count one request in its window, in one script.
+
+    Return (info, window); (None, Window()) for an unknown key, which counts nothing.
+    limit <= 0 turns the window off.
+    """
+    acct = account_of(r, raw)
+    if acct is None:
+        return None, Window()
+    digest = hash_key(raw)
+    res = run(r, LOOKUP_AND_HIT, [key_record(acct, digest), window_key(acct, digest)],
+              [acct, *window_args(max(limit, 0), window_s)])
+    if int(res[0]) == 0:
+        return None, Window()
+    return info_from_fields(res[1]), to_window(max(limit, 0), res[2:5])
 
 
 def info_from_fields(flat: list[str]) -> KeyInfo:
@@ -123,40 +173,48 @@ def _info(data: dict[str, str]) -> KeyInfo:
     return KeyInfo(data["id"], data["acct"], data.get("name", ""), data.get("masked", ""))
 
 
-# KEYS[1]=key id hash, KEYS[2]=lookup hash -> 1 revoked now | 0 revoked already (one winner)
-REVOKE = """
-if redis.call('HGET', KEYS[1], 'revoked') ~= '0' then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'revoked', 1)
-return 1
-"""
+def key_account(r: Store, key_id: str) -> str | None:
+    """Return the account of a key id, or None."""
+    found = r.hget(KEY_ACCOUNT, key_id)
+    return str(found) if found is not None else None
 
 
-def revoke(r: redis.Redis, key_id: str) -> bool:
+def revoke(r: Store, key_id: str) -> bool:
     """Revoke a key at once; return False when no such live key (or another revoke won)."""
-    digest = r.hget(f"xy:keyid:{key_id}", "hash")
+    acct = key_account(r, key_id)
+    if acct is None:
+        return False
+    digest = r.hget(key_id_record(acct, key_id), "hash")
     if digest is None:
         return False
-    return int(script(r, REVOKE)(keys=[f"xy:keyid:{key_id}", f"xy:key:{digest}"])) == 1
+    if int(run(r, REVOKE, [key_id_record(acct, key_id), key_record(acct, digest)], [])) != 1:
+        return False
+    r.delete(key_pointer(digest))  # harmless if absent; a dangling pointer finds no record
+    return True
 
 
-def rotate(r: redis.Redis, key_id: str) -> tuple[str, KeyInfo] | None:
+def rotate(r: Store, key_id: str) -> tuple[str, KeyInfo] | None:
     """Revoke a key and issue its replacement; of concurrent rotations only one issues a key."""
-    data = r.hgetall(f"xy:keyid:{key_id}")
-    if not data or not revoke(r, key_id):
+    acct = key_account(r, key_id)
+    data = r.hgetall(key_id_record(acct, key_id)) if acct else {}
+    if not acct or not data or not revoke(r, key_id):
         return None
-    return create_key(r, data["acct"], data.get("name", ""))
+    return create_key(r, acct, data.get("name", ""))
 
 
-def list_keys(r: redis.Redis, acct: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+def list_keys(r: Store, acct: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
     """Return key records (masked, never the hash) newest first."""
-    ids = (sorted(r.smembers(f"xy:acct:{acct}:keys")) if acct
-           else r.zrevrange("xy:keyids", 0, limit - 1))
-    pipe = r.pipeline()
-    for key_id in ids:
-        pipe.hgetall(f"xy:keyid:{key_id}")
+    if acct:
+        pairs = [(acct, k) for k in sorted(r.smembers(keys_set(acct)))]
+    else:
+        ids = r.zrevrange(KEY_IDS, 0, limit - 1)
+        owners = r.hmget(KEY_ACCOUNT, ids) if ids else []
+        pairs = [(a, k) for a, k in zip(owners, ids, strict=True) if a]
+    pipe = r.pipeline(transaction=False)
+    for owner, key_id in pairs:
+        pipe.hgetall(key_id_record(owner, key_id))
     rows = []
-    for data in pipe.execute():
+    for data in pipe.execute() if pairs else []:
         if data:
             data.pop("hash", None)
             data["revoked"] = data.get("revoked") == "1"
@@ -164,7 +222,7 @@ def list_keys(r: redis.Redis, acct: str | None = None, limit: int = 500) -> list
     return rows
 
 
-def live_key_id(r: redis.Redis, acct: str) -> str | None:
+def live_key_id(r: Store, acct: str) -> str | None:
     """Return the newest unrevoked key id of an account."""
     rows = [k for k in list_keys(r, acct) if not k["revoked"]]
     rows.sort(key=lambda k: int(k.get("created", 0)))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 
 from flask import (
     Blueprint,
@@ -32,7 +31,6 @@ from flask import (
 from werkzeug.exceptions import BadRequest
 
 from app.core.money import ratelimit
-from app.core.money.scripts import script
 from app.edges.store import get_redis
 from app.web.admin.cookies import cookie_key
 
@@ -136,17 +134,18 @@ def _safe_next(target: str | None) -> str:
 
 def take_attempt() -> tuple[int, str]:
     """Take a slot in this address's login window; return (seconds to wait or 0, slot id)."""
-    now = int(time.time() * 1000)
-    slot = f"{now}-{secrets.token_hex(4)}"
-    wait_ms = script(get_redis(), ratelimit.WINDOW)(
-        keys=[f"xy:admin:login:{request.remote_addr}"],
-        args=[now, 60_000, LOGIN_FAILURES_PER_MINUTE, slot])
-    return ratelimit.wait_seconds(int(wait_ms)), slot
+    window, slot = ratelimit.take(get_redis(), _login_key(), LOGIN_FAILURES_PER_MINUTE)
+    return window.wait, slot
+
+
+def _login_key() -> str:
+    """Name this address's login window (one key: a single-slot script on a Cluster too)."""
+    return f"xy:admin:login:{request.remote_addr}"
 
 
 def give_back(slot: str) -> None:
     """Return a successful login's slot: only failures count toward the limit."""
-    get_redis().zrem(f"xy:admin:login:{request.remote_addr}", slot)
+    get_redis().zrem(_login_key(), slot)
 
 
 @bp.route("/login", methods=["GET", "POST"])

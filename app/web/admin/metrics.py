@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.bot import screening
-from app.core.money import wallet
+from app.core.money import tally, wallet
 from app.edges.store import get_redis, get_rq_redis
 from app.edges.upstream import get_upstream
 from app.web.admin.auth import is_admin, unauthorized
@@ -39,7 +39,7 @@ class StateCollector(Collector):
         try:
             rows, alive, channels = (queue_counts(self.rq_redis), len(workers(self.rq_redis)),
                                      get_upstream().health())
-            moved = wallet.money_stats(get_redis())
+            moved = tally.money_stats(get_redis())
             today = wallet.china_day()
             hits = screening.hits_by_day(get_redis(), [today])[today]
         except redis.RedisError:

@@ -8,7 +8,8 @@ from typing import Any
 from flask import flash, render_template, request
 
 from app.core.config import MAX_CODES_PER_BATCH, ConfigError, units_to_yuan, yuan_to_units
-from app.core.money import wallet
+from app.core.money import codes as money_codes
+from app.core.money import ledger, tally, wallet
 from app.edges import pay
 from app.edges.store import get_redis
 from app.web.admin.auth import bp
@@ -38,7 +39,9 @@ def day_total(fields: dict[str, int], field: str) -> int:
 def usage() -> str:
     """Show spending and requests by day and by model as inline SVG bar charts."""
     days_n = min(max(request.args.get("days", 14, type=int) or 14, 1), 90)
-    days = wallet.usage_by_day(get_redis(), days_n)
+    now = wallet.now_ms()
+    days = tally.usage_by_day(get_redis(), [wallet.china_day(now - i * 86400_000)
+                                            for i in range(days_n - 1, -1, -1)])
     labels = [f"{d[4:6]}-{d[6:]}" for d in days]
     cost = [(label, day_total(f, "cost")) for label, f in zip(labels, days.values(), strict=True)]
     reqs = [(label, day_total(f, "requests"))
@@ -55,10 +58,16 @@ def usage() -> str:
 
 @bp.get("/requests")
 def requests_page() -> str:
-    """Show the newest settled requests (the ledger's settle entries)."""
+    """Show the newest settled requests: of one account, or of the most recently active ones."""
     acct = request.args.get("acct", "").strip() or None
-    entries = wallet.recent_ledger(get_redis(), acct, LEDGER_SCANNED)
-    rows = [e for e in entries if e.get("kind") in ("settle", "refund")][:200]
+    r = get_redis()
+    if acct and wallet.get_account(r, acct) is not None:
+        entries = ledger.recent_ledger(r, acct, LEDGER_SCANNED)
+        rows = [e for e in entries if e.get("kind") in ("settle", "refund")][:200]
+    elif acct:
+        rows = []
+    else:
+        rows = ledger.recent_requests(r)
     return render_template("admin_requests.html", rows=rows, acct=acct or "",
                            scanned=LEDGER_SCANNED)
 
@@ -76,10 +85,10 @@ def codes() -> str:
             flash(str(exc))
             units = 0
         if units > 0 and 1 <= count <= MAX_CODES_PER_BATCH:
-            created = wallet.create_codes(r, units, count)
+            created = money_codes.create_codes(r, units, count)
         elif units > 0:
             flash(f"数量需在 1–{MAX_CODES_PER_BATCH} 之间")
         else:
             flash("金额需大于 0")
-    return render_template("admin_codes.html", created=created, codes=wallet.list_codes(r, 200),
+    return render_template("admin_codes.html", created=created, codes=money_codes.list_codes(r, 200),
                            orders=pay.recent_orders(r, 50), max_codes=MAX_CODES_PER_BATCH)

@@ -12,14 +12,14 @@ import redis
 from flask import Response, abort, current_app, flash, redirect, render_template, request, url_for
 
 from app.core.config import ConfigError, units_to_yuan, yuan_to_units
-from app.core.money import keys, wallet
+from app.core.money import keys, layout, ledger, tally, wallet
 from app.edges.store import get_redis, get_rq_redis
 from app.edges.upstream import get_upstream
 from app.web.admin.auth import bp, csrf_token
 from app.web.admin.rqviews import queue_counts, workers
 
 PAGE = 50
-ACCOUNTS = "xy:accts"  # wallet's index of accounts (zset id -> created ms)
+ACCOUNTS = layout.ACCOUNTS  # the index of accounts (zset id -> created ms)
 NONCE = re.compile(r"^[0-9a-f]{32}$")
 CHINA = timezone(timedelta(hours=8))  # China has one zone and no daylight saving
 ZONE = "UTC+8"  # every time on an admin page is China time, and its column says so
@@ -58,17 +58,25 @@ def totals(r: redis.Redis) -> dict[str, int]:
     for start in range(0, len(ids), 1000):
         pipe = r.pipeline(transaction=False)
         for acct in ids[start:start + 1000]:
-            pipe.hmget(wallet.acct_key(acct), "balance", "used")
+            pipe.hmget(layout.acct_key(acct), "balance", "used")
         for bal, used in pipe.execute():
             out["balance"] += int(bal or 0)
             out["used"] += int(used or 0)
     out["accounts"] = len(ids)
-    out["keys"] = r.zcard("xy:keyids")
-    out["open_reservations"] = r.zcard(wallet.PENDING)
-    today = next(iter(wallet.usage_by_day(r, 1).values()))
+    out["keys"] = r.zcard(layout.KEY_IDS)
+    out["open_reservations"] = ledger.open_holds(r)
+    today = tally.usage_by_day(r, [wallet.china_day()])[wallet.china_day()]
     for field in ("cost", "requests", "tokens"):
         out[f"today_{field}"] = sum(v for k, v in today.items() if k.rpartition(":")[2] == field)
     return out
+
+
+def _exists(r: redis.Redis, acct: str) -> bool:
+    """Tell whether an account exists (False for an id that cannot be one)."""
+    try:
+        return bool(r.exists(layout.acct_key(acct)))
+    except layout.BadAccountId:
+        return False
 
 
 @bp.get("/")
@@ -88,15 +96,15 @@ def accounts() -> Response | str:
     r = get_redis()
     q = request.args.get("q", "").strip()
     if q:
-        if r.exists(wallet.acct_key(q)):
+        if _exists(r, q):
             return redirect(url_for("admin.account", acct=q))
         flash(f"没有账户 {q[:64]}")
     page = max(0, request.args.get("page", 0, type=int) or 0)
     ids = r.zrevrange(ACCOUNTS, page * PAGE, page * PAGE + PAGE - 1)
     pipe = r.pipeline(transaction=False)
     for acct in ids:
-        pipe.hgetall(wallet.acct_key(acct))
-        pipe.scard(f"xy:acct:{acct}:keys")
+        pipe.hgetall(layout.acct_key(acct))
+        pipe.scard(layout.keys_set(acct))
     values = pipe.execute()
     rows = [{**values[2 * i], "id": acct, "keys": values[2 * i + 1]}
             for i, acct in enumerate(ids)]
@@ -112,7 +120,7 @@ def account(acct: str) -> str:
     if info is None:
         abort(404)
     return render_template("admin_account.html", acct=info, keys=keys.list_keys(r, acct),
-                           ledger=wallet.recent_ledger(r, acct, 200),
+                           ledger=ledger.recent_ledger(r, acct, 200),
                            nonce=secrets.token_hex(16))
 
 
@@ -122,7 +130,7 @@ def revoke_key(key_id: str) -> Response:
     r = get_redis()
     flash(f"已吊销 {key_id}" if keys.revoke(r, key_id) else f"{key_id} 不存在或早已吊销")
     acct = request.form.get("acct", "")
-    if acct and r.exists(wallet.acct_key(acct)):
+    if acct and _exists(r, acct):
         return redirect(url_for("admin.account", acct=acct))
     return redirect(url_for("admin.accounts"))
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from flask import Blueprint, Flask, Response
 
 from app.web.relay import account, chat, media, responses
+from app.web.relay.common import ratelimit_headers
 
 bp = Blueprint("relay", __name__)
+bp.after_request(ratelimit_headers)  # x-ratelimit-*-requests on every successful answer
 
 
 @bp.post("/chat/completions")

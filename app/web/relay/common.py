@@ -14,12 +14,15 @@ from app.core import money
 from app.core.config import ModelPrice, Settings
 from app.core.errors import (
     ApiError,
+    InsufficientQuota,
     InvalidKey,
     InvalidRequest,
     ModelNotFound,
     RequestTooLarge,
 )
 from app.core.money import keys
+from app.core.money.layout import MAX_UNITS
+from app.core.money.ratelimit import Window
 from app.edges.store import get_redis
 
 
@@ -131,9 +134,31 @@ def _limit() -> int:
 
 def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
     """Resolve the key (no cache: revocation is immediate) and apply its rate limit."""
-    info = money.authenticate(get_redis(), _raw_key(body), _limit())
+    info, g.rate_window = money.authenticate(get_redis(), _raw_key(body), _limit())
     g.key_id = info.id
     return info
+
+
+def ratelimit_headers(resp: Response) -> Response:
+    """Add OpenAI's x-ratelimit-*-requests headers to a successful answer of a counted key."""
+    window: Window | None = g.get("rate_window")
+    if window is not None and window.limit and resp.status_code < 400:
+        resp.headers["x-ratelimit-limit-requests"] = str(window.limit)
+        resp.headers["x-ratelimit-remaining-requests"] = str(max(window.remaining, 0))
+        resp.headers["x-ratelimit-reset-requests"] = go_duration(window.reset_ms)
+    return resp
+
+
+def go_duration(ms: int) -> str:
+    """Format milliseconds as OpenAI does (Go's Duration): 12ms, 1s, 8.64s, 6m0s, 1h0m0s."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    minutes, secs = divmod(ms / 1000, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
 
 
 def gather(kinds: tuple[str, ...]) -> Call:
@@ -179,16 +204,20 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
     try:
         call = gather(kinds)
         amount = prepare(call)
+        if amount > MAX_UNITS:  # more than any wallet can hold (and than a script accepts)
+            raise InsufficientQuota()
     except ApiError:
         call = g.get("call")
-        if call is not None:
-            g.key_id = money.authenticate(get_redis(), call.raw_key, _limit()).id
+        raw = call.raw_key if call is not None else bearer_or_body(None)  # unparsable body
+        if raw:
+            info, g.rate_window = money.authenticate(get_redis(), raw, _limit())
+            g.key_id = info.id
         raise
     held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,
                            model=call.upstream_model, limit=_limit())
     assert held.key is not None
     call.key = held.key
-    g.key_id = held.key.id
+    g.key_id, g.rate_window = held.key.id, held.window
     return call, held
 
 

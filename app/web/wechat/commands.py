@@ -14,7 +14,7 @@ from app.bot import context, users
 from app.bot.delivery import Delivery, text_item
 from app.bot.texts import text
 from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
-from app.core.money import wallet
+from app.core.money import codes, wallet
 
 log = logging.getLogger(__name__)
 Item = dict[str, Any]
@@ -136,7 +136,7 @@ def redeem(ctx: Ctx) -> Item:
         return _t(ctx, "redeem_usage")
     if _YUAN.match(arg):
         return _pay(ctx, _YUAN.match(arg).group(1))
-    status, amount, bal = wallet.redeem(ctx.r, ctx.acct, arg)
+    status, amount, bal = codes.redeem(ctx.r, ctx.acct, arg)
     if status == "ok":
         return _t(ctx, "redeem_ok", amount=units_to_yuan(amount), balance=units_to_yuan(bal))
     return _t(ctx, "redeem_used" if status == "used" else "redeem_unknown")

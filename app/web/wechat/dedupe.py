@@ -1,6 +1,6 @@
 """Dedupe of WeChat's retries (SPEC §7.2) and the bot's rq jobs, one per message.
 
-Keys (owned here):
+Keys (owned here; {dk} is written with its openid as hash tag: app/bot/slots.py):
     xy:wx:dd:{dk}   string  first-arrival marker, SET NX before any work (1 day)
     xy:wx:n:{dk}    string  how many times WeChat delivered the message (10 minutes)
 
@@ -15,6 +15,7 @@ import hashlib
 import redis
 from wechatpy.messages import BaseMessage
 
+from app.bot import slots
 from app.edges.store import get_queue, get_rq_redis
 
 MARK_TTL = 86400
@@ -35,9 +36,9 @@ def key_for(msg: BaseMessage) -> str:
 def arrive(r: redis.Redis, dk: str) -> tuple[bool, int]:
     """Record one delivery of a message; return (first delivery?, delivery number)."""
     pipe = r.pipeline()
-    pipe.set(f"xy:wx:dd:{dk}", 1, nx=True, ex=MARK_TTL)
-    pipe.incr(f"xy:wx:n:{dk}")
-    pipe.expire(f"xy:wx:n:{dk}", COUNT_TTL)
+    pipe.set(f"xy:wx:dd:{slots.message(dk)}", 1, nx=True, ex=MARK_TTL)
+    pipe.incr(f"xy:wx:n:{slots.message(dk)}")
+    pipe.expire(f"xy:wx:n:{slots.message(dk)}", COUNT_TTL)
     first, count, _ = pipe.execute()
     return bool(first), int(count)
 

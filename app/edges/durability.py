@@ -1,0 +1,109 @@
+"""The durability check every web and worker process runs at start (SPEC §2).
+
+The money store must not evict money: an ``allkeys-*`` maxmemory-policy refuses to start unless
+XIAOYI_ALLOW_VOLATILE_STORE=1 (``noeviction`` and ``volatile-*`` are fine: money keys never carry
+a TTL, see app/core/money/layout.py). AOF off is a loud warning and a /readyz detail. A store
+that forbids CONFIG (many managed Redis) gets one warning naming what could not be checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+from redis.sentinel import SentinelConnectionPool
+
+from app.core.config import ConfigError
+from app.core.money.migrate import old_layout_present
+
+log = logging.getLogger(__name__)
+EXTENSION = "xiaoyi.durability"
+
+
+class VolatileStore(ConfigError):
+    """The store may evict keys that hold money."""
+
+
+@dataclass
+class Durability:
+    """What the check found: per node appendonly and maxmemory-policy, and the warnings."""
+
+    nodes: dict[str, dict[str, str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def detail(self) -> dict[str, Any]:
+        """Return the /readyz detail (no addresses beyond host:port, no secrets)."""
+        return {"nodes": self.nodes, "warnings": self.warnings,
+                "aof": all(n.get("appendonly") == "yes" for n in self.nodes.values())
+                if self.nodes else None}
+
+
+def _nodes(client: Any) -> list[tuple[str, redis.Redis]]:
+    """Return (name, direct client) of every data node to check (a Cluster's primaries)."""
+    if isinstance(client, RedisCluster):
+        return [(f"{n.host}:{n.port}", n.redis_connection) for n in client.get_primaries()]
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        host, port = pool.get_master_address()
+        return [(f"{pool.service_name}@{host}:{port}", client)]
+    kwargs = pool.connection_kwargs
+    return [(f"{kwargs.get('host', 'unix')}:{kwargs.get('port', '')}", client)]
+
+
+def _read(conn: redis.Redis) -> dict[str, str]:
+    found = conn.config_get("appendonly")
+    found.update(conn.config_get("maxmemory-policy"))
+    return {str(k): str(v) for k, v in found.items()}
+
+
+def check(client: Any, allow_volatile: bool = False) -> Durability:
+    """Read appendonly and maxmemory-policy on every node; refuse an allkeys-* policy."""
+    result = Durability()
+    unchecked: list[str] = []
+    for name, conn in _nodes(client):
+        try:
+            result.nodes[name] = _read(conn)
+        except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed/disabled
+            unchecked.append(f"{name} ({str(exc)[:80]})")
+    if unchecked:
+        result.warnings.append("could not check appendonly and maxmemory-policy (CONFIG GET "
+                               "refused on " + ", ".join(unchecked) + "): make sure the store "
+                               "persists every write and never evicts with allkeys-*")
+    for name, values in result.nodes.items():
+        policy = values.get("maxmemory-policy", "")
+        if policy.startswith("allkeys-"):
+            message = (f"the money store {name} has maxmemory-policy {policy}: it may evict "
+                       "balances and keys. Use noeviction (or volatile-*), or set "
+                       "XIAOYI_ALLOW_VOLATILE_STORE=1 to start anyway")
+            if not allow_volatile:
+                raise VolatileStore(message)
+            result.warnings.append(message)
+        if values.get("appendonly") == "no":
+            result.warnings.append(f"AOF is off on the money store {name} (appendonly no): a "
+                                   "crash loses the writes since the last snapshot")
+    for warning in result.warnings:
+        log.warning("DURABILITY: %s", warning)
+    return result
+
+
+class OldLayout(ConfigError):
+    """The store still holds the previous key layout."""
+
+
+def init_app(app: Any, client: Any, allow_volatile: bool) -> None:
+    """Run the checks for this process; keep the result for /readyz.
+
+    Refuses a volatile store, and a store still in the previous key layout.
+    """
+    try:
+        if old_layout_present(client):
+            raise OldLayout("the money store holds the previous key layout: stop every web and "
+                            "worker process, run `xiaoyi ledger migrate`, then start them again")
+        app.extensions[EXTENSION] = check(client, allow_volatile)
+    except redis.RedisError as exc:
+        log.warning("DURABILITY: could not check the store at start: %s", type(exc).__name__)
+        app.extensions[EXTENSION] = Durability(warnings=[
+            f"not checked: the store was unreachable at start ({type(exc).__name__})"])

@@ -1,0 +1,112 @@
+"""Helpers for the money tests on any engine: whole-store snapshots and a valid call per script."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from app.core.money import codes, keys, layout, ledger, tally, wallet
+from app.core.money.scripts import SCRIPTS, Arg, MoneyScript
+
+# Values no script may accept where an integer is due, whatever its range.
+NOT_INTEGERS: list[Any] = [1.5, 1.0, 1e20, "1e3", "abc", "", " 1", "12abc", "0x10", "١٢",
+                           "9" * 40]
+TOO_BIG: list[Any] = [2**53, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30]
+
+
+def snapshot(r: Any) -> dict[str, Any]:
+    """Return every key of the store with its type, content and whether it has a TTL."""
+    out: dict[str, Any] = {}
+    for name in r.scan_iter(count=1000):
+        kind = r.type(name)
+        read = {"string": r.get, "hash": r.hgetall, "set": lambda n: sorted(r.smembers(n)),
+                "zset": lambda n: r.zrange(n, 0, -1, withscores=True),
+                "list": lambda n: r.lrange(n, 0, -1),
+                "stream": lambda n: r.xrange(n, "-", "+")}[kind]
+        out[name] = (kind, read(name), r.pttl(name) > 0)
+    return out
+
+
+class World:
+    """One account with money, a key, an open hold and a code: something for every script."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self.acct = wallet.create_account(r, initial=1_000_000)
+        self.raw, self.key = keys.create_key(r, self.acct, "world")
+        self.digest = keys.hash_key(self.raw)
+        assert wallet.reserve(r, self.acct, "req-open", 1000, model="gpt-4").ok
+        (self.code,) = codes.create_codes(r, 700)
+        self.now = int(time.time() * 1000)
+        tally.flush()  # the counters of the set-up land now, not during a snapshot
+
+    def keys_for(self, script: MoneyScript, req: str) -> list[str]:
+        """Return valid KEYS for a script (all in the account's slot, or the code's)."""
+        a = self.acct
+        digest = "d" * 64 if script.name in ("create_key", "revoke") else self.digest
+        names = {"acct": layout.acct_key(a), "ledger": layout.ledger_key(a),
+                 "resv": layout.resv_key(a, req), "holds": layout.holds_key(a),
+                 "done": layout.done_key(a), "refs": layout.refs_key(a),
+                 "record": layout.key_record(a, digest),
+                 "window": layout.window_key(a, self.digest),
+                 "keyid": layout.key_id_record(a, "key_new"), "keys": layout.keys_set(a),
+                 "code": layout.code_key(self.code)}
+        return [names[k] for k in script.keys]
+
+    def args_for(self, script: MoneyScript, req: str) -> list[Any]:
+        """Return valid ARGV for a script."""
+        values: dict[str, Any] = {
+            "acct": self.acct, "now": self.now, "initial": 5, "note": "n", "name": "n",
+            "amount": 10, "req": req, "cost": 5, "pt": 1, "ct": 2, "max_ts": layout.MAX_UNITS,
+            "ref": "ref-1", "key_id": self.key.id, "model": "gpt-4", "window_ms": 60_000,
+            "limit": 100, "member": "m-1", "id": "key_new", "created": self.now,
+            "masked": "sk-x…y", "digest": "d" * 64}
+        out = []
+        for arg in script.args:
+            if arg.kind == "choice":
+                out.append(arg.choices[0])
+            else:
+                out.append(values[arg.name])  # a KeyError: a new argument needs a value here
+        return out
+
+
+def bad_values(arg: Arg) -> list[Any]:
+    """Return values this argument must refuse."""
+    if arg.kind == "int":
+        low = [arg.lo - 1, -(2**63) - 1] + ([-1] if arg.lo >= 0 else [])
+        return NOT_INTEGERS + TOO_BIG + [arg.hi + 1] + low
+    if arg.kind == "choice":
+        return ["", "nope", arg.choices[0].upper(), 1]
+    return ["x" * (arg.max_len + 1)] + ([""] if arg.min_len else [])
+
+
+def check_every_script(r: Any) -> int:
+    """Feed every money script bad values, argument by argument; return how many calls were made.
+
+    Each refused call must change nothing at all (whole-store snapshot) and leave
+    sum(ledger) == balance; then the valid call applies.
+    """
+    from app.core.money.scripts import run
+
+    world = World(r)
+    calls = 0
+    for name, script in sorted(SCRIPTS.items()):
+        req = "req-open" if name == "settle" else f"req-{name}"
+        good_keys, good_args = world.keys_for(script, req), world.args_for(script, req)
+        for i, arg in enumerate(script.args):
+            for value in bad_values(arg):
+                before = snapshot(r)
+                args = [*good_args[:i], value, *good_args[i + 1:]]
+                try:
+                    run(r, script, good_keys, args)
+                except redis.ResponseError as exc:
+                    assert f"xy: ARGV[{i + 1}]" in str(exc), (name, arg.name, value, exc)
+                else:
+                    raise AssertionError(f"{name} accepted {arg.name}={value!r}")
+                assert snapshot(r) == before, (name, arg.name, value)
+                calls += 1
+        run(r, script, good_keys, good_args)  # the valid call applies
+        assert ledger.verify(r) == [], name
+    return calls
