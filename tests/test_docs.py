@@ -3,6 +3,7 @@ paths the service serves and documents."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -178,3 +179,71 @@ def test_curl_examples_use_documented_paths(name: str, app: Any) -> None:
             checked += 1
     if name == "README.zh-CN.md":
         assert checked >= 4  # the Chinese quick start's curl examples were found and checked
+
+
+REPO_DIRS = ("app", "workers", "fakes", "deploy", "bench", "tests")
+PATH_IN_CODE = re.compile(rf"(?<![\w./$-])((?:{'|'.join(REPO_DIRS)})/[^\s`'\"),;:]*)")
+DOTTED_IN_CODE = re.compile(r"(?<![\w./$-])((?:app|workers)(?:\.\w+)+)(?![\w/])")
+
+
+def _code_spans(name: str) -> list[str]:
+    """Return the text of every inline `code` span in a README's prose (tables included)."""
+    prose, _ = _read(name)
+    return re.findall(r"`([^`\n]+)`", "\n".join(prose))
+
+
+def _ignored(path: str) -> bool:
+    """Tell whether .gitignore names the path: local state the project makes (bench/out/…)."""
+    entries = [line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#") and "*" not in line]
+    return any((path.rstrip("/") + "/").startswith(e + "/") for e in entries)
+
+
+def _defined(body: list[ast.stmt]) -> dict[str, ast.stmt]:
+    """Return the names a module or class body defines (def, class, assignment, import)."""
+    names: dict[str, ast.stmt] = {}
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names[node.name] = node
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update({t.id: node for t in targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update({(a.asname or a.name).split(".")[0]: node for a in node.names})
+    return names
+
+
+def _resolves(dotted: str) -> bool:
+    """Tell whether a dotted name is a module of ours or a name one defines (read, not run)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:cut])
+        found = [f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()]
+        if not found:
+            continue
+        body: list[ast.stmt] = ast.parse(found[0].read_text(encoding="utf-8")).body
+        for attr in parts[cut:]:
+            node = _defined(body).get(attr)
+            if node is None:
+                return False
+            body = node.body if isinstance(node, ast.ClassDef) else []
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_paths_exist(name: str) -> None:
+    """Every repository path in `code` (app/…, tests/…, deploy/…) exists, or is ignored state."""
+    paths = {m for span in _code_spans(name) for m in PATH_IN_CODE.findall(span)}
+    assert len(paths) >= 20, paths  # the README's paths were found
+    missing = sorted(p for p in paths if not any(ROOT.glob(re.sub(r"<[^>]*>", "*", p.rstrip("/"))))
+                     and not _ignored(p))
+    assert not missing, f"{name} names paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_modules_exist(name: str) -> None:
+    """Every dotted name of ours in `code` (app.edges.pay.start_order, …) can be imported."""
+    names = {m for span in _code_spans(name) for m in DOTTED_IN_CODE.findall(span)}
+    wrong = sorted(n for n in names if not _resolves(n))
+    assert not wrong, f"{name} names modules or functions that do not exist: {wrong}"
