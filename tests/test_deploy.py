@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -125,14 +126,24 @@ def directives(text: str) -> dict[str, str]:
     return out
 
 
+def _port_below(highest: int) -> int:
+    """Return a TCP port free on 127.0.0.1 now, no higher than `highest`."""
+    for candidate in random.sample(range(20_000, highest + 1), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise AssertionError(f"no free port below {highest}")
+
+
 @pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster-node"])
 def test_redis_conf_is_durable_and_loads(tmp_path: Path, cluster: bool) -> None:
     conf = directives((DEPLOY / "redis.conf").read_text())
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == "always"
     assert conf["maxmemory-policy"] == "noeviction"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _port_below(55_535)  # a cluster node also needs port + 10000 for its bus
     extra: list[str] = []
     if cluster:  # the flags of compose.yaml's money-1..3 (the cluster profile)
         compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
