@@ -43,7 +43,8 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff check app workers tests bench tools fakes
 	$(BIN)/mypy
 
-# The whole suite, the fault injections included (they fit: about 2 minutes on 2 cores).
+# The whole suite, the fault injections and the Redis Cluster tests included (about 4–6 minutes
+# on 2 cores).
 test: $(DEV_STAMP) lint chromium
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "chaos or not chaos" -rs
 

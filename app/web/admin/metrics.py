@@ -1,6 +1,6 @@
 """/metrics for Prometheus, behind the admin token (Bearer header or an admin session).
 
-Counters and histograms live in app/metrics.py; with PROMETHEUS_MULTIPROC_DIR set the samples of
+Counters and histograms live in app/core/metrics.py; with PROMETHEUS_MULTIPROC_DIR set the samples of
 every gunicorn worker are summed. Queue depths, worker counts and channel cooldowns are read from
 Redis at scrape time, so they are right whichever process answers; so are today's content-safety
 hits (xiaoyi_safety_hits_today), which the rq workers see too, while the counter

@@ -1,4 +1,4 @@
-"""The WeChat official-account bot: webhook, commands, context, menu, and the WeChat API client.
+"""The WeChat webhook blueprint: verify, replay guard, dedupe, dispatch, commands.
 
 Modules: views (the /wechat route), verify (signatures, AES, safe XML, replies), replay (one
 message per signed query), dispatch (one message's route), dedupe (retries and job ids),
