@@ -17,8 +17,9 @@ UPSTREAM_FAILURES = Counter("xiaoyi_upstream_failures_total", "Upstream attempts
 FAILOVERS = Counter("xiaoyi_upstream_failovers_total", "Requests moved to another channel")
 SAFETY_HITS = Counter("xiaoyi_safety_hits_total", "Texts the content-safety filter caught",
                       ["where", "action"])
-# Money moved (xiaoyi_money_units_total{kind}) is counted by the wallet's Lua scripts in Redis
-# (every process, workers included) and exported at scrape time by app/admin/metrics.py.
+# Money moved (xiaoyi_money_units_total{kind}) is tallied per process into Redis about once a
+# second (app/core/money/tally.py; workers included) and exported at scrape time by
+# app/web/admin/metrics.py.
 USAGE_ANOMALIES = Counter(
     "xiaoyi_usage_anomalies_total",
     "Upstream usage reports billed at the request's bound instead (absurd, non-integer, missing "
