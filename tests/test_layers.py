@@ -224,9 +224,6 @@ def test_factory_imports_blueprints_only_as_packages() -> None:
     assert not inside, "\n".join(inside)
 
 
-@pytest.mark.xfail(strict=True, reason="app/web/relay/responses.py:149 imports responses_stream "
-                   "inside create(), which imports responses at module level (issue 11 §5: no "
-                   "import circles)")
 def test_no_import_circles() -> None:
     """No two modules import each other, directly or around a circle, lazily or not."""
     assert import_cycles() == []

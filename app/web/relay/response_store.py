@@ -15,10 +15,13 @@ another account's id is simply not found. None of these keys holds money.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis
+
+from app.core.responses import answer, request
 
 log = logging.getLogger(__name__)
 TTL_SECONDS = 30 * 86400
@@ -82,3 +85,35 @@ def input_items(r: redis.Redis, acct: str, rid: str) -> list[dict[str, Any]] | N
 def delete(r: redis.Redis, acct: str, rid: str) -> bool:
     """Delete a stored Response of the account; True when it existed."""
     return bool(r.delete(_key(acct, rid))) if _plausible(rid) else False
+
+
+@dataclass
+class Plan:
+    """What preparing a Responses request learnt: mode, conversation, bounds, the skeleton."""
+
+    native: bool = False
+    stream: bool = False
+    store: bool = True
+    acct: str | None = None  # the key's account, read when a previous turn is continued
+    chain: list[str] = field(default_factory=list)
+    items: list[dict[str, Any]] = field(default_factory=list)  # this turn's input items
+    upstream: dict[str, Any] = field(default_factory=dict)
+    prompt_bound: int = 0
+    completion_max: int = 0
+    response: dict[str, Any] = field(default_factory=dict)
+    ttl: int = TTL_SECONDS
+    max_bytes: int = MAX_BYTES
+
+
+def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[str, Any]:
+    """Store the turn when asked to; return the Response with `store` saying what happened."""
+    if not plan.store:
+        return final
+    items = [request.listed(item, answer.new_id("msg")) for item in plan.items]
+    try:
+        stored = save(r, acct, plan.chain, items, final, ttl=plan.ttl,
+                                     max_bytes=plan.max_bytes)
+    except redis.RedisError as exc:
+        log.error("response %s not stored: %s", final["id"], type(exc).__name__)
+        stored = False
+    return final if stored else {**final, "store": False}

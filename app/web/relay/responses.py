@@ -11,10 +11,8 @@ bounded before it is billed (billing.Meter, which counts anomalies), `usage` is 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 from flask import Blueprint, Response
 
 from app.core import pricing, tokens
@@ -23,9 +21,10 @@ from app.core.money import Hold, keys
 from app.core.responses import answer, events, native, request, to_chat
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
-from app.web.relay import response_store, screening
+from app.web.relay import response_store, responses_stream, screening
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, admit, authenticate, json_response, settings
+from app.web.relay.response_store import Plan, keep
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +37,6 @@ class PreviousNotFound(InvalidRequest):
 
 class ResponseNotFound(NotFound):
     """GET/DELETE of an id that is not a stored response of this account."""
-
-
-@dataclass
-class Plan:
-    """What preparing a Responses request learnt: mode, conversation, bounds, the skeleton."""
-
-    native: bool = False
-    stream: bool = False
-    store: bool = True
-    acct: str | None = None  # the key's account, read when a previous turn is continued
-    chain: list[str] = field(default_factory=list)
-    items: list[dict[str, Any]] = field(default_factory=list)  # this turn's input items
-    upstream: dict[str, Any] = field(default_factory=dict)
-    prompt_bound: int = 0
-    completion_max: int = 0
-    response: dict[str, Any] = field(default_factory=dict)
-    ttl: int = response_store.TTL_SECONDS
-    max_bytes: int = response_store.MAX_BYTES
 
 
 def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
@@ -110,20 +91,6 @@ def _prepare(call: Call, plan: Plan) -> int:
     return pricing.reserve_cost(call.price, plan.prompt_bound, plan.completion_max)
 
 
-def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[str, Any]:
-    """Store the turn when asked to; return the Response with `store` saying what happened."""
-    if not plan.store:
-        return final
-    items = [request.listed(item, answer.new_id("msg")) for item in plan.items]
-    try:
-        stored = response_store.save(r, acct, plan.chain, items, final, ttl=plan.ttl,
-                                     max_bytes=plan.max_bytes)
-    except redis.RedisError as exc:
-        log.error("response %s not stored: %s", final["id"], type(exc).__name__)
-        stored = False
-    return final if stored else {**final, "store": False}
-
-
 def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[str, Any]:
     """Turn the upstream's answer into the final Response, screen and settle it."""
     if plan.native:
@@ -146,7 +113,6 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
 
 def create() -> Response:
     """Serve POST /v1/responses."""
-    from app.web.relay import responses_stream
 
     plan = Plan()
     call, held = admit(("chat",), lambda c: _prepare(c, plan))

@@ -20,7 +20,7 @@ from app.edges.store import get_redis
 from app.edges.upstream import UpstreamResponse, iter_sse
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, settings
-from app.web.relay.responses import Plan, keep
+from app.web.relay.response_store import Plan, keep
 from app.web.relay.stream_guard import open_guard
 
 log = logging.getLogger(__name__)
