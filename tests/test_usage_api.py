@@ -194,11 +194,14 @@ def test_bad_parameters_are_400_naming_the_parameter(live: LiveServer, r: redis.
     for name, value in (("limit", "0"), ("limit", "101"), ("limit", "abc"), ("limit", "1.5"),
                         ("start", "yesterday"), ("start", "2024-13-01"), ("end", "-5"),
                         ("end", "253402300800"), ("after", "xyz"), ("after", "1-2-3"),
-                        ("after", "99999999999999999999-0"), ("start", "")):
+                        ("after", "99999999999999999999-0"), ("start", ""),
+                        ("start_date", "2024-05-01"), ("api_secret_key", key), ("", "x")):
         resp = _get(live, key, params={name: value})
         assert resp.status_code == 400, (name, value)
         assert resp.json()["error"]["param"] == name
         assert resp.json()["error"]["type"] == "invalid_request_error"
+    twice = _get(live, key, params=[("limit", "5"), ("limit", "6")])
+    assert twice.status_code == 400 and twice.json()["error"]["param"] == "limit"
 
 
 def test_a_scan_bound_cuts_pages_short_but_next_reaches_every_request(r: redis.Redis) -> None:

@@ -3,7 +3,8 @@
 One row per request the ledger settled for this key (a failed request's refund is no row: it
 cost nothing). `start`/`end` are unix seconds or YYYY-MM-DD (00:00 China time), the window is
 [start, end), and by default the last 30 days. `limit` 1–100 (20); `after` is the `next` of the
-previous page. A page may hold fewer than `limit` rows while `has_more` is true (a read goes
+previous page; any other query parameter is refused (a typo never widens the window
+silently). A page may hold fewer than `limit` rows while `has_more` is true (a read goes
 through at most ledger.SCAN_LIMIT entries); keep following `next` until it is null.
 """
 
@@ -28,6 +29,7 @@ LATEST = 253_402_300_799  # 9999-12-31T23:59:59Z: the last second a date can nam
 _SECONDS = re.compile(r"^[0-9]{1,12}$")
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _CURSOR = re.compile(r"^[0-9]{1,19}-[0-9]{1,19}$")
+PARAMS = ("start", "end", "limit", "after")
 
 
 def _bad(name: str, what: str) -> InvalidRequest:
@@ -49,6 +51,16 @@ def _moment(name: str) -> int | None:
         else:
             return int(datetime(day.year, day.month, day.day, tzinfo=CHINA).timestamp())
     raise _bad(name, "unix seconds or a date YYYY-MM-DD (China time)")
+
+
+def _known_params() -> None:
+    """Refuse a query parameter this route does not take (each may come once)."""
+    for name in request.args:
+        if name not in PARAMS:
+            raise InvalidRequest(f"Unknown query parameter '{name[:40]}'; this route takes "
+                                 f"{', '.join(PARAMS)}.", param=name[:40], msg="未知的查询参数")
+        if len(request.args.getlist(name)) > 1:
+            raise _bad(name, "given once")
 
 
 def _window() -> tuple[int, int]:
@@ -84,6 +96,7 @@ def _key_body() -> dict[str, Any] | None:
 def usage() -> Response:
     """List the key's settled requests (OpenAI's list shape plus code/msg)."""
     key = authenticate(_key_body())
+    _known_params()
     start, end = _window()
     limit, after = _limit(), _after()
     page = ledger.settled_requests(get_redis(), key.acct, key_id=key.id, start_ms=start * 1000,

@@ -24,10 +24,11 @@ def _bar(i: int, slot: float, day: str, units: int, peak: int) -> str:
             f"<title>{escape(label)}：{units_to_yuan(units)} 元</title></rect>")
 
 
-def _label(i: int, slot: float, day: str) -> str:
-    """Return the date under a bar (m/d)."""
+def _label(i: int, n: int, slot: float, day: str) -> str:
+    """Return the date under a bar (m/d); the last one ends at the chart's edge."""
     cx = round(SIDE + i * slot + slot / 2, 1)
-    return (f'<text x="{cx}" y="{HEIGHT - 8}" font-size="10" text-anchor="middle" '
+    x, anchor = (WIDTH - SIDE, "end") if i == n - 1 else (cx, "middle")
+    return (f'<text x="{x}" y="{HEIGHT - 8}" font-size="10" text-anchor="{anchor}" '
             f'fill="#6b7280">{int(day[4:6])}/{int(day[6:])}</text>')
 
 
@@ -47,7 +48,7 @@ def spending_chart(days: Sequence[tuple[str, int]]) -> Markup:
         if peak:
             parts.append(_bar(i, slot, day, units, peak))
         if (n - 1 - i) % LABEL_EVERY == 0:
-            parts.append(_label(i, slot, day))
+            parts.append(_label(i, n, slot, day))
     if not peak:
         parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" '
                      'font-size="12" fill="#6b7280">这段时间没有消费</text>')

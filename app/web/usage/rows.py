@@ -32,6 +32,7 @@ def api_row(entry: dict[str, Any]) -> dict[str, Any]:
 def page_row(entry: dict[str, Any]) -> dict[str, Any]:
     """Return one settled request as the usage page shows it."""
     row = api_row(entry)
-    row["when"] = china_time(_int(entry, "ts")).strftime("%Y-%m-%d %H:%M:%S")
+    when = china_time(_int(entry, "ts"))
+    row["day"], row["clock"] = when.strftime("%Y-%m-%d"), when.strftime("%H:%M:%S")
     row["via"] = "公众号" if entry.get("key") == "wechat" else "API"
     return row
