@@ -50,12 +50,12 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
         durability.init_app(app, app.extensions[store.EXTENSION], settings.allow_volatile_store)
     upstream.init_app(app, app.extensions[store.EXTENSION])
 
-    from app.web import admin, health, openapi, pay_notify, relay, wechat
+    from app.web import admin, health, openapi, pay_notify, relay, usage, wechat
 
     # relay: /v1 + /index.php/api/v1; openapi: /openapi.json; admin: /admin + /metrics (token
     # only); health: /readyz; pay_notify: /wechat/pay/notify; wechat: /wechat (503 while
-    # XIAOYI_WECHAT_TOKEN is unset)
-    for feature in (relay, openapi, admin, health, pay_notify, wechat):
+    # XIAOYI_WECHAT_TOKEN is unset); usage: /u/<token> (the signed usage page)
+    for feature in (relay, openapi, admin, health, pay_notify, wechat, usage):
         feature.init_app(app)
     _init_errors(app)
     app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok"})

@@ -15,7 +15,7 @@ NAMES = (
     "pay_unavailable", "image_usage", "image_started", "image_started_parked", "image_failed",
     "image_link", "chat_failed", "rate_limited", "voice_empty", "unsupported", "key_new",
     "key_masked", "key_rotated", "api_card", "recharge_how", "cut", "safety_refused",
-    "safety_answer_refused", "picture_failed", "picture_unavailable",
+    "safety_answer_refused", "picture_failed", "picture_unavailable", "usage_link",
 )
 
 

@@ -352,6 +352,9 @@ def _bot(table: dict[str, Any]) -> dict[str, Any]:
                 "max_push_messages", "text_limit_bytes"):
         if not isinstance(bot.get(key), int) or bot[key] < 0:
             raise ConfigError(f"bot.{key}: must be a non-negative integer")
+    link = bot.get("usage_link_minutes", 30)
+    if not isinstance(link, int) or isinstance(link, bool) or not 1 <= link <= 10080:
+        raise ConfigError("bot.usage_link_minutes: must be an integer from 1 to 10080 (a week)")
     wait = bot.get("reply_wait_seconds")
     if not isinstance(wait, int | float) or not 0 <= wait <= 4.5:
         raise ConfigError("bot.reply_wait_seconds: must be a number between 0 and 4.5")

@@ -7,6 +7,7 @@ same on one node and on a Redis Cluster.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from app.core.money import holders, wallet
@@ -14,6 +15,7 @@ from app.core.money.layout import (
     ACCOUNTS,
     HOLDERS,
     KEY_ACCOUNT,
+    MAX_UNITS,
     Store,
     acct_key,
     holds_key,
@@ -54,6 +56,89 @@ def recent_ledger(r: Store, acct: str, limit: int = 50) -> list[dict[str, Any]]:
     """Return an account's newest ledger entries, newest first."""
     rows = r.xrevrange(ledger_key(acct), "+", "-", count=limit)
     return [_entry(acct, entry_id, fields) for entry_id, fields in rows]
+
+
+# A stream id is Redis's clock at the write, an entry's ts the writing process's clock: reads by
+# time take entries this much either side by id and keep those whose ts is inside.
+CLOCK_SLACK_MS = 300_000
+SCAN_LIMIT = 50_000  # ledger entries one read of settled requests goes through at most
+
+
+def newest_first(r: Store, acct: str, top: str = "+", bottom: str = "-",
+                 batch: int = 1000) -> Iterator[tuple[str, dict[str, str]]]:
+    """Yield an account's ledger entries (id, fields) newest first, ids from `top` to `bottom`."""
+    while True:
+        rows = r.xrevrange(ledger_key(acct), top, bottom, count=batch)
+        yield from rows
+        if len(rows) < batch:
+            return
+        top = "(" + rows[-1][0]
+
+
+@dataclass(frozen=True)
+class Page:
+    """Settled requests newest first, and the ledger id to continue after (None: no more)."""
+
+    rows: list[dict[str, Any]]
+    next: str | None
+
+
+def _id_parts(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _top(end_ms: int | None, after: str | None) -> str:
+    """Return the newest id to read: just before `after`, and not past `end_ms` (plus slack)."""
+    by_time = None if end_ms is None else end_ms + CLOCK_SLACK_MS
+    if after is None:
+        return "+" if by_time is None else str(max(by_time, 0))
+    if by_time is not None and _id_parts(after)[0] > by_time:
+        return str(max(by_time, 0))
+    return "(" + after
+
+
+def settled_requests(r: Store, acct: str, *, key_id: str | None = None, start_ms: int = 0,
+                     end_ms: int | None = None, after: str | None = None, limit: int = 20,
+                     scan: int = SCAN_LIMIT) -> Page:
+    """Return an account's settled requests (of one key), ts in [start_ms, end_ms), newest first.
+
+    `after` is a ledger id: only older entries are read. At most `scan` entries are read; a page
+    that bound cuts short is followed by `next` all the same, so every request is reached.
+    """
+    if (end_ms is not None and end_ms <= max(start_ms, 0)) or \
+            (after is not None and _id_parts(after) == (0, 0)):
+        return Page([], None)
+    bottom = str(max(start_ms - CLOCK_SLACK_MS, 0)) if start_ms > CLOCK_SLACK_MS else "-"
+    end = MAX_UNITS if end_ms is None else end_ms
+    rows: list[dict[str, Any]] = []
+    seen = ""
+    for count, (entry_id, fields) in enumerate(
+            newest_first(r, acct, _top(end_ms, after), bottom, min(1000, scan)), 1):
+        seen = entry_id
+        if fields.get("kind") == "settle" and (key_id is None or fields.get("key") == key_id) \
+                and start_ms <= int(fields.get("ts", 0)) < end:
+            rows.append(_entry(acct, entry_id, fields))
+            if len(rows) > limit:
+                return Page(rows[:limit], rows[limit - 1]["id"])
+        if count >= scan:
+            return Page(rows, seen)
+    return Page(rows, None)
+
+
+def spending_by_day(r: Store, acct: str, start_ms: int,
+                    scan: int = SCAN_LIMIT) -> tuple[dict[str, int], bool]:
+    """Sum an account's settled costs by China day since `start_ms`; True if `scan` cut it short."""
+    days: dict[str, int] = {}
+    bottom = str(max(start_ms - CLOCK_SLACK_MS, 0))
+    for count, (_, fields) in enumerate(newest_first(r, acct, "+", bottom), 1):
+        ts = int(fields.get("ts", 0))
+        if fields.get("kind") == "settle" and ts >= start_ms:
+            day = wallet.china_day(ts)
+            days[day] = days.get(day, 0) + int(fields.get("cost", 0))
+        if count >= scan:
+            return days, True
+    return days, False
 
 
 def recent_requests(r: Store, accounts: int = 50, per_account: int = 100,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response
 
-from app.web.relay import account, chat, media, responses
+from app.web.relay import account, chat, media, responses, usage
 from app.web.relay.common import ratelimit_headers
 
 bp = Blueprint("relay", __name__)
@@ -42,6 +42,7 @@ bp.add_url_rule("/balance", "balance", account.balance, methods=["GET", "POST"])
 bp.add_url_rule("/dashboard/billing/subscription", "billing_subscription",
                 account.subscription, methods=["GET"])
 bp.add_url_rule("/dashboard/billing/usage", "billing_usage", account.usage, methods=["GET"])
+bp.add_url_rule("/usage", "usage", usage.usage, methods=["GET"])
 
 # /index.php/v1: the seed's base_url is http://host/index.php/ and its examples say xxxxx/v1/...
 PREFIXES = ("/v1", "/index.php/api/v1", "/index.php/v1")

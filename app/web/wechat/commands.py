@@ -15,6 +15,7 @@ from app.bot.delivery import Delivery, text_item
 from app.bot.texts import text
 from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
 from app.core.money import codes, wallet
+from app.web.usage import links
 
 log = logging.getLogger(__name__)
 Item = dict[str, Any]
@@ -28,6 +29,7 @@ EXACT: dict[str, str] = {
     "重置密钥": "rotate", "/rotate": "rotate",
     "画": "image", "/image": "image",
     "充值": "redeem", "/redeem": "redeem",
+    "用量": "usage", "/usage": "usage",
 }
 _PREFIXED = re.compile(r"^(画|/image|充值|/redeem)(?:[\s:：]+)(.+)$", re.IGNORECASE | re.DOTALL)
 PLACEHOLDER = "sk-你的密钥"
@@ -121,12 +123,21 @@ def api_card(ctx: Ctx) -> Item:
         "key_masked", ctx.settings, key=masked)
     card = text("api_card", ctx.settings, balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)),
                 base=ctx.settings.public_url.rstrip("/"), model=ctx.settings.bot["chat_model"],
-                key=PLACEHOLDER)  # {key}: older custom cards get the placeholder, never a key
+                key=PLACEHOLDER,  # {key}: older custom cards get the placeholder, never a key
+                usage_url=links.url(ctx.r, ctx.settings, ctx.acct),
+                minutes=links.minutes(ctx.settings))
     blocks = [head, *card.strip("\n").split("\n\n")]
     limit = ctx.settings.bot["text_limit_bytes"]
     while len(blocks) > 2 and len("\n\n".join(blocks).encode("utf-8")) > limit:
         blocks.pop()
     return text_item("\n\n".join(blocks))
+
+
+def usage(ctx: Ctx) -> Item:
+    """Send a signed, short-lived link to the account's usage page (用量)."""
+    return _t(ctx, "usage_link", url=links.url(ctx.r, ctx.settings, ctx.acct),
+              minutes=links.minutes(ctx.settings),
+              balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)))
 
 
 def redeem(ctx: Ctx) -> Item:
@@ -167,5 +178,5 @@ def recharge_menu(ctx: Ctx) -> Item:
 HANDLERS: dict[str, Callable[[Ctx], Item]] = {
     "help": help_, "reset": reset, "balance": balance, "more": more, "key": key,
     "rotate": rotate, "redeem": redeem, "CHAT_API": api_card, "BALANCE": balance,
-    "HELP": help_, "RECHARGE": recharge_menu,
+    "HELP": help_, "RECHARGE": recharge_menu, "usage": usage,
 }
