@@ -22,8 +22,9 @@ from proc_kit import race
 
 from app import create_app
 from app.core.config import ENV_SETTINGS, ConfigError, load_settings
+from app.edges.secret import STORE_KEY, stored_key
 from app.edges.store import make_redis
-from app.web.admin.cookies import COOKIE, STORE_KEY, stored_key
+from app.web.admin.cookies import COOKIE
 from fakes.upstream import FakeUpstream
 
 LOGINS = "xy:admin:login:127.0.0.1"

@@ -21,11 +21,10 @@ from itsdangerous import URLSafeSerializer
 from test_admin_browser import ARGS, CHROMIUM, ensure_chromium
 from wechat_kit import WeChat, bot, wait_for, wechat_settings
 
-from app.bot import users
+from app.bot import links, users
 from app.core.config import ConfigError, Settings, units_to_yuan
 from app.core.money import ledger, wallet
-from app.web.usage import links
-from app.web.usage.rows import CHINA
+from app.core.usage import CHINA
 from fakes import FakeWeChatAPI
 
 OPENID = "oUsagePageUser0000000000001"

@@ -13,7 +13,6 @@ Keys (owned here):
 
 from __future__ import annotations
 
-import secrets
 from datetime import timedelta
 from typing import Any
 
@@ -22,25 +21,12 @@ from flask import Flask, Request, current_app, g
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from itsdangerous import URLSafeTimedSerializer
 
+from app.edges.secret import stored_key
 from app.edges.store import get_redis
 
-STORE_KEY = "xy:admin:cookie-key"
 COOKIE = "xiaoyi_admin"
 ADMIN_PATHS = ("/admin", "/metrics")
 SESSION_HOURS = 12
-
-
-def stored_key(r: redis.Redis) -> str:
-    """Return the store's cookie key, creating it (SET NX: first writer wins) when absent."""
-    key = r.get(STORE_KEY)
-    if key is None:
-        fresh = secrets.token_urlsafe(32)
-        if r.set(STORE_KEY, fresh, nx=True):
-            return fresh
-        key = r.get(STORE_KEY)
-        if key is None:
-            raise redis.RedisError(f"{STORE_KEY} vanished while it was being created")
-    return key.decode() if isinstance(key, bytes) else str(key)
 
 
 def cookie_key() -> str:

@@ -19,9 +19,9 @@ from flask import Response, request
 
 from app.core.errors import InvalidRequest
 from app.core.money import ledger
+from app.core.usage import CHINA, api_row
 from app.edges.store import get_redis
 from app.web.relay.common import authenticate, bearer_or_body, json_response, read_json
-from app.web.usage.rows import CHINA, api_row
 
 DEFAULT_DAYS = 30
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100

@@ -1,8 +1,8 @@
 """The read-only usage page a WeChat user opens from a signed link: GET /u/<token>.
 
-    links.py  signing and checking the link's token (account id + expiry)
-    rows.py   ledger entries in China time and 元 (shared with GET /v1/usage)
     chart.py  spending by day as an inline SVG
+    (app/bot/links.py signs and checks the link's token; app/core/usage.py formats the rows, for
+    GET /v1/usage too)
 
 The page is made for WeChat's browser: one HTML document, inline CSS, no script, no font or
 image from anywhere (its Content-Security-Policy forbids them), Chinese, phone-sized. A forged
@@ -18,12 +18,12 @@ from typing import Any
 import redis
 from flask import Blueprint, Flask, Response, current_app, render_template
 
+from app.bot import links
 from app.core.config import units_to_yuan
 from app.core.money import ledger, wallet
+from app.core.usage import CHINA, china_time, page_row
 from app.edges.store import get_redis
-from app.web.usage import links
 from app.web.usage.chart import spending_chart
-from app.web.usage.rows import CHINA, china_time, page_row
 
 log = logging.getLogger(__name__)
 DAYS = 30  # the chart's span

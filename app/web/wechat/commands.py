@@ -10,12 +10,11 @@ from typing import Any
 
 import redis
 
-from app.bot import context, users
+from app.bot import context, links, users
 from app.bot.delivery import Delivery, text_item
 from app.bot.texts import text
 from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
 from app.core.money import codes, wallet
-from app.web.usage import links
 
 log = logging.getLogger(__name__)
 Item = dict[str, Any]

@@ -2,7 +2,7 @@
 
 A token is the account id and an expiry (unix seconds), signed with HMAC-SHA256 (itsdangerous)
 under a key derived for this purpose alone (its salt) from the app's secret: XIAOYI_SECRET_KEY,
-or the random key kept in the store (app/web/admin/cookies.py). Never from the admin token. A
+or the random key kept in the store (app/edges/secret.py). Never from the admin token. A
 token whose signature fails is forged (403); a good one past its expiry is expired (410).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from itsdangerous import BadData, URLSafeSerializer
 
 from app.core.config import Settings
-from app.web.admin.cookies import stored_key
+from app.edges.secret import stored_key
 
 SALT = "xiaoyi usage page link v1"
 PATH = "/u/"
