@@ -126,16 +126,24 @@ def directives(text: str) -> dict[str, str]:
     return out
 
 
-def _port_below(highest: int) -> int:
-    """Return a TCP port free on 127.0.0.1 now, no higher than `highest`."""
-    for candidate in random.sample(range(20_000, highest + 1), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return candidate
-    raise AssertionError(f"no free port below {highest}")
+def _free_port_pair() -> int:
+    """Return a port that is free on 127.0.0.1 together with port + 10000 (a cluster node's bus).
+
+    Both lie below Linux's ephemeral range (32768+), so no client socket of a parallel test can
+    take the bus port between this check and the server's bind.
+    """
+    for candidate in random.sample(range(20_000, 22_768), 400):
+        socks = [socket.socket(), socket.socket()]
+        try:
+            socks[0].bind(("127.0.0.1", candidate))
+            socks[1].bind(("127.0.0.1", candidate + 10_000))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return candidate
+    raise AssertionError("no free port pair below the ephemeral range")
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster-node"])
@@ -143,16 +151,17 @@ def test_redis_conf_is_durable_and_loads(tmp_path: Path, cluster: bool) -> None:
     conf = directives((DEPLOY / "redis.conf").read_text())
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == "always"
     assert conf["maxmemory-policy"] == "noeviction"
-    port = _port_below(55_535)  # a cluster node also needs port + 10000 for its bus
+    port = _free_port_pair()
     extra: list[str] = []
     if cluster:  # the flags of compose.yaml's money-1..3 (the cluster profile)
         compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
         line = compose["services"]["money-1"]["command"][-1]
         extra = line.split("--bind 0.0.0.0 --protected-mode no ")[1].replace(
             "$$(hostname)", "money-1").replace("/data/", f"{tmp_path}/").split()
+    log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen([find_server_binary(), str(DEPLOY / "redis.conf"), "--port",
                              str(port), "--dir", str(tmp_path), "--daemonize", "no", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         client = redis.Redis(port=port, decode_responses=True)
         deadline = time.monotonic() + 10
@@ -161,7 +170,7 @@ def test_redis_conf_is_durable_and_loads(tmp_path: Path, cluster: bool) -> None:
                 client.ping()
                 break
             except redis.ConnectionError:
-                assert proc.poll() is None, "the server refused deploy/redis.conf"
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         assert client.config_get("appendfsync") == {"appendfsync": "always"}
@@ -173,6 +182,7 @@ def test_redis_conf_is_durable_and_loads(tmp_path: Path, cluster: bool) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        log.close()
 
 
 def unit(name: str) -> configparser.ConfigParser:
