@@ -43,7 +43,7 @@ def test_defaults_load() -> None:
                           "embedding": "text-embedding-ada-002", "image": "dall-e-2"}
     assert s.resolve("text-davinci-003") == "gpt-3.5-turbo-instruct" and s.resolve("x") is None
     assert s.limits["key_requests_per_minute"] == 600
-    assert s.bot["trial_credit_units"] == 10_000 and s.bot["chat_model"] in s.models
+    assert s.bot.trial_credit_units == 10_000 and s.bot.chat_model in s.models
 
 
 def test_env_builds_the_default_channel() -> None:

@@ -278,6 +278,6 @@ def test_the_bot_bills_untrusted_usage_within_its_bounds(usage: dict[str, Any], 
     (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     hold = next(e for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve")
     assert 0 < int(entry["cost"]) <= -int(hold["amount"])  # never above the hold
-    assert int(entry["ct"]) <= settings.bot["chat_max_tokens"]
+    assert int(entry["ct"]) <= settings.bot.chat_max_tokens
     assert wallet.balance(r, acct) == 10_000 - int(entry["cost"]) > 0
     assert ledger.open_holds(r) == 0 and ledger.verify(r) == []

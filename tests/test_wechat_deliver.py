@@ -59,4 +59,4 @@ def test_context_keeps_whole_recent_turns_within_budget(r: Any) -> None:
     kept = context.history(r, cfg, "oCtx")
     assert [m["content"] for m in kept] == ["问题3", "回答3", "问题4", "回答4"]
     assert context.messages_for(r, cfg, "oCtx", "新")[-1] == {"role": "user", "content": "新"}
-    assert 0 < r.ttl("xy:wx:ctx:{oCtx}") <= cfg.bot["context_idle_seconds"]
+    assert 0 < r.ttl("xy:wx:ctx:{oCtx}") <= cfg.bot.context_idle_seconds

@@ -118,23 +118,23 @@ def test_a_picture_is_answered_and_billed_with_its_image_tokens(
     picture = jpeg(1000, 800)
     media = wx.add_media(picture)
     answers = [send_picture(wechat, media, pic_host.url("p.jpg"), "660000001") for _ in range(2)]
-    assert answers == [ANSWER_PREFIX + BOT["vision_prompt"]] * 2  # a retry joins the one job
+    assert answers == [ANSWER_PREFIX + BOT.vision_prompt] * 2  # a retry joins the one job
     assert pic_host.hits == []  # PicUrl is never fetched
     assert [c["query"]["media_id"] for c in wx.calls_to("media/get")] == [media]
     (asked,) = chats(upstream)
     assert asked["model"] == "gpt-4o"
     assert sent_picture(asked) == ("image/jpeg", picture)  # small enough: sent as it came
-    assert asked["messages"][-1]["content"][-1] == {"type": "text", "text": BOT["vision_prompt"]}
+    assert asked["messages"][-1]["content"][-1] == {"type": "text", "text": BOT.vision_prompt}
     reserve, settle = [e for e in entries(r) if e["kind"] in ("reserve", "settle")]
     image = 85 + 170 * 4  # 1000 × 800 → 960 × 768: 2 × 2 tiles of 512 px
-    texts = [m["content"] for m in asked["messages"][:-1]] + [BOT["vision_prompt"]]
+    texts = [m["content"] for m in asked["messages"][:-1]] + [BOT.vision_prompt]
     assert int(settle["pt"]) == sum(map(count_tokens, texts)) + 1 + image  # the fake's usage
     assert int(settle["cost"]) == pricing.token_cost(PRICE, int(settle["pt"]), int(settle["ct"]))
     bound = tokens.messages_bound(asked["messages"], "gpt-4o")
     assert bound >= int(settle["pt"]) > image
-    assert -int(reserve["amount"]) == pricing.reserve_cost(PRICE, bound, BOT["chat_max_tokens"])
+    assert -int(reserve["amount"]) == pricing.reserve_cost(PRICE, bound, BOT.chat_max_tokens)
     assert ledger.verify(r) == []
-    assert wechat.say(OPENID, "余额").endswith(f"今日免费对话剩余：{BOT['daily_free_messages']} 条")
+    assert wechat.say(OPENID, "余额").endswith(f"今日免费对话剩余：{BOT.daily_free_messages} 条")
     wechat.say(OPENID, "图里是什么颜色")
     history = chats(upstream)[-1]["messages"]
     assert {"role": "user", "content": "[图片]"} in history
@@ -209,7 +209,7 @@ def test_a_slow_picture_answer_is_pushed_like_a_chat(start: Callable[..., Any], 
                   timeout=10).raise_for_status()
     assert send_picture(wechat, wx.add_media(jpeg(80, 60)), pic_host.url("slow.jpg")) is None
     pushed = wait_for(lambda: wx.sent(OPENID))
-    assert pushed[0]["text"]["content"] == ANSWER_PREFIX + BOT["vision_prompt"]
+    assert pushed[0]["text"]["content"] == ANSWER_PREFIX + BOT.vision_prompt
 
 
 def test_without_the_wechat_api_a_picture_gets_a_note(start: Callable[..., Any], upstream: Any,

@@ -18,7 +18,7 @@ from app.edges.store import get_redis
 def reply_chat(openid: str, dedupe_key: str, text_in: str) -> Any:
     """Answer one chat message of a WeChat user; return how it was delivered (or rq's Retry)."""
     dl = Delivery(get_redis(), current_app.config["SETTINGS"], openid, dedupe_key)
-    model, price = answers.model_for(dl.settings, "chat_model")
+    model, price = answers.model_for(dl.settings, dl.settings.bot.chat_model)
     question = answers.Question(model, price, said=text_in, content=lambda: text_in,
                                 moderate=text_in)
     return jobs.attempt(lambda: answers.reply(dl, question),

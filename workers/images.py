@@ -60,8 +60,8 @@ def _reply(dl: Delivery, req: str, prompt: str) -> str:
 def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | str:
     """Hold, generate and upload; return {media or url}, or how the message was settled."""
     settings = dl.settings
-    model = settings.models.get(settings.bot["image_model"], settings.bot["image_model"])
-    size = settings.bot["image_size"]
+    model = settings.models.get(settings.bot.image_model, settings.bot.image_model)
+    size = settings.bot.image_size
     cost = pricing.image_cost(settings.prices[model], size, 1) or 0
     try:
         held = money.reserve(dl.r, acct, req, cost, key_id="wechat", model=model)
@@ -85,7 +85,7 @@ def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | st
 
 def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[bytes | None, str]:
     """Return (picture bytes or None, its URL or '') from the upstream."""
-    fmt = settings.bot.get("image_format", "b64_json")
+    fmt = settings.bot.image_format
     if not wechat_api.configured(settings):
         fmt = "url"  # nothing can be uploaded: the user gets the link
     body = {"model": model, "prompt": prompt, "n": 1, "size": size, "response_format": fmt}

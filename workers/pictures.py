@@ -20,7 +20,7 @@ from app.edges.store import get_redis
 def reply_picture(openid: str, dedupe_key: str, media_id: str) -> Any:
     """Answer one picture of a WeChat user; return how it was delivered (or rq's Retry)."""
     dl = Delivery(get_redis(), current_app.config["SETTINGS"], openid, dedupe_key)
-    model, price = answers.model_for(dl.settings, "vision_model")
+    model, price = answers.model_for(dl.settings, dl.settings.bot.vision_model)
     question = answers.Question(model, price, said=pictures.PLACEHOLDER, free=False,
                                 content=lambda: pictures.content(dl.settings, media_id),
                                 failed="picture_failed")

@@ -44,9 +44,8 @@ class Question:
     failed: str = "chat_failed"  # the apology's text name
 
 
-def model_for(settings: Settings, setting: str) -> tuple[str, ModelPrice]:
-    """Return the upstream model of a [bot] model setting and its price."""
-    public = settings.bot[setting]
+def model_for(settings: Settings, public: str) -> tuple[str, ModelPrice]:
+    """Return the upstream model of a public model name (a [bot] model setting) and its price."""
     upstream = settings.models.get(public, public)
     return upstream, settings.prices[upstream]
 
@@ -80,7 +79,7 @@ def _produce(dl: Delivery, acct: str, q: Question) -> dict[str, str] | str:
         free = q.free and users.use_free(r, settings, dl.openid, dl.dk)
         held: money.Hold | None = None
         if not free:
-            amount = pricing.reserve_cost(q.price, bound, settings.bot["chat_max_tokens"])
+            amount = pricing.reserve_cost(q.price, bound, settings.bot.chat_max_tokens)
             try:
                 held = money.reserve(r, acct, dl.dk, amount, key_id="wechat", model=q.model)
             except money.Short as exc:
@@ -132,7 +131,7 @@ def _refused(dl: Delivery, free: bool, held: money.Hold | None) -> dict[str, str
 
 def ask(settings: Settings, model: str, messages: list[dict[str, Any]]) -> tuple[str, Any, bool]:
     """Call the upstream; return (answer, its usage as given, cut by max_tokens?)."""
-    body = {"model": model, "messages": messages, "max_tokens": settings.bot["chat_max_tokens"]}
+    body = {"model": model, "messages": messages, "max_tokens": settings.bot.chat_max_tokens}
     data = get_upstream().post("/chat/completions", body, model, expect="choices")
     first = data["choices"][0] if data["choices"] else None  # expect="choices": a list
     message = first.get("message") if isinstance(first, dict) else None
@@ -150,7 +149,7 @@ def _billed(settings: Settings, model: str, usage: Any, answer: str,
     reported_ct = (usage["completion_tokens"] if "completion_tokens" in usage
                    else tokens.completion_tokens(answer, model))
     pt, ct, anomaly = tokens.bound_usage(reported_pt, reported_ct, bound,
-                                         settings.bot["chat_max_tokens"])
+                                         settings.bot.chat_max_tokens)
     if anomaly:
         log.warning("bot answer: odd upstream usage (%s) for %s; billed %d + %d", anomaly,
                     model, pt, ct)

@@ -27,7 +27,7 @@ def _key(openid: str) -> str:
 def history(r: redis.Redis, settings: Settings, openid: str) -> list[dict[str, Any]]:
     """Return the newest whole turns whose estimated tokens fit bot.context_max_tokens."""
     stored = [json.loads(m) for m in r.lrange(_key(openid), -MAX_MESSAGES, -1)]
-    budget = settings.bot["context_max_tokens"]
+    budget = settings.bot.context_max_tokens
     kept: list[dict[str, Any]] = []
     i = len(stored)
     while i >= 2:
@@ -48,7 +48,7 @@ def messages_for(r: redis.Redis, settings: Settings, openid: str,
     The question is a text, or content parts (a picture and its question); only texts are
     kept in the context (append_turn), so a picture is sent once and never stored.
     """
-    system = settings.bot.get("system_prompt") or ""
+    system = settings.bot.system_prompt
     head = [{"role": "system", "content": system}] if system else []
     return [*head, *history(r, settings, openid), {"role": "user", "content": question}]
 
@@ -60,7 +60,7 @@ def append_turn(pipe: Pipeline, settings: Settings, openid: str, question: str,
     pipe.rpush(key, json.dumps({"role": "user", "content": question}, ensure_ascii=False),
                json.dumps({"role": "assistant", "content": answer}, ensure_ascii=False))
     pipe.ltrim(key, -MAX_MESSAGES, -1)
-    pipe.expire(key, settings.bot["context_idle_seconds"])
+    pipe.expire(key, settings.bot.context_idle_seconds)
 
 
 def reset(r: redis.Redis, openid: str) -> None:

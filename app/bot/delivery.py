@@ -86,7 +86,7 @@ class Delivery:
     def can_push(self) -> bool:
         """Tell whether customer-service pushes are possible (configured, enabled, allowed)."""
         return (wechat_api.configured(self.settings)
-                and bool(self.settings.bot.get("push_enabled", True))
+                and self.settings.bot.push_enabled
                 and not self.r.exists(h.NOPUSH))
 
     # The webhook's side.
@@ -103,7 +103,7 @@ class Delivery:
 
         A decided message (answered, refused, rate-limited, pushed) never queues its job again:
         that job would charge for an answer no one can be given any more."""
-        state, item = self._await(self.settings.bot["reply_wait_seconds"], then)
+        state, item = self._await(self.settings.bot.reply_wait_seconds, then)
         if state == "passive":
             return item
         if state == "parked":
@@ -178,7 +178,7 @@ class Delivery:
 
     def send_text(self, content: str) -> str:
         """Deliver a text answer, split within WeChat's limit; return how."""
-        room = self.settings.bot["text_limit_bytes"] - len(
+        room = self.settings.bot.text_limit_bytes - len(
             text("more", self.settings).encode("utf-8"))
         return self.send([text_item(p) for p in split_text(content.strip() or "……", room)])
 
@@ -206,7 +206,7 @@ class Delivery:
 
     def _push(self, items: list[Item]) -> str:
         """Push up to max_push_messages items; park the rest (and all, if WeChat refuses)."""
-        limit = max(1, self.settings.bot["max_push_messages"])
+        limit = max(1, self.settings.bot.max_push_messages)
         now, later = items[:limit], items[limit:]
         client = wechat_api.get_client()
         for i, item in enumerate(now):
@@ -247,7 +247,7 @@ class Delivery:
         return state
 
     def _park_ttl(self) -> int:
-        return int(self.settings.bot.get("park_ttl_seconds", 172800))
+        return self.settings.bot.park_ttl_seconds
 
     def _wake(self, pipe: Pipeline) -> None:
         pipe.rpush(h.wake_key(self.dk), *([1] * h.WAKE_TOKENS))

@@ -42,7 +42,7 @@ def _serializer(r: Any, settings: Settings) -> URLSafeSerializer:
 
 def minutes(settings: Settings) -> int:
     """Return how long a new link works, in minutes ([bot] usage_link_minutes)."""
-    return int(settings.bot.get("usage_link_minutes", 30))
+    return settings.bot.usage_link_minutes
 
 
 def sign(r: Any, settings: Settings, acct: str, expires: int | None = None) -> str:

@@ -84,7 +84,7 @@ def shrink(data: bytes, max_side: int, max_bytes: int) -> tuple[bytes, str]:
 def content(settings: Settings, media_id: str) -> list[dict[str, Any]]:
     """Return the user message's parts: the picture as a data URL, then the bot's question."""
     bot = settings.bot
-    data, mime = shrink(fetch(media_id), bot["picture_max_side"], bot["picture_max_bytes"])
+    data, mime = shrink(fetch(media_id), bot.picture_max_side, bot.picture_max_bytes)
     url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
     return [{"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": bot["vision_prompt"]}]
+            {"type": "text", "text": bot.vision_prompt}]

@@ -52,7 +52,7 @@ def ensure_account(r: redis.Redis, settings: Settings, openid: str) -> str:
         acct = r.get(key)
     if not r.exists(layout.acct_key(acct)):
         wallet.create_account(r, acct, kind="wechat", name=openid,
-                              initial=settings.bot["trial_credit_units"], note="trial credit")
+                              initial=settings.bot.trial_credit_units, note="trial credit")
     return acct
 
 
@@ -63,7 +63,7 @@ def account_of(r: redis.Redis, openid: str) -> str | None:
 
 def use_free(r: redis.Redis, settings: Settings, openid: str, dk: str) -> bool:
     """Count this message against today's free chats; True when it is free (once per message)."""
-    limit = settings.bot["daily_free_messages"]
+    limit = settings.bot.daily_free_messages
     res = script(r, USE_FREE)(
         keys=[f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}",
               f"xy:wx:freemark:{slots.message(dk)}"],
@@ -83,7 +83,7 @@ def refund_free(r: redis.Redis, dk: str) -> bool:
 def free_left(r: redis.Redis, settings: Settings, openid: str) -> int:
     """Return how many free chats the user has left today."""
     used = int(r.get(f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}") or 0)
-    return max(0, settings.bot["daily_free_messages"] - used)
+    return max(0, settings.bot.daily_free_messages - used)
 
 
 def issue_key(r: redis.Redis, acct: str) -> tuple[str | None, str]:

@@ -3,20 +3,45 @@
 Environment (an optional `.env` in the working directory is read too, never overriding the real
 environment) holds deployment facts and secrets; the TOML file named by XIAOYI_CONFIG holds the
 structured parts (model map, prices, channels, limits, bot, menu, texts). The built-in defaults are
-`app/defaults.toml`; a user file is merged over them table by table.
+`app/core/defaults.toml`; a user file is merged over them table by table. The tables with a shape
+of their own ([bot], [pay], [menu], [safety]) are typed in `app/core/config_sections.py`.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-UNITS_PER_YUAN = 10_000  # money is an integer count of 0.0001 元
+from app.core.config_sections import (
+    SAFETY_ACTIONS,
+    SAFETY_PLACES,
+    UNITS_PER_FEN,
+    UNITS_PER_YUAN,
+    BotSettings,
+    ConfigError,
+    MenuButton,
+    MenuSettings,
+    PaySettings,
+    SafetySettings,
+    parse_bot,
+    parse_menu,
+    parse_pay,
+    parse_safety,
+    units_to_yuan,
+    yuan_to_units,
+)
+
+__all__ = [  # the sections' names are re-exported: `from app.core.config import ...` has them all
+    "ENV_SETTINGS", "MAX_CODES_PER_BATCH", "MIN_SECRET_CHARS", "SAFETY_ACTIONS", "SAFETY_PLACES",
+    "UNITS_PER_FEN", "UNITS_PER_YUAN", "BotSettings", "Channel", "ConfigError", "MenuButton", "MenuSettings",
+    "ModelPrice", "PaySettings", "SafetySettings", "Settings", "load_settings", "units_to_yuan",
+    "yuan_to_units",
+]
+
 MAX_CODES_PER_BATCH = 100  # redemption codes made at once (the CLI and the admin form)
 MIN_SECRET_CHARS = 24  # a shorter admin token or cookie key is refused at start (SPEC §7.13)
 
@@ -61,10 +86,6 @@ ENV_SETTINGS: dict[str, tuple[str | None, str]] = {
 MAX_TRUSTED_PROXIES = 5
 
 
-class ConfigError(Exception):
-    """A setting is invalid; the message names it."""
-
-
 @dataclass(frozen=True)
 class ModelPrice:
     """Price of one upstream model, in units of 0.0001 元."""
@@ -101,26 +122,6 @@ class Channel:
         return not self.models or model in self.models
 
 
-SAFETY_ACTIONS = ("off", "refuse", "mask")
-SAFETY_PLACES = ("bot_input", "bot_output", "api_input", "api_output")
-
-
-@dataclass(frozen=True)
-class SafetySettings:
-    """The [safety] table: the sensitive-word filter and the optional moderation check."""
-
-    enabled: bool = False
-    words_file: str = ""  # absolute once parsed; empty: no word filter
-    reload_seconds: float = 5.0  # the file's mtime is checked at most this often
-    bot_input: str = "refuse"  # off | refuse | mask, for each place text is screened
-    bot_output: str = "mask"
-    api_input: str = "off"
-    api_output: str = "off"
-    moderation: bool = False  # also ask the upstream's /moderations about bot input
-    moderation_model: str = "omni-moderation-latest"
-    moderation_categories: tuple[str, ...] = ()  # empty: any flagged category counts
-
-
 @dataclass(frozen=True)
 class Settings:
     """All settings, read once at start."""
@@ -147,9 +148,9 @@ class Settings:
     channels: tuple[Channel, ...]
     relay: dict[str, int]
     limits: dict[str, int]
-    bot: dict[str, Any]
-    pay: dict[str, Any]
-    menu: dict[str, Any]
+    bot: BotSettings
+    pay: PaySettings
+    menu: MenuSettings
     texts: dict[str, str]
     queue_redis_url: str | None = None
     redis_wait_replicas: int = 0
@@ -170,26 +171,6 @@ class Settings:
                   self.pay_api_key, self.admin_token, self.secret_key, self.wechat_token,
                   *(c.api_key for c in self.channels)]
         return tuple(v for v in values if v and len(v) >= 6)
-
-
-def yuan_to_units(value: Any, setting: str) -> int:
-    """Convert a 元 amount (string or number) to integer units, exactly."""
-    try:
-        amount = Decimal(str(value)) * UNITS_PER_YUAN
-    except (InvalidOperation, ValueError) as exc:
-        raise ConfigError(f"{setting}: {value!r} is not a number") from exc
-    if not amount.is_finite():
-        raise ConfigError(f"{setting}: {value!r} is not a number")
-    if amount != amount.to_integral_value() or amount < 0:
-        raise ConfigError(f"{setting}: {value!r} must be >= 0 with at most 4 decimals")
-    return int(amount)
-
-
-def units_to_yuan(units: int) -> str:
-    """Format integer units as a 元 string with 4 decimals."""
-    sign = "-" if units < 0 else ""
-    whole, frac = divmod(abs(units), UNITS_PER_YUAN)
-    return f"{sign}{whole}.{frac:04d}"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -345,60 +326,11 @@ def _ints(table: dict[str, Any], where: str) -> dict[str, int]:
     return dict(table)
 
 
-def _bot(table: dict[str, Any]) -> dict[str, Any]:
-    bot = dict(table)
-    bot["trial_credit_units"] = yuan_to_units(bot.get("trial_credit", 0), "bot.trial_credit")
-    for key in ("daily_free_messages", "context_max_tokens", "context_idle_seconds",
-                "max_push_messages", "text_limit_bytes"):
-        if not isinstance(bot.get(key), int) or bot[key] < 0:
-            raise ConfigError(f"bot.{key}: must be a non-negative integer")
-    link = bot.get("usage_link_minutes", 30)
-    if not isinstance(link, int) or isinstance(link, bool) or not 1 <= link <= 10080:
-        raise ConfigError("bot.usage_link_minutes: must be an integer from 1 to 10080 (a week)")
-    wait = bot.get("reply_wait_seconds")
-    if not isinstance(wait, int | float) or not 0 <= wait <= 4.5:
-        raise ConfigError("bot.reply_wait_seconds: must be a number between 0 and 4.5")
-    return bot
-
-
 def _count(value: str | None, setting: str) -> int:
     """Parse a small non-negative integer setting."""
     if value is None or not value.isdigit() or int(value) > 16:
         raise ConfigError(f"{setting}: {value!r} must be an integer from 0 to 16")
     return int(value)
-
-
-def _safety(table: dict[str, Any]) -> SafetySettings:
-    defaults = {f.name: f.default for f in fields(SafetySettings)}
-    for key, value in table.items():
-        where = f"safety.{key}"
-        if key not in defaults:
-            raise ConfigError(f"{where}: unknown setting")
-        if isinstance(defaults[key], bool) and not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false")
-        if isinstance(defaults[key], str) and not isinstance(value, str):
-            raise ConfigError(f"{where}: must be a string")
-        if key in SAFETY_PLACES and value not in SAFETY_ACTIONS:
-            raise ConfigError(f"{where}: {value!r} is not off, refuse or mask")
-    cfg = {**defaults, **table}
-    seconds = cfg["reload_seconds"]
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
-        raise ConfigError("safety.reload_seconds: must be a number >= 0")
-    categories = cfg["moderation_categories"]
-    if not isinstance(categories, list | tuple) or not all(isinstance(c, str) for c in categories):
-        raise ConfigError("safety.moderation_categories: must be a list of category names")
-    if cfg["moderation"] and not cfg["moderation_model"]:
-        raise ConfigError("safety.moderation_model: required when moderation is on")
-    words = cfg["words_file"]
-    if words:
-        path = Path(words).expanduser().resolve()
-        if cfg["enabled"] and not (path.is_file() and os.access(path, os.R_OK)):
-            raise ConfigError(f"safety.words_file: {path} is not a readable file")
-        words = str(path)
-    elif cfg["enabled"] and not cfg["moderation"]:
-        raise ConfigError("safety.words_file: required when safety is enabled without moderation")
-    return SafetySettings(**{**cfg, "words_file": words, "reload_seconds": float(seconds),
-                             "moderation_categories": tuple(categories)})
 
 
 def _trusted_proxies(raw: str) -> int:
@@ -456,14 +388,14 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
                            upstream_key),
         relay=_ints(data.get("relay", {}), "relay"),
         limits=_ints(data.get("limits", {}), "limits"),
-        bot=_bot(data.get("bot", {})),
-        pay=dict(data.get("pay", {})),
-        menu=dict(data.get("menu", {})),
+        bot=parse_bot(data.get("bot", {})),
+        pay=parse_pay(data.get("pay", {})),
+        menu=parse_menu(data.get("menu", {})),
         texts=dict(data.get("texts", {})),
         queue_redis_url=get("XIAOYI_QUEUE_REDIS_URL"),
         redis_wait_replicas=_count(get("XIAOYI_REDIS_WAIT_REPLICAS"), "XIAOYI_REDIS_WAIT_REPLICAS"),
         allow_volatile_store=get("XIAOYI_ALLOW_VOLATILE_STORE") in ("1", "true", "yes"),
-        safety=_safety(data.get("safety", {})),
+        safety=parse_safety(data.get("safety", {})),
         defaults=defaults,
         aliases=aliases,
     )

@@ -28,12 +28,11 @@ from wechatpy.exceptions import InvalidSignatureException, WeChatPayException
 from wechatpy.pay import WeChatPay
 from wechatpy.pay.utils import calculate_signature
 
-from app.core.config import ConfigError, Settings, yuan_to_units
+from app.core.config import UNITS_PER_FEN, ConfigError, Settings
 from app.core.money import wallet
 
 log = logging.getLogger(__name__)
 CHINA = timezone(timedelta(hours=8))
-UNITS_PER_FEN = 100
 ORDERS = "xy:pay:orders"
 
 
@@ -44,22 +43,12 @@ def order_key(no: str) -> str:
 
 def notify_url(settings: Settings) -> str:
     """Return [pay] notify_url, or XIAOYI_PUBLIC_URL + /wechat/pay/notify when empty."""
-    return settings.pay.get("notify_url") or settings.public_url + "/wechat/pay/notify"
-
-
-def bounds(settings: Settings) -> tuple[int, int]:
-    """Return [pay] min_yuan and max_yuan in units; raise ConfigError when not numbers."""
-    low = yuan_to_units(settings.pay.get("min_yuan", "1"), "pay.min_yuan")
-    high = yuan_to_units(settings.pay.get("max_yuan", "500"), "pay.max_yuan")
-    if low <= 0 or high < low or low % UNITS_PER_FEN or high % UNITS_PER_FEN:
-        raise ConfigError("pay.min_yuan/max_yuan: need 0 < min <= max, in whole fen")
-    return low, high
+    return settings.pay.notify_url or settings.public_url + "/wechat/pay/notify"
 
 
 def check_config(settings: Settings) -> None:
-    """Fail at start when pay is enabled but incomplete."""
-    bounds(settings)
-    if not settings.pay.get("enabled"):
+    """Fail at start when pay is enabled without the merchant settings it needs."""
+    if not settings.pay.enabled:
         return
     for name, value in (("XIAOYI_WECHAT_APP_ID", settings.wechat_app_id),
                         ("XIAOYI_WECHAT_PAY_MCH_ID", settings.pay_mch_id),
@@ -83,9 +72,9 @@ def _yuan(units: int) -> str:
 
 def _refusal(settings: Settings, amount_units: int) -> str | None:
     """Return the reply refusing this amount, or None when it can be ordered."""
-    if not settings.pay.get("enabled") or not settings.pay_api_key:
+    if not settings.pay.enabled or not settings.pay_api_key:
         return "暂未开通微信支付充值。可以发送“充值 <兑换码>”使用兑换码充值。"
-    low, high = bounds(settings)
+    low, high = settings.pay.min_units, settings.pay.max_units
     if amount_units % UNITS_PER_FEN or not low <= amount_units <= high:
         return f"充值金额需在 {_yuan(low)}–{_yuan(high)} 元之间（最多两位小数），例如：充值 10"
     return None
@@ -109,10 +98,10 @@ def _unified_order(settings: Settings, no: str, fen: int) -> dict[str, Any]:
     """Create the NATIVE order at WeChat Pay; return its verified answer."""
     pay = client(settings)
     now = datetime.now(CHINA)
-    minutes = int(settings.pay.get("expire_minutes", 120))
+    minutes = settings.pay.expire_minutes
     result = pay.order.create(
-        trade_type="NATIVE", body=settings.pay.get("body") or "余额充值", total_fee=fen,
-        notify_url=notify_url(settings), client_ip=settings.pay.get("client_ip", "127.0.0.1"),
+        trade_type="NATIVE", body=settings.pay.body or "余额充值", total_fee=fen,
+        notify_url=notify_url(settings), client_ip=settings.pay.client_ip,
         out_trade_no=no, product_id=no, time_start=now,
         time_expire=now + timedelta(minutes=minutes))
     if not isinstance(result, dict) or not _signed(result, settings.pay_api_key or ""):
@@ -139,7 +128,7 @@ def start_order(r: redis.Redis, settings: Settings, acct: str, openid: str,
         return "创建支付订单失败，请稍后再试。"
     r.hset(order_key(no), mapping={"state": "pending", "code_url": code_url,
                                    "prepay_id": result.get("prepay_id") or ""})
-    minutes = int(settings.pay.get("expire_minutes", 120))
+    minutes = settings.pay.expire_minutes
     return (f"充值订单已创建：{_yuan(amount_units)} 元\n"
             f"请在 {minutes} 分钟内用微信打开以下链接（或生成二维码扫码）完成支付：\n"
             f"{code_url}\n"

@@ -4,40 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.core.config import ConfigError, Settings
-
-TYPES_NEEDING = {"click": "key", "view": "url", "miniprogram": "url"}
+from app.core.config import MenuButton, Settings
 
 
-def _check(button: Any, where: str, top: bool) -> None:
-    if not isinstance(button, dict) or not isinstance(button.get("name"), str) or not button[
-            "name"]:
-        raise ConfigError(f"{where}.name: every button needs a name")
-    if len(button["name"].encode("utf-8")) > (16 if top else 60):
-        raise ConfigError(f"{where}.name: too long for WeChat")
-    subs = button.get("sub_button")
-    if top and subs:
-        if not isinstance(subs, list) or len(subs) > 5:
-            raise ConfigError(f"{where}.sub_button: 1 to 5 buttons")
-        for i, sub in enumerate(subs):
-            _check(sub, f"{where}.sub_button[{i}]", top=False)
-        return
-    kind = button.get("type")
-    if not isinstance(kind, str):
-        raise ConfigError(f"{where}.type: required (click, view, ...)")
-    need = TYPES_NEEDING.get(kind)
-    if need and not button.get(need):
-        raise ConfigError(f"{where}.{need}: required for a {kind} button")
+def _button(button: MenuButton) -> dict[str, Any]:
+    """Return one button in menu/create's shape: its set fields, sub-buttons as a list."""
+    out: dict[str, Any] = {"name": button.name}
+    for name in ("type", "key", "url", "appid", "pagepath", "media_id", "article_id"):
+        if value := getattr(button, name):
+            out[name] = value
+    if button.sub_button:
+        out["sub_button"] = [_button(sub) for sub in button.sub_button]
+    return out
 
 
 def definition(settings: Settings) -> dict[str, Any]:
-    """Return the menu as WeChat's menu/create wants it; raise ConfigError when malformed."""
-    buttons = settings.menu.get("button")
-    if not isinstance(buttons, list) or not 1 <= len(buttons) <= 3:
-        raise ConfigError("menu.button: 1 to 3 buttons")
-    for i, button in enumerate(buttons):
-        _check(button, f"menu.button[{i}]", top=True)
-    return {"button": buttons}
+    """Return the menu as WeChat's menu/create wants it (checked when the settings loaded)."""
+    return {"button": [_button(b) for b in settings.menu.button]}
 
 
 def push(client: Any, settings: Settings) -> dict[str, Any]:

@@ -170,10 +170,10 @@ def check_config(settings: Settings) -> None:
 
     Builds the app once on a store client that never connects, so every check create_app makes
     (WeChat crypto and AppID, bot models and prices, pay…) runs here, in a second or less; then
-    the process knobs, the Redis URL's form and the custom menu.
+    the process knobs and the Redis URL's form ([menu] and the other tables were checked when
+    the settings loaded).
     """
     from app import create_app
-    from app.edges import wechat_menu
     from app.edges.store import check_url
 
     _check_env_numbers()
@@ -182,8 +182,6 @@ def check_config(settings: Settings) -> None:
         check_url(settings.redis_url, "XIAOYI_REDIS_URL")  # parses, never connects
     if settings.queue_redis_url:
         check_url(settings.queue_redis_url, "XIAOYI_QUEUE_REDIS_URL", queues=True)
-    if settings.menu:
-        wechat_menu.definition(settings)
 
 
 def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,

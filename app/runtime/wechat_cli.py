@@ -47,10 +47,7 @@ def menu_push(as_json: bool) -> None:
     from app.edges import wechat_menu as menu
 
     settings = _settings()
-    try:
-        pushed = menu.definition(settings)
-    except ConfigError as exc:
-        raise CliError(config_error(exc)) from exc
+    pushed = menu.definition(settings)
     try:
         menu.push(_client(settings), settings)
     except (WeChatClientException, requests.RequestException) as exc:

@@ -85,7 +85,7 @@ def test_sigkill_mid_reply_chat(r: redis.Redis, redis_url: str, upstream: FakeUp
             assert Counter(e["kind"] for e in entries) == {"reserve": 1, "settle": 1}
             cost = int(next(e for e in entries if e["kind"] == "settle")["cost"])
             assert cost > 0 and account["used"] == cost
-            assert account["balance"] == settings.bot["trial_credit_units"] - cost
+            assert account["balance"] == settings.bot.trial_credit_units - cost
             assert ledger.open_holds(r) == 0
             assert ledger.verify(r) == []
     finally:
@@ -124,7 +124,7 @@ def test_a_failing_message_after_a_sigkill_gets_its_polite_reply_within_30s(
         assert sent[0]["text"]["content"] == settings.texts["chat_failed"]
         assert 1 <= chat_calls(upstream) <= 3
         acct = users.account_of(r, openid)
-        assert wallet.balance(r, acct) == settings.bot["trial_credit_units"]
+        assert wallet.balance(r, acct) == settings.bot.trial_credit_units
         assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
     finally:
         first.stop()

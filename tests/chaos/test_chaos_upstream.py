@@ -267,5 +267,5 @@ def test_wechat_user_gets_a_polite_message_never_silence(r: redis.Redis, redis_u
     assert [m["text"]["content"] for m in sent] == [polite]
     acct = users.account_of(r, openid)
     assert not [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
-    assert wallet.balance(r, acct) == settings.bot["trial_credit_units"]  # nothing charged
+    assert wallet.balance(r, acct) == settings.bot.trial_credit_units  # nothing charged
     assert_clean(r)

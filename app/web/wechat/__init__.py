@@ -25,33 +25,17 @@ log = logging.getLogger(__name__)
 
 
 def check_bot(settings: Settings) -> None:
-    """Refuse bot models or sizes that have no price (SPEC §7.7)."""
+    """Refuse bot models or sizes that have no price (SPEC §7.7); [bot]'s own checks ran at load."""
     bot = settings.bot
-    for name in ("chat_model", "image_model"):
-        upstream = settings.models.get(bot[name], bot[name])
-        if upstream not in settings.prices:
-            raise ConfigError(f"bot.{name}: {bot[name]!r} is not a priced model")
-    image = settings.prices[settings.models.get(bot["image_model"], bot["image_model"])]
-    if bot["image_size"] not in image.images:
-        raise ConfigError(f"bot.image_size: {bot['image_size']!r} has no price")
-    if bot.get("image_format", "b64_json") not in ("b64_json", "url"):
-        raise ConfigError("bot.image_format: must be b64_json or url")
-    check_vision(settings)
-
-
-def check_vision(settings: Settings) -> None:
-    """Refuse a vision model that is not a priced chat model, and bad picture limits."""
-    bot = settings.bot
-    name = bot.get("vision_model")
-    price = settings.prices.get(settings.models.get(name, name)) if isinstance(name, str) else None
-    if price is None or price.kind != "chat":
-        raise ConfigError(f"bot.vision_model: {name!r} is not a priced chat model")
-    for key, least in (("picture_max_side", 64), ("picture_max_bytes", 65536)):
-        value = bot.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"bot.{key}: must be an integer of at least {least}")
-    if not isinstance(bot.get("vision_prompt"), str) or not bot["vision_prompt"].strip():
-        raise ConfigError("bot.vision_prompt: must be a non-empty text")
+    for name, public in (("chat_model", bot.chat_model), ("image_model", bot.image_model)):
+        if settings.models.get(public, public) not in settings.prices:
+            raise ConfigError(f"bot.{name}: {public!r} is not a priced model")
+    image = settings.prices[settings.models.get(bot.image_model, bot.image_model)]
+    if bot.image_size not in image.images:
+        raise ConfigError(f"bot.image_size: {bot.image_size!r} has no price")
+    vision = settings.prices.get(settings.models.get(bot.vision_model, bot.vision_model))
+    if vision is None or vision.kind != "chat":
+        raise ConfigError(f"bot.vision_model: {bot.vision_model!r} is not a priced chat model")
 
 
 def init_app(app: Flask) -> None:

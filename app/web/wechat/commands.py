@@ -121,12 +121,12 @@ def api_card(ctx: Ctx) -> Item:
     head = text("key_new", ctx.settings, key=raw) if raw else text(
         "key_masked", ctx.settings, key=masked)
     card = text("api_card", ctx.settings, balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)),
-                base=ctx.settings.public_url.rstrip("/"), model=ctx.settings.bot["chat_model"],
+                base=ctx.settings.public_url.rstrip("/"), model=ctx.settings.bot.chat_model,
                 key=PLACEHOLDER,  # {key}: older custom cards get the placeholder, never a key
                 usage_url=links.url(ctx.r, ctx.settings, ctx.acct),
                 minutes=links.minutes(ctx.settings))
     blocks = [head, *card.strip("\n").split("\n\n")]
-    limit = ctx.settings.bot["text_limit_bytes"]
+    limit = ctx.settings.bot.text_limit_bytes
     while len(blocks) > 2 and len("\n\n".join(blocks).encode("utf-8")) > limit:
         blocks.pop()
     return text_item("\n\n".join(blocks))
@@ -153,7 +153,7 @@ def redeem(ctx: Ctx) -> Item:
 
 
 def _pay(ctx: Ctx, yuan: str) -> Item:
-    if not ctx.settings.pay.get("enabled"):
+    if not ctx.settings.pay.enabled:
         return _t(ctx, "pay_unavailable")
     try:
         from app.edges.pay import start_order
@@ -169,9 +169,9 @@ def _pay(ctx: Ctx, yuan: str) -> Item:
 
 def recharge_menu(ctx: Ctx) -> Item:
     """The 充值 menu entry: a WeChat Pay order of pay.menu_yuan, or how to recharge."""
-    if not ctx.settings.pay.get("enabled"):
+    if not ctx.settings.pay.enabled:
         return _t(ctx, "recharge_how")
-    return _pay(ctx, str(ctx.settings.pay.get("menu_yuan", "10")))
+    return _pay(ctx, ctx.settings.pay.menu_yuan)
 
 
 HANDLERS: dict[str, Callable[[Ctx], Item]] = {
