@@ -63,9 +63,9 @@ def create_app(settings: Settings | None = None, redis_client: redis.Redis | Non
 
 
 def _render(err: ApiError) -> Response:
-    from app.web.relay.common import json_response
+    from app.web import render
 
-    return json_response(err.body(), err.status, err.headers)
+    return render.error_response(err)
 
 
 def _init_errors(app: Flask) -> None:

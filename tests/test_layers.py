@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "workers", "fakes")
 APP_LAYERS = ("core", "edges", "bot", "web", "runtime")
@@ -34,6 +32,8 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "fakes": frozenset({"app.core", "app.edges", "app.bot", "app.web", "app.runtime", "app",
                         "workers"}),
 }
+# Web modules that are no blueprint: every blueprint and the factory may import them.
+WEB_SHARED = frozenset({"render"})
 
 
 @dataclass(frozen=True)
@@ -192,12 +192,13 @@ def test_import_direction() -> None:
 
 
 def test_blueprints_never_import_each_other() -> None:
-    """A module of one web blueprint never imports another blueprint."""
+    """A module of one web blueprint never imports another blueprint (the shared ones excepted)."""
     crossings = sorted(
         f"{imp.path}:{imp.line} {imp.source} imports {imp.target}" for imp in all_imports()
         if layer(imp.source) == layer(imp.target) == "app.web"
         and min(len(imp.source.split(".")), len(imp.target.split("."))) > 2
-        and imp.source.split(".")[2] != imp.target.split(".")[2])
+        and imp.source.split(".")[2] != imp.target.split(".")[2]
+        and imp.target.split(".")[2] not in WEB_SHARED)
     assert not crossings, "\n".join(crossings)
 
 
@@ -213,9 +214,15 @@ def test_jobs_are_enqueued_by_dotted_path() -> None:
                 and layer(i.target) == "workers"]
 
 
-@pytest.mark.xfail(strict=True, reason="app/__init__.py:66 imports app.web.relay.common"
-                   ".json_response to render errors (issue 11 §5: the factory never imports a "
-                   "blueprint's internals)")
+def test_shared_web_modules_import_no_blueprint() -> None:
+    """What every blueprint may use (WEB_SHARED) imports only the layers below the web."""
+    found = sorted(f"{imp.path}:{imp.line} imports {imp.target}" for imp in all_imports()
+                   if imp.source.split(".")[2:3] and imp.source.split(".")[2] in WEB_SHARED
+                   and layer(imp.source) == "app.web" and layer(imp.target) == "app.web")
+    assert not found, "\n".join(found)
+    assert all((ROOT / "app" / "web" / f"{name}.py").is_file() for name in WEB_SHARED)
+
+
 def test_factory_imports_blueprints_only_as_packages() -> None:
     """The factory imports a blueprint as a package (its `init_app`), never a module inside."""
     inside = sorted(f"{imp.path}:{imp.line} imports {imp.target}" for imp in all_imports()

@@ -10,7 +10,8 @@ from app.core.config import UNITS_PER_YUAN, units_to_yuan
 from app.core.errors import InvalidKey, ModelNotFound
 from app.core.money import wallet
 from app.edges.store import get_redis
-from app.web.relay.common import authenticate, json_response, read_json, settings
+from app.web.relay.common import authenticate, read_json, settings
+from app.web.render import json_response
 
 CREATED = 1_700_000_000
 

@@ -17,9 +17,10 @@ from app.core.money import Hold
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse
 from app.web.relay import screening, shutdown
 from app.web.relay.billing import Meter
-from app.web.relay.common import Call, admit, json_response, settings
+from app.web.relay.common import Call, admit, settings
 from app.web.relay.rules import Plan, prepare
 from app.web.relay.stream_guard import StreamGuard, open_guard
+from app.web.render import json_response
 
 log = logging.getLogger(__name__)
 

@@ -44,12 +44,6 @@ def settings() -> Settings:
     return current_app.config["SETTINGS"]
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """Render a JSON response fast (orjson)."""
-    return Response(orjson.dumps(body), status=status, headers=headers,
-                    mimetype="application/json")
-
-
 def read_json() -> dict[str, Any]:
     """Parse the request body as a JSON object or raise a 400."""
     raw = request.get_data(cache=True)

@@ -13,13 +13,13 @@ from app.web.relay.billing import Meter
 from app.web.relay.common import (
     Call,
     admit,
-    json_response,
     optional_choice,
     optional_int,
     settings,
     texts_or_tokens,
 )
 from app.web.relay.rules import Plan
+from app.web.render import json_response
 
 FORMATS = ("url", "b64_json")
 QUALITIES = ("standard", "hd", "low", "medium", "high", "auto")  # OpenAI's enum

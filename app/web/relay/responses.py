@@ -23,8 +23,9 @@ from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store, responses_stream, screening
 from app.web.relay.billing import Meter
-from app.web.relay.common import Call, admit, authenticate, json_response, settings
+from app.web.relay.common import Call, admit, authenticate, settings
 from app.web.relay.response_store import Plan, keep
+from app.web.render import json_response
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from app.core.errors import InvalidRequest
 from app.core.money import ledger
 from app.core.usage import CHINA, api_row
 from app.edges.store import get_redis
-from app.web.relay.common import authenticate, bearer_or_body, json_response, read_json
+from app.web.relay.common import authenticate, bearer_or_body, read_json
+from app.web.render import json_response
 
 DEFAULT_DAYS = 30
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
