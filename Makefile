@@ -39,6 +39,7 @@ ARGS ?=
 run: $(RUN_STAMP)
 	$(BIN)/xiaoyi run --host $(HOST) --port $(PORT) $(ARGS)
 
+# ruff over all the code; mypy strict over app/, workers/ and fakes/ (pyproject.toml [tool.mypy]).
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check app workers tests bench tools fakes
 	$(BIN)/mypy

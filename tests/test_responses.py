@@ -386,6 +386,7 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
     ({"input": "x", "metadata": "m"}, "metadata"),
     ({}, "input"),
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
+    ({"input": "x", "text": {"format": "json_schema"}}, "text.format"),  # not an object
 ])
 def test_refused_requests_are_400_and_charge_nothing(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis, body: dict[str, Any],

@@ -128,14 +128,14 @@ def fit(picture: bytes, limit: int = MAX_MEDIA_BYTES) -> tuple[bytes, str]:
         kind = (img.format or "").lower()
         if len(picture) <= limit and kind in ("png", "jpeg", "gif", "bmp"):
             return picture, "jpg" if kind == "jpeg" else kind
-        img = img.convert("RGB")
+        flat = img.convert("RGB")
         quality = 85
         while True:
             out = io.BytesIO()
-            img.save(out, "JPEG", quality=quality, optimize=True)
-            if out.tell() <= limit or min(img.size) < 64:
+            flat.save(out, "JPEG", quality=quality, optimize=True)
+            if out.tell() <= limit or min(flat.size) < 64:
                 return out.getvalue(), "jpg"
-            img = img.resize((img.width * 3 // 4, img.height * 3 // 4))
+            flat = flat.resize((flat.width * 3 // 4, flat.height * 3 // 4))
             quality = max(60, quality - 10)
 
 

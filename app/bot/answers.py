@@ -136,7 +136,7 @@ def ask(settings: Settings, model: str, messages: list[dict[str, Any]]) -> tuple
     first = data["choices"][0] if data["choices"] else None  # expect="choices": a list
     message = first.get("message") if isinstance(first, dict) else None
     answer = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(answer, str) or not answer.strip():
+    if not isinstance(first, dict) or not isinstance(answer, str) or not answer.strip():
         raise UpstreamError("The upstream answered nothing.")
     return answer, data.get("usage"), first.get("finish_reason") == "length"
 

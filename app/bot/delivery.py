@@ -20,6 +20,7 @@ from typing import Any
 import redis
 import requests
 from redis.client import Pipeline
+from redis.typing import EncodableT
 from wechatpy.exceptions import WeChatClientException
 
 from app.bot import handoff as h
@@ -144,7 +145,7 @@ class Delivery:
         A reply showing a raw API key is stored masked, and sealed (app/bot/sealed.py) for
         SEAL_TTL seconds so a retry of a lost first answer still shows the key.
         """
-        fields = {"state": "passive", "reply": ""}
+        fields: dict[EncodableT, EncodableT] = {"state": "passive", "reply": ""}
         if item:
             dumped = _dump(item)
             fields["reply"] = KEY_PATTERN.sub(lambda m: mask(m.group(0)), dumped)
@@ -191,10 +192,10 @@ class Delivery:
         can_push = self.can_push()
         rest = items[1:] if not can_push else []
         first = self._with_note(items[0]) if rest else items[0]
-        how = script(self.r, h.FINISH)(
+        how = str(script(self.r, h.FINISH)(
             keys=[h.state_key(self.dk), h.wake_key(self.dk), h.park_key(self.openid)],
             args=[_now_ms(), "1" if len(items) == 1 or not can_push else "0", h.STATE_TTL,
-                  self._park_ttl(), _dump(first), *(_dump(i) for i in rest)])
+                  self._park_ttl(), _dump(first), *(_dump(i) for i in rest)]))
         if how in ("push", "pushing"):
             how = self._push(items) if can_push else self._park(items)
         self.drop_pending()

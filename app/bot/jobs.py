@@ -28,6 +28,7 @@ from rq import Retry, get_current_job
 
 from app.bot import slots
 from app.core.errors import UpstreamError, UpstreamTimeout
+from app.core.money.layout import Store
 from app.edges.wechat_api import WeChatTransient
 from app.edges.worklock import worker_lock
 
@@ -101,6 +102,6 @@ def keep(pipe: Pipeline, dk: str, fields: dict[str, Any]) -> None:
     pipe.expire(answer_key(dk), KEEP_TTL)
 
 
-def kept(r: redis.Redis, dk: str) -> dict[str, str] | None:
+def kept(r: Store, dk: str) -> dict[str, str] | None:
     """Return the answer a previous run produced, or None."""
     return r.hgetall(answer_key(dk)) or None

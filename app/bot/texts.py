@@ -21,7 +21,8 @@ NAMES = (
 
 def settings() -> Settings:
     """Return the app's settings."""
-    return current_app.config["SETTINGS"]
+    settings: Settings = current_app.config["SETTINGS"]
+    return settings
 
 
 def text(name: str, cfg: Settings | None = None, **values: Any) -> str:

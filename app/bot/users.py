@@ -9,8 +9,6 @@ Keys (owned here; {openid}/{dk} carry the user's hash tag: app/bot/slots.py):
 
 from __future__ import annotations
 
-import redis
-
 from app.bot import slots
 from app.core.config import Settings
 from app.core.money import keys, layout, wallet
@@ -43,7 +41,7 @@ return 1
 """
 
 
-def ensure_account(r: redis.Redis, settings: Settings, openid: str) -> str:
+def ensure_account(r: layout.Store, settings: Settings, openid: str) -> str:
     """Return the user's account id, creating it with the trial credit on first contact."""
     key = f"xy:wx:user:{slots.user(openid)}"
     acct = r.get(key)
@@ -53,15 +51,16 @@ def ensure_account(r: redis.Redis, settings: Settings, openid: str) -> str:
     if not r.exists(layout.acct_key(acct)):
         wallet.create_account(r, acct, kind="wechat", name=openid,
                               initial=settings.bot.trial_credit_units, note="trial credit")
+    return str(acct)
+
+
+def account_of(r: layout.Store, openid: str) -> str | None:
+    """Return the user's account id, or None before first contact."""
+    acct: str | None = r.get(f"xy:wx:user:{slots.user(openid)}")
     return acct
 
 
-def account_of(r: redis.Redis, openid: str) -> str | None:
-    """Return the user's account id, or None before first contact."""
-    return r.get(f"xy:wx:user:{slots.user(openid)}")
-
-
-def use_free(r: redis.Redis, settings: Settings, openid: str, dk: str) -> bool:
+def use_free(r: layout.Store, settings: Settings, openid: str, dk: str) -> bool:
     """Count this message against today's free chats; True when it is free (once per message)."""
     limit = settings.bot.daily_free_messages
     res = script(r, USE_FREE)(
@@ -71,7 +70,7 @@ def use_free(r: redis.Redis, settings: Settings, openid: str, dk: str) -> bool:
     return int(res) == 1
 
 
-def refund_free(r: redis.Redis, dk: str) -> bool:
+def refund_free(r: layout.Store, dk: str) -> bool:
     """Give a free chat back when its answer failed."""
     mark = r.get(f"xy:wx:freemark:{slots.message(dk)}") or ""
     if not mark.startswith("1:"):
@@ -80,13 +79,13 @@ def refund_free(r: redis.Redis, dk: str) -> bool:
                                                  mark[2:]])) == 1
 
 
-def free_left(r: redis.Redis, settings: Settings, openid: str) -> int:
+def free_left(r: layout.Store, settings: Settings, openid: str) -> int:
     """Return how many free chats the user has left today."""
     used = int(r.get(f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}") or 0)
     return max(0, settings.bot.daily_free_messages - used)
 
 
-def issue_key(r: redis.Redis, acct: str) -> tuple[str | None, str]:
+def issue_key(r: layout.Store, acct: str) -> tuple[str | None, str]:
     """Return (raw key when issued now, masked key): a key is issued once, then only masked."""
     with r.lock(f"xy:wx:keylock:{acct}", timeout=10, blocking_timeout=10, sleep=0.05):
         live = sorted((k for k in keys.list_keys(r, acct) if not k["revoked"]),
@@ -97,7 +96,7 @@ def issue_key(r: redis.Redis, acct: str) -> tuple[str | None, str]:
         return raw, info.masked
 
 
-def rotate_key(r: redis.Redis, acct: str) -> str:
+def rotate_key(r: layout.Store, acct: str) -> str:
     """Revoke the account's live key (if any) and issue a new one; return the raw key."""
     with r.lock(f"xy:wx:keylock:{acct}", timeout=10, blocking_timeout=10, sleep=0.05):
         key_id = keys.live_key_id(r, acct)

@@ -41,9 +41,9 @@ def setup(level: str, secrets: Iterable[str]) -> None:
     root = logging.getLogger()
     scrub = ScrubSecrets(secrets)
     if not any(isinstance(f, ScrubSecrets) for h in root.handlers for f in h.filters):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(stream)
     for handler in root.handlers:
         handler.filters = [f for f in handler.filters if not isinstance(f, ScrubSecrets)]
         handler.addFilter(scrub)

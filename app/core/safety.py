@@ -99,7 +99,8 @@ def _latin(folded: str) -> bool:
 
 def _star(text: str, spans: list[tuple[int, int]]) -> str:
     """Return text with the characters of every (first, last) span replaced by *."""
-    out, done = [], 0
+    out: list[str] = []
+    done = 0
     for first, last in sorted(spans):
         if last >= done:
             out += (text[done:first], "*" * (last + 1 - max(first, done)))

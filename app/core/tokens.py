@@ -89,10 +89,15 @@ def _bindings() -> Any:
     if name in sys.modules:
         return sys.modules[name]
     try:
-        (folder,) = importlib.util.find_spec("bpe_openai").submodule_search_locations
+        package = importlib.util.find_spec("bpe_openai")
+        if package is None or package.submodule_search_locations is None:
+            raise ImportError("bpe_openai is not a package")
+        (folder,) = package.submodule_search_locations
         path = next(p for s in importlib.machinery.EXTENSION_SUFFIXES
                     if os.path.isfile(p := os.path.join(folder, "_bindings" + s)))
         spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no loader for {path}")
         module = importlib.util.module_from_spec(spec)
     except Exception:  # another layout: the ordinary (slower) import
         return importlib.import_module(name)
@@ -122,10 +127,11 @@ def _clean(text: str) -> str:
 def _bpe(name: str, text: str, cap: int | None) -> int | None:
     tok = _tokenizer(name)
     try:
-        return tok.count(text) if cap is None else tok.count_till_limit(text, cap)
+        found: int | None = tok.count(text) if cap is None else tok.count_till_limit(text, cap)
     except UnicodeEncodeError:
         text = _clean(text)
-        return tok.count(text) if cap is None else tok.count_till_limit(text, cap)
+        found = tok.count(text) if cap is None else tok.count_till_limit(text, cap)
+    return found
 
 
 def seed_count(text: str) -> int:
@@ -146,9 +152,10 @@ def text_tokens(text: str, model: str | None, *, limit: int | None = None) -> in
     best = 0
     for name in encodings_for(model):
         n = _bpe(name, text, limit)
-        if n is None:  # BPE tokens are ≥ 1 UTF-8 byte; the seed is ≤ len(text) + 2
+        if n is None and limit is not None:  # past the limit (only a limit gives None)
+            # BPE tokens are ≥ 1 UTF-8 byte; the seed is ≤ len(text) + 2
             return max(len(_clean(text).encode()), len(text) + 2, limit + 1)
-        best = max(best, n)
+        best = max(best, n or 0)
     return max(best, seed_count(text))
 
 

@@ -30,6 +30,7 @@ from wechatpy.pay.utils import calculate_signature
 
 from app.core.config import UNITS_PER_FEN, ConfigError, Settings
 from app.core.money import wallet
+from app.core.money.layout import Store
 
 log = logging.getLogger(__name__)
 CHINA = timezone(timedelta(hours=8))
@@ -153,7 +154,8 @@ def verify_notify(settings: Settings, body: bytes) -> dict[str, Any] | None:
         fields = parsed.get("xml") if isinstance(parsed, dict) else None
         if not isinstance(fields, dict) or not _signed(fields, settings.pay_api_key or ""):
             return None
-        return client(settings).parse_payment_result(body)
+        result: dict[str, Any] = client(settings).parse_payment_result(body)
+        return result
     except (InvalidSignatureException, ExpatError, ValueError, TypeError, AttributeError):
         return None
     except Exception:  # any other parser failure: the body is simply not ours
@@ -161,7 +163,7 @@ def verify_notify(settings: Settings, body: bytes) -> dict[str, Any] | None:
         return None
 
 
-def _matches(r: redis.Redis, settings: Settings, data: dict[str, Any]) -> dict[str, str] | None:
+def _matches(r: Store, settings: Settings, data: dict[str, Any]) -> dict[str, str] | None:
     """Return the order a verified notification pays for, when every fact agrees."""
     if data.get("return_code") != "SUCCESS" or data.get("result_code") != "SUCCESS":
         return None
@@ -198,7 +200,7 @@ def handle_notify(r: redis.Redis, settings: Settings, body: bytes) -> tuple[bool
     return True, "OK"
 
 
-def recent_orders(r: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
+def recent_orders(r: Store, limit: int = 50) -> list[dict[str, Any]]:
     """Return the newest orders, newest first (for the admin)."""
     nos = r.zrevrange(ORDERS, 0, limit - 1)
     pipe = r.pipeline(transaction=False)

@@ -34,7 +34,10 @@ class _Source:
         self.chunks = iter(_valid_utf8(chunks))
 
     def __iter__(self) -> Iterator[bytes]:
-        return self.chunks
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.chunks)
 
     def close(self) -> None:
         """Nothing to close: the caller owns the response."""

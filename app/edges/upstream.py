@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -271,7 +271,8 @@ class Upstream:
     def moderate(self, content: str | list[Any], model: str) -> dict[str, Any]:
         """Ask /moderations about a text (or input parts); return its body (a results list)."""
         body = {"model": model, "input": content}
-        return self.post("/moderations", body, model, expect="results")
+        answer: dict[str, Any] = self.post("/moderations", body, model, expect="results")
+        return answer
 
     def get(self, url: str, timeout: float = 30, max_bytes: int = 20 << 20) -> bytes:
         """Fetch a URL the upstream gave us (an image link): public hosts only, size-capped.
@@ -317,7 +318,8 @@ class UpstreamResponse:
     __slots__ = ("raw", "status_code", "headers", "_content")
 
     def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
-        self.raw = raw
+        # typed as the base class (for urllib3's emscripten backend); a pool's is an HTTPResponse
+        self.raw = cast(urllib3.HTTPResponse, raw)
         self.status_code: int = raw.status
         self.headers = raw.headers
         self._content: bytes | None = None
@@ -424,4 +426,5 @@ def init_app(app: Any, r: redis.Redis) -> None:
 
 def get_upstream() -> Upstream:
     """Return the app's upstream client."""
-    return current_app.extensions[EXTENSION]
+    upstream: Upstream = current_app.extensions[EXTENSION]
+    return upstream

@@ -39,7 +39,7 @@ class NotConfigured(RuntimeError):
     """The WeChat app id / secret are not set."""
 
 
-class WeChatTransient(WeChatClientException):
+class WeChatTransient(WeChatClientException):  # type: ignore[misc]  # wechatpy: no hints
     """WeChat failed in a way that may pass: system busy, or an HTTP error status."""
 
 
@@ -53,7 +53,7 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, WeChatTransient | requests.RequestException)
 
 
-class SharedTokenClient(WeChatClient):
+class SharedTokenClient(WeChatClient):  # type: ignore[misc]  # wechatpy ships no type hints
     """WeChatClient whose token lives in Redis and is refreshed under a Redis lock."""
 
     def __init__(self, settings: Settings, r: redis.Redis) -> None:
@@ -69,7 +69,7 @@ class SharedTokenClient(WeChatClient):
     @property
     def access_token(self) -> str:
         """Return the shared token, fetching it (once for every process) when missing."""
-        token = self.session.get(self.access_token_key)
+        token: str | None = self.session.get(self.access_token_key)
         return token or self.refresh(None)
 
     def fetch_access_token(self) -> dict[str, Any]:
@@ -81,7 +81,7 @@ class SharedTokenClient(WeChatClient):
         lock = self.redis.lock(f"{PREFIX}:{self.appid}:lock", timeout=LOCK_SECONDS,
                                blocking_timeout=LOCK_SECONDS, sleep=0.05)
         with lock:
-            current = self.session.get(self.access_token_key)
+            current: str | None = self.session.get(self.access_token_key)
             if current and current != failed:
                 return current
             return self._fetch_token()
@@ -95,8 +95,9 @@ class SharedTokenClient(WeChatClient):
             raise WeChatClientException(data.get("errcode"), data.get("errmsg"), client=self,
                                         request=resp.request, response=resp)
         ttl = max(60, int(data.get("expires_in", 7200)) - 300)
-        self.session.set(self.access_token_key, data["access_token"], ttl)
-        return data["access_token"]
+        token: str = data["access_token"]
+        self.session.set(self.access_token_key, token, ttl)
+        return token
 
     def _request(self, method: str, url_or_endpoint: str, **kwargs: Any) -> Any:
         """Call the API; on a token error refresh and retry once."""
@@ -149,7 +150,7 @@ def init_app(app: Any, r: redis.Redis) -> None:
 
 def get_client() -> SharedTokenClient:
     """Return the app's WeChat client; raise NotConfigured when there is none."""
-    client = current_app.extensions.get(EXTENSION)
+    client: SharedTokenClient | None = current_app.extensions.get(EXTENSION)
     if client is None:
         raise NotConfigured("set XIAOYI_WECHAT_APP_ID and XIAOYI_WECHAT_APP_SECRET")
     return client

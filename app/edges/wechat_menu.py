@@ -24,10 +24,12 @@ def definition(settings: Settings) -> dict[str, Any]:
 
 
 def push(client: Any, settings: Settings) -> dict[str, Any]:
-    """Create the menu on WeChat."""
-    return client.menu.create(definition(settings))
+    """Create the menu on WeChat; return its answer."""
+    answer: dict[str, Any] = client.menu.create(definition(settings))
+    return answer
 
 
 def show(client: Any) -> dict[str, Any] | None:
     """Return the menu WeChat has now (None when there is none)."""
-    return client.menu.get()
+    current: dict[str, Any] | None = client.menu.get()
+    return current

@@ -26,6 +26,7 @@ from app.core.config import (
     units_to_yuan,
     yuan_to_units,
 )
+from app.core.money.layout import Store
 
 PROG = "xiaoyi"
 
@@ -97,7 +98,7 @@ def settings() -> Settings:
             f"{exc})"))) from exc
 
 
-def store(s: Settings | None = None) -> redis.Redis:
+def store(s: Settings | None = None) -> Store:
     """Return a client on the money store, checked with PING."""
     from app.edges.store import make_redis
     from app.runtime.procs import admin_store_url

@@ -104,6 +104,7 @@ class EmbeddedRedis:
         self.binary = binary
         self._requested_port = port
         self._process: subprocess.Popen[bytes] | None = None
+        self._binary = ""  # the server binary _process runs
         self._lock_fd: int | None = None
 
     # -- properties ----------------------------------------------------------------------
@@ -166,6 +167,7 @@ class EmbeddedRedis:
 
     def _spawn(self, binary: str) -> None:
         """Launch the server process with durable settings."""
+        self._binary = binary
         argv = [
             binary,
             "--port", str(self.port),
@@ -200,7 +202,7 @@ class EmbeddedRedis:
         while True:
             if self._process.poll() is not None:
                 raise EmbeddedRedisError(
-                    f"{Path(self._process.args[0]).name} exited with {self._process.returncode} "
+                    f"{Path(self._binary).name} exited with {self._process.returncode} "
                     f"during start-up; log {self.log_path}:\n{_tail(self.log_path)}"
                 )
             try:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import resource
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 
 def _seconds(name: str, default: str) -> float:
@@ -75,13 +76,27 @@ def _raise_open_files(wanted: int) -> None:
 _raise_open_files(worker_connections + 1024)  # every connection, plus Redis and upstream sockets
 
 
+T = TypeVar("T")
+
+
+class _Body(Protocol):
+    """What gunicorn's request Body offers (gunicorn ships no type hints)."""
+
+    def read(self, size: int | None = None) -> bytes: ...
+    def readline(self, size: int | None = None) -> bytes: ...
+    def readlines(self, size: int | None = None) -> list[bytes]: ...
+    def __next__(self) -> bytes: ...
+
+
 class StallGuard:
     """A request body whose every read gives up after `seconds` without a byte."""
+
+    body: _Body
 
     def __init__(self, req: Any, sock: socket.socket, seconds: float, log: Any) -> None:
         self.req, self.body, self.sock, self.seconds, self.log = req, req.body, sock, seconds, log
 
-    def _guarded(self, method: Any, *args: Any) -> Any:
+    def _guarded(self, method: Callable[..., T], *args: Any) -> T:
         before = self.sock.gettimeout()
         self.sock.settimeout(self.seconds)
         try:

@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypedDict
 
 import redis
 
@@ -214,14 +214,25 @@ def known_queues(conn: redis.Redis, extra: Iterable[str] = ()) -> list[str]:
     return sorted({q.name for q in Queue.all(connection=conn)} | set(extra))
 
 
+class SweepReport(TypedDict, total=False):
+    """What one sweep did (empty when another worker swept within SWEEP_S)."""
+
+    abandoned: list[str]  # job ids requeued
+    stuck: list[str]
+    buried: list[str]  # dead workers
+    scheduled: list[str]  # due retries moved to their queue
+    released: int  # stale holds
+    redeemed: int  # half-done redemptions completed
+
+
 def sweep(conn: redis.Redis, r: redis.Redis, queues: Iterable[str] = (), *,
-          force: bool = False) -> dict:
+          force: bool = False) -> SweepReport:
     """Run every recovery routine once (unless another worker swept within SWEEP_S)."""
     if not force and not conn.set(SWEEP_LOCK, 1, nx=True, ex=SWEEP_S):
         return {}
     names = known_queues(conn, queues)
-    report = {"abandoned": requeue_abandoned(conn, names),
-              "stuck": requeue_stuck(conn, names)}
+    report: SweepReport = {"abandoned": requeue_abandoned(conn, names),
+                           "stuck": requeue_stuck(conn, names)}
     report["buried"] = bury_dead(conn, r)
     report["scheduled"] = enqueue_due(conn, names)
     if force or conn.set(MONEY_LOCK, 1, nx=True, ex=MONEY_SWEEP_S):

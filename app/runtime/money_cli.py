@@ -46,6 +46,7 @@ def keys_group() -> None:
 def keys_create(account: str | None, name: str, balance: str | None, as_json: bool) -> None:
     """Issue a key (printed once: only its hash is stored)."""
     from app.core.money import keys, wallet
+    from app.core.money.layout import WalletError
 
     initial = yuan(balance, "--balance") if balance is not None else 0
     r = store()
@@ -56,7 +57,7 @@ def keys_create(account: str | None, name: str, balance: str | None, as_json: bo
             wallet.topup(r, account, initial, note="keys create --balance")
         acct = account or wallet.create_account(r, initial=initial, name=name)
         raw, info = keys.create_key(r, acct, name)
-    except wallet.WalletError as exc:
+    except WalletError as exc:
         raise CliError(str(exc)) from exc
     view = _account_view(r, acct)
     emit({"key": raw, "id": info.id, "name": name, "account": acct, "masked": info.masked,
@@ -189,11 +190,12 @@ def ledger_verify(as_json: bool) -> None:
 @json_option
 def ledger_migrate(as_json: bool) -> None:
     """Move a store of the previous key layout to the current one (stop web and workers first)."""
-    from app.core.money import migrate, wallet
+    from app.core.money import migrate
+    from app.core.money.layout import WalletError
 
     try:
         done = migrate.migrate(store())
-    except (migrate.MigrationError, wallet.WalletError) as exc:  # the old keys are kept
+    except (migrate.MigrationError, WalletError) as exc:  # the old keys are kept
         raise CliError(f"migration stopped: {exc}") from exc
     emit(done, as_json, "migrated: " + ", ".join(f"{k} {v}" for k, v in done.items()
                                                    if k != "migrated")

@@ -14,10 +14,11 @@ import redis
 from app.core.config import ConfigError, Settings
 
 if TYPE_CHECKING:
+    from app.runtime.embedded import EmbeddedRedis
     from app.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-_embedded: list = []  # keeps the embedded server object alive for this process
+_embedded: list[EmbeddedRedis] = []  # keeps the embedded server object alive for this process
 
 
 def running_embedded(data_dir: str) -> str | None:

@@ -54,8 +54,9 @@ def worker_class() -> type:
             return super().start()
 
         def work(self) -> None:
-            if getattr(self, "_on_fork", None):
-                self._on_fork()
+            on_fork = getattr(self, "_on_fork", None)
+            if on_fork:
+                on_fork()
             super().work()
 
     class Worker(SimpleWorker):

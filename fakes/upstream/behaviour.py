@@ -10,7 +10,7 @@ try:
     import orjson
 
     _dumps: Callable[[Any], bytes] = orjson.dumps
-    _loads: Callable[[bytes], Any] = orjson.loads
+    _loads: Callable[[bytes | str], Any] = orjson.loads
 except ImportError:  # pragma: no cover - orjson is a declared dependency
     import json
 

@@ -49,6 +49,10 @@ class FakeProtocol(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Log nothing: per-request logging would dominate the cost of a request."""
 
+    def _dispatch(self, raw: bytes) -> None:
+        """Answer one request whose body was read (the subclass routes it)."""
+        raise NotImplementedError
+
     def handle_one_request(self) -> None:
         """Read one request, answer it, and keep the connection unless told otherwise."""
         self.close_connection = True
@@ -117,7 +121,8 @@ class FakeProtocol(BaseHTTPRequestHandler):
 
     def _read_chunked(self) -> bytes | None:
         """Read a chunked request body; None when the client has gone."""
-        parts, total = [], 0
+        parts: list[bytes] = []
+        total = 0
         while True:
             size_line = self.rfile.readline(_MAX_LINE + 1)
             if not size_line:

@@ -136,7 +136,7 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
     tool = forced_tool(body)
     if tool:
         args = _dumps({"said": said}).decode()
-        item = {"id": _new_id("fc"), "type": "function_call", "status": "completed",
+        item: dict[str, Any] = {"id": _new_id("fc"), "type": "function_call", "status": "completed",
                 "call_id": _new_id("call"), "name": tool, "arguments": args}
         pieces, finish = [args], "stop"
     else:
@@ -157,7 +157,7 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
     _write_events(handler, _events(done, item, pieces), behaviour)
 
 
-def _events(done: dict[str, Any], item: dict[str, Any], pieces: list[str]) -> Iterator[dict]:
+def _events(done: dict[str, Any], item: dict[str, Any], pieces: list[str]) -> Iterator[dict[str, Any]]:
     """Yield the typed events of one answer (a message or a function call), unnumbered."""
     start = {**done, "status": "in_progress", "output": [], "usage": None}
     yield {"type": "response.created", "response": start}
@@ -187,7 +187,7 @@ def _events(done: dict[str, Any], item: dict[str, Any], pieces: list[str]) -> It
     yield {"type": f"response.{done['status']}", "response": done}
 
 
-def _write_events(handler: FakeHandler, events: Iterator[dict], behaviour: dict[str, Any]) -> None:
+def _write_events(handler: FakeHandler, events: Iterator[dict[str, Any]], behaviour: dict[str, Any]) -> None:
     """Write typed SSE events (one flushed HTTP chunk each), honouring chunk_delay and cut."""
     chunked = handler.request_version != "HTTP/1.0"
     handler.close_connection = handler.close_connection or not chunked

@@ -131,7 +131,8 @@ class FakeHandler(FakeProtocol):
         behaviour = self._behaviour(markers)
         if self._apply(behaviour, stream):
             return
-        answers = [make_answer(s, behaviour, limit) for s in ([said] if chat else said)]
+        answers = [make_answer(s, behaviour, limit)
+                   for s in ([said] if isinstance(said, str) else said)]
         answers = [a for a in answers for _ in range(n)]
         usage = None
         if not behaviour.get("nousage"):

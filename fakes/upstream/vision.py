@@ -34,10 +34,10 @@ def _size(url: Any) -> tuple[int, int] | None:
 def _tiles(width: int, height: int) -> int:
     """Count the 512-px tiles of a picture after OpenAI's two scaling steps."""
     scale = min(1.0, 2048 / max(width, height))
-    width, height = width * scale, height * scale
-    scale = min(1.0, 768 / min(width, height))
-    width, height = width * scale, height * scale
-    return -(-int(round(width)) // 512) * -(-int(round(height)) // 512)
+    w, h = width * scale, height * scale
+    scale = min(1.0, 768 / min(w, h))
+    w, h = w * scale, h * scale
+    return -(-int(round(w)) // 512) * -(-int(round(h)) // 512)
 
 
 def part_tokens(part: dict[str, Any], model: str) -> int:

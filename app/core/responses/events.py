@@ -27,7 +27,8 @@ _FIELD = {"output_text": "text", "refusal": "refusal"}
 
 def frame(event: dict[str, Any]) -> bytes:
     """Return one event as SSE: its type on the event line, itself on the data line."""
-    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 class ChatEvents:
@@ -98,7 +99,7 @@ class ChatEvents:
         assert item is not None
         if not self.part_open or item["content"][-1]["type"] != kind:
             out += self._close_part()
-            part = {"type": kind, _FIELD[kind]: ""}
+            part: dict[str, Any] = {"type": kind, _FIELD[kind]: ""}
             if kind == "output_text":
                 part.update(annotations=[], logprobs=[])
             item["content"].append(part)
@@ -116,7 +117,8 @@ class ChatEvents:
         return out + [self.event("response.refusal.delta", **where, delta=piece)]
 
     def _call(self, key: Any, call: dict[str, Any]) -> list[dict[str, Any]]:
-        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        given = call.get("function")
+        fn: dict[str, Any] = given if isinstance(given, dict) else {}
         out: list[dict[str, Any]] = []
         item = self.calls.get(key)
         if item is None:

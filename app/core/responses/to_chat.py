@@ -50,7 +50,7 @@ def _message(item: dict[str, Any]) -> dict[str, Any]:
     role, content = item["role"], item.get("content")
     if role == "user":
         parts = content if isinstance(content, str) else [
-            _chat_part(p) for p in content if isinstance(p, dict)]
+            _chat_part(p) for p in content or () if isinstance(p, dict)]
         if isinstance(parts, list) and len(parts) == 1 and parts[0].get("type") == "text":
             parts = parts[0]["text"]  # a plain string: every chat upstream takes that
         return {"role": "user", "content": parts}
@@ -122,8 +122,8 @@ def chat_format(text: Any) -> dict[str, Any] | None:
         return None
     if kind == "json_object":
         return {"type": "json_object"}
-    if kind == "json_schema" and isinstance(fmt.get("name"), str) and isinstance(
-            fmt.get("schema"), dict):
+    if kind == "json_schema" and isinstance(fmt, dict) and isinstance(
+            fmt.get("name"), str) and isinstance(fmt.get("schema"), dict):
         spec = {k: fmt[k] for k in ("name", "schema", "description", "strict")
                 if fmt.get(k) is not None}
         return {"type": "json_schema", "json_schema": spec}

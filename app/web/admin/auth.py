@@ -29,6 +29,7 @@ from flask import (
     url_for,
 )
 from werkzeug.exceptions import BadRequest
+from werkzeug.wrappers import Response as BaseResponse  # what redirect() gives
 
 from app.core.money import ratelimit
 from app.edges.store import get_redis
@@ -72,7 +73,8 @@ def csrf_token() -> str:
     """Return this session's CSRF token, creating it on first use."""
     if "csrf" not in session:
         session["csrf"] = secrets.token_urlsafe(32)
-    return session["csrf"]
+    token: str = session["csrf"]
+    return token
 
 
 def check_csrf() -> None:
@@ -95,7 +97,7 @@ def is_admin() -> bool:
 
 
 @bp.before_request
-def guard() -> Response | None:
+def guard() -> BaseResponse | None:
     """Let the admin in; send browsers to the login form and scripts a 401."""
     cookie_key()  # the store is down: 503 now, before any session is written
     if request.endpoint == "admin.login":
@@ -149,7 +151,7 @@ def give_back(slot: str) -> None:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> Response | str:
+def login() -> BaseResponse | str:
     """Show the login form; on a right token open the session."""
     error = ""
     status = 200
@@ -173,7 +175,7 @@ def login() -> Response | str:
 
 
 @bp.post("/logout")
-def logout() -> Response:
+def logout() -> BaseResponse:
     """Close the browser session."""
     session.clear()
     return redirect(url_for("admin.login"))

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import redis
-from flask import Response, flash, redirect, render_template, request, url_for
+from flask import flash, redirect, render_template, request, url_for
 from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -18,6 +18,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 from rq.results import Result
+from werkzeug.wrappers import Response as BaseResponse  # what redirect() gives
 
 from app.edges.store import get_rq_redis
 from app.web.admin.auth import bp
@@ -74,7 +75,8 @@ def failed_jobs(conn: redis.Redis, limit: int = FAILED_SHOWN) -> list[dict[str, 
         registry = FailedJobRegistry(queue=Queue(name, connection=conn))
         ids = registry.get_job_ids(0, limit - 1, desc=True, cleanup=False)
         for job_id, job in zip(ids, Job.fetch_many(ids, connection=conn), strict=True):
-            row = {"queue": name, "id": job_id, "func": "?", "ended": None, "error": ""}
+            row: dict[str, Any] = {"queue": name, "id": job_id, "func": "?", "ended": None,
+                                   "error": ""}
             if job is not None:
                 try:
                     row.update(func=job.func_name or "?", ended=job.ended_at,
@@ -101,7 +103,7 @@ def _registry() -> tuple[FailedJobRegistry, str]:
 
 
 @bp.post("/rq/requeue")
-def rq_requeue() -> Response:
+def rq_requeue() -> BaseResponse:
     """Put a failed job back on its queue."""
     try:
         registry, job_id = _registry()
@@ -113,7 +115,7 @@ def rq_requeue() -> Response:
 
 
 @bp.post("/rq/delete")
-def rq_delete() -> Response:
+def rq_delete() -> BaseResponse:
     """Delete a failed job."""
     try:
         registry, job_id = _registry()

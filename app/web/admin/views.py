@@ -9,7 +9,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from flask import Response, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import abort, current_app, flash, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse  # what redirect() gives
 
 from app.core.config import ConfigError, units_to_yuan, yuan_to_units
 from app.core.money import keys, layout, ledger, tally, wallet
@@ -51,7 +52,7 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
-def totals(r: redis.Redis) -> dict[str, int]:
+def totals(r: layout.Store) -> dict[str, int]:
     """Sum balances and spending over every account (pipelined in chunks)."""
     out = {"accounts": 0, "balance": 0, "used": 0}
     ids = r.zrange(ACCOUNTS, 0, -1)
@@ -91,7 +92,7 @@ def overview() -> str:
 
 
 @bp.get("/accounts")
-def accounts() -> Response | str:
+def accounts() -> BaseResponse | str:
     """List accounts with balances, newest first; `q` jumps to an account id."""
     r = get_redis()
     q = request.args.get("q", "").strip()
@@ -125,7 +126,7 @@ def account(acct: str) -> str:
 
 
 @bp.post("/keys/<key_id>/revoke")
-def revoke_key(key_id: str) -> Response:
+def revoke_key(key_id: str) -> BaseResponse:
     """Revoke a key at once, then go back to its account's page."""
     r = get_redis()
     flash(f"已吊销 {key_id}" if keys.revoke(r, key_id) else f"{key_id} 不存在或早已吊销")
@@ -136,7 +137,7 @@ def revoke_key(key_id: str) -> Response:
 
 
 @bp.post("/accounts/<acct>/topup")
-def topup(acct: str) -> Response:
+def topup(acct: str) -> BaseResponse:
     """Credit an account by hand; the form's nonce makes a double submit credit once."""
     nonce = request.form.get("nonce", "")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from flask import Response, request
 
@@ -16,7 +17,7 @@ from app.web.render import json_response
 CREATED = 1_700_000_000
 
 
-def _model(name: str) -> dict:
+def _model(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": CREATED, "owned_by": "xiaoyi"}
 
 
@@ -36,7 +37,7 @@ def model(model_id: str) -> Response:
     return json_response({**_model(model_id), "code": 0, "msg": ""})
 
 
-def _account() -> dict:
+def _account() -> dict[str, Any]:
     # The original service's way: POST with api_secret_key in the JSON body.
     posted = request.method == "POST" and request.get_data(cache=True)
     key = authenticate(read_json() if posted else None)

@@ -174,7 +174,7 @@ def _objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:
             yield obj
 
 
-def _drain(events: Iterator[str], kind: str, texts: list[str], cap: int) -> dict | None:
+def _drain(events: Iterator[str], kind: str, texts: list[str], cap: int) -> dict[str, Any] | None:
     usage = None
     deadline = time.monotonic() + 120
     try:

@@ -41,7 +41,8 @@ class Call:
 
 def settings() -> Settings:
     """Return the app's settings."""
-    return current_app.config["SETTINGS"]
+    s: Settings = current_app.config["SETTINGS"]
+    return s
 
 
 def read_json() -> dict[str, Any]:
@@ -109,8 +110,8 @@ def bearer_or_body(body: dict[str, Any] | None) -> str:
     auth = request.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer " and auth[7:].strip():  # an empty Bearer falls through
         return auth[7:].strip()
-    if body is not None and isinstance(body.get("api_secret_key"), str):
-        return body["api_secret_key"].strip()
+    if body is not None and isinstance(key := body.get("api_secret_key"), str):
+        return key.strip()
     return ""  # never from the query string: URLs end up in access logs
 
 

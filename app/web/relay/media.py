@@ -60,7 +60,7 @@ def embeddings() -> Response:
 def _size(call: Call) -> str:
     """Return the requested size (absent or "auto": 1024x1024, else the first priced)."""
     price, body = call.price, call.body
-    size = body.get("size", "auto")
+    size: str = body.get("size", "auto")
     if size == "auto":
         size = body["size"] = "1024x1024" if "1024x1024" in price.images else next(
             iter(price.images))

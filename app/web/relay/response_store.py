@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import redis
 
+from app.core.money.layout import Store
 from app.core.responses import answer, request
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def _plausible(rid: str) -> bool:
     return rid.startswith("resp_") and len(rid) <= 100 and rid.isascii() and rid[5:].isalnum()
 
 
-def load(r: redis.Redis, acct: str, rid: str) -> tuple[list[str], list[dict[str, Any]]] | None:
+def load(r: Store, acct: str, rid: str) -> tuple[list[str], list[dict[str, Any]]] | None:
     """Return (the ids of the conversation up to rid, its items: inputs and outputs) or None."""
     raw = r.get(_key(acct, rid)) if _plausible(rid) else None
     if raw is None:

@@ -28,7 +28,7 @@ BROKEN = "The upstream stream was interrupted."
 DRAIN_SECONDS = 120
 
 
-def _objects(payloads: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+def _objects(payloads: Iterator[str]) -> Iterator[dict[str, Any]]:
     """Yield each event payload that is a JSON object; skip the rest."""
     for payload in payloads:
         try:
@@ -110,7 +110,7 @@ class Turn:
             return self._keep(self.state.fail(BROKEN, usage)[0])
         return self._keep(self.state.failed(BROKEN, usage))
 
-    def drain(self, payloads: Iterator[bytes]) -> None:
+    def drain(self, payloads: Iterator[str]) -> None:
         """Read on what the upstream produces after the client left (to a cap), to bill it."""
         deadline = time.monotonic() + DRAIN_SECONDS
         try:

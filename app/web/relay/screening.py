@@ -86,7 +86,7 @@ def _parts(holder: dict[str, Any], key: str, param: str) -> Iterator[Slot]:
         yield Slot(holder, key, param)
     elif isinstance(value, list):
         for j, part in enumerate(value):
-            name = TEXT_FIELDS.get(part.get("type")) if isinstance(part, dict) else None
+            name = TEXT_FIELDS.get(part.get("type", "")) if isinstance(part, dict) else None
             if name and isinstance(part.get(name), str):
                 yield Slot(part, name, f"{param}[{j}].{name}", part)
 

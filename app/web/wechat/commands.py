@@ -144,8 +144,8 @@ def redeem(ctx: Ctx) -> Item:
     arg = ctx.arg.strip()
     if not arg:
         return _t(ctx, "redeem_usage")
-    if _YUAN.match(arg):
-        return _pay(ctx, _YUAN.match(arg).group(1))
+    if yuan := _YUAN.match(arg):
+        return _pay(ctx, yuan.group(1))
     status, amount, bal = codes.redeem(ctx.r, ctx.acct, arg)
     if status == "ok":
         return _t(ctx, "redeem_ok", amount=units_to_yuan(amount), balance=units_to_yuan(bal))

@@ -115,4 +115,5 @@ def render(item: dict[str, Any] | None, msg: BaseMessage) -> str:
         reply: Any = ImageReply(media_id=clean(item["m"]), source=source, target=target)
     else:
         reply = TextReply(content=clean(item["c"]), source=source, target=target)
-    return reply.render()
+    xml: str = reply.render()
+    return xml
