@@ -37,9 +37,9 @@ from app.core.config_sections import (
 
 __all__ = [  # the sections' names are re-exported: `from app.core.config import ...` has them all
     "ENV_SETTINGS", "MAX_CODES_PER_BATCH", "MIN_SECRET_CHARS", "SAFETY_ACTIONS", "SAFETY_PLACES",
-    "UNITS_PER_FEN", "UNITS_PER_YUAN", "BotSettings", "Channel", "ConfigError", "MenuButton", "MenuSettings",
-    "ModelPrice", "PaySettings", "SafetySettings", "Settings", "load_settings", "units_to_yuan",
-    "yuan_to_units",
+    "UNITS_PER_FEN", "UNITS_PER_YUAN", "BotSettings", "Channel", "ConfigError", "MenuButton",
+    "MenuSettings", "ModelPrice", "PaySettings", "SafetySettings", "Settings", "load_settings",
+    "units_to_yuan", "yuan_to_units",
 ]
 
 MAX_CODES_PER_BATCH = 100  # redemption codes made at once (the CLI and the admin form)

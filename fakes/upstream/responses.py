@@ -157,7 +157,8 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
     _write_events(handler, _events(done, item, pieces), behaviour)
 
 
-def _events(done: dict[str, Any], item: dict[str, Any], pieces: list[str]) -> Iterator[dict[str, Any]]:
+def _events(done: dict[str, Any], item: dict[str, Any],
+            pieces: list[str]) -> Iterator[dict[str, Any]]:
     """Yield the typed events of one answer (a message or a function call), unnumbered."""
     start = {**done, "status": "in_progress", "output": [], "usage": None}
     yield {"type": "response.created", "response": start}
@@ -187,7 +188,8 @@ def _events(done: dict[str, Any], item: dict[str, Any], pieces: list[str]) -> It
     yield {"type": f"response.{done['status']}", "response": done}
 
 
-def _write_events(handler: FakeHandler, events: Iterator[dict[str, Any]], behaviour: dict[str, Any]) -> None:
+def _write_events(handler: FakeHandler, events: Iterator[dict[str, Any]],
+                  behaviour: dict[str, Any]) -> None:
     """Write typed SSE events (one flushed HTTP chunk each), honouring chunk_delay and cut."""
     chunked = handler.request_version != "HTTP/1.0"
     handler.close_connection = handler.close_connection or not chunked
