@@ -191,10 +191,11 @@ def get_redis() -> Any:
     A store not yet checked (down at start) is checked now: down, its RedisError; refused,
     durability.StoreRefused (a RedisError too), so nothing is served from an unchecked store.
     """
-    gate = current_app.extensions.get(durability.EXTENSION)
+    found = current_app.extensions
+    gate = found.get(durability.EXTENSION)
     if gate is not None and not gate.passed:
         gate.ensure()
-    return current_app.extensions[EXTENSION]
+    return found[EXTENSION]
 
 
 def get_rq_redis() -> redis.Redis:
