@@ -297,20 +297,30 @@ class Single:
 
 
 @contextlib.contextmanager
-def single(*, durable: bool = True, parent: Path | None = None) -> Iterator[Single]:
-    """Start one private server (AOF + fsync always unless `durable=False`) and yield it."""
+def single(*, durable: bool = True, parent: Path | None = None, port: int | None = None,
+           args: tuple[str, ...] = ()) -> Iterator[Single]:
+    """Start one private server (AOF + fsync always unless `durable=False`) and yield it.
+
+    `port` fixes its port (a client built before it started reaches it); `args` are more
+    valkey-server arguments (e.g. ``("--maxmemory-policy", "allkeys-lru")``).
+    """
     with _workdir("single", parent) as root:
 
         def make(ports: list[int], attempt: int) -> list[Server]:
             directory = root / f"try{attempt}"
-            argv = _data_argv(ports[0], directory)
+            chosen = ports[0] if port is None else port
+            argv = _data_argv(chosen, directory)
             if not durable:
                 argv += ["--appendonly", "no"]
-            return [Server("single", argv, ports[0], directory)]
+            return [Server("single", [*argv, *args], chosen, directory)]
 
         servers: list[Server] = []
         try:
-            servers = _start_all(make, 1)
+            if port is not None:
+                servers = make([port], 0)
+                servers[0].start()
+            else:
+                servers = _start_all(make, 1)
             yield Single(servers[0])
         finally:
             _kill_all(servers)

@@ -143,3 +143,21 @@ def test_unreachable_redis_is_a_clean_error(cli: Any) -> None:
     assert result.exit_code == 1 and result.stdout == ""
     assert "XIAOYI_REDIS_URL" in result.stderr and "s3cret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ledger_verify_fails_when_the_store_lost_an_account(cli: Any, r: redis.Redis) -> None:
+    """An evicted account (its hash gone, its ledger kept) is a failure, not 'ok' (issue 9)."""
+    acct = wallet.create_account(r, initial=5000)
+    raw, info = keys.create_key(r, acct)
+    assert cli("ledger", "verify").exit_code == 0
+    r.delete(layout.acct_key(acct))  # what allkeys-lru did to a real account
+    bad = cli("ledger", "verify")
+    assert bad.exit_code == 1, (bad.stdout, bad.stderr)
+    assert f"{acct}: account lost (it has ledger entries but its hash is gone)" in bad.stdout
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("xiaoyi: ")
+    found = cli("ledger", "verify", "--json")
+    assert found.exit_code == 1 and json.loads(found.stdout)["ok"] is False
+    assert any("account lost" in p for p in json.loads(found.stdout)["problems"])
+    r.delete(f"xy:{{{acct}}}:key:{keys.hash_key(raw)}")  # and a live key's lookup hash
+    both = cli("ledger", "verify")
+    assert both.exit_code == 1 and f"key {info.id} lost" in both.stdout

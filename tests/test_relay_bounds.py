@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from app import create_app
-from app.core import pricing
+from app.core import pricing, tokens
 from app.core.config import load_settings
 from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
@@ -228,3 +228,82 @@ def test_image_quality_is_priced(quality: str | None, size: str, units: int, liv
     sent = upstream.requests[-1]["body"]
     assert sent.get("quality") == (None if quality is None else "standard" if quality == "auto"
                                    else quality)
+
+
+PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4\n" + b"0" * 600).decode()
+CAP = load_settings({}).relay["max_prompt_tokens"]
+
+
+def _file_chat(marker: str, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    return {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": f"summarise this [[fake:{marker}]]"},
+        {"type": "file", "file": {"filename": "report.pdf", "file_data": PDF}}]}]}
+
+
+def _file_responses(marker: str) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "max_output_tokens": 50, "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": f"summarise this [[fake:{marker}]]"},
+        {"type": "input_file", "filename": "report.pdf", "file_data": PDF}]}]}
+
+
+@pytest.mark.parametrize("route", ["chat", "responses", "web_search"])
+def test_a_file_is_bounded_by_the_prompt_cap(route: str, live: LiveServer, r: redis.Redis,
+                                             upstream: FakeUpstream) -> None:
+    """A file (or web search results) counts nothing offline: the hold covers the cap, and
+    120 000 reported is billed."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_over_bound")
+    if route == "chat":
+        resp = post(live, key, _file_chat("prompt_tokens=120000"))
+    elif route == "web_search":
+        resp = post(live, key, {"model": "gpt-4o-mini", "max_tokens": 50,
+                                "web_search_options": {}, "messages": [{"role": "user", "content":
+                                "news today? [[fake:prompt_tokens=120000]]"}]})
+    else:
+        resp = post(live, key, _file_responses("prompt_tokens=120000"), "/v1/responses")
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    shown = usage["input_tokens"] if route == "responses" else usage["prompt_tokens"]
+    assert shown == 120_000
+    price = PRICES["gpt-4o-mini"]
+    (hold,) = entries(r, acct, "reserve")
+    assert abs(int(hold["amount"])) >= pricing.token_cost(price, CAP, 50)
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == 120_000
+    assert 100_000 - wallet.balance(r, acct) == int(settle["cost"]) >= pricing.token_cost(
+        price, 120_000)
+    assert anomalies("prompt_over_bound") == before  # within the bound: no anomaly
+    assert ledger.verify(r) == []
+    sent = upstream.requests[-1]
+    assert sent["path"] == "/v1/chat/completions"  # the file went upstream (translated, for /responses)
+
+
+def test_a_file_reported_past_the_cap_is_billed_at_the_cap(live: LiveServer, r: redis.Redis,
+                                                           upstream: FakeUpstream) -> None:
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_over_bound")
+    resp = post(live, key, _file_chat("prompt_tokens=1000000"))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["prompt_tokens"] == CAP
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == CAP and anomalies("prompt_over_bound") == before + 1
+    assert ledger.verify(r) == []
+
+
+def test_a_file_without_usage_bills_the_estimate(live: LiveServer, r: redis.Redis) -> None:
+    key, acct = new_key(r, "10")
+    resp = post(live, key, _file_chat("nousage"))
+    assert resp.status_code == 200, resp.text
+    pt = resp.json()["usage"]["prompt_tokens"]
+    assert tokens.FILE_TOKENS < pt < CAP  # the file at its estimate, the text counted
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == pt and ledger.verify(r) == []
+
+
+def test_a_file_is_held_at_the_cap_before_anything_is_served(live: LiveServer, r: redis.Redis,
+                                                            upstream: FakeUpstream) -> None:
+    """gpt-4 with a file: the hold (≈ 27 元 at the cap) is more than 10 元 cover: 429."""
+    key, acct = new_key(r, "10")
+    resp = post(live, key, _file_chat("prompt_tokens=120000", model="gpt-4"))
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "insufficient_quota"
+    assert upstream.requests == [] and wallet.balance(r, acct) == 100_000

@@ -2,7 +2,8 @@
 
 SPEC §2: XIAOYI_REDIS_URL takes redis://, rediss://, redis+sentinel:// and redis+cluster:// (the
 Cluster itself is exercised in tests/cluster); only `xiaoyi run` starts an embedded engine; an
-allkeys-* store is refused, AOF off is flagged, and money keys never carry a TTL.
+allkeys-* store is refused (at start, or when a store down at start comes up), AOF off is flagged,
+and money keys never carry a TTL.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 from click.testing import CliRunner
-from conftest import make_settings
-from engines import Single, single
+from conftest import LiveServer, make_settings, new_key
+from engines import Single, free_ports, single
 from redis.sentinel import SentinelConnectionPool
 
 from app import create_app
@@ -116,6 +118,80 @@ def test_allkeys_policy_is_refused_unless_allowed(volatile: Single, upstream: Fa
     assert any("allkeys-lru" in w for w in found["warnings"])
     assert any("AOF is off" in w for w in found["warnings"])
     assert "DURABILITY: AOF is off" in caplog.text
+
+
+def test_worker_refuses_an_allkeys_store_in_one_line(volatile: Single,
+                                                     upstream: FakeUpstream) -> None:
+    redis.Redis.from_url(volatile.url).config_set("maxmemory-policy", "allkeys-random")
+    done = CliRunner().invoke(main, ["worker", "--burst"], env={
+        "XIAOYI_REDIS_URL": volatile.url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+        "XIAOYI_CONFIG": ""})
+    assert done.exit_code == 1, done.output
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("xiaoyi: configuration error: the money store")
+    assert "allkeys-random" in done.stderr and "XIAOYI_ALLOW_VOLATILE_STORE=1" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = CliRunner().invoke(main, ["worker", "--burst"], env={
+        "XIAOYI_REDIS_URL": volatile.url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+        "XIAOYI_CONFIG": "", "XIAOYI_ALLOW_VOLATILE_STORE": "1"})
+    assert done.exit_code == 0, done.output  # allowed: it works the (empty) queues and stops
+
+
+CHAT = {"messages": [{"role": "user", "content": "durable?"}]}
+
+
+def _chat(base: str, key: str) -> requests.Response:
+    return requests.post(f"{base}/v1/chat/completions", json=CHAT, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+
+
+def _served(upstream: FakeUpstream) -> list[str]:
+    """Return the paths of what the upstream served, leaving out /readyz's probes of /models."""
+    return [e["path"] for e in upstream.requests if not e["path"].endswith("/models")]
+
+
+def _unavailable(resp: requests.Response) -> None:
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "service_unavailable" and "nothing was charged" in error["message"]
+
+
+def test_a_store_down_at_start_is_checked_when_it_comes_up(upstream: FakeUpstream) -> None:
+    """Web started first, then an allkeys-lru/no-AOF store, then a good one, on the same port."""
+    (port,) = free_ports(1)
+    app = create_app(make_settings(upstream.url, f"redis://127.0.0.1:{port}/0"))
+    live = LiveServer(app)
+    try:
+        _unavailable(_chat(live.url, "sk-acct_0123456789ab-" + "k" * 43))  # nothing answers
+        ready = requests.get(f"{live.url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["store"]["checked"] is False
+        with single(durable=False, port=port, args=("--maxmemory-policy", "allkeys-lru")) as bad:
+            direct = make_redis(bad.url, max_connections=4)
+            key, acct = new_key(direct, "10")
+            for _ in range(2):  # refused on the first connection, and still refused after
+                _unavailable(_chat(live.url, key))
+            _unavailable(requests.get(f"{live.url}/v1/balance", timeout=30,
+                                      headers={"Authorization": f"Bearer {key}"}))
+            ready = requests.get(f"{live.url}/readyz", timeout=30)
+            assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+            found = ready.json()["store"]
+            assert found["checked"] is False and "allkeys-lru" in found["refused"]
+            assert wallet.balance(direct, acct) == 100_000  # nothing held, nothing charged
+            assert ledger.verify(direct) == [] and _served(upstream) == []
+        with single(port=port) as good:
+            direct = make_redis(good.url, max_connections=4)
+            key, acct = new_key(direct, "10")
+            resp = _chat(live.url, key)
+            assert resp.status_code == 200, resp.text
+            assert 0 < wallet.balance(direct, acct) < 100_000  # billed on the checked store
+            ready = requests.get(f"{live.url}/readyz", timeout=30)
+            assert ready.status_code == 200, ready.text
+            found = ready.json()["store"]
+            assert found["checked"] is True and found["refused"] is None
+            assert found["aof"] is True and found["warnings"] == []
+            assert _served(upstream) == ["/v1/chat/completions"]
+    finally:
+        live.stop()
 
 
 def test_volatile_policy_with_aof_is_fine(upstream: FakeUpstream) -> None:

@@ -335,3 +335,24 @@ def test_bound_usage_honest_and_slack() -> None:
     assert tk.bound_usage(None, "x", 500, 100) == (500, 100, "prompt_missing,completion_not_int")
     with pytest.raises(ValueError):
         tk.bound_usage(1, 1, -1, 100)
+
+
+def test_uncountable_parts_are_bounded_by_the_cap() -> None:
+    """Files and native items the upstream expands count nothing offline: the cap bounds them."""
+    text = {"role": "user", "content": "hello"}
+    plain = tk.messages_prompt([text], "gpt-4o")
+    assert plain.uncountable == 0 and plain.bound(128_000) == plain.counted
+    pdf = {"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}
+    screenshot = {"type": "computer_call_output", "call_id": "c1",
+                  "output": {"type": "computer_screenshot", "file_id": "file-2"}}
+    reasoning = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "x" * 50}]}
+    for messages, open_parts in (([text, pdf], 1), ([text, pdf, pdf], 2), ([screenshot], 1),
+                                 ([reasoning], 0)):
+        found = tk.messages_prompt(messages, "gpt-4o")
+        assert found.uncountable == open_parts, messages
+        if open_parts:
+            assert found.bound(128_000) == 128_000
+            assert found.estimate(128_000) == min(
+                found.counted + tk.FILE_TOKENS * open_parts, 128_000)
+    assert tk.messages_bound([text, pdf], "gpt-4o") == (
+        tk.messages_prompt([text, pdf], "gpt-4o").counted + tk.FILE_TOKENS)

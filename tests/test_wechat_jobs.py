@@ -13,11 +13,13 @@ from typing import Any
 from botjobs import runs_key
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
-from wechat_kit import WorkerThread, bot, run_jobs, wait_for, wechat_settings
+from wechat_kit import WeChat, WorkerThread, bot, run_jobs, wait_for, wechat_settings
 
+from app.bot import users
 from app.core.config import load_settings
 from app.core.money import ledger, wallet
 from app.edges.store import get_queue, get_rq_redis
+from app.web.wechat import dedupe
 from fakes import FakeWeChatAPI
 
 OPENID = "oJobUser00000000000000000001"
@@ -73,4 +75,38 @@ def test_a_transient_failure_is_retried_then_apologised_for_once(
     assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
     kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
     assert kinds == {"reserve": 3, "refund": 3}
+    assert ledger.verify(r) == []
+
+
+def test_a_bug_in_the_real_chat_job_fails_it_at_once(
+        upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI) -> None:
+    """Through the webhook and workers/chat.py, no test job: a context entry an older version
+    stored as plain text (not JSON) makes the job fail with a ValueError, a bug no retry mends.
+
+    The job fails at once (one run, no retry scheduled), the user gets the apology once, and
+    the paid message holds and charges nothing.
+    """
+    openid, msg_id = "oJobUser00000000000000000002", "7770003"
+    settings = wechat_settings(upstream.url, redis_url, wx, daily_free_messages=0,
+                               reply_wait_seconds=0.2)
+    r.rpush(f"xy:wx:ctx:{{{openid}}}", "我叫小明", "你好，小明")  # the old, plain-text format
+    with bot(settings, r, worker=False) as (app, url):
+        WeChat(url, wx.appid).say(openid, "我叫什么", msg_id=msg_id)  # queued, not yet answered
+        acct = users.account_of(r, openid)
+        assert acct is not None
+        before = wallet.balance(r, acct)
+        job_id = dedupe.job_id(f"{openid}:{msg_id}", "chat")
+        run_jobs(app)  # one pass of a real worker (its scheduler included)
+        assert _failed(app, job_id)
+        with app.app_context():
+            job = Job.fetch(job_id, connection=get_rq_redis())
+            assert ScheduledJobRegistry("chat", connection=get_rq_redis()).count == 0
+            assert get_queue("chat").count == 0
+        assert job.func_name == "workers.chat.reply_chat"  # the real job, as the webhook queued it
+        assert job.get_status() == "failed" and not job.number_of_retries
+        assert "JSONDecodeError" in (job.latest_result().exc_string or "")
+    assert [m["text"]["content"] for m in wx.sent(openid)] == [TEXTS["chat_failed"]]
+    assert not [q for q in upstream.requests if q["path"].startswith("/v1/chat/")]
+    assert wallet.balance(r, acct) == before and ledger.open_holds(r) == 0
+    assert not [e for e in ledger.ledger_entries(r, acct) if e.get("req")]
     assert ledger.verify(r) == []

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -58,9 +59,34 @@ _PATCH_MODELS = (("gpt-4.1-mini", 1620), ("gpt-4.1-nano", 2460), ("gpt-5-mini", 
                  ("gpt-5-nano", 2460), ("o4-mini", 1720))
 # input_audio: ≥ 8 kbps (1 KB/s) at ≤ 60 tokens/s → one token per 16 base64 chars, at worst.
 _AUDIO_B64_PER_TOKEN, _AUDIO_BASE = 16, 64
-# file parts (PDFs: text + a picture per page) have no byte-derived bound: a fixed policy bound.
+# file parts (PDFs: text + a picture per page) have no offline count: their upper bound is the
+# prompt cap (Prompt.bound); FILE_TOKENS per file is only the estimate billed without a usage.
 FILE_TOKENS = 65_536
 _ABSURD = 2**53
+# Responses items without a role that are text only (their JSON text bounds them); any other
+# such item (computer_call_output, mcp_call…) is expanded by the upstream: uncountable.
+_TEXT_ITEMS = ("reasoning", "custom_tool_call", "custom_tool_call_output")
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt's tokens: those counted offline, and how many parts no offline count can bound.
+
+    An uncountable part (a file, content the upstream fetches itself) can be anything up to the
+    model's context, so its request is bounded by the prompt cap (`relay.max_prompt_tokens`):
+    the hold covers it, and the upstream's usage is billed up to it.
+    """
+
+    counted: int  # every countable token (> limit: too long, refuse)
+    uncountable: int = 0
+
+    def bound(self, cap: int) -> int:
+        """Return the most the upstream can bill: the count, or the cap if a part is uncounted."""
+        return max(self.counted, cap) if self.uncountable else self.counted
+
+    def estimate(self, cap: int) -> int:
+        """Return what to bill when the upstream reports no usage (FILE_TOKENS per part)."""
+        return min(self.counted + FILE_TOKENS * self.uncountable, self.bound(cap))
 
 
 class _OverLimit(Exception):
@@ -227,10 +253,10 @@ def _audio_tokens(part: dict[str, Any]) -> int:
 class _Budget:
     """One request's running bound; raises _OverLimit as soon as it passes `limit`."""
 
-    __slots__ = ("model", "limit", "total")
+    __slots__ = ("model", "limit", "total", "uncountable")
 
     def __init__(self, model: str | None, limit: int | None) -> None:
-        self.model, self.limit, self.total = model, limit, 0
+        self.model, self.limit, self.total, self.uncountable = model, limit, 0, 0
 
     def add(self, n: int) -> None:
         self.total += n
@@ -254,9 +280,9 @@ def _part(b: _Budget, part: Any) -> None:
         b.add(image_tokens(part, b.model))
     elif kind == "input_audio":
         b.add(_audio_tokens(part))
-    elif kind == "file":
+    elif kind == "file":  # uncountable: bounded by the prompt cap (Prompt.bound)
         spec = part.get("file")
-        b.add(FILE_TOKENS)
+        b.uncountable += 1
         b.json((spec.get("filename") or "") if isinstance(spec, dict) else spec)
     else:
         b.json(part)  # unknown shapes count their JSON text, never 0
@@ -267,6 +293,8 @@ def _message(b: _Budget, msg: Any) -> None:
     if not isinstance(msg, dict):
         b.json(msg)
         return
+    if "role" not in msg and msg.get("type") not in _TEXT_ITEMS:
+        b.uncountable += 1  # a native Responses item (a screenshot, a tool's result): the cap
     for key, value in msg.items():
         if value is None:
             continue
@@ -282,7 +310,21 @@ def _message(b: _Budget, msg: Any) -> None:
 def messages_bound(messages: Any, model: str | None, *, tools: Any = None,
                    functions: Any = None, response_format: Any = None,
                    limit: int | None = None) -> int:
-    """Return an upper bound of a chat request's prompt tokens (> limit means too long)."""
+    """Return an upper bound of a chat prompt without uncountable parts (> limit: too long).
+
+    A file part adds FILE_TOKENS here (an estimate, not a bound): a request that may carry one
+    is bounded with messages_prompt(...).bound(cap).
+    """
+    found = messages_prompt(messages, model, tools=tools, functions=functions,
+                            response_format=response_format, limit=limit)
+    return found.counted + FILE_TOKENS * found.uncountable
+
+
+def messages_prompt(messages: Any, model: str | None, *, tools: Any = None,
+                    functions: Any = None, response_format: Any = None,
+                    limit: int | None = None) -> Prompt:
+    """Count a chat request's prompt: the countable tokens (> limit: too long) and the
+    uncountable parts (files), which only the prompt cap bounds."""
     b = _Budget(model, limit)
     try:
         b.add(_PRIMING)
@@ -297,7 +339,7 @@ def messages_bound(messages: Any, model: str | None, *, tools: Any = None,
             b.json(response_format)
     except _OverLimit:
         pass
-    return b.total
+    return Prompt(b.total, b.uncountable)
 
 
 def _prompt(b: _Budget, value: Any) -> None:

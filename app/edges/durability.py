@@ -1,5 +1,8 @@
 """The durability check every web and worker process runs at start (SPEC §2).
 
+A store that is down at start is checked on the first use that reaches it (Gate): until it has
+passed, the store serves nothing, exactly as if it were down.
+
 The money store must not evict money: an ``allkeys-*`` maxmemory-policy refuses to start unless
 XIAOYI_ALLOW_VOLATILE_STORE=1 (``noeviction`` and ``volatile-*`` are fine: money keys never carry
 a TTL, see app/core/money/layout.py). AOF off is a loud warning and a /readyz detail. A store
@@ -9,6 +12,7 @@ that forbids CONFIG (many managed Redis) gets one warning naming what could not 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,17 +97,89 @@ class OldLayout(ConfigError):
     """The store still holds the previous key layout."""
 
 
-def init_app(app: Any, client: Any, allow_volatile: bool) -> None:
-    """Run the checks for this process; keep the result for /readyz.
+class StoreRefused(redis.RedisError):
+    """The store was reached after start and failed the check: it is refused like a down store.
 
-    Refuses a volatile store, and a store still in the previous key layout.
+    A RedisError, so every path answers as it does with the store down (503 on the API and the
+    admin, `success` to WeChat, a not-ready /readyz) and serves nothing.
     """
+
+
+def _run_checks(client: Any, allow_volatile: bool) -> Durability:
+    """Refuse the previous key layout and a volatile store; return what the check found."""
+    if old_layout_present(client):
+        raise OldLayout("the money store holds the previous key layout: stop every web and "
+                        "worker process, run `xiaoyi ledger migrate`, then start them again")
+    return check(client, allow_volatile)
+
+
+class Gate:
+    """This process's durability check: run at start, or on the first connection that works.
+
+    Until the check has passed, every use of the money store (app.edges.store.get_redis) runs it
+    again: a store that is down raises its RedisError, a store that fails the check raises
+    StoreRefused. Once passed, ensure() is one attribute read.
+    """
+
+    def __init__(self, client: Any, allow_volatile: bool) -> None:
+        """Remember the store and the policy; nothing is checked yet."""
+        self.client, self.allow_volatile = client, allow_volatile
+        self.passed = False
+        self.found = Durability(warnings=["not checked yet: the store has not been reached"])
+        self.refusal = ""
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        """Check the store now; raise its RedisError, or the ConfigError of a refused store."""
+        with self._lock:
+            if self.passed:
+                return
+            try:
+                found = _run_checks(self.client, self.allow_volatile)
+            except redis.RedisError as exc:
+                self.found = Durability(warnings=[
+                    f"not checked yet: the store is unreachable ({type(exc).__name__})"])
+                raise
+            except ConfigError as exc:
+                if self.refusal != str(exc):  # said once, not on every request
+                    log.error("DURABILITY: refusing the money store: %s", exc)
+                self.refusal = str(exc)
+                self.found = Durability(warnings=[str(exc)])
+                raise
+            self.found, self.refusal, self.passed = found, "", True
+
+    def ensure(self) -> None:
+        """Return when the store passed the check; else check it (StoreRefused if it fails)."""
+        if self.passed:
+            return
+        try:
+            self.run()
+        except ConfigError as exc:
+            raise StoreRefused(str(exc)) from exc
+
+    def detail(self) -> dict[str, Any]:
+        """Return the /readyz detail: what was found, whether it passed, why it was refused."""
+        return {**self.found.detail(), "checked": self.passed,
+                "refused": self.refusal or None}
+
+
+def init_app(app: Any, client: Any, allow_volatile: bool) -> None:
+    """Run the checks for this process and keep the gate (for get_redis and /readyz).
+
+    Refuses a volatile store, and a store still in the previous key layout. A store that cannot
+    be reached now is checked on the first use that reaches it.
+    """
+    gate = app.extensions[EXTENSION] = Gate(client, allow_volatile)
     try:
-        if old_layout_present(client):
-            raise OldLayout("the money store holds the previous key layout: stop every web and "
-                            "worker process, run `xiaoyi ledger migrate`, then start them again")
-        app.extensions[EXTENSION] = check(client, allow_volatile)
+        gate.run()
     except redis.RedisError as exc:
-        log.warning("DURABILITY: could not check the store at start: %s", type(exc).__name__)
-        app.extensions[EXTENSION] = Durability(warnings=[
-            f"not checked: the store was unreachable at start ({type(exc).__name__})"])
+        log.warning("DURABILITY: could not check the store at start (%s): it is checked when "
+                    "it answers, and serves nothing until then", type(exc).__name__)
+
+
+def ensure(app: Any) -> None:
+    """Check the app's store now unless it passed: the RedisError of a down store, or the
+    ConfigError of a refused one (a process refuses to start on it, as at start)."""
+    gate = app.extensions.get(EXTENSION)
+    if gate is not None:
+        gate.run()

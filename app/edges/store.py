@@ -28,6 +28,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.core.config import ConfigError, Settings
 from app.core.money.scripts import set_wait_replicas
+from app.edges import durability
 
 if TYPE_CHECKING:
     from rq import Queue
@@ -185,8 +186,16 @@ def init_app(app: Flask, client: Any = None) -> None:
 
 
 def get_redis() -> Any:
-    """Return the app's money store client (str responses)."""
-    return current_app.extensions[EXTENSION]
+    """Return the app's money store client (str responses), once it passed the durability check.
+
+    A store not yet checked (down at start) is checked now: down, its RedisError; refused,
+    durability.StoreRefused (a RedisError too), so nothing is served from an unchecked store.
+    """
+    found = current_app.extensions
+    gate = found.get(durability.EXTENSION)
+    if gate is not None and not gate.passed:
+        gate.ensure()
+    return found[EXTENSION]
 
 
 def get_rq_redis() -> redis.Redis:

@@ -108,10 +108,14 @@ def gunicorn_argv(host: str, port: int, workers: int | None = None) -> list[str]
 def run_worker(settings: Settings, queues: list[str], burst: bool) -> int:
     """Run one rq SimpleWorker (no fork per job) inside an app context, with its pulse."""
     from app import create_app
+    from app.edges import durability
     from app.edges.store import get_queue, get_redis, get_rq_redis
     from app.runtime.maintenance import Pulse, worker_class
 
     app = create_app(settings)
+    # The store was down at start: check it now it is needed. Down, its RedisError; volatile,
+    # the same ConfigError `xiaoyi worker` refuses at start with (never a job on it).
+    durability.ensure(app)
     with app.app_context():
         worker = worker_class()([get_queue(q.strip()) for q in queues if q.strip()],
                                 connection=get_rq_redis())

@@ -1,7 +1,9 @@
 """Liveness and readiness: /healthz (the process answers) and /readyz (Redis + an upstream).
 
-/readyz also shows the start-up durability check of the money store (`store`: appendonly and
-maxmemory-policy per node, and its warnings, e.g. AOF off).
+/readyz also shows the durability check of the money store (`store`: appendonly and
+maxmemory-policy per node, its warnings, e.g. AOF off, `checked`, and `refused` with the reason).
+A store that has not passed the check (down at start, or refused since) is not ready: probing it
+here runs the check (app.edges.store.get_redis).
 
 /readyz is public (load balancers call it), so it names channels but never their URLs or keys.
 A channel is reachable when GET {base_url}/models answers 200 within the probe timeout; each
@@ -68,7 +70,8 @@ def _redis_ok() -> bool:
 
 
 def readyz() -> Response:
-    """Answer 200 when Redis answers PING and at least one channel is reachable, else 503."""
+    """Answer 200 when the store passed its check and answers PING and at least one channel is
+    reachable, else 503."""
     redis_ok = _redis_ok()
     probes = probe_channels()
     health: dict[str, dict[str, Any]] = {}

@@ -75,8 +75,11 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]],
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            output = item["output"]
+            if not strict and isinstance(output, list):  # a native upstream sees every part
+                output = [_chat_part(p) for p in output if isinstance(p, dict)] or ""
             out.append({"role": "tool", "tool_call_id": item["call_id"],
-                        "content": _text(item["output"])})
+                        "content": output if isinstance(output, list) else _text(output)})
         elif kind != "reasoning" or not strict:
             if strict:
                 raise bad(f"The conversation holds an item of type '{kind}' that a chat "

@@ -4,7 +4,9 @@ Upstream numbers are untrusted: a usage object (chat's prompt/completion_tokens 
 API's input/output_tokens) is billed through tokens.bound_usage (never more than the prompt bound
 and the held completion maximum); an anomaly is counted in
 xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
-usage object the prompt bound and max(seed rule, tokenizer) of the visible answer are billed.
+usage object the prompt bound (the estimate where a part cannot be counted: a file is bounded by
+the prompt cap, estimated at tokens.FILE_TOKENS) and max(seed rule, tokenizer) of the visible
+answer are billed.
 Every text route (chat, completions, embeddings, responses) bills through one Meter.
 """
 
@@ -31,6 +33,7 @@ class Bounds(Protocol):
     """What a request's checks learnt that bounds its bill (rules.Plan, responses.Plan)."""
 
     prompt_bound: int
+    prompt_estimate: int | None
     completion_max: int
 
 
@@ -73,7 +76,14 @@ class Meter:
         if self.billed is not None:
             return self.billed
         ct = tokens.completion_tokens(text, self.call.upstream_model) if text else 0
-        return self.plan.prompt_bound, min(ct, self.plan.completion_max)
+        return self._prompt_estimate(), min(ct, self.plan.completion_max)
+
+    def _prompt_estimate(self) -> int:
+        """Return the prompt tokens to bill without a usage: the estimate, never above the bound
+        (they differ only for a part no offline count bounds, e.g. a file)."""
+        estimate = self.plan.prompt_estimate
+        bound = self.plan.prompt_bound
+        return bound if estimate is None else min(estimate, bound)
 
     def shown(self, text: str, usage: Any = None) -> dict[str, Any]:
         """Return the usage object the client sees: what was billed (extra details kept)."""
@@ -87,7 +97,7 @@ class Meter:
         when no text was sent, as for a refused plain answer."""
         self.nothing = not delivered
         ct = tokens.completion_tokens(delivered, self.call.upstream_model) if delivered else 0
-        self.billed = (0, 0) if self.nothing else (self.plan.prompt_bound,
+        self.billed = (0, 0) if self.nothing else (self._prompt_estimate(),
                                                    min(ct, self.plan.completion_max))
 
     def settle(self, held: Hold, text: str) -> int | None:

@@ -100,6 +100,7 @@ class Plan:
     items: list[dict[str, Any]] = field(default_factory=list)  # this turn's input items
     upstream: dict[str, Any] = field(default_factory=dict)
     prompt_bound: int = 0
+    prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
     response: dict[str, Any] = field(default_factory=dict)
     ttl: int = TTL_SECONDS

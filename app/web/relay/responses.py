@@ -76,11 +76,12 @@ def _prepare(call: Call, plan: Plan) -> int:
     messages = to_chat.to_messages(instructions, items, strict=not plan.native)
     fmt = body.get("text") if plan.native else to_chat.chat_format(body.get("text"))
     limit = relay.get("max_prompt_tokens", 128000)
-    plan.prompt_bound = tokens.messages_bound(
+    prompt = tokens.messages_prompt(  # input files: bounded by the cap (tokens.Prompt)
         messages, call.upstream_model, tools=to_chat.chat_tools(body.get("tools")),
         response_format=fmt, limit=limit)
-    if plan.prompt_bound > limit:
+    if prompt.counted > limit:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
+    plan.prompt_bound, plan.prompt_estimate = prompt.bound(limit), prompt.estimate(limit)
     plan.completion_max = body.get("max_output_tokens") or call.price.max_output
     if plan.native:
         plan.upstream = {**body, "input": to_chat.replay(items), "store": False}

@@ -3,7 +3,8 @@
 The checks follow OpenAI's published schema and refuse only what it refuses (plus the prompt
 cap, an unaffordable hold and, with [safety] api_input, a listed word: screening.py); everything else, unknown fields included, goes upstream as sent.
 The hold is an upper bound: the prompt counted by app.core.tokens (every character, tools,
-functions, response_format, image parts) plus max_tokens (or the model's cap) per choice.
+functions, response_format, image parts; the prompt cap when a part cannot be counted, e.g. a
+file) plus max_tokens (or the model's cap) per choice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Plan:
     """What the checks learnt about a text request."""
 
     prompt_bound: int = 0
+    prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
     stream: bool = False
     want_usage: bool = False
@@ -71,24 +73,31 @@ def _choices(kind: str, body: dict[str, Any]) -> int:
     return (len(prompt) if many else 1) * max(n, best_of)
 
 
-def _prompt_bound(kind: str, call: Call) -> int:
-    """Return the prompt's upper bound, or raise 400 past the prompt cap."""
+def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
+    """Set the prompt's upper bound and estimate, or raise 400 past the prompt cap.
+
+    A chat prompt with a part no offline count can bound (a file; web search results the
+    upstream adds) is bounded by the cap itself (tokens.Prompt).
+    """
     body, model = call.body, call.upstream_model
     cap = settings().relay.get("max_prompt_tokens", 128000)
     if kind == "chat":
-        bound = pricing.estimate_messages(
+        prompt = tokens.messages_prompt(
             check_messages(body), model, tools=body.get("tools"),
             functions=body.get("functions"), response_format=body.get("response_format"),
             limit=cap)
+        if body.get("web_search_options") is not None:
+            prompt = tokens.Prompt(prompt.counted, prompt.uncountable + 1)
     else:
-        bound = pricing.estimate_any(check_prompt(body), model, limit=cap)
+        counted = pricing.estimate_any(check_prompt(body), model, limit=cap)
         if isinstance(body.get("suffix"), str):
-            bound += tokens.text_tokens(body["suffix"], model, limit=cap)
-    if bound > cap:
+            counted += tokens.text_tokens(body["suffix"], model, limit=cap)
+        prompt = tokens.Prompt(counted)
+    if prompt.counted > cap:
         raise InvalidRequest(f"The prompt is too long: more than {cap} tokens.",
                              param="messages" if kind == "chat" else "prompt",
                              msg="输入内容过长")
-    return bound
+    plan.prompt_bound, plan.prompt_estimate = prompt.bound(cap), prompt.estimate(cap)
 
 
 def _completion_max(kind: str, call: Call) -> int:
@@ -129,7 +138,7 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
     else:
         check_prompt(call.body)
         screen_input(completion_slots(call.body))
-    plan.prompt_bound = _prompt_bound(kind, call)
+    _prompt_bound(kind, call, plan)
     plan.completion_max = _completion_max(kind, call)
     _stream_flags(call.body, plan)
     amount = pricing.token_cost(call.price, plan.prompt_bound, plan.completion_max)
