@@ -95,6 +95,8 @@ def test_dotenv_is_read_but_never_overrides_the_environment(
     ('[defaults]\nvideo = "gpt-4"\n', "defaults.video"),
     ('[prices."dall-e-3".quality.hd]\n"1024x1024" = "x"\n', "prices.dall-e-3.quality.hd.1024x1024"),
     ('[prices."dall-e-3"]\nmax_images = 0\n', "prices.dall-e-3.max_images"),
+    ('[prices."gpt-4"]\ncontext = 0\n', "prices.gpt-4.context"),
+    ('[prices."gpt-4"]\ncontext = "8k"\n', "prices.gpt-4.context"),
     ("[relay]\ntimeout_seconds = -1\n", "relay.timeout_seconds"),
     ('[relay]\nmax_body_bytes = "big"\n', "relay.max_body_bytes"),
     ('[limits]\nkey_requests_per_minute = 1.5\n', "limits.key_requests_per_minute"),

@@ -300,10 +300,28 @@ def test_a_file_without_usage_bills_the_estimate(live: LiveServer, r: redis.Redi
     assert int(settle["pt"]) == pt and ledger.verify(r) == []
 
 
-def test_a_file_is_held_at_the_cap_before_anything_is_served(live: LiveServer, r: redis.Redis,
-                                                            upstream: FakeUpstream) -> None:
-    """gpt-4 with a file: the hold (≈ 27 元 at the cap) is more than 10 元 cover: 429."""
-    key, acct = new_key(r, "10")
+def test_a_file_is_held_at_the_models_context_before_anything_is_served(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """gpt-4 with a file: its context (8 192 tokens, below the cap) bounds the hold, ≈ 1.7 元
+    of prompt: a 1 元 key gets 429 before anything goes upstream."""
+    price = PRICES["gpt-4"]
+    assert price.context is not None and price.context < CAP
+    key, acct = new_key(r, "1")
     resp = post(live, key, _file_chat("prompt_tokens=120000", model="gpt-4"))
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "insufficient_quota"
-    assert upstream.requests == [] and wallet.balance(r, acct) == 100_000
+    assert upstream.requests == [] and wallet.balance(r, acct) == 10_000
+
+
+def test_a_file_reported_past_the_models_context_is_billed_at_the_context(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    price = PRICES["gpt-4"]
+    assert price.context is not None
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_over_bound")
+    resp = post(live, key, _file_chat("prompt_tokens=120000", model="gpt-4"))
+    assert resp.status_code == 200, resp.text
+    (hold,) = entries(r, acct, "reserve")
+    assert abs(int(hold["amount"])) == pricing.token_cost(price, price.context, 50)
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == price.context and anomalies("prompt_over_bound") == before + 1
+    assert ledger.verify(r) == []

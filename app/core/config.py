@@ -98,6 +98,12 @@ class ModelPrice:
     qualities: dict[str, dict[str, int]] = field(default_factory=dict)  # quality -> size -> units
     default_quality: str = "standard"  # what an absent or "auto" quality is priced and sent as
     max_images: int = 10  # the most pictures one request may ask for (dall-e-3: 1)
+    context: int | None = None  # the model's context window in tokens, when known
+
+    def prompt_ceiling(self, cap: int) -> int:
+        """Return the most prompt tokens a request can be billed: the cap, or the model's
+        context where that is smaller (bounds a part no offline count can, e.g. a file)."""
+        return cap if self.context is None else min(cap, self.context)
 
     def image_price(self, size: str, quality: str | None = None) -> int | None:
         """Return the price of one picture of a size and quality, or None when unpriced."""
@@ -253,7 +259,7 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             raise ConfigError(f"{where}.kind: {kind!r} is not chat/completion/embedding/image")
         if kind == "image" and not images:
             raise ConfigError(f"{where}.images: an image model needs a price per size")
-        for name in ("max_output", "max_images"):
+        for name in ("max_output", "max_images", "context"):
             value = spec.get(name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{where}.{name}: must be a positive integer")
@@ -265,6 +271,7 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             images=images, qualities=qualities,
             default_quality=str(spec.get("default_quality", "standard")),
             max_images=spec.get("max_images", 10),
+            context=spec.get("context"),
         )
     return prices
 

@@ -81,7 +81,8 @@ def _prepare(call: Call, plan: Plan) -> int:
         response_format=fmt, limit=limit)
     if prompt.counted > limit:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
-    plan.prompt_bound, plan.prompt_estimate = prompt.bound(limit), prompt.estimate(limit)
+    ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context
+    plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
     plan.completion_max = body.get("max_output_tokens") or call.price.max_output
     if plan.native:
         plan.upstream = {**body, "input": to_chat.replay(items), "store": False}

@@ -97,7 +97,8 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
         raise InvalidRequest(f"The prompt is too long: more than {cap} tokens.",
                              param="messages" if kind == "chat" else "prompt",
                              msg="输入内容过长")
-    plan.prompt_bound, plan.prompt_estimate = prompt.bound(cap), prompt.estimate(cap)
+    ceiling = call.price.prompt_ceiling(cap)  # what a file can cost: the cap or the context
+    plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
 
 
 def _completion_max(kind: str, call: Call) -> int:
