@@ -41,10 +41,20 @@ return 1
 """
 
 
-def ensure_account(r: layout.Store, settings: Settings, openid: str) -> str:
-    """Return the user's account id, creating it with the trial credit on first contact."""
-    key = f"xy:wx:user:{slots.user(openid)}"
-    acct = r.get(key)
+def user_key(openid: str) -> str:
+    """Name the key holding the user's account id."""
+    return f"xy:wx:user:{slots.user(openid)}"
+
+
+def ensure_account(r: layout.Store, settings: Settings, openid: str,
+                   known: str | None = None) -> str:
+    """Return the user's account id, creating it with the trial credit on first contact.
+
+    `known` is the account id already read from user_key (the webhook reads it in its dedupe
+    round trip); None reads it here.
+    """
+    key = user_key(openid)
+    acct = known if known is not None else r.get(key)
     if acct is None:
         r.set(key, wallet.new_account_id(), nx=True)
         acct = r.get(key)
@@ -56,7 +66,7 @@ def ensure_account(r: layout.Store, settings: Settings, openid: str) -> str:
 
 def account_of(r: layout.Store, openid: str) -> str | None:
     """Return the user's account id, or None before first contact."""
-    acct: str | None = r.get(f"xy:wx:user:{slots.user(openid)}")
+    acct: str | None = r.get(user_key(openid))
     return acct
 
 
@@ -64,7 +74,7 @@ def use_free(r: layout.Store, settings: Settings, openid: str, dk: str) -> bool:
     """Count this message against today's free chats; True when it is free (once per message)."""
     limit = settings.bot.daily_free_messages
     res = script(r, USE_FREE)(
-        keys=[f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}",
+        keys=[_free_key(openid),
               f"xy:wx:freemark:{slots.message(dk)}"],
         args=[limit, FREE_MARK_TTL])
     return int(res) == 1
@@ -81,8 +91,26 @@ def refund_free(r: layout.Store, dk: str) -> bool:
 
 def free_left(r: layout.Store, settings: Settings, openid: str) -> int:
     """Return how many free chats the user has left today."""
-    used = int(r.get(f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}") or 0)
+    used = int(r.get(_free_key(openid)) or 0)
     return max(0, settings.bot.daily_free_messages - used)
+
+
+def balance_and_free(r: layout.Store, settings: Settings, openid: str,
+                     acct: str) -> tuple[int, int]:
+    """Return (wallet.balance, free_left) read in one round trip."""
+    pipe = r.pipeline(transaction=False)
+    try:
+        pipe.hget(layout.acct_key(acct), "balance")
+    except layout.BadAccountId:
+        return 0, free_left(r, settings, openid)
+    pipe.get(_free_key(openid))
+    balance, used = pipe.execute()
+    return (int(balance) if balance is not None else 0,
+            max(0, settings.bot.daily_free_messages - int(used or 0)))
+
+
+def _free_key(openid: str) -> str:
+    return f"xy:wx:free:{slots.user(openid)}:{wallet.china_day()}"
 
 
 def issue_key(r: layout.Store, acct: str) -> tuple[str | None, str]:

@@ -88,8 +88,8 @@ def reset(ctx: Ctx) -> Item:
 
 def balance(ctx: Ctx) -> Item:
     """Show the balance and today's free chats."""
-    return _t(ctx, "balance", balance=units_to_yuan(wallet.balance(ctx.r, ctx.acct)),
-              free=users.free_left(ctx.r, ctx.settings, ctx.openid))
+    units, free = users.balance_and_free(ctx.r, ctx.settings, ctx.openid, ctx.acct)
+    return _t(ctx, "balance", balance=units_to_yuan(units), free=free)
 
 
 def more(ctx: Ctx) -> Item:

@@ -15,7 +15,7 @@ import hashlib
 import redis
 from wechatpy.messages import BaseMessage
 
-from app.bot import slots
+from app.bot import slots, users
 from app.edges.store import get_queue, get_rq_redis
 
 MARK_TTL = 86400
@@ -33,14 +33,20 @@ def key_for(msg: BaseMessage) -> str:
     return f"{openid}:{msg_id}"
 
 
-def arrive(r: redis.Redis, dk: str) -> tuple[bool, int]:
-    """Record one delivery of a message; return (first delivery?, delivery number)."""
+def arrive(r: redis.Redis, dk: str, openid: str) -> tuple[bool, int, str | None]:
+    """Record one delivery of a message; return (first delivery?, delivery number, account).
+
+    The sender's account id (users.account_of, None before first contact) is read in the same
+    round trip: every key here carries the sender's hash tag (app/bot/slots.py).
+    """
+    mark = slots.message(dk)
     pipe = r.pipeline()
-    pipe.set(f"xy:wx:dd:{slots.message(dk)}", 1, nx=True, ex=MARK_TTL)
-    pipe.incr(f"xy:wx:n:{slots.message(dk)}")
-    pipe.expire(f"xy:wx:n:{slots.message(dk)}", COUNT_TTL)
-    first, count, _ = pipe.execute()
-    return bool(first), int(count)
+    pipe.set(f"xy:wx:dd:{mark}", 1, nx=True, ex=MARK_TTL)
+    pipe.incr(f"xy:wx:n:{mark}")
+    pipe.expire(f"xy:wx:n:{mark}", COUNT_TTL)
+    pipe.get(users.user_key(openid))
+    first, count, _, acct = pipe.execute()
+    return bool(first), int(count), acct
 
 
 def job_id(dk: str, kind: str) -> str:

@@ -60,11 +60,11 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
         return None
     dk = dedupe.key_for(msg)
     dl = Delivery(r, settings, str(msg.source), dk)
-    first, attempt = dedupe.arrive(r, dk)
+    first, attempt, known = dedupe.arrive(r, dk, dl.openid)
     if not first:  # a retry: the outcome of the first delivery (a lost job is queued again)
         return dl.wait(attempt, (lambda: _queue(dl, kind, arg, only_missing=True))
                        if kind in ASKED else None)
-    acct = users.ensure_account(r, settings, dl.openid)
+    acct = users.ensure_account(r, settings, dl.openid, known)
     if kind not in EVENTS:
         limit = settings.limits.get("user_messages_per_minute", 0)
         wait = ratelimit.hit(r, f"wx:{dl.openid}", limit)
