@@ -75,8 +75,11 @@ def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
 
     if not settings.redis_url:
         raise ConfigError(NO_URL)
-    queue_url = settings.queue_redis_url or settings.redis_url
-    make_queue_redis(queue_url)  # refuses a Cluster for the queues before anything starts
+    # Refuses a Cluster for the queues before anything starts, naming the URL's own setting.
+    if settings.queue_redis_url:
+        make_queue_redis(settings.queue_redis_url)
+    else:
+        make_queue_redis(settings.redis_url, "XIAOYI_REDIS_URL")
     env = {"XIAOYI_REDIS_URL": settings.redis_url}
     if upstream and not settings.channels:
         import subprocess
@@ -177,11 +180,11 @@ def check_config(settings: Settings) -> None:
     from app.edges.store import check_url
 
     _check_env_numbers()
-    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
     if settings.redis_url:
         check_url(settings.redis_url, "XIAOYI_REDIS_URL")  # parses, never connects
     if settings.queue_redis_url:
         check_url(settings.queue_redis_url, "XIAOYI_QUEUE_REDIS_URL", queues=True)
+    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
     if settings.menu:
         wechat_menu.definition(settings)
 
