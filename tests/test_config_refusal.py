@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from app.core.config import ConfigError, load_settings
+
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"  # 43 characters: a well-formed key
 SAFE_NO_APPID = {"XIAOYI_WECHAT_TOKEN": "tok123", "XIAOYI_WECHAT_AES_KEY": AES_KEY}
 
@@ -26,10 +28,34 @@ ENV_CASES: dict[str, tuple[dict[str, str], str]] = {
     "bad log level": ({"XIAOYI_LOG_LEVEL": "LOUD"}, "XIAOYI_LOG_LEVEL"),
     "config file missing": ({"XIAOYI_CONFIG": "/nonexistent/x.toml"}, "XIAOYI_CONFIG"),
     "config is a directory": ({"XIAOYI_CONFIG": "/"}, "XIAOYI_CONFIG"),
-    "redis url": ({"XIAOYI_REDIS_URL": "not-a-url"}, "XIAOYI_REDIS_URL"),
+    "redis url": ({"XIAOYI_REDIS_URL": "not-a-url"}, "XIAOYI_REDIS_URL: unsupported scheme"),
+    "redis sentinel without master": ({"XIAOYI_REDIS_URL": "redis+sentinel://h:1"},
+                                      "XIAOYI_REDIS_URL: redis+sentinel:// needs /master-name"),
+    "redis cluster node": ({"XIAOYI_REDIS_URL": "redis+cluster://h:99999"},
+                           "XIAOYI_REDIS_URL: 'h:99999' is not host:port"),
+    # Every URL error names the variable the URL came from, not the money store's.
+    "queue url": ({"XIAOYI_QUEUE_REDIS_URL": "nonsense"},
+                  "XIAOYI_QUEUE_REDIS_URL: unsupported scheme"),
+    "queue url on a cluster": ({"XIAOYI_QUEUE_REDIS_URL": "redis+cluster://h:1"},
+                               "XIAOYI_QUEUE_REDIS_URL: rq cannot run on a Redis Cluster"),
+    "queue sentinel without master": ({"XIAOYI_QUEUE_REDIS_URL": "redis+sentinel://h:1"},
+                                      "XIAOYI_QUEUE_REDIS_URL: redis+sentinel:// needs"),
+    "queue sentinel node": ({"XIAOYI_QUEUE_REDIS_URL": "redis+sentinel://nohost/m"},
+                            "XIAOYI_QUEUE_REDIS_URL: 'nohost' is not host:port"),
+    "queue url not parsable": ({"XIAOYI_QUEUE_REDIS_URL": "redis://h:port/0"},
+                               "XIAOYI_QUEUE_REDIS_URL: not a Redis URL"),
+    "wechat api url": ({"XIAOYI_WECHAT_API_BASE_URL": "api.weixin.qq.com"},
+                       "XIAOYI_WECHAT_API_BASE_URL: must be an http(s):// URL"),
+    "pay api url": ({"XIAOYI_WECHAT_PAY_API_BASE_URL": "ftp://x"},
+                    "XIAOYI_WECHAT_PAY_API_BASE_URL: must be an http(s):// URL"),
+    "volatile store not on or off": ({"XIAOYI_ALLOW_VOLATILE_STORE": "maybe"},
+                                     "XIAOYI_ALLOW_VOLATILE_STORE: 'maybe' is not on or off"),
+    "volatile store a count": ({"XIAOYI_ALLOW_VOLATILE_STORE": "2"},
+                               "XIAOYI_ALLOW_VOLATILE_STORE: '2' is not on or off"),
     "upstream url": ({"XIAOYI_UPSTREAM_BASE_URL": "api.openai.com/v1"},
-                     "XIAOYI_UPSTREAM_BASE_URL"),
-    "public url": ({"XIAOYI_PUBLIC_URL": "localhost:8000"}, "XIAOYI_PUBLIC_URL"),
+                     "XIAOYI_UPSTREAM_BASE_URL: must be an http(s):// URL"),
+    "public url": ({"XIAOYI_PUBLIC_URL": "localhost:8000"},
+                   "XIAOYI_PUBLIC_URL: must be an http(s):// URL"),
     "pay on without merchant": ({"XIAOYI_CONFIG": "[pay]\nenabled = true\n"},
                                 "XIAOYI_WECHAT_APP_ID"),
     "web workers": ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
@@ -68,6 +94,38 @@ TOML_CASES: dict[str, tuple[str, str]] = {
     "text not a string": ("[texts]\nhelp = 5\n", "texts.help"),
     "image sizes": ('[prices.x]\nkind = "image"\nimages = 5\n', "prices.x.images"),
 }
+
+
+@pytest.mark.parametrize("command", ["web", "worker"])
+def test_a_bad_queue_url_is_named_by_web_and_worker(tmp_path: Path, command: str) -> None:
+    env = {"XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0", "XIAOYI_QUEUE_REDIS_URL": "nonsense"}
+    _assert_one_line(_refuse(tmp_path, command, env), "XIAOYI_QUEUE_REDIS_URL: unsupported")
+
+
+def test_web_names_the_money_store_when_it_is_a_cluster_holding_the_queues(
+        tmp_path: Path) -> None:
+    done = _refuse(tmp_path, "web", {"XIAOYI_REDIS_URL": "redis+cluster://127.0.0.1:1"})
+    _assert_one_line(done, "XIAOYI_REDIS_URL: rq cannot run on a Redis Cluster; set "
+                           "XIAOYI_QUEUE_REDIS_URL")
+
+
+ON_OFF = [("1", True), ("0", False), ("true", True), ("False", False), ("YES", True),
+          ("no", False), ("On", True), ("off", False), (" on ", True), ("", False)]
+
+
+@pytest.mark.parametrize(("raw", "expected"), ON_OFF)
+def test_on_off_settings_take_the_documented_words(raw: str, expected: bool) -> None:
+    settings = load_settings({"XIAOYI_ALLOW_VOLATILE_STORE": raw})
+    assert settings.allow_volatile_store is expected
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", "enable", "y", "-1", "truee"])
+def test_on_off_settings_refuse_anything_else(raw: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"XIAOYI_ALLOW_VOLATILE_STORE": raw})
+    message = str(caught.value)
+    assert message.startswith(f"XIAOYI_ALLOW_VOLATILE_STORE: {raw!r} is not on or off")
+    assert "\n" not in message
 
 
 def _refuse(tmp_path: Path, command: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -53,16 +53,22 @@ def _alive(pid: int) -> bool:
 BANNER = re.compile(r"Demo key \(([0-9.]+) 元\): (sk-\S+)")
 
 
-def _start(tmp_path: Path, port: int, name: str) -> tuple[subprocess.Popen, Path]:
-    """Start `xiaoyi run` on tmp_path/var with its output in tmp_path/NAME.log."""
+def _run_env(tmp_path: Path, data_dir: str = "var") -> dict[str, str]:
+    """Return `xiaoyi run`'s environment: tmp_path/DATA_DIR, a fake upstream on a free port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
-    env.update(XIAOYI_DATA_DIR=str(tmp_path / "var"), XIAOYI_FAKE_UPSTREAM_PORT=str(_free_port()),
-               WEB_CONCURRENCY="1")
+    env.update(XIAOYI_DATA_DIR=str(tmp_path / data_dir),
+               XIAOYI_FAKE_UPSTREAM_PORT=str(_free_port()), WEB_CONCURRENCY="1")
+    return env
+
+
+def _start(tmp_path: Path, port: int, name: str, data_dir: str = "var",
+           ) -> tuple[subprocess.Popen, Path]:
+    """Start `xiaoyi run` on tmp_path/DATA_DIR with its output in tmp_path/NAME.log."""
     path = tmp_path / f"{name}.log"
     with path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "run", "--port",
-                                 str(port), "--workers", "1"], env=env, cwd=tmp_path, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                 str(port), "--workers", "1"], env=_run_env(tmp_path, data_dir),
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     return proc, path
 
 
@@ -114,6 +120,43 @@ def test_run_prints_a_working_demo_key_reuses_it_and_stops_cleanly(tmp_path: Pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_second_run_on_the_same_data_dir_is_refused_naming_the_first(tmp_path: Path) -> None:
+    """Two runs never share one engine: the second would lose its store when the first stops."""
+    port, other_port = _free_port(), _free_port()
+    first, log = _start(tmp_path, port, "first")
+    separate = None
+    try:
+        _banner(first, log)
+        second = subprocess.run(
+            [sys.executable, "-m", "app.runtime.cli", "run", "--port", str(other_port),
+             "--workers", "1"], env=_run_env(tmp_path), cwd=tmp_path, capture_output=True,
+            text=True, timeout=60)  # the bound only guards against a hang
+        assert second.returncode == 1 and second.stdout == "", second.stdout
+        assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+        message = second.stderr
+        assert message.startswith(f"xiaoyi: XIAOYI_DATA_DIR {tmp_path / 'var'} is in use by "
+                                  "another xiaoyi run ("), message
+        assert f"pid {first.pid}, serving http://127.0.0.1:{port}" in message
+        assert "its own XIAOYI_DATA_DIR and --port" in message
+        with socket.socket() as probe:  # the refused run left nothing listening behind
+            probe.bind(("127.0.0.1", other_port))
+
+        # What the refusal advises works: its own data dir is a separate engine, side by side.
+        separate, other_log = _start(tmp_path, other_port, "separate", data_dir="var2")
+        _shown, _key, out = _banner(separate, other_log)
+        assert f"AOF in {tmp_path / 'var2'}" in out
+        first_url = re.search(r"Redis:\s+(redis://\S+)", log.read_text())
+        other_url = re.search(r"Redis:\s+(redis://\S+)", out)
+        assert first_url and other_url and first_url.group(1) != other_url.group(1)
+        _stop(separate, signal.SIGTERM)
+        _stop(first, signal.SIGINT)
+        assert not (tmp_path / "var" / "run.json").exists()  # a later run starts as the owner
+    finally:
+        for proc in (first, separate):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
 
 
 def test_make_run_takes_a_port_and_arguments() -> None:

@@ -88,6 +88,18 @@ def test_nothing_starts_a_redis_without_a_url(tmp_path: Path, upstream: FakeUpst
     assert not (tmp_path / "var").exists()  # no embedded engine was started anywhere
 
 
+def test_admin_commands_never_attach_to_a_stale_port_file(tmp_path: Path, redis_url: str,
+                                                          upstream: FakeUpstream) -> None:
+    """redis.port left by a stopped `xiaoyi run` may name anyone's Redis now: it is not used."""
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    (data_dir / "redis.port").write_text(redis_url.rsplit(":", 1)[1].split("/")[0])
+    done = CliRunner().invoke(main, ["keys", "list"], env={
+        "XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": str(data_dir),
+        "XIAOYI_UPSTREAM_BASE_URL": upstream.url})
+    assert done.exit_code != 0 and "XIAOYI_REDIS_URL is not set" in done.output, done.output
+
+
 def test_web_refuses_a_cluster_store_without_a_queue_redis(upstream: FakeUpstream) -> None:
     done = CliRunner().invoke(main, ["web"], env={
         "XIAOYI_REDIS_URL": "redis+cluster://127.0.0.1:1", "XIAOYI_UPSTREAM_BASE_URL": upstream.url})

@@ -340,6 +340,19 @@ def _count(value: str | None, setting: str) -> int:
     return int(value)
 
 
+FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
+
+
+def flag(raw: str | None, setting: str) -> bool:
+    """Parse an on/off setting: 1/0, true/false, yes/no, on/off (any case); refuse anything else."""
+    value = FLAG_WORDS.get((raw or "0").strip().lower())
+    if value is None:
+        raise ConfigError(f"{setting}: {raw!r} is not on or off (use 1/0, true/false, yes/no "
+                          "or on/off)")
+    return value
+
+
 def _trusted_proxies(raw: str) -> int:
     """Parse XIAOYI_TRUSTED_PROXIES: a count of proxies, 0 to MAX_TRUSTED_PROXIES."""
     if not (raw.strip().isdigit() and int(raw) <= MAX_TRUSTED_PROXIES):
@@ -401,7 +414,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         texts=dict(data.get("texts", {})),
         queue_redis_url=get("XIAOYI_QUEUE_REDIS_URL"),
         redis_wait_replicas=_count(get("XIAOYI_REDIS_WAIT_REPLICAS"), "XIAOYI_REDIS_WAIT_REPLICAS"),
-        allow_volatile_store=get("XIAOYI_ALLOW_VOLATILE_STORE") in ("1", "true", "yes"),
+        allow_volatile_store=flag(get("XIAOYI_ALLOW_VOLATILE_STORE"),
+                                  "XIAOYI_ALLOW_VOLATILE_STORE"),
         safety=parse_safety(data.get("safety", {})),
         defaults=defaults,
         aliases=aliases,

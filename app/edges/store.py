@@ -76,8 +76,10 @@ def check_url(url: str, setting: str = "XIAOYI_REDIS_URL", queues: bool = False)
     scheme = parts.scheme.lower()
     if scheme in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
         if queues and scheme.endswith("+cluster"):
-            raise ConfigError(f"{setting}: rq cannot run on a Redis Cluster; point the queues "
-                              "at a single-node or Sentinel Redis")
+            fix = ("point the queues at" if setting == "XIAOYI_QUEUE_REDIS_URL"
+                   else "set XIAOYI_QUEUE_REDIS_URL to")
+            raise ConfigError(f"{setting}: rq cannot run on a Redis Cluster; {fix} a "
+                              "single-node or Sentinel Redis")
         _nodes(parts.netloc, setting)
         if scheme.endswith("+sentinel") and not parts.path.strip("/"):
             raise ConfigError(f"{setting}: redis+sentinel:// needs /master-name")
@@ -92,13 +94,17 @@ def check_url(url: str, setting: str = "XIAOYI_REDIS_URL", queues: bool = False)
 
 
 def make_redis(url: str, max_connections: int | None = None, decode: bool = True,
-               wait_replicas: int = 0) -> Any:
-    """Build a client for any supported URL (see the module docstring)."""
+               wait_replicas: int = 0, setting: str = "XIAOYI_REDIS_URL") -> Any:
+    """Build a client for any supported URL (see the module docstring).
+
+    A bad URL raises ConfigError naming `setting`, the variable the URL came from.
+    """
+    check_url(url, setting)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     size = _pool_size(max_connections)
     if scheme in ("redis+cluster", "rediss+cluster"):
-        user, password, nodes = _nodes(parts.netloc)
+        user, password, nodes = _nodes(parts.netloc, setting)
         client: Any = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user,
             password=password, decode_responses=decode, ssl=scheme.startswith("rediss"),
@@ -106,23 +112,19 @@ def make_redis(url: str, max_connections: int | None = None, decode: bool = True
             health_check_interval=30, **TIMEOUTS)
     elif scheme in ("redis+sentinel", "rediss+sentinel"):
         client = _sentinel_client(parts, scheme, size, decode)
-    elif scheme in ("redis", "rediss", "unix"):
+    else:  # redis, rediss, unix (check_url refused every other scheme)
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=size, timeout=5, health_check_interval=30,
             decode_responses=decode, **TIMEOUTS)
         client = redis.Redis(connection_pool=pool)
-    else:
-        raise ConfigError(f"XIAOYI_REDIS_URL: unsupported scheme {scheme!r}")
     if wait_replicas and not is_cluster(client):
         set_wait_replicas(client, wait_replicas)
     return client
 
 
 def _sentinel_client(parts: Any, scheme: str, size: int, decode: bool) -> redis.Redis:
-    user, password, nodes = _nodes(parts.netloc)
-    path = [p for p in parts.path.split("/") if p]
-    if not path:
-        raise ConfigError("XIAOYI_REDIS_URL: redis+sentinel:// needs /master-name")
+    user, password, nodes = _nodes(parts.netloc)  # check_url has refused a bad node list
+    path = [p for p in parts.path.split("/") if p]  # and a missing /master-name
     query = parse_qs(parts.query)
     sentinel_auth = {"password": query["sentinel_password"][0]} \
         if "sentinel_password" in query else {}
@@ -147,12 +149,10 @@ def close(client: Any) -> None:
         client.connection_pool.disconnect()
 
 
-def make_queue_redis(url: str) -> redis.Redis:
+def make_queue_redis(url: str, setting: str = "XIAOYI_QUEUE_REDIS_URL") -> redis.Redis:
     """Build rq's client (bytes replies) on a single node or Sentinel; refuse a Cluster."""
-    if urlsplit(url).scheme.lower().endswith("+cluster"):
-        raise ConfigError("XIAOYI_QUEUE_REDIS_URL: rq cannot run on a Redis Cluster; point "
-                          "the queues at a single-node or Sentinel Redis")
-    return cast(redis.Redis, make_redis(url, max_connections=50, decode=False))
+    check_url(url, setting, queues=True)
+    return cast(redis.Redis, make_redis(url, max_connections=50, decode=False, setting=setting))
 
 
 def bytes_twin(client: redis.Redis) -> redis.Redis:

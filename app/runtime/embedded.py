@@ -86,6 +86,25 @@ def _ping(host: str, port: int, timeout: float = 0.25) -> bytes:
         return sock.recv(512)
 
 
+def is_locked(data_dir: str | os.PathLike[str]) -> bool:
+    """Tell whether an embedded server (or the `xiaoyi run` that started it) holds data_dir.
+
+    Never creates anything: a data dir without a lock file is free. A lock file that cannot be
+    opened counts as free too: starting a server there then fails with its own clear error.
+    """
+    try:
+        fd = os.open(Path(data_dir) / _LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        return err.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # closing drops a lock this probe took
+    return False
+
+
 class EmbeddedRedis:
     """A valkey/redis server child process with durable AOF storage in `data_dir`."""
 

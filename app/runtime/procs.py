@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -21,10 +22,15 @@ log = logging.getLogger(__name__)
 _embedded: list[EmbeddedRedis] = []  # keeps the embedded server object alive for this process
 
 
+RUN_FILE = "run.json"  # in XIAOYI_DATA_DIR: the `xiaoyi run` that owns its embedded engine
+
+
 def running_embedded(data_dir: str) -> str | None:
     """Return the URL of the embedded Redis that `xiaoyi run` keeps in data_dir, if it answers."""
+    from app.runtime.embedded import is_locked
+
     port_file = Path(data_dir) / "redis.port"
-    if not port_file.exists():
+    if not port_file.exists() or not is_locked(data_dir):  # a stale port may be anyone's now
         return None
     url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
     try:
@@ -47,16 +53,41 @@ def admin_store_url(settings: Settings) -> str:
     return url
 
 
-def ensure_embedded(data_dir: str) -> str:
-    """Return the URL of the embedded Redis in data_dir, starting it when nobody runs it.
+def refuse_second_run(data_dir: str) -> None:
+    """Raise StartError when another `xiaoyi run` owns the embedded engine in data_dir.
 
-    Only `xiaoyi run` calls this: every other entry point needs XIAOYI_REDIS_URL.
+    Two runs never share one engine: the second would lose its store, silently, when the first
+    stops. The message names the running one and how to start a separate one.
+    """
+    from app.runtime.embedded import is_locked
+
+    if not is_locked(data_dir):
+        return
+    try:
+        owner = json.loads((Path(data_dir) / RUN_FILE).read_text())
+        who = f"pid {int(owner['pid'])}, serving {owner['web']}, Redis port {int(owner['redis'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "its embedded Redis is still running"
+    raise StartError(f"XIAOYI_DATA_DIR {data_dir} is in use by another xiaoyi run ({who}): "
+                     "stop it first (the admin commands work against it as it is), or start "
+                     "a separate wallet with its own XIAOYI_DATA_DIR and --port")
+
+
+def claim_run(data_dir: str, web: str, url: str) -> None:
+    """Record this `xiaoyi run` as the owner of data_dir's engine (refuse_second_run reads it)."""
+    redis_port = url.rsplit(":", 1)[1].split("/", 1)[0]
+    (Path(data_dir) / RUN_FILE).write_text(json.dumps(
+        {"pid": os.getpid(), "web": web, "redis": int(redis_port)}))
+
+
+def ensure_embedded(data_dir: str) -> str:
+    """Start the embedded Redis in data_dir and return its URL.
+
+    Only `xiaoyi run` calls this, after refuse_second_run: every other entry point needs
+    XIAOYI_REDIS_URL. The engine's data-dir lock refuses a second start that raced this one.
     """
     from app.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
 
-    url = running_embedded(data_dir)
-    if url is not None:
-        return url
     server = EmbeddedRedis(data_dir)
     try:
         url = server.start()
@@ -76,8 +107,11 @@ def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
 
     if not settings.redis_url:
         raise ConfigError(NO_URL)
-    queue_url = settings.queue_redis_url or settings.redis_url
-    make_queue_redis(queue_url)  # refuses a Cluster for the queues before anything starts
+    # Refuses a Cluster for the queues before anything starts, naming the URL's own setting.
+    if settings.queue_redis_url:
+        make_queue_redis(settings.queue_redis_url)
+    else:
+        make_queue_redis(settings.redis_url, "XIAOYI_REDIS_URL")
     env = {"XIAOYI_REDIS_URL": settings.redis_url}
     if upstream and not settings.channels:
         import subprocess
@@ -173,20 +207,20 @@ def check_port(host: str, port: int, hint: str) -> None:
 def check_config(settings: Settings) -> None:
     """Raise ConfigError for any bad setting the app would refuse, before any child starts.
 
-    Builds the app once on a store client that never connects, so every check create_app makes
-    (WeChat crypto and AppID, bot models and prices, pay…) runs here, in a second or less; then
-    the process knobs and the Redis URL's form ([menu] and the other tables were checked when
-    the settings loaded).
+    First the process knobs and the store URLs' form (each error names its own setting); then
+    builds the app once on a store client that never connects, so every check create_app makes
+    (WeChat crypto and AppID, bot models and prices, pay…) runs here, in a second or less
+    ([menu] and the other tables were checked when the settings loaded).
     """
     from app import create_app
     from app.edges.store import check_url
 
     _check_env_numbers()
-    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
     if settings.redis_url:
         check_url(settings.redis_url, "XIAOYI_REDIS_URL")  # parses, never connects
     if settings.queue_redis_url:
         check_url(settings.queue_redis_url, "XIAOYI_QUEUE_REDIS_URL", queues=True)
+    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
 
 
 def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,
@@ -226,6 +260,8 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
     from app.runtime.demo import banner, demo_key
     from app.runtime.supervisor import Supervisor
 
+    if not settings.redis_url:
+        refuse_second_run(settings.data_dir)  # before the port checks: the real cause first
     check_port(host, port, f"choose another: xiaoyi run --port {port + 1}, "
                            f"or make run PORT={port + 1}")
     if not settings.channels:
@@ -240,6 +276,8 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
             raise StartError(str(exc)) from exc
         except OSError as exc:
             raise StartError(f"XIAOYI_DATA_DIR {settings.data_dir}: {exc.strerror or exc}") from exc
+        if not settings.redis_url:
+            claim_run(settings.data_dir, f"http://{host}:{port}", url)
         env = {"XIAOYI_REDIS_URL": url}
         _start_children(sup, settings, host, port, workers, env)
         key, balance = demo_key(settings, url)
@@ -253,3 +291,5 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
         sup.stop()
         for server in _embedded:
             server.stop()
+        if _embedded:
+            (Path(settings.data_dir) / RUN_FILE).unlink(missing_ok=True)
