@@ -167,7 +167,8 @@ def test_one_msgid_on_two_web_processes_is_one_job(cluster: Cluster) -> None:
         t.start()
     for t in threads:
         t.join(30)
-    assert all(status == 200 and took < 5 for status, took, _ in replies), replies
+    assert len(replies) == 4 and all(status == 200 for status, _, _ in replies), replies
+    assert all(took < 30 for _, took, _ in replies), replies  # hangs only: not a speed target
     time.sleep(2)  # let a pushed answer (if any) arrive
     asked = [q for q in cluster.upstream.requests if marker in str(q["body"])]
     assert len(asked) == 1
