@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import redis
 import requests
-from conftest import UPSTREAM_KEY, Proc, child_env, clean_db, free_port, new_key, wait_for, xiaoyi
+from conftest import UPSTREAM_KEY, Proc, child_env, clean_db, new_key, wait_for, xiaoyi
+from proc_kit import free_port
 from wechat_kit import TOKEN, WeChat, text_xml
 
 from app.bot import users

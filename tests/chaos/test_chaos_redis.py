@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import redis
 import requests
-from conftest import LiveServer, free_port, make_settings, new_key, wait_for
+from conftest import LiveServer, make_settings, new_key, wait_for
+from proc_kit import free_port
 
 from app import create_app
 from app.core.money import keys, ledger, tally, wallet
