@@ -212,11 +212,14 @@ def test_concurrent_pay_notifications_across_processes_credit_once(cluster: Clus
 
 def test_web_process_logs_hold_no_key(cluster: Cluster) -> None:
     key, _ = new_key(cluster.r)
+    balances = "".join(p.output() for p in cluster.procs).count("/v1/balance")
     for url in cluster.webs:
         requests.get(url + "/v1/models", params={"api_secret_key": key}, timeout=10)
         requests.post(url + "/v1/chat/completions", json={"api_secret_key": key}, timeout=10)
         requests.get(url + "/v1/balance", headers={"Authorization": f"Bearer {key}x"}, timeout=10)
-    time.sleep(0.5)
+    # Each web process logs a request after answering it: wait for the last one's line.
+    wait_for(lambda: "".join(p.output() for p in cluster.procs).count("/v1/balance")
+             >= balances + 2, 30, "both web processes' access log lines")
     logs = "".join(proc.output() for proc in cluster.procs)
     assert "/v1/models" in logs  # the access log is on
     assert key not in logs and UPSTREAM_KEY not in logs
