@@ -1,4 +1,8 @@
-"""Channels: failover between two fake upstreams, cooldown seen on /admin and /readyz, recovery."""
+"""Channels: failover between two fake upstreams, cooldown seen on /admin and /readyz, recovery.
+
+The cooldown is long (COOLDOWN_S) so a slow machine never sees it end mid-test; recovery ends it
+the way time would, by running its Redis TTL out, after checking the TTL is the configured one.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from fakes.upstream import FakeUpstream
 
 BEARER = {"Authorization": "Bearer admin-token-for-tests-0123456789"}
 CHAT = "/v1/chat/completions"
+COOLDOWN_S = 600
 
 
 @pytest.fixture
@@ -32,12 +37,12 @@ def second() -> Iterator[FakeUpstream]:
 
 def make_app(r: redis.Redis, redis_url: str, first: FakeUpstream, backup: FakeUpstream,
              **relay: int) -> Any:
-    """An app with channel "a" (tried first) and "b" (priority 1), 1 s cooldown, no probe cache."""
+    """An app with channel "a" (tried first) and "b" (priority 1), a long cooldown, no probe cache."""
     env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789"}
     channels = [{"name": "a", "base_url": first.url, "api_key": UPSTREAM_KEY, "priority": 0},
                 {"name": "b", "base_url": backup.url, "api_key": UPSTREAM_KEY, "priority": 1}]
     toml = {"channels": channels,
-            "relay": {"cooldown_seconds": 1, "probe_cache_seconds": 0, **relay}}
+            "relay": {"cooldown_seconds": COOLDOWN_S, "probe_cache_seconds": 0, **relay}}
     return create_app(load_settings(env, toml=toml), redis_client=r).test_client()
 
 
@@ -101,7 +106,10 @@ def test_failover_cooldown_and_recovery(r: redis.Redis, redis_url: str, upstream
     assert chans["b"]["reachable"] and not chans["b"]["cooling"]
 
     requests.post(second.base_url + "/_fake/config", json={}, timeout=5)  # heal "a"
-    deadline = time.monotonic() + 5
+    cool = "xy:chan:{a}:cool"
+    assert 0 < r.pttl(cool) <= COOLDOWN_S * 1000  # the cooldown is the configured one
+    r.pexpire(cool, 1)  # ... and now it has run out
+    deadline = time.monotonic() + 30
     while channel_state(client, "a") != "正常":
         assert time.monotonic() < deadline, "channel a never came back"
         time.sleep(0.1)
@@ -152,12 +160,14 @@ def test_readyz_caches_probes_and_needs_redis(r: redis.Redis, redis_url: str,
                                               upstream: FakeUpstream) -> None:
     env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    client = create_app(load_settings(env), redis_client=r).test_client()
+    # A cache far longer than the test, so a slow machine cannot outlive it between probes.
+    cached = load_settings(env, toml={"relay": {"probe_cache_seconds": COOLDOWN_S}})
+    client = create_app(cached, redis_client=r).test_client()
     for _ in range(3):
         status, chans = readiness(client)
         assert status == 200 and chans["default"]["reachable"]
     probes = [q for q in upstream.requests if q["path"] == "/v1/models"]
-    assert len(probes) == 1  # cached for probe_cache_seconds (5)
+    assert len(probes) == 1  # cached for probe_cache_seconds
     assert probes[0]["headers"]["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     dead = make_redis("redis://127.0.0.1:1/0", max_connections=2)
     down = create_app(load_settings(env), redis_client=dead).test_client()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
+from proc_kit import free_port
 
 from app.core.config import load_settings
 from app.core.errors import RequestTooLarge
@@ -126,32 +125,12 @@ def directives(text: str) -> dict[str, str]:
     return out
 
 
-def _free_port_pair() -> int:
-    """Return a port that is free on 127.0.0.1 together with port + 10000 (a cluster node's bus).
-
-    Both lie below Linux's ephemeral range (32768+), so no client socket of a parallel test can
-    take the bus port between this check and the server's bind.
-    """
-    for candidate in random.sample(range(20_000, 22_768), 400):
-        socks = [socket.socket(), socket.socket()]
-        try:
-            socks[0].bind(("127.0.0.1", candidate))
-            socks[1].bind(("127.0.0.1", candidate + 10_000))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return candidate
-    raise AssertionError("no free port pair below the ephemeral range")
-
-
 @pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster-node"])
 def test_redis_conf_is_durable_and_loads(tmp_path: Path, cluster: bool) -> None:
     conf = directives((DEPLOY / "redis.conf").read_text())
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == "always"
     assert conf["maxmemory-policy"] == "noeviction"
-    port = _free_port_pair()
+    port = free_port(span=10_000)
     extra: list[str] = []
     if cluster:  # the flags of compose.yaml's money-1..3 (the cluster profile)
         compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())

@@ -465,41 +465,68 @@ def test_unknown_marker_is_a_400(fake: FakeUpstream, http: requests.Session) -> 
     assert_error(r, 400)
 
 
-def test_chunk_delay_streams_incrementally(fake: FakeUpstream) -> None:
-    """With chunk_delay each chunk reaches the socket as it is made."""
+def test_chunk_delay_holds_each_chunk(fake: FakeUpstream) -> None:
+    """chunk_delay sleeps before every chunk after the first: the stream takes that long."""
     body = chat_body("[[fake:long=3]][[fake:chunk_delay=0.2]]", stream=True)
-    with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=30) as sock:
         started = time.monotonic()
         sock.sendall(raw_post("/v1/chat/completions", body))
-        seen: dict[bytes, float] = {}
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
-            for mark in (b'"role"', b'"word0"', b'" word2"', b"[DONE]"):
-                if mark in data and mark not in seen:
-                    seen[mark] = time.monotonic() - started
-    assert set(seen) == {b'"role"', b'"word0"', b'" word2"', b"[DONE]"}
-    assert seen[b'"role"'] < 0.15  # the first chunk is not held back
-    assert seen[b'" word2"'] - seen[b'"word0"'] >= 0.35
-    assert seen[b"[DONE]"] - seen[b'"role"'] >= 0.75
+        took = time.monotonic() - started
+    marks = [b'"role"', b'"word0"', b'" word1"', b'" word2"', b'"finish_reason":"stop"', b"[DONE]"]
+    assert all(mark in data for mark in marks)
+    assert [data.index(mark) for mark in marks] == sorted(data.index(mark) for mark in marks)
+    assert took >= 5 * 0.2  # five chunks after the role chunk, each held 0.2 s: a lower bound
     assert data.endswith(b"0\r\n\r\n")
+
+
+def read_until(sock: socket.socket, data: bytes, mark: bytes) -> bytes:
+    """Read from `sock` until `mark` is in the data (the socket's timeout catches a hang)."""
+    while mark not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the stream closed before {mark!r}: {data[-300:]!r}"
+        data += chunk
+    return data
+
+
+def test_step_streams_each_chunk_as_it_is_made(fake: FakeUpstream) -> None:
+    """With step, each chunk reaches the socket before the next one exists.
+
+    The fake holds every chunk after the first until the test lets one go, so reading chunk N
+    before letting chunk N+1 go proves chunk N was not held back: no clock is involved.
+    """
+    body = chat_body("[[fake:long=3]][[fake:step]]", stream=True)
+    stop = b'"finish_reason":"stop"'
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=30) as sock:
+        sock.sendall(raw_post("/v1/chat/completions", body))
+        data = read_until(sock, b"", b'"role"')
+        assert b'"word0"' not in data
+        for mark, later in ((b'"word0"', b'" word1"'), (b'" word1"', b'" word2"'),
+                            (b'" word2"', stop), (stop, b"[DONE]")):
+            requests.post(f"{fake.base_url}/_fake/step", timeout=30).raise_for_status()
+            data = read_until(sock, data, mark)
+            assert later not in data  # still held: nobody let it go yet
+        fake.step()
+        data = read_until(sock, data, b"0\r\n\r\n")
+    assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
 
 
 def test_chunks_are_readable_before_the_stream_ends(
     fake: FakeUpstream, http: requests.Session
 ) -> None:
-    """A requests client reads the first chunk long before the last."""
-    body = chat_body("[[fake:long=3]][[fake:chunk_delay=0.2]]", stream=True)
-    started = time.monotonic()
-    with http.post(f"{fake.url}/chat/completions", json=body, stream=True) as r:
+    """A requests client reads the first chunk while the rest is still held by the fake."""
+    body = chat_body("[[fake:long=3]][[fake:step]]", stream=True)
+    with http.post(f"{fake.url}/chat/completions", json=body, stream=True, timeout=30) as r:
         lines = r.iter_lines()
-        first = next(line for line in lines if line)
-        first_at = time.monotonic() - started
+        first = next(line for line in lines if line)  # a held-back first chunk would time out
+        assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+        fake.step(5)  # word0, word1, word2, the stop chunk, [DONE]
         rest = [line for line in lines if line]
-        last_at = time.monotonic() - started
-    assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in rest[:3]] == [
+        "word0", " word1", " word2"]
     assert rest[-1] == b"data: [DONE]"
-    assert first_at < 0.15 and last_at - first_at >= 0.75
 
 
 @pytest.mark.parametrize("cut", [0, 2])

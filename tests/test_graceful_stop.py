@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import redis
 import requests
 from conftest import UPSTREAM_KEY, new_key
+from proc_kit import free_port
 
 from app.core import pricing
 from app.core.config import load_settings
@@ -32,12 +32,6 @@ from app.runtime.graceful import grace_seconds
 
 SLOW = "[[fake:chunk_delay=0.25]]"  # the default answer: about 8 pieces, 2 s
 ENDLESS = "[[fake:long=400]] [[fake:chunk_delay=0.25]]"  # 100 s: longer than any grace here
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
@@ -60,7 +54,7 @@ def web(redis_url: str, upstream: Any, tmp_path: Path) -> Iterator[Any]:
 
     def start(grace: int, fake_port: int | None = None) -> tuple[subprocess.Popen, str]:
         """fake_port: no upstream set, so `xiaoyi web` starts the fake upstream on that port."""
-        port, log = _free_port(), tmp_path / "web.log"
+        port, log = free_port(), tmp_path / "web.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
         env.update(XIAOYI_REDIS_URL=redis_url, XIAOYI_UPSTREAM_BASE_URL=upstream.url,
                    XIAOYI_UPSTREAM_API_KEY=UPSTREAM_KEY, XIAOYI_GRACEFUL_TIMEOUT=str(grace),
@@ -170,7 +164,7 @@ def _answers(url: str) -> bool:
 def test_ctrl_c_on_xiaoyi_web_spares_its_fake_upstream_until_the_stream_ends(
         web: Any, r: redis.Redis) -> None:
     """The fake upstream `xiaoyi web` starts is out of the terminal's group, yet dies with it."""
-    fake_port = _free_port()
+    fake_port = free_port()
     proc, base = web(grace=30, fake_port=fake_port)
     key, acct = new_key(r)
     events = _stop_mid_stream(proc, _open_stream(base, key, f"你好 {SLOW}"), signal.SIGINT)
@@ -186,9 +180,9 @@ def test_ctrl_c_on_xiaoyi_web_spares_its_fake_upstream_until_the_stream_ends(
 
 
 def test_xiaoyi_run_ends_an_open_stream_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port, log = _free_port(), tmp_path / "run.log"
+    port, log = free_port(), tmp_path / "run.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
-    env.update(XIAOYI_DATA_DIR=str(tmp_path / "var"), XIAOYI_FAKE_UPSTREAM_PORT=str(_free_port()),
+    env.update(XIAOYI_DATA_DIR=str(tmp_path / "var"), XIAOYI_FAKE_UPSTREAM_PORT=str(free_port()),
                XIAOYI_GRACEFUL_TIMEOUT="4", WEB_CONCURRENCY="1")
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "run", "--port",

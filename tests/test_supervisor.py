@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Waits poll for an event and return as soon as it happens; this bound only turns a hang into a
+# failure. A test that needs "promptly" gives the code under test a timeout far above HANG_S, so
+# reaching it would be a hang, never a slow machine.
+HANG_S = 30.0
+NEVER_S = 3600.0
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 # A child that starts a grandchild in its own process group and publishes the grandchild's pid.
 PARENT_OF_GRANDCHILD = """
@@ -67,7 +73,7 @@ sys.exit(code)
 """
 
 
-def wait_until(predicate: object, timeout: float = 5.0) -> bool:
+def wait_until(predicate: object, timeout: float = HANG_S) -> bool:
     """Poll a zero-argument callable until it returns true or `timeout` passes."""
     assert callable(predicate)
     deadline = time.monotonic() + timeout
@@ -86,7 +92,7 @@ def add_stubborn(supervisor: Supervisor, tmp_path: Path) -> subprocess.Popen[byt
     return process
 
 
-def read_pid(path: Path, timeout: float = 5.0) -> int:
+def read_pid(path: Path, timeout: float = HANG_S) -> int:
     """Wait for a pid file written by a child and return its pid."""
     assert wait_until(path.exists, timeout), f"{path} was never written"
     return int(path.read_text())
@@ -114,12 +120,11 @@ def test_stop_kills_children_and_grandchildren(supervisor: Supervisor, tmp_path:
     assert all(os.getsid(child.pid) == child.pid for child in supervisor.children)
     assert os.getpgid(grandchild) == supervisor.children[1].pid
 
+    # Children that heed SIGTERM end the stop long before its (never reached) timeout.
     started = time.monotonic()
-    supervisor.stop(timeout=5)
-    assert time.monotonic() - started < 4
-    assert wait_until(lambda: not any(alive(pid) for pid in pids), 3), [
-        pid for pid in pids if alive(pid)
-    ]
+    supervisor.stop(timeout=NEVER_S)
+    assert time.monotonic() - started < HANG_S
+    assert not any(alive(pid) for pid in pids), [pid for pid in pids if alive(pid)]
     assert [child.process.returncode for child in supervisor.children] == [
         -signal.SIGTERM,
         -signal.SIGTERM,
@@ -137,12 +142,16 @@ def test_stop_goes_in_reverse_start_order(supervisor: Supervisor, tmp_path: Path
     assert log.read_text().split() == ["worker", "web", "store"]
 
 
-def test_stop_kills_a_child_that_ignores_sigterm(supervisor: Supervisor, tmp_path: Path) -> None:
-    """A child that ignores SIGTERM is SIGKILLed once the timeout passes."""
+def test_stop_kills_a_child_that_ignores_sigterm(
+    supervisor: Supervisor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that ignores SIGTERM is SIGKILLed once the timeout passes, not before."""
     process = add_stubborn(supervisor, tmp_path)
     started = time.monotonic()
-    supervisor.stop(timeout=0.5)
-    assert 0.4 < time.monotonic() - started < 3
+    with caplog.at_level(logging.WARNING, logger="app.runtime.supervisor"):
+        supervisor.stop(timeout=0.5)
+    assert time.monotonic() - started >= 0.5  # the grace period was granted in full
+    assert "stubborn" in caplog.text and "did not stop in 0.5s; killing it" in caplog.text
     assert process.returncode == -signal.SIGKILL
     assert not alive(process.pid)
 
@@ -154,9 +163,7 @@ def test_wait_returns_nonzero_when_a_child_exits(
     """Any child exit, even a clean one, ends wait() with a non-zero code."""
     supervisor.add("sleeper", SLEEPER)
     supervisor.add("quitter", [sys.executable, "-c", f"import sys; sys.exit({exit_code})"])
-    started = time.monotonic()
     assert supervisor.wait() == expected
-    assert time.monotonic() - started < 5
     assert supervisor.failed is not None and supervisor.failed.name == "quitter"
     sleeper = supervisor.children[0].pid
     supervisor.stop(timeout=2)
@@ -188,7 +195,7 @@ def test_add_passes_extra_environment(supervisor: Supervisor, tmp_path: Path) ->
     process = supervisor.add(
         "env", [sys.executable, "-c", code, str(out)], env={"XIAOYI_TEST_VALUE": "42"}
     )
-    assert process.wait(timeout=5) == 0
+    assert process.wait(timeout=HANG_S) == 0
     assert out.read_text() == "42 True"
 
 
@@ -242,8 +249,8 @@ def test_sigterm_to_supervising_process_leaves_no_children(tmp_path: Path) -> No
     try:
         assert all(alive(pid) for pid in pids)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=8) == 0
-        assert wait_until(lambda: not any(alive(pid) for pid in pids), 3), [
+        assert process.wait(timeout=HANG_S) == 0
+        assert wait_until(lambda: not any(alive(pid) for pid in pids)), [
             pid for pid in pids if alive(pid)
         ]
     finally:
@@ -257,8 +264,8 @@ def test_children_die_when_the_supervising_process_is_killed(tmp_path: Path) -> 
     children = pids[:2]
     try:
         process.kill()
-        process.wait(timeout=5)
-        assert wait_until(lambda: not any(alive(pid) for pid in children), 3)
+        process.wait(timeout=HANG_S)
+        assert wait_until(lambda: not any(alive(pid) for pid in children))
     finally:
         for pid in pids:
             if alive(pid):
@@ -309,7 +316,7 @@ def test_wait_http_times_out_on_5xx(http_status_server: http.server.ThreadingHTT
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="503"):
         wait_http(f"http://127.0.0.1:{port}/", timeout=0.3)
-    assert time.monotonic() - started < 2
+    assert 0.3 <= time.monotonic() - started < HANG_S  # kept asking until the timeout, then gave up
 
 
 def _closed_port() -> int:
@@ -320,14 +327,14 @@ def _closed_port() -> int:
 
 
 def test_wait_http_and_wait_port_time_out_without_a_listener() -> None:
-    """Nothing listening means a TimeoutError after roughly the timeout."""
+    """Nothing listening means a TimeoutError once the timeout has passed (and not before)."""
     port = _closed_port()
-    started = time.monotonic()
-    with pytest.raises(TimeoutError):
-        wait_http(f"http://127.0.0.1:{port}/", timeout=0.3)
-    with pytest.raises(TimeoutError):
-        wait_port("127.0.0.1", port, timeout=0.3)
-    assert 0.5 < time.monotonic() - started < 3
+    for wait in (lambda: wait_http(f"http://127.0.0.1:{port}/", timeout=0.3),
+                 lambda: wait_port("127.0.0.1", port, timeout=0.3)):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="0.3"):
+            wait()
+        assert 0.3 <= time.monotonic() - started < HANG_S
 
 
 def test_wait_port_succeeds_once_listening() -> None:
@@ -339,16 +346,17 @@ def test_wait_port_succeeds_once_listening() -> None:
 
 
 def test_waiting_fails_fast_when_the_process_died() -> None:
-    """Passing the awaited process turns its death into an immediate error."""
+    """Passing the awaited process turns its death into an error instead of waiting it out."""
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
     dead.wait()
     port = _closed_port()
+    # Waiting out the timeout would end in a TimeoutError (or a hang), not in this error.
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="exited with 2"):
-        wait_http(f"http://127.0.0.1:{port}/", timeout=10, process=dead)
+        wait_http(f"http://127.0.0.1:{port}/", timeout=NEVER_S, process=dead)
     with pytest.raises(RuntimeError, match="exited with 2"):
-        wait_port("127.0.0.1", port, timeout=10, process=dead)
-    assert time.monotonic() - started < 1
+        wait_port("127.0.0.1", port, timeout=NEVER_S, process=dead)
+    assert time.monotonic() - started < HANG_S
 
 
 def test_second_signal_while_stopping_kills_at_once(supervisor: Supervisor, tmp_path: Path) -> None:
@@ -362,9 +370,9 @@ def test_second_signal_while_stopping_kills_at_once(supervisor: Supervisor, tmp_
         timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         started = time.monotonic()
-        supervisor.stop(timeout=20)
+        supervisor.stop(timeout=NEVER_S)  # only the second signal can end this early
         timer.join()
     finally:
         supervisor.restore_signal_handlers()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < HANG_S
     assert process.returncode == -signal.SIGKILL

@@ -2,8 +2,8 @@
 
 Routes: POST /v1/chat/completions, /v1/completions (both also streamed), /v1/embeddings,
 /v1/images/generations, /v1/moderations (fakes/upstream/moderation.py); GET /v1/models[/<id>], /v1/files/img-<id>.png (the generated PNGs),
-/healthz; control endpoints POST /_fake/config, POST /_fake/reset, GET /_fake/config and
-GET /_fake/requests (these and the image files ignore the api key).
+/healthz; control endpoints POST /_fake/config, POST /_fake/reset, POST /_fake/step, GET
+/_fake/config and GET /_fake/requests (these and the image files ignore the api key).
 
 Behaviour is steered per request by markers in the last user message, prompt, input or image
 prompt (``[[fake:status=500]]``, removed from the echoed text), or for every request by
@@ -15,6 +15,8 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     nousage        omit usage, also from streams that asked for it with include_usage
     long=N         answer "word0 word1 ... word<N-1>", streamed one word per chunk
     chunk_delay=S  sleep S seconds between stream chunks
+    step           hold the answer (a stream: each chunk after the first) until POST /_fake/step
+                   lets one go (or STEP_WAIT_S passed): a test paces it by events, not the clock
     cut=N          stream: close the connection after N content chunks (no [DONE], no last chunk)
     malformed      answer 200 with a body (or, streaming, an event) that is not JSON
     crlf           stream: frame events with CRLF, as sse-starlette does, each JSON payload split

@@ -106,6 +106,7 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "nousage": _as_flag,
     "long": _as_count,
     "chunk_delay": _as_seconds,
+    "step": _as_flag,
     "cut": _as_count,
     "malformed": _as_flag,
     "flag": as_category,

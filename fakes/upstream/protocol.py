@@ -173,6 +173,8 @@ class FakeProtocol(BaseHTTPRequestHandler):
             return False
         if behaviour.get("delay"):
             time.sleep(behaviour["delay"])
+        if behaviour.get("step") and not stream:
+            self.server.state.wait_step()
         status = behaviour.get("status")
         if status:
             self._send_status(status, behaviour)
@@ -206,7 +208,7 @@ class FakeProtocol(BaseHTTPRequestHandler):
         pending += (b"Transfer-Encoding: chunked\r\n" if chunked else b"") + self._conn_header()
         pending += b"\r\n"
         self.headers_sent = True
-        delay, cut = behaviour.get("chunk_delay"), behaviour.get("cut")
+        delay, cut, step = behaviour.get("chunk_delay"), behaviour.get("cut"), behaviour.get("step")
         if behaviour.get("malformed"):
             events = iter([(_TAIL, b"{this is not JSON")])
         sent = 0
@@ -219,6 +221,8 @@ class FakeProtocol(BaseHTTPRequestHandler):
                 return
             if delay and not pending:
                 time.sleep(delay)
+            if step and not pending:
+                self.server.state.wait_step()
             data = frame(payload)
             # CRLF framing also splits each event between its CR and LF across two HTTP chunks.
             cut_at = data.find(b"\r\n") + 1 if frame is _crlf_frame else len(data)

@@ -17,6 +17,7 @@ from fakes.upstream.behaviour import FakeError, parse_behaviour
 from fakes.upstream.views import FakeHandler
 
 MAX_RECORDED = 1000
+STEP_WAIT_S = 60.0  # a `step` stream goes on by itself after this long without a step
 
 
 class FakeState:
@@ -29,6 +30,15 @@ class FakeState:
         self.lock = threading.Lock()
         self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_RECORDED)
         self.connections: set[socket.socket] = set()
+        self.steps = threading.Semaphore(0)
+
+    def wait_step(self) -> None:
+        """Hold a `step` stream until POST /_fake/step lets one chunk go (or STEP_WAIT_S)."""
+        self.steps.acquire(timeout=STEP_WAIT_S)
+
+    def step(self, n: int = 1) -> None:
+        """Let `n` held stream chunks go."""
+        self.steps.release(n)
 
     def configure(self, behaviour: dict[str, Any]) -> dict[str, Any]:
         """Replace the global behaviour (validated) and return it."""
@@ -48,6 +58,7 @@ class FakeState:
     def reset(self) -> None:
         """Clear the global behaviour and the recorded requests."""
         self.config = {}
+        self.steps = threading.Semaphore(0)  # steps left over by an earlier test are dropped
         with self.lock:
             self._requests.clear()
 
@@ -158,6 +169,10 @@ class FakeUpstream:
     def reset(self) -> None:
         """Clear the global behaviour and the recorded requests."""
         self.server.state.reset()
+
+    def step(self, n: int = 1) -> None:
+        """Let `n` chunks of a `[[fake:step]]` stream go."""
+        self.server.state.step(n)
 
     def stop(self) -> None:
         """Stop serving, close open connections and release the port."""

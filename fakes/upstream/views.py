@@ -257,6 +257,9 @@ class FakeHandler(FakeProtocol):
         if path == "/_fake/reset" and self.command == "POST":
             state.reset()
             return self._send_json({"ok": True})
+        if path == "/_fake/step" and self.command == "POST":
+            state.step()
+            return self._send_json({"ok": True})
         if path == "/_fake/config" and self.command == "POST":
             try:
                 config = _loads(raw) if raw.strip() else {}

@@ -12,7 +12,6 @@ import fcntl
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,13 +43,6 @@ make_settings = _root.make_settings  # type: ignore[attr-defined]
 new_key = _root.new_key  # type: ignore[attr-defined]
 LiveServer = _root.LiveServer  # type: ignore[attr-defined]
 UPSTREAM_KEY: str = _root.UPSTREAM_KEY  # type: ignore[attr-defined]
-
-
-def free_port() -> int:
-    """Return a TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,7 +2,8 @@
 
 Real `xiaoyi worker` processes run workers.chat.reply_chat; the webhook is served in-process over
 HTTP; WeChat's API and the upstream are HTTP fakes. The first worker is killed while the upstream
-is thinking; the second takes the job up again within 30 s.
+is thinking; the second takes the job up again once the first one's pulse lapses (seconds), not
+when rq's own cleanup would (minutes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from fakes.upstream import FakeUpstream
 OPENID = "oChaosKillUser00000000000001"
 MSG_ID = "880000000000000001"
 DK = f"{OPENID}:{MSG_ID}"  # the dedupe key: also the request id the chat is charged under
+# The pulse sweeper recovers in seconds (pulse 10 s, sweep 3 s); rq alone would take minutes (a
+# started job's registry entry: job timeout + 60 s). The bound tells the two apart with room for
+# a slow machine: it is not a speed target.
+RECOVERY_BOUND_S = 90
 
 
 @pytest.fixture
@@ -55,6 +60,7 @@ def chat_calls(upstream: FakeUpstream) -> int:
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(RECOVERY_BOUND_S + 120)
 def test_sigkill_mid_reply_chat(r: redis.Redis, redis_url: str, upstream: FakeUpstream,
                                 wx: FakeWeChatAPI, tmp_path: Path) -> None:
     env = bot_env(tmp_path, upstream, wx, redis_url)
@@ -64,19 +70,18 @@ def test_sigkill_mid_reply_chat(r: redis.Redis, redis_url: str, upstream: FakeUp
     try:
         with bot(settings, r, worker=False) as (_, url):
             wechat = WeChat(url, wx.appid)
-            started = time.monotonic()
             resp = wechat.post(text_xml(OPENID, "慢慢想 [[fake:delay=4]]", MSG_ID))
-            assert resp.status_code == 200 and time.monotonic() - started < 5
+            assert resp.status_code == 200
             wait_for(lambda: chat_calls(upstream) == 1, 20, "the first worker to ask upstream")
             first.kill(signal.SIGKILL)
             first.popen.wait(timeout=5)
             killed_at = time.monotonic()
             second = Proc(xiaoyi("worker"), env, tmp_path / "second.log")
-            wait_for(lambda: wx.sent(OPENID), 30, "the answer after the kill (within 30 s)")
+            wait_for(lambda: wx.sent(OPENID), RECOVERY_BOUND_S, "the answer after the kill")
             took = time.monotonic() - killed_at
             time.sleep(2)  # nothing else is on its way
             sent = wx.sent(OPENID)
-            assert took < 30
+            assert took < RECOVERY_BOUND_S, took  # the pulse sweeper, not rq's 4-minute cleanup
             assert len(sent) == 1 and "慢慢想" in sent[0]["text"]["content"]
             assert chat_calls(upstream) == 2  # the killed run's answer never existed
             acct = users.account_of(r, OPENID)
@@ -95,6 +100,7 @@ def test_sigkill_mid_reply_chat(r: redis.Redis, redis_url: str, upstream: FakeUp
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(RECOVERY_BOUND_S + 120)
 def test_a_failing_message_after_a_sigkill_gets_its_polite_reply_within_30s(
         r: redis.Redis, redis_url: str, upstream: FakeUpstream, wx: FakeWeChatAPI,
         tmp_path: Path) -> None:
@@ -113,13 +119,16 @@ def test_a_failing_message_after_a_sigkill_gets_its_polite_reply_within_30s(
         first.popen.wait(timeout=5)
         killed_at = time.monotonic()
         assert r.get(lock) == holder  # the dead scheduler's lock stays (rq: 61 s)
+        lock_left_s = r.pttl(lock) / 1000
         with bot(settings, r, worker=False) as (_, url):
             resp = WeChat(url, wx.appid).post(text_xml(openid, "[[fake:status=503]]坏了"))
             assert resp.status_code == 200
-            sent = wait_for(lambda: wx.sent(openid), 30, "the apology within 30 s of the kill")
+            sent = wait_for(lambda: wx.sent(openid), RECOVERY_BOUND_S, "the apology")
             took = time.monotonic() - killed_at
         time.sleep(1)  # nothing else is on its way
-        assert took < 30
+        # The retries ran before the dead scheduler's lock would have run out by itself: nobody
+        # waited for it (SPEC §7.14). The lock's own TTL is the bound, not a speed target.
+        assert took < lock_left_s, (took, lock_left_s)
         assert [m["text"]["content"] for m in wx.sent(openid)] == [settings.texts["chat_failed"]]
         assert sent[0]["text"]["content"] == settings.texts["chat_failed"]
         assert 1 <= chat_calls(upstream) <= 3

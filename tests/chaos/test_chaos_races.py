@@ -11,7 +11,7 @@ from collections import Counter
 
 import redis
 import requests
-from conftest import LiveServer, new_key
+from conftest import LiveServer, new_key, wait_for
 from proc_kit import race
 
 from app.core.money import keys, ledger, wallet
@@ -110,10 +110,11 @@ def test_key_rotation_with_requests_in_flight(live: LiveServer, r: redis.Redis) 
     threads = [threading.Thread(target=hammer, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    wait_for(lambda: any(s == 200 for _, s, _ in seen), 30, "answers before the rotation")
     new, _ = keys.rotate(r, key_id)
     rotated_at.append(time.monotonic())
-    time.sleep(0.5)
+    wait_for(lambda: sum(sent > rotated_at[0] for sent, _, _ in seen) >= 16, 30,
+             "answers to requests sent after the rotation")
     stop.set()
     for t in threads:
         t.join(30)

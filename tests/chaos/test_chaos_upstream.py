@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from conftest import UPSTREAM_KEY, free_port, make_settings, new_key, wait_for
+from conftest import UPSTREAM_KEY, make_settings, new_key, wait_for
+from proc_kit import free_port
 
 from app import create_app
 from app.bot import users
