@@ -419,6 +419,17 @@ def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
     return data_events(resp.iter_content(chunk_size=None))
 
 
+def iter_sse_objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Yield each SSE event payload that is a JSON object; skip the rest (comments, junk)."""
+    for payload in events:
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
 def init_app(app: Any, r: redis.Redis) -> None:
     """Build this process's upstream client."""
     app.extensions[EXTENSION] = Upstream(app.config["SETTINGS"], r)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from engines import Cluster, SentinelSet, redis_cluster, sentinel_set
+from engines import Cluster, SentinelSet, Single, redis_cluster, sentinel_set, single
 from redis.cluster import RedisCluster
+
+from app.core.money import tally
+from app.edges.store import make_redis
 
 _HERE = Path(__file__).resolve().parent
 
@@ -46,6 +50,26 @@ def cluster_client(cluster: Cluster) -> Iterator[RedisCluster]:
     client.flushall(target_nodes=RedisCluster.PRIMARIES)
     yield client
     client.close()
+
+
+@pytest.fixture
+def store(cluster: Cluster, cluster_client: RedisCluster) -> Iterator[Any]:
+    """The app's own client (redis+cluster:// URL, as XIAOYI_REDIS_URL gives it) on an emptied
+    cluster; the money counters flushed before and after."""
+    tally.flush()
+    cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    client = make_redis(cluster.url, max_connections=100)
+    assert isinstance(client, RedisCluster)
+    yield client
+    tally.flush()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def queue_redis() -> Iterator[Single]:
+    """A single Redis for the rq queues (rq is not Cluster-safe)."""
+    with single(durable=False) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

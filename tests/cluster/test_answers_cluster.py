@@ -11,45 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from admin_kit import BEARER, TOKEN, login
 from conftest import make_settings, new_key
-from engines import Cluster, Single, single
+from engines import Cluster, Single
 from PIL import Image
-from redis.cluster import RedisCluster
 from wechat_kit import WeChat, bot, image_xml, wechat_settings
 
 from app import create_app
 from app.bot import jobs, screening, users
-from app.core.money import layout, ledger, tally, wallet
-from app.edges.store import make_redis
+from app.core.money import layout, ledger, wallet
 from fakes import FakeWeChatAPI
 from fakes.upstream import ANSWER_PREFIX, FakeUpstream
 
 OPENID = "oClusterPicture000000000001"
 WORD = "测试模型"  # in every answer of the fake upstream: masked in the bot's answers
-
-
-@pytest.fixture(scope="module")
-def queue_redis() -> Iterator[Single]:
-    """A single Redis for the rq queues."""
-    with single(durable=False) as engine:
-        yield engine
-
-
-@pytest.fixture
-def store(cluster: Cluster, cluster_client: RedisCluster) -> Iterator[Any]:
-    """The app's own cluster client on an emptied cluster."""
-    tally.flush()
-    cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
-    client = make_redis(cluster.url, max_connections=100)
-    yield client
-    tally.flush()
-    client.close()
 
 
 def _jpeg() -> bytes:

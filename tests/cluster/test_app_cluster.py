@@ -16,37 +16,18 @@ from typing import Any
 import pytest
 import requests
 from conftest import UPSTREAM_KEY, LiveServer, make_settings
-from engines import Cluster, Single, free_ports, single
-from redis.cluster import RedisCluster
+from engines import Cluster, Single, free_ports
 from wechat_kit import WeChat, bot, wechat_settings
 
 from app import create_app
 from app.bot import users
-from app.core.money import keys, layout, ledger, tally, wallet
+from app.core.money import keys, layout, ledger, wallet
 from app.edges.store import make_redis
 from fakes import FakeWeChatAPI
 from fakes.upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "你好 cluster"}]
-
-
-@pytest.fixture(scope="module")
-def queue_redis() -> Iterator[Single]:
-    """A single Redis for the rq queues."""
-    with single(durable=False) as engine:
-        yield engine
-
-
-@pytest.fixture
-def store(cluster: Cluster, cluster_client: RedisCluster) -> Iterator[Any]:
-    """The app's own cluster client on an emptied cluster."""
-    tally.flush()
-    cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
-    client = make_redis(cluster.url, max_connections=100)
-    yield client
-    tally.flush()
-    client.close()
 
 
 def _web(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from conftest import UPSTREAM_KEY, make_settings
-from engines import Cluster, Single, single
-from redis.cluster import RedisCluster
+from engines import Cluster, Single
 from wechat_kit import WeChat, bot, wait_for, wechat_settings
 
 from app import create_app
 from app.bot import handoff, users
 from app.core.config import load_settings
-from app.core.money import codes, keys, layout, ledger, tally, wallet
+from app.core.money import codes, keys, layout, ledger, wallet
 from app.edges import pay
 from app.edges.store import make_redis
 from app.edges.upstream import get_upstream
@@ -33,24 +30,6 @@ from fakes.upstream import FakeUpstream
 
 OPENID = "oClusterFlow0000000000000001"
 TEXTS = load_settings({}).texts
-
-
-@pytest.fixture(scope="module")
-def queue_redis() -> Iterator[Single]:
-    """A single Redis for the rq queues."""
-    with single(durable=False) as engine:
-        yield engine
-
-
-@pytest.fixture
-def store(cluster: Cluster, cluster_client: RedisCluster) -> Iterator[Any]:
-    """The app's own cluster client on an emptied cluster."""
-    tally.flush()
-    cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
-    client = make_redis(cluster.url, max_connections=100)
-    yield client
-    tally.flush()
-    client.close()
 
 
 def test_bot_park_continue_free_chats_and_push(cluster: Cluster, store: Any, queue_redis: Single,

@@ -6,7 +6,6 @@ below spread over every master (test_accounts_spread_over_masters proves it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,25 +13,11 @@ from click.testing import CliRunner
 from engines import Cluster
 from money_kit import check_every_script
 from proc_kit import race
-from redis.cluster import RedisCluster
 
 from app.core import money
 from app.core.errors import InvalidKey, RateLimited
-from app.core.money import codes, keys, layout, ledger, tally, wallet
-from app.edges.store import make_redis
+from app.core.money import codes, keys, layout, ledger, wallet
 from app.runtime.cli import main
-
-
-@pytest.fixture
-def store(cluster: Cluster, cluster_client: RedisCluster) -> Iterator[Any]:
-    """The app's own client (redis+cluster:// URL) on an emptied cluster."""
-    tally.flush()
-    cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
-    client = make_redis(cluster.url, max_connections=100)
-    assert isinstance(client, RedisCluster)
-    yield client
-    tally.flush()
-    client.close()
 
 
 def test_accounts_spread_over_masters(cluster: Cluster, store: Any) -> None:

@@ -14,7 +14,7 @@ from flask import Response, stream_with_context
 from app.core import pricing
 from app.core.errors import ApiError, UpstreamError
 from app.core.money import Hold
-from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse
+from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse, iter_sse_objects
 from app.web.relay import screening, shutdown
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, admit, settings
@@ -98,7 +98,7 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
         last: dict[str, Any] = {}
         open_stream = shutdown.opened(resp)  # a server stop ends it with END, never bare
         try:
-            for obj in _objects(events):
+            for obj in iter_sse_objects(events):
                 last = obj
                 texts.append(_answer_text(kind, obj))
                 screened = guard.take(obj) if guard is not None else obj
@@ -163,22 +163,11 @@ def _usage_chunk(kind: str, call: Call, meter: Meter, last: dict[str, Any],
             "model": call.model, "choices": [], "usage": meter.shown(text)}
 
 
-def _objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """Yield each event that is a JSON object; skip the rest."""
-    for payload in events:
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            yield obj
-
-
 def _drain(events: Iterator[str], kind: str, texts: list[str], cap: int) -> dict[str, Any] | None:
     usage = None
     deadline = time.monotonic() + 120
     try:
-        for i, obj in enumerate(_objects(events)):
+        for i, obj in enumerate(iter_sse_objects(events)):
             if i >= cap or time.monotonic() > deadline:
                 break
             usage = obj.get("usage") or usage

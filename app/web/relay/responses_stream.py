@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import requests
 from flask import Response, stream_with_context
 from redis import RedisError
@@ -17,7 +16,7 @@ from app.core.errors import ApiError
 from app.core.money import Hold
 from app.core.responses import answer, events, native
 from app.edges.store import get_redis
-from app.edges.upstream import UpstreamResponse, iter_sse
+from app.edges.upstream import UpstreamResponse, iter_sse, iter_sse_objects
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, settings
 from app.web.relay.response_store import Plan, keep
@@ -26,17 +25,6 @@ from app.web.relay.stream_guard import open_guard
 log = logging.getLogger(__name__)
 BROKEN = "The upstream stream was interrupted."
 DRAIN_SECONDS = 120
-
-
-def _objects(payloads: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """Yield each event payload that is a JSON object; skip the rest."""
-    for payload in payloads:
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            yield obj
 
 
 class Turn:
@@ -114,7 +102,7 @@ class Turn:
         """Read on what the upstream produces after the client left (to a cap), to bill it."""
         deadline = time.monotonic() + DRAIN_SECONDS
         try:
-            for i, obj in enumerate(_objects(payloads)):
+            for i, obj in enumerate(iter_sse_objects(payloads)):
                 if i >= self.drain_cap or time.monotonic() > deadline or self.cut():
                     break
                 self.feed(obj)
@@ -137,7 +125,7 @@ class Turn:
         try:
             if isinstance(self.state, events.ChatEvents):
                 yield b"".join(map(events.frame, self.state.start()))
-            for obj in _objects(payloads):
+            for obj in iter_sse_objects(payloads):
                 for event in self.feed(obj):
                     yield events.frame(event)
                 if self.cut():
