@@ -238,3 +238,43 @@ def test_plain_answer_without_upstream_usage_gets_the_estimate(
                              "total_tokens": prompt + completion}
     cost = pricing.token_cost(settings.prices[PRICE_MODEL], prompt, completion)
     assert before - wallet.balance(r, acct) == cost
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_the_bill_is_settled_before_the_stream_ends(live: LiveServer, funded: tuple[str, str],
+                                                   r: redis.Redis, upstream: FakeUpstream,
+                                                   path: str) -> None:
+    """A client that reads a stream's last event and then asks for its balance sees the charge:
+    the settle is written before [DONE] (or response.completed) leaves, not after. Redis holds
+    writes (CLIENT PAUSE WRITE) while the rest of the stream flows: the last event must wait
+    for the settle, and when it arrives the ledger already has it."""
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    said = "hello stream [[fake:step]]"  # the fake holds every chunk after the first
+    body: dict[str, Any] = {"model": "gpt-3.5", "stream": True}
+    if path == "/v1/responses":
+        body["input"] = said
+    elif path == "/v1/completions":
+        body.update(model="gpt-3.5-turbo-instruct", prompt=said)
+    else:
+        body["messages"] = [{"role": "user", "content": said}]
+    resp = requests.post(live.url + path, json=body, stream=True, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200, resp.text
+    lines = resp.iter_lines()
+    try:
+        assert any(line.startswith(b"data:") for line in lines)  # the first chunk is here
+        r.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # reads go on, writes wait
+        upstream.step(1000)
+        last = b""
+        for line in lines:
+            if line.startswith(b"data:"):
+                last = line[5:].strip()
+                if last == b"[DONE]" or b'"response.completed"' in last:
+                    break
+        assert last == b"[DONE]" or b'"response.completed"' in last
+        entry = settle_entry(r, acct, resp.headers["X-Request-Id"])  # a read: not held
+        assert int(entry["cost"]) == before - wallet.balance(r, acct) > 0
+    finally:
+        r.execute_command("CLIENT", "UNPAUSE")
+        resp.close()

@@ -109,6 +109,15 @@ class Meter:
         return held.settle(pricing.token_cost(self.call.price, pt, ct), prompt_tokens=pt,
                            completion_tokens=ct)
 
+    def try_settle(self, held: Hold, text: str) -> bool:
+        """Settle once without waiting (before a stream's last event leaves); False when that
+        failed, leaving it to settle_retrying, which retries and logs (settles are idempotent)."""
+        try:
+            self.settle(held, text)
+        except Exception:  # noqa: BLE001 - Redis away, or anything: the closing path reports it
+            return False
+        return True
+
     def settle_retrying(self, held: Hold, text: str) -> None:
         """Settle a delivered stream (chat, completions, responses), retrying while Redis is down."""
         self._retrying(lambda: self.settle(held, text))

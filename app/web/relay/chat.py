@@ -85,13 +85,16 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
     guard = open_guard(kind)  # [safety] api_output: held back, masked or cut
     settled = False
 
-    def finish() -> None:
+    def finish(now: bool = False) -> None:
+        """Settle once: `now` (before the stream's end leaves) tries without waiting, the
+        closing call retries while Redis is away."""
         nonlocal settled
-        if settled:
+        if settled or (now and not meter.try_settle(held, "".join(texts))):
             return
         settled = True
         resp.close()
-        meter.settle_retrying(held, "".join(texts))
+        if not now:
+            meter.settle_retrying(held, "".join(texts))
 
     def generate() -> Iterator[bytes]:
         events = iter_sse(resp)
@@ -112,10 +115,12 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
                 yield shutdown.END
                 return
             cut = guard is not None and guard.refused  # the upstream's usage was never read
+            end = b"data: [DONE]\n\n"
             if plan.want_usage and (meter.billed is None or cut):  # asked, none was sent
-                yield b"data: " + orjson.dumps(_usage_chunk(kind, call, meter, last,
-                                                            "".join(texts))) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+                end = b"data: " + orjson.dumps(_usage_chunk(kind, call, meter, last,
+                                                            "".join(texts))) + b"\n\n" + end
+            finish(now=True)  # settled before the end leaves: a balance read after it shows it
+            yield end
         except GeneratorExit:
             # The client left: keep reading what the upstream produces (up to a cap) to bill it.
             if guard is None or not guard.refused:

@@ -1,5 +1,5 @@
 """Streamed Responses: typed events (translated from chat chunks, or a native upstream's passed
-through), the turn stored before its final event, the bill settled when the stream closes."""
+through), the turn stored and the bill settled before its final event (or when the stream closes)."""
 
 from __future__ import annotations
 
@@ -111,13 +111,16 @@ class Turn:
         except (requests.RequestException, OSError, ApiError, RedisError) as exc:
             log.info("upstream ended while draining an abandoned stream: %s", type(exc).__name__)
 
-    def close(self) -> None:
-        """Settle once (a client gone before the first event is billed for the prompt)."""
-        if self.closed:
+    def close(self, now: bool = False) -> None:
+        """Settle once (a client gone before the first event is billed for the prompt): `now`
+        (before the final event leaves) tries without waiting, the closing call retries while
+        Redis is away."""
+        if self.closed or (now and not self.meter.try_settle(self.held, self.text or "")):
             return
         self.closed = True
         self.resp.close()
-        self.meter.settle_retrying(self.held, self.text or "")
+        if not now:
+            self.meter.settle_retrying(self.held, self.text or "")
 
     def events(self) -> Iterator[bytes]:
         """Yield the SSE stream; bill and close whatever way it ends."""
@@ -130,7 +133,9 @@ class Turn:
                     yield events.frame(event)
                 if self.cut():
                     break
-            yield b"".join(map(events.frame, self.flush() + self.end()))
+            closing = self.flush() + self.end()
+            self.close(now=True)  # settled before the end leaves: a balance read after shows it
+            yield b"".join(map(events.frame, closing))
         except GeneratorExit:
             if self.text is None and not self.cut():
                 self.drain(payloads)
