@@ -206,6 +206,34 @@ def test_a_store_down_at_start_is_checked_when_it_comes_up(upstream: FakeUpstrea
         live.stop()
 
 
+def test_a_store_changed_behind_the_app_is_refused_at_its_next_check(
+        upstream: FakeUpstream) -> None:
+    """A store that passed at start, then set to allkeys-lru behind the app: refused from the
+    next periodic check on (nothing charged), and served again once it is fixed."""
+    with single() as engine:
+        app = create_app(make_settings(upstream.url, engine.url))
+        gate = app.extensions[durability.EXTENSION]
+        assert gate.passed and gate.recheck_seconds == durability.RECHECK_SECONDS > 0
+        gate.recheck_seconds = 0  # every use is due for its check (the default is a minute)
+        live = LiveServer(app)
+        try:
+            direct = make_redis(engine.url, max_connections=4)
+            key, acct = new_key(direct, "10")
+            assert _chat(live.url, key).status_code == 200
+            spent = wallet.balance(direct, acct)
+            direct.config_set("maxmemory-policy", "allkeys-lru")
+            _unavailable(_chat(live.url, key))
+            ready = requests.get(f"{live.url}/readyz", timeout=30)
+            assert ready.status_code == 503 and "allkeys-lru" in ready.json()["store"]["refused"]
+            assert wallet.balance(direct, acct) == spent and ledger.verify(direct) == []
+            direct.config_set("maxmemory-policy", "noeviction")
+            assert _chat(live.url, key).status_code == 200
+            assert wallet.balance(direct, acct) < spent
+            assert requests.get(f"{live.url}/readyz", timeout=30).status_code == 200
+        finally:
+            live.stop()
+
+
 def test_volatile_policy_with_aof_is_fine(upstream: FakeUpstream) -> None:
     with single() as durable:
         redis.Redis.from_url(durable.url).config_set("maxmemory-policy", "volatile-lru")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +64,10 @@ def _read(conn: redis.Redis) -> dict[str, str]:
     return {str(k): str(v) for k, v in found.items()}
 
 
-def check(client: Any, allow_volatile: bool = False) -> Durability:
-    """Read appendonly and maxmemory-policy on every node; refuse an allkeys-* policy."""
+def check(client: Any, allow_volatile: bool = False, said: tuple[str, ...] = ()) -> Durability:
+    """Read appendonly and maxmemory-policy on every node; refuse an allkeys-* policy.
+
+    Warnings are logged, except those in `said` (a periodic check logs only what changed)."""
     result = Durability()
     unchecked: list[str] = []
     for name, conn in _nodes(client):
@@ -89,7 +92,8 @@ def check(client: Any, allow_volatile: bool = False) -> Durability:
             result.warnings.append(f"AOF is off on the money store {name} (appendonly no): a "
                                    "crash loses the writes since the last snapshot")
     for warning in result.warnings:
-        log.warning("DURABILITY: %s", warning)
+        if warning not in said:
+            log.warning("DURABILITY: %s", warning)
     return result
 
 
@@ -105,12 +109,15 @@ class StoreRefused(redis.RedisError):
     """
 
 
-def _run_checks(client: Any, allow_volatile: bool) -> Durability:
+def _run_checks(client: Any, allow_volatile: bool, said: tuple[str, ...] = ()) -> Durability:
     """Refuse the previous key layout and a volatile store; return what the check found."""
     if old_layout_present(client):
         raise OldLayout("the money store holds the previous key layout: stop every web and "
                         "worker process, run `xiaoyi ledger migrate`, then start them again")
-    return check(client, allow_volatile)
+    return check(client, allow_volatile, said)
+
+
+RECHECK_SECONDS = 60.0  # a store that passed is checked again this often (one round trip)
 
 
 class Gate:
@@ -118,12 +125,16 @@ class Gate:
 
     Until the check has passed, every use of the money store (app.edges.store.get_redis) runs it
     again: a store that is down raises its RedisError, a store that fails the check raises
-    StoreRefused. Once passed, ensure() is one attribute read.
+    StoreRefused. Once passed, ensure() is an attribute read and a clock read, and the check runs
+    again every `recheck_seconds`: a store replaced or reconfigured behind the app (a restart
+    with another config, `CONFIG SET maxmemory-policy allkeys-lru`) is refused from then on.
     """
 
     def __init__(self, client: Any, allow_volatile: bool) -> None:
         """Remember the store and the policy; nothing is checked yet."""
         self.client, self.allow_volatile = client, allow_volatile
+        self.recheck_seconds = RECHECK_SECONDS
+        self.checked_at = 0.0  # when the check last ran (time.monotonic)
         self.passed = False
         self.found = Durability(warnings=["not checked yet: the store has not been reached"])
         self.refusal = ""
@@ -147,11 +158,35 @@ class Gate:
                 self.found = Durability(warnings=[str(exc)])
                 raise
             self.found, self.refusal, self.passed = found, "", True
+            self.checked_at = time.monotonic()
+
+    def _due(self) -> bool:
+        return time.monotonic() - self.checked_at >= self.recheck_seconds
+
+    def _recheck(self) -> None:
+        """Check a store that passed again; a failed check takes the pass back."""
+        with self._lock:
+            if not self.passed or not self._due():
+                return
+            self.checked_at = time.monotonic()
+            try:
+                self.found = _run_checks(self.client, self.allow_volatile,
+                                         tuple(self.found.warnings))
+            except redis.RedisError:
+                return  # down: the caller's own command says so; checked again when due
+            except ConfigError as exc:
+                log.error("DURABILITY: the money store changed and is refused now: %s", exc)
+                self.passed, self.refusal = False, str(exc)
+                self.found = Durability(warnings=[str(exc)])
 
     def ensure(self) -> None:
         """Return when the store passed the check; else check it (StoreRefused if it fails)."""
         if self.passed:
-            return
+            if not self._due():
+                return
+            self._recheck()
+            if self.passed:
+                return
         try:
             self.run()
         except ConfigError as exc:

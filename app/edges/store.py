@@ -188,13 +188,14 @@ def init_app(app: Flask, client: Any = None) -> None:
 def get_redis() -> Any:
     """Return the app's money store client (str responses), once it passed the durability check.
 
-    A store not yet checked (down at start) is checked now: down, its RedisError; refused,
-    durability.StoreRefused (a RedisError too), so nothing is served from an unchecked store.
+    A store not yet checked (down at start), or due for its periodic check, is checked now:
+    down, its RedisError; refused, durability.StoreRefused (a RedisError too), so nothing is
+    served from an unchecked or refused store.
     """
     found = current_app.extensions
     gate = found.get(durability.EXTENSION)
-    if gate is not None and not gate.passed:
-        gate.ensure()
+    if gate is not None:
+        gate.ensure()  # passed and not due for its periodic check: two attribute reads
     return found[EXTENSION]
 
 
