@@ -9,6 +9,7 @@ from typing import Any
 import openai
 import pytest
 import redis
+import requests
 from conftest import LiveServer, new_key
 from openapi_schemas import validate
 
@@ -155,3 +156,44 @@ def test_empty_wallet_is_rate_limit_insufficient_quota(live: LiveServer, r: redi
     validate(body, "ErrorResponse")
     assert body["code"] == 42901 and body["msg"]
     assert wallet.balance(r, acct) == 0 and upstream.requests == []
+
+
+def test_every_error_carries_a_request_id_the_sdk_reads(live: LiveServer, r: redis.Redis,
+                                                        funded: tuple[str, str]) -> None:
+    """`err.request_id` (x-request-id) is what a developer quotes when a call fails."""
+    hi = [{"role": "user", "content": "hi"}]
+    broke, _ = new_key(r, "0")
+    failures = {
+        "401": lambda: sdk(live, "sk-not-a-real-key").chat.completions.create(
+            model="gpt-3.5", messages=hi),
+        "400": lambda: sdk(live, funded[0]).chat.completions.create(model="gpt-3.5", messages=[]),
+        "404 model": lambda: sdk(live, funded[0]).models.retrieve("gpt-99"),
+        "404 response": lambda: sdk(live, funded[0]).responses.retrieve("resp_nope"),
+        "429": lambda: sdk(live, broke).chat.completions.create(model="gpt-3.5", messages=hi),
+        "404 route": lambda: sdk(live, funded[0]).get("/no/such/route", cast_to=object),
+    }
+    ids = set()
+    for case, call in failures.items():
+        with pytest.raises(openai.APIStatusError) as info:
+            call()
+        assert info.value.status_code == int(case[:3]), case
+        assert (info.value.request_id or "").startswith("req_"), case
+        ids.add(info.value.request_id)
+    assert len(ids) == len(failures)
+    for prefix in ("/index.php/api/v1", "/index.php/v1"):  # the original prefixes too
+        resp = requests.post(live.url + prefix + "/chat/completions", json={"messages": hi},
+                             timeout=10)
+        assert resp.status_code == 401 and resp.headers["x-request-id"].startswith("req_")
+
+
+def test_sdk_does_not_retry_an_empty_wallet(live: LiveServer,
+                                            r: redis.Redis) -> None:
+    """x-should-retry: false stops the SDK's own retry loop (it retries 429 by default)."""
+    sent: list[str] = []
+    client = openai.OpenAI(
+        api_key=new_key(r, "0")[0], base_url=live.url + "/v1", max_retries=3, timeout=20,
+        http_client=openai.DefaultHttpxClient(
+            event_hooks={"request": [lambda req: sent.append(str(req.url))]}))
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-3.5", messages=[{"role": "user", "content": "x"}])
+    assert len(sent) == 1

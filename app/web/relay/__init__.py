@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response
+from flask import Blueprint, Flask, Response, request
 
 from app.web.relay import account, chat, media, responses, usage
-from app.web.relay.common import ratelimit_headers
+from app.web.relay.common import ratelimit_headers, request_id_header
 
 bp = Blueprint("relay", __name__)
 bp.after_request(ratelimit_headers)  # x-ratelimit-*-requests on every successful answer
@@ -53,3 +53,10 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp, url_prefix=PREFIXES[0])
     app.register_blueprint(bp, url_prefix=PREFIXES[1], name="relay_legacy")
     app.register_blueprint(bp, url_prefix=PREFIXES[2], name="relay_seed")
+
+    @app.after_request
+    def api_request_id(resp: Response) -> Response:
+        # app-wide, so that an unknown route under a prefix (no blueprint matched) has one too
+        if request.path.startswith(tuple(p + "/" for p in PREFIXES)):
+            return request_id_header(resp)
+        return resp

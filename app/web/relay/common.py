@@ -144,6 +144,21 @@ def ratelimit_headers(resp: Response) -> Response:
     return resp
 
 
+def request_id_header(resp: Response) -> Response:
+    """Give every API answer, errors included, OpenAI's `x-request-id` (the SDKs' `request_id`).
+
+    A call that got as far as gather() keeps its own id (the one its logs and ledger use).
+    """
+    if "X-Request-Id" not in resp.headers:
+        resp.headers["X-Request-Id"] = g.get("req_id") or new_request_id()
+    return resp
+
+
+def new_request_id() -> str:
+    """Return a fresh request id in OpenAI's shape."""
+    return "req_" + secrets.token_hex(12)
+
+
 def go_duration(ms: int) -> str:
     """Format milliseconds as OpenAI does (Go's Duration): 12ms, 1s, 8.64s, 6m0s, 1h0m0s."""
     if ms < 1000:
@@ -167,7 +182,7 @@ def gather(kinds: tuple[str, ...]) -> Call:
     for name in [k for k, v in body.items() if v is None]:
         del body[name]
     body.pop("api_secret_key", None)
-    req_id = "req_" + secrets.token_hex(12)
+    req_id = new_request_id()
     g.req_id = req_id
     call = Call(req_id, body, raw, "", "", ModelPrice("chat"))
     g.call = call
