@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, request
 
-from app.web.relay import account, chat, media, responses, usage
+from app.web.relay import account, chat, cors, media, responses, usage
 from app.web.relay.common import ratelimit_headers, request_id_header
 
 bp = Blueprint("relay", __name__)
@@ -53,6 +53,8 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp, url_prefix=PREFIXES[0])
     app.register_blueprint(bp, url_prefix=PREFIXES[1], name="relay_legacy")
     app.register_blueprint(bp, url_prefix=PREFIXES[2], name="relay_seed")
+
+    cors.init_app(app, PREFIXES)
 
     @app.after_request
     def api_request_id(resp: Response) -> Response:
