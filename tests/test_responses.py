@@ -542,3 +542,35 @@ def test_native_function_call_and_refused_builtin_tool(native: LiveServer,
         client.responses.create(model=MODEL, input="x", tools=[{"type": "file_search",
                                                                "vector_store_ids": ["vs_1"]}])
     assert caught.value.param == "tools[0].type"
+
+
+def test_input_tokens_counts_offline_and_charges_nothing(live: LiveServer, r: redis.Redis,
+                                                         upstream: FakeUpstream) -> None:
+    """POST /v1/responses/input_tokens (the SDK's responses.input_tokens.count): the count the
+    hold uses, previous_response_id's turns included; nothing held, charged or sent upstream."""
+    key, acct = new_key(r)
+    client = openai.OpenAI(api_key=key, base_url=live.url + "/v1", max_retries=0)
+    first = client.responses.create(model="gpt-4o-mini", input="记住这个数字：42")
+    sent = len(upstream.requests)
+    balance, entries = wallet.balance(r, acct), len(list(ledger.ledger_entries(r, acct)))
+    said = "Tell me a joke about a relay."
+    alone = client.responses.input_tokens.count(model="gpt-4o-mini", input=said)
+    assert alone.object == "response.input_tokens"
+    expected = tokens.messages_bound([{"role": "user", "content": said}], "gpt-4o-mini")
+    assert alone.input_tokens == expected
+    more = client.responses.input_tokens.count(model="gpt-4o-mini", input=said,
+                                               instructions="Answer in French.")
+    chained = client.responses.input_tokens.count(model="gpt-4o-mini", input=said,
+                                                  previous_response_id=first.id)
+    bare = client.responses.input_tokens.count(model="gpt-4o-mini")  # nothing is required
+    assert alone.input_tokens < more.input_tokens and alone.input_tokens < chained.input_tokens
+    assert 0 < bare.input_tokens < alone.input_tokens
+    assert len(upstream.requests) == sent
+    assert wallet.balance(r, acct) == balance and len(list(ledger.ledger_entries(r, acct))) == entries
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(api_key="sk-nope", base_url=live.url + "/v1",
+               max_retries=0).responses.input_tokens.count(model="gpt-4o-mini", input=said)
+    other, _ = new_key(r)
+    with pytest.raises(openai.BadRequestError):  # another account's stored turn is not found
+        openai.OpenAI(api_key=other, base_url=live.url + "/v1", max_retries=0).responses.input_tokens \
+            .count(model="gpt-4o-mini", input=said, previous_response_id=first.id)

@@ -45,14 +45,16 @@ def settings() -> Settings:
     return s
 
 
-def read_json() -> dict[str, Any]:
-    """Parse the request body as a JSON object or raise a 400."""
+def read_json(empty_ok: bool = False) -> dict[str, Any]:
+    """Parse the request body as a JSON object or raise a 400 (`empty_ok`: no body is {})."""
     raw = request.get_data(cache=True)
     limit = request.max_content_length
     if limit is not None and request.content_length is None and len(raw) >= limit and \
             request.environ["wsgi.input"].read(1):
         # A chunked body is cut at the limit without an error (werkzeug): refuse, never truncate.
         raise RequestTooLarge("The request body is larger than the limit.")
+    if not raw and empty_ok:
+        return {}
     try:
         body = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError as exc:
@@ -171,13 +173,13 @@ def go_duration(ms: int) -> str:
     return f"{minutes}m{text}" if minutes else text
 
 
-def gather(kinds: tuple[str, ...]) -> Call:
+def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     """Parse the body, take the raw key (checked later), map the model and find its price.
 
     Top-level fields sent as null are dropped (null is the same as absent, as at OpenAI); a
     missing model takes the route's default (config [defaults]); aliases map to public names.
     """
-    body = read_json()
+    body = read_json(empty_ok)
     raw = _raw_key(body)
     for name in [k for k, v in body.items() if v is None]:
         del body[name]
@@ -202,6 +204,23 @@ def gather(kinds: tuple[str, ...]) -> Call:
     body["model"] = upstream_model
     call.model, call.upstream_model, call.price = model, upstream_model, price
     return call
+
+
+def gather_keyed(kinds: tuple[str, ...], empty_ok: bool = False
+                 ) -> tuple[Call, keys.KeyInfo]:
+    """Gather the request and check its key and rate limit (a route that holds no money); a
+    body refused by gather still has its key checked first, as admit does."""
+    try:
+        call = gather(kinds, empty_ok)
+    except ApiError:
+        partial = g.get("call")
+        raw = partial.raw_key if partial is not None else bearer_or_body(None)
+        if raw:
+            money.authenticate(get_redis(), raw, _limit())
+        raise
+    info, g.rate_window = money.authenticate(get_redis(), call.raw_key, _limit())
+    g.key_id = info.id
+    return call, info
 
 
 def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call, money.Hold]:

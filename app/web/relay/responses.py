@@ -14,6 +14,8 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response
+from flask.blueprints import BlueprintSetupState
+from werkzeug.routing import BaseConverter
 
 from app.core import pricing, tokens
 from app.core.errors import InvalidKey, InvalidRequest, NotFound
@@ -23,7 +25,7 @@ from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store, responses_stream, screening
 from app.web.relay.billing import Meter
-from app.web.relay.common import Call, admit, authenticate, settings
+from app.web.relay.common import Call, admit, authenticate, gather_keyed, settings
 from app.web.relay.response_store import Plan, keep
 from app.web.render import json_response
 
@@ -56,8 +58,11 @@ def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
     return history
 
 
-def _prepare(call: Call, plan: Plan) -> int:
-    """Check the request, build the upstream body and return the most the call can cost."""
+def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
+    """Check the request, build the upstream body and return the most the call can cost.
+
+    `counting` (POST /responses/input_tokens): an empty input is allowed (instructions and tools
+    still count), and the work stops once the prompt is counted."""
     body = {k: v for k, v in call.body.items() if v is not None}  # null is the same as absent
     relay = settings().relay
     plan.native = bool(relay.get("responses_native", 0))
@@ -68,7 +73,7 @@ def _prepare(call: Call, plan: Plan) -> int:
     screening.screen_input(screening.responses_slots(body, plan.items))  # [safety] api_input
     prev = body.get("previous_response_id")
     items = (_history(call, plan, prev) if prev else []) + plan.items
-    if not items:
+    if not items and not counting:
         raise InvalidRequest("Missing required parameter: 'input'.", param="input",
                              msg="input 不能为空")
     plan.stream, plan.store = body.get("stream", False), body.get("store", True)
@@ -83,6 +88,8 @@ def _prepare(call: Call, plan: Plan) -> int:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
     ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
+    if counting:
+        return 0
     plan.completion_max = body.get("max_output_tokens") or call.price.max_output
     if plan.native:
         plan.upstream = {**body, "input": to_chat.replay(items), "store": False}
@@ -165,11 +172,41 @@ def delete(response_id: str) -> Response:
                           "msg": ""})
 
 
+def input_tokens() -> Response:
+    """Serve POST /v1/responses/input_tokens: the input (with previous_response_id's turns,
+    instructions and tools) counted offline as the hold counts it; a part no offline count
+    bounds (a file) at its estimate. Key and rate limit apply; nothing is charged or sent
+    upstream."""
+    plan = Plan()
+    call, info = gather_keyed(("chat",), empty_ok=True)  # OpenAI requires no body here
+    _prepare(call, plan, counting=True)
+    if plan.acct is not None and plan.acct != info.acct:
+        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+    count = plan.prompt_bound if plan.prompt_estimate is None else plan.prompt_estimate
+    return json_response({"object": "response.input_tokens", "input_tokens": count},
+                         headers={"X-Request-Id": call.req_id})
+
+
+class ResponseId(BaseConverter):
+    """A stored response's id in a path: any segment but `input_tokens` (its own route), so
+    that route's 405s and OPTIONS advertise only its own methods."""
+
+    regex = r"(?!input_tokens(?:/|$))[^/]+"
+
+
+def _converter(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters.setdefault("response_id", ResponseId)
+
+
 def register(bp: Blueprint) -> None:
     """Add the Responses routes to the relay blueprint."""
+    bp.record_once(_converter)  # before the rules that use it are added
     bp.add_url_rule("/responses", "responses", create, methods=["POST"])
-    bp.add_url_rule("/responses/<response_id>", "response", retrieve, methods=["GET"])
-    bp.add_url_rule("/responses/<response_id>", "response_delete", delete, methods=["DELETE"])
-    bp.add_url_rule("/responses/<response_id>/input_items", "response_input_items", input_items,
+    bp.add_url_rule("/responses/input_tokens", "response_input_tokens", input_tokens,
+                    methods=["POST"])
+    one = "/responses/<response_id:response_id>"
+    bp.add_url_rule(one, "response", retrieve, methods=["GET"])
+    bp.add_url_rule(one, "response_delete", delete, methods=["DELETE"])
+    bp.add_url_rule(one + "/input_items", "response_input_items", input_items,
                     methods=["GET"])
 
