@@ -67,6 +67,8 @@ try:
     sup.add("parent", [sys.executable, "-c", sys.argv[1], sys.argv[2]])
     print(" ".join(str(child.pid) for child in sup.children), flush=True)
     code = sup.wait()
+except KeyboardInterrupt:  # a signal before wait() (as `xiaoyi run` does: a clean stop)
+    code = 0
 finally:
     sup.stop(timeout=5)
 sys.exit(code)
