@@ -30,11 +30,12 @@ def _limited(upstream: FakeUpstream, redis_url: str, limit: int) -> Settings:
     return load_settings(env, toml={"limits": {"key_requests_per_minute": limit}})
 
 
-def _headers_only(url: str, path: str, auth: str, length: int = BIG) -> bytes:
-    """Send a POST's headers announcing `length` bytes and a first byte; return the answer."""
+def _headers_only(url: str, path: str, auth: str, length: int = BIG,
+                  method: str = "POST") -> bytes:
+    """Send a request's headers announcing `length` bytes and a first byte; return the answer."""
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall((f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       f"Authorization: {auth}\r\nContent-Length: {length}\r\n\r\n{{").encode())
         got = b""
         while b"\r\n\r\n" not in got:
@@ -102,3 +103,26 @@ def test_large_body_with_an_unknown_body_key_is_401(live: LiveServer) -> None:
     resp = requests.post(live.url + "/v1/completions", timeout=60,
                          json={"prompt": prompt, "api_secret_key": "sk-not-a-key-0123456789"})
     assert resp.status_code == 401, resp.text[:300]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/balance"),
+                                              ("POST", "/index.php/api/v1/balance"),
+                                              ("GET", "/v1/usage")])
+def test_key_only_routes_answer_a_bearer_without_reading_the_body(
+        live: LiveServer, r: redis.Redis, method: str, path: str) -> None:
+    raw, _ = new_key(r)
+    got = _headers_only(live.url, path, f"Bearer {raw}", method=method)
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/balance"),
+                                              ("GET", "/index.php/v1/usage")])
+def test_key_only_routes_refuse_a_large_body_unparsed(live: LiveServer, method: str,
+                                                      path: str) -> None:
+    """The body of balance/usage only carries api_secret_key: a large one is 413, not parsed."""
+    body = json.dumps({"api_secret_key": "sk-not-a-key-0123456789",
+                       "pad": [[1]] * 200_000}).encode()
+    resp = requests.request(method, live.url + path, data=body, timeout=60,
+                            headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413, resp.text[:300]
+    assert resp.json()["error"]["code"] == "request_too_large"

@@ -126,6 +126,21 @@ def bearer_or_body(body: dict[str, Any] | None) -> str:
     return ""  # never from the query string: URLs end up in access logs
 
 
+KEY_BODY_BYTES = 64 << 10  # the body of a route that reads only api_secret_key from it
+
+
+def key_body() -> dict[str, Any] | None:
+    """Return the JSON body of a route that takes only api_secret_key from it (balance, usage).
+
+    None when a Bearer key is sent (the body is never read) or there is no body; a body over
+    KEY_BODY_BYTES is 413 unread: it carries one key, and parsing it comes before any key check.
+    """
+    if bearer_or_body(None):
+        return None
+    request.max_content_length = KEY_BODY_BYTES
+    return parse_json() if request.get_data(cache=True) else None
+
+
 def _raw_key(body: dict[str, Any] | None) -> str:
     raw = bearer_or_body(body)
     if not raw:
