@@ -280,8 +280,6 @@ def test_the_bill_is_settled_before_the_stream_ends(live: LiveServer, funded: tu
         resp.close()
 
 
-@pytest.mark.xfail(strict=True, reason="red team, not fixed yet: the stale-hold sweep cannot tell "
-                   "a crashed request's hold from a running stream's (see the docstring)")
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
 def test_a_stream_outliving_the_stale_hold_sweep_is_still_billed(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis, upstream: FakeUpstream,
@@ -289,12 +287,8 @@ def test_a_stream_outliving_the_stale_hold_sweep_is_still_billed(
     """Red team: nothing bounds a stream's life (a slow reader, a slow upstream), and the money
     sweep refunds any hold open for STALE_HOLD_S as a crash's; the stream's own settle then
     found nothing open and charged nothing: a stream kept open past the sweep was free. The
-    sweep runs here as it would 15 minutes into the stream (older_than_s=0).
-
-    A fix needs the sweep to know a hold's process is alive (e.g. each hold names its process,
-    whose lease key a thread keeps fresh; the sweep refunds only holds of expired leases), not
-    a per-stream renewal: a slow reader blocks the generator in its write for as long as it
-    likes, so nothing in the stream's own loop runs."""
+    sweep runs here as it would 15 minutes into the stream (older_than_s=0): the hold names
+    this live process (its lease), so the sweep leaves it to the stream's settle."""
     key, acct = funded
     before = wallet.balance(r, acct)
     said = "a long one [[fake:step]]"
