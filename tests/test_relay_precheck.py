@@ -108,11 +108,11 @@ def test_large_body_with_an_unknown_body_key_is_401(live: LiveServer) -> None:
 @pytest.mark.parametrize(("method", "path"), [("POST", "/v1/balance"),
                                               ("POST", "/index.php/api/v1/balance"),
                                               ("GET", "/v1/usage")])
-def test_key_only_routes_answer_a_bearer_without_reading_the_body(
+def test_key_only_routes_refuse_a_large_body_before_reading_it(
         live: LiveServer, r: redis.Redis, method: str, path: str) -> None:
     raw, _ = new_key(r)
     got = _headers_only(live.url, path, f"Bearer {raw}", method=method)
-    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    assert got.startswith(b"HTTP/1.1 413"), got[:200]
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/v1/balance"),

@@ -132,13 +132,15 @@ KEY_BODY_BYTES = 64 << 10  # the body of a route that reads only api_secret_key 
 def key_body() -> dict[str, Any] | None:
     """Return the JSON body of a route that takes only api_secret_key from it (balance, usage).
 
-    None when a Bearer key is sent (the body is never read) or there is no body; a body over
-    KEY_BODY_BYTES is 413 unread: it carries one key, and parsing it comes before any key check.
+    None when there is no body or a Bearer key is sent. A body, when sent, is a JSON object of
+    at most KEY_BODY_BYTES (a larger one is 413 unread): it carries one key, and it is read
+    before any key check.
     """
-    if bearer_or_body(None):
-        return None
     request.max_content_length = KEY_BODY_BYTES
-    return parse_json() if request.get_data(cache=True) else None
+    if not request.get_data(cache=True):
+        return None
+    body = parse_json()
+    return None if bearer_or_body(None) else body
 
 
 def _raw_key(body: dict[str, Any] | None) -> str:
