@@ -62,7 +62,7 @@ class World:
             "amount": 10, "req": req, "cost": 5, "pt": 1, "ct": 2, "max_ts": layout.MAX_UNITS,
             "ref": "ref-1", "key_id": self.key.id, "model": "gpt-4", "window_ms": 60_000,
             "limit": 100, "member": "m-1", "id": "key_new", "created": self.now,
-            "masked": "sk-x…y", "digest": "d" * 64}
+            "masked": "sk-x…y", "digest": "d" * 64, "owner": "0123456789abcdef"}
         out = []
         for arg in script.args:
             if arg.kind == "choice":

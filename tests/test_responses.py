@@ -566,11 +566,46 @@ def test_input_tokens_counts_offline_and_charges_nothing(live: LiveServer, r: re
     assert alone.input_tokens < more.input_tokens and alone.input_tokens < chained.input_tokens
     assert 0 < bare.input_tokens < alone.input_tokens
     assert len(upstream.requests) == sent
-    assert wallet.balance(r, acct) == balance and len(list(ledger.ledger_entries(r, acct))) == entries
+    assert wallet.balance(r, acct) == balance
+    assert len(list(ledger.ledger_entries(r, acct))) == entries
+    stranger = openai.OpenAI(api_key="sk-nope", base_url=live.url + "/v1", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(api_key="sk-nope", base_url=live.url + "/v1",
-               max_retries=0).responses.input_tokens.count(model="gpt-4o-mini", input=said)
+        stranger.responses.input_tokens.count(model="gpt-4o-mini", input=said)
     other, _ = new_key(r)
+    neighbour = openai.OpenAI(api_key=other, base_url=live.url + "/v1", max_retries=0)
     with pytest.raises(openai.BadRequestError):  # another account's stored turn is not found
-        openai.OpenAI(api_key=other, base_url=live.url + "/v1", max_retries=0).responses.input_tokens \
-            .count(model="gpt-4o-mini", input=said, previous_response_id=first.id)
+        neighbour.responses.input_tokens.count(model="gpt-4o-mini", input=said,
+                                               previous_response_id=first.id)
+
+
+def _padded_image(size: int) -> str:
+    """Return a PNG data URL of about `size` characters (a real PNG, padded after its end)."""
+    url = png_data_url()
+    return url + "A" * (size - len(url) - (size - len(url)) % 4)
+
+
+def test_an_account_stores_at_most_its_quota_of_turns(upstream: FakeUpstream, redis_url: str,
+                                                      r: redis.Redis) -> None:
+    """Red team: a low-detail image costs 85 tokens whatever its bytes, so a few hundred tokens
+    stored 4 MiB for 30 days in the money store (noeviction: a full store refuses every write).
+    An account keeps at most relay.responses_account_stored_bytes; past it, turns are answered
+    but not stored, and deleting a turn makes room again."""
+    server = serve_with(upstream, redis_url, r, responses_account_stored_bytes=60_000)
+    try:
+        key, acct = new_key(r)
+        image = {"type": "input_image", "image_url": _padded_image(25_000), "detail": "low"}
+        body = {"model": MODEL, "input": [{"role": "user", "content": [image]}]}
+        stored = [post(server, key, body).json() for _ in range(4)]
+        assert [s["store"] for s in stored] == [True, True, False, False]
+        kept = [k for k in r.scan_iter(f"xy:resp:{{{acct}}}:*")]
+        assert sum(r.memory_usage(k) or 0 for k in kept) < 60_000 + 10_000
+        assert post(server, key, {"model": MODEL, "input": "x",
+                                  "previous_response_id": stored[2]["id"]}).status_code == 400
+        other, _ = new_key(r)  # the quota is the account's: another account stores its own
+        assert post(server, other, body).json()["store"] is True
+        gone = requests.delete(f"{server.url}/v1/responses/{stored[0]['id']}", timeout=20,
+                               headers={"Authorization": f"Bearer {key}"})
+        assert gone.status_code == 200
+        assert post(server, key, body).json()["store"] is True
+    finally:
+        server.stop()

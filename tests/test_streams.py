@@ -278,3 +278,39 @@ def test_the_bill_is_settled_before_the_stream_ends(live: LiveServer, funded: tu
     finally:
         r.execute_command("CLIENT", "UNPAUSE")
         resp.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_stream_outliving_the_stale_hold_sweep_is_still_billed(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, upstream: FakeUpstream,
+        path: str) -> None:
+    """Red team: nothing bounds a stream's life (a slow reader, a slow upstream), and the money
+    sweep refunds any hold open for STALE_HOLD_S as a crash's; the stream's own settle then
+    found nothing open and charged nothing: a stream kept open past the sweep was free. The
+    sweep runs here as it would 15 minutes into the stream (older_than_s=0): the hold names
+    this live process (its lease), so the sweep leaves it to the stream's settle."""
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    said = "a long one [[fake:step]]"
+    body: dict[str, Any] = {"model": "gpt-3.5", "stream": True}
+    if path == "/v1/responses":
+        body["input"] = said
+    else:
+        body["messages"] = [{"role": "user", "content": said}]
+    resp = requests.post(live.url + path, json=body, stream=True, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200, resp.text
+    lines = resp.iter_lines()
+    try:
+        assert any(line.startswith(b"data:") for line in lines)
+        ledger.release_stale(r, 0)  # the sweep, 15 minutes into a stream that is still open
+        upstream.step(1000)
+        for line in lines:
+            if line.startswith(b"data:") and (line[5:].strip() == b"[DONE]"
+                                              or b'"response.completed"' in line):
+                break
+        entry = settle_entry(r, acct, resp.headers["X-Request-Id"])
+        assert entry["kind"] == "settle"
+        assert int(entry["cost"]) == before - wallet.balance(r, acct) > 0
+    finally:
+        resp.close()

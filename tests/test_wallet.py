@@ -14,7 +14,7 @@ from proc_kit import race
 
 from app.core import pricing
 from app.core.config import Settings
-from app.core.money import layout, ledger, wallet
+from app.core.money import hold, layout, lease, ledger, wallet
 from app.core.money.codes import create_codes, redeem
 from app.runtime.cli import main
 from fakes.upstream import FakeUpstream
@@ -88,6 +88,30 @@ def test_release_stale(r: redis.Redis) -> None:
     assert ledger.release_stale(r, older_than_s=3600) == 0
     assert ledger.release_stale(r, older_than_s=-1) == 1
     assert wallet.balance(r, acct) == 1000 and ledger.open_holds(r) == 0
+
+
+def test_the_sweep_spares_a_live_process_hold_and_releases_a_dead_one(r: redis.Redis) -> None:
+    """A relay hold names its process; the sweep releases it only once that process's lease
+    is gone (a crash), never while the process still serves it (a long stream)."""
+    raw, acct = new_key(r, "1")
+    held = hold.authorize(r, raw, "req-long", 600, model="gpt-4", limit=0)
+    owner = r.hget(layout.resv_key(acct, "req-long"), "owner")
+    assert owner and r.exists(lease.lease_key(owner))
+    assert ledger.release_stale(r, older_than_s=-1) == 0  # old, but its process is alive
+    assert ledger.open_holds(r) == 1
+    r.delete(lease.lease_key(owner))  # the lease a crashed process stopped renewing expired
+    assert ledger.release_stale(r, older_than_s=-1) == 1
+    assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
+    assert held.settle(100) is None  # settled by the sweep: nothing left to charge
+
+
+def test_a_live_process_hold_is_released_past_the_served_limit(r: redis.Redis) -> None:
+    """A hold its live process lost (a settle that never reached Redis) is not kept forever."""
+    raw, acct = new_key(r, "1")
+    hold.authorize(r, raw, "req-lost", 600, model="gpt-4", limit=0)
+    assert ledger.release_stale(r, older_than_s=-1, served_max_s=3600) == 0
+    assert ledger.release_stale(r, older_than_s=-1, served_max_s=-1) == 1
+    assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
 
 
 def test_topup_ref_race_credits_once(r: redis.Redis) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from app.core.errors import InsufficientQuota, InvalidKey, RateLimited
-from app.core.money import holders, keys, wallet
+from app.core.money import holders, keys, lease, wallet
 from app.core.money.layout import MAX_UNITS, Store, key_record, window_key
 from app.core.money.ratelimit import WINDOW_FN, Window, to_window, window_args
 from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
@@ -28,13 +28,13 @@ from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
 #    {2, key fields, the reserve function's reply, remaining, reset_ms}
 AUTHORIZE = declare(
     "authorize", ["record", "window", *wallet.HOLD_KEYS],
-    [*keys.CHECK_ARGS, Id("req"), Arg("amount"), Text("model", 200)],
+    [*keys.CHECK_ARGS, Id("req"), Arg("amount"), Text("model", 200), Text("owner", 64)],
     WINDOW_FN + wallet.RESERVE_FN + keys.KEY_CHECK + """
 local wait, left, reset = 0, 0, 0
 if limit > 0 then wait, left, reset = window(KEYS[2], now, window_ms, limit, member) end
 if wait ~= 0 then return {1, data, wait, left, reset} end
 return {2, data, reserve(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], req, amount, now,
-                         f['id'], model), left, reset}
+                         f['id'], model, owner), left, reset}
 """)
 
 
@@ -140,7 +140,7 @@ def authorize(r: Store, raw: str, req: str, amount: int, *, model: str,
         res = run(r, AUTHORIZE,
                   [key_record(acct, digest), window_key(acct, digest),
                    *wallet.hold_keys(acct, req)],
-                  [acct, *args, req, amount, model], before=before)
+                  [acct, *args, req, amount, model, lease.owner(r)], before=before)
     except IndexWriteFailed as exc:
         if int(exc.reply[0]) == 2 and int(exc.reply[2][0]) == 1:
             wallet.release(r, acct, req)  # never leave a hold the sweep cannot find

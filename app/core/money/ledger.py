@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from app.core.money import holders, wallet
+from app.core.money import holders, lease, wallet
 from app.core.money.layout import (
     ACCOUNTS,
     HOLDERS,
@@ -22,6 +22,7 @@ from app.core.money.layout import (
     key_id_record,
     key_record,
     ledger_key,
+    resv_key,
 )
 
 
@@ -204,22 +205,48 @@ def open_holds(r: Store) -> int:
     return sum(pipe.execute()) if owners else 0
 
 
-def release_stale(r: Store, older_than_s: int = 900, batch: int = 500) -> int:
-    """Release holds a crashed process left open for `older_than_s`; return how many."""
+def _still_served(r: Store, holds: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Return the holds (account, request) whose serving process still holds its lease."""
+    if not holds:
+        return set()
+    pipe = r.pipeline(transaction=False)
+    for acct, req in holds:
+        pipe.hget(resv_key(acct, req), "owner")
+    owners = pipe.execute()
+    live = lease.alive(r, sorted({o for o in owners if o}))
+    return {hold for hold, o in zip(holds, owners, strict=True) if o in live}
+
+
+SERVED_MAX_S = 6 * 3600  # a live process's hold older than this is released all the same
+
+
+def release_stale(r: Store, older_than_s: int = 900, batch: int = 500,
+                  served_max_s: int = SERVED_MAX_S) -> int:
+    """Release holds a crashed process left open for `older_than_s`; return how many.
+
+    A hold whose process still holds its lease (lease.py) is being served (a long stream): it
+    is kept up to `served_max_s` (a hold its live process lost, e.g. a settle that never reached
+    Redis, is freed then).
+    """
     now = wallet.now_ms()
     cutoff = now - older_than_s * 1000
+    served_cutoff = now - served_max_s * 1000
     count = 0
     listed = r.zrange(HOLDERS, 0, -1, withscores=True)
     for start in range(0, len(listed), batch):
         chunk = listed[start:start + batch]
         pipe = r.pipeline(transaction=False)
         for owner, _ in chunk:
-            pipe.zrangebyscore(holds_key(owner), "-inf", cutoff)
+            pipe.zrangebyscore(holds_key(owner), "-inf", cutoff, withscores=True)
             pipe.zcard(holds_key(owner))
         found = pipe.execute()
+        served = _still_served(r, [(owner, req) for i, (owner, _) in enumerate(chunk)
+                                   for req, opened in found[2 * i] if opened > served_cutoff])
         for i, (owner, score) in enumerate(chunk):
             stale, open_now = found[2 * i], found[2 * i + 1]
-            for req in stale:
+            for req, _ in stale:
+                if (owner, req) in served:  # its process is alive: a long stream, not a crash
+                    continue
                 # max_ts: a hold opened again since (a bot job's retry) is left alone
                 if wallet.settle(r, owner, req, 0, kind="refund", max_ts=cutoff) is not None:
                     count += 1

@@ -45,10 +45,11 @@ return 1
 """)
 
 # reserve(...) -> {1, balance} | {-1, balance} short | {-2} no account | {-3} open already |
-# {-4} settled already. Shared by RESERVE and hold.AUTHORIZE (which runs it after the key check).
+# {-4} settled already. Shared by RESERVE and hold.AUTHORIZE (which runs it after the key check
+# and names the process serving the hold: `owner`, see lease.py).
 RESERVE_FN = """
 local function reserve(acct_k, resv_k, holds_k, ledger_k, done_k, req, amount, now, key_id,
-                       model)
+                       model, owner)
   if redis.call('EXISTS', acct_k) == 0 then return {-2} end
   if redis.call('EXISTS', resv_k) == 1 then return {-3} end
   if redis.call('ZSCORE', done_k, req) then return {-4} end
@@ -56,6 +57,7 @@ local function reserve(acct_k, resv_k, holds_k, ledger_k, done_k, req, amount, n
   if bal < amount then return {-1, bal} end
   bal = redis.call('HINCRBY', acct_k, 'balance', s(-amount))
   redis.call('HSET', resv_k, 'amount', s(amount), 'ts', s(now), 'key', key_id, 'model', model)
+  if owner ~= '' then redis.call('HSET', resv_k, 'owner', owner) end
   redis.call('ZADD', holds_k, s(now), req)
   redis.call('XADD', ledger_k, '*', 'kind', 'reserve', 'amount', s(-amount), 'req', req,
              'key', key_id, 'model', model, 'ts', s(now))
@@ -68,7 +70,7 @@ RESERVE = declare(
     "reserve", HOLD_KEYS,
     [Id("req"), Arg("amount"), Arg("now"), Text("key_id", 200), Text("model", 200)],
     RESERVE_FN + "return reserve(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], req, amount, now,"
-    " key_id, model)\n")
+    " key_id, model, '')\n")
 
 # A cost above the hold takes the excess from the balance only as far as it reaches, so settling
 # never overdraws. max_ts: settle only a hold opened at or before it (the stale-hold sweep).

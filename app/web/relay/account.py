@@ -11,7 +11,7 @@ from app.core.config import UNITS_PER_YUAN, units_to_yuan
 from app.core.errors import InvalidKey, ModelNotFound
 from app.core.money import wallet
 from app.edges.store import get_redis
-from app.web.relay.common import authenticate, read_json, settings
+from app.web.relay.common import authenticate, key_body, settings
 from app.web.render import json_response
 
 CREATED = 1_700_000_000
@@ -39,8 +39,7 @@ def model(model_id: str) -> Response:
 
 def _account() -> dict[str, Any]:
     # The original service's way: POST with api_secret_key in the JSON body.
-    posted = request.method == "POST" and request.get_data(cache=True)
-    key = authenticate(read_json() if posted else None)
+    key = authenticate(key_body() if request.method == "POST" else None)
     acct = wallet.get_account(get_redis(), key.acct)
     if acct is None:
         raise InvalidKey("The key's account no longer exists.", msg="账户不存在")

@@ -46,7 +46,15 @@ def settings() -> Settings:
 
 
 def read_json(empty_ok: bool = False) -> dict[str, Any]:
-    """Parse the request body as a JSON object or raise a 400 (`empty_ok`: no body is {})."""
+    """Parse the request body as a JSON object (nesting at most MAX_JSON_DEPTH) or raise a 400
+    (`empty_ok`: no body is {})."""
+    body = parse_json(empty_ok)
+    check_depth(body)
+    return body
+
+
+def parse_json(empty_ok: bool = False) -> dict[str, Any]:
+    """Parse the request body as a JSON object or raise a 400 (its depth is not checked)."""
     raw = request.get_data(cache=True)
     limit = request.max_content_length
     if limit is not None and request.content_length is None and len(raw) >= limit and \
@@ -63,10 +71,14 @@ def read_json(empty_ok: bool = False) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.",
                              msg="请求体必须是 JSON 对象")
+    return body
+
+
+def check_depth(body: dict[str, Any]) -> None:
+    """Raise a 400 when the body nests deeper than MAX_JSON_DEPTH."""
     if too_deep(body):
         raise InvalidRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.",
                              msg="请求体嵌套过深")
-    return body
 
 
 MAX_JSON_DEPTH = 64  # deeper bodies are refused: re-serialising them for the upstream fails
@@ -115,6 +127,23 @@ def bearer_or_body(body: dict[str, Any] | None) -> str:
     if body is not None and isinstance(key := body.get("api_secret_key"), str):
         return key.strip()
     return ""  # never from the query string: URLs end up in access logs
+
+
+KEY_BODY_BYTES = 64 << 10  # the body of a route that reads only api_secret_key from it
+
+
+def key_body() -> dict[str, Any] | None:
+    """Return the JSON body of a route that takes only api_secret_key from it (balance, usage).
+
+    None when there is no body or a Bearer key is sent. A body, when sent, is a JSON object of
+    at most KEY_BODY_BYTES (a larger one is 413 unread): it carries one key, and it is read
+    before any key check.
+    """
+    request.max_content_length = KEY_BODY_BYTES
+    if not request.get_data(cache=True):
+        return None
+    body = parse_json()
+    return None if bearer_or_body(None) else body
 
 
 def _raw_key(body: dict[str, Any] | None) -> str:
@@ -173,14 +202,41 @@ def go_duration(ms: int) -> str:
     return f"{minutes}m{text}" if minutes else text
 
 
+PRECHECK_BYTES = 256 << 10  # a larger (or chunked) body has its key checked before its work
+
+
+def _large_body() -> bool:
+    length = request.content_length
+    return length is None or length > PRECHECK_BYTES
+
+
+def _precheck(raw: str) -> None:
+    """Authenticate and count the key now (401/429), before a large body costs any work.
+
+    The hold's script then counts nothing more (admit passes it no limit): one request is one
+    count in the key's window, whichever check made it.
+    """
+    info, g.rate_window = money.authenticate(get_redis(), raw, _limit())
+    g.key_id, g.prechecked, g.key_info = info.id, True, info
+
+
 def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     """Parse the body, take the raw key (checked later), map the model and find its price.
 
+    A large body is read only for a good key that its rate limit admits: a Bearer key is checked
+    before the body is read, an api_secret_key right after the parse (before the depth check
+    and the token counts), so an outsider cannot make the service parse and count 32 MiB.
     Top-level fields sent as null are dropped (null is the same as absent, as at OpenAI); a
     missing model takes the route's default (config [defaults]); aliases map to public names.
     """
-    body = read_json(empty_ok)
+    large = _large_body()
+    if large and (bearer := bearer_or_body(None)):
+        _precheck(bearer)
+    body = parse_json(empty_ok)
     raw = _raw_key(body)
+    if large and not g.get("prechecked"):
+        _precheck(raw)
+    check_depth(body)
     for name in [k for k, v in body.items() if v is None]:
         del body[name]
     body.pop("api_secret_key", None)
@@ -215,9 +271,12 @@ def gather_keyed(kinds: tuple[str, ...], empty_ok: bool = False
     except ApiError:
         partial = g.get("call")
         raw = partial.raw_key if partial is not None else bearer_or_body(None)
-        if raw:
+        if raw and not g.get("prechecked"):
             money.authenticate(get_redis(), raw, _limit())
         raise
+    if g.get("prechecked"):  # a large body: gather checked and counted the key already
+        info: keys.KeyInfo = g.key_info
+        return call, info
     info, g.rate_window = money.authenticate(get_redis(), call.raw_key, _limit())
     g.key_id = info.id
     return call, info
@@ -238,15 +297,18 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
     except ApiError:
         call = g.get("call")
         raw = call.raw_key if call is not None else bearer_or_body(None)  # unparsable body
-        if raw:
+        if raw and not g.get("prechecked"):
             info, g.rate_window = money.authenticate(get_redis(), raw, _limit())
             g.key_id = info.id
         raise
+    prechecked = bool(g.get("prechecked"))
     held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,
-                           model=call.upstream_model, limit=_limit())
+                           model=call.upstream_model, limit=0 if prechecked else _limit())
     assert held.key is not None
     call.key = held.key
-    g.key_id, g.rate_window = held.key.id, held.window
+    g.key_id = held.key.id
+    if not prechecked:  # else the early check's window is the request's
+        g.rate_window = held.window
     return call, held
 
 

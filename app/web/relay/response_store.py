@@ -6,15 +6,23 @@ Keys (owned here; `{acct}` is a Redis Cluster hash tag, so one account's turns s
                                        "input": [this turn's input items],
                                        "response": the Response object}
 
+    xy:respidx:{<acct>}    zset, resp id -> its expiry (unix s)  } the account's quota: its
+    xy:respsize:{<acct>}   hash, resp id -> its stored bytes      } live turns hold at most
+    xy:respbytes:{<acct>}  string, the bytes its live turns hold  } responses_account_stored_bytes
+
 A turn stores only its own input and output. Continuing one reads it and its ancestors in one
 MGET (one slot) and, when the new turn is stored, refreshes every ancestor's TTL: a conversation
 lives for the TTL after its last turn. Keys are named by the account of the caller's key, so
-another account's id is simply not found. None of these keys holds money.
+another account's id is simply not found. None of these keys holds money, but they share its
+store (noeviction): an account keeps at most its quota of bytes (a low-detail image costs 85
+tokens whatever its size), so no caller can fill the store cheaply. Past the quota a turn is
+answered but not stored, like a turn over the size limit; expired and deleted turns free it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +36,56 @@ log = logging.getLogger(__name__)
 TTL_SECONDS = 30 * 86400
 MAX_BYTES = 4 << 20  # a larger turn is answered but not stored
 MAX_TURNS = 1000  # a longer conversation must start anew
+ACCOUNT_BYTES = 64 << 20  # what one account's stored turns may hold together
+
+# KEYS: index, sizes, total, the turn, its ancestors; ARGV: now, ttl, quota, id, data, ancestor ids
+_SAVE = """
+local idx, sizes, total = KEYS[1], KEYS[2], KEYS[3]
+local now, ttl, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local used = tonumber(redis.call('GET', total) or '0')
+local gone = redis.call('ZRANGEBYSCORE', idx, '-inf', now)
+for _, rid in ipairs(gone) do
+  used = used - tonumber(redis.call('HGET', sizes, rid) or '0')
+  redis.call('HDEL', sizes, rid)
+end
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', idx, '-inf', now) end
+if used < 0 then used = 0 end
+local size = #ARGV[5]
+local stored = 0
+if used + size <= quota then
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl)
+  redis.call('ZADD', idx, now + ttl, ARGV[4])
+  redis.call('HSET', sizes, ARGV[4], size)
+  used = used + size
+  stored = 1
+  for i = 5, #KEYS do
+    redis.call('EXPIRE', KEYS[i], ttl)
+    redis.call('ZADD', idx, 'XX', now + ttl, ARGV[i + 1])
+  end
+end
+redis.call('SET', total, used)
+for _, k in ipairs({idx, sizes, total}) do redis.call('EXPIRE', k, ttl) end
+return stored
+"""
+
+# KEYS: index, sizes, total, the turn; ARGV: its id
+_DELETE = """
+if redis.call('DEL', KEYS[4]) == 0 then return 0 end
+local size = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+local used = tonumber(redis.call('GET', KEYS[3]) or '0') - size
+if used > 0 then redis.call('SET', KEYS[3], used, 'KEEPTTL') else redis.call('DEL', KEYS[3]) end
+return 1
+"""
 
 
 def _key(acct: str, rid: str) -> str:
     return f"xy:resp:{{{acct}}}:{rid}"
+
+
+def _quota_keys(acct: str) -> list[str]:
+    return [f"xy:respidx:{{{acct}}}", f"xy:respsize:{{{acct}}}", f"xy:respbytes:{{{acct}}}"]
 
 
 def _plausible(rid: str) -> bool:
@@ -57,18 +111,21 @@ def load(r: Store, acct: str, rid: str) -> tuple[list[str], list[dict[str, Any]]
 
 
 def save(r: redis.Redis, acct: str, chain: list[str], items: list[dict[str, Any]],
-         response: dict[str, Any], *, ttl: int = TTL_SECONDS, max_bytes: int = MAX_BYTES) -> bool:
-    """Store one turn (its input items and Response) and refresh its ancestors; False if too big."""
+         response: dict[str, Any], *, ttl: int = TTL_SECONDS, max_bytes: int = MAX_BYTES,
+         quota: int = ACCOUNT_BYTES) -> bool:
+    """Store one turn (its input items and Response) and refresh its ancestors, in one script;
+    False if it is too big or would take the account past its quota."""
     data = orjson.dumps({"chain": chain, "input": items, "response": response})
     if len(data) > max_bytes:
         log.warning("response %s not stored: %d bytes > %d", response["id"], len(data), max_bytes)
         return False
-    pipe = r.pipeline(transaction=False)
-    pipe.set(_key(acct, response["id"]), data, ex=ttl)
-    for rid in chain:
-        pipe.expire(_key(acct, rid), ttl)
-    pipe.execute()
-    return True
+    rid = response["id"]
+    stored = r.register_script(_SAVE)(
+        keys=[*_quota_keys(acct), _key(acct, rid), *(_key(acct, c) for c in chain)],
+        args=[int(time.time()), ttl, quota, rid, data, *chain], client=r)
+    if not stored:
+        log.warning("response %s not stored: the account's %d stored bytes are used", rid, quota)
+    return bool(stored)
 
 
 def get(r: redis.Redis, acct: str, rid: str) -> dict[str, Any] | None:
@@ -85,7 +142,10 @@ def input_items(r: redis.Redis, acct: str, rid: str) -> list[dict[str, Any]] | N
 
 def delete(r: redis.Redis, acct: str, rid: str) -> bool:
     """Delete a stored Response of the account; True when it existed."""
-    return bool(r.delete(_key(acct, rid))) if _plausible(rid) else False
+    if not _plausible(rid):
+        return False
+    return bool(r.register_script(_DELETE)(
+        keys=[*_quota_keys(acct), _key(acct, rid)], args=[rid], client=r))
 
 
 @dataclass
@@ -105,6 +165,7 @@ class Plan:
     response: dict[str, Any] = field(default_factory=dict)
     ttl: int = TTL_SECONDS
     max_bytes: int = MAX_BYTES
+    quota: int = ACCOUNT_BYTES
 
 
 def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +175,7 @@ def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[s
     items = [request.listed(item, answer.new_id("msg")) for item in plan.items]
     try:
         stored = save(r, acct, plan.chain, items, final, ttl=plan.ttl,
-                                     max_bytes=plan.max_bytes)
+                      max_bytes=plan.max_bytes, quota=plan.quota)
     except redis.RedisError as exc:
         log.error("response %s not stored: %s", final["id"], type(exc).__name__)
         stored = False

@@ -68,6 +68,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     plan.native = bool(relay.get("responses_native", 0))
     plan.ttl = relay.get("responses_ttl_seconds", response_store.TTL_SECONDS)
     plan.max_bytes = relay.get("responses_max_stored_bytes", response_store.MAX_BYTES)
+    plan.quota = relay.get("responses_account_stored_bytes", response_store.ACCOUNT_BYTES)
     request.check(body, plan.native)
     plan.items = request.input_items(body.get("input"), plan.native)
     screening.screen_input(screening.responses_slots(body, plan.items))  # [safety] api_input

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import time
 from datetime import date, datetime
-from typing import Any
 
 from flask import Response, request
 
@@ -21,7 +20,7 @@ from app.core.errors import InvalidRequest
 from app.core.money import ledger
 from app.core.usage import CHINA, api_row
 from app.edges.store import get_redis
-from app.web.relay.common import authenticate, bearer_or_body, read_json
+from app.web.relay.common import authenticate, key_body
 from app.web.render import json_response
 
 DEFAULT_DAYS = 30
@@ -87,16 +86,9 @@ def _after() -> str | None:
     return raw
 
 
-def _key_body() -> dict[str, Any] | None:
-    """Return the JSON body for its api_secret_key, only when it is needed and was sent."""
-    if bearer_or_body(None) or not request.get_data(cache=True):
-        return None
-    return read_json()
-
-
 def usage() -> Response:
     """List the key's settled requests (OpenAI's list shape plus code/msg)."""
-    key = authenticate(_key_body())
+    key = authenticate(key_body())
     _known_params()
     start, end = _window()
     limit, after = _limit(), _after()
