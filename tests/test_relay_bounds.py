@@ -325,3 +325,20 @@ def test_a_file_reported_past_the_models_context_is_billed_at_the_context(
     (settle,) = entries(r, acct, "settle")
     assert int(settle["pt"]) == price.context and anomalies("prompt_over_bound") == before + 1
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user",
+                                                                   "content": "hi"}]}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi"})])
+def test_other_service_tiers_are_sent_at_the_standard_one(path: str, body: dict[str, Any],
+                                                           live: LiveServer, r: redis.Redis,
+                                                           upstream: FakeUpstream) -> None:
+    """`service_tier: priority` costs more at OpenAI than the price table covers: it goes
+    upstream without it (standard processing, as billed); auto and default go through."""
+    key, _ = new_key(r)
+    for tier, sent in (("priority", None), ("flex", None), ("scale", None), ("auto", "auto"),
+                       ("default", "default")):
+        resp = post(live, key, {**body, "service_tier": tier}, path)
+        assert resp.status_code == 200, resp.text
+        assert upstream.requests[-1]["body"].get("service_tier") == sent, tier

@@ -27,6 +27,7 @@ from app.web.relay import response_store, responses_stream, screening
 from app.web.relay.billing import Meter
 from app.web.relay.common import Call, admit, authenticate, gather_keyed, settings
 from app.web.relay.response_store import Plan, keep
+from app.web.relay.rules import standard_tier
 from app.web.render import json_response
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     `counting` (POST /responses/input_tokens): an empty input is allowed (instructions and tools
     still count), and the work stops once the prompt is counted."""
     body = {k: v for k, v in call.body.items() if v is not None}  # null is the same as absent
+    standard_tier(body)  # priority/flex are not what the price table is
     relay = settings().relay
     plan.native = bool(relay.get("responses_native", 0))
     plan.ttl = relay.get("responses_ttl_seconds", response_store.TTL_SECONDS)

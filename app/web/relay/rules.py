@@ -131,6 +131,16 @@ def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
         body.pop("stream_options", None)
 
 
+PRICED_TIERS = ("auto", "default")  # what the price table is: OpenAI's standard processing
+
+
+def standard_tier(body: dict[str, Any]) -> None:
+    """Send a request for another service tier (`priority`, `scale`, `flex`) at the standard
+    one: its prices are not ours. The answer's own `service_tier` says which tier served it."""
+    if body.get("service_tier") not in (None, *PRICED_TIERS):
+        del body["service_tier"]
+
+
 def prepare(kind: str, call: Call, plan: Plan) -> int:
     """Check the body (filling `plan`), screen its texts and return the most the call can cost."""
     if kind == "chat":  # the shape first: a malformed body is a 400 of its own
@@ -142,6 +152,7 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
     _prompt_bound(kind, call, plan)
     plan.completion_max = _completion_max(kind, call)
     _stream_flags(call.body, plan)
+    standard_tier(call.body)
     amount = pricing.token_cost(call.price, plan.prompt_bound, plan.completion_max)
     if amount > MAX_HOLD_UNITS:
         raise InsufficientQuota()
