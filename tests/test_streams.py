@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,17 +241,9 @@ def test_plain_answer_without_upstream_usage_gets_the_estimate(
     assert before - wallet.balance(r, acct) == cost
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
-def test_the_bill_is_settled_before_the_stream_ends(live: LiveServer, funded: tuple[str, str],
-                                                   r: redis.Redis, upstream: FakeUpstream,
-                                                   path: str) -> None:
-    """A client that reads a stream's last event and then asks for its balance sees the charge:
-    the settle is written before [DONE] (or response.completed) leaves, not after. Redis holds
-    writes (CLIENT PAUSE WRITE) while the rest of the stream flows: the last event must wait
-    for the settle, and when it arrives the ledger already has it."""
-    key, acct = funded
-    before = wallet.balance(r, acct)
-    said = "hello stream [[fake:step]]"  # the fake holds every chunk after the first
+def _stepped_stream(live: LiveServer, key: str, path: str, said: str) -> requests.Response:
+    """Open a stream whose chunks after the first wait for the fake's step (`[[fake:step]]` in
+    `said`), on the chat, completions or Responses route."""
     body: dict[str, Any] = {"model": "gpt-3.5", "stream": True}
     if path == "/v1/responses":
         body["input"] = said
@@ -261,17 +254,37 @@ def test_the_bill_is_settled_before_the_stream_ends(live: LiveServer, funded: tu
     resp = requests.post(live.url + path, json=body, stream=True, timeout=30,
                          headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 200, resp.text
+    return resp
+
+
+def _read_to_the_end(lines: Iterator[bytes]) -> bytes:
+    """Read a stream's data lines up to its last event ([DONE] or response.completed)."""
+    last = b""
+    for line in lines:
+        if line.startswith(b"data:"):
+            last = line[5:].strip()
+            if last == b"[DONE]" or b'"response.completed"' in last:
+                break
+    return last
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_the_bill_is_settled_before_the_stream_ends(live: LiveServer, funded: tuple[str, str],
+                                                   r: redis.Redis, upstream: FakeUpstream,
+                                                   path: str) -> None:
+    """A client that reads a stream's last event and then asks for its balance sees the charge:
+    the settle is written before [DONE] (or response.completed) leaves, not after. Redis holds
+    writes (CLIENT PAUSE WRITE) while the rest of the stream flows: the last event must wait
+    for the settle, and when it arrives the ledger already has it."""
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    resp = _stepped_stream(live, key, path, "hello stream [[fake:step]]")
     lines = resp.iter_lines()
     try:
         assert any(line.startswith(b"data:") for line in lines)  # the first chunk is here
         r.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # reads go on, writes wait
         upstream.step(1000)
-        last = b""
-        for line in lines:
-            if line.startswith(b"data:"):
-                last = line[5:].strip()
-                if last == b"[DONE]" or b'"response.completed"' in last:
-                    break
+        last = _read_to_the_end(lines)
         assert last == b"[DONE]" or b'"response.completed"' in last
         entry = settle_entry(r, acct, resp.headers["X-Request-Id"])  # a read: not held
         assert int(entry["cost"]) == before - wallet.balance(r, acct) > 0
@@ -291,24 +304,13 @@ def test_a_stream_outliving_the_stale_hold_sweep_is_still_billed(
     this live process (its lease), so the sweep leaves it to the stream's settle."""
     key, acct = funded
     before = wallet.balance(r, acct)
-    said = "a long one [[fake:step]]"
-    body: dict[str, Any] = {"model": "gpt-3.5", "stream": True}
-    if path == "/v1/responses":
-        body["input"] = said
-    else:
-        body["messages"] = [{"role": "user", "content": said}]
-    resp = requests.post(live.url + path, json=body, stream=True, timeout=30,
-                         headers={"Authorization": f"Bearer {key}"})
-    assert resp.status_code == 200, resp.text
+    resp = _stepped_stream(live, key, path, "a long one [[fake:step]]")
     lines = resp.iter_lines()
     try:
         assert any(line.startswith(b"data:") for line in lines)
         ledger.release_stale(r, 0)  # the sweep, 15 minutes into a stream that is still open
         upstream.step(1000)
-        for line in lines:
-            if line.startswith(b"data:") and (line[5:].strip() == b"[DONE]"
-                                              or b'"response.completed"' in line):
-                break
+        _read_to_the_end(lines)
         entry = settle_entry(r, acct, resp.headers["X-Request-Id"])
         assert entry["kind"] == "settle"
         assert int(entry["cost"]) == before - wallet.balance(r, acct) > 0
