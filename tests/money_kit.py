@@ -17,9 +17,12 @@ TOO_BIG: list[Any] = [2**53, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30]
 
 
 def snapshot(r: Any) -> dict[str, Any]:
-    """Return every key of the store with its type, content and whether it has a TTL."""
+    """Return every key of the store with its type, content and whether it has a TTL (process
+    leases left out: a background thread renews them, app/core/money/lease.py)."""
     out: dict[str, Any] = {}
     for name in r.scan_iter(count=1000):
+        if name.startswith("xy:lease:"):
+            continue
         kind = r.type(name)
         read = {"string": r.get, "hash": r.hgetall, "set": lambda n: sorted(r.smembers(n)),
                 "zset": lambda n: r.zrange(n, 0, -1, withscores=True),
