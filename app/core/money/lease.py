@@ -36,6 +36,8 @@ def lease_key(owner: str) -> str:
 def owner(r: Store) -> str:
     """Return this process's owner id; the first call in a process takes the lease."""
     pid = os.getpid()
+    if _state["pid"] == pid and _state["client"] is r:  # every call after the first: no lock
+        return str(_state["owner"])
     with _lock:
         same_client, _state["client"] = _state["client"] is r, r
         if _state["pid"] == pid:

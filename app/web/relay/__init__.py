@@ -46,6 +46,7 @@ bp.add_url_rule("/usage", "usage", usage.usage, methods=["GET"])
 
 # /index.php/v1: the seed's base_url is http://host/index.php/ and its examples say xxxxx/v1/...
 PREFIXES = ("/v1", "/index.php/api/v1", "/index.php/v1")
+UNDER = tuple(p + "/" for p in PREFIXES)  # a path under one of them
 
 
 def init_app(app: Flask) -> None:
@@ -54,11 +55,11 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp, url_prefix=PREFIXES[1], name="relay_legacy")
     app.register_blueprint(bp, url_prefix=PREFIXES[2], name="relay_seed")
 
-    cors.init_app(app, PREFIXES)
+    cors.init_app(app, UNDER)
 
     @app.after_request
     def api_request_id(resp: Response) -> Response:
         # app-wide, so that an unknown route under a prefix (no blueprint matched) has one too
-        if request.path.startswith(tuple(p + "/" for p in PREFIXES)):
+        if request.path.startswith(UNDER):
             return request_id_header(resp)
         return resp

@@ -211,7 +211,8 @@ def _large_body() -> bool:
 
 
 def _precheck(raw: str) -> None:
-    """Authenticate and count the key now (401/429), before a large body costs any work.
+    """Authenticate and count the key now (401/429): before a large body costs any work, for a
+    request refused before its hold, or for a route that holds no money.
 
     The hold's script then counts nothing more (admit passes it no limit): one request is one
     count in the key's window, whichever check made it.
@@ -269,17 +270,23 @@ def gather_keyed(kinds: tuple[str, ...], empty_ok: bool = False
     try:
         call = gather(kinds, empty_ok)
     except ApiError:
-        partial = g.get("call")
-        raw = partial.raw_key if partial is not None else bearer_or_body(None)
-        if raw and not g.get("prechecked"):
-            money.authenticate(get_redis(), raw, _limit())
+        _check_refused_key()
         raise
-    if g.get("prechecked"):  # a large body: gather checked and counted the key already
-        info: keys.KeyInfo = g.key_info
-        return call, info
-    info, g.rate_window = money.authenticate(get_redis(), call.raw_key, _limit())
-    g.key_id = info.id
+    if not g.get("prechecked"):  # a large body: gather checked and counted the key already
+        _precheck(call.raw_key)
+    info: keys.KeyInfo = g.key_info
     return call, info
+
+
+def _check_refused_key() -> None:
+    """Check (and count) the key of a request refused before its key check, so a bad key (401)
+    or a rate limit (429) is answered before the request's own error."""
+    if g.get("prechecked"):
+        return
+    call = g.get("call")
+    raw = call.raw_key if call is not None else bearer_or_body(None)  # unparsable body
+    if raw:
+        _precheck(raw)
 
 
 def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call, money.Hold]:
@@ -295,11 +302,7 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
         if amount > MAX_UNITS:  # more than any wallet can hold (and than a script accepts)
             raise InsufficientQuota()
     except ApiError:
-        call = g.get("call")
-        raw = call.raw_key if call is not None else bearer_or_body(None)  # unparsable body
-        if raw and not g.get("prechecked"):
-            info, g.rate_window = money.authenticate(get_redis(), raw, _limit())
-            g.key_id = info.id
+        _check_refused_key()
         raise
     prechecked = bool(g.get("prechecked"))
     held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,

@@ -22,9 +22,8 @@ _HEADER_LIST = re.compile(r"[A-Za-z0-9\-, ]{1,2000}")
 MAX_AGE = "86400"
 
 
-def init_app(app: Flask, prefixes: tuple[str, ...]) -> None:
-    """Answer preflights and label API answers for the browser, under `prefixes` only."""
-    under = tuple(p + "/" for p in prefixes)
+def init_app(app: Flask, under: tuple[str, ...]) -> None:
+    """Answer preflights and label API answers for the browser, on paths `under` only."""
 
     @app.before_request
     def preflight() -> Response | None:

@@ -30,6 +30,7 @@ import orjson
 import redis
 
 from app.core.money.layout import Store
+from app.core.money.scripts import script
 from app.core.responses import answer, request
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,9 @@ def save(r: redis.Redis, acct: str, chain: list[str], items: list[dict[str, Any]
         log.warning("response %s not stored: %d bytes > %d", response["id"], len(data), max_bytes)
         return False
     rid = response["id"]
-    stored = r.register_script(_SAVE)(
+    stored = script(r, _SAVE)(
         keys=[*_quota_keys(acct), _key(acct, rid), *(_key(acct, c) for c in chain)],
-        args=[int(time.time()), ttl, quota, rid, data, *chain], client=r)
+        args=[int(time.time()), ttl, quota, rid, data, *chain])
     if not stored:
         log.warning("response %s not stored: the account's %d stored bytes are used", rid, quota)
     return bool(stored)
@@ -144,8 +145,7 @@ def delete(r: redis.Redis, acct: str, rid: str) -> bool:
     """Delete a stored Response of the account; True when it existed."""
     if not _plausible(rid):
         return False
-    return bool(r.register_script(_DELETE)(
-        keys=[*_quota_keys(acct), _key(acct, rid)], args=[rid], client=r))
+    return bool(script(r, _DELETE)(keys=[*_quota_keys(acct), _key(acct, rid)], args=[rid]))
 
 
 @dataclass
