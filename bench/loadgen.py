@@ -244,3 +244,47 @@ def streams(host: str, port: int, request: bytes, count: int, expect: str,
             await task
 
     return asyncio.run(main())
+
+
+# -- many keep-alive connections, each sending its next request when the last is answered ------
+
+
+def closed_loop(host: str, port: int, request: bytes, conns: int, seconds: float,
+                timeout: float = 10) -> list[tuple[float, float, int]]:
+    """Run `conns` keep-alive connections for `seconds`, as wrk does, and return every request as
+    (started, latency, status): seconds since the start, seconds, HTTP status (0: failed).
+
+    Unlike wrk's report, each request keeps its start time, so the first round (every
+    connection opened at once) can be told apart from the ones after it.
+    """
+
+    async def main() -> list[tuple[float, float, int]]:
+        out: list[tuple[float, float, int]] = []
+        began = time.perf_counter()
+        deadline = began + seconds
+
+        async def connection() -> None:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                        timeout)
+            except (TimeoutError, OSError):
+                out.append((time.perf_counter() - began, 0.0, 0))
+                return
+            try:
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    try:
+                        writer.write(request)
+                        status, _ = await asyncio.wait_for(_read_response(reader), timeout)
+                    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError,
+                            IndexError):
+                        out.append((started - began, time.perf_counter() - started, 0))
+                        return
+                    out.append((started - began, time.perf_counter() - started, status))
+            finally:
+                writer.close()
+
+        await asyncio.gather(*(connection() for _ in range(conns)))
+        return out
+
+    return asyncio.run(main())

@@ -100,6 +100,9 @@ def side_by_side(res: dict[str, Any], s: dict[str, Any]) -> list[str]:
                                                                 "{:,}"),
                             ("rss_peak_mb", "RSS peak (MB)", "{:,.0f}")):
         add(f"750 in flight × 1.5 s upstream: {label}", {t: v[key] for t, v in inf.items()}, fmt)
+    rounds = (res.get("inflight") or {}).get("rounds") or {}
+    add("… p99 after the first round (ms)", {t: v["after"]["p99_ms"] for t, v in rounds.items()},
+        "{:,.0f}")
     skipped = res.get("meta", {}).get("skipped", {})
     head = ["| measure | " + " | ".join(LABELS.get(t, t) for t in order) + " |",
             "|---|" + "---|" * len(order)]

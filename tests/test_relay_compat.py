@@ -50,6 +50,16 @@ def test_seed_image_call_without_model(prefix: str, live: LiveServer, funded: tu
     assert sent["model"] == "dall-e-2" and sent["size"] == "1024x1024"  # OpenAI's defaults
 
 
+@pytest.mark.parametrize("prompt", ["\u0085", "\x1c", " \u200b "])
+def test_an_image_prompt_visible_to_the_schema_is_accepted(prompt: str, live: LiveServer,
+                                                          funded: tuple[str, str]) -> None:
+    """The schema's `\\S` is ECMAScript's: NEL, an information separator and a zero-width space
+    are not white space there (Python's str.strip() removes the first two). Found by the fuzz."""
+    key, _ = funded
+    resp = bearer(live, key, "/images/generations", {"model": "dall-e-2", "prompt": prompt})
+    assert resp.status_code == 200, resp.text
+
+
 @pytest.mark.parametrize("prefix", SEED_PATHS)
 def test_seed_completions_call(prefix: str, live: LiveServer, funded: tuple[str, str],
                                upstream: FakeUpstream) -> None:

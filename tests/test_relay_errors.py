@@ -121,6 +121,8 @@ BAD_OTHER = {
     "image n = 11": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat", "n": 11}),
     "image n = '2'": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat", "n": "2"}),
     "image empty prompt": ("/v1/images/generations", {"model": "dall-e-2", "prompt": " "}),
+    "image prompt of white space only": ("/v1/images/generations",
+                                         {"model": "dall-e-2", "prompt": "\u3000\u00a0\t\ufeff"}),
     "image bad format": ("/v1/images/generations", {"model": "dall-e-2", "prompt": "cat",
                                                     "response_format": "gif"}),
     "dall-e-3 n = 2": ("/v1/images/generations", {"model": "dall-e-3", "prompt": "cat", "n": 2}),

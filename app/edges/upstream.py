@@ -38,6 +38,9 @@ from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
 from app.edges.fetch import FetchError, fetch
 from app.edges.netguard import UnsafeURL, check_url, origin
 from app.edges.sse import data_events
+from app.edges.turns import DEFAULT_SIZE as DEFAULT_TURNS
+from app.edges.turns import EXTENSION as TURNS
+from app.edges.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,8 @@ POOL_MAXSIZE = max(1000, int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000")))
 class Upstream:
     """The HTTP client to every channel (one pooled session per process)."""
 
-    def __init__(self, settings: Settings, r: redis.Redis) -> None:
+    def __init__(self, settings: Settings, r: redis.Redis, turns: Turns | None = None) -> None:
+        self.turns = turns or Turns(0)  # given back while a call waits (app.edges.turns)
         self.channels = sorted(settings.channels, key=lambda c: c.priority)
         self.redis = r
         self.timeout = (settings.relay.get("connect_timeout_seconds", 5),
@@ -230,7 +234,8 @@ class Upstream:
                 FAILOVERS.inc()
             started = time.perf_counter()
             try:
-                resp = self._send(channel, path, data, stream)
+                with self.turns.away():  # the wait for the answer (or its first bytes)
+                    resp = self._send(channel, path, data, stream)
             except requests.Timeout:
                 timed_out = True
                 self._mark(channel, False, "timeout")
@@ -284,7 +289,8 @@ class Upstream:
         except UnsafeURL as exc:
             raise UpstreamError(f"Refused to fetch the upstream's link: {exc}") from exc
         try:
-            return fetch(target, timeout, max_bytes)
+            with self.turns.away():
+                return fetch(target, timeout, max_bytes)
         except FetchError as exc:
             raise UpstreamError(f"Could not fetch the upstream's file ({exc}).") from exc
 
@@ -431,8 +437,11 @@ def iter_sse_objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:
 
 
 def init_app(app: Any, r: redis.Redis) -> None:
-    """Build this process's upstream client."""
-    app.extensions[EXTENSION] = Upstream(app.config["SETTINGS"], r)
+    """Build this process's upstream client and the turns its callers give back while they
+    wait on it (app.edges.turns)."""
+    settings: Settings = app.config["SETTINGS"]
+    turns = app.extensions[TURNS] = Turns(settings.relay.get("turns_per_worker", DEFAULT_TURNS))
+    app.extensions[EXTENSION] = Upstream(settings, r, turns)
 
 
 def get_upstream() -> Upstream:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Flask, Response, request
 
 from app.web.relay import account, chat, cors, media, responses, usage
-from app.web.relay.common import ratelimit_headers, request_id_header
+from app.web.relay.common import give_turn, ratelimit_headers, request_id_header
 
 bp = Blueprint("relay", __name__)
 bp.after_request(ratelimit_headers)  # x-ratelimit-*-requests on every successful answer
@@ -56,6 +56,9 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp, url_prefix=PREFIXES[2], name="relay_seed")
 
     cors.init_app(app, UNDER)
+    # The view returned (a stream's body then runs without a turn) or raised: Flask tears the
+    # request down before the body is sent, also for stream_with_context (tests/test_turns.py).
+    app.teardown_request(give_turn)
 
     @app.after_request
     def api_request_id(resp: Response) -> Response:

@@ -24,6 +24,8 @@ from app.core.money import keys
 from app.core.money.layout import MAX_UNITS
 from app.core.money.ratelimit import Window
 from app.edges.store import get_redis
+from app.edges.turns import EXTENSION as TURNS
+from app.edges.turns import Turns
 
 
 @dataclass
@@ -117,6 +119,19 @@ def texts_or_tokens(value: Any, *, empty_text: bool = False) -> bool:
     if not isinstance(value, list) or not value:
         return False
     return all(text(v) for v in value) or tokens(value) or all(tokens(v) for v in value)
+
+
+def take_turn() -> None:
+    """Wait for one of this worker's turns (app.edges.turns): given back while the upstream is
+    awaited, and for good when the view returns (give_turn)."""
+    turns: Turns = current_app.extensions[TURNS]
+    turns.take()
+
+
+def give_turn(_exc: BaseException | None = None) -> None:
+    """Give this request's turn back (at its teardown: a stream holds none)."""
+    turns: Turns = current_app.extensions[TURNS]
+    turns.give()
 
 
 def bearer_or_body(body: dict[str, Any] | None) -> str:
@@ -234,6 +249,7 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     if large and (bearer := bearer_or_body(None)):
         _precheck(bearer)
     body = parse_json(empty_ok)
+    take_turn()  # the body is read: from here to the answer, this request's steps run in turn
     raw = _raw_key(body)
     if large and not g.get("prechecked"):
         _precheck(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Response
@@ -24,6 +25,9 @@ from app.web.render import json_response
 FORMATS = ("url", "b64_json")
 QUALITIES = ("standard", "hd", "low", "medium", "high", "auto")  # OpenAI's enum
 STYLES = ("vivid", "natural")
+# A prompt needs one character that is not white space as /openapi.json's pattern `\S` means it
+# (ECMAScript's white space): U+0085 or U+001C, which Python's str.strip() removes, count.
+VISIBLE = re.compile("[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
 
 
 def _embeddings_cost(call: Call, plan: Plan) -> int:
@@ -70,7 +74,7 @@ def _size(call: Call) -> str:
 def _images_cost(call: Call) -> int:
     body, price = call.body, call.price
     prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or not VISIBLE.search(prompt):
         raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt",
                              msg="prompt 不能为空")
     optional_choice(body, "response_format", FORMATS)
