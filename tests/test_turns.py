@@ -7,6 +7,9 @@ failure."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,43 @@ def test_size_zero_is_off() -> None:
     with turns.away():
         pass
     turns.give()
+
+
+GREENLETS = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+    import gevent
+    from gevent.lock import Semaphore
+    from app.edges.turns import Turns
+
+    turns = Turns(2)
+    assert isinstance(turns._free, Semaphore)  # gevent's own, not threading's patched one
+    inside, most = 0, 0
+
+    def request(i):
+        global inside, most
+        turns.take()
+        inside += 1
+        most = max(most, inside)
+        gevent.sleep(0.001)  # a Redis round trip: the turn is kept
+        inside -= 1
+        with turns.away():  # the upstream wait: the turn is given back
+            assert not turns.holding()
+            gevent.sleep(0.01)
+        assert turns.holding()
+        turns.give()
+
+    gevent.joinall([gevent.spawn(request, i) for i in range(20)], timeout=10, raise_error=True)
+    assert most == 2, most
+    print("ok")
+""")
+
+
+def test_under_gevent_greenlets_share_the_turns() -> None:
+    """As in a gunicorn gevent worker: monkey patched, greenlets hold turns one by one."""
+    done = subprocess.run([sys.executable, "-c", GREENLETS], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.fixture

@@ -137,11 +137,12 @@ def test_long_answer_is_split_in_order_within_push_limit(start: Callable[..., An
 
 def test_free_chats_then_paid_and_a_rerun_charges_and_sends_once(
         start: Callable[..., Any], upstream: Any, wx: FakeWeChatAPI, r: Any) -> None:
-    app, wechat = start(daily_free_messages=1, reply_wait_seconds=0.3)
+    app, wechat = start(daily_free_messages=1, reply_wait_seconds=1.5)  # a busy machine too
     assert wechat.say(OPENID, "免费的") is not None
     acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 10000
-    assert wechat.say(OPENID, "[[fake:delay=0.6]]付费的", msg_id="777000004") is None
+    assert wechat.say(OPENID, "[[fake:step]]付费的", msg_id="777000004") is None  # held: pushed
+    upstream.step()
     wait_for(lambda: wx.sent(OPENID))
     spent = 10000 - wallet.balance(r, acct)
     assert spent > 0

