@@ -229,6 +229,21 @@ def test_gunicorn_conf_sets_up_multiprocess_metrics(tmp_path: Path, preset: bool
         shutil.rmtree(prom)
 
 
+def test_a_worker_leaves_the_loaded_app_out_of_garbage_collection() -> None:
+    """post_worker_init (after the app is loaded in the worker) freezes what exists and raises
+    the young generation's threshold (bench/NOTES.md)."""
+    script = ("import gc, json, runpy, types; c = runpy.run_path('deploy/gunicorn.conf.py'); "
+              "before = gc.get_freeze_count(); "
+              "c['post_worker_init'](types.SimpleNamespace(handle_exit=lambda *a: None, "
+              "alive=True, cfg=types.SimpleNamespace(graceful_timeout=30))); "
+              "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=30)
+    before, frozen, threshold = json.loads(out.stdout)
+    assert before == 0 and frozen > 1000
+    assert threshold[0] >= 10_000
+
+
 def test_readme_has_every_operations_section() -> None:
     doc = (ROOT / "README.md").read_text()
     for section in ("Admin", "Metrics", "Channels", "Limits", "Pay", "Deploy", "Scale out"):
