@@ -342,3 +342,28 @@ def test_other_service_tiers_are_sent_at_the_standard_one(path: str, body: dict[
         resp = post(live, key, {**body, "service_tier": tier}, path)
         assert resp.status_code == 200, resp.text
         assert upstream.requests[-1]["body"].get("service_tier") == sent, tier
+
+
+@pytest.mark.parametrize(("path", "field", "cap_name", "model"), [
+    ("/v1/embeddings", "input", "max_input_tokens", "text-embedding-ada-002"),
+    ("/v1/completions", "prompt", "max_prompt_tokens", "gpt-3.5-turbo-instruct")])
+def test_token_arrays_past_the_cap_are_refused_before_each_id_is_checked(
+        path: str, field: str, cap_name: str, model: str, live: LiveServer, r: redis.Redis,
+        upstream: FakeUpstream) -> None:
+    """Red team: a 32 MiB body of tiny token arrays cost seconds of CPU per request, checking
+    every id before the count refused it. The ids are counted first now: one past the cap is
+    "too long" even when an id after it is invalid; within the cap a bad id is still refused."""
+    key, acct = new_key(r, "10")
+    cap = load_settings({}).relay[cap_name]
+    past = [[1] * 1000 for _ in range(cap // 1000)] + [[7, -1]]  # cap + 2 ids, the last bad
+    resp = post(live, key, {"model": model, field: past}, path)
+    assert resp.status_code == 400 and "too long" in resp.json()["error"]["message"], resp.text
+    flat = [1] * cap + [2**32]  # one flat array: cap + 1 ids, the last out of range
+    resp = post(live, key, {"model": model, field: flat}, path)
+    assert resp.status_code == 400 and "too long" in resp.json()["error"]["message"], resp.text
+    resp = post(live, key, {"model": model, field: [[1, 2], [3, -1]]}, path)
+    assert resp.status_code == 400 and "too long" not in resp.json()["error"]["message"]
+    resp = post(live, key, {"model": model, field: [[1, 2], [3, 4]]}, path)
+    assert resp.status_code == 200, resp.text
+    assert len(upstream.requests) == 1 and ledger.verify(r) == []
+    assert wallet.balance(r, acct) < 100_000

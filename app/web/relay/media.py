@@ -18,6 +18,7 @@ from app.web.relay.common import (
     optional_int,
     settings,
     texts_or_tokens,
+    token_ids,
 )
 from app.web.relay.rules import Plan
 from app.web.render import json_response
@@ -32,11 +33,14 @@ VISIBLE = re.compile("[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u
 
 def _embeddings_cost(call: Call, plan: Plan) -> int:
     value = call.body.get("input")
+    cap = settings().relay.get("max_input_tokens", 300000)
+    if token_ids(value) > cap:  # counted before 11 M ids are checked one by one
+        raise InvalidRequest(f"The input is too long: more than {cap} tokens.", param="input",
+                             msg="输入内容过长")
     if not texts_or_tokens(value):
         raise InvalidRequest("'input' must be a non-empty string, array of strings or token "
                              "array(s).", param="input", msg="input 不能为空")
     optional_choice(call.body, "encoding_format", ("float", "base64"))
-    cap = settings().relay.get("max_input_tokens", 300000)
     plan.prompt_bound = pricing.estimate_any(value, call.upstream_model, limit=cap)
     if plan.prompt_bound > cap:
         raise InvalidRequest(f"The input is too long: more than {cap} tokens.", param="input",

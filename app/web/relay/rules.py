@@ -14,7 +14,7 @@ from typing import Any
 
 from app.core import pricing, tokens
 from app.core.errors import InsufficientQuota, InvalidRequest
-from app.web.relay.common import Call, optional_int, settings, texts_or_tokens
+from app.web.relay.common import Call, optional_int, settings, texts_or_tokens, token_ids
 from app.web.relay.screening import chat_slots, completion_slots, screen_input
 
 MAX_N = 128  # OpenAI's limit for `n`
@@ -56,6 +56,10 @@ def check_messages(body: dict[str, Any]) -> list[Any]:
 def check_prompt(body: dict[str, Any]) -> Any:
     """Check a completions `prompt` (null or absent is OpenAI's default, <|endoftext|>)."""
     prompt = body.setdefault("prompt", ENDOFTEXT)
+    cap = settings().relay.get("max_prompt_tokens", 128000)
+    if token_ids(prompt) > cap:  # counted before 11 M ids are checked one by one
+        raise InvalidRequest(f"The prompt is too long: more than {cap} tokens.", param="prompt",
+                             msg="输入内容过长")
     if not texts_or_tokens(prompt, empty_text=True):
         raise InvalidRequest("'prompt' must be a string, a non-empty array of strings or token "
                              "array(s).", param="prompt", msg="prompt 参数错误")
