@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 import requests
-from conftest import LiveServer, new_key
+from conftest import LiveServer, new_key, send_body
 from test_admin_browser import ARGS, CHROMIUM, ensure_chromium
 
 from app.core.money import wallet
@@ -100,11 +100,7 @@ def other_origin() -> Iterator[str]:
     """A page served from another port: another origin than the relay's."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(PAGE)))
-            self.end_headers()
-            self.wfile.write(PAGE)
+            send_body(self, PAGE, "text/html; charset=utf-8")
 
         def log_message(self, *args: Any) -> None:
             """Stay quiet."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import make_settings, new_key
+from conftest import make_settings, new_key, send_body
 
 from app import create_app
 from app.core import pricing
@@ -29,11 +29,7 @@ class OddUpstream(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         status, body = self.server.answer  # type: ignore[attr-defined]
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_body(self, data, "application/json", status)
 
     def log_message(self, *args: Any) -> None:
         """Stay quiet."""

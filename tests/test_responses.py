@@ -19,7 +19,7 @@ import orjson
 import pytest
 import redis
 import requests
-from conftest import UPSTREAM_KEY, LiveServer, new_key
+from conftest import UPSTREAM_KEY, LiveServer, new_key, send_body
 from openai._streaming import SSEDecoder
 from openapi_schemas import validate
 from PIL import Image
@@ -455,11 +455,7 @@ class AbsurdUsage(BaseHTTPRequestHandler):
                          "message": {"role": "assistant", "content": "hi"}}],
             "usage": {"prompt_tokens": 10**12, "completion_tokens": 10**9,
                       "total_tokens": 10**12 + 10**9}})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_body(self, body, "application/json")
 
     def log_message(self, *args: Any) -> None:
         """Log nothing."""

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from conftest import send_body
 from rq.job import Job
 from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
 
@@ -245,11 +246,7 @@ class _LyingUpstream(ThreadingHTTPServer):
                     "model": "gpt-3.5-turbo", "usage": usage_given,
                     "choices": [{"index": 0, "finish_reason": "stop", "message": {
                         "role": "assistant", "content": "好的"}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_body(self, body, "application/json")
 
             def log_message(self, *args: Any) -> None:
                 """Stay quiet."""

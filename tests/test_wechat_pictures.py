@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import send_body
 from PIL import Image
 from wechat_kit import WeChat, bot, image_xml, wait_for, wechat_settings
 
@@ -44,11 +45,7 @@ class PicUrlHost(ThreadingHTTPServer):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 host.hits.append(self.path)
                 body = jpeg(64, 64)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_body(self, body, "image/jpeg")
 
             def log_message(self, *args: Any) -> None:
                 """Stay quiet."""

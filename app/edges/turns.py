@@ -11,8 +11,8 @@ holds no turn.
 
 A turn goes to whoever asks while one is free (a semaphore, not a queue): a strict first-come
 handover was measured slower, since every request then waits for the hub to wake it even when
-the worker has nothing else to run. The holder is per thread, and per greenlet under gevent,
-whose monkey patching makes threading's objects cooperative.
+the worker has nothing else to run. Under gevent the semaphore is gevent's own; who holds a
+turn is a context variable, which each thread and each greenlet has its own of.
 """
 
 from __future__ import annotations

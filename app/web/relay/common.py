@@ -149,9 +149,17 @@ def token_ids(value: Any) -> int:
     without that work."""
     if not isinstance(value, list):
         return 0
-    if all(isinstance(v, list) for v in value):
+    kinds = set(map(type, value))  # C speed, as texts_or_tokens
+    if kinds == {list}:
         return sum(map(len, value))
-    return len(value) if not any(isinstance(v, str) for v in value) else 0
+    return 0 if str in kinds else len(value)
+
+
+def too_long(param: str, cap: int) -> InvalidRequest:
+    """Return the 400 for a prompt (or an embeddings input) past its cap in tokens."""
+    noun = "input" if param == "input" else "prompt"
+    return InvalidRequest(f"The {noun} is too long: more than {cap} tokens.", param=param,
+                          msg="输入内容过长")
 
 
 def take_turn() -> None:

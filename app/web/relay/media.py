@@ -19,6 +19,7 @@ from app.web.relay.common import (
     settings,
     texts_or_tokens,
     token_ids,
+    too_long,
 )
 from app.web.relay.rules import Plan
 from app.web.render import json_response
@@ -35,16 +36,14 @@ def _embeddings_cost(call: Call, plan: Plan) -> int:
     value = call.body.get("input")
     cap = settings().relay.get("max_input_tokens", 300000)
     if token_ids(value) > cap:  # counted before 11 M ids are checked one by one
-        raise InvalidRequest(f"The input is too long: more than {cap} tokens.", param="input",
-                             msg="输入内容过长")
+        raise too_long("input", cap)
     if not texts_or_tokens(value):
         raise InvalidRequest("'input' must be a non-empty string, array of strings or token "
                              "array(s).", param="input", msg="input 不能为空")
     optional_choice(call.body, "encoding_format", ("float", "base64"))
     plan.prompt_bound = pricing.estimate_any(value, call.upstream_model, limit=cap)
     if plan.prompt_bound > cap:
-        raise InvalidRequest(f"The input is too long: more than {cap} tokens.", param="input",
-                             msg="输入内容过长")
+        raise too_long("input", cap)
     return pricing.token_cost(call.price, plan.prompt_bound)
 
 

@@ -14,7 +14,14 @@ from typing import Any
 
 from app.core import pricing, tokens
 from app.core.errors import InsufficientQuota, InvalidRequest
-from app.web.relay.common import Call, optional_int, settings, texts_or_tokens, token_ids
+from app.web.relay.common import (
+    Call,
+    optional_int,
+    settings,
+    texts_or_tokens,
+    token_ids,
+    too_long,
+)
 from app.web.relay.screening import chat_slots, completion_slots, screen_input
 
 MAX_N = 128  # OpenAI's limit for `n`
@@ -58,8 +65,7 @@ def check_prompt(body: dict[str, Any]) -> Any:
     prompt = body.setdefault("prompt", ENDOFTEXT)
     cap = settings().relay.get("max_prompt_tokens", 128000)
     if token_ids(prompt) > cap:  # counted before 11 M ids are checked one by one
-        raise InvalidRequest(f"The prompt is too long: more than {cap} tokens.", param="prompt",
-                             msg="输入内容过长")
+        raise too_long("prompt", cap)
     if not texts_or_tokens(prompt, empty_text=True):
         raise InvalidRequest("'prompt' must be a string, a non-empty array of strings or token "
                              "array(s).", param="prompt", msg="prompt 参数错误")
@@ -98,9 +104,7 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
             counted += tokens.text_tokens(body["suffix"], model, limit=cap)
         prompt = tokens.Prompt(counted)
     if prompt.counted > cap:
-        raise InvalidRequest(f"The prompt is too long: more than {cap} tokens.",
-                             param="messages" if kind == "chat" else "prompt",
-                             msg="输入内容过长")
+        raise too_long("messages" if kind == "chat" else "prompt", cap)
     ceiling = call.price.prompt_ceiling(cap)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
 
