@@ -7,7 +7,6 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +152,6 @@ def app(settings: Settings, r: redis.Redis) -> Any:
 def client(app: Any) -> Any:
     """Flask's test client."""
     return app.test_client()
-
-
-def send_body(handler: BaseHTTPRequestHandler, body: bytes, content_type: str,
-              status: int = 200) -> None:
-    """Answer a stub server's request (an http.server handler) with one whole body."""
-    handler.send_response(status)
-    handler.send_header("Content-Type", content_type)
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
 
 
 class LiveServer:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import redis
 import requests
-from conftest import LiveServer, new_key, send_body
+from conftest import LiveServer, new_key
+from stub_kit import send_body
 from test_admin_browser import ARGS, CHROMIUM, ensure_chromium
 
 from app.core.money import wallet

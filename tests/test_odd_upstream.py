@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import make_settings, new_key, send_body
+from conftest import make_settings, new_key
+from stub_kit import send_body
 
 from app import create_app
 from app.core import pricing

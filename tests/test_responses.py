@@ -19,10 +19,11 @@ import orjson
 import pytest
 import redis
 import requests
-from conftest import UPSTREAM_KEY, LiveServer, new_key, send_body
+from conftest import UPSTREAM_KEY, LiveServer, new_key
 from openai._streaming import SSEDecoder
 from openapi_schemas import validate
 from PIL import Image
+from stub_kit import send_body
 
 from app import create_app
 from app.core import pricing, tokens

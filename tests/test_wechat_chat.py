@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from conftest import send_body
 from rq.job import Job
+from stub_kit import send_body
 from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
 
 from app.bot import handoff, users

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import send_body
 from PIL import Image
+from stub_kit import send_body
 from wechat_kit import WeChat, bot, image_xml, wait_for, wechat_settings
 
 from app import create_app
