@@ -24,10 +24,12 @@ from app import create_app
 from app.core.config import ENV_SETTINGS, ConfigError, load_settings
 from app.edges.secret import STORE_KEY, stored_key
 from app.edges.store import make_redis
+from app.web.admin.auth import client_network
 from app.web.admin.cookies import COOKIE
 from fakes.upstream import FakeUpstream
 
 LOGINS = "xy:admin:login:127.0.0.1"
+BEARERS = "xy:admin:bearer:127.0.0.1"
 
 
 def derived_keys(token: str) -> list[str | bytes]:
@@ -145,6 +147,51 @@ def test_parallel_guesses_cannot_exceed_the_limit(app: Any, r: redis.Redis) -> N
              for i, b in enumerate(browsers)]
     codes = race(lambda i: browsers[i].post("/admin/login", data=forms[i]).status_code, 40)
     assert sorted(codes) == [401] * 10 + [429] * 30 and r.zcard(LOGINS) == 10
+
+
+def test_wrong_bearer_tokens_are_limited_apart_from_the_login_form(
+        client: Any, r: redis.Redis) -> None:
+    for _ in range(30):  # a script with the right token is never counted
+        assert client.get("/admin/", headers=BEARER).status_code == 200
+    assert r.zcard(BEARERS) == 0
+    wrong = {"Authorization": "Bearer wrong-" + TOKEN}
+    assert [client.get("/admin/", headers=wrong).status_code for _ in range(10)] == [401] * 10
+    for path in ("/admin/", "/metrics"):  # locked: not even the right token is checked
+        locked = client.get(path, headers=BEARER)
+        assert locked.status_code == 429 and 1 <= int(locked.headers["Retry-After"]) <= 60
+    assert 0 < r.pttl(BEARERS) <= 60_000
+    assert login(client).status_code == 302  # the form's window is its own
+    other = client.get("/admin/", headers=BEARER, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert other.status_code == 200
+
+
+def test_an_ipv6_host_rotating_addresses_in_its_64_gets_no_more_guesses(
+        client: Any, r: redis.Redis) -> None:
+    def guess(addr: str) -> int:
+        form = {"token": "wrong-" + TOKEN, "csrf": csrf_of(client)}
+        return int(client.post("/admin/login", data=form,
+                               environ_base={"REMOTE_ADDR": addr}).status_code)
+
+    assert [guess(f"2001:db8:1:2:{i:x}::1") for i in range(10)] == [401] * 10
+    assert guess("2001:db8:1:2:ffff:ffff:ffff:ffff") == 429
+    assert r.zcard("xy:admin:login:2001:db8:1:2::/64") == 10
+    assert guess("2001:db8:1:3::1") == 401  # the next /64 is another host
+    assert [guess("::ffff:192.0.2.7") for _ in range(10)] == [401] * 10
+    assert guess("192.0.2.7") == 429  # an IPv4-mapped address is its IPv4 client
+    assert client_network("192.0.2.7") == "192.0.2.7" and client_network(None) == "unknown"
+
+
+def test_with_the_store_down_metrics_answer_and_bearer_guesses_stay_bounded(
+        upstream: FakeUpstream, redis_url: str) -> None:
+    dead = make_redis("redis://127.0.0.1:1/0", max_connections=2)
+    down = create_app(make_settings(upstream.url, redis_url), redis_client=dead).test_client()
+    addr = {"REMOTE_ADDR": "198.51.100.9"}  # a window of this process no other test shares
+    assert down.get("/metrics", headers=BEARER, environ_base=addr).status_code == 200
+    wrong = {"Authorization": "Bearer wrong-" + TOKEN}
+    codes = [down.get("/metrics", headers=wrong, environ_base=addr).status_code
+             for _ in range(10)]
+    assert codes == [401] * 10
+    assert down.get("/metrics", headers=BEARER, environ_base=addr).status_code == 429
 
 
 def test_admin_with_the_store_down_answers_503(upstream: FakeUpstream, redis_url: str,

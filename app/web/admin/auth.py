@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
+import time
 
+import redis
 from flask import (
     Blueprint,
     Response,
+    abort,
     current_app,
     g,
     redirect,
@@ -37,6 +41,7 @@ from app.web.admin.cookies import cookie_key
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
 LOGIN_FAILURES_PER_MINUTE = 10
+_LOCAL: dict[str, list[float]] = {}  # key -> monotonic times of attempts (store down)
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
@@ -58,9 +63,22 @@ def token_matches(given: str) -> bool:
 
 
 def bearer_ok() -> bool:
-    """Tell whether the request carries `Authorization: Bearer <admin token>`."""
+    """Tell whether the request carries `Authorization: Bearer <admin token>`.
+
+    Each Bearer token counts in its network's window until it proves right; while the window is
+    full the request ends in a 429 without its token being checked.
+    """
     auth = request.headers.get("Authorization", "")
-    return auth[:7].lower() == "bearer " and token_matches(auth[7:].strip())
+    if auth[:7].lower() != "bearer ":
+        return False
+    wait, slot = take_attempt("bearer")
+    if wait:
+        abort(Response(f"too many wrong admin tokens; retry in {wait} s\n", 429,
+                       mimetype="text/plain", headers={"Retry-After": str(wait)}))
+    if token_matches(auth[7:].strip()):
+        give_back(slot, "bearer")
+        return True
+    return False
 
 
 def session_ok() -> bool:
@@ -134,20 +152,63 @@ def _safe_next(target: str | None) -> str:
     return url_for("admin.overview")
 
 
-def take_attempt() -> tuple[int, str]:
-    """Take a slot in this address's login window; return (seconds to wait or 0, slot id)."""
-    window, slot = ratelimit.take(get_redis(), _login_key(), LOGIN_FAILURES_PER_MINUTE)
+def take_attempt(kind: str = "login") -> tuple[int, str]:
+    """Take a slot in this network's window of `kind`; return (seconds to wait or 0, slot id).
+
+    With the store down a Bearer attempt counts in this process's own window instead, so /metrics
+    still answers (the state it reports matters most then) and guesses stay bounded.
+    """
+    key = _attempts_key(kind)
+    try:
+        window, slot = ratelimit.take(get_redis(), key, LOGIN_FAILURES_PER_MINUTE)
+    except redis.RedisError:
+        if kind != "bearer":
+            raise
+        return _take_local(key)
     return window.wait, slot
 
 
-def _login_key() -> str:
-    """Name this address's login window (one key: a single-slot script on a Cluster too)."""
-    return f"xy:admin:login:{request.remote_addr}"
+def _take_local(key: str) -> tuple[int, str]:
+    """Count an attempt in this process's window for `key` (the store is down)."""
+    now = time.monotonic()
+    if len(_LOCAL) > 10_000:  # networks not seen for a minute are dropped first
+        for old in [k for k, times in _LOCAL.items() if now - times[-1] >= 60]:
+            del _LOCAL[old]
+    times = [t for t in _LOCAL.get(key, []) if now - t < 60]
+    if len(times) >= LOGIN_FAILURES_PER_MINUTE:
+        _LOCAL[key] = times
+        return max(1, int(61 - (now - times[0]))), ""
+    slot = f"local:{now!r}"
+    _LOCAL[key] = [*times, now]
+    return 0, slot
 
 
-def give_back(slot: str) -> None:
-    """Return a successful login's slot: only failures count toward the limit."""
-    get_redis().zrem(_login_key(), slot)
+def client_network(addr: str | None) -> str:
+    """Return the network a client address counts in: IPv4 as is, IPv6 as its /64."""
+    try:
+        ip = ipaddress.ip_address(addr or "")
+    except ValueError:
+        return (addr or "unknown")[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is the IPv4 client a.b.c.d
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _attempts_key(kind: str) -> str:
+    """Name this network's window (one key: a single-slot script on a Cluster too)."""
+    return f"xy:admin:{kind}:{client_network(request.remote_addr)}"
+
+
+def give_back(slot: str, kind: str = "login") -> None:
+    """Return a successful attempt's slot: only failures count toward the limit."""
+    key = _attempts_key(kind)
+    if slot.startswith("local:"):
+        held = float(slot[6:])
+        _LOCAL[key] = [t for t in _LOCAL.get(key, []) if t != held]
+        return
+    get_redis().zrem(key, slot)
 
 
 @bp.route("/login", methods=["GET", "POST"])
