@@ -54,6 +54,7 @@ class World:
                  "done": layout.done_key(a), "refs": layout.refs_key(a),
                  "record": layout.key_record(a, digest),
                  "window": layout.window_key(a, self.digest),
+                 "budget": layout.body_budget_key(a, self.digest),
                  "keyid": layout.key_id_record(a, "key_new"), "keys": layout.keys_set(a),
                  "code": layout.code_key(self.code)}
         return [names[k] for k in script.keys]

@@ -19,6 +19,7 @@ from conftest import UPSTREAM_KEY, LiveServer, new_key
 
 from app import create_app
 from app.core.config import Settings, load_settings
+from app.core.money import keys, layout, ratelimit
 from fakes.upstream import FakeUpstream
 
 BIG = 8 << 20  # announced, never sent
@@ -126,3 +127,83 @@ def test_key_only_routes_refuse_a_large_body_unparsed(live: LiveServer, method: 
                             headers={"Content-Type": "application/json"})
     assert resp.status_code == 413, resp.text[:300]
     assert resp.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_large_body_is_not_parsed_for_an_outsider_whose_body_key_is_refused(
+        live: LiveServer) -> None:
+    """Red team: with the key in the body (no Bearer), a 22 MB body was parsed (≈ 0.4 s of CPU)
+    before its 401. The key is now found in the raw bytes first: a body that is not even JSON
+    proves it, answering 401, not 400 (a parse would have failed first)."""
+    broken = b'{"model": "gpt-3.5", "api_secret_key": "sk-not-a-key-0123456789", "pad": "' + \
+        b"x" * (1 << 20)  # unterminated: not JSON
+    keyless = b'{"model": "gpt-3.5", "pad": [' + b"1," * (1 << 19)  # no key, not JSON
+    for body in (broken, keyless):
+        resp = requests.post(live.url + "/v1/chat/completions", data=body, timeout=60,
+                             headers={"Content-Type": "application/json"})
+        assert resp.status_code == 401, resp.text[:300]
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    small = requests.post(live.url + "/v1/chat/completions", data=broken[:2000], timeout=60,
+                          headers={"Content-Type": "application/json"})
+    assert small.status_code == 400  # a small body is parsed first, as before
+
+
+def test_a_large_body_key_is_found_past_decoys_and_the_top_level_one_decides(
+        live: LiveServer, r: redis.Redis) -> None:
+    raw, _ = new_key(r, "100")
+    other, _ = new_key(r, "100")
+    pad = "x" * (1 << 20)
+    decoys = {"metadata": {"api_secret_key": "sk-decoy-0123456789"}, "pad": pad}
+    body = {**decoys, "messages": [{"role": "user", "content": "hi"}], "api_secret_key": raw}
+    resp = requests.post(live.url + "/v1/chat/completions", data=json.dumps(body), timeout=60,
+                         headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text[:300]
+    # a valid key nested, a wrong one at the top: the top-level key is the request's
+    body = {"metadata": {"api_secret_key": other}, "pad": pad, "api_secret_key": "sk-nope-12345",
+            "messages": [{"role": "user", "content": "hi"}]}
+    resp = requests.post(live.url + "/v1/chat/completions", data=json.dumps(body), timeout=60,
+                         headers={"Content-Type": "application/json"})
+    assert resp.status_code == 401, resp.text[:300]
+
+
+def test_a_key_has_a_budget_of_large_body_bytes_a_minute(
+        upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    """Red team: a valid key could make the service read and parse 32 MiB 600 times a minute.
+    Bytes of large bodies (over 256 KiB) now count against the key's budget: past it, a 429
+    answered before the body is read; small bodies and other keys are not touched."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    settings = load_settings(env, toml={"limits": {"key_large_body_mib_per_minute": 1}})
+    server = LiveServer(create_app(settings, redis_client=r))
+    try:
+        raw, acct = new_key(r, "100")
+        other, _ = new_key(r, "100")
+        pad = "x" * (600 << 10)
+
+        def send(key: str, filler: str) -> requests.Response:
+            body = {"messages": [{"role": "user", "content": "hi"}], "metadata_pad": filler}
+            return requests.post(server.url + "/v1/chat/completions", json=body, timeout=60,
+                                 headers={"Authorization": f"Bearer {key}"})
+
+        assert send(raw, pad).status_code == 200
+        budget = layout.body_budget_key(acct, keys.hash_key(raw))
+        assert 600 << 10 < int(r.get(budget) or 0) < 1 << 20 and 0 < r.pttl(budget) <= 60_000
+        over = send(raw, pad)
+        assert over.status_code == 429, over.text[:300]
+        assert over.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(over.headers["Retry-After"]) <= 60
+        got = _headers_only(server.url, "/v1/chat/completions", f"Bearer {raw}")
+        assert got.startswith(b"HTTP/1.1 429"), got[:200]  # refused before the body is read
+        assert send(raw, "small").status_code == 200
+        assert send(other, pad).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_the_budget_passes_a_window_first_bytes_and_refuses_past_it(r: redis.Redis) -> None:
+    key = "xy:{acct_0123456789ab}:rlb:test"
+    assert ratelimit.spend(r, key, 5000, 1000) == 0  # one body larger than the budget: once
+    assert 1 <= ratelimit.spend(r, key, 1, 1000) <= 60 and r.get(key) == "5000"
+    r.delete(key)
+    first, second, third = (ratelimit.spend(r, key, 400, 1000) for _ in range(3))
+    assert (first, second) == (0, 0) and 1 <= third <= 60
+    assert r.get(key) == "800" and 0 < r.pttl(key) <= 60_000

@@ -20,7 +20,8 @@ Per account ``A`` (one slot; written only by the scripts in wallet.py, keys.py, 
     xy:{A}:key:<sha256>  hash    id, acct, name, created, masked: a live key (gone once revoked)
     xy:{A}:keyid:<id>    hash    the key's record: hash, acct, name, created, masked, revoked
     xy:{A}:keys          set     the account's key ids
-    xy:{A}:rl:<sha[:32]> zset    the key's rate-limit window (the only per-account key with a TTL)
+    xy:{A}:rl:<sha[:32]> zset    the key's rate-limit window (one of two per-account keys with a TTL)
+    xy:{A}:rlb:<sha[:32]> string bytes of large bodies the key sent this window (TTL: the window)
 
 Redemption codes (one slot per code; claimed there, then credited in the account's slot with the
 ref ``code:<CODE>``, so a crash between the two steps is completed by a retry or by the sweep):
@@ -140,6 +141,11 @@ def keys_set(acct: str) -> str:
 def window_key(acct: str, digest: str) -> str:
     """Name a key's rate-limit window."""
     return f"{tag(acct)}rl:{digest[:32]}"
+
+
+def body_budget_key(acct: str, digest: str) -> str:
+    """Name a key's budget of large-body bytes (ratelimit.spend)."""
+    return f"{tag(acct)}rlb:{digest[:32]}"
 
 
 def key_pointer(digest: str) -> str:

@@ -1,7 +1,10 @@
-"""Shared, atomic rate limits: a sliding window per subject, one Lua script a check.
+"""Shared, atomic rate limits: a sliding window per subject, one Lua script a check; and a
+byte budget per window (what large bodies an API key may send).
 
 Keys (owned here): xy:rl:{subject}  zset  request id -> time (ms) of the window's requests
 (one key, so one slot; an API key's window lives in its account's slot: layout.window_key).
+An API key's byte budget is a counter in its account's slot (layout.body_budget_key) that
+expires one window after its first bytes.
 """
 
 from __future__ import annotations
@@ -86,3 +89,25 @@ def check(r: Store, subject: str, limit: int, window_s: int = 60) -> Window:
 def hit(r: Store, subject: str, limit: int, window_s: int = 60) -> int:
     """Count one request; return 0 when allowed, else whole seconds to wait (>= 1)."""
     return check(r, subject, limit, window_s).wait
+
+
+# budget(key, window_ms, limit, amount) -> wait_ms (0: counted), used. The first bytes of a
+# window always pass (one body larger than the whole budget is still served, once a window).
+BUDGET = declare("budget", ["budget"], [Arg("window_ms", lo=1, hi=86_400_000),
+                                        Arg("limit", lo=1, hi=2**50), Arg("amount", hi=2**50)], """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used > 0 and used + amount > limit then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 1 then ttl = window_ms end
+  return {ttl, used}
+end
+used = redis.call('INCRBY', KEYS[1], s(amount))
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], s(window_ms)) end
+return {0, used}
+""")
+
+
+def spend(r: Store, key: str, amount: int, limit: int, window_s: int = 60) -> int:
+    """Spend `amount` of the budget at `key` (limit per window); return seconds to wait, or 0."""
+    reply = run(r, BUDGET, [key], [window_s * 1000, limit, amount])
+    return wait_seconds(int(reply[0]))

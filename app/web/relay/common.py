@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -18,10 +20,11 @@ from app.core.errors import (
     InvalidKey,
     InvalidRequest,
     ModelNotFound,
+    RateLimited,
     RequestTooLarge,
 )
-from app.core.money import keys
-from app.core.money.layout import MAX_UNITS
+from app.core.money import keys, ratelimit
+from app.core.money.layout import MAX_UNITS, body_budget_key
 from app.core.money.ratelimit import Window
 from app.edges.store import get_redis
 from app.edges.turns import EXTENSION as TURNS
@@ -55,14 +58,20 @@ def read_json(empty_ok: bool = False) -> dict[str, Any]:
     return body
 
 
-def parse_json(empty_ok: bool = False) -> dict[str, Any]:
-    """Parse the request body as a JSON object or raise a 400 (its depth is not checked)."""
+def read_body() -> bytes:
+    """Return the request body (read once, cached); a 413 when it is over the limit."""
     raw = request.get_data(cache=True)
     limit = request.max_content_length
     if limit is not None and request.content_length is None and len(raw) >= limit and \
             request.environ["wsgi.input"].read(1):
         # A chunked body is cut at the limit without an error (werkzeug): refuse, never truncate.
         raise RequestTooLarge("The request body is larger than the limit.")
+    return raw
+
+
+def parse_json(empty_ok: bool = False) -> dict[str, Any]:
+    """Parse the request body as a JSON object or raise a 400 (its depth is not checked)."""
+    raw = read_body()
     if not raw and empty_ok:
         return {}
     try:
@@ -205,9 +214,12 @@ def key_body() -> dict[str, Any] | None:
 def _raw_key(body: dict[str, Any] | None) -> str:
     raw = bearer_or_body(body)
     if not raw:
-        raise InvalidKey("You didn't provide an API key. Send it as 'Authorization: Bearer "
-                         "sk-…' or as api_secret_key in the JSON body.", msg="缺少密钥")
+        raise InvalidKey(NO_KEY, msg="缺少密钥")
     return raw
+
+
+NO_KEY = ("You didn't provide an API key. Send it as 'Authorization: Bearer sk-…' or as "
+          "api_secret_key in the JSON body.")
 
 
 def _limit() -> int:
@@ -274,7 +286,56 @@ def _precheck(raw: str) -> None:
     count in the key's window, whichever check made it.
     """
     info, g.rate_window = money.authenticate(get_redis(), raw, _limit())
-    g.key_id, g.prechecked, g.key_info = info.id, True, info
+    g.key_id, g.prechecked, g.key_info, g.prechecked_raw = info.id, True, info, raw
+
+
+# api_secret_key's value as a client writes it (no escapes inside): found in a large body's
+# bytes at C speed, so its key is checked before the parse.
+BODY_KEY = re.compile(rb'"api_secret_key"\s*:\s*"([^"\\\x00-\x1f]{1,512})"')
+BODY_KEY_TRIES = 4  # candidates looked up at most (the key may also appear nested)
+
+
+def _precheck_large(bearer: str) -> None:
+    """Check and count the key of a large body before it is parsed (401/429).
+
+    The Bearer key when there is one; else the body's api_secret_key found in its raw bytes
+    (the first few places it appears: one of them must be a key that is valid). An outsider
+    cannot make the service parse up to 32 MiB for a 401. A top-level key written with JSON
+    escapes is not found this way: such a large body is refused as keyless.
+    """
+    if bearer:
+        _precheck(bearer)
+        _spend_body_budget(bearer)
+        return
+    raw = read_body()
+    refused: ApiError = InvalidKey(NO_KEY, msg="缺少密钥")
+    for found in islice(BODY_KEY.finditer(raw), BODY_KEY_TRIES):
+        candidate = found[1].decode("utf-8", "replace").strip()
+        try:
+            _precheck(candidate)
+        except InvalidKey as exc:
+            refused = exc
+            continue
+        _spend_body_budget(candidate)
+        return
+    raise refused
+
+
+def _spend_body_budget(raw: str) -> None:
+    """Count a large body's bytes against its key's budget ([limits]
+    key_large_body_mib_per_minute); over it, a 429 before the body is parsed or read."""
+    mib = settings().limits.get("key_large_body_mib_per_minute", 0)
+    if mib <= 0:
+        return
+    size = request.content_length
+    if size is None:  # chunked: read (within the size limit) to know it
+        size = len(read_body())
+    info: keys.KeyInfo = g.key_info
+    wait = ratelimit.spend(get_redis(), body_budget_key(info.acct, keys.hash_key(raw)), size,
+                           mib << 20)
+    if wait:
+        raise RateLimited(wait, f"This key sent more than {mib} MiB of large request bodies "
+                                f"in a minute. Retry after {wait}s.")
 
 
 def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
@@ -287,12 +348,12 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     missing model takes the route's default (config [defaults]); aliases map to public names.
     """
     large = _large_body()
-    if large and (bearer := bearer_or_body(None)):
-        _precheck(bearer)
+    if large:
+        _precheck_large(bearer_or_body(None))
     body = parse_json(empty_ok)
     take_turn()  # the body is read: from here to the answer, this request's steps run in turn
     raw = _raw_key(body)
-    if large and not g.get("prechecked"):
+    if large and g.get("prechecked_raw") != raw:  # the top-level key is another one
         _precheck(raw)
     check_depth(body)
     for name in [k for k, v in body.items() if v is None]:
