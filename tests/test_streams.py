@@ -316,3 +316,55 @@ def test_a_stream_outliving_the_stale_hold_sweep_is_still_billed(
         assert int(entry["cost"]) == before - wallet.balance(r, acct) > 0
     finally:
         resp.close()
+
+
+def test_streams_that_end_keep_their_upstream_connection(live: LiveServer,
+                                                         funded: tuple[str, str],
+                                                         upstream: FakeUpstream) -> None:
+    """Each stream used to close its upstream connection at [DONE] (the chunked terminator was
+    left unread), so the next stream paid a new connection (for a real upstream, a TCP and a
+    TLS handshake) before its first token. Streams one after another now share one."""
+    key, _ = funded
+    for i in range(3):
+        events = read_events(open_stream(live, key, f"stream {i}"))
+        assert events[-1] == b"[DONE]"
+    non_stream = requests.post(live.url + "/v1/chat/completions", timeout=30,
+                               headers={"Authorization": f"Bearer {key}"},
+                               json={"model": "gpt-3.5", "messages": [{"role": "user",
+                                                                       "content": "after"}]})
+    assert non_stream.status_code == 200
+    ports = [e["client_port"] for e in upstream.requests if e["path"].endswith("/completions")]
+    assert len(ports) == 4 and len(set(ports)) == 1, ports
+
+
+def test_a_stream_left_unread_closes_its_upstream_connection(
+        tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis.Redis,
+        funded: tuple[str, str]) -> None:
+    """A stream the relay stops reading early (here: the drain cap after the client left) must
+    not hand a connection with unread bytes back to the pool: the next calls get a fresh one
+    and clean answers."""
+    server = LiveServer(create_app(_capped_settings(tmp_path, upstream, redis_url),
+                                   redis_client=r))
+    try:
+        key, _ = funded
+        resp = open_stream(server, key, "cap [[fake:long=300]] [[fake:chunk_delay=0.01]]")
+        req = resp.headers["X-Request-Id"]
+        for line in resp.iter_lines():
+            if line.startswith(b"data:"):
+                break
+        resp.close()
+        wait_settled(r, req)
+        events = read_events(open_stream(server, key, "next"))
+        assert events[-1] == b"[DONE]"
+        for event in events[:-1]:
+            validate(orjson.loads(event), "CreateChatCompletionStreamResponse")
+        after = requests.post(server.url + "/v1/chat/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "gpt-3.5",
+                                    "messages": [{"role": "user", "content": "again"}]})
+        assert after.status_code == 200, after.text
+        ports = [e["client_port"] for e in upstream.requests
+                 if e["path"].endswith("/completions")]
+        assert len(ports) == 3 and ports[1] != ports[0] and ports[2] == ports[1], ports
+    finally:
+        server.stop()

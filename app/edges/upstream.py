@@ -63,6 +63,9 @@ OK_FLUSH_SECONDS = 1.0  # successful calls are counted in-process and added to R
 # worker_connections), so none is closed after use and reopened under many slow requests. The
 # pool never blocks: past this size a connection is still opened, then closed after its call.
 POOL_MAXSIZE = max(1000, int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000")))
+# After a stream's [DONE], what is read of the rest of its body to keep the connection.
+TAIL_SECONDS = 0.2
+TAIL_BYTES = 64 << 10
 
 
 class Upstream:
@@ -365,6 +368,23 @@ class UpstreamResponse:
         except (Urllib3Error, OSError) as exc:
             raise translate(exc, reading=True) from exc
 
+    def read_tail(self, chunks: Iterator[bytes]) -> None:
+        """Read what is left of a stream whose events ended (normally only the chunked
+        terminator), briefly: within TAIL_SECONDS and TAIL_BYTES, else close() closes the
+        connection as for any body not read to its end."""
+        sock = getattr(self.raw.connection, "sock", None)
+        if sock is None:
+            return
+        sock.settimeout(TAIL_SECONDS)  # urllib3 sets its own timeout again when it reuses it
+        left = TAIL_BYTES
+        try:
+            for chunk in chunks:
+                left -= len(chunk)
+                if left < 0:
+                    return
+        except requests.RequestException:
+            return
+
     def close(self) -> None:
         """Release the connection (closed first when the body was not read to its end)."""
         if self._content is None and not self.raw.isclosed():
@@ -422,8 +442,16 @@ def _error_message(resp: requests.Response | UpstreamResponse) -> str:
 
 
 def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
-    """Yield each SSE event's data as it arrives (app.edges.sse); stops at [DONE] or EOF."""
-    return data_events(resp.iter_content(chunk_size=None))
+    """Yield each SSE event's data as it arrives (app.edges.sse); stops at [DONE] or EOF.
+
+    After [DONE] the body's tail (the chunked terminator) is read, so that closing the response
+    returns its connection to the pool: the next stream reuses it instead of opening another
+    (a TCP and, for a real upstream, a TLS handshake before its first token).
+    """
+    chunks = resp.iter_content(chunk_size=None)
+    yield from data_events(chunks)
+    if isinstance(resp, UpstreamResponse):
+        resp.read_tail(chunks)
 
 
 def iter_sse_objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -62,7 +62,8 @@ class FakeHandler(FakeProtocol):
             except ValueError:
                 bad_json = True
         self.server.state.record(
-            {"method": self.command, "path": self.path, "headers": self.header_map, "body": body}
+            {"method": self.command, "path": self.path, "headers": self.header_map, "body": body,
+             "client_port": self.client_address[1]}  # one per connection: shows reuse
         )
         if self.command in ("GET", "HEAD") and path.startswith("/v1/files/"):
             return self._file(path)
