@@ -323,18 +323,23 @@ def test_streams_that_end_keep_their_upstream_connection(live: LiveServer,
                                                          upstream: FakeUpstream) -> None:
     """Each stream used to close its upstream connection at [DONE] (the chunked terminator was
     left unread), so the next stream paid a new connection (for a real upstream, a TCP and a
-    TLS handshake) before its first token. Streams one after another now share one."""
+    TLS handshake) before its first token. Chat and Responses streams one after another now
+    share one."""
     key, _ = funded
     for i in range(3):
         events = read_events(open_stream(live, key, f"stream {i}"))
         assert events[-1] == b"[DONE]"
+    responses = requests.post(live.url + "/v1/responses", timeout=30, stream=True,
+                              headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "gpt-4o-mini", "input": "hi", "stream": True})
+    assert b"response.completed" in responses.content
     non_stream = requests.post(live.url + "/v1/chat/completions", timeout=30,
                                headers={"Authorization": f"Bearer {key}"},
                                json={"model": "gpt-3.5", "messages": [{"role": "user",
                                                                        "content": "after"}]})
     assert non_stream.status_code == 200
-    ports = [e["client_port"] for e in upstream.requests if e["path"].endswith("/completions")]
-    assert len(ports) == 4 and len(set(ports)) == 1, ports
+    ports = [e["client_port"] for e in upstream.requests if e["method"] == "POST"]
+    assert len(ports) == 5 and len(set(ports)) == 1, ports
 
 
 def test_a_stream_left_unread_closes_its_upstream_connection(

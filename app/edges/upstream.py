@@ -325,7 +325,7 @@ class UpstreamResponse:
     requests.RequestException whichever client made the call.
     """
 
-    __slots__ = ("raw", "status_code", "headers", "_content")
+    __slots__ = ("raw", "status_code", "headers", "_content", "_tail")
 
     def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
         # typed as the base class (for urllib3's emscripten backend); a pool's is an HTTPResponse
@@ -333,6 +333,7 @@ class UpstreamResponse:
         self.status_code: int = raw.status
         self.headers = raw.headers
         self._content: bytes | None = None
+        self._tail: Iterator[bytes] | None = None  # a stream's rest, read by close()
 
     @property
     def content(self) -> bytes:
@@ -368,7 +369,11 @@ class UpstreamResponse:
         except (Urllib3Error, OSError) as exc:
             raise translate(exc, reading=True) from exc
 
-    def read_tail(self, chunks: Iterator[bytes]) -> None:
+    def ended(self, chunks: Iterator[bytes]) -> None:
+        """Note that a stream's events ended: close() reads the rest of `chunks` first."""
+        self._tail = chunks
+
+    def _read_tail(self, chunks: Iterator[bytes]) -> None:
         """Read what is left of a stream whose events ended (normally only the chunked
         terminator), briefly: within TAIL_SECONDS and TAIL_BYTES, else close() closes the
         connection as for any body not read to its end."""
@@ -387,6 +392,9 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Release the connection (closed first when the body was not read to its end)."""
+        if self._tail is not None:
+            tail, self._tail = self._tail, None
+            self._read_tail(tail)
         if self._content is None and not self.raw.isclosed():
             self.raw.close()
         self.raw.release_conn()
@@ -444,14 +452,15 @@ def _error_message(resp: requests.Response | UpstreamResponse) -> str:
 def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
     """Yield each SSE event's data as it arrives (app.edges.sse); stops at [DONE] or EOF.
 
-    After [DONE] the body's tail (the chunked terminator) is read, so that closing the response
-    returns its connection to the pool: the next stream reuses it instead of opening another
-    (a TCP and, for a real upstream, a TLS handshake before its first token).
+    After [DONE] (or EOF) the response's close() reads the body's tail (the chunked terminator),
+    so the connection goes back to the pool: the next stream reuses it instead of opening
+    another (a TCP and, for a real upstream, a TLS handshake before its first token). Callers
+    close after their own end has left, so a slow tail never delays it.
     """
     chunks = resp.iter_content(chunk_size=None)
     yield from data_events(chunks)
     if isinstance(resp, UpstreamResponse):
-        resp.read_tail(chunks)
+        resp.ended(chunks)
 
 
 def iter_sse_objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:

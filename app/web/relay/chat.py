@@ -87,14 +87,15 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
 
     def finish(now: bool = False) -> None:
         """Settle once: `now` (before the stream's end leaves) tries without waiting, the
-        closing call retries while Redis is away."""
+        closing call retries while Redis is away, then closes the upstream response (after
+        the end left: reading its tail to keep the connection never delays the client)."""
         nonlocal settled
-        if settled or (now and not meter.try_settle(held, "".join(texts))):
-            return
-        settled = True
-        resp.close()
+        if not settled and (not now or meter.try_settle(held, "".join(texts))):
+            settled = True
+            if not now:
+                meter.settle_retrying(held, "".join(texts))
         if not now:
-            meter.settle_retrying(held, "".join(texts))
+            resp.close()
 
     def generate() -> Iterator[bytes]:
         events = iter_sse(resp)

@@ -114,13 +114,13 @@ class Turn:
     def close(self, now: bool = False) -> None:
         """Settle once (a client gone before the first event is billed for the prompt): `now`
         (before the final event leaves) tries without waiting, the closing call retries while
-        Redis is away."""
-        if self.closed or (now and not self.meter.try_settle(self.held, self.text or "")):
-            return
-        self.closed = True
-        self.resp.close()
+        Redis is away, then closes the upstream response (after the final event left)."""
+        if not self.closed and (not now or self.meter.try_settle(self.held, self.text or "")):
+            self.closed = True
+            if not now:
+                self.meter.settle_retrying(self.held, self.text or "")
         if not now:
-            self.meter.settle_retrying(self.held, self.text or "")
+            self.resp.close()
 
     def events(self) -> Iterator[bytes]:
         """Yield the SSE stream; bill and close whatever way it ends."""
