@@ -207,3 +207,11 @@ def test_the_budget_passes_a_window_first_bytes_and_refuses_past_it(r: redis.Red
     first, second, third = (ratelimit.spend(r, key, 400, 1000) for _ in range(3))
     assert (first, second) == (0, 0) and 1 <= third <= 60
     assert r.get(key) == "800" and 0 < r.pttl(key) <= 60_000
+
+
+def test_a_body_over_the_size_limit_is_413_and_spends_no_budget(live: LiveServer,
+                                                                r: redis.Redis) -> None:
+    raw, acct = new_key(r, "100")
+    got = _headers_only(live.url, "/v1/chat/completions", f"Bearer {raw}", length=40 << 20)
+    assert got.startswith(b"HTTP/1.1 413"), got[:200]
+    assert r.get(layout.body_budget_key(acct, keys.hash_key(raw))) is None

@@ -330,6 +330,8 @@ def _spend_body_budget(raw: str) -> None:
     size = request.content_length
     if size is None:  # chunked: read (within the size limit) to know it
         size = len(read_body())
+    elif request.max_content_length is not None and size > request.max_content_length:
+        return  # refused unread (413): nothing to spend
     info: keys.KeyInfo = g.key_info
     wait = ratelimit.spend(get_redis(), body_budget_key(info.acct, keys.hash_key(raw)), size,
                            mib << 20)
