@@ -334,7 +334,7 @@ def _spend_body_budget(raw: str) -> None:
         return  # refused unread (413): nothing to spend
     info: keys.KeyInfo = g.key_info
     wait = ratelimit.spend(get_redis(), body_budget_key(info.acct, keys.hash_key(raw)), size,
-                           mib << 20)
+                           min(mib, 1 << 29) << 20)  # the script takes at most 2**50 bytes
     if wait:
         raise RateLimited(wait, f"This key sent more than {mib} MiB of large request bodies "
                                 f"in a minute. Retry after {wait}s.")
