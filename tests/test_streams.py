@@ -11,13 +11,14 @@ import orjson
 import pytest
 import redis
 import requests
-from conftest import LiveServer, make_settings
+from conftest import UPSTREAM_KEY, LiveServer, make_settings
 from openapi_schemas import validate
 
 from app import create_app
 from app.core import pricing
 from app.core.config import Settings
 from app.core.money import ledger, wallet
+from app.edges.upstream import iter_sse
 from fakes.upstream import FakeUpstream
 
 PRICE_MODEL = "gpt-3.5-turbo"
@@ -373,3 +374,20 @@ def test_a_stream_left_unread_closes_its_upstream_connection(
         assert len(ports) == 3 and ports[1] != ports[0] and ports[2] == ports[1], ports
     finally:
         server.stop()
+
+
+def test_a_requests_stream_read_to_done_keeps_its_connection(upstream: FakeUpstream) -> None:
+    """A channel behind a proxy is called through requests (app.edges.upstream): its streams
+    keep their connection the same way (the proxy's tunnel, for HTTPS)."""
+    session = requests.Session()
+    body = {"model": "gpt-3.5-turbo", "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        resp = session.post(upstream.url + "/chat/completions", json=body, stream=True,
+                            timeout=10, headers={"Authorization": f"Bearer {UPSTREAM_KEY}"})
+        assert resp.status_code == 200
+        events = list(iter_sse(resp))
+        assert events and all(e != "[DONE]" for e in events)
+        resp.close()
+    ports = [e["client_port"] for e in upstream.requests if e["method"] == "POST"]
+    assert len(ports) == 2 and ports[0] == ports[1], ports

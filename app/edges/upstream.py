@@ -373,28 +373,11 @@ class UpstreamResponse:
         """Note that a stream's events ended: close() reads the rest of `chunks` first."""
         self._tail = chunks
 
-    def _read_tail(self, chunks: Iterator[bytes]) -> None:
-        """Read what is left of a stream whose events ended (normally only the chunked
-        terminator), briefly: within TAIL_SECONDS and TAIL_BYTES, else close() closes the
-        connection as for any body not read to its end."""
-        sock = getattr(self.raw.connection, "sock", None)
-        if sock is None:
-            return
-        sock.settimeout(TAIL_SECONDS)  # urllib3 sets its own timeout again when it reuses it
-        left = TAIL_BYTES
-        try:
-            for chunk in chunks:
-                left -= len(chunk)
-                if left < 0:
-                    return
-        except requests.RequestException:
-            return
-
     def close(self) -> None:
         """Release the connection (closed first when the body was not read to its end)."""
         if self._tail is not None:
             tail, self._tail = self._tail, None
-            self._read_tail(tail)
+            read_tail(self.raw, tail)
         if self._content is None and not self.raw.isclosed():
             self.raw.close()
         self.raw.release_conn()
@@ -461,6 +444,27 @@ def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
     yield from data_events(chunks)
     if isinstance(resp, UpstreamResponse):
         resp.ended(chunks)
+    else:  # requests (a channel behind a proxy): read now; its close() keeps a read body's
+        read_tail(resp.raw, chunks)  # connection (the proxy's CONNECT tunnel, with HTTPS)
+
+
+def read_tail(raw: Any, chunks: Iterator[bytes]) -> None:
+    """Read what is left of a stream whose events ended (normally only the chunked terminator)
+    from `chunks`, briefly: within TAIL_SECONDS and TAIL_BYTES. Read to its end, the body lets
+    its connection go back to the pool; else closing the response closes the connection, as
+    for any body not read to its end."""
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is None:
+        return
+    sock.settimeout(TAIL_SECONDS)  # urllib3 sets its own timeout again when it reuses it
+    left = TAIL_BYTES
+    try:
+        for chunk in chunks:
+            left -= len(chunk)
+            if left < 0:
+                return
+    except (requests.RequestException, Urllib3Error, OSError):
+        return
 
 
 def iter_sse_objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:
