@@ -606,3 +606,19 @@ def test_an_account_stores_at_most_its_quota_of_turns(upstream: FakeUpstream, re
         assert post(server, key, body).json()["store"] is True
     finally:
         server.stop()
+
+
+def test_cancel_answers_as_openai_does_for_a_synchronous_response(
+        live: LiveServer, funded: tuple[str, str]) -> None:
+    """Background mode is refused at creation, so every stored response is synchronous: the
+    SDK's responses.cancel gets OpenAI's 400 (and 404 for an id that is not the account's)."""
+    client = sdk(live, funded[0])
+    made = client.responses.create(model=MODEL, input="cancel me")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.cancel(made.id)
+    assert "synchronous" in refused.value.message
+    body = refused.value.response.json()
+    assert body["error"]["type"] == "invalid_request_error" and body["code"] >= 40000
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_not_there")
+    assert client.responses.retrieve(made.id).status == "completed"  # left as it was

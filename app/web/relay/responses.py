@@ -175,6 +175,14 @@ def delete(response_id: str) -> Response:
                           "msg": ""})
 
 
+def cancel(response_id: str) -> Response:
+    """Serve POST /v1/responses/{id}/cancel. Only a background response can be cancelled and
+    background mode is refused at creation, so a stored response gets OpenAI's 400 for a
+    synchronous one (an unknown id: 404, as everywhere)."""
+    _stored(response_id)
+    raise InvalidRequest("Cannot cancel a synchronous response.", msg="只有后台模式的回答可以取消")
+
+
 def input_tokens() -> Response:
     """Serve POST /v1/responses/input_tokens: the input (with previous_response_id's turns,
     instructions and tools) counted offline as the hold counts it; a part no offline count
@@ -212,4 +220,5 @@ def register(bp: Blueprint) -> None:
     bp.add_url_rule(one, "response_delete", delete, methods=["DELETE"])
     bp.add_url_rule(one + "/input_items", "response_input_items", input_items,
                     methods=["GET"])
+    bp.add_url_rule(one + "/cancel", "response_cancel", cancel, methods=["POST"])
 
