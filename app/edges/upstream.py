@@ -36,12 +36,12 @@ from app.core.config import Channel, Settings
 from app.core.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
 from app.edges.fetch import FetchError, fetch
-from app.edges.joined import joined_pool
 from app.edges.netguard import UnsafeURL, check_url, origin
 from app.edges.sse import data_events
 from app.edges.turns import DEFAULT_SIZE as DEFAULT_TURNS
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
+from app.edges.upstream_conn import upstream_pool
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Upstream:
                 pool = self._pools.get(key)
                 if pool is None:
                     tls = self._tls if key[0] == "https" else {}
-                    pool = self._pools[key] = joined_pool(
+                    pool = self._pools[key] = upstream_pool(
                         channel.base_url, maxsize=POOL_MAXSIZE, block=False, retries=False,
                         timeout=self._u3_timeout, **tls)
             found = _Prepared(channel, pool, (url.path or "").rstrip("/"), headers,

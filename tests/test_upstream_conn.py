@@ -7,26 +7,29 @@ send), so what the server's first read returns is what one send carried.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import urllib3
 
-from app.edges.joined import (
+from app.edges.upstream_conn import (
     JOIN_BYTES,
-    JoinedHTTPConnection,
-    JoinedHTTPSConnection,
-    joined_pool,
+    UpstreamHTTPConnection,
+    UpstreamHTTPSConnection,
+    upstream_pool,
 )
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.fixture()
-def wire() -> Iterator[tuple[JoinedHTTPConnection, socket.socket]]:
-    """A joined connection whose socket is one end of a record-keeping pair; the other end."""
+def wire() -> Iterator[tuple[UpstreamHTTPConnection, socket.socket]]:
+    """An upstream connection whose socket is one end of a record-keeping pair; the other end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn = JoinedHTTPConnection("upstream.test", 80)
+    conn = UpstreamHTTPConnection("upstream.test", 80)
     conn.sock = ours
     try:
         yield conn, theirs
@@ -46,7 +49,7 @@ def records(sock: socket.socket) -> list[bytes]:
             return out
 
 
-def test_headers_and_a_small_body_leave_in_one_send(wire: tuple[JoinedHTTPConnection,
+def test_headers_and_a_small_body_leave_in_one_send(wire: tuple[UpstreamHTTPConnection,
                                                                 socket.socket]) -> None:
     conn, server = wire
     body = b'{"model":"gpt-4o-mini","messages":[]}'
@@ -62,7 +65,7 @@ def test_headers_and_a_small_body_leave_in_one_send(wire: tuple[JoinedHTTPConnec
 
 
 def test_a_request_without_body_is_sent_when_its_response_is_read(
-        wire: tuple[JoinedHTTPConnection, socket.socket]) -> None:
+        wire: tuple[UpstreamHTTPConnection, socket.socket]) -> None:
     conn, server = wire
     conn.request("GET", "/v1/models")
     assert records(server) == []  # held: a body could still follow
@@ -74,7 +77,7 @@ def test_a_request_without_body_is_sent_when_its_response_is_read(
 
 
 def test_a_large_body_is_not_copied_into_the_header_send(
-        wire: tuple[JoinedHTTPConnection, socket.socket]) -> None:
+        wire: tuple[UpstreamHTTPConnection, socket.socket]) -> None:
     conn, server = wire
     body = b"x" * (JOIN_BYTES + 1)
     conn.request("POST", "/v1/images/edits", body=body)
@@ -83,7 +86,7 @@ def test_a_large_body_is_not_copied_into_the_header_send(
 
 
 def test_a_chunked_body_joins_only_its_first_chunk(
-        wire: tuple[JoinedHTTPConnection, socket.socket]) -> None:
+        wire: tuple[UpstreamHTTPConnection, socket.socket]) -> None:
     conn, server = wire
     conn.request("POST", "/v1/x", body=iter([b"ab", b"cd"]), chunked=True)
     got = records(server)
@@ -92,9 +95,45 @@ def test_a_chunked_body_joins_only_its_first_chunk(
     assert got[2] == b"0\r\n\r\n"
 
 
-def test_pools_make_joined_connections() -> None:
-    plain = joined_pool("http://127.0.0.1:9/v1", maxsize=2)
-    tls = joined_pool("https://api.example.com/v1", maxsize=2)
-    assert plain.ConnectionCls is JoinedHTTPConnection
-    assert tls.ConnectionCls is JoinedHTTPSConnection
+def test_pools_make_upstream_connections() -> None:
+    plain = upstream_pool("http://127.0.0.1:9/v1", maxsize=2)
+    tls = upstream_pool("https://api.example.com/v1", maxsize=2)
+    assert plain.ConnectionCls is UpstreamHTTPConnection
+    assert tls.ConnectionCls is UpstreamHTTPSConnection
     assert isinstance(tls, urllib3.HTTPSConnectionPool)
+
+
+def test_a_kept_connection_is_usable_only_while_nothing_waits_on_it(
+        wire: tuple[UpstreamHTTPConnection, socket.socket]) -> None:
+    """urllib3 asks is_connected before reusing a pooled connection: the OS's poll, once."""
+    conn, server = wire
+    assert conn.is_connected
+    server.send(b"stray")  # bytes nobody asked for: the connection is not reusable
+    assert not conn.is_connected
+    conn.sock.recv(16)
+    assert conn.is_connected
+    server.close()  # the server closed it: readable (EOF)
+    assert not conn.is_connected
+    conn.close()
+    assert not conn.is_connected
+
+
+def test_the_check_answers_the_same_in_a_gevent_worker() -> None:
+    """In a gevent worker the OS's poll runs on a gevent socket's descriptor, not gevent's."""
+    code = """
+from gevent import monkey
+monkey.patch_all()
+import select, socket
+from app.edges import upstream_conn
+assert upstream_conn._POLL is not select.poll  # gevent's would start watchers
+ours, theirs = socket.socketpair()
+conn = upstream_conn.UpstreamHTTPConnection("upstream.test", 80)
+conn.sock = ours
+assert conn.is_connected
+theirs.send(b"x")
+assert not conn.is_connected
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
