@@ -6,11 +6,13 @@ fails here until tests/money_kit.World knows a valid value for each of its argum
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 from money_kit import World, check_every_script, snapshot
 
-from app.core.money import hold, layout, ledger, scripts, wallet
+from app.core.money import hold, layout, lease, ledger, scripts, wallet
 from app.core.money.scripts import SCRIPTS, run
 
 
@@ -66,3 +68,15 @@ def test_a_refused_settle_keeps_the_hold_for_the_sweep(r: redis.Redis) -> None:
     assert r.exists(layout.resv_key(acct, "req-keep")) and wallet.balance(r, acct) == 4_000
     assert ledger.release_stale(r, older_than_s=-1) == 1
     assert wallet.balance(r, acct) == 5_000 and ledger.verify(r) == []
+
+
+def test_the_lease_renewal_survives_any_client_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Seen in CI: a Cluster client with no node left raised AttributeError inside redis-py
+    and killed the renewal thread; the live process's lease would then lapse."""
+
+    class Broken:
+        def set(self, *args: Any, **kwargs: Any) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'redis_connection'")
+
+    lease._take(Broken(), "0123456789abcdef")  # logs, does not raise
+    assert "process lease not renewed: AttributeError" in caplog.text

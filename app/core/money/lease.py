@@ -67,6 +67,10 @@ def _take(r: Store, token: str) -> None:
         r.set(lease_key(token), str(os.getpid()), ex=LEASE_S)
     except redis.RedisError as exc:  # the next renewal tries again
         log.warning("process lease not renewed: %s", type(exc).__name__)
+    except Exception as exc:  # noqa: BLE001 - e.g. a Cluster client with no node left
+        # (AttributeError inside redis-py): the renewal thread must outlive any error, or the
+        # live process's lease would lapse and its holds be swept as a dead process's.
+        log.warning("process lease not renewed: %s", type(exc).__name__)
 
 
 def _renew(token: str) -> None:
