@@ -48,12 +48,10 @@ class _Upstream:
         if self._holding and self._held is None and isinstance(data, bytes):
             self._held, self._holding = data, False
             return
-        held, self._held = self._held, None
-        if held is not None:
-            if isinstance(data, bytes | bytearray | memoryview) and len(data) <= JOIN_BYTES:
-                data = held + bytes(data)
-            else:
-                super().send(held)  # type: ignore[misc]
+        if self._held is not None and isinstance(data, bytes | bytearray | memoryview) \
+                and len(data) <= JOIN_BYTES:
+            data, self._held = self._held + bytes(data), None
+        self.flush_held()  # a large body: the header block goes first, on its own
         super().send(data)  # type: ignore[misc]
 
     def flush_held(self) -> None:

@@ -17,8 +17,6 @@ import threading
 import time
 from typing import Any
 
-import redis
-
 from app.core.money.layout import Store
 
 log = logging.getLogger(__name__)
@@ -65,11 +63,10 @@ def alive(r: Store, owners: list[str]) -> set[str]:
 def _take(r: Store, token: str) -> None:
     try:
         r.set(lease_key(token), str(os.getpid()), ex=LEASE_S)
-    except redis.RedisError as exc:  # the next renewal tries again
-        log.warning("process lease not renewed: %s", type(exc).__name__)
-    except Exception as exc:  # noqa: BLE001 - e.g. a Cluster client with no node left
-        # (AttributeError inside redis-py): the renewal thread must outlive any error, or the
-        # live process's lease would lapse and its holds be swept as a dead process's.
+    except Exception as exc:  # noqa: BLE001 - the next renewal tries again
+        # Not only RedisError: a Cluster client with no node left raises AttributeError inside
+        # redis-py. The renewal thread must outlive any error, or the live process's lease
+        # would lapse and its holds be swept as a dead process's.
         log.warning("process lease not renewed: %s", type(exc).__name__)
 
 
