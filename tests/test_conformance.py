@@ -49,6 +49,7 @@ REFUSALS = [
     (400, "invalid_request_error", r"^The (prompt|input) is too long"),
     (400, "invalid_request_error", r"is not offered for (dall-e-2|dall-e-3)"),  # size, quality
     (400, "invalid_request_error", r"^'n' must be at most 1 for dall-e-3"),
+    (400, "invalid_request_error", r"^Streaming image generation is not offered"),
     (400, "invalid_request_error", r"^'prompt' must be a non-empty string"),  # a blank picture
     (400, "invalid_request_error", r"^'input' must be a non-empty string"),  # "" to embed
     (400, "invalid_request_error", r"^'prompt' must be a string, a non-empty array"),  # []

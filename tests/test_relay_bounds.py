@@ -134,6 +134,49 @@ def test_tools_response_format_and_images_raise_the_hold(live: LiveServer,
     assert with_image >= plain + pricing.token_cost(price, 85 + 170 * 4) - 1
 
 
+def test_gpt_4o_mini_pictures_are_held_at_their_price_but_take_their_context(
+        live: LiveServer, r: redis.Redis) -> None:
+    """gpt-4o-mini bills a picture at 33× the tile rule, but it takes the tile rule's tokens in
+    the context: three pictures by URL (each held at the worst case, 2 833 + 5 667 × 8 tokens)
+    pass the 128k prompt cap, as at OpenAI, and the hold covers their price."""
+    pictures = [{"type": "image_url", "image_url": {"url": f"https://example.com/{i}.png"}}
+                for i in range(3)]
+    body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "compare"}, *pictures]}]}
+    held = reserved(live, r, body)
+    assert held >= pricing.token_cost(PRICES["gpt-4o-mini"], 3 * (2833 + 5667 * 8), 10)
+    # The cap still applies to what the pictures take in the context: 100 of them (≈ 1 445
+    # tokens each at worst) are too long for gpt-4o-mini as for gpt-4o.
+    key, _ = new_key(r, "100")
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        many = {**body, "model": model, "messages": [{"role": "user", "content": pictures * 34}]}
+        resp = post(live, key, many)
+        assert resp.status_code == 400 and "too long" in resp.json()["error"]["message"]
+
+
+def test_an_answer_without_max_tokens_is_held_and_billed_to_the_models_cap(
+        live: LiveServer, r: redis.Redis) -> None:
+    """gpt-4o and gpt-4o-mini write up to 16 384 tokens when no max_tokens is sent: the hold
+    covers that (the model's `max_output`), so a 5 000-token answer is billed in full and its
+    `usage` says 5 000 (it was billed, and shown, as 4 096 when the cap was set below the
+    model's own)."""
+    key, acct = new_key(r, "100")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "[[fake:long=5000]]"}]}
+    before = anomalies("completion_over_max")
+    resp = post(live, key, body)
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    assert got["choices"][0]["finish_reason"] == "stop"
+    assert got["usage"]["completion_tokens"] >= 5000
+    assert anomalies("completion_over_max") == before
+    (held,) = entries(r, acct, "reserve")
+    price = PRICES["gpt-4o-mini"]
+    assert price.max_output == PRICES["gpt-4o"].max_output == 16384
+    assert abs(int(held["amount"])) >= pricing.token_cost(price, 0, 16384)
+    (settled,) = entries(r, acct, "settle")
+    assert int(settled["ct"]) == got["usage"]["completion_tokens"]
+
+
 def test_n_choices_are_held_and_billed(live: LiveServer, r: redis.Redis) -> None:
     key, acct = new_key(r, "100")
     body = {"model": "gpt-3.5", "n": 20, "max_tokens": 50,

@@ -17,7 +17,7 @@ from conftest import LiveServer, new_key
 from openapi_schemas import validate
 
 from app.core import pricing
-from app.core.money import ledger
+from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
 
 SEED_PATHS = ("/index.php/api/v1", "/index.php/v1")
@@ -102,9 +102,23 @@ def test_sdk_images_without_model_and_davinci(live: LiveServer, funded: tuple[st
     assert done.model == "text-davinci-003" and "Say this is a test" in done.choices[0].text
 
 
+def test_image_streaming_is_refused_plainly(live: LiveServer, funded: tuple[str, str],
+                                            r: redis.Redis) -> None:
+    """The relay answers pictures whole: `stream: true` is a 400 naming the parameter (never a
+    stream the SDK reads nothing from), and costs nothing; false is served."""
+    client = sdk(live, funded[0])
+    before = wallet.balance(r, funded[1])
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a red fox", stream=True)  # type: ignore[call-overload]
+    assert caught.value.param == "stream" and wallet.balance(r, funded[1]) == before
+    assert client.images.generate(prompt="a red fox", extra_body={"stream": False}).data
+
+
 NULLABLE = [
     ("/chat/completions", {"messages": HELLO, "model": None}),
     ("/chat/completions", {"messages": HELLO, "stream": None}),
+    ("/chat/completions", {"messages": HELLO, "stream": True,
+                           "stream_options": {"include_usage": None}}),
     ("/chat/completions", {"messages": HELLO, "response_format": None, "n": None,
                            "max_tokens": None, "stream_options": None, "tools": None,
                            "stop": None, "temperature": None, "user": None}),

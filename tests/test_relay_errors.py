@@ -238,6 +238,44 @@ def test_upstream_rejects_request_is_400_refunded(live: LiveServer, funded: tupl
     _refunded(r, acct)
 
 
+@pytest.mark.parametrize("status,code,param,path", [
+    (400, "context_length_exceeded", "messages", "/v1/chat/completions"),
+    (400, "unsupported_parameter", "max_tokens", "/v1/chat/completions"),
+    (404, "model_not_found", "model", "/v1/chat/completions"),
+    (400, "content_policy_violation", "prompt", "/v1/images/generations"),
+])
+def test_upstream_refusal_keeps_its_status_code_and_param(
+        status: int, code: str, param: str, path: str, live: LiveServer,
+        funded: tuple[str, str], r: redis.Redis) -> None:
+    """What the upstream refuses reaches the client with OpenAI's status, code and param (an
+    SDK user branches on `e.code`), and costs nothing."""
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    marker = f"x [[fake:status={status}]][[fake:error_code={code}]][[fake:error_param={param}]]"
+    body: dict[str, Any] = {"model": "dall-e-2", "prompt": marker} if "images" in path else {
+        "messages": [{"role": "user", "content": marker}]}
+    resp = post(live, key, path, body)
+    assert resp.status_code == status, resp.text
+    got = resp.json()
+    validate(got, "ErrorResponse")
+    assert got["error"]["code"] == code and got["error"]["param"] == param
+    assert got["error"]["type"] == "invalid_request_error"
+    assert got["error"]["message"].startswith("Upstream rejected the request: ")
+    assert isinstance(got["code"], int) and got["msg"]
+    assert wallet.balance(r, acct) == before
+    _refunded(r, acct)
+
+
+def test_upstream_refusal_with_odd_fields_keeps_ours(live: LiveServer, funded: tuple[str, str],
+                                                     r: redis.Redis) -> None:
+    """A code that is no error word (spaces, markup) is not passed on: ours stands."""
+    key, _ = funded
+    marker = "x [[fake:status=400]][[fake:error_code=<b>drop table</b>]]"
+    resp = post(live, key, "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": marker}]})
+    check_error(resp, 400, "invalid_request_error")
+
+
 def test_upstream_timeout_is_504_refunded(tight: LiveServer, funded: tuple[str, str],
                                           r: redis.Redis) -> None:
     key, acct = funded

@@ -288,9 +288,9 @@ def test_retrieve_input_items_and_delete(live: LiveServer, funded: tuple[str, st
     pair = client.responses.create(model=MODEL, input=[
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     data = client.responses.input_items.with_raw_response.list(pair.id).http_response.json()
-    assert [(d["type"], d["status"], d["content"]) for d in data["data"]] == [
-        ("message", "completed", [{"type": "input_text", "text": "a"}]),
-        ("message", "completed", [{"type": "output_text", "text": "b"}])]
+    assert [(d["type"], d["status"], d["content"]) for d in data["data"]] == [  # newest first
+        ("message", "completed", [{"type": "output_text", "text": "b"}]),
+        ("message", "completed", [{"type": "input_text", "text": "a"}])]
     assert all(d["id"].startswith("msg_") for d in data["data"]) and not data["has_more"]
     client.responses.delete(pair.id)
     (stored,) = r.scan_iter("xy:resp:*")
@@ -299,6 +299,29 @@ def test_retrieve_input_items_and_delete(live: LiveServer, funded: tuple[str, st
     assert client.responses.delete(made.id) is None
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(made.id)
+
+
+def test_input_items_page_as_openai_pages_them(live: LiveServer,
+                                               funded: tuple[str, str]) -> None:
+    client = sdk(live, funded[0])
+    texts = [f"turn {i}" for i in range(25)]
+    made = client.responses.create(model=MODEL, input=[{"role": "user", "content": t}
+                                                       for t in texts])
+
+    def listed(**query: Any) -> tuple[list[str], bool]:
+        page = client.responses.input_items.list(made.id, **query)
+        return [i.content[0].text for i in page.data], page.has_more
+
+    assert listed() == (texts[::-1][:20], True)  # desc, 20 by default
+    assert listed(order="asc", limit=10) == (texts[:10], True)
+    first = client.responses.input_items.list(made.id, order="asc", limit=10)
+    assert listed(order="asc", after=first.data[-1].id) == (texts[10:], False)
+    assert [i.content[0].text for i in first] == texts  # the SDK's auto-paging walks them all
+    assert listed(after="msg_unknown") == ([], False)
+    for query in ({"limit": 0}, {"limit": 101}, {"order": "up"}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.input_items.list(made.id, **query)
+        assert caught.value.param == next(iter(query))
 
 
 def test_upstream_failure_releases_the_hold(live: LiveServer, funded: tuple[str, str],

@@ -98,7 +98,9 @@ def test_legacy_path_stream_without_usage(live: LiveServer, funded: tuple[str, s
     assert events[-1] == b"[DONE]" and all(c["choices"] for c in chunks)
     for chunk in chunks:
         validate(chunk, "CreateChatCompletionStreamResponse")
-    # The relay asked the upstream for usage itself (to bill), but did not forward it.
+    # The relay asked the upstream for usage itself (to bill), but did not forward it, nor
+    # the `"usage": null` every chunk then carries (OpenAI's chunks have none unless asked).
+    assert all("usage" not in c for c in chunks)
     sent = upstream.requests[-1]["body"]
     assert sent["stream_options"] == {"include_usage": True}
 
@@ -165,6 +167,32 @@ def test_stream_cut_by_upstream_bills_produced_tokens(live: LiveServer, funded: 
     assert int(entry["cost"]) == pricing.token_cost(price, prompt, produced)
     assert before - wallet.balance(r, acct) == int(entry["cost"])
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_stream_with_no_json_event_is_an_error_not_an_empty_answer(
+        path: str, live: LiveServer, funded: tuple[str, str]) -> None:
+    """An upstream stream of junk ends with the relay's error (chat: an error event, no
+    [DONE]; Responses: response.failed), never with an empty success the SDK yields nothing
+    from."""
+    key, _ = funded
+    body: dict[str, Any] = {"model": "gpt-3.5", "stream": True}
+    if path == "/v1/responses":
+        body["input"] = "junk [[fake:malformed]]"
+    else:
+        body["messages"] = [{"role": "user", "content": "junk [[fake:malformed]]"}]
+    resp = requests.post(live.url + path, json=body, stream=True, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200, resp.text
+    events = read_events(resp)
+    last = orjson.loads(events[-1])
+    if path == "/v1/responses":
+        assert last["type"] == "response.failed"
+        assert last["response"]["error"]["code"] == "server_error"
+    else:
+        assert b"[DONE]" not in events
+        validate(last, "ErrorResponse")
+        assert last["error"]["code"] == "upstream_error"
 
 
 def _capped_settings(tmp_path: Path, upstream: FakeUpstream, redis_url: str) -> Settings:

@@ -214,6 +214,18 @@ def test_tiles_never_exceed_the_worst_case(w: int, h: int) -> None:
     assert 1 <= tk._tiles(w, h) <= tk._WORST_TILES
 
 
+def test_image_cost_separates_the_bill_from_the_context() -> None:
+    remote = image_part("https://example.com/cat.jpg")
+    assert tk.image_cost(remote, "gpt-4o-mini") == (2833 + 5667 * 8, 85 + 170 * 8)
+    assert tk.image_cost(remote, "gpt-4o") == (85 + 170 * 8, 85 + 170 * 8)
+    billed, context = tk.image_cost(image_part(data_url((1024, 1024))), "gpt-4.1-nano")
+    assert (billed, context) == (math.ceil(1024 * 2.46), 1024)
+    three = [{"role": "user", "content": [remote, remote, remote]}]
+    found = tk.messages_prompt(three, "gpt-4o-mini", limit=128_000)
+    assert found.counted > 128_000 and found.in_context < 5_000  # billed vs. in the context
+    assert tk.messages_prompt(three, "gpt-4o").in_context == found.in_context
+
+
 def test_image_model_multipliers() -> None:
     remote = image_part("https://example.com/cat.jpg")
     assert tk.image_tokens(remote, "gpt-4o-mini") == 2833 + 5667 * 8

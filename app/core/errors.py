@@ -56,6 +56,30 @@ class InvalidRequest(ApiError):
     error_type, default_msg = "invalid_request_error", "请求参数错误"
 
 
+class UpstreamRefused(InvalidRequest):
+    """The upstream refused the request itself (its 400 or 422): OpenAI's `type`, `code` and
+    `param` reach the client as the upstream sent them, since SDK users branch on them
+    (context_length_exceeded, content_policy_violation, unsupported_parameter…)."""
+
+    def __init__(self, message: str, *, error_type: str | None = None,
+                 error_code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.upstream_type, self.upstream_code = error_type, error_code
+
+    def body(self) -> dict[str, Any]:
+        """Return the error body with the upstream's type and code where it gave them."""
+        out = super().body()
+        out["error"]["type"] = self.upstream_type or out["error"]["type"]
+        out["error"]["code"] = self.upstream_code or out["error"]["code"]
+        return out
+
+
+class UpstreamNotFound(UpstreamRefused):
+    """The upstream answered 404 (a model it does not serve…): a 404, as OpenAI's."""
+
+    status, code = 404, 40400
+
+
 class ModelNotFound(ApiError):
     status, code, error_code = 404, 40401, "model_not_found"
     error_type, default_msg = "invalid_request_error", "模型不存在"

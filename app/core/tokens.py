@@ -77,8 +77,14 @@ class Prompt:
     the hold covers it, and the upstream's usage is billed up to it.
     """
 
-    counted: int  # every countable token (> limit: too long, refuse)
+    counted: int  # every countable token, as billed
     uncountable: int = 0
+    length: int | None = None  # what they take in the context (> limit: too long); else counted
+
+    @property
+    def in_context(self) -> int:
+        """Return what the prompt takes in the model's context (the prompt-length cap's count)."""
+        return self.counted if self.length is None else self.length
 
     def bound(self, cap: int) -> int:
         """Return the most the upstream can bill: the count, or the cap if a part is uncounted."""
@@ -227,20 +233,30 @@ def _image_size(url: str) -> tuple[int, int] | None:
 
 def image_tokens(part: Any, model: str | None) -> int:
     """Return OpenAI's image-token charge for an image_url part; the worst case if unknown."""
+    return image_cost(part, model)[0]
+
+
+def image_cost(part: Any, model: str | None) -> tuple[int, int]:
+    """Return an image_url part's tokens as (billed, in the context), the worst case if unknown.
+
+    They differ where OpenAI bills images at a multiple of what they take in the context
+    (gpt-4o-mini: 33× the tile rule; the patch models' multipliers): the hold and the bill take
+    the first, the prompt-length cap the second (so gpt-4o-mini takes as many pictures as gpt-4o).
+    """
     spec = part.get("image_url") if isinstance(part, dict) else None
     spec = {"url": spec} if isinstance(spec, str) else spec if isinstance(spec, dict) else {}
     key, detail, url = _model_key(model), spec.get("detail"), spec.get("url")
     patch = next((m for prefix, m in _PATCH_MODELS if key.startswith(prefix)), None)
     need_size = detail != "low" or patch is not None
     size = _image_size(url) if need_size and isinstance(url, str) else None
-    base, per_tile = (2833, 5667) if key.startswith("gpt-4o-mini") else (85, 170)
     tiles = 0 if detail == "low" else _WORST_TILES if size is None else _tiles(*size)
-    tokens = base + per_tile * tiles
+    context = 85 + 170 * tiles
+    billed = 2833 + 5667 * tiles if key.startswith("gpt-4o-mini") else context
     if patch is not None:  # a patch model ignores `detail` here: the larger rule wins
         w, h = size or (1 << 15, 1 << 15)
         patches = min(-(-w // 32) * -(-h // 32), _MAX_PATCHES)
-        tokens = max(tokens, -(-patches * patch // 1000))
-    return tokens
+        billed, context = max(billed, -(-patches * patch // 1000)), max(context, patches)
+    return billed, context
 
 
 def _audio_tokens(part: dict[str, Any]) -> int:
@@ -251,20 +267,22 @@ def _audio_tokens(part: dict[str, Any]) -> int:
 
 
 class _Budget:
-    """One request's running bound; raises _OverLimit as soon as it passes `limit`."""
+    """One request's running bound (`total`, billed) and length (`context`, what the prompt
+    takes in the model's context); raises _OverLimit as soon as the length passes `limit`."""
 
-    __slots__ = ("model", "limit", "total", "uncountable")
+    __slots__ = ("model", "limit", "total", "context", "uncountable")
 
     def __init__(self, model: str | None, limit: int | None) -> None:
-        self.model, self.limit, self.total, self.uncountable = model, limit, 0, 0
+        self.model, self.limit, self.total, self.context, self.uncountable = model, limit, 0, 0, 0
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, context: int | None = None) -> None:
         self.total += n
-        if self.limit is not None and self.total > self.limit:
+        self.context += n if context is None else context
+        if self.limit is not None and self.context > self.limit:
             raise _OverLimit
 
     def text(self, text: str) -> None:
-        cap = None if self.limit is None else max(self.limit - self.total, 0)
+        cap = None if self.limit is None else max(self.limit - self.context, 0)
         self.add(text_tokens(text, self.model, limit=cap))
 
     def json(self, value: Any) -> None:
@@ -277,7 +295,7 @@ def _part(b: _Budget, part: Any) -> None:
     if kind in ("text", "refusal") and isinstance(part.get(kind), str):
         b.text(part[kind])
     elif kind == "image_url":
-        b.add(image_tokens(part, b.model))
+        b.add(*image_cost(part, b.model))
     elif kind == "input_audio":
         b.add(_audio_tokens(part))
     elif kind == "file":  # uncountable: bounded by the prompt cap (Prompt.bound)
@@ -339,7 +357,7 @@ def messages_prompt(messages: Any, model: str | None, *, tools: Any = None,
             b.json(response_format)
     except _OverLimit:
         pass
-    return Prompt(b.total, b.uncountable)
+    return Prompt(b.total, b.uncountable, b.context)
 
 
 def _prompt(b: _Budget, value: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +34,12 @@ from urllib3.exceptions import (
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from app.core.config import Channel, Settings
-from app.core.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from app.core.errors import (
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRefused,
+    UpstreamTimeout,
+)
 from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
 from app.edges.fetch import FetchError, fetch
 from app.edges.netguard import UnsafeURL, check_url, origin
@@ -261,14 +267,14 @@ class Upstream:
                 self._mark(channel, False, "malformed")
                 continue
             status = resp.status_code
-            message = _error_message(resp)
+            refused = _refusal(resp, status)
             resp.close()
             if status in RETRYABLE:
                 last = f"HTTP {status}"
                 self._mark(channel, False, f"http_{status}")
                 continue
-            if status == 400 or status == 404 or status == 422:
-                raise InvalidRequest(f"Upstream rejected the request: {message}")
+            if refused is not None:
+                raise refused
             last = f"HTTP {status}"
             self._mark(channel, False, f"http_{status}")
         if last == "malformed JSON" and len(channels) == 1:
@@ -419,8 +425,16 @@ def _parse(resp: requests.Response | UpstreamResponse, field: str) -> dict[str, 
     return data if isinstance(data, dict) and isinstance(data.get(field), list) else None
 
 
-def _error_message(resp: requests.Response | UpstreamResponse) -> str:
-    """Return the upstream's error message, whatever shape (or no body) it came in."""
+_ERROR_WORD = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")  # an error's type or code as OpenAI writes it
+
+
+def _refusal(resp: requests.Response | UpstreamResponse, status: int) -> UpstreamRefused | None:
+    """Return the client's error for the upstream's refusal of the request itself (400, 404,
+    422), carrying its message, and its type, code and param when they are well-formed; None for
+    any other status (the channel's failure, not the request's)."""
+    if status not in (400, 404, 422):
+        return None
+    err: Any = None
     try:
         data = resp.json()
         err = data.get("error") if isinstance(data, dict) else data
@@ -429,7 +443,15 @@ def _error_message(resp: requests.Response | UpstreamResponse) -> str:
         text = resp.text[:200]
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
         text = ""
-    return (str(text) if text else f"HTTP {resp.status_code}")[:300]
+    fields = err if isinstance(err, dict) else {}
+    word = {k: v for k in ("type", "code") if isinstance(v := fields.get(k), str)
+            and _ERROR_WORD.fullmatch(v)}
+    param = fields.get("param")
+    param = param if isinstance(param, str) and 0 < len(param) <= 200 and param.isprintable() \
+        else None
+    message = "Upstream rejected the request: " + (str(text) if text else f"HTTP {status}")[:300]
+    kind = UpstreamNotFound if status == 404 else UpstreamRefused
+    return kind(message, error_type=word.get("type"), error_code=word.get("code"), param=param)
 
 
 def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
@@ -467,15 +489,30 @@ def read_tail(raw: Any, chunks: Iterator[bytes]) -> None:
         return
 
 
+class MalformedStream(requests.RequestException):
+    """The upstream's stream ended without one JSON object in it: no answer, a broken stream."""
+
+
 def iter_sse_objects(events: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """Yield each SSE event payload that is a JSON object; skip the rest (comments, junk)."""
+    """Yield each SSE event payload that is a JSON object; skip the rest (comments, junk).
+
+    A stream that ends having sent data but not one object raises MalformedStream, which the
+    relay answers as a broken stream (an error event), never as an empty success.
+    """
+    found = junk = False
     for payload in events:
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
+            junk = True
             continue
         if isinstance(obj, dict):
+            found = True
             yield obj
+        else:
+            junk = True
+    if junk and not found:
+        raise MalformedStream("the upstream's stream carried no JSON object")
 
 
 def init_app(app: Any, r: redis.Redis) -> None:

@@ -28,15 +28,16 @@ class FakeError(Exception):
 
     def __init__(
         self, status: int, message: str, etype: str = "invalid_request_error",
-        code: str | None = None, extra_headers: bytes = b"",
+        code: str | None = None, extra_headers: bytes = b"", param: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.etype = status, message, etype
-        self.code, self.extra_headers = code, extra_headers
+        self.code, self.extra_headers, self.param = code, extra_headers, param
 
     def body(self) -> bytes:
         """Return the OpenAI-shaped JSON error body."""
-        error = {"message": self.message, "type": self.etype, "param": None, "code": self.code}
+        error = {"message": self.message, "type": self.etype, "param": self.param,
+                 "code": self.code}
         return _dumps({"error": error})
 
 
@@ -89,6 +90,14 @@ def as_category(value: Any) -> str:
     return str(value)
 
 
+def _as_word(value: Any) -> str:
+    """Parse an error field's value (error_code, error_param): 1-80 printable characters."""
+    text = str(value)
+    if not 0 < len(text) <= 80 or not text.isprintable():
+        raise ValueError("a word of 1-80 printable characters")
+    return text
+
+
 def _as_reported(value: Any) -> Any:
     """Parse a usage count to report as is: any JSON value (huge ints, floats, strings)."""
     if not isinstance(value, str):
@@ -101,6 +110,8 @@ def _as_reported(value: Any) -> Any:
 
 BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "status": _as_status,
+    "error_code": _as_word,
+    "error_param": _as_word,
     "retry_after": _as_seconds,
     "delay": _as_seconds,
     "nousage": _as_flag,

@@ -156,6 +156,8 @@ def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
         if not plan.want_usage and not obj.get("choices"):
             return
         obj["usage"] = meter.shown("", obj["usage"])
+    elif not plan.want_usage and "usage" in obj:  # the null the relay's own include_usage adds
+        del obj["usage"]
     obj["model"] = call.model
     yield b"data: " + orjson.dumps(obj) + b"\n\n"
 

@@ -80,6 +80,9 @@ def _images_cost(call: Call) -> int:
     if not isinstance(prompt, str) or not VISIBLE.search(prompt):
         raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt",
                              msg="prompt 不能为空")
+    if body.get("stream", False) is not False:  # the answer is relayed whole, never as events
+        raise InvalidRequest("Streaming image generation is not offered here: leave 'stream' "
+                             "out or send false.", param="stream", msg="图片生成不支持流式返回")
     optional_choice(body, "response_format", FORMATS)
     optional_choice(body, "style", STYLES)
     quality = optional_choice(body, "quality", QUALITIES)

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response
+from flask import request as incoming
 from flask.blueprints import BlueprintSetupState
 from werkzeug.routing import BaseConverter
 
@@ -87,7 +88,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     prompt = tokens.messages_prompt(  # input files: bounded by the cap (tokens.Prompt)
         messages, call.upstream_model, tools=to_chat.chat_tools(body.get("tools")),
         response_format=fmt, limit=limit)
-    if prompt.counted > limit:
+    if prompt.in_context > limit:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
     ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
@@ -158,11 +159,34 @@ def retrieve(response_id: str) -> Response:
     return json_response({**_stored(response_id)[1], "code": 0, "msg": ""})
 
 
+ITEMS_LIMIT, ITEMS_MAX = 20, 100  # OpenAI's default page and its largest
+
+
+def _page_args() -> tuple[int, bool, str | None]:
+    """Return input_items' limit (1-100, default 20), order (desc unless asc) and `after`."""
+    raw = incoming.args.get("limit")
+    if raw is not None and not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= ITEMS_MAX):
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {ITEMS_MAX}.", param="limit",
+                             msg="limit 参数错误")
+    order = incoming.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("'order' must be one of asc, desc.", param="order",
+                             msg="order 参数错误")
+    return int(raw) if raw is not None else ITEMS_LIMIT, order == "desc", incoming.args.get("after")
+
+
 def input_items(response_id: str) -> Response:
-    """Serve GET /v1/responses/{id}/input_items: the input items that turn was given."""
+    """Serve GET /v1/responses/{id}/input_items: the input items that turn was given, a page
+    at a time as OpenAI pages them (newest first unless order=asc; `after` an item's id)."""
+    limit, newest_first, after = _page_args()
     acct, _ = _stored(response_id)
-    data = response_store.input_items(get_redis(), acct, response_id) or []
-    return json_response({"object": "list", "data": data, "has_more": False,
+    items = response_store.input_items(get_redis(), acct, response_id) or []
+    items = items[::-1] if newest_first else items
+    if after is not None:  # an id that is not one of them leaves nothing after it
+        ids = [item.get("id") for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    data = items[:limit]
+    return json_response({"object": "list", "data": data, "has_more": len(items) > limit,
                           "first_id": data[0]["id"] if data else None,
                           "last_id": data[-1]["id"] if data else None, "code": 0, "msg": ""})
 

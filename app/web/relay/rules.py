@@ -97,13 +97,13 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
             functions=body.get("functions"), response_format=body.get("response_format"),
             limit=cap)
         if body.get("web_search_options") is not None:
-            prompt = tokens.Prompt(prompt.counted, prompt.uncountable + 1)
+            prompt = tokens.Prompt(prompt.counted, prompt.uncountable + 1, prompt.length)
     else:
         counted = pricing.estimate_any(check_prompt(body), model, limit=cap)
         if isinstance(body.get("suffix"), str):
             counted += tokens.text_tokens(body["suffix"], model, limit=cap)
         prompt = tokens.Prompt(counted)
-    if prompt.counted > cap:
+    if prompt.in_context > cap:
         raise too_long("messages" if kind == "chat" else "prompt", cap)
     ceiling = call.price.prompt_ceiling(cap)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
@@ -128,7 +128,7 @@ def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
         raise InvalidRequest("'stream' must be a boolean.", param="stream", msg="stream 参数错误")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict) and isinstance(
-            options.get("include_usage", False), bool)):
+            options.get("include_usage", False), bool | None)):  # null: absent (false)
         raise InvalidRequest("'stream_options' must be an object with a boolean include_usage.",
                              param="stream_options", msg="stream_options 参数错误")
     plan.stream = stream
