@@ -26,6 +26,21 @@ def write(tmp_path: Path, text: str) -> dict[str, str]:
     return {"XIAOYI_CONFIG": str(path)}
 
 
+def test_a_price_without_max_output_holds_its_context_or_16384(tmp_path: Path) -> None:
+    """An operator's model without max_output is held at its context window (no answer is
+    longer), or 16 384 tokens: never at a cap below what the model writes."""
+    env = write(tmp_path, '[models]\n"ds" = "deepseek-chat"\n"q" = "qwen"\n'
+                          '[prices."deepseek-chat"]\nprompt = "0.001"\ncompletion = "0.002"\n'
+                          '[prices.qwen]\nprompt = "0.001"\ncompletion = "0.002"\n'
+                          'context = 8192\n')
+    prices = load_settings(env).prices
+    assert prices["deepseek-chat"].max_output == 16384
+    assert prices["qwen"].max_output == 8192
+    shipped = load_settings({}).prices
+    assert shipped["gpt-4o"].max_output == shipped["gpt-4o-mini"].max_output == 16384
+    assert shipped["gpt-4"].max_output == 8192 == shipped["gpt-4"].context
+
+
 def test_defaults_load() -> None:
     s = load_settings({})
     assert s.redis_url is None and s.upstream_base_url is None and s.channels == ()

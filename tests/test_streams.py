@@ -90,6 +90,26 @@ def test_chat_stream_chunks_validate_and_end_with_done(live: LiveServer, funded:
     assert int(entry["cost"]) == cost == before - wallet.balance(r, acct)
 
 
+def test_running_usage_in_every_chunk_bills_the_whole_answer(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, upstream: FakeUpstream) -> None:
+    """vLLM and SGLang put the usage so far in every chunk when asked for
+    continuous_usage_stats (the first saying 1 token): the bill is the whole answer's."""
+    key, acct = funded
+    resp = open_stream(live, key, "[[fake:long=300]]",
+                       stream_options={"include_usage": True, "continuous_usage_stats": True})
+    chunks = [orjson.loads(e) for e in read_events(resp)[:-1]]
+    assert upstream.requests[-1]["body"]["stream_options"]["continuous_usage_stats"] is True
+    running = [c["usage"]["completion_tokens"] for c in chunks if c.get("usage")]
+    assert running[0] < 10 and running == sorted(running)  # the client sees them as they come
+    final = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and final["completion_tokens"] >= 300
+    req = resp.headers["X-Request-Id"]
+    wait_settled(r, req)
+    entry = settle_entry(r, acct, req)
+    assert (int(entry["pt"]), int(entry["ct"])) == (final["prompt_tokens"],
+                                                    final["completion_tokens"])
+
+
 def test_legacy_path_stream_without_usage(live: LiveServer, funded: tuple[str, str],
                                           upstream: FakeUpstream) -> None:
     resp = open_stream(live, funded[0], "via php path", path="/index.php/api/v1/chat/completions")

@@ -245,6 +245,9 @@ def _check_urls(values: dict[str, Any]) -> None:
             raise ConfigError(f"{name}: must be an http(s):// URL")
 
 
+DEFAULT_MAX_OUTPUT = 16384  # a price's max_output when it gives neither it nor its context
+
+
 def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
     prices: dict[str, ModelPrice] = {}
     for model, spec in table.items():
@@ -267,7 +270,9 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             kind=kind,
             prompt_per_1k=yuan_to_units(spec.get("prompt", 0), f"{where}.prompt"),
             completion_per_1k=yuan_to_units(spec.get("completion", 0), f"{where}.completion"),
-            max_output=spec.get("max_output", 4096),
+            # Absent: the context window (no answer is longer), else a cap above today's
+            # chat models' own (16 384): too high only holds more, too low bills less.
+            max_output=spec.get("max_output", spec.get("context") or DEFAULT_MAX_OUTPUT),
             images=images, qualities=qualities,
             default_quality=str(spec.get("default_quality", "standard")),
             max_images=spec.get("max_images", 10),

@@ -142,10 +142,15 @@ def _usage(prompt: int, completion: int | None = None) -> dict[str, int]:
 
 def _stream_events(
     base: dict[str, Any], answers: list[list[str]], finishes: list[str],
-    usage: dict[str, int] | None, chat: bool,
+    usage: dict[str, int] | None, chat: bool, running: bool = False,
 ) -> Iterator[tuple[int, bytes]]:  # fmt: skip
-    """Yield (kind, JSON) stream chunks: role heads, content pieces, finishes, usage."""
-    extra = {} if usage is None else {"usage": None}
+    """Yield (kind, JSON) stream chunks: role heads, content pieces, finishes, usage.
+
+    `running` (vLLM's and SGLang's stream_options.continuous_usage_stats): every chunk carries
+    the usage so far, the completion counted over the text sent until then.
+    """
+    extra: dict[str, Any] = {} if usage is None else {"usage": None}
+    said: list[str] = []
 
     def event(index: int, piece: str | None, finish: str | None) -> bytes:
         """Serialise one choice chunk; piece None means the finishing chunk."""
@@ -159,6 +164,9 @@ def _stream_events(
                 "logprobs": None,
                 "finish_reason": finish,
             }
+        if running and usage is not None:
+            said.append(piece or "")
+            extra["usage"] = _usage(usage["prompt_tokens"], count_tokens("".join(said)))
         return _dumps({**base, "choices": [choice], **extra})
 
     if chat:

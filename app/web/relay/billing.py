@@ -40,27 +40,36 @@ class Bounds(Protocol):
 class Meter:
     """One call's billed tokens: set from a usage object, or estimated from the answer text."""
 
-    __slots__ = ("call", "plan", "channel", "billed", "nothing")
+    __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged")
 
     def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
         self.billed: tuple[int, int] | None = None
         self.nothing = False  # a stream the content filter cut before any text: bill nothing
+        self.final = False  # set by cut(): what was delivered is billed, whatever comes later
+        self.flagged = False  # an anomaly was recorded (once per call)
 
     def usage(self, usage: Any) -> tuple[int, int] | None:
-        """Bound a reported usage object (recording any anomaly); None when there is none."""
-        if not isinstance(usage, dict):
-            return None
-        if self.billed is None:
-            reported = reported_tokens(usage)
-            if reported[1] is None and self.plan.completion_max == 0:
-                # Where nothing can be produced (embeddings, max_tokens 0) a missing count is 0.
-                reported = reported[0], 0
-            pt, ct, anomaly = tokens.bound_usage(*reported, self.plan.prompt_bound,
-                                                 self.plan.completion_max)
-            if anomaly:
-                self._anomaly(anomaly, reported)
-            self.billed = pt, ct
+        """Bound a reported usage object (recording any anomaly); None when there is none.
+
+        A stream may report usage more than once (running totals: vLLM's and SGLang's
+        `continuous_usage_stats`, the first chunk saying 1 token): each report is bounded and
+        the largest counts are billed, never the first or the smallest.
+        """
+        if not isinstance(usage, dict) or self.final:
+            return self.billed if self.final else None
+        reported = reported_tokens(usage)
+        if reported[1] is None and self.plan.completion_max == 0:
+            # Where nothing can be produced (embeddings, max_tokens 0) a missing count is 0.
+            reported = reported[0], 0
+        pt, ct, anomaly = tokens.bound_usage(*reported, self.plan.prompt_bound,
+                                             self.plan.completion_max)
+        if anomaly and not self.flagged:
+            self.flagged = True
+            self._anomaly(anomaly, reported)
+        if self.billed is not None:
+            pt, ct = max(pt, self.billed[0]), max(ct, self.billed[1])
+        self.billed = pt, ct
         return self.billed
 
     def _anomaly(self, anomaly: str, reported: tuple[Any, Any]) -> None:
@@ -95,7 +104,7 @@ class Meter:
         """Bill only what a stream cut by the content filter delivered: the prompt and the text
         sent (estimated: a usage the upstream reports later covers text never sent), or nothing
         when no text was sent, as for a refused plain answer."""
-        self.nothing = not delivered
+        self.nothing, self.final = not delivered, True
         ct = tokens.completion_tokens(delivered, self.call.upstream_model) if delivered else 0
         self.billed = (0, 0) if self.nothing else (self._prompt_estimate(),
                                                    min(ct, self.plan.completion_max))
