@@ -272,7 +272,7 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             completion_per_1k=yuan_to_units(spec.get("completion", 0), f"{where}.completion"),
             # Absent: the context window (no answer is longer), else a cap above today's
             # chat models' own (16 384): too high only holds more, too low bills less.
-            max_output=spec.get("max_output", spec.get("context") or DEFAULT_MAX_OUTPUT),
+            max_output=int(spec.get("max_output") or spec.get("context") or DEFAULT_MAX_OUTPUT),
             images=images, qualities=qualities,
             default_quality=str(spec.get("default_quality", "standard")),
             max_images=spec.get("max_images", 10),
