@@ -69,10 +69,11 @@ def channel_state(client: Any, name: str) -> str:
     return re.search(r'class="(?:bad|ok) state">([^<]*)<', row[1])[1]
 
 
-def ask(client: Any, key: str) -> Any:
+def ask(client: Any, key: str, stream: bool = False) -> Any:
     """Send one chat completion."""
     return client.post(CHAT, headers={"Authorization": f"Bearer {key}"},
-                       json={"model": "gpt-3.5", "messages": [{"role": "user", "content": "hi"}]})
+                       json={"model": "gpt-3.5", "stream": stream,
+                             "messages": [{"role": "user", "content": "hi"}]})
 
 
 def readiness(client: Any) -> tuple[int, dict[str, dict[str, Any]]]:
@@ -124,20 +125,47 @@ def test_failover_cooldown_and_recovery(r: redis.Redis, redis_url: str, upstream
     assert ledger.verify(r) == [] and wallet.balance(r, acct) < 100_000
 
 
-@pytest.mark.parametrize("behaviour,reason", [({"status": 429}, "http_429"),
-                                              ({"delay": 3}, "timeout"),
-                                              ({"malformed": True}, "malformed")])
+@pytest.mark.parametrize("behaviour,reason,stream", [({"status": 429}, "http_429", False),
+                                                     ({"delay": 3}, "timeout", True),
+                                                     ({"malformed": True}, "malformed", False)])
 def test_429_and_timeouts_fail_over(r: redis.Redis, redis_url: str, upstream: FakeUpstream,
-                                    second: FakeUpstream, behaviour: dict, reason: str) -> None:
+                                    second: FakeUpstream, behaviour: dict, reason: str,
+                                    stream: bool) -> None:
+    """A 429, a malformed answer and a stream whose first byte does not come within
+    timeout_seconds (a stuck channel) go to the next channel."""
     client = make_app(r, redis_url, second, upstream, timeout_seconds=1)
     key, _ = new_key(r)
     second.configure(**behaviour)
     before = metric(client, "xiaoyi_upstream_failures_total", channel="a", reason=reason)
-    assert ask(client, key).status_code == 200
+    resp = ask(client, key, stream=stream)
+    assert resp.status_code == 200 and (b"[DONE]" in resp.data) == stream
     assert chats(upstream) == 1
     assert metric(client, "xiaoyi_upstream_failures_total", channel="a",
                   reason=reason) == before + 1
     assert channel_state(client, "a").startswith("冷却中")
+
+
+def test_a_plain_answer_past_its_timeout_is_504_billed_for_its_prompt_and_not_retried(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream) -> None:
+    """A plain answer comes whole once written: past answer_timeout_seconds the channel is
+    likely still writing it (and billing it), so it is not sent to another channel to be
+    written twice, and the caller pays its prompt (SPEC §7.7), never the answer it did not
+    get. A slower answer inside the timeout is served (timeout_seconds, for a stream's gaps,
+    does not cut it)."""
+    client = make_app(r, redis_url, second, upstream, timeout_seconds=1,
+                      answer_timeout_seconds=2)
+    key, acct = new_key(r)
+    second.configure(delay=1.5)
+    assert ask(client, key).status_code == 200  # 1.5 s: past timeout_seconds, inside the other
+    second.configure(delay=3)
+    before = wallet.balance(r, acct)
+    resp = ask(client, key)
+    assert resp.status_code == 504 and resp.get_json()["error"]["code"] == "upstream_timeout"
+    assert chats(upstream) == 0  # not run again elsewhere
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
+    assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0 and int(settled["cost"]) > 0
+    assert before - wallet.balance(r, acct) == int(settled["cost"])
+    assert ledger.verify(r) == []
 
 
 def test_every_channel_failing_is_502_and_not_ready(r: redis.Redis, redis_url: str,

@@ -61,6 +61,7 @@ def tight(tmp_path: Path, upstream: FakeUpstream, redis_url: str,
     """A live relay with small limits from a TOML file: 4 KB bodies, 1 s upstream timeout."""
     path = tmp_path / "tight.toml"
     path.write_text("[relay]\nmax_body_bytes = 4096\ntimeout_seconds = 1\n"
+                    "answer_timeout_seconds = 1\n"
                     "max_prompt_tokens = 200\n", encoding="utf-8")
     app = create_app(make_settings(upstream.url, redis_url, XIAOYI_CONFIG=str(path)),
                      redis_client=r)
@@ -276,14 +277,27 @@ def test_upstream_refusal_with_odd_fields_keeps_ours(live: LiveServer, funded: t
     check_error(resp, 400, "invalid_request_error")
 
 
-def test_upstream_timeout_is_504_refunded(tight: LiveServer, funded: tuple[str, str],
-                                          r: redis.Redis) -> None:
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "slow [[fake:delay=2]]"}]}),
+    ("/v1/chat/completions", {"stream": True,
+                              "messages": [{"role": "user", "content": "slow [[fake:delay=2]]"}]}),
+    ("/v1/embeddings", {"input": "slow [[fake:delay=2]]"}),
+    ("/v1/responses", {"input": "slow [[fake:delay=2]]"}),
+], ids=["chat", "stream", "embeddings", "responses"])
+def test_upstream_timeout_is_504_billed_for_the_prompt(path: str, body: dict[str, Any],
+                                                       tight: LiveServer,
+                                                       funded: tuple[str, str],
+                                                       r: redis.Redis) -> None:
+    """The upstream had the request and did not answer in time: 504, and the prompt is billed
+    (SPEC §7.7: the upstream bills what it was sent), never the answer."""
     key, acct = funded
     before = wallet.balance(r, acct)
-    body = {"messages": [{"role": "user", "content": "slow [[fake:delay=2]]"}]}
-    check_error(post(tight, key, "/v1/chat/completions", body), 504, "upstream_timeout")
-    assert wallet.balance(r, acct) == before
-    _refunded(r, acct)
+    check_error(post(tight, key, path, body), 504, "upstream_timeout")
+    entries = [e for e in ledger.ledger_entries(r, acct) if e["kind"] != "topup"]
+    assert [e["kind"] for e in entries] == ["reserve", "settle"]
+    assert int(entries[1]["ct"]) == 0 and int(entries[1]["pt"]) > 0
+    assert before - wallet.balance(r, acct) == int(entries[1]["cost"]) > 0
+    assert ledger.verify(r) == []
 
 
 @pytest.mark.parametrize("path,body", [

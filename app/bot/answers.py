@@ -132,7 +132,7 @@ def _refused(dl: Delivery, free: bool, held: money.Hold | None) -> dict[str, str
 def ask(settings: Settings, model: str, messages: list[dict[str, Any]]) -> tuple[str, Any, bool]:
     """Call the upstream; return (answer, its usage as given, cut by max_tokens?)."""
     body = {"model": model, "messages": messages, "max_tokens": settings.bot.chat_max_tokens}
-    data = get_upstream().post("/chat/completions", body, model, expect="choices")
+    data = get_upstream().post("/chat/completions", body, model, expect="choices", quick=True)
     first = data["choices"][0] if data["choices"] else None  # expect="choices": a list
     message = first.get("message") if isinstance(first, dict) else None
     answer = message.get("content") if isinstance(message, dict) else None

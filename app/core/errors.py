@@ -127,6 +127,10 @@ class UpstreamTimeout(ApiError):
     status, code, error_code = 504, 50401, "upstream_timeout"
     error_type, default_msg = "api_error", "上游服务超时，请稍后再试"
 
+    def __init__(self, message: str | None = None, *, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent  # the upstream had the request (it timed out reading the answer)
+
 
 class StoreUnavailable(ApiError):
     status, code, error_code = 503, 50301, "service_unavailable"

@@ -83,6 +83,9 @@ class Upstream:
         self.redis = r
         self.timeout = (settings.relay.get("connect_timeout_seconds", 5),
                         settings.relay.get("timeout_seconds", 60))
+        # A plain (non-stream) answer's first byte comes when all of it is written: minutes for
+        # a long one, so it gets its own read timeout (the openai SDK waits 600 s too).
+        self.answer_timeout = (self.timeout[0], settings.relay.get("answer_timeout_seconds", 600))
         self.cooldown = settings.relay.get("cooldown_seconds", 30)
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=16, pool_maxsize=POOL_MAXSIZE, max_retries=0)
@@ -96,6 +99,7 @@ class Upstream:
                   or DEFAULT_CA_BUNDLE_PATH)
         self._tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": verify}
         self._u3_timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
+        self._u3_answer = urllib3.Timeout(connect=self.timeout[0], read=self.answer_timeout[1])
         self._pools: dict[tuple[str, str, int | None], urllib3.HTTPConnectionPool] = {}
         self._prepared: dict[int, _Prepared] = {}
         self._ok_pending: dict[str, int] = {}
@@ -205,29 +209,37 @@ class Upstream:
             self._prepared[id(channel)] = found
         return found
 
-    def _send(self, channel: Channel, path: str, data: bytes,
-              stream: bool) -> requests.Response | UpstreamResponse:
-        """POST once; raise requests' exceptions whichever client carried the call."""
+    def _send(self, channel: Channel, path: str, data: bytes, stream: bool,
+              quick: bool = False) -> requests.Response | UpstreamResponse:
+        """POST once; raise requests' exceptions whichever client carried the call (`quick`:
+        a plain answer gets timeout_seconds, not answer_timeout_seconds)."""
         prep = self._prepare(channel)
+        short = stream or quick
         if prep.pool is None:
             return self.session.post(channel.base_url + path, data=data, headers=prep.headers,
-                                     timeout=self.timeout, stream=stream)
+                                     timeout=self.timeout if short else self.answer_timeout,
+                                     stream=stream)
         try:
             raw = prep.pool.urlopen("POST", prep.prefix + path, body=data, headers=prep.headers,
-                                    timeout=self._u3_timeout, preload_content=not stream,
-                                    redirect=False, retries=False)
+                                    timeout=self._u3_timeout if short else self._u3_answer,
+                                    preload_content=not stream, redirect=False, retries=False)
         except (Urllib3Error, OSError) as exc:
             raise translate(exc) from exc
         return UpstreamResponse(raw)
 
     def post(self, path: str, body: dict[str, Any], model: str, stream: bool = False,
-             expect: str | None = None) -> Any:
+             expect: str | None = None, quick: bool = False) -> Any:
         """POST with failover (see call()) and return the answer alone."""
-        return self.call(path, body, model, stream, expect).value
+        return self.call(path, body, model, stream, expect, quick).value
 
     def call(self, path: str, body: dict[str, Any], model: str, stream: bool = False,
-             expect: str | None = None) -> Answer:
+             expect: str | None = None, quick: bool = False) -> Answer:
         """POST to the first healthy channel, failing over on 429/5xx/timeouts.
+
+        A plain answer that times out (answer_timeout_seconds) does not fail over: the channel
+        had the request and is likely writing a long answer. UpstreamTimeout.sent tells the
+        caller the upstream had it (the prompt is billed). `quick`: a plain answer gets
+        timeout_seconds instead (the bot's short answers, moderation), and fails over.
 
         Returns the response and the channel that gave it; with `expect` (a non-stream call)
         the parsed JSON object instead of the response, and a 200 whose body is not an object
@@ -237,7 +249,7 @@ class Upstream:
         channels = self.order(model)
         if not channels:
             raise UpstreamError(f"No upstream channel serves model {model}.")
-        timed_out = False
+        timed_out = sent = False
         last = ""
         for i, channel in enumerate(channels):
             if i:
@@ -245,8 +257,18 @@ class Upstream:
             started = time.perf_counter()
             try:
                 with self.turns.away():  # the wait for the answer (or its first bytes)
-                    resp = self._send(channel, path, data, stream)
-            except requests.Timeout:
+                    resp = self._send(channel, path, data, stream, quick)
+            except requests.ReadTimeout:
+                self._mark(channel, False, "timeout")
+                sent = timed_out = True
+                if not (stream or quick):
+                    # A plain answer past answer_timeout_seconds: the channel is writing a long
+                    # one (and billing it); another would run it again. The caller bills the
+                    # prompt (SPEC §7.7). A stream's missing first byte is a stuck channel.
+                    raise UpstreamTimeout("The upstream did not answer in time.",
+                                          sent=True) from None
+                continue
+            except requests.Timeout:  # connecting: nothing was sent, the next channel may answer
                 timed_out = True
                 self._mark(channel, False, "timeout")
                 continue
@@ -280,13 +302,14 @@ class Upstream:
         if last == "malformed JSON" and len(channels) == 1:
             raise UpstreamError("The upstream answered with malformed JSON.")
         if timed_out and not last:
-            raise UpstreamTimeout("The upstream did not answer in time.")
+            raise UpstreamTimeout("The upstream did not answer in time.", sent=sent)
         raise UpstreamError(f"Every upstream channel failed ({last or 'timeout'}).")
 
     def moderate(self, content: str | list[Any], model: str) -> dict[str, Any]:
         """Ask /moderations about a text (or input parts); return its body (a results list)."""
         body = {"model": model, "input": content}
-        answer: dict[str, Any] = self.post("/moderations", body, model, expect="results")
+        answer: dict[str, Any] = self.post("/moderations", body, model, expect="results",
+                                           quick=True)
         return answer
 
     def get(self, url: str, timeout: float = 30, max_bytes: int = 20 << 20) -> bytes:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from redis import RedisError
 
 from app.core import pricing, tokens
+from app.core.errors import UpstreamTimeout
 from app.core.metrics import USAGE_ANOMALIES
 from app.core.money import Hold
 from app.core.responses.answer import reported_tokens
@@ -148,3 +150,16 @@ class Meter:
             except Exception:
                 log.exception("could not settle %s", self.call.req_id)
                 return
+
+
+@contextmanager
+def prompt_billed_if_sent(call: Call, plan: Bounds, held: Hold) -> Iterator[None]:
+    """Around an upstream call: a request the upstream had but did not answer in time is billed
+    for its prompt (SPEC §7.7: the upstream bills what it was sent), then answered 504. A
+    request that never reached the upstream (connect failures) is released in full."""
+    try:
+        yield
+    except UpstreamTimeout as exc:
+        if exc.sent:
+            Meter(call, plan, "").try_settle(held, "")  # Redis away: the hold is released
+        raise

@@ -16,7 +16,7 @@ from app.core.errors import ApiError, UpstreamError
 from app.core.money import Hold
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse, iter_sse_objects
 from app.web.relay import screening, shutdown
-from app.web.relay.billing import Meter
+from app.web.relay.billing import Meter, prompt_billed_if_sent
 from app.web.relay.common import Call, admit, settings
 from app.web.relay.rules import Plan, prepare
 from app.web.relay.stream_guard import StreamGuard, open_guard
@@ -56,8 +56,9 @@ def relay_text(kind: str, path: str) -> Response:
     call, held = admit((kind,), lambda c: prepare(kind, c, plan))
     with held:  # an upstream failure (or a refused answer) releases the whole hold
         # Non-stream: a channel answering malformed JSON fails over like a 5xx.
-        got = get_upstream().call(path, call.body, call.upstream_model, stream=plan.stream,
-                                  expect=None if plan.stream else "choices")
+        with prompt_billed_if_sent(call, plan, held):
+            got = get_upstream().call(path, call.body, call.upstream_model, stream=plan.stream,
+                                      expect=None if plan.stream else "choices")
         meter = Meter(call, plan, got.channel.name)
         if plan.stream:
             return _stream(kind, call, held, plan, meter, got.value)

@@ -10,7 +10,7 @@ from flask import Response
 from app.core import pricing
 from app.core.errors import InvalidRequest
 from app.edges.upstream import get_upstream
-from app.web.relay.billing import Meter
+from app.web.relay.billing import Meter, prompt_billed_if_sent
 from app.web.relay.common import (
     Call,
     admit,
@@ -52,7 +52,9 @@ def embeddings() -> Response:
     plan = Plan()
     call, held = admit(("embedding",), lambda c: _embeddings_cost(c, plan))
     with held:
-        got = get_upstream().call("/embeddings", call.body, call.upstream_model, expect="data")
+        with prompt_billed_if_sent(call, plan, held):
+            got = get_upstream().call("/embeddings", call.body, call.upstream_model,
+                                      expect="data")
         data: dict[str, Any] = got.value
         meter = Meter(call, plan, got.channel.name)
         meter.usage(data.get("usage"))

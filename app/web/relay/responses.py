@@ -25,7 +25,7 @@ from app.core.responses import answer, events, native, request, to_chat
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store, responses_stream, screening
-from app.web.relay.billing import Meter
+from app.web.relay.billing import Meter, prompt_billed_if_sent
 from app.web.relay.common import Call, admit, authenticate, gather_keyed, settings
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.rules import standard_tier
@@ -136,8 +136,9 @@ def create() -> Response:
             raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
         path = "/responses" if plan.native else "/chat/completions"
         expect = None if plan.stream else "output" if plan.native else "choices"
-        got = get_upstream().call(path, plan.upstream, call.upstream_model,
-                                  stream=plan.stream, expect=expect)
+        with prompt_billed_if_sent(call, plan, held):
+            got = get_upstream().call(path, plan.upstream, call.upstream_model,
+                                      stream=plan.stream, expect=expect)
         meter = Meter(call, plan, got.channel.name)
         if plan.stream:
             return responses_stream.relay(call, held, plan, meter, got.value)
