@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -99,6 +100,45 @@ def test_stalled_headers_and_bodies_are_dropped(tmp_path: Path, upstream: FakeUp
         assert web.stop() == 0
     log = web.log.read_text()
     assert "the body stalled for 3.0s" in log and "Traceback" not in log
+
+
+def test_a_stream_reader_that_stalls_is_dropped_and_billed(tmp_path: Path, upstream: FakeUpstream,
+                                                           redis_url: str,
+                                                           r: redis.Redis) -> None:
+    """A stream's client that stops reading (its window full) is dropped after
+    stream_write_timeout_seconds; the stream is then billed as an abandoned one (read on to the
+    drain cap). Before, the write blocked for as long as the client kept the connection: the
+    hold outlived the 6-hour rule and was refunded while the client read the rest for free."""
+    key, acct = new_key(r)
+    config = tmp_path / "xiaoyi.toml"
+    config.write_text("[relay]\nstream_write_timeout_seconds = 2\ndrain_cap_tokens = 50\n",
+                      encoding="utf-8")
+    web = Web(tmp_path, web_env(upstream, redis_url, XIAOYI_CONFIG=str(config),
+                                WEB_CONCURRENCY="1"))
+    try:
+        body = json.dumps({"model": "gpt-3.5", "stream": True, "messages": [
+            {"role": "user", "content": "[[fake:long=200000]]"}]}).encode()
+        host, port = web.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+        sock.connect((host, int(port)))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + key.encode() + b"\r\nContent-Type: application/json\r\n"
+                     + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 60
+        settled: list[dict[str, object]] = []
+        while not settled and time.monotonic() < deadline:
+            time.sleep(0.5)
+            settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+        assert settled, "the stalled stream was never settled"
+        assert int(str(settled[0]["ct"])) > 0 and int(str(settled[0]["cost"])) > 0
+        assert closed_within(sock, 30)  # dropped by the server
+        assert paid_chat(web.url, key).status_code == 200
+        assert ledger.verify(r) == []
+    finally:
+        assert web.stop() == 0
+    assert "Traceback" not in web.log.read_text()
 
 
 @pytest.mark.timeout(240)

@@ -16,6 +16,7 @@ This file is read by path in gunicorn's master: it imports only the standard lib
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import socket
@@ -147,6 +148,31 @@ def pre_request(worker: Any, req: Any) -> None:
         req.body = StallGuard(req, sock, body_timeout, worker.log)
 
 
+class StalledStreamFilter(logging.Filter):
+    """gunicorn logs a stream client dropped by its bounded writes (a TimeoutError, see
+    post_request) as a socket error with a traceback: say what happened, in one warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TimeoutError) and record.msg == "Socket error processing request.":
+            record.msg, record.args = ("dropped a stream's client that took no bytes for "
+                                       "[relay] stream_write_timeout_seconds"), ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def post_request(worker: Any, req: Any, environ: dict[str, Any], resp: Any) -> None:
+    """Make the client socket blocking again after a stream bounded its writes (the relay's
+    event_stream): the next request on a kept connection starts as every other does."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            sock.settimeout(None)
+        except OSError:  # closed already (the client went away)
+            pass
+
+
 def child_exit(server: object, worker: object) -> None:
     """Drop a dead worker's Prometheus samples (multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -169,6 +195,7 @@ def post_worker_init(worker: object) -> None:
     from app.runtime import graceful
 
     signal.signal(signal.SIGINT, worker.handle_exit)  # type: ignore[attr-defined]
+    logging.getLogger("gunicorn.error").addFilter(StalledStreamFilter())  # gunicorn's own
     graceful.watch(worker)
     # The app is loaded: what exists now (routes, settings, tables) lives as long as the worker,
     # so no collection scans it again; and young objects are collected less often, since a

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import requests
-from flask import Response, stream_with_context
+from flask import Response
 
 from app.core import pricing
 from app.core.errors import ApiError, UpstreamError
@@ -17,7 +17,7 @@ from app.core.money import Hold
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse, iter_sse_objects
 from app.web.relay import screening, shutdown
 from app.web.relay.billing import Meter, prompt_billed_if_sent
-from app.web.relay.common import Call, admit, settings
+from app.web.relay.common import Call, admit, event_stream, settings
 from app.web.relay.rules import Plan, prepare
 from app.web.relay.stream_guard import StreamGuard, open_guard
 from app.web.render import json_response
@@ -139,12 +139,8 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
             shutdown.closed(open_stream)
             finish()
 
-    out = Response(stream_with_context(generate()), mimetype="text/event-stream",
-                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                            "X-Request-Id": call.req_id})
-    # A client gone before the first chunk never starts the generator: bill the prompt anyway.
-    out.call_on_close(finish)
-    return out
+    # A client gone before the first chunk never starts the generator: finish bills the prompt.
+    return event_stream(generate(), call.req_id, finish)
 
 
 def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,

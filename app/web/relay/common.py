@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
 import orjson
-from flask import Response, current_app, g, request
+from flask import Response, current_app, g, request, stream_with_context
 
 from app.core import money
 from app.core.config import ModelPrice, Settings
@@ -459,3 +459,22 @@ def optional_choice(body: dict[str, Any], name: str, allowed: tuple[Any, ...]) -
         raise InvalidRequest(f"'{name}' must be one of {shown}.", param=name,
                              msg=f"{name} 参数错误")
     return value
+
+
+def event_stream(events: Iterator[bytes], req_id: str, on_close: Callable[[], None]) -> Response:
+    """Answer with a text/event-stream of `events`; `on_close` runs when the answer ends
+    (also for a client gone before the first event, which never starts the generator).
+
+    Under gunicorn a client that takes no bytes for `[relay] stream_write_timeout_seconds`
+    (120) is dropped: its stream then ends as an abandoned one (read on to a cap and billed),
+    so a reader that stalls cannot keep a hold and a greenlet for hours and have the hold
+    expire unpaid (gunicorn_conf.post_request makes the socket blocking again).
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(settings().relay.get("stream_write_timeout_seconds", 120))
+    out = Response(stream_with_context(events), mimetype="text/event-stream",
+                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                            "X-Request-Id": req_id})
+    out.call_on_close(on_close)
+    return out

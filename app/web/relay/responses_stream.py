@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import requests
-from flask import Response, stream_with_context
+from flask import Response
 from redis import RedisError
 
 from app.core.errors import ApiError
@@ -18,7 +18,7 @@ from app.core.responses import answer, events, native
 from app.edges.store import get_redis
 from app.edges.upstream import UpstreamResponse, iter_sse, iter_sse_objects
 from app.web.relay.billing import Meter
-from app.web.relay.common import Call, settings
+from app.web.relay.common import Call, event_stream, settings
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.stream_guard import open_guard
 
@@ -151,8 +151,4 @@ def relay(call: Call, held: Hold, plan: Plan, meter: Meter,
           resp: UpstreamResponse | requests.Response) -> Response:
     """Answer a streamed Responses request: text/event-stream of typed events."""
     turn = Turn(call, held, plan, meter, resp)
-    out = Response(stream_with_context(turn.events()), mimetype="text/event-stream",
-                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                            "X-Request-Id": call.req_id})
-    out.call_on_close(turn.close)  # a client gone before the first event never starts events()
-    return out
+    return event_stream(turn.events(), call.req_id, turn.close)
