@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -215,3 +216,45 @@ def test_a_body_over_the_size_limit_is_413_and_spends_no_budget(live: LiveServer
     got = _headers_only(live.url, "/v1/chat/completions", f"Bearer {raw}", length=40 << 20)
     assert got.startswith(b"HTTP/1.1 413"), got[:200]
     assert r.get(layout.body_budget_key(acct, keys.hash_key(raw))) is None
+
+
+def test_keyless_large_bodies_are_read_a_few_at_a_time(upstream: FakeUpstream, redis_url: str,
+                                                       r: redis.Redis) -> None:
+    """A large body whose key is in the body must be read to find it: at most
+    keyless_large_bodies_at_once such reads run in a process (503 with Retry-After past it), so
+    keyless uploads cannot fill its memory; a Bearer key is checked before any read and is
+    never held up."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    settings = load_settings(env, toml={"limits": {"keyless_large_bodies_at_once": 1}})
+    server = LiveServer(create_app(settings, redis_client=r))
+    raw, _ = new_key(r)
+    text = "x" * (600 << 10)
+    keyless = {"api_secret_key": raw, "messages": [{"role": "user", "content": text}]}
+    parts = urlsplit(server.url)
+    try:
+        slow = socket.create_connection((parts.hostname, parts.port), timeout=10)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n{\"messages\": " % (1 << 20))
+        deadline = time.monotonic() + 10
+        while True:  # the slow upload holds the one read (once its thread got to it)
+            busy = requests.post(server.url + "/v1/chat/completions", json=keyless, timeout=30)
+            if busy.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        assert busy.json()["error"]["code"] == "server_busy"
+        bearer = requests.post(server.url + "/v1/chat/completions", timeout=30,
+                               headers={"Authorization": f"Bearer {raw}"},
+                               json={"messages": keyless["messages"]})
+        assert bearer.status_code == 200, bearer.text[:200]
+        slow.close()  # its read fails: the read is free again
+        deadline = time.monotonic() + 10
+        while True:
+            served = requests.post(server.url + "/v1/chat/completions", json=keyless, timeout=30)
+            if served.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert served.status_code == 200, served.text[:200]
+    finally:
+        server.stop()

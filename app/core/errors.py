@@ -132,6 +132,16 @@ class UpstreamTimeout(ApiError):
         self.sent = sent  # the upstream had the request (it timed out reading the answer)
 
 
+class ServerBusy(ApiError):
+    """This process is at its bound for some costly work: retry shortly."""
+
+    status, code, error_code = 503, 50303, "server_busy"
+    error_type, default_msg = "api_error", "服务繁忙，请稍后再试"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class StoreUnavailable(ApiError):
     status, code, error_code = 503, 50301, "service_unavailable"
     error_type, default_msg = "api_error", "服务暂不可用，请稍后再试"

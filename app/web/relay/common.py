@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -22,6 +23,7 @@ from app.core.errors import (
     ModelNotFound,
     RateLimited,
     RequestTooLarge,
+    ServerBusy,
 )
 from app.core.money import keys, ratelimit
 from app.core.money.layout import MAX_UNITS, body_budget_key
@@ -295,18 +297,44 @@ BODY_KEY = re.compile(rb'"api_secret_key"\s*:\s*"([^"\\\x00-\x1f]{1,512})"')
 BODY_KEY_TRIES = 4  # candidates looked up at most (the key may also appear nested)
 
 
+_KEYLESS_READS: dict[int, threading.BoundedSemaphore] = {}  # bound → this process's gate
+
+
+def _keyless_gate() -> threading.BoundedSemaphore:
+    """Return this process's gate on large bodies read before their key is known."""
+    bound = max(1, settings().limits.get("keyless_large_bodies_at_once", 4))
+    gate = _KEYLESS_READS.get(bound)
+    if gate is None:
+        gate = _KEYLESS_READS[bound] = threading.BoundedSemaphore(bound)
+    return gate
+
+
 def _precheck_large(bearer: str) -> None:
     """Check and count the key of a large body before it is parsed (401/429).
 
-    The Bearer key when there is one; else the body's api_secret_key found in its raw bytes
-    (the first few places it appears: one of them must be a key that is valid). An outsider
-    cannot make the service parse up to 32 MiB for a 401. A top-level key written with JSON
-    escapes is not found this way: such a large body is refused as keyless.
+    The Bearer key when there is one, before the body is read; else the body's api_secret_key
+    found in its raw bytes (the first few places it appears: one of them must be a key that is
+    valid). An outsider cannot make the service parse up to 32 MiB for a 401, and bodies read
+    before their key is known are at most `[limits] keyless_large_bodies_at_once` per process
+    at a time (503 with Retry-After past it): keyless uploads cannot fill the memory. A
+    top-level key written with JSON escapes is not found this way: such a body is keyless.
     """
     if bearer:
         _precheck(bearer)
         _spend_body_budget(bearer)
         return
+    gate = _keyless_gate()
+    if not gate.acquire(blocking=False):
+        raise ServerBusy("Too many large request bodies without an Authorization header are "
+                         "being read: retry shortly, or send the key as a Bearer token.")
+    try:
+        _precheck_body_key()
+    finally:
+        gate.release()
+
+
+def _precheck_body_key() -> None:
+    """Check the key found in a large body's raw bytes (see _precheck_large)."""
     raw = read_body()
     refused: ApiError = InvalidKey(NO_KEY, msg="缺少密钥")
     for found in islice(BODY_KEY.finditer(raw), BODY_KEY_TRIES):
