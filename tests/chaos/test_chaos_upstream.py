@@ -47,6 +47,7 @@ def two_channel_app(r: redis.Redis, tmp_path: Path, first_url: str, second_url: 
     config.write_text(f"""
 [relay]
 timeout_seconds = {timeout_s}
+answer_timeout_seconds = {timeout_s}
 connect_timeout_seconds = 1
 cooldown_seconds = 30
 
@@ -94,14 +95,20 @@ def chat_paths(fake: FakeUpstream) -> list[str]:
                                    {"status": 429}, {"delay": 3}])
 def test_failover_to_second_channel(r: redis.Redis, tmp_path: Path, upstream: FakeUpstream,
                                     backup: FakeUpstream, fault: dict[str, Any]) -> None:
+    """5xx and 429 fail over; so does a stream whose first byte does not come in time (a plain
+    answer past its timeout does not: the channel may still be writing it, see below)."""
     app = two_channel_app(r, tmp_path, upstream.url, backup.url, timeout_s=1)
     client = app.test_client()
     key, acct = new_key(r)
     before = wallet.balance(r, acct)
     upstream.configure(**fault)
-    resp = post(client, key, CHAT)
+    stream = "delay" in fault
+    resp = post(client, key, {**CHAT, "stream": stream})
     assert resp.status_code == 200, resp.get_data(as_text=True)
-    assert "你好 failover" in resp.get_json()["choices"][0]["message"]["content"]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in
+                   _events(resp.get_data())[:-1] if e["choices"]) if stream else \
+        resp.get_json()["choices"][0]["message"]["content"]
+    assert "你好 failover" in text
     assert len(chat_paths(upstream)) == 1 and len(chat_paths(backup)) == 1
     assert r.exists("xy:chan:{first}:cool")  # the failing channel rests
     charged = before - wallet.balance(r, acct)
@@ -146,6 +153,8 @@ def test_every_channel_failing_is_a_clear_error(r: redis.Redis, tmp_path: Path,
                                                 upstream: FakeUpstream, backup: FakeUpstream,
                                                 fault: dict[str, Any], status: int,
                                                 code: str) -> None:
+    """An error the upstream answered costs nothing; a request it had and did not answer in
+    time costs its prompt (SPEC §7.7), and a plain one is not run again on the second channel."""
     app = two_channel_app(r, tmp_path, upstream.url, backup.url, timeout_s=1)
     key, acct = new_key(r)
     before = wallet.balance(r, acct)
@@ -157,7 +166,13 @@ def test_every_channel_failing_is_a_clear_error(r: redis.Redis, tmp_path: Path,
         err = resp.get_json()
         assert err["error"]["code"] == code and err["code"] and err["msg"]
         assert UPSTREAM_KEY not in resp.get_data(as_text=True)
-    assert wallet.balance(r, acct) == before  # nothing charged for an error
+    settles = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    if status == 504:
+        assert len(chat_paths(backup)) == 1  # the stream only: the plain call was not rerun
+        assert len(settles) == 2 and all(int(e["ct"]) == 0 < int(e["pt"]) for e in settles)
+        assert before - wallet.balance(r, acct) == sum(int(e["cost"]) for e in settles)
+    else:
+        assert not settles and wallet.balance(r, acct) == before  # nothing charged
     assert_clean(r)
 
 
