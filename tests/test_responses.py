@@ -631,6 +631,36 @@ def test_an_account_stores_at_most_its_quota_of_turns(upstream: FakeUpstream, re
         server.stop()
 
 
+def test_a_conversation_larger_than_a_body_is_not_continued(upstream: FakeUpstream,
+                                                            redis_url: str,
+                                                            r: redis.Redis) -> None:
+    """Red team: low-detail pictures cost 85 tokens whatever their bytes, so a conversation of
+    them held megabytes that every continuation (and every free input_tokens count) read into
+    the worker and sent upstream, past the body limit. Once its stored turns hold more than
+    max_body_bytes together, continuing it is a 400 naming previous_response_id, decided from
+    the stored sizes before the turns are read."""
+    server = serve_with(upstream, redis_url, r, max_body_bytes=200_000)
+    try:
+        key, _ = new_key(r)
+        image = {"type": "input_image", "image_url": _padded_image(80_000), "detail": "low"}
+        turn = {"model": MODEL, "input": [{"role": "user", "content": [image]}]}
+        first = post(server, key, turn).json()
+        second = post(server, key, {**turn, "previous_response_id": first["id"]}).json()
+        assert second["store"] is True  # 80 kB stored before it: fine
+        third = post(server, key, {**turn, "previous_response_id": second["id"]}).json()
+        assert third["store"] is True  # 160 kB before it
+        refused = post(server, key, {**turn, "previous_response_id": third["id"]})
+        assert refused.status_code == 400, refused.text[:200]
+        assert refused.json()["error"]["param"] == "previous_response_id"
+        counted = requests.post(f"{server.url}/v1/responses/input_tokens", timeout=20,
+                                headers={"Authorization": f"Bearer {key}"},
+                                json={"model": MODEL, "input": "x",
+                                      "previous_response_id": third["id"]})
+        assert counted.status_code == 400
+    finally:
+        server.stop()
+
+
 def test_cancel_answers_as_openai_does_for_a_synchronous_response(
         live: LiveServer, funded: tuple[str, str]) -> None:
     """Background mode is refused at creation, so every stored response is synchronous: the

@@ -94,13 +94,28 @@ def _plausible(rid: str) -> bool:
     return rid.startswith("resp_") and len(rid) <= 100 and rid.isascii() and rid[5:].isalnum()
 
 
-def load(r: Store, acct: str, rid: str) -> tuple[list[str], list[dict[str, Any]]] | None:
-    """Return (the ids of the conversation up to rid, its items: inputs and outputs) or None."""
+class TooLarge(Exception):
+    """A stored conversation holds more bytes than one request may carry."""
+
+
+def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
+         ) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """Return (the ids of the conversation up to rid, its items: inputs and outputs) or None.
+
+    A conversation whose stored turns hold more than `max_bytes` together raises TooLarge
+    before its ancestors are read (their sizes are in the quota's hash): continuing it would
+    send the upstream more than a request body may hold, and reading it costs the worker that
+    much memory (a low-detail picture counts 85 tokens whatever its bytes).
+    """
     raw = r.get(_key(acct, rid)) if _plausible(rid) else None
     if raw is None:
         return None
     record = orjson.loads(raw)
     chain: list[str] = record["chain"]
+    if chain and max_bytes is not None:
+        sizes = r.hmget(_quota_keys(acct)[1], chain)
+        if len(raw) + sum(int(s or 0) for s in sizes) > max_bytes:
+            raise TooLarge(rid)
     older = r.mget([_key(acct, c) for c in chain]) if chain else []
     if any(x is None for x in older):
         log.info("conversation %s lost an expired ancestor", rid)

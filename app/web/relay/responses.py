@@ -49,7 +49,13 @@ def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
     info = keys.lookup(get_redis(), call.raw_key)
     if info is None:
         raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
-    found = response_store.load(get_redis(), info.acct, prev)
+    limit = settings().relay.get("max_body_bytes", 32 << 20)
+    try:
+        found = response_store.load(get_redis(), info.acct, prev, max_bytes=limit)
+    except response_store.TooLarge:
+        raise InvalidRequest(f"The conversation holds more than {limit >> 20} MiB: start a new "
+                             "one.", param="previous_response_id",
+                             msg="对话内容过大，请开始新对话") from None
     if found is None:
         raise PreviousNotFound(f"Previous response with id '{prev[:100]}' not found.",
                                param="previous_response_id", msg="上一轮回答不存在或已过期")
