@@ -258,3 +258,30 @@ def test_keyless_large_bodies_are_read_a_few_at_a_time(upstream: FakeUpstream, r
         assert served.status_code == 200, served.text[:200]
     finally:
         server.stop()
+
+
+def test_a_large_body_spends_the_budget_of_its_top_level_key(
+        upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    """Red team: a large body's key is looked for in its raw bytes before the parse; one of
+    the caller's other keys nested ahead of the top-level one paid the large-body bytes, so
+    the key that was billed never spent its budget. The top-level key's budget pays too."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    settings = load_settings(env, toml={"limits": {"key_large_body_mib_per_minute": 1}})
+    server = LiveServer(create_app(settings, redis_client=r))
+    try:
+        billed, acct = new_key(r, "100")
+        decoy, _ = new_key(r, "100")
+        body = {"metadata": {"api_secret_key": decoy}, "pad": "x" * (600 << 10),
+                "messages": [{"role": "user", "content": "hi"}], "api_secret_key": billed}
+        resp = requests.post(server.url + "/v1/chat/completions", data=json.dumps(body),
+                             timeout=60, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 200, resp.text[:300]
+        assert int(r.get(layout.body_budget_key(acct, keys.hash_key(billed))) or 0) > 600 << 10
+        fresh, _ = new_key(r, "100")  # a decoy with its budget untouched: the billed key's is
+        body["metadata"] = {"api_secret_key": fresh}  # spent, so the request is refused
+        again = requests.post(server.url + "/v1/chat/completions", data=json.dumps(body),
+                              timeout=60, headers={"Content-Type": "application/json"})
+        assert again.status_code == 429, again.text[:300]
+    finally:
+        server.stop()

@@ -383,8 +383,9 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     body = parse_json(empty_ok)
     take_turn()  # the body is read: from here to the answer, this request's steps run in turn
     raw = _raw_key(body)
-    if large and g.get("prechecked_raw") != raw:  # the top-level key is another one
-        _precheck(raw)
+    if large and g.get("prechecked_raw") != raw:  # the top-level key is another one: it is
+        _precheck(raw)  # the request's, checked and counted, and its budget pays the bytes
+        _spend_body_budget(raw)
     check_depth(body)
     for name in [k for k, v in body.items() if v is None]:
         del body[name]
