@@ -53,6 +53,9 @@ SECTIONS = ("throughput", "latency", "ttft", "inflight", "streams", "webhook", "
 PEER_SECTIONS = {"throughput", "latency", "ttft", "inflight"}  # where Portkey/LiteLLM run too
 
 
+REPORT = (ROOT / "bench" / "results.md").resolve()  # the report of record
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -75,8 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="length of each 750-in-flight run (quick: 8)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy xiaoyi's workers in the first 750-in-flight run and the webhook")
-    p.add_argument("--output", default=str(ROOT / "bench" / "results.md"),
-                   help="the report to write")
+    p.add_argument("--output", default=str(REPORT),
+                   help="the report to write (elsewhere, its chart and raw numbers go beside it: "
+                        "bench/out/results.json stays the record's, which --report-only reads)")
     p.add_argument("--update-readme", action="store_true",
                    help="rewrite README's side-by-side table from this run")
     p.add_argument("--report-only", action="store_true",
@@ -128,9 +132,9 @@ def run_sections(stack: Stack, args: argparse.Namespace, meter: CpuMeter, wrk: s
 def finish(res: dict[str, Any], args: argparse.Namespace) -> None:
     """Write the raw JSON, the report, the chart (and the README table when asked)."""
     res["summary"] = summarise(res)
-    raw = OUT / "results.json"
-    raw.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding="utf-8")
     report = Path(args.output)
+    raw = OUT / "results.json" if report.resolve() == REPORT else report.with_suffix(".json")
+    raw.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding="utf-8")
     write_report(res, res["summary"], report)
     chart = write_chart(raw, report.with_suffix(".png")) if {
         "rps", "p50_ms", "inflight"} & set(res["summary"]) else "no chart (nothing to draw)"
