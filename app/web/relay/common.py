@@ -56,7 +56,7 @@ def read_json(empty_ok: bool = False) -> dict[str, Any]:
     """Parse the request body as a JSON object (nesting at most MAX_JSON_DEPTH) or raise a 400
     (`empty_ok`: no body is {})."""
     body = parse_json(empty_ok)
-    check_depth(body)
+    check_depth(body, read_body())
     return body
 
 
@@ -87,8 +87,15 @@ def parse_json(empty_ok: bool = False) -> dict[str, Any]:
     return body
 
 
-def check_depth(body: dict[str, Any]) -> None:
-    """Raise a 400 when the body nests deeper than MAX_JSON_DEPTH."""
+def check_depth(body: dict[str, Any], raw: bytes | None = None) -> None:
+    """Raise a 400 when the body nests deeper than MAX_JSON_DEPTH.
+
+    `raw`, the bytes it was parsed from: every array or object opens with a `[` or `{` of its
+    own, so a body holding no more of them than the limit (any normal request) cannot nest
+    deeper, and two C-speed counts spare the walk.
+    """
+    if raw is not None and raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return
     if too_deep(body):
         raise InvalidRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.",
                              msg="请求体嵌套过深")
@@ -386,7 +393,7 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     if large and g.get("prechecked_raw") != raw:  # the top-level key is another one: it is
         _precheck(raw)  # the request's, checked and counted, and its budget pays the bytes
         _spend_body_budget(raw)
-    check_depth(body)
+    check_depth(body, read_body())
     for name in [k for k, v in body.items() if v is None]:
         del body[name]
     body.pop("api_secret_key", None)
