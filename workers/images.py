@@ -89,7 +89,8 @@ def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[b
     if not wechat_api.configured(settings):
         fmt = "url"  # nothing can be uploaded: the user gets the link
     body = {"model": model, "prompt": prompt, "n": 1, "size": size, "response_format": fmt}
-    data = get_upstream().post("/images/generations", body, model, expect="data")["data"]
+    data = get_upstream().post("/images/generations", body, model, expect="data",
+                               quick=True)["data"]  # within the job's own timeout
     first = data[0] if data and isinstance(data[0], dict) else {}
     b64, url = first.get("b64_json"), first.get("url")
     if isinstance(b64, str) and b64:

@@ -239,7 +239,8 @@ class Upstream:
         A plain answer that times out (answer_timeout_seconds) does not fail over: the channel
         had the request and is likely writing a long answer. UpstreamTimeout.sent tells the
         caller the upstream had it (the prompt is billed). `quick`: a plain answer gets
-        timeout_seconds instead (the bot's short answers, moderation), and fails over.
+        timeout_seconds instead (the bot's jobs, inside their own timeout; moderation), and
+        fails over.
 
         Returns the response and the channel that gave it; with `expect` (a non-stream call)
         the parsed JSON object instead of the response, and a 200 whose body is not an object
