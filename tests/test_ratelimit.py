@@ -104,7 +104,14 @@ def test_successful_answers_carry_openai_ratelimit_headers(upstream: FakeUpstrea
         assert answer.headers["x-ratelimit-remaining-requests"] == str(left)
         reset = answer.headers["x-ratelimit-reset-requests"]
         assert re.fullmatch(r"(\d+m)?\d+(\.\d+)?s|\d+ms", reset), reset  # Go duration: 1m0s
-    refused = client.get("/v1/models", headers=auth)
-    assert refused.status_code == 429 and "x-ratelimit-limit-requests" not in refused.headers
+    refused = client.get("/v1/models", headers=auth)  # OpenAI's 429 carries them too
+    assert refused.status_code == 429 and refused.headers["x-ratelimit-limit-requests"] == "4"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    wait = int(refused.headers["Retry-After"])
+    assert refused.headers["x-ratelimit-reset-requests"] == (
+        f"{wait}s" if wait < 60 else f"{wait // 60}m{wait % 60}s")
+    held = client.post("/v1/chat/completions", headers=auth, json={  # refused by the hold's script
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert held.status_code == 429 and held.headers["x-ratelimit-remaining-requests"] == "0"
     unlimited = two_apps(upstream, redis_url, 0)[0].test_client()
     assert "x-ratelimit-limit-requests" not in unlimited.get("/v1/models", headers=auth).headers

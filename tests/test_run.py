@@ -62,12 +62,13 @@ def _run_env(tmp_path: Path, data_dir: str = "var") -> dict[str, str]:
 
 
 def _start(tmp_path: Path, port: int, name: str, data_dir: str = "var",
-           ) -> tuple[subprocess.Popen, Path]:
+           **extra: str) -> tuple[subprocess.Popen, Path]:
     """Start `xiaoyi run` on tmp_path/DATA_DIR with its output in tmp_path/NAME.log."""
     path = tmp_path / f"{name}.log"
     with path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "run", "--port",
-                                 str(port), "--workers", "1"], env=_run_env(tmp_path, data_dir),
+                                 str(port), "--workers", "1"],
+                                env={**_run_env(tmp_path, data_dir), **extra},
                                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     return proc, path
 
@@ -96,11 +97,19 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
 
 def test_run_prints_a_working_demo_key_reuses_it_and_stops_cleanly(tmp_path: Path) -> None:
     port = _free_port()
-    proc, log = _start(tmp_path, port, "first")
+    proc, log = _start(tmp_path, port, "first", XIAOYI_WECHAT_TOKEN="run-test-token")
     try:
         shown, key, out = _banner(proc, log)
         assert shown == "10.0000"
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in out
+        # `wechat send` finds this run's webhook by itself, and the bot's API card names this
+        # run's port (XIAOYI_PUBLIC_URL unset): not :8000, where nothing listens.
+        card = subprocess.run([sys.executable, "-m", "app.runtime.cli", "wechat", "send",
+                               "--event", "click:CHAT_API"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, env={**_run_env(tmp_path),
+                                                          "XIAOYI_WECHAT_TOKEN": "run-test-token"})
+        assert card.returncode == 0, card.stdout + card.stderr
+        assert f"http://localhost:{port}/" in card.stdout and ":8000" not in card.stdout
         resp = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
                              headers={"Connection": "close"}, json={  # no idle keep-alive to wait for
             "api_secret_key": key, "model": "gpt-3.5",

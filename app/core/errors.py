@@ -108,9 +108,19 @@ class RateLimited(ApiError):
     status, code, error_code = 429, 42902, "rate_limit_exceeded"
     error_type, default_msg = "requests", "请求过于频繁，请稍后再试"
 
-    def __init__(self, retry_after: int, message: str | None = None) -> None:
+    def __init__(self, retry_after: int, message: str | None = None,
+                 limit: int | None = None) -> None:
+        """`limit`: the key's requests a minute, whose window this is: the answer then carries
+        OpenAI's x-ratelimit-*-requests headers too (none left, reset when Retry-After says)."""
+        headers = {"Retry-After": str(retry_after)}
+        if limit:
+            minutes, seconds = divmod(max(retry_after, 0), 60)  # Go's duration: 12s, 1m0s
+            headers.update({"x-ratelimit-limit-requests": str(limit),
+                            "x-ratelimit-remaining-requests": "0",
+                            "x-ratelimit-reset-requests":
+                                f"{minutes}m{seconds}s" if minutes else f"{seconds}s"})
         super().__init__(message or f"Rate limit reached. Retry after {retry_after}s.",
-                         headers={"Retry-After": str(retry_after)})
+                         headers=headers)
 
 
 class RequestTooLarge(ApiError):

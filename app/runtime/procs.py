@@ -80,6 +80,17 @@ def claim_run(data_dir: str, web: str, url: str) -> None:
         {"pid": os.getpid(), "web": web, "redis": int(redis_port)}))
 
 
+def running_web(data_dir: str) -> str | None:
+    """Return the web URL of the `xiaoyi run` that owns data_dir, when one is running."""
+    try:
+        found = json.loads((Path(data_dir) / RUN_FILE).read_text())
+        os.kill(int(found["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    web = found.get("web")
+    return web if isinstance(web, str) and web.startswith("http") else None
+
+
 def ensure_embedded(data_dir: str) -> str:
     """Start the embedded Redis in data_dir and return its URL.
 
@@ -279,6 +290,9 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
         if not settings.redis_url:
             claim_run(settings.data_dir, f"http://{host}:{port}", url)
         env = {"XIAOYI_REDIS_URL": url}
+        if not os.environ.get("XIAOYI_PUBLIC_URL"):  # the bot's links name this run's port
+            shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1") else host
+            env["XIAOYI_PUBLIC_URL"] = f"http://{shown}:{port}"
         _start_children(sup, settings, host, port, workers, env)
         key, balance = demo_key(settings, url)
         print(banner(settings, host, port, url, env.get("XIAOYI_UPSTREAM_BASE_URL",

@@ -78,15 +78,19 @@ def wechat_group() -> None:
 @click.argument("text", default="")
 @click.option("--openid", default="oXiaoyiCliUser0000000000000", show_default=True)
 @click.option("--event", default=None, help="an event instead of text: subscribe, click:KEY")
-@click.option("--url", default="http://127.0.0.1:8000/wechat", show_default=True)
+@click.option("--url", default=None,
+              help="the webhook [default: the running `xiaoyi run`'s, else "
+                   "http://127.0.0.1:8000/wechat]")
 @click.option("--msg-id", default=None, help="MsgId (repeat one to act as WeChat's retry)")
 @json_option
-def wechat_send(text: str, openid: str, event: str | None, url: str, msg_id: str | None,
-                as_json: bool) -> None:
+def wechat_send(text: str, openid: str, event: str | None, url: str | None,
+                msg_id: str | None, as_json: bool) -> None:
     """Send TEXT (or an event) to a running webhook, signed like WeChat; print the reply."""
     from app.runtime import simulate
+    from app.runtime.procs import running_web
 
     settings = _settings()
+    url = url or (running_web(settings.data_dir) or "http://127.0.0.1:8000") + "/wechat"
     if not settings.wechat_token:
         raise CliError("set XIAOYI_WECHAT_TOKEN (the webhook's token)")
     if not text and not event:

@@ -118,7 +118,7 @@ def authenticate(r: Store, raw: str, limit: int) -> tuple[keys.KeyInfo, Window]:
     if info is None:
         raise _invalid()
     if window.wait:
-        raise RateLimited(window.wait)
+        raise RateLimited(window.wait, limit=limit)
     return info, window
 
 
@@ -151,7 +151,7 @@ def authorize(r: Store, raw: str, req: str, amount: int, *, model: str,
         raise _invalid()
     info = keys.info_from_fields(res[1])
     if int(res[0]) == 1:
-        raise RateLimited(to_window(limit, res[2:5]).wait)
+        raise RateLimited(to_window(limit, res[2:5]).wait, limit=limit)
     window = to_window(max(limit, 0), [0, *res[3:5]])
     try:
         wallet.reserved(r, res[2], amount, acct)
