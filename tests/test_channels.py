@@ -161,6 +161,7 @@ def test_a_plain_answer_past_its_timeout_is_504_billed_for_its_prompt_and_not_re
     before = wallet.balance(r, acct)
     resp = ask(client, key)
     assert resp.status_code == 504 and resp.get_json()["error"]["code"] == "upstream_timeout"
+    assert resp.headers["x-should-retry"] == "false"  # nor sent again by the SDK
     assert chats(upstream) == 0  # not run again elsewhere
     settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
     assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0 and int(settled["cost"]) > 0

@@ -275,6 +275,12 @@ def test_upstream_refusal_with_odd_fields_keeps_ours(live: LiveServer, funded: t
     resp = post(live, key, "/v1/chat/completions",
                 {"messages": [{"role": "user", "content": marker}]})
     check_error(resp, 400, "invalid_request_error")
+    # a code about the operator's own upstream account is not the caller's: ours stands
+    for code in ("invalid_api_key", "insufficient_quota"):
+        marker = f"x [[fake:status=400]][[fake:error_code={code}]]"
+        resp = post(live, key, "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": marker}]})
+        check_error(resp, 400, "invalid_request_error")
 
 
 @pytest.mark.parametrize("path,body", [

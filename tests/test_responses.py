@@ -322,6 +322,8 @@ def test_input_items_page_as_openai_pages_them(live: LiveServer,
         with pytest.raises(openai.BadRequestError) as caught:
             client.responses.input_items.list(made.id, **query)
         assert caught.value.param == next(iter(query))
+    with pytest.raises(openai.AuthenticationError):  # the key is checked before the query
+        sdk(live, "sk-not-a-key").responses.input_items.list(made.id, limit=0)
 
 
 def test_upstream_failure_releases_the_hold(live: LiveServer, funded: tuple[str, str],

@@ -439,3 +439,21 @@ def test_a_requests_stream_read_to_done_keeps_its_connection(upstream: FakeUpstr
         resp.close()
     ports = [e["client_port"] for e in upstream.requests if e["method"] == "POST"]
     assert len(ports) == 2 and ports[0] == ports[1], ports
+
+
+def test_a_count_a_later_report_leaves_out_keeps_the_earlier_one() -> None:
+    """Running usage is billed at its largest counts; a later report without one of them (or
+    a non-stream usage read twice) never turns it into the bound."""
+    from types import SimpleNamespace
+
+    from app.web.relay.billing import Meter
+
+    call = SimpleNamespace(req_id="req_t", upstream_model="gpt-3.5-turbo")
+    plan = SimpleNamespace(prompt_bound=60, prompt_estimate=None, completion_max=16_384)
+    meter = Meter(call, plan, "default")  # type: ignore[arg-type]
+    assert meter.usage({"prompt_tokens": 50, "completion_tokens": 120}) == (50, 120)
+    assert meter.usage({"prompt_tokens": 50}) == (50, 120)
+    assert meter.usage({"prompt_tokens": 50, "completion_tokens": 130}) == (50, 130)
+    assert meter.usage({"prompt_tokens": 50, "completion_tokens": 90}) == (50, 130)
+    fresh = Meter(call, plan, "default")  # type: ignore[arg-type]
+    assert fresh.usage({"prompt_tokens": 50}) == (50, 16_384)  # alone, a missing count: the bound

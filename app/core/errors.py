@@ -137,9 +137,13 @@ class UpstreamTimeout(ApiError):
     status, code, error_code = 504, 50401, "upstream_timeout"
     error_type, default_msg = "api_error", "上游服务超时，请稍后再试"
 
-    def __init__(self, message: str | None = None, *, sent: bool = False) -> None:
-        super().__init__(message)
-        self.sent = sent  # the upstream had the request (it timed out reading the answer)
+    def __init__(self, message: str | None = None, *, sent: bool = False,
+                 retry: bool = True) -> None:
+        """`sent`: the upstream had the request (it timed out reading the answer); `retry`
+        False tells the SDKs not to send it again (x-should-retry: a plain answer that ran out
+        of time would run out again, and be billed again)."""
+        super().__init__(message, headers=None if retry else {"x-should-retry": "false"})
+        self.sent = sent
 
 
 class ServerBusy(ApiError):

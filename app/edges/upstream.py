@@ -84,8 +84,10 @@ class Upstream:
         self.timeout = (settings.relay.get("connect_timeout_seconds", 5),
                         settings.relay.get("timeout_seconds", 60))
         # A plain (non-stream) answer's first byte comes when all of it is written: minutes for
-        # a long one, so it gets its own read timeout (the openai SDK waits 600 s too).
-        self.answer_timeout = (self.timeout[0], settings.relay.get("answer_timeout_seconds", 600))
+        # a long one, so it gets its own read timeout, under the 600 s that nginx and the openai
+        # SDK wait (their timeout would fire first and hide the relay's answer); 0: none.
+        self.answer_timeout = (self.timeout[0],
+                               settings.relay.get("answer_timeout_seconds", 570) or None)
         self.cooldown = settings.relay.get("cooldown_seconds", 30)
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=16, pool_maxsize=POOL_MAXSIZE, max_retries=0)
@@ -266,8 +268,8 @@ class Upstream:
                     # A plain answer past answer_timeout_seconds: the channel is writing a long
                     # one (and billing it); another would run it again. The caller bills the
                     # prompt (SPEC §7.7). A stream's missing first byte is a stuck channel.
-                    raise UpstreamTimeout("The upstream did not answer in time.",
-                                          sent=True) from None
+                    raise UpstreamTimeout("The upstream did not answer in time.", sent=True,
+                                          retry=False) from None
                 continue
             except requests.Timeout:  # connecting: nothing was sent, the next channel may answer
                 timed_out = True
@@ -290,7 +292,7 @@ class Upstream:
                 self._mark(channel, False, "malformed")
                 continue
             status = resp.status_code
-            refused = _refusal(resp, status)
+            refused = _refusal(resp, status, channel)
             resp.close()
             if status in RETRYABLE:
                 last = f"HTTP {status}"
@@ -450,12 +452,18 @@ def _parse(resp: requests.Response | UpstreamResponse, field: str) -> dict[str, 
 
 
 _ERROR_WORD = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")  # an error's type or code as OpenAI writes it
+# Codes about the operator's own account with the upstream, never the caller's: the relay's
+# codes of the same names speak of the caller's key and wallet, so these are not passed on.
+OPERATORS_CODES = frozenset(("invalid_api_key", "insufficient_quota", "rate_limit_exceeded",
+                             "billing_hard_limit_reached", "account_deactivated"))
 
 
-def _refusal(resp: requests.Response | UpstreamResponse, status: int) -> UpstreamRefused | None:
+def _refusal(resp: requests.Response | UpstreamResponse, status: int,
+             channel: Channel) -> UpstreamRefused | None:
     """Return the client's error for the upstream's refusal of the request itself (400, 404,
-    422), carrying its message, and its type, code and param when they are well-formed; None for
-    any other status (the channel's failure, not the request's)."""
+    422), carrying its message (the channel's key blotted out, should it echo it), and its
+    type, code and param when they are well-formed and not about the operator's own account;
+    None for any other status (the channel's failure, not the request's)."""
     if status not in (400, 404, 422):
         return None
     err: Any = None
@@ -469,11 +477,14 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int) -> Upstrea
         text = ""
     fields = err if isinstance(err, dict) else {}
     word = {k: v for k in ("type", "code") if isinstance(v := fields.get(k), str)
-            and _ERROR_WORD.fullmatch(v)}
+            and _ERROR_WORD.fullmatch(v) and v not in OPERATORS_CODES}
     param = fields.get("param")
     param = param if isinstance(param, str) and 0 < len(param) <= 200 and param.isprintable() \
         else None
-    message = "Upstream rejected the request: " + (str(text) if text else f"HTTP {status}")[:300]
+    text = (str(text) if text else f"HTTP {status}")[:300]
+    if len(channel.api_key) >= 8:
+        text = text.replace(channel.api_key, "***")
+    message = "Upstream rejected the request: " + text
     kind = UpstreamNotFound if status == 404 else UpstreamRefused
     return kind(message, error_type=word.get("type"), error_code=word.get("code"), param=param)
 

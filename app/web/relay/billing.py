@@ -61,6 +61,9 @@ class Meter:
         if not isinstance(usage, dict) or self.final:
             return self.billed if self.final else None
         reported = reported_tokens(usage)
+        if self.billed is not None:  # a count a later report leaves out keeps the earlier one
+            reported = (self.billed[0] if reported[0] is None else reported[0],
+                        self.billed[1] if reported[1] is None else reported[1])
         if reported[1] is None and self.plan.completion_max == 0:
             # Where nothing can be produced (embeddings, max_tokens 0) a missing count is 0.
             reported = reported[0], 0

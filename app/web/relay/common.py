@@ -307,9 +307,12 @@ BODY_KEY_TRIES = 4  # candidates looked up at most (the key may also appear nest
 _KEYLESS_READS: dict[int, threading.BoundedSemaphore] = {}  # bound → this process's gate
 
 
-def _keyless_gate() -> threading.BoundedSemaphore:
-    """Return this process's gate on large bodies read before their key is known."""
-    bound = max(1, settings().limits.get("keyless_large_bodies_at_once", 4))
+def _keyless_gate() -> threading.BoundedSemaphore | None:
+    """Return this process's gate on large bodies read before their key is known (None: 0,
+    no gate)."""
+    bound = settings().limits.get("keyless_large_bodies_at_once", 4)
+    if bound <= 0:
+        return None
     gate = _KEYLESS_READS.get(bound)
     if gate is None:
         gate = _KEYLESS_READS[bound] = threading.BoundedSemaphore(bound)
@@ -331,6 +334,9 @@ def _precheck_large(bearer: str) -> None:
         _spend_body_budget(bearer)
         return
     gate = _keyless_gate()
+    if gate is None:
+        _precheck_body_key()
+        return
     if not gate.acquire(blocking=False):
         raise ServerBusy("Too many large request bodies without an Authorization header are "
                          "being read: retry shortly, or send the key as a Bearer token.")
@@ -507,8 +513,9 @@ def event_stream(events: Iterator[bytes], req_id: str, on_close: Callable[[], No
     expire unpaid (gunicorn_conf.post_request makes the socket blocking again).
     """
     sock = request.environ.get("gunicorn.socket")
-    if sock is not None:
-        sock.settimeout(settings().relay.get("stream_write_timeout_seconds", 120))
+    seconds = settings().relay.get("stream_write_timeout_seconds", 120)
+    if sock is not None and seconds > 0:  # 0: off (0 itself would make the socket non-blocking)
+        sock.settimeout(seconds)
     out = Response(stream_with_context(events), mimetype="text/event-stream",
                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                             "X-Request-Id": req_id})

@@ -185,8 +185,8 @@ def _page_args() -> tuple[int, bool, str | None]:
 def input_items(response_id: str) -> Response:
     """Serve GET /v1/responses/{id}/input_items: the input items that turn was given, a page
     at a time as OpenAI pages them (newest first unless order=asc; `after` an item's id)."""
+    acct, _ = _stored(response_id)  # the key first, as on every route
     limit, newest_first, after = _page_args()
-    acct, _ = _stored(response_id)
     items = response_store.input_items(get_redis(), acct, response_id) or []
     items = items[::-1] if newest_first else items
     if after is not None:  # an id that is not one of them leaves nothing after it
