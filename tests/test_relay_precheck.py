@@ -27,9 +27,18 @@ BIG = 8 << 20  # announced, never sent
 
 
 def _limited(upstream: FakeUpstream, redis_url: str, limit: int) -> Settings:
+    return _settings(upstream, redis_url, key_requests_per_minute=limit)
+
+
+def _settings(upstream: FakeUpstream, redis_url: str, **limits: int) -> Settings:
     env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    return load_settings(env, toml={"limits": {"key_requests_per_minute": limit}})
+    return load_settings(env, toml={"limits": limits})
+
+
+def _server(upstream: FakeUpstream, redis_url: str, r: redis.Redis, **limits: int) -> LiveServer:
+    """A live relay on the fake upstream with these [limits]."""
+    return LiveServer(create_app(_settings(upstream, redis_url, **limits), redis_client=r))
 
 
 def _headers_only(url: str, path: str, auth: str, length: int = BIG,
@@ -171,10 +180,7 @@ def test_a_key_has_a_budget_of_large_body_bytes_a_minute(
     """Red team: a valid key could make the service read and parse 32 MiB 600 times a minute.
     Bytes of large bodies (over 256 KiB) now count against the key's budget: past it, a 429
     answered before the body is read; small bodies and other keys are not touched."""
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
-           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    settings = load_settings(env, toml={"limits": {"key_large_body_mib_per_minute": 1}})
-    server = LiveServer(create_app(settings, redis_client=r))
+    server = _server(upstream, redis_url, r, key_large_body_mib_per_minute=1)
     try:
         raw, acct = new_key(r, "100")
         other, _ = new_key(r, "100")
@@ -224,10 +230,7 @@ def test_keyless_large_bodies_are_read_a_few_at_a_time(upstream: FakeUpstream, r
     keyless_large_bodies_at_once such reads run in a process (503 with Retry-After past it), so
     keyless uploads cannot fill its memory; a Bearer key is checked before any read and is
     never held up."""
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
-           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    settings = load_settings(env, toml={"limits": {"keyless_large_bodies_at_once": 1}})
-    server = LiveServer(create_app(settings, redis_client=r))
+    server = _server(upstream, redis_url, r, keyless_large_bodies_at_once=1)
     raw, _ = new_key(r)
     text = "x" * (600 << 10)
     keyless = {"api_secret_key": raw, "messages": [{"role": "user", "content": text}]}
@@ -265,10 +268,7 @@ def test_a_large_body_spends_the_budget_of_its_top_level_key(
     """Red team: a large body's key is looked for in its raw bytes before the parse; one of
     the caller's other keys nested ahead of the top-level one paid the large-body bytes, so
     the key that was billed never spent its budget. The top-level key's budget pays too."""
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
-           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    settings = load_settings(env, toml={"limits": {"key_large_body_mib_per_minute": 1}})
-    server = LiveServer(create_app(settings, redis_client=r))
+    server = _server(upstream, redis_url, r, key_large_body_mib_per_minute=1)
     try:
         billed, acct = new_key(r, "100")
         decoy, _ = new_key(r, "100")
