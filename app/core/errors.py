@@ -104,6 +104,18 @@ class InsufficientQuota(ApiError):
                          headers={"x-should-retry": "false"}, **kw)
 
 
+def go_duration(ms: int) -> str:
+    """Format milliseconds as OpenAI does (Go's Duration): 12ms, 1s, 8.64s, 6m0s, 1h0m0s."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    minutes, secs = divmod(ms / 1000, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
+
+
 class RateLimited(ApiError):
     status, code, error_code = 429, 42902, "rate_limit_exceeded"
     error_type, default_msg = "requests", "请求过于频繁，请稍后再试"
@@ -114,11 +126,9 @@ class RateLimited(ApiError):
         OpenAI's x-ratelimit-*-requests headers too (none left, reset when Retry-After says)."""
         headers = {"Retry-After": str(retry_after)}
         if limit:
-            minutes, seconds = divmod(max(retry_after, 0), 60)  # Go's duration: 12s, 1m0s
             headers.update({"x-ratelimit-limit-requests": str(limit),
                             "x-ratelimit-remaining-requests": "0",
-                            "x-ratelimit-reset-requests":
-                                f"{minutes}m{seconds}s" if minutes else f"{seconds}s"})
+                            "x-ratelimit-reset-requests": go_duration(retry_after * 1000)})
         super().__init__(message or f"Rate limit reached. Retry after {retry_after}s.",
                          headers=headers)
 

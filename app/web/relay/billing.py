@@ -166,3 +166,25 @@ def prompt_billed_if_sent(call: Call, plan: Bounds, held: Hold) -> Iterator[None
         if exc.sent:
             Meter(call, plan, "").try_settle(held, "")  # Redis away: the hold is released
         raise
+
+
+class StreamEnd:
+    """A stream's ending, once, for chat and Responses alike: the settle (`now`, before the
+    stream's last event leaves, tries without waiting; the closing call retries while Redis is
+    away), then the upstream response closed (after the end left: reading its tail to keep the
+    connection never delays the client). A client gone before the first event never starts the
+    stream: the closing call alone bills the prompt."""
+
+    __slots__ = ("meter", "held", "resp", "text", "settled")
+
+    def __init__(self, meter: Meter, held: Hold, resp: Any, text: Callable[[], str]) -> None:
+        self.meter, self.held, self.resp, self.text = meter, held, resp, text
+        self.settled = False
+
+    def __call__(self, now: bool = False) -> None:
+        if not self.settled and (not now or self.meter.try_settle(self.held, self.text())):
+            self.settled = True
+            if not now:
+                self.meter.settle_retrying(self.held, self.text())
+        if not now:
+            self.resp.close()

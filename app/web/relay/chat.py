@@ -16,7 +16,7 @@ from app.core.errors import ApiError, UpstreamError
 from app.core.money import Hold
 from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse, iter_sse_objects
 from app.web.relay import screening, shutdown
-from app.web.relay.billing import Meter, prompt_billed_if_sent
+from app.web.relay.billing import Meter, StreamEnd, prompt_billed_if_sent
 from app.web.relay.common import Call, admit, event_stream, settings
 from app.web.relay.rules import Plan, prepare
 from app.web.relay.stream_guard import StreamGuard, open_guard
@@ -84,19 +84,7 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
     drain_cap = settings().relay.get("drain_cap_tokens", 8192)
     texts: list[str] = []  # as produced (what the meter estimates from)
     guard = open_guard(kind)  # [safety] api_output: held back, masked or cut
-    settled = False
-
-    def finish(now: bool = False) -> None:
-        """Settle once: `now` (before the stream's end leaves) tries without waiting, the
-        closing call retries while Redis is away, then closes the upstream response (after
-        the end left: reading its tail to keep the connection never delays the client)."""
-        nonlocal settled
-        if not settled and (not now or meter.try_settle(held, "".join(texts))):
-            settled = True
-            if not now:
-                meter.settle_retrying(held, "".join(texts))
-        if not now:
-            resp.close()
+    finish = StreamEnd(meter, held, resp, lambda: "".join(texts))
 
     def generate() -> Iterator[bytes]:
         events = iter_sse(resp)

@@ -24,6 +24,7 @@ from app.core.errors import (
     RateLimited,
     RequestTooLarge,
     ServerBusy,
+    go_duration,
 )
 from app.core.money import keys, ratelimit
 from app.core.money.layout import MAX_UNITS, body_budget_key
@@ -173,6 +174,17 @@ def token_ids(value: Any) -> int:
     return 0 if str in kinds else len(value)
 
 
+def page_limit(default: int, most: int) -> int:
+    """Return a list route's `limit` query parameter (1 to `most`; absent: `default`) or a 400."""
+    raw = request.args.get("limit")
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= most):
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {most}.", param="limit",
+                             msg="limit 参数错误")
+    return int(raw)
+
+
 def too_long(param: str, cap: int) -> InvalidRequest:
     """Return the 400 for a prompt (or an embeddings input) past its cap in tokens."""
     noun = "input" if param == "input" else "prompt"
@@ -267,18 +279,6 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
 
-def go_duration(ms: int) -> str:
-    """Format milliseconds as OpenAI does (Go's Duration): 12ms, 1s, 8.64s, 6m0s, 1h0m0s."""
-    if ms < 1000:
-        return f"{max(ms, 0)}ms"
-    minutes, secs = divmod(ms / 1000, 60)
-    hours, minutes = divmod(int(minutes), 60)
-    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{text}"
-    return f"{minutes}m{text}" if minutes else text
-
-
 PRECHECK_BYTES = 256 << 10  # a larger (or chunked) body has its key checked before its work
 
 
@@ -304,18 +304,17 @@ BODY_KEY = re.compile(rb'"api_secret_key"\s*:\s*"([^"\\\x00-\x1f]{1,512})"')
 BODY_KEY_TRIES = 4  # candidates looked up at most (the key may also appear nested)
 
 
-_KEYLESS_READS: dict[int, threading.BoundedSemaphore] = {}  # bound → this process's gate
+KEYLESS_READS = "xiaoyi.keyless_reads"  # app.extensions: the app's gate (one per process)
 
 
 def _keyless_gate() -> threading.BoundedSemaphore | None:
-    """Return this process's gate on large bodies read before their key is known (None: 0,
-    no gate)."""
-    bound = settings().limits.get("keyless_large_bodies_at_once", 4)
-    if bound <= 0:
-        return None
-    gate = _KEYLESS_READS.get(bound)
-    if gate is None:
-        gate = _KEYLESS_READS[bound] = threading.BoundedSemaphore(bound)
+    """Return this app's gate on large bodies read before their key is known (None: 0, no
+    gate); made on first use."""
+    found = current_app.extensions
+    if KEYLESS_READS not in found:
+        bound = settings().limits.get("keyless_large_bodies_at_once", 4)
+        found[KEYLESS_READS] = threading.BoundedSemaphore(bound) if bound > 0 else None
+    gate: threading.BoundedSemaphore | None = found[KEYLESS_READS]
     return gate
 
 

@@ -26,7 +26,14 @@ from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store, responses_stream, screening
 from app.web.relay.billing import Meter, prompt_billed_if_sent
-from app.web.relay.common import Call, admit, authenticate, gather_keyed, settings
+from app.web.relay.common import (
+    Call,
+    admit,
+    authenticate,
+    gather_keyed,
+    page_limit,
+    settings,
+)
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.rules import standard_tier
 from app.web.render import json_response
@@ -171,15 +178,12 @@ ITEMS_LIMIT, ITEMS_MAX = 20, 100  # OpenAI's default page and its largest
 
 def _page_args() -> tuple[int, bool, str | None]:
     """Return input_items' limit (1-100, default 20), order (desc unless asc) and `after`."""
-    raw = incoming.args.get("limit")
-    if raw is not None and not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= ITEMS_MAX):
-        raise InvalidRequest(f"'limit' must be an integer from 1 to {ITEMS_MAX}.", param="limit",
-                             msg="limit 参数错误")
+    limit = page_limit(ITEMS_LIMIT, ITEMS_MAX)
     order = incoming.args.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest("'order' must be one of asc, desc.", param="order",
                              msg="order 参数错误")
-    return int(raw) if raw is not None else ITEMS_LIMIT, order == "desc", incoming.args.get("after")
+    return limit, order == "desc", incoming.args.get("after")
 
 
 def input_items(response_id: str) -> Response:

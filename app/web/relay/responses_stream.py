@@ -17,7 +17,7 @@ from app.core.money import Hold
 from app.core.responses import answer, events, native
 from app.edges.store import get_redis
 from app.edges.upstream import UpstreamResponse, iter_sse, iter_sse_objects
-from app.web.relay.billing import Meter
+from app.web.relay.billing import Meter, StreamEnd
 from app.web.relay.common import Call, event_stream, settings
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.stream_guard import open_guard
@@ -39,7 +39,8 @@ class Turn:
         self.drain_cap = settings().relay.get("drain_cap_tokens", 8192)
         self.terminal: dict[str, Any] | None = None  # a native terminal event, held back
         self.text: str | None = None  # what was produced, once the stream has ended
-        self.closed = False
+        # Settle once, then close the upstream response (billing.StreamEnd).
+        self.close = StreamEnd(meter, held, resp, lambda: self.text or "")
         # [safety] api_output on chat chunks (stream_guard); a native stream: native_guard.
         self.guard = None if plan.native else open_guard("chat")
 
@@ -110,17 +111,6 @@ class Turn:
             self.end()  # stored: the client saw the id in response.created
         except (requests.RequestException, OSError, ApiError, RedisError) as exc:
             log.info("upstream ended while draining an abandoned stream: %s", type(exc).__name__)
-
-    def close(self, now: bool = False) -> None:
-        """Settle once (a client gone before the first event is billed for the prompt): `now`
-        (before the final event leaves) tries without waiting, the closing call retries while
-        Redis is away, then closes the upstream response (after the final event left)."""
-        if not self.closed and (not now or self.meter.try_settle(self.held, self.text or "")):
-            self.closed = True
-            if not now:
-                self.meter.settle_retrying(self.held, self.text or "")
-        if not now:
-            self.resp.close()
 
     def events(self) -> Iterator[bytes]:
         """Yield the SSE stream; bill and close whatever way it ends."""

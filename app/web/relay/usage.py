@@ -20,7 +20,7 @@ from app.core.errors import InvalidRequest
 from app.core.money import ledger
 from app.core.usage import CHINA, api_row
 from app.edges.store import get_redis
-from app.web.relay.common import authenticate, key_body
+from app.web.relay.common import authenticate, key_body, page_limit
 from app.web.render import json_response
 
 DEFAULT_DAYS = 30
@@ -70,15 +70,6 @@ def _window() -> tuple[int, int]:
     return (end - DEFAULT_DAYS * 86400 if start is None else start), end
 
 
-def _limit() -> int:
-    raw = request.args.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_LIMIT):
-        raise _bad("limit", f"an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
-
-
 def _after() -> str | None:
     raw = request.args.get("after")
     if raw is not None and not _CURSOR.match(raw):
@@ -91,7 +82,7 @@ def usage() -> Response:
     key = authenticate(key_body())
     _known_params()
     start, end = _window()
-    limit, after = _limit(), _after()
+    limit, after = page_limit(DEFAULT_LIMIT, MAX_LIMIT), _after()
     page = ledger.settled_requests(get_redis(), key.acct, key_id=key.id, start_ms=start * 1000,
                                    end_ms=end * 1000, after=after, limit=limit)
     data = [api_row(entry) for entry in page.rows]
