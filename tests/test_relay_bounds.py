@@ -177,6 +177,27 @@ def test_an_answer_without_max_tokens_is_held_and_billed_to_the_models_cap(
     assert int(settled["ct"]) == got["usage"]["completion_tokens"]
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_chat_limit_of_zero_is_held_to_the_cap(live: LiveServer, r: redis.Redis,
+                                                 field: str) -> None:
+    """OpenAI refuses a chat limit of 0; an upstream that reads it as "no limit" writes a whole
+    answer. The request goes as sent, but the hold is the model's cap, so what that upstream
+    reports is billed (it was held, and billed, as 0 completion tokens)."""
+    key, acct = new_key(r, "100")
+    body = {"model": "gpt-3.5", field: 0,
+            "messages": [{"role": "user", "content": "hi [[fake:completion_tokens=500]]"}]}
+    before = anomalies("completion_over_max")
+    resp = post(live, key, body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 500
+    assert anomalies("completion_over_max") == before
+    (held,) = entries(r, acct, "reserve")
+    price = PRICES["gpt-3.5-turbo"]
+    assert abs(int(held["amount"])) >= pricing.token_cost(price, 0, price.max_output)
+    (settled,) = entries(r, acct, "settle")
+    assert int(settled["ct"]) == 500
+
+
 def test_n_choices_are_held_and_billed(live: LiveServer, r: redis.Redis) -> None:
     key, acct = new_key(r, "100")
     body = {"model": "gpt-3.5", "n": 20, "max_tokens": 50,

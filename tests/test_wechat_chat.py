@@ -206,6 +206,24 @@ def test_a_retry_of_a_rate_limited_message_queues_nothing(start: Callable[..., A
     assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup"]
 
 
+def test_a_question_past_the_cap_is_answered_with_a_note_and_asks_nothing(
+        start: Callable[..., Any], upstream: Any, r: Any) -> None:
+    """A free chat costs the user nothing, so its size is capped ([bot] question_max_tokens):
+    a longer text (or voice) gets a note, uses no free chat and reaches no upstream; retries
+    of it get the same note."""
+    app, wechat = start(question_max_tokens=50)
+    long = "很长的问题" * 20  # 100 汉字: 100 tokens by the seed's rule
+    got = [wechat.say(OPENID, long, msg_id="777000010") for _ in range(2)]
+    assert got == [TEXTS["question_too_long"].format(limit=50)] * 2
+    heard = wechat.reply(wechat.post(voice_xml(OPENID, long)))["Content"]
+    assert heard == got[0]
+    assert "很长的问题" in wechat.say(OPENID, "很长的问题" * 10)  # 50 tokens: at the cap
+    assert len(chats(upstream)) == 1
+    assert users.free_left(r, app.config["SETTINGS"], OPENID) == 9
+    acct = users.account_of(r, OPENID)
+    assert [e["kind"] for e in ledger.ledger_entries(r, acct)] == ["topup"]
+
+
 def test_push_disabled_answers_passively_or_parks(start: Callable[..., Any], r: Any,
                                                   wx: FakeWeChatAPI) -> None:
     _, wechat = start(push_enabled=False, reply_wait_seconds=0.3)

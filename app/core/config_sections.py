@@ -90,6 +90,7 @@ class BotSettings:
     trial_credit_units: int  # [bot] trial_credit (元), in units
     daily_free_messages: int
     context_max_tokens: int
+    question_max_tokens: int  # 0 = no cap
     context_idle_seconds: int
     reply_wait_seconds: float  # 0 to 4.5: WeChat waits 5 s for the webhook
     max_push_messages: int
@@ -111,6 +112,8 @@ BOT_RULES: dict[str, Rule] = {
                            "must be a number between 0 and 4.5"),
     "usage_link_minutes": (lambda v: _int(v) and 1 <= v <= 10080,
                            "must be an integer from 1 to 10080 (a week)"),
+    "question_max_tokens": (lambda v: _int(v) and v >= 0,
+                            "must be an integer of at least 0 (0 = no cap)"),
     "picture_max_side": (lambda v: _int(v) and v >= 64, "must be an integer of at least 64"),
     "picture_max_bytes": (lambda v: _int(v) and v >= 65536,
                           "must be an integer of at least 65536"),

@@ -114,6 +114,10 @@ def _completion_max(kind: str, call: Call) -> int:
     body = call.body
     given = [v for v in (optional_int(body, "max_tokens", 0),
                          optional_int(body, "max_completion_tokens", 0)) if v is not None]
+    if kind == "chat" and given and max(given) == 0:
+        # OpenAI refuses a chat limit of 0 (>= 1); an upstream that reads it as "no limit"
+        # writes a whole answer: the request goes as sent, held (and billable) to the cap.
+        given = []
     most = pricing.completion_max(call.price, max(given) if given else None,
                                   _choices(kind, body))
     prediction = body.get("prediction")

@@ -16,6 +16,7 @@ from wechatpy.messages import BaseMessage
 
 from app.bot import screening, users
 from app.bot.delivery import Delivery, text_item
+from app.core import tokens
 from app.core.config import Settings
 from app.core.money import ratelimit
 from app.edges import wechat_api
@@ -70,6 +71,9 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
         wait = ratelimit.hit(r, f"wx:{dl.openid}", limit)
         if wait:
             return dl.reply_now(dl.text("rate_limited", seconds=wait))
+    cap = settings.bot.question_max_tokens
+    if kind == "chat" and cap and tokens.text_tokens(arg, None, limit=cap) > cap:
+        return dl.reply_now(dl.text("question_too_long", limit=cap))  # free chats too
     if kind == "picture" and not wechat_api.configured(settings):
         return dl.reply_now(dl.text("picture_unavailable"))  # no media/get without the API
     if kind in ASKED:
