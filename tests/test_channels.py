@@ -7,6 +7,8 @@ the way time would, by running its Redis TTL out, after checking the TTL is the 
 from __future__ import annotations
 
 import re
+import socketserver
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -166,6 +168,66 @@ def test_a_plain_answer_past_its_timeout_is_504_billed_for_its_prompt_and_not_re
     settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
     assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0 and int(settled["cost"]) > 0
     assert before - wallet.balance(r, acct) == int(settled["cost"])
+    assert ledger.verify(r) == []
+
+
+def test_a_stream_that_timed_out_on_one_channel_and_failed_on_the_next_bills_its_prompt(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream) -> None:
+    """The first channel had the request (and bills its prompt) but gave no first byte in time;
+    the next answered 503. The ending is the first channel's: 504, the prompt billed (SPEC
+    §7.7), never the answer (it was a 502 with nothing billed)."""
+    client = make_app(r, redis_url, second, upstream, timeout_seconds=1)
+    key, acct = new_key(r)
+    second.configure(delay=3)
+    upstream.configure(status=503)
+    before = wallet.balance(r, acct)
+    resp = ask(client, key, stream=True)
+    assert resp.status_code == 504 and resp.get_json()["error"]["code"] == "upstream_timeout"
+    assert chats(upstream) == 1
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
+    assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0
+    assert before - wallet.balance(r, acct) == int(settled["cost"]) > 0
+    assert ledger.verify(r) == []
+
+
+class _Stall(socketserver.BaseRequestHandler):
+    """A proxy that answers every request with a 200's headers, then stalls its body."""
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 200\r\n\r\n{\"id\": ")
+        time.sleep(2.5)
+
+
+def test_a_proxied_answer_timing_out_after_its_headers_is_billed_and_not_retried(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channel behind a proxy is called through requests, which calls a body that stops
+    coming a ConnectionError: the upstream had the request all the same, so it is the timeout
+    of a plain answer (504, prompt billed, not sent to the next channel), as on the direct
+    path (it was failed over and run again)."""
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Stall) as proxy:
+        proxy.daemon_threads = True
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # channel b, the fake, is called directly
+        env = {"XIAOYI_REDIS_URL": redis_url}
+        channels = [{"name": "a", "base_url": "http://upstream.example/v1",
+                     "api_key": UPSTREAM_KEY, "priority": 0},
+                    {"name": "b", "base_url": upstream.url, "api_key": UPSTREAM_KEY,
+                     "priority": 1}]
+        toml = {"channels": channels, "relay": {"answer_timeout_seconds": 1}}
+        client = create_app(load_settings(env, toml=toml), redis_client=r).test_client()
+        key, acct = new_key(r)
+        before = wallet.balance(r, acct)
+        resp = ask(client, key)
+        proxy.shutdown()
+    assert resp.status_code == 504 and resp.headers["x-should-retry"] == "false"
+    assert chats(upstream) == 0
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
+    assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0
+    assert before - wallet.balance(r, acct) == int(settled["cost"]) > 0
     assert ledger.verify(r) == []
 
 

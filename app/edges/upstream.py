@@ -218,9 +218,14 @@ class Upstream:
         prep = self._prepare(channel)
         short = stream or quick
         if prep.pool is None:
-            return self.session.post(channel.base_url + path, data=data, headers=prep.headers,
-                                     timeout=self.timeout if short else self.answer_timeout,
-                                     stream=stream)
+            try:
+                return self.session.post(channel.base_url + path, data=data,
+                                         headers=prep.headers, stream=stream,
+                                         timeout=self.timeout if short else self.answer_timeout)
+            except requests.ConnectionError as exc:  # requests' name for a body read timing out
+                if exc.args and isinstance(exc.args[0], ReadTimeoutError):
+                    raise requests.ReadTimeout(*exc.args) from exc  # it had the request
+                raise
         try:
             raw = prep.pool.urlopen("POST", prep.prefix + path, body=data, headers=prep.headers,
                                     timeout=self._u3_timeout if short else self._u3_answer,
@@ -304,7 +309,7 @@ class Upstream:
             self._mark(channel, False, f"http_{status}")
         if last == "malformed JSON" and len(channels) == 1:
             raise UpstreamError("The upstream answered with malformed JSON.")
-        if timed_out and not last:
+        if sent or (timed_out and not last):  # a channel that had the request bills its prompt
             raise UpstreamTimeout("The upstream did not answer in time.", sent=sent)
         raise UpstreamError(f"Every upstream channel failed ({last or 'timeout'}).")
 
