@@ -431,3 +431,33 @@ def test_token_arrays_past_the_cap_are_refused_before_each_id_is_checked(
     assert resp.status_code == 200, resp.text
     assert len(upstream.requests) == 1 and ledger.verify(r) == []
     assert wallet.balance(r, acct) < 100_000
+
+
+def test_more_than_4096_messages_parts_or_prompts_are_refused_before_their_count(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """Each message, part or prompt costs a few µs to count: a request holds at most 4 096 of
+    them in all (a 256 KB body of empty parts was 0.2 s of CPU, also for a key with nothing
+    to spend); at the cap it is served."""
+    key, acct = new_key(r, "100")
+    at_cap = [{"role": "user", "content": [{"type": "text", "text": "a"}] * 4095}]
+    over = [{"role": "user", "content": "a"}] * 4097
+    resp = post(live, key, {"model": "gpt-3.5", "max_tokens": 1, "messages": at_cap})
+    assert resp.status_code == 200, resp.text[:300]
+    for path, body in (("/v1/chat/completions", {"messages": over}),
+                       ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 1,
+                                            "prompt": ["a"] * 4097})):
+        resp = post(live, key, body, path)
+        assert resp.status_code == 400, resp.text[:300]
+        assert "at most 4096" in resp.json()["error"]["message"]
+    assert len(upstream.requests) == 1 and len(entries(r, acct, "reserve")) == 1
+
+
+def test_embeddings_input_holds_at_most_2048_entries(live: LiveServer, r: redis.Redis) -> None:
+    """OpenAI's schema: every array form of `input` has maxItems 2048."""
+    key, _ = new_key(r, "100")
+    for value, status in ((["a"] * 2048, 200), (["a"] * 2049, 400), ([1] * 2049, 400),
+                          ([[1]] * 2049, 400)):
+        resp = post(live, key, {"input": value}, "/v1/embeddings")
+        assert resp.status_code == status, resp.text[:300]
+        if status == 400:
+            assert resp.json()["error"]["param"] == "input"

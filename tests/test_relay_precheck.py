@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -285,3 +287,45 @@ def test_a_large_body_spends_the_budget_of_its_top_level_key(
         assert again.status_code == 429, again.text[:300]
     finally:
         server.stop()
+
+
+class _Calls:
+    """Count the calls of one function while a block runs (sys.setprofile: it watches, it
+    changes nothing)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.code, self.count = fn.__code__, 0
+
+    def _watch(self, frame: Any, event: str, _arg: Any) -> None:
+        if event == "call" and frame.f_code is self.code:
+            self.count += 1
+
+    def __enter__(self) -> _Calls:
+        sys.setprofile(self._watch)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        sys.setprofile(None)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{}] * 2000}]}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": ["a"] * 2000,
+                          "max_tokens": 1}),
+    ("/v1/embeddings", {"input": ["a"] * 2000}),
+])
+def test_a_body_over_4_kib_is_counted_only_for_a_good_key(
+        client: Any, r: redis.Redis, path: str, body: dict[str, Any]) -> None:
+    """Red team: with any string as api_secret_key, a 255 KB body of empty content parts cost
+    0.2 s of CPU in the token count before its 401 (8 connections of them took a paying
+    request from 5 ms to 10 s). A body over 4 KiB has its key checked before it is counted;
+    a good key's is counted once, as before."""
+    from app.core import tokens
+
+    for key, status in (("sk-not-a-key-0123456789", 401), (new_key(r)[0], 200)):
+        data = json.dumps({**body, "api_secret_key": key}).encode()
+        assert len(data) > 4096
+        with _Calls(tokens._Budget.__init__) as counts:
+            resp = client.post(path, data=data, content_type="application/json")
+        assert resp.status_code == status, resp.get_data(as_text=True)[:300]
+        assert counts.count == (0 if status == 401 else 1)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +123,80 @@ def test_wechat_send_acts_as_wechat(wx: FakeWeChatAPI, upstream: Any, redis_url:
     assert "sk-" in card.output and "curl" in card.output
     assert "你好呀" in chat.output
     assert wrong.exit_code == 1 and "HTTP 403" in wrong.output
+
+
+class _Down(BaseHTTPRequestHandler):
+    """WeChat's API answering every call with a 502."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(502)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *_args: Any) -> None:
+        """Quiet."""
+
+
+def test_a_failed_call_names_neither_the_app_secret_nor_the_token(
+        wx: FakeWeChatAPI, redis_url: str, r: Any) -> None:
+    """Red team: requests writes the URL into its errors, and WeChat's URLs carry the AppSecret
+    (token) or an access_token; a picture job failing on WeChat's outage stored it in rq's
+    results and showed it on /admin/rq. The client's failures now name the endpoint and the
+    status only (and stay transient: the job is retried)."""
+    from app.core.config import load_settings
+    from app.edges.store import make_redis
+    from app.edges.wechat_api import WeChatTransient
+
+    down = ThreadingHTTPServer(("127.0.0.1", 0), _Down)
+    threading.Thread(target=down.serve_forever, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    try:
+        for base in (f"http://127.0.0.1:{down.server_address[1]}/cgi-bin/",
+                     f"http://127.0.0.1:{closed.getsockname()[1]}/cgi-bin/"):
+            env = {**env_for(wx, redis_url), "XIAOYI_WECHAT_API_BASE_URL": base}
+            client = SharedTokenClient(load_settings(env), make_redis(redis_url, 4))
+            for step in ("token", "send"):
+                with pytest.raises(WeChatTransient) as caught:
+                    if step == "token":
+                        client.access_token  # noqa: B018 - fetching it is the call
+                    else:
+                        client._call("POST", "message/custom/send",
+                                     params={"access_token": "TOKEN-SEEN"}, data="{}")
+                shown = "".join(traceback.format_exception(caught.value))
+                assert wx.secret not in shown and "TOKEN-SEEN" not in shown, shown
+    finally:
+        down.shutdown()
+        closed.close()
+
+
+def _leaks(secret: str) -> None:
+    raise RuntimeError(f"GET /cgi-bin/token?appid=wx1&secret={secret} failed, key sk-abcdef0123456789")
+
+
+def test_a_failed_job_is_stored_and_shown_masked(redis_url: str, r: Any) -> None:
+    """Whatever a job's exception says, rq's stored failure and /admin/rq show it masked as
+    the logs are: the configured secrets, URL credentials and developer keys."""
+    from rq import Queue
+
+    from app import create_app
+    from app.core.config import load_settings
+    from app.edges.store import make_redis
+    from app.runtime.rqworker import worker_class
+
+    secret = "CONFIGURED-app-secret-0123456789"
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789",
+           "XIAOYI_WECHAT_APP_SECRET": secret}
+    app = create_app(load_settings(env), redis_client=r)
+    conn = make_redis(redis_url, decode=False)
+    queue = Queue("chat", connection=conn)
+    job = queue.enqueue(f"{__name__}._leaks", secret)
+    worker_class()([queue], connection=conn).work(burst=True)
+    stored = job.latest_result().exc_string
+    assert "RuntimeError" in stored and "secret=***" in stored
+    assert secret not in stored and "sk-abcdef" not in stored
+    page = app.test_client().get("/admin/rq", headers={
+        "Authorization": "Bearer admin-token-for-tests-0123456789"}).get_data(as_text=True)
+    assert job.id in page and secret not in page and "sk-abcdef" not in page

@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable
 
 KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
+# Credentials a URL carries (WeChat's AppSecret and access tokens): masked wherever one is quoted.
+URL_SECRET = re.compile(r"\b((?:access_token|secret|appsecret)=)[^&\s'\"<>]+", re.I)
 
 
 class ScrubSecrets(logging.Filter):
@@ -18,7 +20,7 @@ class ScrubSecrets(logging.Filter):
 
     def scrub(self, text: str) -> str:
         """Return text with every secret masked."""
-        text = KEY_PATTERN.sub("sk-***", text)
+        text = URL_SECRET.sub(r"\1***", KEY_PATTERN.sub("sk-***", text))
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
@@ -36,10 +38,19 @@ class ScrubSecrets(logging.Filter):
         return True
 
 
+_PROCESS = {"scrub": ScrubSecrets()}  # this process's filter (setup installs it)
+
+
+def scrub(text: str) -> str:
+    """Return text masked as this process's log records are (for text kept outside the logs:
+    rq's stored failures)."""
+    return _PROCESS["scrub"].scrub(text)
+
+
 def setup(level: str, secrets: Iterable[str]) -> None:
     """Configure the root logger once per process, with the scrubbing filter on its handler."""
     root = logging.getLogger()
-    scrub = ScrubSecrets(secrets)
+    scrub = _PROCESS["scrub"] = ScrubSecrets(secrets)
     if not any(isinstance(f, ScrubSecrets) for h in root.handlers for f in h.filters):
         stream = logging.StreamHandler()
         stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -37,6 +37,8 @@ from typing import Any
 import orjson
 from PIL import Image
 
+from app.core.errors import InvalidRequest
+
 O200K, CL100K = "o200k_base", "cl100k_base"
 _O200K_PREFIXES = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "gpt-oss", "o1", "o3",
                    "o4", "codex", "computer-use", "gpt-realtime", "gpt-audio", "omni-moderation")
@@ -97,6 +99,18 @@ class Prompt:
 
 class _OverLimit(Exception):
     """Raised inside a count once the running total passes the limit."""
+
+
+MAX_ITEMS = 4096  # messages, content parts and prompt/input entries counted in one request
+
+
+class TooManyItems(InvalidRequest):
+    """A request holding more than MAX_ITEMS messages, parts or prompts: refused before the
+    rest is counted (each costs a few µs; a 256 KiB body of empty parts was 200 ms of CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"A request may hold at most {MAX_ITEMS} messages, content parts or "
+                         "prompts.", msg="请求里的消息或内容片段太多")
 
 
 def _model_key(model: object) -> str:
@@ -270,10 +284,17 @@ class _Budget:
     """One request's running bound (`total`, billed) and length (`context`, what the prompt
     takes in the model's context); raises _OverLimit as soon as the length passes `limit`."""
 
-    __slots__ = ("model", "limit", "total", "context", "uncountable")
+    __slots__ = ("model", "limit", "total", "context", "uncountable", "items")
 
     def __init__(self, model: str | None, limit: int | None) -> None:
         self.model, self.limit, self.total, self.context, self.uncountable = model, limit, 0, 0, 0
+        self.items = 0
+
+    def item(self) -> None:
+        """Count one message, part or prompt (TooManyItems past MAX_ITEMS)."""
+        self.items += 1
+        if self.items > MAX_ITEMS:
+            raise TooManyItems
 
     def add(self, n: int, context: int | None = None) -> None:
         self.total += n
@@ -291,6 +312,7 @@ class _Budget:
 
 def _part(b: _Budget, part: Any) -> None:
     kind = part.get("type") if isinstance(part, dict) else None
+    b.item()
     b.add(_PER_PART)
     if kind in ("text", "refusal") and isinstance(part.get(kind), str):
         b.text(part[kind])
@@ -307,6 +329,7 @@ def _part(b: _Budget, part: Any) -> None:
 
 
 def _message(b: _Budget, msg: Any) -> None:
+    b.item()
     b.add(_PER_MESSAGE)
     if not isinstance(msg, dict):
         b.json(msg)
@@ -367,6 +390,7 @@ def _prompt(b: _Budget, value: Any) -> None:
         b.add(len(value))  # a token array: one token per id
     elif isinstance(value, list):
         for item in value:
+            b.item()
             _prompt(b, item)
     else:
         b.json(value)

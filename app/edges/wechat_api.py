@@ -87,10 +87,13 @@ class SharedTokenClient(WeChatClient):  # type: ignore[misc]  # wechatpy ships n
             return self._fetch_token()
 
     def _fetch_token(self) -> str:
-        resp = self._http.get(self.API_BASE_URL + "token", timeout=TIMEOUT, params={
-            "grant_type": "client_credential", "appid": self.appid, "secret": self.secret})
-        resp.raise_for_status()
-        data = resp.json()
+        try:
+            resp = self._http.get(self.API_BASE_URL + "token", timeout=TIMEOUT, params={
+                "grant_type": "client_credential", "appid": self.appid, "secret": self.secret})
+            resp.raise_for_status()
+            data = resp.json()
+        except (requests.RequestException, ValueError) as exc:
+            raise _unnamed(self, exc, "token") from None
         if data.get("errcode") or not data.get("access_token"):
             raise WeChatClientException(data.get("errcode"), data.get("errmsg"), client=self,
                                         request=resp.request, response=resp)
@@ -119,11 +122,22 @@ class SharedTokenClient(WeChatClient):  # type: ignore[misc]  # wechatpy ships n
         """Call wechatpy once; raise its transient failures as WeChatTransient."""
         try:
             return super()._request(method, url_or_endpoint, **kwargs)
+        except requests.RequestException as exc:
+            raise _unnamed(self, exc, url_or_endpoint) from None
         except WeChatClientException as exc:
             if exc.errcode is None or exc.errcode in BUSY:
                 raise WeChatTransient(exc.errcode, exc.errmsg, client=self, request=exc.request,
-                                      response=exc.response) from exc
+                                      response=exc.response) from None
             raise
+
+
+def _unnamed(client: WeChatClient, exc: BaseException, endpoint: str) -> WeChatTransient:
+    """A network failure or an HTTP error status, without its URL: requests writes the URL
+    into the message, and WeChat's carries the AppSecret (token) or an access_token, which
+    would reach rq's stored failures, the admin's queue page and the logs."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    what = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "")
+    return WeChatTransient(None, f"{endpoint.split('?')[0][:80]}: {what}", client=client)
 
 
 def download_media(client: WeChatClient, media_id: str, max_bytes: int) -> bytes:

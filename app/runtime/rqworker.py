@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 
+from app.core import logs
+
 SCHED_HOLD_S = 10  # how long a sweep may hold a queue's scheduler lock
 
 
@@ -60,7 +62,13 @@ def worker_class() -> type:
             super().work()
 
     class Worker(SimpleWorker):
-        """SimpleWorker (no fork per job) with the scheduler above."""
+        """SimpleWorker (no fork per job) with the scheduler above; a failure is stored (and
+        shown on /admin/rq) masked as the logs are."""
+
+        def handle_job_failure(self, job: Any, queue: Any, started_job_registry: Any = None,
+                               exc_string: str = "") -> Any:
+            return super().handle_job_failure(job, queue, started_job_registry,
+                                              logs.scrub(exc_string))
 
         def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO",
                              date_format: str = DEFAULT_LOGGING_DATE_FORMAT,

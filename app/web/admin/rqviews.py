@@ -20,6 +20,7 @@ from rq.registry import (
 from rq.results import Result
 from werkzeug.wrappers import Response as BaseResponse  # what redirect() gives
 
+from app.core import logs
 from app.edges.store import get_rq_redis
 from app.web.admin.auth import bp
 
@@ -64,7 +65,7 @@ def _error_line(job: Job) -> str:
     """Return the last line of the job's latest failure."""
     result = job.latest_result()
     text = result.exc_string if result and result.type == Result.Type.FAILED else ""
-    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    lines = [line for line in logs.scrub(text or "").strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
 

@@ -27,6 +27,8 @@ from app.web.render import json_response
 FORMATS = ("url", "b64_json")
 QUALITIES = ("standard", "hd", "low", "medium", "high", "auto")  # OpenAI's enum
 STYLES = ("vivid", "natural")
+MAX_INPUTS = 2048  # OpenAI's maxItems for every array form of embeddings' input
+
 # A prompt needs one character that is not white space as /openapi.json's pattern `\S` means it
 # (ECMAScript's white space): U+0085 or U+001C, which Python's str.strip() removes, count.
 VISIBLE = re.compile("[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
@@ -40,6 +42,9 @@ def _embeddings_cost(call: Call, plan: Plan) -> int:
     if not texts_or_tokens(value):
         raise InvalidRequest("'input' must be a non-empty string, array of strings or token "
                              "array(s).", param="input", msg="input 不能为空")
+    if isinstance(value, list) and len(value) > MAX_INPUTS:
+        raise InvalidRequest(f"'input' may hold at most {MAX_INPUTS} entries.", param="input",
+                             msg="input 条目太多")
     optional_choice(call.body, "encoding_format", ("float", "base64"))
     plan.prompt_bound = pricing.estimate_any(value, call.upstream_model, limit=cap)
     if plan.prompt_bound > cap:
