@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 import requests
-from conftest import LiveServer, make_settings
+from conftest import UPSTREAM_KEY, LiveServer, make_settings
 from openapi_schemas import validate
 
 from app import create_app
@@ -281,6 +281,20 @@ def test_upstream_refusal_with_odd_fields_keeps_ours(live: LiveServer, funded: t
         resp = post(live, key, "/v1/chat/completions",
                     {"messages": [{"role": "user", "content": marker}]})
         check_error(resp, 400, "invalid_request_error")
+
+
+def test_an_upstream_refusal_never_echoes_the_channels_key(live: LiveServer,
+                                                          funded: tuple[str, str]) -> None:
+    """Red team: the message was cut to 300 characters before the key was blotted out (a key
+    across the cut survived in part), and a code or param holding the key passed as a word."""
+    key, _ = funded
+    marker = (f"x [[fake:status=400]][[fake:error_message={'m' * 290} {UPSTREAM_KEY} tail]]"
+              f"[[fake:error_code={UPSTREAM_KEY}]][[fake:error_param={UPSTREAM_KEY}]]")
+    resp = post(live, key, "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": marker}]})
+    check_error(resp, 400, "invalid_request_error")
+    assert UPSTREAM_KEY[:8] not in resp.text, resp.text
+    assert resp.json()["error"]["param"] is None
 
 
 @pytest.mark.parametrize("path,body", [

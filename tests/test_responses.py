@@ -359,6 +359,21 @@ def test_stream_broken_by_the_upstream_fails_and_bills_what_was_produced(
     assert int(entry["cost"]) > 0 and ledger.verify(r) == []
 
 
+def test_a_stream_is_billed_at_the_largest_running_usage(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
+    """An upstream putting the usage so far in every chunk whose last report is smaller than an
+    earlier one (it says 1 completion token at the end of 300): the bill is the largest, as for
+    chat streams (a Responses stream billed the last report)."""
+    key, acct = funded
+    resp = post(live, key, {"model": MODEL, "stream": True, "input":
+                            "[[fake:long=300]][[fake:running_usage]][[fake:completion_tokens=1]]"},
+                stream=True)
+    name, data = sse(resp)[-1]
+    assert name == "response.completed"
+    (entry,) = settles(r, acct)
+    assert int(entry["ct"]) >= 300 and data["response"]["usage"]["output_tokens"] >= 300
+
+
 def test_truncated_answer_is_incomplete(live: LiveServer, funded: tuple[str, str],
                                         upstream: FakeUpstream) -> None:
     got = sdk(live, funded[0]).responses.create(

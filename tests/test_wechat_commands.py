@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -82,6 +83,20 @@ def test_balance_help_and_menu_clicks(served: tuple[WeChat, str]) -> None:
     assert wechat.say(OPENID, "画") == TEXTS["image_usage"]
     assert wechat.say(OPENID, "充值") == TEXTS["redeem_usage"]
     assert wechat.say(OPENID, "继续") == TEXTS["nothing_parked"]
+
+
+def test_two_menu_clicks_in_one_second_get_their_own_replies(
+        served: tuple[WeChat, str]) -> None:
+    """Red team: an event's dedupe key (openid, CreateTime, event) left out its EventKey, so a
+    second, different click in the same second got the first click's reply (which may hold the
+    sealed full key); WeChat's retry of one click still gets that click's reply."""
+    wechat, _ = served
+    stamp = int(time.time())
+    first = wechat.reply(wechat.post(event_xml(OPENID, "CLICK", "HELP", create_time=stamp)))
+    other = wechat.reply(wechat.post(event_xml(OPENID, "CLICK", "BALANCE", create_time=stamp)))
+    again = wechat.reply(wechat.post(event_xml(OPENID, "CLICK", "HELP", create_time=stamp)))
+    assert first["Content"] == TEXTS["help"] == again["Content"]
+    assert other["Content"].startswith("账户余额")
 
 
 def test_one_code_twelve_users_credits_once(served: tuple[WeChat, str], r: Any) -> None:

@@ -480,15 +480,14 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int,
         text = resp.text[:200]
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
         text = ""
+    secret = channel.api_key if len(channel.api_key) >= 8 else "\0"  # (no short key is blotted)
     fields = err if isinstance(err, dict) else {}
     word = {k: v for k in ("type", "code") if isinstance(v := fields.get(k), str)
-            and _ERROR_WORD.fullmatch(v) and v not in OPERATORS_CODES}
+            and _ERROR_WORD.fullmatch(v) and v not in OPERATORS_CODES and secret not in v}
     param = fields.get("param")
     param = param if isinstance(param, str) and 0 < len(param) <= 200 and param.isprintable() \
-        else None
-    text = (str(text) if text else f"HTTP {status}")[:300]
-    if len(channel.api_key) >= 8:
-        text = text.replace(channel.api_key, "***")
+        and secret not in param else None
+    text = (str(text) if text else f"HTTP {status}").replace(secret, "***")[:300]
     message = "Upstream rejected the request: " + text
     kind = UpstreamNotFound if status == 404 else UpstreamRefused
     return kind(message, error_type=word.get("type"), error_code=word.get("code"), param=param)

@@ -98,6 +98,14 @@ def _as_word(value: Any) -> str:
     return text
 
 
+def _as_text(value: Any) -> str:
+    """Parse an error message's value: 1-1000 printable characters."""
+    text = str(value)
+    if not 0 < len(text) <= 1000 or not text.isprintable():
+        raise ValueError("a text of 1-1000 printable characters")
+    return text
+
+
 def _as_reported(value: Any) -> Any:
     """Parse a usage count to report as is: any JSON value (huge ints, floats, strings)."""
     if not isinstance(value, str):
@@ -112,9 +120,11 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "status": _as_status,
     "error_code": _as_word,
     "error_param": _as_word,
+    "error_message": _as_text,
     "retry_after": _as_seconds,
     "delay": _as_seconds,
     "nousage": _as_flag,
+    "running_usage": _as_flag,
     "long": _as_count,
     "chunk_delay": _as_seconds,
     "step": _as_flag,

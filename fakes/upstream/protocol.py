@@ -195,7 +195,8 @@ class FakeProtocol(BaseHTTPRequestHandler):
             code = "invalid_api_key"
         elif status >= 500:
             etype = "server_error"
-        error = FakeError(status, f"Fake upstream error (status {status}).", etype,
+        message = behaviour.get("error_message", f"Fake upstream error (status {status}).")
+        error = FakeError(status, message, etype,
                           behaviour.get("error_code", code), param=behaviour.get("error_param"))
         self._send(status, error.body(), extra=extra)
 

@@ -150,8 +150,8 @@ class FakeHandler(FakeProtocol):
             if chat:
                 base["object"] = "chat.completion.chunk"
             pieces, finishes = [a[0] for a in answers], [a[1] for a in answers]
-            running = isinstance(options, dict) and wants_usage and options.get(
-                "continuous_usage_stats") is True
+            running = bool(behaviour.get("running_usage")) or isinstance(
+                options, dict) and wants_usage and options.get("continuous_usage_stats") is True
             events = _stream_events(base, pieces, finishes, usage if wants_usage else None, chat,
                                     running)
             return self._stream(events, behaviour)

@@ -51,6 +51,8 @@ class Turn:
     def feed(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Return the events one upstream payload makes (a native terminal one waits for end)."""
         if isinstance(self.state, events.ChatEvents):
+            if obj.get("usage"):  # every report: running usage is billed at its largest
+                self.meter.usage(obj["usage"])
             return self._screened(self.guard.take(obj) if self.guard is not None else obj)
         event = self.state.take(obj)
         if event is not None and event["type"] in native.TERMINAL:

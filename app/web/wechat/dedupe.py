@@ -27,8 +27,10 @@ def key_for(msg: BaseMessage) -> str:
     """Return the message's dedupe key."""
     data = msg._data
     openid = str(msg.source)
-    if data.get("MsgType") == "event":
-        return f"{openid}:{data.get('CreateTime', '')}:{str(data.get('Event', '')).lower()}"
+    if data.get("MsgType") == "event":  # two clicks in one second: two events (their keys)
+        clicked = hashlib.blake2b(str(data.get("EventKey") or "").encode(), digest_size=6)
+        return (f"{openid}:{data.get('CreateTime', '')}:{str(data.get('Event', '')).lower()}"
+                f":{clicked.hexdigest()}")
     msg_id = data.get("MsgId") or f"t{data.get('CreateTime', '')}{data.get('MsgType', '')}"
     return f"{openid}:{msg_id}"
 
