@@ -177,6 +177,43 @@ def test_function_call_then_its_output_continue_the_conversation(
     assert second.output_text == ANSWER_PREFIX + "北京天气"  # the fake echoes the last user turn
 
 
+def test_item_references_name_the_stored_items_of_the_accounts_turns(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis,
+        upstream: FakeUpstream) -> None:
+    """The Vercel AI SDK's default (Responses) model sends the items of earlier turns back as
+    `item_reference`s (their ids) with `store` on: a tool loop's second step and every later
+    chat turn. They are the stored items (input and output) of the caller's account; an id of
+    another account's turn, or none of ours, is a 400 naming it (it was a 400 for any)."""
+    key, _ = funded
+    client = sdk(live, key)
+    first = client.responses.create(model=MODEL, input="北京天气", tools=[WEATHER],
+                                    tool_choice="required")
+    (call,) = first.output
+    listed = client.responses.input_items.list(first.id).data
+    second = client.responses.create(model=MODEL, tools=[WEATHER], input=[
+        {"type": "item_reference", "id": listed[0].id},
+        {"type": "item_reference", "id": call.id},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "晴"}])
+    assert last_chat(upstream)["messages"] == [
+        {"role": "user", "content": "北京天气"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "晴"},
+    ]
+    third = client.responses.create(model=MODEL, input=[  # a chat turn: its answer by reference
+        *({"type": "item_reference", "id": i.id} for i in second.output),
+        {"role": "user", "content": "谢谢"}])
+    assert last_chat(upstream)["messages"][0] == {"role": "assistant",
+                                                  "content": second.output_text}
+    assert third.output_text == ANSWER_PREFIX + "谢谢"
+    other, _ = new_key(r, "10")
+    for ref, status in ((call.id, 400), ("fc_" + "0" * 56, 400)):
+        resp = post(live, other, {"model": MODEL, "input": [
+            {"type": "item_reference", "id": ref}, {"role": "user", "content": "x"}]})
+        assert resp.status_code == status and resp.json()["error"]["param"] == "input[0].id"
+
+
 def test_stream_text_deltas_and_final_response(live: LiveServer, funded: tuple[str, str],
                                               r: redis.Redis) -> None:
     key, acct = funded
@@ -422,7 +459,8 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": "x", "max_output_tokens": 8}, "max_output_tokens"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].id"),
+    ({"input": [{"type": "item_reference"}]}, "input[0].id"),
     ({"input": 42}, "input"),
     ({"input": "x", "metadata": "m"}, "metadata"),
     ({}, "input"),

@@ -15,6 +15,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(24)}"
 
 
+def item_id(prefix: str, response_id: str) -> str:
+    """Return a fresh id for an item of a response (msg_…, fc_…) that names the response's
+    turn: an `item_reference` to it is found in that turn (response_of)."""
+    return f"{prefix}_{response_id.partition('_')[2]}{secrets.token_hex(4)}"
+
+
+def response_of(item: str) -> str | None:
+    """Return the id of the response whose turn an item id of ours names, or None."""
+    prefix, _, rest = item.partition("_")
+    turn = rest[:-8]
+    if not prefix or not 8 < len(rest) <= 100 or not rest.isascii() or not rest.isalnum():
+        return None
+    return f"resp_{turn}"
+
+
 def _echo_tool(tool: Any) -> Any:
     """Return a tool as OpenAI echoes it: a function tool with all four of its fields."""
     if not isinstance(tool, dict) or tool.get("type") != "function":

@@ -93,8 +93,9 @@ class ChatEvents:
     def _text(self, kind: str, piece: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         if self.open is None or self.open["type"] != "message":
-            out += self._open({"id": answer.new_id("msg"), "type": "message",
-                               "status": "in_progress", "content": [], "role": "assistant"})
+            made = answer.item_id("msg", self.response["id"])
+            out += self._open({"id": made, "type": "message", "status": "in_progress",
+                               "content": [], "role": "assistant"})
         item = self.open
         assert item is not None
         if not self.part_open or item["content"][-1]["type"] != kind:
@@ -124,8 +125,8 @@ class ChatEvents:
         if item is None:
             name = fn.get("name") if isinstance(fn.get("name"), str) else ""
             call_id = call.get("id") if isinstance(call.get("id"), str) else answer.new_id("call")
-            item = {"id": answer.new_id("fc"), "type": "function_call", "status": "in_progress",
-                    "arguments": "", "call_id": call_id, "name": name}
+            item = {"id": answer.item_id("fc", self.response["id"]), "type": "function_call",
+                    "status": "in_progress", "arguments": "", "call_id": call_id, "name": name}
             self.calls[key] = item
             out += self._open(item)
         elif not item["name"] and isinstance(fn.get("name"), str):

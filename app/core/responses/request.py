@@ -2,8 +2,9 @@
 
 What OpenAI accepts is accepted (a field sent as null is absent); what this service cannot honour
 is refused with a 400 naming it, never silently dropped: background mode, the Conversations API,
-stored prompt templates, item references, and tools the upstream would run and bill itself
-(web search, file search, code interpreter…): only client-side tools (function, custom) pass.
+stored prompt templates, and tools the upstream would run and bill itself (web search, file
+search, code interpreter…): only client-side tools (function, custom) pass. An item_reference
+is checked here and replaced by the stored item it names (app/web/relay/responses.py).
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def _check_item(item: Any, where: str, native: bool) -> None:
                 _check_part(part, f"{where}.output[{j}]", native)
         elif not isinstance(output, str):
             raise bad(f"{where}.output must be a string or an array.", f"{where}.output")
-    elif kind == "item_reference" or (kind != "reasoning" and not native):
+    elif kind == "item_reference":
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            raise bad(f"{where}.id must be a non-empty string.", f"{where}.id")
+    elif kind != "reasoning" and not native:
         raise bad(f"{where}: input items of type '{kind}' are not supported by this service; "
                   "send the items themselves or previous_response_id.", f"{where}.type",
                   "不支持该输入类型")

@@ -126,6 +126,25 @@ def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
     return [*chain, rid], items
 
 
+def referenced(r: Store, acct: str, ids: list[str], max_bytes: int) -> dict[str, dict[str, Any]]:
+    """Return the stored items of the account these ids name (item_reference), by id; an id
+    not found is absent. Each id of ours names its turn (answer.item_id): the turns are read in
+    one MGET, after their stored sizes say they fit in `max_bytes` together (else TooLarge)."""
+    turns = sorted({t for t in map(answer.response_of, ids) if t and _plausible(t)})
+    if not turns:
+        return {}
+    sizes = r.hmget(_quota_keys(acct)[1], turns)
+    if sum(int(s or 0) for s in sizes) > max_bytes:
+        raise TooLarge(turns[0])
+    wanted, found = set(ids), {}
+    for raw in r.mget([_key(acct, t) for t in turns]):
+        record = orjson.loads(raw) if raw is not None else {"input": [], "response": {}}
+        for item in record["input"] + record["response"].get("output", []):
+            if isinstance(item, dict) and item.get("id") in wanted:
+                found[item["id"]] = item
+    return found
+
+
 def save(r: redis.Redis, acct: str, chain: list[str], items: list[dict[str, Any]],
          response: dict[str, Any], *, ttl: int = TTL_SECONDS, max_bytes: int = MAX_BYTES,
          quota: int = ACCOUNT_BYTES) -> bool:
@@ -187,7 +206,7 @@ def keep(r: redis.Redis, acct: str, plan: Plan, final: dict[str, Any]) -> dict[s
     """Store the turn when asked to; return the Response with `store` saying what happened."""
     if not plan.store:
         return final
-    items = [request.listed(item, answer.new_id("msg")) for item in plan.items]
+    items = [request.listed(item, answer.item_id("msg", final["id"])) for item in plan.items]
     try:
         stored = save(r, acct, plan.chain, items, final, ttl=plan.ttl,
                       max_bytes=plan.max_bytes, quota=plan.quota)

@@ -51,22 +51,55 @@ class ResponseNotFound(NotFound):
     """GET/DELETE of an id that is not a stored response of this account."""
 
 
-def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
-    """Return the stored conversation up to `prev` (of the key's account) or raise the 400."""
-    info = keys.lookup(get_redis(), call.raw_key)
-    if info is None:
-        raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+def _account(call: Call, plan: Plan) -> str:
+    """Return the key's account (read once), whose stored turns the request may use."""
+    if plan.acct is None:
+        info = keys.lookup(get_redis(), call.raw_key)
+        if info is None:
+            raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
+        plan.acct = info.acct
+    return plan.acct
+
+
+def _too_large(limit: int, param: str) -> InvalidRequest:
+    return InvalidRequest(f"The conversation holds more than {limit >> 20} MiB: start a new "
+                          "one.", param=param, msg="对话内容过大，请开始新对话")
+
+
+def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the input with each item_reference replaced by the stored item it names (an item
+    of one of the account's stored turns; 400 when there is none)."""
+    ids = [item["id"] for item in items if item.get("type") == "item_reference"]
+    if not ids:
+        return items
     limit = settings().relay.get("max_body_bytes", 32 << 20)
     try:
-        found = response_store.load(get_redis(), info.acct, prev, max_bytes=limit)
+        found = response_store.referenced(get_redis(), _account(call, plan), ids, limit)
     except response_store.TooLarge:
-        raise InvalidRequest(f"The conversation holds more than {limit >> 20} MiB: start a new "
-                             "one.", param="previous_response_id",
-                             msg="对话内容过大，请开始新对话") from None
+        raise _too_large(limit, "input") from None
+    out = []
+    for i, item in enumerate(items):
+        if item.get("type") == "item_reference":
+            if item["id"] not in found:
+                raise InvalidRequest(f"Item with id '{item['id'][:100]}' not found.",
+                                     param=f"input[{i}].id", msg="引用的条目不存在或已过期")
+            item = found[item["id"]]
+        out.append(item)
+    return out
+
+
+def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
+    """Return the stored conversation up to `prev` (of the key's account) or raise the 400."""
+    acct = _account(call, plan)
+    limit = settings().relay.get("max_body_bytes", 32 << 20)
+    try:
+        found = response_store.load(get_redis(), acct, prev, max_bytes=limit)
+    except response_store.TooLarge:
+        raise _too_large(limit, "previous_response_id") from None
     if found is None:
         raise PreviousNotFound(f"Previous response with id '{prev[:100]}' not found.",
                                param="previous_response_id", msg="上一轮回答不存在或已过期")
-    plan.acct, (plan.chain, history) = info.acct, found
+    plan.chain, history = found
     if len(plan.chain) >= response_store.MAX_TURNS:
         raise InvalidRequest("The conversation is too long; start a new one.",
                              param="previous_response_id", msg="对话轮数过多，请开始新对话")
@@ -86,7 +119,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     plan.max_bytes = relay.get("responses_max_stored_bytes", response_store.MAX_BYTES)
     plan.quota = relay.get("responses_account_stored_bytes", response_store.ACCOUNT_BYTES)
     request.check(body, plan.native)
-    plan.items = request.input_items(body.get("input"), plan.native)
+    plan.items = _referenced(call, plan, request.input_items(body.get("input"), plan.native))
     screening.screen_input(screening.responses_slots(body, plan.items))  # [safety] api_input
     prev = body.get("previous_response_id")
     items = (_history(call, plan, prev) if prev else []) + plan.items
