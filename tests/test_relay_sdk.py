@@ -158,6 +158,21 @@ def test_empty_wallet_is_rate_limit_insufficient_quota(live: LiveServer, r: redi
     assert wallet.balance(r, acct) == 0 and upstream.requests == []
 
 
+def test_a_short_balance_is_told_what_the_hold_is_made_of(live: LiveServer,
+                                                          r: redis.Redis) -> None:
+    """The probe: a 0.05 元 key asking gpt-4o-mini without max_tokens got a bare "cannot cover
+    this request" (it is held for the model's 16 384-token answer). The 429 names the balance,
+    the hold and what lowers it; with a small max_tokens the same key is served."""
+    key, _ = new_key(r, "0.05")
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(openai.RateLimitError) as info:
+        sdk(live, key).chat.completions.create(**ask)
+    body = info.value.response.json()
+    assert "0.0500 元" in body["error"]["message"] and "max_tokens" in body["error"]["message"]
+    assert "max_tokens" in body["msg"] and body["error"]["code"] == "insufficient_quota"
+    assert sdk(live, key).chat.completions.create(**ask, max_tokens=50).choices
+
+
 def test_every_error_carries_a_request_id_the_sdk_reads(live: LiveServer, r: redis.Redis,
                                                         funded: tuple[str, str]) -> None:
     """`err.request_id` (x-request-id) is what a developer quotes when a call fails."""

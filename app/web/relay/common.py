@@ -14,7 +14,7 @@ import orjson
 from flask import Response, current_app, g, request, stream_with_context
 
 from app.core import money
-from app.core.config import ModelPrice, Settings
+from app.core.config import ModelPrice, Settings, units_to_yuan
 from app.core.errors import (
     ApiError,
     InsufficientQuota,
@@ -472,14 +472,29 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
         _check_refused_key()
         raise
     prechecked = bool(g.get("prechecked"))
-    held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,
-                           model=call.upstream_model, limit=0 if prechecked else _limit())
+    try:
+        held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,
+                               model=call.upstream_model, limit=0 if prechecked else _limit())
+    except money.Short as exc:
+        raise short(exc.balance, amount) from None
     assert held.key is not None
     call.key = held.key
     g.key_id = held.key.id
     if not prechecked:  # else the early check's window is the request's
         g.rate_window = held.window
     return call, held
+
+
+def short(balance: int, amount: int) -> InsufficientQuota:
+    """The 429 of a balance that cannot cover a hold, saying what the hold is made of (a caller
+    who sent no max_tokens is held for the model's whole answer)."""
+    have, need = units_to_yuan(balance), units_to_yuan(amount)
+    return InsufficientQuota(
+        f"Your balance ({have} 元) cannot cover this request's hold of {need} 元, the most it "
+        "can cost: its prompt plus max_tokens (or, when it sends none, the model's longest "
+        "answer) for every choice. Recharge, or send a smaller max_tokens.",
+        msg=f"余额 {have} 元不够这次请求的预扣 {need} 元（提示词加上每个回答的 max_tokens，没传就按模型最长"
+            "的回答算），请充值或调小 max_tokens")
 
 
 def optional_int(body: dict[str, Any], name: str, low: int,
