@@ -151,6 +151,17 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of
                           "required": ["city"]}}
 
 
+def weather_turn(call: Any) -> list[dict[str, Any]]:
+    """The chat messages of 北京天气, its get_weather call and the call's output 晴."""
+    return [
+        {"role": "user", "content": "北京天气"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "晴"},
+    ]
+
+
 def test_function_call_then_its_output_continue_the_conversation(
         live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
     client = sdk(live, funded[0])
@@ -167,13 +178,7 @@ def test_function_call_then_its_output_continue_the_conversation(
     second = client.responses.create(
         model=MODEL, previous_response_id=raw.parse().id, tools=[WEATHER],
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "晴"}])
-    assert last_chat(upstream)["messages"] == [
-        {"role": "user", "content": "北京天气"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": call.call_id, "type": "function",
-             "function": {"name": "get_weather", "arguments": call.arguments}}]},
-        {"role": "tool", "tool_call_id": call.call_id, "content": "晴"},
-    ]
+    assert last_chat(upstream)["messages"] == weather_turn(call)
     assert second.output_text == ANSWER_PREFIX + "北京天气"  # the fake echoes the last user turn
 
 
@@ -194,13 +199,7 @@ def test_item_references_name_the_stored_items_of_the_accounts_turns(
         {"type": "item_reference", "id": listed[0].id},
         {"type": "item_reference", "id": call.id},
         {"type": "function_call_output", "call_id": call.call_id, "output": "晴"}])
-    assert last_chat(upstream)["messages"] == [
-        {"role": "user", "content": "北京天气"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": call.call_id, "type": "function",
-             "function": {"name": "get_weather", "arguments": call.arguments}}]},
-        {"role": "tool", "tool_call_id": call.call_id, "content": "晴"},
-    ]
+    assert last_chat(upstream)["messages"] == weather_turn(call)
     third = client.responses.create(model=MODEL, input=[  # a chat turn: its answer by reference
         *({"type": "item_reference", "id": i.id} for i in second.output),
         {"role": "user", "content": "谢谢"}])
