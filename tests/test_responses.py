@@ -715,6 +715,39 @@ def test_a_conversation_larger_than_a_body_is_not_continued(upstream: FakeUpstre
         server.stop()
 
 
+def test_the_stored_conversation_a_request_continues_spends_the_keys_large_body_budget(
+        upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    """Red team: a key with nothing to spend could make every request read megabytes of its
+    stored conversation (and send them upstream) before the hold refused it, 600 times a
+    minute. The bytes a continuation (or an item_reference) makes the relay read are spent from
+    the key's budget of large requests, like a large body's: past it, 429 before the read."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    toml = {"limits": {"key_large_body_mib_per_minute": 1}}
+    server = LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
+    try:
+        key, acct = new_key(r)
+        image = {"type": "input_image", "image_url": _padded_image(200_000), "detail": "low"}
+        turn = {"model": MODEL, "input": [{"role": "user", "content": [image]}]}
+        first = post(server, key, turn).json()  # 200 kB: under 256 KiB, spends nothing
+        second = post(server, key, {**turn, "previous_response_id": first["id"]}).json()
+        assert second["store"] is True
+        ref = {"type": "item_reference", "id": second["output"][0]["id"]}
+        answers = [post(server, key, {"model": MODEL, "previous_response_id": second["id"],
+                                      "input": "x"}) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429]  # 0.4, 0.8, 1.2 MB > 1 MiB
+        assert answers[2].json()["error"]["code"] == "rate_limit_exceeded"
+        assert answers[2].headers["Retry-After"]
+        before = len(upstream.requests)
+        alone = post(server, key, {"model": MODEL, "input": [ref, ref]})
+        assert alone.status_code == 200  # one turn of 200 kB named: under 256 KiB, free
+        both = {"type": "item_reference", "id": first["output"][0]["id"]}
+        over = post(server, key, {"model": MODEL, "input": [both, ref]})  # two turns: spent
+        assert over.status_code == 429 and len(upstream.requests) == before + 1
+    finally:
+        server.stop()
+
+
 def test_cancel_answers_as_openai_does_for_a_synchronous_response(
         live: LiveServer, funded: tuple[str, str]) -> None:
     """Background mode is refused at creation, so every stored response is synchronous: the

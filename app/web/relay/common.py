@@ -365,20 +365,28 @@ def _precheck_body_key() -> None:
 def _spend_body_budget(raw: str) -> None:
     """Count a large body's bytes against its key's budget ([limits]
     key_large_body_mib_per_minute); over it, a 429 before the body is parsed or read."""
-    mib = settings().limits.get("key_large_body_mib_per_minute", 0)
-    if mib <= 0:
-        return
     size = request.content_length
     if size is None:  # chunked: read (within the size limit) to know it
         size = len(read_body())
     elif request.max_content_length is not None and size > request.max_content_length:
         return  # refused unread (413): nothing to spend
     info: keys.KeyInfo = g.key_info
-    wait = ratelimit.spend(get_redis(), body_budget_key(info.acct, keys.hash_key(raw)), size,
+    spend_large_bytes(raw, info.acct, size)
+
+
+def spend_large_bytes(raw: str, acct: str, size: int) -> None:
+    """Spend `size` bytes from the key's budget of large requests ([limits]
+    key_large_body_mib_per_minute): its bodies over 256 KiB, and the stored conversation a
+    request makes the relay read and send on (responses); over it, a 429 before the read."""
+    mib = settings().limits.get("key_large_body_mib_per_minute", 0)
+    if mib <= 0 or size <= PRECHECK_BYTES:
+        return
+    wait = ratelimit.spend(get_redis(), body_budget_key(acct, keys.hash_key(raw)), size,
                            min(mib, 1 << 29) << 20)  # the script takes at most 2**50 bytes
     if wait:
         raise RateLimited(wait, f"This key sent more than {mib} MiB of large request bodies "
-                                f"in a minute. Retry after {wait}s.")
+                                f"(or stored conversations they continue) in a minute. Retry "
+                                f"after {wait}s.")
 
 
 def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,23 +100,27 @@ class TooLarge(Exception):
 
 
 def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
+         spend: Callable[[int], None] | None = None,
          ) -> tuple[list[str], list[dict[str, Any]]] | None:
     """Return (the ids of the conversation up to rid, its items: inputs and outputs) or None.
 
     A conversation whose stored turns hold more than `max_bytes` together raises TooLarge
     before its ancestors are read (their sizes are in the quota's hash): continuing it would
     send the upstream more than a request body may hold, and reading it costs the worker that
-    much memory (a low-detail picture counts 85 tokens whatever its bytes).
+    much memory (a low-detail picture counts 85 tokens whatever its bytes). `spend` is given
+    the bytes to be read first (the key's budget of large requests: it may raise).
     """
     raw = r.get(_key(acct, rid)) if _plausible(rid) else None
     if raw is None:
         return None
     record = orjson.loads(raw)
     chain: list[str] = record["chain"]
-    if chain and max_bytes is not None:
-        sizes = r.hmget(_quota_keys(acct)[1], chain)
-        if len(raw) + sum(int(s or 0) for s in sizes) > max_bytes:
-            raise TooLarge(rid)
+    sizes = r.hmget(_quota_keys(acct)[1], chain) if chain else []
+    total = len(raw) + sum(int(s or 0) for s in sizes)
+    if max_bytes is not None and total > max_bytes:
+        raise TooLarge(rid)
+    if spend is not None:
+        spend(total)
     older = r.mget([_key(acct, c) for c in chain]) if chain else []
     if any(x is None for x in older):
         log.info("conversation %s lost an expired ancestor", rid)
@@ -126,16 +131,20 @@ def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
     return [*chain, rid], items
 
 
-def referenced(r: Store, acct: str, ids: list[str], max_bytes: int) -> dict[str, dict[str, Any]]:
+def referenced(r: Store, acct: str, ids: list[str], max_bytes: int,
+               spend: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
     """Return the stored items of the account these ids name (item_reference), by id; an id
     not found is absent. Each id of ours names its turn (answer.item_id): the turns are read in
-    one MGET, after their stored sizes say they fit in `max_bytes` together (else TooLarge)."""
+    one MGET, after their stored sizes say they fit in `max_bytes` together (else TooLarge)
+    and `spend` was given them."""
     turns = sorted({t for t in map(answer.response_of, ids) if t and _plausible(t)})
     if not turns:
         return {}
-    sizes = r.hmget(_quota_keys(acct)[1], turns)
-    if sum(int(s or 0) for s in sizes) > max_bytes:
+    total = sum(int(s or 0) for s in r.hmget(_quota_keys(acct)[1], turns))
+    if total > max_bytes:
         raise TooLarge(turns[0])
+    if spend is not None:
+        spend(total)
     wanted, found = set(ids), {}
     for raw in r.mget([_key(acct, t) for t in turns]):
         record = orjson.loads(raw) if raw is not None else {"input": [], "response": {}}

@@ -33,6 +33,7 @@ from app.web.relay.common import (
     gather_keyed,
     page_limit,
     settings,
+    spend_large_bytes,
 )
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.rules import standard_tier
@@ -74,7 +75,9 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
         return items
     limit = settings().relay.get("max_body_bytes", 32 << 20)
     try:
-        found = response_store.referenced(get_redis(), _account(call, plan), ids, limit)
+        acct = _account(call, plan)
+        found = response_store.referenced(get_redis(), acct, ids, limit,
+                                          lambda size: spend_large_bytes(call.raw_key, acct, size))
     except response_store.TooLarge:
         raise _too_large(limit, "input") from None
     out = []
@@ -93,7 +96,8 @@ def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
     acct = _account(call, plan)
     limit = settings().relay.get("max_body_bytes", 32 << 20)
     try:
-        found = response_store.load(get_redis(), acct, prev, max_bytes=limit)
+        found = response_store.load(get_redis(), acct, prev, max_bytes=limit,
+                                    spend=lambda size: spend_large_bytes(call.raw_key, acct, size))
     except response_store.TooLarge:
         raise _too_large(limit, "previous_response_id") from None
     if found is None:
