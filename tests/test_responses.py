@@ -748,6 +748,34 @@ def test_the_stored_conversation_a_request_continues_spends_the_keys_large_body_
         server.stop()
 
 
+def test_an_item_named_again_and_again_is_sent_each_time_and_counted_each_time(
+        upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    """Red team: one stored turn of a 250 kB low-detail picture, named 1 000 times by
+    item_reference (94 kB of request), became a 250 MB upstream body, and the upstream's
+    refusal released the hold. Each time an item is named counts toward the body size (400
+    past max_body_bytes, before anything is sent) and the key's large-body budget. An item id
+    that is no string is a 400, not a 500."""
+    server = serve_with(upstream, redis_url, r, max_body_bytes=1_000_000)
+    try:
+        key, _ = new_key(r)
+        image = {"type": "input_image", "image_url": _padded_image(200_000), "detail": "low"}
+        first = post(server, key, {"model": MODEL, "input": [{"role": "user",
+                                                                "content": [image]}]}).json()
+        listed = requests.get(f"{server.url}/v1/responses/{first['id']}/input_items",
+                              headers={"Authorization": f"Bearer {key}"}, timeout=20).json()["data"]
+        ref = {"type": "item_reference", "id": listed[0]["id"]}
+        sent = len(upstream.requests)
+        assert post(server, key, {"model": MODEL, "input": [ref] * 3}).status_code == 200
+        refused = post(server, key, {"model": MODEL, "input": [ref] * 5})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+        assert len(upstream.requests) == sent + 1
+        odd = post(server, key, {"model": MODEL, "input": [
+            {"role": "user", "content": "hi", "id": ["x"]}]})
+        assert odd.status_code == 400 and odd.json()["error"]["param"] == "input[0].id"
+    finally:
+        server.stop()
+
+
 def test_cancel_answers_as_openai_does_for_a_synchronous_response(
         live: LiveServer, funded: tuple[str, str]) -> None:
     """Background mode is refused at creation, so every stored response is synchronous: the

@@ -79,6 +79,8 @@ def input_items(value: Any, native: bool) -> list[dict[str, Any]]:
 def _check_item(item: Any, where: str, native: bool) -> None:
     if not isinstance(item, dict):
         raise bad(f"{where} must be an object.", where)
+    if item.get("id") is not None and not isinstance(item["id"], str):
+        raise bad(f"{where}.id must be a string.", f"{where}.id")
     kind = item.get("type")
     kind = "message" if kind is None else kind  # a message may leave its type out
     if kind == "message":

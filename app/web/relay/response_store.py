@@ -149,7 +149,7 @@ def referenced(r: Store, acct: str, ids: list[str], max_bytes: int,
     for raw in r.mget([_key(acct, t) for t in turns]):
         record = orjson.loads(raw) if raw is not None else {"input": [], "response": {}}
         for item in record["input"] + record["response"].get("output", []):
-            if isinstance(item, dict) and item.get("id") in wanted:
+            if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in wanted:
                 found[item["id"]] = item
     return found
 

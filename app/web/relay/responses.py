@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from flask import Blueprint, Response
 from flask import request as incoming
 from flask.blueprints import BlueprintSetupState
@@ -75,19 +76,26 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
         return items
     limit = settings().relay.get("max_body_bytes", 32 << 20)
     try:
-        acct = _account(call, plan)
+        acct = _account(call, plan)  # the turns read, then each item as often as it is named
         found = response_store.referenced(get_redis(), acct, ids, limit,
                                           lambda size: spend_large_bytes(call.raw_key, acct, size))
     except response_store.TooLarge:
         raise _too_large(limit, "input") from None
-    out = []
+    out, size, sizes = [], 0, {}
     for i, item in enumerate(items):
         if item.get("type") == "item_reference":
-            if item["id"] not in found:
-                raise InvalidRequest(f"Item with id '{item['id'][:100]}' not found.",
+            rid = item["id"]
+            if rid not in found:
+                raise InvalidRequest(f"Item with id '{rid[:100]}' not found.",
                                      param=f"input[{i}].id", msg="引用的条目不存在或已过期")
-            item = found[item["id"]]
+            item = found[rid]
+            if rid not in sizes:
+                sizes[rid] = len(orjson.dumps(item))
+            size += sizes[rid]  # each time it is named: it is sent each time
+            if size > limit:
+                raise _too_large(limit, "input")
         out.append(item)
+    spend_large_bytes(call.raw_key, plan.acct or "", size)
     return out
 
 
