@@ -119,6 +119,35 @@ def test_no_customer_service_api_parks_for_continue(start: Callable[..., Any], r
     assert wx.sent(OPENID) == []
 
 
+def test_a_push_that_fails_oddly_is_parked_not_lost(start: Callable[..., Any], r: Any,
+                                                   wx: FakeWeChatAPI) -> None:
+    """Red team: a push was marked sent before WeChat was called and unmarked only for WeChat's
+    own refusals and network errors; anything else (a Redis blip reading the token, an answer
+    wechatpy cannot read) left it marked, so neither the retry nor the apology sent it: the
+    answer was charged and lost. Now any failure unmarks it, and one no retry mends parks it
+    for 继续 (here WeChat answers an errcode that is no number, which wechatpy cannot parse)."""
+    _, wechat = start(reply_wait_seconds=0.3, daily_free_messages=0)
+    wx.set_error("message/custom/send", "busy", times=1)  # type: ignore[arg-type]
+    assert wechat.say(OPENID, "[[fake:delay=0.8]]付费的问题") is None
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)))
+    assert "付费的问题" in wechat.say(OPENID, "继续")
+    acct = users.account_of(r, OPENID)
+    kinds = [e["kind"] for e in ledger.ledger_entries(r, acct)]
+    assert kinds.count("settle") == 1 and ledger.verify(r) == []
+
+
+def test_an_answer_done_after_the_webhooks_deadline_is_pushed_not_lost(
+        start: Callable[..., Any], r: Any, wx: FakeWeChatAPI) -> None:
+    """Red team: with reply_wait_seconds above the webhook's own 4.3 s deadline, the webhook
+    answered `success` while its waiting thread went on and took the answer as a passive reply
+    that nobody sent: WeChat did not retry, nothing was pushed or parked. Past its deadline the
+    webhook now hands the message over (or answers with a reply made meanwhile)."""
+    _, wechat = start(reply_wait_seconds=4.5)
+    assert wechat.say(OPENID, "[[fake:delay=4.35]]慢答案") is None  # "success" at 4.3 s
+    sent = wait_for(lambda: wx.sent(OPENID))
+    assert "慢答案" in sent[0]["text"]["content"]
+
+
 def test_long_answer_is_split_in_order_within_push_limit(start: Callable[..., Any],
                                                          upstream: Any, wx: FakeWeChatAPI,
                                                          r: Any) -> None:

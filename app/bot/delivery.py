@@ -18,13 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-import requests
 from redis.client import Pipeline
 from redis.typing import EncodableT
-from wechatpy.exceptions import WeChatClientException
 
 from app.bot import handoff as h
-from app.bot.jobs import last_attempt
+from app.bot.jobs import TRANSIENT, last_attempt
 from app.bot.sealed import SEAL_TTL, seal, unseal
 from app.bot.texts import text
 from app.core.config import Settings
@@ -133,6 +131,14 @@ class Delivery:
             state, reply, sealed = script(self.r, h.TAKE)(keys=[key], args=[_now_ms() + 50, "1"])
         return state, self._opened(reply, sealed)
 
+    def abandon(self) -> Item | None:
+        """The webhook's own deadline passed while this message was awaited: return a reply made
+        meanwhile (to answer with now), else hand the message over, so the answer its job
+        finishes is pushed or parked, never kept for a wait that already answered."""
+        state, reply, sealed = script(self.r, h.TAKE)(keys=[h.state_key(self.dk)],
+                                                      args=[2**53, "1"])
+        return self._opened(reply, sealed) if state == "passive" else None
+
     def _opened(self, reply: str, sealed: str) -> Item | None:
         """Return the stored reply, the sealed one (a raw key) when this process can open it."""
         plain = unseal(self.settings, self.dk, sealed) if sealed else None
@@ -216,16 +222,16 @@ class Delivery:
             try:
                 _send(client, self.openid,
                       self._with_note(item) if later and i == len(now) - 1 else item)
-            except (WeChatClientException, requests.RequestException) as exc:
-                self.r.srem(h.sent_key(self.dk), i)
+            except Exception as exc:  # WeChat's refusal, the network, a Redis blip, a bad answer
+                self.r.srem(h.sent_key(self.dk), i)  # not sent: a re-run sends it
                 code = getattr(exc, "errcode", None)
                 if code == 48001:
                     self.r.set(h.NOPUSH, 1, ex=h.NOPUSH_TTL)
-                if wechat_api.transient(exc) and not last_attempt():
+                if isinstance(exc, TRANSIENT) and not last_attempt():
                     raise  # rq retries, and the re-run skips what was sent
-                log.warning("push to %s refused (%s); parking %d items", self.openid, code,
-                            len(items) - i)
-                return self._park(items[i:])
+                log.warning("push to %s failed (%s %s); parking %d items", self.openid,
+                            type(exc).__name__, code, len(items) - i)
+                return self._park(items[i:])  # never lost: 继续 delivers them
         self._park(later, state="pushed")
         return "pushed"
 

@@ -82,6 +82,14 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
     return dl.reply_now(_at_once(dl, acct, kind, arg))
 
 
+def late(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
+    """The webhook stops waiting for this message: its reply if one was made meanwhile, else
+    None, and the job's answer will be pushed or parked (Delivery.abandon)."""
+    if route(msg)[0] == "ignore":
+        return None
+    return Delivery(r, settings, str(msg.source), dedupe.key_for(msg)).abandon()
+
+
 def _queue(dl: Delivery, kind: str, arg: str, only_missing: bool = False) -> None:
     """Queue the message's job; a refused text is answered instead (the waiting webhook gets it)."""
     if kind == "picture":

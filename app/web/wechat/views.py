@@ -82,13 +82,23 @@ def webhook() -> Response:
     except Refused as exc:
         return _refused(exc)
     except FutureTimeout:
-        log.error("wechat message from %s not answered in %.1f s; answering success",
-                  msg.source, DEADLINE_SECONDS)
-        return _plain("success")
+        log.error("wechat message from %s not answered in %.1f s", msg.source, DEADLINE_SECONDS)
+        reply = _late(settings, msg, crypto, args.get("nonce", ""))  # else the job pushes it
     except Exception:  # §7.3: WeChat must never see an error
         log.exception("wechat message from %s failed; answering success", msg.source)
         return _plain("success")
     return Response(reply, mimetype="application/xml") if reply else _plain("success")
+
+
+def _late(settings: Settings, msg: BaseMessage, crypto: WeChatCrypto | None, nonce: str) -> str:
+    """Return the reply (XML, encrypted in safe mode) made while the webhook waited past its
+    deadline, or ''."""
+    try:
+        reply = verify.render(dispatch.late(get_redis(), settings, msg), msg)
+        return crypto.encrypt_message(reply, nonce) if reply and crypto is not None else reply
+    except Exception:  # §7.3: WeChat must never see an error
+        log.exception("wechat message from %s: no late reply", msg.source)
+        return ""
 
 
 def _refused(exc: Refused) -> Response:
