@@ -605,6 +605,29 @@ def test_native_upstream_plain_stream_and_previous(native: LiveServer, funded: t
     assert ledger.verify(r) == []
 
 
+def test_native_items_are_renamed_for_their_turn_and_referenced(
+        native: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """Red team 2: natively the upstream's item ids were kept, so they named no turn of ours
+    and an item_reference to one (the Vercel AI SDK's next turn) was a 400. Output items get
+    ids of their turn, the same in every stream event as in the stored Response."""
+    client = sdk(native, funded[0])
+    first = client.responses.create(model=MODEL, input="原生")
+    with client.responses.stream(model=MODEL, input="流") as stream:
+        seen = list(stream)
+        streamed = stream.get_final_response()
+    for got in (first, streamed):
+        assert got.output[0].id.startswith("msg_" + got.id.removeprefix("resp_"))
+    ids = {getattr(e, "item_id", None) or getattr(getattr(e, "item", None), "id", None)
+           for e in seen} - {None}
+    assert ids == {streamed.output[0].id}
+    again = client.responses.create(model=MODEL, input=[
+        {"type": "item_reference", "id": first.output[0].id},
+        {"role": "user", "content": "下一轮"}])
+    assert native_sent(upstream)["input"][0] == {"type": "message", "role": "assistant",
+                                                 "content": first.output_text}
+    assert again.output_text.endswith("下一轮")
+
+
 def test_native_function_call_and_refused_builtin_tool(native: LiveServer,
                                                        funded: tuple[str, str]) -> None:
     client = sdk(native, funded[0])

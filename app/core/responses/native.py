@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.core.responses import answer
+
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 # Events whose `delta` is produced text (what an estimate counts when no usage comes).
 _PRODUCED = ("response.output_text.delta", "response.refusal.delta",
@@ -28,9 +30,37 @@ def output_text(output: Any) -> str:
     return "".join(parts)
 
 
-def own(skeleton: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
-    """Return an upstream's Response with this service's id, chain and store flag."""
-    return {**upstream, **{k: skeleton[k] for k in ("id", "previous_response_id", "store")}}
+def own(skeleton: dict[str, Any], upstream: dict[str, Any],
+        ids: dict[str, str] | None = None) -> dict[str, Any]:
+    """Return an upstream's Response with this service's id, chain and store flag, and its
+    output items under ids that name this turn (an item_reference finds them: answer.item_id);
+    `ids` keeps the upstream's id -> ours across a stream's events."""
+    made = {**upstream, **{k: skeleton[k] for k in ("id", "previous_response_id", "store")}}
+    output = made.get("output")
+    if isinstance(output, list):
+        ids = {} if ids is None else ids
+        made["output"] = [_renamed(item, skeleton["id"], ids) for item in output]
+    return made
+
+
+_PREFIXES = {"message": "msg", "function_call": "fc", "reasoning": "rs",
+             "custom_tool_call": "ctc"}  # OpenAI's id prefix of an item type
+
+
+def _our_id(upstream_id: str, response_id: str, ids: dict[str, str], kind: Any = None) -> str:
+    if upstream_id not in ids:
+        prefix = _PREFIXES.get(kind) if isinstance(kind, str) else None
+        if prefix is None:
+            prefix = upstream_id.partition("_")[0] if "_" in upstream_id else "item"
+            prefix = prefix if prefix.isalnum() and len(prefix) <= 8 else "item"
+        ids[upstream_id] = answer.item_id(prefix, response_id)
+    return ids[upstream_id]
+
+
+def _renamed(item: Any, response_id: str, ids: dict[str, str]) -> Any:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+        return item
+    return {**item, "id": _our_id(item["id"], response_id, ids, item.get("type"))}
 
 
 class NativeEvents:
@@ -43,6 +73,7 @@ class NativeEvents:
         self.usage: Any = None
         self.texts: list[str] = []
         self.items: dict[int, Any] = {}  # output_index -> finished item
+        self.ids: dict[str, str] = {}  # the upstream's item id -> ours (own)
 
     def take(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Return the event to forward for one upstream event (None: not an event, skip it)."""
@@ -51,8 +82,13 @@ class NativeEvents:
             return None
         event = {**obj, "sequence_number": self.seq}
         self.seq += 1
+        rid = self.response["id"]
         if isinstance(event.get("response"), dict):
-            event["response"] = own(self.response, event["response"])
+            event["response"] = own(self.response, event["response"], self.ids)
+        if "item" in event:
+            event["item"] = _renamed(event["item"], rid, self.ids)
+        if isinstance(event.get("item_id"), str):
+            event["item_id"] = _our_id(event["item_id"], rid, self.ids)
         if kind in _PRODUCED and isinstance(event.get("delta"), str):
             self.texts.append(event["delta"])
         if kind == "response.output_item.done" and isinstance(event.get("output_index"), int):
