@@ -200,3 +200,25 @@ def test_a_failed_job_is_stored_and_shown_masked(redis_url: str, r: Any) -> None
     page = app.test_client().get("/admin/rq", headers={
         "Authorization": "Bearer admin-token-for-tests-0123456789"}).get_data(as_text=True)
     assert job.id in page and secret not in page and "sk-abcdef" not in page
+
+
+def test_a_token_lock_held_too_long_is_transient(wx: FakeWeChatAPI, redis_url: str,
+                                                 r: Any) -> None:
+    """Red team 2: another process fetching the token for longer than the lock wait made
+    redis-py's LockError fail bot jobs for good (and their apology with them). It is a
+    transient failure now (rq retries), and a token the other process stored meanwhile is
+    used."""
+    from app.core.config import load_settings
+    from app.edges.store import make_redis
+    from app.edges.wechat_api import WeChatTransient
+
+    client = SharedTokenClient(load_settings(env_for(wx, redis_url)), make_redis(redis_url, 4))
+    client.lock_wait = 0.2
+    lock = f"xy:wx:token:{wx.appid}:lock"
+    r.set(lock, "another-process", ex=30)
+    with pytest.raises(WeChatTransient):
+        client.access_token  # noqa: B018 - fetching it is the call
+    r.set(f"xy:wx:token:{wx.appid}_access_token", json.dumps("TOKEN-FROM-ELSEWHERE"), ex=600)
+    assert client.refresh(None) == "TOKEN-FROM-ELSEWHERE"
+    assert wx.token_fetches == 0
+    r.delete(lock)

@@ -16,11 +16,13 @@ WeChatTransient, so the bot's jobs retry them and nothing else (SPEC §7.14).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import redis
 import requests
 from flask import current_app
+from redis.exceptions import LockError
 from wechatpy import WeChatClient
 from wechatpy.exceptions import WeChatClientException
 from wechatpy.session.redisstorage import RedisStorage
@@ -76,15 +78,28 @@ class SharedTokenClient(WeChatClient):  # type: ignore[misc]  # wechatpy ships n
         """Fill a missing token (wechatpy's hook), under the lock."""
         return {"access_token": self.refresh(None)}
 
+    lock_wait = LOCK_SECONDS  # how long a refresh waits for another process's fetch
+
     def refresh(self, failed: str | None) -> str:
-        """Fetch a new token under the lock unless another process replaced `failed` already."""
+        """Fetch a new token under the lock unless another process replaced `failed` already.
+        A lock held past lock_wait (another process's fetch hanging on WeChat) is transient:
+        the job is retried, never failed for good."""
         lock = self.redis.lock(f"{PREFIX}:{self.appid}:lock", timeout=LOCK_SECONDS,
-                               blocking_timeout=LOCK_SECONDS, sleep=0.05)
-        with lock:
+                               blocking_timeout=self.lock_wait, sleep=0.05)
+        if not lock.acquire():  # False past blocking_timeout
             current: str | None = self.session.get(self.access_token_key)
             if current and current != failed:
                 return current
+            raise WeChatTransient(None, "token: another process is still fetching it",
+                                  client=self)
+        try:
+            current = self.session.get(self.access_token_key)
+            if current and current != failed:
+                return current
             return self._fetch_token()
+        finally:
+            with contextlib.suppress(LockError):
+                lock.release()
 
     def _fetch_token(self) -> str:
         try:
