@@ -18,8 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+import requests
 from redis.client import Pipeline
 from redis.typing import EncodableT
+from wechatpy.exceptions import WeChatClientException
 
 from app.bot import handoff as h
 from app.bot.jobs import TRANSIENT, last_attempt
@@ -229,8 +231,10 @@ class Delivery:
                     self.r.set(h.NOPUSH, 1, ex=h.NOPUSH_TTL)
                 if isinstance(exc, TRANSIENT) and not last_attempt():
                     raise  # rq retries, and the re-run skips what was sent
-                log.warning("push to %s failed (%s %s); parking %d items", self.openid,
-                            type(exc).__name__, code, len(items) - i)
+                expected = isinstance(exc, WeChatClientException | requests.RequestException)
+                log.log(logging.WARNING if expected else logging.ERROR,
+                        "push to %s failed (%s %s); parking %d items", self.openid,
+                        type(exc).__name__, code, len(items) - i, exc_info=not expected)
                 return self._park(items[i:])  # never lost: 继续 delivers them
         self._park(later, state="pushed")
         return "pushed"
