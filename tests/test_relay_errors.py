@@ -365,3 +365,19 @@ def test_rate_limit_is_429_with_retry_after(tmp_path: Path, upstream: FakeUpstre
     assert 1 <= int(resp.headers["Retry-After"]) <= 60
     assert "x-should-retry" not in resp.headers
     assert snapshot(r, acct) == before and len(upstream.requests) == 2
+
+
+def test_a_refusal_page_that_is_no_json_is_blotted_before_it_is_cut() -> None:
+    """Review: a 400/404/422 answered as HTML or plain text was cut to 200 characters first,
+    so a key starting near the cut reached the client all but its last characters."""
+    from app.core.config import Channel
+    from app.edges.upstream import _refusal
+
+    class Page:  # what _refusal reads of a response: json() and text
+        text = "x" * 188 + UPSTREAM_KEY + " and the rest of the page"
+
+        def json(self) -> Any:
+            raise ValueError("not JSON")
+
+    got = _refusal(Page(), 400, Channel(name="a", base_url="http://up", api_key=UPSTREAM_KEY))
+    assert got is not None and UPSTREAM_KEY[:6] not in got.message and "***" in got.message

@@ -206,6 +206,14 @@ def test_item_references_name_the_stored_items_of_the_accounts_turns(
     assert last_chat(upstream)["messages"][0] == {"role": "assistant",
                                                   "content": second.output_text}
     assert third.output_text == ANSWER_PREFIX + "谢谢"
+    # OpenAI's ItemReferenceParam: `type` may be left out or null
+    untyped = post(live, key, {"model": MODEL, "input": [
+        {"id": second.output[0].id}, {"type": None, "id": listed[0].id},
+        {"role": "user", "content": "再见"}]})
+    assert untyped.status_code == 200, untyped.text[:300]
+    assert last_chat(upstream)["messages"][:2] == [
+        {"role": "assistant", "content": second.output_text},
+        {"role": "user", "content": "北京天气"}]
     other, _ = new_key(r, "10")
     for ref, status in ((call.id, 400), ("fc_" + "0" * 56, 400)):
         resp = post(live, other, {"model": MODEL, "input": [
@@ -767,6 +775,31 @@ def test_the_stored_conversation_a_request_continues_spends_the_keys_large_body_
         both = {"type": "item_reference", "id": first["output"][0]["id"]}
         over = post(server, key, {"model": MODEL, "input": [both, ref]})  # two turns: spent
         assert over.status_code == 429 and len(upstream.requests) == before + 1
+    finally:
+        server.stop()
+
+
+def test_a_reference_spends_the_budget_once(upstream: FakeUpstream, redis_url: str,
+                                            r: redis.Redis) -> None:
+    """Review: a reference spent the budget for the turn it read and again for the item it
+    sent, twice what a previous_response_id continuation of the same turn costs. It pays
+    once, the larger of the two: with 2 MiB a minute and a 0.3 MB turn (its making spends
+    0.3 MB), four references fit (they spent 0.6 MB each: the third was refused)."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    toml = {"limits": {"key_large_body_mib_per_minute": 2}}
+    server = LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
+    try:
+        key, _ = new_key(r)
+        image = {"type": "input_image", "image_url": _padded_image(300_000), "detail": "low"}
+        first = post(server, key, {"model": MODEL, "input": [{"role": "user",
+                                                                "content": [image]}]}).json()
+        listed = requests.get(f"{server.url}/v1/responses/{first['id']}/input_items",
+                              headers={"Authorization": f"Bearer {key}"}, timeout=20).json()
+        ref = {"type": "item_reference", "id": listed["data"][0]["id"]}
+        got = [post(server, key, {"model": MODEL, "input": [ref]}).status_code
+               for _ in range(6)]
+        assert got[:4] == [200] * 4 and got[-1] == 429, got
     finally:
         server.stop()
 

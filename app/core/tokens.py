@@ -101,7 +101,7 @@ class _OverLimit(Exception):
     """Raised inside a count once the running total passes the limit."""
 
 
-MAX_ITEMS = 4096  # messages, content parts and prompt/input entries counted in one request
+MAX_ITEMS = 16384  # messages, content parts and prompt/input entries counted in one request
 
 
 class TooManyItems(InvalidRequest):

@@ -471,16 +471,16 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int,
     None for any other status (the channel's failure, not the request's)."""
     if status not in (400, 404, 422):
         return None
+    secret = channel.api_key if len(channel.api_key) >= 8 else "\0"  # (no short key is blotted)
     err: Any = None
     try:
         data = resp.json()
         err = data.get("error") if isinstance(data, dict) else data
         text = err.get("message") if isinstance(err, dict) else err
     except ValueError:
-        text = resp.text[:200]
+        text = resp.text.replace(secret, "***")[:200]  # blotted before it is cut
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
         text = ""
-    secret = channel.api_key if len(channel.api_key) >= 8 else "\0"  # (no short key is blotted)
     fields = err if isinstance(err, dict) else {}
     word = {k: v for k in ("type", "code") if isinstance(v := fields.get(k), str)
             and _ERROR_WORD.fullmatch(v) and v not in OPERATORS_CODES and secret not in v}

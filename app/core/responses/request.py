@@ -82,6 +82,8 @@ def _check_item(item: Any, where: str, native: bool) -> None:
     if item.get("id") is not None and not isinstance(item["id"], str):
         raise bad(f"{where}.id must be a string.", f"{where}.id")
     kind = item.get("type")
+    if kind is None and "id" in item and "role" not in item and "content" not in item:
+        kind = item["type"] = "item_reference"  # OpenAI's ItemReferenceParam: type optional
     kind = "message" if kind is None else kind  # a message may leave its type out
     if kind == "message":
         if item.get("role") not in ROLES:

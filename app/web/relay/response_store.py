@@ -127,31 +127,29 @@ def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
         return None
     items: list[dict[str, Any]] = []
     for turn in [*map(orjson.loads, older), record]:
-        items += turn["input"] + turn["response"]["output"]
+        items += turn["input"] + (turn["response"].get("output") or [])
     return [*chain, rid], items
 
 
 def referenced(r: Store, acct: str, ids: list[str], max_bytes: int,
-               spend: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Return the stored items of the account these ids name (item_reference), by id; an id
-    not found is absent. Each id of ours names its turn (answer.item_id): the turns are read in
-    one MGET, after their stored sizes say they fit in `max_bytes` together (else TooLarge)
-    and `spend` was given them."""
+               ) -> tuple[dict[str, dict[str, Any]], int]:
+    """Return the stored items of the account these ids name (item_reference), by id (an id
+    not found is absent), and the bytes read. Each id of ours names its turn (answer.item_id):
+    the turns are read in one MGET, after their stored sizes say they fit in `max_bytes`
+    together (else TooLarge)."""
     turns = sorted({t for t in map(answer.response_of, ids) if t and _plausible(t)})
     if not turns:
-        return {}
+        return {}, 0
     total = sum(int(s or 0) for s in r.hmget(_quota_keys(acct)[1], turns))
     if total > max_bytes:
         raise TooLarge(turns[0])
-    if spend is not None:
-        spend(total)
     wanted, found = set(ids), {}
     for raw in r.mget([_key(acct, t) for t in turns]):
         record = orjson.loads(raw) if raw is not None else {"input": [], "response": {}}
-        for item in record["input"] + record["response"].get("output", []):
+        for item in record["input"] + (record["response"].get("output") or []):
             if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in wanted:
                 found[item["id"]] = item
-    return found
+    return found, total
 
 
 def save(r: redis.Redis, acct: str, chain: list[str], items: list[dict[str, Any]],

@@ -76,9 +76,7 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
         return items
     limit = settings().relay.get("max_body_bytes", 32 << 20)
     try:
-        acct = _account(call, plan)  # the turns read, then each item as often as it is named
-        found = response_store.referenced(get_redis(), acct, ids, limit,
-                                          lambda size: spend_large_bytes(call.raw_key, acct, size))
+        found, read = response_store.referenced(get_redis(), _account(call, plan), ids, limit)
     except response_store.TooLarge:
         raise _too_large(limit, "input") from None
     out, size, sizes = [], 0, {}
@@ -95,7 +93,8 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
             if size > limit:
                 raise _too_large(limit, "input")
         out.append(item)
-    spend_large_bytes(call.raw_key, plan.acct or "", size)
+    # The key's large-body budget pays once: the turns read or the items sent, the larger.
+    spend_large_bytes(call.raw_key, plan.acct or "", max(read, size))
     return out
 
 
