@@ -329,3 +329,22 @@ def test_the_bot_bills_untrusted_usage_within_its_bounds(usage: dict[str, Any], 
     assert int(entry["ct"]) <= settings.bot.chat_max_tokens
     assert wallet.balance(r, acct) == 10_000 - int(entry["cost"]) > 0
     assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
+
+
+def test_a_wait_that_begins_late_ends_by_the_webhooks_deadline(r: Any) -> None:
+    """Review: a webhook thread held up before it began to wait (a hung store, a busy pool)
+    got a fresh reply_wait_seconds, and took the answer as a passive reply for a request
+    answered "success" long before. The wait ends by the deadline the webhook gives it; past
+    it, the message is handed over at once (its job pushes or parks the answer)."""
+    from app.bot import handoff
+    from app.bot.delivery import Delivery
+
+    settings = load_settings({}, toml={"bot": {"reply_wait_seconds": 4.5}})
+    until = time.time() + 0.2
+    dl = Delivery(r, settings, OPENID, f"{OPENID}:777000099")
+    dl.wait(1, None, until)  # (without the push API it says "still thinking": 继续 gets it)
+    state = r.hgetall(handoff.state_key(dl.dk))
+    assert state["state"] == "handed" and int(state["until"]) <= until * 1000 + 1
+    late = Delivery(r, settings, OPENID, f"{OPENID}:777000098")
+    late.wait(1, None, time.time() - 1)  # its deadline passed: no wait at all
+    assert r.hget(handoff.state_key(late.dk), "state") == "handed"

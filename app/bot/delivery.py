@@ -99,12 +99,16 @@ class Delivery:
         pipe.expire(h.pending_key(self.openid), 600)
         pipe.execute()
 
-    def wait(self, attempt: int, then: Callable[[], None] | None = None) -> Item | None:
+    def wait(self, attempt: int, then: Callable[[], None] | None = None,
+             until: float | None = None) -> Item | None:
         """Run `then` (queue the job) unless decided, wait; return the passive reply or None.
 
         A decided message (answered, refused, rate-limited, pushed) never queues its job again:
         that job would charge for an answer no one can be given any more."""
-        state, item = self._await(self.settings.bot.reply_wait_seconds, then)
+        wait_s = self.settings.bot.reply_wait_seconds
+        if until is not None:  # the webhook's own deadline (time.time()): never wait past it
+            wait_s = max(0.0, min(wait_s, until - time.time()))
+        state, item = self._await(wait_s, then)
         if state == "passive":
             return item
         if state == "parked":
@@ -139,7 +143,9 @@ class Delivery:
         finishes is pushed or parked, never kept for a wait that already answered."""
         state, reply, sealed = script(self.r, h.TAKE)(keys=[h.state_key(self.dk)],
                                                       args=[2**53, "1"])
-        return self._opened(reply, sealed) if state == "passive" else None
+        if state == "passive":
+            return self._opened(reply, sealed)
+        return None if self.can_push() else self.text("still_thinking")  # 继续 will have it
 
     def _opened(self, reply: str, sealed: str) -> Item | None:
         """Return the stored reply, the sealed one (a raw key) when this process can open it."""

@@ -232,3 +232,4 @@ def test_webhook_answers_within_5s_while_redis_hangs(embedded: EmbeddedRedis,
         # rather than waiting out the store's 10 s socket timeout: the log says which path ran.
         assert resp.status_code == 200 and resp.text == "success" and took < HANG_S, took
         assert "not answered in 4.3 s; answering success" in caplog.text
+

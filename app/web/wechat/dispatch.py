@@ -54,8 +54,10 @@ def route(msg: BaseMessage) -> tuple[str, str]:
     return "static", "unsupported"
 
 
-def handle(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
-    """Answer one message: the reply item for a passive reply, or None ('success')."""
+def handle(r: redis.Redis, settings: Settings, msg: BaseMessage,
+           until: float | None = None) -> Item | None:
+    """Answer one message: the reply item for a passive reply, or None ('success'); a wait
+    for the answer ends by `until` (the webhook's deadline, time.time())."""
     kind, arg = route(msg)
     if kind == "ignore":
         return None
@@ -64,7 +66,7 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
     first, attempt, known = dedupe.arrive(r, dk, dl.openid)
     if not first:  # a retry: the outcome of the first delivery (a lost job is queued again)
         return dl.wait(attempt, (lambda: _queue(dl, kind, arg, only_missing=True))
-                       if kind in ASKED else None)
+                       if kind in ASKED else None, until)
     acct = users.ensure_account(r, settings, dl.openid, known)
     if kind not in EVENTS:
         limit = settings.limits.get("user_messages_per_minute", 0)
@@ -78,7 +80,7 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
         return dl.reply_now(dl.text("picture_unavailable"))  # no media/get without the API
     if kind in ASKED:
         dl.expect()
-        return dl.wait(attempt, lambda: _queue(dl, kind, arg))
+        return dl.wait(attempt, lambda: _queue(dl, kind, arg), until)
     return dl.reply_now(_at_once(dl, acct, kind, arg))
 
 

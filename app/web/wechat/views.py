@@ -8,6 +8,7 @@ message only (app/web/wechat/replay.py).
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -25,6 +26,7 @@ CRYPTO = "xiaoyi.wechat_crypto"
 POOL = "xiaoyi.wechat_pool"
 DEADLINE_SECONDS = 4.3  # WeChat gives up after 5 s; answer "success" before that, whatever hangs
 LATE_SECONDS = 0.3  # past the deadline: to hand the message over (or take a reply made meanwhile)
+WAIT_MARGIN = 0.15  # a wait for the answer ends this long before the deadline
 
 
 def _plain(body: str, status: int = 200) -> Response:
@@ -75,8 +77,10 @@ def webhook() -> Response:
     query = (args.get("timestamp", ""), args.get("nonce", ""))
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     try:
+        until = time.time() + DEADLINE_SECONDS - WAIT_MARGIN  # however late a wait starts
         future = app.extensions[POOL].submit(_answer, app, settings, msg, query,
-                                             xml.encode("utf-8") if isinstance(xml, str) else xml)
+                                             xml.encode("utf-8") if isinstance(xml, str) else xml,
+                                             until)
         reply = future.result(timeout=DEADLINE_SECONDS)
         if reply and crypto is not None:
             reply = crypto.encrypt_message(reply, args.get("nonce", ""))
@@ -119,9 +123,11 @@ def _refused(exc: Refused) -> Response:
 
 
 def _answer(app: Flask, settings: Settings, msg: BaseMessage, query: tuple[str, str],
-            xml: bytes) -> str:
-    """Handle one verified message in the app's context; return the reply XML or ''."""
+            xml: bytes, until: float) -> str:
+    """Handle one verified message in the app's context; return the reply XML or ''. A wait
+    for the answer ends by `until`, however late the thread got to it: a reply this thread
+    takes is one the webhook can still send."""
     with app.app_context():
         r = get_redis()
         replay.check_once(r, *query, xml)
-        return verify.render(dispatch.handle(r, settings, msg), msg)
+        return verify.render(dispatch.handle(r, settings, msg, until), msg)
