@@ -746,16 +746,33 @@ def test_a_conversation_larger_than_a_body_is_not_continued(upstream: FakeUpstre
         server.stop()
 
 
+def _a_stored_picture(server: LiveServer, r: redis.Redis, size: int) -> tuple[str, dict[str, Any]]:
+    """Store a turn of one low-detail picture of about `size` characters for a new key; return
+    the key and an item_reference to that picture's input item."""
+    key, _ = new_key(r)
+    image = {"type": "input_image", "image_url": _padded_image(size), "detail": "low"}
+    first = post(server, key, {"model": MODEL, "input": [{"role": "user",
+                                                            "content": [image]}]}).json()
+    listed = requests.get(f"{server.url}/v1/responses/{first['id']}/input_items",
+                          headers={"Authorization": f"Bearer {key}"}, timeout=20).json()["data"]
+    return key, {"type": "item_reference", "id": listed[0]["id"]}
+
+
+def budgeted(upstream: FakeUpstream, redis_url: str, r: redis.Redis, mib: int) -> LiveServer:
+    """Start the relay live with a key budget of `mib` MiB of large requests a minute."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    toml = {"limits": {"key_large_body_mib_per_minute": mib}}
+    return LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
+
+
 def test_the_stored_conversation_a_request_continues_spends_the_keys_large_body_budget(
         upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
     """Red team: a key with nothing to spend could make every request read megabytes of its
     stored conversation (and send them upstream) before the hold refused it, 600 times a
     minute. The bytes a continuation (or an item_reference) makes the relay read are spent from
     the key's budget of large requests, like a large body's: past it, 429 before the read."""
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
-           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    toml = {"limits": {"key_large_body_mib_per_minute": 1}}
-    server = LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
+    server = budgeted(upstream, redis_url, r, mib=1)
     try:
         key, acct = new_key(r)
         image = {"type": "input_image", "image_url": _padded_image(200_000), "detail": "low"}
@@ -785,18 +802,9 @@ def test_a_reference_spends_the_budget_once(upstream: FakeUpstream, redis_url: s
     sent, twice what a previous_response_id continuation of the same turn costs. It pays
     once, the larger of the two: with 2 MiB a minute and a 0.3 MB turn (its making spends
     0.3 MB), four references fit (they spent 0.6 MB each: the third was refused)."""
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
-           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    toml = {"limits": {"key_large_body_mib_per_minute": 2}}
-    server = LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
+    server = budgeted(upstream, redis_url, r, mib=2)
     try:
-        key, _ = new_key(r)
-        image = {"type": "input_image", "image_url": _padded_image(300_000), "detail": "low"}
-        first = post(server, key, {"model": MODEL, "input": [{"role": "user",
-                                                                "content": [image]}]}).json()
-        listed = requests.get(f"{server.url}/v1/responses/{first['id']}/input_items",
-                              headers={"Authorization": f"Bearer {key}"}, timeout=20).json()
-        ref = {"type": "item_reference", "id": listed["data"][0]["id"]}
+        key, ref = _a_stored_picture(server, r, 300_000)
         got = [post(server, key, {"model": MODEL, "input": [ref]}).status_code
                for _ in range(6)]
         assert got[:4] == [200] * 4 and got[-1] == 429, got
@@ -813,13 +821,7 @@ def test_an_item_named_again_and_again_is_sent_each_time_and_counted_each_time(
     that is no string is a 400, not a 500."""
     server = serve_with(upstream, redis_url, r, max_body_bytes=1_000_000)
     try:
-        key, _ = new_key(r)
-        image = {"type": "input_image", "image_url": _padded_image(200_000), "detail": "low"}
-        first = post(server, key, {"model": MODEL, "input": [{"role": "user",
-                                                                "content": [image]}]}).json()
-        listed = requests.get(f"{server.url}/v1/responses/{first['id']}/input_items",
-                              headers={"Authorization": f"Bearer {key}"}, timeout=20).json()["data"]
-        ref = {"type": "item_reference", "id": listed[0]["id"]}
+        key, ref = _a_stored_picture(server, r, 200_000)
         sent = len(upstream.requests)
         assert post(server, key, {"model": MODEL, "input": [ref] * 3}).status_code == 200
         refused = post(server, key, {"model": MODEL, "input": [ref] * 5})
