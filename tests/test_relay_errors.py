@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from conftest import UPSTREAM_KEY, LiveServer, make_settings
 from openapi_schemas import validate
 
 from app import create_app
+from app.core.config import load_settings
 from app.core.money import layout, ledger, wallet
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
@@ -367,17 +370,38 @@ def test_rate_limit_is_429_with_retry_after(tmp_path: Path, upstream: FakeUpstre
     assert snapshot(r, acct) == before and len(upstream.requests) == 2
 
 
-def test_a_refusal_page_that_is_no_json_is_blotted_before_it_is_cut() -> None:
+class _RefusalPage(BaseHTTPRequestHandler):
+    """An upstream that refuses every request with an HTML page quoting its own key near the
+    200th character (a proxy's or a gateway's error page)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        page = ("<html>" + "x" * 182 + UPSTREAM_KEY + " rejected</html>").encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *_args: Any) -> None:
+        """Quiet."""
+
+
+def test_a_refusal_page_that_is_no_json_is_blotted_before_it_is_cut(
+        redis_url: str, r: redis.Redis, funded: tuple[str, str]) -> None:
     """Review: a 400/404/422 answered as HTML or plain text was cut to 200 characters first,
     so a key starting near the cut reached the client all but its last characters."""
-    from app.core.config import Channel
-    from app.edges.upstream import _refusal
-
-    class Page:  # what _refusal reads of a response: json() and text
-        text = "x" * 188 + UPSTREAM_KEY + " and the rest of the page"
-
-        def json(self) -> Any:
-            raise ValueError("not JSON")
-
-    got = _refusal(Page(), 400, Channel(name="a", base_url="http://up", api_key=UPSTREAM_KEY))
-    assert got is not None and UPSTREAM_KEY[:6] not in got.message and "***" in got.message
+    page = ThreadingHTTPServer(("127.0.0.1", 0), _RefusalPage)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    try:
+        env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+               "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{page.server_address[1]}/v1"}
+        client = create_app(load_settings(env), redis_client=r).test_client()
+        resp = client.post("/v1/chat/completions", json={
+            "model": "gpt-3.5", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {funded[0]}"})
+    finally:
+        page.shutdown()
+    assert resp.status_code == 400
+    shown = resp.get_json()["error"]["message"]
+    assert UPSTREAM_KEY[:6] not in shown and "***" in shown

@@ -86,20 +86,19 @@ class SharedTokenClient(WeChatClient):  # type: ignore[misc]  # wechatpy ships n
         the job is retried, never failed for good."""
         lock = self.redis.lock(f"{PREFIX}:{self.appid}:lock", timeout=LOCK_SECONDS,
                                blocking_timeout=self.lock_wait, sleep=0.05)
-        if not lock.acquire():  # False past blocking_timeout
+        held = lock.acquire()  # False past blocking_timeout
+        try:
             current: str | None = self.session.get(self.access_token_key)
             if current and current != failed:
                 return current
-            raise WeChatTransient(None, "token: another process is still fetching it",
-                                  client=self)
-        try:
-            current = self.session.get(self.access_token_key)
-            if current and current != failed:
-                return current
+            if not held:
+                raise WeChatTransient(None, "token: another process is still fetching it",
+                                      client=self)
             return self._fetch_token()
         finally:
-            with contextlib.suppress(LockError):
-                lock.release()
+            if held:
+                with contextlib.suppress(LockError):
+                    lock.release()
 
     def _fetch_token(self) -> str:
         try:

@@ -115,8 +115,7 @@ def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
         return None
     record = orjson.loads(raw)
     chain: list[str] = record["chain"]
-    sizes = r.hmget(_quota_keys(acct)[1], chain) if chain else []
-    total = len(raw) + sum(int(s or 0) for s in sizes)
+    total = len(raw) + _stored_bytes(r, acct, chain)
     if max_bytes is not None and total > max_bytes:
         raise TooLarge(rid)
     if spend is not None:
@@ -127,8 +126,18 @@ def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
         return None
     items: list[dict[str, Any]] = []
     for turn in [*map(orjson.loads, older), record]:
-        items += turn["input"] + (turn["response"].get("output") or [])
+        items += _items(turn)
     return [*chain, rid], items
+
+
+def _stored_bytes(r: Store, acct: str, turns: list[str]) -> int:
+    """Return the bytes these stored turns of the account hold (the quota's sizes hash)."""
+    return sum(int(s or 0) for s in r.hmget(_quota_keys(acct)[1], turns)) if turns else 0
+
+
+def _items(turn: dict[str, Any]) -> list[Any]:
+    """Return a stored turn's items: its input, then its output."""
+    return list(turn["input"]) + (turn["response"].get("output") or [])
 
 
 def referenced(r: Store, acct: str, ids: list[str], max_bytes: int,
@@ -140,13 +149,12 @@ def referenced(r: Store, acct: str, ids: list[str], max_bytes: int,
     turns = sorted({t for t in map(answer.response_of, ids) if t and _plausible(t)})
     if not turns:
         return {}, 0
-    total = sum(int(s or 0) for s in r.hmget(_quota_keys(acct)[1], turns))
+    total = _stored_bytes(r, acct, turns)
     if total > max_bytes:
         raise TooLarge(turns[0])
     wanted, found = set(ids), {}
     for raw in r.mget([_key(acct, t) for t in turns]):
-        record = orjson.loads(raw) if raw is not None else {"input": [], "response": {}}
-        for item in record["input"] + (record["response"].get("output") or []):
+        for item in _items(orjson.loads(raw)) if raw is not None else []:
             if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in wanted:
                 found[item["id"]] = item
     return found, total
