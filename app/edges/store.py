@@ -11,7 +11,8 @@ URL forms of XIAOYI_REDIS_URL (the money store):
 XIAOYI_QUEUE_REDIS_URL puts rq on its own single node or Sentinel (rq is not Cluster-safe; a
 Cluster URL for the queues is refused). Nothing here ever starts a Redis: without a URL the app
 refuses to start (only `xiaoyi run` starts the embedded engine, in app.runtime.procs).
-Every client has a blocking pool: greenlets wait for a free connection instead of failing.
+Every client has a blocking pool: greenlets wait for a free connection instead of failing
+(app.edges.store_pool: redis-py's, its readiness check one syscall).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from app.core.config import ConfigError, Settings
 from app.core.money.scripts import set_wait_replicas
 from app.edges import durability
+from app.edges.store_pool import QuickPool
 
 if TYPE_CHECKING:
     from rq import Queue
@@ -42,8 +44,8 @@ NO_URL = ("XIAOYI_REDIS_URL is not set. `xiaoyi web`, `xiaoyi worker` and the ap
           "engine.")
 
 
-class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """A Sentinel-managed pool that waits for a free connection (like BlockingConnectionPool)."""
+class BlockingSentinelPool(SentinelConnectionPool, QuickPool):
+    """A Sentinel-managed pool that waits for a free connection (like QuickPool)."""
 
 
 def _pool_size(max_connections: int | None) -> int:
@@ -108,12 +110,12 @@ def make_redis(url: str, max_connections: int | None = None, decode: bool = True
         client: Any = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user,
             password=password, decode_responses=decode, ssl=scheme.startswith("rediss"),
-            connection_pool_class=redis.BlockingConnectionPool, max_connections=size,
+            connection_pool_class=QuickPool, max_connections=size,
             health_check_interval=30, **TIMEOUTS)
     elif scheme in ("redis+sentinel", "rediss+sentinel"):
         client = _sentinel_client(parts, scheme, size, decode)
     else:  # redis, rediss, unix (check_url refused every other scheme)
-        pool = redis.BlockingConnectionPool.from_url(
+        pool = QuickPool.from_url(
             url, max_connections=size, timeout=5, health_check_interval=30,
             decode_responses=decode, **TIMEOUTS)
         client = redis.Redis(connection_pool=pool)
@@ -166,9 +168,8 @@ def bytes_twin(client: redis.Redis) -> redis.Redis:
             pool.service_name, connection_pool_class=BlockingSentinelPool,
             max_connections=50, timeout=5, decode_responses=False))
     kwargs = {**pool.connection_kwargs, "decode_responses": False}
-    twin = redis.BlockingConnectionPool(connection_class=pool.connection_class,
-                                        max_connections=pool.max_connections, timeout=5,
-                                        **kwargs)
+    twin = QuickPool(connection_class=pool.connection_class,
+                     max_connections=pool.max_connections, timeout=5, **kwargs)
     return redis.Redis(connection_pool=twin)
 
 
