@@ -21,7 +21,7 @@ from app.core.errors import (
     StoreUnavailable,
 )
 from app.core.metrics import REQUESTS
-from app.edges import durability, store, upstream
+from app.edges import current, durability, store, upstream
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,6 @@ def _init_errors(app: Flask) -> None:
 
     @app.after_request
     def count(resp: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule else "unmatched"
-        REQUESTS.labels(rule, str(resp.status_code)).inc()
+        rule = current.request().url_rule
+        REQUESTS.labels(rule.rule if rule else "unmatched", str(resp.status_code)).inc()
         return resp

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from flask import Flask, current_app
+from flask import Flask
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import parse_url
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.core.config import ConfigError, Settings
 from app.core.money.scripts import set_wait_replicas
-from app.edges import durability
+from app.edges import current, durability
 from app.edges.store_pool import QuickPool
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def get_redis() -> Any:
     down, its RedisError; refused, durability.StoreRefused (a RedisError too), so nothing is
     served from an unchecked or refused store.
     """
-    found = current_app.extensions
+    found = current.app().extensions
     gate = found.get(durability.EXTENSION)
     if gate is not None:
         gate.ensure()  # passed and not due for its periodic check: two attribute reads
@@ -202,7 +202,7 @@ def get_redis() -> Any:
 
 def get_rq_redis() -> redis.Redis:
     """Return the app's Redis client for rq (bytes responses)."""
-    return cast(redis.Redis, current_app.extensions[RQ_EXTENSION])
+    return cast(redis.Redis, current.app().extensions[RQ_EXTENSION])
 
 
 def get_queue(name: str) -> Queue:

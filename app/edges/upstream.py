@@ -21,7 +21,6 @@ import orjson
 import redis
 import requests
 import urllib3
-from flask import current_app
 from requests.adapters import HTTPAdapter
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, default_user_agent, get_environ_proxies
 from urllib3.exceptions import (
@@ -41,6 +40,7 @@ from app.core.errors import (
     UpstreamTimeout,
 )
 from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
+from app.edges import current
 from app.edges.fetch import FetchError, fetch
 from app.edges.netguard import UnsafeURL, check_url, origin
 from app.edges.sse import data_events
@@ -564,5 +564,5 @@ def init_app(app: Any, r: redis.Redis) -> None:
 
 def get_upstream() -> Upstream:
     """Return the app's upstream client."""
-    upstream: Upstream = current_app.extensions[EXTENSION]
+    upstream: Upstream = current.app().extensions[EXTENSION]
     return upstream

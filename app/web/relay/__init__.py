@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response
 
+from app.edges import current
 from app.web.relay import account, chat, cors, media, responses, usage
 from app.web.relay.common import give_turn, ratelimit_headers, request_id_header
 
@@ -25,7 +26,7 @@ def completions() -> Response:
 
 @bp.post("/embeddings")
 def embeddings() -> Response:
-    """Relay an embeddings request."""
+    """Relay an embeddings current.request()."""
     return media.embeddings()
 
 
@@ -63,6 +64,6 @@ def init_app(app: Flask) -> None:
     @app.after_request
     def api_request_id(resp: Response) -> Response:
         # app-wide, so that an unknown route under a prefix (no blueprint matched) has one too
-        if request.path.startswith(UNDER):
+        if current.request().path.startswith(UNDER):
             return request_id_header(resp)
         return resp

@@ -11,7 +11,7 @@ from itertools import islice
 from typing import Any
 
 import orjson
-from flask import Response, current_app, g, request, stream_with_context
+from flask import Response, stream_with_context
 
 from app.core import money
 from app.core.config import ModelPrice, Settings, units_to_yuan
@@ -29,6 +29,7 @@ from app.core.errors import (
 from app.core.money import keys, ratelimit
 from app.core.money.layout import MAX_UNITS, body_budget_key
 from app.core.money.ratelimit import Window
+from app.edges import current
 from app.edges.store import get_redis
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
@@ -49,7 +50,7 @@ class Call:
 
 def settings() -> Settings:
     """Return the app's settings."""
-    s: Settings = current_app.config["SETTINGS"]
+    s: Settings = current.app().config["SETTINGS"]
     return s
 
 
@@ -63,10 +64,10 @@ def read_json(empty_ok: bool = False) -> dict[str, Any]:
 
 def read_body() -> bytes:
     """Return the request body (read once, cached); a 413 when it is over the limit."""
-    raw = request.get_data(cache=True)
-    limit = request.max_content_length
-    if limit is not None and request.content_length is None and len(raw) >= limit and \
-            request.environ["wsgi.input"].read(1):
+    req = current.request()
+    raw = req.get_data(cache=True)
+    limit = req.max_content_length if req.content_length is None else None
+    if limit is not None and len(raw) >= limit and req.environ["wsgi.input"].read(1):
         # A chunked body is cut at the limit without an error (werkzeug): refuse, never truncate.
         raise RequestTooLarge("The request body is larger than the limit.")
     return raw
@@ -176,7 +177,7 @@ def token_ids(value: Any) -> int:
 
 def page_limit(default: int, most: int) -> int:
     """Return a list route's `limit` query parameter (1 to `most`; absent: `default`) or a 400."""
-    raw = request.args.get("limit")
+    raw = current.request().args.get("limit")
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= most):
@@ -195,19 +196,19 @@ def too_long(param: str, cap: int) -> InvalidRequest:
 def take_turn() -> None:
     """Wait for one of this worker's turns (app.edges.turns): given back while the upstream is
     awaited, and for good when the view returns (give_turn)."""
-    turns: Turns = current_app.extensions[TURNS]
+    turns: Turns = current.app().extensions[TURNS]
     turns.take()
 
 
 def give_turn(_exc: BaseException | None = None) -> None:
     """Give this request's turn back (at its teardown: a stream holds none)."""
-    turns: Turns = current_app.extensions[TURNS]
+    turns: Turns = current.app().extensions[TURNS]
     turns.give()
 
 
 def bearer_or_body(body: dict[str, Any] | None) -> str:
     """Return the raw key from Authorization: Bearer, api_secret_key, or nothing."""
-    auth = request.headers.get("Authorization", "")
+    auth = current.request().headers.get("Authorization", "")
     if auth[:7].lower() == "bearer " and auth[7:].strip():  # an empty Bearer falls through
         return auth[7:].strip()
     if body is not None and isinstance(key := body.get("api_secret_key"), str):
@@ -225,8 +226,9 @@ def key_body() -> dict[str, Any] | None:
     at most KEY_BODY_BYTES (a larger one is 413 unread): it carries one key, and it is read
     before any key check.
     """
-    request.max_content_length = KEY_BODY_BYTES
-    if not request.get_data(cache=True):
+    req = current.request()
+    req.max_content_length = KEY_BODY_BYTES
+    if not req.get_data(cache=True):
         return None
     body = parse_json()
     return None if bearer_or_body(None) else body
@@ -249,14 +251,15 @@ def _limit() -> int:
 
 def authenticate(body: dict[str, Any] | None) -> keys.KeyInfo:
     """Resolve the key (no cache: revocation is immediate) and apply its rate limit."""
-    info, g.rate_window = money.authenticate(get_redis(), _raw_key(body), _limit())
-    g.key_id = info.id
+    info, window = money.authenticate(get_redis(), _raw_key(body), _limit())
+    state = current.g()
+    state.rate_window, state.key_id = window, info.id
     return info
 
 
 def ratelimit_headers(resp: Response) -> Response:
     """Add OpenAI's x-ratelimit-*-requests headers to a successful answer of a counted key."""
-    window: Window | None = g.get("rate_window")
+    window: Window | None = current.g().get("rate_window")
     if window is not None and window.limit and resp.status_code < 400:
         resp.headers["x-ratelimit-limit-requests"] = str(window.limit)
         resp.headers["x-ratelimit-remaining-requests"] = str(max(window.remaining, 0))
@@ -270,7 +273,7 @@ def request_id_header(resp: Response) -> Response:
     A call that got as far as gather() keeps its own id (the one its logs and ledger use).
     """
     if "X-Request-Id" not in resp.headers:
-        resp.headers["X-Request-Id"] = g.get("req_id") or new_request_id()
+        resp.headers["X-Request-Id"] = current.g().get("req_id") or new_request_id()
     return resp
 
 
@@ -284,7 +287,7 @@ KEY_FIRST_BYTES = 4 << 10  # a larger body has its key checked before its valida
 
 
 def _large_body() -> bool:
-    length = request.content_length
+    length = current.request().content_length
     return length is None or length > PRECHECK_BYTES
 
 
@@ -295,8 +298,10 @@ def _precheck(raw: str) -> None:
     The hold's script then counts nothing more (admit passes it no limit): one request is one
     count in the key's window, whichever check made it.
     """
-    info, g.rate_window = money.authenticate(get_redis(), raw, _limit())
-    g.key_id, g.prechecked, g.key_info, g.prechecked_raw = info.id, True, info, raw
+    info, window = money.authenticate(get_redis(), raw, _limit())
+    state = current.g()
+    state.rate_window, state.key_id, state.prechecked = window, info.id, True
+    state.key_info, state.prechecked_raw = info, raw
 
 
 # api_secret_key's value as a client writes it (no escapes inside): found in a large body's
@@ -311,7 +316,7 @@ KEYLESS_READS = "xiaoyi.keyless_reads"  # app.extensions: the app's gate (one pe
 def _keyless_gate() -> threading.BoundedSemaphore | None:
     """Return this app's gate on large bodies read before their key is known (None: 0, no
     gate); made on first use."""
-    found = current_app.extensions
+    found = current.app().extensions
     if KEYLESS_READS not in found:
         bound = settings().limits.get("keyless_large_bodies_at_once", 4)
         found[KEYLESS_READS] = threading.BoundedSemaphore(bound) if bound > 0 else None
@@ -365,12 +370,14 @@ def _precheck_body_key() -> None:
 def _spend_body_budget(raw: str) -> None:
     """Count a large body's bytes against its key's budget ([limits]
     key_large_body_mib_per_minute); over it, a 429 before the body is parsed or read."""
-    size = request.content_length
+    req = current.request()
+    size = req.content_length
+    limit = req.max_content_length
     if size is None:  # chunked: read (within the size limit) to know it
         size = len(read_body())
-    elif request.max_content_length is not None and size > request.max_content_length:
+    elif limit is not None and size > limit:
         return  # refused unread (413): nothing to spend
-    info: keys.KeyInfo = g.key_info
+    info: keys.KeyInfo = current.g().key_info
     spend_large_bytes(raw, info.acct, size)
 
 
@@ -407,19 +414,20 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     body = parse_json(empty_ok)
     take_turn()  # the body is read: from here to the answer, this request's steps run in turn
     raw = _raw_key(body)
-    if large and g.get("prechecked_raw") != raw:  # the top-level key is another one: it is
+    state = current.g()
+    if large and state.get("prechecked_raw") != raw:  # the top-level key is another one: it is
         _precheck(raw)  # the request's, checked and counted, and its budget pays the bytes
         _spend_body_budget(raw)
-    elif not large and (request.content_length or 0) > KEY_FIRST_BYTES:
+    elif not large and (current.request().content_length or 0) > KEY_FIRST_BYTES:
         _precheck(raw)  # counting its tokens costs more than the round trip: not for a 401
     check_depth(body, read_body())
     for name in [k for k, v in body.items() if v is None]:
         del body[name]
     body.pop("api_secret_key", None)
     req_id = new_request_id()
-    g.req_id = req_id
+    state.req_id = req_id
     call = Call(req_id, body, raw, "", "", ModelPrice("chat"))
-    g.call = call
+    state.call = call
     cfg = settings()
     model = body.get("model", cfg.defaults.get(kinds[0], ""))
     if not isinstance(model, str) or not model:
@@ -447,18 +455,20 @@ def gather_keyed(kinds: tuple[str, ...], empty_ok: bool = False
     except ApiError:
         _check_refused_key()
         raise
-    if not g.get("prechecked"):  # a large body: gather checked and counted the key already
+    state = current.g()
+    if not state.get("prechecked"):  # a large body: gather checked and counted the key already
         _precheck(call.raw_key)
-    info: keys.KeyInfo = g.key_info
+    info: keys.KeyInfo = state.key_info
     return call, info
 
 
 def _check_refused_key() -> None:
     """Check (and count) the key of a request refused before its key check, so a bad key (401)
     or a rate limit (429) is answered before the request's own error."""
-    if g.get("prechecked"):
+    state = current.g()
+    if state.get("prechecked"):
         return
-    call = g.get("call")
+    call = state.get("call")
     raw = call.raw_key if call is not None else bearer_or_body(None)  # unparsable body
     if raw:
         _precheck(raw)
@@ -479,7 +489,8 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
     except ApiError:
         _check_refused_key()
         raise
-    prechecked = bool(g.get("prechecked"))
+    state = current.g()
+    prechecked = bool(state.get("prechecked"))
     try:
         held = money.authorize(get_redis(), call.raw_key, call.req_id, amount,
                                model=call.upstream_model, limit=0 if prechecked else _limit())
@@ -487,9 +498,9 @@ def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call,
         raise short(exc.balance, amount) from None
     assert held.key is not None
     call.key = held.key
-    g.key_id = held.key.id
+    state.key_id = held.key.id
     if not prechecked:  # else the early check's window is the request's
-        g.rate_window = held.window
+        state.rate_window = held.window
     return call, held
 
 
@@ -540,7 +551,7 @@ def event_stream(events: Iterator[bytes], req_id: str, on_close: Callable[[], No
     so a reader that stalls cannot keep a hold and a greenlet for hours and have the hold
     expire unpaid (gunicorn_conf.post_request makes the socket blocking again).
     """
-    sock = request.environ.get("gunicorn.socket")
+    sock = current.request().environ.get("gunicorn.socket")
     seconds = settings().relay.get("stream_write_timeout_seconds", 120)
     if sock is not None and seconds > 0:  # 0: off (0 itself would make the socket non-blocking)
         sock.settimeout(seconds)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 
-from flask import Flask, Response, request
+from flask import Flask, Response
+
+from app.edges import current
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 # What a browser may read from an answer besides the CORS-safelisted headers.
@@ -27,11 +29,12 @@ def init_app(app: Flask, under: tuple[str, ...]) -> None:
 
     @app.before_request
     def preflight() -> Response | None:
-        if (request.method != "OPTIONS" or "Origin" not in request.headers
-                or "Access-Control-Request-Method" not in request.headers
-                or not request.path.startswith(under)):
+        req = current.request()
+        if (req.method != "OPTIONS" or "Origin" not in req.headers
+                or "Access-Control-Request-Method" not in req.headers
+                or not req.path.startswith(under)):
             return None
-        asked = request.headers.get("Access-Control-Request-Headers", "")
+        asked = req.headers.get("Access-Control-Request-Headers", "")
         resp = Response(status=204)
         resp.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
         # Echo what the page asks to send (the SDKs add x-stainless-* headers), when it is a
@@ -43,7 +46,8 @@ def init_app(app: Flask, under: tuple[str, ...]) -> None:
 
     @app.after_request
     def label(resp: Response) -> Response:
-        if "Origin" in request.headers and request.path.startswith(under):
+        req = current.request()
+        if "Origin" in req.headers and req.path.startswith(under):
             resp.headers["Access-Control-Allow-Origin"] = "*"
             resp.headers["Access-Control-Expose-Headers"] = EXPOSE
             resp.headers.add("Vary", "Origin")
