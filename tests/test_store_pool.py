@@ -119,11 +119,12 @@ def test_under_gevent_the_check_never_goes_through_the_hub(redis_url: str) -> No
 
 
 class _CuttingProxy:
-    """A TCP proxy in front of Redis that cuts the first connection carrying an EVALSHA:
-    before passing it on (`after=False`) or once Redis ran it, before its reply (`after=True`)."""
+    """A TCP proxy in front of Redis that cuts one connection: the first it accepts, at once
+    (`when="connect"`), or the first carrying an EVALSHA, before passing it on ("before") or
+    once Redis ran it, before its reply ("after")."""
 
-    def __init__(self, target: tuple[str, int], after: bool) -> None:
-        self.target, self.after, self.cut = target, after, 0
+    def __init__(self, target: tuple[str, int], when: str) -> None:
+        self.target, self.when, self.cut = target, when, 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -134,6 +135,10 @@ class _CuttingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.when == "connect" and not self.cut:
+                self.cut += 1
+                client.close()
+                continue
             try:
                 server = socket.create_connection(self.target)
             except OSError:
@@ -151,7 +156,7 @@ class _CuttingProxy:
             while data := src.recv(65536):
                 if to_redis and b"EVALSHA" in data and not self.cut:
                     self.cut += 1
-                    if self.after:
+                    if self.when == "after":
                         muted.append(True)  # Redis's reply is dropped
                         dst.sendall(data)
                         time.sleep(0.1)  # Redis runs it; its reply is never passed back
@@ -167,18 +172,18 @@ class _CuttingProxy:
         self.listener.close()
 
 
-@pytest.mark.parametrize("after", [False, True], ids=["before_redis_ran_it", "after"])
+@pytest.mark.parametrize("when", ["connect", "before", "after"])
 def test_a_money_script_cut_off_is_sent_again_and_applies_once(r: redis.Redis, redis_url: str,
-                                                               after: bool) -> None:
-    """A money script whose connection breaks (before Redis got it, or after Redis ran it and
-    before its reply came back) is sent again the client's own way, and applies once: the
-    top-up's reference makes the second run a no-op, the ledger sums to the balance."""
+                                                               when: str) -> None:
+    """A money script whose connection breaks (as it is made, before Redis got the script, or
+    after Redis ran it and before its reply came back) is sent again the client's own way, and
+    applies once: the top-up's reference makes the second run a no-op."""
     from app.core.money import ledger, tally, wallet
 
     acct = wallet.create_account(r, initial=0, name="cut")
     wallet.topup(r, wallet.create_account(r, name="other"), 1)  # the script is loaded
     kwargs = r.connection_pool.connection_kwargs
-    proxy = _CuttingProxy((kwargs["host"], kwargs["port"]), after)
+    proxy = _CuttingProxy((kwargs["host"], kwargs["port"]), when)
     try:
         through = make_redis(f"redis://127.0.0.1:{proxy.port}/{kwargs.get('db', 0)}",
                              max_connections=2)
@@ -189,5 +194,6 @@ def test_a_money_script_cut_off_is_sent_again_and_applies_once(r: redis.Redis, r
     assert proxy.cut == 1
     assert balance == 5000 and wallet.balance(r, acct) == 5000
     assert [e["kind"] for e in ledger.ledger_entries(r, acct)].count("topup") == 1
-    assert credited is (not after)  # after: the first run credited, the second found the ref
+    assert credited is (when != "after")  # after: the first run credited, the second found
+    # its reference
     assert ledger.verify(r) == []

@@ -197,7 +197,10 @@ def _evalsha(r: Store, sha: str, keys: Sequence[str], args: Sequence[Any]) -> An
     if isinstance(r, RedisCluster):
         return r.evalsha(sha, len(keys), *keys, *args)
     pool = r.connection_pool
-    conn = pool.get_connection()
+    try:
+        conn = pool.get_connection()
+    except (redis.ConnectionError, redis.TimeoutError):  # the store is away: the client's
+        return r.evalsha(sha, len(keys), *keys, *args)  # way, with its reconnects and retries
     try:
         conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
         return conn.read_response()
