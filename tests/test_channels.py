@@ -190,6 +190,25 @@ def test_a_stream_that_timed_out_on_one_channel_and_failed_on_the_next_bills_its
     assert ledger.verify(r) == []
 
 
+def test_a_stream_that_timed_out_on_one_channel_and_was_refused_on_the_next_bills_its_prompt(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream) -> None:
+    """The first channel had the request but gave no first byte in time; the next refused it
+    (400). The client gets the refusal, and the prompt the first channel had is billed (it was
+    released in full: the first channel's prompt went unpaid)."""
+    client = make_app(r, redis_url, second, upstream, timeout_seconds=1)
+    key, acct = new_key(r)
+    second.configure(delay=3)
+    upstream.configure(status=400)
+    before = wallet.balance(r, acct)
+    resp = ask(client, key, stream=True)
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert chats(upstream) == 1
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
+    assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0
+    assert before - wallet.balance(r, acct) == int(settled["cost"]) > 0
+    assert ledger.verify(r) == []
+
+
 class _Stall(socketserver.BaseRequestHandler):
     """A proxy that answers every request with a 200's headers, then stalls its body."""
 

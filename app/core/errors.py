@@ -61,6 +61,8 @@ class UpstreamRefused(InvalidRequest):
     `param` reach the client as the upstream sent them, since SDK users branch on them
     (context_length_exceeded, content_policy_violation, unsupported_parameter…)."""
 
+    sent = False  # an earlier channel had the request and timed out: its prompt is billed
+
     def __init__(self, message: str, *, error_type: str | None = None,
                  error_code: str | None = None, param: str | None = None) -> None:
         super().__init__(message, param=param)

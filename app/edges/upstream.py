@@ -304,6 +304,7 @@ class Upstream:
                 self._mark(channel, False, f"http_{status}")
                 continue
             if refused is not None:
+                refused.sent = sent  # an earlier channel that had it bills its prompt
                 raise refused
             last = f"HTTP {status}"
             self._mark(channel, False, f"http_{status}")

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from redis import RedisError
 
 from app.core import pricing, tokens
-from app.core.errors import UpstreamTimeout
+from app.core.errors import UpstreamRefused, UpstreamTimeout
 from app.core.metrics import USAGE_ANOMALIES
 from app.core.money import Hold
 from app.core.responses.answer import reported_tokens
@@ -158,11 +158,12 @@ class Meter:
 @contextmanager
 def prompt_billed_if_sent(call: Call, plan: Bounds, held: Hold) -> Iterator[None]:
     """Around an upstream call: a request the upstream had but did not answer in time is billed
-    for its prompt (SPEC §7.7: the upstream bills what it was sent), then answered 504. A
-    request that never reached the upstream (connect failures) is released in full."""
+    for its prompt (SPEC §7.7: the upstream bills what it was sent), then answered 504, or with
+    the refusal of the channel it was sent on next. A request that never reached the upstream
+    (connect failures) is released in full."""
     try:
         yield
-    except UpstreamTimeout as exc:
+    except (UpstreamTimeout, UpstreamRefused) as exc:
         if exc.sent:
             Meter(call, plan, "").try_settle(held, "")  # Redis away: the hold is released
         raise
