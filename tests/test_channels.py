@@ -171,37 +171,23 @@ def test_a_plain_answer_past_its_timeout_is_504_billed_for_its_prompt_and_not_re
     assert ledger.verify(r) == []
 
 
-def test_a_stream_that_timed_out_on_one_channel_and_failed_on_the_next_bills_its_prompt(
-        r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream) -> None:
-    """The first channel had the request (and bills its prompt) but gave no first byte in time;
-    the next answered 503. The ending is the first channel's: 504, the prompt billed (SPEC
-    §7.7), never the answer (it was a 502 with nothing billed)."""
+@pytest.mark.parametrize(("next_status", "answer", "code"), [
+    (503, 504, "upstream_timeout"), (400, 400, "invalid_request_error")],
+    ids=["next_failed", "next_refused"])
+def test_a_stream_that_timed_out_on_one_channel_bills_its_prompt_whatever_the_next_did(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream,
+        next_status: int, answer: int, code: str) -> None:
+    """The first channel had the request (and bills its prompt) but gave no first byte in time.
+    The next answered 503: the ending is the first channel's, 504 (it was a 502); or it refused
+    the request (400): the client gets that refusal. Either way the prompt is billed (SPEC
+    §7.7), never an answer (both were released in full)."""
     client = make_app(r, redis_url, second, upstream, timeout_seconds=1)
     key, acct = new_key(r)
     second.configure(delay=3)
-    upstream.configure(status=503)
+    upstream.configure(status=next_status)
     before = wallet.balance(r, acct)
     resp = ask(client, key, stream=True)
-    assert resp.status_code == 504 and resp.get_json()["error"]["code"] == "upstream_timeout"
-    assert chats(upstream) == 1
-    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
-    assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0
-    assert before - wallet.balance(r, acct) == int(settled["cost"]) > 0
-    assert ledger.verify(r) == []
-
-
-def test_a_stream_that_timed_out_on_one_channel_and_was_refused_on_the_next_bills_its_prompt(
-        r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream) -> None:
-    """The first channel had the request but gave no first byte in time; the next refused it
-    (400). The client gets the refusal, and the prompt the first channel had is billed (it was
-    released in full: the first channel's prompt went unpaid)."""
-    client = make_app(r, redis_url, second, upstream, timeout_seconds=1)
-    key, acct = new_key(r)
-    second.configure(delay=3)
-    upstream.configure(status=400)
-    before = wallet.balance(r, acct)
-    resp = ask(client, key, stream=True)
-    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert resp.status_code == answer and resp.get_json()["error"]["code"] == code
     assert chats(upstream) == 1
     settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
     assert int(settled["pt"]) > 0 and int(settled["ct"]) == 0
