@@ -124,8 +124,8 @@ def test_the_check_answers_the_same_in_a_gevent_worker() -> None:
 from gevent import monkey
 monkey.patch_all()
 import select, socket
-from app.edges import upstream_conn
-assert upstream_conn._POLL is not select.poll  # gevent's would start watchers
+from app.edges import sockpoll, upstream_conn
+assert sockpoll._POLL is not select.poll  # gevent's would start watchers
 ours, theirs = socket.socketpair()
 conn = upstream_conn.UpstreamHTTPConnection("upstream.test", 80)
 conn.sock = ours

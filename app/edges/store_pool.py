@@ -17,15 +17,13 @@ the 8.1 series for this (pyproject), and tests/test_store_pool.py checks each of
 
 from __future__ import annotations
 
-import select
 from queue import Empty, Full
 from typing import Any
 
 import redis
-from gevent.monkey import get_original
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-_POLL = get_original("select", "poll")  # the OS's poll, also in a gevent worker
+from app.edges.sockpoll import readable
 
 
 def pending(conn: Any) -> bool:
@@ -39,9 +37,7 @@ def pending(conn: Any) -> bool:
     reader = getattr(conn._parser, "_reader", None)  # hiredis keeps bytes it has read
     if reader is not None and reader.has_data():
         return True
-    poller = _POLL()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
+    return readable(sock)
 
 
 class QuickPool(redis.BlockingConnectionPool):

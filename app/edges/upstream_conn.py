@@ -18,15 +18,14 @@ time, py-spy). `is_connected` asks the OS's own poll once, without waiting: the 
 
 from __future__ import annotations
 
-import select
 from typing import Any
 
 import urllib3
-from gevent.monkey import get_original
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
+from app.edges.sockpoll import readable
+
 JOIN_BYTES = 64 * 1024  # a larger first body chunk is sent after the header block, not copied
-_POLL = get_original("select", "poll")  # the OS's poll, also in a gevent worker
 
 
 class _Upstream:
@@ -76,9 +75,7 @@ class _Upstream:
         sock = getattr(self, "sock", None)
         if sock is None:
             return False
-        poller = _POLL()
-        poller.register(sock.fileno(), select.POLLIN)
-        return not poller.poll(0)
+        return not readable(sock)
 
 
 class UpstreamHTTPConnection(_Upstream, HTTPConnection):

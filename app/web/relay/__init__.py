@@ -26,7 +26,7 @@ def completions() -> Response:
 
 @bp.post("/embeddings")
 def embeddings() -> Response:
-    """Relay an embeddings current.request()."""
+    """Relay an embeddings request."""
     return media.embeddings()
 
 
