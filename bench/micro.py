@@ -5,8 +5,8 @@
 
 bench/run.py runs it against its own fake upstream and Redis DB. CPU time (process_time) per
 call, best of 3 batches: wall time would count the other processes' work. The rows compare what
-the relay did before the performance work with what it does now (requests vs urllib3) and price
-the Redis round trips and the rest of the request. With --redis-url redis+cluster://… (and
+the relay did before the performance work with what it does now (requests, urllib3, its own
+HTTP client) and price the Redis round trips and the rest of the request. With --redis-url redis+cluster://… (and
 --queue-redis-url) the same rows run on a Redis Cluster.
 """
 
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import orjson
     import requests
+    import urllib3
 
     from app import create_app
     from app.core.money import keys, ratelimit, wallet
@@ -112,17 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {args.upstream_key}"}
     session = requests.Session()
     channel = up.channels[0]
-    pool = up._prepare(channel).pool  # the urllib3 pool the relay uses
+    where = up._prepare(channel).origin  # the relay's own client (None: behind a proxy)
+    pool = urllib3.connection_from_url(args.upstream_url, maxsize=4, retries=False)
 
     def row(name: str, fn: Callable[[], Any], count: int = n) -> None:
         rows.append((name, cpu_us(fn, count)))
 
     row("upstream call, requests.Session.post (before)",
         lambda: session.post(url, data=data, headers=headers).content)
-    if pool is not None:
-        path = up._prepare(channel).prefix + "/chat/completions"
-        row("upstream call, urllib3 pool.urlopen (now)",
-            lambda: pool.urlopen("POST", path, body=data, headers=headers, retries=False).data)
+    path = up._prepare(channel).prefix + "/chat/completions"
+    row("upstream call, urllib3 pool.urlopen (before)",
+        lambda: pool.urlopen("POST", path, body=data, headers=headers, retries=False).data)
+    if where is not None:
+        head = (f"POST {path} HTTP/1.1\r\nHost: {where.authority}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())).encode()
+        row("upstream call, app.edges.upstream_http (now)",
+            lambda: where.post(head + b"Content-Length: %d\r\n\r\n" % len(data), data,
+                               5, 60, False).content)
     row("Upstream.post + .json() (now, with failover bookkeeping)",
         lambda: up.post("/chat/completions", BODY, "gpt-3.5-turbo").json())
     row("Redis: key lookup (HGETALL in the account's slot)", lambda: keys.lookup(r, raw_key))

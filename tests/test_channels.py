@@ -271,3 +271,22 @@ def test_readyz_caches_probes_and_needs_redis(r: redis.Redis, redis_url: str,
     assert resp.status_code == 503
     assert resp.get_json()["redis"] is False and resp.get_json()["status"] == "unavailable"
     assert down.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("bad_key", ["sk-first\r\nX-Injected: 1", "sk-密钥"])
+def test_a_channel_key_that_cannot_be_a_header_fails_over_unsent(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream,
+        bad_key: str) -> None:
+    """A key pasted with a line break would write a header of its own into the request, and
+    one outside Latin-1 cannot be written: the channel is skipped as broken, nothing is sent to
+    it, and the next channel answers."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_ADMIN_TOKEN": "admin-token-for-tests-0123456789"}
+    channels = [{"name": "a", "base_url": second.url, "api_key": bad_key, "priority": 0},
+                {"name": "b", "base_url": upstream.url, "api_key": UPSTREAM_KEY, "priority": 1}]
+    client = create_app(load_settings(env, toml={"channels": channels}),
+                        redis_client=r).test_client()
+    key, _ = new_key(r)
+    resp = ask(client, key)
+    assert resp.status_code == 200, resp.data
+    assert chats(second) == 0 and chats(upstream) == 1
+    assert channel_state(client, "a").startswith("冷却中")

@@ -4,7 +4,8 @@
   window as money.authorize;
 * chat: lookup + window + reservation in one script (money.hold.AUTHORIZE), with the old
   order of errors kept (401/429 before a bad request's 400/404);
-* the upstream called through urllib3 (UpstreamResponse), raising requests' exceptions;
+* the upstream called through its own client (app.edges.upstream_http), raising requests'
+  exceptions (tests/test_upstream_http.py has the wire-level cases);
 * channel successes counted in-process and flushed (health() is always current).
 """
 
@@ -23,7 +24,7 @@ from app.core import money
 from app.core.errors import RateLimited
 from app.core.money import keys, layout, ledger, wallet
 from app.edges.upstream import EXTENSION as UPSTREAM
-from app.edges.upstream import UpstreamResponse, translate
+from app.edges.upstream import UpstreamResponse
 from fakes.upstream import FakeUpstream
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -163,24 +164,11 @@ def test_upstream_response_and_errors(app: Any, upstream: FakeUpstream) -> None:
     stream.close()
 
 
-def test_translate_maps_like_requests() -> None:
-    import urllib3.exceptions as u3
-
-    pool = None
-    refused = u3.NewConnectionError(pool, "refused")  # a subclass of ConnectTimeoutError
-    assert type(translate(refused)) is requests.ConnectionError
-    assert isinstance(translate(u3.ConnectTimeoutError()), requests.ConnectTimeout)
-    assert isinstance(translate(u3.ReadTimeoutError(pool, "/", "slow")), requests.ReadTimeout)
-    assert isinstance(translate(u3.ProtocolError("cut"), reading=True),
-                      requests.exceptions.ChunkedEncodingError)
-    assert isinstance(translate(ConnectionResetError()), requests.ConnectionError)
-
-
 def test_a_proxied_channel_uses_requests(monkeypatch: pytest.MonkeyPatch, app: Any) -> None:
     up = app.extensions[UPSTREAM]
     channel = up.channels[0]
-    assert up._prepare(channel).pool is not None
+    assert up._prepare(channel).origin is not None
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "")
     up._prepared.clear()
-    assert up._prepare(channel).pool is None  # requests (which honours the proxy) carries it
+    assert up._prepare(channel).origin is None  # requests (which honours the proxy) carries it

@@ -2,7 +2,7 @@
 
 In a gevent worker `select.poll` is gevent's cooperative poll (watchers started and stopped, a
 pass through the hub): ≈ 145 000 instructions for a question one system call answers. The
-upstream's connections (app.edges.upstream_conn) and the store's pool (app.edges.store_pool)
+upstream's connections (app.edges.upstream_http) and the store's pool (app.edges.store_pool)
 ask it before reusing a kept connection.
 """
 

@@ -12,25 +12,20 @@ import logging
 import os
 import random
 import re
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import redis
 import requests
-import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, default_user_agent, get_environ_proxies
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    DecodeError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
 
 from app.core.config import Channel, Settings
 from app.core.errors import (
@@ -47,7 +42,10 @@ from app.edges.sse import data_events
 from app.edges.turns import DEFAULT_SIZE as DEFAULT_TURNS
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
-from app.edges.upstream_conn import upstream_pool
+from app.edges.upstream_http import TAIL_BYTES, TAIL_SECONDS, Origin, UpstreamResponse, read_tail
+
+__all__ = ["TAIL_BYTES", "TAIL_SECONDS", "Upstream", "UpstreamResponse", "get_upstream",
+           "init_app", "iter_sse", "iter_sse_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +67,6 @@ OK_FLUSH_SECONDS = 1.0  # successful calls are counted in-process and added to R
 # worker_connections), so none is closed after use and reopened under many slow requests. The
 # pool never blocks: past this size a connection is still opened, then closed after its call.
 POOL_MAXSIZE = max(1000, int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000")))
-# After a stream's [DONE], what is read of the rest of its body to keep the connection.
-TAIL_SECONDS = 0.2
-TAIL_BYTES = 64 << 10
 
 
 class Upstream:
@@ -94,15 +89,14 @@ class Upstream:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._cool_cache: tuple[float, set[str]] = (0.0, set())
-        # The hot path (post) talks urllib3 directly: requests.Session costs ~0.4 ms of CPU per
-        # call (environment proxy lookups, cookie jar, hooks, header merging). Channels an
-        # environment proxy applies to keep the requests session, so proxies work as before.
-        verify = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-                  or DEFAULT_CA_BUNDLE_PATH)
-        self._tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": verify}
-        self._u3_timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
-        self._u3_answer = urllib3.Timeout(connect=self.timeout[0], read=self.answer_timeout[1])
-        self._pools: dict[tuple[str, str, int | None], urllib3.HTTPConnectionPool] = {}
+        # The hot path (post) has its own HTTP client (app.edges.upstream_http): requests.Session
+        # costs ~0.4 ms of CPU per call (environment proxy lookups, cookie jar, hooks, header
+        # merging), urllib3 and http.client ~0.1 ms. Channels an environment proxy applies to
+        # keep the requests session, so proxies work as before.
+        self._ca = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+                    or DEFAULT_CA_BUNDLE_PATH)
+        self._tls: ssl.SSLContext | None = None  # made with the first https origin
+        self._origins: dict[tuple[str, str, int | None], Origin] = {}
         self._prepared: dict[int, _Prepared] = {}
         self._ok_pending: dict[str, int] = {}
         self._ok_flushed = time.monotonic()
@@ -196,18 +190,21 @@ class Upstream:
             headers = {"User-Agent": default_user_agent(), "Accept-Encoding": "gzip, deflate",
                        "Accept": "*/*", "Content-Type": "application/json",
                        "Authorization": f"Bearer {channel.api_key}"}
-            url = urllib3.util.parse_url(channel.base_url)
-            pool = None
+            url = urlsplit(channel.base_url)
+            scheme, host = url.scheme or "http", url.netloc.rpartition("@")[2]
+            host = host.rpartition(":")[0] if url.port else host  # [::1] keeps its brackets
+            where = None
             if not get_environ_proxies(channel.base_url):  # else requests handles the proxy
-                key = (url.scheme or "http", url.host or "", url.port)
-                pool = self._pools.get(key)
-                if pool is None:
-                    tls = self._tls if key[0] == "https" else {}
-                    pool = self._pools[key] = upstream_pool(
-                        channel.base_url, maxsize=POOL_MAXSIZE, block=False, retries=False,
-                        timeout=self._u3_timeout, **tls)
-            found = _Prepared(channel, pool, (url.path or "").rstrip("/"), headers,
-                              UPSTREAM_LATENCY.labels(channel.name))
+                key = (scheme, host, url.port)
+                where = self._origins.get(key)
+                if where is None:
+                    if scheme == "https" and self._tls is None:
+                        self._tls = ssl.create_default_context(cafile=self._ca)
+                    where = self._origins[key] = Origin(scheme, host, url.port, POOL_MAXSIZE,
+                                                        self._tls)
+            prefix = (url.path or "").rstrip("/")
+            found = _Prepared(channel, where, prefix, headers,
+                              UPSTREAM_LATENCY.labels(channel.name), {})
             self._prepared[id(channel)] = found
         return found
 
@@ -217,7 +214,7 @@ class Upstream:
         a plain answer gets timeout_seconds, not answer_timeout_seconds)."""
         prep = self._prepare(channel)
         short = stream or quick
-        if prep.pool is None:
+        if prep.origin is None:
             try:
                 return self.session.post(channel.base_url + path, data=data,
                                          headers=prep.headers, stream=stream,
@@ -226,13 +223,12 @@ class Upstream:
                 if exc.args and isinstance(exc.args[0], ReadTimeoutError):
                     raise requests.ReadTimeout(*exc.args) from exc  # it had the request
                 raise
-        try:
-            raw = prep.pool.urlopen("POST", prep.prefix + path, body=data, headers=prep.headers,
-                                    timeout=self._u3_timeout if short else self._u3_answer,
-                                    preload_content=not stream, redirect=False, retries=False)
-        except (Urllib3Error, OSError) as exc:
-            raise translate(exc) from exc
-        return UpstreamResponse(raw)
+        head = prep.heads.get(path)
+        if head is None:
+            head = prep.heads[path] = _head(prep, path)
+        return prep.origin.post(head + b"Content-Length: %d\r\n\r\n" % len(data), data,
+                                self.timeout[0],
+                                self.timeout[1] if short else self.answer_timeout[1], stream)
 
     def post(self, path: str, body: dict[str, Any], model: str, stream: bool = False,
              expect: str | None = None, quick: bool = False) -> Any:
@@ -347,112 +343,42 @@ class Answer:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """One channel's call facts: its urllib3 pool (None: use requests, a proxy applies)."""
+    """One channel's call facts: its origin's connections (None: use requests, a proxy
+    applies)."""
 
     channel: Channel
-    pool: urllib3.HTTPConnectionPool | None
+    origin: Origin | None
     prefix: str  # the base URL's path, e.g. /v1
     headers: dict[str, str]
     latency: Any  # the channel's UPSTREAM_LATENCY child
+    heads: dict[str, bytes]  # by path: the request line and headers but Content-Length
 
 
-class UpstreamResponse:
-    """The part of requests.Response the relay uses, over a urllib3 response.
+def _head(prep: _Prepared, path: str) -> bytes:
+    """Return a POST's request line and headers, all but Content-Length and the blank line.
 
-    Errors are raised as requests' exceptions (as requests would raise them), so callers catch
-    requests.RequestException whichever client made the call.
+    A header value with a line break (an API key pasted with one) would write another header,
+    and one outside Latin-1 cannot be written: refused as requests refuses them (InvalidHeader,
+    a RequestException: the channel fails over).
     """
-
-    __slots__ = ("raw", "status_code", "headers", "_content", "_tail")
-
-    def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
-        # typed as the base class (for urllib3's emscripten backend); a pool's is an HTTPResponse
-        self.raw = cast(urllib3.HTTPResponse, raw)
-        self.status_code: int = raw.status
-        self.headers = raw.headers
-        self._content: bytes | None = None
-        self._tail: Iterator[bytes] | None = None  # a stream's rest, read by close()
-
-    @property
-    def content(self) -> bytes:
-        """Return the whole body (read now unless the request preloaded it)."""
-        if self._content is None:
-            try:
-                self._content = self.raw.data or b""
-            except (Urllib3Error, OSError) as exc:
-                raise translate(exc) from exc
-        return self._content
-
-    @property
-    def text(self) -> str:
-        """Return the body decoded with its charset (UTF-8 when none is given)."""
-        ctype = self.headers.get("Content-Type", "")
-        charset = ctype.partition("charset=")[2].split(";")[0].strip().strip('"') or "utf-8"
-        try:
-            return self.content.decode(charset, "replace")
-        except LookupError:
-            return self.content.decode("utf-8", "replace")
-
-    def json(self) -> Any:
-        """Parse the body as JSON; a ValueError (orjson.JSONDecodeError) when it is not."""
-        return orjson.loads(self.content)
-
-    def iter_content(self, chunk_size: int | None = None) -> Iterator[bytes]:
-        """Yield the body as it arrives (each HTTP chunk of a chunked response)."""
-        if self._content is not None:
-            yield self._content
-            return
-        try:
-            yield from self.raw.stream(chunk_size, decode_content=True)
-        except (Urllib3Error, OSError) as exc:
-            raise translate(exc, reading=True) from exc
-
-    def ended(self, chunks: Iterator[bytes]) -> None:
-        """Note that a stream's events ended: close() reads the rest of `chunks` first."""
-        self._tail = chunks
-
-    def close(self) -> None:
-        """Release the connection (closed first when the body was not read to its end)."""
-        if self._tail is not None:
-            tail, self._tail = self._tail, None
-            read_tail(self.raw, tail)
-        if self._content is None and not self.raw.isclosed():
-            self.raw.close()
-        self.raw.release_conn()
-
-    def __enter__(self) -> UpstreamResponse:
-        """Return self."""
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Close the response."""
-        self.close()
-
-
-def translate(exc: BaseException, reading: bool = False) -> requests.RequestException:
-    """Map a urllib3/socket error to the requests exception requests itself would raise."""
-    if reading:  # requests.Response.iter_content's mapping
-        if isinstance(exc, ProtocolError):
-            return requests.exceptions.ChunkedEncodingError(exc)
-        if isinstance(exc, DecodeError):
-            return requests.exceptions.ContentDecodingError(exc)
-        return requests.ConnectionError(exc)
-    if isinstance(exc, ConnectTimeoutError) and not isinstance(exc, NewConnectionError):
-        return requests.ConnectTimeout(exc)
-    if isinstance(exc, ReadTimeoutError):
-        return requests.ReadTimeout(exc)
-    if isinstance(exc, urllib3.exceptions.SSLError):
-        return requests.exceptions.SSLError(exc)
-    if isinstance(exc, ProtocolError | NewConnectionError | OSError):
-        return requests.ConnectionError(exc)
-    return requests.RequestException(exc)
+    assert prep.origin is not None
+    lines = [f"POST {prep.prefix}{path} HTTP/1.1", f"Host: {prep.origin.authority}",
+             *(f"{name}: {value}" for name, value in prep.headers.items())]
+    text = "\r\n".join(lines)
+    if any(c in line for line in lines for c in "\r\n\0") or " " in prep.prefix + path:
+        raise requests.exceptions.InvalidHeader("a header for the upstream holds a line break")
+    try:
+        return (text + "\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise requests.exceptions.InvalidHeader(
+            "a header for the upstream is not Latin-1") from None
 
 
 def _parse(resp: requests.Response | UpstreamResponse, field: str) -> dict[str, Any] | None:
     """Return the body as a JSON object holding a list `field`, or None when it is not one."""
     try:
         data = resp.json()
-    except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
+    except (ValueError, requests.RequestException, Urllib3Error):
         return None
     return data if isinstance(data, dict) and isinstance(data.get(field), list) else None
 
@@ -480,7 +406,7 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int,
         text = err.get("message") if isinstance(err, dict) else err
     except ValueError:
         text = resp.text.replace(secret, "***")[:200]  # blotted before it is cut
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+    except (requests.RequestException, Urllib3Error, OSError):
         text = ""
     fields = err if isinstance(err, dict) else {}
     word = {k: v for k in ("type", "code") if isinstance(v := fields.get(k), str)
@@ -507,26 +433,11 @@ def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
     if isinstance(resp, UpstreamResponse):
         resp.ended(chunks)
     else:  # requests (a channel behind a proxy): read now; its close() keeps a read body's
-        read_tail(resp.raw, chunks)  # connection (the proxy's CONNECT tunnel, with HTTPS)
-
-
-def read_tail(raw: Any, chunks: Iterator[bytes]) -> None:
-    """Read what is left of a stream whose events ended (normally only the chunked terminator)
-    from `chunks`, briefly: within TAIL_SECONDS and TAIL_BYTES. Read to its end, the body lets
-    its connection go back to the pool; else closing the response closes the connection, as
-    for any body not read to its end."""
-    sock = getattr(getattr(raw, "connection", None), "sock", None)
-    if sock is None:
-        return
-    sock.settimeout(TAIL_SECONDS)  # urllib3 sets its own timeout again when it reuses it
-    left = TAIL_BYTES
-    try:
-        for chunk in chunks:
-            left -= len(chunk)
-            if left < 0:
-                return
-    except (requests.RequestException, Urllib3Error, OSError):
-        return
+        # connection (the proxy's CONNECT tunnel, with HTTPS); urllib3 sets its own timeout
+        # again when it reuses it
+        sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+        if sock is not None:
+            read_tail(sock, chunks, (requests.RequestException, Urllib3Error, OSError))
 
 
 class MalformedStream(requests.RequestException):

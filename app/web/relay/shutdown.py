@@ -78,8 +78,9 @@ def cut_all() -> int:
 
 def _shutdown(resp: Any) -> None:
     """Shut the upstream socket down (both ways): a blocked read returns, in a thread or greenlet."""
-    conn = getattr(getattr(resp, "raw", None), "connection", None)  # urllib3's HTTPResponse
-    sock = getattr(conn, "sock", None)
+    sock = getattr(resp, "sock", None)  # app.edges.upstream_http's response
+    if sock is None:  # requests' (a channel behind a proxy): urllib3's HTTPResponse
+        sock = getattr(getattr(getattr(resp, "raw", None), "connection", None), "sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,402 @@
+"""The upstream's HTTP client (app.edges.upstream_http) on the wire.
+
+Each test scripts a server byte by byte (a thread on a loopback socket), so what the client
+sends and what it makes of each answer is seen exactly: framing (Content-Length, chunked, a
+close-delimited body, an interim 100), decoding (gzip, deflate), which connections are kept,
+and which of requests' exceptions each failure raises (SPEC §7.7's "sent" rests on
+ReadTimeout meaning the request was written). A SOCK_SEQPACKET socket pair keeps every send a
+record of its own, so what one send carried is what one read returns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from nginx_kit import self_signed
+
+from app.edges.upstream_http import JOIN_BYTES, Origin, UpstreamResponse
+
+BODY = b'{"model":"gpt-4o-mini","messages":[]}'
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: upstream.test\r\n"
+
+
+def head_for(body: bytes) -> bytes:
+    """The request head the relay would send for `body`."""
+    return HEAD + b"Content-Length: %d\r\n\r\n" % len(body)
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """Read one request (head and Content-Length body) from a server-side connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return data
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+class Server:
+    """A loopback server answering each connection with a script: fn(conn)."""
+
+    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.script = script
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.script(conn)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture()
+def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], Server]]:
+    made: list[Server] = []
+
+    def start(script: Callable[[socket.socket], None]) -> Server:
+        made.append(Server(script))
+        return made[-1]
+
+    yield start
+    for server in made:
+        server.close()
+
+
+def answering(*answers: bytes, then_close: bool = False) -> Callable[[socket.socket], None]:
+    """A script: read a request, send the next answer, for each answer in turn."""
+
+    def script(conn: socket.socket) -> None:
+        for answer in answers:
+            if not read_request(conn):
+                return
+            conn.sendall(answer)
+        if then_close:
+            conn.close()
+        else:
+            while conn.recv(65536):
+                pass
+
+    return script
+
+
+def origin(server: Server, maxsize: int = 10) -> Origin:
+    return Origin("http", "127.0.0.1", server.port, maxsize, None)
+
+
+def post(where: Origin, stream: bool = False, timeout: float = 5,
+         body: bytes = BODY) -> UpstreamResponse:
+    return where.post(head_for(body), body, 5, timeout, stream)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+
+
+# sending
+
+
+def test_the_head_and_a_small_body_leave_in_one_send() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    where = Origin("http", "upstream.test", None, 10, None)
+    where.idle.append(ours)  # a kept connection: the next call takes it
+    theirs.settimeout(5)
+    threading.Thread(target=lambda: (theirs.recv(1 << 20), theirs.send(OK)), daemon=True).start()
+    resp = post(where)
+    assert resp.json() == {"ok": True}
+    theirs.close()
+
+
+def test_a_large_body_is_sent_after_the_head_not_copied_into_it() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    where = Origin("http", "upstream.test", None, 10, None)
+    where.idle.append(ours)
+    body = b"x" * (JOIN_BYTES + 1)
+    got: list[bytes] = []
+
+    def server() -> None:
+        got.append(theirs.recv(1 << 20))
+        got.append(theirs.recv(1 << 20))
+        theirs.send(OK)
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    resp = post(where, body=body)
+    thread.join(5)
+    assert got == [head_for(body), body] and resp.status_code == 200
+    theirs.close()
+
+
+def test_one_send_carries_head_and_body(serve: Callable[..., Server]) -> None:
+    seen: list[bytes] = []
+
+    def script(conn: socket.socket) -> None:
+        seen.append(read_request(conn))
+        conn.sendall(OK)
+
+    where = origin(serve(script))
+    assert post(where).content == b'{"ok":true}'
+    assert seen == [head_for(BODY) + BODY]
+
+
+# reading
+
+
+def test_framing_and_headers(serve: Callable[..., Server]) -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Twice: a\r\nx-twice: b\r\n"
+               b"\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" + OK
+    server = serve(answering(chunked, interim, OK))
+    where = origin(server)
+    resp = post(where)
+    assert resp.status_code == 200 and resp.content == b"hello world"
+    assert resp.headers["X-TWICE"] == "a, b" and "transfer-encoding" in resp.headers
+    assert resp.headers.get("Content-Type") is None
+    assert post(where).json() == {"ok": True}  # the 100 was an interim answer
+    resp = post(where)
+    assert resp.headers.get("content-type") == "application/json" and resp.text == '{"ok":true}'
+    assert server.accepted == 1 and len(where.idle) == 1  # one connection, kept throughout
+
+
+def test_a_close_delimited_body_ends_with_the_connection(serve: Callable[..., Server]) -> None:
+    server = serve(answering(b"HTTP/1.1 200 OK\r\n\r\nall of it", then_close=True))
+    where = origin(server)
+    assert post(where).content == b"all of it"
+    assert where.idle == []
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
+def test_compressed_bodies_are_decoded(serve: Callable[..., Server], coding: str) -> None:
+    text = b'{"text": "' + "你好".encode() * 2000 + b'"}'
+    if coding == "gzip":
+        packed = gzip.compress(text)
+    elif coding == "deflate":
+        packed = zlib.compress(text)
+    else:  # what some servers send as deflate: no zlib wrapper
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        packed = packer.compress(text) + packer.flush()
+    name = coding.removeprefix("raw-").encode()
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+              % (name, len(packed)) + packed)
+    where = origin(serve(answering(answer, answer)))
+    assert post(where).content == text
+    streamed = post(where, stream=True)
+    assert b"".join(streamed.iter_content()) == text
+    assert len(where.idle) == 1
+
+
+def test_a_stream_yields_as_it_arrives(serve: Callable[..., Server]) -> None:
+    go = threading.Event()
+
+    def script(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"f\r\ndata: {\"a\":1}\n\n\r\n")
+        go.wait(5)
+        conn.sendall(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        read_request(conn)
+
+    where = origin(serve(script))
+    resp = post(where, stream=True)
+    pieces = resp.iter_content()
+    assert next(pieces) == b'data: {"a":1}\n\n'  # before the rest was even written
+    go.set()
+    assert list(pieces) == [b"data: [DONE]\n\n"]
+    resp.close()
+    assert len(where.idle) == 1  # read to its end: kept
+
+
+def test_connections_are_kept_only_when_the_upstream_allows_it(
+        serve: Callable[..., Server]) -> None:
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    old = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    for answer in (closing, old):
+        where = origin(serve(answering(answer)))
+        assert post(where).content == b"ok" and where.idle == []
+    where = origin(serve(answering(OK, OK)), maxsize=1)
+    first, second = post(where, stream=True), post(where, stream=True)
+    assert first.content and second.content
+    assert len(where.idle) == 1  # past maxsize a connection is closed after its call
+
+
+def test_a_kept_connection_is_reused_only_while_nothing_waits_on_it(
+        serve: Callable[..., Server]) -> None:
+    server = serve(answering(OK, OK))
+    where = origin(server)
+    stray, theirs = socket.socketpair()
+    theirs.send(b"stray")  # bytes nobody asked for: not reusable
+    closed, gone = socket.socketpair()
+    gone.close()  # the server closed it: readable (EOF)
+    where.idle.extend([stray, closed])
+    assert post(where).status_code == 200
+    assert server.accepted == 1 and stray.fileno() == -1 and closed.fileno() == -1
+    theirs.close()
+
+
+def test_the_reuse_check_answers_the_same_in_a_gevent_worker() -> None:
+    """In a gevent worker the OS's poll runs on a gevent socket's descriptor, not gevent's."""
+    code = """
+from gevent import monkey
+monkey.patch_all()
+import select, socket
+from app.edges import sockpoll
+from app.edges.upstream_http import Origin
+assert sockpoll._POLL is not select.poll  # gevent's would start watchers
+quiet, a = socket.socketpair()
+noisy, b = socket.socketpair()
+b.send(b"x")
+where = Origin("http", "127.0.0.1", 9, 10, None)
+where.idle.extend([quiet, noisy])  # the last kept is taken first
+sock, new = where.take(1)
+assert sock is quiet and not new and noisy.fileno() == -1 and where.idle == []
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# failures: requests' exceptions, as requests.post / iter_content raise them
+
+
+def test_a_refused_connection_is_a_connection_error() -> None:
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(requests.ConnectionError) as caught:
+        post(Origin("http", "127.0.0.1", port, 10, None))
+    assert not isinstance(caught.value, requests.Timeout)
+
+
+def test_no_answer_in_time_is_a_read_timeout(serve: Callable[..., Server]) -> None:
+    where = origin(serve(answering()))  # reads, never answers
+    with pytest.raises(requests.ReadTimeout):
+        post(where, timeout=0.2)
+    assert where.idle == []
+
+
+def test_a_body_that_stops_coming_is_a_read_timeout_or_a_broken_stream(
+        serve: Callable[..., Server]) -> None:
+    slow = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart"
+    where = origin(serve(answering(slow, slow)))
+    with pytest.raises(requests.ReadTimeout):
+        post(where, timeout=0.2)
+    resp = post(where, stream=True, timeout=0.2)
+    with pytest.raises(requests.ConnectionError):
+        list(resp.iter_content())
+    assert where.idle == []
+
+
+@pytest.mark.parametrize("answer", [
+    b"",  # closed without a word
+    b"SMTP ready\r\n\r\n",  # not HTTP
+    b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (70 << 10) + b"\r\n\r\n",  # a head without end
+])
+def test_no_valid_answer_is_a_connection_error(serve: Callable[..., Server],
+                                               answer: bytes) -> None:
+    where = origin(serve(answering(answer, then_close=True)))
+    with pytest.raises(requests.ConnectionError) as caught:
+        post(where)
+    assert not isinstance(caught.value, requests.Timeout)
+
+
+def test_a_cut_body_is_a_connection_error_or_a_broken_stream(
+        serve: Callable[..., Server]) -> None:
+    cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    where = origin(serve(answering(cut, then_close=True)))
+    with pytest.raises(requests.ConnectionError):
+        post(where)
+    where = origin(serve(answering(cut, then_close=True)))
+    resp = post(where, stream=True)
+    pieces = resp.iter_content()
+    assert next(pieces) == b"hello"
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        next(pieces)
+
+
+def test_a_body_that_is_not_what_it_says_is_a_decoding_error(
+        serve: Callable[..., Server]) -> None:
+    bad = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nnope"
+    where = origin(serve(answering(bad)))
+    with pytest.raises(requests.exceptions.ContentDecodingError):
+        post(where)
+
+
+# TLS
+
+
+def test_tls_upstreams_are_verified(serve: Callable[..., Server], tmp_path: Path) -> None:
+    cert_file, key_file = self_signed(tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert_file, key_file)
+
+    def script(conn: socket.socket) -> None:
+        try:
+            tls = server_side.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        answering(OK, OK)(tls)
+
+    server = serve(script)
+    trusting = ssl.create_default_context(cafile=str(cert_file))
+    where = Origin("https", "127.0.0.1", server.port, 10, trusting)
+    assert post(where).json() == {"ok": True} and post(where).status_code == 200
+    assert server.accepted == 1 and where.authority == f"127.0.0.1:{server.port}"
+    stranger = Origin("https", "127.0.0.1", server.port, 10, ssl.create_default_context())
+    with pytest.raises(requests.exceptions.SSLError):
+        post(stranger)
+
+
+def test_a_tls_handshake_that_never_ends_is_a_connect_timeout(
+        serve: Callable[..., Server]) -> None:
+    quiet = threading.Event()
+    server = serve(lambda conn: quiet.wait(5))  # accepts, never answers the hello
+    where = Origin("https", "127.0.0.1", server.port, 10, ssl.create_default_context())
+    with pytest.raises(requests.ConnectTimeout):
+        where.post(head_for(BODY), BODY, 0.2, 5, False)
+    quiet.set()
+
+
+def test_an_origin_names_its_host_as_the_url_does() -> None:
+    assert Origin("https", "api.openai.com", None, 1, None).authority == "api.openai.com"
+    assert Origin("http", "[::1]", 8080, 1, None).authority == "[::1]:8080"
+    assert Origin("http", "[::1]", 8080, 1, None).host == "::1"
+    assert Origin("http", "example.com", 80, 1, None).authority == "example.com"
