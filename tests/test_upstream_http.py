@@ -400,3 +400,19 @@ def test_an_origin_names_its_host_as_the_url_does() -> None:
     assert Origin("http", "[::1]", 8080, 1, None).authority == "[::1]:8080"
     assert Origin("http", "[::1]", 8080, 1, None).host == "::1"
     assert Origin("http", "example.com", 80, 1, None).authority == "example.com"
+
+
+@pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra",
+                                   b"junk that is not HTTP\r\n\r\n"])
+def test_bytes_after_the_end_are_no_part_of_the_answer(serve: Callable[..., Server],
+                                                       extra: bytes) -> None:
+    """A server writing past its answer (in the same packet): the answer stands as framed,
+    the extra bytes are dropped with the connection, which is not kept."""
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n0\r\n\r\n")
+    for stream in (False, True):
+        where = origin(serve(answering(chunked + extra)))
+        resp = post(where, stream=stream)
+        assert resp.status_code == 200 and resp.content == b"hello"
+        resp.close()
+        assert where.idle == []

@@ -155,10 +155,19 @@ class UpstreamResponse:
         self._content: bytes | None = None
         self._tail = False  # a stream's events ended: close() reads the rest briefly
 
-    # llhttp's callbacks (httptools calls them by name while feed_data parses)
+    # llhttp's callbacks (httptools calls them by name while feed_data parses). Bytes after the
+    # response's end (a server writing out of turn) are no part of it: they are ignored, and the
+    # connection, whose next answer would no longer line up, is not kept.
+
+    def on_message_begin(self) -> None:
+        """A message starts: after the response's end, one nobody asked for."""
+        if self._done:
+            self._keep = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Keep one header (a repeated one: its values joined, as http.client does)."""
+        if self._done:
+            return
         self._head_bytes += len(name) + len(value)
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
@@ -167,6 +176,8 @@ class UpstreamResponse:
 
     def on_headers_complete(self) -> None:
         """Note the status; a 1xx is an interim answer, the real one follows."""
+        if self._done:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._interim = True
@@ -182,12 +193,15 @@ class UpstreamResponse:
 
     def on_body(self, data: bytes) -> None:
         """Keep a piece of the body as it is parsed."""
-        self._body.append(data)
+        if not self._done:
+            self._body.append(data)
 
     def on_message_complete(self) -> None:
         """The response ended (or an interim one did)."""
         if self._interim:
             self._interim = False
+            return
+        if self._done:
             return
         self._done = True
         self._keep = self._parser.should_keep_alive()  # (llhttp resets it after this call)
@@ -204,6 +218,9 @@ class UpstreamResponse:
         except httptools.HttpParserUpgrade:
             raise requests.ConnectionError("the upstream switched protocols") from None
         except httptools.HttpParserError as exc:
+            if self._done:  # junk after the response's end: the response stands
+                self._keep = False
+                return
             raise requests.ConnectionError(f"malformed HTTP response: {exc}") from exc
 
     def read_head(self) -> None:
