@@ -11,6 +11,7 @@ record of its own, so what one send carried is what one read returns.
 from __future__ import annotations
 
 import gzip
+import shutil
 import socket
 import ssl
 import subprocess
@@ -21,9 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 from nginx_kit import self_signed
 
+from app.core.config import load_settings
+from app.edges.upstream import Upstream
 from app.edges.upstream_http import JOIN_BYTES, Origin, UpstreamResponse
 
 BODY = b'{"model":"gpt-4o-mini","messages":[]}'
@@ -416,3 +420,44 @@ def test_bytes_after_the_end_are_no_part_of_the_answer(serve: Callable[..., Serv
         assert resp.status_code == 200 and resp.content == b"hello"
         resp.close()
         assert where.idle == []
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_an_https_channel_trusts_the_ca_bundle_requests_would(
+        serve: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        r: redis.Redis, redis_url: str, as_folder: bool) -> None:
+    """REQUESTS_CA_BUNDLE (a file, or a folder of hashed certificates) is what the relay's
+    HTTPS channels trust, as they did through requests."""
+    cert_file, key_file = self_signed(tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert_file, key_file)
+    chat = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(chat) + chat
+    seen: list[bytes] = []
+
+    def script(conn: socket.socket) -> None:
+        tls = server_side.wrap_socket(conn, server_side=True)
+        seen.append(read_request(tls))
+        tls.sendall(answer)
+
+    server = serve(script)
+    bundle = str(cert_file)
+    if as_folder:
+        if shutil.which("openssl") is None:  # it names the file by the subject's hash
+            pytest.skip("no openssl command to name a CA folder's file")
+        folder = tmp_path / "certs"
+        folder.mkdir()
+        subject_hash = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", bundle],
+                                      capture_output=True, text=True, check=True).stdout.strip()
+        (folder / f"{subject_hash}.0").write_bytes(cert_file.read_bytes())
+        bundle = str(folder)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
+    channels = [{"name": "tls", "base_url": f"https://127.0.0.1:{server.port}/v1",
+                 "api_key": "sk-upstream-0123456789"}]
+    up = Upstream(load_settings({"XIAOYI_REDIS_URL": redis_url}, toml={"channels": channels}), r)
+    got = up.post("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
+                  "gpt-3.5-turbo", expect="choices")
+    assert got["choices"][0]["message"]["content"] == "hi"
+    assert seen[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in seen[0]
+    assert b"Authorization: Bearer sk-upstream-0123456789\r\n" in seen[0]

@@ -42,10 +42,10 @@ from app.edges.sse import data_events
 from app.edges.turns import DEFAULT_SIZE as DEFAULT_TURNS
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
-from app.edges.upstream_http import TAIL_BYTES, TAIL_SECONDS, Origin, UpstreamResponse, read_tail
+from app.edges.upstream_http import Origin, UpstreamResponse, read_tail
 
-__all__ = ["TAIL_BYTES", "TAIL_SECONDS", "Upstream", "UpstreamResponse", "get_upstream",
-           "init_app", "iter_sse", "iter_sse_objects"]
+__all__ = ["Upstream", "UpstreamResponse", "get_upstream", "init_app", "iter_sse",
+           "iter_sse_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,10 @@ class Upstream:
                 key = (scheme, host, url.port)
                 where = self._origins.get(key)
                 if where is None:
-                    if scheme == "https" and self._tls is None:
-                        self._tls = ssl.create_default_context(cafile=self._ca)
+                    if scheme == "https" and self._tls is None:  # (requests takes a folder too)
+                        folder = os.path.isdir(self._ca)
+                        self._tls = ssl.create_default_context(
+                            cafile=None if folder else self._ca, capath=self._ca if folder else None)
                     where = self._origins[key] = Origin(scheme, host, url.port, POOL_MAXSIZE,
                                                         self._tls)
             prefix = (url.path or "").rstrip("/")
