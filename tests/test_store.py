@@ -26,6 +26,7 @@ from app.bot import users
 from app.core import money
 from app.core.config import ConfigError, Settings
 from app.core.money import codes, keys, ledger, wallet
+from app.core.money.layout import is_cluster
 from app.edges import durability, pay
 from app.edges.store import BlockingSentinelPool, bytes_twin, make_queue_redis, make_redis
 from app.runtime.cli import main
@@ -57,6 +58,21 @@ def test_sentinel_url_builds_a_blocking_sentinel_client() -> None:
         26379, 26380]
     assert manager.sentinels[0].connection_pool.connection_kwargs["password"] == "spw"
     assert isinstance(bytes_twin(client).connection_pool, BlockingSentinelPool)
+
+
+def test_is_cluster_tells_cluster_clients_apart_once_per_class() -> None:
+    """Single-node and Sentinel clients are not a Cluster's; a RedisCluster (and a subclass) is,
+    whatever the order they are asked in (the answer is kept per class)."""
+    from redis.cluster import RedisCluster
+
+    class OurCluster(RedisCluster):  # type: ignore[misc]
+        pass
+
+    sentinel = make_redis("redis+sentinel://10.0.0.1:26379/mymaster")
+    cluster, ours = RedisCluster.__new__(RedisCluster), OurCluster.__new__(OurCluster)
+    for _ in range(2):
+        assert not is_cluster(redis.Redis()) and not is_cluster(sentinel)
+        assert is_cluster(cluster) and is_cluster(ours)
 
 
 @pytest.mark.parametrize("url", ["memcached://x:1", "redis+sentinel://h:1", "redis+cluster://",

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
 from app.core.config import ConfigError
+from app.core.money.layout import is_cluster
 from app.core.money.migrate import old_layout_present
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Durability:
 
 def _nodes(client: Any) -> list[tuple[str, redis.Redis]]:
     """Return (name, direct client) of every data node to check (a Cluster's primaries)."""
-    if isinstance(client, RedisCluster):
+    if is_cluster(client):
         return [(f"{n.host}:{n.port}", n.redis_connection) for n in client.get_primaries()]
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):

@@ -28,6 +28,7 @@ from redis.connection import parse_url
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.core.config import ConfigError, Settings
+from app.core.money.layout import is_cluster
 from app.core.money.scripts import set_wait_replicas
 from app.edges import current, durability
 from app.edges.store_pool import QuickPool
@@ -136,11 +137,6 @@ def _sentinel_client(parts: Any, scheme: str, size: int, decode: bool) -> redis.
         path[0], connection_pool_class=BlockingSentinelPool, max_connections=size, timeout=5,
         db=int(path[1]) if len(path) > 1 else 0, decode_responses=decode,
         ssl=scheme.startswith("rediss"), health_check_interval=30))
-
-
-def is_cluster(client: Any) -> bool:
-    """Tell whether a client talks to a Redis Cluster."""
-    return isinstance(client, RedisCluster)
 
 
 def close(client: Any) -> None:

@@ -140,10 +140,11 @@ class Upstream:
         ordered: list[Channel] = []
         for prio in sorted({c.priority for c in serving}):
             group = [c for c in serving if c.priority == prio]
-            while group:
+            while len(group) > 1:
                 pick = random.choices(group, weights=[c.weight for c in group])[0]
                 ordered.append(pick)
                 group.remove(pick)
+            ordered += group  # the last one: no draw
         return [c for c in ordered if c.name not in resting] + [
             c for c in ordered if c.name in resting]
 

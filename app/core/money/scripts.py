@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
-from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from app.core.money.layout import MAX_UNITS, Store
+from app.core.money.layout import MAX_UNITS, Store, is_cluster
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -156,7 +155,7 @@ def run(r: Store, script: MoneyScript, keys: Sequence[str], args: Sequence[Any],
     if len(keys) != len(script.keys) or len(args) != len(script.args):
         raise ValueError(f"{script.name}: wrong number of keys or arguments")
     replicas = _wait_replicas(r)
-    if isinstance(r, RedisCluster):  # no WAIT; the index writes go to other nodes anyway
+    if is_cluster(r):  # no WAIT; the index writes go to other nodes anyway
         for command in before:
             r.execute_command(*command)
         before = ()
@@ -194,7 +193,7 @@ def _evalsha(r: Store, sha: str, keys: Sequence[str], args: Sequence[Any]) -> An
     command layer (its retry closure and telemetry: ≈ 44 000 instructions a call, two calls a
     relay request, bench/NOTES.md). A connection failure goes the client's own way (reconnect,
     retries), as the command went before; a Cluster's client routes it itself."""
-    if isinstance(r, RedisCluster):
+    if is_cluster(r):
         return r.evalsha(sha, len(keys), *keys, *args)
     pool = r.connection_pool
     try:
