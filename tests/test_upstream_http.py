@@ -461,3 +461,16 @@ def test_an_https_channel_trusts_the_ca_bundle_requests_would(
     assert seen[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in seen[0]
     assert b"Authorization: Bearer sk-upstream-0123456789\r\n" in seen[0]
+
+
+def test_a_response_closed_before_its_end_cannot_be_read_on(
+        serve: Callable[..., Server]) -> None:
+    slow = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart"
+    where = origin(serve(answering(slow)))
+    resp = post(where, stream=True)
+    resp.close()
+    with pytest.raises(requests.ConnectionError):
+        list(resp.iter_content())
+    with pytest.raises(requests.ConnectionError):
+        resp.content  # noqa: B018
+    assert where.idle == []

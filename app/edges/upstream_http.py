@@ -209,7 +209,8 @@ class UpstreamResponse:
     # reading
 
     def _recv(self) -> bytes:
-        assert self.sock is not None
+        if self.sock is None:  # closed before its end (close(), or a failure before)
+            raise requests.ConnectionError("the response was closed before its end")
         return self.sock.recv(BLOCK)
 
     def _feed(self, data: bytes) -> None:
@@ -234,18 +235,26 @@ class UpstreamResponse:
                 self._feed(data)
                 if self._head_bytes > HEAD_LIMIT:
                     raise requests.ConnectionError("the upstream's response head is too long")
-        except requests.RequestException:  # (before OSError: requests' are IOErrors)
-            self._drop()
-            raise
-        except TimeoutError as exc:
-            self._drop()
-            raise requests.ReadTimeout(f"{self.origin.authority} did not answer in time") from exc
-        except OSError as exc:
-            self._drop()
-            raise requests.ConnectionError(f"reading from {self.origin.authority}: {exc}") from exc
+        except OSError as exc:  # requests' exceptions are OSErrors too
+            failure = self._as_post(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _as_post(self, exc: OSError) -> OSError:
+        """Drop the connection; return what requests.post raises for a failed read: a timeout
+        is a ReadTimeout (the upstream had the request), a cut body a ConnectionError."""
+        self._drop()
+        if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+            return requests.ConnectionError(str(exc))
+        if isinstance(exc, requests.RequestException):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return requests.ReadTimeout(f"{self.origin.authority} did not answer in time")
+        return requests.ConnectionError(f"reading from {self.origin.authority}: {exc}")
 
     def _pieces(self) -> Iterator[bytes]:
-        """Yield the body's decoded pieces as they arrive (raw errors: OSError, ValueError)."""
+        """Yield the body's decoded pieces as they arrive (socket errors raised as they are)."""
         while True:
             if self._body:
                 data = b"".join(self._body) if len(self._body) > 1 else self._body[0]
@@ -288,18 +297,11 @@ class UpstreamResponse:
         """Read the whole body now (requests.post's exceptions: a timeout is a ReadTimeout)."""
         try:
             self._content = b"".join(self._pieces())
-        except requests.exceptions.ChunkedEncodingError as exc:  # requests.post's name for it
-            self._drop()
-            raise requests.ConnectionError(str(exc)) from exc
-        except requests.RequestException:  # (before OSError: requests' are IOErrors)
-            self._drop()
-            raise
-        except TimeoutError as exc:
-            self._drop()
-            raise requests.ReadTimeout(f"{self.origin.authority} did not answer in time") from exc
         except OSError as exc:
-            self._drop()
-            raise requests.ConnectionError(f"reading from {self.origin.authority}: {exc}") from exc
+            failure = self._as_post(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     def _finish(self) -> None:
         """The body was read to its end: keep the connection when the upstream lets us."""
