@@ -62,6 +62,20 @@ class ThreadWorker(SimpleWorker):
     def unsubscribe(self) -> None:
         """Nothing was subscribed."""
 
+    halt: threading.Event | None = None  # set: take no more jobs (WorkerThread's test ended)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None,
+                                     max_idle_time: int | None = None) -> Any:
+        """Take the next job, unless this worker's test has ended.
+
+        The test processes share one Redis server (flushed between tests): a worker thread
+        still busy when its test ended (WorkerThread's join gives up after 10 s) would go on
+        to take the next test's jobs and answer them with its own app's upstream and WeChat.
+        """
+        if self.halt is not None and self.halt.is_set():
+            return None  # (burst mode: the worker stops)
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
 
 class WorkerThread:
     """Run rq burst workers (scheduler included, for retries) in a loop in a background thread."""
@@ -77,6 +91,7 @@ class WorkerThread:
             while not self.stop.is_set():
                 worker = ThreadWorker([get_queue(q) for q in self.queues],
                                       connection=get_rq_redis())
+                worker.halt = self.stop
                 worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
                 self.stop.wait(0.02)
 
