@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httptools
+import orjson
 import requests
 
 from app.edges.sockpoll import readable
@@ -38,7 +39,7 @@ class Headers(dict[str, str]):
     """A response's headers by lower-cased name; get/in/[] take any case."""
 
     def get(self, name: str, default: Any = None) -> Any:
-        """Return a header's value (the last one of a repeated header but Set-Cookie's)."""
+        """Return a header's value (a repeated header's values joined by ", ")."""
         return dict.get(self, name.lower(), default)
 
     def __getitem__(self, name: str) -> str:
@@ -63,15 +64,15 @@ class Origin:
         self.maxsize = maxsize
         self.idle: list[socket.socket] = []
 
-    def take(self, connect_timeout: float | None) -> tuple[socket.socket, bool]:
-        """Return a connection (a kept one when one is usable) and whether it is new."""
+    def take(self, connect_timeout: float | None) -> socket.socket:
+        """Return a connection: a kept one when one is usable, else a new one."""
         while True:
             try:
                 sock = self.idle.pop()  # (one step: no other thread takes it too)
             except IndexError:
-                return self.connect(connect_timeout), True
+                return self.connect(connect_timeout)
             if not readable(sock):
-                return sock, False
+                return sock
             sock.close()  # closed by the server, or holding bytes nobody asked for
 
     def connect(self, timeout: float | None) -> socket.socket:
@@ -104,17 +105,11 @@ class Origin:
         else:
             sock.close()
 
-    def close(self) -> None:
-        """Close every kept connection."""
-        idle, self.idle = self.idle, []
-        for sock in idle:
-            sock.close()
-
     def post(self, head: bytes, body: bytes, connect_timeout: float | None,
              read_timeout: float | None, stream: bool) -> UpstreamResponse:
         """Send `head` (the request line and headers, ending in a blank line) and `body`; return
         the response once its headers are read (and, unless `stream`, its whole body)."""
-        sock, _ = self.take(connect_timeout)
+        sock = self.take(connect_timeout)
         try:
             sock.settimeout(read_timeout)
             if len(body) <= JOIN_BYTES:
@@ -153,7 +148,7 @@ class UpstreamResponse:
         self._body: list[bytes] = []
         self._decoder: Any = None
         self._content: bytes | None = None
-        self._tail = False  # a stream's events ended: close() reads the rest briefly
+        self._tail: Iterator[bytes] | None = None  # a stream's rest, read briefly by close()
 
     # llhttp's callbacks (httptools calls them by name while feed_data parses). Bytes after the
     # response's end (a server writing out of turn) are no part of it: they are ignored, and the
@@ -338,8 +333,6 @@ class UpstreamResponse:
 
     def json(self) -> Any:
         """Parse the body as JSON; a ValueError (orjson.JSONDecodeError) when it is not."""
-        import orjson
-
         return orjson.loads(self.content)
 
     def iter_content(self, chunk_size: int | None = None) -> Iterator[bytes]:
@@ -358,15 +351,14 @@ class UpstreamResponse:
 
     def ended(self, chunks: Iterator[bytes]) -> None:
         """Note that a stream's events ended: close() reads the rest of `chunks` first."""
-        self._tail_chunks = chunks
-        self._tail = True
+        self._tail = chunks
 
     def close(self) -> None:
         """Release the connection: kept when the body was read to its end (a stream's tail is
         read first, within TAIL_SECONDS and TAIL_BYTES), closed otherwise."""
-        if self._tail and self.sock is not None:
-            self._tail = False
-            read_tail(self.sock, self._tail_chunks)
+        tail, self._tail = self._tail, None
+        if tail is not None and self.sock is not None:
+            read_tail(self.sock, tail)
         self._drop()
 
     def __enter__(self) -> UpstreamResponse:
