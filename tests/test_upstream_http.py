@@ -204,7 +204,7 @@ def test_a_close_delimited_body_ends_with_the_connection(serve: Callable[..., Se
     server = serve(answering(b"HTTP/1.1 200 OK\r\n\r\nall of it", then_close=True))
     where = origin(server)
     assert post(where).content == b"all of it"
-    assert where.idle == []
+    assert not where.idle
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
@@ -254,7 +254,7 @@ def test_connections_are_kept_only_when_the_upstream_allows_it(
     old = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
     for answer in (closing, old):
         where = origin(serve(answering(answer)))
-        assert post(where).content == b"ok" and where.idle == []
+        assert post(where).content == b"ok" and not where.idle
     where = origin(serve(answering(OK, OK)), maxsize=1)
     first, second = post(where, stream=True), post(where, stream=True)
     assert first.content and second.content
@@ -290,7 +290,7 @@ b.send(b"x")
 where = Origin("http", "127.0.0.1", 9, 10, None)
 where.idle.extend([quiet, noisy])  # the last kept is taken first
 sock = where.take(1)
-assert sock is quiet and noisy.fileno() == -1 and where.idle == []
+assert sock is quiet and noisy.fileno() == -1 and not where.idle
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -314,7 +314,7 @@ def test_no_answer_in_time_is_a_read_timeout(serve: Callable[..., Server]) -> No
     where = origin(serve(answering()))  # reads, never answers
     with pytest.raises(requests.ReadTimeout):
         post(where, timeout=0.2)
-    assert where.idle == []
+    assert not where.idle
 
 
 def test_a_body_that_stops_coming_is_a_read_timeout_or_a_broken_stream(
@@ -326,7 +326,7 @@ def test_a_body_that_stops_coming_is_a_read_timeout_or_a_broken_stream(
     resp = post(where, stream=True, timeout=0.2)
     with pytest.raises(requests.ConnectionError):
         list(resp.iter_content())
-    assert where.idle == []
+    assert not where.idle
 
 
 @pytest.mark.parametrize("answer", [
@@ -419,7 +419,7 @@ def test_bytes_after_the_end_are_no_part_of_the_answer(serve: Callable[..., Serv
         resp = post(where, stream=stream)
         assert resp.status_code == 200 and resp.content == b"hello"
         resp.close()
-        assert where.idle == []
+        assert not where.idle
 
 
 @pytest.mark.parametrize("as_folder", [False, True])
@@ -473,4 +473,21 @@ def test_a_response_closed_before_its_end_cannot_be_read_on(
         list(resp.iter_content())
     with pytest.raises(requests.ConnectionError):
         resp.content  # noqa: B018
-    assert where.idle == []
+    assert not where.idle
+
+
+def test_a_kept_connection_the_server_closed_since_is_dropped_as_others_come_back() -> None:
+    """After a burst, kept connections the upstream has closed since do not wait, half-closed,
+    for a burst as large: each connection given back looks at the oldest kept one."""
+    where = Origin("http", "127.0.0.1", 9, 10, None)
+    old, gone = socket.socketpair()
+    gone.close()  # the server ended it
+    kept, fresh, later = (socket.socketpair() for _ in range(3))
+    where.idle.extend([old, kept[0]])
+    where.give_back(fresh[0])
+    assert list(where.idle) == [kept[0], fresh[0]] and old.fileno() == -1
+    where.give_back(later[0])  # the oldest is still open: it stays
+    assert list(where.idle) == [kept[0], fresh[0], later[0]]
+    for pair in (kept, fresh, later):
+        for sock in pair:
+            sock.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import socket
 import ssl
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +63,7 @@ class Origin:
         default = self.port == (443 if self.tls else 80)
         self.authority = host if default else f"{host}:{self.port}"  # the Host header
         self.maxsize = maxsize
-        self.idle: list[socket.socket] = []
+        self.idle: deque[socket.socket] = deque()  # the last kept is taken first
 
     def take(self, connect_timeout: float | None) -> socket.socket:
         """Return a connection: a kept one when one is usable, else a new one."""
@@ -99,9 +100,21 @@ class Origin:
         return sock
 
     def give_back(self, sock: socket.socket) -> None:
-        """Keep a connection whose response was read to its end (or close it: pool full)."""
-        if len(self.idle) < self.maxsize:
-            self.idle.append(sock)
+        """Keep a connection whose response was read to its end (or close it: pool full).
+
+        The oldest kept connection is looked at too: one the server has closed since (an
+        upstream ends idle keep-alive connections after a minute or so) is closed here, so
+        connections kept after a burst do not sit half-closed, holding a descriptor each,
+        until a burst as large comes again.
+        """
+        idle = self.idle
+        if idle and readable(idle[0]):
+            try:
+                idle.popleft().close()
+            except IndexError:  # (taken meanwhile by another thread)
+                pass
+        if len(idle) < self.maxsize:
+            idle.append(sock)
         else:
             sock.close()
 
