@@ -141,9 +141,12 @@ def test_the_head_and_a_small_body_leave_in_one_send() -> None:
     where = Origin("http", "upstream.test", None, 10, None)
     where.idle.append(ours)  # a kept connection: the next call takes it
     theirs.settimeout(5)
-    threading.Thread(target=lambda: (theirs.recv(1 << 20), theirs.send(OK)), daemon=True).start()
+    got: list[bytes] = []
+    threading.Thread(target=lambda: (got.append(theirs.recv(1 << 20)), theirs.send(OK)),
+                     daemon=True).start()
     resp = post(where)
     assert resp.json() == {"ok": True}
+    assert got == [head_for(BODY) + BODY]  # the first record (one send) carried both
     theirs.close()
 
 
@@ -169,7 +172,7 @@ def test_a_large_body_is_sent_after_the_head_not_copied_into_it() -> None:
     theirs.close()
 
 
-def test_one_send_carries_head_and_body(serve: Callable[..., Server]) -> None:
+def test_a_server_receives_the_head_and_the_body(serve: Callable[..., Server]) -> None:
     seen: list[bytes] = []
 
     def script(conn: socket.socket) -> None:

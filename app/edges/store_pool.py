@@ -44,7 +44,8 @@ class QuickPool(redis.BlockingConnectionPool):
     """redis-py's BlockingConnectionPool, its readiness check one OS poll (module docstring)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        """Take BlockingConnectionPool's arguments (max_connections, timeout, connection's)."""
+        """Take BlockingConnectionPool's arguments (typed: redis-py's constructor is not, and
+        store.py calls this one from typed code)."""
         super().__init__(**kwargs)
 
     def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:

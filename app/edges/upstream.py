@@ -369,7 +369,8 @@ def _head(prep: _Prepared, path: str) -> bytes:
              *(f"{name}: {value}" for name, value in prep.headers.items())]
     text = "\r\n".join(lines)
     if any(c in line for line in lines for c in "\r\n\0") or " " in prep.prefix + path:
-        raise requests.exceptions.InvalidHeader("a header for the upstream holds a line break")
+        raise requests.exceptions.InvalidHeader(
+            "a header or the path for the upstream holds a line break or a space")
     try:
         return (text + "\r\n").encode("latin-1")
     except UnicodeEncodeError:
@@ -440,7 +441,7 @@ def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
         # again when it reuses it
         sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
         if sock is not None:
-            read_tail(sock, chunks, (requests.RequestException, Urllib3Error, OSError))
+            read_tail(sock, chunks, (OSError, Urllib3Error))
 
 
 class MalformedStream(requests.RequestException):

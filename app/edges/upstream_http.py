@@ -389,11 +389,11 @@ TAIL_BYTES = 64 << 10
 
 
 def read_tail(sock: socket.socket, chunks: Iterator[bytes],
-              errors: tuple[type[BaseException], ...] = (requests.RequestException, OSError),
-              ) -> None:
+              errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
     """Read what is left of a stream whose events ended (normally only the chunked terminator)
     from `chunks`, briefly: within TAIL_SECONDS and TAIL_BYTES. Read to its end, the body gives
-    its connection back; else closing the response closes the connection."""
+    its connection back; else closing the response closes the connection. (requests'
+    exceptions are OSErrors: `errors` covers them.)"""
     sock.settimeout(TAIL_SECONDS)
     left = TAIL_BYTES
     try:

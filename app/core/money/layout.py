@@ -64,7 +64,7 @@ _CLUSTER: dict[type, bool] = {}
 def is_cluster(client: Store) -> bool:
     """Tell whether a client talks to a Redis Cluster (answered once per client class:
     redis-py 8's RedisCluster derives from a typing Protocol, so isinstance against it runs
-    typing's slow check, ≈ 2 % of a relay request's CPU when asked four times a request)."""
+    typing's slow check: 367 ns against 58 ns, four times a relay request)."""
     kind = type(client)
     found = _CLUSTER.get(kind)
     if found is None:
