@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,13 @@ from nginx_kit import self_signed
 
 from app.core.config import load_settings
 from app.edges.upstream import Upstream
-from app.edges.upstream_http import JOIN_BYTES, Origin, UpstreamResponse
+from app.edges.upstream_http import (
+    ANSWER_LIMIT,
+    JOIN_BYTES,
+    AnswerTooLarge,
+    Origin,
+    UpstreamResponse,
+)
 
 BODY = b'{"model":"gpt-4o-mini","messages":[]}'
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: upstream.test\r\n"
@@ -365,6 +372,87 @@ def test_a_body_that_is_not_what_it_says_is_a_decoding_error(
     where = origin(serve(answering(bad)))
     with pytest.raises(requests.exceptions.ContentDecodingError):
         post(where)
+
+
+def zeros_gzipped(size: int) -> bytes:
+    """`size` zero bytes, gzipped (a bomb: ≈ 1 000 times smaller than what it inflates to)."""
+    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    return b"".join(packer.compress(block) for _ in range(size >> 20)) + packer.flush()
+
+
+LIMITED = 1 << 20  # an origin's answer_limit in these tests
+
+
+@pytest.mark.parametrize("kind", ["declared", "chunked", "close-delimited", "gzip bomb"])
+def test_an_answer_longer_than_the_limit_is_refused(serve: Callable[..., Server],
+                                                    kind: str) -> None:
+    """Whatever its framing or encoding, an answer past the origin's answer_limit is
+    AnswerTooLarge (a ConnectionError: the channel fails over), plain or streamed."""
+    big = b"x" * (LIMITED + 1)
+    if kind == "declared":  # refused from its head, before a byte of the body is read
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+    elif kind == "chunked":
+        answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  + b"".join(b"%x\r\n%s\r\n" % (len(p), p)
+                             for p in (big[:LIMITED // 2], big[LIMITED // 2:]))
+                  + b"0\r\n\r\n")
+    elif kind == "close-delimited":
+        answer = b"HTTP/1.1 200 OK\r\n\r\n" + big
+    else:
+        packed = zeros_gzipped(64 << 20)
+        answer = (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                  % len(packed) + packed)
+    for stream in (False, True):
+        server = serve(answering(answer, then_close=True))
+        where = Origin("http", "127.0.0.1", server.port, 10, None, answer_limit=LIMITED)
+        with pytest.raises(AnswerTooLarge):
+            resp = post(where, stream=stream)
+            for _ in resp.iter_content():
+                pass
+        assert not where.idle
+    exact = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % LIMITED + big[:LIMITED]
+    where = Origin("http", "127.0.0.1", serve(answering(exact)).port, 10, None,
+                   answer_limit=LIMITED)
+    assert len(post(where).content) == LIMITED  # up to the limit is fine
+
+
+def test_a_gzip_bomb_is_not_inflated_past_the_limit(serve: Callable[..., Server]) -> None:
+    """Decoding stops one byte past the limit: 64 MiB of zeros gzipped (≈ 64 KB, one read)
+    never becomes 64 MiB in memory."""
+    packed = zeros_gzipped(64 << 20)
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+              % len(packed) + packed)
+    where = Origin("http", "127.0.0.1", serve(answering(answer)).port, 10, None,
+                   answer_limit=LIMITED)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AnswerTooLarge):
+            post(where)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * LIMITED
+
+
+def test_a_channel_whose_answer_is_too_large_fails_over(
+        serve: Callable[..., Server], r: redis.Redis, redis_url: str) -> None:
+    """The relay's limit (ANSWER_LIMIT) refuses an answer announcing more at once (its body
+    never comes: read on, it would be a timeout, which a plain answer does not fail over on);
+    the next channel answers."""
+    huge = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n{" % (ANSWER_LIMIT + 1)
+    chat = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}'
+    fine = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(chat) + chat
+    first, second = serve(answering(huge)), serve(answering(fine))
+    channels = [{"name": name, "base_url": f"http://127.0.0.1:{server.port}/v1", "priority": i,
+                 "api_key": "sk-upstream-0123456789"}
+                for i, (name, server) in enumerate((("huge", first), ("fine", second)))]
+    toml = {"channels": channels, "relay": {"answer_timeout_seconds": 2}}
+    up = Upstream(load_settings({"XIAOYI_REDIS_URL": redis_url}, toml=toml), r)
+    got = up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
+                  "gpt-3.5-turbo", expect="choices")
+    assert got.channel.name == "fine" and got.value["choices"][0]["message"]["content"] == "hi"
+    assert first.accepted == 1
 
 
 # TLS

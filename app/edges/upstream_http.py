@@ -34,6 +34,15 @@ from app.edges.sockpoll import readable
 BLOCK = 64 * 1024  # one recv
 HEAD_LIMIT = 64 * 1024  # headers longer than this in all are refused
 JOIN_BYTES = 64 * 1024  # a larger body is sent after the head, not copied into its send
+# An answer longer than this once decoded is refused (AnswerTooLarge), so a broken or hostile
+# upstream (a gzip bomb, an endless body) cannot fill a worker's memory. The largest real
+# answers fit many times over: embeddings of 2 048 inputs × 3 072 floats as JSON ≈ 130 MB, ten
+# base64 images ≈ 40 MB.
+ANSWER_LIMIT = 256 << 20
+
+
+class AnswerTooLarge(requests.ConnectionError):
+    """The upstream's answer is (or says it is) longer than its origin's answer_limit."""
 
 
 class Headers(dict[str, str]):
@@ -56,8 +65,9 @@ class Origin:
     """One scheme://host:port: its kept connections and how to open another."""
 
     def __init__(self, scheme: str, host: str, port: int | None, maxsize: int,
-                 tls: ssl.SSLContext | None) -> None:
+                 tls: ssl.SSLContext | None, answer_limit: int = ANSWER_LIMIT) -> None:
         self.tls = tls if scheme == "https" else None
+        self.answer_limit = answer_limit  # decoded bytes of one answer
         self.host = host.strip("[]")  # an IPv6 literal's brackets belong to the URL only
         self.port = port or (443 if self.tls else 80)
         default = self.port == (443 if self.tls else 80)
@@ -158,6 +168,7 @@ class UpstreamResponse:
         self._parser = httptools.HttpResponseParser(self)
         self._head_done = self._done = self._interim = self._keep = False
         self._head_bytes = 0
+        self._size = 0  # decoded body bytes so far
         self._body: list[bytes] = []
         self._decoder: Any = None
         self._content: bytes | None = None
@@ -243,6 +254,12 @@ class UpstreamResponse:
                 self._feed(data)
                 if self._head_bytes > HEAD_LIMIT:
                     raise requests.ConnectionError("the upstream's response head is too long")
+            try:  # (llhttp has checked its digits)
+                declared = int(dict.get(self.headers, "content-length", "0"))
+            except ValueError:
+                declared = 0
+            if declared > self.origin.answer_limit:
+                raise AnswerTooLarge(f"the upstream's answer says it has {declared} bytes")
         except OSError as exc:  # requests' exceptions are OSErrors too
             failure = self._as_post(exc)
             if failure is exc:
@@ -270,6 +287,7 @@ class UpstreamResponse:
                 if self._decoder is not None:
                     data = self._decode(data)
                 if data:
+                    self._count(len(data))
                     yield data
             if self._done:
                 break
@@ -281,15 +299,29 @@ class UpstreamResponse:
         if self._decoder is not None:
             rest = self._decoder.flush()
             if rest:
+                self._count(len(rest))
                 yield rest
         self._finish()
 
+    def _count(self, size: int) -> None:
+        """Add decoded bytes to the answer's length; AnswerTooLarge past the origin's limit."""
+        self._size += size
+        if self._size > self.origin.answer_limit:
+            raise AnswerTooLarge(
+                f"the upstream's answer is longer than {self.origin.answer_limit} bytes")
+
     def _decode(self, data: bytes) -> bytes:
+        """Decompress a piece, never past one byte over the answer's limit (a gzip bomb stops
+        there, without inflating the rest)."""
+        room = self.origin.answer_limit - self._size + 1
         try:
-            return bytes(self._decoder.decompress(data))
+            out = bytes(self._decoder.decompress(data, room))
         except zlib.error as exc:
             raise requests.exceptions.ContentDecodingError(
                 f"the upstream's body is not valid {self.headers.get('content-encoding')}") from exc
+        if len(out) >= room:  # (shorter: the whole piece was decoded)
+            self._count(len(out))
+        return out
 
     def _eof(self) -> None:
         """The upstream closed the connection: the end of a body only a close delimits."""
@@ -412,14 +444,14 @@ class _Deflate:
         self._obj: Any = zlib.decompressobj()
         self._first = True
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
         if self._first:
             self._first = False
             try:
-                return bytes(self._obj.decompress(data))
+                return bytes(self._obj.decompress(data, max_length))
             except zlib.error:
                 self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-        return bytes(self._obj.decompress(data))
+        return bytes(self._obj.decompress(data, max_length))
 
     def flush(self) -> bytes:
         return bytes(self._obj.flush())
