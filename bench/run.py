@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python "
                    f"{platform.python_version()}",
+        "cores": os.cpu_count() or 1,
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "runs": args.runs,
         "title": "xiaoyi beside Portkey's gateway and LiteLLM's proxy, same machine, same "

@@ -28,6 +28,11 @@ def _inflight(s: dict[str, Any], raw: dict[str, Any]) -> list[Row]:
     x = inf["xiaoyi"]
     ok = (x["errors"] == 0 and rate["xiaoyi"] >= TARGETS["inflight_rate"]
           and extra["xiaoyi"] <= TARGETS["inflight_p99_extra_ms"])
+    floor = s.get("burst_floor", {}).get("xiaoyi")
+    why = "" if floor is None else (
+        f"; a wave of {raw.get('connections')} takes the machine ≥ {floor['floor_ms']:.0f} ms "
+        f"({floor['cpu_ms']:.2f} ms CPU a request, xiaoyi and Redis, at 16 connections): the "
+        f"p99 target needs ≤ {floor['need_ms']:.2f} ms a request")
     return [(f"{raw.get('connections')} in flight × {raw.get('delay_s')} s upstream, wrk "
              f"-c{raw.get('connections')} {raw.get('seconds', 0):g} s",
              f"0 errors; ≥ {TARGETS['inflight_rate']:.0%} of direct; p99 ≤ direct + "
@@ -35,7 +40,7 @@ def _inflight(s: dict[str, Any], raw: dict[str, Any]) -> list[Row]:
              f"**{x['rps']:.0f} req/s = {rate['xiaoyi']:.1%} of direct** "
              f"({inf['upstream']['rps']:.0f}); p99 {x['p99_ms']:.0f} ms = direct "
              f"{extra['xiaoyi']:+.0f} ms; errors {x['errors']}; RSS peak "
-             f"{x['rss_peak_mb']:.0f} MB (both workers)", mark(ok))]
+             f"{x['rss_peak_mb']:.0f} MB (both workers){why}", mark(ok))]
 
 
 def _portkey(s: dict[str, Any]) -> list[Row]:

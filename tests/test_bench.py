@@ -169,6 +169,23 @@ def test_portkey_verdict_and_side_by_side_table() -> None:
     assert table[-1] == "LiteLLM proxy not measured: off."
 
 
+def test_the_inflight_verdict_gives_the_waves_cpu_floor() -> None:
+    """The machine time one wave of 750 takes (CPU a request at 16 connections × 750 ÷ cores)
+    is computed per relay from the same run and said beside the p99 verdict."""
+    res = _res(_inflight(470.0, 1900.0, 0), _inflight(441.0, 2570.0, 0))
+    res["meta"]["cores"] = 2
+    res["throughput"] = {
+        "xiaoyi": [{"rps": 2000.0, "cpu_cores": {"xiaoyi": 1.4, "redis": 0.2, "upstream": 0.2}}],
+        "portkey": [{"rps": 1600.0, "cpu_cores": {"portkey": 1.2, "redis": 0.0}}]}
+    s = summarise(res)
+    assert s["burst_floor"]["xiaoyi"] == {"cpu_ms": 0.8, "floor_ms": 300.0, "need_ms": 0.267}
+    assert s["burst_floor"]["portkey"]["floor_ms"] == 281.2  # (0.75 ms: no Redis counted)
+    row = next(r for r in verdicts(res, s) if r[0].startswith("750 in flight"))
+    assert "≥ 300 ms (0.80 ms CPU a request" in row[2] and "≤ 0.27 ms a request" in row[2]
+    assert any(line.startswith("| … a wave's CPU floor") and "| — | 300 | 281 |" in line
+               for line in side_by_side(res, s))
+
+
 @pytest.mark.parametrize("flags", [["--gevent"], []])
 def test_fake_upstream_process_serves_and_stops_on_sigterm(flags: list[str]) -> None:
     """`python -m fakes.upstream` (on greenlets or threads) answers a stream, then exits on TERM."""
