@@ -18,7 +18,8 @@ README_END = "<!-- bench:table end -->"
 def _cores(c: dict[str, float], target: str) -> str:
     """Return 'target / upstream / Redis / wrk+bench / rest' cores used."""
     own = c.get(target, 0.0) if target != "upstream" else 0.0
-    return (f"{own:.2f} / {c.get('upstream', 0):.2f} / {c.get('redis', 0):.2f} / "
+    store = c.get("baseline-redis" if target == "baseline" else "redis", 0.0)
+    return (f"{own:.2f} / {c.get('upstream', 0):.2f} / {store:.2f} / "
             f"{c.get('bench+wrk', 0):.2f} / {c.get('other', 0):.2f}")
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench import loadgen
@@ -37,6 +38,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     key: str = ""
+    baseline_key: str = ""  # made by the baseline's own CLI: its keys may have another form
     redis_kind: str = ""
     redis_port: int = 0
     baseline: str = ""
@@ -54,8 +56,8 @@ class Stack:
 
     def headers(self, target: str) -> dict[str, str]:
         """Return the headers a chat request to target carries (its key, Portkey's routing)."""
-        key = {"upstream": UPSTREAM_KEY, "litellm": LITELLM_KEY, "portkey": UPSTREAM_KEY}.get(
-            target, self.key)
+        key = {"upstream": UPSTREAM_KEY, "litellm": LITELLM_KEY, "portkey": UPSTREAM_KEY,
+               "baseline": self.baseline_key or self.key}.get(target, self.key)
         out = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         if target == "portkey":  # an OpenAI-compatible provider at a custom base URL
             out["x-portkey-provider"] = "openai"
@@ -114,31 +116,36 @@ def bench_redis(url: str | None) -> Iterator[tuple[str, str]]:
 @contextmanager
 def private_redis() -> Iterator[tuple[str, str]]:
     """Run a private, non-persistent server (the embedded engine's binary) for this run."""
+    with tempfile.TemporaryDirectory(prefix="xiaoyi-bench-redis-") as tmp:
+        proc, url, info = spawn_redis("redis", Path(tmp))
+        try:
+            name = "valkey" if "valkey_version" in info else "redis"
+            version = info.get("valkey_version") or info.get("redis_version", "?")
+            yield url, (f"private {name} {version} on :{url.rsplit(':', 1)[1].split('/')[0]} "
+                        "(no persistence, as the local server is configured)")
+        finally:
+            proc.stop()
+
+
+def spawn_redis(name: str, folder: Path) -> tuple[Proc, str, dict[str, Any]]:
+    """Start a private, non-persistent server; return it, its URL and its INFO server."""
     import redis
 
     from app.runtime.embedded import find_server_binary
 
     binary, port = find_server_binary(), free_port()
-    with tempfile.TemporaryDirectory(prefix="xiaoyi-bench-redis-") as tmp:
-        proc = spawn("redis", [binary, "--port", str(port), "--bind", HOST, "--save", "",
-                               "--appendonly", "no", "--dir", tmp, "--maxclients", "20000"])
-        url = f"redis://{HOST}:{port}/0"
+    proc = spawn(name, [binary, "--port", str(port), "--bind", HOST, "--save", "",
+                        "--appendonly", "no", "--dir", str(folder), "--maxclients", "20000"])
+    url = f"redis://{HOST}:{port}/0"
+    deadline = time.monotonic() + 15
+    while True:
         try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    info = redis.Redis.from_url(url, socket_connect_timeout=0.5).info("server")
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or proc.popen.poll() is not None:
-                        raise
-                    time.sleep(0.05)
-            name = "valkey" if "valkey_version" in info else "redis"
-            version = info.get("valkey_version") or info.get("redis_version", "?")
-            yield url, (f"private {name} {version} on :{port} (no persistence, as the local "
-                        "server is configured)")
-        finally:
-            proc.stop()
+            return proc, url, redis.Redis.from_url(url, socket_connect_timeout=0.5).info("server")
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.popen.poll() is not None:
+                proc.stop()
+                raise
+            time.sleep(0.05)
 
 
 def write_config(path: os.PathLike[str]) -> None:
@@ -189,11 +196,7 @@ def start_stack(stack: Stack, args: argparse.Namespace, redis_url: str, peers: l
         stack.baseline = args.baseline
         stack.ports["baseline"] = free_port()
         start_baseline(stack, args.baseline, stack.ports["baseline"], args.web_workers)
-    created = subprocess.run([py, "-m", "app.runtime.cli", "keys", "create", "--balance",
-                              "1000000", "--name", "bench", "--json"],
-                             env={**os.environ, **stack.env}, cwd=ROOT, capture_output=True,
-                             text=True, check=True)
-    stack.key = json.loads(created.stdout)["key"]
+    stack.key = create_key(stack.env, ROOT)
     if need_workers:
         for i in (1, 2):  # as `xiaoyi run` starts them
             stack.procs[f"worker{i}"] = spawn(f"worker{i}", [py, "-m", "app.runtime.cli",
@@ -223,9 +226,26 @@ def start_baseline(stack: Stack, rev: str, port: int, workers: int | None) -> No
     argv = [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"{HOST}:{port}"]
     if workers:
         argv += ["-w", str(workers)]
-    proc = stack.procs["baseline"] = spawn("baseline", [*argv, wsgi],
-                                           {**stack.env, "PYTHONPATH": str(tree)}, cwd=tree)
+    # Its own store: an older revision writes its own key layout, which the current one
+    # refuses to serve from (a store is migrated, never shared between layouts).
+    store, url, _ = spawn_redis("baseline-redis", tree)
+    stack.procs["baseline-redis"] = store
+    env = {**stack.env, "XIAOYI_REDIS_URL": url, "PYTHONPATH": str(tree)}
+    proc = stack.procs["baseline"] = spawn("baseline", [*argv, wsgi], env, cwd=tree)
     wait_http(port, proc=proc.popen)
+    stack.baseline_key = create_key(env, tree)
+
+
+def create_key(env: dict[str, str], tree: Path) -> str:
+    """Create a funded key with the CLI of the app in `tree` (this checkout, or a baseline's:
+    the form of keys changed over time, and a key is checked by the code that made it)."""
+    cli = "app.runtime.cli" if (tree / "app" / "runtime" / "cli.py").exists() else "app.cli"
+    created = subprocess.run([sys.executable, "-m", cli, "keys", "create", "--balance",
+                              "1000000", "--name", "bench", "--json"],
+                             env={**os.environ, **env}, cwd=tree, capture_output=True, text=True,
+                             check=True)
+    key: str = json.loads(created.stdout)["key"]
+    return key
 
 
 def start_litellm(stack: Stack, port: int, upstream_port: int) -> str:

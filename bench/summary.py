@@ -83,8 +83,8 @@ def burst_floor(s: dict[str, Any], connections: int, cores: int) -> dict[str, di
     for t in ("xiaoyi", "portkey", "litellm", "baseline"):
         if not rps.get(t) or t not in cpu:
             continue
-        own = cpu[t].get(t, 0.0) + (cpu[t].get("redis", 0.0) if t in ("xiaoyi", "baseline")
-                                    else 0.0)
+        store = {"xiaoyi": "redis", "baseline": "baseline-redis"}.get(t, "")
+        own = cpu[t].get(t, 0.0) + cpu[t].get(store, 0.0)
         per_ms = 1000 * own / rps[t]
         out[t] = {"cpu_ms": round(per_ms, 3), "floor_ms": round(connections * per_ms / cores, 1),
                   "need_ms": round(margin * cores / connections, 3)}

@@ -12,12 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import UPSTREAM_KEY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.core.money import keys  # noqa: E402
 from bench import firsttoken, loadgen, openloop  # noqa: E402
 from bench.measure import parse_wrk  # noqa: E402
+from bench.procs import ROOT  # noqa: E402
+from bench.stack import Stack, create_key  # noqa: E402
 from bench.summary import side_by_side, summarise  # noqa: E402
 from bench.verdicts import verdicts  # noqa: E402
 from fakes.upstream import FakeUpstream, make_server  # noqa: E402
@@ -184,6 +188,17 @@ def test_the_inflight_verdict_gives_the_waves_cpu_floor() -> None:
     assert "≥ 300 ms (0.80 ms CPU a request" in row[2] and "≤ 0.27 ms a request" in row[2]
     assert any(line.startswith("| … a wave's CPU floor") and "| — | 300 | 281 |" in line
                for line in side_by_side(res, s))
+
+
+def test_a_baseline_is_sent_a_key_made_by_its_own_cli(redis_url: str, r: redis.Redis) -> None:
+    """`--baseline` serves another revision, whose keys may have another form: the bench makes
+    a funded key with a tree's own CLI, and only the baseline is sent the baseline's."""
+    made = create_key({"XIAOYI_REDIS_URL": redis_url}, ROOT)
+    assert keys.lookup(r, made) is not None
+    stack = Stack(key="sk-current", baseline_key=made)
+    assert stack.headers("baseline")["Authorization"] == f"Bearer {made}"
+    assert stack.headers("xiaoyi")["Authorization"] == "Bearer sk-current"
+    assert Stack(key="sk-current").headers("baseline")["Authorization"] == "Bearer sk-current"
 
 
 @pytest.mark.parametrize("flags", [["--gevent"], []])
