@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import loadgen
 from bench.procs import HOST, OUT, ROOT, Proc, children, free_port, log, spawn, wait_http
@@ -121,8 +122,8 @@ def private_redis() -> Iterator[tuple[str, str]]:
         try:
             name = "valkey" if "valkey_version" in info else "redis"
             version = info.get("valkey_version") or info.get("redis_version", "?")
-            yield url, (f"private {name} {version} on :{url.rsplit(':', 1)[1].split('/')[0]} "
-                        "(no persistence, as the local server is configured)")
+            yield url, (f"private {name} {version} on :{urlsplit(url).port} (no persistence, "
+                        "as the local server is configured)")
         finally:
             proc.stop()
 
