@@ -9,6 +9,7 @@ counted) before a large body is read; an api_secret_key right after the parse.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import sys
 import time
@@ -237,15 +238,22 @@ def test_keyless_large_bodies_are_read_a_few_at_a_time(upstream: FakeUpstream, r
     text = "x" * (600 << 10)
     keyless = {"api_secret_key": raw, "messages": [{"role": "user", "content": text}]}
     parts = urlsplit(server.url)
-    try:
-        slow = socket.create_connection((parts.hostname, parts.port), timeout=10)
-        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    def start_slow() -> socket.socket:
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n{\"messages\": " % (1 << 20))
+        return sock
+
+    slow = start_slow()
+    try:
         deadline = time.monotonic() + 10
         while True:  # the slow upload holds the one read (once its thread got to it)
             busy = requests.post(server.url + "/v1/chat/completions", json=keyless, timeout=30)
             if busy.status_code == 503 or time.monotonic() > deadline:
                 break
+            if select.select([slow], [], [], 0)[0]:  # its thread came second: it was the one
+                slow.close()  # turned away (503), so the slot is free; upload again
+                slow = start_slow()
             time.sleep(0.05)
         assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
         assert busy.json()["error"]["code"] == "server_busy"
