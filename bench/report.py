@@ -8,7 +8,7 @@ from typing import Any
 
 from bench.procs import ROOT
 from bench.stack import LABELS
-from bench.summary import med, side_by_side
+from bench.summary import med, side_by_side, store_of
 from bench.verdicts import verdicts
 
 README_BEGIN = "<!-- bench:table begin (bench/run.py --update-readme) -->"
@@ -18,7 +18,7 @@ README_END = "<!-- bench:table end -->"
 def _cores(c: dict[str, float], target: str) -> str:
     """Return 'target / upstream / Redis / wrk+bench / rest' cores used."""
     own = c.get(target, 0.0) if target != "upstream" else 0.0
-    store = c.get("baseline-redis" if target == "baseline" else "redis", 0.0)
+    store = c.get(store_of(target) or "redis", 0.0)
     return (f"{own:.2f} / {c.get('upstream', 0):.2f} / {store:.2f} / "
             f"{c.get('bench+wrk', 0):.2f} / {c.get('other', 0):.2f}")
 

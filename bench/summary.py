@@ -69,6 +69,11 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
+def store_of(target: str) -> str:
+    """Return the CPU meter's name for the Redis a target's requests use ('' for none)."""
+    return {"xiaoyi": "redis", "baseline": "baseline-redis"}.get(target, "")
+
+
 def burst_floor(s: dict[str, Any], connections: int, cores: int) -> dict[str, dict[str, float]]:
     """Return, per relay, the machine time a wave of `connections` requests arriving together
     takes through it: its CPU per request at 16 connections (its own processes, and Redis for
@@ -83,8 +88,7 @@ def burst_floor(s: dict[str, Any], connections: int, cores: int) -> dict[str, di
     for t in ("xiaoyi", "portkey", "litellm", "baseline"):
         if not rps.get(t) or t not in cpu:
             continue
-        store = {"xiaoyi": "redis", "baseline": "baseline-redis"}.get(t, "")
-        own = cpu[t].get(t, 0.0) + cpu[t].get(store, 0.0)
+        own = cpu[t].get(t, 0.0) + cpu[t].get(store_of(t), 0.0)
         per_ms = 1000 * own / rps[t]
         out[t] = {"cpu_ms": round(per_ms, 3), "floor_ms": round(connections * per_ms / cores, 1),
                   "need_ms": round(margin * cores / connections, 3)}

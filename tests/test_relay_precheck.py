@@ -238,6 +238,7 @@ def test_keyless_large_bodies_are_read_a_few_at_a_time(upstream: FakeUpstream, r
     text = "x" * (600 << 10)
     keyless = {"api_secret_key": raw, "messages": [{"role": "user", "content": text}]}
     parts = urlsplit(server.url)
+
     def start_slow() -> socket.socket:
         sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "

@@ -312,16 +312,12 @@ class UpstreamResponse:
 
     def _decode(self, data: bytes) -> bytes:
         """Decompress a piece, never past one byte over the answer's limit (a gzip bomb stops
-        there, without inflating the rest)."""
-        room = self.origin.answer_limit - self._size + 1
+        there, without inflating the rest; _pieces' count then refuses it)."""
         try:
-            out = bytes(self._decoder.decompress(data, room))
+            return bytes(self._decoder.decompress(data, self.origin.answer_limit - self._size + 1))
         except zlib.error as exc:
             raise requests.exceptions.ContentDecodingError(
                 f"the upstream's body is not valid {self.headers.get('content-encoding')}") from exc
-        if len(out) >= room:  # (shorter: the whole piece was decoded)
-            self._count(len(out))
-        return out
 
     def _eof(self) -> None:
         """The upstream closed the connection: the end of a body only a close delimits."""
