@@ -246,6 +246,7 @@ def test_upstream_rejects_request_is_400_refunded(live: LiveServer, funded: tupl
     (400, "context_length_exceeded", "messages", "/v1/chat/completions"),
     (400, "unsupported_parameter", "max_tokens", "/v1/chat/completions"),
     (404, "model_not_found", "model", "/v1/chat/completions"),
+    (422, "invalid_value", "temperature", "/v1/chat/completions"),
     (400, "content_policy_violation", "prompt", "/v1/images/generations"),
 ])
 def test_upstream_refusal_keeps_its_status_code_and_param(
@@ -265,7 +266,7 @@ def test_upstream_refusal_keeps_its_status_code_and_param(
     assert got["error"]["code"] == code and got["error"]["param"] == param
     assert got["error"]["type"] == "invalid_request_error"
     assert got["error"]["message"].startswith("Upstream rejected the request: ")
-    assert isinstance(got["code"], int) and got["msg"]
+    assert isinstance(got["code"], int) and got["msg"] and got["code"] // 100 == status
     assert wallet.balance(r, acct) == before
     _refunded(r, acct)
 

@@ -3,6 +3,7 @@
     ApiError                      status  error.code
     ├── InvalidKey                 401    invalid_api_key
     ├── InvalidRequest             400    invalid_request_error
+    │   └── UpstreamRefused        400    the upstream's own    (its 404 and 422 as they came)
     ├── ModelNotFound              404    model_not_found
     ├── InsufficientQuota          429    insufficient_quota      (x-should-retry: false)
     ├── RateLimited                429    rate_limit_exceeded     (Retry-After)
@@ -80,6 +81,12 @@ class UpstreamNotFound(UpstreamRefused):
     """The upstream answered 404 (a model it does not serve…): a 404, as OpenAI's."""
 
     status, code = 404, 40400
+
+
+class UpstreamUnprocessable(UpstreamRefused):
+    """The upstream answered 422 (a request it parsed but cannot process): a 422, as it said."""
+
+    status, code = 422, 42200
 
 
 class ModelNotFound(ApiError):

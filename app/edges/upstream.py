@@ -33,6 +33,7 @@ from app.core.errors import (
     UpstreamNotFound,
     UpstreamRefused,
     UpstreamTimeout,
+    UpstreamUnprocessable,
 )
 from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
 from app.edges import current
@@ -420,7 +421,7 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int,
         and secret not in param else None
     text = (str(text) if text else f"HTTP {status}").replace(secret, "***")[:300]
     message = "Upstream rejected the request: " + text
-    kind = UpstreamNotFound if status == 404 else UpstreamRefused
+    kind = {404: UpstreamNotFound, 422: UpstreamUnprocessable}.get(status, UpstreamRefused)
     return kind(message, error_type=word.get("type"), error_code=word.get("code"), param=param)
 
 
