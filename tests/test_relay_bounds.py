@@ -198,6 +198,32 @@ def test_a_chat_limit_of_zero_is_held_to_the_cap(live: LiveServer, r: redis.Redi
     assert int(settled["ct"]) == 500
 
 
+@pytest.mark.parametrize("limits", [{"max_tokens": 0, "echo": True, "logprobs": 1},
+                                    {"max_completion_tokens": 0},
+                                    {"max_tokens": 5, "max_completion_tokens": 600}],
+                         ids=["scoring", "chat-only-field", "both"])
+def test_a_completions_limit_is_max_tokens_never_a_field_completions_lacks(
+        live: LiveServer, r: redis.Redis, limits: dict[str, Any]) -> None:
+    """Red team: completions has no max_completion_tokens, yet `max_completion_tokens: 0` was
+    held as a limit of 0, so an upstream that ignores it (vLLM writes its default 16) served
+    12 800 choices for the price of the prompt. Only max_tokens limits a completions hold (the
+    larger of the two when both come); a limit of 0 (the scoring idiom) is held to the cap, as
+    chat's is, and billed for what the upstream writes."""
+    key, acct = new_key(r, "100")
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": "hi [[fake:completion_tokens=500]]",
+            "n": 2, **limits}
+    before = anomalies("completion_over_max")
+    resp = post(live, key, body, "/v1/completions")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 500
+    assert anomalies("completion_over_max") == before
+    (held,) = entries(r, acct, "reserve")
+    price = PRICES["gpt-3.5-turbo-instruct"]
+    assert abs(int(held["amount"])) >= pricing.token_cost(price, 0, 2 * min(600, price.max_output))
+    (settled,) = entries(r, acct, "settle")
+    assert int(settled["ct"]) == 500
+
+
 def test_n_choices_are_held_and_billed(live: LiveServer, r: redis.Redis) -> None:
     key, acct = new_key(r, "100")
     body = {"model": "gpt-3.5", "n": 20, "max_tokens": 50,

@@ -112,14 +112,21 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
 def _completion_max(kind: str, call: Call) -> int:
     """Return the most completion tokens the request can produce, all choices together."""
     body = call.body
-    given = [v for v in (optional_int(body, "max_tokens", 0),
-                         optional_int(body, "max_completion_tokens", 0)) if v is not None]
-    if kind == "chat" and given and max(given) == 0:
-        # OpenAI refuses a chat limit of 0 (>= 1); an upstream that reads it as "no limit"
-        # writes a whole answer: the request goes as sent, held (and billable) to the cap.
-        given = []
-    most = pricing.completion_max(call.price, max(given) if given else None,
-                                  _choices(kind, body))
+    limit = optional_int(body, "max_tokens", 0)
+    other = optional_int(body, "max_completion_tokens", 0)
+    if kind == "chat" and limit is None:
+        limit, other = other, None  # chat's newer name for the same limit (the larger holds)
+    if limit == 0:
+        # OpenAI refuses a chat limit of 0 (>= 1) and scores a completions prompt with it
+        # (echo, logprobs: no new token); an upstream that reads 0 as "no limit" writes a whole
+        # answer: the request goes as sent, held (and billable) to the cap.
+        limit = None
+    if limit is not None and other:
+        # Completions has no max_completion_tokens: an upstream that honours it may write
+        # that many, one that does not writes max_tokens; the larger is held. Absent max_tokens
+        # is the cap, whatever max_completion_tokens says.
+        limit = max(limit, other)
+    most = pricing.completion_max(call.price, limit, _choices(kind, body))
     prediction = body.get("prediction")
     if kind == "chat" and prediction is not None:  # rejected prediction tokens are billed too
         most += _choices(kind, body) * tokens.text_tokens(str(prediction), call.upstream_model)
