@@ -29,6 +29,10 @@ class OddUpstream(BaseHTTPRequestHandler):
         """Send the configured answer."""
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         status, body = self.server.answer  # type: ignore[attr-defined]
+        if isinstance(body, bytes):  # an event stream, quoting the request's Authorization
+            auth = self.headers.get("Authorization", "").encode()
+            send_body(self, body.replace(b"{auth}", auth), "text/event-stream", status)
+            return
         data = json.dumps(body).encode()
         send_body(self, data, "application/json", status)
 
@@ -105,3 +109,77 @@ def test_malformed_usage_is_billed_at_the_bound(odd: ThreadingHTTPServer, r: red
     shown = resp.json["usage"]
     assert (shown["prompt_tokens"], shown["completion_tokens"]) == billed == _settled(r, acct)
     assert ledger.verify(r) == []
+
+
+UPSTREAM_KEY = "sk-upstream-odd-0123456789abcdef"
+CHUNK = {**ANSWER, "object": "chat.completion.chunk",
+         "choices": [{"index": 0, "delta": {"content": "好的 ok"}, "finish_reason": None}]}
+QUOTING = {"error": {"message": "quota problem with {auth}", "type": "server_error"}}
+
+
+def _event(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def ask_stream(odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, status: int,
+               body: Any) -> tuple[Any, str]:
+    """Stream one chat through the relay while the upstream answers (status, body)."""
+    odd.answer = (status, body)  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url,
+                                   XIAOYI_UPSTREAM_API_KEY=UPSTREAM_KEY), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/chat/completions", headers={
+        "Authorization": f"Bearer {key}"}, json={"messages": [{"role": "user", "content": "你好"}],
+                                                 "stream": True})
+    return resp, acct
+
+
+def _kinds(r: redis.Redis, acct: str) -> list[str]:
+    return [e["kind"] for e in ledger.ledger_entries(r, acct) if e["kind"] != "topup"]
+
+
+def _error_event(text: str) -> dict[str, Any]:
+    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert events and events[-1] != "[DONE]", text  # no success ending after the error
+    err: dict[str, Any] = json.loads(events[-1])
+    assert err["error"]["code"] == "upstream_error" and err["code"] == 50201, err
+    return err
+
+
+def test_an_error_event_mid_stream_ends_it_with_our_error_without_the_channels_key(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """Red team: an upstream's `{"error": …}` event inside a 200 stream was forwarded as it
+    came (with our model name added): a gateway quoting the request's Authorization showed the
+    channel's key to the developer. It now ends the stream as our upstream_error event, its
+    message blotted; the text already sent is billed with the prompt."""
+    body = _event(CHUNK) + _event(QUOTING) + b"data: [DONE]\n\n"
+    resp, acct = ask_stream(odd, r, redis_url, 200, body)
+    text = resp.get_data(as_text=True)
+    assert "好的 ok" in text and UPSTREAM_KEY not in text and UPSTREAM_KEY[:12] not in text
+    assert "quota problem with Bearer ***" in _error_event(text)["error"]["message"]
+    assert _kinds(r, acct) == ["reserve", "settle"]
+    assert _settled(r, acct)[0] == PROMPT and ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("status,body", [
+    (200, _event(QUOTING)),  # an error before any text
+    (200, b"data: [DONE]\n\n"),  # an empty stream
+    (200, b""),  # nothing at all
+    (200, {"error": {"message": "over quota", "type": "server_error"}}),  # JSON, not a stream
+], ids=["error-first", "empty", "nothing", "json-error"])
+def test_a_stream_that_fails_before_any_text_is_an_error_and_costs_nothing(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, status: int,
+        body: Any) -> None:
+    """Red team: a 200 stream with no answer in it (an empty event stream, or a JSON error a
+    gateway sends with a 200) reached the client as an empty success and was billed for the
+    prompt. It is an upstream failure: an error (a 502 while nothing was sent, an error event
+    after the stream's head) and the hold released."""
+    resp, acct = ask_stream(odd, r, redis_url, status, body)
+    text = resp.get_data(as_text=True)
+    if resp.status_code == 502:
+        assert resp.json["error"]["code"] == "upstream_error"
+    else:
+        assert resp.status_code == 200 and UPSTREAM_KEY not in text
+        _error_event(text)
+    assert _kinds(r, acct) == ["reserve", "refund"]
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []

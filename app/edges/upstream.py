@@ -286,6 +286,13 @@ class Upstream:
                 continue
             self._prepare(channel).latency.observe(time.perf_counter() - started)
             if resp.status_code == 200:
+                if expect is None and stream and _json_answer(resp):
+                    # A stream asked for and a JSON body given (an error a gateway sends as a
+                    # 200): no event stream to relay; the channel failed, as for a 5xx.
+                    resp.close()
+                    last = "no event stream"
+                    self._mark(channel, False, "malformed")
+                    continue
                 if expect is None:
                     self._mark(channel, True)
                     return Answer(resp, channel)
@@ -395,6 +402,28 @@ OPERATORS_CODES = frozenset(("invalid_api_key", "insufficient_quota", "rate_limi
                              "billing_hard_limit_reached", "account_deactivated"))
 
 
+def _json_answer(resp: requests.Response | UpstreamResponse) -> bool:
+    """Tell whether an answer says its body is JSON (not the event stream that was asked for)."""
+    return "json" in (resp.headers.get("content-type") or "").lower()
+
+
+def blot(text: str, channel: Channel) -> str:
+    """Return an upstream's text with the channel's own key blotted out, should it echo it
+    (some gateways quote the request's Authorization in their errors); no short key is."""
+    return text.replace(channel.api_key, "***") if len(channel.api_key) >= 8 else text
+
+
+def stream_error(obj: dict[str, Any], channel: Channel) -> UpstreamError | None:
+    """Return the client's error for an upstream's error event inside a stream (`{"error":
+    …}` and no choices), its message blotted and cut; None for any other event."""
+    err = obj.get("error")
+    if not err or obj.get("choices"):
+        return None
+    text = err.get("message") if isinstance(err, dict) else err
+    text = blot(str(text), channel)[:300] if text else "no message"
+    return UpstreamError("The upstream's stream ended with an error: " + text)
+
+
 def _refusal(resp: requests.Response | UpstreamResponse, status: int,
              channel: Channel) -> UpstreamRefused | None:
     """Return the client's error for the upstream's refusal of the request itself (400, 404,
@@ -410,7 +439,7 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int,
         err = data.get("error") if isinstance(data, dict) else data
         text = err.get("message") if isinstance(err, dict) else err
     except ValueError:
-        text = resp.text.replace(secret, "***")[:200]  # blotted before it is cut
+        text = blot(resp.text, channel)[:200]  # blotted before it is cut
     except (requests.RequestException, Urllib3Error, OSError):
         text = ""
     fields = err if isinstance(err, dict) else {}
@@ -419,7 +448,7 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int,
     param = fields.get("param")
     param = param if isinstance(param, str) and 0 < len(param) <= 200 and param.isprintable() \
         and secret not in param else None
-    text = (str(text) if text else f"HTTP {status}").replace(secret, "***")[:300]
+    text = blot(str(text) if text else f"HTTP {status}", channel)[:300]
     message = "Upstream rejected the request: " + text
     kind = {404: UpstreamNotFound, 422: UpstreamUnprocessable}.get(status, UpstreamRefused)
     return kind(message, error_type=word.get("type"), error_code=word.get("code"), param=param)

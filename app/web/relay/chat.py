@@ -12,9 +12,16 @@ import requests
 from flask import Response
 
 from app.core import pricing
+from app.core.config import Channel
 from app.core.errors import ApiError, UpstreamError
 from app.core.money import Hold
-from app.edges.upstream import UpstreamResponse, get_upstream, iter_sse, iter_sse_objects
+from app.edges.upstream import (
+    UpstreamResponse,
+    get_upstream,
+    iter_sse,
+    iter_sse_objects,
+    stream_error,
+)
 from app.web.relay import screening, shutdown
 from app.web.relay.billing import Meter, StreamEnd, prompt_billed_if_sent
 from app.web.relay.common import Call, admit, event_stream, settings
@@ -61,7 +68,7 @@ def relay_text(kind: str, path: str) -> Response:
                                       expect=None if plan.stream else "choices")
         meter = Meter(call, plan, got.channel.name)
         if plan.stream:
-            return _stream(kind, call, held, plan, meter, got.value)
+            return _stream(kind, call, held, plan, meter, got.value, got.channel)
         data: dict[str, Any] = got.value
         text = _answer_text(kind, data)  # as produced: what is billed, even when masked
         screening.screen_answer(screening.choice_slots(kind, data))
@@ -80,7 +87,7 @@ def relay_text(kind: str, path: str) -> Response:
 
 
 def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
-            resp: UpstreamResponse | requests.Response) -> Response:
+            resp: UpstreamResponse | requests.Response, channel: Channel) -> Response:
     drain_cap = settings().relay.get("drain_cap_tokens", 8192)
     texts: list[str] = []  # as produced (what the meter estimates from)
     guard = open_guard(kind)  # [safety] api_output: held back, masked or cut
@@ -92,6 +99,10 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
         open_stream = shutdown.opened(resp)  # a server stop ends it with END, never bare
         try:
             for obj in iter_sse_objects(events):
+                failed = stream_error(obj, channel)
+                if failed is not None:
+                    yield _failed(failed, call, meter, texts)
+                    return
                 last = obj
                 texts.append(_answer_text(kind, obj))
                 screened = guard.take(obj) if guard is not None else obj
@@ -103,6 +114,10 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
                 yield from _forward(tail, call, plan, meter, guard)
             if open_stream.cut:
                 yield shutdown.END
+                return
+            if not last:  # an empty stream: no answer, an upstream failure
+                yield _failed(UpstreamError("The upstream's stream ended without an answer."),
+                              call, meter, texts)
                 return
             cut = guard is not None and guard.refused  # the upstream's usage was never read
             end = b"data: [DONE]\n\n"
@@ -129,6 +144,15 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
 
     # A client gone before the first chunk never starts the generator: finish bills the prompt.
     return event_stream(generate(), call.req_id, finish)
+
+
+def _failed(err: UpstreamError, call: Call, meter: Meter, texts: list[str]) -> bytes:
+    """Return the error event ending a stream the upstream failed; with nothing produced yet,
+    nothing is billed (the hold is released, as for a failed plain answer)."""
+    log.warning("upstream stream failed for %s: %s", call.req_id, err.message[:120])
+    if not any(texts):
+        meter.cut("")
+    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
 
 def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
