@@ -308,7 +308,9 @@ def test_absurd_embedding_usage_never_empties_a_wallet(live: LiveServer, r: redi
     ("hd", "1024x1024", 5600), ("hd", "1024x1792", 8400)])
 def test_image_quality_is_priced(quality: str | None, size: str, units: int, live: LiveServer,
                                  r: redis.Redis, upstream: FakeUpstream) -> None:
-    """dall-e-3 hd costs what the upstream charges (config), auto is sent as the default."""
+    """dall-e-3 hd costs what the upstream charges (config); auto, or no quality, is sent as
+    the default it was priced at (red team: a model whose upstream default is dearer, such as
+    gpt-image-1's auto, was billed at the configured default and sent with none)."""
     key, acct = new_key(r, "1")
     body = {"model": "dall-e-3", "prompt": "a lighthouse", "size": size, "quality": quality,
             "style": "natural"}
@@ -316,8 +318,7 @@ def test_image_quality_is_priced(quality: str | None, size: str, units: int, liv
     assert resp.status_code == 200, resp.text
     assert 10_000 - wallet.balance(r, acct) == units
     sent = upstream.requests[-1]["body"]
-    assert sent.get("quality") == (None if quality is None else "standard" if quality == "auto"
-                                   else quality)
+    assert sent.get("quality") == (quality if quality not in (None, "auto") else "standard")
 
 
 PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4\n" + b"0" * 600).decode()

@@ -93,7 +93,9 @@ def _images_cost(call: Call) -> int:
     optional_choice(body, "response_format", FORMATS)
     optional_choice(body, "style", STYLES)
     quality = optional_choice(body, "quality", QUALITIES)
-    if quality == "auto":  # priced and sent as the model's default: what is made is what is billed
+    if quality == "auto" or (quality is None and price.qualities):
+        # Priced and sent as the model's default, so what is made is what is billed: an
+        # upstream's own default (gpt-image-1's is auto: high) may be dearer than this one.
         quality = body["quality"] = price.default_quality
     n = optional_int(body, "n", 1, 10) or 1
     if n > price.max_images:
