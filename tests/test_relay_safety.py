@@ -166,23 +166,39 @@ def test_a_phrase_spread_over_several_chunks_is_masked(relay: Start, r: redis.Re
     assert got[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_a_refused_answer_is_never_charged(relay: Start, upstream: FakeUpstream,
-                                           r: redis.Redis) -> None:
+def test_a_refused_answer_is_charged_what_the_upstream_produced(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis) -> None:
+    """Red team: a refused answer was released in full, so a caller who steered the model into
+    a listed word had the operator pay the upstream for every such answer, for nothing. The
+    answer stays withheld (400); what the upstream produced is billed, as OpenAI and Azure bill
+    filtered output."""
     live = relay(api_output="refuse")
     key, acct = new_key(r)
     before = hits(r, "api_output", "refuse")
     resp = post(live, key, CHAT, {"messages": [{"role": "user", "content": "说违禁词"}]})
     assert resp.status_code == 400 and resp.json() == refused_output().body()
+    assert "违禁词" not in resp.text and "照常计费" in resp.json()["msg"]
     with pytest.raises(openai.BadRequestError) as info:
         sdk(live, key).completions.create(model="gpt-3.5-turbo-instruct", prompt="说违禁词")
     assert info.value.code == "content_policy_violation"
     assert len(upstream.requests) == 2  # answered upstream, withheld here
-    assert kinds(r, acct) == ["reserve", "refund"] * 2
-    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
+    assert kinds(r, acct) == ["reserve", "settle"] * 2
+    settled = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert all(int(e["pt"]) > 0 and int(e["ct"]) > 0 for e in settled)
+    assert 100_000 - wallet.balance(r, acct) == sum(int(e["cost"]) for e in settled) > 0
+    assert ledger.verify(r) == []
     assert hits(r, "api_output", "refuse") == (before[0] + 2, before[1] + 2)
 
 
-def test_a_refused_stream_ends_with_content_filter_and_bills_what_it_delivered(
+def _produced(upto: int) -> str:
+    """The fake's [[fake:long=N]] text up to and including word `upto` (one chunk a word).
+
+    The guard judges a Latin word whole at its edge, so the chunk after the listed word was
+    read (and produced) before the refusal: that is billed too."""
+    return "word0" + "".join(f" word{i}" for i in range(1, upto + 1))
+
+
+def test_a_refused_stream_ends_with_content_filter_and_bills_what_was_produced(
         relay: Start, r: redis.Redis) -> None:
     live = relay("word5", api_output="refuse")
     key, acct = new_key(r)
@@ -198,7 +214,8 @@ def test_a_refused_stream_ends_with_content_filter_and_bills_what_it_delivered(
     assert [c["choices"][0]["finish_reason"] for c in got if c["choices"]][-1] == "content_filter"
     entry, usage = settle_of(r, acct), got[-1]["usage"]
     bound = pricing.estimate_messages(messages, "gpt-3.5-turbo")
-    ct = tokens.completion_tokens(delivered, "gpt-3.5-turbo")
+    ct = tokens.completion_tokens(_produced(6), "gpt-3.5-turbo")  # the held-back words too
+    assert ct > tokens.completion_tokens(delivered, "gpt-3.5-turbo")
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (bound, ct)
     assert (int(entry["pt"]), int(entry["ct"])) == (bound, ct)
     cost = pricing.token_cost(PRICE, bound, ct)
@@ -206,17 +223,21 @@ def test_a_refused_stream_ends_with_content_filter_and_bills_what_it_delivered(
     assert ledger.verify(r) == []
 
 
-def test_a_stream_refused_before_any_text_costs_nothing(relay: Start, r: redis.Redis) -> None:
+def test_a_stream_refused_before_any_text_sent_bills_what_was_produced(
+        relay: Start, r: redis.Redis) -> None:
     live = relay("word0", api_output="refuse")
     key, acct = new_key(r)
+    messages = [{"role": "user", "content": "[[fake:long=10]]"}]
     got = chunks(post(live, key, CHAT, {"stream": True, "stream_options": {"include_usage": True},
-                                        "messages": [{"role": "user",
-                                                      "content": "[[fake:long=10]]"}]},
-                      stream=True))
+                                        "messages": messages}, stream=True))
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in got if c["choices"]) == ""
     assert [c["choices"][0]["finish_reason"] for c in got if c["choices"]][-1] == "content_filter"
-    assert got[-1]["usage"]["total_tokens"] == 0
-    assert kinds(r, acct) == ["reserve", "refund"] and wallet.balance(r, acct) == 100_000
+    bound = pricing.estimate_messages(messages, "gpt-3.5-turbo")
+    ct = tokens.completion_tokens(_produced(1), "gpt-3.5-turbo")
+    usage = got[-1]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (bound, ct)
+    assert kinds(r, acct) == ["reserve", "settle"]
+    assert 100_000 - wallet.balance(r, acct) == pricing.token_cost(PRICE, bound, ct)
 
 
 def test_api_screening_is_off_by_default(relay: Start, upstream: FakeUpstream,

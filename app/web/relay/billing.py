@@ -47,7 +47,7 @@ class Meter:
     def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
         self.billed: tuple[int, int] | None = None
-        self.nothing = False  # a stream the content filter cut before any text: bill nothing
+        self.nothing = False  # a stream the upstream failed before any text: bill nothing
         self.final = False  # set by cut(): what was delivered is billed, whatever comes later
         self.flagged = False  # an anomaly was recorded (once per call)
 
@@ -105,14 +105,17 @@ class Meter:
         extra = usage if isinstance(usage, dict) else {}
         return {**extra, "prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
-    def cut(self, delivered: str) -> None:
-        """Bill only what a stream cut by the content filter delivered: the prompt and the text
-        sent (estimated: a usage the upstream reports later covers text never sent), or nothing
-        when no text was sent, as for a refused plain answer."""
-        self.nothing, self.final = not delivered, True
-        ct = tokens.completion_tokens(delivered, self.call.upstream_model) if delivered else 0
-        self.billed = (0, 0) if self.nothing else (self._prompt_estimate(),
-                                                   min(ct, self.plan.completion_max))
+    def cut(self, produced: str) -> None:
+        """Bill a stream the content filter cut: the prompt and the text the upstream produced
+        up to the cut, sent or held back (estimated: its usage never arrives)."""
+        self.final = True
+        ct = tokens.completion_tokens(produced, self.call.upstream_model) if produced else 0
+        self.billed = self._prompt_estimate(), min(ct, self.plan.completion_max)
+
+    def fail(self) -> None:
+        """Bill nothing: the upstream failed before producing anything (the hold is released)."""
+        self.nothing = self.final = True
+        self.billed = (0, 0)
 
     def settle(self, held: Hold, text: str) -> int | None:
         """Charge what the meter says (release the hold when it says nothing was delivered)."""

@@ -71,8 +71,12 @@ def relay_text(kind: str, path: str) -> Response:
             return _stream(kind, call, held, plan, meter, got.value, got.channel)
         data: dict[str, Any] = got.value
         text = _answer_text(kind, data)  # as produced: what is billed, even when masked
-        screening.screen_answer(screening.choice_slots(kind, data))
-    meter.usage(data.get("usage"))
+        meter.usage(data.get("usage"))
+        try:
+            screening.screen_answer(screening.choice_slots(kind, data))
+        except screening.ContentRefused:
+            meter.settle(held, text)  # withheld, but the upstream wrote (and billed) it
+            raise
     meter.settle(held, text)
     data["usage"] = meter.shown(text, data.get("usage"))  # always present: what was billed
     for choice in data["choices"]:
@@ -106,12 +110,12 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
                 last = obj
                 texts.append(_answer_text(kind, obj))
                 screened = guard.take(obj) if guard is not None else obj
-                yield from _forward(screened, call, plan, meter, guard)
+                yield from _forward(screened, call, plan, meter, guard, texts)
                 if guard is not None and guard.refused:
                     break
             tail = guard.finish(last) if guard is not None else None
             if tail is not None:
-                yield from _forward(tail, call, plan, meter, guard)
+                yield from _forward(tail, call, plan, meter, guard, texts)
             if open_stream.cut:
                 yield shutdown.END
                 return
@@ -151,15 +155,15 @@ def _failed(err: UpstreamError, call: Call, meter: Meter, texts: list[str]) -> b
     nothing is billed (the hold is released, as for a failed plain answer)."""
     log.warning("upstream stream failed for %s: %s", call.req_id, err.message[:120])
     if not any(texts):
-        meter.cut("")
+        meter.fail()
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
 
 def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
-             guard: StreamGuard | None) -> Iterator[bytes]:
+             guard: StreamGuard | None, texts: list[str]) -> Iterator[bytes]:
     """Yield one (screened) chunk as the client gets it: the billed usage, the model's name."""
     if guard is not None and guard.refused:  # obj ends each open choice: content_filter
-        meter.cut("".join(guard.delivered))
+        meter.cut("".join(texts))
     if obj.get("usage"):
         meter.usage(obj["usage"])
         if not plan.want_usage and not obj.get("choices"):

@@ -33,7 +33,8 @@ TEXT_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "ref
 
 
 class ContentRefused(InvalidRequest):
-    """A prompt or an answer holds a listed word and [safety] says refuse (nothing is charged)."""
+    """A prompt or an answer holds a listed word and [safety] says refuse (a prompt: nothing
+    is charged; an answer: what the upstream produced is)."""
 
     code, error_code = 40002, "content_policy_violation"
 
@@ -48,8 +49,8 @@ def refused_input(param: str | None) -> ContentRefused:
 def refused_output() -> ContentRefused:
     """Return the 400 for an answer the filter withholds."""
     return ContentRefused("The answer was withheld by this service's content filter: it "
-                          "contains text that is not allowed. Nothing was charged.",
-                          msg="回答包含不适宜的内容，已被拦截。这次没有扣费。")
+                          "contains text that is not allowed. What the upstream produced was "
+                          "charged.", msg="回答包含不适宜的内容，已被拦截。上游已生成的部分照常计费。")
 
 
 class Slot(NamedTuple):

@@ -16,8 +16,8 @@ A choice's finish (or the stream's end) flushes its tail, so the delay is at mos
 word of text. Streamed logprobs are sent as null while api_output is on: they no longer line up
 with the held-back text, and their tokens would spell the words out. Billing (chat.py,
 responses_stream.py): a masked stream is billed like any other; a refused one bills the prompt
-and the text delivered before the refusal, or nothing when no text was delivered (as a refused
-plain answer).
+and the text the upstream produced up to the refusal, sent or held back (as a refused plain
+answer bills what the upstream wrote).
 """
 
 from __future__ import annotations
