@@ -118,6 +118,7 @@ def test_ledger_export_and_verify(cli: Any, r: redis.Redis) -> None:
     assert [e["amount"] for e in entries] == ["0.5000", "-0.1000", "0.0600"]  # 元
     assert sum(Decimal(e["amount"]) for e in entries) * 10_000 == wallet.balance(r, acct) == 4600
     assert entries[2]["req"] == "req-1" and entries[2]["pt"] == "10"
+    assert entries[2]["cost"] == "0.0400"  # 元 too: one unit for every money field of an entry
     assert ok_json(cli("ledger", "verify", "--json")) == {"ok": True, "problems": []}
     assert cli("ledger", "verify").exit_code == 0
     r.hincrby(layout.acct_key(acct), "balance", 7)  # money that no ledger entry explains

@@ -13,6 +13,7 @@ from app.core.config import MAX_CODES_PER_BATCH
 from app.runtime.clikit import CliError, emit, fail, json_option, money, store, yuan
 
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+MONEY_FIELDS = ("amount", "cost")  # in units of 0.0001 元 in the store, shown in 元
 
 
 def _account_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -167,11 +168,13 @@ def ledger_group() -> None:
 @json_option
 @click.option("--account", default=None, callback=_account_id)
 def ledger_export(as_json: bool, account: str | None) -> None:
-    """Print every ledger entry (amount in 元), one JSON object a line."""
+    """Print every ledger entry (its money fields, amount and cost, in 元), one JSON object a
+    line."""
     from app.core.money import ledger
 
     for entry in ledger.ledger_entries(store(), account):
-        click.echo(json.dumps({**entry, "amount": money(entry["amount"])}, ensure_ascii=False))
+        shown = {k: money(v) if k in MONEY_FIELDS else v for k, v in entry.items()}
+        click.echo(json.dumps(shown, ensure_ascii=False))
 
 
 @ledger_group.command("verify")
