@@ -146,6 +146,11 @@ def test_allkeys_policy_is_refused_unless_allowed(volatile: Single, upstream: Fa
     assert any("allkeys-lru" in w for w in found["warnings"])
     assert any("AOF is off" in w for w in found["warnings"])
     assert "DURABILITY: AOF is off" in caplog.text
+    # /readyz is public: nodes are numbered, never named by address (red team); the log names
+    # them for the operator.
+    port = str(redis.Redis.from_url(volatile.url).connection_pool.connection_kwargs["port"])
+    assert list(found["nodes"]) == ["node1"] and port not in str(found)
+    assert all("node1" in w for w in found["warnings"]) and port in caplog.text
 
 
 def test_worker_refuses_an_allkeys_store_in_one_line(volatile: Single,

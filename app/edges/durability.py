@@ -38,10 +38,20 @@ class Durability:
 
     nodes: dict[str, dict[str, str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # every node checked, read or not
 
     def detail(self) -> dict[str, Any]:
-        """Return the /readyz detail (no addresses beyond host:port, no secrets)."""
-        return {"nodes": self.nodes, "warnings": self.warnings,
+        """Return the /readyz detail. The endpoint is public: nodes are numbered (node1…), never
+        named by address, in the warnings too (the log names them for the operator)."""
+        public = {name: f"node{i}" for i, name in enumerate(self.names, 1)}
+
+        def hide(text: str) -> str:
+            for name in sorted(public, key=len, reverse=True):
+                text = text.replace(name, public[name])
+            return text
+
+        return {"nodes": {public.get(k, "node"): v for k, v in self.nodes.items()},
+                "warnings": [hide(w) for w in self.warnings],
                 "aof": all(n.get("appendonly") == "yes" for n in self.nodes.values())
                 if self.nodes else None}
 
@@ -71,6 +81,7 @@ def check(client: Any, allow_volatile: bool = False, said: tuple[str, ...] = ())
     result = Durability()
     unchecked: list[str] = []
     for name, conn in _nodes(client):
+        result.names.append(name)
         try:
             result.nodes[name] = _read(conn)
         except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed/disabled
