@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -63,14 +64,50 @@ def read_json(empty_ok: bool = False) -> dict[str, Any]:
 
 
 def read_body() -> bytes:
-    """Return the request body (read once, cached); a 413 when it is over the limit."""
+    """Return the request body (read once, cached; a gzip or deflate body decoded); a 413 when
+    it is over the limit, compressed or not."""
     req = current.request()
     raw = req.get_data(cache=True)
-    limit = req.max_content_length if req.content_length is None else None
-    if limit is not None and len(raw) >= limit and req.environ["wsgi.input"].read(1):
+    limit = req.max_content_length
+    if (req.content_length is None and limit is not None and len(raw) >= limit
+            and req.environ["wsgi.input"].read(1)):
         # A chunked body is cut at the limit without an error (werkzeug): refuse, never truncate.
         raise RequestTooLarge("The request body is larger than the limit.")
-    return raw
+    coding = req.environ.get("HTTP_CONTENT_ENCODING")
+    if coding is None or not raw:
+        return raw
+    decoded: bytes | None = req.environ.get(DECODED)
+    if decoded is None:
+        decoded = req.environ[DECODED] = _decode(raw, coding.strip().lower(), limit)
+    return decoded
+
+
+DECODED = "xiaoyi.decoded_body"
+CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _decode(raw: bytes, coding: str, limit: int | None) -> bytes:
+    """Return a compressed body inflated, at most `limit` bytes (a bomb stops one past it)."""
+    if coding in ("", "identity"):
+        return raw
+    wbits = CODINGS.get(coding)
+    if wbits is None:
+        raise InvalidRequest(f"Content-Encoding {coding[:40]!r} is not supported: send the body "
+                             "as is, gzip or deflate.", msg="不支持的 Content-Encoding")
+    if coding == "deflate" and raw[:1] != b"\x78":  # raw deflate, as some clients send it
+        wbits = -zlib.MAX_WBITS
+    inflate = zlib.decompressobj(wbits)
+    try:
+        out = inflate.decompress(raw, limit + 1 if limit else 0)
+    except zlib.error as exc:
+        raise InvalidRequest(f"The request body is not valid {coding}: {exc}",
+                             msg="请求体解压失败") from None
+    if limit is not None and len(out) > limit:
+        raise RequestTooLarge("The request body is larger than the limit once decompressed.")
+    if not inflate.eof:
+        raise InvalidRequest(f"The request body's {coding} data ends early.",
+                             msg="请求体解压失败")
+    return out
 
 
 def parse_json(empty_ok: bool = False) -> dict[str, Any]:
