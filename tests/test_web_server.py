@@ -212,3 +212,32 @@ def _login(url: str, token: str) -> int:
     resp = session.post(url + "/admin/login", data={"token": token, "csrf": csrf[1]},
                         allow_redirects=False, timeout=10)
     return resp.status_code
+
+
+def test_what_gunicorn_refuses_itself_is_answered_in_the_apis_json_shapes(
+        tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    """Review: a header over gunicorn's 8 KiB limit (a big cookie) or a malformed request line
+    got gunicorn's HTML page, without a request id: the SDKs could not read it. They now get
+    the API's two error shapes and an X-Request-Id, with gunicorn's status."""
+    key, _ = new_key(r)
+    web = Web(tmp_path, web_env(upstream, redis_url, WEB_CONCURRENCY="1"))
+    try:
+        big = requests.get(web.url + "/v1/models", timeout=10, headers={
+            "Authorization": f"Bearer {key}", "Cookie": "session=" + "a" * 9000})
+        with socket.create_connection(("127.0.0.1", int(web.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(b"GET /v1/models HTTP/9.9\r\nHost: x\r\n\r\n")
+            sock.settimeout(10)
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        assert paid_chat(web.url, key).status_code == 200  # the worker serves on
+    finally:
+        assert web.stop() == 0
+    assert big.status_code == 431 and big.headers["X-Request-Id"].startswith("req_")
+    assert big.headers["Content-Type"] == "application/json"
+    body = big.json()
+    assert body["code"] == 43101 and body["msg"] and body["error"]["code"] == "request_too_large"
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"X-Request-Id: req_" in head
+    assert json.loads(rest)["error"]["code"] == "invalid_request_error"

@@ -16,9 +16,11 @@ This file is read by path in gunicorn's master: it imports only the standard lib
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
+import secrets
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -186,14 +188,41 @@ def on_starting(server: object) -> None:
     server.handle_int = server.handle_term  # type: ignore[attr-defined]
 
 
+TOO_LARGE = (413, 414, 431)  # the request line or headers over gunicorn's limits
+
+
+def json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
+    """Answer a request gunicorn refused before the app saw it (a header over its limit, a
+    malformed request line…) in the API's two error shapes, with a request id, instead of
+    gunicorn's HTML page (its util.write_error, which this replaces in each worker)."""
+    client = status < 500
+    body = json.dumps({
+        "code": status * 100 + (1 if client else 0),
+        "msg": "请求格式错误" if client else "服务内部错误",
+        "error": {"message": f"{reason}: {mesg}"[:300], "param": None,
+                  "type": "invalid_request_error" if client else "api_error",
+                  "code": ("request_too_large" if status in TOO_LARGE else
+                           "invalid_request_error" if client else "internal_error")},
+    }, ensure_ascii=False).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-Id: req_{secrets.token_hex(12)}\r\n\r\n")
+    from gunicorn import util
+
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 def post_worker_init(worker: object) -> None:
     """Make SIGINT graceful in the worker too; end streams still open as the grace runs out;
-    leave the loaded app out of garbage collection."""
+    answer gunicorn's own refusals as JSON; leave the loaded app out of garbage collection."""
     import gc
     import signal
 
+    from gunicorn import util
+
     from app.runtime import graceful
 
+    util.write_error = json_error  # gunicorn's own refusals in the API's JSON shapes
     signal.signal(signal.SIGINT, worker.handle_exit)  # type: ignore[attr-defined]
     logging.getLogger("gunicorn.error").addFilter(StalledStreamFilter())  # gunicorn's own
     graceful.watch(worker)
