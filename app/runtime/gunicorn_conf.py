@@ -207,7 +207,7 @@ def json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None
     head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"X-Request-Id: req_{secrets.token_hex(12)}\r\n\r\n")
-    from gunicorn import util
+    from gunicorn import util  # type: ignore[import-untyped]
 
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
