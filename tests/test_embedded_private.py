@@ -160,3 +160,12 @@ def test_an_older_data_dir_is_tightened_and_gets_a_password(tmp_path: Path,
         assert raw_ping(server.port).startswith(b"-NOAUTH")
         assert redis.Redis.from_url(server.url).get("xy:{old}:acct") == b"12345"
         assert_owner_only(data_dir)
+
+
+def test_an_unusable_password_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A password file that would not survive the config line is refused, naming the fix."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "redis.password").write_text("two words\n")
+    with pytest.raises(EmbeddedRedisError, match="redis.password.*delete it"):
+        EmbeddedRedis(data_dir).start()

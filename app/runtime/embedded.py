@@ -201,7 +201,7 @@ class EmbeddedRedis:
         self._private_dir()
         self._acquire_lock()
         try:
-            self.password = store_password(self.data_dir)
+            self.password = self._password()  # under the lock: one password per data dir
             deadline = time.monotonic() + timeout
             attempts_left = 1 if self._requested_port is not None else _START_ATTEMPTS
             while True:
@@ -232,6 +232,13 @@ class EmbeddedRedis:
             raise EmbeddedRedisError(str(exc)) from exc
         except OSError as exc:
             raise EmbeddedRedisError(f"data dir {self.data_dir}: {exc.strerror or exc}") from exc
+
+    def _password(self) -> str:
+        """Return the data dir's store password, made the first time."""
+        try:
+            return store_password(self.data_dir)
+        except (PrivateFileError, OSError) as exc:
+            raise EmbeddedRedisError(str(exc)) from exc
 
     def _spawn(self, binary: str) -> None:
         """Launch the server process with durable settings; the password goes in by stdin.
