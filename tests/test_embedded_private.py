@@ -169,3 +169,13 @@ def test_an_unusable_password_file_is_a_clear_error(tmp_path: Path) -> None:
     (data_dir / "redis.password").write_text("two words\n")
     with pytest.raises(EmbeddedRedisError, match="redis.password.*delete it"):
         EmbeddedRedis(data_dir).start()
+
+
+def test_a_shared_directory_is_refused_not_made_private(tmp_path: Path) -> None:
+    """XIAOYI_DATA_DIR=/tmp (sticky, world-writable) is refused: never chmod 0700, not used."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(EmbeddedRedisError, match="shared.*XIAOYI_DATA_DIR"):
+        EmbeddedRedis(shared).start()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and not list(shared.iterdir())

@@ -25,6 +25,9 @@ class PrivateFileError(RuntimeError):
 def private_dir(path: Path) -> None:
     """Create path 0700, or tighten an existing one (an older version's: 0755, files 0644)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.stat(path).st_mode & (stat.S_ISVTX | stat.S_IWOTH):  # /tmp, say: never made 0700
+        raise PrivateFileError(f"data dir {path} is shared (world-writable): choose a directory "
+                               "of your own for XIAOYI_DATA_DIR, e.g. ./var")
     _tighten(path)
     for entry in (path, path / AOF_DIR):
         if entry.is_dir() and not entry.is_symlink():
