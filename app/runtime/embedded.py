@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import importlib.util
@@ -282,11 +283,10 @@ class EmbeddedRedis:
         """Write the secret part of the configuration to the server's stdin and close it."""
         assert self._process is not None and self._process.stdin is not None
         config = f"requirepass {self.password}\n" if self.password else ""
-        try:
+        with contextlib.suppress(OSError):  # it exited at once: _wait_ready reports the log
             self._process.stdin.write(config.encode())
+        with contextlib.suppress(OSError):
             self._process.stdin.close()
-        except OSError:
-            pass  # it exited at once: _wait_ready reports the log
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll PING until the server answers, it dies, or the deadline passes."""
