@@ -78,7 +78,7 @@ def test_url_before_start_is_an_error(tmp_path: Path) -> None:
 @needs_binary
 def test_runs_durable_real_server(server: EmbeddedRedis, tmp_path: Path) -> None:
     """The server is a real engine with AOF fsynced on every write and no RDB snapshots."""
-    assert server.url == f"redis://127.0.0.1:{server.port}/0"
+    assert server.url == f"redis://:{server.password}@127.0.0.1:{server.port}/0"
     assert server.pid is not None and alive(server.pid)
     client = redis.Redis.from_url(server.url, decode_responses=True)
     assert client.ping()

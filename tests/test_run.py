@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,8 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import pytest
 import requests
+from rq import Worker
+from test_embedded_private import (
+    assert_owner_only,
+    old_data_dir,
+    raw_ping,
+    wide_umask,  # noqa: F401 (a fixture)
+)
 
 from app.core.config import units_to_yuan
 from app.core.money import keys, wallet
@@ -83,6 +93,11 @@ def _banner(proc: subprocess.Popen, path: Path) -> tuple[str, str, str]:
     return found.group(1), found.group(2), path.read_text()
 
 
+def _store_url(data_dir: Path) -> str:
+    """Return the running embedded store's full URL (the banner shows it masked)."""
+    return (data_dir / "redis.url").read_text().strip()
+
+
 def _stop(proc: subprocess.Popen, sig: int) -> None:
     """Signal `xiaoyi run`; assert it exits 0 and leaves no process behind."""
     family = _descendants(proc.pid)
@@ -120,8 +135,7 @@ def test_run_prints_a_working_demo_key_reuses_it_and_stops_cleanly(tmp_path: Pat
         proc, log = _start(tmp_path, port, "second")  # the same data directory: the same wallet
         shown, again, out = _banner(proc, log)
         assert again == key  # reused, not one more live key per start
-        url = re.search(r"Redis:\s+(redis://\S+)", out).group(1)  # type: ignore[union-attr]
-        r = make_redis(url, max_connections=2)
+        r = make_redis(_store_url(tmp_path / "var"), max_connections=2)
         assert shown == units_to_yuan(wallet.balance(r, "demo")) and shown != "10.0000"
         assert [k["revoked"] for k in keys.list_keys(r, "demo")] == [False]
         r.connection_pool.disconnect()
@@ -166,6 +180,68 @@ def test_a_second_run_on_the_same_data_dir_is_refused_naming_the_first(tmp_path:
         for proc in (first, separate):
             if proc is not None and proc.poll() is None:
                 proc.kill()
+
+
+def _cmdlines(pids: set[int]) -> bytes:
+    """Return the command lines of pids, as `ps` shows them to every local user."""
+    found = b""
+    for pid in pids:
+        try:
+            found += Path(f"/proc/{pid}/cmdline").read_bytes() + b"\n"
+        except OSError:
+            continue
+    return found
+
+
+def _cli(tmp_path: Path, *argv: str) -> str:
+    """Run an admin command with no XIAOYI_REDIS_URL (it finds the run's store); return stdout."""
+    done = subprocess.run([sys.executable, "-m", "app.runtime.cli", *argv], cwd=tmp_path,
+                          env=_run_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.usefixtures("wide_umask")
+def test_run_keeps_its_store_private_and_upgrades_an_older_data_dir(tmp_path: Path) -> None:
+    """An older version's data dir (no password, files 0644) starts private; all parts work."""
+    data_dir = tmp_path / "var"
+    old_data_dir(data_dir)
+    proc, log = _start(tmp_path, _free_port(), "private")
+    try:
+        _shown, _key, out = _banner(proc, log)
+        redis_port = json.loads((data_dir / "run.json").read_text())["redis"]
+        assert raw_ping(redis_port).startswith(b"-NOAUTH")
+        url = _store_url(data_dir)
+        store = urlsplit(url)
+        assert store.password and store.port == redis_port and store.hostname == "127.0.0.1"
+        assert re.search(r"Redis:\s+redis://:\*\*\*@127\.0\.0\.1:\d+/0 ", out), out
+        assert f"the full URL is in {data_dir / 'redis.url'}, mode 0600" in out
+        assert store.password.encode() not in _cmdlines(_descendants(proc.pid) | {proc.pid})
+        assert not (data_dir / "redis.port").exists()  # the older version's, without a password
+        r = make_redis(url, max_connections=2)
+        assert r.get("xy:{old}:acct") == "12345"  # the older data is kept
+        assert len(Worker.all(connection=r)) == 1  # the rq worker authenticated
+        key = json.loads(_cli(tmp_path, "keys", "create", "--balance", "1", "--json"))["key"]
+        resp = requests.post(f"http://127.0.0.1:{_port_of(out)}/v1/chat/completions",
+                             headers={"Connection": "close"}, timeout=30, json={
+            "api_secret_key": key, "model": "gpt-3.5",
+            "messages": [{"role": "user", "content": "你好"}]})
+        assert resp.status_code == 200 and resp.json()["code"] == 0, resp.text
+        r.connection_pool.disconnect()
+        assert_owner_only(data_dir)  # run.json, redis.url, demo-key, AOF, log: 0600
+        _stop(proc, signal.SIGTERM)
+        assert store.password not in log.read_text()
+        assert store.password not in (data_dir / "redis.log").read_text()
+        assert not (data_dir / "redis.url").exists()  # only while the store runs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _port_of(banner: str) -> int:
+    found = re.search(r"API:\s+http://127\.0\.0\.1:(\d+)/v1", banner)
+    assert found, banner
+    return int(found.group(1))
 
 
 def test_make_run_takes_a_port_and_arguments() -> None:

@@ -106,9 +106,13 @@ def test_nothing_starts_a_redis_without_a_url(tmp_path: Path, upstream: FakeUpst
 
 def test_admin_commands_never_attach_to_a_stale_port_file(tmp_path: Path, redis_url: str,
                                                           upstream: FakeUpstream) -> None:
-    """redis.port left by a stopped `xiaoyi run` may name anyone's Redis now: it is not used."""
+    """A URL (or an older version's port) left by a stopped `xiaoyi run` is not used.
+
+    It may name anyone's Redis now.
+    """
     data_dir = tmp_path / "var"
     data_dir.mkdir()
+    (data_dir / "redis.url").write_text(redis_url)
     (data_dir / "redis.port").write_text(redis_url.rsplit(":", 1)[1].split("/")[0])
     done = CliRunner().invoke(main, ["keys", "list"], env={
         "XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": str(data_dir),

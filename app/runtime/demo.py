@@ -7,6 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from app.core.config import Settings, units_to_yuan, yuan_to_units
+from app.runtime.private import URL_FILE, write_private
 
 DEMO_ACCOUNT = "demo"
 DEMO_CREDIT = "10"  # 元, credited once, when the demo account is created
@@ -21,11 +22,8 @@ def _read_demo_key(path: Path) -> str | None:
 
 
 def _write_demo_key(path: Path, raw: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        os.fchmod(fh.fileno(), 0o600)  # an older file may have been wider
-        fh.write(raw + "\n")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(path, raw + "\n")
 
 
 def demo_key(settings: Settings, url: str) -> tuple[str, int]:
@@ -68,7 +66,9 @@ def banner(settings: Settings, host: str, port: int, redis_url: str, upstream: s
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     base = f"http://{shown}:{port}"
     admin = "" if settings.admin_token else "(set XIAOYI_ADMIN_TOKEN to enable)"
-    where = "" if settings.redis_url else f"  (embedded, AOF in {settings.data_dir})"
+    where = "" if settings.redis_url else (f"  (embedded, AOF in {settings.data_dir}; the full "
+                                           f"URL is in {os.path.join(settings.data_dir, URL_FILE)}, "
+                                           "mode 0600)")
     low = "" if balance > 0 else f"  (empty: xiaoyi accounts topup {DEMO_ACCOUNT} 10)"
     return f"""
 xiaoyi is running.

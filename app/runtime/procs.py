@@ -23,16 +23,24 @@ _embedded: list[EmbeddedRedis] = []  # keeps the embedded server object alive fo
 
 
 RUN_FILE = "run.json"  # in XIAOYI_DATA_DIR: the `xiaoyi run` that owns its embedded engine
+LEGACY_PORT_FILE = "redis.port"  # older versions' (no password): removed at start
 
 
 def running_embedded(data_dir: str) -> str | None:
-    """Return the URL of the embedded Redis that `xiaoyi run` keeps in data_dir, if it answers."""
-    from app.runtime.embedded import is_locked
+    """Return the URL of the embedded Redis that `xiaoyi run` keeps in data_dir, if it answers.
 
-    port_file = Path(data_dir) / "redis.port"
-    if not port_file.exists() or not is_locked(data_dir):  # a stale port may be anyone's now
+    The URL (password included) is in the data dir's 0600 URL_FILE: only the user that runs
+    `xiaoyi run` can read it.
+    """
+    from app.runtime.embedded import is_locked
+    from app.runtime.private import URL_FILE
+
+    if not is_locked(data_dir):  # a stale URL may name anyone's Redis now
         return None
-    url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+    try:
+        url = (Path(data_dir) / URL_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
     try:
         redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
         return url
@@ -75,9 +83,19 @@ def refuse_second_run(data_dir: str) -> None:
 
 def claim_run(data_dir: str, web: str, url: str) -> None:
     """Record this `xiaoyi run` as the owner of data_dir's engine (refuse_second_run reads it)."""
+    from app.runtime.private import write_private
+
     redis_port = url.rsplit(":", 1)[1].split("/", 1)[0]
-    (Path(data_dir) / RUN_FILE).write_text(json.dumps(
+    write_private(Path(data_dir) / RUN_FILE, json.dumps(
         {"pid": os.getpid(), "web": web, "redis": int(redis_port)}))
+
+
+def _forget_run(data_dir: str) -> None:
+    """Remove what only a running `xiaoyi run` means: its claim and its store's URL."""
+    from app.runtime.private import URL_FILE
+
+    for name in (RUN_FILE, URL_FILE):
+        (Path(data_dir) / name).unlink(missing_ok=True)
 
 
 def running_web(data_dir: str) -> str | None:
@@ -98,14 +116,16 @@ def ensure_embedded(data_dir: str) -> str:
     XIAOYI_REDIS_URL. The engine's data-dir lock refuses a second start that raced this one.
     """
     from app.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
+    from app.runtime.private import URL_FILE, write_private
 
     server = EmbeddedRedis(data_dir)
     try:
         url = server.start()
     except EmbeddedRedisError as exc:
         raise RuntimeError(f"could not start the embedded Redis in {data_dir}: {exc}") from exc
-    (Path(data_dir) / "redis.port").write_text(str(server.port))
     _embedded.append(server)
+    write_private(Path(data_dir) / URL_FILE, url + "\n")
+    (Path(data_dir) / LEGACY_PORT_FILE).unlink(missing_ok=True)
     return url
 
 
@@ -306,4 +326,4 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
         for server in _embedded:
             server.stop()
         if _embedded:
-            (Path(settings.data_dir) / RUN_FILE).unlink(missing_ok=True)
+            _forget_run(settings.data_dir)
