@@ -848,3 +848,20 @@ def test_cancel_answers_as_openai_does_for_a_synchronous_response(
     with pytest.raises(openai.NotFoundError):
         client.responses.cancel("resp_not_there")
     assert client.responses.retrieve(made.id).status == "completed"  # left as it was
+
+
+@pytest.mark.parametrize("mode", ["translated", "native"])
+def test_answers_name_the_model_the_client_sent(mode: str, live: LiveServer, native: LiveServer,
+                                                funded: tuple[str, str],
+                                                upstream: FakeUpstream) -> None:
+    """Review: a Response named the upstream's model (gpt-3.5-turbo), where chat answers name
+    the client's (gpt-3.5): in the answer, in GET and in every stream event alike."""
+    server, key = live if mode == "translated" else native, funded[0]
+    made = post(server, key, {"model": "gpt-3.5", "input": "名字"}).json()
+    assert upstream.requests[-1]["body"]["model"] == "gpt-3.5-turbo"
+    got = requests.get(f"{server.url}/v1/responses/{made['id']}", timeout=20,
+                       headers={"Authorization": f"Bearer {key}"}).json()
+    events = sse(post(server, key, {"model": "gpt-3.5", "input": "流", "stream": True},
+                      stream=True))
+    shown = [d["response"]["model"] for _, d in events if "response" in d]
+    assert made["model"] == got["model"] == "gpt-3.5" and shown and set(shown) == {"gpt-3.5"}

@@ -157,7 +157,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
         plan.upstream.pop("previous_response_id", None)
     else:
         plan.upstream = to_chat.to_chat(body, items, plan.stream)
-    plan.response = answer.skeleton(answer.new_id("resp"), body, call.upstream_model,
+    plan.response = answer.skeleton(answer.new_id("resp"), body, call.model,  # the client's name
                                     previous=prev, store=plan.store)
     return pricing.reserve_cost(call.price, plan.prompt_bound, plan.completion_max)
 
