@@ -278,10 +278,11 @@ def input_tokens() -> Response:
 
 
 class ResponseId(BaseConverter):
-    """A stored response's id in a path: any segment but `input_tokens` (its own route), so
-    that route's 405s and OPTIONS advertise only its own methods."""
+    """A stored response's id in a path: any segment but `input_tokens` (its own route, so
+    that route's 405s and OPTIONS advertise only its own methods) and `compact` (OpenAI's
+    route, not served: an unknown route's 404, not a 405 for a response id)."""
 
-    regex = r"(?!input_tokens(?:/|$))[^/]+"
+    regex = r"(?!(?:input_tokens|compact)(?:/|$))[^/]+"
 
 
 def _converter(state: BlueprintSetupState) -> None:
