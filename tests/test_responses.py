@@ -182,6 +182,42 @@ def test_function_call_then_its_output_continue_the_conversation(
     assert second.output_text == ANSWER_PREFIX + "北京天气"  # the fake echoes the last user turn
 
 
+def test_function_call_output_parts_are_the_tool_messages_text(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """Review: a function_call_output given as input_text parts (as the schema allows) went to
+    chat as those parts, which chat refuses in a tool message: it is the message's text, when
+    sent and when its stored turn is sent again."""
+    client = sdk(live, funded[0])
+    turn = [{"role": "user", "content": "北京天气"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": '{"city":"北京"}'},
+            {"type": "function_call_output", "call_id": "call_1",
+             "output": [{"type": "input_text", "text": "晴，"},
+                        {"type": "input_text", "text": "25°C"}]}]
+    first = client.responses.create(model=MODEL, tools=[WEATHER], input=turn)
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "晴，25°C"}
+    assert last_chat(upstream)["messages"][2] == tool
+    client.responses.create(model=MODEL, previous_response_id=first.id, input="明天呢？")
+    assert last_chat(upstream)["messages"][2] == tool
+
+
+def test_a_stored_turn_chat_cannot_carry_is_refused_naming_previous_response_id(
+        live: LiveServer, native: LiveServer, funded: tuple[str, str],
+        upstream: FakeUpstream) -> None:
+    """A turn stored natively with a picture in a tool's output is refused when continued by
+    the chat translation (it was sent without the picture)."""
+    made = sdk(native, funded[0]).responses.create(model=MODEL, input=[
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1",
+         "output": [{"type": "input_image", "image_url": png_data_url()}]},
+        {"role": "user", "content": "看图"}])
+    sent = len(upstream.requests)
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(live, funded[0]).responses.create(model=MODEL, previous_response_id=made.id,
+                                              input="再看")
+    assert caught.value.param == "previous_response_id" and len(upstream.requests) == sent
+
+
 def test_item_references_name_the_stored_items_of_the_accounts_turns(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis,
         upstream: FakeUpstream) -> None:
@@ -473,6 +509,25 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
     ({}, "input"),
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
     ({"input": "x", "text": {"format": "json_schema"}}, "text.format"),  # not an object
+    # Chat takes only text in these places: an image or a file there is refused, not dropped.
+    ({"input": [{"role": "developer", "content": [
+        {"type": "input_text", "text": "Reference:"},
+        {"type": "input_image", "image_url": "https://example.com/ref.png"}]},
+        {"role": "user", "content": "match?"}]}, "input[0].content[1]"),
+    ({"input": [{"role": "system", "content": [{"type": "input_file", "file_id": "file-1"}]},
+                {"role": "user", "content": "x"}]}, "input[0].content[0]"),
+    ({"input": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "input_image", "image_url": "https://example.com/a.png"}]}]},
+     "input[1].content[0]"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": [
+                    {"type": "input_text", "text": "page:"},
+                    {"type": "input_image", "image_url": "https://example.com/p.png"}]}]},
+     "input[1].output[1]"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": [
+                    {"type": "input_file", "file_data": "data:application/pdf;base64,JVBERi0=",
+                     "filename": "a.pdf"}]}]}, "input[1].output[0]"),
 ])
 def test_refused_requests_are_400_and_charge_nothing(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis, body: dict[str, Any],
