@@ -548,6 +548,20 @@ def test_cut_marker_breaks_a_client_read(fake: FakeUpstream, http: requests.Sess
         list(http.post(f"{fake.url}/completions", json=body, stream=True).iter_lines())
 
 
+def test_stream_error_marker(fake: FakeUpstream, http: requests.Session) -> None:
+    """stream_error=N: after N content chunks, OpenAI's in-stream error object, then [DONE]; a
+    plain answer is that error object, with status 200."""
+    body = chat_body("[[fake:long=9]][[fake:stream_error=2]][[fake:error_code=invalid_prompt]]",
+                     stream=True)
+    payloads = sse_events(http.post(f"{fake.url}/chat/completions", json=body, stream=True))
+    pieces = [json.loads(p)["choices"][0]["delta"].get("content") for p in payloads[:3]]
+    assert pieces == ["", "word0", " word1"] and payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert (error["type"], error["code"]) == ("server_error", "invalid_prompt")
+    r = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:stream_error=0]]"))
+    assert r.status_code == 200 and r.json()["error"]["type"] == "server_error"
+
+
 def test_malformed_marker(fake: FakeUpstream, http: requests.Session) -> None:
     """malformed answers 200 with a body, or a stream event, that is not JSON."""
     r = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:malformed]]"))

@@ -439,6 +439,44 @@ def test_stream_broken_by_the_upstream_fails_and_bills_what_was_produced(
     assert int(entry["cost"]) > 0 and ledger.verify(r) == []
 
 
+@pytest.mark.parametrize(("code", "shown"), [(None, "server_error"),
+                                            ("invalid_prompt", "invalid_prompt"),
+                                            ("rate_limit_exceeded", "server_error")])
+def test_an_error_in_the_upstream_stream_fails_and_bills_what_was_produced(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, code: str | None,
+        shown: str) -> None:
+    """Review: a chat stream ending with OpenAI's in-stream `{"error": …}` was a
+    response.completed holding the cut text, stored as completed. It is a response.failed with
+    the upstream's error (a code of the schema's, else server_error), stored failed and billed
+    for the prompt and the text produced, as any stream the upstream broke off."""
+    key, acct = funded
+    marks = "[[fake:long=40]][[fake:stream_error=5]][[fake:error_message=Model overloaded]]"
+    marks += f"[[fake:error_code={code}]]" if code else ""
+    events = sse(post(live, key, {"model": MODEL, "stream": True, "input": marks}, stream=True))
+    for _, data in events:
+        validate(data, "ResponseStreamEvent")
+    name, data = events[-1]
+    assert name == "response.failed" and "response.completed" not in [n for n, _ in events]
+    error = {"code": shown, "message": "Model overloaded"}
+    assert data["response"]["status"] == "failed" and data["response"]["error"] == error
+    text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert text == "word0 word1 word2 word3 word4"
+    stored = requests.get(f"{live.url}/v1/responses/{data['response']['id']}", timeout=20,
+                          headers={"Authorization": f"Bearer {key}"}).json()
+    assert stored["status"] == "failed" and stored["error"] == error
+    (entry,) = settles(r, acct)
+    assert int(entry["ct"]) == tokens.completion_tokens(text, MODEL) and int(entry["pt"]) > 0
+    assert ledger.verify(r) == []
+
+
+def test_a_plain_answer_that_is_an_error_fails_and_charges_nothing(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
+    key, acct = funded
+    resp = post(live, key, {"model": MODEL, "input": "[[fake:stream_error=0]]"})
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_error"
+    assert wallet.balance(r, acct) == 100_000 and not list(r.scan_iter("xy:resp:*"))
+
+
 def test_a_stream_is_billed_at_the_largest_running_usage(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
     """An upstream putting the usage so far in every chunk whose last report is smaller than an

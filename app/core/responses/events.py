@@ -44,6 +44,7 @@ class ChatEvents:
         self.finish_reason: Any = None
         self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
         self.texts: list[str] = []  # everything produced, to estimate tokens without usage
+        self.error: dict[str, str] | None = None  # the error an upstream stream ended with
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Return the next event of the sequence."""
@@ -61,6 +62,9 @@ class ChatEvents:
         """Take one chat chunk (or a whole answer as one); return the events it makes."""
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if chunk.get("error") is not None:  # the upstream broke off: fail() ends the Response
+            self.error = answer.error_of(chunk["error"])
+            return []
         out: list[dict[str, Any]] = []
         choices = chunk.get("choices")
         for choice in choices if isinstance(choices, list) else []:
@@ -176,8 +180,10 @@ class ChatEvents:
         return out + [self.event(kind, response=final)], final
 
     def fail(self, message: str, usage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Return the response.failed event of a broken-off generation, and its Response."""
-        final = {**answer.failed(self.response, self.items, message), "usage": usage}
+        """Return the response.failed event of a broken-off generation, and its Response: the
+        error the upstream sent, else a server_error saying `message`."""
+        error = self.error or {"code": "server_error", "message": message}
+        final = {**answer.failed(self.response, self.items, error), "usage": usage}
         self.open, self.part_open = None, False
         return self.event("response.failed", response=final), final
 
