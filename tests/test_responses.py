@@ -477,6 +477,34 @@ def test_a_plain_answer_that_is_an_error_fails_and_charges_nothing(
     assert wallet.balance(r, acct) == 100_000 and not list(r.scan_iter("xy:resp:*"))
 
 
+def test_logprobs_are_asked_of_chat_and_given_back(live: LiveServer, funded: tuple[str, str],
+                                                   upstream: FakeUpstream) -> None:
+    """Review: include [message.output_text.logprobs] and top_logprobs were neither sent to chat
+    nor refused (logprobs came back []). Chat is asked for them; its logprobs.content are the
+    output_text part's logprobs and, streamed, each text delta's and text done's."""
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    got = sdk(live, funded[0]).responses.create(model=MODEL, input="概率", **asked)
+    assert {k: last_chat(upstream).get(k) for k in ("logprobs", "top_logprobs")} == {
+        "logprobs": True, "top_logprobs": 2}
+    part = got.output[0].content[0]
+    assert part.type == "output_text" and got.top_logprobs == 2
+    assert "".join(p.token for p in part.logprobs) == got.output_text
+    assert all(len(p.top_logprobs) == 2 and p.top_logprobs[0].token == p.token
+               and bytes(p.bytes) == p.token.encode() for p in part.logprobs)
+    events = sse(post(live, funded[0], {"model": MODEL, "input": "流", "stream": True, **asked},
+                      stream=True))
+    deltas = [d for n, d in events if n == "response.output_text.delta"]
+    assert deltas and all([p["token"] for p in d["logprobs"]] == [d["delta"]] for d in deltas)
+    (done,) = [d for n, d in events if n == "response.output_text.done"]
+    assert done["logprobs"] == [p for d in deltas for p in d["logprobs"]]
+    final = events[-1][1]["response"]["output"][0]["content"][0]
+    assert [(p["token"], p["logprob"]) for p in final["logprobs"]] == [
+        (p["token"], p["logprob"]) for p in done["logprobs"]]
+    plain = post(live, funded[0], {"model": MODEL, "input": "不要"}).json()
+    assert "logprobs" not in last_chat(upstream)
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+
+
 def test_a_stream_is_billed_at_the_largest_running_usage(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
     """An upstream putting the usage so far in every chunk whose last report is smaller than an
@@ -547,6 +575,8 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
     ({}, "input"),
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
     ({"input": "x", "text": {"format": "json_schema"}}, "text.format"),  # not an object
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
+    ({"input": "x", "include": "message.output_text.logprobs"}, "include"),
     # Chat takes only text in these places: an image or a file there is refused, not dropped.
     ({"input": [{"role": "developer", "content": [
         {"type": "input_text", "text": "Reference:"},

@@ -56,7 +56,8 @@ def skeleton(rid: str, body: dict[str, Any], model: str, *, previous: str | None
         "top_p": body.get("top_p", 1.0), "truncation": body.get("truncation", "disabled"),
         "metadata": body.get("metadata") or {},  # usage: set once known (never null)
     }
-    for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key"):
+    for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key",
+                 "top_logprobs"):
         if body.get(name) is not None:
             out[name] = body[name]
     return out

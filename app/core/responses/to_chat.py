@@ -17,6 +17,7 @@ TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # Chat fields a Responses request carries under the same name and meaning.
 PASSED = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key",
           "service_tier")
+LOGPROBS = "message.output_text.logprobs"  # the `include` value asking for them
 # Models that take max_completion_tokens on chat/completions (max_tokens is refused there).
 REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
 
@@ -169,6 +170,15 @@ def chat_format(text: Any) -> dict[str, Any] | None:
               "text.format")
 
 
+def chat_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """Return chat's logprobs fields for `include: [message.output_text.logprobs]` or a
+    `top_logprobs` above 0 (chat takes top_logprobs only with logprobs on)."""
+    top = body.get("top_logprobs")
+    if LOGPROBS not in (body.get("include") or ()) and not top:
+        return {}
+    return {"logprobs": True} if top is None else {"logprobs": True, "top_logprobs": top}
+
+
 def to_chat(body: dict[str, Any], items: list[dict[str, Any]], stream: bool,
             stored: int = 0) -> dict[str, Any]:
     """Build the chat/completions body for a Responses request whose input is `items` (the
@@ -197,6 +207,7 @@ def to_chat(body: dict[str, Any], items: list[dict[str, Any]], stream: bool,
     if effort is not None:
         chat["reasoning_effort"] = effort
     chat.update({k: body[k] for k in PASSED if body.get(k) is not None})
+    chat.update(chat_logprobs(body))
     if stream:
         chat["stream"], chat["stream_options"] = True, {"include_usage": True}
     return chat
