@@ -3,8 +3,9 @@
 Items become messages (developer → system, which every chat upstream knows), function calls
 become an assistant turn's tool_calls and their outputs tool messages (text only: chat has no
 place for an image or a file there, nor in system and assistant messages: a 400 names it);
-tools, tool_choice and text.format take chat's shapes; max_output_tokens becomes max_tokens (max_completion_tokens for
-reasoning models). `replay` readies stored items for a native upstream instead.
+tools, tool_choice and text.format take chat's shapes; max_output_tokens becomes max_tokens
+(max_completion_tokens for reasoning models); logprobs asked for (include, top_logprobs) become
+chat's. `replay` readies stored items for a native upstream instead.
 """
 
 from __future__ import annotations
