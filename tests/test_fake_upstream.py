@@ -548,6 +548,40 @@ def test_cut_marker_breaks_a_client_read(fake: FakeUpstream, http: requests.Sess
         list(http.post(f"{fake.url}/completions", json=body, stream=True).iter_lines())
 
 
+def test_chat_logprobs_when_asked(fake: FakeUpstream, http: requests.Session) -> None:
+    """logprobs: true gives each piece (one token) its logprob and top_logprobs alternatives,
+    plain and streamed; without it, logprobs stays null."""
+    body = chat_body("概率", logprobs=True, top_logprobs=3)
+    data = http.post(f"{fake.url}/chat/completions", json=body).json()
+    validate(data, "CreateChatCompletionResponse")
+    (choice,) = data["choices"]
+    content = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in content) == choice["message"]["content"]
+    assert all(len(e["top_logprobs"]) == 3 and e["top_logprobs"][0]["token"] == e["token"]
+               for e in content)
+    chunks, _ = stream_chunks(http.post(f"{fake.url}/chat/completions",
+                                        json={**body, "stream": True}, stream=True))
+    pieces = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert pieces and all(c["choices"][0]["logprobs"]["content"][0]["token"]
+                          == c["choices"][0]["delta"]["content"] for c in pieces)
+    plain = http.post(f"{fake.url}/chat/completions", json=chat_body("no")).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_stream_error_marker(fake: FakeUpstream, http: requests.Session) -> None:
+    """stream_error=N: after N content chunks, OpenAI's in-stream error object, then [DONE]; a
+    plain answer is that error object, with status 200."""
+    body = chat_body("[[fake:long=9]][[fake:stream_error=2]][[fake:error_code=invalid_prompt]]",
+                     stream=True)
+    payloads = sse_events(http.post(f"{fake.url}/chat/completions", json=body, stream=True))
+    pieces = [json.loads(p)["choices"][0]["delta"].get("content") for p in payloads[:3]]
+    assert pieces == ["", "word0", " word1"] and payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert (error["type"], error["code"]) == ("server_error", "invalid_prompt")
+    r = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:stream_error=0]]"))
+    assert r.status_code == 200 and r.json()["error"]["type"] == "server_error"
+
+
 def test_malformed_marker(fake: FakeUpstream, http: requests.Session) -> None:
     """malformed answers 200 with a body, or a stream event, that is not JSON."""
     r = http.post(f"{fake.url}/chat/completions", json=chat_body("[[fake:malformed]]"))

@@ -220,7 +220,9 @@ def test_models_by_id(live: LiveServer, funded: tuple[str, str]) -> None:
 
 
 @pytest.mark.parametrize("method,path,allow", [
-    ("GET", "/v1/chat/completions", {"POST"}),
+    ("PUT", "/v1/chat/completions", {"POST"}),
+    ("GET", "/v1/embeddings", {"POST"}),
+    ("PATCH", "/v1/responses/resp_1", {"GET", "DELETE"}),
     ("PUT", "/v1/models", {"GET", "HEAD"}),
     ("DELETE", "/index.php/api/v1/balance", {"GET", "HEAD", "POST"}),
 ])
@@ -229,6 +231,26 @@ def test_405_carries_allow(method: str, path: str, allow: set[str], live: LiveSe
     assert resp.status_code == 405
     assert set(resp.headers["Allow"].replace(" ", "").split(",")) >= allow
     validate(resp.json(), "ErrorResponse")
+
+
+def test_unserved_openai_routes_are_unknown_routes(live: LiveServer,
+                                                   funded: tuple[str, str]) -> None:
+    """Review: OpenAI's stored chat completions' list (GET on a path served for POST) and
+    POST /v1/responses/compact ("compact" taken for a response id) were 405s: routes not served
+    are an unknown route's 404, so the SDK raises NotFoundError."""
+    client = sdk(live, funded[0])
+    for call in (client.chat.completions.list, lambda: client.chat.completions.retrieve("c_1"),
+                 lambda: client.chat.completions.update("c_1", metadata={}),
+                 lambda: client.chat.completions.delete("c_1"),
+                 lambda: client.chat.completions.messages.list("c_1"),
+                 lambda: client.responses.compact(model="gpt-4o-mini", input="x")):
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        body = caught.value.response.json()
+        validate(body, "ErrorResponse")
+        assert body["error"]["code"] == "not_found" and "Unknown route" in body["error"]["message"]
+    resp = requests.get(live.url + "/index.php/api/v1/chat/completions", timeout=10)
+    assert resp.status_code == 404 and "Allow" not in resp.headers
 
 
 def test_x_ratelimit_headers(live: LiveServer, funded: tuple[str, str]) -> None:

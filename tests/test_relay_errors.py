@@ -199,7 +199,7 @@ def test_unknown_model_route_and_method(live: LiveServer, funded: tuple[str, str
     resp = post(live, key, "/v1/images/generations", {"model": "nope", "prompt": "x"})
     check_error(resp, 404, "model_not_found")
     check_error(post(live, key, "/v1/no/such/route", {}), 404, "not_found")
-    resp = requests.get(live.url + "/v1/chat/completions", timeout=10)
+    resp = requests.put(live.url + "/v1/chat/completions", timeout=10)
     check_error(resp, 405, "method_not_allowed")
     assert snapshot(r, acct) == before
 

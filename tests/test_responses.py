@@ -182,6 +182,42 @@ def test_function_call_then_its_output_continue_the_conversation(
     assert second.output_text == ANSWER_PREFIX + "北京天气"  # the fake echoes the last user turn
 
 
+def test_function_call_output_parts_are_the_tool_messages_text(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """Review: a function_call_output given as input_text parts (as the schema allows) went to
+    chat as those parts, which chat refuses in a tool message: it is the message's text, when
+    sent and when its stored turn is sent again."""
+    client = sdk(live, funded[0])
+    turn = [{"role": "user", "content": "北京天气"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": '{"city":"北京"}'},
+            {"type": "function_call_output", "call_id": "call_1",
+             "output": [{"type": "input_text", "text": "晴，"},
+                        {"type": "input_text", "text": "25°C"}]}]
+    first = client.responses.create(model=MODEL, tools=[WEATHER], input=turn)
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "晴，25°C"}
+    assert last_chat(upstream)["messages"][2] == tool
+    client.responses.create(model=MODEL, previous_response_id=first.id, input="明天呢？")
+    assert last_chat(upstream)["messages"][2] == tool
+
+
+def test_a_stored_turn_chat_cannot_carry_is_refused_naming_previous_response_id(
+        live: LiveServer, native: LiveServer, funded: tuple[str, str],
+        upstream: FakeUpstream) -> None:
+    """A turn stored natively with a picture in a tool's output is refused when continued by
+    the chat translation (it was sent without the picture)."""
+    made = sdk(native, funded[0]).responses.create(model=MODEL, input=[
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1",
+         "output": [{"type": "input_image", "image_url": png_data_url()}]},
+        {"role": "user", "content": "看图"}])
+    sent = len(upstream.requests)
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(live, funded[0]).responses.create(model=MODEL, previous_response_id=made.id,
+                                              input="再看")
+    assert caught.value.param == "previous_response_id" and len(upstream.requests) == sent
+
+
 def test_item_references_name_the_stored_items_of_the_accounts_turns(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis,
         upstream: FakeUpstream) -> None:
@@ -403,6 +439,72 @@ def test_stream_broken_by_the_upstream_fails_and_bills_what_was_produced(
     assert int(entry["cost"]) > 0 and ledger.verify(r) == []
 
 
+@pytest.mark.parametrize(("code", "shown"), [(None, "server_error"),
+                                            ("invalid_prompt", "invalid_prompt"),
+                                            ("rate_limit_exceeded", "server_error")])
+def test_an_error_in_the_upstream_stream_fails_and_bills_what_was_produced(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, code: str | None,
+        shown: str) -> None:
+    """Review: a chat stream ending with OpenAI's in-stream `{"error": …}` was a
+    response.completed holding the cut text, stored as completed. It is a response.failed with
+    the upstream's error (a code of the schema's, else server_error), stored failed and billed
+    for the prompt and the text produced, as any stream the upstream broke off."""
+    key, acct = funded
+    marks = "[[fake:long=40]][[fake:stream_error=5]][[fake:error_message=Model overloaded]]"
+    marks += f"[[fake:error_code={code}]]" if code else ""
+    events = sse(post(live, key, {"model": MODEL, "stream": True, "input": marks}, stream=True))
+    for _, data in events:
+        validate(data, "ResponseStreamEvent")
+    name, data = events[-1]
+    assert name == "response.failed" and "response.completed" not in [n for n, _ in events]
+    error = {"code": shown, "message": "Model overloaded"}
+    assert data["response"]["status"] == "failed" and data["response"]["error"] == error
+    text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert text == "word0 word1 word2 word3 word4"
+    stored = requests.get(f"{live.url}/v1/responses/{data['response']['id']}", timeout=20,
+                          headers={"Authorization": f"Bearer {key}"}).json()
+    assert stored["status"] == "failed" and stored["error"] == error
+    (entry,) = settles(r, acct)
+    assert int(entry["ct"]) == tokens.completion_tokens(text, MODEL) and int(entry["pt"]) > 0
+    assert ledger.verify(r) == []
+
+
+def test_a_plain_answer_that_is_an_error_fails_and_charges_nothing(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
+    key, acct = funded
+    resp = post(live, key, {"model": MODEL, "input": "[[fake:stream_error=0]]"})
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_error"
+    assert wallet.balance(r, acct) == 100_000 and not list(r.scan_iter("xy:resp:*"))
+
+
+def test_logprobs_are_asked_of_chat_and_given_back(live: LiveServer, funded: tuple[str, str],
+                                                   upstream: FakeUpstream) -> None:
+    """Review: include [message.output_text.logprobs] and top_logprobs were neither sent to chat
+    nor refused (logprobs came back []). Chat is asked for them; its logprobs.content are the
+    output_text part's logprobs and, streamed, each text delta's and text done's."""
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    got = sdk(live, funded[0]).responses.create(model=MODEL, input="概率", **asked)
+    assert {k: last_chat(upstream).get(k) for k in ("logprobs", "top_logprobs")} == {
+        "logprobs": True, "top_logprobs": 2}
+    part = got.output[0].content[0]
+    assert part.type == "output_text" and got.top_logprobs == 2
+    assert "".join(p.token for p in part.logprobs) == got.output_text
+    assert all(len(p.top_logprobs) == 2 and p.top_logprobs[0].token == p.token
+               and bytes(p.bytes) == p.token.encode() for p in part.logprobs)
+    events = sse(post(live, funded[0], {"model": MODEL, "input": "流", "stream": True, **asked},
+                      stream=True))
+    deltas = [d for n, d in events if n == "response.output_text.delta"]
+    assert deltas and all([p["token"] for p in d["logprobs"]] == [d["delta"]] for d in deltas)
+    (done,) = [d for n, d in events if n == "response.output_text.done"]
+    assert done["logprobs"] == [p for d in deltas for p in d["logprobs"]]
+    final = events[-1][1]["response"]["output"][0]["content"][0]
+    assert [(p["token"], p["logprob"]) for p in final["logprobs"]] == [
+        (p["token"], p["logprob"]) for p in done["logprobs"]]
+    plain = post(live, funded[0], {"model": MODEL, "input": "不要"}).json()
+    assert "logprobs" not in last_chat(upstream)
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+
+
 def test_a_stream_is_billed_at_the_largest_running_usage(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis) -> None:
     """An upstream putting the usage so far in every chunk whose last report is smaller than an
@@ -473,6 +575,27 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
     ({}, "input"),
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
     ({"input": "x", "text": {"format": "json_schema"}}, "text.format"),  # not an object
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
+    ({"input": "x", "include": "message.output_text.logprobs"}, "include"),
+    # Chat takes only text in these places: an image or a file there is refused, not dropped.
+    ({"input": [{"role": "developer", "content": [
+        {"type": "input_text", "text": "Reference:"},
+        {"type": "input_image", "image_url": "https://example.com/ref.png"}]},
+        {"role": "user", "content": "match?"}]}, "input[0].content[1]"),
+    ({"input": [{"role": "system", "content": [{"type": "input_file", "file_id": "file-1"}]},
+                {"role": "user", "content": "x"}]}, "input[0].content[0]"),
+    ({"input": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "input_image", "image_url": "https://example.com/a.png"}]}]},
+     "input[1].content[0]"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": [
+                    {"type": "input_text", "text": "page:"},
+                    {"type": "input_image", "image_url": "https://example.com/p.png"}]}]},
+     "input[1].output[1]"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": [
+                    {"type": "input_file", "file_data": "data:application/pdf;base64,JVBERi0=",
+                     "filename": "a.pdf"}]}]}, "input[1].output[0]"),
 ])
 def test_refused_requests_are_400_and_charge_nothing(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis, body: dict[str, Any],
@@ -848,3 +971,20 @@ def test_cancel_answers_as_openai_does_for_a_synchronous_response(
     with pytest.raises(openai.NotFoundError):
         client.responses.cancel("resp_not_there")
     assert client.responses.retrieve(made.id).status == "completed"  # left as it was
+
+
+@pytest.mark.parametrize("mode", ["translated", "native"])
+def test_answers_name_the_model_the_client_sent(mode: str, live: LiveServer, native: LiveServer,
+                                                funded: tuple[str, str],
+                                                upstream: FakeUpstream) -> None:
+    """Review: a Response named the upstream's model (gpt-3.5-turbo), where chat answers name
+    the client's (gpt-3.5): in the answer, in GET and in every stream event alike."""
+    server, key = live if mode == "translated" else native, funded[0]
+    made = post(server, key, {"model": "gpt-3.5", "input": "名字"}).json()
+    assert upstream.requests[-1]["body"]["model"] == "gpt-3.5-turbo"
+    got = requests.get(f"{server.url}/v1/responses/{made['id']}", timeout=20,
+                       headers={"Authorization": f"Bearer {key}"}).json()
+    events = sse(post(server, key, {"model": "gpt-3.5", "input": "流", "stream": True},
+                      stream=True))
+    shown = [d["response"]["model"] for _, d in events if "response" in d]
+    assert made["model"] == got["model"] == "gpt-3.5" and shown and set(shown) == {"gpt-3.5"}

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -140,14 +141,29 @@ def _usage(prompt: int, completion: int | None = None) -> dict[str, int]:
     }
 
 
+def chat_logprobs(pieces: list[str], top: int) -> dict[str, Any]:
+    """Return a chat choice's logprobs for pieces taken as one token each (`top` alternatives
+    each, the token itself first); a token's logprob is derived from its text."""
+    return {"content": [_token_logprob(p, top) for p in pieces], "refusal": None}
+
+
+def _token_logprob(token: str, top: int) -> dict[str, Any]:
+    logprob = -(zlib.crc32(token.encode()) % 1000) / 1000
+    alternatives = [(token, logprob)] + [(f"{token}~{k}", logprob - k) for k in range(1, top)]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
+                             for t, v in alternatives[:top]]}
+
+
 def _stream_events(
     base: dict[str, Any], answers: list[list[str]], finishes: list[str],
-    usage: dict[str, int] | None, chat: bool, running: bool = False,
+    usage: dict[str, int] | None, chat: bool, running: bool = False, top: int | None = None,
 ) -> Iterator[tuple[int, bytes]]:  # fmt: skip
     """Yield (kind, JSON) stream chunks: role heads, content pieces, finishes, usage.
 
     `running` (vLLM's and SGLang's stream_options.continuous_usage_stats): every chunk carries
-    the usage so far, the completion counted over the text sent until then.
+    the usage so far, the completion counted over the text sent until then. `top` (a chat
+    request's top_logprobs, when it asked for logprobs): each piece carries its logprobs.
     """
     extra: dict[str, Any] = {} if usage is None else {"usage": None}
     said: list[str] = []
@@ -156,7 +172,8 @@ def _stream_events(
         """Serialise one choice chunk; piece None means the finishing chunk."""
         if chat:
             delta = {} if piece is None else {"content": piece}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            probs = None if top is None or piece is None else chat_logprobs([piece], top)
+            choice = {"index": index, "delta": delta, "logprobs": probs, "finish_reason": finish}
         else:
             choice = {
                 "text": piece or "",

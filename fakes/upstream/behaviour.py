@@ -41,6 +41,13 @@ class FakeError(Exception):
         return _dumps({"error": error})
 
 
+def in_stream_error(behaviour: dict[str, Any]) -> FakeError:
+    """Return the error OpenAI sends inside a stream it breaks off (`{"error": {...}}`)."""
+    message = behaviour.get("error_message",
+                            "The server had an error while processing your request.")
+    return FakeError(500, message, "server_error", behaviour.get("error_code"))
+
+
 def _as_status(value: Any) -> int:
     """Parse an error status between 400 and 599."""
     status = int(str(value))
@@ -129,6 +136,7 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "chunk_delay": _as_seconds,
     "step": _as_flag,
     "cut": _as_count,
+    "stream_error": _as_count,
     "malformed": _as_flag,
     "flag": as_category,
     "crlf": _as_flag,

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from fakes.upstream.answers import _CONTENT, _HEAD, _TAIL
-from fakes.upstream.behaviour import FakeError, _dumps
+from fakes.upstream.behaviour import FakeError, _dumps, in_stream_error
 
 if TYPE_CHECKING:
     from fakes.upstream.server import FakeServer
@@ -182,6 +182,9 @@ class FakeProtocol(BaseHTTPRequestHandler):
         if behaviour.get("malformed") and not stream:
             self._send(200, b'{"id": "fake-malformed", "choices": [ this is not JSON')
             return True
+        if behaviour.get("stream_error") is not None and not stream:
+            self._send(200, in_stream_error(behaviour).body())  # a 200 that is an error
+            return True
         return False
 
     def _send_status(self, status: int, behaviour: dict[str, Any]) -> None:
@@ -213,6 +216,8 @@ class FakeProtocol(BaseHTTPRequestHandler):
         delay, cut, step = behaviour.get("chunk_delay"), behaviour.get("cut"), behaviour.get("step")
         if behaviour.get("malformed"):
             events = iter([(_TAIL, b"{this is not JSON")])
+        if behaviour.get("stream_error") is not None:
+            events = _erring(events, behaviour["stream_error"], behaviour)
         sent = 0
         frame = _crlf_frame if behaviour.get("crlf") else _lf_frame
         for kind, payload in itertools.chain(events, [(_TAIL, b"[DONE]")]):
@@ -235,6 +240,18 @@ class FakeProtocol(BaseHTTPRequestHandler):
             sent += kind == _CONTENT
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
+
+
+def _erring(events: Iterator[tuple[int, bytes]], after: int,
+            behaviour: dict[str, Any]) -> Iterator[tuple[int, bytes]]:
+    """Yield the events up to `after` content chunks, then the in-stream error OpenAI sends."""
+    sent = 0
+    for kind, payload in events:
+        if kind != _HEAD and sent >= after:
+            break
+        yield kind, payload
+        sent += kind == _CONTENT
+    yield _TAIL, in_stream_error(behaviour).body()
 
 
 def _lf_frame(payload: bytes) -> bytes:

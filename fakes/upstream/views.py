@@ -24,6 +24,7 @@ from fakes.upstream.answers import (
     _stream_events,
     _texts,
     _usage,
+    chat_logprobs,
     count_tokens,
     embedding_bytes,
     make_answer,
@@ -129,6 +130,8 @@ class FakeHandler(FakeProtocol):
         limit = _int_param(body, "max_completion_tokens", 0, 2**63 - 1, None)
         limit = _int_param(body, "max_tokens", 0, 2**63 - 1, limit)
         stream = body.get("stream") is True
+        top = _int_param(body, "top_logprobs", 0, 20, 0) if chat and body.get(
+            "logprobs") is True else None  # None: no logprobs asked for
         behaviour = self._behaviour(markers)
         if self._apply(behaviour, stream):
             return
@@ -153,10 +156,11 @@ class FakeHandler(FakeProtocol):
             running = bool(behaviour.get("running_usage")) or isinstance(
                 options, dict) and wants_usage and options.get("continuous_usage_stats") is True
             events = _stream_events(base, pieces, finishes, usage if wants_usage else None, chat,
-                                    running)
+                                    running, top)
             return self._stream(events, behaviour)
         base["choices"] = [
-            self._choice(i, "".join(pieces), finish, chat)
+            self._choice(i, "".join(pieces), finish, chat,
+                         None if top is None else chat_logprobs(pieces, top))
             for i, (pieces, finish) in enumerate(answers)
         ]
         if usage is not None:
@@ -164,11 +168,12 @@ class FakeHandler(FakeProtocol):
         self._send_json(base)
 
     @staticmethod
-    def _choice(index: int, text: str, finish: str, chat: bool) -> dict[str, Any]:
-        """Build one non-stream choice."""
+    def _choice(index: int, text: str, finish: str, chat: bool,
+                probs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Build one non-stream choice (`probs`: a chat choice's logprobs, when asked for)."""
         if chat:
             message = {"role": "assistant", "content": text, "refusal": None}
-            return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "message": message, "logprobs": probs, "finish_reason": finish}
         return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
 
     def _embeddings(self, body: dict[str, Any]) -> None:

@@ -56,7 +56,8 @@ def skeleton(rid: str, body: dict[str, Any], model: str, *, previous: str | None
         "top_p": body.get("top_p", 1.0), "truncation": body.get("truncation", "disabled"),
         "metadata": body.get("metadata") or {},  # usage: set once known (never null)
     }
-    for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key"):
+    for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key",
+                 "top_logprobs"):
         if body.get(name) is not None:
             out[name] = body[name]
     return out
@@ -112,10 +113,32 @@ def finish(response: dict[str, Any], output: list[dict[str, Any]], finish_reason
             "incomplete_details": {"reason": reason} if reason else None}
 
 
-def failed(response: dict[str, Any], output: list[dict[str, Any]], message: str) -> dict[str, Any]:
-    """Return the Response of a generation the upstream broke off."""
+# The codes a Response's `error` may carry (OpenAI's ResponseErrorCode): an upstream's error
+# with one of them keeps it, any other is a server_error. Not rate_limit_exceeded: upstream,
+# that is the operator's own limit, never the caller's key's.
+ERROR_CODES = frozenset((
+    "server_error", "invalid_prompt", "data_residency_mismatch",
+    "bio_policy", "vector_store_timeout", "invalid_image", "invalid_image_format",
+    "invalid_base64_image", "invalid_image_url", "image_too_large", "image_too_small",
+    "image_parse_error", "image_content_policy_violation", "invalid_image_mode",
+    "image_file_too_large", "unsupported_image_media_type", "empty_image_file",
+    "failed_to_download_image", "image_file_not_found"))
+UPSTREAM_FAILED = "The upstream failed while generating the response."
+
+
+def error_of(upstream: Any) -> dict[str, str]:
+    """Return a Response's `error` for an error object an upstream sent in its stream."""
+    err = upstream if isinstance(upstream, dict) else {}
+    code, message = err.get("code"), err.get("message")
+    return {"code": code if code in ERROR_CODES else "server_error",
+            "message": message[:1000] if isinstance(message, str) and message
+            else UPSTREAM_FAILED}
+
+
+def failed(response: dict[str, Any], output: list[dict[str, Any]],
+           error: dict[str, str]) -> dict[str, Any]:
+    """Return the Response of a generation the upstream broke off (`error`: code, message)."""
     for item in output:
         if item.get("status") == "in_progress":
             item["status"] = "incomplete"
-    return {**response, "status": "failed", "output": output,
-            "error": {"code": "server_error", "message": message}}
+    return {**response, "status": "failed", "output": output, "error": error}

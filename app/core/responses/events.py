@@ -44,6 +44,7 @@ class ChatEvents:
         self.finish_reason: Any = None
         self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
         self.texts: list[str] = []  # everything produced, to estimate tokens without usage
+        self.error: dict[str, str] | None = None  # the error an upstream stream ended with
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Return the next event of the sequence."""
@@ -61,6 +62,9 @@ class ChatEvents:
         """Take one chat chunk (or a whole answer as one); return the events it makes."""
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if chunk.get("error") is not None:  # the upstream broke off: fail() ends the Response
+            self.error = answer.error_of(chunk["error"])
+            return []
         out: list[dict[str, Any]] = []
         choices = chunk.get("choices")
         for choice in choices if isinstance(choices, list) else []:
@@ -71,7 +75,8 @@ class ChatEvents:
             for kind in ("output_text", "refusal"):
                 piece = delta.get("content" if kind == "output_text" else "refusal")
                 if isinstance(piece, str) and piece:
-                    out += self._text(kind, piece)
+                    out += self._text(kind, piece,
+                                      logprobs(choice) if kind == "output_text" else [])
             calls = delta.get("tool_calls")
             for i, call in enumerate(calls if isinstance(calls, list) else []):
                 if isinstance(call, dict):
@@ -90,7 +95,7 @@ class ChatEvents:
         return out + [self.event("response.output_item.added", output_index=self._index(),
                                  item=copy.deepcopy(item))]
 
-    def _text(self, kind: str, piece: str) -> list[dict[str, Any]]:
+    def _text(self, kind: str, piece: str, probs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         if self.open is None or self.open["type"] != "message":
             made = answer.item_id("msg", self.response["id"])
@@ -108,13 +113,15 @@ class ChatEvents:
             out.append(self.event("response.content_part.added", item_id=item["id"],
                                   output_index=self._index(),
                                   content_index=len(item["content"]) - 1, part=dict(part)))
-        item["content"][-1][_FIELD[kind]] += piece
+        part = item["content"][-1]
+        part[_FIELD[kind]] += piece
         self.texts.append(piece)
         where = {"item_id": item["id"], "output_index": self._index(),
                  "content_index": len(item["content"]) - 1}
         if kind == "output_text":
+            part["logprobs"] = part["logprobs"] + probs  # a new list: events hold the old one
             return out + [self.event("response.output_text.delta", **where, delta=piece,
-                                     logprobs=[])]
+                                     logprobs=event_logprobs(probs))]
         return out + [self.event("response.refusal.delta", **where, delta=piece)]
 
     def _call(self, key: Any, call: dict[str, Any]) -> list[dict[str, Any]]:
@@ -147,7 +154,8 @@ class ChatEvents:
         part = item["content"][-1]
         where = {"item_id": item["id"], "output_index": self._index(),
                  "content_index": len(item["content"]) - 1}
-        done = (self.event("response.output_text.done", **where, text=part["text"], logprobs=[])
+        done = (self.event("response.output_text.done", **where, text=part["text"],
+                           logprobs=event_logprobs(part["logprobs"]))
                 if part["type"] == "output_text"
                 else self.event("response.refusal.done", **where, refusal=part["refusal"]))
         return [done, self.event("response.content_part.done", **where, part=dict(part))]
@@ -176,14 +184,51 @@ class ChatEvents:
         return out + [self.event(kind, response=final)], final
 
     def fail(self, message: str, usage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Return the response.failed event of a broken-off generation, and its Response."""
-        final = {**answer.failed(self.response, self.items, message), "usage": usage}
+        """Return the response.failed event of a broken-off generation, and its Response: the
+        error the upstream sent, else a server_error saying `message`."""
+        error = self.error or {"code": "server_error", "message": message}
+        final = {**answer.failed(self.response, self.items, error), "usage": usage}
         self.open, self.part_open = None, False
         return self.event("response.failed", response=final), final
 
     def text(self) -> str:
         """Return everything produced so far (text, refusals, call arguments)."""
         return "".join(self.texts)
+
+
+def logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return a chat choice's `logprobs.content` as an output_text part's logprobs (LogProb:
+    token, logprob, bytes, top_logprobs); entries without a token and a logprob are left out."""
+    given = choice.get("logprobs")
+    content = given.get("content") if isinstance(given, dict) else None
+    return [_logprob(e) for e in content if _sound(e)] if isinstance(content, list) else []
+
+
+def _sound(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("token"), str) and type(
+        entry.get("logprob")) in (int, float)
+
+
+def _bytes(entry: dict[str, Any]) -> list[int]:
+    """Return a token's UTF-8 bytes: chat's own, else the token's (chat sends null for some)."""
+    given = entry.get("bytes")
+    if isinstance(given, list) and all(type(b) is int and 0 <= b < 256 for b in given):
+        return given
+    return list(entry["token"].encode())
+
+
+def _logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    tops = entry.get("top_logprobs")
+    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": _bytes(entry),
+            "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": _bytes(t)}
+                             for t in tops if _sound(t)] if isinstance(tops, list) else []}
+
+
+def event_logprobs(probs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return a part's logprobs as the text events carry them (ResponseLogProb: no bytes)."""
+    return [{"token": e["token"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]}
+                              for t in e["top_logprobs"]]} for e in probs]
 
 
 def from_chat(data: dict[str, Any], response: dict[str, Any]) -> ChatEvents:

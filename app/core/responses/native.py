@@ -6,6 +6,7 @@ from typing import Any
 
 from app.core.responses import answer
 
+OWN = ("id", "previous_response_id", "store", "model")  # the skeleton's, not the upstream's
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 # Events whose `delta` is produced text (what an estimate counts when no usage comes).
 _PRODUCED = ("response.output_text.delta", "response.refusal.delta",
@@ -32,10 +33,11 @@ def output_text(output: Any) -> str:
 
 def own(skeleton: dict[str, Any], upstream: dict[str, Any],
         ids: dict[str, str] | None = None) -> dict[str, Any]:
-    """Return an upstream's Response with this service's id, chain and store flag, and its
-    output items under ids that name this turn (an item_reference finds them: answer.item_id);
-    `ids` keeps the upstream's id -> ours across a stream's events."""
-    made = {**upstream, **{k: skeleton[k] for k in ("id", "previous_response_id", "store")}}
+    """Return an upstream's Response with this service's id, chain, store flag and model (the
+    name the client sent), and its output items under ids that name this turn (an
+    item_reference finds them: answer.item_id); `ids` keeps the upstream's id -> ours across a
+    stream's events."""
+    made = {**upstream, **{k: skeleton[k] for k in OWN}}
     output = made.get("output")
     if isinstance(output, list):
         ids = {} if ids is None else ids

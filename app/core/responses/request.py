@@ -38,6 +38,11 @@ def check(body: dict[str, Any], native: bool) -> None:
         limit = body["max_output_tokens"] = int(limit)  # JSON Schema's integer: 16.0 is one
     if limit is not None and (type(limit) is not int or limit < 16):
         raise bad("'max_output_tokens' must be an integer >= 16.", "max_output_tokens")
+    top = body.get("top_logprobs")
+    if top is not None and (type(top) is not int or not 0 <= top <= 20):
+        raise bad("'top_logprobs' must be an integer between 0 and 20.", "top_logprobs")
+    if not isinstance(body.get("include", []), list):
+        raise bad("'include' must be an array.", "include")
     prev = body.get("previous_response_id")
     if prev is not None and (not isinstance(prev, str) or not prev):
         raise bad("'previous_response_id' must be a non-empty string.", "previous_response_id")

@@ -1,9 +1,11 @@
 """Translate a Responses request to chat/completions (for upstreams that only speak chat).
 
 Items become messages (developer → system, which every chat upstream knows), function calls
-become an assistant turn's tool_calls and their outputs tool messages; tools, tool_choice and
-text.format take chat's shapes; max_output_tokens becomes max_tokens (max_completion_tokens for
-reasoning models). `replay` readies stored items for a native upstream instead.
+become an assistant turn's tool_calls and their outputs tool messages (text only: chat has no
+place for an image or a file there, nor in system and assistant messages: a 400 names it);
+tools, tool_choice and text.format take chat's shapes; max_output_tokens becomes max_tokens
+(max_completion_tokens for reasoning models); logprobs asked for (include, top_logprobs) become
+chat's. `replay` readies stored items for a native upstream instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # Chat fields a Responses request carries under the same name and meaning.
 PASSED = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key",
           "service_tier")
+LOGPROBS = "message.output_text.logprobs"  # the `include` value asking for them
 # Models that take max_completion_tokens on chat/completions (max_tokens is refused there).
 REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
 
@@ -46,7 +49,22 @@ def _text(content: Any) -> str:
     return "".join(_chat_part(p).get("text", "") for p in content if isinstance(p, dict))
 
 
-def _message(item: dict[str, Any]) -> dict[str, Any]:
+def _only_text(content: Any, where: str | None, what: str) -> str:
+    """Return the text of content chat takes only as text (system, developer and assistant
+    messages, a tool's output); refuse an image or a file there rather than drop it. `where`
+    names the content in the input (None: in a stored turn, named by previous_response_id)."""
+    for j, part in enumerate(content if isinstance(content, list) else ()):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_image", "input_file"):
+            param = f"{where}[{j}]" if where else "previous_response_id"
+            said = f"{where}[{j}]" if where else "The conversation holds a part that"
+            raise bad(f"{said}: {what} can only hold text on a chat upstream; parts of type "
+                      f"'{kind}' are not supported there by this service.", param,
+                      "该处只能是文本，不支持图片或文件")
+    return _text(content)
+
+
+def _message(item: dict[str, Any], where: str | None, strict: bool) -> dict[str, Any]:
     role, content = item["role"], item.get("content")
     if role == "user":
         parts = content if isinstance(content, str) else [
@@ -54,19 +72,42 @@ def _message(item: dict[str, Any]) -> dict[str, Any]:
         if isinstance(parts, list) and len(parts) == 1 and parts[0].get("type") == "text":
             parts = parts[0]["text"]  # a plain string: every chat upstream takes that
         return {"role": "user", "content": parts}
+    text = _only_text(content, where and f"{where}.content", f"a message of role '{role}'") \
+        if strict else _text(content)  # natively (bounding only) the upstream takes every part
     # Chat-only upstreams know "system" everywhere; "developer" only on OpenAI's newest models.
-    return {"role": "assistant" if role == "assistant" else "system", "content": _text(content)}
+    return {"role": "assistant" if role == "assistant" else "system", "content": text}
+
+
+def _tool_message(item: dict[str, Any], where: str | None, strict: bool) -> dict[str, Any]:
+    """Return a function_call_output as chat's tool message: its output as text (a chat tool
+    message takes text only; natively, strict=False, every part is kept to be bounded)."""
+    output = item["output"]
+    if not strict and isinstance(output, list):
+        content: Any = [_chat_part(p) for p in output if isinstance(p, dict)] or ""
+    else:
+        content = _only_text(output, where and f"{where}.output", "a function call's output")
+    return {"role": "tool", "tool_call_id": item["call_id"], "content": content}
+
+
+def _where(index: int, stored: int) -> str | None:
+    """Return where item `index` is in the input (None: one of the first `stored`, a previous
+    turn's item)."""
+    return None if index < stored else f"input[{index - stored}]"
 
 
 def to_messages(instructions: str | None, items: list[dict[str, Any]],
-                strict: bool = True) -> list[dict[str, Any]]:
-    """Translate items to chat messages; strict=False keeps untranslatable items (to bound them)."""
+                strict: bool = True, stored: int = 0) -> list[dict[str, Any]]:
+    """Translate items to chat messages; strict=False keeps untranslatable items (to bound them).
+
+    The first `stored` items are previous_response_id's stored turns: a refusal of one of
+    them names previous_response_id, of the others their place in the input."""
     out: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions \
         else []
-    for item in items:
+    for index, item in enumerate(items):
         kind = item.get("type") or "message"
+        where = _where(index, stored)
         if kind == "message":
-            out.append(_message(item))
+            out.append(_message(item, where, strict))
         elif kind == "function_call":
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}
@@ -75,11 +116,7 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]],
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            output = item["output"]
-            if not strict and isinstance(output, list):  # a native upstream sees every part
-                output = [_chat_part(p) for p in output if isinstance(p, dict)] or ""
-            out.append({"role": "tool", "tool_call_id": item["call_id"],
-                        "content": output if isinstance(output, list) else _text(output)})
+            out.append(_tool_message(item, where, strict))
         elif kind != "reasoning" or not strict:
             if strict:
                 raise bad(f"The conversation holds an item of type '{kind}' that a chat "
@@ -134,11 +171,23 @@ def chat_format(text: Any) -> dict[str, Any] | None:
               "text.format")
 
 
-def to_chat(body: dict[str, Any], items: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
-    """Build the chat/completions body for a Responses request whose input is `items`."""
+def chat_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """Return chat's logprobs fields for `include: [message.output_text.logprobs]` or a
+    `top_logprobs` above 0 (chat takes top_logprobs only with logprobs on)."""
+    top = body.get("top_logprobs")
+    if LOGPROBS not in (body.get("include") or ()) and not top:
+        return {}
+    return {"logprobs": True} if top is None else {"logprobs": True, "top_logprobs": top}
+
+
+def to_chat(body: dict[str, Any], items: list[dict[str, Any]], stream: bool,
+            stored: int = 0) -> dict[str, Any]:
+    """Build the chat/completions body for a Responses request whose input is `items` (the
+    first `stored` of them previous_response_id's stored turns)."""
     model = body["model"]
     chat: dict[str, Any] = {"model": model,
-                            "messages": to_messages(body.get("instructions"), items)}
+                            "messages": to_messages(body.get("instructions"), items,
+                                                    stored=stored)}
     tools = chat_tools(body.get("tools"))
     if tools:
         chat["tools"] = tools
@@ -159,6 +208,7 @@ def to_chat(body: dict[str, Any], items: list[dict[str, Any]], stream: bool) -> 
     if effort is not None:
         chat["reasoning_effort"] = effort
     chat.update({k: body[k] for k in PASSED if body.get(k) is not None})
+    chat.update(chat_logprobs(body))
     if stream:
         chat["stream"], chat["stream_options"] = True, {"include_usage": True}
     return chat

@@ -139,7 +139,8 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
                              msg="input 不能为空")
     plan.stream, plan.store = body.get("stream", False), body.get("store", True)
     instructions = body.get("instructions")
-    messages = to_chat.to_messages(instructions, items, strict=not plan.native)
+    stored = len(items) - len(plan.items)  # previous_response_id's: a refusal names it
+    messages = to_chat.to_messages(instructions, items, strict=not plan.native, stored=stored)
     fmt = body.get("text") if plan.native else to_chat.chat_format(body.get("text"))
     limit = relay.get("max_prompt_tokens", 128000)
     prompt = tokens.messages_prompt(  # input files: bounded by the cap (tokens.Prompt)
@@ -156,8 +157,8 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
         plan.upstream = {**body, "input": to_chat.replay(items), "store": False}
         plan.upstream.pop("previous_response_id", None)
     else:
-        plan.upstream = to_chat.to_chat(body, items, plan.stream)
-    plan.response = answer.skeleton(answer.new_id("resp"), body, call.upstream_model,
+        plan.upstream = to_chat.to_chat(body, items, plan.stream, stored)
+    plan.response = answer.skeleton(answer.new_id("resp"), body, call.model,  # the client's name
                                     previous=prev, store=plan.store)
     return pricing.reserve_cost(call.price, plan.prompt_bound, plan.completion_max)
 
@@ -278,10 +279,11 @@ def input_tokens() -> Response:
 
 
 class ResponseId(BaseConverter):
-    """A stored response's id in a path: any segment but `input_tokens` (its own route), so
-    that route's 405s and OPTIONS advertise only its own methods."""
+    """A stored response's id in a path: any segment but `input_tokens` (its own route, so
+    that route's 405s and OPTIONS advertise only its own methods) and `compact` (OpenAI's
+    route, not served: an unknown route's 404, not a 405 for a response id)."""
 
-    regex = r"(?!input_tokens(?:/|$))[^/]+"
+    regex = r"(?!(?:input_tokens|compact)(?:/|$))[^/]+"
 
 
 def _converter(state: BlueprintSetupState) -> None:

@@ -45,8 +45,15 @@ class Turn:
         self.guard = None if plan.native else open_guard("chat")
 
     def cut(self) -> bool:
-        """Tell whether the content filter ended the stream (the upstream is read no further)."""
+        """Tell whether the stream ended early (the upstream is read no further): the content
+        filter cut it, or the upstream sent an error in it."""
+        return self._refused() or self._erred()
+
+    def _refused(self) -> bool:
         return self.guard is not None and self.guard.refused
+
+    def _erred(self) -> bool:
+        return isinstance(self.state, events.ChatEvents) and self.state.error is not None
 
     def feed(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Return the events one upstream payload makes (a native terminal one waits for end)."""
@@ -64,7 +71,7 @@ class Turn:
         """Return the events of a chat chunk the guard let through."""
         assert isinstance(self.state, events.ChatEvents)
         made = self.state.feed(chunk)
-        if self.cut():  # the chunk ends the answer with finish_reason content_filter
+        if self._refused():  # the chunk ends the answer with finish_reason content_filter
             self.meter.cut(self.state.text())  # bill what was delivered (nothing: release)
         return made
 
@@ -86,6 +93,8 @@ class Turn:
     def end(self) -> list[dict[str, Any]]:
         """Return the closing events of a stream the upstream ended; store the turn first."""
         usage = self._usage()
+        if self._erred():  # the upstream's in-stream error: failed, billed for what was made
+            return [self.broken(usage)]
         if isinstance(self.state, events.ChatEvents):
             closing, _ = self.state.finish(usage)
             return closing[:-1] + [self._keep(closing[-1])]
@@ -94,9 +103,9 @@ class Turn:
         self.terminal["response"]["usage"] = usage
         return [self._keep(self.terminal)]
 
-    def broken(self) -> dict[str, Any]:
+    def broken(self, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         """Return the response.failed event of a stream the upstream broke off."""
-        usage = self._usage()
+        usage = usage or self._usage()
         if isinstance(self.state, events.ChatEvents):
             return self._keep(self.state.fail(BROKEN, usage)[0])
         return self._keep(self.state.failed(BROKEN, usage))
