@@ -183,3 +183,20 @@ def test_a_stream_that_fails_before_any_text_is_an_error_and_costs_nothing(
         _error_event(text)
     assert _kinds(r, acct) == ["reserve", "refund"]
     assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
+
+
+def test_a_responses_stream_failing_upstream_shows_no_channel_key(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """The same gateway behind /v1/responses: the turn fails (response.failed) with the
+    upstream's message, the channel's key blotted out of it (iter_sse blots every event)."""
+    odd.answer = (200, _event(CHUNK) + _event(QUOTING))  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url,
+                                   XIAOYI_UPSTREAM_API_KEY=UPSTREAM_KEY), redis_client=r)
+    key, _ = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "你好", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert UPSTREAM_KEY not in text and UPSTREAM_KEY[:12] not in text
+    failed = [json.loads(line[6:]) for line in text.split("\n")
+              if line.startswith("data: ") and '"response.failed"' in line]
+    assert failed and "Bearer ***" in failed[-1]["response"]["error"]["message"]

@@ -23,6 +23,7 @@ from safety_kit import (
 )
 from test_responses import sse
 
+from app.core import tokens
 from app.core.money import ledger, wallet
 from app.web.relay.screening import refused_input, refused_output
 from fakes.upstream import ANSWER_PREFIX, FakeUpstream
@@ -90,13 +91,18 @@ def test_a_masked_answer_is_masked_plain_stored_and_streamed(
     assert hits(r, "api_output", "mask") == (before[0] + 2, before[1] + 2)
 
 
-def test_a_refused_answer_is_withheld_and_never_charged(relay: Start, r: redis.Redis) -> None:
+def test_a_refused_answer_is_withheld_and_charged_what_was_produced(
+        relay: Start, r: redis.Redis) -> None:
+    """As chat's (red team): the upstream wrote the answer and billed it, so is the caller."""
     live = relay(api_output="refuse")
     key, acct = new_key(r)
     before = hits(r, "api_output", "refuse")
     resp = post(live, key, PATH, {"model": MODEL, "input": "说违禁词"})
     assert resp.status_code == 400 and resp.json() == refused_output().body()
-    assert kinds(r, acct) == ["reserve", "refund"] and wallet.balance(r, acct) == 100_000
+    assert kinds(r, acct) == ["reserve", "settle"]
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert int(entry["pt"]) > 0 and int(entry["ct"]) > 0
+    assert 100_000 - wallet.balance(r, acct) == int(entry["cost"]) > 0
     assert hits(r, "api_output", "refuse") == plus_one(before)
 
 
@@ -116,5 +122,7 @@ def test_a_refused_stream_ends_incomplete_for_content_filter(relay: Start,
     usage = last["response"]["usage"]
     (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
     assert (usage["input_tokens"], usage["output_tokens"]) == (int(entry["pt"]), int(entry["ct"]))
-    assert 100_000 - wallet.balance(r, acct) == int(entry["cost"]) > 0  # what was delivered
+    assert 100_000 - wallet.balance(r, acct) == int(entry["cost"]) > 0
+    # What the upstream wrote is billed, the held-back word too, not only what was delivered.
+    assert int(entry["ct"]) > tokens.completion_tokens(text, MODEL)
     assert ledger.verify(r) == []

@@ -413,14 +413,15 @@ def blot(text: str, channel: Channel) -> str:
     return text.replace(channel.api_key, "***") if len(channel.api_key) >= 8 else text
 
 
-def stream_error(obj: dict[str, Any], channel: Channel) -> UpstreamError | None:
+def stream_error(obj: dict[str, Any]) -> UpstreamError | None:
     """Return the client's error for an upstream's error event inside a stream (`{"error":
-    …}` and no choices), its message blotted and cut; None for any other event."""
+    …}` and no choices), its message cut (iter_sse blotted the channel's key); None for any
+    other event."""
     err = obj.get("error")
     if not err or obj.get("choices"):
         return None
     text = err.get("message") if isinstance(err, dict) else err
-    text = blot(str(text), channel)[:300] if text else "no message"
+    text = str(text)[:300] if text else "no message"
     return UpstreamError("The upstream's stream ended with an error: " + text)
 
 
@@ -454,8 +455,11 @@ def _refusal(resp: requests.Response | UpstreamResponse, status: int,
     return kind(message, error_type=word.get("type"), error_code=word.get("code"), param=param)
 
 
-def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
+def iter_sse(resp: requests.Response | UpstreamResponse, channel: Channel) -> Iterator[str]:
     """Yield each SSE event's data as it arrives (app.edges.sse); stops at [DONE] or EOF.
+
+    The channel's key is blotted out of every event (a gateway quoting the request's
+    Authorization in an error event must not show it to the developer), whatever relays it.
 
     After [DONE] (or EOF) the response's close() reads the body's tail (the chunked terminator),
     so the connection goes back to the pool: the next stream reuses it instead of opening
@@ -463,7 +467,8 @@ def iter_sse(resp: requests.Response | UpstreamResponse) -> Iterator[str]:
     close after their own end has left, so a slow tail never delays it.
     """
     chunks = resp.iter_content(chunk_size=None)
-    yield from data_events(chunks)
+    for data in data_events(chunks):
+        yield blot(data, channel)
     if isinstance(resp, UpstreamResponse):
         resp.ended(chunks)
     else:  # requests (a channel behind a proxy): read now; its close() keeps a read body's

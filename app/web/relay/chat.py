@@ -32,7 +32,8 @@ from app.web.render import json_response
 log = logging.getLogger(__name__)
 
 
-def _answer_text(kind: str, data: dict[str, Any]) -> str:
+def answer_text(kind: str, data: dict[str, Any]) -> str:
+    """Return the text an answer (or a stream chunk) carries: contents and tool-call texts."""
     parts = []
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else []:
@@ -70,7 +71,7 @@ def relay_text(kind: str, path: str) -> Response:
         if plan.stream:
             return _stream(kind, call, held, plan, meter, got.value, got.channel)
         data: dict[str, Any] = got.value
-        text = _answer_text(kind, data)  # as produced: what is billed, even when masked
+        text = answer_text(kind, data)  # as produced: what is billed, even when masked
         meter.usage(data.get("usage"))
         try:
             screening.screen_answer(screening.choice_slots(kind, data))
@@ -98,17 +99,17 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
     finish = StreamEnd(meter, held, resp, lambda: "".join(texts))
 
     def generate() -> Iterator[bytes]:
-        events = iter_sse(resp)
+        events = iter_sse(resp, channel)
         last: dict[str, Any] = {}
         open_stream = shutdown.opened(resp)  # a server stop ends it with END, never bare
         try:
             for obj in iter_sse_objects(events):
-                failed = stream_error(obj, channel)
+                failed = stream_error(obj)
                 if failed is not None:
                     yield _failed(failed, call, meter, texts)
                     return
                 last = obj
-                texts.append(_answer_text(kind, obj))
+                texts.append(answer_text(kind, obj))
                 screened = guard.take(obj) if guard is not None else obj
                 yield from _forward(screened, call, plan, meter, guard, texts)
                 if guard is not None and guard.refused:
@@ -192,7 +193,7 @@ def _drain(events: Iterator[str], kind: str, texts: list[str], cap: int) -> dict
             if i >= cap or time.monotonic() > deadline:
                 break
             usage = obj.get("usage") or usage
-            texts.append(_answer_text(kind, obj))
+            texts.append(answer_text(kind, obj))
     except (requests.RequestException, OSError, ApiError) as exc:
         log.info("upstream ended while draining an abandoned stream: %s", type(exc).__name__)
     return usage

@@ -172,8 +172,12 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
     else:
         state = events.from_chat(data, plan.response)
         output, text, reported = state.items, state.text(), state.usage
-    screening.screen_answer(screening.output_slots(output))  # refused: the caller releases
     meter.usage(reported)
+    try:
+        screening.screen_answer(screening.output_slots(output))
+    except screening.ContentRefused:
+        meter.settle(held, text)  # withheld, but the upstream wrote (and billed) it
+        raise
     usage = answer.usage(*meter.tokens(text), reported)
     if plan.native:
         final["usage"] = usage
@@ -199,7 +203,7 @@ def create() -> Response:
                                       stream=plan.stream, expect=expect)
         meter = Meter(call, plan, got.channel.name)
         if plan.stream:
-            return responses_stream.relay(call, held, plan, meter, got.value)
+            return responses_stream.relay(call, held, plan, meter, got.value, got.channel)
         final = _plain(held, plan, meter, got.value)
     final = keep(get_redis(), call.key.acct, plan, final)
     return json_response({**final, "code": 0, "msg": ""}, headers={"X-Request-Id": call.req_id})

@@ -12,12 +12,14 @@ import requests
 from flask import Response
 from redis import RedisError
 
+from app.core.config import Channel
 from app.core.errors import ApiError
 from app.core.money import Hold
 from app.core.responses import answer, events, native
 from app.edges.store import get_redis
 from app.edges.upstream import UpstreamResponse, iter_sse, iter_sse_objects
 from app.web.relay.billing import Meter, StreamEnd
+from app.web.relay.chat import answer_text
 from app.web.relay.common import Call, event_stream, settings
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.stream_guard import open_guard
@@ -31,8 +33,10 @@ class Turn:
     """One streamed turn: its state machine, then what is stored and billed when it ends."""
 
     def __init__(self, call: Call, held: Hold, plan: Plan, meter: Meter,
-                 resp: UpstreamResponse | requests.Response) -> None:
+                 resp: UpstreamResponse | requests.Response, channel: Channel) -> None:
         self.call, self.held, self.plan, self.meter, self.resp = call, held, plan, meter, resp
+        self.channel = channel
+        self.produced: list[str] = []  # the chat chunks' text as the upstream wrote it
         self.state: events.ChatEvents | native.NativeEvents = (
             native.NativeEvents(plan.response) if plan.native else events.ChatEvents(plan.response))
         self.redis = get_redis()  # captured: close() may run outside the request context
@@ -60,6 +64,7 @@ class Turn:
         if isinstance(self.state, events.ChatEvents):
             if obj.get("usage"):  # every report: running usage is billed at its largest
                 self.meter.usage(obj["usage"])
+            self.produced.append(answer_text("chat", obj))
             return self._screened(self.guard.take(obj) if self.guard is not None else obj)
         event = self.state.take(obj)
         if event is not None and event["type"] in native.TERMINAL:
@@ -72,7 +77,7 @@ class Turn:
         assert isinstance(self.state, events.ChatEvents)
         made = self.state.feed(chunk)
         if self._refused():  # the chunk ends the answer with finish_reason content_filter
-            self.meter.cut(self.state.text())  # bill what was delivered (nothing: release)
+            self.meter.cut("".join(self.produced))  # what was written, sent or held back
         return made
 
     def flush(self) -> list[dict[str, Any]]:
@@ -125,7 +130,7 @@ class Turn:
 
     def events(self) -> Iterator[bytes]:
         """Yield the SSE stream; bill and close whatever way it ends."""
-        payloads = iter_sse(self.resp)
+        payloads = iter_sse(self.resp, self.channel)
         try:
             if isinstance(self.state, events.ChatEvents):
                 yield b"".join(map(events.frame, self.state.start()))
@@ -149,7 +154,7 @@ class Turn:
 
 
 def relay(call: Call, held: Hold, plan: Plan, meter: Meter,
-          resp: UpstreamResponse | requests.Response) -> Response:
+          resp: UpstreamResponse | requests.Response, channel: Channel) -> Response:
     """Answer a streamed Responses request: text/event-stream of typed events."""
-    turn = Turn(call, held, plan, meter, resp)
+    turn = Turn(call, held, plan, meter, resp, channel)
     return event_stream(turn.events(), call.req_id, turn.close)
