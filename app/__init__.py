@@ -71,21 +71,16 @@ def _render(err: ApiError) -> Response:
 def _init_errors(app: Flask) -> None:
     app.register_error_handler(ApiError, _render)
 
-    from app.web import relay
-
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         allow = ", ".join(getattr(exc, "valid_methods", None) or [])
-        code = exc.code or 400
-        if code == 405 and relay.unserved(request.method, request.path):
-            code = 404  # an OpenAI route not served here, on a path served with other methods
         mapped: dict[int, ApiError] = {
             404: NotFound(f"Unknown route {request.path[:200]}."),
             405: MethodNotAllowed(f"{request.method} is not allowed on this route.",
                                   headers={"Allow": allow} if allow else None),
             413: RequestTooLarge("The request body is larger than the limit."),
         }
-        return _render(mapped.get(code) or InvalidRequest(exc.description or ""))
+        return _render(mapped.get(exc.code or 400) or InvalidRequest(exc.description or ""))
 
     @app.errorhandler(redis.RedisError)
     def store_down(exc: redis.RedisError) -> Response:

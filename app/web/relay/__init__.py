@@ -48,14 +48,6 @@ bp.add_url_rule("/usage", "usage", usage.usage, methods=["GET"])
 # /index.php/v1: the seed's base_url is http://host/index.php/ and its examples say xxxxx/v1/...
 PREFIXES = ("/v1", "/index.php/api/v1", "/index.php/v1")
 UNDER = tuple(p + "/" for p in PREFIXES)  # a path under one of them
-# OpenAI operations on a path served here with other methods (the list of its stored chat
-# completions): not served (README "Routes"), so they answer an unknown route's 404, not a 405.
-UNSERVED = {("GET", "/chat/completions"), ("HEAD", "/chat/completions")}
-
-
-def unserved(method: str, path: str) -> bool:
-    """Tell whether a request is an OpenAI operation not served on a path that is served."""
-    return any(path.startswith(p) and (method, path[len(p):]) in UNSERVED for p in PREFIXES)
 
 
 def init_app(app: Flask) -> None:
