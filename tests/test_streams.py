@@ -16,7 +16,7 @@ from openapi_schemas import validate
 
 from app import create_app
 from app.core import pricing
-from app.core.config import Settings
+from app.core.config import Channel, Settings
 from app.core.money import ledger, wallet
 from app.edges.upstream import iter_sse
 from fakes.upstream import FakeUpstream
@@ -434,7 +434,7 @@ def test_a_requests_stream_read_to_done_keeps_its_connection(upstream: FakeUpstr
         resp = session.post(upstream.url + "/chat/completions", json=body, stream=True,
                             timeout=10, headers={"Authorization": f"Bearer {UPSTREAM_KEY}"})
         assert resp.status_code == 200
-        events = list(iter_sse(resp))
+        events = list(iter_sse(resp, Channel("proxied", upstream.url, UPSTREAM_KEY)))
         assert events and all(e != "[DONE]" for e in events)
         resp.close()
     ports = [e["client_port"] for e in upstream.requests if e["method"] == "POST"]
