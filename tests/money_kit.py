@@ -77,39 +77,78 @@ class World:
 
 
 def bad_values(arg: Arg) -> list[Any]:
-    """Return values this argument must refuse."""
+    """Return values this argument must refuse, in Python (run) and in Lua alike."""
     if arg.kind == "int":
         low = [arg.lo - 1, -(2**63) - 1] + ([-1] if arg.lo >= 0 else [])
         return NOT_INTEGERS + TOO_BIG + [arg.hi + 1] + low
     if arg.kind == "choice":
         return ["", "nope", arg.choices[0].upper(), 1]
-    return ["x" * (arg.max_len + 1)] + ([""] if arg.min_len else [])
+    multibyte = "元" * (arg.max_len // 3 + 1)  # few characters, too many bytes
+    return ["x" * (arg.max_len + 1), multibyte] + ([""] if arg.min_len else [])
+
+
+def python_only_bad_values(arg: Arg) -> list[Any]:
+    """Return values refused before they reach Redis (redis-py could not even send them)."""
+    if arg.kind == "int":
+        return [True, False, None, [1]]
+    return ["\udcff", None, b"x", 5] if arg.kind == "text" else [None, True]
+
+
+INDEX_PROBE = ("ZADD", "xy:probe:index", 1, "must-not-be-written")
+
+
+def _refused_by_python(r: Any, script: MoneyScript, keys: list[str], args: list[Any],
+                       i: int) -> None:
+    """run() refuses before anything is sent: its `before` index write is not made either."""
+    from app.core.money.scripts import BadArgument, run
+
+    before = snapshot(r)
+    try:
+        run(r, script, keys, args, before=[INDEX_PROBE])
+    except BadArgument as exc:
+        assert f"ARGV[{i + 1}]" in str(exc), (script.name, args[i], exc)
+    else:
+        raise AssertionError(f"{script.name} accepted ARGV[{i + 1}]={args[i]!r}")
+    assert snapshot(r) == before, (script.name, i, args[i])
+
+
+def _refused_by_lua(r: Any, script: MoneyScript, keys: list[str], args: list[Any],
+                    i: int) -> None:
+    """The script itself refuses (sent by EVALSHA, past the Python check) before any write."""
+    before = snapshot(r)
+    try:
+        r.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.ResponseError as exc:
+        assert f"xy: ARGV[{i + 1}]" in str(exc), (script.name, args[i], exc)
+    else:
+        raise AssertionError(f"{script.name} (Lua) accepted ARGV[{i + 1}]={args[i]!r}")
+    assert snapshot(r) == before, (script.name, i, args[i])
 
 
 def check_every_script(r: Any) -> int:
     """Feed every money script bad values, argument by argument; return how many calls were made.
 
-    Each refused call must change nothing at all (whole-store snapshot) and leave
-    sum(ledger) == balance; then the valid call applies.
+    Each refused call, through run() (with an index write before it) and straight to the
+    engine, must change nothing at all (whole-store snapshot); then the valid call applies and
+    leaves sum(ledger) == balance.
     """
     from app.core.money.scripts import run
 
     world = World(r)
     calls = 0
     for name, script in sorted(SCRIPTS.items()):
+        r.script_load(script.source)
         req = "req-open" if name == "settle" else f"req-{name}"
         good_keys, good_args = world.keys_for(script, req), world.args_for(script, req)
         for i, arg in enumerate(script.args):
             for value in bad_values(arg):
-                before = snapshot(r)
                 args = [*good_args[:i], value, *good_args[i + 1:]]
-                try:
-                    run(r, script, good_keys, args)
-                except redis.ResponseError as exc:
-                    assert f"xy: ARGV[{i + 1}]" in str(exc), (name, arg.name, value, exc)
-                else:
-                    raise AssertionError(f"{name} accepted {arg.name}={value!r}")
-                assert snapshot(r) == before, (name, arg.name, value)
+                _refused_by_python(r, script, good_keys, args, i)
+                _refused_by_lua(r, script, good_keys, args, i)
+                calls += 2
+            for value in python_only_bad_values(arg):
+                _refused_by_python(r, script, good_keys, [*good_args[:i], value,
+                                                          *good_args[i + 1:]], i)
                 calls += 1
         run(r, script, good_keys, good_args)  # the valid call applies
         assert ledger.verify(r) == [], name

@@ -16,13 +16,19 @@ from app.core.money.scripts import script
 
 FREE_MARK_TTL = 86400
 
-# KEYS[1]=day counter, KEYS[2]=message marker; ARGV: daily limit, marker ttl
+# KEYS[1]=day counter, KEYS[2]=message marker; ARGV: daily limit, marker ttl (both checked
+# before the first write)
 # -> 1 free (counted once per message) | 0 paid
 USE_FREE = """
+local limit = tonumber(ARGV[1])
+local ttl = string.match(ARGV[2] or '', '^%d%d?%d?%d?%d?%d?%d?%d?%d?$')
+if not limit or limit < 0 or not ttl or tonumber(ttl) < 1 then
+  return redis.error_reply('ERR xy: bad ARGV (limit >= 0, ttl a positive integer)')
+end
 local m = redis.call('GET', KEYS[2])
 if m then return tonumber(string.sub(m, 1, 1)) end
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-if used < tonumber(ARGV[1]) then
+if used < limit then
   redis.call('INCR', KEYS[1])
   redis.call('EXPIRE', KEYS[1], 172800)
   redis.call('SET', KEYS[2], '1:' .. KEYS[1], 'EX', ARGV[2])

@@ -18,6 +18,8 @@ from app.core.money import wallet
 from app.core.money.layout import CODES, MAX_UNITS, Store, WalletError, code_key
 from app.core.money.scripts import Arg, Id, declare, run
 
+MAX_BATCH = 1000  # codes one call makes at most (the CLI and the admin form allow fewer)
+
 # -> {1, amount} claimed now or by this account before | {-1} used by another | {-2} unknown
 CLAIM = declare("claim_code", ["code"], [Id("acct"), Arg("now")], """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
@@ -33,10 +35,16 @@ def normalize(code: str) -> str:
     return code.strip().upper()
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def create_codes(r: Store, amount: int, count: int = 1) -> list[str]:
     """Create redemption codes worth `amount` units each."""
-    if not isinstance(amount, int) or not 0 < amount <= MAX_UNITS or count <= 0:
-        raise WalletError("amount and count must be positive")
+    if not _whole(amount) or not 0 < amount <= MAX_UNITS:
+        raise WalletError(f"amount must be an integer between 1 and {MAX_UNITS}")
+    if not _whole(count) or not 0 < count <= MAX_BATCH:
+        raise WalletError(f"count must be an integer between 1 and {MAX_BATCH}")
     codes = ["XY" + secrets.token_hex(8).upper() for _ in range(count)]
     now = wallet.now_ms()
     pipe = r.pipeline(transaction=False)

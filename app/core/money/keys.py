@@ -120,20 +120,26 @@ def new_raw_key(acct: str) -> str:
 
 
 def create_key(r: Store, acct: str, name: str = "") -> tuple[str, KeyInfo]:
-    """Issue a new key for an account; return (raw key, info). Indexes are written first."""
+    """Issue a new key for an account; return (raw key, info). Indexes are written first.
+
+    A name the script would refuse (over 200 bytes, not UTF-8) raises scripts.BadArgument
+    before any write.
+    """
     check_account_id(acct)
     raw = new_raw_key(acct)
     key_id = "key_" + secrets.token_hex(6)
     digest = hash_key(raw)
     now = int(time.time() * 1000)
+    names = [key_record(acct, digest), key_id_record(acct, key_id), keys_set(acct)]
+    args = [key_id, acct, name, now, mask(raw), digest]
+    CREATE_KEY.check(names, args)  # a refused call writes nothing, the indexes neither
     pipe = r.pipeline(transaction=False)
     pipe.zadd(KEY_IDS, {key_id: now})
     pipe.hset(KEY_ACCOUNT, key_id, acct)
     if embedded_account(raw) is None:
         pipe.set(key_pointer(digest), acct)
     pipe.execute()
-    run(r, CREATE_KEY, [key_record(acct, digest), key_id_record(acct, key_id), keys_set(acct)],
-        [key_id, acct, name, now, mask(raw), digest])
+    run(r, CREATE_KEY, names, args)
     return raw, KeyInfo(key_id, acct, name, mask(raw))
 
 

@@ -5,6 +5,11 @@ starts with a check of every argument, generated from those types, so a script r
 argument (negative, float, text, 2**53 or more, too long) before its first write: it applies
 completely or not at all. `SCRIPTS` lists them all (tests feed each one absurd values).
 
+The same declarations are checked in Python first (`MoneyScript.check`, raising BadArgument):
+`run()` checks before anything is sent, so the index writes that go before a script (`before`,
+and the ones callers make just ahead of it: call `check` first) are never made for a call the
+script would refuse. The Lua check stays as the last line for any other way in.
+
 `run()` sends a script with EVALSHA (loading it on NOSCRIPT), optionally behind idempotent
 index writes in the same round trip (on a Cluster: just before, as they live on other nodes),
 and followed by WAIT when the client asks for replica acknowledgements (`set_wait_replicas`,
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import NoScriptError
 
-from app.core.money.layout import MAX_UNITS, Store, is_cluster
+from app.core.money.layout import MAX_UNITS, Store, WalletError, is_cluster
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -33,6 +39,11 @@ WAIT_SKIP_ATTR = "_xy_wait_skip_until"
 WAIT_TIMEOUT_MS = 1000
 WAIT_SKIP_S = 5.0  # after a short acknowledgement, writes go on without waiting this long
 log = logging.getLogger(__name__)
+_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)  # what the Lua `int` takes (17 chars at most)
+
+
+class BadArgument(WalletError, ValueError):
+    """A money script's argument is not of its declared type or range; nothing was written."""
 
 PRELUDE = f"""
 local MAX = {MAX_UNITS}
@@ -81,6 +92,25 @@ class Arg:
         options = ", ".join(f"'{c}'" for c in self.choices)
         return f"local {self.name} = choice({i}, {options})"
 
+    def problem(self, value: Any) -> str | None:
+        """Return why the Lua check would refuse `value` (as redis-py sends it), or None."""
+        if self.kind == "int":
+            if isinstance(value, str) and len(value) <= 17 and _INTEGER.fullmatch(value):
+                value = int(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                return "is not an integer"
+            return None if self.lo <= value <= self.hi else "is out of range"
+        if self.kind == "text":
+            if not isinstance(value, str):
+                return "is not a text"
+            try:
+                size = len(value.encode("utf-8"))
+            except UnicodeEncodeError:
+                return "is not valid UTF-8"
+            return None if self.min_len <= size <= self.max_len else "has a bad length"
+        return None if isinstance(value, str) and value in self.choices \
+            else "is not an allowed value"
+
 
 def Id(name: str) -> Arg:  # noqa: N802 - reads as a type in the declarations
     """Declare a non-empty identifier argument (account, request, key id…)."""
@@ -113,6 +143,15 @@ class MoneyScript:
         source = "\n".join(head) + "\n" + self.body
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "sha", hashlib.sha1(source.encode()).hexdigest())
+
+    def check(self, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Refuse (BadArgument) what the script's own check would refuse, before any write."""
+        if len(keys) != len(self.keys) or len(args) != len(self.args):
+            raise BadArgument(f"{self.name}: wrong number of keys or arguments")
+        for i, (arg, value) in enumerate(zip(self.args, args, strict=True), 1):
+            why = arg.problem(value)
+            if why is not None:
+                raise BadArgument(f"{self.name}: ARGV[{i}] ({arg.name}) {why}")
 
 
 SCRIPTS: dict[str, MoneyScript] = {}
@@ -149,11 +188,11 @@ def run(r: Store, script: MoneyScript, keys: Sequence[str], args: Sequence[Any],
         before: Sequence[tuple[Any, ...]] = ()) -> Any:
     """Run a money script in one round trip, after `before` (idempotent index writes).
 
-    Returns the script's reply. A failed `before` write raises after the script ran (callers
-    that hold money undo their hold first: see wallet.reserve).
+    Returns the script's reply. Arguments the script would refuse raise BadArgument before
+    anything (the `before` writes too) is sent. A failed `before` write raises after the script
+    ran (callers that hold money undo their hold first: see wallet.reserve).
     """
-    if len(keys) != len(script.keys) or len(args) != len(script.args):
-        raise ValueError(f"{script.name}: wrong number of keys or arguments")
+    script.check(keys, args)
     replicas = _wait_replicas(r)
     if is_cluster(r):  # no WAIT; the index writes go to other nodes anyway
         for command in before:

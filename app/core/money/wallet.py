@@ -167,9 +167,10 @@ def create_account(r: Store, acct: str | None = None, *, kind: str = "api",
     acct = check_account_id(acct or new_account_id())
     _units(initial, "initial")
     now = now_ms()
+    names, args = [acct_key(acct), ledger_key(acct)], [kind, name, now, initial, note]
+    CREATE.check(names, args)  # a refused call writes nothing, the index neither
     r.zadd(ACCOUNTS, {acct: now}, nx=True)  # the index first: verify finds every account
-    if run(r, CREATE, [acct_key(acct), ledger_key(acct)], [kind, name, now, initial, note]) \
-            and initial:
+    if run(r, CREATE, names, args) and initial:
         tally.add(r, {"topup": initial})
     return acct
 
