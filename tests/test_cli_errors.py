@@ -17,13 +17,15 @@ import click
 import pytest
 import redis
 from click.testing import CliRunner, Result
+from money_kit import snapshot
 
-from app.core.money import layout, ledger, wallet
+from app.core.money import codes, keys, layout, ledger, wallet
 from app.runtime.cli import main
 
 SERVERS = {"run", "web", "worker", "fake-upstream"}  # serve until stopped: print no data
 MONEY = {"--balance", "--amount", "YUAN"}  # amounts of 元
-BAD_MONEY = ["abc", "-5", "1.00001", "inf", "nan", "1e30", ""]
+BAD_MONEY = ["abc", "-5", "1.00001", "inf", "nan", "1e30", "", "1e999999", "NaN", "-inf",
+             "1.00000000000000000000000000001", "9" * 400]
 NO_WECHAT = {"XIAOYI_WECHAT_APP_ID": "", "XIAOYI_WECHAT_APP_SECRET": "",
              "XIAOYI_WECHAT_TOKEN": ""}
 WECHAT_TOKEN = {"XIAOYI_WECHAT_TOKEN": "tok-for-cli-errors"}
@@ -40,9 +42,11 @@ SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
                      (["--amount", "1", "--count", "101"], {}, "1<=x<=100")],
     "codes list": [],  # takes nothing that can be wrong but the generic cases
     "keys create": [(["--account", "{x}"], {}, "Invalid value"),
-                    (["--account", "x" * 65], {}, "Invalid value")],
+                    (["--account", "x" * 65], {}, "Invalid value"),
+                    (["--name", "x" * 201], {}, "--name")],
     "keys list": [(["--account", "a b"], {}, "Invalid value")],
-    "keys revoke": [(["key_missing"], {}, "no live key key_missing"), (["REVOKED"], {}, "no live")],
+    "keys revoke": [(["key_missing"], {}, "no live key key_missing"), (["REVOKED"], {}, "no live"),
+                    (["k" * 201], {}, "KEY_ID")],
     "ledger export": [(["--account", "{x}"], {}, "Invalid value")],
     "ledger verify": [(["BROKEN"], {}, "does not add up")],
     "ledger migrate": [([], {"XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
@@ -98,8 +102,8 @@ def _generic(cmd: click.Command) -> Iterator[tuple[list[str], str]]:
             for bad in BAD_MONEY:
                 yield [*rest, name, bad], name
         elif isinstance(p, click.Argument) and p.metavar in MONEY:
-            for bad in BAD_MONEY:  # click reads "-5" as an option here: either error names it
-                yield ["ACCT", bad], bad or p.metavar
+            for bad in BAD_MONEY:  # click reads "-5" as an option here
+                yield ["ACCT", bad], "No such option" if bad.startswith("-") else p.metavar
 
 
 def _cases() -> Iterator[Any]:
@@ -175,3 +179,42 @@ def test_the_real_entry_point_prints_one_line(args: list[str]) -> None:
         timeout=60)
     assert done.returncode != 0 and done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("xiaoyi: ")
+
+
+LONG_NAME, WIDE_NAME = "x" * 201, "元" * 67  # 201 bytes each; the store keeps at most 200
+
+
+@pytest.mark.parametrize("args", [
+    ["keys", "create", "--name", LONG_NAME], ["keys", "create", "--name", WIDE_NAME],
+    ["keys", "create", "--name", LONG_NAME, "--account", "acct_cli_new", "--balance", "5"],
+    ["keys", "create", "--name", LONG_NAME, "--account", "ACCT"],
+    ["keys", "create", "--name", "\udcff"],  # what a non-UTF-8 argv byte decodes to
+    ["keys", "revoke", "key_" + "0" * 300],
+    *[["keys", "create", "--balance", bad] for bad in BAD_MONEY],
+    *[["keys", "create", "--account", "ACCT", "--balance", bad] for bad in BAD_MONEY],
+    *[["codes", "create", "--amount", bad] for bad in [*BAD_MONEY, "0", "-0", "0.00001"]],
+    *[["accounts", "topup", "ACCT", bad] for bad in [*BAD_MONEY, "0", "0.0000", "1000000.0001"]],
+], ids=lambda args: " ".join(args)[:60])
+def test_bad_money_inputs_are_usage_errors_that_store_nothing(redis_url: str, r: redis.Redis,
+                                                              args: list[str]) -> None:
+    """A name past 200 bytes or an amount that is not a plain 元 value (negative, zero where it
+    must be positive, NaN, inf, huge, past 4 decimals) is exit 2 and one line; nothing stored."""
+    acct = wallet.create_account(r, initial=100)
+    before = snapshot(r)
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_CONFIG": "", "XIAOYI_WECHAT_AES_KEY": ""}
+    result = CliRunner().invoke(main, [acct if a == "ACCT" else a for a in args], env=env)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xiaoyi: "), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert len(lines[0]) < 400  # an absurd value is named by its start, not echoed whole
+    assert snapshot(r) == before
+    assert codes.list_codes(r) == [] and keys.list_keys(r) == []
+
+
+def test_a_name_of_200_bytes_is_kept_whole(redis_url: str, r: redis.Redis) -> None:
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_CONFIG": "", "XIAOYI_WECHAT_AES_KEY": ""}
+    name = "元" * 66 + "xy"
+    result = CliRunner().invoke(main, ["keys", "create", "--name", name, "--json"], env=env)
+    assert result.exit_code == 0, result.stderr
+    assert [k["name"] for k in keys.list_keys(r)] == [name] and ledger.verify(r) == []

@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
 
 UNITS_PER_YUAN = 10_000  # money is an integer count of 0.0001 元
 UNITS_PER_FEN = 100  # WeChat Pay counts in fen
+_FOUR_PLACES = Decimal("0.0001")
+MOST_UNITS = 2**53 - 1  # the largest amount a money script takes (app.core.money.layout.MAX_UNITS)
 
 
 class ConfigError(Exception):
@@ -26,15 +28,24 @@ class ConfigError(Exception):
 
 def yuan_to_units(value: Any, setting: str) -> int:
     """Convert a 元 amount (string or number) to integer units, exactly."""
+    shown = f"{value!r:.40}"  # an absurdly long value is named by its start
     try:
-        amount = Decimal(str(value)) * UNITS_PER_YUAN
-    except (InvalidOperation, ValueError) as exc:
-        raise ConfigError(f"{setting}: {value!r} is not a number") from exc
+        amount = Decimal(str(value))
+    except (ArithmeticError, ValueError) as exc:
+        raise ConfigError(f"{setting}: {shown} is not a number") from exc
     if not amount.is_finite():
-        raise ConfigError(f"{setting}: {value!r} is not a number")
-    if amount != amount.to_integral_value() or amount < 0:
-        raise ConfigError(f"{setting}: {value!r} must be >= 0 with at most 4 decimals")
-    return int(amount)
+        raise ConfigError(f"{setting}: {shown} is not a number")
+    # Checked on the exact Decimal, before any arithmetic: 1e999999 never becomes a huge int,
+    # and 1.00000000000000000000000000001 is not rounded to 1 by the context's 28 digits.
+    if amount < 0:
+        raise ConfigError(f"{setting}: {shown} must be >= 0 with at most 4 decimals")
+    if amount.adjusted() >= 12 or amount * UNITS_PER_YUAN > MOST_UNITS:
+        raise ConfigError(f"{setting}: {shown} is more than the largest amount a wallet "
+                          f"holds ({units_to_yuan(MOST_UNITS)} 元)")
+    exact = amount.quantize(_FOUR_PLACES, rounding=ROUND_DOWN)
+    if amount != exact:
+        raise ConfigError(f"{setting}: {shown} must be >= 0 with at most 4 decimals")
+    return int(exact * UNITS_PER_YUAN)
 
 
 def units_to_yuan(units: int) -> str:

@@ -116,17 +116,43 @@ def store(s: Settings | None = None) -> Store:
 
 
 MAX_YUAN = 1_000_000  # the most 元 one command moves (a typo'd 1e30 is refused, not stored)
+MAX_TEXT_BYTES = 200  # a name or id the money scripts store (app.core.money.scripts.Id)
 
 
-def yuan(value: str, option: str) -> int:
-    """Parse an amount of 元 given on the command line into units; one-line error if bad."""
+def yuan(value: str, *, positive: bool = False) -> int:
+    """Parse an amount of 元 given on the command line into units; BadParameter (a usage
+    error, exit 2) if it is not a number, negative, NaN/inf, past 4 decimals or too large."""
     try:
-        units = yuan_to_units(value, option)
+        units = yuan_to_units(value, "")
     except ConfigError as exc:
-        raise CliError(str(exc)) from exc
+        raise click.BadParameter(str(exc).partition(": ")[2]) from None
     if units > MAX_YUAN * UNITS_PER_YUAN:
-        raise CliError(f"{option}: {value!r} is more than {MAX_YUAN} 元")
+        raise click.BadParameter(f"{value!r:.40} is more than {MAX_YUAN} 元")
+    if positive and units <= 0:
+        raise click.BadParameter(f"{value!r:.40} must be positive")
     return units
+
+
+def yuan_param(positive: bool) -> Any:
+    """Return a click callback turning an amount of 元 into units (None stays None)."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+        return None if value is None else yuan(value, positive=positive)
+
+    return parse
+
+
+def short_text(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Refuse (usage error) a text the store cannot keep: over 200 bytes, or not UTF-8."""
+    if value is None:
+        return None
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise click.BadParameter("is not valid UTF-8 text") from None
+    if size > MAX_TEXT_BYTES:
+        raise click.BadParameter(f"is {size} bytes long; at most {MAX_TEXT_BYTES} (UTF-8)")
+    return value
 
 
 def money(units: int | str) -> str:

@@ -10,7 +10,16 @@ import click
 import redis
 
 from app.core.config import MAX_CODES_PER_BATCH
-from app.runtime.clikit import CliError, emit, fail, json_option, money, store, yuan
+from app.runtime.clikit import (
+    CliError,
+    emit,
+    fail,
+    json_option,
+    money,
+    short_text,
+    store,
+    yuan_param,
+)
 
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 MONEY_FIELDS = ("amount", "cost")  # in units of 0.0001 元 in the store, shown in 元
@@ -41,15 +50,16 @@ def keys_group() -> None:
 @keys_group.command("create")
 @click.option("--account", default=None, callback=_account_id,
               help="account id (created when missing; default: a new account)")
-@click.option("--name", default="", help="a label for the key")
-@click.option("--balance", default=None, help="元 to credit the account with")
+@click.option("--name", default="", callback=short_text,
+              help="a label for the key (at most 200 bytes)")
+@click.option("--balance", "initial", default="0", callback=yuan_param(positive=False),
+              help="元 to credit the account with")
 @json_option
-def keys_create(account: str | None, name: str, balance: str | None, as_json: bool) -> None:
+def keys_create(account: str | None, name: str, initial: int, as_json: bool) -> None:
     """Issue a key (printed once: only its hash is stored)."""
     from app.core.money import keys, wallet
     from app.core.money.layout import WalletError
 
-    initial = yuan(balance, "--balance") if balance is not None else 0
     r = store()
     try:
         if account and wallet.get_account(r, account) is None:
@@ -81,7 +91,7 @@ def keys_list(account: str | None, as_json: bool) -> None:
 
 
 @keys_group.command("revoke")
-@click.argument("key_id")
+@click.argument("key_id", callback=short_text)
 @json_option
 def keys_revoke(key_id: str, as_json: bool) -> None:
     """Revoke a key at once, in every process."""
@@ -108,15 +118,12 @@ def accounts_show(acct: str, as_json: bool) -> None:
 
 @accounts_group.command("topup")
 @click.argument("acct", callback=_account_id)
-@click.argument("amount", metavar="YUAN")
+@click.argument("units", metavar="YUAN", callback=yuan_param(positive=True))
 @json_option
-def accounts_topup(acct: str, amount: str, as_json: bool) -> None:
+def accounts_topup(acct: str, units: int, as_json: bool) -> None:
     """Credit an account with YUAN 元 (admin top-up; written to the ledger)."""
     from app.core.money import wallet
 
-    units = yuan(amount, "YUAN")
-    if units <= 0:
-        raise CliError(f"YUAN: {amount!r} must be positive")
     r = store()
     try:
         wallet.topup(r, acct, units, note="admin top-up")
@@ -132,17 +139,15 @@ def codes_group() -> None:
 
 
 @codes_group.command("create")
-@click.option("--amount", required=True, help="元 per code")
+@click.option("--amount", "units", required=True, callback=yuan_param(positive=True),
+              help="元 per code")
 @click.option("--count", default=1, show_default=True,
               type=click.IntRange(1, MAX_CODES_PER_BATCH))
 @json_option
-def codes_create(amount: str, count: int, as_json: bool) -> None:
+def codes_create(units: int, count: int, as_json: bool) -> None:
     """Create one-use redemption codes."""
     from app.core.money import codes as money_codes
 
-    units = yuan(amount, "--amount")
-    if units <= 0:
-        raise CliError(f"--amount: {amount!r} must be positive")
     codes = money_codes.create_codes(store(), units, count)
     emit({"codes": codes, "amount": money(units)}, as_json, "\n".join(codes))
 
