@@ -17,7 +17,7 @@ from rq.job import Job
 
 from app import create_app
 from app.core.config import load_settings
-from app.core.money import keys, ledger, wallet
+from app.core.money import keys, ledger, tally, wallet
 from app.core.money.codes import create_codes, list_codes
 from app.edges.store import make_redis
 from fakes.upstream import FakeUpstream
@@ -117,7 +117,7 @@ def test_codes_form_validates(client: Any, r: redis.Redis) -> None:
     for data in ({"yuan": "abc", "count": "1"}, {"yuan": "0", "count": "1"},
                  {"yuan": "1", "count": "101"}, {"yuan": "1.00001", "count": "1"}):
         resp = client.post("/admin/codes", data=data, headers=BEARER)
-        assert resp.status_code == 200 and 'class="flash"' in resp.get_data(as_text=True)
+        assert resp.status_code == 400 and 'class="flash"' in resp.get_data(as_text=True)
     assert list_codes(r) == []
     page = client.post("/admin/codes", data={"yuan": "2.5", "count": "3"},
                        headers=BEARER).get_data(as_text=True)
@@ -251,3 +251,86 @@ def test_no_page_shows_a_secret(upstream: FakeUpstream, redis_url: str,
             assert raw[:20] not in html and raw[-20:] not in html, path
     assert all(f"{k[:7]}…{k[-4:]}" in "".join(pages.values()) for k in raw_keys)
     assert "http://127.0.0.1:9/v1" in pages["/admin/"]
+
+
+# Every admin query parameter and form field, fed what no page should take: each is a 400
+# saying what is wrong (never a 500, never clamped silently) and writes nothing.
+NOT_COUNTS = ["-1", "abc", "nan", "inf", "1.5", "1e3", "99999999999999999999", "", " ", "١",
+              "9" * 5000, "0x10"]
+BAD_YUAN = ["-1", "0", "abc", "nan", "NaN", "inf", "-inf", "1e999999", "1e15", "9" * 5000,
+            "1.00001", "1.00000000000000000000000000001", "1000000.0001", ""]
+
+
+def _admin_cases() -> list[Any]:
+    cases: list[Any] = []
+    for path, name, low, high in (("/admin/usage", "days", 1, 90),
+                                  ("/admin/safety", "days", 1, 90),
+                                  ("/admin/accounts", "page", 0, 100_000)):
+        for bad in [*NOT_COUNTS, str(low - 1), str(high + 1)]:
+            cases.append(pytest.param("GET", path, {name: bad}, name, id=f"{path}?{name}={bad[:20]}"))
+    for path, name in (("/admin/accounts", "q"), ("/admin/requests", "acct")):
+        cases.append(pytest.param("GET", path, {name: "x" * 201}, name, id=f"{path}?{name}=long"))
+    for bad in BAD_YUAN:
+        cases.append(pytest.param("POST", "/admin/codes", {"yuan": bad, "count": "1"}, "金额",
+                                  id=f"codes yuan={bad[:20]}"))
+        cases.append(pytest.param("POST", "/admin/accounts/ACCT/topup",
+                                  {"yuan": bad, "nonce": "a" * 32}, "金额",
+                                  id=f"topup yuan={bad[:20]}"))
+    for bad in [*NOT_COUNTS, "0", "101"]:
+        cases.append(pytest.param("POST", "/admin/codes", {"yuan": "1", "count": bad}, "count",
+                                  id=f"codes count={bad[:20]}"))
+    for nonce in ["", "zz", "a" * 31, "a" * 32 + "\n", "A" * 32, "a" * 5000]:
+        cases.append(pytest.param("POST", "/admin/accounts/ACCT/topup",
+                                  {"yuan": "1", "nonce": nonce}, "nonce",
+                                  id=f"topup nonce={nonce[:20]!r}"))
+    for form in ({"queue": "x" * 201, "job_id": "j"}, {"queue": "chat", "job_id": "j" * 201}):
+        for path in ("/admin/rq/requeue", "/admin/rq/delete"):
+            cases.append(pytest.param("POST", path, form, next(k for k, v in form.items()
+                                                                 if len(v) > 200),
+                                      id=f"{path} long"))
+    cases.append(pytest.param("POST", f"/admin/keys/{'k' * 201}/revoke", {}, "key_id",
+                              id="revoke long key id"))
+    cases.append(pytest.param("POST", "/admin/keys/key_x/revoke", {"acct": "a" * 201}, "acct",
+                              id="revoke long acct"))
+    return cases
+
+
+@pytest.mark.parametrize("method,path,params,named", _admin_cases())
+def test_out_of_range_admin_inputs_are_a_400_that_writes_nothing(
+        client: Any, r: redis.Redis, method: str, path: str, params: dict[str, str],
+        named: str) -> None:
+    from money_kit import snapshot
+
+    key, acct = new_key(r, "1")
+    info = keys.lookup(r, key)
+    assert info is not None
+    assert client.get("/admin/", headers=BEARER).status_code == 200  # the cookie key exists now
+    tally.flush()
+    before = snapshot(r)
+    path = path.replace("ACCT", acct)
+    if method == "GET":
+        resp = client.get(path, query_string=params, headers=BEARER)
+    else:
+        resp = client.post(path, data=params, headers=BEARER)
+    body = resp.get_data(as_text=True)
+    assert resp.status_code == 400, (resp.status_code, body[:300])
+    assert named in body and "Internal error" not in body
+    assert len(body) < 100_000 and "x" * 300 not in body and "9" * 300 not in body
+    assert snapshot(r) == before
+    assert list_codes(r) == [] and wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []
+    assert keys.lookup(r, key) is not None
+
+
+def test_in_range_admin_inputs_still_work(client: Any, r: redis.Redis) -> None:
+    _, acct = new_key(r, "1")
+    for path in ("/admin/usage?days=1", "/admin/usage?days=90", "/admin/safety?days=7",
+                 "/admin/accounts?page=0", "/admin/accounts?page=100000", "/admin/accounts?q=",
+                 f"/admin/requests?acct={acct}", "/admin/requests?acct={x}"):
+        assert client.get(path, headers=BEARER).status_code == 200, path
+    resp = client.post("/admin/codes", data={"yuan": "1000000", "count": "100"}, headers=BEARER)
+    assert resp.status_code == 200 and len(list_codes(r)) == 100
+    resp = client.post(f"/admin/accounts/{acct}/topup", data={"yuan": "0.0001", "nonce": "b" * 32},
+                       headers=BEARER)
+    assert resp.status_code == 302 and wallet.balance(r, acct) == 10_001
+    assert client.post("/admin/accounts/acct_nobody/topup", data={"yuan": "1", "nonce": "b" * 32},
+                       headers=BEARER).status_code == 404

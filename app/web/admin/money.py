@@ -6,14 +6,16 @@ from collections import defaultdict
 from typing import Any
 
 from flask import flash, render_template, request
+from werkzeug.exceptions import BadRequest
 
-from app.core.config import MAX_CODES_PER_BATCH, ConfigError, units_to_yuan, yuan_to_units
+from app.core.config import MAX_CODES_PER_BATCH, units_to_yuan
 from app.core.money import codes as money_codes
 from app.core.money import ledger, tally, wallet
 from app.edges import pay
 from app.edges.store import get_redis
 from app.web.admin.auth import bp
 from app.web.admin.charts import bar_chart
+from app.web.admin.params import int_arg, text_arg, yuan_arg
 
 LEDGER_SCANNED = 2000
 
@@ -38,7 +40,7 @@ def day_total(fields: dict[str, int], field: str) -> int:
 @bp.get("/usage")
 def usage() -> str:
     """Show spending and requests by day and by model as inline SVG bar charts."""
-    days_n = min(max(request.args.get("days", 14, type=int) or 14, 1), 90)
+    days_n = int_arg("days", 14, 1, 90)
     now = wallet.now_ms()
     days = tally.usage_by_day(get_redis(), [wallet.china_day(now - i * 86400_000)
                                             for i in range(days_n - 1, -1, -1)])
@@ -59,7 +61,7 @@ def usage() -> str:
 @bp.get("/requests")
 def requests_page() -> str:
     """Show the newest settled requests: of one account, or of the most recently active ones."""
-    acct = request.args.get("acct", "").strip() or None
+    acct = text_arg("acct") or None
     r = get_redis()
     if acct and wallet.get_account(r, acct) is not None:
         entries = ledger.recent_ledger(r, acct, LEDGER_SCANNED)
@@ -73,22 +75,21 @@ def requests_page() -> str:
 
 
 @bp.route("/codes", methods=["GET", "POST"])
-def codes() -> str:
-    """List redemption codes and recent pay orders; the form creates codes."""
+def codes() -> tuple[str, int]:
+    """List redemption codes and recent pay orders; the form creates codes.
+
+    A bad amount or count is a 400 showing the form again with why; nothing is created.
+    """
     r = get_redis()
     created: list[str] = []
+    status = 200
     if request.method == "POST":
-        count = request.form.get("count", 1, type=int) or 0
         try:
-            units = yuan_to_units(request.form.get("yuan", "").strip(), "金额")
-        except ConfigError as exc:
-            flash(str(exc))
-            units = 0
-        if units > 0 and 1 <= count <= MAX_CODES_PER_BATCH:
-            created = money_codes.create_codes(r, units, count)
-        elif units > 0:
-            flash(f"数量需在 1–{MAX_CODES_PER_BATCH} 之间")
+            units, count = yuan_arg(), int_arg("count", 1, 1, MAX_CODES_PER_BATCH, form=True)
+        except BadRequest as exc:
+            flash(exc.description or "参数错误")
+            status = 400
         else:
-            flash("金额需大于 0")
+            created = money_codes.create_codes(r, units, count)
     return render_template("admin_codes.html", created=created, codes=money_codes.list_codes(r, 200),
-                           orders=pay.recent_orders(r, 50), max_codes=MAX_CODES_PER_BATCH)
+                           orders=pay.recent_orders(r, 50), max_codes=MAX_CODES_PER_BATCH), status

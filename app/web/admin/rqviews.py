@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import redis
-from flask import flash, redirect, render_template, request, url_for
+from flask import flash, redirect, render_template, url_for
 from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -23,6 +23,7 @@ from werkzeug.wrappers import Response as BaseResponse  # what redirect() gives
 from app.core import logs
 from app.edges.store import get_rq_redis
 from app.web.admin.auth import bp
+from app.web.admin.params import text_arg
 
 log = logging.getLogger(__name__)
 QUEUES = ("chat", "image")  # the bot's queues (SPEC §0); any other queue found is shown too
@@ -97,7 +98,7 @@ def rq_page() -> str:
 
 
 def _registry() -> tuple[FailedJobRegistry, str]:
-    queue, job_id = request.form.get("queue", ""), request.form.get("job_id", "")
+    queue, job_id = text_arg("queue", form=True), text_arg("job_id", form=True)
     if queue not in queue_names(get_rq_redis()) or not job_id:
         raise NoSuchJobError(job_id)
     return FailedJobRegistry(queue=Queue(queue, connection=get_rq_redis())), job_id

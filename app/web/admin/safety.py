@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 
-from flask import render_template, request
+from flask import render_template
 
 from app.bot import screening
 from app.core.money.wallet import china_day
 from app.edges.store import get_redis
 from app.web.admin.auth import bp
 from app.web.admin.charts import bar_chart
+from app.web.admin.params import int_arg
 
 PLACES = {"bot_input": "用户消息", "bot_output": "模型回答", "bot_moderation": "审核接口",
           "api_input": "API 请求", "api_output": "API 回答"}
@@ -25,7 +26,7 @@ def _label(field: str) -> str:
 @bp.get("/safety")
 def safety() -> str:
     """Show the safety hits of the last days (China dates): a chart and a table."""
-    days_n = min(max(request.args.get("days", 14, type=int) or 14, 1), 90)
+    days_n = int_arg("days", 14, 1, 90)
     now_ms = int(time.time() * 1000)
     days = [china_day(now_ms - i * 86_400_000) for i in range(days_n - 1, -1, -1)]
     hits = screening.hits_by_day(get_redis(), days)

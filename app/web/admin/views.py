@@ -10,13 +10,15 @@ from urllib.parse import urlsplit
 
 import redis
 from flask import abort, current_app, flash, redirect, render_template, request, url_for
+from werkzeug.exceptions import BadRequest
 from werkzeug.wrappers import Response as BaseResponse  # what redirect() gives
 
-from app.core.config import ConfigError, units_to_yuan, yuan_to_units
+from app.core.config import units_to_yuan
 from app.core.money import keys, layout, ledger, tally, wallet
 from app.edges.store import get_redis, get_rq_redis
 from app.edges.upstream import get_upstream
 from app.web.admin.auth import bp, csrf_token
+from app.web.admin.params import MAX_PAGE, checked_text, int_arg, text_arg, yuan_arg
 from app.web.admin.rqviews import queue_counts, workers
 
 PAGE = 50
@@ -95,12 +97,12 @@ def overview() -> str:
 def accounts() -> BaseResponse | str:
     """List accounts with balances, newest first; `q` jumps to an account id."""
     r = get_redis()
-    q = request.args.get("q", "").strip()
+    q = text_arg("q")
     if q:
         if _exists(r, q):
             return redirect(url_for("admin.account", acct=q))
         flash(f"没有账户 {q[:64]}")
-    page = max(0, request.args.get("page", 0, type=int) or 0)
+    page = int_arg("page", 0, 0, MAX_PAGE)
     ids = r.zrevrange(ACCOUNTS, page * PAGE, page * PAGE + PAGE - 1)
     pipe = r.pipeline(transaction=False)
     for acct in ids:
@@ -128,28 +130,32 @@ def account(acct: str) -> str:
 @bp.post("/keys/<key_id>/revoke")
 def revoke_key(key_id: str) -> BaseResponse:
     """Revoke a key at once, then go back to its account's page."""
+    checked_text("key_id", key_id)
+    acct = text_arg("acct", form=True)
     r = get_redis()
     flash(f"已吊销 {key_id}" if keys.revoke(r, key_id) else f"{key_id} 不存在或早已吊销")
-    acct = request.form.get("acct", "")
     if acct and _exists(r, acct):
         return redirect(url_for("admin.account", acct=acct))
     return redirect(url_for("admin.accounts"))
 
 
 @bp.post("/accounts/<acct>/topup")
-def topup(acct: str) -> BaseResponse:
+def topup(acct: str) -> BaseResponse | tuple[str, int]:
     """Credit an account by hand; the form's nonce makes a double submit credit once."""
-    nonce = request.form.get("nonce", "")
+    r = get_redis()
+    if wallet.get_account(r, acct) is None:
+        abort(404)
     try:
-        units = yuan_to_units(request.form.get("yuan", "").strip(), "金额")
-    except ConfigError as exc:
-        flash(str(exc))
-        return redirect(url_for("admin.account", acct=acct))
-    if not NONCE.match(nonce) or units <= 0 or units > 1_000_000 * 10_000:
-        flash("金额无效")
-        return redirect(url_for("admin.account", acct=acct))
+        units = yuan_arg()
+        if not NONCE.fullmatch(request.form.get("nonce", "")):
+            raise BadRequest("表单已失效，请刷新后重试 (the form's nonce is missing or bad; "
+                             "reload the page).")
+    except BadRequest as exc:  # the account page again, saying why; nothing credited
+        flash(exc.description or "参数错误")
+        return account(acct), 400
+    nonce = request.form["nonce"]
     try:
-        credited, _ = wallet.topup(get_redis(), acct, units, kind="topup", note="admin",
+        credited, _ = wallet.topup(r, acct, units, kind="topup", note="admin",
                                    ref=f"admin:{nonce}")
     except wallet.NoAccount:
         abort(404)
