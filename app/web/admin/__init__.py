@@ -5,6 +5,7 @@
     views.py    overview, accounts, account (keys, revoke, top-up, ledger)
     money.py    usage charts, recent requests, redemption codes and pay orders
     safety.py   content-safety hits per day
+    params.py   query and form parameters: out of range is a 400
     rqviews.py  queues, workers, failed jobs (requeue, delete)
     metrics.py  /metrics (Prometheus text, multiprocess-aware)
     charts.py   inline SVG bar charts
