@@ -201,6 +201,7 @@ def _read_toml(path: Path, setting: str) -> dict[str, Any]:
         raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from exc
 
 
+MODEL_NAME_MAX = 200  # bytes: the money scripts' limit on a model argument
 TABLES = ("models", "prices", "relay", "limits", "bot", "pay", "menu", "texts")
 
 
@@ -212,6 +213,14 @@ def _check_shape(data: dict[str, Any]) -> None:
     for public, upstream in data.get("models", {}).items():
         if not isinstance(upstream, str):
             raise ConfigError(f"models.{public}: must be a string (an upstream model name)")
+    for table in ("models", "prices", "aliases"):
+        entries = data.get(table, {})
+        for name, value in entries.items() if isinstance(entries, dict) else ():
+            for said in (name, value) if table != "prices" else (name,):
+                if isinstance(said, str) and not 0 < len(said.encode("utf-8")) <= MODEL_NAME_MAX:
+                    # a model name goes into the ledger and the money scripts' arguments
+                    raise ConfigError(f"{table}.{name[:40]}: a model name is 1 to "
+                                      f"{MODEL_NAME_MAX} bytes")
     for key, text in data.get("texts", {}).items():
         if not isinstance(text, str):
             raise ConfigError(f"texts.{key}: must be a string")
