@@ -10,7 +10,8 @@ the body's checks and before the hold: `refuse` answers 400 content_policy_viola
 code for flagged content) with nothing held or charged and no upstream call; `mask` sends the
 masked texts upstream. api_output screens a whole answer's text (each choice's content or text,
 each output_text part): `mask` masks it (and drops the choice's logprobs, which would spell the
-words out); `refuse` releases the hold and answers the same 400. Streams: stream_guard.py.
+words out); `refuse` releases the hold and answers the same 400. Streams: stream_guard.py
+(chat chunks) and native_guard.py (a native upstream's Responses events).
 """
 
 from __future__ import annotations
