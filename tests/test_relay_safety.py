@@ -399,3 +399,41 @@ def test_a_refusal_is_billed_as_produced_without_usage(
     _data(resp)
     assert int(settle_of(r, acct)["ct"]) == tokens.completion_tokens(REFUSING,
                                                                      "gpt-3.5-turbo") > 0
+
+
+def test_every_choice_of_a_stream_is_screened(relay: Start, r: redis.Redis) -> None:
+    """n > 1: each choice's text is held back and masked on its own."""
+    live = relay(api_output="mask")
+    key, _ = new_key(r)
+    said = split_across_chunks()
+    got = chunks(post(live, key, CHAT, {"n": 3, "stream": True,
+                                        "messages": [{"role": "user", "content": said}]},
+                      stream=True))
+    texts: dict[int, str] = {}
+    for chunk in got:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (
+                choice["delta"].get("content") or "")
+    assert sorted(texts) == [0, 1, 2]
+    assert all(t == ANSWER_PREFIX + said.replace(WORD, "***") for t in texts.values())
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/responses"])
+def test_stream_chunks_carrying_a_message_instead_of_a_delta_are_screened(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        path: str) -> None:
+    """Red team: an upstream writing its stream chunks with `message` (a plain answer's
+    field) instead of `delta` passed the guard, which looked at deltas only, while the
+    Responses translation read the text from `message`."""
+    obj = {**ODD, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "说违禁词"},
+         "finish_reason": "stop"}]}
+    body = b"data: " + orjson.dumps(obj) + b"\n\ndata: [DONE]\n\n"
+    client = odd_client(odd, r, redis_url, tmp_path, body, api_output="mask")
+    key, _ = new_key(r)
+    ask = ({"messages": [{"role": "user", "content": "hi"}]} if path == CHAT
+           else {"model": "gpt-3.5", "input": "hi"})
+    resp = client.post(path, headers={"Authorization": f"Bearer {key}"},
+                       json={**ask, "stream": True})
+    text = resp.get_data(as_text=True)
+    assert resp.status_code == 200 and WORD not in text and "说***" in text

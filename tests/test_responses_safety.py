@@ -3,10 +3,13 @@ or masked input, masked or refused output, plain and streamed."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import openai
+import orjson
 import pytest
 import redis
 from conftest import LiveServer, new_key
@@ -21,6 +24,7 @@ from safety_kit import (
     sent,
     split_across_chunks,
 )
+from test_odd_upstream import OddUpstream
 from test_responses import sse
 
 from app.core import tokens
@@ -203,3 +207,33 @@ def test_a_plain_native_answer_is_screened(relay: Start, r: redis.Redis,
         assert resp.status_code == 400 and resp.json() == refused_output().body()
     else:
         assert resp.json()["output"][0]["content"][0]["text"] == ANSWER_PREFIX + "说***"
+
+
+def test_a_native_answers_output_text_field_is_screened(relay: Start, r: redis.Redis) -> None:
+    """Red team: a native upstream (a gateway) adding the SDKs' `output_text` convenience
+    field to its Response: the relay passed the upstream's fields through, that one unscreened."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OddUpstream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        part = {"type": "output_text", "text": "说违禁词", "annotations": []}
+        item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                "content": [part]}
+        done = {"id": "resp_1", "object": "response", "status": "completed", "output": [item],
+                "output_text": "说违禁词", "model": MODEL}
+        server.answer = (200, done)  # type: ignore[attr-defined]
+        live = relay(api_output="mask", native=True,
+                     upstream_url=f"http://127.0.0.1:{server.server_port}/v1")
+        key, _ = new_key(r)
+        resp = post(live, key, PATH, {"model": MODEL, "input": "hi"})
+        assert resp.status_code == 200 and WORD not in resp.text and "说***" in resp.text
+        started = {**done, "status": "in_progress", "output": []}
+        events = [{"type": "response.created", "response": started},
+                  {"type": "response.completed", "response": done}]
+        server.answer = (200, b"".join(  # type: ignore[attr-defined]
+            b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+            for e in events))
+        got = post(live, key, PATH, {"model": MODEL, "input": "hi", "stream": True})
+        assert got.status_code == 200 and WORD not in got.text and "说***" in got.text
+    finally:
+        server.shutdown()

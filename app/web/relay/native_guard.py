@@ -156,6 +156,8 @@ class NativeGuard:
             output = response.get("output")
             for item in output if isinstance(output, list) else []:
                 self._item(item)
+            if isinstance(response.get("output_text"), str):  # a gateway's convenience field
+                response["output_text"] = self._check(response["output_text"])
         return event
 
     def _note(self, event: dict[str, Any]) -> None:

@@ -181,6 +181,14 @@ def output_slots(output: Any) -> Iterator[Slot]:
             yield from _parts(item, "content", f"output[{i}].content")
 
 
+def response_slots(response: dict[str, Any]) -> Iterator[Slot]:
+    """Yield the texts of a native upstream's Response: its output's, and the `output_text`
+    convenience field some gateways add (the relay passes the upstream's fields on)."""
+    yield from output_slots(response.get("output"))
+    if isinstance(response.get("output_text"), str):
+        yield Slot(response, "output_text", "output_text")
+
+
 def screen_answer(slots: Iterable[Slot]) -> None:
     """Screen a whole answer: raise the 400 (refuse; the caller's hold is released), or mask."""
     action, hits = _hits("api_output", slots)

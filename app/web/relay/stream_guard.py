@@ -121,6 +121,11 @@ class StreamGuard:
         completions: the choice's `text`."""
         if self.kind != "chat":
             return [(index, choice, "text")]
+        # A plain answer's `message` in a chunk (an odd upstream) is read as its delta, as the
+        # Responses translation reads it: screened, and forwarded as the delta it stands for.
+        message = choice.pop("message", None)
+        if not choice.get("delta") and isinstance(message, dict):
+            choice["delta"] = message
         if not isinstance(choice.get("delta"), dict):
             choice["delta"] = {}
         delta = choice["delta"]
