@@ -26,18 +26,24 @@ WORD = "违禁词"
 @pytest.fixture(name="relay")
 def relay_fixture(upstream: FakeUpstream, redis_url: str, r: redis.Redis,
           tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
-    """Start the relay live with a word list and [safety] settings (enabled unless told)."""
+    """Start the relay live with a word list and [safety] settings (enabled unless told);
+    `native`: Responses relayed to the upstream's own /responses; `upstream_url`: another
+    upstream than the fake."""
     servers: list[LiveServer] = []
 
-    def start(*words: str, **safety: Any) -> LiveServer:
+    def start(*words: str, native: bool = False, upstream_url: str | None = None,
+              **safety: Any) -> LiveServer:
         path = tmp_path / f"words{len(servers)}.txt"
         path.write_text("# listed\n" + "".join(f"{w}\n" for w in words or (WORD,)),
                         encoding="utf-8")
-        env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+        env = {"XIAOYI_REDIS_URL": redis_url,
+               "XIAOYI_UPSTREAM_BASE_URL": upstream_url or upstream.url,
                "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_LOG_LEVEL": "INFO"}
         table = {"enabled": True, "words_file": str(path), **safety}
-        server = LiveServer(create_app(load_settings(env, toml={"safety": table}),
-                                       redis_client=r))
+        toml: dict[str, Any] = {"safety": table}
+        if native:  # relay /responses to the upstream's own /responses
+            toml["relay"] = {"responses_native": 1}
+        server = LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
         servers.append(server)
         return server
 

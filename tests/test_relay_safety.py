@@ -4,13 +4,18 @@ masked (a word cut across stream chunks too) or refused, and both are off by def
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 import redis
-from conftest import LiveServer, new_key
+from conftest import UPSTREAM_KEY, LiveServer, new_key
+from flask.testing import FlaskClient
 from openapi_schemas import validate
 from safety_kit import (
     WORD,
@@ -24,7 +29,9 @@ from safety_kit import (
     settle_of,
     split_across_chunks,
 )
+from test_odd_upstream import OddUpstream
 
+from app import create_app
 from app.core import pricing, tokens
 from app.core.config import load_settings
 from app.core.money import ledger, wallet
@@ -255,3 +262,178 @@ def test_api_screening_is_off_by_default(relay: Start, upstream: FakeUpstream,
                    for c in got if c["choices"]) == ANSWER_PREFIX + said
     assert [hits(r, "api_input", a) + hits(r, "api_output", a)
             for a in ("refuse", "mask")] == before
+
+
+# An upstream whose answers the test writes (test_odd_upstream's stub): refusals, content parts.
+
+ODD = {"id": "chatcmpl-odd", "created": 1, "model": "gpt-3.5-turbo"}
+
+
+@pytest.fixture(name="odd")
+def odd_fixture() -> Iterator[ThreadingHTTPServer]:
+    """A local upstream whose answer each test sets (test_odd_upstream's)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OddUpstream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def odd_client(odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+               answer: Any, **safety: str) -> FlaskClient:
+    """Return a test client of the relay with [safety] set, its upstream answering `answer`."""
+    odd.answer = (200, answer)  # type: ignore[attr-defined]
+    words = tmp_path / "words.txt"
+    words.write_text(WORD + "\n", encoding="utf-8")
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    table = {"enabled": True, "words_file": str(words), **safety}
+    return create_app(load_settings(env, toml={"safety": table}), redis_client=r).test_client()
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    obj = {**ODD, "object": "chat.completion.chunk",
+           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+REFUSING = "I'm sorry, I cannot say 违禁词 or anything like it."
+
+
+def _refusal_stream() -> bytes:
+    """A chat stream whose refusal carries a listed word cut across two chunks."""
+    cut = REFUSING.index(WORD) + 1
+    return (_chunk({"role": "assistant", "content": None, "refusal": ""})
+            + _chunk({"refusal": REFUSING[:cut]}) + _chunk({"refusal": REFUSING[cut:]})
+            + _chunk({}, "stop") + b"data: [DONE]\n\n")
+
+
+def _data(resp: Any) -> list[dict[str, Any]]:
+    text = resp.get_data(as_text=True)
+    lines = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]", text
+    return [orjson.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+def test_a_refusal_is_screened_like_the_answer_text(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        action: str) -> None:
+    """Red team: a chat answer's `refusal` (the model's own words, which a caller can steer)
+    passed unscreened, plain and streamed."""
+    message = {"role": "assistant", "content": None, "refusal": REFUSING}
+    plain = {**ODD, "object": "chat.completion", "choices": [
+        {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]}
+    client = odd_client(odd, r, redis_url, tmp_path, plain, api_output=action)
+    key, acct = new_key(r)
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+    resp = client.post(CHAT, headers={"Authorization": f"Bearer {key}"}, json=ask)
+    assert WORD not in resp.get_data(as_text=True)
+    if action == "refuse":
+        assert resp.status_code == 400 and resp.json == refused_output().body()
+    else:
+        assert resp.json["choices"][0]["message"]["refusal"] == REFUSING.replace(WORD, "***")
+    assert kinds(r, acct) == ["reserve", "settle"]
+    odd.answer = (200, _refusal_stream())  # type: ignore[attr-defined]
+    resp = client.post(CHAT, headers={"Authorization": f"Bearer {key}"},
+                       json={**ask, "stream": True})
+    got = _data(resp)
+    said = "".join(c["choices"][0]["delta"].get("refusal") or "" for c in got if c["choices"])
+    assert not set(said) & set(WORD)
+    if action == "refuse":
+        assert got[-1]["choices"][0]["finish_reason"] == "content_filter"
+        assert REFUSING.startswith(said)
+    else:
+        assert said == REFUSING.replace(WORD, "***")
+    assert ledger.verify(r) == []
+
+
+def test_a_refusal_in_a_translated_responses_stream_is_masked(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    client = odd_client(odd, r, redis_url, tmp_path, _refusal_stream(), api_output="mask")
+    key, _ = new_key(r)
+    resp = client.post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "gpt-3.5", "input": "hi", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert WORD not in text
+    events = [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
+    deltas = [e["delta"] for e in events if e["type"] == "response.refusal.delta"]
+    assert "".join(deltas) == REFUSING.replace(WORD, "***")
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["refusal"] == REFUSING.replace(WORD, "***")
+
+
+def test_content_parts_in_a_plain_answer_are_screened(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """An upstream may answer a chat message's content as text parts (as requests send it):
+    each part is screened, not passed because it is not a string."""
+    parts = [{"type": "text", "text": "fine"}, {"type": "text", "text": "说违禁词"}]
+    plain = {**ODD, "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": parts}, "finish_reason": "stop"}]}
+    client = odd_client(odd, r, redis_url, tmp_path, plain, api_output="mask")
+    key, _ = new_key(r)
+    resp = client.post(CHAT, headers={"Authorization": f"Bearer {key}"},
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200 and WORD not in resp.get_data(as_text=True)
+    assert resp.json["choices"][0]["message"]["content"][1]["text"] == "说***"
+
+
+def test_a_refusal_is_billed_as_produced_without_usage(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """Without a usage object a refusal's text is estimated like any answer's (it was billed
+    as nothing: a free answer)."""
+    message = {"role": "assistant", "content": None, "refusal": "I'm sorry, I cannot help."}
+    plain = {**ODD, "object": "chat.completion", "choices": [
+        {"index": 0, "message": message, "finish_reason": "stop"}]}
+    client = odd_client(odd, r, redis_url, tmp_path, plain, api_output="off")
+    key, acct = new_key(r)
+    resp = client.post(CHAT, headers={"Authorization": f"Bearer {key}"},
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200
+    assert int(settle_of(r, acct)["ct"]) == tokens.completion_tokens(message["refusal"],
+                                                                     "gpt-3.5-turbo") > 0
+    odd.answer = (200, _refusal_stream())  # type: ignore[attr-defined]
+    key, acct = new_key(r)
+    resp = client.post(CHAT, headers={"Authorization": f"Bearer {key}"},
+                       json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    _data(resp)
+    assert int(settle_of(r, acct)["ct"]) == tokens.completion_tokens(REFUSING,
+                                                                     "gpt-3.5-turbo") > 0
+
+
+def test_every_choice_of_a_stream_is_screened(relay: Start, r: redis.Redis) -> None:
+    """n > 1: each choice's text is held back and masked on its own."""
+    live = relay(api_output="mask")
+    key, _ = new_key(r)
+    said = split_across_chunks()
+    got = chunks(post(live, key, CHAT, {"n": 3, "stream": True,
+                                        "messages": [{"role": "user", "content": said}]},
+                      stream=True))
+    texts: dict[int, str] = {}
+    for chunk in got:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (
+                choice["delta"].get("content") or "")
+    assert sorted(texts) == [0, 1, 2]
+    assert all(t == ANSWER_PREFIX + said.replace(WORD, "***") for t in texts.values())
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/responses"])
+def test_stream_chunks_carrying_a_message_instead_of_a_delta_are_screened(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        path: str) -> None:
+    """Red team: an upstream writing its stream chunks with `message` (a plain answer's
+    field) instead of `delta` passed the guard, which looked at deltas only, while the
+    Responses translation read the text from `message`."""
+    obj = {**ODD, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "说违禁词"},
+         "finish_reason": "stop"}]}
+    body = b"data: " + orjson.dumps(obj) + b"\n\ndata: [DONE]\n\n"
+    client = odd_client(odd, r, redis_url, tmp_path, body, api_output="mask")
+    key, _ = new_key(r)
+    ask = ({"messages": [{"role": "user", "content": "hi"}]} if path == CHAT
+           else {"model": "gpt-3.5", "input": "hi"})
+    resp = client.post(path, headers={"Authorization": f"Bearer {key}"},
+                       json={**ask, "stream": True})
+    text = resp.get_data(as_text=True)
+    assert resp.status_code == 200 and WORD not in text and "说***" in text

@@ -3,10 +3,13 @@ or masked input, masked or refused output, plain and streamed."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import openai
+import orjson
 import pytest
 import redis
 from conftest import LiveServer, new_key
@@ -21,6 +24,7 @@ from safety_kit import (
     sent,
     split_across_chunks,
 )
+from test_odd_upstream import OddUpstream
 from test_responses import sse
 
 from app.core import tokens
@@ -126,3 +130,110 @@ def test_a_refused_stream_ends_incomplete_for_content_filter(relay: Start,
     # What the upstream wrote is billed, the held-back word too, not only what was delivered.
     assert int(entry["ct"]) > tokens.completion_tokens(text, MODEL)
     assert ledger.verify(r) == []
+
+
+def _texts(value: Any) -> str:
+    """Return every string inside a JSON value, joined (what a client could read)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return "".join(_texts(v) for v in value.values())
+    if isinstance(value, list):
+        return "".join(_texts(v) for v in value)
+    return ""
+
+
+def test_a_native_stream_is_masked_as_a_translated_one(relay: Start, r: redis.Redis,
+                                                       upstream: FakeUpstream) -> None:
+    """Red team: relayed natively (relay.responses_native = 1), a streamed answer went out as
+    the upstream wrote it, listed words and all."""
+    live = relay(api_output="mask", native=True)
+    key, acct = new_key(r)
+    before = hits(r, "api_output", "mask")
+    said = split_across_chunks()
+    client = sdk(live, key)
+    with client.responses.stream(model=MODEL, input=said) as stream:
+        seen = list(stream)
+        final = stream.get_final_response()
+    assert sent(upstream, "/v1/responses")  # relayed natively
+    deltas = [e.delta for e in seen if e.type == "response.output_text.delta"]
+    masked = ANSWER_PREFIX + said.replace(WORD, "***")
+    assert "".join(deltas) == final.output_text == masked
+    assert not any(set(d) & set(WORD) for d in deltas)
+    assert not set(_texts([e.model_dump(warnings=False) for e in seen])) & set(WORD)
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    assert client.responses.retrieve(final.id).output_text == masked
+    assert kinds(r, acct) == ["reserve", "settle"]
+    assert hits(r, "api_output", "mask") == plus_one(before)
+
+
+def test_a_refused_native_stream_ends_incomplete_and_bills_what_was_produced(
+        relay: Start, r: redis.Redis, upstream: FakeUpstream) -> None:
+    live = relay(api_output="refuse", native=True)
+    key, acct = new_key(r)
+    before = hits(r, "api_output", "refuse")
+    events = sse(post(live, key, PATH, {"model": MODEL, "input": split_across_chunks(),
+                                        "stream": True}, stream=True))
+    assert sent(upstream, "/v1/responses")
+    assert not set(_texts([e for _, e in events])) & set(WORD)
+    text = "".join(e["delta"] for kind, e in events if kind == "response.output_text.delta")
+    assert text and ANSWER_PREFIX.startswith(text) or text.startswith(ANSWER_PREFIX)
+    assert [e["sequence_number"] for _, e in events] == list(range(len(events)))
+    kind, last = events[-1]
+    assert kind == "response.incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "content_filter"}
+    validate(last["response"], "Response")
+    (item,) = last["response"]["output"]
+    assert item["status"] == "incomplete" and item["content"][0]["text"] == text
+    usage = last["response"]["usage"]
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (int(entry["pt"]), int(entry["ct"]))
+    assert 100_000 - wallet.balance(r, acct) == int(entry["cost"]) > 0
+    assert int(entry["ct"]) > tokens.completion_tokens(text, MODEL)  # the held-back word too
+    assert hits(r, "api_output", "refuse") == plus_one(before)
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+def test_a_plain_native_answer_is_screened(relay: Start, r: redis.Redis,
+                                           upstream: FakeUpstream, action: str) -> None:
+    live = relay(api_output=action, native=True)
+    key, acct = new_key(r)
+    resp = post(live, key, PATH, {"model": MODEL, "input": "说违禁词"})
+    assert sent(upstream, "/v1/responses")
+    assert not set(_texts(resp.json())) & set(WORD)
+    assert kinds(r, acct) == ["reserve", "settle"]
+    if action == "refuse":
+        assert resp.status_code == 400 and resp.json() == refused_output().body()
+    else:
+        assert resp.json()["output"][0]["content"][0]["text"] == ANSWER_PREFIX + "说***"
+
+
+def test_a_native_answers_output_text_field_is_screened(relay: Start, r: redis.Redis) -> None:
+    """Red team: a native upstream (a gateway) adding the SDKs' `output_text` convenience
+    field to its Response: the relay passed the upstream's fields through, that one unscreened."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OddUpstream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        part = {"type": "output_text", "text": "说违禁词", "annotations": []}
+        item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                "content": [part]}
+        done = {"id": "resp_1", "object": "response", "status": "completed", "output": [item],
+                "output_text": "说违禁词", "model": MODEL}
+        server.answer = (200, done)  # type: ignore[attr-defined]
+        live = relay(api_output="mask", native=True,
+                     upstream_url=f"http://127.0.0.1:{server.server_port}/v1")
+        key, _ = new_key(r)
+        resp = post(live, key, PATH, {"model": MODEL, "input": "hi"})
+        assert resp.status_code == 200 and WORD not in resp.text and "说***" in resp.text
+        started = {**done, "status": "in_progress", "output": []}
+        events = [{"type": "response.created", "response": started},
+                  {"type": "response.completed", "response": done}]
+        server.answer = (200, b"".join(  # type: ignore[attr-defined]
+            b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+            for e in events))
+        got = post(live, key, PATH, {"model": MODEL, "input": "hi", "stream": True})
+        assert got.status_code == 200 and WORD not in got.text and "说***" in got.text
+    finally:
+        server.shutdown()

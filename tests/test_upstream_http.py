@@ -28,7 +28,7 @@ import requests
 from nginx_kit import self_signed
 
 from app.core.config import load_settings
-from app.edges.upstream import Upstream
+from app.edges.upstream import Upstream, iter_sse
 from app.edges.upstream_http import (
     ANSWER_LIMIT,
     JOIN_BYTES,
@@ -453,6 +453,104 @@ def test_a_channel_whose_answer_is_too_large_fails_over(
                   "gpt-3.5-turbo", expect="choices")
     assert got.channel.name == "fine" and got.value["choices"][0]["message"]["content"] == "hi"
     assert first.accepted == 1
+
+
+def _framed(kind: str, body: bytes, ctype: bytes) -> bytes:
+    """Return an answer carrying `body`: with its length, chunked, close-delimited or gzipped."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\n"
+    if kind == "declared":
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    if kind == "chunked":
+        half = len(body) // 2
+        return (head + b"Transfer-Encoding: chunked\r\n\r\n"
+                + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:half], body[half:]))
+                + b"0\r\n\r\n")
+    if kind == "close-delimited":
+        return head + b"\r\n" + body
+    packed = gzip.compress(body)
+    return head + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(packed) + packed
+
+
+PROXIED = "http://upstream.example/v1"  # reached through HTTP_PROXY: the requests path
+
+
+def _proxied(serve: Callable[..., Server], monkeypatch: pytest.MonkeyPatch, answer: bytes,
+             redis_url: str, r: redis.Redis, fine: Server | None = None) -> Upstream:
+    """Return an Upstream (answer_limit LIMITED) whose first channel is behind a proxy that
+    answers `answer`; `fine`, when given, is a second channel called directly."""
+    proxy = serve(answering(answer, then_close=True))
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    channels = [{"name": "proxied", "base_url": PROXIED, "priority": 0,
+                 "api_key": "sk-upstream-0123456789"}]
+    if fine is not None:
+        channels.append({"name": "fine", "base_url": f"http://127.0.0.1:{fine.port}/v1",
+                         "priority": 1, "api_key": "sk-upstream-0123456789"})
+    settings = load_settings({"XIAOYI_REDIS_URL": redis_url}, toml={"channels": channels})
+    up = Upstream(settings, r, answer_limit=LIMITED)
+    assert up._prepare(up.channels[0]).origin is None  # requests carries it (the proxy)
+    return up
+
+
+@pytest.mark.parametrize("kind", ["declared", "chunked", "close-delimited", "gzip bomb"])
+def test_a_proxied_answer_longer_than_the_limit_is_refused_and_fails_over(
+        serve: Callable[..., Server], r: redis.Redis, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Red team: a channel behind a proxy is called through requests, which read any body
+    whole into memory (a gzip bomb inflated in full): the fast path's limit applies there too,
+    with the same error (AnswerTooLarge: the channel fails over), never inflated past it."""
+    text = b"x" * LIMITED if kind != "gzip bomb" else bytes(64 << 20)
+    big = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "%s"}}]}' % text
+    chat = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}'
+    fine = serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(chat) + chat))
+    up = _proxied(serve, monkeypatch, _framed(kind, big, b"application/json"), redis_url, r,
+                  fine)
+    tracemalloc.start()
+    try:
+        got = up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
+                      "gpt-3.5-turbo", expect="choices")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.channel.name == "fine" and got.value["choices"][0]["message"]["content"] == "hi"
+    assert peak < 8 * LIMITED
+
+
+@pytest.mark.parametrize("kind", ["chunked", "close-delimited", "gzip bomb"])
+def test_a_proxied_stream_longer_than_the_limit_is_cut(
+        serve: Callable[..., Server], r: redis.Redis, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A proxied stream past the limit ends with AnswerTooLarge as a direct one does (the relay
+    answers its error event); what came before it was relayed."""
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n' % (
+        b"x" * 1000 if kind != "gzip bomb" else bytes(1000))
+    body = event * (LIMITED // len(event) + 2) + b"data: [DONE]\n\n"
+    up = _proxied(serve, monkeypatch, _framed(kind, body, b"text/event-stream"), redis_url, r)
+    got = up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": [],
+                                        "stream": True}, "gpt-3.5-turbo", stream=True)
+    assert got.channel.name == "proxied"
+    seen = 0
+    with pytest.raises(AnswerTooLarge):
+        for _ in iter_sse(got.value, got.channel):
+            seen += 1
+    assert 0 < seen <= LIMITED // len(event)
+    got.value.close()
+
+
+def test_a_proxied_answer_within_the_limit_is_read_whole(
+        serve: Callable[..., Server], r: redis.Redis, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to the limit is fine on the requests path too, gzipped or not."""
+    template = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "%s"}}]}'
+    size = LIMITED - (len(template) - 2)
+    body = template % (b"y" * size)
+    assert len(body) == LIMITED
+    for kind in ("declared", "gzip bomb"):
+        up = _proxied(serve, monkeypatch, _framed(kind, body, b"application/json"), redis_url, r)
+        got = up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
+                      "gpt-3.5-turbo", expect="choices")
+        assert got.channel.name == "proxied"
+        assert got.value["choices"][0]["message"]["content"] == "y" * size
 
 
 # TLS

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 import orjson
 import redis
 import requests
-from requests.adapters import HTTPAdapter
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, default_user_agent, get_environ_proxies
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
@@ -39,11 +38,12 @@ from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
 from app.edges import current
 from app.edges.fetch import FetchError, fetch
 from app.edges.netguard import UnsafeURL, check_url, origin
+from app.edges.proxied import CappedAdapter
 from app.edges.sse import data_events
 from app.edges.turns import DEFAULT_SIZE as DEFAULT_TURNS
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
-from app.edges.upstream_http import Origin, UpstreamResponse, read_tail
+from app.edges.upstream_http import ANSWER_LIMIT, Origin, UpstreamResponse, read_tail
 
 __all__ = ["Upstream", "UpstreamResponse", "get_upstream", "init_app", "iter_sse",
            "iter_sse_objects"]
@@ -73,7 +73,8 @@ POOL_MAXSIZE = max(1000, int(os.environ.get("XIAOYI_WEB_CONNECTIONS", "2000")))
 class Upstream:
     """The HTTP client to every channel (one pooled session per process)."""
 
-    def __init__(self, settings: Settings, r: redis.Redis, turns: Turns | None = None) -> None:
+    def __init__(self, settings: Settings, r: redis.Redis, turns: Turns | None = None,
+                 answer_limit: int = ANSWER_LIMIT) -> None:
         self.turns = turns or Turns(0)  # given back while a call waits (app.edges.turns)
         self.channels = sorted(settings.channels, key=lambda c: c.priority)
         self.redis = r
@@ -85,8 +86,12 @@ class Upstream:
         self.answer_timeout = (self.timeout[0],
                                settings.relay.get("answer_timeout_seconds", 570) or None)
         self.cooldown = settings.relay.get("cooldown_seconds", 30)
+        # An answer longer than this once decoded is refused on both paths (upstream_http's
+        # ANSWER_LIMIT): a broken or hostile upstream, or proxy, cannot fill a worker's memory.
+        self.answer_limit = answer_limit
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=POOL_MAXSIZE, max_retries=0)
+        adapter = CappedAdapter(answer_limit, pool_connections=16, pool_maxsize=POOL_MAXSIZE,
+                                max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._cool_cache: tuple[float, set[str]] = (0.0, set())
@@ -205,7 +210,7 @@ class Upstream:
                         self._tls = ssl.create_default_context(
                             cafile=None if folder else self._ca, capath=self._ca if folder else None)
                     where = self._origins[key] = Origin(scheme, host, url.port, POOL_MAXSIZE,
-                                                        self._tls)
+                                                        self._tls, self.answer_limit)
             prefix = (url.path or "").rstrip("/")
             found = _Prepared(channel, where, prefix, headers,
                               UPSTREAM_LATENCY.labels(channel.name), {})

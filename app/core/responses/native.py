@@ -14,6 +14,12 @@ _PRODUCED = ("response.output_text.delta", "response.refusal.delta",
              "response.reasoning_text.delta", "response.reasoning_summary_text.delta")
 
 
+def produced(obj: dict[str, Any]) -> str:
+    """Return the text an upstream event adds to the answer (a delta of produced text)."""
+    delta = obj.get("delta")
+    return delta if obj.get("type") in _PRODUCED and isinstance(delta, str) else ""
+
+
 def output_text(output: Any) -> str:
     """Return every text an output list holds (messages, refusals, call arguments, reasoning)."""
     parts: list[str] = []
@@ -91,8 +97,7 @@ class NativeEvents:
             event["item"] = _renamed(event["item"], rid, self.ids)
         if isinstance(event.get("item_id"), str):
             event["item_id"] = _our_id(event["item_id"], rid, self.ids)
-        if kind in _PRODUCED and isinstance(event.get("delta"), str):
-            self.texts.append(event["delta"])
+        self.texts.append(produced(event))
         if kind == "response.output_item.done" and isinstance(event.get("output_index"), int):
             self.items[event["output_index"]] = event.get("item")
         if kind in TERMINAL and isinstance(event.get("response"), dict):

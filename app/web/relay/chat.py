@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def answer_text(kind: str, data: dict[str, Any]) -> str:
-    """Return the text an answer (or a stream chunk) carries: contents and tool-call texts."""
+    """Return the text an answer (or a stream chunk) carries: contents, refusals and tool-call
+    texts."""
     parts = []
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else []:
@@ -43,6 +44,8 @@ def answer_text(kind: str, data: dict[str, Any]) -> str:
             src = choice.get("message") or choice.get("delta") or {}
             if isinstance(src, dict):
                 parts.append(pricing.content_text(src.get("content")))
+                if isinstance(src.get("refusal"), str):  # the model's refusal: produced too
+                    parts.append(src["refusal"])
                 parts.extend(_call_texts(src))
         elif isinstance(choice.get("text"), str):
             parts.append(choice["text"])

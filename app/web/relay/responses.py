@@ -174,7 +174,8 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
         output, text, reported = state.items, state.text(), state.usage
     meter.usage(reported)
     try:
-        screening.screen_answer(screening.output_slots(output))
+        screening.screen_answer(screening.response_slots(final) if plan.native
+                                else screening.output_slots(output))
     except screening.ContentRefused:
         meter.settle(held, text)  # withheld, but the upstream wrote (and billed) it
         raise

@@ -21,6 +21,7 @@ from app.edges.upstream import UpstreamResponse, iter_sse, iter_sse_objects
 from app.web.relay.billing import Meter, StreamEnd
 from app.web.relay.chat import answer_text
 from app.web.relay.common import Call, event_stream, settings
+from app.web.relay.native_guard import open_native_guard
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.stream_guard import open_guard
 
@@ -36,7 +37,7 @@ class Turn:
                  resp: UpstreamResponse | requests.Response, channel: Channel) -> None:
         self.call, self.held, self.plan, self.meter, self.resp = call, held, plan, meter, resp
         self.channel = channel
-        self.produced: list[str] = []  # the chat chunks' text as the upstream wrote it
+        self.produced: list[str] = []  # the text as the upstream wrote it (before screening)
         self.state: events.ChatEvents | native.NativeEvents = (
             native.NativeEvents(plan.response) if plan.native else events.ChatEvents(plan.response))
         self.redis = get_redis()  # captured: close() may run outside the request context
@@ -47,6 +48,7 @@ class Turn:
         self.close = StreamEnd(meter, held, resp, lambda: self.text or "")
         # [safety] api_output on chat chunks (stream_guard); a native stream: native_guard.
         self.guard = None if plan.native else open_guard("chat")
+        self.native_guard = open_native_guard() if plan.native else None
 
     def cut(self) -> bool:
         """Tell whether the stream ended early (the upstream is read no further): the content
@@ -54,7 +56,8 @@ class Turn:
         return self._refused() or self._erred()
 
     def _refused(self) -> bool:
-        return self.guard is not None and self.guard.refused
+        guard = self.guard or self.native_guard
+        return guard is not None and guard.refused
 
     def _erred(self) -> bool:
         return isinstance(self.state, events.ChatEvents) and self.state.error is not None
@@ -66,6 +69,17 @@ class Turn:
                 self.meter.usage(obj["usage"])
             self.produced.append(answer_text("chat", obj))
             return self._screened(self.guard.take(obj) if self.guard is not None else obj)
+        self.produced.append(native.produced(obj))
+        if self.native_guard is None:
+            return self._native(obj)
+        out = [e for screened in self.native_guard.take(obj) for e in self._native(screened)]
+        if self._refused():  # ended with response.incomplete (content_filter)
+            self.meter.cut("".join(self.produced))  # what was written, sent or held back
+        return out
+
+    def _native(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        """Return the event a native upstream event makes (a terminal one waits for end)."""
+        assert isinstance(self.state, native.NativeEvents)
         event = self.state.take(obj)
         if event is not None and event["type"] in native.TERMINAL:
             self.terminal = event
@@ -86,7 +100,8 @@ class Turn:
         return [] if tail is None else self._screened(tail)
 
     def _usage(self) -> dict[str, Any]:
-        self.text = self.state.text()
+        # Billed as produced: a masked word costs what the upstream wrote, not its stars.
+        self.text = "".join(self.produced) if self.plan.native else self.state.text()
         self.meter.usage(self.state.usage)
         return answer.usage(*self.meter.tokens(self.text), self.state.usage)
 

@@ -8,9 +8,10 @@ api_input screens every prompt text of chat, completions and responses requests 
 text content and text parts, string prompts, suffix, instructions, function-call outputs) after
 the body's checks and before the hold: `refuse` answers 400 content_policy_violation (OpenAI's
 code for flagged content) with nothing held or charged and no upstream call; `mask` sends the
-masked texts upstream. api_output screens a whole answer's text (each choice's content or text,
-each output_text part): `mask` masks it (and drops the choice's logprobs, which would spell the
-words out); `refuse` releases the hold and answers the same 400. Streams: stream_guard.py.
+masked texts upstream. api_output screens a whole answer's text (each choice's content, refusal
+or text, each output_text and refusal part): `mask` masks it (and drops the choice's logprobs, which would spell the
+words out); `refuse` releases the hold and answers the same 400. Streams: stream_guard.py
+(chat chunks) and native_guard.py (a native upstream's Responses events).
 """
 
 from __future__ import annotations
@@ -154,15 +155,23 @@ def screen_input(slots: Iterable[Slot]) -> None:
 
 
 def choice_slots(kind: str, data: dict[str, Any]) -> Iterator[Slot]:
-    """Yield the answer text of every choice of a chat or completions answer."""
+    """Yield the answer texts of every choice of a chat or completions answer: a chat
+    message's content (a string or text parts) and its refusal, a completion's text."""
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
             continue
-        holder = choice.get("message") if kind == "chat" else choice
-        key = "content" if kind == "chat" else "text"
-        if isinstance(holder, dict) and isinstance(holder.get(key), str):
-            yield Slot(holder, key, probs=choice)
+        if kind != "chat":
+            if isinstance(choice.get("text"), str):
+                yield Slot(choice, "text", probs=choice)
+            continue
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            continue
+        for slot in _parts(message, "content", "content"):
+            yield slot._replace(probs=choice)
+        if isinstance(message.get("refusal"), str):
+            yield Slot(message, "refusal", probs=choice)
 
 
 def output_slots(output: Any) -> Iterator[Slot]:
@@ -170,6 +179,14 @@ def output_slots(output: Any) -> Iterator[Slot]:
     for i, item in enumerate(output if isinstance(output, list) else []):
         if isinstance(item, dict) and item.get("type") == "message":
             yield from _parts(item, "content", f"output[{i}].content")
+
+
+def response_slots(response: dict[str, Any]) -> Iterator[Slot]:
+    """Yield the texts of a native upstream's Response: its output's, and the `output_text`
+    convenience field some gateways add (the relay passes the upstream's fields on)."""
+    yield from output_slots(response.get("output"))
+    if isinstance(response.get("output_text"), str):
+        yield Slot(response, "output_text", "output_text")
 
 
 def screen_answer(slots: Iterable[Slot]) -> None:

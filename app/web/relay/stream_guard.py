@@ -1,7 +1,7 @@
 """Content safety on streamed chat/completions chunks ([safety] api_output): hold back, mask, refuse.
 
 A listed word may arrive cut across chunks ("违禁" then "词"), or spread by inserted symbols, so
-each choice's text is held back until it can no longer be part of a word still arriving: the
+each choice's text (a chat delta's content, and its refusal apart) is held back until it can no longer be part of a word still arriving: the
 shortest tail holding as many letters and digits (as the filter folds them) as the longest listed
 word. Each new piece is checked together with the held tail and, as context, the released text
 before it (one letter more than the longest word: a word running from it into the tail is judged
@@ -23,13 +23,20 @@ answer bills what the upstream wrote).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
 from app.core.safety import FOLD, Matcher, fold
 from app.web.relay import screening
 
 _LONGEST: WeakKeyDictionary[Matcher, int] = WeakKeyDictionary()
+
+
+class Refusal(NamedTuple):
+    """The key a chat choice's refusal text is held under (its content's: the choice index)."""
+
+    choice: Any
+
 _BASE = ("id", "object", "created", "model", "system_fingerprint")
 
 
@@ -61,8 +68,10 @@ class StreamGuard:
         self.kind, self.action, self.words = kind, action, words
         self.count = count or (lambda: screening.count("api_output", action))  # once a stream
         self.keep = longest(words)
-        self.held: dict[Any, str] = {}  # choice index -> text held back (as produced)
-        self.before: dict[Any, str] = {}  # choice index -> the released text's tail (context)
+        # By choice index (a refusal's: Refusal(index)): the text held back (as produced), and
+        # the released text's tail (context).
+        self.held: dict[Any, str] = {}
+        self.before: dict[Any, str] = {}
         self.open: dict[Any, None] = {}  # choices that produced text and have not finished
         self.delivered: list[str] = []  # the text sent to the client
         self.counted = self.refused = False
@@ -75,15 +84,15 @@ class StreamGuard:
             if not isinstance(choice, dict):
                 continue
             index, done = choice.get("index", 0), final or bool(choice.get("finish_reason"))
-            holder, key = self._slot(choice)
-            piece = holder.get(key)
-            if isinstance(piece, str) or (done and self.held.get(index)):
-                self.open[index] = None
-                out = self._feed(index, piece if isinstance(piece, str) else "", done)
-                if self.refused:
-                    return self._closing(chunk)
-                holder[key] = out
-                released.append(out)
+            for slot, holder, key in self._slots(index, choice):
+                piece = holder.get(key)
+                if isinstance(piece, str) or (done and self.held.get(slot)):
+                    self.open[index] = None
+                    out = self._feed(slot, piece if isinstance(piece, str) else "", done)
+                    if self.refused:
+                        return self._closing(chunk)
+                    holder[key] = out
+                    released.append(out)
             if choice.get("logprobs") is not None:
                 choice["logprobs"] = None
             if done:
@@ -93,18 +102,34 @@ class StreamGuard:
 
     def finish(self, last: dict[str, Any]) -> dict[str, Any] | None:
         """Return a chunk with the text still held when the upstream ended (None: nothing held)."""
-        held = [i for i, text in self.held.items() if text]
+        held = [slot for slot, text in self.held.items() if text]
         if self.refused or not held:
             return None
         base = {k: last[k] for k in _BASE if k in last}
-        return self.take({**base, "choices": [self._choice(i, None) for i in held]}, final=True)
+        choices: dict[Any, dict[str, Any]] = {}
+        for slot in held:
+            index = slot.choice if isinstance(slot, Refusal) else slot
+            choice = choices.setdefault(index, self._choice(index, None))
+            if isinstance(slot, Refusal):
+                choice["delta"]["refusal"] = ""
+        return self.take({**base, "choices": list(choices.values())}, final=True)
 
-    def _slot(self, choice: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    def _slots(self, index: Any, choice: dict[str, Any]) -> list[tuple[Any, dict[str, Any], str]]:
+        """Return a choice's texts: (the key its held text is kept under, holder, key there).
+
+        Chat: the delta's `content` and `refusal` (the model's refusal is its answer text too);
+        completions: the choice's `text`."""
         if self.kind != "chat":
-            return choice, "text"
+            return [(index, choice, "text")]
+        # A plain answer's `message` in a chunk (an odd upstream) is read as its delta, as the
+        # Responses translation reads it: screened, and forwarded as the delta it stands for.
+        message = choice.pop("message", None)
+        if not choice.get("delta") and isinstance(message, dict):
+            choice["delta"] = message
         if not isinstance(choice.get("delta"), dict):
             choice["delta"] = {}
-        return choice["delta"], "content"
+        delta = choice["delta"]
+        return [(index, delta, "content"), (Refusal(index), delta, "refusal")]
 
     def _feed(self, index: Any, piece: str, final: bool) -> str:
         """Add a piece to a choice's text; return what can be released now (masked)."""
