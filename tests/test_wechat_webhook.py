@@ -256,3 +256,30 @@ def test_leaked_push_url_cannot_rotate_another_users_key(aes: bool, upstream: An
     live = [k for k in keys.list_keys(r, acct) if not k["revoked"]]
     raw = re.search(r"sk-[A-Za-z0-9_\-]{20,}", key).group(0)
     assert len(live) == 1 and live[0]["masked"] == keys.mask(raw)
+
+
+def test_a_verification_query_cannot_carry_a_message(upstream: Any, redis_url: str, r: Any,
+                                                     wx: FakeWeChatAPI) -> None:
+    """The echostr check's signed query (an access log shows it) serves that check only: the
+    same signature, timestamp and nonce on a POST with a forged plaintext body are refused and
+    do nothing; the check repeated only echoes again; a message's query cannot serve a check."""
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    victim = "oVictimUser0000000000000003"
+    with bot(settings, r, worker=False) as (_, url):
+        ts, nonce = str(int(time.time())), "verify1"
+        check = {**_signed(ts, nonce), "echostr": "echo-456"}
+        assert requests.get(f"{url}/wechat", params=check, timeout=5).text == "echo-456"
+        forged = [requests.post(f"{url}/wechat", params=query, data=text_xml(victim, "重置密钥"),
+                                timeout=5) for query in (check, _signed(ts, nonce))]
+        assert [f.status_code for f in forged] == [403, 403]
+        assert users.account_of(r, victim) is None
+        again = requests.get(f"{url}/wechat", params=check, timeout=5)
+        assert (again.status_code, again.text) == (200, "echo-456")  # harmless: an echo
+        wechat = WeChat(url, wx.appid)
+        params, body = wechat.signed(text_xml(OPENID, "余额"), ts, "verify2")
+        assert "账户余额" in wechat.reply(requests.post(wechat.url, params=params, data=body,
+                                                          timeout=5))["Content"]
+        used = requests.get(f"{url}/wechat", params={**params, "echostr": "e"}, timeout=5)
+        assert used.status_code == 403
+    assert users.account_of(r, victim) is None and upstream.requests == []
+
