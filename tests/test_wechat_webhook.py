@@ -283,3 +283,27 @@ def test_a_verification_query_cannot_carry_a_message(upstream: Any, redis_url: s
         assert used.status_code == 403
     assert users.account_of(r, victim) is None and upstream.requests == []
 
+
+@pytest.mark.parametrize("field,value", [
+    ("nonce", "n" * 129), ("nonce", "🙂"), ("nonce", "n\n"), ("nonce", "a b"),
+    ("nonce", "n%00"), ("timestamp", "+{now}"), ("timestamp", " {now}"),
+    ("timestamp", "{now}\n"), ("timestamp", "{head}_{tail}"), ("timestamp", "0000000{now}"),
+    ("timestamp", "{arabic}")])
+def test_odd_nonce_or_timestamp_is_refused_before_any_write(
+        served: tuple[WeChat, Any], upstream: Any, field: str, value: str) -> None:
+    """A nonce is [A-Za-z0-9_-]{1,128}, a timestamp up to 12 ASCII digits (WeChat sends 10
+    digits and a short number): anything else is refused (403) even when correctly signed,
+    on GET and POST, before Redis sees anything."""
+    wechat, r = served
+    now = str(int(time.time()))
+    query = {"timestamp": now, "nonce": "okNonce1"}
+    arabic = now.translate({ord("0") + i: 0x0660 + i for i in range(10)})  # int() takes them
+    query[field] = value.format(now=now, head=now[:4], tail=now[4:], arabic=arabic)
+    params, body = wechat.signed(text_xml(OPENID, "余额"), query["timestamp"], query["nonce"])
+    assert params[field] == query[field]
+    assert requests.post(wechat.url, params=params, data=body, timeout=5).status_code == 403
+    check = {k: params[k] for k in ("signature", "timestamp", "nonce")}
+    got = requests.get(wechat.url, params={**check, "echostr": "e"}, timeout=5)
+    assert got.status_code == 403 and got.text != "e"
+    assert written(r) == [] and upstream.requests == []
+
