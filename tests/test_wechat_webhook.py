@@ -307,3 +307,21 @@ def test_odd_nonce_or_timestamp_is_refused_before_any_write(
     assert got.status_code == 403 and got.text != "e"
     assert written(r) == [] and upstream.requests == []
 
+
+@pytest.mark.parametrize("field,value", [
+    ("FromUserName", "o" * 129), ("FromUserName", "oTab\tUser0000000000000001"),
+    ("FromUserName", "oLine\nUser000000000000001"), ("FromUserName", "o{x}:y"),
+    ("FromUserName", "o用户"), ("ToUserName", "g" * 129), ("ToUserName", "gh_\ttest"),
+    ("MsgId", "9" * 200), ("CreateTime", "1" * 200)])
+def test_odd_user_names_and_ids_are_refused_before_any_write(
+        served: tuple[WeChat, Any], upstream: Any, field: str, value: str) -> None:
+    """FromUserName is an openid ([A-Za-z0-9_-], at most 128 bytes: it names Redis keys and
+    their hash tag); ToUserName, MsgId and CreateTime at most 128 bytes without control
+    characters. Anything else is a 400 before any Redis write or job."""
+    wechat, r = served
+    fields = {"ToUserName": "gh_test", "FromUserName": OPENID, "CreateTime": str(int(time.time())),
+              "MsgType": "text", "Content": "你好", "MsgId": "5550077"}
+    fields[field] = value
+    xml = "<xml>" + "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in fields.items()) + "</xml>"
+    assert wechat.post(xml).status_code == 400
+    assert written(r) == [] and upstream.requests == []
