@@ -37,4 +37,4 @@ def hold_then_fail(openid: str, dk: str, acct: str, cost: int, fault: str) -> An
         held.settle(cost)
         return "unreachable"
 
-    return jobs.attempt(work, lambda exc: dl.note("chat_failed"))
+    return jobs.attempt(r, dk, work, lambda exc: dl.note("chat_failed"))

@@ -125,8 +125,8 @@ def test_webhook_still_answers_success(upstream: FakeUpstream, redis_url: str,
     dead = make_redis("redis://127.0.0.1:1/0", max_connections=4)
     client = create_app(wechat_settings(upstream.url, redis_url, wx),
                         redis_client=dead).test_client()
-    for text in ("余额", "你好", "充值 XYCODE"):
-        ts, nonce = str(int(time.time())), f"n-{text}"
+    for i, text in enumerate(("余额", "你好", "充值 XYCODE")):
+        ts, nonce = str(int(time.time())), f"n-{i}"  # a nonce is [A-Za-z0-9_-] (WeChat: digits)
         resp = client.post("/wechat", data=text_xml("oDownUser", text), query_string={
             "signature": sign(TOKEN, ts, nonce), "timestamp": ts, "nonce": nonce})
         assert resp.status_code == 200 and resp.data == b"success", text

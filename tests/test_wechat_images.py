@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from wechat_kit import WeChat, bot, text_xml, wait_for, wechat_settings
+from wechat_kit import WeChat, bot, run_jobs, text_xml, wait_for, wechat_settings
 
 from app.bot import handoff, users
 from app.core.config import load_settings
 from app.core.errors import UpstreamError
 from app.core.money import ledger, wallet
+from app.edges.store import get_queue
+from app.web.wechat import dispatch
 from fakes import FakeWeChatAPI
 from workers.images import MAX_MEDIA_BYTES, fit
 
@@ -87,3 +89,26 @@ def test_fit_keeps_small_pictures_and_shrinks_big_ones() -> None:
     assert len(big.getvalue()) > MAX_MEDIA_BYTES
     data, ext = fit(big.getvalue())
     assert ext == "jpg" and len(data) <= MAX_MEDIA_BYTES and data.startswith(b"\xff\xd8\xff")
+
+
+def test_a_refused_picture_run_again_charges_and_sends_nothing(upstream: Any, redis_url: str,
+                                                               r: Any,
+                                                               wx: FakeWeChatAPI) -> None:
+    """画 whose prompt the upstream refuses gets the apology and is closed: a late duplicate
+    job for the same message (the prompt now one the upstream takes) holds, asks and sends
+    nothing."""
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    with bot(settings, r, worker=False) as (app, url):
+        WeChat(url, wx.appid).say(OPENID, "画 [[fake:status=400]]不行", msg_id="888000009")
+        run_jobs(app)
+        assert [m["text"]["content"] for m in wx.sent(OPENID)] == [TEXTS["image_failed"]]
+        dk = f"{OPENID}:888000009"
+        with app.app_context():
+            get_queue("image").enqueue(dispatch.IMAGE_JOB, OPENID, dk, "一只猫",
+                                       job_id="wx-late-image")
+        run_jobs(app)
+    assert len(images(upstream)) == 1 and len(wx.sent(OPENID)) == 1 and not wx.uploads
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
+    kinds = [e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk]
+    assert kinds == ["reserve", "refund"] and ledger.verify(r) == []

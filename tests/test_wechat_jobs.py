@@ -10,16 +10,17 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
 from botjobs import runs_key
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from wechat_kit import WeChat, WorkerThread, bot, run_jobs, wait_for, wechat_settings
 
-from app.bot import users
+from app.bot import handoff, users
 from app.core.config import load_settings
 from app.core.money import ledger, wallet
 from app.edges.store import get_queue, get_rq_redis
-from app.web.wechat import dedupe
+from app.web.wechat import dedupe, dispatch
 from fakes import FakeWeChatAPI
 
 OPENID = "oJobUser00000000000000000001"
@@ -109,4 +110,57 @@ def test_a_bug_in_the_real_chat_job_fails_it_at_once(
     assert not [q for q in upstream.requests if q["path"].startswith("/v1/chat/")]
     assert wallet.balance(r, acct) == before and ledger.open_holds(r) == 0
     assert not [e for e in ledger.ledger_entries(r, acct) if e.get("req")]
+    assert ledger.verify(r) == []
+
+
+def _given_up(app: Any, wechat: WeChat, upstream: Any, openid: str, msg_id: str) -> str:
+    """Send a paid chat whose upstream fails until the job gives up (apologised); return its
+    dedupe key."""
+    upstream.configure(status=503)
+    wechat.say(openid, "今天天气怎么样", msg_id=msg_id)
+    job_id = dedupe.job_id(f"{openid}:{msg_id}", "chat")
+    with WorkerThread(app):
+        wait_for(lambda: _failed(app, job_id), timeout=20)
+    upstream.configure()  # the upstream is back
+    return f"{openid}:{msg_id}"
+
+
+@pytest.mark.parametrize("apology,late", [(0, "requeue"), (0, "duplicate"), (45015, "requeue"),
+                                          (45047, "duplicate")])
+def test_a_given_up_chat_run_again_charges_and_delivers_nothing(
+        apology: int, late: str, upstream: Any, redis_url: str, r: Any,
+        wx: FakeWeChatAPI) -> None:
+    """A chat job that gave up (the user got the apology, or WeChat refused even that: out of
+    the 48 h window, 5 messages used) is closed: rq requeueing it (the admin's requeue of a
+    failed job) or a late duplicate job for the same message charges nothing, asks no
+    upstream, sends and parks nothing more. The ledger holds only the released holds."""
+    openid, msg_id = "oJobUser00000000000000000003", "7770004"
+    settings = wechat_settings(upstream.url, redis_url, wx, daily_free_messages=0,
+                               reply_wait_seconds=0.2)
+    if apology:
+        wx.set_error("message/custom/send", apology)
+    with bot(settings, r, worker=False) as (app, url):
+        dk = _given_up(app, WeChat(url, wx.appid), upstream, openid, msg_id)
+        acct = users.account_of(r, openid)
+        assert acct is not None
+        balance, asked = wallet.balance(r, acct), len(upstream.requests)
+        sent, parked = len(wx.sent(openid)), r.llen(handoff.park_key(openid))
+        assert (sent, parked) == ((1, 0) if not apology else (0, 1))  # the apology, once
+        wx.clear_errors()
+        with app.app_context():
+            if late == "requeue":
+                FailedJobRegistry("chat", connection=get_rq_redis()).requeue(
+                    dedupe.job_id(dk, "chat"))
+            else:
+                get_queue("chat").enqueue(dispatch.CHAT_JOB, openid, dk, "今天天气怎么样",
+                                          job_id="wx-late-duplicate")
+        run_jobs(app)
+        with app.app_context():
+            assert FailedJobRegistry("chat", connection=get_rq_redis()).count == (
+                0 if late == "requeue" else 1)
+    assert len(upstream.requests) == asked
+    assert len(wx.sent(openid)) == sent and r.llen(handoff.park_key(openid)) == parked
+    assert wallet.balance(r, acct) == balance == 10_000 and ledger.open_holds(r) == 0
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
+    assert kinds == {"reserve": 3, "refund": 3}
     assert ledger.verify(r) == []

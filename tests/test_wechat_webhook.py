@@ -256,3 +256,72 @@ def test_leaked_push_url_cannot_rotate_another_users_key(aes: bool, upstream: An
     live = [k for k in keys.list_keys(r, acct) if not k["revoked"]]
     raw = re.search(r"sk-[A-Za-z0-9_\-]{20,}", key).group(0)
     assert len(live) == 1 and live[0]["masked"] == keys.mask(raw)
+
+
+def test_a_verification_query_cannot_carry_a_message(upstream: Any, redis_url: str, r: Any,
+                                                     wx: FakeWeChatAPI) -> None:
+    """The echostr check's signed query (an access log shows it) serves that check only: the
+    same signature, timestamp and nonce on a POST with a forged plaintext body are refused and
+    do nothing; the check repeated only echoes again; a message's query cannot serve a check."""
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    victim = "oVictimUser0000000000000003"
+    with bot(settings, r, worker=False) as (_, url):
+        ts, nonce = str(int(time.time())), "verify1"
+        check = {**_signed(ts, nonce), "echostr": "echo-456"}
+        assert requests.get(f"{url}/wechat", params=check, timeout=5).text == "echo-456"
+        forged = [requests.post(f"{url}/wechat", params=query, data=text_xml(victim, "重置密钥"),
+                                timeout=5) for query in (check, _signed(ts, nonce))]
+        assert [f.status_code for f in forged] == [403, 403]
+        assert users.account_of(r, victim) is None
+        again = requests.get(f"{url}/wechat", params=check, timeout=5)
+        assert (again.status_code, again.text) == (200, "echo-456")  # harmless: an echo
+        wechat = WeChat(url, wx.appid)
+        params, body = wechat.signed(text_xml(OPENID, "余额"), ts, "verify2")
+        assert "账户余额" in wechat.reply(requests.post(wechat.url, params=params, data=body,
+                                                          timeout=5))["Content"]
+        used = requests.get(f"{url}/wechat", params={**params, "echostr": "e"}, timeout=5)
+        assert used.status_code == 403
+    assert users.account_of(r, victim) is None and upstream.requests == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("nonce", "n" * 129), ("nonce", "🙂"), ("nonce", "n\n"), ("nonce", "a b"),
+    ("nonce", "n%00"), ("timestamp", "+{now}"), ("timestamp", " {now}"),
+    ("timestamp", "{now}\n"), ("timestamp", "{head}_{tail}"), ("timestamp", "0000000{now}"),
+    ("timestamp", "{arabic}")])
+def test_odd_nonce_or_timestamp_is_refused_before_any_write(
+        served: tuple[WeChat, Any], upstream: Any, field: str, value: str) -> None:
+    """A nonce is [A-Za-z0-9_-]{1,128}, a timestamp up to 12 ASCII digits (WeChat sends 10
+    digits and a short number): anything else is refused (403) even when correctly signed,
+    on GET and POST, before Redis sees anything."""
+    wechat, r = served
+    now = str(int(time.time()))
+    query = {"timestamp": now, "nonce": "okNonce1"}
+    arabic = now.translate({ord("0") + i: 0x0660 + i for i in range(10)})  # int() takes them
+    query[field] = value.format(now=now, head=now[:4], tail=now[4:], arabic=arabic)
+    params, body = wechat.signed(text_xml(OPENID, "余额"), query["timestamp"], query["nonce"])
+    assert params[field] == query[field]
+    assert requests.post(wechat.url, params=params, data=body, timeout=5).status_code == 403
+    check = {k: params[k] for k in ("signature", "timestamp", "nonce")}
+    got = requests.get(wechat.url, params={**check, "echostr": "e"}, timeout=5)
+    assert got.status_code == 403 and got.text != "e"
+    assert written(r) == [] and upstream.requests == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("FromUserName", "o" * 129), ("FromUserName", "oTab\tUser0000000000000001"),
+    ("FromUserName", "oLine\nUser000000000000001"), ("FromUserName", "o{x}:y"),
+    ("FromUserName", "o用户"), ("ToUserName", "g" * 129), ("ToUserName", "gh_\ttest"),
+    ("MsgId", "9" * 200), ("CreateTime", "1" * 200)])
+def test_odd_user_names_and_ids_are_refused_before_any_write(
+        served: tuple[WeChat, Any], upstream: Any, field: str, value: str) -> None:
+    """FromUserName is an openid ([A-Za-z0-9_-], at most 128 bytes: it names Redis keys and
+    their hash tag); ToUserName, MsgId and CreateTime at most 128 bytes without control
+    characters. Anything else is a 400 before any Redis write or job."""
+    wechat, r = served
+    fields = {"ToUserName": "gh_test", "FromUserName": OPENID, "CreateTime": str(int(time.time())),
+              "MsgType": "text", "Content": "你好", "MsgId": "5550077"}
+    fields[field] = value
+    xml = "<xml>" + "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in fields.items()) + "</xml>"
+    assert wechat.post(xml).status_code == 400
+    assert written(r) == [] and upstream.requests == []

@@ -21,5 +21,5 @@ def reply_chat(openid: str, dedupe_key: str, text_in: str) -> Any:
     model, price = answers.model_for(dl.settings, dl.settings.bot.chat_model)
     question = answers.Question(model, price, said=text_in, content=lambda: text_in,
                                 moderate=text_in)
-    return jobs.attempt(lambda: answers.reply(dl, question),
+    return jobs.attempt(dl.r, dl.dk, lambda: answers.reply(dl, question),
                         lambda exc: answers.give_up(dl, exc))

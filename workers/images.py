@@ -1,7 +1,8 @@
 """The image job (画 …): hold → upstream images → fit into 2 MB → media/upload → push.
 
 Idempotent per message: the uploaded media id is kept, the charge uses the dedupe key as
-request id, and the push records what it sent. Delivery state lives under "{dedupe key}:img"
+request id, the push records what it sent, and a picture whose job finished or gave up is
+closed (app.bot.jobs.once: a requeued or duplicate run holds and sends nothing). Delivery state lives under "{dedupe key}:img"
 (the message's own state holds the passive "正在作画" reply). Without the customer-service API
 configured (no AppSecret) nothing can be uploaded: the job asks the upstream for a link and
 parks it for 继续.
@@ -40,21 +41,22 @@ class Undeliverable(Exception):
 def reply_image(openid: str, dedupe_key: str, prompt: str) -> Any:
     """Make a picture for a WeChat user and send it; return how (or rq's Retry)."""
     dl = Delivery(get_redis(), current_app.config["SETTINGS"], openid, f"{dedupe_key}:img")
-    return jobs.attempt(lambda: _reply(dl, dedupe_key, prompt), lambda exc: _give_up(dl, exc))
+    return jobs.attempt(dl.r, dl.dk,
+                        lambda: jobs.once(dl.r, dl.dk, lambda: _reply(dl, dedupe_key, prompt)),
+                        lambda exc: _give_up(dl, exc))
 
 
 def _reply(dl: Delivery, req: str, prompt: str) -> str:
-    with jobs.running(dl.r, dl.dk):
-        acct = users.ensure_account(dl.r, dl.settings, dl.openid)
-        done = jobs.kept(dl.r, dl.dk)
-        if done is None:
-            made = _make(dl, acct, req, prompt)
-            if isinstance(made, str):
-                return made
-            done = made
-        if done.get("media"):
-            return dl.send([{"t": "image", "m": done["media"]}])
-        return dl.note("image_link", url=done["url"])
+    acct = users.ensure_account(dl.r, dl.settings, dl.openid)
+    done = jobs.kept(dl.r, dl.dk)
+    if done is None:
+        made = _make(dl, acct, req, prompt)
+        if isinstance(made, str):
+            return made
+        done = made
+    if done.get("media"):
+        return dl.send([{"t": "image", "m": done["media"]}])
+    return dl.note("image_link", url=done["url"])
 
 
 def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | str:

@@ -24,5 +24,5 @@ def reply_picture(openid: str, dedupe_key: str, media_id: str) -> Any:
     question = answers.Question(model, price, said=pictures.PLACEHOLDER, free=False,
                                 content=lambda: pictures.content(dl.settings, media_id),
                                 failed="picture_failed")
-    return jobs.attempt(lambda: answers.reply(dl, question),
+    return jobs.attempt(dl.r, dl.dk, lambda: answers.reply(dl, question),
                         lambda exc: answers.give_up(dl, exc, "picture_failed"))

@@ -2,7 +2,8 @@
 
 Shared by the chat job and the picture job (workers/). Idempotent per message: the answer is
 kept under the dedupe key, the charge uses the dedupe key as request id (a settled request is
-never charged again), and delivery records what it sent. What is billed is bounded by what the
+never charged again), delivery records what it sent, and a message whose job finished or gave
+up is closed (app.bot.jobs.once: a requeued or duplicate run holds and sends nothing). What is billed is bounded by what the
 request could produce (app.core.tokens.bound_usage): the prompt by its counted bound (image
 parts by OpenAI's image-token rule), the completion by bot.chat_max_tokens.
 
@@ -51,20 +52,24 @@ def model_for(settings: Settings, public: str) -> tuple[str, ModelPrice]:
 
 
 def reply(dl: Delivery, q: Question) -> str:
-    """Answer the message (or deliver the answer an earlier run kept); return how."""
-    with jobs.running(dl.r, dl.dk):
-        acct = users.ensure_account(dl.r, dl.settings, dl.openid)
-        answer = jobs.kept(dl.r, dl.dk)
-        if answer is None:
-            produced = _produce(dl, acct, q)
-            if isinstance(produced, str):
-                return produced
-            answer = produced
-        elif answer.get("paid") == "1":  # a run that died before settling
-            money.Hold(dl.r, acct, dl.dk, 0).settle(
-                int(answer["cost"]), prompt_tokens=int(answer["pt"]),
-                completion_tokens=int(answer["ct"]))
-        return dl.send_text(answer["text"])
+    """Answer the message (or deliver the answer an earlier run kept) unless its job finished
+    or gave up before (app.bot.jobs.once); return how."""
+    return jobs.once(dl.r, dl.dk, lambda: _reply(dl, q))
+
+
+def _reply(dl: Delivery, q: Question) -> str:
+    acct = users.ensure_account(dl.r, dl.settings, dl.openid)
+    answer = jobs.kept(dl.r, dl.dk)
+    if answer is None:
+        produced = _produce(dl, acct, q)
+        if isinstance(produced, str):
+            return produced
+        answer = produced
+    elif answer.get("paid") == "1":  # a run that died before settling
+        money.Hold(dl.r, acct, dl.dk, 0).settle(
+            int(answer["cost"]), prompt_tokens=int(answer["pt"]),
+            completion_tokens=int(answer["ct"]))
+    return dl.send_text(answer["text"])
 
 
 def _produce(dl: Delivery, acct: str, q: Question) -> dict[str, str] | str:

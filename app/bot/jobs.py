@@ -9,9 +9,17 @@ is left the user gets a short apology; a hold is released by its own `with` bloc
 the upstream refuses (InvalidRequest) or a Hopeless one is apologised for by the job itself,
 which then ends normally: nothing is retried, and nothing is a bug.
 
+A message whose job finished (answered, parked, settled, refused) or gave up (apologised, or
+tried to: WeChat may refuse even the apology) is closed: a later run of it (rq requeueing the
+failed job, the admin's requeue, a late duplicate job) finds the mark under the run lock,
+before any hold or charge, and does nothing. A failed run released its hold (a refund leaves
+no settled marker in the wallet), so without the mark a re-run would hold, charge and deliver
+an answer after the apology. The mark outlives rq's failed jobs (FAILED_TTL).
+
 Keys (owned here; {dk} carries its openid as the hash tag: app/bot/slots.py):
-    xy:wx:ans:{dk}   hash  the produced answer (text or media, cost, paid): a re-run reuses it
-    xy:wx:run:{dk}   lock  one job run at a time per message
+    xy:wx:ans:{dk}      hash    the produced answer (text or media, cost, paid): a re-run reuses it
+    xy:wx:run:{dk}      lock    one job run at a time per message
+    xy:wx:closed:{dk}   string  the message's job finished or gave up: runs after it do nothing
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 2
 INTERVALS = [1, 3]  # seconds before the first and second retry
 KEEP_TTL = 86400
+FAILED_TTL = 7 * 86400  # rq keeps a failed bot job this long (it can be requeued meanwhile)
+CLOSED_TTL = FAILED_TTL + 86400
 TRANSIENT: tuple[type[BaseException], ...] = (
     UpstreamError, UpstreamTimeout, requests.RequestException, WeChatTransient,
     redis.ConnectionError, redis.TimeoutError)
@@ -55,17 +65,38 @@ def run_key(dk: str) -> str:
     return f"xy:wx:run:{slots.message(dk)}"
 
 
+def closed_key(dk: str) -> str:
+    """Name a message's closed mark."""
+    return f"xy:wx:closed:{slots.message(dk)}"
+
+
+def close(r: redis.Redis, dk: str) -> bool:
+    """Mark the message's job finished or given up; True when this call closed it."""
+    return bool(r.set(closed_key(dk), 1, nx=True, ex=CLOSED_TTL))
+
+
+def closed(r: redis.Redis, dk: str) -> bool:
+    """Tell whether the message's job finished or gave up already."""
+    return bool(r.exists(closed_key(dk)))
+
+
 def last_attempt() -> bool:
     """Tell whether this job run is its last (no retry follows it; True outside rq)."""
     job = get_current_job()
     return job is None or (job.number_of_retries or 0) >= MAX_RETRIES
 
 
-def attempt(work: Callable[[], Any], give_up: Callable[[BaseException], None]) -> Any:
-    """Run a job's work; ask rq to retry a transient failure, fail at once on anything else.
+def attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
+            give_up: Callable[[BaseException], None]) -> Any:
+    """Run a job's work for message `dk` unless it is closed; ask rq to retry a transient
+    failure, fail at once on anything else.
 
-    `give_up(exc)` tells the user (once no retry follows); the exception then fails the job.
+    Once no retry follows, the message is closed and `give_up(exc)` tells the user; the
+    exception then fails the job (a requeue of it finds the message closed).
     """
+    if closed(r, dk):
+        log.info("bot job: the message finished or gave up before; nothing to do")
+        return "closed"
     try:
         return work()
     except TRANSIENT as exc:
@@ -73,19 +104,34 @@ def attempt(work: Callable[[], Any], give_up: Callable[[BaseException], None]) -
             log.warning("bot job: transient failure (%s: %s); rq retries it",
                         type(exc).__name__, exc)
             return Retry(max=MAX_RETRIES, interval=INTERVALS)
-        _tell(give_up, exc)
+        _tell(r, dk, give_up, exc)
         raise
     except Exception as exc:
         log.error("bot job: %s is not transient; failing the job", type(exc).__name__)
-        _tell(give_up, exc)
+        _tell(r, dk, give_up, exc)
         raise
 
 
-def _tell(give_up: Callable[[BaseException], None], exc: BaseException) -> None:
+def _tell(r: redis.Redis, dk: str, give_up: Callable[[BaseException], None],
+          exc: BaseException) -> None:
+    """Close the message, then apologise (only the run that closed it does)."""
     try:
-        give_up(exc)
+        if close(r, dk):
+            give_up(exc)
     except Exception:  # the job's own failure is what rq must record
         log.exception("bot job: could not tell the user about %s", type(exc).__name__)
+
+
+def once(r: redis.Redis, dk: str, work: Callable[[], str]) -> str:
+    """Run a message's work under its run lock unless the message is closed (checked before any
+    hold or charge); close it once the work finished. A failure leaves it open (rq's retry)."""
+    with running(r, dk):
+        if closed(r, dk):
+            log.info("bot job: the message finished or gave up meanwhile; nothing to do")
+            return "closed"
+        how = work()
+        close(r, dk)
+        return how
 
 
 @contextmanager

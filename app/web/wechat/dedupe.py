@@ -15,7 +15,7 @@ import hashlib
 import redis
 from wechatpy.messages import BaseMessage
 
-from app.bot import slots, users
+from app.bot import jobs, slots, users
 from app.edges.store import get_queue, get_rq_redis
 
 MARK_TTL = 86400
@@ -68,4 +68,4 @@ def enqueue(queue: str, func: str, dk: str, *args: str, only_missing: bool = Fal
     if only_missing and Job.exists(jid, connection=get_rq_redis()):
         return
     get_queue(queue).enqueue(func, *args, job_id=jid, job_timeout=JOB_TIMEOUT, result_ttl=600,
-                             failure_ttl=7 * 86400)
+                             failure_ttl=jobs.FAILED_TTL)

@@ -1,9 +1,13 @@
 """Webhook authenticity and XML safety (SPEC §7.1, §7.4, §7.11).
 
 Signatures are compared in constant time with a 5-minute timestamp window (wechatpy uses `!=`
-and no window); bodies are capped before parsing; any DTD is refused before expat sees it
-(xmltodict refuses entity declarations too: belt and braces); replies are rendered with text
-that cannot break out of CDATA.
+and no window); the query's nonce ([A-Za-z0-9_-], at most 128) and timestamp (ASCII digits, at
+most 12) are checked for their shape first; bodies are capped before parsing; any DTD is refused
+before expat sees it (xmltodict refuses entity declarations too: belt and braces); a message's
+FromUserName is an openid ([A-Za-z0-9_-], at most 128: it names Redis keys and their hash tag)
+and the other fields that name keys or replies (ToUserName, MsgId, CreateTime, MsgType, Event)
+are at most 128 bytes without control characters; replies are rendered with text that cannot
+break out of CDATA.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ MAX_BODY_BYTES = 64 * 1024
 WINDOW_SECONDS = 300
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _DTD = re.compile(rb"<!\s*(doctype|entity)", re.IGNORECASE)
+_NONCE = re.compile("[A-Za-z0-9_-]{1,128}")  # WeChat sends digits
+_TIMESTAMP = re.compile("[0-9]{1,12}")  # ASCII only: int() takes other digits, '+', ' ', '_'
+_OPENID = re.compile("[A-Za-z0-9_-]{1,128}")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+MAX_NAME_BYTES = 128
+NAMED = ("ToUserName", "MsgId", "CreateTime", "MsgType", "Event")  # besides FromUserName
 
 
 class Refused(Exception):
@@ -45,13 +55,15 @@ def _same(expected: str, given: str) -> bool:
 
 def check_signature(token: str, signature: str, timestamp: str, nonce: str,
                     now: float | None = None) -> None:
-    """Refuse (403) a missing or wrong signature or a timestamp outside the 5-minute window."""
+    """Refuse (403) a missing or wrong signature, an odd nonce or timestamp, or a timestamp
+    outside the 5-minute window."""
     if not (signature and timestamp and nonce):
         raise Refused(403, "missing signature, timestamp or nonce")
-    try:
-        stamp = int(timestamp)
-    except ValueError as exc:
-        raise Refused(403, "bad timestamp") from exc
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise Refused(403, "bad timestamp")
+    if not _NONCE.fullmatch(nonce):
+        raise Refused(403, "bad nonce")
+    stamp = int(timestamp)
     if abs((now if now is not None else time.time()) - stamp) > WINDOW_SECONDS:
         raise Refused(403, "timestamp outside the 5-minute window")
     if not _same(_sha1(token, timestamp, nonce), signature):
@@ -98,7 +110,21 @@ def parse(xml: str | bytes) -> BaseMessage:
         raise
     except Exception as exc:
         raise Refused(400, f"unparsable message ({type(exc).__name__})") from exc
+    _check_names(msg)
     return msg
+
+
+def _check_names(msg: BaseMessage) -> None:
+    """Refuse (400) an openid that is not one, or an odd field that names keys or replies."""
+    if not _OPENID.fullmatch(msg.source):
+        raise Refused(400, "FromUserName is not an openid")
+    for name in NAMED:
+        value = msg._data.get(name)
+        if value is None:
+            continue
+        if (not isinstance(value, str) or len(value.encode("utf-8")) > MAX_NAME_BYTES
+                or _CONTROL.search(value)):
+            raise Refused(400, f"odd {name}")
 
 
 def clean(text: str) -> str:

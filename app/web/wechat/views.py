@@ -2,7 +2,7 @@
 
 With an AES key configured only encrypted bodies are taken (safe mode is never downgraded;
 兼容模式 sends both parts and the encrypted one is used), and a signed query carries one
-message only (app/web/wechat/replay.py).
+message only, and a verification's query none (app/web/wechat/replay.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
+import redis
 from flask import Blueprint, Flask, Response, current_app, request
 from wechatpy.crypto import WeChatCrypto
 from wechatpy.messages import BaseMessage
@@ -69,7 +70,7 @@ def webhook() -> Response:
         verify.check_signature(settings.wechat_token, args.get("signature", ""),
                                args.get("timestamp", ""), args.get("nonce", ""))
         if request.method == "GET":
-            return _plain(args.get("echostr", ""))
+            return _verified()
         xml = _message(crypto, _read_body())
         msg = verify.parse(xml)
     except Refused as exc:
@@ -94,6 +95,17 @@ def webhook() -> Response:
         log.exception("wechat message from %s failed; answering success", msg.source)
         return _plain("success")
     return Response(reply, mimetype="application/xml") if reply else _plain("success")
+
+
+def _verified() -> Response:
+    """Answer the echostr check, its query recorded first: a message cannot reuse it (replay)."""
+    args = request.args
+    try:
+        replay.check_once(get_redis(), args["timestamp"], args["nonce"], None)
+    except redis.RedisError:
+        log.exception("wechat echostr check: the store is unavailable")
+        return _plain("store unavailable", 503)
+    return _plain(args.get("echostr", ""))
 
 
 def _late(app: Flask, settings: Settings, msg: BaseMessage, crypto: WeChatCrypto | None,
