@@ -204,9 +204,14 @@ def _envelope(hook: Hook, draw: Any, plain: bytes, params: dict[str, str]) -> by
 
 def _money(r: redis.Redis) -> tuple[dict[str, int], dict[str, str]]:
     """Return every account's ledger length and balance."""
-    accounts = ledger.account_ids(r)
-    return ({a: r.xlen(layout.ledger_key(a)) for a in accounts},
-            {a: r.hget(layout.acct_key(a), "balance") for a in accounts})
+    accounts = list(ledger.account_ids(r))
+    pipe = r.pipeline(transaction=False)
+    for a in accounts:
+        pipe.xlen(layout.ledger_key(a))
+        pipe.hget(layout.acct_key(a), "balance")
+    read = pipe.execute()
+    return ({a: read[2 * i] for i, a in enumerate(accounts)},
+            {a: read[2 * i + 1] for i, a in enumerate(accounts)})
 
 
 def _keys(r: redis.Redis) -> tuple[set[str], dict[str, int]]:
