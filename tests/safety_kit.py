@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import redis
 import requests
 from conftest import UPSTREAM_KEY, LiveServer
+from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
 from app import create_app
@@ -107,3 +109,19 @@ def split_across_chunks(word: str = WORD) -> str:
         if word in "".join(pieces) and not any(word in p for p in pieces):
             return said
     raise AssertionError("no padding cuts the word across the fake's pieces")
+
+
+def odd_client(odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+               answer: Any, *, status: int = 200, native: bool = False,
+               **safety: str) -> FlaskClient:
+    """Return a test client of the relay with [safety] set, its upstream answering `answer`
+    (with `status`); `native`: Responses relayed to the upstream's own /responses."""
+    odd.answer = (status, answer)  # type: ignore[attr-defined]
+    words = tmp_path / "words.txt"
+    words.write_text(WORD + "\n", encoding="utf-8")
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    toml: dict[str, Any] = {"safety": {"enabled": True, "words_file": str(words), **safety}}
+    if native:
+        toml["relay"] = {"responses_native": 1}
+    return create_app(load_settings(env, toml=toml), redis_client=r).test_client()

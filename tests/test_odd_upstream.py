@@ -3,51 +3,19 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import redis
 from conftest import make_settings, new_key
-from stub_kit import send_body
+from stub_kit import odd_fixture  # noqa: F401 (the `odd` fixture)
 
 from app import create_app
 from app.core import pricing
 from app.core.money import ledger, wallet
 
 ANSWER = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-3.5-turbo"}
-
-
-class OddUpstream(BaseHTTPRequestHandler):
-    """Answers every POST with the status and body the test set on the server."""
-
-    disable_nagle_algorithm = True
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        """Send the configured answer."""
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        status, body = self.server.answer  # type: ignore[attr-defined]
-        if isinstance(body, bytes):  # an event stream, quoting the request's Authorization
-            auth = self.headers.get("Authorization", "").encode()
-            send_body(self, body.replace(b"{auth}", auth), "text/event-stream", status)
-            return
-        data = json.dumps(body).encode()
-        send_body(self, data, "application/json", status)
-
-    def log_message(self, *args: Any) -> None:
-        """Stay quiet."""
-
-
-@pytest.fixture
-def odd() -> Iterator[ThreadingHTTPServer]:
-    """A local upstream whose answer each test sets."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OddUpstream)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
 
 
 def ask(odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, status: int,

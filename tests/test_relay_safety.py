@@ -4,8 +4,8 @@ masked (a word cut across stream chunks too) or refused, and both are off by def
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+import base64
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 import redis
-from conftest import UPSTREAM_KEY, LiveServer, new_key
+from conftest import LiveServer, new_key
 from flask.testing import FlaskClient
 from openapi_schemas import validate
 from safety_kit import (
@@ -22,6 +22,7 @@ from safety_kit import (
     chunks,
     hits,
     kinds,
+    odd_client,
     plus_one,
     post,
     relay_fixture,  # noqa: F401 (the `relay` fixture)
@@ -29,9 +30,8 @@ from safety_kit import (
     settle_of,
     split_across_chunks,
 )
-from test_odd_upstream import OddUpstream
+from stub_kit import odd_fixture  # noqa: F401 (the `odd` fixture)
 
-from app import create_app
 from app.core import pricing, tokens
 from app.core.config import load_settings
 from app.core.money import ledger, wallet
@@ -269,28 +269,6 @@ def test_api_screening_is_off_by_default(relay: Start, upstream: FakeUpstream,
 ODD = {"id": "chatcmpl-odd", "created": 1, "model": "gpt-3.5-turbo"}
 
 
-@pytest.fixture(name="odd")
-def odd_fixture() -> Iterator[ThreadingHTTPServer]:
-    """A local upstream whose answer each test sets (test_odd_upstream's)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OddUpstream)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-
-
-def odd_client(odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
-               answer: Any, **safety: str) -> FlaskClient:
-    """Return a test client of the relay with [safety] set, its upstream answering `answer`."""
-    odd.answer = (200, answer)  # type: ignore[attr-defined]
-    words = tmp_path / "words.txt"
-    words.write_text(WORD + "\n", encoding="utf-8")
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
-           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
-    table = {"enabled": True, "words_file": str(words), **safety}
-    return create_app(load_settings(env, toml={"safety": table}), redis_client=r).test_client()
-
-
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
     obj = {**ODD, "object": "chat.completion.chunk",
            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
@@ -437,3 +415,161 @@ def test_stream_chunks_carrying_a_message_instead_of_a_delta_are_screened(
                        json={**ask, "stream": True})
     text = resp.get_data(as_text=True)
     assert resp.status_code == 200 and WORD not in text and "说***" in text
+
+
+def _ask(client: FlaskClient, key: str, path: str = CHAT, **extra: Any) -> Any:
+    body = ({"messages": [{"role": "user", "content": "hi"}]} if path == CHAT
+            else {"prompt": "hi"})
+    return client.post(path, headers={"Authorization": f"Bearer {key}"}, json={**body, **extra})
+
+
+USAGE = {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}
+
+
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+@pytest.mark.parametrize("path", [CHAT, LEGACY])
+def test_a_clean_plain_answers_logprobs_are_dropped(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path, path: str,
+        action: str) -> None:
+    """Red team: a plain answer's logprobs were dropped only where its text hit, so a clean
+    answer's top_logprobs alternatives (completions' tokens too) spelt a listed word out."""
+    if path == CHAT:
+        top = [{"token": WORD, "logprob": -2.0, "bytes": None}]
+        probs: dict[str, Any] = {"content": [{"token": "好", "logprob": -0.1, "bytes": None,
+                                              "top_logprobs": top}], "refusal": None}
+        choice: dict[str, Any] = {"message": {"role": "assistant", "content": "好"}}
+    else:
+        probs = {"tokens": ["好", "违禁", "词"], "token_logprobs": [-0.1, -3.0, -3.0],
+                 "top_logprobs": [{WORD: -2.0}, None, None], "text_offset": [0, 1, 3]}
+        choice = {"text": "好"}
+    answer = {**ODD, "choices": [{"index": 0, **choice, "logprobs": probs,
+                                  "finish_reason": "stop"}], "usage": USAGE}
+    client = odd_client(odd, r, redis_url, tmp_path, answer, api_output=action)
+    key, acct = new_key(r)
+    resp = _ask(client, key, path, logprobs=True if path == CHAT else 2)
+    assert resp.status_code == 200 and WORD not in resp.get_data(as_text=True)
+    assert resp.json["choices"][0]["logprobs"] is None
+    entry = settle_of(r, acct)  # billed as the upstream reported it
+    assert (int(entry["pt"]), int(entry["ct"])) == (1, 9)
+
+
+def _stream_of(*deltas: dict[str, Any]) -> bytes:
+    """A chat stream of these deltas, ending with a finish chunk and [DONE]."""
+    return b"".join(map(_chunk, deltas)) + _chunk({}, "stop") + b"data: [DONE]\n\n"
+
+
+THOUGHT = "The user wants me to say 违禁词, so I will."
+
+
+@pytest.mark.parametrize("name", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+def test_chat_reasoning_is_screened_like_the_answer_text(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        action: str, name: str) -> None:
+    """Red team: the reasoning some upstreams send with a chat answer (`reasoning_content`,
+    `reasoning`) passed unscreened, plain and streamed."""
+    message = {"role": "assistant", "content": "好的", name: THOUGHT}
+    plain = {**ODD, "object": "chat.completion", "choices": [
+        {"index": 0, "message": message, "finish_reason": "stop"}]}
+    client = odd_client(odd, r, redis_url, tmp_path, plain, api_output=action)
+    key, acct = new_key(r)
+    resp = _ask(client, key)
+    assert WORD not in resp.get_data(as_text=True)
+    if action == "refuse":
+        assert resp.status_code == 400 and resp.json == refused_output().body()
+    else:
+        assert resp.json["choices"][0]["message"][name] == THOUGHT.replace(WORD, "***")
+    assert kinds(r, acct) == ["reserve", "settle"]
+    cut = THOUGHT.index(WORD) + 1
+    odd.answer = (200, _stream_of(  # type: ignore[attr-defined]
+        {"role": "assistant", "content": "", name: THOUGHT[:cut]}, {name: THOUGHT[cut:]},
+        {"content": "好的"}))
+    key, acct = new_key(r)
+    got = _data(_ask(client, key, stream=True))
+    said = "".join(c["choices"][0]["delta"].get(name) or "" for c in got if c["choices"])
+    assert not set(said) & set(WORD)
+    if action == "refuse":
+        assert got[-1]["choices"][0]["finish_reason"] == "content_filter"
+        assert THOUGHT.startswith(said)
+        # billed as produced up to the cut: the reasoning, held-back word and all
+        assert int(settle_of(r, acct)["ct"]) == tokens.completion_tokens(THOUGHT,
+                                                                         "gpt-3.5-turbo")
+    else:
+        assert said == THOUGHT.replace(WORD, "***")
+    assert ledger.verify(r) == []
+
+
+SOUND = [b"\x00\x01sound-one", b"\x02\x03sound-two"]
+
+
+def _audio_stream(transcript: str) -> bytes:
+    """A chat audio stream: its transcript cut in two, each half followed by audio data."""
+    half = len(transcript) // 2
+    return _stream_of(
+        {"role": "assistant", "audio": {"id": "audio_1", "transcript": transcript[:half]}},
+        {"audio": {"id": "audio_1", "data": base64.b64encode(SOUND[0]).decode()}},
+        {"audio": {"id": "audio_1", "transcript": transcript[half:]}},
+        {"audio": {"id": "audio_1", "data": base64.b64encode(SOUND[1]).decode(),
+                   "expires_at": 1}})
+
+
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+def test_an_audio_answer_whose_transcript_holds_a_word_is_refused(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        action: str) -> None:
+    """Red team: audio answers (and their transcripts) passed unscreened. Audio cannot be
+    masked: a hit in the transcript refuses in both modes, and no audio data leaves."""
+    data = base64.b64encode(b"".join(SOUND)).decode()
+    audio = {"id": "audio_1", "data": data, "expires_at": 1, "transcript": "好，说违禁词"}
+    plain = {**ODD, "object": "chat.completion", "usage": USAGE, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": None, "audio": audio},
+         "finish_reason": "stop"}]}
+    client = odd_client(odd, r, redis_url, tmp_path, plain, api_output=action)
+    before = hits(r, "api_output", action)
+    key, acct = new_key(r)
+    resp = _ask(client, key, modalities=["text", "audio"])
+    assert resp.status_code == 400 and resp.json == refused_output().body()
+    assert int(settle_of(r, acct)["ct"]) == 9  # what the upstream produced (its usage)
+    odd.answer = (200, _audio_stream("好，说违禁词"))  # type: ignore[attr-defined]
+    key, acct = new_key(r)
+    got = _data(_ask(client, key, stream=True, modalities=["text", "audio"]))
+    assert not [c for c in got for ch in c["choices"] if "data" in (ch["delta"].get("audio") or {})]
+    assert WORD not in orjson.dumps(got).decode()
+    assert got[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert int(settle_of(r, acct)["ct"]) == tokens.completion_tokens("好，说违禁词",
+                                                                     "gpt-3.5-turbo")
+    assert hits(r, "api_output", action) == (before[0] + 2, before[1] + 2)
+    assert ledger.verify(r) == []
+
+
+def test_a_clean_audio_stream_arrives_whole_at_its_finish(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    client = odd_client(odd, r, redis_url, tmp_path, _audio_stream("你好，朋友们"),
+                        api_output="mask")
+    key, _ = new_key(r)
+    got = _data(_ask(client, key, stream=True, modalities=["text", "audio"]))
+    audio = [c["choices"][0]["delta"].get("audio") or {} for c in got if c["choices"]]
+    assert "".join(a.get("transcript") or "" for a in audio) == "你好，朋友们"
+    sent_data = [a["data"] for a in audio if "data" in a]
+    assert [base64.b64decode(d) for d in sent_data] == [b"".join(SOUND)]  # one piece, last
+    assert "data" in audio[-1] and got[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+def test_upstream_error_messages_are_masked(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        action: str) -> None:
+    """Red team: an upstream's error quoting the prompt or the answer (its 400, an error event
+    in a stream) reached the client as written."""
+    refused = {"error": {"message": "Invalid prompt: '说违禁词'.", "type": "invalid_request_error",
+                         "param": None, "code": "invalid_prompt"}}
+    client = odd_client(odd, r, redis_url, tmp_path, refused, status=400, api_output=action)
+    key, _ = new_key(r)
+    resp = _ask(client, key)
+    assert resp.status_code == 400 and resp.json["error"]["code"] == "invalid_prompt"
+    assert resp.json["error"]["message"] == "Upstream rejected the request: Invalid prompt: '说***'."
+    odd.answer = (200, _chunk({"role": "assistant", "content": "好"})  # type: ignore[attr-defined]
+                  + b'data: {"error": {"message": "the answer \\"' + WORD.encode()
+                  + b'\\" broke off"}}\n\n')
+    text = _ask(client, key, stream=True).get_data(as_text=True)
+    assert WORD not in text and 'the answer \\"***\\" broke off' in text

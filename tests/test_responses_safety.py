@@ -3,9 +3,9 @@ or masked input, masked or refused output, plain and streamed."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -13,18 +13,20 @@ import orjson
 import pytest
 import redis
 from conftest import LiveServer, new_key
+from flask.testing import FlaskClient
 from openapi_schemas import validate
 from safety_kit import (
     WORD,
     hits,
     kinds,
+    odd_client,
     plus_one,
     post,
     relay_fixture,  # noqa: F401 (the `relay` fixture)
     sent,
     split_across_chunks,
 )
-from test_odd_upstream import OddUpstream
+from stub_kit import odd_fixture  # noqa: F401 (the `odd` fixture)
 from test_responses import sse
 
 from app.core import tokens
@@ -209,31 +211,173 @@ def test_a_plain_native_answer_is_screened(relay: Start, r: redis.Redis,
         assert resp.json()["output"][0]["content"][0]["text"] == ANSWER_PREFIX + "说***"
 
 
-def test_a_native_answers_output_text_field_is_screened(relay: Start, r: redis.Redis) -> None:
+def test_a_native_answers_output_text_field_is_screened(relay: Start, r: redis.Redis,
+                                                       odd: ThreadingHTTPServer) -> None:
     """Red team: a native upstream (a gateway) adding the SDKs' `output_text` convenience
     field to its Response: the relay passed the upstream's fields through, that one unscreened."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OddUpstream)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        part = {"type": "output_text", "text": "说违禁词", "annotations": []}
-        item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
-                "content": [part]}
-        done = {"id": "resp_1", "object": "response", "status": "completed", "output": [item],
-                "output_text": "说违禁词", "model": MODEL}
-        server.answer = (200, done)  # type: ignore[attr-defined]
-        live = relay(api_output="mask", native=True,
-                     upstream_url=f"http://127.0.0.1:{server.server_port}/v1")
-        key, _ = new_key(r)
-        resp = post(live, key, PATH, {"model": MODEL, "input": "hi"})
-        assert resp.status_code == 200 and WORD not in resp.text and "说***" in resp.text
-        started = {**done, "status": "in_progress", "output": []}
-        events = [{"type": "response.created", "response": started},
-                  {"type": "response.completed", "response": done}]
-        server.answer = (200, b"".join(  # type: ignore[attr-defined]
-            b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
-            for e in events))
-        got = post(live, key, PATH, {"model": MODEL, "input": "hi", "stream": True})
-        assert got.status_code == 200 and WORD not in got.text and "说***" in got.text
-    finally:
-        server.shutdown()
+    part = {"type": "output_text", "text": "说违禁词", "annotations": []}
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [part]}
+    done = {"id": "resp_1", "object": "response", "status": "completed", "output": [item],
+            "output_text": "说违禁词", "model": MODEL}
+    odd.answer = (200, done)  # type: ignore[attr-defined]
+    live = relay(api_output="mask", native=True,
+                 upstream_url=f"http://127.0.0.1:{odd.server_port}/v1")
+    key, _ = new_key(r)
+    resp = post(live, key, PATH, {"model": MODEL, "input": "hi"})
+    assert resp.status_code == 200 and WORD not in resp.text and "说***" in resp.text
+    started = {**done, "status": "in_progress", "output": []}
+    odd.answer = (200, _native_stream(  # type: ignore[attr-defined]
+        {"type": "response.created", "response": started},
+        {"type": "response.completed", "response": done}))
+    got = post(live, key, PATH, {"model": MODEL, "input": "hi", "stream": True})
+    assert got.status_code == 200 and WORD not in got.text and "说***" in got.text
+
+
+def _native_stream(*events: dict[str, Any]) -> bytes:
+    """A native upstream's Responses event stream."""
+    return b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+                    for e in events)
+
+
+def _events(resp: Any) -> list[dict[str, Any]]:
+    """Return a Flask test client's Responses stream as its events."""
+    text = resp.get_data(as_text=True)
+    assert resp.status_code == 200, text
+    return [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
+
+
+def _ask(client: FlaskClient, key: str, **extra: Any) -> Any:
+    return client.post(PATH, headers={"Authorization": f"Bearer {key}"},
+                       json={"model": MODEL, "input": "hi", **extra})
+
+
+THOUGHT = "The user wants me to say 违禁词, so I will."
+USAGE = {"input_tokens": 1, "output_tokens": 9, "total_tokens": 10}
+
+
+def _response(*output: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    return {"id": "resp_1", "object": "response", "created_at": 1, "status": status,
+            "model": MODEL, "output": list(output), "usage": USAGE}
+
+
+def _message(part: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "annotations": [], **part}]}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_clean_plain_responses_logprobs_are_dropped(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        native: bool) -> None:
+    """Red team: a plain Response's output_text logprobs were dropped only where its text hit:
+    a clean answer's top_logprobs alternatives spelt a listed word out."""
+    probs = [{"token": "好", "logprob": -0.1, "bytes": None,
+              "top_logprobs": [{"token": WORD, "logprob": -2.0, "bytes": None}]}]
+    if native:
+        answer = _response(_message({"text": "好", "logprobs": probs}))
+    else:
+        answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
+                  "usage": {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10},
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "好"},
+                               "logprobs": {"content": probs}, "finish_reason": "stop"}]}
+    client = odd_client(odd, r, redis_url, tmp_path, answer, native=native, api_output="mask")
+    key, acct = new_key(r)
+    resp = _ask(client, key, include=["message.output_text.logprobs"], top_logprobs=2)
+    assert resp.status_code == 200 and WORD not in resp.get_data(as_text=True)
+    assert resp.json["output"][0]["content"][0]["logprobs"] == []
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert (int(entry["pt"]), int(entry["ct"])) == (1, 9)  # billed as the upstream reported
+
+
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+def test_a_plain_native_answers_reasoning_is_screened(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        action: str) -> None:
+    """Red team: a reasoning item's summary and content passed unscreened."""
+    reasoning = {"id": "rs_1", "type": "reasoning",
+                 "summary": [{"type": "summary_text", "text": THOUGHT}],
+                 "content": [{"type": "reasoning_text", "text": THOUGHT}]}
+    client = odd_client(odd, r, redis_url, tmp_path,
+                        _response(reasoning, _message({"text": "好的"})), native=True,
+                        api_output=action)
+    key, acct = new_key(r)
+    resp = _ask(client, key)
+    assert WORD not in resp.get_data(as_text=True)
+    assert kinds(r, acct) == ["reserve", "settle"]
+    if action == "refuse":
+        assert resp.status_code == 400 and resp.json == refused_output().body()
+        return
+    (item, _) = resp.json["output"]
+    assert item["summary"][0]["text"] == item["content"][0]["text"] == THOUGHT.replace(WORD,
+                                                                                      "***")
+
+
+def _reasoning_stream() -> bytes:
+    """A native stream whose reasoning summary carries a listed word cut across two deltas."""
+    cut = THOUGHT.index(WORD) + 1
+    where = {"item_id": "rs_1", "output_index": 0, "summary_index": 0}
+    part = {"type": "summary_text", "text": THOUGHT}
+    item = {"id": "rs_1", "type": "reasoning", "summary": [part]}
+    return _native_stream(
+        {"type": "response.created", "response": _response(status="in_progress")},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**item, "summary": []}},
+        {"type": "response.reasoning_summary_part.added", **where, "part": {**part, "text": ""}},
+        {"type": "response.reasoning_summary_text.delta", **where, "delta": THOUGHT[:cut]},
+        {"type": "response.reasoning_summary_text.delta", **where, "delta": THOUGHT[cut:]},
+        {"type": "response.reasoning_summary_text.done", **where, "text": THOUGHT},
+        {"type": "response.reasoning_summary_part.done", **where, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": _response(item)})
+
+
+@pytest.mark.parametrize("action", ["mask", "refuse"])
+def test_a_native_streams_reasoning_summary_is_held_back_and_screened(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        action: str) -> None:
+    """Red team: `response.reasoning_summary_text.delta` events (and the summary's whole
+    texts) passed unscreened."""
+    client = odd_client(odd, r, redis_url, tmp_path, _reasoning_stream(), native=True,
+                        api_output=action)
+    key, acct = new_key(r)
+    events = _events(_ask(client, key, stream=True))
+    assert not set(_texts(events)) & set(WORD)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    said = "".join(e["delta"] for e in events
+                   if e["type"] == "response.reasoning_summary_text.delta")
+    final = events[-1]["response"]
+    if action == "refuse":
+        assert events[-1]["type"] == "response.incomplete" and THOUGHT.startswith(said)
+        assert final["incomplete_details"] == {"reason": "content_filter"}
+        (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+        assert int(entry["ct"]) == tokens.completion_tokens(THOUGHT, MODEL)  # as produced
+    else:
+        assert said == THOUGHT.replace(WORD, "***")
+        assert final["output"][0]["summary"][0]["text"] == THOUGHT.replace(WORD, "***")
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_an_upstream_error_in_a_responses_stream_is_masked(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        native: bool) -> None:
+    """Red team: an upstream's error event quoting the answer reached the client as written
+    (a translated stream's response.failed; a native stream's error event and failed Response)."""
+    message = f"generation stopped at '{WORD}'"
+    if native:
+        failed = {**_response(status="failed"), "error": {"code": "server_error",
+                                                          "message": message}}
+        stream = _native_stream(
+            {"type": "response.created", "response": _response(status="in_progress")},
+            {"type": "error", "code": "server_error", "message": message, "param": None},
+            {"type": "response.failed", "response": failed})
+    else:
+        stream = (b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}}]}\n\n'
+                  + b"data: " + orjson.dumps({"error": {"message": message}}) + b"\n\n")
+    client = odd_client(odd, r, redis_url, tmp_path, stream, native=native, api_output="refuse")
+    key, _ = new_key(r)
+    events = _events(_ask(client, key, stream=True))
+    assert WORD not in orjson.dumps(events).decode()
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"]["message"] == "generation stopped at '***'"

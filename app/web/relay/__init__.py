@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response
 
+from app.core.errors import UpstreamRefused
 from app.edges import current
-from app.web.relay import account, chat, cors, media, responses, usage
+from app.web.relay import account, chat, cors, media, responses, screening, usage
 from app.web.relay.common import give_turn, ratelimit_headers, request_id_header
+from app.web.render import error_response
 
 bp = Blueprint("relay", __name__)
 bp.after_request(ratelimit_headers)  # x-ratelimit-*-requests on every successful answer
+
+
+@bp.errorhandler(UpstreamRefused)
+def upstream_refused(err: UpstreamRefused) -> Response:
+    """Answer the upstream's refusal of a request, its message (which may quote the prompt or
+    the answer) masked by [safety] api_output."""
+    return error_response(screening.mask_error(err))
 
 
 @bp.post("/chat/completions")

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def answer_text(kind: str, data: dict[str, Any]) -> str:
-    """Return the text an answer (or a stream chunk) carries: contents, refusals and tool-call
-    texts."""
+    """Return the text an answer (or a stream chunk) carries: contents, refusals, reasoning,
+    audio transcripts and tool-call texts."""
     parts = []
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else []:
@@ -44,8 +44,12 @@ def answer_text(kind: str, data: dict[str, Any]) -> str:
             src = choice.get("message") or choice.get("delta") or {}
             if isinstance(src, dict):
                 parts.append(pricing.content_text(src.get("content")))
-                if isinstance(src.get("refusal"), str):  # the model's refusal: produced too
-                    parts.append(src["refusal"])
+                for name in ("refusal", *screening.REASONING):  # the model's: produced too
+                    if isinstance(src.get(name), str):
+                        parts.append(src[name])
+                audio = src.get("audio")
+                if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+                    parts.append(audio["transcript"])
                 parts.extend(_call_texts(src))
         elif isinstance(choice.get("text"), str):
             parts.append(choice["text"])
@@ -77,7 +81,7 @@ def relay_text(kind: str, path: str) -> Response:
         text = answer_text(kind, data)  # as produced: what is billed, even when masked
         meter.usage(data.get("usage"))
         try:
-            screening.screen_answer(screening.choice_slots(kind, data))
+            screened = screening.screen_answer(screening.choice_slots(kind, data))
         except screening.ContentRefused:
             meter.settle(held, text)  # withheld, but the upstream wrote (and billed) it
             raise
@@ -86,7 +90,8 @@ def relay_text(kind: str, path: str) -> Response:
     for choice in data["choices"]:
         if not isinstance(choice, dict):
             continue
-        choice.setdefault("logprobs", None)
+        if screened or "logprobs" not in choice:  # [safety] api_output drops them all
+            choice["logprobs"] = None
         if kind == "chat" and isinstance(choice.get("message"), dict):
             choice["message"].setdefault("refusal", None)
     data["model"] = call.model  # the name the client sent
@@ -107,13 +112,13 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
         open_stream = shutdown.opened(resp)  # a server stop ends it with END, never bare
         try:
             for obj in iter_sse_objects(events):
-                failed = stream_error(obj)
+                texts.append(answer_text(kind, obj))  # as produced, before the guard masks
+                screened = guard.take(obj) if guard is not None else obj
+                failed = stream_error(screened)  # its message masked by the guard
                 if failed is not None:
                     yield _failed(failed, call, meter, texts)
                     return
                 last = obj
-                texts.append(answer_text(kind, obj))
-                screened = guard.take(obj) if guard is not None else obj
                 yield from _forward(screened, call, plan, meter, guard, texts)
                 if guard is not None and guard.refused:
                     break

@@ -1,12 +1,14 @@
 """Content safety on a native upstream's Responses events ([safety] api_output): as chat's.
 
 A stream relayed to the upstream's own /responses (relay.responses_native = 1) is screened as a
-translated one is (stream_guard.py): each text part's deltas (`output_text` and `refusal`,
-keyed by output_index and content_index) are held back until no listed word still arriving can
-include them, then released masked; a part's `.done` (or the terminal event) flushes its tail
-first. Whole texts (a part's `.done`, `content_part.done`, `output_item.done`, the terminal
-Response's output) are checked whole, so an upstream whose final text differs from its deltas
-is screened too. Logprobs are sent empty while api_output is on (they would spell words out).
+translated one is (stream_guard.py): each text part's deltas (`output_text`, `refusal`, and a
+reasoning item's `reasoning_text` and summary text, keyed by output_index and content_index or
+summary_index) are held back until no listed word still arriving can include them, then
+released masked; a part's `.done` (or the terminal event) flushes its tail first. Whole texts
+(a part's `.done`, `content_part.done`, `reasoning_summary_part.done`, `output_item.done`, the
+terminal Response's output) are checked whole, so an upstream whose final text differs from its
+deltas is screened too. Logprobs are sent empty while api_output is on (they would spell words
+out). An `error` event's message and a failed Response's error are masked (in both modes).
 
 `refuse`: at the first hit nothing of the word is sent and the stream ends at once: each open
 part is done with the text delivered, each open item is done `incomplete`, and the last event is
@@ -25,12 +27,19 @@ from app.core.safety import Matcher
 from app.web.relay import screening
 from app.web.relay.stream_guard import StreamGuard
 
-_DELTA = {"response.output_text.delta": "output_text", "response.refusal.delta": "refusal"}
-_DONE = {"response.output_text.done": "text", "response.refusal.done": "refusal"}
+_DELTA = {"response.output_text.delta": "output_text", "response.refusal.delta": "refusal",
+          "response.reasoning_text.delta": "reasoning_text",
+          "response.reasoning_summary_text.delta": "summary_text"}
+_DONE = {"response.output_text.done": "text", "response.refusal.done": "refusal",
+         "response.reasoning_text.done": "text", "response.reasoning_summary_text.done": "text"}
+_REASONING = ("reasoning_text", "summary_text")  # a reasoning item's parts (_closing leaves them)
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
 def _where(event: dict[str, Any]) -> tuple[Any, Any]:
+    """Return a text part's key: output_index, and content_index (a summary's: ("summary", i))."""
+    if "summary_index" in event:
+        return event.get("output_index"), ("summary", event["summary_index"])
     return event.get("output_index"), event.get("content_index")
 
 
@@ -43,10 +52,10 @@ class NativeGuard:
     """One native stream's screening: the held-back deltas of each part, what was sent."""
 
     def __init__(self, action: str, words: Matcher) -> None:
-        self.words = words
         self.guard = StreamGuard("text", action, words)  # holds back per (output, content)
         self.sent: dict[tuple[Any, Any], str] = {}  # a part's text delivered so far
-        self.kinds: dict[tuple[Any, Any], str] = {}  # an open part's type (output_text, refusal)
+        self.kinds: dict[tuple[Any, Any], str] = {}  # an open message part's type
+        self.heads: dict[tuple[Any, Any], dict[str, Any]] = {}  # a part's delta event, no delta
         self.parts: dict[tuple[Any, Any], Any] = {}  # a part done, screened
         self.ids: dict[Any, Any] = {}  # output_index -> the upstream's item id
         self.items: dict[Any, dict[str, Any]] = {}  # output_index -> an item not yet done
@@ -78,12 +87,14 @@ class NativeGuard:
         piece = event.get("delta")
         if not isinstance(piece, str):
             return [event]
-        self.kinds.setdefault(key, part)
+        if part not in _REASONING:
+            self.kinds.setdefault(key, part)
         released = self._feed(key, piece, final=False)
         if self.refused:
             return self._closing()
-        if "logprobs" in event:
+        if "logprobs" in event or part == "output_text":
             event = {**event, "logprobs": []}
+        self.heads[key] = event
         return [{**event, "delta": released}] if released else []
 
     def _feed(self, key: tuple[Any, Any], piece: str, final: bool) -> str:
@@ -102,11 +113,7 @@ class NativeGuard:
         released = self._feed(key, "", final=True)
         if not released or self.refused:
             return []
-        kind = "response.refusal.delta" if self.kinds.get(key) == "refusal" else \
-            "response.output_text.delta"
-        event = {"type": kind, "item_id": self.ids.get(output), "output_index": output,
-                 "content_index": content, "delta": released}
-        return [event if kind.endswith("refusal.delta") else {**event, "logprobs": []}]
+        return [{**self.heads[key], "delta": released}]  # as the part's last delta event
 
     def _flush_all(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -116,16 +123,7 @@ class NativeGuard:
 
     def _check(self, text: str) -> str:
         """Return a whole text masked (counting a hit once a stream; refuse: the guard stops)."""
-        verdict = self.words.check(text)
-        if not verdict.hit:
-            return text
-        guard = self.guard
-        if not guard.counted:
-            guard.counted = True
-            guard.count()
-        if guard.action == "refuse":
-            guard.refused = True
-        return verdict.masked
+        return self.guard.judge(text, self.guard.action == "refuse")
 
     def _part(self, part: Any) -> None:
         if not isinstance(part, dict):
@@ -137,13 +135,15 @@ class NativeGuard:
             part["logprobs"] = []
 
     def _item(self, item: Any) -> None:
-        if isinstance(item, dict) and item.get("type") == "message":
-            content = item.get("content")
-            for part in content if isinstance(content, list) else []:
-                self._part(part)
+        for slot in screening.output_slots([item]):  # a message's or a reasoning item's parts
+            slot.holder[slot.key] = self._check(slot.holder[slot.key])
+            screening.forget_logprobs(slot.probs)
 
     def _whole(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Screen the whole texts an event carries (a part's, an item's, a Response's)."""
+        """Screen the whole texts an event carries (a part's, an item's, a Response's); mask
+        an upstream's error message."""
+        for slot in screening.error_slots(event):
+            slot.holder[slot.key] = self.guard.judge(slot.holder[slot.key], refuse=False)
         for name in ("text", "refusal"):
             if event.get("type") in _DONE and isinstance(event.get(name), str):
                 event[name] = self._check(event[name])
@@ -170,7 +170,8 @@ class NativeGuard:
         elif kind == "response.output_item.done":
             self.items.pop(output, None)
             self.done[output] = item
-        elif kind == "response.content_part.added" and isinstance(event.get("part"), dict):
+        elif kind == "response.content_part.added" and isinstance(event.get("part"), dict) \
+                and event["part"].get("type") not in _REASONING:
             key = _where(event)
             self.kinds[key] = event["part"].get("type", "output_text")
             self.sent.setdefault(key, "")

@@ -167,6 +167,7 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
     """Turn the upstream's answer into the final Response, screen and settle it."""
     if plan.native:
         final = native.own(plan.response, data)
+        screening.mask_errors(screening.error_slots(final))  # a failed Response's message
         output = final.get("output")
         text, reported = native.output_text(output), data.get("usage")
     else:

@@ -8,10 +8,13 @@ api_input screens every prompt text of chat, completions and responses requests 
 text content and text parts, string prompts, suffix, instructions, function-call outputs) after
 the body's checks and before the hold: `refuse` answers 400 content_policy_violation (OpenAI's
 code for flagged content) with nothing held or charged and no upstream call; `mask` sends the
-masked texts upstream. api_output screens a whole answer's text (each choice's content, refusal
-or text, each output_text and refusal part): `mask` masks it (and drops the choice's logprobs, which would spell the
-words out); `refuse` releases the hold and answers the same 400. Streams: stream_guard.py
-(chat chunks) and native_guard.py (a native upstream's Responses events).
+masked texts upstream. api_output screens a whole answer's texts (each choice's content,
+refusal, reasoning or text, each output_text and refusal part, a Response's reasoning summary
+and content): `mask` masks them; `refuse` bills what the upstream produced and answers the same
+400. An audio answer's transcript cannot be masked (the audio says it): a hit there refuses in
+both modes. While api_output is on, logprobs are dropped (their alternatives could spell a word
+out), and upstream error messages quoted to the client are masked (in both modes). Streams:
+stream_guard.py (chat chunks) and native_guard.py (a native upstream's Responses events).
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from flask import g
 from redis import RedisError
 
 from app.bot import screening
-from app.core.errors import InvalidRequest
+from app.core.errors import ApiError, InvalidRequest
 from app.core.safety import Matcher, get_filter
 from app.edges.store import get_redis
 from app.web.relay.common import settings
 
 log = logging.getLogger(__name__)
-TEXT_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+TEXT_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+               "summary_text": "text", "reasoning_text": "text"}
+OUTPUT_TEXTS = {"message": ("content",), "reasoning": ("summary", "content")}  # by item type
+REASONING = ("reasoning_content", "reasoning")  # a chat message's reasoning, as upstreams name it
 
 
 class ContentRefused(InvalidRequest):
@@ -61,6 +67,7 @@ class Slot(NamedTuple):
     key: Any  # its key or index there
     param: str | None = None  # its place in the request (the 400's `param`)
     probs: dict[str, Any] | None = None  # the object whose `logprobs` repeat the text
+    maskable: bool = True  # False: a hit refuses the answer in both modes (an audio's transcript)
 
 
 def matcher(where: str) -> tuple[str, Matcher | None]:
@@ -129,10 +136,11 @@ def responses_slots(body: dict[str, Any], items: list[dict[str, Any]]) -> Iterat
 
 
 def _hits(where: str, slots: Iterable[Slot]) -> tuple[str, list[tuple[Slot, str]]]:
-    """Return the action for `where` and each text that holds a listed word, with it masked."""
+    """Return the action for `where` ("off" without a word list) and each text that holds a
+    listed word, with it masked."""
     action, words = matcher(where)
     if words is None:
-        return action, []
+        return "off", []
     hits = [(slot, verdict.masked) for slot in list(slots)
             if (verdict := words.check(slot.holder[slot.key])).hit]
     if hits:
@@ -156,7 +164,8 @@ def screen_input(slots: Iterable[Slot]) -> None:
 
 def choice_slots(kind: str, data: dict[str, Any]) -> Iterator[Slot]:
     """Yield the answer texts of every choice of a chat or completions answer: a chat
-    message's content (a string or text parts) and its refusal, a completion's text."""
+    message's content (a string or text parts), refusal, reasoning and audio transcript, a
+    completion's text."""
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
@@ -170,15 +179,21 @@ def choice_slots(kind: str, data: dict[str, Any]) -> Iterator[Slot]:
             continue
         for slot in _parts(message, "content", "content"):
             yield slot._replace(probs=choice)
-        if isinstance(message.get("refusal"), str):
-            yield Slot(message, "refusal", probs=choice)
+        for name in ("refusal", *REASONING):
+            if isinstance(message.get(name), str):
+                yield Slot(message, name, probs=choice)
+        audio = message.get("audio")
+        if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+            yield Slot(audio, "transcript", probs=choice, maskable=False)
 
 
 def output_slots(output: Any) -> Iterator[Slot]:
-    """Yield the texts of a Response's output messages (output_text and refusal parts)."""
+    """Yield the texts of a Response's output: its messages' output_text and refusal parts,
+    its reasoning items' summary and content texts."""
     for i, item in enumerate(output if isinstance(output, list) else []):
-        if isinstance(item, dict) and item.get("type") == "message":
-            yield from _parts(item, "content", f"output[{i}].content")
+        kind = str(item.get("type")) if isinstance(item, dict) else ""
+        for key in OUTPUT_TEXTS.get(kind, ()):
+            yield from _parts(item, key, f"output[{i}].{key}")
 
 
 def response_slots(response: dict[str, Any]) -> Iterator[Slot]:
@@ -189,15 +204,52 @@ def response_slots(response: dict[str, Any]) -> Iterator[Slot]:
         yield Slot(response, "output_text", "output_text")
 
 
-def screen_answer(slots: Iterable[Slot]) -> None:
-    """Screen a whole answer: raise the 400 (refuse; the caller's hold is released), or mask."""
+def screen_answer(slots: Iterable[Slot]) -> bool:
+    """Screen a whole answer: raise the 400 (refuse, or a hit no mask can hide; the caller's
+    hold is released), or mask. With api_output on, every text's logprobs are dropped (their
+    alternatives may spell a listed word the text does not hold). Tell whether it was on."""
+    slots = list(slots)
     action, hits = _hits("api_output", slots)
-    if hits and action == "refuse":
+    if hits and (action == "refuse" or not all(slot.maskable for slot, _ in hits)):
         raise refused_output()
     _mask(hits)
+    if action == "off":
+        return False
+    for slot in slots:
+        forget_logprobs(slot.probs)
+    return True
+
+
+def error_slots(obj: Any) -> Iterator[Slot]:
+    """Yield the messages of an upstream's error an answer or event quotes: `error` (a string,
+    or an object's message), an error event's message, a Response's error."""
+    if not isinstance(obj, dict):
+        return
+    err = obj.get("error")
+    if isinstance(err, str):
+        yield Slot(obj, "error")
+    elif isinstance(err, dict) and isinstance(err.get("message"), str):
+        yield Slot(err, "message")
+    if obj.get("type") == "error" and isinstance(obj.get("message"), str):
+        yield Slot(obj, "message")
+    yield from error_slots(obj.get("response"))
+
+
+def mask_errors(slots: Iterable[Slot]) -> None:
+    """Mask the listed words in upstream error messages (api_output on: mask or refuse alike,
+    as an error text has nothing to refuse)."""
+    _mask(_hits("api_output", slots)[1])
+
+
+def mask_error(err: ApiError) -> ApiError:
+    """Return an upstream's refusal with the listed words in its message masked."""
+    holder = {"message": err.message}
+    mask_errors([Slot(holder, "message")])
+    err.message = holder["message"]
+    return err
 
 
 def forget_logprobs(probs: dict[str, Any] | None) -> None:
-    """Drop the logprobs of a masked text (their tokens would spell the listed words out)."""
+    """Drop the logprobs of a screened text (their tokens could spell listed words out)."""
     if probs is not None and probs.get("logprobs"):
         probs["logprobs"] = [] if isinstance(probs["logprobs"], list) else None
