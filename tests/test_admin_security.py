@@ -8,6 +8,7 @@ import hmac
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,34 @@ def test_a_session_forged_under_a_token_derived_key_is_refused(client: Any,
     assert [forged(key) for key in derived_keys(TOKEN)] == [302] * len(derived_keys(TOKEN))
     r.delete(STORE_KEY)  # deleting the stored key ends every session
     assert client.get("/admin/").status_code == 302
+
+
+def test_a_session_ends_at_logout_for_every_copy_and_12_hours_after_login(
+        client: Any, r: redis.Redis) -> None:
+    login(client)
+    stolen = cookie_of(client)  # a copy taken while the admin was logged in
+    client.post("/admin/logout", data={"csrf": csrf_of(client, "/admin/")})
+    thief = client.application.test_client()
+    thief.set_cookie(COOKIE, stolen)
+    assert thief.get("/admin/").status_code == 302  # logged out everywhere, not only here
+    assert thief.get("/metrics").status_code == 401
+
+    login(client)
+    serializer = flask_serializer(r.get(STORE_KEY))
+    session = serializer.loads(cookie_of(client))
+    now = int(time.time())
+
+    def opened(extra: dict[str, Any]) -> int:
+        # Flask re-signs the cookie on every answer, so a copy kept in use stays freshly
+        # signed: only the login time inside it can end it.
+        browser = client.application.test_client()
+        browser.set_cookie(COOKIE, serializer.dumps({**session, **extra}))
+        return browser.get("/admin/").status_code
+
+    assert opened({}) == 200 and opened({"since": now - 11 * 3600}) == 200
+    assert opened({"since": now - 12 * 3600 - 1}) == 302
+    assert opened({"since": now + 3600 * 24}) == 302  # no login time from the future
+    assert [opened({k: None}) for k in ("since", "sid")] == [302, 302]
 
 
 def test_the_stored_key_is_created_once_under_a_race(r: redis.Redis, redis_url: str) -> None:

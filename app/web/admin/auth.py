@@ -7,8 +7,13 @@ never the token — and a CSRF token that every cookie-authenticated POST must e
 count toward a per-address limit kept in Redis (shared by every process): each attempt takes a
 slot in the window atomically before the token is checked, and a right token gives it back.
 
+A session lasts SESSION_HOURS from its login, however often it is used (the cookie's own expiry
+slides with each answer, so the login time is kept inside it), and logging out ends it for every
+copy of the cookie: its random session id is recorded as ended until it would have expired.
+
 Keys (owned here):
     xy:admin:login:{addr}   zset   attempt id -> time (ms) of the last minute's failed logins
+    xy:admin:ended:{sid}    string a logged-out session (expires when the session would have)
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from werkzeug.wrappers import Response as BaseResponse  # what redirect() gives
 
 from app.core.money import ratelimit
 from app.edges.store import get_redis
-from app.web.admin.cookies import cookie_key
+from app.web.admin.cookies import SESSION_HOURS, cookie_key
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
 LOGIN_FAILURES_PER_MINUTE = 10
@@ -81,10 +86,28 @@ def bearer_ok() -> bool:
     return False
 
 
+def _ended_key(sid: str) -> str:
+    return f"xy:admin:ended:{sid}"
+
+
+def _seconds_left() -> int:
+    """Return how long the session has left since its login (0: over, or no login time)."""
+    since = session.get("since")
+    if not isinstance(since, int) or isinstance(since, bool):
+        return 0
+    left = since + SESSION_HOURS * 3600 - int(time.time())
+    return left if left <= SESSION_HOURS * 3600 else 0
+
+
 def session_ok() -> bool:
-    """Tell whether the browser session was opened by a login with the current token."""
-    held = session.get("admin")
-    return isinstance(held, str) and hmac.compare_digest(held, _fingerprint())
+    """Tell whether the browser session was opened by a login with the current token, less than
+    SESSION_HOURS ago, and not logged out since."""
+    held, sid = session.get("admin"), session.get("sid")
+    if not (isinstance(held, str) and hmac.compare_digest(held, _fingerprint())):
+        return False
+    if not isinstance(sid, str) or _seconds_left() <= 0:
+        return False
+    return not get_redis().exists(_ended_key(sid))
 
 
 def csrf_token() -> str:
@@ -226,6 +249,8 @@ def login() -> BaseResponse | str:
             session.clear()
             session.permanent = True
             session["admin"] = _fingerprint()
+            session["since"] = int(time.time())
+            session["sid"] = secrets.token_urlsafe(16)
             csrf_token()
             return redirect(_safe_next(request.form.get("next")))
         else:
@@ -237,6 +262,9 @@ def login() -> BaseResponse | str:
 
 @bp.post("/logout")
 def logout() -> BaseResponse:
-    """Close the browser session."""
+    """Close the browser session, for every copy of its cookie."""
+    sid, left = session.get("sid"), _seconds_left()
+    if isinstance(sid, str) and left > 0:
+        get_redis().set(_ended_key(sid), 1, ex=left)
     session.clear()
     return redirect(url_for("admin.login"))
