@@ -108,6 +108,23 @@ def test_wechat_refusal_marks_the_order_failed(r: redis.Redis, settings: Setting
     assert r.hget(pay.order_key(no), "error") == "SYSTEMERROR"
 
 
+def test_an_account_starts_at_most_orders_per_hour(r: redis.Redis, fake: FakeWeChatPay,
+                                                   redis_url: str, upstream: FakeUpstream,
+                                                   acct: str) -> None:
+    # Each order is a WeChat Pay call and a record kept for good, and the 充值 menu click (an
+    # event) passes no per-user message limit: the account's own window bounds them.
+    limited = pay_settings(fake, redis_url, upstream.url, orders_per_hour=3)
+    replies = [pay.start_order(r, limited, acct, "oUser1", 100_000) for _ in range(20)]
+    assert all("充值订单已创建" in reply for reply in replies[:3])
+    assert all("下单太频繁" in reply and "60 分钟" in reply for reply in replies[3:])
+    assert len(fake.orders) == 3 and r.zcard(pay.ORDERS) == 3
+    other = wallet.create_account(r)
+    assert "充值订单已创建" in pay.start_order(r, limited, other, "oUser2", 100_000)
+    unlimited = pay_settings(fake, redis_url, upstream.url, orders_per_hour=0)
+    assert "充值订单已创建" in pay.start_order(r, unlimited, acct, "oUser1", 100_000)
+    assert pay_settings(fake, redis_url, upstream.url).pay.orders_per_hour == 10
+
+
 def test_configured_notify_url_and_bounds_are_used(r: redis.Redis, fake: FakeWeChatPay,
                                                    redis_url: str, upstream: FakeUpstream,
                                                    acct: str) -> None:

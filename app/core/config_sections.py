@@ -154,6 +154,7 @@ class PaySettings:
     expire_minutes: int
     body: str
     menu_yuan: str  # the amount the 充值 menu entry orders, as a user would type it
+    orders_per_hour: int  # orders one account may start in an hour (0 = no limit)
 
 
 PAY_RULES: dict[str, Rule] = {

@@ -1,6 +1,11 @@
 """WeChat Pay v2: `充值 <元>` creates a NATIVE order; /wechat/pay/notify credits it exactly once.
 
+An account may start `[pay] orders_per_hour` orders an hour (a sliding window in Redis, shared
+by every process): orders are kept for good, and the 充值 menu click, an event, passes no
+per-user message limit.
+
 Keys (owned here):
+    xy:rl:pay:{acct}    zset  the account's orders of the last hour (app.core.money.ratelimit)
     xy:pay:order:{no}   hash  acct, openid, fen, units, state (new|pending|paid|failed), created,
                               code_url, prepay_id, transaction_id, paid_at, error
     xy:pay:orders       zset  out_trade_no -> created (ms)
@@ -29,7 +34,7 @@ from wechatpy.pay import WeChatPay
 from wechatpy.pay.utils import calculate_signature
 
 from app.core.config import UNITS_PER_FEN, ConfigError, Settings
-from app.core.money import wallet
+from app.core.money import ratelimit, wallet
 from app.core.money.layout import Store
 
 log = logging.getLogger(__name__)
@@ -116,6 +121,10 @@ def start_order(r: redis.Redis, settings: Settings, acct: str, openid: str,
     refusal = _refusal(settings, amount_units)
     if refusal:
         return refusal
+    limit = settings.pay.orders_per_hour
+    if limit and (wait := ratelimit.hit(r, f"pay:{acct}", limit, 3600)):
+        return (f"下单太频繁，请 {-(-wait // 60)} 分钟后再试。"
+                f"已创建的订单在 {settings.pay.expire_minutes} 分钟内仍可支付。")
     no = _new_order(r, acct, openid, amount_units)
     try:
         result = _unified_order(settings, no, amount_units // UNITS_PER_FEN)
