@@ -34,12 +34,17 @@ def test_stalled_clients_wait_at_nginx_and_streams_flow(
         tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
     key, acct = new_key(r)
     (tmp_path / "web").mkdir()
+    web_log = tmp_path / "web" / "access.log"
     web = Web(tmp_path / "web", {"XIAOYI_REDIS_URL": redis_url, "WEB_CONCURRENCY": "1",
                                  "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
-                                 "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY})
+                                 "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+                                 "XIAOYI_ACCESS_LOG": str(web_log)})
     auth = {"Authorization": f"Bearer {key}"}
+    token = "usage-link-token-" + "Zq9" * 10
     try:
         with Nginx(tmp_path, web.port, body_timeout="3s") as nginx:
+            # A usage page's signed link is a credential: neither access log keeps it.
+            requests.get(nginx.url + "/u/" + token, verify=nginx.cert, timeout=20)
             chat = {"messages": [{"role": "user", "content": "你好"}]}
             assert requests.post(nginx.url + "/v1/chat/completions", json=chat, headers=auth,
                                  verify=nginx.cert, timeout=20).status_code == 200
@@ -71,6 +76,10 @@ def test_stalled_clients_wait_at_nginx_and_streams_flow(
         assert wallet.balance(r, acct) < 100_000
     finally:
         assert web.stop(quick=True) == 0  # the abandoned stream need not be waited for
+    for log in (tmp_path / "access.log", web_log):
+        logged = log.read_text()
+        assert "/u/***" in logged and token not in logged, (log, logged[-500:])
+        assert "/v1/chat/completions" in logged
 
 
 def _admin_login(nginx: Nginx, source: str, token: str, forged: str) -> int:

@@ -212,6 +212,28 @@ def json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+SECRET_PATHS = ("/u/",)  # the usage page's signed link: /u/<token> (app/web/usage)
+
+
+def redact_path(path: str) -> str:
+    """Return a request path as the access log may show it: a usage link's token blotted."""
+    for prefix in SECRET_PATHS:
+        if path.startswith(prefix):
+            return prefix + "***"
+    return path
+
+
+def redacting(access: Callable[..., None]) -> Callable[..., None]:
+    """Wrap gunicorn's Logger.access so the logged path (%(U)s, %(r)s) has no secret in it."""
+    def logged(resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        path = environ.get("PATH_INFO") or ""
+        if redact_path(path) != path:
+            environ = {**environ, "PATH_INFO": redact_path(path),
+                       "RAW_URI": redact_path(environ.get("RAW_URI") or path)}
+        access(resp, req, environ, request_time)
+    return logged
+
+
 def post_worker_init(worker: object) -> None:
     """Make SIGINT graceful in the worker too; end streams still open as the grace runs out;
     answer gunicorn's own refusals as JSON; leave the loaded app out of garbage collection."""
@@ -223,6 +245,8 @@ def post_worker_init(worker: object) -> None:
     from app.runtime import graceful
 
     util.write_error = json_error  # gunicorn's own refusals in the API's JSON shapes
+    log = worker.log  # type: ignore[attr-defined]
+    log.access = redacting(log.access)  # a usage link's token never reaches the access log
     signal.signal(signal.SIGINT, worker.handle_exit)  # type: ignore[attr-defined]
     logging.getLogger("gunicorn.error").addFilter(StalledStreamFilter())  # gunicorn's own
     graceful.watch(worker)
