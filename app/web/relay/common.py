@@ -110,9 +110,15 @@ def _decode(raw: bytes, coding: str, limit: int | None) -> bytes:
     return out
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+
+
 def parse_json(empty_ok: bool = False) -> dict[str, Any]:
-    """Parse the request body as a JSON object or raise a 400 (its depth is not checked)."""
+    """Parse the request body as a JSON object or raise a 400 (its depth is not checked); a
+    leading UTF-8 byte order mark is skipped."""
     raw = read_body()
+    if raw.startswith(BOM):  # RFC 8259 lets a parser ignore it: Windows editors write one
+        raw = raw[len(BOM):]
     if not raw and empty_ok:
         return {}
     try:
