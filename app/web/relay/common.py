@@ -206,6 +206,18 @@ def texts_or_tokens(value: Any, *, empty_text: bool = False) -> bool:
     return tokens(value)
 
 
+def int_tokens(value: Any) -> Any:
+    """Return a prompt/input checked by texts_or_tokens with its token ids as integers: `3.0`
+    is an integer to the schema (and accepted here), but an upstream may refuse a float id."""
+    if not isinstance(value, list) or not value:
+        return value
+    kinds = set(map(type, value))  # C speed, as texts_or_tokens
+    if kinds == {list}:
+        return [int_tokens(v) for v in value] if any(
+            float in set(map(type, v)) for v in value) else value
+    return list(map(int, value)) if float in kinds else value
+
+
 def token_ids(value: Any) -> int:
     """Return how many token ids a prompt/input holds in its token array(s) (0 for texts): a
     count taken before the ids are checked one by one, so an input far past the cap is refused
