@@ -328,3 +328,30 @@ def test_unknown_fields_pass_through(live: LiveServer, funded: tuple[str, str],
     assert resp.status_code == 200
     sent = upstream.requests[-1]["body"]
     assert all(sent[k] == v for k, v in extra.items())
+
+
+@pytest.mark.parametrize("path,field,value,sent", [
+    ("/embeddings", "input", [1.0, 2.0, 3], [1, 2, 3]),
+    ("/embeddings", "input", [[1.0], [2, 3.0]], [[1], [2, 3]]),
+    ("/completions", "prompt", [7.0, 8], [7, 8]),
+    ("/completions", "prompt", [[7.0], [8.0, 9]], [[7], [8, 9]]),
+])
+def test_token_ids_written_as_floats_go_upstream_as_integers(
+        path: str, field: str, value: list[Any], sent: list[Any], live: LiveServer,
+        funded: tuple[str, str], r: redis.Redis, upstream: FakeUpstream) -> None:
+    """A token id written 3.0 is an integer to OpenAI's schema and the relay accepted it, held
+    the request and sent the floats on, which an upstream refuses ("must be token arrays"):
+    they go as integers, the request is served and billed."""
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    model = "text-embedding-3-small" if path == "/embeddings" else "gpt-3.5-turbo-instruct"
+    body = {"model": model, field: value, "max_tokens": 4, "encoding_format": "float"}
+    if path == "/embeddings":
+        del body["max_tokens"]
+    else:
+        del body["encoding_format"]
+    resp = bearer(live, key, path, body)
+    assert resp.status_code == 200, resp.text
+    assert orjson.dumps(upstream.requests[-1]["body"][field]) == orjson.dumps(sent)  # 1, not 1.0
+    assert wallet.balance(r, acct) < before
+    assert ledger.verify(r) == []

@@ -245,3 +245,89 @@ def test_a_bad_or_oversized_compressed_body_is_refused(
     if coding == "br":
         assert "Content-Encoding" in resp.json()["error"]["message"]
     assert wallet.balance(r, acct) == before
+
+
+def test_a_body_with_a_utf8_bom_is_served(live: LiveServer, funded: tuple[str, str],
+                                          r: redis.Redis, upstream: FakeUpstream) -> None:
+    """A JSON file saved by a Windows editor starts with a UTF-8 byte order mark (`curl -d
+    @body.json`): RFC 8259 lets a parser ignore it, and the relay does (it was a 400 "not valid
+    JSON"); the request is held and billed as any other, the mark never sent on."""
+    from app.core.money import ledger
+
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    payload = json.dumps({"api_secret_key": key, "model": "gpt-3.5",
+                          "messages": [{"role": "user", "content": "带 BOM 的文件"}]},
+                         ensure_ascii=False).encode()
+    for i, path in enumerate(("/v1/chat/completions", LEGACY + "/chat/completions")):
+        resp = requests.post(live.url + path, data=b"\xef\xbb\xbf" + payload, timeout=20,
+                             headers={"Content-Type": "application/json; charset=utf-8"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"].endswith("带 BOM 的文件")
+        assert "api_secret_key" not in upstream.requests[-1]["body"]
+        assert len(upstream.requests) == i + 1
+    assert wallet.balance(r, acct) < before
+    assert ledger.verify(r) == []
+    # A BOM alone is still no JSON object; nothing is held or charged for it.
+    after = wallet.balance(r, acct)
+    resp = requests.post(live.url + "/v1/chat/completions", data=b"\xef\xbb\xbf", timeout=20,
+                         headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request_error"
+    assert wallet.balance(r, acct) == after
+
+
+def _raw_post(live: LiveServer, method: str, path: str, body: bytes | None,
+              headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """Send a request with its path exactly as written (requests and urllib3 may tidy it)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(live.url.removeprefix("http://"), timeout=20)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        got = conn.getresponse()
+        return got.status, dict(got.getheaders()), got.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", [
+    "/v1//chat/completions",  # base_url "http://host/v1/" + "/chat/completions"
+    "/v1/chat/completions/",
+    "/index.php/api/v1//chat/completions/",
+    "/index.php/v1///chat//completions",
+])
+def test_doubled_and_trailing_slashes_are_served_in_place(
+        path: str, live: LiveServer, funded: tuple[str, str], r: redis.Redis,
+        upstream: FakeUpstream) -> None:
+    """A base_url ending in `/` joined to `/chat/completions` got werkzeug's 308 with an HTML
+    body, which curl and PHP neither follow nor parse (and a trailing slash a 404): the path is
+    served as the route it names, once, held and billed."""
+    key, acct = funded
+    before = wallet.balance(r, acct)
+    body = json.dumps({"model": "gpt-3.5", "messages": [{"role": "user", "content": "斜杠"}]})
+    status, headers, raw = _raw_post(live, "POST", path, body.encode(), {
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    assert status == 200, raw[:300]
+    assert headers["Content-Type"].startswith("application/json")
+    assert json.loads(raw)["choices"][0]["message"]["content"].endswith("斜杠")
+    assert len(upstream.requests) == 1 and upstream.requests[0]["path"] == "/v1/chat/completions"
+    assert wallet.balance(r, acct) < before
+
+
+def test_tidied_paths_keep_their_other_answers(live: LiveServer,
+                                               funded: tuple[str, str]) -> None:
+    """GET routes with a trailing slash are served; unknown ones stay JSON 404s, wrong methods
+    JSON 405s; paths outside the API are left as they are."""
+    auth = {"Authorization": f"Bearer {funded[0]}"}
+    status, _, raw = _raw_post(live, "GET", "/v1/models/", None, auth)
+    assert status == 200 and json.loads(raw)["object"] == "list"
+    status, _, raw = _raw_post(live, "GET", "/v1//models/gpt-4o/", None, auth)
+    assert status == 200 and json.loads(raw)["id"] == "gpt-4o"
+    status, _, raw = _raw_post(live, "POST", "/v1/nothing/here/", b"{}", auth)
+    assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
+    status, headers, raw = _raw_post(live, "GET", "/v1/chat//completions/", None, auth)
+    assert status == 405 and "POST" in headers["Allow"]
+    status, _, raw = _raw_post(live, "GET", "/v1/", None, auth)
+    assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
+    status, _, _ = _raw_post(live, "GET", "/healthz/", None, {})
+    assert status == 404  # outside the API: not touched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from typing import Any
 
@@ -212,3 +213,43 @@ def test_sdk_does_not_retry_an_empty_wallet(live: LiveServer,
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="gpt-3.5", messages=[{"role": "user", "content": "x"}])
     assert len(sent) == 1
+
+
+def test_structured_outputs_parse_into_the_callers_model(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, upstream: Any) -> None:
+    """The SDKs' parse() helpers (a pydantic response_format / text_format) through the relay,
+    plain and streamed, chat and Responses: the fake upstream answers a json_schema with an
+    instance of it, as OpenAI does (it answered prose, so `xiaoyi run`'s parse() raised a
+    ValidationError); the schema is counted in the hold and each call is billed."""
+    from pydantic import BaseModel
+
+    class Event(BaseModel):
+        name: str
+        attendees: list[str]
+        day: int
+        place: Place | None
+
+    class Place(BaseModel):
+        city: str
+
+    Event.model_rebuild()
+    key, acct = funded
+    client = sdk(live, key)
+    msgs = [{"role": "user", "content": "Alice and Bob meet on Friday"}]
+    before = wallet.balance(r, acct)
+    done = client.chat.completions.parse(model="gpt-4o", messages=msgs, response_format=Event)
+    event = done.choices[0].message.parsed
+    assert isinstance(event, Event) and event.name.endswith("Alice and Bob meet on Friday")
+    assert upstream.requests[-1]["body"]["response_format"]["type"] == "json_schema"
+    with client.chat.completions.stream(model="gpt-4o", messages=msgs,
+                                        response_format=Event) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Event)
+    got = client.responses.parse(model="gpt-4o", input="Alice and Bob meet on Friday",
+                                 text_format=Event)
+    assert isinstance(got.output_parsed, Event) and got.usage is not None
+    obj = client.chat.completions.create(model="gpt-4o", messages=msgs,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+    assert wallet.balance(r, acct) < before
+    assert ledger.verify(r) == []

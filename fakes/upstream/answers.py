@@ -57,14 +57,16 @@ def _split(text: str, pieces: int = STREAM_PIECES) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-def make_answer(text: str, behaviour: dict[str, Any], limit: int | None) -> tuple[list[str], str]:
-    """Return the stream pieces of the answer to text and its finish_reason."""
+def make_answer(text: str, behaviour: dict[str, Any], limit: int | None,
+                exact: bool = False) -> tuple[list[str], str]:
+    """Return the stream pieces of the answer to text and its finish_reason (`exact`: the
+    answer is the text itself, e.g. a structured output's JSON)."""
     words = behaviour.get("long")
     if words is not None:
         shown = words if limit is None else min(words, limit)
         pieces = [f" word{i}" if i else "word0" for i in range(shown)]
         return pieces, "length" if shown < words else "stop"
-    answer, cut = ANSWER_PREFIX + text, False
+    answer, cut = (text if exact else ANSWER_PREFIX + text), False
     if limit is not None:
         answer, cut = _truncate(answer, limit)
     return _split(answer), "length" if cut else "stop"

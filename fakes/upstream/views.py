@@ -14,6 +14,7 @@ from fakes.upstream.answers import (
     _ID_SALT,
     _IDS,
     _MODEL_LIST,
+    ANSWER_PREFIX,
     EMBEDDING_DIMS,
     MODEL_CREATED,
     MODELS,
@@ -34,6 +35,7 @@ from fakes.upstream.images import _IMAGE_RE, IMAGE_SIZES, png_image
 from fakes.upstream.moderation import answer_moderations
 from fakes.upstream.protocol import FakeProtocol
 from fakes.upstream.responses import answer_responses, chat_tool_call, forced_tool
+from fakes.upstream.structured import structured_text
 from fakes.upstream.vision import image_tokens
 
 
@@ -108,8 +110,9 @@ class FakeHandler(FakeProtocol):
         if forced_tool(body):  # tool_choice forces a call: answer with one (fakes/.../responses)
             prompt = sum(map(count_tokens, texts)) + 1 + image_tokens(messages, model)
             return chat_tool_call(self, body, model, said, self._behaviour(markers), prompt)
-        self._generate(body, model, said, texts, markers, chat=True,
-                       images=image_tokens(messages, model))
+        doc = structured_text(body.get("response_format"), ANSWER_PREFIX + said)
+        self._generate(body, model, said if doc is None else doc, texts, markers, chat=True,
+                       images=image_tokens(messages, model), exact=doc is not None)
 
     def _completions(self, body: dict[str, Any]) -> None:
         """Answer POST /v1/completions."""
@@ -123,9 +126,10 @@ class FakeHandler(FakeProtocol):
 
     def _generate(
         self, body: dict[str, Any], model: str, said: str | list[str], texts: list[str],
-        markers: dict[str, Any], chat: bool, images: int = 0,
+        markers: dict[str, Any], chat: bool, images: int = 0, exact: bool = False,
     ) -> None:  # fmt: skip
-        """Answer a chat or completion request, as JSON or as a stream (images: their tokens)."""
+        """Answer a chat or completion request, as JSON or as a stream (images: their tokens;
+        `exact`: the answer is `said` itself, a structured output)."""
         n = _int_param(body, "n", 1, 128, 1)
         limit = _int_param(body, "max_completion_tokens", 0, 2**63 - 1, None)
         limit = _int_param(body, "max_tokens", 0, 2**63 - 1, limit)
@@ -135,7 +139,7 @@ class FakeHandler(FakeProtocol):
         behaviour = self._behaviour(markers)
         if self._apply(behaviour, stream):
             return
-        answers = [make_answer(s, behaviour, limit)
+        answers = [make_answer(s, behaviour, limit, exact)
                    for s in ([said] if isinstance(said, str) else said)]
         answers = [a for a in answers for _ in range(n)]
         usage = None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
 from flask import Blueprint, Flask, Response
 
 from app.core.errors import UpstreamRefused
@@ -59,8 +63,35 @@ PREFIXES = ("/v1", "/index.php/api/v1", "/index.php/v1")
 UNDER = tuple(p + "/" for p in PREFIXES)  # a path under one of them
 
 
+SLASHES = re.compile(r"/{2,}")
+
+
+def tidy_path(path: str) -> str:
+    """Return an API path as the routes spell it: runs of slashes made one (a base_url ending
+    in `/` joined to `/chat/completions`) and a trailing slash dropped; other paths as they are.
+
+    Served in place: werkzeug would answer a 308 with an HTML body, which curl, PHP and most
+    plain HTTP clients neither follow nor parse.
+    """
+    tidy = SLASHES.sub("/", path)
+    if tidy.startswith(UNDER) and tidy.endswith("/") and tidy not in UNDER:
+        tidy = tidy[:-1]
+    return tidy if tidy.startswith(UNDER) else path
+
+
+def _tidy_paths(wsgi: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if "//" in path or path.endswith("/"):
+            environ["PATH_INFO"] = tidy_path(path)
+        return wsgi(environ, start_response)
+
+    return app
+
+
 def init_app(app: Flask) -> None:
-    """Mount the API under every prefix."""
+    """Mount the API under every prefix (paths with doubled or trailing slashes included)."""
+    app.wsgi_app = _tidy_paths(app.wsgi_app)  # type: ignore[method-assign]
     app.register_blueprint(bp, url_prefix=PREFIXES[0])
     app.register_blueprint(bp, url_prefix=PREFIXES[1], name="relay_legacy")
     app.register_blueprint(bp, url_prefix=PREFIXES[2], name="relay_seed")

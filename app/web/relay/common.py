@@ -110,9 +110,15 @@ def _decode(raw: bytes, coding: str, limit: int | None) -> bytes:
     return out
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+
+
 def parse_json(empty_ok: bool = False) -> dict[str, Any]:
-    """Parse the request body as a JSON object or raise a 400 (its depth is not checked)."""
+    """Parse the request body as a JSON object or raise a 400 (its depth is not checked); a
+    leading UTF-8 byte order mark is skipped."""
     raw = read_body()
+    if raw.startswith(BOM):  # RFC 8259 lets a parser ignore it: Windows editors write one
+        raw = raw[len(BOM):]
     if not raw and empty_ok:
         return {}
     try:
@@ -198,6 +204,18 @@ def texts_or_tokens(value: Any, *, empty_text: bool = False) -> bool:
     if kinds == {list}:
         return all(tokens(v) for v in value)
     return tokens(value)
+
+
+def int_tokens(value: Any) -> Any:
+    """Return a prompt/input checked by texts_or_tokens with its token ids as integers: `3.0`
+    is an integer to the schema (and accepted here), but an upstream may refuse a float id."""
+    if not isinstance(value, list) or not value:
+        return value
+    kinds = set(map(type, value))  # C speed, as texts_or_tokens
+    if kinds == {list}:
+        return [int_tokens(v) for v in value] if any(
+            float in set(map(type, v)) for v in value) else value
+    return list(map(int, value)) if float in kinds else value
 
 
 def token_ids(value: Any) -> int:

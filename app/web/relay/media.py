@@ -14,6 +14,7 @@ from app.web.relay.billing import Meter, prompt_billed_if_sent
 from app.web.relay.common import (
     Call,
     admit,
+    int_tokens,
     optional_choice,
     optional_int,
     settings,
@@ -45,6 +46,7 @@ def _embeddings_cost(call: Call, plan: Plan) -> int:
     if isinstance(value, list) and len(value) > MAX_INPUTS:
         raise InvalidRequest(f"'input' may hold at most {MAX_INPUTS} entries.", param="input",
                              msg="input 条目太多")
+    value = call.body["input"] = int_tokens(value)  # ids written 3.0 go upstream as 3
     optional_choice(call.body, "encoding_format", ("float", "base64"))
     plan.prompt_bound = pricing.estimate_any(value, call.upstream_model, limit=cap)
     if plan.prompt_bound > cap:

@@ -16,6 +16,7 @@ from app.core import pricing, tokens
 from app.core.errors import InsufficientQuota, InvalidRequest
 from app.web.relay.common import (
     Call,
+    int_tokens,
     optional_int,
     settings,
     texts_or_tokens,
@@ -69,6 +70,7 @@ def check_prompt(body: dict[str, Any]) -> Any:
     if not texts_or_tokens(prompt, empty_text=True):
         raise InvalidRequest("'prompt' must be a string, a non-empty array of strings or token "
                              "array(s).", param="prompt", msg="prompt 参数错误")
+    prompt = body["prompt"] = int_tokens(prompt)  # ids written 3.0 go upstream as 3
     return prompt
 
 
