@@ -146,6 +146,19 @@ def test_unreachable_redis_is_a_clean_error(cli: Any) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args", [("keys", "list"), ("accounts", "show", "demo"),
+                                  ("codes", "list"), ("ledger", "verify")])
+def test_no_store_says_to_start_xiaoyi_run(cli: Any, tmp_path: Path,
+                                           args: tuple[str, ...]) -> None:
+    """Before `make run`, an admin command says so, not that web and worker start no Redis."""
+    result = cli(*args, env={"XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"no `xiaoyi run` is running with XIAOYI_DATA_DIR {tmp_path}" in result.stderr
+    assert "make run" in result.stderr and "XIAOYI_REDIS_URL" in result.stderr
+    assert "xiaoyi web" not in result.stderr
+
+
 def test_ledger_verify_fails_when_the_store_lost_an_account(cli: Any, r: redis.Redis) -> None:
     """An evicted account (its hash gone, its ledger kept) is a failure, not 'ok' (issue 9)."""
     acct = wallet.create_account(r, initial=5000)

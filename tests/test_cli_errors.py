@@ -51,7 +51,7 @@ SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
     "ledger verify": [(["BROKEN"], {}, "does not add up")],
     "ledger migrate": [([], {"XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
                        ([], {"XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": "/nonexistent/xy-var"},
-                        "XIAOYI_REDIS_URL is not set")],
+                        "no `xiaoyi run` is running with XIAOYI_DATA_DIR /nonexistent/xy-var")],
     "menu push": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
     "menu show": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
     "wechat send": [(["hi"], NO_WECHAT, "XIAOYI_WECHAT_TOKEN"),
