@@ -167,6 +167,13 @@ def test_every_command_that_prints_data_takes_json() -> None:
         assert path.split()[-1] in SERVERS or "--json" in names, f"{path} lacks --json"
 
 
+def test_every_option_says_what_it_is() -> None:
+    """`--help` explains each option: a help text, or at least its default shown."""
+    bare = [f"{path} {o.opts[0]}" for path, cmd in leaves() for o in cmd.params
+            if isinstance(o, click.Option) and not o.help and not o.show_default]
+    assert not bare, f"options without a help text or a shown default: {bare}"
+
+
 @pytest.mark.parametrize("args", [
     ["keys", "create", "--balance", "abc"], ["keys", "create", "--balance", "-5"],
     ["codes", "create", "--amount", "1", "--count", "1000"], ["accounts", "show"],

@@ -78,7 +78,8 @@ def keys_create(account: str | None, name: str, initial: int, as_json: bool) -> 
 
 
 @keys_group.command("list")
-@click.option("--account", default=None, callback=_account_id)
+@click.option("--account", default=None, callback=_account_id,
+              help="only this account's keys (default: every key)")
 @json_option
 def keys_list(account: str | None, as_json: bool) -> None:
     """List keys (masked) with their names."""
@@ -170,8 +171,10 @@ def ledger_group() -> None:
 
 
 @ledger_group.command("export")
-@json_option
-@click.option("--account", default=None, callback=_account_id)
+@click.option("--json", "as_json", is_flag=True,
+              help="accepted like every data command's; the output is JSON lines either way")
+@click.option("--account", default=None, callback=_account_id,
+              help="only this account's entries (default: every account, one after another)")
 def ledger_export(as_json: bool, account: str | None) -> None:
     """Print every ledger entry (its money fields, amount and cost, in 元), one JSON object a
     line."""
