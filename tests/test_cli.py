@@ -54,6 +54,15 @@ def test_keys_create_list_revoke(cli: Any, r: redis.Redis) -> None:
     assert again.exit_code != 0 and key_id in again.stderr and again.stdout == ""
 
 
+def test_a_key_on_the_demo_account_warns_that_xiaoyi_run_revokes_it(cli: Any,
+                                                                    r: redis.Redis) -> None:
+    made = cli("keys", "create", "--account", "demo", "--json")
+    assert ok_json(made)["account"] == "demo"
+    assert "the next `xiaoyi run` revokes" in made.stderr and made.stderr.count("\n") == 1
+    other = cli("keys", "create", "--account", "acct_not_demo", "--json")
+    assert ok_json(other)["account"] == "acct_not_demo" and other.stderr == ""
+
+
 def test_keys_create_for_existing_account(cli: Any, r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=100)
     made = ok_json(cli("keys", "create", "--account", acct, "--balance", "1", "--json"))

@@ -59,6 +59,7 @@ def keys_create(account: str | None, name: str, initial: int, as_json: bool) -> 
     """Issue a key (printed once: only its hash is stored)."""
     from app.core.money import keys, wallet
     from app.core.money.layout import WalletError
+    from app.runtime.demo import DEMO_ACCOUNT
 
     r = store()
     try:
@@ -70,6 +71,10 @@ def keys_create(account: str | None, name: str, initial: int, as_json: bool) -> 
         raw, info = keys.create_key(r, acct, name)
     except WalletError as exc:
         raise CliError(str(exc)) from exc
+    if acct == DEMO_ACCOUNT:  # `xiaoyi run` keeps exactly one live key there: its own
+        click.echo(f"xiaoyi: warning: the next `xiaoyi run` revokes every key of the "
+                   f"{DEMO_ACCOUNT} account but its demo key; give this one its own account",
+                   err=True)
     view = _account_view(r, acct)
     emit({"key": raw, "id": info.id, "name": name, "account": acct, "masked": info.masked,
           "balance": view["balance"]}, as_json,
