@@ -54,6 +54,15 @@ def test_keys_create_list_revoke(cli: Any, r: redis.Redis) -> None:
     assert again.exit_code != 0 and key_id in again.stderr and again.stdout == ""
 
 
+def test_a_key_on_the_demo_account_warns_that_xiaoyi_run_revokes_it(cli: Any,
+                                                                    r: redis.Redis) -> None:
+    made = cli("keys", "create", "--account", "demo", "--json")
+    assert ok_json(made)["account"] == "demo"
+    assert "the next `xiaoyi run` revokes" in made.stderr and made.stderr.count("\n") == 1
+    other = cli("keys", "create", "--account", "acct_not_demo", "--json")
+    assert ok_json(other)["account"] == "acct_not_demo" and other.stderr == ""
+
+
 def test_keys_create_for_existing_account(cli: Any, r: redis.Redis) -> None:
     acct = wallet.create_account(r, initial=100)
     made = ok_json(cli("keys", "create", "--account", acct, "--balance", "1", "--json"))
@@ -144,6 +153,19 @@ def test_unreachable_redis_is_a_clean_error(cli: Any) -> None:
     assert result.exit_code == 1 and result.stdout == ""
     assert "XIAOYI_REDIS_URL" in result.stderr and "s3cret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [("keys", "list"), ("accounts", "show", "demo"),
+                                  ("codes", "list"), ("ledger", "verify")])
+def test_no_store_says_to_start_xiaoyi_run(cli: Any, tmp_path: Path,
+                                           args: tuple[str, ...]) -> None:
+    """Before `make run`, an admin command says so, not that web and worker start no Redis."""
+    result = cli(*args, env={"XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"no `xiaoyi run` is running with XIAOYI_DATA_DIR {tmp_path}" in result.stderr
+    assert "make run" in result.stderr and "XIAOYI_REDIS_URL" in result.stderr
+    assert "xiaoyi web" not in result.stderr
 
 
 def test_ledger_verify_fails_when_the_store_lost_an_account(cli: Any, r: redis.Redis) -> None:

@@ -51,7 +51,7 @@ SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
     "ledger verify": [(["BROKEN"], {}, "does not add up")],
     "ledger migrate": [([], {"XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
                        ([], {"XIAOYI_REDIS_URL": "", "XIAOYI_DATA_DIR": "/nonexistent/xy-var"},
-                        "XIAOYI_REDIS_URL is not set")],
+                        "no `xiaoyi run` is running with XIAOYI_DATA_DIR /nonexistent/xy-var")],
     "menu push": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
     "menu show": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
     "wechat send": [(["hi"], NO_WECHAT, "XIAOYI_WECHAT_TOKEN"),
@@ -165,6 +165,13 @@ def test_every_command_that_prints_data_takes_json() -> None:
     for path, cmd in leaves():
         names = {o for p in cmd.params for o in p.opts}
         assert path.split()[-1] in SERVERS or "--json" in names, f"{path} lacks --json"
+
+
+def test_every_option_says_what_it_is() -> None:
+    """`--help` explains each option: a help text, or at least its default shown."""
+    bare = [f"{path} {o.opts[0]}" for path, cmd in leaves() for o in cmd.params
+            if isinstance(o, click.Option) and not o.help and not o.show_default]
+    assert not bare, f"options without a help text or a shown default: {bare}"
 
 
 @pytest.mark.parametrize("args", [

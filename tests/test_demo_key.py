@@ -55,6 +55,26 @@ def test_extra_live_demo_keys_are_revoked(redis_url: str, r: redis.Redis, tmp_pa
     assert all(keys.lookup(r, old) is None for old in piled)
 
 
+def test_the_banner_says_what_is_off_and_how_to_turn_it_on() -> None:
+    """A newcomer reads from the banner that the answers are a fake's and WeChat needs a token."""
+    bare = load_settings({"XIAOYI_REDIS_URL": "redis://h/0", "XIAOYI_UPSTREAM_BASE_URL": "",
+                          "XIAOYI_WECHAT_TOKEN": "", "XIAOYI_ADMIN_TOKEN": ""})
+    lines = banner(bare, "127.0.0.1", 8000, "redis://h/0", "http://127.0.0.1:9000/v1", "sk-demo",
+                   1).splitlines()
+    assert not [line for line in lines if line != line.rstrip()]
+    assert any(line.startswith("  Upstream:") and "XIAOYI_UPSTREAM_BASE_URL" in line
+               for line in lines)
+    assert any(line.startswith("  WeChat:") and "set XIAOYI_WECHAT_TOKEN" in line
+               for line in lines)
+    assert any(line.startswith("  Admin:") and "set XIAOYI_ADMIN_TOKEN" in line for line in lines)
+    ready = load_settings({"XIAOYI_REDIS_URL": "redis://h/0",
+                           "XIAOYI_UPSTREAM_BASE_URL": "https://up.example/v1",
+                           "XIAOYI_WECHAT_TOKEN": "tok", "XIAOYI_ADMIN_TOKEN": "a" * 24})
+    text = banner(ready, "127.0.0.1", 8000, "redis://h/0", "https://up.example/v1", "sk-demo", 1)
+    assert "xiaoyi wechat send 你好" in text and "built-in fake" not in text
+    assert "set XIAOYI_ADMIN_TOKEN" not in text and "set XIAOYI_WECHAT_TOKEN" not in text
+
+
 def test_the_banner_hides_the_redis_password_and_shows_the_balance() -> None:
     settings = load_settings({"XIAOYI_REDIS_URL": "redis://u:s3cret@10.0.0.5:6380/2"})
     text = banner(settings, "0.0.0.0", 8080, settings.redis_url or "", "up", "sk-demo", 88_900)

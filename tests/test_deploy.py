@@ -207,6 +207,30 @@ def test_dockerfile_copies_what_exists() -> None:
     assert "!app/" in ignore and ignore.splitlines()[1].strip() == "*"
 
 
+def test_dockerfile_installs_the_lock_and_its_sources_pass_the_dockerignore() -> None:
+    """The image installs requirements.lock's exact versions, and every COPY source reaches the
+    build (the ignore file drops everything it does not let through by name)."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"pip install -r requirements\.lock && pip install --no-deps -e \.", text)
+    allowed = [line.strip()[1:].rstrip("/") for line in
+               (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip().startswith("!")]
+    for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
+        for path in source.split():
+            assert any(path == a or path.startswith(a + "/") for a in allowed), path
+
+
+def test_deploy_comments_name_files_that_exist() -> None:
+    """deploy/ comments point a reader at files of this repository that exist."""
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.suffix != ".pem":
+            for named in re.findall(r"(?<![\w./-])((?:docs|deploy)/[\w./@-]+\.\w+)",
+                                    path.read_text(encoding="utf-8")):
+                assert (ROOT / named).exists(), f"{path.name} names {named}"
+        if path.is_file():
+            assert ".env.example" not in path.read_text(encoding="utf-8"), path.name
+
+
 @pytest.mark.parametrize("preset", [False, True])
 def test_gunicorn_conf_sets_up_multiprocess_metrics(tmp_path: Path, preset: bool) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,51 @@ def test_every_environment_setting_is_documented(name: str) -> None:
     text = "\n".join(prose + [code for _, code in blocks])
     missing = [var for var in ENV_SETTINGS
                if not re.search(rf"(?<![A-Z0-9_]){var}(?![A-Z0-9_])", text)]
+    assert not missing, f"{name} does not mention {missing}"
+
+
+ENV_READ = re.compile(r"os\.environ(?:\.get\(|\[)\s*[\"']([A-Z][A-Z0-9_]*)[\"']")
+XIAOYI_NAME = re.compile(r"[\"'](XIAOYI_[A-Z0-9_]*[A-Z0-9])[\"']")
+CODE_DIRS = ("app", "workers", "fakes", "deploy")
+
+
+def _env_read_by_code() -> set[str]:
+    """Return every environment variable the shipped code names: os.environ reads, XIAOYI_*."""
+    names: set[str] = set()
+    for folder in CODE_DIRS:
+        for path in (ROOT / folder).rglob("*.py"):
+            source = path.read_text(encoding="utf-8")
+            names |= set(ENV_READ.findall(source)) | set(XIAOYI_NAME.findall(source))
+    return names
+
+
+def _mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_])", text) is not None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_environment_variable_the_code_reads_is_documented(name: str) -> None:
+    """Not only the config's settings: gunicorn's knobs, proxies, CA bundles read by name too."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    names = _env_read_by_code()
+    assert {"WEB_CONCURRENCY", "XIAOYI_WEB_KEEPALIVE", "XIAOYI_REDIS_URL"} <= names, names
+    missing = sorted(var for var in names if not _mentions(text, var))
+    assert not missing, f"{name} does not mention {missing}"
+
+
+# Tables whose keys are settings a reader sets one by one (prices, models, texts and the menu
+# are data: the README shows their shape and points at the file).
+TOML_TABLES = ("relay", "limits", "bot", "pay", "safety")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_toml_setting_is_documented(name: str) -> None:
+    """Every key of app/core/defaults.toml's setting tables appears in the README."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    defaults = tomllib.loads((ROOT / "app/core/defaults.toml").read_text(encoding="utf-8"))
+    keys = [f"{table}.{key}" for table in TOML_TABLES for key in defaults[table]]
+    assert len(keys) >= 50, keys
+    missing = [k for k in keys if not _mentions(text, k.split(".", 1)[1])]
     assert not missing, f"{name} does not mention {missing}"
 
 

@@ -125,6 +125,24 @@ def test_wechat_send_acts_as_wechat(wx: FakeWeChatAPI, upstream: Any, redis_url:
     assert wrong.exit_code == 1 and "HTTP 403" in wrong.output
 
 
+def test_wechat_send_says_which_side_lacks_the_token(wx: FakeWeChatAPI, upstream: Any,
+                                                    redis_url: str, r: Any) -> None:
+    """A server without a token (503) or with another one (403): the hint says what to align."""
+    env = env_for(wx, redis_url, upstream.url)
+    tokenless = wechat_settings(upstream.url, redis_url, wx, env_extra={"XIAOYI_WECHAT_TOKEN": ""})
+    runner = CliRunner()
+    with bot(tokenless, r, worker=False) as (_, url):
+        unset = runner.invoke(main, ["wechat", "send", "余额", "--url", f"{url}/wechat"], env=env)
+    with bot(wechat_settings(upstream.url, redis_url, wx), r, worker=False) as (_, url):
+        other = runner.invoke(main, ["wechat", "send", "余额", "--url", f"{url}/wechat"],
+                              env={**env, "XIAOYI_WECHAT_TOKEN": "not-the-token"})
+    assert unset.exit_code == 1 and "HTTP 503" in unset.output
+    assert "restart it with the same token" in unset.output, unset.output
+    assert "Traceback" not in unset.output and len(unset.output.strip().splitlines()) == 1
+    assert other.exit_code == 1 and "HTTP 403" in other.output
+    assert "give this command the same value" in other.output, other.output
+
+
 class _Down(BaseHTTPRequestHandler):
     """WeChat's API answering every call with a 502."""
 

@@ -69,7 +69,11 @@ def fake_upstream(host: str, port: int, api_key: str | None) -> None:
 @click.option("--workers", "web_workers", default=None, type=click.IntRange(1, 64),
               help="gunicorn worker processes (default: deploy/gunicorn.conf.py's)")
 def web(host: str, port: int, web_workers: int | None) -> None:
-    """Serve the app with gunicorn (gevent workers: hundreds of open streams each)."""
+    """Serve the app with gunicorn (gevent workers: hundreds of open streams each).
+
+    Needs XIAOYI_REDIS_URL. Without XIAOYI_UPSTREAM_BASE_URL (or [[channels]]) it starts the
+    fake upstream too, on XIAOYI_FAKE_UPSTREAM_PORT (9000).
+    """
     from app.runtime.procs import StartError, check_port, gunicorn_argv, prepare_env
 
     s = _checked()
@@ -104,7 +108,11 @@ def worker(queues: list[str], burst: bool) -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 32),
               help="rq workers")
 def run(host: str, port: int, workers: int) -> None:
-    """Start everything: embedded Redis, fake upstream if unset, web and workers."""
+    """Start everything: web, workers, an embedded Redis and a fake upstream.
+
+    The embedded Redis unless XIAOYI_REDIS_URL is set, the fake upstream unless
+    XIAOYI_UPSTREAM_BASE_URL (or the config's [[channels]]) is. Ctrl-C stops everything.
+    """
     from app.runtime.procs import StartError, run_all
 
     try:

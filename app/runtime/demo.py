@@ -65,7 +65,11 @@ def banner(settings: Settings, host: str, port: int, redis_url: str, upstream: s
     """Return what `xiaoyi run` prints once everything answers: URLs, the demo key, a curl."""
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     base = f"http://{shown}:{port}"
-    admin = "" if settings.admin_token else "(set XIAOYI_ADMIN_TOKEN to enable)"
+    admin = "" if settings.admin_token else "  (set XIAOYI_ADMIN_TOKEN to enable)"
+    wechat = ("  (try it: xiaoyi wechat send 你好, with the same XIAOYI_WECHAT_TOKEN)"
+              if settings.wechat_token else "  (set XIAOYI_WECHAT_TOKEN to enable)")
+    fake = ("" if settings.channels else
+            "  (the built-in fake, not a model: set XIAOYI_UPSTREAM_BASE_URL for a real one)")
     where = "" if settings.redis_url else (f"  (embedded, AOF in {settings.data_dir}; the full "
                                            f"URL is in {os.path.join(settings.data_dir, URL_FILE)}, "
                                            "mode 0600)")
@@ -73,10 +77,10 @@ def banner(settings: Settings, host: str, port: int, redis_url: str, upstream: s
     return f"""
 xiaoyi is running.
   API:      {base}/v1   (also {base}/index.php/api/v1)
-  WeChat:   {base}/wechat
-  Admin:    {base}/admin  {admin}
+  WeChat:   {base}/wechat{wechat}
+  Admin:    {base}/admin{admin}
   Redis:    {_shown(redis_url)}{where}
-  Upstream: {upstream}
+  Upstream: {upstream}{fake}
 
 Demo key ({units_to_yuan(balance)} 元): {key}{low}
 

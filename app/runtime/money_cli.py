@@ -59,6 +59,7 @@ def keys_create(account: str | None, name: str, initial: int, as_json: bool) -> 
     """Issue a key (printed once: only its hash is stored)."""
     from app.core.money import keys, wallet
     from app.core.money.layout import WalletError
+    from app.runtime.demo import DEMO_ACCOUNT
 
     r = store()
     try:
@@ -70,6 +71,10 @@ def keys_create(account: str | None, name: str, initial: int, as_json: bool) -> 
         raw, info = keys.create_key(r, acct, name)
     except WalletError as exc:
         raise CliError(str(exc)) from exc
+    if acct == DEMO_ACCOUNT:  # `xiaoyi run` keeps exactly one live key there: its own
+        click.echo(f"xiaoyi: warning: the next `xiaoyi run` revokes every key of the "
+                   f"{DEMO_ACCOUNT} account but its demo key; give this one its own account",
+                   err=True)
     view = _account_view(r, acct)
     emit({"key": raw, "id": info.id, "name": name, "account": acct, "masked": info.masked,
           "balance": view["balance"]}, as_json,
@@ -78,7 +83,8 @@ def keys_create(account: str | None, name: str, initial: int, as_json: bool) -> 
 
 
 @keys_group.command("list")
-@click.option("--account", default=None, callback=_account_id)
+@click.option("--account", default=None, callback=_account_id,
+              help="only this account's keys (default: every key)")
 @json_option
 def keys_list(account: str | None, as_json: bool) -> None:
     """List keys (masked) with their names."""
@@ -170,8 +176,10 @@ def ledger_group() -> None:
 
 
 @ledger_group.command("export")
-@json_option
-@click.option("--account", default=None, callback=_account_id)
+@click.option("--json", "as_json", is_flag=True,
+              help="accepted like every data command's; the output is JSON lines either way")
+@click.option("--account", default=None, callback=_account_id,
+              help="only this account's entries (default: every account, one after another)")
 def ledger_export(as_json: bool, account: str | None) -> None:
     """Print every ledger entry (its money fields, amount and cost, in 元), one JSON object a
     line."""

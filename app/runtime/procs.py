@@ -53,11 +53,13 @@ def admin_store_url(settings: Settings) -> str:
 
     Never starts a Redis (that would be a second, empty wallet): raise ConfigError instead.
     """
-    from app.edges.store import NO_URL
-
     url = settings.redis_url or running_embedded(settings.data_dir)
     if url is None:
-        raise ConfigError(NO_URL)
+        raise ConfigError(
+            f"XIAOYI_REDIS_URL is not set and no `xiaoyi run` is running with XIAOYI_DATA_DIR "
+            f"{settings.data_dir} (admin commands use its store then, and never start one of "
+            f"their own): start `make run` (or `xiaoyi run`) in this directory first, or set "
+            f"XIAOYI_REDIS_URL to your store.")
     return url
 
 

@@ -69,6 +69,15 @@ def menu_show(as_json: bool) -> None:
          json.dumps(current, ensure_ascii=False, indent=2) if current else "(no menu)")
 
 
+# What a refusal of `wechat send` means for the one who runs it (the server's words stay first).
+SEND_HINTS = {
+    403: " (the server at {url} checks the signature with its own XIAOYI_WECHAT_TOKEN: give this "
+         "command the same value, and the same XIAOYI_WECHAT_AES_KEY)",
+    503: " (that is the server at {url}, not this command: restart it with the same token, "
+         "e.g. XIAOYI_WECHAT_TOKEN=test-token make run)",
+}
+
+
 @click.group("wechat")
 def wechat_group() -> None:
     """Stand in for WeChat's server."""
@@ -101,6 +110,7 @@ def wechat_send(text: str, openid: str, event: str | None, url: str | None,
     except requests.RequestException as exc:
         raise CliError(f"could not reach {url}: {type(exc).__name__}") from exc
     if resp.status_code != 200:
-        raise CliError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        hint = SEND_HINTS.get(resp.status_code, "")
+        raise CliError(f"HTTP {resp.status_code}: {resp.text[:200]}{hint.format(url=url)}")
     reply = simulate.read_reply(settings, resp.text)
     emit({"reply": reply}, as_json, simulate.describe(reply))
