@@ -245,8 +245,9 @@ def post_worker_init(worker: object) -> None:
     from app.runtime import graceful
 
     util.write_error = json_error  # gunicorn's own refusals in the API's JSON shapes
-    log = worker.log  # type: ignore[attr-defined]
-    log.access = redacting(log.access)  # a usage link's token never reaches the access log
+    log = getattr(worker, "log", None)  # gunicorn's Logger (every real worker has one)
+    if log is not None:
+        log.access = redacting(log.access)  # a usage link's token never reaches the access log
     signal.signal(signal.SIGINT, worker.handle_exit)  # type: ignore[attr-defined]
     logging.getLogger("gunicorn.error").addFilter(StalledStreamFilter())  # gunicorn's own
     graceful.watch(worker)
