@@ -489,3 +489,50 @@ def test_embeddings_input_holds_at_most_2048_entries(live: LiveServer, r: redis.
         assert resp.status_code == status, resp.text[:300]
         if status == 400:
             assert resp.json()["error"]["param"] == "input"
+
+
+UNDER = "[[fake:long=2000]][[fake:completion_tokens=1]]"  # 2 000 words, reported as 1 token
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": UNDER}]}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": UNDER}),
+    ("/v1/responses", {"model": "gpt-4", "input": UNDER}),
+], ids=["chat", "completions", "responses"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_usage_far_below_the_delivered_text_bills_the_text(
+        live: LiveServer, r: redis.Redis, path: str, body: dict[str, Any], stream: bool) -> None:
+    """Red team: an upstream reporting 1 completion token for a 2 000-word answer (a proxy
+    that loses its count, or lies) was billed 1 token while the client got 17 kB of text.
+    Such a report is an anomaly and the delivered text's estimate is billed (and shown)."""
+    key, acct = new_key(r, "10")
+    before = anomalies("completion_under_text")
+    resp = post(live, key, {**body, "stream": stream}, path)
+    assert resp.status_code == 200, resp.text
+    text = resp.text
+    assert text.count("word1999") >= 1
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["ct"]) >= 4000  # BPE counts "word123" as 2-3 tokens
+    assert anomalies("completion_under_text") == before + 1
+    if path == "/v1/chat/completions" and not stream:
+        assert resp.json()["usage"]["completion_tokens"] == int(settle["ct"])
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "[[fake:long=300]] " + "lorem ipsum dolor " * 2000, "echo": True, "n": 2},
+    {"prompt": "[[fake:long=300]]"},
+], ids=["echo", "plain"])
+def test_an_honest_usage_is_not_floored(live: LiveServer, r: redis.Redis,
+                                        body: dict[str, Any]) -> None:
+    """The fake upstream's own count (a word a token: 2.5 times under BPE's for its `long`
+    answers) and completions' echo (the prompt repeated in each choice's text, not completion
+    tokens) stay what the upstream reported."""
+    key, acct = new_key(r, "100")
+    before = anomalies("completion_under_text")
+    resp = post(live, key, {"model": "gpt-3.5-turbo-instruct", "max_tokens": 300, **body},
+                "/v1/completions")
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["ct"]) == resp.json()["usage"]["completion_tokens"]
+    assert anomalies("completion_under_text") == before

@@ -210,6 +210,23 @@ def completion_tokens(text: str, model: str | None) -> int:
     return text_tokens(text, model)
 
 
+UNDER_RATIO, UNDER_SLACK = 4, 64  # a report under 1/4 of the text's count, less 64: implausible
+
+
+def under_text(reported: int, text: str, model: str | None, discount: int = 0) -> bool:
+    """Tell whether `reported` completion tokens are implausibly few for the text the upstream
+    delivered: fewer than a quarter of the text's count by the most frugal of the model's
+    tokenizers, less `discount` (tokens of the text that are not completion: an echoed prompt)
+    and UNDER_SLACK. Honest tokenizers differ by far less (the fake upstream's word count is
+    2.5 times under BPE's for its `long` answers); the count stops as soon as it proves the
+    report plausible (count_till_limit), so it costs at most about the report's size.
+    """
+    cap = UNDER_RATIO * (reported + UNDER_SLACK) + max(discount, 0)
+    if len(_clean(text).encode()) <= cap:  # a BPE token is at least one UTF-8 byte
+        return False
+    return all(_bpe(name, text, cap) is None for name in encodings_for(model))
+
+
 def _json_text(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()

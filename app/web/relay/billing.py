@@ -37,12 +37,13 @@ class Bounds(Protocol):
     prompt_bound: int
     prompt_estimate: int | None
     completion_max: int
+    echoed: int  # tokens of the answer's text that are the prompt (completions' echo), at most
 
 
 class Meter:
     """One call's billed tokens: set from a usage object, or estimated from the answer text."""
 
-    __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged")
+    __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged", "under")
 
     def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
@@ -50,6 +51,7 @@ class Meter:
         self.nothing = False  # a stream the upstream failed before any text: bill nothing
         self.final = False  # set by cut(): what was delivered is billed, whatever comes later
         self.flagged = False  # an anomaly was recorded (once per call)
+        self.under = False  # completion_under_text was recorded (once per call)
 
     def usage(self, usage: Any) -> tuple[int, int] | None:
         """Bound a reported usage object (recording any anomaly); None when there is none.
@@ -86,11 +88,31 @@ class Meter:
                     *shown, self.plan.prompt_bound, self.plan.completion_max)
 
     def tokens(self, text: str) -> tuple[int, int]:
-        """Return (prompt, completion) to bill: the bounded usage, else the estimates."""
+        """Return (prompt, completion) to bill: the bounded usage, else the estimates.
+
+        A usage whose completion is implausibly small for the text the upstream delivered
+        (tokens.under_text: an upstream reporting 0 or 1 token for a long answer) bills that
+        text's estimate instead, counted as the anomaly `completion_under_text`."""
         if self.billed is not None:
+            if text and not self.final and tokens.under_text(
+                    self.billed[1], text, self.call.upstream_model, self.plan.echoed):
+                self._under(text)
             return self.billed
         ct = tokens.completion_tokens(text, self.call.upstream_model) if text else 0
         return self._prompt_estimate(), min(ct, self.plan.completion_max)
+
+    def _under(self, text: str) -> None:
+        """Bill the delivered text's estimate over a completion report far below it."""
+        assert self.billed is not None
+        reported = self.billed[1]
+        ct = tokens.completion_tokens(text, self.call.upstream_model) - self.plan.echoed
+        self.billed = self.billed[0], max(reported, min(ct, self.plan.completion_max))
+        if not self.under:
+            self.under = True
+            USAGE_ANOMALIES.labels(self.channel, "completion_under_text").inc()
+            log.warning("usage anomaly on channel %s for %s: completion_under_text (reported "
+                        "completion=%d for %d characters; billed %d)", self.channel,
+                        self.call.req_id, reported, len(text), self.billed[1])
 
     def _prompt_estimate(self) -> int:
         """Return the prompt tokens to bill without a usage: the estimate, never above the bound

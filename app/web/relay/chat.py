@@ -177,7 +177,8 @@ def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
         meter.usage(obj["usage"])
         if not plan.want_usage and not obj.get("choices"):
             return
-        obj["usage"] = meter.shown("", obj["usage"])
+        delivered = "" if obj.get("choices") else "".join(texts)  # the last report: checked
+        obj["usage"] = meter.shown(delivered, obj["usage"])  # against the text (tokens.under_text)
     elif not plan.want_usage and "usage" in obj:  # the null the relay's own include_usage adds
         del obj["usage"]
     obj["model"] = call.model

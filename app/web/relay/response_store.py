@@ -211,6 +211,7 @@ class Plan:
     prompt_bound: int = 0
     prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
+    echoed: int = 0  # no echo here (billing.Bounds)
     response: dict[str, Any] = field(default_factory=dict)
     ttl: int = TTL_SECONDS
     max_bytes: int = MAX_BYTES

@@ -37,6 +37,7 @@ class Plan:
     prompt_bound: int = 0
     prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
+    echoed: int = 0  # completions' echo: the prompt's tokens the answer repeats, at most
     stream: bool = False
     want_usage: bool = False
 
@@ -172,6 +173,8 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
         screen_input(completion_slots(call.body))
     _prompt_bound(kind, call, plan)
     plan.completion_max = _completion_max(kind, call)
+    if kind != "chat" and call.body.get("echo"):  # each choice repeats its prompt
+        plan.echoed = plan.prompt_bound * (optional_int(call.body, "n", 1, MAX_N) or 1)
     _stream_flags(call.body, plan)
     standard_tier(call.body)
     amount = pricing.token_cost(call.price, plan.prompt_bound, plan.completion_max)
