@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import current_app
 
-from app.bot import jobs
+from app.bot import answers, jobs
 from app.bot.delivery import Delivery
 from app.core import money
 from app.core.errors import UpstreamError
@@ -38,3 +38,33 @@ def hold_then_fail(openid: str, dk: str, acct: str, cost: int, fault: str) -> An
         return "unreachable"
 
     return jobs.attempt(r, dk, work, lambda exc: dl.note("chat_failed"))
+
+
+ANSWER = "这是已经扣费的回答"
+
+
+def charge_then_fail(openid: str, dk: str, acct: str, cost: int, fault: str) -> Any:
+    """Answer as workers/chat.py does (keep the answer, paid, then settle), then fail.
+
+    fault: 'bug' (KeyError after the charge), 'upstream' (an UpstreamError after it, every run:
+    the last attempt gives up), 'unsettled' (a KeyError after keeping, before settling: the
+    hold is released). The job gives up through app.bot.answers.give_up, as the chat job does.
+    """
+    r = get_redis()
+    dl = Delivery(r, current_app.config["SETTINGS"], openid, dk)
+
+    def work() -> str:
+        r.incr(runs_key(dk))
+        if jobs.kept(r, dk) is None:
+            with money.reserve(r, acct, dk, cost, key_id="wechat", model="test") as held:
+                pipe = r.pipeline(transaction=True)
+                jobs.keep(pipe, dk, {"text": ANSWER, "cost": cost, "pt": 1, "ct": 1, "paid": 1})
+                pipe.execute()
+                if fault == "unsettled":
+                    return {"text": "x"}["answer"]
+                held.settle(cost, prompt_tokens=1, completion_tokens=1)
+        if fault == "upstream":
+            raise UpstreamError("The upstream is down.")
+        return {"text": "x"}["answer"]  # the kind of bug a job can have
+
+    return jobs.attempt(r, dk, work, lambda exc: answers.give_up(dl, exc))

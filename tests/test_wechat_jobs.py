@@ -7,19 +7,23 @@ same app.bot.jobs.attempt() as workers/chat.py and workers/images.py.
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import botjobs
 import pytest
 from botjobs import runs_key
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
-from wechat_kit import WeChat, WorkerThread, bot, run_jobs, wait_for, wechat_settings
+from wechat_kit import WeChat, WorkerThread, bot, run_jobs, text_xml, wait_for, wechat_settings
 
 from app.bot import handoff, users
 from app.core.config import load_settings
 from app.core.money import ledger, wallet
-from app.edges.store import get_queue, get_rq_redis
+from app.edges.store import get_queue, get_rq_redis, make_redis
 from app.web.wechat import dedupe, dispatch
 from fakes import FakeWeChatAPI
 
@@ -35,9 +39,9 @@ def _enqueue(app: Any, dk: str, acct: str, fault: str) -> str:
     return job.id
 
 
-def _failed(app: Any, job_id: str) -> bool:
+def _failed(app: Any, job_id: str, queue: str = "chat") -> bool:
     with app.app_context():
-        return job_id in FailedJobRegistry("chat", connection=get_rq_redis()).get_job_ids()
+        return job_id in FailedJobRegistry(queue, connection=get_rq_redis()).get_job_ids()
 
 
 def test_a_keyerror_fails_the_job_at_once_with_the_hold_released(
@@ -164,3 +168,128 @@ def test_a_given_up_chat_run_again_charges_and_delivers_nothing(
     kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
     assert kinds == {"reserve": 3, "refund": 3}
     assert ledger.verify(r) == []
+
+
+def _enqueue_charged(app: Any, dk: str, acct: str, fault: str) -> str:
+    with app.app_context():
+        job = get_queue("chat").enqueue("botjobs.charge_then_fail", OPENID, dk, acct, COST,
+                                        fault, job_id=f"test-charged-{fault}", failure_ttl=3600)
+    return job.id
+
+
+@pytest.mark.parametrize("fault,runs", [("bug", 1), ("upstream", 3)])
+def test_a_charged_answer_that_fails_for_good_is_delivered_not_apologised_for(
+        fault: str, runs: int, upstream: Any, redis_url: str, r: Any,
+        wx: FakeWeChatAPI) -> None:
+    """Red team: a chat job whose answer was kept (paid) and settled, then failed for good (a
+    bug, or a transient failure on its last attempt), told the user "这次没有扣费" and never
+    delivered the answer, the message then closed: charged for nothing. Now the user gets
+    the paid answer, once; the charge stands, once; a requeue adds nothing."""
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    acct = users.ensure_account(r, settings, OPENID)  # the user's own account (10 元)
+    dk = f"{OPENID}:7770011"
+    with bot(settings, r, worker=False) as (app, _):
+        job_id = _enqueue_charged(app, dk, acct, fault)
+        with WorkerThread(app):
+            wait_for(lambda: _failed(app, job_id), timeout=20)
+        assert [m["text"]["content"] for m in wx.sent(OPENID)] == [botjobs.ANSWER]
+        with app.app_context():
+            FailedJobRegistry("chat", connection=get_rq_redis()).requeue(job_id)
+        run_jobs(app)
+    assert int(r.get(runs_key(dk))) == runs  # the requeued run found the message closed
+    assert [m["text"]["content"] for m in wx.sent(OPENID)] == [botjobs.ANSWER]
+    assert r.llen(handoff.park_key(OPENID)) == 0
+    assert wallet.balance(r, acct) == 10_000 - COST and ledger.open_holds(r) == 0
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
+    assert kinds == {"reserve": 1, "settle": 1}
+    assert ledger.verify(r) == []
+
+
+def test_a_kept_answer_whose_hold_was_released_is_apologised_for_and_not_charged(
+        upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI) -> None:
+    """The answer was kept (paid), but the job failed before settling: the hold was released,
+    so the apology's "这次没有扣费" is true and the answer is not given away."""
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    acct = users.ensure_account(r, settings, OPENID)  # the user's own account (10 元)
+    dk = f"{OPENID}:7770012"
+    with bot(settings, r, worker=False) as (app, _):
+        job_id = _enqueue_charged(app, dk, acct, "unsettled")
+        run_jobs(app)
+        assert _failed(app, job_id)
+    assert [m["text"]["content"] for m in wx.sent(OPENID)] == [TEXTS["chat_failed"]]
+    assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
+    assert kinds == {"reserve": 1, "refund": 1}
+    assert ledger.verify(r) == []
+
+
+@pytest.fixture
+def unrecorded(redis_url: str, r: Any) -> Iterator[Any]:
+    """A client of a Redis user that may not record pushes (SADD on xy:wx:sent:*): every push
+    of a message then fails with NOPERM, a Redis error no retry mends. The rest is allowed."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis" or "@" in parts.netloc:
+        pytest.skip("needs a plain redis:// test server to add an ACL user to")
+    user = f"nosent{secrets.token_hex(4)}"
+    r.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-sadd",
+                      "(+sadd ~xy:wx:pending:* ~xy:{* ~rq:*)")
+    url = urlunsplit(parts._replace(netloc=f"{user}:pw@{parts.netloc}"))
+    client = make_redis(url, max_connections=100)
+    try:
+        yield client
+    finally:
+        client.connection_pool.disconnect()
+        r.execute_command("ACL", "DELUSER", user)
+
+
+def test_a_paid_chat_whose_push_fails_for_good_parks_the_answer_for_continue(
+        upstream: Any, redis_url: str, r: Any, unrecorded: Any, wx: FakeWeChatAPI) -> None:
+    """Through the webhook and workers/chat.py: the answer is charged, then its push fails with
+    an error that is not transient (Redis refuses to record it). The job gives up: the paid
+    answer is parked for 继续, never the false "这次没有扣费"; charged once."""
+    openid, msg_id = "oJobUser00000000000000000004", "7770013"
+    settings = wechat_settings(upstream.url, redis_url, wx, daily_free_messages=0,
+                               reply_wait_seconds=0.2)
+    with bot(settings, unrecorded) as (app, url):
+        wechat = WeChat(url, wx.appid)
+        assert wechat.say(openid, "[[fake:delay=0.6]]付费的问题", msg_id=msg_id) is None
+        job_id = dedupe.job_id(f"{openid}:{msg_id}", "chat")
+        wait_for(lambda: _failed(app, job_id), timeout=20)
+        assert wx.sent(openid) == []  # nothing could be pushed, not even the note
+        got = wechat.say(openid, "继续")
+        assert got is not None and "付费的问题" in got and TEXTS["chat_failed"] not in got
+        assert wechat.say(openid, "继续") == TEXTS["nothing_parked"]
+        acct = users.account_of(r, openid)
+        assert acct is not None
+        with app.app_context():
+            FailedJobRegistry("chat", connection=get_rq_redis()).requeue(job_id)
+        run_jobs(app)
+        assert wechat.say(openid, "继续") == TEXTS["nothing_parked"]
+    assert len([q for q in upstream.requests if q["path"].startswith("/v1/chat/")]) == 1
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct)
+                    if e.get("req") == f"{openid}:{msg_id}")
+    assert kinds == {"reserve": 1, "settle": 1}
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
+
+
+def test_a_paid_picture_whose_push_fails_for_good_is_parked_not_apologised_for(
+        upstream: Any, redis_url: str, r: Any, unrecorded: Any, wx: FakeWeChatAPI) -> None:
+    """画: the picture is made, uploaded and charged, then its push fails for good. The user
+    gets the picture by 继续, not "图片生成失败……这次没有扣费"; charged once."""
+    openid, msg_id = "oJobUser00000000000000000005", "7770014"
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    with bot(settings, unrecorded) as (app, url):
+        wechat = WeChat(url, wx.appid)
+        assert wechat.say(openid, "画 一只猫", msg_id=msg_id) == TEXTS["image_started"]
+        job_id = dedupe.job_id(f"{openid}:{msg_id}", "image")
+        wait_for(lambda: _failed(app, job_id, "image"), timeout=20)
+        assert wx.sent(openid) == []
+        got = wechat.reply(wechat.post(text_xml(openid, "继续")))
+    assert got is not None and got["MsgType"] == "image"
+    assert got["Image"]["MediaId"] == wx.uploads[0]["media_id"]
+    acct = users.account_of(r, openid)
+    assert acct is not None
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct)
+                    if e.get("req") == f"{openid}:{msg_id}")
+    assert kinds == {"reserve": 1, "settle": 1}
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []

@@ -22,7 +22,7 @@ from PIL import Image
 from wechatpy.exceptions import WeChatClientException
 
 from app.bot import jobs, users
-from app.bot.delivery import Delivery
+from app.bot.delivery import Delivery, Item
 from app.core import money, pricing
 from app.core.config import Settings, units_to_yuan
 from app.core.errors import InvalidRequest, UpstreamError
@@ -43,7 +43,7 @@ def reply_image(openid: str, dedupe_key: str, prompt: str) -> Any:
     dl = Delivery(get_redis(), current_app.config["SETTINGS"], openid, f"{dedupe_key}:img")
     return jobs.attempt(dl.r, dl.dk,
                         lambda: jobs.once(dl.r, dl.dk, lambda: _reply(dl, dedupe_key, prompt)),
-                        lambda exc: _give_up(dl, exc))
+                        lambda exc: _give_up(dl, dedupe_key, exc))
 
 
 def _reply(dl: Delivery, req: str, prompt: str) -> str:
@@ -54,9 +54,14 @@ def _reply(dl: Delivery, req: str, prompt: str) -> str:
         if isinstance(made, str):
             return made
         done = made
+    return dl.send(_items(dl, done))
+
+
+def _items(dl: Delivery, done: dict[str, str]) -> list[Item]:
+    """Return the kept picture as what is sent: the image, or its link."""
     if done.get("media"):
-        return dl.send([{"t": "image", "m": done["media"]}])
-    return dl.note("image_link", url=done["url"])
+        return [{"t": "image", "m": done["media"]}]
+    return [dl.text("image_link", url=done["url"])]
 
 
 def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | str:
@@ -80,7 +85,7 @@ def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | st
             pipe.execute()
             held.settle(cost)
     except InvalidRequest as exc:  # the upstream refused the prompt: no retry helps
-        _give_up(dl, exc)
+        _give_up(dl, req, exc)
         return "refused"
     return {"media": media, "url": url}
 
@@ -153,7 +158,13 @@ def _upload(picture: bytes) -> str:
     return media
 
 
-def _give_up(dl: Delivery, exc: BaseException) -> None:
-    """Apologise (any hold was released)."""
+def _give_up(dl: Delivery, req: str, exc: BaseException) -> None:
+    """Deliver a kept picture that was paid for (or park it for 继续); else apologise: the
+    failure released the hold, so nothing was charged."""
     log.warning("image for %s failed for good: %s: %s", dl.openid, type(exc).__name__, exc)
+    done = jobs.kept(dl.r, dl.dk)
+    acct = users.account_of(dl.r, dl.openid)
+    if done is not None and acct is not None and money.settled(dl.r, acct, req):
+        dl.rescue(_items(dl, done))
+        return
     dl.note("image_failed")

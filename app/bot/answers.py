@@ -162,8 +162,22 @@ def _billed(settings: Settings, model: str, usage: Any, answer: str,
 
 
 def give_up(dl: Delivery, exc: BaseException, failed: str = "chat_failed") -> None:
-    """Give the free chat back (any hold was released) and apologise."""
+    """Deliver a kept answer whose charge stands (or park it for 继续); else give the free chat
+    back and apologise: the failure released any hold, so nothing was charged."""
     log.warning("answer for %s failed for good: %s: %s", dl.openid, type(exc).__name__, exc)
-    if jobs.kept(dl.r, dl.dk) is None:
+    answer = jobs.kept(dl.r, dl.dk)
+    if answer is not None and _stands(dl, answer):
+        dl.rescue(dl.text_items(answer["text"]))
+        return
+    if answer is None:
         users.refund_free(dl.r, dl.dk)
     dl.note(failed)
+
+
+def _stands(dl: Delivery, answer: dict[str, str]) -> bool:
+    """Tell whether a kept answer was paid for (settled: the wallet's marker) or cost nothing
+    (a free chat, whose turn is in the context, or a refusal)."""
+    if answer.get("paid") != "1":
+        return True
+    acct = users.account_of(dl.r, dl.openid)
+    return acct is not None and money.settled(dl.r, acct, dl.dk)

@@ -193,9 +193,36 @@ class Delivery:
 
     def send_text(self, content: str) -> str:
         """Deliver a text answer, split within WeChat's limit; return how."""
+        return self.send(self.text_items(content))
+
+    def text_items(self, content: str) -> list[Item]:
+        """Return a text answer as items, split within WeChat's limit (and room for a note)."""
         room = self.settings.bot.text_limit_bytes - len(
             text("more", self.settings).encode("utf-8"))
-        return self.send([text_item(p) for p in split_text(content.strip() or "……", room)])
+        return [text_item(p) for p in split_text(content.strip() or "……", room)]
+
+    def rescue(self, items: list[Item]) -> str:
+        """Deliver a paid answer once more after its job failed for good; when that fails
+        too, park what was not delivered for 继续 and say so (once). Return how."""
+        try:
+            return self.send(items)
+        except Exception as exc:  # the failure the job gave up on, again
+            log.warning("delivery to %s failed again (%s); parking the paid answer",
+                        self.openid, type(exc).__name__)
+        state = self.r.hget(h.state_key(self.dk), "state")
+        if state in ("ready", "passive", "pushed", "parked"):  # delivered or parked meanwhile
+            self.drop_pending()
+            return str(state)
+        sent = self.r.smembers(h.sent_key(self.dk))  # a push records each item before sending
+        how = self._park([item for i, item in enumerate(items) if str(i) not in sent])
+        self.drop_pending()
+        try:
+            if self.can_push() and self._claim(len(items)):  # the note: one index past them
+                _send(wechat_api.get_client(), self.openid, self.text("answer_parked"))
+        except Exception as exc:  # the answer is parked: 继续 (or WeChat's retry) gets it
+            log.warning("could not tell %s the answer is parked (%s)", self.openid,
+                        type(exc).__name__)
+        return how
 
     def note(self, name: str, **values: Any) -> str:
         """Deliver the bot's text `name` (filled with `values`) as the answer; return how."""

@@ -5,6 +5,6 @@ The key layout (hash tags, global views) is documented in one place: app/core/mo
 
 from __future__ import annotations
 
-from app.core.money.hold import Hold, Settled, Short, authenticate, authorize, reserve
+from app.core.money.hold import Hold, Settled, Short, authenticate, authorize, reserve, settled
 
-__all__ = ["Hold", "Settled", "Short", "authenticate", "authorize", "reserve"]
+__all__ = ["Hold", "Settled", "Short", "authenticate", "authorize", "reserve", "settled"]

@@ -108,6 +108,11 @@ def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
     raise Short(got.balance)
 
 
+def settled(r: Store, acct: str, req: str) -> bool:
+    """Tell whether request `req` was settled (charged), not released or still open."""
+    return wallet.settled(r, acct, req)
+
+
 def _invalid() -> InvalidKey:
     return InvalidKey("Incorrect API key provided.", msg="密钥无效")
 

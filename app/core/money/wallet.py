@@ -22,6 +22,7 @@ from app.core.money.layout import (
     WalletError,
     acct_key,
     check_account_id,
+    done_key,
     ledger_key,
     refs_key,
     tag,
@@ -250,6 +251,15 @@ def settle(r: Store, acct: str, req: str, cost: int, *, prompt_tokens: int = 0,
               usage=(china_day(now), model, charged, prompt_tokens + completion_tokens)
               if charged > 0 or kind == "settle" else None)
     return charged
+
+
+def settled(r: Store, acct: str, req: str) -> bool:
+    """Tell whether request `req` was charged: SETTLE's marker (a refund leaves none), kept
+    DONE_KEEP_MS. False for an open hold, a released one, or an impossible account id."""
+    try:
+        return r.zscore(done_key(acct), req) is not None
+    except BadAccountId:
+        return False
 
 
 def release(r: Store, acct: str, req: str) -> None:
