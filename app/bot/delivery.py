@@ -1,7 +1,8 @@
 """Deliver answers to a WeChat user: passive hand-off, push, park, 继续 (SPEC §5, §7.5).
 
 One small object per message, `Delivery(r, settings, openid, dk)`. The webhook calls expect(),
-wait() and reply_now(); the jobs call send_text(), send() and note(); 继续 calls unpark().
+wait() and reply_now(); the jobs call send_text(), send(), note() and, giving up on a paid
+answer, rescue(); 继续 calls unpark().
 WeChat allows max_push_messages customer-service messages per user message: the rest is parked
 and the last pushed message says to send 继续. Each pushed item is recorded before it is sent,
 so a re-run of the job never sends it twice. Without the customer-service API (48001, no

@@ -5,7 +5,8 @@ malformed answers, all raised as UpstreamError/UpstreamTimeout where the body is
 WeChat's transient errors and a Redis blip. The job then returns rq's `Retry` (rq ≥ 2.1: a job
 may ask for its own retry), so jobs are enqueued without one and anything else (a KeyError, a
 TypeError: a bug) fails the job at once into rq's failed registry. Either way, once no retry
-is left the user gets a short apology; a hold is released by its own `with` block. A request
+is left the user gets a short apology (or, when the answer was kept and settled already, that
+paid answer: app.bot.answers.give_up); a hold is released by its own `with` block. A request
 the upstream refuses (InvalidRequest) or a Hopeless one is apologised for by the job itself,
 which then ends normally: nothing is retried, and nothing is a bug.
 
