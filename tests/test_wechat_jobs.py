@@ -20,9 +20,10 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from wechat_kit import WeChat, WorkerThread, bot, run_jobs, text_xml, wait_for, wechat_settings
 
-from app.bot import handoff, users
+from app.bot import handoff, jobs, users
+from app.core import pricing
 from app.core.config import load_settings
-from app.core.money import ledger, wallet
+from app.core.money import hold, ledger, wallet
 from app.edges.store import get_queue, get_rq_redis, make_redis
 from app.web.wechat import dedupe, dispatch
 from fakes import FakeWeChatAPI
@@ -293,3 +294,53 @@ def test_a_paid_picture_whose_push_fails_for_good_is_parked_not_apologised_for(
                     if e.get("req") == f"{openid}:{msg_id}")
     assert kinds == {"reserve": 1, "settle": 1}
     assert ledger.open_holds(r) == 0 and ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("kind,left", [("chat", 10_000), ("chat", 100), ("image", 10_000),
+                                       ("image", 100)])
+def test_a_kept_answer_whose_charge_was_released_is_charged_before_it_is_delivered(
+        kind: str, left: int, upstream: Any, redis_url: str, r: Any,
+        wx: FakeWeChatAPI) -> None:
+    """Red team: a run kept its answer (paid) but its charge never stood (a Redis error at
+    settle released the hold); the retry found the kept answer and delivered it for free. The
+    real chat and image jobs now hold and settle it again before delivering, and a balance
+    that cannot cover it gets the 余额不足 note instead of the answer."""
+    settings = wechat_settings(upstream.url, redis_url, wx, daily_free_messages=0)
+    acct = users.ensure_account(r, settings, OPENID)
+    dk = f"{OPENID}:77700{kind}{left}"
+    req, kept = (dk, dk) if kind == "chat" else (dk, f"{dk}:img")
+    cost = 3000 if kind == "chat" else pricing.image_cost(
+        settings.prices[settings.models.get(settings.bot.image_model, settings.bot.image_model)],
+        settings.bot.image_size, 1)
+    assert cost and cost > 100
+    held = hold.reserve(r, acct, req, cost + 500, key_id="wechat", model="test")
+    held.release()  # what a failed settle left: the hold given back, no charge
+    balance = wallet.balance(r, acct)
+    if left < balance:  # most of the balance held by another request
+        assert wallet.reserve(r, acct, "req-elsewhere", balance - left, model="gpt-4").ok
+    fields = ({"text": "早就写好的回答", "cost": cost, "pt": 10, "ct": 20, "paid": 1}
+              if kind == "chat" else {"media": "", "url": "https://img.example/early.png"})
+    pipe = r.pipeline(transaction=True)
+    jobs.keep(pipe, kept, fields)
+    pipe.execute()
+    before = wallet.balance(r, acct)
+    with bot(settings, r, worker=False) as (app, _):
+        with app.app_context():
+            if kind == "chat":
+                dedupe.enqueue("chat", "workers.chat.reply_chat", dk, OPENID, dk, "问题")
+            else:
+                dedupe.enqueue("image", "workers.images.reply_image", kept, OPENID, dk, "一只猫")
+        run_jobs(app)
+    sent = [m.get("text", {}).get("content", "") for m in wx.sent(OPENID)]
+    assert not [q for q in upstream.requests if q["method"] == "POST"]  # the kept one is used
+    kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == req)
+    if left > cost:
+        assert kinds == {"reserve": 2, "refund": 1, "settle": 1}, kinds
+        assert wallet.balance(r, acct) == before - cost
+        assert any("早就写好的回答" in t or "img.example/early.png" in t for t in sent), sent
+    else:
+        assert kinds == {"reserve": 1, "refund": 1}, kinds
+        assert wallet.balance(r, acct) == before
+        assert not any("早就写好的回答" in t or "img.example" in t for t in sent), sent
+        assert any("余额" in t for t in sent), sent
+    assert ledger.verify(r) == []

@@ -21,7 +21,7 @@ from flask import current_app
 from PIL import Image
 from wechatpy.exceptions import WeChatClientException
 
-from app.bot import jobs, users
+from app.bot import answers, jobs, users
 from app.bot.delivery import Delivery, Item
 from app.core import money, pricing
 from app.core.config import Settings, units_to_yuan
@@ -54,7 +54,19 @@ def _reply(dl: Delivery, req: str, prompt: str) -> str:
         if isinstance(made, str):
             return made
         done = made
+    else:  # an earlier run kept the picture: charged, or charged now
+        model, _, cost = _priced(dl.settings)
+        short = answers.charge_kept(dl, acct, req, cost, model)
+        if short is not None:
+            return short
     return dl.send(_items(dl, done))
+
+
+def _priced(settings: Settings) -> tuple[str, str, int]:
+    """Return the bot's picture model, size and the price of one picture."""
+    model = settings.models.get(settings.bot.image_model, settings.bot.image_model)
+    size = settings.bot.image_size
+    return model, size, pricing.image_cost(settings.prices[model], size, 1) or 0
 
 
 def _items(dl: Delivery, done: dict[str, str]) -> list[Item]:
@@ -67,9 +79,7 @@ def _items(dl: Delivery, done: dict[str, str]) -> list[Item]:
 def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | str:
     """Hold, generate and upload; return {media or url}, or how the message was settled."""
     settings = dl.settings
-    model = settings.models.get(settings.bot.image_model, settings.bot.image_model)
-    size = settings.bot.image_size
-    cost = pricing.image_cost(settings.prices[model], size, 1) or 0
+    model, size, cost = _priced(settings)
     try:
         held = money.reserve(dl.r, acct, req, cost, key_id="wechat", model=model)
     except money.Short as exc:

@@ -65,11 +65,30 @@ def _reply(dl: Delivery, q: Question) -> str:
         if isinstance(produced, str):
             return produced
         answer = produced
-    elif answer.get("paid") == "1":  # a run that died before settling
-        money.Hold(dl.r, acct, dl.dk, 0).settle(
-            int(answer["cost"]), prompt_tokens=int(answer["pt"]),
-            completion_tokens=int(answer["ct"]))
+    elif answer.get("paid") == "1":  # an earlier run kept it: charged, or charged now
+        short = charge_kept(dl, acct, dl.dk, int(answer["cost"]), q.model,
+                            int(answer["pt"]), int(answer["ct"]))
+        if short is not None:
+            return short
     return dl.send_text(answer["text"])
+
+
+def charge_kept(dl: Delivery, acct: str, req: str, cost: int, model: str, pt: int = 0,
+                ct: int = 0) -> str | None:
+    """Charge an answer an earlier run kept but did not settle, before it is delivered: that
+    run died with its hold open, or its failure released the hold (a Redis error at settle).
+    Hold again and settle; None when it is paid (now or before), else how the message was
+    settled (the balance cannot cover it: the user is told, the answer not given away)."""
+    if money.settled(dl.r, acct, req):
+        return None
+    try:
+        held = money.reserve(dl.r, acct, req, cost, key_id="wechat", model=model)
+    except money.Settled:
+        return None
+    except money.Short as exc:
+        return dl.note("insufficient", balance=units_to_yuan(exc.balance))
+    held.settle(cost, prompt_tokens=pt, completion_tokens=ct)
+    return None
 
 
 def _produce(dl: Delivery, acct: str, q: Question) -> dict[str, str] | str:
