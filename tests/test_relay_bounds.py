@@ -536,3 +536,61 @@ def test_an_honest_usage_is_not_floored(live: LiveServer, r: redis.Redis,
     (settle,) = entries(r, acct, "settle")
     assert int(settle["ct"]) == resp.json()["usage"]["completion_tokens"]
     assert anomalies("completion_under_text") == before
+
+
+@pytest.mark.parametrize("path,body,param,cap", [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 16385,
+                              "messages": [{"role": "user", "content": "hi"}]},
+     "max_tokens", 16384),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_completion_tokens": 16385,
+                              "messages": [{"role": "user", "content": "hi"}]},
+     "max_completion_tokens", 16384),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 100, "max_completion_tokens": 9000,
+                              "messages": [{"role": "user", "content": "hi"}], "stream": True},
+     "max_completion_tokens", 8192),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 4097},
+     "max_tokens", 4096),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 16385},
+     "max_output_tokens", 16384),
+], ids=["chat", "chat-max_completion_tokens", "chat-both", "completions", "responses"])
+def test_a_limit_above_the_models_output_cap_is_openais_400(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
+        body: dict[str, Any], param: str, cap: int) -> None:
+    """A max_tokens above the model's own cap (price.max_output) was held in full and, on a
+    small balance, answered 429 insufficient_quota: OpenAI answers 400 invalid_value, and so
+    does the relay now, before anything is held or sent."""
+    key, acct = new_key(r, "0.01")
+    resp = post(live, key, body, path)
+    assert resp.status_code == 400, resp.text
+    data = resp.json()
+    validate(data, "ErrorResponse")
+    asked = body[param]
+    assert data["error"] == {
+        "message": f"{param} is too large: {asked}. This model supports at most {cap} "
+                   f"completion tokens, whereas you provided {asked}.",
+        "type": "invalid_request_error", "param": param, "code": "invalid_value"}
+    assert data["code"] == 40001 and str(cap) in data["msg"]
+    assert upstream.requests == [] and wallet.balance(r, acct) == 100
+    assert entries(r, acct, "reserve") == [] and ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 16384,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_completion_tokens": 16384,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 4096,
+                         "max_completion_tokens": 10**9}),  # not completions' field: not refused
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 16384}),
+], ids=["chat", "chat-max_completion_tokens", "completions", "responses"])
+def test_a_limit_at_the_models_output_cap_is_served(live: LiveServer, r: redis.Redis,
+                                                    path: str, body: dict[str, Any]) -> None:
+    """The cap itself is what OpenAI accepts: served, held at it."""
+    key, acct = new_key(r, "1")
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (reserve,) = entries(r, acct, "reserve")
+    price = PRICES[body["model"]]
+    most = pricing.token_cost(price, 0, price.max_output)
+    assert most <= -int(reserve["amount"]) <= most + 10  # the cap and a short prompt
+    assert ledger.verify(r) == []

@@ -1,7 +1,9 @@
 """What a chat or completions request may be, and the most it can cost (SPEC §3, §4).
 
 The checks follow OpenAI's published schema and refuse only what it refuses (plus the prompt
-cap, an unaffordable hold and, with [safety] api_input, a listed word: screening.py); everything else, unknown fields included, goes upstream as sent.
+cap, an unaffordable hold and, with [safety] api_input, a listed word: screening.py), and a
+max_tokens above the model's configured output cap as OpenAI refuses it; everything else,
+unknown fields included, goes upstream as sent.
 The hold is an upper bound: the prompt counted by app.core.tokens (every character, tools,
 functions, response_format, image parts; the prompt cap when a part cannot be counted, e.g. a
 file) plus max_tokens (or the model's cap) per choice.
@@ -16,6 +18,7 @@ from app.core import pricing, tokens
 from app.core.errors import InsufficientQuota, InvalidRequest
 from app.web.relay.common import (
     Call,
+    check_output_cap,
     int_tokens,
     optional_int,
     settings,
@@ -114,9 +117,14 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
 
 def _completion_max(kind: str, call: Call) -> int:
     """Return the most completion tokens the request can produce, all choices together."""
-    body = call.body
+    body, price = call.body, call.price
     limit = optional_int(body, "max_tokens", 0)
     other = optional_int(body, "max_completion_tokens", 0)
+    check_output_cap(price, "max_tokens", limit)  # 400 past the model's cap, as OpenAI's
+    if kind == "chat":
+        check_output_cap(price, "max_completion_tokens", other)
+    elif other and price.output_cap is not None:  # not completions' field: sent on, but no
+        other = min(other, price.output_cap)  # upstream writes past the model's cap
     if kind == "chat" and limit is None:
         limit, other = other, None  # chat's newer name for the same limit (the larger holds)
     if limit == 0:
@@ -129,7 +137,7 @@ def _completion_max(kind: str, call: Call) -> int:
         # that many, one that does not writes max_tokens; the larger is held. Absent max_tokens
         # is the cap, whatever max_completion_tokens says.
         limit = max(limit, other)
-    most = pricing.completion_max(call.price, limit, _choices(kind, body))
+    most = pricing.completion_max(price, limit, _choices(kind, body))
     prediction = body.get("prediction")
     if kind == "chat" and prediction is not None:  # rejected prediction tokens are billed too
         most += _choices(kind, body) * tokens.text_tokens(str(prediction), call.upstream_model)
