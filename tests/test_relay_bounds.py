@@ -594,3 +594,28 @@ def test_a_limit_at_the_models_output_cap_is_served(live: LiveServer, r: redis.R
     most = pricing.token_cost(price, 0, price.max_output)
     assert most <= -int(reserve["amount"]) <= most + 10  # the cap and a short prompt
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_echo_without_usage_bills_the_prompt_once(live: LiveServer, r: redis.Redis,
+                                                      upstream: FakeUpstream, stream: bool) -> None:
+    """Completions' `echo` with no usage from the upstream: the answer's text starts with the
+    prompt, and its estimate billed the prompt a second time, as completion (up to the hold).
+    The echoed prompt is billed once, as prompt; the completion is the text written after it."""
+    upstream.configure(long=40, nousage=True)  # no marker: the echo is the prompt, exactly
+    key, acct = new_key(r, "10")
+    prompt, model = "lorem ipsum dolor " * 300, "gpt-3.5-turbo-instruct"
+    body = {"model": model, "prompt": prompt, "echo": True, "stream": stream}
+    resp = post(live, key, body, "/v1/completions")
+    assert resp.status_code == 200, resp.text
+    assert resp.text.count("lorem") == 300 and "word39" in resp.text
+    (settle,) = entries(r, acct, "settle")
+    written = " ".join(f"word{i}" for i in range(40))
+    assert int(settle["pt"]) == tokens.text_tokens(prompt, model)  # about 1 200
+    # What was written after the echo, by one rule or the other (the echo's own count is the
+    # larger of the two, so the smaller one of the rest is what the subtraction leaves at least)
+    low = min(tokens.seed_count(written), tokens.bpe_count(written, model))
+    assert low - 2 <= int(settle["ct"]) <= tokens.completion_tokens(written, model) + 2
+    if not stream:
+        assert resp.json()["usage"]["completion_tokens"] == int(settle["ct"])
+    assert ledger.verify(r) == []

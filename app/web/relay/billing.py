@@ -6,7 +6,7 @@ and the held completion maximum); an anomaly is counted in
 xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
 usage object the prompt bound (the estimate where a part cannot be counted: a file is bounded by
 the prompt cap, estimated at tokens.FILE_TOKENS) and max(seed rule, tokenizer) of the visible
-answer are billed.
+answer are billed (less the prompt completions' `echo` repeats in it: billed once, as prompt).
 Every text route (chat, completions, embeddings, responses) bills through one Meter.
 """
 
@@ -98,15 +98,22 @@ class Meter:
                     self.billed[1], text, self.call.upstream_model, self.plan.echoed):
                 self._under(text)
             return self.billed
-        ct = tokens.completion_tokens(text, self.call.upstream_model) if text else 0
-        return self._prompt_estimate(), min(ct, self.plan.completion_max)
+        return self._prompt_estimate(), self._generated(text)
+
+    def _generated(self, text: str) -> int:
+        """Return the completion tokens of a delivered text, estimated: max(seed, BPE) less the
+        prompt completions' echo repeats in it (the prompt is billed as prompt, not twice),
+        never above the held maximum."""
+        if not text:
+            return 0
+        ct = tokens.completion_tokens(text, self.call.upstream_model) - self.plan.echoed
+        return min(max(ct, 0), self.plan.completion_max)
 
     def _under(self, text: str) -> None:
         """Bill the delivered text's estimate over a completion report far below it."""
         assert self.billed is not None
         reported = self.billed[1]
-        ct = tokens.completion_tokens(text, self.call.upstream_model) - self.plan.echoed
-        self.billed = self.billed[0], max(reported, min(ct, self.plan.completion_max))
+        self.billed = self.billed[0], max(reported, self._generated(text))
         if not self.under:
             self.under = True
             USAGE_ANOMALIES.labels(self.channel, "completion_under_text").inc()
@@ -131,8 +138,7 @@ class Meter:
         """Bill a stream the content filter cut: the prompt and the text the upstream produced
         up to the cut, sent or held back (estimated: its usage never arrives)."""
         self.final = True
-        ct = tokens.completion_tokens(produced, self.call.upstream_model) if produced else 0
-        self.billed = self._prompt_estimate(), min(ct, self.plan.completion_max)
+        self.billed = self._prompt_estimate(), self._generated(produced)
 
     def fail(self) -> None:
         """Bill nothing: the upstream failed before producing anything (the hold is released)."""
