@@ -619,3 +619,62 @@ def test_an_echo_without_usage_bills_the_prompt_once(live: LiveServer, r: redis.
     if not stream:
         assert resp.json()["usage"]["completion_tokens"] == int(settle["ct"])
     assert ledger.verify(r) == []
+
+
+LONG_TEXT = "lorem ipsum dolor " * 500  # about 2 000 tokens
+
+
+@pytest.mark.parametrize("path,body,texts", [
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5,
+                         "prompt": LONG_TEXT + "[[fake:prompt_tokens=1]]"},
+     [LONG_TEXT + "[[fake:prompt_tokens=1]]"]),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "stream": True,
+                         "prompt": LONG_TEXT + "[[fake:prompt_tokens=1]]"},
+     [LONG_TEXT + "[[fake:prompt_tokens=1]]"]),
+    ("/v1/embeddings", {"model": "text-embedding-ada-002",
+                        "input": LONG_TEXT + "[[fake:prompt_tokens=1]]"},
+     [LONG_TEXT + "[[fake:prompt_tokens=1]]"]),
+    ("/v1/embeddings", {"model": "text-embedding-3-small",
+                        "input": [LONG_TEXT, "x [[fake:prompt_tokens=1]]"]},
+     [LONG_TEXT, "x [[fake:prompt_tokens=1]]"]),
+], ids=["completions", "completions-stream", "embeddings", "embeddings-array"])
+def test_a_prompt_usage_far_below_a_text_prompt_bills_the_text(
+        live: LiveServer, r: redis.Redis, caplog: pytest.LogCaptureFixture, path: str,
+        body: dict[str, Any], texts: list[str]) -> None:
+    """Red team: an upstream reporting 1 prompt token for a 2 000-token text prompt was billed 1.
+    A plain-text prompt (completions, embeddings) reported under a quarter of its count, less
+    64, bills the count, as the anomaly prompt_under_text, logged with the channel's name."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    with caplog.at_level(logging.WARNING):
+        resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    counted = sum(tokens.text_tokens(t, body["model"]) for t in texts)
+    assert int(settle["pt"]) == counted > 1500
+    assert anomalies("prompt_under_text") == before + 1
+    assert "usage anomaly on channel default" in caplog.text and "prompt_under_text" in caplog.text
+    if not body.get("stream"):
+        assert resp.json()["usage"]["prompt_tokens"] == counted
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": LONG_TEXT}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "prompt": LONG_TEXT}),
+    ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": [[1, 2, 3] * 500]}),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "messages": [
+        {"role": "user", "content": LONG_TEXT + "[[fake:prompt_tokens=1]]"}]}),
+], ids=["embeddings-honest", "completions-honest", "token-ids", "chat"])
+def test_a_prompt_usage_is_not_floored_where_it_may_be_honest(
+        live: LiveServer, r: redis.Redis, path: str, body: dict[str, Any]) -> None:
+    """The fake's honest count (a word a token, under BPE's) stays as reported; token arrays
+    are not text; chat's prompt (images, tools) is not floored."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"]
+    assert anomalies("prompt_under_text") == before
+    assert ledger.verify(r) == []

@@ -2,7 +2,8 @@
 
 Upstream numbers are untrusted: a usage object (chat's prompt/completion_tokens or the Responses
 API's input/output_tokens) is billed through tokens.bound_usage (never more than the prompt bound
-and the held completion maximum); an anomaly is counted in
+and the held completion maximum; a plain-text prompt, completions' or embeddings', never far
+below its own count: prompt_under_text); an anomaly is counted in
 xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
 usage object the prompt bound (the estimate where a part cannot be counted: a file is bounded by
 the prompt cap, estimated at tokens.FILE_TOKENS) and max(seed rule, tokenizer) of the visible
@@ -38,12 +39,14 @@ class Bounds(Protocol):
     prompt_estimate: int | None
     completion_max: int
     echoed: int  # tokens of the answer's text that are the prompt (completions' echo), at most
+    text_prompt: int  # a plain-text prompt's count (completions, embeddings); 0: not checked
 
 
 class Meter:
     """One call's billed tokens: set from a usage object, or estimated from the answer text."""
 
-    __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged", "under")
+    __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged", "under",
+                 "short_prompt")
 
     def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
@@ -52,6 +55,7 @@ class Meter:
         self.final = False  # set by cut(): what was delivered is billed, whatever comes later
         self.flagged = False  # an anomaly was recorded (once per call)
         self.under = False  # completion_under_text was recorded (once per call)
+        self.short_prompt = False  # prompt_under_text was recorded (once per call)
 
     def usage(self, usage: Any) -> tuple[int, int] | None:
         """Bound a reported usage object (recording any anomaly); None when there is none.
@@ -74,10 +78,28 @@ class Meter:
         if anomaly and not self.flagged:
             self.flagged = True
             self._anomaly(anomaly, reported)
+        pt = self._prompt_floor(pt)
         if self.billed is not None:
             pt, ct = max(pt, self.billed[0]), max(ct, self.billed[1])
         self.billed = pt, ct
         return self.billed
+
+    def _prompt_floor(self, pt: int) -> int:
+        """Return the prompt tokens to bill for a bounded report: a plain-text prompt (completions,
+        embeddings) reported far below its own count (tokens.under_count, the rule of
+        completion_under_text: an upstream saying 1 token for a long text) bills that count, as
+        the anomaly `prompt_under_text`. Not chat's: images and tools make honest counts vary."""
+        counted = self.plan.text_prompt
+        if not counted or not tokens.under_count(pt, counted):
+            return pt
+        billed = min(counted, self.plan.prompt_bound)
+        if not self.short_prompt:
+            self.short_prompt = True
+            USAGE_ANOMALIES.labels(self.channel, "prompt_under_text").inc()
+            log.warning("usage anomaly on channel %s for %s: prompt_under_text (reported prompt=%d "
+                        "for a text prompt counted %d; billed %d)", self.channel,
+                        self.call.req_id, pt, counted, billed)
+        return billed
 
     def _anomaly(self, anomaly: str, reported: tuple[Any, Any]) -> None:
         for reason in anomaly.split(","):

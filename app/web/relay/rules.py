@@ -41,6 +41,8 @@ class Plan:
     prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
     echoed: int = 0  # completions' echo: the prompt's tokens the answer repeats, at most
+    text_prompt: int = 0  # a plain-text prompt's count: a reported prompt far below it is not
+    #                       plausible (billing.Meter); 0: not checked (chat, token arrays)
     stream: bool = False
     want_usage: bool = False
 
@@ -144,6 +146,11 @@ def _completion_max(kind: str, call: Call) -> int:
     return most
 
 
+def plain_text(value: Any) -> bool:
+    """Tell whether a prompt or input is text only: a string or an array of strings."""
+    return isinstance(value, str) or (isinstance(value, list) and set(map(type, value)) == {str})
+
+
 def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -180,6 +187,8 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
         check_prompt(call.body)
         screen_input(completion_slots(call.body))
     _prompt_bound(kind, call, plan)
+    if kind != "chat" and plain_text(call.body["prompt"]):
+        plan.text_prompt = plan.prompt_bound  # the text(s) and suffix, counted
     plan.completion_max = _completion_max(kind, call)
     if kind != "chat" and call.body.get("echo"):  # each choice repeats its prompt
         plan.echoed = plan.prompt_bound * (optional_int(call.body, "n", 1, MAX_N) or 1)
