@@ -45,7 +45,8 @@ ROUTES = {  # path: (request schema, served models, response schema, stream chun
 }
 # The documented refusals (status, error.code, message pattern): nothing else may be refused.
 REFUSALS = [
-    (429, "insufficient_quota", r""),  # a hold no balance covers (max_tokens up to 2**63)
+    (429, "insufficient_quota", r""),  # a hold no balance covers (n × a large max_tokens)
+    (400, "invalid_value", r"^max_(completion_)?tokens is too large: \d+\. This model supports"),
     (400, "invalid_request_error", r"^The (prompt|input) is too long"),
     (400, "invalid_request_error", r"is not offered for (dall-e-2|dall-e-3)"),  # size, quality
     (400, "invalid_request_error", r"^'n' must be at most 1 for dall-e-3"),

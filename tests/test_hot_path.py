@@ -114,17 +114,40 @@ def test_chat_short_balance_reserves_nothing(client: Any, r: redis.Redis,
     assert not list(r.scan_iter("xy:{*}:resv:*")) and ledger.verify(r) == []
 
 
+UNCAPPED = ('[models]\n"uncapped" = "uncapped"\n[prices."uncapped"]\nkind = "chat"\nprompt = "1"\n'
+            'completion = "1"\n')  # no max_output, no context: the cap is not known
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "uncapped", "messages": HELLO, "max_tokens": 2**62}),
+    ("/v1/responses", {"model": "uncapped", "input": "hello", "max_output_tokens": 2**62}),
+])
+def test_a_hold_past_any_wallet_is_a_429_not_a_store_error(
+        tmp_path: Path, upstream: FakeUpstream, redis_url: str, r: redis.Redis, path: str,
+        body: dict[str, Any]) -> None:
+    """A hold above what a money script accepts (2**53 units) is unaffordable, never a 503 (a
+    model whose output cap is not configured: any max_tokens is held as sent)."""
+    config = tmp_path / "uncapped.toml"
+    config.write_text(UNCAPPED, encoding="utf-8")
+    client = create_app(make_settings(upstream.url, redis_url, XIAOYI_CONFIG=str(config)),
+                        redis_client=r).test_client()
+    key, acct = new_key(r, "100")
+    resp = client.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 429 and resp.json["error"]["code"] == "insufficient_quota"
+    assert wallet.balance(r, acct) == 1_000_000 and ledger.open_holds(r) == 0
+
+
 @pytest.mark.parametrize("path,body", [
     ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2**62}),
     ("/v1/responses", {"input": "hello", "max_output_tokens": 2**62}),
     ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 2**62}),
 ])
-def test_a_hold_past_any_wallet_is_a_429_not_a_store_error(client: Any, r: redis.Redis,
-                                                           path: str, body: dict[str, Any]) -> None:
-    """A hold above what a money script accepts (2**53 units) is unaffordable, never a 503."""
+def test_a_limit_past_the_models_cap_is_a_400_before_any_hold(
+        client: Any, r: redis.Redis, path: str, body: dict[str, Any]) -> None:
+    """The same limits on a model with a known output cap are OpenAI's 400, nothing held."""
     key, acct = new_key(r, "100")
     resp = client.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
-    assert resp.status_code == 429 and resp.json["error"]["code"] == "insufficient_quota"
+    assert resp.status_code == 400 and resp.json["error"]["code"] == "invalid_value"
     assert wallet.balance(r, acct) == 1_000_000 and ledger.open_holds(r) == 0
 
 

@@ -536,3 +536,145 @@ def test_an_honest_usage_is_not_floored(live: LiveServer, r: redis.Redis,
     (settle,) = entries(r, acct, "settle")
     assert int(settle["ct"]) == resp.json()["usage"]["completion_tokens"]
     assert anomalies("completion_under_text") == before
+
+
+@pytest.mark.parametrize("path,body,param,cap", [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 16385,
+                              "messages": [{"role": "user", "content": "hi"}]},
+     "max_tokens", 16384),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_completion_tokens": 16385,
+                              "messages": [{"role": "user", "content": "hi"}]},
+     "max_completion_tokens", 16384),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 100, "max_completion_tokens": 9000,
+                              "messages": [{"role": "user", "content": "hi"}], "stream": True},
+     "max_completion_tokens", 8192),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 4097},
+     "max_tokens", 4096),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 16385},
+     "max_output_tokens", 16384),
+], ids=["chat", "chat-max_completion_tokens", "chat-both", "completions", "responses"])
+def test_a_limit_above_the_models_output_cap_is_openais_400(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
+        body: dict[str, Any], param: str, cap: int) -> None:
+    """A max_tokens above the model's own cap (price.max_output) was held in full and, on a
+    small balance, answered 429 insufficient_quota: OpenAI answers 400 invalid_value, and so
+    does the relay now, before anything is held or sent."""
+    key, acct = new_key(r, "0.01")
+    resp = post(live, key, body, path)
+    assert resp.status_code == 400, resp.text
+    data = resp.json()
+    validate(data, "ErrorResponse")
+    asked = body[param]
+    assert data["error"] == {
+        "message": f"{param} is too large: {asked}. This model supports at most {cap} "
+                   f"completion tokens, whereas you provided {asked}.",
+        "type": "invalid_request_error", "param": param, "code": "invalid_value"}
+    assert data["code"] == 40001 and str(cap) in data["msg"]
+    assert upstream.requests == [] and wallet.balance(r, acct) == 100
+    assert entries(r, acct, "reserve") == [] and ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 16384,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_completion_tokens": 16384,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 4096,
+                         "max_completion_tokens": 10**9}),  # not completions' field: not refused
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 16384}),
+], ids=["chat", "chat-max_completion_tokens", "completions", "responses"])
+def test_a_limit_at_the_models_output_cap_is_served(live: LiveServer, r: redis.Redis,
+                                                    path: str, body: dict[str, Any]) -> None:
+    """The cap itself is what OpenAI accepts: served, held at it."""
+    key, acct = new_key(r, "1")
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (reserve,) = entries(r, acct, "reserve")
+    price = PRICES[body["model"]]
+    most = pricing.token_cost(price, 0, price.max_output)
+    assert most <= -int(reserve["amount"]) <= most + 10  # the cap and a short prompt
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_echo_without_usage_bills_the_prompt_once(live: LiveServer, r: redis.Redis,
+                                                      upstream: FakeUpstream, stream: bool) -> None:
+    """Completions' `echo` with no usage from the upstream: the answer's text starts with the
+    prompt, and its estimate billed the prompt a second time, as completion (up to the hold).
+    The echoed prompt is billed once, as prompt; the completion is the text written after it."""
+    upstream.configure(long=40, nousage=True)  # no marker: the echo is the prompt, exactly
+    key, acct = new_key(r, "10")
+    prompt, model = "lorem ipsum dolor " * 300, "gpt-3.5-turbo-instruct"
+    body = {"model": model, "prompt": prompt, "echo": True, "stream": stream}
+    resp = post(live, key, body, "/v1/completions")
+    assert resp.status_code == 200, resp.text
+    assert resp.text.count("lorem") == 300 and "word39" in resp.text
+    (settle,) = entries(r, acct, "settle")
+    written = " ".join(f"word{i}" for i in range(40))
+    assert int(settle["pt"]) == tokens.text_tokens(prompt, model)  # about 1 200
+    # What was written after the echo, by one rule or the other (the echo's own count is the
+    # larger of the two, so the smaller one of the rest is what the subtraction leaves at least)
+    low = min(tokens.seed_count(written), tokens.bpe_count(written, model))
+    assert low - 2 <= int(settle["ct"]) <= tokens.completion_tokens(written, model) + 2
+    if not stream:
+        assert resp.json()["usage"]["completion_tokens"] == int(settle["ct"])
+    assert ledger.verify(r) == []
+
+
+LONG_TEXT = "lorem ipsum dolor " * 500  # about 2 000 tokens
+
+
+@pytest.mark.parametrize("path,body,texts", [
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5,
+                         "prompt": LONG_TEXT + "[[fake:prompt_tokens=1]]"},
+     [LONG_TEXT + "[[fake:prompt_tokens=1]]"]),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "stream": True,
+                         "prompt": LONG_TEXT + "[[fake:prompt_tokens=1]]"},
+     [LONG_TEXT + "[[fake:prompt_tokens=1]]"]),
+    ("/v1/embeddings", {"model": "text-embedding-ada-002",
+                        "input": LONG_TEXT + "[[fake:prompt_tokens=1]]"},
+     [LONG_TEXT + "[[fake:prompt_tokens=1]]"]),
+    ("/v1/embeddings", {"model": "text-embedding-3-small",
+                        "input": [LONG_TEXT, "x [[fake:prompt_tokens=1]]"]},
+     [LONG_TEXT, "x [[fake:prompt_tokens=1]]"]),
+], ids=["completions", "completions-stream", "embeddings", "embeddings-array"])
+def test_a_prompt_usage_far_below_a_text_prompt_bills_the_text(
+        live: LiveServer, r: redis.Redis, caplog: pytest.LogCaptureFixture, path: str,
+        body: dict[str, Any], texts: list[str]) -> None:
+    """Red team: an upstream reporting 1 prompt token for a 2 000-token text prompt was billed 1.
+    A plain-text prompt (completions, embeddings) reported under a quarter of its count, less
+    64, bills the count, as the anomaly prompt_under_text, logged with the channel's name."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    with caplog.at_level(logging.WARNING):
+        resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    counted = sum(tokens.text_tokens(t, body["model"]) for t in texts)
+    assert int(settle["pt"]) == counted > 1500
+    assert anomalies("prompt_under_text") == before + 1
+    assert "usage anomaly on channel default" in caplog.text and "prompt_under_text" in caplog.text
+    if not body.get("stream"):
+        assert resp.json()["usage"]["prompt_tokens"] == counted
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": LONG_TEXT}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "prompt": LONG_TEXT}),
+    ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": [[1, 2, 3] * 500]}),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "messages": [
+        {"role": "user", "content": LONG_TEXT + "[[fake:prompt_tokens=1]]"}]}),
+], ids=["embeddings-honest", "completions-honest", "token-ids", "chat"])
+def test_a_prompt_usage_is_not_floored_where_it_may_be_honest(
+        live: LiveServer, r: redis.Redis, path: str, body: dict[str, Any]) -> None:
+    """The fake's honest count (a word a token, under BPE's) stays as reported; token arrays
+    are not text; chat's prompt (images, tools) is not floored."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"]
+    assert anomalies("prompt_under_text") == before
+    assert ledger.verify(r) == []

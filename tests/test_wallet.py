@@ -189,12 +189,13 @@ def test_relay_race_64_requests(live: LiveServer, r: redis.Redis, upstream: Fake
 HOLD_CASES = {
     # A hold that covered one completion (or capped max_tokens) would let the upstream produce
     # more than the wallet holds; each of these must be refused before reaching the upstream.
-    "max_tokens above the model's default cap": (
-        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                 "max_tokens": 100_000}),
+    # (a limit above the model's own cap is a 400: test_relay_bounds)
+    "max_tokens held in full": (
+        "/v1/chat/completions", {"model": "gpt-4", "max_tokens": 8000,
+                                 "messages": [{"role": "user", "content": "hi"}]}),
     "max_completion_tokens larger than max_tokens": (
-        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                 "max_tokens": 10, "max_completion_tokens": 100_000}),
+        "/v1/chat/completions", {"model": "gpt-4", "max_tokens": 10, "max_completion_tokens": 8000,
+                                 "messages": [{"role": "user", "content": "hi"}]}),
     "n choices": ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 1000, "n": 10,
                                            "messages": [{"role": "user", "content": "hi"}]}),
     "a list of prompts": ("/v1/completions", {"model": "gpt-3.5-turbo-instruct",

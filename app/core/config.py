@@ -94,6 +94,10 @@ class ModelPrice:
     prompt_per_1k: int = 0
     completion_per_1k: int = 0
     max_output: int = 4096
+    # The model's own cap on completion tokens when known (max_output as configured, else the
+    # context): a request asking for more is refused as OpenAI does. None: not known (a
+    # max_output that is DEFAULT_MAX_OUTPUT by default), nothing is refused.
+    output_cap: int | None = None
     images: dict[str, int] = field(default_factory=dict)  # size -> units, default quality
     qualities: dict[str, dict[str, int]] = field(default_factory=dict)  # quality -> size -> units
     default_quality: str = "standard"  # what an absent or "auto" quality is priced and sent as
@@ -275,13 +279,14 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             value = spec.get(name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{where}.{name}: must be a positive integer")
+        cap = spec.get("max_output") or spec.get("context")
         prices[model] = ModelPrice(
             kind=kind,
             prompt_per_1k=yuan_to_units(spec.get("prompt", 0), f"{where}.prompt"),
             completion_per_1k=yuan_to_units(spec.get("completion", 0), f"{where}.completion"),
             # Absent: the context window (no answer is longer), else a cap above today's
             # chat models' own (16 384): too high only holds more, too low bills less.
-            max_output=int(spec.get("max_output") or spec.get("context") or DEFAULT_MAX_OUTPUT),
+            max_output=int(cap or DEFAULT_MAX_OUTPUT), output_cap=cap,
             images=images, qualities=qualities,
             default_quality=str(spec.get("default_quality", "standard")),
             max_images=spec.get("max_images", 10),

@@ -57,6 +57,13 @@ class InvalidRequest(ApiError):
     error_type, default_msg = "invalid_request_error", "请求参数错误"
 
 
+class InvalidValue(InvalidRequest):
+    """A value OpenAI refuses as out of range for the model (`max_tokens` above its output
+    cap): OpenAI's `error.code` "invalid_value", the same `code` 40001 as any bad request."""
+
+    error_code = "invalid_value"
+
+
 class UpstreamRefused(InvalidRequest):
     """The upstream refused the request itself (its 400 or 422): OpenAI's `type`, `code` and
     `param` reach the client as the upstream sent them, since SDK users branch on them

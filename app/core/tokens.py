@@ -213,6 +213,18 @@ def completion_tokens(text: str, model: str | None) -> int:
 UNDER_RATIO, UNDER_SLACK = 4, 64  # a report under 1/4 of the text's count, less 64: implausible
 
 
+def _plausible_most(reported: int, discount: int = 0) -> int:
+    """Return the most tokens a text can count for a report of `reported` to stay plausible:
+    four times the report and UNDER_SLACK, plus `discount` (tokens of the text it leaves out)."""
+    return UNDER_RATIO * (reported + UNDER_SLACK) + max(discount, 0)
+
+
+def under_count(reported: int, counted: int) -> bool:
+    """Tell whether `reported` tokens are implausibly few for a text counted `counted` offline
+    (a plain-text prompt, already counted for its hold): under_text's rule, without a recount."""
+    return counted > _plausible_most(reported)
+
+
 def under_text(reported: int, text: str, model: str | None, discount: int = 0) -> bool:
     """Tell whether `reported` completion tokens are implausibly few for the text the upstream
     delivered: fewer than a quarter of the text's count by the most frugal of the model's
@@ -221,7 +233,7 @@ def under_text(reported: int, text: str, model: str | None, discount: int = 0) -
     2.5 times under BPE's for its `long` answers); the count stops as soon as it proves the
     report plausible (count_till_limit), so it costs at most about the report's size.
     """
-    cap = UNDER_RATIO * (reported + UNDER_SLACK) + max(discount, 0)
+    cap = _plausible_most(reported, discount)
     if len(_clean(text).encode()) <= cap:  # a BPE token is at least one UTF-8 byte
         return False
     return all(_bpe(name, text, cap) is None for name in encodings_for(model))

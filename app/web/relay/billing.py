@@ -2,11 +2,12 @@
 
 Upstream numbers are untrusted: a usage object (chat's prompt/completion_tokens or the Responses
 API's input/output_tokens) is billed through tokens.bound_usage (never more than the prompt bound
-and the held completion maximum); an anomaly is counted in
+and the held completion maximum; a plain-text prompt, completions' or embeddings', never far
+below its own count: prompt_under_text); an anomaly is counted in
 xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
 usage object the prompt bound (the estimate where a part cannot be counted: a file is bounded by
 the prompt cap, estimated at tokens.FILE_TOKENS) and max(seed rule, tokenizer) of the visible
-answer are billed.
+answer are billed (less the prompt completions' `echo` repeats in it: billed once, as prompt).
 Every text route (chat, completions, embeddings, responses) bills through one Meter.
 """
 
@@ -38,12 +39,14 @@ class Bounds(Protocol):
     prompt_estimate: int | None
     completion_max: int
     echoed: int  # tokens of the answer's text that are the prompt (completions' echo), at most
+    text_prompt: int  # a plain-text prompt's count (completions, embeddings); 0: not checked
 
 
 class Meter:
     """One call's billed tokens: set from a usage object, or estimated from the answer text."""
 
-    __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged", "under")
+    __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged", "under",
+                 "short_prompt")
 
     def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
@@ -52,6 +55,7 @@ class Meter:
         self.final = False  # set by cut(): what was delivered is billed, whatever comes later
         self.flagged = False  # an anomaly was recorded (once per call)
         self.under = False  # completion_under_text was recorded (once per call)
+        self.short_prompt = False  # prompt_under_text was recorded (once per call)
 
     def usage(self, usage: Any) -> tuple[int, int] | None:
         """Bound a reported usage object (recording any anomaly); None when there is none.
@@ -74,10 +78,28 @@ class Meter:
         if anomaly and not self.flagged:
             self.flagged = True
             self._anomaly(anomaly, reported)
+        pt = self._prompt_floor(pt)
         if self.billed is not None:
             pt, ct = max(pt, self.billed[0]), max(ct, self.billed[1])
         self.billed = pt, ct
         return self.billed
+
+    def _prompt_floor(self, pt: int) -> int:
+        """Return the prompt tokens to bill for a bounded report: a plain-text prompt (completions,
+        embeddings) reported far below its own count (tokens.under_count, the rule of
+        completion_under_text: an upstream saying 1 token for a long text) bills that count, as
+        the anomaly `prompt_under_text`. Not chat's: images and tools make honest counts vary."""
+        counted = self.plan.text_prompt
+        if not counted or not tokens.under_count(pt, counted):
+            return pt
+        billed = min(counted, self.plan.prompt_bound)
+        if not self.short_prompt:
+            self.short_prompt = True
+            USAGE_ANOMALIES.labels(self.channel, "prompt_under_text").inc()
+            log.warning("usage anomaly on channel %s for %s: prompt_under_text (reported prompt=%d "
+                        "for a text prompt counted %d; billed %d)", self.channel,
+                        self.call.req_id, pt, counted, billed)
+        return billed
 
     def _anomaly(self, anomaly: str, reported: tuple[Any, Any]) -> None:
         for reason in anomaly.split(","):
@@ -98,15 +120,22 @@ class Meter:
                     self.billed[1], text, self.call.upstream_model, self.plan.echoed):
                 self._under(text)
             return self.billed
-        ct = tokens.completion_tokens(text, self.call.upstream_model) if text else 0
-        return self._prompt_estimate(), min(ct, self.plan.completion_max)
+        return self._prompt_estimate(), self._generated(text)
+
+    def _generated(self, text: str) -> int:
+        """Return the completion tokens of a delivered text, estimated: max(seed, BPE) less the
+        prompt completions' echo repeats in it (the prompt is billed as prompt, not twice),
+        never above the held maximum."""
+        if not text:
+            return 0
+        ct = tokens.completion_tokens(text, self.call.upstream_model) - self.plan.echoed
+        return min(max(ct, 0), self.plan.completion_max)
 
     def _under(self, text: str) -> None:
         """Bill the delivered text's estimate over a completion report far below it."""
         assert self.billed is not None
         reported = self.billed[1]
-        ct = tokens.completion_tokens(text, self.call.upstream_model) - self.plan.echoed
-        self.billed = self.billed[0], max(reported, min(ct, self.plan.completion_max))
+        self.billed = self.billed[0], max(reported, self._generated(text))
         if not self.under:
             self.under = True
             USAGE_ANOMALIES.labels(self.channel, "completion_under_text").inc()
@@ -131,8 +160,7 @@ class Meter:
         """Bill a stream the content filter cut: the prompt and the text the upstream produced
         up to the cut, sent or held back (estimated: its usage never arrives)."""
         self.final = True
-        ct = tokens.completion_tokens(produced, self.call.upstream_model) if produced else 0
-        self.billed = self._prompt_estimate(), min(ct, self.plan.completion_max)
+        self.billed = self._prompt_estimate(), self._generated(produced)
 
     def fail(self) -> None:
         """Bill nothing: the upstream failed before producing anything (the hold is released)."""

@@ -21,6 +21,7 @@ from app.core.errors import (
     InsufficientQuota,
     InvalidKey,
     InvalidRequest,
+    InvalidValue,
     ModelNotFound,
     RateLimited,
     RequestTooLarge,
@@ -246,6 +247,18 @@ def too_long(param: str, cap: int) -> InvalidRequest:
     noun = "input" if param == "input" else "prompt"
     return InvalidRequest(f"The {noun} is too long: more than {cap} tokens.", param=param,
                           msg="输入内容过长")
+
+
+def check_output_cap(price: ModelPrice, name: str, value: int | None) -> None:
+    """Refuse a completion limit (`max_tokens`, `max_completion_tokens`, `max_output_tokens`)
+    above the model's own output cap, in OpenAI's words, before anything is held: no upstream
+    writes past it, and holding it would refuse an affordable request as unaffordable. A model
+    whose cap is not configured (ModelPrice.output_cap None) refuses nothing."""
+    cap = price.output_cap
+    if cap is not None and value is not None and value > cap:
+        raise InvalidValue(f"{name} is too large: {value}. This model supports at most {cap} "
+                           f"completion tokens, whereas you provided {value}.", param=name,
+                           msg=f"{name} 太大：这个模型最多生成 {cap} 个 token，你传了 {value}")
 
 
 def take_turn() -> None:

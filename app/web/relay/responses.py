@@ -3,7 +3,8 @@
 A request is relayed to the upstream's own /responses when `relay.responses_native = 1`, else
 translated to chat/completions and back (app/core/responses). Either way: the whole
 conversation (previous_response_id's stored turns + this input) is bounded with the offline
-tokenizer and reserved with max_output_tokens (or the model's cap), the upstream's usage is
+tokenizer and reserved with max_output_tokens (or the model's cap; a max_output_tokens above a
+configured cap is refused, as OpenAI refuses it), the upstream's usage is
 bounded before it is billed (billing.Meter, which counts anomalies), `usage` is what was billed, and the turn is stored unless
 `store` is false (response_store).
 """
@@ -31,6 +32,7 @@ from app.web.relay.common import (
     Call,
     admit,
     authenticate,
+    check_output_cap,
     gather_keyed,
     page_limit,
     settings,
@@ -152,6 +154,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
     if counting:
         return 0
+    check_output_cap(call.price, "max_output_tokens", body.get("max_output_tokens"))
     plan.completion_max = body.get("max_output_tokens") or call.price.max_output
     if plan.native:
         plan.upstream = {**body, "input": to_chat.replay(items), "store": False}

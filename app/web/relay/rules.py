@@ -1,7 +1,9 @@
 """What a chat or completions request may be, and the most it can cost (SPEC §3, §4).
 
 The checks follow OpenAI's published schema and refuse only what it refuses (plus the prompt
-cap, an unaffordable hold and, with [safety] api_input, a listed word: screening.py); everything else, unknown fields included, goes upstream as sent.
+cap, an unaffordable hold and, with [safety] api_input, a listed word: screening.py), and a
+max_tokens above the model's configured output cap as OpenAI refuses it; everything else,
+unknown fields included, goes upstream as sent.
 The hold is an upper bound: the prompt counted by app.core.tokens (every character, tools,
 functions, response_format, image parts; the prompt cap when a part cannot be counted, e.g. a
 file) plus max_tokens (or the model's cap) per choice.
@@ -16,6 +18,7 @@ from app.core import pricing, tokens
 from app.core.errors import InsufficientQuota, InvalidRequest
 from app.web.relay.common import (
     Call,
+    check_output_cap,
     int_tokens,
     optional_int,
     settings,
@@ -38,6 +41,8 @@ class Plan:
     prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
     echoed: int = 0  # completions' echo: the prompt's tokens the answer repeats, at most
+    text_prompt: int = 0  # a plain-text prompt's count: a reported prompt far below it is not
+    #                       plausible (billing.Meter); 0: not checked (chat, token arrays)
     stream: bool = False
     want_usage: bool = False
 
@@ -114,9 +119,14 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
 
 def _completion_max(kind: str, call: Call) -> int:
     """Return the most completion tokens the request can produce, all choices together."""
-    body = call.body
+    body, price = call.body, call.price
     limit = optional_int(body, "max_tokens", 0)
     other = optional_int(body, "max_completion_tokens", 0)
+    check_output_cap(price, "max_tokens", limit)  # 400 past the model's cap, as OpenAI's
+    if kind == "chat":
+        check_output_cap(price, "max_completion_tokens", other)
+    elif other and price.output_cap is not None:  # not completions' field: sent on, but no
+        other = min(other, price.output_cap)  # upstream writes past the model's cap
     if kind == "chat" and limit is None:
         limit, other = other, None  # chat's newer name for the same limit (the larger holds)
     if limit == 0:
@@ -129,11 +139,16 @@ def _completion_max(kind: str, call: Call) -> int:
         # that many, one that does not writes max_tokens; the larger is held. Absent max_tokens
         # is the cap, whatever max_completion_tokens says.
         limit = max(limit, other)
-    most = pricing.completion_max(call.price, limit, _choices(kind, body))
+    most = pricing.completion_max(price, limit, _choices(kind, body))
     prediction = body.get("prediction")
     if kind == "chat" and prediction is not None:  # rejected prediction tokens are billed too
         most += _choices(kind, body) * tokens.text_tokens(str(prediction), call.upstream_model)
     return most
+
+
+def plain_text(value: Any) -> bool:
+    """Tell whether a prompt or input is text only: a string or an array of strings."""
+    return isinstance(value, str) or (isinstance(value, list) and set(map(type, value)) == {str})
 
 
 def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
@@ -172,6 +187,8 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
         check_prompt(call.body)
         screen_input(completion_slots(call.body))
     _prompt_bound(kind, call, plan)
+    if kind != "chat" and plain_text(call.body["prompt"]):
+        plan.text_prompt = plan.prompt_bound  # the text(s) and suffix, counted
     plan.completion_max = _completion_max(kind, call)
     if kind != "chat" and call.body.get("echo"):  # each choice repeats its prompt
         plan.echoed = plan.prompt_bound * (optional_int(call.body, "n", 1, MAX_N) or 1)
