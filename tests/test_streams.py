@@ -449,7 +449,8 @@ def test_a_count_a_later_report_leaves_out_keeps_the_earlier_one() -> None:
     from app.web.relay.billing import Meter
 
     call = SimpleNamespace(req_id="req_t", upstream_model="gpt-3.5-turbo")
-    plan = SimpleNamespace(prompt_bound=60, prompt_estimate=None, completion_max=16_384)
+    plan = SimpleNamespace(prompt_bound=60, prompt_estimate=None, completion_max=16_384,
+                           echoed=0, text_prompt=0)
     meter = Meter(call, plan, "default")  # type: ignore[arg-type]
     assert meter.usage({"prompt_tokens": 50, "completion_tokens": 120}) == (50, 120)
     assert meter.usage({"prompt_tokens": 50}) == (50, 120)
