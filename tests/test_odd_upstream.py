@@ -168,3 +168,29 @@ def test_a_responses_stream_failing_upstream_shows_no_channel_key(
     failed = [json.loads(line[6:]) for line in text.split("\n")
               if line.startswith("data: ") and '"response.failed"' in line]
     assert failed and "Bearer ***" in failed[-1]["response"]["error"]["message"]
+
+
+def test_a_usage_riding_on_the_last_text_chunk_is_shown_as_it_is_billed(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """Review: an upstream that puts its only usage in a chunk that also carries choices
+    (reporting 1 completion token for 2 000 words) had its settle corrected to the delivered
+    text (completion_under_text), but the client's streamed `usage` still showed the 1."""
+    words = " ".join(["word"] * 2000)
+    first = {**CHUNK, "choices": [{"index": 0, "delta": {"content": words},
+                                   "finish_reason": None}]}
+    last = {**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}}
+    odd.answer = (200, _event(first) + _event(last) + b"data: [DONE]\n\n")  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url,
+                                   XIAOYI_UPSTREAM_API_KEY=UPSTREAM_KEY), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/chat/completions", headers={
+        "Authorization": f"Bearer {key}"}, json={
+            "messages": [{"role": "user", "content": "你好"}], "stream": True,
+            "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in resp.get_data(as_text=True).split("\n")
+              if line.startswith("data: {")]
+    shown = [e["usage"] for e in events if e.get("usage")]
+    pt, ct = _settled(r, acct)
+    assert ct >= 2000 and shown and shown[-1]["completion_tokens"] == ct, (shown, ct)
+    assert shown[-1]["prompt_tokens"] == pt and ledger.verify(r) == []

@@ -177,8 +177,9 @@ def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
         meter.usage(obj["usage"])
         if not plan.want_usage and not obj.get("choices"):
             return
-        delivered = "" if obj.get("choices") else "".join(texts)  # the last report: checked
-        obj["usage"] = meter.shown(delivered, obj["usage"])  # against the text (tokens.under_text)
+        # Checked against the text delivered so far, this chunk's included (tokens.under_text):
+        # an upstream may put its only report on its last text chunk.
+        obj["usage"] = meter.shown("".join(texts), obj["usage"])
     elif not plan.want_usage and "usage" in obj:  # the null the relay's own include_usage adds
         del obj["usage"]
     obj["model"] = call.model
