@@ -255,3 +255,57 @@ def test_a_sealed_reply_opens_only_for_its_message_and_settings(upstream: Any, r
     other = dataclasses.replace(settings, wechat_token="another-token")
     assert sealed.unseal(other, "oX:1", box) is None
     assert sealed.unseal(settings, "oX:1", "not base64!") is None
+
+
+def _full_width(text: str) -> str:
+    """Return ASCII letters and digits as a Chinese IME's full-width mode types them."""
+    return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in text)
+
+
+def test_a_code_typed_full_width_in_groups_or_lower_case_is_redeemed(
+        served: tuple[WeChat, str], r: Any) -> None:
+    """A code as users type it (full-width 全角, split in groups by ideographic or ASCII
+    spaces, lower case) is the code; it still credits once."""
+    wechat, _ = served
+    code = money_codes.create_codes(r, 20_000)[0]
+    typed = _full_width(code[:6].lower()) + "\u3000" + code[6:12] + " " + _full_width(code[12:])
+    assert wechat.say(OPENID, f"充值 {typed}").startswith("充值成功")
+    assert wechat.say(OPENID, f"充值 {code}") == TEXTS["redeem_used"]
+    assert wallet.balance(r, users.account_of(r, OPENID)) == 30_000 and ledger.verify(r) == []
+
+
+def test_rotate_revokes_every_live_key_of_the_account(served: tuple[WeChat, str], r: Any) -> None:
+    """「旧密钥立即失效」: a key added to the account after the bot's (xiaoyi key create) must
+    not leave the user's leaked older key working after 重置密钥."""
+    wechat, base = served
+    first = KEY.search(wechat.click(OPENID, "CHAT_API")).group(0)
+    acct = users.account_of(r, OPENID)
+    added, _ = keys.create_key(r, acct, "cli")
+    rotated = KEY.search(wechat.say(OPENID, "重置密钥")).group(0)
+
+    def status(raw: str) -> int:
+        return requests.post(f"{base}/v1/chat/completions", timeout=10,
+                             headers={"Authorization": f"Bearer {raw}"},
+                             json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+
+    assert [status(first), status(added), status(rotated)] == [401, 401, 200]
+    assert [k["masked"] for k in keys.list_keys(r, acct) if not k["revoked"]] == [
+        keys.mask(rotated)]
+
+
+def test_menu_clicks_count_toward_the_user_message_limit(upstream: Any, redis_url: str, r: Any,
+                                                         wx: FakeWeChatAPI) -> None:
+    """Each click is a reply, a dedupe marker and state kept a day (CHAT_API: a key lookup
+    under a lock, a signed link): clicks share user_messages_per_minute with messages; the
+    welcome of a new follower is never refused."""
+    settings = wechat_settings(upstream.url, redis_url, wx,
+                               limits={"user_messages_per_minute": 2})
+    with bot(settings, r, worker=False) as (_, url):
+        wechat = WeChat(url, wx.appid)
+        got = [wechat.click(OPENID, key) for key in ("BALANCE", "HELP", "CHAT_API")]
+        assert got[0].startswith("账户余额") and got[1] == TEXTS["help"]
+        assert got[2].startswith("消息太频繁了")
+        assert wechat.say(OPENID, "余额").startswith("消息太频繁了")
+        welcome = wechat.reply(wechat.post(event_xml(OPENID, "subscribe")))["Content"]
+        assert welcome.startswith(TEXTS["welcome"])
+    assert keys.list_keys(r, users.account_of(r, OPENID)) == []  # the refused click issued none

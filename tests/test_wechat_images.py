@@ -112,3 +112,22 @@ def test_a_refused_picture_run_again_charges_and_sends_nothing(upstream: Any, re
     assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
     kinds = [e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk]
     assert kinds == ["reserve", "refund"] and ledger.verify(r) == []
+
+
+def test_a_prompt_past_the_question_cap_draws_nothing(upstream: Any, redis_url: str, r: Any,
+                                                      wx: FakeWeChatAPI) -> None:
+    """A 画 prompt is capped like a question ([bot] question_max_tokens), not only by the
+    64 KB body: a longer one gets the note, queues no job and holds nothing."""
+    settings = wechat_settings(upstream.url, redis_url, wx, question_max_tokens=50)
+    with bot(settings, r) as (app, url):
+        wechat = WeChat(url, wx.appid)
+        long = "一只很大的猫" * 20  # 120 汉字
+        got = [wechat.say(OPENID, f"画 {long}", msg_id="888000090") for _ in range(2)]
+        assert got == [TEXTS["question_too_long"].format(limit=50)] * 2
+        assert wechat.say(OPENID, "/image " + "a red fox " * 100) == got[0]
+        assert wechat.say(OPENID, "画 一只猫") == TEXTS["image_started"]  # short: drawn
+        wait_for(lambda: wx.sent(OPENID))
+        run_jobs(app)
+    assert [q["prompt"] for q in images(upstream)] == ["一只猫"]
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 10_000 - PRICE and ledger.verify(r) == []

@@ -131,11 +131,18 @@ def issue_key(r: layout.Store, acct: str) -> tuple[str | None, str]:
 
 
 def rotate_key(r: layout.Store, acct: str) -> str:
-    """Revoke the account's live key (if any) and issue a new one; return the raw key."""
+    """Revoke every live key of the account and issue a new one; return the raw key.
+
+    Every one, not just the newest: an older key (one the CLI added to the account later, or
+    left by an earlier race) would otherwise go on working after 「旧密钥立即失效」.
+    """
     with r.lock(f"xy:wx:keylock:{acct}", timeout=10, blocking_timeout=10, sleep=0.05):
-        key_id = keys.live_key_id(r, acct)
-        if key_id is not None:
-            rotated = keys.rotate(r, key_id)
+        live = sorted((k for k in keys.list_keys(r, acct) if not k["revoked"]),
+                      key=lambda k: int(k.get("created", 0)))
+        for old in live[:-1]:
+            keys.revoke(r, old["id"])
+        if live:
+            rotated = keys.rotate(r, live[-1]["id"])
             if rotated is not None:
                 return rotated[0]
         raw, _ = keys.create_key(r, acct, "wechat")

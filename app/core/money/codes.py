@@ -12,6 +12,7 @@ the workers' sweep), so the credit is never lost.
 from __future__ import annotations
 
 import secrets
+import unicodedata
 from typing import Any
 
 from app.core.money import wallet
@@ -31,8 +32,9 @@ return {1, tonumber(redis.call('HGET', KEYS[1], 'amount'))}
 
 
 def normalize(code: str) -> str:
-    """Return the code as stored (upper case, no spaces)."""
-    return code.strip().upper()
+    """Return the code as stored: NFKC (full-width ＸＹ１２ as typed by a Chinese IME is XY12),
+    no whitespace anywhere (a code pasted in groups), upper case."""
+    return "".join(unicodedata.normalize("NFKC", code).split()).upper()
 
 
 def _whole(value: object) -> bool:

@@ -29,7 +29,8 @@ CHAT_JOB = "workers.chat.reply_chat"
 IMAGE_JOB = "workers.images.reply_image"
 PICTURE_JOB = "workers.pictures.reply_picture"
 ASKED = frozenset({"chat", "picture"})  # answered by a job the webhook waits for
-EVENTS = frozenset({"welcome", "CHAT_API", "BALANCE", "HELP", "RECHARGE"})
+CAPPED = frozenset({"chat", "image"})  # a question or a 画 prompt: [bot] question_max_tokens
+UNLIMITED = frozenset({"welcome"})  # not counted by user_messages_per_minute (menu clicks are)
 
 
 def route(msg: BaseMessage) -> tuple[str, str]:
@@ -68,14 +69,14 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage,
         return dl.wait(attempt, (lambda: _queue(dl, kind, arg, only_missing=True))
                        if kind in ASKED else None, until)
     acct = users.ensure_account(r, settings, dl.openid, known)
-    if kind not in EVENTS:
+    if kind not in UNLIMITED:
         limit = settings.limits.get("user_messages_per_minute", 0)
         wait = ratelimit.hit(r, f"wx:{dl.openid}", limit)
         if wait:
             return dl.reply_now(dl.text("rate_limited", seconds=wait))
     cap = settings.bot.question_max_tokens
-    if kind == "chat" and cap and tokens.text_tokens(arg, None, limit=cap) > cap:
-        return dl.reply_now(dl.text("question_too_long", limit=cap))  # free chats too
+    if kind in CAPPED and cap and tokens.text_tokens(arg, None, limit=cap) > cap:
+        return dl.reply_now(dl.text("question_too_long", limit=cap))  # free chats, 画 too
     if kind == "picture" and not wechat_api.configured(settings):
         return dl.reply_now(dl.text("picture_unavailable"))  # no media/get without the API
     if kind in ASKED:
