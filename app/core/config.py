@@ -34,15 +34,18 @@ from app.core.config_sections import (
     units_to_yuan,
     yuan_to_units,
 )
+from app.core.money.layout import NAME_MAX_BYTES
 
 __all__ = [  # the sections' names are re-exported: `from app.core.config import ...` has them all
-    "ENV_SETTINGS", "MAX_CODES_PER_BATCH", "MIN_SECRET_CHARS", "SAFETY_ACTIONS", "SAFETY_PLACES",
-    "UNITS_PER_FEN", "UNITS_PER_YUAN", "BotSettings", "Channel", "ConfigError", "MenuButton",
+    "ENV_SETTINGS", "MAX_CODES_PER_BATCH", "MAX_YUAN_MOVED", "MIN_SECRET_CHARS",
+    "SAFETY_ACTIONS", "SAFETY_PLACES", "UNITS_PER_FEN", "UNITS_PER_YUAN", "BotSettings", "Channel", "ConfigError", "MenuButton",
     "MenuSettings", "ModelPrice", "PaySettings", "SafetySettings", "Settings", "load_settings",
     "units_to_yuan", "yuan_to_units",
 ]
 
 MAX_CODES_PER_BATCH = 100  # redemption codes made at once (the CLI and the admin form)
+MAX_YUAN_MOVED = 1_000_000  # the most 元 one admin action moves (CLI or admin page: a top-up,
+#                             each code of a batch): a typo'd 1e30 is refused, not stored
 MIN_SECRET_CHARS = 24  # a shorter admin token or cookie key is refused at start (SPEC §7.13)
 
 # name -> (default, meaning). Written down once; README's Configuration table says the same.
@@ -205,7 +208,6 @@ def _read_toml(path: Path, setting: str) -> dict[str, Any]:
         raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from exc
 
 
-MODEL_NAME_MAX = 200  # bytes: the money scripts' limit on a model argument
 TABLES = ("models", "prices", "relay", "limits", "bot", "pay", "menu", "texts")
 
 
@@ -221,10 +223,10 @@ def _check_shape(data: dict[str, Any]) -> None:
         entries = data.get(table, {})
         for name, value in entries.items() if isinstance(entries, dict) else ():
             for said in (name, value) if table != "prices" else (name,):
-                if isinstance(said, str) and not 0 < len(said.encode("utf-8")) <= MODEL_NAME_MAX:
+                if isinstance(said, str) and not 0 < len(said.encode("utf-8")) <= NAME_MAX_BYTES:
                     # a model name goes into the ledger and the money scripts' arguments
                     raise ConfigError(f"{table}.{name[:40]}: a model name is 1 to "
-                                      f"{MODEL_NAME_MAX} bytes")
+                                      f"{NAME_MAX_BYTES} bytes")
     for key, text in data.get("texts", {}).items():
         if not isinstance(text, str):
             raise ConfigError(f"texts.{key}: must be a string")

@@ -19,6 +19,7 @@ import click
 import redis
 
 from app.core.config import (
+    MAX_YUAN_MOVED,
     UNITS_PER_YUAN,
     ConfigError,
     Settings,
@@ -26,7 +27,7 @@ from app.core.config import (
     units_to_yuan,
     yuan_to_units,
 )
-from app.core.money.layout import Store
+from app.core.money.layout import NAME_MAX_BYTES, Store
 
 PROG = "xiaoyi"
 
@@ -115,8 +116,6 @@ def store(s: Settings | None = None) -> Store:
     return client
 
 
-MAX_YUAN = 1_000_000  # the most 元 one command moves (a typo'd 1e30 is refused, not stored)
-MAX_TEXT_BYTES = 200  # a name or id the money scripts store (app.core.money.scripts.Id)
 
 
 def yuan(value: str, *, positive: bool = False) -> int:
@@ -126,8 +125,8 @@ def yuan(value: str, *, positive: bool = False) -> int:
         units = yuan_to_units(value, "")
     except ConfigError as exc:
         raise click.BadParameter(str(exc).partition(": ")[2]) from None
-    if units > MAX_YUAN * UNITS_PER_YUAN:
-        raise click.BadParameter(f"{value!r:.40} is more than {MAX_YUAN} 元")
+    if units > MAX_YUAN_MOVED * UNITS_PER_YUAN:
+        raise click.BadParameter(f"{value!r:.40} is more than {MAX_YUAN_MOVED} 元")
     if positive and units <= 0:
         raise click.BadParameter(f"{value!r:.40} must be positive")
     return units
@@ -150,8 +149,8 @@ def short_text(_ctx: click.Context, _param: click.Parameter, value: str | None) 
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         raise click.BadParameter("is not valid UTF-8 text") from None
-    if size > MAX_TEXT_BYTES:
-        raise click.BadParameter(f"is {size} bytes long; at most {MAX_TEXT_BYTES} (UTF-8)")
+    if size > NAME_MAX_BYTES:
+        raise click.BadParameter(f"is {size} bytes long; at most {NAME_MAX_BYTES} (UTF-8)")
     return value
 
 

@@ -16,7 +16,7 @@ import unicodedata
 from typing import Any
 
 from app.core.money import wallet
-from app.core.money.layout import CODES, MAX_UNITS, Store, WalletError, code_key
+from app.core.money.layout import CODES, Store, code_key
 from app.core.money.scripts import Arg, Id, declare, run
 
 MAX_BATCH = 1000  # codes one call makes at most (the CLI and the admin form allow fewer)
@@ -37,16 +37,10 @@ def normalize(code: str) -> str:
     return "".join(unicodedata.normalize("NFKC", code).split()).upper()
 
 
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def create_codes(r: Store, amount: int, count: int = 1) -> list[str]:
     """Create redemption codes worth `amount` units each."""
-    if not _whole(amount) or not 0 < amount <= MAX_UNITS:
-        raise WalletError(f"amount must be an integer between 1 and {MAX_UNITS}")
-    if not _whole(count) or not 0 < count <= MAX_BATCH:
-        raise WalletError(f"count must be an integer between 1 and {MAX_BATCH}")
+    wallet.check_units(amount, "amount", 1)
+    wallet.check_units(count, "count", 1, MAX_BATCH)
     codes = ["XY" + secrets.token_hex(8).upper() for _ in range(count)]
     now = wallet.now_ms()
     pipe = r.pipeline(transaction=False)

@@ -18,7 +18,7 @@ from types import TracebackType
 
 from app.core.errors import InsufficientQuota, InvalidKey, RateLimited
 from app.core.money import holders, keys, lease, wallet
-from app.core.money.layout import MAX_UNITS, Store, key_record, window_key
+from app.core.money.layout import MAX_UNITS, NAME_MAX_BYTES, Store, key_record, window_key
 from app.core.money.ratelimit import WINDOW_FN, Window, to_window, window_args
 from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
 
@@ -28,7 +28,7 @@ from app.core.money.scripts import Arg, Id, IndexWriteFailed, Text, declare, run
 #    {2, key fields, the reserve function's reply, remaining, reset_ms}
 AUTHORIZE = declare(
     "authorize", ["record", "window", *wallet.HOLD_KEYS],
-    [*keys.CHECK_ARGS, Id("req"), Arg("amount"), Text("model", 200), Text("owner", 64)],
+    [*keys.CHECK_ARGS, Id("req"), Arg("amount"), Text("model", NAME_MAX_BYTES), Text("owner", 64)],
     WINDOW_FN + wallet.RESERVE_FN + keys.KEY_CHECK + """
 local wait, left, reset = 0, 0, 0
 if limit > 0 then wait, left, reset = window(KEYS[2], now, window_ms, limit, member) end

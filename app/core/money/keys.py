@@ -19,6 +19,7 @@ from app.core.money.layout import (
     EMBEDDABLE,
     KEY_ACCOUNT,
     KEY_IDS,
+    NAME_MAX_BYTES,
     Store,
     check_account_id,
     key_id_record,
@@ -35,7 +36,7 @@ SECRET_LEN = 43  # secrets.token_urlsafe(32)
 
 CREATE_KEY = declare(
     "create_key", ["record", "keyid", "keys"],
-    [Id("id"), Id("acct"), Text("name", 200), Arg("created"), Text("masked", 64), Id("digest")],
+    [Id("id"), Id("acct"), Text("name", NAME_MAX_BYTES), Arg("created"), Text("masked", 64), Id("digest")],
     """
 redis.call('HSET', KEYS[1], 'id', id, 'acct', acct, 'name', name, 'created', s(created),
            'masked', masked)

@@ -74,6 +74,7 @@ def is_cluster(client: Store) -> bool:
     return found
 
 MAX_UNITS = 2**53 - 1  # every integer a script accepts stays below 2**53 (exact in Lua)
+NAME_MAX_BYTES = 200  # the longest id, name or model a script stores (UTF-8 bytes)
 DONE_KEEP_MS = 7 * 86400 * 1000
 ACCOUNTS = "xy:accts"
 HOLDERS = "xy:holders"

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import NoScriptError
 
-from app.core.money.layout import MAX_UNITS, Store, WalletError, is_cluster
+from app.core.money.layout import MAX_UNITS, NAME_MAX_BYTES, Store, WalletError, is_cluster
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -114,7 +114,7 @@ class Arg:
 
 def Id(name: str) -> Arg:  # noqa: N802 - reads as a type in the declarations
     """Declare a non-empty identifier argument (account, request, key id…)."""
-    return Arg(name, "text", min_len=1, max_len=200)
+    return Arg(name, "text", min_len=1, max_len=NAME_MAX_BYTES)
 
 
 def Text(name: str, max_len: int = 256) -> Arg:  # noqa: N802

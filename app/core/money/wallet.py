@@ -17,6 +17,7 @@ from app.core.money.layout import (
     ACCOUNTS,
     DONE_KEEP_MS,
     MAX_UNITS,
+    NAME_MAX_BYTES,
     BadAccountId,
     Store,
     WalletError,
@@ -33,7 +34,7 @@ ACCOUNT_KINDS = ("api", "wechat")
 
 CREATE = declare(
     "create", ["acct", "ledger"],
-    [Arg("kind", "choice", choices=ACCOUNT_KINDS), Text("name", 200), Arg("now"),
+    [Arg("kind", "choice", choices=ACCOUNT_KINDS), Text("name", NAME_MAX_BYTES), Arg("now"),
      Arg("initial"), Text("note")], """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'balance', s(initial), 'used', '0', 'kind', kind, 'name', name,
@@ -69,7 +70,7 @@ HOLD_KEYS = ["acct", "resv", "holds", "ledger", "done"]
 
 RESERVE = declare(
     "reserve", HOLD_KEYS,
-    [Id("req"), Arg("amount"), Arg("now"), Text("key_id", 200), Text("model", 200)],
+    [Id("req"), Arg("amount"), Arg("now"), Text("key_id", NAME_MAX_BYTES), Text("model", NAME_MAX_BYTES)],
     RESERVE_FN + "return reserve(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], req, amount, now,"
     " key_id, model, '')\n")
 
@@ -109,7 +110,7 @@ return {{1, cost, bal, amt, model}}
 TOPUP = declare(
     "topup", ["acct", "ledger", "refs"],
     [Arg("amount", lo=1), Arg("now"), Arg("kind", "choice", choices=("topup", "redeem")),
-     Text("note"), Text("ref", 200)], """
+     Text("note"), Text("ref", NAME_MAX_BYTES)], """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
 local bal = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 if ref ~= '' and redis.call('HEXISTS', KEYS[3], ref) == 1 then return {0, bal} end
@@ -156,9 +157,10 @@ def new_account_id() -> str:
     return "acct_" + secrets.token_hex(6)
 
 
-def _units(value: int, name: str, low: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_UNITS:
-        raise WalletError(f"{name} must be an integer between {low} and {MAX_UNITS}")
+def check_units(value: int, name: str, low: int = 0, high: int = MAX_UNITS) -> int:
+    """Return `value` when it is an integer (never a bool) in [low, high], else WalletError."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise WalletError(f"{name} must be an integer between {low} and {high}")
     return value
 
 
@@ -166,7 +168,7 @@ def create_account(r: Store, acct: str | None = None, *, kind: str = "api",
                    name: str = "", initial: int = 0, note: str = "initial credit") -> str:
     """Create an account (with an optional initial credit) unless it exists; return its id."""
     acct = check_account_id(acct or new_account_id())
-    _units(initial, "initial")
+    check_units(initial, "initial")
     now = now_ms()
     names, args = [acct_key(acct), ledger_key(acct)], [kind, name, now, initial, note]
     CREATE.check(names, args)  # a refused call writes nothing, the index neither
@@ -209,7 +211,7 @@ def hold_keys(acct: str, req: str) -> list[str]:
 def reserve(r: Store, acct: str, req: str, amount: int, *, key_id: str = "",
             model: str = "") -> Reserved:
     """Hold `amount` units for request `req`, atomically; refuse when the balance is short."""
-    _units(amount, "amount")
+    check_units(amount, "amount")
     now = now_ms()
     before = holders.writes(r, acct, now)
     try:
@@ -241,8 +243,8 @@ def settle(r: Store, acct: str, req: str, cost: int, *, prompt_tokens: int = 0,
            max_ts: int = MAX_UNITS) -> int | None:
     """Charge `cost` and release the rest of the hold; None if nothing (old enough) is open."""
     now = now_ms()
-    args = [req, _units(cost, "cost"), now, _units(prompt_tokens, "prompt_tokens"),
-            _units(completion_tokens, "completion_tokens"), kind, max_ts]
+    args = [req, check_units(cost, "cost"), now, check_units(prompt_tokens, "prompt_tokens"),
+            check_units(completion_tokens, "completion_tokens"), kind, max_ts]
     res = run(r, SETTLE, hold_keys(acct, req), args)
     if int(res[0]) != 1:
         return None
@@ -272,7 +274,7 @@ def topup(r: Store, acct: str, amount: int, *, kind: str = "topup", note: str = 
     """Credit an account; with `ref`, at most once per ref. Return (credited now, balance)."""
     if not isinstance(amount, int) or amount <= 0:
         raise WalletError("amount must be positive")
-    _units(amount, "amount", 1)
+    check_units(amount, "amount", 1)
     try:
         names = [acct_key(acct), ledger_key(acct), refs_key(acct)]
     except BadAccountId:

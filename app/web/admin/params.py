@@ -10,11 +10,10 @@ from flask import request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest
 
-from app.core.config import UNITS_PER_YUAN, ConfigError, yuan_to_units
+from app.core.config import MAX_YUAN_MOVED, UNITS_PER_YUAN, ConfigError, yuan_to_units
 
 MAX_TEXT = 200  # the longest id or search text an admin page takes (ids are shorter)
 MAX_PAGE = 100_000  # far past the last page of any store; keeps Redis offsets small
-MAX_YUAN = 1_000_000  # the most 元 one form moves (a top-up, each code of a batch)
 
 
 def yuan_arg(name: str = "yuan") -> int:
@@ -24,9 +23,9 @@ def yuan_arg(name: str = "yuan") -> int:
         units = yuan_to_units(raw, "金额")
     except ConfigError as exc:
         raise BadRequest(str(exc)) from None
-    if units <= 0 or units > MAX_YUAN * UNITS_PER_YUAN:
-        raise BadRequest(f"金额需大于 0 且不超过 {MAX_YUAN} 元 "
-                         f"(the amount must be more than 0 and at most {MAX_YUAN} 元).")
+    if units <= 0 or units > MAX_YUAN_MOVED * UNITS_PER_YUAN:
+        raise BadRequest(f"金额需大于 0 且不超过 {MAX_YUAN_MOVED} 元 "
+                         f"(the amount must be more than 0 and at most {MAX_YUAN_MOVED} 元).")
     return units
 
 
