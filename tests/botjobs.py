@@ -24,7 +24,8 @@ def runs_key(dk: str) -> str:
 
 
 def hold_then_fail(openid: str, dk: str, acct: str, cost: int, fault: str) -> Any:
-    """Hold `cost`, then fail with `fault` ('bug': KeyError, 'upstream': UpstreamError)."""
+    """Hold `cost`, then fail with `fault` ('bug': KeyError, 'upstream': UpstreamError;
+    'upstream-once': the same inside jobs.once, under the message's run lock)."""
     r = get_redis()
     dl = Delivery(r, current_app.config["SETTINGS"], openid, dk)
 
@@ -37,7 +38,8 @@ def hold_then_fail(openid: str, dk: str, acct: str, cost: int, fault: str) -> An
         held.settle(cost)
         return "unreachable"
 
-    return jobs.attempt(r, dk, work, lambda exc: dl.note("chat_failed"))
+    run = (lambda: jobs.once(r, dk, work)) if fault.endswith("-once") else work
+    return jobs.attempt(r, dk, run, lambda exc: dl.note("chat_failed"))
 
 
 ANSWER = "这是已经扣费的回答"

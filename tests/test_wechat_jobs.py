@@ -67,13 +67,16 @@ def test_a_keyerror_fails_the_job_at_once_with_the_hold_released(
     assert ledger.verify(r) == []
 
 
+@pytest.mark.parametrize("fault", ["upstream", "upstream-once"])
 def test_a_transient_failure_is_retried_then_apologised_for_once(
-        upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI) -> None:
+        upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI, fault: str) -> None:
+    """Also inside jobs.once (the run lock of the real jobs): a failure rq retries leaves the
+    message open, so the retries run; only the last one closes it."""
     settings = wechat_settings(upstream.url, redis_url, wx)
     acct = wallet.create_account(r, initial=10_000)
     dk = f"{OPENID}:7770002"
     with bot(settings, r, worker=False) as (app, _):
-        job_id = _enqueue(app, dk, acct, "upstream")
+        job_id = _enqueue(app, dk, acct, fault)
         with WorkerThread(app):
             wait_for(lambda: _failed(app, job_id), timeout=20)
     assert int(r.get(runs_key(dk))) == 3  # the first run and two retries
@@ -344,3 +347,54 @@ def test_a_kept_answer_whose_charge_was_released_is_charged_before_it_is_deliver
         assert not any("早就写好的回答" in t or "img.example" in t for t in sent), sent
         assert any("余额" in t for t in sent), sent
     assert ledger.verify(r) == []
+
+
+def _commands_while(r: Any, action: Any) -> list[str]:
+    """Return every command Redis ran (MONITOR) while `action()` ran."""
+    import threading
+
+    seen: list[str] = []
+    ready, end = threading.Event(), f"test:monitor-end:{secrets.token_hex(4)}"
+
+    def watch() -> None:
+        with r.monitor() as m:
+            ready.set()
+            for cmd in m.listen():
+                seen.append(cmd["command"])
+                if end in cmd["command"]:
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert ready.wait(5)
+    try:
+        action()
+    finally:
+        r.get(end)
+        watcher.join(5)
+    return seen
+
+
+def test_a_run_failing_for_good_closes_its_message_before_it_frees_the_run_lock(r: Any) -> None:
+    """A duplicate run waiting on the run lock must find the message closed the moment the lock
+    is free: were the mark set after the release, the duplicate could hold, charge and deliver an
+    answer after the failing run's apology."""
+    dk = f"{OPENID}:7770099"
+    told: list[BaseException] = []
+
+    def fail_for_good() -> None:
+        with pytest.raises(KeyError):
+            jobs.attempt(r, dk, lambda: jobs.once(r, dk, lambda: {}["answer"]), told.append)
+
+    seen = _commands_while(r, fail_for_good)
+    closed_at = [i for i, c in enumerate(seen) if c.upper().startswith("SET ")
+                 and jobs.closed_key(dk) in c]
+    freed_at = [i for i, c in enumerate(seen) if c.upper().startswith(("EVALSHA", "EVAL "))
+                and jobs.run_key(dk) in c]
+    assert closed_at and freed_at, seen
+    assert closed_at[0] < freed_at[0], seen
+    assert len(told) == 1 and isinstance(told[0], KeyError)  # told once, by the run that closed
+    ran: list[str] = []
+    assert jobs.once(r, dk, lambda: ran.append("answered") or "answered") == "closed"
+    assert ran == []
+

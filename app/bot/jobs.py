@@ -20,14 +20,17 @@ an answer after the apology. The mark outlives rq's failed jobs (FAILED_TTL).
 Keys (owned here; {dk} carries its openid as the hash tag: app/bot/slots.py):
     xy:wx:ans:{dk}      hash    the produced answer (text or media, cost, paid): a re-run reuses it
     xy:wx:run:{dk}      lock    one job run at a time per message
-    xy:wx:closed:{dk}   string  the message's job finished or gave up: runs after it do nothing
+    xy:wx:closed:{dk}   string  the message's job finished or gave up (the closing run's token):
+                                runs after it do nothing
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import redis
@@ -52,6 +55,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError)
 
 
+# Which run of a job this is: the closed mark holds it, so the run that closed a message for
+# good (under its run lock, app.bot.jobs.once) is the one that tells the user.
+_RUN: ContextVar[str] = ContextVar("xy_bot_run", default="")
+
+
 class Hopeless(Exception):
     """A failure no retry can mend (WeChat refused the media, the picture is unreadable)."""
 
@@ -73,7 +81,20 @@ def closed_key(dk: str) -> str:
 
 def close(r: redis.Redis, dk: str) -> bool:
     """Mark the message's job finished or given up; True when this call closed it."""
-    return bool(r.set(closed_key(dk), 1, nx=True, ex=CLOSED_TTL))
+    return bool(r.set(closed_key(dk), _RUN.get() or "1", nx=True, ex=CLOSED_TTL))
+
+
+def _closed_by_this_run(r: redis.Redis, dk: str) -> bool:
+    run = _RUN.get()
+    found = r.get(closed_key(dk))
+    if isinstance(found, bytes):
+        found = found.decode("utf-8", "replace")
+    return bool(run) and found == run
+
+
+def final(exc: BaseException) -> bool:
+    """Tell whether no run follows this failure: not transient, or the job's last attempt."""
+    return not isinstance(exc, TRANSIENT) or last_attempt()
 
 
 def closed(r: redis.Redis, dk: str) -> bool:
@@ -98,6 +119,15 @@ def attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
     if closed(r, dk):
         log.info("bot job: the message finished or gave up before; nothing to do")
         return "closed"
+    run = _RUN.set(secrets.token_hex(8))
+    try:
+        return _attempt(r, dk, work, give_up)
+    finally:
+        _RUN.reset(run)
+
+
+def _attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
+             give_up: Callable[[BaseException], None]) -> Any:
     try:
         return work()
     except TRANSIENT as exc:
@@ -115,9 +145,10 @@ def attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
 
 def _tell(r: redis.Redis, dk: str, give_up: Callable[[BaseException], None],
           exc: BaseException) -> None:
-    """Close the message, then apologise (only the run that closed it does)."""
+    """Close the message, then apologise (only the run that closed it does: here, or under its
+    run lock in once())."""
     try:
-        if close(r, dk):
+        if close(r, dk) or _closed_by_this_run(r, dk):
             give_up(exc)
     except Exception:  # the job's own failure is what rq must record
         log.exception("bot job: could not tell the user about %s", type(exc).__name__)
@@ -125,12 +156,22 @@ def _tell(r: redis.Redis, dk: str, give_up: Callable[[BaseException], None],
 
 def once(r: redis.Redis, dk: str, work: Callable[[], str]) -> str:
     """Run a message's work under its run lock unless the message is closed (checked before any
-    hold or charge); close it once the work finished. A failure leaves it open (rq's retry)."""
+    hold or charge); close it once the work finished. A failure that rq retries leaves it open;
+    one that ends the job closes it before the lock is released, so a duplicate run waiting on
+    the lock finds it closed (and the user gets the apology alone, not an answer after it)."""
     with running(r, dk):
         if closed(r, dk):
             log.info("bot job: the message finished or gave up meanwhile; nothing to do")
             return "closed"
-        how = work()
+        try:
+            how = work()
+        except Exception as exc:
+            if final(exc):
+                try:
+                    close(r, dk)
+                except redis.RedisError:  # attempt() tries again once the lock is released
+                    log.warning("bot job: could not close a failed message under its lock")
+            raise
         close(r, dk)
         return how
 
