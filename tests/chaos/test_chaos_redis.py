@@ -27,6 +27,7 @@ from app.core.money import keys, ledger, tally, wallet
 from app.core.money.codes import create_codes, list_codes, redeem
 from app.edges.store import make_redis
 from app.runtime.embedded import EmbeddedRedis
+from app.web.relay import settle_later
 from fakes.upstream import FakeUpstream
 
 HANG_S = 30  # an answer slower than this hangs on the dead store; it is not a speed target
@@ -156,6 +157,56 @@ def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
         assert rest[-1] == b"data: [DONE]"
         # The relay settles once Redis is back: charged for the answer, nothing left on hold.
         wait_for(lambda: not ledger.open_holds(r), 20, "the settlement")
+        charged = start - wallet.balance(r, acct)
+        settles = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+        assert len(settles) == 1 and int(settles[0]["cost"]) == charged > 0
+        assert int(settles[0]["ct"]) == 10
+        assert ledger.verify(r) == []
+    finally:
+        live.stop()
+
+
+def test_a_stream_whose_settlement_outwaits_redis_is_settled_once_redis_is_back(
+        embedded: EmbeddedRedis, upstream: FakeUpstream, tmp_path: Path) -> None:
+    """Redis away for longer than the closing call's wait: the settlement is queued and retried
+    in the background; the answer is billed once Redis is back (no free answer left to the
+    sweep's refund)."""
+    config = tmp_path / "xiaoyi.toml"
+    config.write_text("[relay]\nsettle_wait_seconds = 1\nsettle_retry_seconds = 1\n",
+                      encoding="utf-8")
+    app = create_app(make_settings(upstream.url, embedded.url, XIAOYI_CONFIG=str(config)))
+    later = settle_later.of(app)
+    assert later.pauses == [0.5]
+    live = LiveServer(app)
+    r = make_redis(embedded.url, max_connections=10)
+    raw, acct = new_key(r, "10")
+    start = wallet.balance(r, acct)
+    body = {**CHAT, "stream": True,
+            "messages": [{"role": "user", "content": "[[fake:long=10]][[fake:chunk_delay=0.1]]"}]}
+    lines: list[bytes] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with requests.post(live.url + "/v1/chat/completions", json=body, stream=True, timeout=60,
+                           headers={"Authorization": f"Bearer {raw}"}) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        reader.start()
+        assert first.wait(10)
+        crash(embedded)
+        wait_for(lambda: lines and lines[-1] == b"data: [DONE]", 10, "the end of the stream")
+        # The closing call's 0.5 s wait runs out: the settlement goes to the background queue.
+        wait_for(lambda: later.pending() == 1, 10, "the settlement queued")
+        time.sleep(1.5)  # a background retry or two fail while Redis is still down
+        assert later.pending() == 1
+        embedded.start()
+        wait_for(lambda: later.pending() == 0, 10, "the background settlement")
+        assert not ledger.open_holds(r)
         charged = start - wallet.balance(r, acct)
         settles = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
         assert len(settles) == 1 and int(settles[0]["cost"]) == charged > 0

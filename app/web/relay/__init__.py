@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, Response
 
 from app.core.errors import UpstreamRefused
 from app.edges import current
-from app.web.relay import account, chat, cors, media, responses, screening, usage
+from app.web.relay import account, chat, cors, media, responses, screening, settle_later, usage
 from app.web.relay.common import give_turn, ratelimit_headers, request_id_header
 from app.web.render import error_response
 
@@ -97,6 +97,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp, url_prefix=PREFIXES[2], name="relay_seed")
 
     cors.init_app(app, UNDER)
+    settle_later.init_app(app, app.config["SETTINGS"].relay)
     # The view returned (a stream's body then runs without a turn) or raised: Flask tears the
     # request down before the body is sent, also for stream_with_context (tests/test_turns.py).
     app.teardown_request(give_turn)

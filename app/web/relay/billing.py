@@ -26,10 +26,11 @@ from app.core.errors import UpstreamRefused, UpstreamTimeout
 from app.core.metrics import USAGE_ANOMALIES
 from app.core.money import Hold
 from app.core.responses.answer import reported_tokens
+from app.edges import current
+from app.web.relay import settle_later
 from app.web.relay.common import Call
 
 log = logging.getLogger(__name__)
-SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8)  # a stream already delivered waits out a Redis blip
 
 
 class Bounds(Protocol):
@@ -185,20 +186,25 @@ class Meter:
             return False
         return True
 
-    def settle_retrying(self, held: Hold, text: str) -> None:
-        """Settle a delivered stream (chat, completions, responses), retrying while Redis is down."""
-        self._retrying(lambda: self.settle(held, text))
+    def settle_retrying(self, held: Hold, text: str, later: settle_later.Later) -> None:
+        """Settle a delivered stream (chat, completions, responses), retrying while Redis is down:
+        for `later`'s wait here, then in its background thread until Redis takes it."""
+        self._retrying(lambda: self.settle(held, text), later)
 
-    def _retrying(self, close: Callable[[], Any]) -> None:
+    def _retrying(self, close: Callable[[], Any], later: settle_later.Later) -> None:
         """Run a hold's settle or release, retrying while Redis is unreachable."""
-        for pause in (*SETTLE_BACKOFF_S, None):
+        for pause in (*later.pauses, None):
             try:
                 close()
                 return
             except RedisError as exc:
                 if pause is None:
-                    log.error("could not settle %s: %s; its hold stays open", self.call.req_id,
-                              type(exc).__name__)
+                    if later.add(self.call.req_id, close):
+                        log.warning("could not settle %s yet: %s; retrying every %ss",
+                                    self.call.req_id, type(exc).__name__, later.every)
+                    else:
+                        log.error("could not settle %s: %s; its hold stays open",
+                                  self.call.req_id, type(exc).__name__)
                     return
                 log.warning("settling %s: Redis unavailable, retrying in %ss", self.call.req_id,
                             pause)
@@ -229,16 +235,18 @@ class StreamEnd:
     connection never delays the client). A client gone before the first event never starts the
     stream: the closing call alone bills the prompt."""
 
-    __slots__ = ("meter", "held", "resp", "text", "settled")
+    __slots__ = ("meter", "held", "resp", "text", "settled", "later")
 
     def __init__(self, meter: Meter, held: Hold, resp: Any, text: Callable[[], str]) -> None:
         self.meter, self.held, self.resp, self.text = meter, held, resp, text
         self.settled = False
+        self.later = settle_later.of(current.app())  # built in the request: the closing call
+        # may run after its context is gone
 
     def __call__(self, now: bool = False) -> None:
         if not self.settled and (not now or self.meter.try_settle(self.held, self.text())):
             self.settled = True
             if not now:
-                self.meter.settle_retrying(self.held, self.text())
+                self.meter.settle_retrying(self.held, self.text(), self.later)
         if not now:
             self.resp.close()
