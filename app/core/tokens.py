@@ -205,6 +205,25 @@ def text_tokens(text: str, model: str | None, *, limit: int | None = None) -> in
     return max(best, seed_count(text))
 
 
+# The ids each encoding maps to bytes (its specials and the gaps above them decode to no text;
+# bpe-openai crashes on an id past its table, so none is ever handed to it).
+_REGULAR_IDS = {O200K: 199998, CL100K: 100256}
+
+
+def decode_ids(ids: list[int], model: str | None) -> list[str] | None:
+    """Return what a token array reads as under each of the model's encodings (its special and
+    unknown ids skipped), or None when it is no UTF-8 text (ids cut inside a character): what
+    the upstream's model reads, for the content filter."""
+    texts = []
+    for name in encodings_for(model):
+        regular = _REGULAR_IDS[name]
+        try:
+            texts.append(_tokenizer(name).decode([i for i in ids if 0 <= i < regular]))
+        except ValueError:
+            return None
+    return texts
+
+
 def completion_tokens(text: str, model: str | None) -> int:
     """Estimate an answer's tokens when the upstream reports none: max(seed, BPE)."""
     return text_tokens(text, model)
