@@ -664,12 +664,15 @@ def test_a_prompt_usage_far_below_a_text_prompt_bills_the_text(
     ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "prompt": LONG_TEXT}),
     ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": [[1, 2, 3] * 500]}),
     ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "messages": [
-        {"role": "user", "content": LONG_TEXT + "[[fake:prompt_tokens=1]]"}]}),
-], ids=["embeddings-honest", "completions-honest", "token-ids", "chat"])
+        {"role": "user", "content": LONG_TEXT}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "看图"}, {
+            "type": "image_url", "image_url": {"url": "https://example.com/a.png"}}] * 40}]}),
+], ids=["embeddings-honest", "completions-honest", "token-ids", "chat-honest", "chat-images"])
 def test_a_prompt_usage_is_not_floored_where_it_may_be_honest(
         live: LiveServer, r: redis.Redis, path: str, body: dict[str, Any]) -> None:
-    """The fake's honest count (a word a token, under BPE's) stays as reported; token arrays
-    are not text; chat's prompt (images, tools) is not floored."""
+    """The fake's honest count (a word a token, under BPE's) stays as reported, for texts and
+    token ids alike; chat's images (held at their worst case) do not raise the floor."""
     key, acct = new_key(r, "10")
     before = anomalies("prompt_under_text")
     resp = post(live, key, body, path)
@@ -677,4 +680,46 @@ def test_a_prompt_usage_is_not_floored_where_it_may_be_honest(
     (settle,) = entries(r, acct, "settle")
     assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"]
     assert anomalies("prompt_under_text") == before
+    assert ledger.verify(r) == []
+
+
+TOKEN_IDS = list(range(1000, 3000))  # 2 000 tokens, exactly
+
+
+@pytest.mark.parametrize("path,body,counted", [
+    ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": TOKEN_IDS}, 2000),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": [TOKEN_IDS, [7]]}, 2001),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5,
+                         "prompt": TOKEN_IDS}, 2000),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "messages": [
+        {"role": "system", "content": "x"}, {"role": "user", "content": LONG_TEXT}]},
+     "text"),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "stream": True, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": LONG_TEXT}]}]}, "text"),
+    ("/v1/responses", {"model": "gpt-4", "max_output_tokens": 16, "input": LONG_TEXT},
+     "text"),
+], ids=["embeddings-ids", "embeddings-id-arrays", "completions-ids", "chat", "chat-stream",
+        "responses"])
+def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
+        body: dict[str, Any], counted: Any) -> None:
+    """Red team: an upstream reporting 1 prompt token was billed 1 for 2 000 token ids (their
+    count is exact) and for a 2 000-token chat or Responses text (only completions' and
+    embeddings' text prompts were floored). The floor is the text's own count (images and
+    tools only add to an honest report)."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    upstream.configure(prompt_tokens=1)
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    if counted == "text":
+        counted = tokens.text_tokens(LONG_TEXT, "gpt-4")
+        assert int(settle["pt"]) >= counted > 1500
+    else:
+        assert int(settle["pt"]) == counted
+    assert anomalies("prompt_under_text") == before + 1
+    if not body.get("stream"):
+        usage = resp.json()["usage"]
+        assert usage.get("prompt_tokens", usage.get("input_tokens")) == int(settle["pt"])
     assert ledger.verify(r) == []

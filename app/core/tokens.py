@@ -82,6 +82,7 @@ class Prompt:
     counted: int  # every countable token, as billed
     uncountable: int = 0
     length: int | None = None  # what they take in the context (> limit: too long); else counted
+    plain: int = 0  # of `counted`, the messages' own texts: what any honest report exceeds
 
     @property
     def in_context(self) -> int:
@@ -332,11 +333,11 @@ class _Budget:
     """One request's running bound (`total`, billed) and length (`context`, what the prompt
     takes in the model's context); raises _OverLimit as soon as the length passes `limit`."""
 
-    __slots__ = ("model", "limit", "total", "context", "uncountable", "items")
+    __slots__ = ("model", "limit", "total", "context", "uncountable", "items", "plain")
 
     def __init__(self, model: str | None, limit: int | None) -> None:
         self.model, self.limit, self.total, self.context, self.uncountable = model, limit, 0, 0, 0
-        self.items = 0
+        self.items = self.plain = 0
 
     def item(self) -> None:
         """Count one message, part or prompt (TooManyItems past MAX_ITEMS)."""
@@ -350,9 +351,12 @@ class _Budget:
         if self.limit is not None and self.context > self.limit:
             raise _OverLimit
 
-    def text(self, text: str) -> None:
+    def text(self, text: str, plain: bool = False) -> None:
+        """Count a text; `plain`: a message's own text (Prompt.plain), not structure."""
         cap = None if self.limit is None else max(self.limit - self.context, 0)
-        self.add(text_tokens(text, self.model, limit=cap))
+        n = text_tokens(text, self.model, limit=cap)
+        self.plain += n if plain else 0
+        self.add(n)
 
     def json(self, value: Any) -> None:
         self.text(value if isinstance(value, str) else _json_text(value))
@@ -363,7 +367,7 @@ def _part(b: _Budget, part: Any) -> None:
     b.item()
     b.add(_PER_PART)
     if kind in ("text", "refusal") and isinstance(part.get(kind), str):
-        b.text(part[kind])
+        b.text(part[kind], plain=True)
     elif kind == "image_url":
         b.add(*image_cost(part, b.model))
     elif kind == "input_audio":
@@ -393,6 +397,9 @@ def _message(b: _Budget, msg: Any) -> None:
             continue
         if key == "name":
             b.add(_PER_NAME)
+        if key == "content" and isinstance(value, str):
+            b.text(value, plain=True)
+            continue
         b.json(value)  # role, name, string content, tool_call_id; tool_calls etc. as JSON
 
 
@@ -428,7 +435,7 @@ def messages_prompt(messages: Any, model: str | None, *, tools: Any = None,
             b.json(response_format)
     except _OverLimit:
         pass
-    return Prompt(b.total, b.uncountable, b.context)
+    return Prompt(b.total, b.uncountable, b.context, b.plain)
 
 
 def _prompt(b: _Budget, value: Any) -> None:
