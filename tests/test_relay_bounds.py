@@ -723,3 +723,24 @@ def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
         usage = resp.json()["usage"]
         assert usage.get("prompt_tokens", usage.get("input_tokens")) == int(settle["pt"])
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_suffix_is_not_taken_for_echoed_text(live: LiveServer, r: redis.Redis,
+                                               upstream: FakeUpstream, stream: bool) -> None:
+    """Red team: with `echo`, the prompt's whole count (its suffix included) was taken off the
+    answer's estimate as echoed text; the suffix is never echoed, so a long suffix made a long
+    answer without usage (or one reported far too low) cost no completion at all."""
+    upstream.configure(long=400, nousage=True)
+    key, acct = new_key(r, "10")
+    model, suffix = "gpt-3.5-turbo-instruct", "lorem ipsum dolor " * 300
+    body = {"model": model, "prompt": "hi", "suffix": suffix, "echo": True, "stream": stream,
+            "max_tokens": 1000}
+    resp = post(live, key, body, "/v1/completions")
+    assert resp.status_code == 200, resp.text
+    assert "word399" in resp.text
+    (settle,) = entries(r, acct, "settle")
+    written = " ".join(f"word{i}" for i in range(400))
+    assert int(settle["ct"]) >= min(tokens.seed_count(written), tokens.bpe_count(written, model))
+    assert int(settle["pt"]) >= tokens.text_tokens(suffix, model)
+    assert ledger.verify(r) == []

@@ -108,6 +108,8 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
             prompt = tokens.Prompt(prompt.counted, prompt.uncountable + 1, prompt.length)
     else:
         counted = pricing.estimate_any(check_prompt(body), model, limit=cap)
+        if body.get("echo"):  # each choice repeats its prompt (never its suffix)
+            plan.echoed = counted * (optional_int(body, "n", 1, MAX_N) or 1)
         if isinstance(body.get("suffix"), str):
             counted += tokens.text_tokens(body["suffix"], model, limit=cap)
         prompt = tokens.Prompt(counted)
@@ -186,8 +188,6 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
         screen_input(completion_slots(call.body))
     _prompt_bound(kind, call, plan)
     plan.completion_max = _completion_max(kind, call)
-    if kind != "chat" and call.body.get("echo"):  # each choice repeats its prompt
-        plan.echoed = plan.prompt_bound * (optional_int(call.body, "n", 1, MAX_N) or 1)
     _stream_flags(call.body, plan)
     standard_tier(call.body)
     amount = pricing.token_cost(call.price, plan.prompt_bound, plan.completion_max)
