@@ -744,3 +744,21 @@ def test_a_suffix_is_not_taken_for_echoed_text(live: LiveServer, r: redis.Redis,
     assert int(settle["ct"]) >= min(tokens.seed_count(written), tokens.bpe_count(written, model))
     assert int(settle["pt"]) >= tokens.text_tokens(suffix, model)
     assert ledger.verify(r) == []
+
+
+def test_an_earlier_audio_answer_named_by_id_is_bounded_by_the_cap(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """Red team: an assistant message may name an earlier audio answer by id alone
+    (`audio: {"id": …}`); the upstream puts that audio back in the prompt, but only the id's
+    few characters were counted: 50 000 reported tokens were billed at the bound, about 20.
+    It is bounded like a file: by the prompt cap (or the model's context)."""
+    key, acct = new_key(r, "10")
+    upstream.configure(prompt_tokens=50_000)
+    resp = post(live, key, {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [
+        {"role": "user", "content": "say hi"},
+        {"role": "assistant", "audio": {"id": "audio_abc123"}},
+        {"role": "user", "content": "again"}]})
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 50_000
+    assert ledger.verify(r) == []

@@ -397,6 +397,8 @@ def _message(b: _Budget, msg: Any) -> None:
             continue
         if key == "name":
             b.add(_PER_NAME)
+        if key == "audio" and isinstance(value, dict) and value.get("id") is not None:
+            b.uncountable += 1  # an earlier audio answer the upstream puts back: the cap
         if key == "content" and isinstance(value, str):
             b.text(value, plain=True)
             continue
