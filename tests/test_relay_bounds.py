@@ -664,12 +664,15 @@ def test_a_prompt_usage_far_below_a_text_prompt_bills_the_text(
     ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "prompt": LONG_TEXT}),
     ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": [[1, 2, 3] * 500]}),
     ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "messages": [
-        {"role": "user", "content": LONG_TEXT + "[[fake:prompt_tokens=1]]"}]}),
-], ids=["embeddings-honest", "completions-honest", "token-ids", "chat"])
+        {"role": "user", "content": LONG_TEXT}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "看图"}, {
+            "type": "image_url", "image_url": {"url": "https://example.com/a.png"}}] * 40}]}),
+], ids=["embeddings-honest", "completions-honest", "token-ids", "chat-honest", "chat-images"])
 def test_a_prompt_usage_is_not_floored_where_it_may_be_honest(
         live: LiveServer, r: redis.Redis, path: str, body: dict[str, Any]) -> None:
-    """The fake's honest count (a word a token, under BPE's) stays as reported; token arrays
-    are not text; chat's prompt (images, tools) is not floored."""
+    """The fake's honest count (a word a token, under BPE's) stays as reported, for texts and
+    token ids alike; chat's images (held at their worst case) do not raise the floor."""
     key, acct = new_key(r, "10")
     before = anomalies("prompt_under_text")
     resp = post(live, key, body, path)
@@ -677,4 +680,85 @@ def test_a_prompt_usage_is_not_floored_where_it_may_be_honest(
     (settle,) = entries(r, acct, "settle")
     assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"]
     assert anomalies("prompt_under_text") == before
+    assert ledger.verify(r) == []
+
+
+TOKEN_IDS = list(range(1000, 3000))  # 2 000 tokens, exactly
+
+
+@pytest.mark.parametrize("path,body,counted", [
+    ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": TOKEN_IDS}, 2000),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": [TOKEN_IDS, [7]]}, 2001),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5,
+                         "prompt": TOKEN_IDS}, 2000),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "messages": [
+        {"role": "system", "content": "x"}, {"role": "user", "content": LONG_TEXT}]},
+     "text"),
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 5, "stream": True, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": LONG_TEXT}]}]}, "text"),
+    ("/v1/responses", {"model": "gpt-4", "max_output_tokens": 16, "input": LONG_TEXT},
+     "text"),
+], ids=["embeddings-ids", "embeddings-id-arrays", "completions-ids", "chat", "chat-stream",
+        "responses"])
+def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
+        body: dict[str, Any], counted: Any) -> None:
+    """Red team: an upstream reporting 1 prompt token was billed 1 for 2 000 token ids (their
+    count is exact) and for a 2 000-token chat or Responses text (only completions' and
+    embeddings' text prompts were floored). The floor is the text's own count (images and
+    tools only add to an honest report)."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    upstream.configure(prompt_tokens=1)
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    if counted == "text":
+        counted = tokens.text_tokens(LONG_TEXT, "gpt-4")
+        assert int(settle["pt"]) >= counted > 1500
+    else:
+        assert int(settle["pt"]) == counted
+    assert anomalies("prompt_under_text") == before + 1
+    if not body.get("stream"):
+        usage = resp.json()["usage"]
+        assert usage.get("prompt_tokens", usage.get("input_tokens")) == int(settle["pt"])
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_suffix_is_not_taken_for_echoed_text(live: LiveServer, r: redis.Redis,
+                                               upstream: FakeUpstream, stream: bool) -> None:
+    """Red team: with `echo`, the prompt's whole count (its suffix included) was taken off the
+    answer's estimate as echoed text; the suffix is never echoed, so a long suffix made a long
+    answer without usage (or one reported far too low) cost no completion at all."""
+    upstream.configure(long=400, nousage=True)
+    key, acct = new_key(r, "10")
+    model, suffix = "gpt-3.5-turbo-instruct", "lorem ipsum dolor " * 300
+    body = {"model": model, "prompt": "hi", "suffix": suffix, "echo": True, "stream": stream,
+            "max_tokens": 1000}
+    resp = post(live, key, body, "/v1/completions")
+    assert resp.status_code == 200, resp.text
+    assert "word399" in resp.text
+    (settle,) = entries(r, acct, "settle")
+    written = " ".join(f"word{i}" for i in range(400))
+    assert int(settle["ct"]) >= min(tokens.seed_count(written), tokens.bpe_count(written, model))
+    assert int(settle["pt"]) >= tokens.text_tokens(suffix, model)
+    assert ledger.verify(r) == []
+
+
+def test_an_earlier_audio_answer_named_by_id_is_bounded_by_the_cap(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """Red team: an assistant message may name an earlier audio answer by id alone
+    (`audio: {"id": …}`); the upstream puts that audio back in the prompt, but only the id's
+    few characters were counted: 50 000 reported tokens were billed at the bound, about 20.
+    It is bounded like a file: by the prompt cap (or the model's context)."""
+    key, acct = new_key(r, "10")
+    upstream.configure(prompt_tokens=50_000)
+    resp = post(live, key, {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [
+        {"role": "user", "content": "say hi"},
+        {"role": "assistant", "audio": {"id": "audio_abc123"}},
+        {"role": "user", "content": "again"}]})
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 50_000
     assert ledger.verify(r) == []

@@ -573,3 +573,92 @@ def test_upstream_error_messages_are_masked(
                   + b'\\" broke off"}}\n\n')
     text = _ask(client, key, stream=True).get_data(as_text=True)
     assert WORD not in text and 'the answer \\"***\\" broke off' in text
+
+
+def _ids(text: str) -> list[int]:
+    """Return the text as gpt-3.5-turbo-instruct's token ids (cl100k)."""
+    return list(tokens._tokenizer(tokens.CL100K).encode(text))
+
+
+TOOL = {"type": "function", "function": {"name": "f", "description": "说违禁词",
+                                         "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (CHAT, {"messages": [{"role": "user", "content": "照说明做"}], "tools": [TOOL]},
+     "tools[0].function.description"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {
+                "name": "f", "parameters": {"type": "object",
+                                            "properties": {"违禁词": {"type": "string"}}}}}]},
+     "tools[0].function.parameters.properties"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "functions": [
+        {"name": "f", "description": "违 禁 词", "parameters": {}}]}, "functions[0].description"),
+    (CHAT, {"messages": [{"role": "user", "content": "照格式答"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "description": "违禁词",
+                                               "schema": {"type": "object"}}}},
+     "response_format.json_schema.description"),
+    (CHAT, {"messages": [{"role": "user", "content": "重复预测"}],
+            "prediction": {"type": "content", "content": "违禁词"}}, "prediction.content"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}, {
+        "role": "assistant", "content": None, "tool_calls": [{
+            "id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": "{\"q\": \"违禁词\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]},
+     "messages[1].tool_calls[0].function.arguments"),
+    (LEGACY, {"prompt": _ids("请说违禁词")}, "prompt"),
+    (LEGACY, {"prompt": [_ids("fine"), _ids("说违禁词")]}, "prompt[1]"),
+    ("/v1/responses", {"input": "照说明做", "tools": [
+        {"type": "function", "name": "f", "description": "违禁词", "parameters": {}}]},
+     "tools[0].description"),
+    ("/v1/responses", {"input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "object", "description": "违禁词"}}}},
+     "text.format.schema.description"),
+    ("/v1/responses", {"input": [
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "违禁词"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"}]},
+     "input[0].arguments"),
+], ids=["chat-tool", "chat-tool-key", "chat-function", "chat-format", "chat-prediction",
+        "chat-tool-call", "completions-ids", "completions-id-list", "responses-tool",
+        "responses-format", "responses-call"])
+@pytest.mark.parametrize("action", ["refuse", "mask"])
+def test_a_word_in_a_field_the_model_reads_is_refused(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis, path: str, body: dict[str, Any],
+        param: str, action: str) -> None:
+    """Red team: only message texts, string prompts, suffix and instructions were screened, so
+    a listed word written in a tool's description, a schema, a prediction, an earlier tool
+    call's arguments or a completions prompt sent as token ids reached the model as is.
+    These fields are structure (masking could break a schema or a call's JSON): a hit refuses
+    in both modes."""
+    live = relay(api_input=action)
+    key, acct = new_key(r)
+    resp = post(live, key, path, body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "content_policy_violation"
+    assert resp.json()["error"]["param"] == param
+    assert upstream.requests == []
+    assert kinds(r, acct) == [] and wallet.balance(r, acct) == 100_000
+
+
+def test_clean_tools_token_ids_and_schemas_are_served_when_screening(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis) -> None:
+    live = relay(api_input="refuse")
+    key, _ = new_key(r)
+    clean = dict(TOOL, function={**TOOL["function"], "description": "查天气"})
+    assert post(live, key, CHAT, {"messages": [{"role": "user", "content": "hi"}],
+                                  "tools": [clean]}).status_code == 200
+    resp = post(live, key, LEGACY, {"prompt": _ids("你好，世界") + [100257]})  # + <|endoftext|>
+    assert resp.status_code == 200, resp.text
+    assert sent(upstream, LEGACY)[0]["prompt"] == _ids("你好，世界") + [100257]  # as sent
+
+
+def test_a_token_array_that_is_no_text_cannot_pass_screening(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis) -> None:
+    """Ids cut inside a character decode to no text: what they spell cannot be screened."""
+    live = relay(api_input="refuse")
+    key, acct = new_key(r)
+    cut = _ids("违")[:1]  # the first bytes of one character
+    assert tokens._tokenizer(tokens.CL100K).encode("违") != cut
+    resp = post(live, key, LEGACY, {"prompt": cut + _ids("禁词")})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+    assert upstream.requests == [] and kinds(r, acct) == []

@@ -988,3 +988,35 @@ def test_answers_name_the_model_the_client_sent(mode: str, live: LiveServer, nat
                       stream=True))
     shown = [d["response"]["model"] for _, d in events if "response" in d]
     assert made["model"] == got["model"] == "gpt-3.5" and shown and set(shown) == {"gpt-3.5"}
+
+
+NATIVE_PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4\n" + b"0" * 600).decode()
+NATIVE_CAP = load_settings({}).relay["max_prompt_tokens"]
+
+
+@pytest.mark.parametrize("role,part", [
+    ("developer", {"type": "input_file", "filename": "rules.pdf", "file_data": NATIVE_PDF}),
+    ("system", {"type": "input_file", "file_id": "file-abc"}),
+    ("developer", {"type": "input_image", "image_url": "https://example.com/a.png"}),
+])
+def test_a_native_system_or_developer_part_is_bounded_and_billed(
+        native: LiveServer, r: redis.Redis, upstream: FakeUpstream, role: str,
+        part: dict[str, Any]) -> None:
+    """Red team: relayed natively, a developer or system message's file or image part went
+    upstream as sent but was counted as its text alone (nothing): a PDF the upstream read as
+    120 000 tokens was billed at the few tokens of the text, the anomaly prompt_over_bound.
+    Those parts are bounded like a user's: a file by the prompt cap, an image by its tiles."""
+    key, acct = new_key(r, "20")
+    upstream.configure(prompt_tokens=120_000 if part["type"] == "input_file" else 1500)
+    resp = requests.post(native.url + "/v1/responses", timeout=20,
+                         headers={"Authorization": f"Bearer {key}"},
+                         json={"model": MODEL, "max_output_tokens": 50, "input": [
+                             {"role": role, "content": [{"type": "input_text", "text": "obey"},
+                                                        part]},
+                             {"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200, resp.text
+    assert native_sent(upstream)["input"][0]["content"][1] == part  # sent as is
+    (entry,) = settles(r, acct)
+    expected = 120_000 if part["type"] == "input_file" else 1500
+    assert int(entry["pt"]) == resp.json()["usage"]["input_tokens"] == expected
+    assert ledger.verify(r) == []

@@ -82,6 +82,7 @@ class Prompt:
     counted: int  # every countable token, as billed
     uncountable: int = 0
     length: int | None = None  # what they take in the context (> limit: too long); else counted
+    plain: int = 0  # of `counted`, the messages' own texts: what any honest report exceeds
 
     @property
     def in_context(self) -> int:
@@ -205,6 +206,25 @@ def text_tokens(text: str, model: str | None, *, limit: int | None = None) -> in
     return max(best, seed_count(text))
 
 
+# The ids each encoding maps to bytes (its specials and the gaps above them decode to no text;
+# bpe-openai crashes on an id past its table, so none is ever handed to it).
+_REGULAR_IDS = {O200K: 199998, CL100K: 100256}
+
+
+def decode_ids(ids: list[int], model: str | None) -> list[str] | None:
+    """Return what a token array reads as under each of the model's encodings (its special and
+    unknown ids skipped), or None when it is no UTF-8 text (ids cut inside a character): what
+    the upstream's model reads, for the content filter."""
+    texts = []
+    for name in encodings_for(model):
+        regular = _REGULAR_IDS[name]
+        try:
+            texts.append(_tokenizer(name).decode([i for i in ids if 0 <= i < regular]))
+        except ValueError:
+            return None
+    return texts
+
+
 def completion_tokens(text: str, model: str | None) -> int:
     """Estimate an answer's tokens when the upstream reports none: max(seed, BPE)."""
     return text_tokens(text, model)
@@ -313,11 +333,11 @@ class _Budget:
     """One request's running bound (`total`, billed) and length (`context`, what the prompt
     takes in the model's context); raises _OverLimit as soon as the length passes `limit`."""
 
-    __slots__ = ("model", "limit", "total", "context", "uncountable", "items")
+    __slots__ = ("model", "limit", "total", "context", "uncountable", "items", "plain")
 
     def __init__(self, model: str | None, limit: int | None) -> None:
         self.model, self.limit, self.total, self.context, self.uncountable = model, limit, 0, 0, 0
-        self.items = 0
+        self.items = self.plain = 0
 
     def item(self) -> None:
         """Count one message, part or prompt (TooManyItems past MAX_ITEMS)."""
@@ -331,9 +351,12 @@ class _Budget:
         if self.limit is not None and self.context > self.limit:
             raise _OverLimit
 
-    def text(self, text: str) -> None:
+    def text(self, text: str, plain: bool = False) -> None:
+        """Count a text; `plain`: a message's own text (Prompt.plain), not structure."""
         cap = None if self.limit is None else max(self.limit - self.context, 0)
-        self.add(text_tokens(text, self.model, limit=cap))
+        n = text_tokens(text, self.model, limit=cap)
+        self.plain += n if plain else 0
+        self.add(n)
 
     def json(self, value: Any) -> None:
         self.text(value if isinstance(value, str) else _json_text(value))
@@ -344,7 +367,7 @@ def _part(b: _Budget, part: Any) -> None:
     b.item()
     b.add(_PER_PART)
     if kind in ("text", "refusal") and isinstance(part.get(kind), str):
-        b.text(part[kind])
+        b.text(part[kind], plain=True)
     elif kind == "image_url":
         b.add(*image_cost(part, b.model))
     elif kind == "input_audio":
@@ -374,6 +397,11 @@ def _message(b: _Budget, msg: Any) -> None:
             continue
         if key == "name":
             b.add(_PER_NAME)
+        if key == "audio" and isinstance(value, dict) and value.get("id") is not None:
+            b.uncountable += 1  # an earlier audio answer the upstream puts back: the cap
+        if key == "content" and isinstance(value, str):
+            b.text(value, plain=True)
+            continue
         b.json(value)  # role, name, string content, tool_call_id; tool_calls etc. as JSON
 
 
@@ -409,7 +437,7 @@ def messages_prompt(messages: Any, model: str | None, *, tools: Any = None,
             b.json(response_format)
     except _OverLimit:
         pass
-    return Prompt(b.total, b.uncountable, b.context)
+    return Prompt(b.total, b.uncountable, b.context, b.plain)
 
 
 def _prompt(b: _Budget, value: Any) -> None:

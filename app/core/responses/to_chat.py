@@ -72,8 +72,14 @@ def _message(item: dict[str, Any], where: str | None, strict: bool) -> dict[str,
         if isinstance(parts, list) and len(parts) == 1 and parts[0].get("type") == "text":
             parts = parts[0]["text"]  # a plain string: every chat upstream takes that
         return {"role": "user", "content": parts}
+    if not strict and role != "assistant" and isinstance(content, list):
+        # Natively (bounding only) a system or developer message goes upstream with every part
+        # (replay): its files and images are bounded as a user's are. An assistant's is
+        # replayed as its text alone.
+        return {"role": "system", "content": [_chat_part(p) for p in content
+                                              if isinstance(p, dict)] or ""}
     text = _only_text(content, where and f"{where}.content", f"a message of role '{role}'") \
-        if strict else _text(content)  # natively (bounding only) the upstream takes every part
+        if strict else _text(content)
     # Chat-only upstreams know "system" everywhere; "developer" only on OpenAI's newest models.
     return {"role": "assistant" if role == "assistant" else "system", "content": text}
 

@@ -2,8 +2,8 @@
 
 Upstream numbers are untrusted: a usage object (chat's prompt/completion_tokens or the Responses
 API's input/output_tokens) is billed through tokens.bound_usage (never more than the prompt bound
-and the held completion maximum; a plain-text prompt, completions' or embeddings', never far
-below its own count: prompt_under_text); an anomaly is counted in
+and the held completion maximum; a prompt never far below its own text's count, or its
+token ids': prompt_under_text); an anomaly is counted in
 xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
 usage object the prompt bound (the estimate where a part cannot be counted: a file is bounded by
 the prompt cap, estimated at tokens.FILE_TOKENS) and max(seed rule, tokenizer) of the visible
@@ -40,7 +40,7 @@ class Bounds(Protocol):
     prompt_estimate: int | None
     completion_max: int
     echoed: int  # tokens of the answer's text that are the prompt (completions' echo), at most
-    text_prompt: int  # a plain-text prompt's count (completions, embeddings); 0: not checked
+    text_prompt: int  # the prompt's own text (or token ids) counted; 0: not checked
 
 
 class Meter:
@@ -86,10 +86,12 @@ class Meter:
         return self.billed
 
     def _prompt_floor(self, pt: int) -> int:
-        """Return the prompt tokens to bill for a bounded report: a plain-text prompt (completions,
-        embeddings) reported far below its own count (tokens.under_count, the rule of
-        completion_under_text: an upstream saying 1 token for a long text) bills that count, as
-        the anomaly `prompt_under_text`. Not chat's: images and tools make honest counts vary."""
+        """Return the prompt tokens to bill for a bounded report: one far below the prompt's own
+        text (tokens.under_count, the rule of completion_under_text: an upstream saying 1 token
+        for a long text) bills that text's count, as the anomaly `prompt_under_text`. The text
+        is a completions prompt or an embeddings input (strings or token ids, one token each),
+        or a chat or Responses request's message texts alone (images, tools and framing only
+        add to an honest report)."""
         counted = self.plan.text_prompt
         if not counted or not tokens.under_count(pt, counted):
             return pt

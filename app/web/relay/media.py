@@ -22,7 +22,7 @@ from app.web.relay.common import (
     token_ids,
     too_long,
 )
-from app.web.relay.rules import Plan, plain_text
+from app.web.relay.rules import Plan
 from app.web.render import json_response
 
 FORMATS = ("url", "b64_json")
@@ -51,8 +51,7 @@ def _embeddings_cost(call: Call, plan: Plan) -> int:
     plan.prompt_bound = pricing.estimate_any(value, call.upstream_model, limit=cap)
     if plan.prompt_bound > cap:
         raise too_long("input", cap)
-    if plain_text(value):
-        plan.text_prompt = plan.prompt_bound
+    plan.text_prompt = plan.prompt_bound  # text(s) or token ids (one token each), counted
     return pricing.token_cost(call.price, plan.prompt_bound)
 
 

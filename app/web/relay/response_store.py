@@ -212,7 +212,7 @@ class Plan:
     prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
     echoed: int = 0  # no echo here (billing.Bounds)
-    text_prompt: int = 0  # not checked: images, files and tools make honest counts vary
+    text_prompt: int = 0  # the messages' texts counted (billing.Meter's floor); 0: unchecked
     response: dict[str, Any] = field(default_factory=dict)
     ttl: int = TTL_SECONDS
     max_bytes: int = MAX_BYTES

@@ -152,6 +152,9 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
     ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
+    # The floor of a reported input (billing.Meter): the messages' own texts, unless the
+    # upstream may drop turns that overflow the context itself (truncation "auto").
+    plan.text_prompt = 0 if body.get("truncation") == "auto" else prompt.plain
     if counting:
         return 0
     check_output_cap(call.price, "max_output_tokens", body.get("max_output_tokens"))

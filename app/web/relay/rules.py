@@ -41,8 +41,8 @@ class Plan:
     prompt_estimate: int | None = None  # billed without a usage; None: the bound
     completion_max: int = 0
     echoed: int = 0  # completions' echo: the prompt's tokens the answer repeats, at most
-    text_prompt: int = 0  # a plain-text prompt's count: a reported prompt far below it is not
-    #                       plausible (billing.Meter); 0: not checked (chat, token arrays)
+    text_prompt: int = 0  # the prompt's own text (or token ids) counted: a reported prompt far
+    #                       below it is not plausible (billing.Meter); 0: not checked
     stream: bool = False
     want_usage: bool = False
 
@@ -108,6 +108,8 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
             prompt = tokens.Prompt(prompt.counted, prompt.uncountable + 1, prompt.length)
     else:
         counted = pricing.estimate_any(check_prompt(body), model, limit=cap)
+        if body.get("echo"):  # each choice repeats its prompt (never its suffix)
+            plan.echoed = counted * (optional_int(body, "n", 1, MAX_N) or 1)
         if isinstance(body.get("suffix"), str):
             counted += tokens.text_tokens(body["suffix"], model, limit=cap)
         prompt = tokens.Prompt(counted)
@@ -115,6 +117,9 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
         raise too_long("messages" if kind == "chat" else "prompt", cap)
     ceiling = call.price.prompt_ceiling(cap)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
+    # Chat: the messages' texts (images, tools and names only add to an honest report);
+    # completions: the text(s) and suffix, or the token ids (one token each), counted.
+    plan.text_prompt = prompt.plain if kind == "chat" else prompt.counted
 
 
 def _completion_max(kind: str, call: Call) -> int:
@@ -144,11 +149,6 @@ def _completion_max(kind: str, call: Call) -> int:
     if kind == "chat" and prediction is not None:  # rejected prediction tokens are billed too
         most += _choices(kind, body) * tokens.text_tokens(str(prediction), call.upstream_model)
     return most
-
-
-def plain_text(value: Any) -> bool:
-    """Tell whether a prompt or input is text only: a string or an array of strings."""
-    return isinstance(value, str) or (isinstance(value, list) and set(map(type, value)) == {str})
 
 
 def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
@@ -187,11 +187,7 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
         check_prompt(call.body)
         screen_input(completion_slots(call.body))
     _prompt_bound(kind, call, plan)
-    if kind != "chat" and plain_text(call.body["prompt"]):
-        plan.text_prompt = plan.prompt_bound  # the text(s) and suffix, counted
     plan.completion_max = _completion_max(kind, call)
-    if kind != "chat" and call.body.get("echo"):  # each choice repeats its prompt
-        plan.echoed = plan.prompt_bound * (optional_int(call.body, "n", 1, MAX_N) or 1)
     _stream_flags(call.body, plan)
     standard_tier(call.body)
     amount = pricing.token_cost(call.price, plan.prompt_bound, plan.completion_max)

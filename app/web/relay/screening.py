@@ -27,6 +27,7 @@ from flask import g
 from redis import RedisError
 
 from app.bot import screening
+from app.core import tokens
 from app.core.errors import ApiError, InvalidRequest
 from app.core.safety import Matcher, get_filter
 from app.edges.store import get_redis
@@ -100,30 +101,78 @@ def _parts(holder: dict[str, Any], key: str, param: str) -> Iterator[Slot]:
                 yield Slot(part, name, f"{param}[{j}].{name}", part)
 
 
+def _strings(value: Any, param: str) -> Iterator[Slot]:
+    """Yield every string of a structure the model reads (a tool, a schema, a call's
+    arguments), keys too, as slots a hit refuses in both modes: masking them would change the
+    structure (a property's name, a call's JSON)."""
+    stack = [(value, param)]
+    while stack:
+        value, param = stack.pop()
+        if isinstance(value, str):
+            yield Slot([value], 0, param, maskable=False)
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                yield Slot([key], 0, param, maskable=False)
+                stack.append((inner, f"{param}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((inner, f"{param}[{i}]") for i, inner in enumerate(value))
+
+
+CHAT_FIELDS = ("tools", "functions", "response_format", "prediction")  # the model reads them
+MESSAGE_FIELDS = ("name", "tool_calls", "function_call")  # a message's, besides its content
+
+
 def chat_slots(body: dict[str, Any]) -> Iterator[Slot]:
-    """Yield the texts of every message of a chat request."""
+    """Yield the texts of every message of a chat request (its content, name and earlier tool
+    calls), and of its tools, functions, response_format and prediction."""
     messages = body.get("messages")
     for i, message in enumerate(messages if isinstance(messages, list) else []):
         if isinstance(message, dict):
             yield from _parts(message, "content", f"messages[{i}].content")
+            for name in MESSAGE_FIELDS:
+                if message.get(name) is not None:
+                    yield from _strings(message[name], f"messages[{i}].{name}")
+    for name in CHAT_FIELDS:
+        if body.get(name) is not None:
+            yield from _strings(body[name], name)
+
+
+def _token_slots(ids: list[Any], model: Any, param: str) -> Iterator[Slot]:
+    """Yield what a token-array prompt reads as (a hit refuses: its ids cannot be masked); one
+    that decodes to no text cannot be screened and is refused."""
+    texts = tokens.decode_ids(ids, model if isinstance(model, str) else None)
+    if texts is None:
+        raise InvalidRequest("With this service's content filter on, a token-array prompt must "
+                             "decode to text: these ids end inside a character.", param=param,
+                             msg="开启内容审核时，token 数组必须能解码为文本")
+    yield from (Slot([text], 0, param, maskable=False) for text in texts)
 
 
 def completion_slots(body: dict[str, Any]) -> Iterator[Slot]:
-    """Yield a completions request's prompt string(s) and suffix."""
-    prompt = body.get("prompt")
+    """Yield a completions request's prompt string(s) or token array(s), and suffix."""
+    prompt, model = body.get("prompt"), body.get("model")
     if isinstance(prompt, str):
         yield Slot(body, "prompt", "prompt")
+    elif isinstance(prompt, list) and prompt and all(type(p) is int for p in prompt):
+        yield from _token_slots(prompt, model, "prompt")
     elif isinstance(prompt, list):
-        yield from (Slot(prompt, i, f"prompt[{i}]") for i, p in enumerate(prompt)
-                    if isinstance(p, str))
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                yield Slot(prompt, i, f"prompt[{i}]")
+            elif isinstance(p, list):
+                yield from _token_slots(p, model, f"prompt[{i}]")
     if isinstance(body.get("suffix"), str):
         yield Slot(body, "suffix", "suffix")
 
 
 def responses_slots(body: dict[str, Any], items: list[dict[str, Any]]) -> Iterator[Slot]:
-    """Yield a Responses request's instructions and the texts of this turn's input items."""
+    """Yield a Responses request's instructions, tools and text format, and the texts of this
+    turn's input items (their messages, function outputs and earlier calls)."""
     if isinstance(body.get("instructions"), str):
         yield Slot(body, "instructions", "instructions")
+    for name in ("tools", "text", "tool_choice"):
+        if body.get(name) is not None:
+            yield from _strings(body[name], name)
     if isinstance(body.get("input"), str):  # one user message, made by request.input_items
         yield Slot(items[0]["content"][0], "text", "input")
         return
@@ -133,6 +182,15 @@ def responses_slots(body: dict[str, Any], items: list[dict[str, Any]]) -> Iterat
             yield from _parts(item, "content", f"input[{i}].content")
         elif kind == "function_call_output":
             yield from _parts(item, "output", f"input[{i}].output")
+        elif kind in CALL_ITEMS:
+            for name in CALL_ITEMS[kind]:
+                if item.get(name) is not None:
+                    yield from _strings(item[name], f"input[{i}].{name}")
+
+
+# Input items the model reads besides messages and function outputs: what in each is text.
+CALL_ITEMS = {"function_call": ("name", "arguments"), "custom_tool_call": ("name", "input"),
+              "custom_tool_call_output": ("output",), "reasoning": ("summary", "content")}
 
 
 def _hits(where: str, slots: Iterable[Slot]) -> tuple[str, list[tuple[Slot, str]]]:
@@ -157,8 +215,9 @@ def _mask(hits: list[tuple[Slot, str]]) -> None:
 def screen_input(slots: Iterable[Slot]) -> None:
     """Screen a request's prompt texts: raise the 400 (refuse), or mask them in place."""
     action, hits = _hits("api_input", slots)
-    if hits and action == "refuse":
-        raise refused_input(hits[0][0].param)
+    if hits and (action == "refuse" or not all(slot.maskable for slot, _ in hits)):
+        first = next((slot for slot, _ in hits if action == "refuse" or not slot.maskable))
+        raise refused_input(first.param)
     _mask(hits)
 
 
