@@ -762,3 +762,29 @@ def test_an_earlier_audio_answer_named_by_id_is_bounded_by_the_cap(
     (settle,) = entries(r, acct, "settle")
     assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 50_000
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 1,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 1, "prompt": "hi"}),
+], ids=["chat", "completions"])
+def test_a_field_outside_openais_schema_is_held_and_its_reported_prompt_billed(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
+        body: dict[str, Any]) -> None:
+    """Red team: a field OpenAI's schema lacks goes upstream as sent, and an upstream that reads
+    it (vLLM's `documents`) bills its text as prompt; the bound counted none of it, so an honest
+    report of those tokens was billed at the bound (a 2 000-token document for a few tokens)."""
+    docs = {**body, "documents": [{"title": "x", "text": LONG_TEXT}]}
+    counted = tokens.json_tokens(docs["documents"], body["model"])
+    key, acct = new_key(r, "10")
+    upstream.configure(prompt_tokens=counted)
+    resp = post(live, key, docs, path)
+    assert resp.status_code == 200, resp.text
+    (reserve,) = entries(r, acct, "reserve")
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == counted > 1500  # billed as reported, not cut to the old bound
+    price = PRICES[body["model"]]
+    assert abs(int(reserve["amount"])) >= pricing.token_cost(price, counted)
+    assert resp.json()["usage"]["prompt_tokens"] == counted
+    assert ledger.verify(r) == []

@@ -618,9 +618,12 @@ TOOL = {"type": "function", "function": {"name": "f", "description": "说违禁�
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "违禁词"},
         {"type": "function_call_output", "call_id": "c1", "output": "ok"}]},
      "input[0].arguments"),
+    (CHAT, {"messages": [{"role": "user", "content": "读文档"}],
+            "documents": [{"text": "违禁词"}]}, "documents[0].text"),
+    (LEGACY, {"prompt": "读文档", "documents": ["违禁词"]}, "documents[0]"),
 ], ids=["chat-tool", "chat-tool-key", "chat-function", "chat-format", "chat-prediction",
         "chat-tool-call", "completions-ids", "completions-id-list", "responses-tool",
-        "responses-format", "responses-call"])
+        "responses-format", "responses-call", "chat-other-field", "completions-other-field"])
 @pytest.mark.parametrize("action", ["refuse", "mask"])
 def test_a_word_in_a_field_the_model_reads_is_refused(
         relay: Start, upstream: FakeUpstream, r: redis.Redis, path: str, body: dict[str, Any],

@@ -225,6 +225,11 @@ def decode_ids(ids: list[int], model: str | None) -> list[str] | None:
     return texts
 
 
+def json_tokens(value: Any, model: str | None, *, limit: int | None = None) -> int:
+    """Count a JSON value's text as the upstream gets it (what a field it reads can bill)."""
+    return text_tokens(_json_text(value), model, limit=limit)
+
+
 def completion_tokens(text: str, model: str | None) -> int:
     """Estimate an answer's tokens when the upstream reports none: max(seed, BPE)."""
     return text_tokens(text, model)

@@ -5,13 +5,14 @@ cap, an unaffordable hold and, with [safety] api_input, a listed word: screening
 max_tokens above the model's configured output cap as OpenAI refuses it; everything else,
 unknown fields included, goes upstream as sent.
 The hold is an upper bound: the prompt counted by app.core.tokens (every character, tools,
-functions, response_format, image parts; the prompt cap when a part cannot be counted, e.g. a
-file) plus max_tokens (or the model's cap) per choice.
+functions, response_format, image parts, and the text of fields outside OpenAI's schema, which an
+upstream may read as prompt; the prompt cap when a part cannot be counted, e.g. a file) plus
+max_tokens (or the model's cap) per choice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.core import pricing, tokens
@@ -26,6 +27,7 @@ from app.web.relay.common import (
     token_ids,
     too_long,
 )
+from app.web.relay.fields import other_fields
 from app.web.relay.screening import chat_slots, completion_slots, screen_input
 
 MAX_N = 128  # OpenAI's limit for `n`
@@ -113,6 +115,11 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
         if isinstance(body.get("suffix"), str):
             counted += tokens.text_tokens(body["suffix"], model, limit=cap)
         prompt = tokens.Prompt(counted)
+    extra = other_fields(kind, body)
+    if extra:  # read as prompt by some upstreams: counted, never free
+        more = tokens.json_tokens(extra, model, limit=cap)
+        prompt = replace(prompt, counted=prompt.counted + more,
+                         length=None if prompt.length is None else prompt.length + more)
     if prompt.in_context > cap:
         raise too_long("messages" if kind == "chat" else "prompt", cap)
     ceiling = call.price.prompt_ceiling(cap)  # what a file can cost: the cap or the context

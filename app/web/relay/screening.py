@@ -32,6 +32,7 @@ from app.core.errors import ApiError, InvalidRequest
 from app.core.safety import Matcher, get_filter
 from app.edges.store import get_redis
 from app.web.relay.common import settings
+from app.web.relay.fields import other_fields
 
 log = logging.getLogger(__name__)
 TEXT_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
@@ -135,6 +136,8 @@ def chat_slots(body: dict[str, Any]) -> Iterator[Slot]:
     for name in CHAT_FIELDS:
         if body.get(name) is not None:
             yield from _strings(body[name], name)
+    for name, value in other_fields("chat", body).items():  # an upstream may read them
+        yield from _strings(value, name)
 
 
 def _token_slots(ids: list[Any], model: Any, param: str) -> Iterator[Slot]:
@@ -163,6 +166,8 @@ def completion_slots(body: dict[str, Any]) -> Iterator[Slot]:
                 yield from _token_slots(p, model, f"prompt[{i}]")
     if isinstance(body.get("suffix"), str):
         yield Slot(body, "suffix", "suffix")
+    for name, value in other_fields("completion", body).items():  # an upstream may read them
+        yield from _strings(value, name)
 
 
 def responses_slots(body: dict[str, Any], items: list[dict[str, Any]]) -> Iterator[Slot]:
