@@ -1020,3 +1020,23 @@ def test_a_native_system_or_developer_part_is_bounded_and_billed(
     expected = 120_000 if part["type"] == "input_file" else 1500
     assert int(entry["pt"]) == resp.json()["usage"]["input_tokens"] == expected
     assert ledger.verify(r) == []
+
+
+def test_a_native_field_outside_openais_schema_is_held_and_its_reported_input_billed(
+        native: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """Red team: relayed natively, a field OpenAI's schema lacks goes upstream as sent (an
+    upstream may read it as prompt: vLLM's `documents`); the bound counted none of it, so an
+    honest report of it was cut to the bound."""
+    documents = [{"text": "lorem ipsum dolor " * 500}]
+    counted = tokens.json_tokens(documents, MODEL)
+    key, acct = new_key(r, "20")
+    upstream.configure(prompt_tokens=counted)
+    resp = requests.post(native.url + "/v1/responses", timeout=20,
+                         headers={"Authorization": f"Bearer {key}"},
+                         json={"model": MODEL, "max_output_tokens": 50, "input": "hi",
+                               "documents": documents})
+    assert resp.status_code == 200, resp.text
+    assert native_sent(upstream)["documents"] == documents  # sent as is
+    (entry,) = settles(r, acct)
+    assert int(entry["pt"]) == resp.json()["usage"]["input_tokens"] == counted > 1500
+    assert ledger.verify(r) == []

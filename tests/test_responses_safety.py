@@ -381,3 +381,21 @@ def test_an_upstream_error_in_a_responses_stream_is_masked(
     assert WORD not in orjson.dumps(events).decode()
     assert events[-1]["type"] == "response.failed"
     assert events[-1]["response"]["error"]["message"] == "generation stopped at '***'"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "translated"])
+def test_a_word_in_a_field_outside_openais_schema_is_refused_when_relayed_natively(
+        relay: Start, upstream: FakeUpstream, r: redis.Redis, native: bool) -> None:
+    """Relayed natively, a field OpenAI's schema lacks goes upstream as sent (vLLM reads
+    `documents`): a listed word in it is refused in both modes. Translated, such a field is
+    never sent (to_chat builds the chat body from known fields), so it is not screened."""
+    live = relay(api_input="mask", native=native)
+    key, acct = new_key(r)
+    resp = post(live, key, PATH, {"model": MODEL, "input": "读文档",
+                                  "documents": [{"text": "违禁词"}]})
+    if native:
+        assert resp.status_code == 400 and resp.json() == refused_input(
+            "documents[0].text").body()
+        assert upstream.requests == []
+    else:
+        assert resp.status_code == 200, resp.text

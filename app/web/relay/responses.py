@@ -12,6 +12,7 @@ bounded before it is billed (billing.Meter, which counts anomalies), `usage` is 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -38,6 +39,7 @@ from app.web.relay.common import (
     settings,
     spend_large_bytes,
 )
+from app.web.relay.fields import other_fields
 from app.web.relay.response_store import Plan, keep
 from app.web.relay.rules import standard_tier
 from app.web.render import json_response
@@ -133,7 +135,10 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     plan.quota = relay.get("responses_account_stored_bytes", response_store.ACCOUNT_BYTES)
     request.check(body, plan.native)
     plan.items = _referenced(call, plan, request.input_items(body.get("input"), plan.native))
+    extra = other_fields("responses", body) if plan.native else {}  # sent upstream as is
     screening.screen_input(screening.responses_slots(body, plan.items))  # [safety] api_input
+    if extra:
+        screening.screen_input(screening.field_slots(extra))
     prev = body.get("previous_response_id")
     items = (_history(call, plan, prev) if prev else []) + plan.items
     if not items and not counting:
@@ -148,6 +153,10 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     prompt = tokens.messages_prompt(  # input files: bounded by the cap (tokens.Prompt)
         messages, call.upstream_model, tools=to_chat.chat_tools(body.get("tools")),
         response_format=fmt, limit=limit)
+    if extra:  # read as prompt by some upstreams: counted, never free
+        more = tokens.json_tokens(extra, call.upstream_model, limit=limit)
+        prompt = replace(prompt, counted=prompt.counted + more,
+                         length=None if prompt.length is None else prompt.length + more)
     if prompt.in_context > limit:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
     ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context

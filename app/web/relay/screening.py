@@ -119,6 +119,13 @@ def _strings(value: Any, param: str) -> Iterator[Slot]:
             stack.extend((inner, f"{param}[{i}]") for i, inner in enumerate(value))
 
 
+def field_slots(fields: dict[str, Any]) -> Iterator[Slot]:
+    """Yield the strings of fields outside OpenAI's schema (app.web.relay.fields), which go
+    upstream as sent: some upstreams read them as prompt."""
+    for name, value in fields.items():
+        yield from _strings(value, name)
+
+
 CHAT_FIELDS = ("tools", "functions", "response_format", "prediction")  # the model reads them
 MESSAGE_FIELDS = ("name", "tool_calls", "function_call")  # a message's, besides its content
 
@@ -136,8 +143,7 @@ def chat_slots(body: dict[str, Any]) -> Iterator[Slot]:
     for name in CHAT_FIELDS:
         if body.get(name) is not None:
             yield from _strings(body[name], name)
-    for name, value in other_fields("chat", body).items():  # an upstream may read them
-        yield from _strings(value, name)
+    yield from field_slots(other_fields("chat", body))  # an upstream may read them
 
 
 def _token_slots(ids: list[Any], model: Any, param: str) -> Iterator[Slot]:
@@ -166,8 +172,7 @@ def completion_slots(body: dict[str, Any]) -> Iterator[Slot]:
                 yield from _token_slots(p, model, f"prompt[{i}]")
     if isinstance(body.get("suffix"), str):
         yield Slot(body, "suffix", "suffix")
-    for name, value in other_fields("completion", body).items():  # an upstream may read them
-        yield from _strings(value, name)
+    yield from field_slots(other_fields("completion", body))  # an upstream may read them
 
 
 def responses_slots(body: dict[str, Any], items: list[dict[str, Any]]) -> Iterator[Slot]:
