@@ -60,6 +60,25 @@ def test_an_image_prompt_visible_to_the_schema_is_accepted(prompt: str, live: Li
     assert resp.status_code == 200, resp.text
 
 
+@pytest.mark.parametrize("model, most", [("dall-e-2", 1000), ("dall-e-3", 4000)])
+def test_an_image_prompt_past_openais_limit_is_refused_as_openai_does(
+        model: str, most: int, live: LiveServer, r: Any, upstream: FakeUpstream) -> None:
+    """OpenAI refuses an image prompt longer than the model's limit (1 000 characters for
+    dall-e-2, 4 000 for dall-e-3, 32 000 for the GPT image models); one at the limit is served.
+    Before, any length went upstream (its text unbilled: images are priced per picture)."""
+    key, acct = new_key(r, "10")
+    resp = bearer(live, key, "/images/generations", {"model": model, "prompt": "猫" * (most + 1)})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert (err["code"], err["type"], err["param"]) == (
+        "string_above_max_length", "invalid_request_error", "prompt")
+    assert f"maximum length {most}, but got a string with length {most + 1}" in err["message"]
+    assert upstream.requests == []
+    assert not [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve"]
+    resp = bearer(live, key, "/images/generations", {"model": model, "prompt": "猫" * most})
+    assert resp.status_code == 200, resp.text
+
+
 @pytest.mark.parametrize("prefix", SEED_PATHS)
 def test_seed_completions_call(prefix: str, live: LiveServer, funded: tuple[str, str],
                                upstream: FakeUpstream) -> None:

@@ -64,6 +64,13 @@ class InvalidValue(InvalidRequest):
     error_code = "invalid_value"
 
 
+class StringTooLong(InvalidRequest):
+    """A string longer than OpenAI's documented limit for the field (an image prompt): OpenAI's
+    `error.code` "string_above_max_length", the same `code` 40001 as any bad request."""
+
+    error_code = "string_above_max_length"
+
+
 class UpstreamRefused(InvalidRequest):
     """The upstream refused the request itself (its 400 or 422): OpenAI's `type`, `code` and
     `param` reach the client as the upstream sent them, since SDK users branch on them
