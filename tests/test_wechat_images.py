@@ -131,3 +131,19 @@ def test_a_prompt_past_the_question_cap_draws_nothing(upstream: Any, redis_url: 
     assert [q["prompt"] for q in images(upstream)] == ["一只猫"]
     acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 10_000 - PRICE and ledger.verify(r) == []
+
+
+def test_a_prompt_past_the_image_models_limit_draws_nothing(upstream: Any, redis_url: str,
+                                                            r: Any, wx: FakeWeChatAPI) -> None:
+    """Within question_max_tokens but past the image model's own limit (dall-e-2: 1 000
+    characters, which OpenAI refuses): the note with that limit, no job, nothing held."""
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    with bot(settings, r) as (app, url):
+        wechat = WeChat(url, wx.appid)
+        prompt = ("a red fox " * 101)[:1001]  # 1 001 characters, ≈ 300 tokens
+        assert wechat.say(OPENID, "画 " + prompt) == TEXTS["question_too_long"].format(
+            limit=1000)
+        run_jobs(app)
+    assert images(upstream) == []
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []

@@ -64,6 +64,18 @@ def reserve_cost(price: ModelPrice, prompt_tokens: int, max_tokens: int | None,
     return token_cost(price, prompt_tokens, completion_max(price, max_tokens, choices))
 
 
+# OpenAI's longest image prompt per model (CreateImageRequest.prompt), in characters: a longer
+# one is refused (its text would go upstream unbilled: pictures are priced by size).
+IMAGE_PROMPT_CHARS = (("dall-e-2", 1000), ("dall-e-3", 4000))
+GPT_IMAGE_PROMPT_CHARS = 32000  # the GPT image models', and any other model's
+
+
+def image_prompt_chars(model: str) -> int:
+    """Return the most characters an image prompt for `model` may have."""
+    return next((most for name, most in IMAGE_PROMPT_CHARS if model.startswith(name)),
+                GPT_IMAGE_PROMPT_CHARS)
+
+
 def image_cost(price: ModelPrice, size: str, n: int, quality: str | None = None) -> int | None:
     """Return the cost of n pictures of a size and quality, or None when it has no price."""
     each = price.image_price(size, quality)

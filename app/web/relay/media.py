@@ -84,23 +84,13 @@ def _size(call: Call) -> str:
     return size
 
 
-# OpenAI's longest image prompt per model (CreateImageRequest.prompt), in characters.
-PROMPT_CHARS = (("dall-e-2", 1000), ("dall-e-3", 4000))
-GPT_IMAGE_PROMPT_CHARS = 32000  # the GPT image models', and any other model's
-
-
-def _prompt_chars(model: str) -> int:
-    return next((most for name, most in PROMPT_CHARS if model.startswith(name)),
-                GPT_IMAGE_PROMPT_CHARS)
-
-
 def _images_cost(call: Call) -> int:
     body, price = call.body, call.price
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not VISIBLE.search(prompt):
         raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt",
                              msg="prompt 不能为空")
-    most = _prompt_chars(call.upstream_model)
+    most = pricing.image_prompt_chars(call.upstream_model)
     if len(prompt) > most:  # OpenAI's limit: a longer prompt is refused, never sent on
         raise StringTooLong(
             f"Invalid 'prompt': string too long. Expected a string with maximum length {most}, "

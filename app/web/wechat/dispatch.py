@@ -16,7 +16,7 @@ from wechatpy.messages import BaseMessage
 
 from app.bot import screening, users
 from app.bot.delivery import Delivery, text_item
-from app.core import tokens
+from app.core import pricing, tokens
 from app.core.config import Settings
 from app.core.money import ratelimit
 from app.edges import wechat_api
@@ -119,6 +119,9 @@ def _at_once(dl: Delivery, acct: str, kind: str, arg: str) -> Item:
             return dl.text("image_usage")
         if screened.action == "refuse":
             return dl.text("safety_refused")
+        most = pricing.image_prompt_chars(dl.settings.bot.image_model)
+        if len(screened.text) > most:  # the upstream would refuse it
+            return dl.text("question_too_long", limit=most)
         arg = screened.text
         Delivery(dl.r, dl.settings, dl.openid, f"{dl.dk}:img").expect()
         dedupe.enqueue("image", IMAGE_JOB, dl.dk, dl.openid, dl.dk, arg)
