@@ -47,6 +47,6 @@ def odd_fixture() -> Iterator[ThreadingHTTPServer]:
     """A local upstream whose answer each test sets (OddUpstream)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), OddUpstream)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.shutdown()

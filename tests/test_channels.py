@@ -214,7 +214,7 @@ def test_a_proxied_answer_timing_out_after_its_headers_is_billed_and_not_retried
     path (it was failed over and run again)."""
     with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Stall) as proxy:
         proxy.daemon_threads = True
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True).start()
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # channel b, the fake, is called directly
         env = {"XIAOYI_REDIS_URL": redis_url}

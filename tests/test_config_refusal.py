@@ -60,6 +60,7 @@ ENV_CASES: dict[str, tuple[dict[str, str], str]] = {
                                 "XIAOYI_WECHAT_APP_ID"),
     "web workers": ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
     "graceful timeout": ({"XIAOYI_GRACEFUL_TIMEOUT": "-1"}, "XIAOYI_GRACEFUL_TIMEOUT"),
+    "worker dead after": ({"XIAOYI_WORKER_DEAD_AFTER": "2"}, "XIAOYI_WORKER_DEAD_AFTER"),
     "pool size": ({"XIAOYI_REDIS_POOL_SIZE": "lots"}, "XIAOYI_REDIS_POOL_SIZE"),
     "fake upstream port": ({"XIAOYI_FAKE_UPSTREAM_PORT": "90000"}, "XIAOYI_FAKE_UPSTREAM_PORT"),
     "keep-alive seconds": ({"XIAOYI_WEB_KEEPALIVE": "soon"}, "XIAOYI_WEB_KEEPALIVE"),

@@ -38,7 +38,7 @@ def files() -> Iterator[ThreadingHTTPServer]:
     """A local file server (a private address, as an attacker's target would be)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), Files)
     server.hits = []  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.shutdown()
 

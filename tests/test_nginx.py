@@ -38,7 +38,12 @@ def test_stalled_clients_wait_at_nginx_and_streams_flow(
     web = Web(tmp_path / "web", {"XIAOYI_REDIS_URL": redis_url, "WEB_CONCURRENCY": "1",
                                  "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
                                  "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
-                                 "XIAOYI_ACCESS_LOG": str(web_log)})
+                                 "XIAOYI_ACCESS_LOG": str(web_log),
+                                 # The abandoned slow stream (below) still runs upstream when
+                                 # the web server stops: a short grace ends it at once instead
+                                 # of after the default 30 s (the stop itself is
+                                 # tests/test_graceful_stop.py's subject, not this test's).
+                                 "XIAOYI_GRACEFUL_TIMEOUT": "2"})
     auth = {"Authorization": f"Bearer {key}"}
     token = "usage-link-token-" + "Zq9" * 10
     try:

@@ -393,7 +393,7 @@ def test_a_refusal_page_that_is_no_json_is_blotted_before_it_is_cut(
     """Review: a 400/404/422 answered as HTML or plain text was cut to 200 characters first,
     so a key starting near the cut reached the client all but its last characters."""
     page = ThreadingHTTPServer(("127.0.0.1", 0), _RefusalPage)
-    threading.Thread(target=page.serve_forever, daemon=True).start()
+    threading.Thread(target=page.serve_forever, args=(0.05,), daemon=True).start()
     try:
         env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
                "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{page.server_address[1]}/v1"}

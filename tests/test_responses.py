@@ -673,7 +673,7 @@ class AbsurdUsage(BaseHTTPRequestHandler):
 def test_absurd_upstream_usage_is_billed_at_the_bound(redis_url: str, r: redis.Redis,
                                                       settings: Settings) -> None:
     stub = ThreadingHTTPServer(("127.0.0.1", 0), AbsurdUsage)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    threading.Thread(target=stub.serve_forever, args=(0.05,), daemon=True).start()
     server = serve_with(f"http://127.0.0.1:{stub.server_address[1]}/v1", redis_url, r)
     try:
         key, acct = new_key(r)

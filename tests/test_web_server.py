@@ -21,7 +21,17 @@ import pytest
 import redis
 import requests
 from conftest import UPSTREAM_KEY, new_key
-from web_kit import ROOT, Web, allow_open_files, chat_head, closed_within, stall, still_open
+from web_kit import (
+    ROOT,
+    Web,
+    allow_open_files,
+    chat_head,
+    closed_within,
+    stall,
+    start_all,
+    still_open,
+    stop_all,
+)
 
 from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
@@ -72,8 +82,8 @@ def test_defaults_drop_stalled_bodies_after_30_s_and_open_no_control_socket(
 def test_stalled_headers_and_bodies_are_dropped(tmp_path: Path, upstream: FakeUpstream,
                                                 redis_url: str, r: redis.Redis) -> None:
     key, acct = new_key(r)
-    web = Web(tmp_path, web_env(upstream, redis_url, XIAOYI_WEB_BODY_TIMEOUT="3",
-                                XIAOYI_WEB_KEEPALIVE="3", WEB_CONCURRENCY="1",
+    web = Web(tmp_path, web_env(upstream, redis_url, XIAOYI_WEB_BODY_TIMEOUT="1.5",
+                                XIAOYI_WEB_KEEPALIVE="2", WEB_CONCURRENCY="1",
                                 XIAOYI_WEB_CONNECTIONS="50"))
     try:
         body = stall(web.url, chat_head(key))
@@ -81,7 +91,8 @@ def test_stalled_headers_and_bodies_are_dropped(tmp_path: Path, upstream: FakeUp
         # A body the app never reads (an answer without it): gunicorn's drain is bounded too.
         unread = stall(web.url, b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{")
         assert closed_within(body, 35) and closed_within(head, 35) and closed_within(unread, 35)
-        # A slow but steady body (pauses well under the timeout) is served and billed.
+        # A slow but steady body (pauses well under the timeout, the whole longer) is served
+        # and billed.
         payload = json.dumps(HELLO).encode()
         steady = stall(web.url, chat_head(key, len(payload))[:-len(b'{"model":')])
         for i in range(0, len(payload), 16):
@@ -89,7 +100,7 @@ def test_stalled_headers_and_bodies_are_dropped(tmp_path: Path, upstream: FakeUp
             steady.sendall(payload[i:i + 16])
         steady.settimeout(15)
         assert steady.recv(65536).startswith(b"HTTP/1.1 200")
-        # More stalled clients than the worker holds (50): each round is dropped after 3 s,
+        # More stalled clients than the worker holds (50): each round is dropped after 1.5 s,
         # so a health check queued behind 120 of them is answered within a few rounds.
         crowd = [stall(web.url, chat_head(key)) for _ in range(120)]
         assert requests.get(web.url + "/healthz", timeout=30).status_code == 200
@@ -99,7 +110,7 @@ def test_stalled_headers_and_bodies_are_dropped(tmp_path: Path, upstream: FakeUp
     finally:
         assert web.stop() == 0
     log = web.log.read_text()
-    assert "the body stalled for 3.0s" in log and "Traceback" not in log
+    assert "the body stalled for 1.5s" in log and "Traceback" not in log
 
 
 def test_a_stream_reader_that_stalls_is_dropped_and_billed(tmp_path: Path, upstream: FakeUpstream,
@@ -181,7 +192,8 @@ def test_two_instances_on_one_host_share_nothing_but_the_store(
     (home / "run").mkdir(parents=True)
     env = web_env(upstream, redis_url, WEB_CONCURRENCY="1", HOME=str(home),
                   XDG_RUNTIME_DIR=str(home / "run"))
-    first, second = Web(tmp_path / "a", env), Web(tmp_path / "b", env)
+    first, second = start_all([Web(tmp_path / "a", env, wait=False),
+                               Web(tmp_path / "b", env, wait=False)])
     try:
         for web in (first, second):
             assert requests.get(web.url + "/healthz", timeout=5).status_code == 200
@@ -191,14 +203,14 @@ def test_two_instances_on_one_host_share_nothing_but_the_store(
         codes = [_login(first.url, "wrong-token-" + "x" * 20) for _ in range(10)]
         assert codes == [401] * 10 and _login(second.url, TOKEN) == 429
     finally:
-        assert first.stop() == 0 and second.stop() == 0
+        assert stop_all([first, second]) == [0, 0]
     own = [tmp_path / "ctl-a.ctl", tmp_path / "ctl-b.ctl"]
-    webs = [Web(tmp_path / f"own{i}", {**env, "XIAOYI_WEB_CONTROL_SOCKET": str(path)})
-            for i, path in enumerate(own)]
+    webs = start_all([Web(tmp_path / f"own{i}", {**env, "XIAOYI_WEB_CONTROL_SOCKET": str(path)},
+                          wait=False) for i, path in enumerate(own)])
     try:
         assert {str(p) for p in own} <= control_sockets()  # each has its own, both live
     finally:
-        assert [web.stop() for web in webs] == [0, 0]
+        assert stop_all(webs) == [0, 0]
     for web in (first, second, *webs):
         assert "Traceback" not in web.log.read_text()
 

@@ -168,7 +168,7 @@ def test_a_failed_call_names_neither_the_app_secret_nor_the_token(
     from app.edges.wechat_api import WeChatTransient
 
     down = ThreadingHTTPServer(("127.0.0.1", 0), _Down)
-    threading.Thread(target=down.serve_forever, daemon=True).start()
+    threading.Thread(target=down.serve_forever, args=(0.05,), daemon=True).start()
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
     try:

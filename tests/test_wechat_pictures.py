@@ -52,7 +52,7 @@ class PicUrlHost(ThreadingHTTPServer):
 
         super().__init__(("127.0.0.1", 0), Handler)
         self.daemon_threads = True
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{name}"

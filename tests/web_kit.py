@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Web:
     """`xiaoyi web` in its own process group, its home in `home`, logged to home/web.log."""
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    def __init__(self, home: Path, env: dict[str, str], wait: bool = True) -> None:
+        """Start the server; unless not `wait`, wait until it serves (else call wait_up())."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = home
@@ -38,7 +39,8 @@ class Web:
                 [sys.executable, "-m", "app.runtime.cli", "web", "--port", str(self.port)],
                 cwd=ROOT, env={**base, **env}, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_up()
+        if wait:
+            self.wait_up()
 
     def wait_up(self, timeout: float = 40) -> None:
         """Wait until /healthz answers; fail with the log if the server died or never came."""
@@ -68,16 +70,42 @@ class Web:
                     pass
         return count
 
-    def stop(self, quick: bool = False) -> int:
-        """SIGTERM (graceful) or SIGINT (quick) the master; return its exit status."""
+    def signal_stop(self, quick: bool = False) -> None:
+        """Send the master SIGTERM (graceful) or SIGINT (quick) unless it has exited."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGINT if quick else signal.SIGTERM)
+
+    def stop(self, quick: bool = False) -> int:
+        """SIGTERM (graceful) or SIGINT (quick) the master; return its exit status."""
+        self.signal_stop(quick)
         try:
             return self.proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
             raise AssertionError("xiaoyi web did not stop within 40 s") from None
+
+
+def start_all(webs: list[Web]) -> list[Web]:
+    """Wait until every one of `webs` (made with wait=False, starting side by side) serves;
+    if one does not, kill them all (none is left running) and fail."""
+    try:
+        for web in webs:
+            web.wait_up()
+    except BaseException:
+        for web in webs:
+            if web.proc.poll() is None:
+                os.killpg(web.proc.pid, signal.SIGKILL)
+                web.proc.wait(timeout=10)
+        raise
+    return webs
+
+
+def stop_all(webs: list[Web]) -> list[int]:
+    """Stop `webs` side by side (SIGTERM to each, then wait); return their exit statuses."""
+    for web in webs:
+        web.signal_stop()
+    return [web.stop() for web in webs]
 
 
 def allow_open_files(wanted: int) -> None:

@@ -8,7 +8,8 @@ rq `Retry`s left). A SIGKILLed worker would leave the user without an answer for
 good. So each worker also sends a pulse here, and a sweeper requeues what dead workers held.
 
 Keys (owned here; rq's own keys are only read, or changed through rq's classes):
-    xy:wk:alive:{worker}          string, TTL DEAD_AFTER_S: the worker's pulse, refreshed every BEAT_S
+    xy:wk:alive:{worker}          string, TTL dead_after_s(): the worker's pulse, refreshed every
+                                         BEAT_S
     xy:wk:beating                 set    workers that send a pulse (only they are judged by it)
     xy:wk:sweep                   string, TTL SWEEP_S: one sweep at a time across every worker
     xy:wk:stuck:{queue}:{job}     string, TTL 1 h: when a job was first seen stranded in an
@@ -39,6 +40,7 @@ be idempotent in their effects (SPEC §7.5): charges are keyed by request id (`x
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -55,7 +57,8 @@ from app.runtime.rqworker import worker_class as worker_class  # re-exported
 log = logging.getLogger(__name__)
 
 BEAT_S = 2  # seconds between a worker's pulses
-DEAD_AFTER_S = 10  # a worker silent this long is dead (its pulse key expires)
+DEAD_AFTER_S = 10  # by default a worker silent this long is dead (its pulse key expires)
+DEAD_AFTER_ENV = "XIAOYI_WORKER_DEAD_AFTER"  # sets it instead (procs.ENV_INTS checks it at start)
 SWEEP_S = 3  # seconds between sweeps (across all workers: one sweep per period)
 STUCK_AFTER_S = 10  # a job dequeued but never started for this long is requeued
 MAX_REQUEUES = 3  # abandonments after which a job is failed instead of run again
@@ -77,10 +80,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def dead_after_s() -> int:
+    """Return how long a worker may stay silent before it is dead (XIAOYI_WORKER_DEAD_AFTER,
+    else DEAD_AFTER_S)."""
+    return int(os.environ.get(DEAD_AFTER_ENV) or DEAD_AFTER_S)
+
+
 def beat(conn: redis.Redis, worker: str) -> None:
-    """Record that `worker` is alive for the next DEAD_AFTER_S seconds."""
+    """Record that `worker` is alive for the next dead_after_s() seconds."""
     pipe = conn.pipeline(transaction=False)
-    pipe.set(alive_key(worker), int(time.time()), ex=DEAD_AFTER_S)
+    pipe.set(alive_key(worker), int(time.time()), ex=dead_after_s())
     pipe.sadd(BEATING, worker)
     pipe.execute()
 
@@ -244,7 +253,7 @@ def sweep(conn: redis.Redis, r: redis.Redis, queues: Iterable[str] = (), *,
 class Pulse:
     """A worker's background thread: beat every BEAT_S, sweep every SWEEP_S.
 
-    A worker sweeps only after it has reached Redis without a break for DEAD_AFTER_S: after a
+    A worker sweeps only after it has reached Redis without a break for dead_after_s(): after a
     Redis outage every live worker first gets the time to renew its lapsed pulse.
     """
 
@@ -267,7 +276,7 @@ class Pulse:
             try:
                 beat(self.conn, self.worker)
                 now = time.monotonic()
-                if now >= next_sweep and now - self._healthy_since >= DEAD_AFTER_S:
+                if now >= next_sweep and now - self._healthy_since >= dead_after_s():
                     next_sweep = now + SWEEP_S
                     report = sweep(self.conn, self.r, self.queues)
                     if any(report.values()):

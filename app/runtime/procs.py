@@ -202,7 +202,9 @@ class StartError(Exception):
 # Process knobs read outside load_settings (gunicorn_conf, store, run): name -> (low, high).
 ENV_INTS = {"WEB_CONCURRENCY": (1, 256), "XIAOYI_WEB_CONNECTIONS": (1, 100_000),
             "XIAOYI_WEB_BACKLOG": (1, 65_535), "XIAOYI_GRACEFUL_TIMEOUT": (0, 3600),
-            "XIAOYI_REDIS_POOL_SIZE": (1, 100_000), "XIAOYI_FAKE_UPSTREAM_PORT": (1, 65535)}
+            "XIAOYI_REDIS_POOL_SIZE": (1, 100_000), "XIAOYI_FAKE_UPSTREAM_PORT": (1, 65535),
+            # at least 2.5 pulses (maintenance.BEAT_S = 2): one late pulse is not a death
+            "XIAOYI_WORKER_DEAD_AFTER": (5, 3600)}
 ENV_SECONDS = ("XIAOYI_WEB_KEEPALIVE", "XIAOYI_WEB_BODY_TIMEOUT")  # 0 < seconds < 1 day
 
 
