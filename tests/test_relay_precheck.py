@@ -95,7 +95,8 @@ def test_large_body_with_a_good_key_is_served_and_counted_once(
         raw, _ = new_key(r, "100")
         pad = "x" * (2 << 20)  # a large body: an image-sized field the upstream ignores
         for where in ("bearer", "body"):
-            body = {"messages": [{"role": "user", "content": "hi"}], "metadata_pad": pad}
+            # (in `metadata`: a field outside OpenAI's schema is counted as prompt)
+            body = {"messages": [{"role": "user", "content": "hi"}], "metadata": {"pad": pad}}
             headers = {"Content-Type": "application/json"}
             if where == "bearer":
                 headers["Authorization"] = f"Bearer {raw}"
@@ -165,13 +166,13 @@ def test_a_large_body_key_is_found_past_decoys_and_the_top_level_one_decides(
     raw, _ = new_key(r, "100")
     other, _ = new_key(r, "100")
     pad = "x" * (1 << 20)
-    decoys = {"metadata": {"api_secret_key": "sk-decoy-0123456789"}, "pad": pad}
+    decoys = {"metadata": {"api_secret_key": "sk-decoy-0123456789", "pad": pad}}
     body = {**decoys, "messages": [{"role": "user", "content": "hi"}], "api_secret_key": raw}
     resp = requests.post(live.url + "/v1/chat/completions", data=json.dumps(body), timeout=60,
                          headers={"Content-Type": "application/json"})
     assert resp.status_code == 200, resp.text[:300]
     # a valid key nested, a wrong one at the top: the top-level key is the request's
-    body = {"metadata": {"api_secret_key": other}, "pad": pad, "api_secret_key": "sk-nope-12345",
+    body = {"metadata": {"api_secret_key": other, "pad": pad}, "api_secret_key": "sk-nope-12345",
             "messages": [{"role": "user", "content": "hi"}]}
     resp = requests.post(live.url + "/v1/chat/completions", data=json.dumps(body), timeout=60,
                          headers={"Content-Type": "application/json"})
@@ -190,7 +191,8 @@ def test_a_key_has_a_budget_of_large_body_bytes_a_minute(
         pad = "x" * (600 << 10)
 
         def send(key: str, filler: str) -> requests.Response:
-            body = {"messages": [{"role": "user", "content": "hi"}], "metadata_pad": filler}
+            body = {"messages": [{"role": "user", "content": "hi"}],
+                    "metadata": {"pad": filler}}
             return requests.post(server.url + "/v1/chat/completions", json=body, timeout=60,
                                  headers={"Authorization": f"Bearer {key}"})
 
