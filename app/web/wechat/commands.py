@@ -1,4 +1,8 @@
-"""Bot commands (Chinese and / forms), answered at once with a passive reply."""
+"""Bot commands (Chinese and / forms), answered at once with a passive reply.
+
+Keys (owned here):
+    xy:rl:rotate:{acct}   zset  the account's 重置密钥 of the last 24 h (app.core.money.ratelimit)
+"""
 
 from __future__ import annotations
 
