@@ -309,3 +309,25 @@ def test_menu_clicks_count_toward_the_user_message_limit(upstream: Any, redis_ur
         welcome = wechat.reply(wechat.post(event_xml(OPENID, "subscribe")))["Content"]
         assert welcome.startswith(TEXTS["welcome"])
     assert keys.list_keys(r, users.account_of(r, OPENID)) == []  # the refused click issued none
+
+
+def test_rotations_are_limited_per_account_and_day(served: tuple[WeChat, str], r: Any) -> None:
+    """Each 重置密钥 keeps the revoked key's records for good (the admin's history, ledger
+    verify), and every later 密钥 / CHAT_API / 重置密钥 reads them all: a user rotating in a
+    loop (20 a minute) grew the store without bound and, past ~150 000 keys, the webhook's
+    answer missed WeChat's 5 s. Past [limits] key_rotations_per_day (10) the key stays."""
+    wechat, base = served
+    got = [wechat.say(OPENID, "重置密钥") for _ in range(12)]
+    issued = [KEY.search(g).group(0) for g in got[:10]]
+    assert len(set(issued)) == 10
+    assert [KEY.search(g) for g in got[10:]] == [None, None]
+    assert all(g.startswith("重置密钥太频繁") and "当前密钥仍然有效" in g for g in got[10:])
+    acct = users.account_of(r, OPENID)
+    assert len(keys.list_keys(r, acct)) == 10
+    assert [k["masked"] for k in keys.list_keys(r, acct) if not k["revoked"]] == [
+        keys.mask(issued[-1])]
+    resp = requests.post(f"{base}/v1/chat/completions", timeout=10,
+                         headers={"Authorization": f"Bearer {issued[-1]}"},
+                         json={"messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200
+    assert wechat.say(OPENID, "密钥").startswith(TEXTS["key_masked"].split("{")[0])

@@ -21,6 +21,7 @@ from wechat_kit import WeChat, bot, image_xml, wait_for, wechat_settings
 
 from app import create_app
 from app.bot import users
+from app.bot.jobs import Hopeless
 from app.bot.pictures import shrink
 from app.core import pricing, tokens
 from app.core.config import ConfigError, load_settings
@@ -257,3 +258,28 @@ def test_shrink_turns_pictures_upright_flattens_and_takes_first_frames() -> None
     with Image.open(io.BytesIO(data)) as img:
         assert mime == "image/jpeg" and img.getpixel((5, 5)) == pytest.approx((255, 255, 255),
                                                                               abs=3)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_picture_of_too_many_pixels_is_refused_before_it_is_decoded(
+        start: Callable[..., Any], upstream: Any, wx: FakeWeChatAPI, r: Any,
+        pic_host: PicUrlHost) -> None:
+    """A 20 KB PNG of 14 000 × 12 000 pixels took the worker to 1.0 GB (1-bit) or 1.7 GB
+    (palette) of memory while it was decoded and flattened, before any money was checked: a
+    few such pictures at once run a small host out of memory. Past 25 million pixels (after
+    a JPEG's reduced decoding) a picture is refused from its header: picture_failed, nothing
+    decoded, asked or charged."""
+    pixels = io.BytesIO()
+    Image.new("1", (14_000, 12_000)).save(pixels, "PNG")
+    assert len(pixels.getvalue()) < 64 * 1024
+    with pytest.raises(Hopeless, match="too many pixels"):
+        shrink(pixels.getvalue(), 2048, 2 * 1024 * 1024)
+    _, wechat = start()
+    media = wx.add_media(pixels.getvalue(), content_type="image/png", filename="wide.png")
+    assert send_picture(wechat, media, pic_host.url("wide.png")) == TEXTS["picture_failed"]
+    assert chats(upstream) == [] and [e["kind"] for e in entries(r)] == ["topup"]
+    big = io.BytesIO()
+    Image.new("RGB", (9000, 6000), (30, 120, 200)).save(big, "JPEG")  # 54 MP, drafted to 13.5
+    data, mime = shrink(big.getvalue(), 2048, 2 * 1024 * 1024)
+    with Image.open(io.BytesIO(data)) as shown:
+        assert (mime, shown.size) == ("image/jpeg", (2048, 1365))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 from rq.job import Job
-from wechat_kit import WeChat, bot, voice_xml, wechat_settings
+from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
 
 from app import create_app
 from app.bot import screening, users
@@ -194,3 +194,20 @@ def test_a_bad_word_file_stops_the_start(upstream: Any, redis_url: str, r: Any,
     settings = wechat_settings(upstream.url, redis_url, wx, safety=table)
     with pytest.raises(ConfigError, match="safety.words_file"):
         create_app(settings, redis_client=r)
+
+
+def test_a_moderation_flag_refuses_a_drawing_prompt_before_any_charge(
+        start: Callable[..., Any], upstream: Any, r: Any, wx: FakeWeChatAPI) -> None:
+    """画 prompts are bot input too: with moderation on, a flagged one draws nothing."""
+    _, wechat, _ = start(moderation=True)
+    assert wechat.say(OPENID, "画 [[fake:flag=violence]]一只猫") == TEXTS["image_started"]
+    sent = wait_for(lambda: wx.sent(OPENID))
+    assert [m["text"]["content"] for m in sent] == [TEXTS["safety_refused"]]
+    assert [q["path"] for q in upstream.requests] == ["/v1/moderations"]
+    assert upstream.requests[0]["body"]["input"] == "[[fake:flag=violence]]一只猫"
+    assert kinds(r) == ["topup"] and today(r) == {"bot_moderation:refuse": 1}
+    assert wechat.say(OPENID, "画 一只猫") == TEXTS["image_started"]
+    wait_for(lambda: len(wx.sent(OPENID)) == 2)
+    assert [q["path"] for q in upstream.requests][1:] == ["/v1/moderations",
+                                                         "/v1/images/generations"]
+    assert kinds(r) == ["topup", "reserve", "settle"]

@@ -1,4 +1,7 @@
-"""The image job (画 …): hold → upstream images → fit into 2 MB → media/upload → push.
+"""The image job (画 …): moderation → hold → upstream images → fit into 2 MB → upload → push.
+
+With [safety] moderation on, the prompt is asked about at /moderations before any hold (a
+flag answers texts.safety_refused and draws nothing, like a chat).
 
 Idempotent per message: the uploaded media id is kept, the charge uses the dedupe key as
 request id, the push records what it sent, and a picture whose job finished or gave up is
@@ -21,7 +24,7 @@ from flask import current_app
 from PIL import Image
 from wechatpy.exceptions import WeChatClientException
 
-from app.bot import answers, jobs, users
+from app.bot import answers, jobs, screening, users
 from app.bot.delivery import Delivery, Item
 from app.core import money, pricing
 from app.core.config import Settings, units_to_yuan
@@ -80,6 +83,12 @@ def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | st
     """Hold, generate and upload; return {media or url}, or how the message was settled."""
     settings = dl.settings
     model, size, cost = _priced(settings)
+    try:  # a 画 prompt is bot input: with [safety] moderation on, asked about before any hold
+        if screening.moderating(settings) and screening.flagged(dl.r, settings, prompt):
+            return dl.note("safety_refused")
+    except InvalidRequest as exc:  # /moderations refused the request: no retry helps
+        _give_up(dl, req, exc)
+        return "refused"
     try:
         held = money.reserve(dl.r, acct, req, cost, key_id="wechat", model=model)
     except money.Short as exc:

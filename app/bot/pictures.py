@@ -5,7 +5,8 @@ never from the PicUrl of the message (SPEC §7.10: that URL comes from the messa
 it would let a forged message make the service fetch any address). A picture over
 [bot] picture_max_side pixels on its longest side or [bot] picture_max_bytes bytes, or in a
 format OpenAI does not take, is re-encoded as a JPEG within both limits (EXIF orientation
-applied, transparency on white). The bytes live only in the job's memory and in the upstream
+applied, transparency on white). A picture of more than MAX_PIXELS pixels (after a JPEG's
+reduced decoding) is refused from its header, before it is decoded (Hopeless: picture_failed). The bytes live only in the job's memory and in the upstream
 request: the context keeps PLACEHOLDER in their place.
 """
 
@@ -28,6 +29,11 @@ PLACEHOLDER = "[图片]"
 MAX_FETCH_BYTES = 20 << 20  # what media/get may answer; WeChat's own image limit is 10 MB
 TAKEN = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 MIN_SIDE = 64  # shrinking for bytes stops here
+# Decoded at most: a picture is decoded whole, then flattened to RGB (RGBA first when it has a
+# palette or transparency), so 25 MP costs up to ~250 MB. A 20 KB PNG can declare 168 MP
+# (1.7 GB once flattened): more is refused from the header, before any decoding. A JPEG counts
+# after its reduced decoding (draft), so a 100 MP photo still passes.
+MAX_PIXELS = 25_000_000
 
 
 def fetch(media_id: str) -> bytes:
@@ -59,6 +65,9 @@ def shrink(data: bytes, max_side: int, max_bytes: int) -> tuple[bytes, str]:
         img = Image.open(io.BytesIO(data))
         if img.format == "JPEG" and max(img.size) > max_side:
             img.draft("RGB", (max_side, max_side))  # decode at a fraction of the size
+        if img.width * img.height > MAX_PIXELS:
+            img.close()
+            raise Hopeless(f"the picture has too many pixels ({img.width}x{img.height})")
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise Hopeless(f"the picture is unreadable ({type(exc).__name__})") from exc

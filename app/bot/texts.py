@@ -16,7 +16,7 @@ NAMES = (
     "image_link", "chat_failed", "rate_limited", "voice_empty", "unsupported", "key_new",
     "key_masked", "key_rotated", "api_card", "recharge_how", "cut", "safety_refused",
     "safety_answer_refused", "picture_failed", "picture_unavailable", "usage_link",
-    "answer_parked",
+    "answer_parked", "rotate_limited",
 )
 
 

@@ -1,4 +1,8 @@
-"""Bot commands (Chinese and / forms), answered at once with a passive reply."""
+"""Bot commands (Chinese and / forms), answered at once with a passive reply.
+
+Keys (owned here):
+    xy:rl:rotate:{acct}   zset  the account's 重置密钥 of the last 24 h (app.core.money.ratelimit)
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from app.bot import context, links, users
 from app.bot.delivery import Delivery, text_item
 from app.bot.texts import text
 from app.core.config import ConfigError, Settings, units_to_yuan, yuan_to_units
-from app.core.money import codes, wallet
+from app.core.money import codes, ratelimit, wallet
 
 log = logging.getLogger(__name__)
 Item = dict[str, Any]
@@ -107,7 +111,13 @@ def key(ctx: Ctx) -> Item:
 
 
 def rotate(ctx: Ctx) -> Item:
-    """Replace the API key (the old one stops working at once)."""
+    """Replace the API key (the old one stops working at once), at most [limits]
+    key_rotations_per_day times a day per account: a revoked key's records are kept for good
+    (the admin's history, ledger verify) and every key command reads them all, so rotations
+    in a loop would grow the store without bound and slow the webhook past WeChat's 5 s."""
+    limit = ctx.settings.limits.get("key_rotations_per_day", 0)
+    if limit and (wait := ratelimit.hit(ctx.r, f"rotate:{ctx.acct}", limit, 86400)):
+        return _t(ctx, "rotate_limited", minutes=-(-wait // 60))
     return _t(ctx, "key_rotated", key=users.rotate_key(ctx.r, ctx.acct))
 
 
