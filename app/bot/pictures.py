@@ -6,8 +6,9 @@ it would let a forged message make the service fetch any address). A picture ove
 [bot] picture_max_side pixels on its longest side or [bot] picture_max_bytes bytes, or in a
 format OpenAI does not take, is re-encoded as a JPEG within both limits (EXIF orientation
 applied, transparency on white). A picture of more than MAX_PIXELS pixels (after a JPEG's
-reduced decoding) is refused from its header, before it is decoded (Hopeless: picture_failed). The bytes live only in the job's memory and in the upstream
-request: the context keeps PLACEHOLDER in their place.
+reduced decoding) is refused from its header, before it is decoded (Hopeless:
+picture_failed). The bytes live only in the job's memory and in the upstream request: the
+context keeps PLACEHOLDER in their place.
 """
 
 from __future__ import annotations
