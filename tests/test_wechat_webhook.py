@@ -45,7 +45,10 @@ def test_echostr_check_and_signature_rules(served: tuple[WeChat, Any]) -> None:
     ts, nonce = str(int(time.time())), "n1"
     good = {"signature": sign(TOKEN, ts, nonce), "timestamp": ts, "nonce": nonce,
             "echostr": "echo-123"}
-    assert requests.get(wechat.url, params=good, timeout=5).text == "echo-123"
+    echoed = requests.get(wechat.url, params=good, timeout=5)
+    assert echoed.text == "echo-123"
+    assert echoed.headers["Content-Type"].startswith("text/plain")
+    assert echoed.headers["X-Content-Type-Options"] == "nosniff"  # never read as a page
     bad = {**good, "signature": "0" * 40}
     assert requests.get(wechat.url, params=bad, timeout=5).status_code == 403
     old = str(int(time.time()) - 301)

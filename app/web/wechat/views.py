@@ -31,7 +31,10 @@ WAIT_MARGIN = 0.15  # a wait for the answer ends this long before the deadline
 
 
 def _plain(body: str, status: int = 200) -> Response:
-    return Response(body, status=status, mimetype="text/plain")
+    # nosniff: the echostr check echoes what its query carries; a browser must never take it
+    # for a page (a leaked verification link can make it echo any text for 5 minutes)
+    return Response(body, status=status, mimetype="text/plain",
+                    headers={"X-Content-Type-Options": "nosniff"})
 
 
 def _read_body() -> bytes:
