@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +123,10 @@ def test_crash_keeps_money_and_api_fails_closed(embedded: EmbeddedRedis,
     assert ledger.verify(r) == []
 
 
-def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
-                                             upstream: FakeUpstream) -> None:
-    app = create_app(make_settings(upstream.url, embedded.url))
-    live = LiveServer(app)
-    r = make_redis(embedded.url, max_connections=10)
-    raw, acct = new_key(r, "10")
-    start = wallet.balance(r, acct)
+def _stream_across_a_crash(live: LiveServer, embedded: EmbeddedRedis, raw: str,
+                           while_down: Callable[[], None]) -> None:
+    """Stream a 10-token answer; crash Redis after its first event (the hold is open), let the
+    stream end while Redis is down, run `while_down`, then start Redis again."""
     body = {**CHAT, "stream": True,
             "messages": [{"role": "user", "content": "[[fake:long=10]][[fake:chunk_delay=0.1]]"}]}
     lines: list[bytes] = []
@@ -145,23 +142,38 @@ def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
                     first.set()
 
     reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert first.wait(10)
+    crash(embedded)
+    wait_for(lambda: lines and lines[-1] == b"data: [DONE]", 10, "the end of the stream")
+    while_down()
+    embedded.start()  # from this thread: the server dies with the thread that started it
+    reader.join(30)
+    assert lines[-1] == b"data: [DONE]"
+
+
+def _settled_once(r: redis.Redis, acct: str, start: int) -> None:
+    """The answer was charged once, for its 10 tokens, and nothing is left on hold."""
+    assert not ledger.open_holds(r)
+    charged = start - wallet.balance(r, acct)
+    settles = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert len(settles) == 1 and int(settles[0]["cost"]) == charged > 0
+    assert int(settles[0]["ct"]) == 10
+    assert ledger.verify(r) == []
+
+
+def test_redis_down_mid_stream_still_settles(embedded: EmbeddedRedis,
+                                             upstream: FakeUpstream) -> None:
+    app = create_app(make_settings(upstream.url, embedded.url))
+    live = LiveServer(app)
+    r = make_redis(embedded.url, max_connections=10)
+    raw, acct = new_key(r, "10")
+    start = wallet.balance(r, acct)
     try:
-        reader.start()
-        assert first.wait(10)
-        crash(embedded)  # the hold is open, the stream goes on and ends while Redis is down
-        wait_for(lambda: lines and lines[-1] == b"data: [DONE]", 10, "the end of the stream")
-        time.sleep(1)
-        embedded.start()  # from this thread: the server dies with the thread that started it
-        reader.join(30)
-        rest = lines
-        assert rest[-1] == b"data: [DONE]"
+        _stream_across_a_crash(live, embedded, raw, lambda: time.sleep(1))
         # The relay settles once Redis is back: charged for the answer, nothing left on hold.
         wait_for(lambda: not ledger.open_holds(r), 20, "the settlement")
-        charged = start - wallet.balance(r, acct)
-        settles = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
-        assert len(settles) == 1 and int(settles[0]["cost"]) == charged > 0
-        assert int(settles[0]["ct"]) == 10
-        assert ledger.verify(r) == []
+        _settled_once(r, acct, start)
     finally:
         live.stop()
 
@@ -181,37 +193,17 @@ def test_a_stream_whose_settlement_outwaits_redis_is_settled_once_redis_is_back(
     r = make_redis(embedded.url, max_connections=10)
     raw, acct = new_key(r, "10")
     start = wallet.balance(r, acct)
-    body = {**CHAT, "stream": True,
-            "messages": [{"role": "user", "content": "[[fake:long=10]][[fake:chunk_delay=0.1]]"}]}
-    lines: list[bytes] = []
-    first = threading.Event()
 
-    def read() -> None:
-        with requests.post(live.url + "/v1/chat/completions", json=body, stream=True, timeout=60,
-                           headers={"Authorization": f"Bearer {raw}"}) as resp:
-            for line in resp.iter_lines():
-                if line:
-                    lines.append(line)
-                    first.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    try:
-        reader.start()
-        assert first.wait(10)
-        crash(embedded)
-        wait_for(lambda: lines and lines[-1] == b"data: [DONE]", 10, "the end of the stream")
+    def while_down() -> None:
         # The closing call's 0.5 s wait runs out: the settlement goes to the background queue.
         wait_for(lambda: later.pending() == 1, 10, "the settlement queued")
         time.sleep(1.5)  # a background retry or two fail while Redis is still down
         assert later.pending() == 1
-        embedded.start()
+
+    try:
+        _stream_across_a_crash(live, embedded, raw, while_down)
         wait_for(lambda: later.pending() == 0, 10, "the background settlement")
-        assert not ledger.open_holds(r)
-        charged = start - wallet.balance(r, acct)
-        settles = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
-        assert len(settles) == 1 and int(settles[0]["cost"]) == charged > 0
-        assert int(settles[0]["ct"]) == 10
-        assert ledger.verify(r) == []
+        _settled_once(r, acct, start)
     finally:
         live.stop()
 
