@@ -107,7 +107,7 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
             functions=body.get("functions"), response_format=body.get("response_format"),
             limit=cap)
         if body.get("web_search_options") is not None:
-            prompt = tokens.Prompt(prompt.counted, prompt.uncountable + 1, prompt.length)
+            prompt = replace(prompt, uncountable=prompt.uncountable + 1)  # its floor kept
     else:
         counted = pricing.estimate_any(check_prompt(body), model, limit=cap)
         if body.get("echo"):  # each choice repeats its prompt (never its suffix)
