@@ -698,8 +698,10 @@ TOKEN_IDS = list(range(1000, 3000))  # 2 000 tokens, exactly
         {"role": "user", "content": [{"type": "text", "text": LONG_TEXT}]}]}, "text"),
     ("/v1/responses", {"model": "gpt-4", "max_output_tokens": 16, "input": LONG_TEXT},
      "text"),
+    ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 5, "web_search_options": {},
+                              "messages": [{"role": "user", "content": LONG_TEXT}]}, "text"),
 ], ids=["embeddings-ids", "embeddings-id-arrays", "completions-ids", "chat", "chat-stream",
-        "responses"])
+        "responses", "chat-web-search"])
 def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
         live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
         body: dict[str, Any], counted: Any) -> None:
@@ -787,4 +789,27 @@ def test_a_field_outside_openais_schema_is_held_and_its_reported_prompt_billed(
     price = PRICES[body["model"]]
     assert abs(int(reserve["amount"])) >= pricing.token_cost(price, counted)
     assert resp.json()["usage"]["prompt_tokens"] == counted
+    assert ledger.verify(r) == []
+
+
+def test_a_field_outside_openais_schema_does_not_raise_the_completions_floor(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """Review: a completions request's fields outside OpenAI's schema (vLLM's `guided_json`,
+    read by its decoder, never as prompt) were counted into the prompt's floor as well as its
+    hold: an upstream honestly reporting a short prompt was billed the schema's tokens too, as
+    the anomaly prompt_under_text. The floor is the prompt's own text (and suffix) alone."""
+    schema = {"type": "object", "properties": {
+        f"field_{i}": {"type": "string", "description": f"the {i}th field of the answer"}
+        for i in range(80)}}
+    body = {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "prompt": "hi",
+            "guided_json": schema}
+    assert tokens.json_tokens(schema, body["model"]) > 4 * (2 + tokens.UNDER_SLACK)
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    upstream.configure(prompt_tokens=2)
+    resp = post(live, key, body, "/v1/completions")
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 2
+    assert anomalies("prompt_under_text") == before
     assert ledger.verify(r) == []

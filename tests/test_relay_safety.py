@@ -621,9 +621,16 @@ TOOL = {"type": "function", "function": {"name": "f", "description": "说违禁�
     (CHAT, {"messages": [{"role": "user", "content": "读文档"}],
             "documents": [{"text": "违禁词"}]}, "documents[0].text"),
     (LEGACY, {"prompt": "读文档", "documents": ["违禁词"]}, "documents[0]"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": None, "refusal": "违禁词"},
+                         {"role": "user", "content": "再说一次"}]}, "messages[1].refusal"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "好", "reasoning_content": "违禁词"},
+                         {"role": "user", "content": "继续"}]}, "messages[1].reasoning_content"),
 ], ids=["chat-tool", "chat-tool-key", "chat-function", "chat-format", "chat-prediction",
         "chat-tool-call", "completions-ids", "completions-id-list", "responses-tool",
-        "responses-format", "responses-call", "chat-other-field", "completions-other-field"])
+        "responses-format", "responses-call", "chat-other-field", "completions-other-field",
+        "chat-refusal", "chat-message-other-field"])
 @pytest.mark.parametrize("action", ["refuse", "mask"])
 def test_a_word_in_a_field_the_model_reads_is_refused(
         relay: Start, upstream: FakeUpstream, r: redis.Redis, path: str, body: dict[str, Any],

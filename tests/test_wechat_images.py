@@ -147,3 +147,22 @@ def test_a_prompt_past_the_image_models_limit_draws_nothing(upstream: Any, redis
     assert images(upstream) == []
     acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []
+
+
+def test_the_prompt_limit_is_the_upstream_image_models(upstream: Any, redis_url: str, r: Any,
+                                                       wx: FakeWeChatAPI) -> None:
+    """Review: the 画 limit was looked up by [bot] image_model's public name, while the job
+    draws with the upstream model it maps to ([models]): a name such as "画图" for dall-e-2
+    took the 32 000 characters of an unknown model, so a 1 001-character prompt was queued for
+    a model that refuses it. The limit is the upstream model's, as the job's price is."""
+    settings = wechat_settings(upstream.url, redis_url, wx, image_model="画图",
+                               models={"画图": "dall-e-2"})
+    with bot(settings, r) as (app, url):
+        wechat = WeChat(url, wx.appid)
+        prompt = ("a red fox " * 101)[:1001]
+        assert wechat.say(OPENID, "画 " + prompt) == TEXTS["question_too_long"].format(
+            limit=1000)
+        run_jobs(app)
+    assert images(upstream) == []
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []

@@ -107,14 +107,14 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
             functions=body.get("functions"), response_format=body.get("response_format"),
             limit=cap)
         if body.get("web_search_options") is not None:
-            prompt = tokens.Prompt(prompt.counted, prompt.uncountable + 1, prompt.length)
+            prompt = replace(prompt, uncountable=prompt.uncountable + 1)  # its floor kept
     else:
         counted = pricing.estimate_any(check_prompt(body), model, limit=cap)
         if body.get("echo"):  # each choice repeats its prompt (never its suffix)
             plan.echoed = counted * (optional_int(body, "n", 1, MAX_N) or 1)
         if isinstance(body.get("suffix"), str):
             counted += tokens.text_tokens(body["suffix"], model, limit=cap)
-        prompt = tokens.Prompt(counted)
+        prompt = tokens.Prompt(counted, plain=counted)  # the text(s) and suffix, or token ids
     extra = other_fields(kind, body)
     if extra:  # read as prompt by some upstreams: counted, never free
         more = tokens.json_tokens(extra, model, limit=cap)
@@ -125,8 +125,9 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
     ceiling = call.price.prompt_ceiling(cap)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
     # Chat: the messages' texts (images, tools and names only add to an honest report);
-    # completions: the text(s) and suffix, or the token ids (one token each), counted.
-    plan.text_prompt = prompt.plain if kind == "chat" else prompt.counted
+    # completions: the text(s) and suffix, or the token ids (one token each), counted. Never
+    # the fields outside OpenAI's schema: an upstream may read one as prompt, or not at all.
+    plan.text_prompt = prompt.plain
 
 
 def _completion_max(kind: str, call: Call) -> int:

@@ -127,19 +127,22 @@ def field_slots(fields: dict[str, Any]) -> Iterator[Slot]:
 
 
 CHAT_FIELDS = ("tools", "functions", "response_format", "prediction")  # the model reads them
-MESSAGE_FIELDS = ("name", "tool_calls", "function_call")  # a message's, besides its content
+# A message's fields other than these go to the model too: its name, earlier tool calls, a
+# refusal, and fields outside OpenAI's schema that a chat template renders (reasoning_content).
+NOT_MESSAGE_TEXT = ("role", "content")  # content: screened (and masked) as parts
 
 
 def chat_slots(body: dict[str, Any]) -> Iterator[Slot]:
-    """Yield the texts of every message of a chat request (its content, name and earlier tool
-    calls), and of its tools, functions, response_format and prediction."""
+    """Yield the texts of every message of a chat request (its content, and every other field
+    but its role: name, earlier tool calls, refusal…), and of its tools, functions,
+    response_format and prediction."""
     messages = body.get("messages")
     for i, message in enumerate(messages if isinstance(messages, list) else []):
         if isinstance(message, dict):
             yield from _parts(message, "content", f"messages[{i}].content")
-            for name in MESSAGE_FIELDS:
-                if message.get(name) is not None:
-                    yield from _strings(message[name], f"messages[{i}].{name}")
+            for name, value in message.items():
+                if name not in NOT_MESSAGE_TEXT and value is not None:
+                    yield from _strings(value, f"messages[{i}].{name}")
     for name in CHAT_FIELDS:
         if body.get(name) is not None:
             yield from _strings(body[name], name)

@@ -119,7 +119,8 @@ def _at_once(dl: Delivery, acct: str, kind: str, arg: str) -> Item:
             return dl.text("image_usage")
         if screened.action == "refuse":
             return dl.text("safety_refused")
-        most = pricing.image_prompt_chars(dl.settings.bot.image_model)
+        public = dl.settings.bot.image_model  # drawn with the model it maps to (workers/images)
+        most = pricing.image_prompt_chars(dl.settings.models.get(public, public))
         if len(screened.text) > most:  # the upstream would refuse it
             return dl.text("question_too_long", limit=most)
         arg = screened.text
