@@ -42,6 +42,12 @@ def hold_then_fail(openid: str, dk: str, acct: str, cost: int, fault: str) -> An
     return jobs.attempt(r, dk, run, lambda exc: dl.note("chat_failed"))
 
 
+def count_runs(dk: str) -> Any:
+    """Count a run of the message's work (nothing else), through jobs.attempt."""
+    r = get_redis()
+    return jobs.attempt(r, dk, lambda: f"run {r.incr(runs_key(dk))}", lambda exc: None)
+
+
 ANSWER = "这是已经扣费的回答"
 
 

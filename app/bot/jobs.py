@@ -116,9 +116,6 @@ def attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
     Once no retry follows, the message is closed and `give_up(exc)` tells the user; the
     exception then fails the job (a requeue of it finds the message closed).
     """
-    if closed(r, dk):
-        log.info("bot job: the message finished or gave up before; nothing to do")
-        return "closed"
     run = _RUN.set(secrets.token_hex(8))
     try:
         return _attempt(r, dk, work, give_up)
@@ -129,6 +126,9 @@ def attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
 def _attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
              give_up: Callable[[BaseException], None]) -> Any:
     try:
+        if closed(r, dk):  # inside: a Redis blip here is retried like one in the work
+            log.info("bot job: the message finished or gave up before; nothing to do")
+            return "closed"
         return work()
     except TRANSIENT as exc:
         if not last_attempt():

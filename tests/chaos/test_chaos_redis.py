@@ -241,6 +241,39 @@ def test_webhook_answers_while_redis_is_down_and_parked_answers_survive(
             assert r.llen(handoff.park_key(openid)) == 0
 
 
+def test_a_bot_job_that_finds_the_store_down_at_its_start_is_retried(
+        embedded: EmbeddedRedis, upstream: FakeUpstream, r: redis.Redis, redis_url: str) -> None:
+    """A job's first read (is its message closed already?) ran outside the part rq retries: a
+    money store away at that instant failed the job at once, with no retry and no reply. The
+    queues run on their own Redis (`r`), which stays up."""
+    from botjobs import runs_key
+    from rq.job import Job
+    from wechat_kit import WorkerThread, bot, run_jobs, wechat_settings
+
+    from app.edges.store import get_queue, get_rq_redis
+    from fakes import FakeWeChatAPI
+
+    money = make_redis(embedded.url, max_connections=10)
+    dk = "oChaosStartDown00000000001:1"
+    with FakeWeChatAPI() as wx:
+        settings = wechat_settings(upstream.url, embedded.url, wx,
+                                   env_extra={"XIAOYI_QUEUE_REDIS_URL": redis_url})
+        with bot(settings, money, worker=False) as (app, _):
+            with app.app_context():
+                job = get_queue("chat").enqueue("botjobs.count_runs", dk, failure_ttl=3600)
+            crash(embedded)
+            run_jobs(app)  # the job finds the money store down before its work
+            embedded.start()
+            wait_for(lambda: _ping(money), 15, "Redis to be back")
+            with app.app_context():
+                queues = get_rq_redis()
+            with WorkerThread(app):
+                wait_for(lambda: Job.fetch(job.id, connection=queues).get_status() == "finished",
+                         20, "the retried job")
+            assert Job.fetch(job.id, connection=queues).number_of_retries == 1
+    assert int(money.get(runs_key(dk))) == 1
+
+
 def _ping(r: redis.Redis) -> bool:
     try:
         return bool(r.ping())
