@@ -1040,3 +1040,23 @@ def test_a_native_field_outside_openais_schema_is_held_and_its_reported_input_bi
     (entry,) = settles(r, acct)
     assert int(entry["pt"]) == resp.json()["usage"]["input_tokens"] == counted > 1500
     assert ledger.verify(r) == []
+
+
+def test_a_beta_field_of_openais_schema_is_not_held_as_prompt(
+        native: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """`multi_agent` is a field of OpenAI's schema (BetaCreateResponse, POST
+    /responses?beta=true): relayed natively it goes upstream as sent, never counted into the
+    hold as if it were prompt text (nor screened) as a field outside the schema is."""
+    holds = []
+    for extra in ({}, {"multi_agent": {"enabled": True, "max_concurrent_subagents": 3}}):
+        key, acct = new_key(r, "20")
+        resp = requests.post(native.url + "/v1/responses?beta=true", timeout=20,
+                             headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "gpt-4", "max_output_tokens": 16, "input": "hi",
+                                   **extra})
+        assert resp.status_code == 200, resp.text
+        assert native_sent(upstream).get("multi_agent") == extra.get("multi_agent")
+        (reserve,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "reserve"]
+        holds.append(reserve["amount"])
+    assert holds[0] == holds[1]  # gpt-4: 0.21 元 per 1K prompt tokens, 1 unit per 0.48
+    assert ledger.verify(r) == []

@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 # The request fields of OpenAI's schema (shared/openai-openapi.json: CreateChatCompletionRequest,
-# CreateCompletionRequest, CreateResponse). Any other field goes upstream as sent, and an upstream that reads one
-# as prompt (vLLM's `documents`, say) bills its text, so that text is counted into the bound.
+# CreateCompletionRequest, CreateResponse and BetaCreateResponse, the body of
+# POST /responses?beta=true, which the same route serves). Any other field goes upstream as
+# sent, and an upstream that reads one as prompt (vLLM's `documents`, say) bills its text, so
+# that text is counted into the bound.
 OPENAI_FIELDS: dict[str, frozenset[str]] = {
     "chat": frozenset((
         "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
@@ -25,9 +27,9 @@ OPENAI_FIELDS: dict[str, frozenset[str]] = {
         "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model",
         "n", "presence_penalty", "prompt", "seed", "stop", "stream", "stream_options", "suffix",
         "temperature", "top_p", "user")),
-    "responses": frozenset((  # CreateResponse: only a native relay sends others upstream
+    "responses": frozenset((  # only a native relay sends others upstream
         "background", "context_management", "conversation", "include", "input", "instructions",
-        "max_output_tokens", "max_tool_calls", "metadata", "model", "moderation",
+        "max_output_tokens", "max_tool_calls", "metadata", "model", "moderation", "multi_agent",
         "parallel_tool_calls", "previous_response_id", "prompt", "prompt_cache_key",
         "prompt_cache_options", "prompt_cache_retention", "reasoning", "safety_identifier",
         "service_tier", "store", "stream", "stream_options", "temperature", "text", "tool_choice",
