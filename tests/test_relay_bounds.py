@@ -813,3 +813,29 @@ def test_a_field_outside_openais_schema_does_not_raise_the_completions_floor(
     assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 2
     assert anomalies("prompt_under_text") == before
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "gpt-4", "max_tokens": 16, "truncate_prompt_tokens": 100,
+                              "messages": [{"role": "user", "content": LONG_TEXT}]}),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "max_tokens": 16,
+                         "truncate_prompt_tokens": 100, "prompt": LONG_TEXT}),
+], ids=["chat", "completions"])
+def test_a_prompt_the_upstream_is_asked_to_cut_is_billed_as_reported(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
+        body: dict[str, Any]) -> None:
+    """vLLM's truncate_prompt_tokens keeps the prompt's last N tokens: an honest report is far
+    below the text, so the text's own count is no floor there (as for Responses' truncation
+    "auto"); the hold still covers the whole text."""
+    key, acct = new_key(r, "10")
+    before = anomalies("prompt_under_text")
+    upstream.configure(prompt_tokens=100)
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 100
+    assert anomalies("prompt_under_text") == before
+    (reserve,) = entries(r, acct, "reserve")
+    price = PRICES[body["model"]]
+    assert abs(int(reserve["amount"])) >= pricing.token_cost(price, 1500)
+    assert ledger.verify(r) == []

@@ -127,7 +127,9 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
     # Chat: the messages' texts (images, tools and names only add to an honest report);
     # completions: the text(s) and suffix, or the token ids (one token each), counted. Never
     # the fields outside OpenAI's schema: an upstream may read one as prompt, or not at all.
-    plan.text_prompt = prompt.plain
+    # None when the request asks the upstream to cut its prompt (vLLM's truncate_prompt_tokens):
+    # then an honest report may be far below the text.
+    plan.text_prompt = 0 if body.get("truncate_prompt_tokens") is not None else prompt.plain
 
 
 def _completion_max(kind: str, call: Call) -> int:
