@@ -275,3 +275,28 @@ def test_readme_has_every_operations_section() -> None:
     for section in ("Connect your official account", "Reliability", "Benchmarks", "Architecture",
                     "Configuration"):
         assert re.search(rf"^##+ {section}\b", doc, re.M), section
+
+
+def test_a_worker_tries_its_queued_settlements_once_more_as_it_exits(
+        tmp_path: Path, redis_url: str) -> None:
+    """worker_exit (gunicorn's hook, as the worker ends) gives the settlements still queued
+    for Redis (app/web/relay/settle_later.py) one more try; what still fails stays queued."""
+    script = (
+        "import json, runpy, types\n"
+        "from app import create_app\n"
+        "from app.web.relay import settle_later\n"
+        "from redis import ConnectionError\n"
+        "c = runpy.run_path('deploy/gunicorn.conf.py')\n"
+        "app = create_app()\n"
+        "later, ran = settle_later.of(app), []\n"
+        "def down(): raise ConnectionError('still down')\n"
+        "later.add('req-1', lambda: ran.append('req-1'))\n"
+        "later.add('req-2', down)\n"
+        "c['worker_exit'](None, types.SimpleNamespace(wsgi=app))\n"
+        "print(json.dumps([ran, later.pending()]))\n")
+    env = {**os.environ, "XIAOYI_REDIS_URL": redis_url, "XIAOYI_ALLOW_VOLATILE_STORE": "1",
+           "XIAOYI_LOG_LEVEL": "WARNING", "XIAOYI_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True, timeout=60)
+    ran, pending = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ran == ["req-1"] and pending == 1

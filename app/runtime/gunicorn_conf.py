@@ -259,6 +259,17 @@ def post_worker_init(worker: object) -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+def worker_exit(server: object, worker: object) -> None:
+    """Try the settlements still queued for Redis once more before the worker ends (what is
+    left then goes to the sweep's refund: app/web/relay/settle_later.py)."""
+    from app.web.relay import settle_later
+
+    app = getattr(worker, "wsgi", None)
+    later = getattr(app, "extensions", {}).get(settle_later.EXTENSION)
+    if later is not None and later.pending():
+        later.retry()
+
+
 def worker_int(worker: object) -> None:
     """On a quick stop (SIGQUIT), end every open stream with an error event and [DONE]."""
     from app.runtime import graceful

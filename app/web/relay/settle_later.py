@@ -8,7 +8,8 @@ once Redis is back instead of leaving its hold to the sweep's refund (an answer 
 
 A settle is keyed by its request id and does nothing once its hold is gone (the sweep refunds a
 hold 15 min after its process ended, or after 6 h), so a late one never charges twice or after
-a refund. What is still queued when the process stops is left to that sweep, as before; so is a
+a refund. A gunicorn worker tries what is still queued once more as it exits
+(app/runtime/gunicorn_conf.worker_exit); what is left is the sweep's, as before; so is a
 settlement older than MAX_AGE_S or past MAX_QUEUED (logged).
 """
 
