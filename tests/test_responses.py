@@ -577,6 +577,10 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
     ({"input": "x", "text": {"format": "json_schema"}}, "text.format"),  # not an object
     ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
     ({"input": "x", "include": "message.output_text.logprobs"}, "include"),
+    # Each entry one of OpenAI's IncludeEnum (found by the schema fuzz: objects were accepted)
+    ({"input": "x", "include": ["message.output_text.logprobs", {}]}, "include[1]"),
+    ({"input": "x", "include": ["usage.everything"]}, "include[0]"),
+    ({"input": "x", "include": [None]}, "include[0]"),
     # Chat takes only text in these places: an image or a file there is refused, not dropped.
     ({"input": [{"role": "developer", "content": [
         {"type": "input_text", "text": "Reference:"},

@@ -20,6 +20,13 @@ REFUSED = {"background": "background mode", "conversation": "the Conversations A
 PART_TYPES = (*TEXT_PARTS, "input_image", "input_file")
 
 
+# OpenAI's IncludeEnum (shared/openai-openapi.json): what `include` may ask for.
+INCLUDABLE = frozenset((
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs", "reasoning.encrypted_content",
+    "message.output_text.logprobs"))
+
 def check(body: dict[str, Any], native: bool) -> None:
     """Check the request's top-level fields (the input items are checked by input_items)."""
     for name, what in REFUSED.items():
@@ -41,8 +48,13 @@ def check(body: dict[str, Any], native: bool) -> None:
     top = body.get("top_logprobs")
     if top is not None and (type(top) is not int or not 0 <= top <= 20):
         raise bad("'top_logprobs' must be an integer between 0 and 20.", "top_logprobs")
-    if not isinstance(body.get("include", []), list):
+    include = body.get("include", [])
+    if not isinstance(include, list):
         raise bad("'include' must be an array.", "include")
+    for i, value in enumerate(include):
+        if not isinstance(value, str) or value not in INCLUDABLE:
+            raise bad(f"Invalid value for 'include[{i}]': supported values are "
+                      f"{', '.join(sorted(INCLUDABLE))}.", f"include[{i}]")
     prev = body.get("previous_response_id")
     if prev is not None and (not isinstance(prev, str) or not prev):
         raise bad("'previous_response_id' must be a non-empty string.", "previous_response_id")
