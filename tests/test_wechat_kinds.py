@@ -116,6 +116,11 @@ KINDS: list[tuple[str, dict[str, Any], str]] = [
                                 "SessionFrom": "sessionFrom"}, "success"),
     ("kf_create_session", {"MsgType": "event", "Event": "kf_create_session",
                            "KfAccount": "test1@test"}, "success"),
+    ("future_event", {"MsgType": "event", "Event": "subscribe_msg_popup_event",
+                      "SubscribeMsgPopupEvent": {"List": {
+                          "TemplateId": "VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc",
+                          "SubscribeStatusString": "accept", "PopupScene": "0"}}}, "success"),
+    ("future_event_bare", {"MsgType": "event", "Event": "user_info_modified"}, "success"),
 ]
 MODES = ["plain", "compat", "safe"]
 KEYED = ("compat", "safe")
