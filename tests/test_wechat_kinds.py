@@ -122,7 +122,7 @@ KINDS: list[tuple[str, dict[str, Any], str]] = [
                           "SubscribeStatusString": "accept", "PopupScene": "0"}}}, "success"),
     ("future_event_bare", {"MsgType": "event", "Event": "user_info_modified"}, "success"),
 ]
-MODES = ["plain", "compat", "safe"]
+MODES = ["plain", "compat", "safe", "compat_no_key"]  # the last: the AES key not set (yet)
 KEYED = ("compat", "safe")
 
 
@@ -231,3 +231,15 @@ def test_every_kind_in_every_mode_and_its_retry(sender: Sender, r: Any) -> None:
     assert all(r.xlen(layout.ledger_key(acct)) == 1 for acct in ledger.account_ids(r))
     assert ledger.verify(r) == []
 
+
+def test_safe_mode_without_the_key_says_what_to_set(upstream: Any, redis_url: str, r: Any,
+                                                    wx: FakeWeChatAPI) -> None:
+    """安全模式 sends only Encrypt: without XIAOYI_WECHAT_AES_KEY it cannot be read (400 that
+    names the setting, nothing done); 兼容模式's clear part is read (the test above)."""
+    settings = wechat_settings(upstream.url, redis_url, wx)
+    with bot(settings, r, worker=False) as (app, _):
+        wechat = Sender(app.test_client(), wx.appid, "safe")
+        status, text = wechat.post(*wechat.signed(message_xml("oNoKey0001", {
+            "MsgType": "text", "Content": "余额", "MsgId": "1"}, int(time.time()))))
+    assert status == 400 and "XIAOYI_WECHAT_AES_KEY" in text
+    assert users.account_of(r, "oNoKey0001") is None
