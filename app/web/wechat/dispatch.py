@@ -44,7 +44,9 @@ def route(msg: BaseMessage) -> tuple[str, str]:
     if msg.type == "image":
         media = msg.media_id if isinstance(msg.media_id, str) else ""
         return ("picture", media.strip()) if media.strip() else ("static", "unsupported")
-    if msg.type == "event":
+    if msg.type == "event" or str(msg._data.get("MsgType")).lower() == "event":
+        # an event wechatpy does not know yet (subscribe_msg_popup_event, user_info_modified…)
+        # is an UnknownMessage: still an event, which needs no reply and is no user's message
         event = str(msg._data.get("Event", "")).lower()
         if event in ("subscribe", "subscribe_scan"):
             return "welcome", ""

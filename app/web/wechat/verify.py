@@ -2,7 +2,8 @@
 
 Signatures are compared in constant time with a 5-minute timestamp window (wechatpy uses `!=`
 and no window); the query's nonce ([A-Za-z0-9_-], at most 128) and timestamp (ASCII digits, at
-most 12) are checked for their shape first; bodies are capped before parsing; any DTD is refused
+most 12) are checked for their shape first; bodies are capped before parsing; control
+characters users typed (WeChat passes them on in CDATA) are dropped; any DTD is refused
 before expat sees it (xmltodict refuses entity declarations too: belt and braces); a message's
 FromUserName is an openid ([A-Za-z0-9_-], at most 128: it names Redis keys and their hash tag)
 and the other fields that name keys or replies (ToUserName, MsgId, CreateTime, MsgType, Event)
@@ -28,6 +29,9 @@ MAX_BODY_BYTES = 64 * 1024
 WINDOW_SECONDS = 300
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _DTD = re.compile(rb"<!\s*(doctype|entity)", re.IGNORECASE)
+# what a user typed that XML 1.0 cannot carry and WeChat writes into CDATA as is (UTF-8: C0
+# controls but NUL, tab, LF, CR; U+FFFE, U+FFFF): dropped before parsing, else expat refuses
+_ILLEGAL_BYTES = re.compile(rb"[\x01-\x08\x0b\x0c\x0e-\x1f]|\xef\xbf[\xbe\xbf]")
 _NONCE = re.compile("[A-Za-z0-9_-]{1,128}")  # WeChat sends digits
 _TIMESTAMP = re.compile("[0-9]{1,12}")  # ASCII only: int() takes other digits, '+', ' ', '_'
 _OPENID = re.compile("[A-Za-z0-9_-]{1,128}")
@@ -70,6 +74,13 @@ def check_signature(token: str, signature: str, timestamp: str, nonce: str,
         raise Refused(403, "bad signature")
 
 
+def legal(body: bytes) -> bytes:
+    """Drop the characters XML cannot carry that WeChat passes on from what users type (a text
+    with a control character would otherwise be unparsable: a 400, and WeChat tells the user
+    the account is out of service). NUL stays (WeChat's UTF-8 never has it: refused)."""
+    return _ILLEGAL_BYTES.sub(b"", body)
+
+
 def refuse_dtd(body: bytes) -> None:
     """Refuse (400) any document type declaration: WeChat never sends one."""
     if _DTD.search(body):
@@ -79,6 +90,7 @@ def refuse_dtd(body: bytes) -> None:
 def decrypt(crypto: WeChatCrypto, body: bytes, msg_signature: str, timestamp: str,
             nonce: str) -> str:
     """Check msg_signature in constant time and return the decrypted message XML."""
+    body = legal(body)  # 兼容模式: the clear part next to Encrypt carries what the user typed
     refuse_dtd(body)
     try:
         envelope = xmltodict.parse(body)["xml"]
@@ -98,7 +110,7 @@ def decrypt(crypto: WeChatCrypto, body: bytes, msg_signature: str, timestamp: st
 
 def parse(xml: str | bytes) -> BaseMessage:
     """Parse a message, refusing (400) anything malformed."""
-    raw = xml.encode("utf-8") if isinstance(xml, str) else xml
+    raw = legal(xml.encode("utf-8") if isinstance(xml, str) else xml)  # before the DTD check
     refuse_dtd(raw)
     try:
         msg = parse_message(raw)

@@ -1,7 +1,8 @@
 """The webhook: GET answers WeChat's echostr check, POST receives messages and events.
 
 With an AES key configured only encrypted bodies are taken (safe mode is never downgraded;
-兼容模式 sends both parts and the encrypted one is used), and a signed query carries one
+兼容模式 sends both parts and the encrypted one is used; without the key, 兼容模式's clear part
+is read as in 明文模式), and a signed query carries one
 message only, and a verification's query none (app/web/wechat/replay.py).
 """
 
@@ -49,14 +50,15 @@ def _read_body() -> bytes:
 
 
 def _message(crypto: WeChatCrypto | None, body: bytes) -> str | bytes:
-    """Return the message XML of a verified POST (decrypted in safe mode)."""
+    """Return the message XML of a verified POST (decrypted in safe mode; without an AES key,
+    兼容模式's clear part: signed as in 明文模式, which is what the service is in then)."""
     args = request.args
     if args.get("encrypt_type", "raw").lower() != "aes":
         if crypto is not None:
             raise Refused(403, "safe mode: a message without encrypt_type=aes is refused")
         return body
     if crypto is None:
-        raise Refused(400, "encrypted message but XIAOYI_WECHAT_AES_KEY is not set")
+        return body
     return verify.decrypt(crypto, body, args.get("msg_signature", ""),
                           args.get("timestamp", ""), args.get("nonce", ""))
 
@@ -75,7 +77,7 @@ def webhook() -> Response:
         if request.method == "GET":
             return _verified()
         xml = _message(crypto, _read_body())
-        msg = verify.parse(xml)
+        msg = _parse(crypto, xml)
     except Refused as exc:
         return _refused(exc)
     query = (args.get("timestamp", ""), args.get("nonce", ""))
@@ -98,6 +100,18 @@ def webhook() -> Response:
         log.exception("wechat message from %s failed; answering success", msg.source)
         return _plain("success")
     return Response(reply, mimetype="application/xml") if reply else _plain("success")
+
+
+def _parse(crypto: WeChatCrypto | None, xml: str | bytes) -> BaseMessage:
+    """Parse the message; an encrypted one without its clear part (安全模式) and no AES key set
+    is refused with what to set."""
+    try:
+        return verify.parse(xml)
+    except Refused as exc:
+        if crypto is None and request.args.get("encrypt_type", "raw").lower() == "aes":
+            raise Refused(400, "encrypted message but XIAOYI_WECHAT_AES_KEY is not set "
+                               f"({exc.reason})") from exc
+        raise
 
 
 def _verified() -> Response:
