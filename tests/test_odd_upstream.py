@@ -194,3 +194,31 @@ def test_a_usage_riding_on_the_last_text_chunk_is_shown_as_it_is_billed(
     pt, ct = _settled(r, acct)
     assert ct >= 2000 and shown and shown[-1]["completion_tokens"] == ct, (shown, ct)
     assert shown[-1]["prompt_tokens"] == pt and ledger.verify(r) == []
+
+
+CALL_INPUT = " ".join(f"word{i}" for i in range(300))  # a custom tool's free-form input
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_custom_tool_calls_input_is_billed(odd: ThreadingHTTPServer, r: redis.Redis,
+                                             redis_url: str, stream: bool) -> None:
+    """Red team: a chat answer calling a custom tool (`tool_calls[].custom.input`, OpenAI's
+    free-form tools, passed through like any tool) was billed 0 completion tokens without a
+    usage object: only `function` calls' arguments were counted, so 300 words of input were
+    free. The input (and name) is produced text like a function call's arguments."""
+    call = {"id": "call_1", "type": "custom", "custom": {"name": "run", "input": CALL_INPUT}}
+    if stream:
+        head = {"index": 0, **call, "custom": {"name": "run", "input": ""}}
+        body: Any = b"".join(_event({**CHUNK, "choices": [{"index": 0, "delta": d,
+                                                            "finish_reason": f}]}) for d, f in [
+            ({"role": "assistant", "tool_calls": [head]}, None),
+            ({"tool_calls": [{"index": 0, "custom": {"input": CALL_INPUT}}]}, None),
+            ({}, "tool_calls")]) + b"data: [DONE]\n\n"
+        resp, acct = ask_stream(odd, r, redis_url, 200, body)
+    else:
+        body = {**ANSWER, "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [call]}}]}
+        resp, acct = ask(odd, r, redis_url, 200, body)
+    assert resp.status_code == 200 and CALL_INPUT in resp.get_data(as_text=True)
+    assert _settled(r, acct)[1] >= pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
+    assert ledger.verify(r) == []

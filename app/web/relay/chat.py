@@ -57,12 +57,14 @@ def answer_text(kind: str, data: dict[str, Any]) -> str:
 
 
 def _call_texts(message: dict[str, Any]) -> list[str]:
-    """Return the generated text of tool/function calls (they are completion tokens too)."""
+    """Return the generated text of tool/function calls (they are completion tokens too): a
+    function call's name and arguments, a custom tool call's name and input."""
     calls = message.get("tool_calls")
-    found = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(
-        calls, list) else []
+    found = [c.get(kind) for c in calls if isinstance(c, dict) for kind in ("function", "custom")
+             ] if isinstance(calls, list) else []
     found.append(message.get("function_call"))
-    return [str(f.get(k) or "") for f in found if isinstance(f, dict) for k in ("name", "arguments")]
+    return [str(f.get(k) or "") for f in found if isinstance(f, dict)
+            for k in ("name", "arguments", "input")]
 
 
 def relay_text(kind: str, path: str) -> Response:
