@@ -222,3 +222,29 @@ def test_a_custom_tool_calls_input_is_billed(odd: ThreadingHTTPServer, r: redis.
     assert resp.status_code == 200 and CALL_INPUT in resp.get_data(as_text=True)
     assert _settled(r, acct)[1] >= pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_translated_responses_reasoning_is_billed_as_on_chat(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, stream: bool) -> None:
+    """Red team: a chat upstream's `reasoning_content` (300 words, no usage object) costs its
+    tokens on /v1/chat/completions, but the same answer translated for /v1/responses was billed
+    for the visible "ok" alone (the translation drops the reasoning, and so did the estimate):
+    the reasoning the upstream produced, and bills, was free there."""
+    if stream:
+        body: Any = b"".join(_event({**CHUNK, "choices": [{"index": 0, "delta": d,
+                                                            "finish_reason": f}]}) for d, f in [
+            ({"role": "assistant", "reasoning_content": CALL_INPUT}, None),
+            ({"content": "ok"}, "stop")]) + b"data: [DONE]\n\n"
+    else:
+        body = {**ANSWER, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "ok", "reasoning_content": CALL_INPUT}}]}
+    odd.answer = (200, body)  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url),
+                     redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": stream})
+    assert resp.status_code == 200 and "ok" in resp.get_data(as_text=True)
+    want = pricing.estimate_tokens(CALL_INPUT + "ok", "gpt-3.5-turbo")
+    assert _settled(r, acct)[1] == want >= 300 and ledger.verify(r) == []

@@ -100,8 +100,9 @@ class Turn:
         return [] if tail is None else self._screened(tail)
 
     def _usage(self) -> dict[str, Any]:
-        # Billed as produced: a masked word costs what the upstream wrote, not its stars.
-        self.text = "".join(self.produced) if self.plan.native else self.state.text()
+        # Billed as produced: a masked word costs what the upstream wrote, not its stars, and a
+        # chat upstream's reasoning costs what it costs on chat (the translation drops it).
+        self.text = "".join(self.produced)
         self.meter.usage(self.state.usage)
         return answer.usage(*self.meter.tokens(self.text), self.state.usage)
 
