@@ -13,6 +13,7 @@ from stub_kit import odd_fixture  # noqa: F401 (the `odd` fixture)
 
 from app import create_app
 from app.core import pricing
+from app.core.config import load_settings
 from app.core.money import ledger, wallet
 
 ANSWER = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-3.5-turbo"}
@@ -248,3 +249,50 @@ def test_a_translated_responses_reasoning_is_billed_as_on_chat(
     assert resp.status_code == 200 and "ok" in resp.get_data(as_text=True)
     want = pricing.estimate_tokens(CALL_INPUT + "ok", "gpt-3.5-turbo")
     assert _settled(r, acct)[1] == want >= 300 and ledger.verify(r) == []
+
+
+def _native_replay(usage: dict[str, Any] | None) -> bytes:
+    """A native Responses stream showing its answer whole, with no delta: a part's .done, the
+    finished item and the terminal Response (a gateway replaying a plain answer)."""
+    head = {"id": "resp_up", "object": "response", "status": "in_progress", "output": [],
+            "model": "gpt-3.5-turbo"}
+    part = {"type": "output_text", "text": CALL_INPUT, "annotations": []}
+    item = {"id": "msg_up", "type": "message", "role": "assistant", "status": "completed",
+            "content": [part]}
+    where = {"item_id": "msg_up", "output_index": 0, "content_index": 0}
+    done = {**head, "status": "completed", "output": [item],
+            **({} if usage is None else {"usage": usage})}
+    return b"".join(b"event: " + e["type"].encode() + b"\n" + _event(e) for e in [
+        {"type": "response.created", "response": head},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**item, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **where, "part": {**part, "text": ""}},
+        {"type": "response.output_text.done", **where, "text": CALL_INPUT},
+        {"type": "response.content_part.done", **where, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": done}])
+
+
+@pytest.mark.parametrize("usage", [
+    None, {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}], ids=["none", "one"])
+def test_a_native_stream_showing_its_text_whole_is_billed_for_it(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str,
+        usage: dict[str, Any] | None) -> None:
+    """Red team: a native Responses stream (relay.responses_native = 1) whose text comes only in
+    its `.done`, finished-item and terminal events (no `output_text.delta`) was billed for its
+    deltas: 0 completion tokens without usage, and a report of 1 token for 300 words was
+    believed (the under-report check saw no text). The client is shown that text: it is billed."""
+    odd.answer = (200, _native_replay(usage))  # type: ignore[attr-defined]
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert CALL_INPUT in text and "response.completed" in text
+    want = pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo")
+    assert _settled(r, acct)[1] == want >= 300 and ledger.verify(r) == []
+    completed = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")
+                 and '"response.completed"' in line]
+    assert completed[-1]["response"]["usage"]["output_tokens"] == want  # shown as billed
