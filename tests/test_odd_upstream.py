@@ -296,3 +296,28 @@ def test_a_native_stream_showing_its_text_whole_is_billed_for_it(
     completed = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")
                  and '"response.completed"' in line]
     assert completed[-1]["response"]["usage"]["output_tokens"] == want  # shown as billed
+
+
+def test_interleaved_choices_are_billed_each_for_its_own_text(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """Red team: an `n` = 2 stream without usage, its choices' pieces interleaved ("ab" for
+    choice 0, "cd" for choice 1, 200 times each), was estimated on the pieces joined as they
+    came: one 800-letter word "abcdabcd…", half the tokens of the two answers. Each choice's
+    text is now counted on its own."""
+    pieces = [_event({**CHUNK, "choices": [{"index": i, "delta": {"content": p},
+                                            "finish_reason": None}]})
+              for _ in range(200) for i, p in enumerate(("ab", "cd"))]
+    odd.answer = (200, b"".join(pieces) + b"data: [DONE]\n\n")  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url),
+                     redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/chat/completions", headers={
+        "Authorization": f"Bearer {key}"}, json={
+            "messages": [{"role": "user", "content": "你好"}], "stream": True, "n": 2,
+            "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in resp.get_data(as_text=True).split("\n")
+              if line.startswith("data: {")]
+    each = sum(pricing.estimate_tokens(p * 200, "gpt-3.5-turbo") for p in ("ab", "cd"))
+    ct = _settled(r, acct)[1]
+    assert each <= ct <= each + 1  # the line between the two answers: at most one token
+    assert events[-1]["usage"]["completion_tokens"] == ct and ledger.verify(r) == []
