@@ -321,3 +321,16 @@ def test_interleaved_choices_are_billed_each_for_its_own_text(
     ct = _settled(r, acct)[1]
     assert each <= ct <= each + 1  # the line between the two answers: at most one token
     assert events[-1]["usage"]["completion_tokens"] == ct and ledger.verify(r) == []
+
+
+def test_a_delta_beside_a_message_in_a_chunk_is_billed(odd: ThreadingHTTPServer,
+                                                        r: redis.Redis, redis_url: str) -> None:
+    """Red team: a stream chunk whose choice carries a `message` (`{"role": "assistant"}`, as
+    some gateways add) beside its `delta` was estimated from the message alone: the delta's
+    300 words reached the client and, without usage, cost nothing."""
+    chunk = {**CHUNK, "choices": [{"index": 0, "delta": {"content": CALL_INPUT},
+                                   "message": {"role": "assistant"}, "finish_reason": "stop"}]}
+    resp, acct = ask_stream(odd, r, redis_url, 200, _event(chunk) + b"data: [DONE]\n\n")
+    assert CALL_INPUT in resp.get_data(as_text=True)
+    assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
+    assert ledger.verify(r) == []

@@ -46,22 +46,28 @@ def choice_texts(kind: str, data: dict[str, Any]) -> list[tuple[str, str]]:
     for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
             continue
-        parts = []
-        if kind == "chat":
-            src = choice.get("message") or choice.get("delta") or {}
-            if isinstance(src, dict):
-                parts.append(pricing.content_text(src.get("content")))
-                for name in ("refusal", *screening.REASONING):  # the model's: produced too
-                    if isinstance(src.get(name), str):
-                        parts.append(src[name])
-                audio = src.get("audio")
-                if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
-                    parts.append(audio["transcript"])
-                parts.extend(_call_texts(src))
-        elif isinstance(choice.get("text"), str):
-            parts.append(choice["text"])
-        found.append((repr(choice.get("index", 0)), "".join(p for p in parts if p)))
+        if kind == "chat":  # a chunk may carry a `message` beside its delta: the longer counts
+            text = max(_message_text(choice.get("delta")), _message_text(choice.get("message")),
+                       key=len)
+        else:
+            text = choice["text"] if isinstance(choice.get("text"), str) else ""
+        found.append((repr(choice.get("index", 0)), text))
     return found
+
+
+def _message_text(src: Any) -> str:
+    """Return a chat message's (or delta's) produced text."""
+    if not isinstance(src, dict):
+        return ""
+    parts = [pricing.content_text(src.get("content"))]
+    for name in ("refusal", *screening.REASONING):  # the model's: produced too
+        if isinstance(src.get(name), str):
+            parts.append(src[name])
+    audio = src.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+        parts.append(audio["transcript"])
+    parts.extend(_call_texts(src))
+    return "".join(p for p in parts if p)
 
 
 class Produced:
