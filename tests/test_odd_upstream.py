@@ -13,6 +13,7 @@ from stub_kit import odd_fixture  # noqa: F401 (the `odd` fixture)
 
 from app import create_app
 from app.core import pricing
+from app.core.config import load_settings
 from app.core.money import ledger, wallet
 
 ANSWER = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-3.5-turbo"}
@@ -194,3 +195,142 @@ def test_a_usage_riding_on_the_last_text_chunk_is_shown_as_it_is_billed(
     pt, ct = _settled(r, acct)
     assert ct >= 2000 and shown and shown[-1]["completion_tokens"] == ct, (shown, ct)
     assert shown[-1]["prompt_tokens"] == pt and ledger.verify(r) == []
+
+
+CALL_INPUT = " ".join(f"word{i}" for i in range(300))  # a custom tool's free-form input
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_custom_tool_calls_input_is_billed(odd: ThreadingHTTPServer, r: redis.Redis,
+                                             redis_url: str, stream: bool) -> None:
+    """Red team: a chat answer calling a custom tool (`tool_calls[].custom.input`, OpenAI's
+    free-form tools, passed through like any tool) was billed 0 completion tokens without a
+    usage object: only `function` calls' arguments were counted, so 300 words of input were
+    free. The input (and name) is produced text like a function call's arguments."""
+    call = {"id": "call_1", "type": "custom", "custom": {"name": "run", "input": CALL_INPUT}}
+    if stream:
+        head = {"index": 0, **call, "custom": {"name": "run", "input": ""}}
+        body: Any = b"".join(_event({**CHUNK, "choices": [{"index": 0, "delta": d,
+                                                            "finish_reason": f}]}) for d, f in [
+            ({"role": "assistant", "tool_calls": [head]}, None),
+            ({"tool_calls": [{"index": 0, "custom": {"input": CALL_INPUT}}]}, None),
+            ({}, "tool_calls")]) + b"data: [DONE]\n\n"
+        resp, acct = ask_stream(odd, r, redis_url, 200, body)
+    else:
+        body = {**ANSWER, "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [call]}}]}
+        resp, acct = ask(odd, r, redis_url, 200, body)
+    assert resp.status_code == 200 and CALL_INPUT in resp.get_data(as_text=True)
+    assert _settled(r, acct)[1] >= pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_translated_responses_reasoning_is_billed_as_on_chat(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, stream: bool) -> None:
+    """Red team: a chat upstream's `reasoning_content` (300 words, no usage object) costs its
+    tokens on /v1/chat/completions, but the same answer translated for /v1/responses was billed
+    for the visible "ok" alone (the translation drops the reasoning, and so did the estimate):
+    the reasoning the upstream produced, and bills, was free there."""
+    if stream:
+        body: Any = b"".join(_event({**CHUNK, "choices": [{"index": 0, "delta": d,
+                                                            "finish_reason": f}]}) for d, f in [
+            ({"role": "assistant", "reasoning_content": CALL_INPUT}, None),
+            ({"content": "ok"}, "stop")]) + b"data: [DONE]\n\n"
+    else:
+        body = {**ANSWER, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "ok", "reasoning_content": CALL_INPUT}}]}
+    odd.answer = (200, body)  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url),
+                     redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": stream})
+    assert resp.status_code == 200 and "ok" in resp.get_data(as_text=True)
+    want = pricing.estimate_tokens(CALL_INPUT + "ok", "gpt-3.5-turbo")
+    assert _settled(r, acct)[1] == want >= 300 and ledger.verify(r) == []
+
+
+def _native_replay(usage: dict[str, Any] | None) -> bytes:
+    """A native Responses stream showing its answer whole, with no delta: a part's .done, the
+    finished item and the terminal Response (a gateway replaying a plain answer)."""
+    head = {"id": "resp_up", "object": "response", "status": "in_progress", "output": [],
+            "model": "gpt-3.5-turbo"}
+    part = {"type": "output_text", "text": CALL_INPUT, "annotations": []}
+    item = {"id": "msg_up", "type": "message", "role": "assistant", "status": "completed",
+            "content": [part]}
+    where = {"item_id": "msg_up", "output_index": 0, "content_index": 0}
+    done = {**head, "status": "completed", "output": [item],
+            **({} if usage is None else {"usage": usage})}
+    return b"".join(b"event: " + e["type"].encode() + b"\n" + _event(e) for e in [
+        {"type": "response.created", "response": head},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**item, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **where, "part": {**part, "text": ""}},
+        {"type": "response.output_text.done", **where, "text": CALL_INPUT},
+        {"type": "response.content_part.done", **where, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": done}])
+
+
+@pytest.mark.parametrize("usage", [
+    None, {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}], ids=["none", "one"])
+def test_a_native_stream_showing_its_text_whole_is_billed_for_it(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str,
+        usage: dict[str, Any] | None) -> None:
+    """Red team: a native Responses stream (relay.responses_native = 1) whose text comes only in
+    its `.done`, finished-item and terminal events (no `output_text.delta`) was billed for its
+    deltas: 0 completion tokens without usage, and a report of 1 token for 300 words was
+    believed (the under-report check saw no text). The client is shown that text: it is billed."""
+    odd.answer = (200, _native_replay(usage))  # type: ignore[attr-defined]
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert CALL_INPUT in text and "response.completed" in text
+    want = pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo")
+    assert _settled(r, acct)[1] == want >= 300 and ledger.verify(r) == []
+    completed = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")
+                 and '"response.completed"' in line]
+    assert completed[-1]["response"]["usage"]["output_tokens"] == want  # shown as billed
+
+
+def test_interleaved_choices_are_billed_each_for_its_own_text(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """Red team: an `n` = 2 stream without usage, its choices' pieces interleaved ("ab" for
+    choice 0, "cd" for choice 1, 200 times each), was estimated on the pieces joined as they
+    came: one 800-letter word "abcdabcd…", half the tokens of the two answers. Each choice's
+    text is now counted on its own."""
+    pieces = [_event({**CHUNK, "choices": [{"index": i, "delta": {"content": p},
+                                            "finish_reason": None}]})
+              for _ in range(200) for i, p in enumerate(("ab", "cd"))]
+    odd.answer = (200, b"".join(pieces) + b"data: [DONE]\n\n")  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url),
+                     redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/chat/completions", headers={
+        "Authorization": f"Bearer {key}"}, json={
+            "messages": [{"role": "user", "content": "你好"}], "stream": True, "n": 2,
+            "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in resp.get_data(as_text=True).split("\n")
+              if line.startswith("data: {")]
+    each = sum(pricing.estimate_tokens(p * 200, "gpt-3.5-turbo") for p in ("ab", "cd"))
+    ct = _settled(r, acct)[1]
+    assert each <= ct <= each + 1  # the line between the two answers: at most one token
+    assert events[-1]["usage"]["completion_tokens"] == ct and ledger.verify(r) == []
+
+
+def test_a_delta_beside_a_message_in_a_chunk_is_billed(odd: ThreadingHTTPServer,
+                                                        r: redis.Redis, redis_url: str) -> None:
+    """Red team: a stream chunk whose choice carries a `message` (`{"role": "assistant"}`, as
+    some gateways add) beside its `delta` was estimated from the message alone: the delta's
+    300 words reached the client and, without usage, cost nothing."""
+    chunk = {**CHUNK, "choices": [{"index": 0, "delta": {"content": CALL_INPUT},
+                                   "message": {"role": "assistant"}, "finish_reason": "stop"}]}
+    resp, acct = ask_stream(odd, r, redis_url, 200, _event(chunk) + b"data: [DONE]\n\n")
+    assert CALL_INPUT in resp.get_data(as_text=True)
+    assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
+    assert ledger.verify(r) == []

@@ -399,3 +399,23 @@ def test_a_word_in_a_field_outside_openais_schema_is_refused_when_relayed_native
         assert upstream.requests == []
     else:
         assert resp.status_code == 200, resp.text
+
+
+def test_a_masked_translated_stream_without_usage_bills_what_the_upstream_wrote(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """Red team: a translated Responses stream masked by api_output, from an upstream sending no
+    usage, was billed for the stars the client saw (`***` counts next to nothing) rather than
+    for the words the upstream wrote: 100 listed words cost 7 tokens where chat bills 300."""
+    said = WORD * 100
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+    stream = b"".join(b"data: " + orjson.dumps({**chunk, "choices": [
+        {"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n" for delta, finish in [
+            ({"role": "assistant", "content": said}, None), ({"content": "好"}, "stop")])
+    client = odd_client(odd, r, redis_url, tmp_path, stream + b"data: [DONE]\n\n",
+                        api_output="mask")
+    key, acct = new_key(r)
+    text = _ask(client, key, stream=True).get_data(as_text=True)
+    assert WORD not in text and "response.completed" in text
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    assert int(entry["ct"]) == tokens.completion_tokens(said + "好", MODEL) >= 300
+    assert ledger.verify(r) == []

@@ -20,6 +20,44 @@ def produced(obj: dict[str, Any]) -> str:
     return delta if obj.get("type") in _PRODUCED and isinstance(delta, str) else ""
 
 
+# Events carrying a part's (or a call's) whole text, and the field holding it.
+_WHOLE = {"response.output_text.done": "text", "response.refusal.done": "refusal",
+          "response.function_call_arguments.done": "arguments",
+          "response.custom_tool_call_input.done": "input", "response.reasoning_text.done": "text",
+          "response.reasoning_summary_text.done": "text"}
+
+
+class Shown:
+    """The whole texts a stream's events show the client: each part's and call's `.done`, each
+    finished item, the terminal Response's output. An upstream may send them with few deltas
+    or none (a gateway replaying a plain answer): the longest account of the answer, its
+    deltas' included, is what an estimate counts and a usage is checked against."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, str] = {}  # where a part sits (its event's indexes) -> its text
+        self.items: dict[str, str] = {}  # output_index -> a finished item's texts
+        self.final = ""  # the terminal Response's output texts
+
+    def take(self, obj: dict[str, Any]) -> None:
+        """Note the whole text an upstream event carries, if any."""
+        kind = obj.get("type")
+        if kind in _WHOLE and isinstance(obj.get(_WHOLE[kind]), str):
+            where = (kind, obj.get("output_index"), obj.get("content_index"),
+                     obj.get("summary_index"))
+            self.parts[repr(where)] = obj[_WHOLE[kind]]
+        elif kind == "response.output_item.done":
+            self.items[repr(obj.get("output_index"))] = output_text([obj.get("item")])
+        elif kind in TERMINAL and isinstance(obj.get("response"), dict):
+            self.final = output_text(obj["response"].get("output"))
+
+    def text(self, deltas: str) -> str:
+        """Return the longest account of the answer: the deltas, the parts, the items, or the
+        terminal Response's output."""
+        accounts = (deltas, "".join(self.parts.values()), "".join(self.items.values()),
+                    self.final)
+        return max(accounts, key=len)
+
+
 def output_text(output: Any) -> str:
     """Return every text an output list holds (messages, refusals, call arguments, reasoning)."""
     parts: list[str] = []

@@ -34,35 +34,76 @@ log = logging.getLogger(__name__)
 
 def answer_text(kind: str, data: dict[str, Any]) -> str:
     """Return the text an answer (or a stream chunk) carries: contents, refusals, reasoning,
-    audio transcripts and tool-call texts."""
-    parts = []
+    audio transcripts and tool-call texts; each choice's on its own line (joined, the words
+    of two choices would run into one)."""
+    return "\n".join(text for _, text in choice_texts(kind, data) if text)
+
+
+def choice_texts(kind: str, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Return each choice's text in an answer or a stream chunk, by its index (repr)."""
+    found = []
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
             continue
-        if kind == "chat":
-            src = choice.get("message") or choice.get("delta") or {}
-            if isinstance(src, dict):
-                parts.append(pricing.content_text(src.get("content")))
-                for name in ("refusal", *screening.REASONING):  # the model's: produced too
-                    if isinstance(src.get(name), str):
-                        parts.append(src[name])
-                audio = src.get("audio")
-                if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
-                    parts.append(audio["transcript"])
-                parts.extend(_call_texts(src))
-        elif isinstance(choice.get("text"), str):
-            parts.append(choice["text"])
+        if kind == "chat":  # a chunk may carry a `message` beside its delta: the longer counts
+            text = max(_message_text(choice.get("delta")), _message_text(choice.get("message")),
+                       key=len)
+        else:
+            text = choice["text"] if isinstance(choice.get("text"), str) else ""
+        found.append((repr(choice.get("index", 0)), text))
+    return found
+
+
+def _message_text(src: Any) -> str:
+    """Return a chat message's (or delta's) produced text."""
+    if not isinstance(src, dict):
+        return ""
+    parts = [pricing.content_text(src.get("content"))]
+    for name in ("refusal", *screening.REASONING):  # the model's: produced too
+        if isinstance(src.get(name), str):
+            parts.append(src[name])
+    audio = src.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+        parts.append(audio["transcript"])
+    parts.extend(_call_texts(src))
     return "".join(p for p in parts if p)
 
 
+class Produced:
+    """What a stream's upstream produced, as produced (before the guard masks), per choice:
+    n > 1 choices arrive interleaved, and joined in that order one choice's pieces would run
+    into another's words (billed as one word). text() puts each choice on its own line."""
+
+    __slots__ = ("kind", "choices")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.choices: dict[str, list[str]] = {}
+
+    def add(self, obj: dict[str, Any]) -> None:
+        """Take one chunk's texts."""
+        for index, text in choice_texts(self.kind, obj):
+            if text:
+                self.choices.setdefault(index, []).append(text)
+
+    def text(self) -> str:
+        """Return everything produced so far."""
+        return "\n".join("".join(pieces) for pieces in self.choices.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.choices)
+
+
 def _call_texts(message: dict[str, Any]) -> list[str]:
-    """Return the generated text of tool/function calls (they are completion tokens too)."""
+    """Return the generated text of tool/function calls (they are completion tokens too): a
+    function call's name and arguments, a custom tool call's name and input."""
     calls = message.get("tool_calls")
-    found = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(
-        calls, list) else []
+    found = [c.get(kind) for c in calls if isinstance(c, dict) for kind in ("function", "custom")
+             ] if isinstance(calls, list) else []
     found.append(message.get("function_call"))
-    return [str(f.get(k) or "") for f in found if isinstance(f, dict) for k in ("name", "arguments")]
+    return [str(f.get(k) or "") for f in found if isinstance(f, dict)
+            for k in ("name", "arguments", "input")]
 
 
 def relay_text(kind: str, path: str) -> Response:
@@ -102,9 +143,9 @@ def relay_text(kind: str, path: str) -> Response:
 def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
             resp: UpstreamResponse | requests.Response, channel: Channel) -> Response:
     drain_cap = settings().relay.get("drain_cap_tokens", 8192)
-    texts: list[str] = []  # as produced (what the meter estimates from)
+    texts = Produced(kind)  # as produced (what the meter estimates from)
     guard = open_guard(kind)  # [safety] api_output: held back, masked or cut
-    finish = StreamEnd(meter, held, resp, lambda: "".join(texts))
+    finish = StreamEnd(meter, held, resp, texts.text)
 
     def generate() -> Iterator[bytes]:
         events = iter_sse(resp, channel)
@@ -112,7 +153,7 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
         open_stream = shutdown.opened(resp)  # a server stop ends it with END, never bare
         try:
             for obj in iter_sse_objects(events):
-                texts.append(answer_text(kind, obj))  # as produced, before the guard masks
+                texts.add(obj)  # as produced, before the guard masks
                 screened = guard.take(obj) if guard is not None else obj
                 failed = stream_error(screened)  # its message masked by the guard
                 if failed is not None:
@@ -136,13 +177,13 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
             end = b"data: [DONE]\n\n"
             if plan.want_usage and (meter.billed is None or cut):  # asked, none was sent
                 end = b"data: " + orjson.dumps(_usage_chunk(kind, call, meter, last,
-                                                            "".join(texts))) + b"\n\n" + end
+                                                            texts.text())) + b"\n\n" + end
             finish(now=True)  # settled before the end leaves: a balance read after it shows it
             yield end
         except GeneratorExit:
             # The client left: keep reading what the upstream produces (up to a cap) to bill it.
             if guard is None or not guard.refused:
-                meter.usage(_drain(events, kind, texts, drain_cap))
+                meter.usage(_drain(events, texts, drain_cap))
             raise
         except (requests.RequestException, OSError) as exc:
             if open_stream.cut:
@@ -159,27 +200,27 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
     return event_stream(generate(), call.req_id, finish)
 
 
-def _failed(err: UpstreamError, call: Call, meter: Meter, texts: list[str]) -> bytes:
+def _failed(err: UpstreamError, call: Call, meter: Meter, texts: Produced) -> bytes:
     """Return the error event ending a stream the upstream failed; with nothing produced yet,
     nothing is billed (the hold is released, as for a failed plain answer)."""
     log.warning("upstream stream failed for %s: %s", call.req_id, err.message[:120])
-    if not any(texts):
+    if not texts:
         meter.fail()
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
 
 def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
-             guard: StreamGuard | None, texts: list[str]) -> Iterator[bytes]:
+             guard: StreamGuard | None, texts: Produced) -> Iterator[bytes]:
     """Yield one (screened) chunk as the client gets it: the billed usage, the model's name."""
     if guard is not None and guard.refused:  # obj ends each open choice: content_filter
-        meter.cut("".join(texts))
+        meter.cut(texts.text())
     if obj.get("usage"):
         meter.usage(obj["usage"])
         if not plan.want_usage and not obj.get("choices"):
             return
         # Checked against the text delivered so far, this chunk's included (tokens.under_text):
         # an upstream may put its only report on its last text chunk.
-        obj["usage"] = meter.shown("".join(texts), obj["usage"])
+        obj["usage"] = meter.shown(texts.text(), obj["usage"])
     elif not plan.want_usage and "usage" in obj:  # the null the relay's own include_usage adds
         del obj["usage"]
     obj["model"] = call.model
@@ -195,7 +236,7 @@ def _usage_chunk(kind: str, call: Call, meter: Meter, last: dict[str, Any],
             "model": call.model, "choices": [], "usage": meter.shown(text)}
 
 
-def _drain(events: Iterator[str], kind: str, texts: list[str], cap: int) -> dict[str, Any] | None:
+def _drain(events: Iterator[str], texts: Produced, cap: int) -> dict[str, Any] | None:
     usage = None
     deadline = time.monotonic() + 120
     try:
@@ -203,7 +244,7 @@ def _drain(events: Iterator[str], kind: str, texts: list[str], cap: int) -> dict
             if i >= cap or time.monotonic() > deadline:
                 break
             usage = obj.get("usage") or usage
-            texts.append(answer_text(kind, obj))
+            texts.add(obj)
     except (requests.RequestException, OSError, ApiError) as exc:
         log.info("upstream ended while draining an abandoned stream: %s", type(exc).__name__)
     return usage

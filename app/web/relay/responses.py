@@ -29,6 +29,7 @@ from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store, responses_stream, screening
 from app.web.relay.billing import Meter, prompt_billed_if_sent
+from app.web.relay.chat import answer_text
 from app.web.relay.common import (
     Call,
     admit,
@@ -187,7 +188,8 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
         text, reported = native.output_text(output), data.get("usage")
     else:
         state = events.from_chat(data, plan.response)
-        output, text, reported = state.items, state.text(), state.usage
+        # Billed as produced, as chat bills it: its reasoning too (the translation drops it).
+        output, text, reported = state.items, answer_text("chat", data), state.usage
     meter.usage(reported)
     try:
         screening.screen_answer(screening.response_slots(final) if plan.native

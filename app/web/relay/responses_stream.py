@@ -38,6 +38,7 @@ class Turn:
         self.call, self.held, self.plan, self.meter, self.resp = call, held, plan, meter, resp
         self.channel = channel
         self.produced: list[str] = []  # the text as the upstream wrote it (before screening)
+        self.shown = native.Shown()  # a native stream's whole texts (the deltas may lack them)
         self.state: events.ChatEvents | native.NativeEvents = (
             native.NativeEvents(plan.response) if plan.native else events.ChatEvents(plan.response))
         self.redis = get_redis()  # captured: close() may run outside the request context
@@ -70,6 +71,7 @@ class Turn:
             self.produced.append(answer_text("chat", obj))
             return self._screened(self.guard.take(obj) if self.guard is not None else obj)
         self.produced.append(native.produced(obj))
+        self.shown.take(obj)
         if self.native_guard is None:
             return self._native(obj)
         out = [e for screened in self.native_guard.take(obj) for e in self._native(screened)]
@@ -100,8 +102,11 @@ class Turn:
         return [] if tail is None else self._screened(tail)
 
     def _usage(self) -> dict[str, Any]:
-        # Billed as produced: a masked word costs what the upstream wrote, not its stars.
-        self.text = "".join(self.produced) if self.plan.native else self.state.text()
+        # Billed as produced: a masked word costs what the upstream wrote, not its stars, and a
+        # chat upstream's reasoning costs what it costs on chat (the translation drops it).
+        self.text = "".join(self.produced)
+        if self.plan.native:  # text shown whole (a part's .done, an item, the Response) counts
+            self.text = self.shown.text(self.text)
         self.meter.usage(self.state.usage)
         return answer.usage(*self.meter.tokens(self.text), self.state.usage)
 
