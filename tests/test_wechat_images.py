@@ -133,33 +133,18 @@ def test_a_prompt_past_the_question_cap_draws_nothing(upstream: Any, redis_url: 
     assert wallet.balance(r, acct) == 10_000 - PRICE and ledger.verify(r) == []
 
 
-def test_a_prompt_past_the_image_models_limit_draws_nothing(upstream: Any, redis_url: str,
-                                                            r: Any, wx: FakeWeChatAPI) -> None:
+@pytest.mark.parametrize("names", [{}, {"image_model": "画图", "models": {"画图": "dall-e-2"}}],
+                         ids=["dall-e-2", "a name mapped to dall-e-2"])
+def test_a_prompt_past_the_image_models_limit_draws_nothing(
+        upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI, names: dict[str, Any]) -> None:
     """Within question_max_tokens but past the image model's own limit (dall-e-2: 1 000
-    characters, which OpenAI refuses): the note with that limit, no job, nothing held."""
-    settings = wechat_settings(upstream.url, redis_url, wx)
+    characters, which OpenAI refuses): the note with that limit, no job, nothing held. The
+    limit is the upstream model's that [models] maps [bot] image_model to, as the job's price
+    is (review: a public name such as "画图" took the 32 000 characters of an unknown model)."""
+    settings = wechat_settings(upstream.url, redis_url, wx, **names)
     with bot(settings, r) as (app, url):
         wechat = WeChat(url, wx.appid)
         prompt = ("a red fox " * 101)[:1001]  # 1 001 characters, ≈ 300 tokens
-        assert wechat.say(OPENID, "画 " + prompt) == TEXTS["question_too_long"].format(
-            limit=1000)
-        run_jobs(app)
-    assert images(upstream) == []
-    acct = users.account_of(r, OPENID)
-    assert wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []
-
-
-def test_the_prompt_limit_is_the_upstream_image_models(upstream: Any, redis_url: str, r: Any,
-                                                       wx: FakeWeChatAPI) -> None:
-    """Review: the 画 limit was looked up by [bot] image_model's public name, while the job
-    draws with the upstream model it maps to ([models]): a name such as "画图" for dall-e-2
-    took the 32 000 characters of an unknown model, so a 1 001-character prompt was queued for
-    a model that refuses it. The limit is the upstream model's, as the job's price is."""
-    settings = wechat_settings(upstream.url, redis_url, wx, image_model="画图",
-                               models={"画图": "dall-e-2"})
-    with bot(settings, r) as (app, url):
-        wechat = WeChat(url, wx.appid)
-        prompt = ("a red fox " * 101)[:1001]
         assert wechat.say(OPENID, "画 " + prompt) == TEXTS["question_too_long"].format(
             limit=1000)
         run_jobs(app)
