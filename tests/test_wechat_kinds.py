@@ -74,6 +74,9 @@ KINDS: list[tuple[str, dict[str, Any], str]] = [
     ("subscribe_empty_key", {"MsgType": "event", "Event": "subscribe", "EventKey": ""}, WELCOME),
     ("subscribe_qrscene", {"MsgType": "event", "Event": "subscribe", "EventKey": "qrscene_123",
                            "Ticket": "TICKET=="}, WELCOME),
+    # followed from a product's scan page: wechatpy names it subscribe_scan_product
+    ("subscribe_product", {"MsgType": "event", "Event": "subscribe",
+                           "EventKey": "scanbarcode|EAN13|1234567890123|0"}, WELCOME),
     ("unsubscribe", {"MsgType": "event", "Event": "unsubscribe", "EventKey": ""}, "success"),
     ("scan", {"MsgType": "event", "Event": "SCAN", "EventKey": "123", "Ticket": "TICKET=="},
      "success"),

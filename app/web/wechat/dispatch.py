@@ -48,7 +48,7 @@ def route(msg: BaseMessage) -> tuple[str, str]:
         # an event wechatpy does not know yet (subscribe_msg_popup_event, user_info_modified…)
         # is an UnknownMessage: still an event, which needs no reply and is no user's message
         event = str(msg._data.get("Event", "")).lower()
-        if event in ("subscribe", "subscribe_scan"):
+        if event in ("subscribe", "subscribe_scan", "subscribe_scan_product"):  # wechatpy's names
             return "welcome", ""
         key = msg._data.get("EventKey")
         if event == "click" and key in ("CHAT_API", "BALANCE", "HELP", "RECHARGE"):
