@@ -839,3 +839,45 @@ def test_a_prompt_the_upstream_is_asked_to_cut_is_billed_as_reported(
     price = PRICES[body["model"]]
     assert abs(int(reserve["amount"])) >= pricing.token_cost(price, 1500)
     assert ledger.verify(r) == []
+
+
+def test_extra_pictures_are_not_handed_out_free(live: LiveServer, r: redis.Redis) -> None:
+    """Red team: an upstream answering more pictures than `n` had them all relayed, billed for
+    `n`: the extra ones free. The answer holds the `n` billed pictures."""
+    key, acct = new_key(r, "1")
+    body = {"model": "dall-e-2", "prompt": "a fox [[fake:items=5]]", "n": 2, "size": "256x256"}
+    resp = post(live, key, body, "/v1/images/generations")
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["data"]) == 2
+    assert 10_000 - wallet.balance(r, acct) == pricing.image_cost(PRICES["dall-e-2"], "256x256", 2)
+    assert ledger.verify(r) == []
+
+
+def test_missing_pictures_are_not_billed(live: LiveServer, r: redis.Redis) -> None:
+    key, acct = new_key(r, "1")
+    body = {"model": "dall-e-2", "prompt": "a fox [[fake:items=1]]", "n": 3, "size": "256x256"}
+    resp = post(live, key, body, "/v1/images/generations")
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["data"]) == 1
+    assert 10_000 - wallet.balance(r, acct) == pricing.image_cost(PRICES["dall-e-2"], "256x256", 1)
+
+
+@pytest.mark.parametrize("items", [1, 5])
+def test_embeddings_bill_the_vectors_delivered(items: int, live: LiveServer,
+                                               r: redis.Redis) -> None:
+    """Red team: an upstream answering fewer vectors than inputs had the missing inputs billed
+    (its usage counts them all), more had the extras relayed. The answer holds one vector per
+    input at most, and the inputs without one are not billed."""
+    key, acct = new_key(r, "1")
+    inputs = [f"alpha [[fake:items={items}]]", "beta " * 300, "gamma " * 300]
+    body = {"model": "text-embedding-3-small", "input": inputs}
+    resp = post(live, key, body, "/v1/embeddings")
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    assert [v["index"] for v in got["data"]] == list(range(min(items, 3)))
+    delivered = inputs[:min(items, 3)]
+    bound = pricing.estimate_any(delivered, "text-embedding-3-small")
+    assert got["usage"]["prompt_tokens"] <= bound
+    assert 10_000 - wallet.balance(r, acct) == pricing.token_cost(
+        PRICES["text-embedding-3-small"], got["usage"]["prompt_tokens"])
+    assert ledger.verify(r) == []

@@ -18,6 +18,8 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     step           hold the answer (a stream: each chunk after the first) until POST /_fake/step
                    lets one go (or STEP_WAIT_S passed): a test paces it by events, not the clock
     cut=N          stream: close the connection after N content chunks (no [DONE], no last chunk)
+    items=N        /v1/embeddings, /v1/images/generations: answer N vectors or pictures, however
+                   many were asked for
     malformed      answer 200 with a body (or, streaming, an event) that is not JSON
     crlf           stream: frame events with CRLF, as sse-starlette does, each JSON payload split
                    over two `data:` lines, with a `retry:` field and `:` comment lines between

@@ -136,6 +136,7 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "chunk_delay": _as_seconds,
     "step": _as_flag,
     "cut": _as_count,
+    "items": _as_count,
     "stream_error": _as_count,
     "malformed": _as_flag,
     "flag": as_category,

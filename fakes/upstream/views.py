@@ -196,7 +196,8 @@ class FakeHandler(FakeProtocol):
         if self._apply(behaviour):
             return
         data = []
-        for index, text in enumerate(texts):
+        count = behaviour.get("items", len(texts))
+        for index, text in enumerate((texts * count)[:count] if texts else []):
             packed = embedding_bytes(text, dims)
             vector: Any = (
                 base64.b64encode(packed).decode("ascii")
@@ -224,11 +225,12 @@ class FakeHandler(FakeProtocol):
         if fmt not in ("url", "b64_json"):
             raise FakeError(400, "'response_format' must be 'url' or 'b64_json'")
         clean, markers = extract_markers(prompt)
-        if self._apply(self._behaviour(markers)):
+        behaviour = self._behaviour(markers)
+        if self._apply(behaviour):
             return
         host = self.lower_headers.get("host") or "{}:{}".format(*self.server.server_address[:2])
         data = []
-        for i in range(n):
+        for i in range(behaviour.get("items", n)):
             rgb = zlib.crc32(f"{clean}#{i}".encode()) & 0xFFFFFF
             if fmt == "b64_json":
                 png = base64.b64encode(png_image(*dims, rgb)).decode("ascii")

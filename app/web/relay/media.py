@@ -55,6 +55,26 @@ def _embeddings_cost(call: Call, plan: Plan) -> int:
     return pricing.token_cost(call.price, plan.prompt_bound)
 
 
+def _delivered(call: Call, plan: Plan, data: dict[str, Any]) -> None:
+    """Keep one vector per input at most (an upstream's extras dropped); when some input got
+    none, bound the bill by the inputs that did (the upstream's usage counts them all)."""
+    value = call.body["input"]
+    inputs = value if isinstance(value, list) and not isinstance(value[0], int) else [value]
+    vectors: list[Any] = data["data"] if isinstance(data.get("data"), list) else []
+    kept, seen = [], set()
+    for pos, vector in enumerate(vectors):
+        at = vector.get("index", pos) if isinstance(vector, dict) else None
+        if isinstance(at, int) and not isinstance(at, bool) and 0 <= at < len(inputs) \
+                and at not in seen:
+            seen.add(at)
+            kept.append(vector)
+    data["data"] = kept
+    if len(seen) < len(inputs):
+        got = [inputs[at] for at in sorted(seen)]
+        plan.prompt_bound = plan.text_prompt = pricing.estimate_any(
+            got, call.upstream_model, limit=plan.prompt_bound) if got else 0
+
+
 def embeddings() -> Response:
     """Serve one embeddings request."""
     plan = Plan()
@@ -64,6 +84,7 @@ def embeddings() -> Response:
             got = get_upstream().call("/embeddings", call.body, call.upstream_model,
                                       expect="data")
         data: dict[str, Any] = got.value
+        _delivered(call, plan, data)
         meter = Meter(call, plan, got.channel.name)
         meter.usage(data.get("usage"))
         meter.settle(held, "")
@@ -128,7 +149,8 @@ def images() -> Response:
         data = get_upstream().post("/images/generations", call.body, call.upstream_model,
                                    expect="data")
         n = call.body.get("n") or 1
-        made = min(len(data["data"]), n)
+        data["data"] = data["data"][:n]  # an upstream's extra pictures are not handed out free
+        made = len(data["data"])
         held.settle((held.amount // n) * made)
     data["code"], data["msg"] = 0, ""
     return json_response(data, headers={"X-Request-Id": call.req_id})
