@@ -334,3 +334,24 @@ def test_a_delta_beside_a_message_in_a_chunk_is_billed(odd: ThreadingHTTPServer,
     assert CALL_INPUT in resp.get_data(as_text=True)
     assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
     assert ledger.verify(r) == []
+
+
+def test_a_native_event_whose_type_is_not_a_string_is_skipped(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """An upstream event whose `type` is a list or an object (no event OpenAI sends) is skipped
+    like any event without a name; the stream goes on and ends as usual."""
+    odd_events = b"".join(_event(e) for e in [{"type": ["response.output_text.done"]},
+                                              {"type": {"a": 1}, "text": "x"}])
+    replay = _native_replay(None)
+    cut = replay.index(b"event: response.output_text.done")
+    odd.answer = (200, replay[:cut] + odd_events + replay[cut:])  # type: ignore[attr-defined]
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert CALL_INPUT in text and "response.completed" in text
+    assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo")
+    assert ledger.verify(r) == []
