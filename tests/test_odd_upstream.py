@@ -334,3 +334,47 @@ def test_a_delta_beside_a_message_in_a_chunk_is_billed(odd: ThreadingHTTPServer,
     assert CALL_INPUT in resp.get_data(as_text=True)
     assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_reasoning_sent_under_both_names_is_billed_once(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, stream: bool) -> None:
+    """vLLM (its reasoning_content kept beside the new `reasoning`), LightLLM and gateways copying
+    one into the other send the same reasoning under both names: it was produced once, and
+    without a usage object it was billed twice (an honest answer at up to twice its count)."""
+    both = {"reasoning_content": CALL_INPUT, "reasoning": CALL_INPUT}
+    if stream:
+        body: Any = b"".join(_event({**CHUNK, "choices": [{"index": 0, "delta": d,
+                                                            "finish_reason": f}]}) for d, f in [
+            ({"role": "assistant", **both}, None), ({"content": "ok"}, "stop")]
+        ) + b"data: [DONE]\n\n"
+        resp, acct = ask_stream(odd, r, redis_url, 200, body)
+    else:
+        body = {**ANSWER, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "ok", **both}}]}
+        resp, acct = ask(odd, r, redis_url, 200, body)
+    assert resp.status_code == 200 and "ok" in resp.get_data(as_text=True)
+    text = CALL_INPUT + "ok" if stream else "ok" + CALL_INPUT  # as the meter reads it
+    want = pricing.estimate_tokens(text, "gpt-3.5-turbo")
+    assert _settled(r, acct)[1] == want >= 300 and ledger.verify(r) == []
+
+
+def test_a_native_event_whose_type_is_not_a_string_is_skipped(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """An upstream event whose `type` is a list or an object (no event OpenAI sends) is skipped
+    like any event without a name; the stream goes on and ends as usual."""
+    odd_events = b"".join(_event(e) for e in [{"type": ["response.output_text.done"]},
+                                              {"type": {"a": 1}, "text": "x"}])
+    replay = _native_replay(None)
+    cut = replay.index(b"event: response.output_text.done")
+    odd.answer = (200, replay[:cut] + odd_events + replay[cut:])  # type: ignore[attr-defined]
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert CALL_INPUT in text and "response.completed" in text
+    assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo")
+    assert ledger.verify(r) == []

@@ -41,6 +41,8 @@ class Shown:
     def take(self, obj: dict[str, Any]) -> None:
         """Note the whole text an upstream event carries, if any."""
         kind = obj.get("type")
+        if not isinstance(kind, str):  # no event (a list is not even hashable): skipped
+            return
         if kind in _WHOLE and isinstance(obj.get(_WHOLE[kind]), str):
             where = (kind, obj.get("output_index"), obj.get("content_index"),
                      obj.get("summary_index"))

@@ -60,9 +60,12 @@ def _message_text(src: Any) -> str:
     if not isinstance(src, dict):
         return ""
     parts = [pricing.content_text(src.get("content"))]
-    for name in ("refusal", *screening.REASONING):  # the model's: produced too
-        if isinstance(src.get(name), str):
-            parts.append(src[name])
+    if isinstance(src.get("refusal"), str):
+        parts.append(src["refusal"])
+    reasoning = [src[name] for name in screening.REASONING if isinstance(src.get(name), str)]
+    # the model's: produced too, and once when sent under both names (vLLM keeps
+    # reasoning_content beside reasoning; gateways copy one into the other)
+    parts += dict.fromkeys(reasoning)
     audio = src.get("audio")
     if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
         parts.append(audio["transcript"])
