@@ -273,6 +273,22 @@ def _native_replay(usage: dict[str, Any] | None) -> bytes:
         {"type": "response.completed", "response": done}])
 
 
+def _native_stream(odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str,
+                   replay: bytes) -> tuple[str, str]:
+    """Relay `replay` as a native Responses stream (relay.responses_native = 1); return the
+    stream's text (checked to carry the answer and end completed) and the paying account."""
+    odd.answer = (200, replay)  # type: ignore[attr-defined]
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert CALL_INPUT in text and "response.completed" in text
+    return text, acct
+
+
 @pytest.mark.parametrize("usage", [
     None, {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}], ids=["none", "one"])
 def test_a_native_stream_showing_its_text_whole_is_billed_for_it(
@@ -282,15 +298,7 @@ def test_a_native_stream_showing_its_text_whole_is_billed_for_it(
     its `.done`, finished-item and terminal events (no `output_text.delta`) was billed for its
     deltas: 0 completion tokens without usage, and a report of 1 token for 300 words was
     believed (the under-report check saw no text). The client is shown that text: it is billed."""
-    odd.answer = (200, _native_replay(usage))  # type: ignore[attr-defined]
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
-           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
-    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
-    key, acct = new_key(r)
-    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
-                                  json={"model": "gpt-3.5", "input": "hi", "stream": True})
-    text = resp.get_data(as_text=True)
-    assert CALL_INPUT in text and "response.completed" in text
+    text, acct = _native_stream(odd, r, redis_url, _native_replay(usage))
     want = pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo")
     assert _settled(r, acct)[1] == want >= 300 and ledger.verify(r) == []
     completed = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")
@@ -367,14 +375,6 @@ def test_a_native_event_whose_type_is_not_a_string_is_skipped(
                                               {"type": {"a": 1}, "text": "x"}])
     replay = _native_replay(None)
     cut = replay.index(b"event: response.output_text.done")
-    odd.answer = (200, replay[:cut] + odd_events + replay[cut:])  # type: ignore[attr-defined]
-    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
-           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
-    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
-    key, acct = new_key(r)
-    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
-                                  json={"model": "gpt-3.5", "input": "hi", "stream": True})
-    text = resp.get_data(as_text=True)
-    assert CALL_INPUT in text and "response.completed" in text
+    _, acct = _native_stream(odd, r, redis_url, replay[:cut] + odd_events + replay[cut:])
     assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo")
     assert ledger.verify(r) == []
