@@ -686,6 +686,18 @@ def test_a_prompt_usage_is_not_floored_where_it_may_be_honest(
 TOKEN_IDS = list(range(1000, 3000))  # 2 000 tokens, exactly
 
 
+def _reported(live: LiveServer, r: redis.Redis, upstream: FakeUpstream, body: dict[str, Any],
+              path: str, prompt_tokens: int) -> tuple[requests.Response, str, dict[str, Any]]:
+    """Send `body` with a new funded key while the upstream reports `prompt_tokens`; return the
+    answer (checked 200), the paying account and its one settle entry."""
+    key, acct = new_key(r, "10")
+    upstream.configure(prompt_tokens=prompt_tokens)
+    resp = post(live, key, body, path)
+    assert resp.status_code == 200, resp.text
+    (settle,) = entries(r, acct, "settle")
+    return resp, acct, settle
+
+
 @pytest.mark.parametrize("path,body,counted", [
     ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": TOKEN_IDS}, 2000),
     ("/v1/embeddings", {"model": "text-embedding-3-small", "input": [TOKEN_IDS, [7]]}, 2001),
@@ -709,12 +721,8 @@ def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
     count is exact) and for a 2 000-token chat or Responses text (only completions' and
     embeddings' text prompts were floored). The floor is the text's own count (images and
     tools only add to an honest report)."""
-    key, acct = new_key(r, "10")
     before = anomalies("prompt_under_text")
-    upstream.configure(prompt_tokens=1)
-    resp = post(live, key, body, path)
-    assert resp.status_code == 200, resp.text
-    (settle,) = entries(r, acct, "settle")
+    resp, _, settle = _reported(live, r, upstream, body, path, 1)
     if counted == "text":
         counted = tokens.text_tokens(LONG_TEXT, "gpt-4")
         assert int(settle["pt"]) >= counted > 1500
@@ -754,14 +762,11 @@ def test_an_earlier_audio_answer_named_by_id_is_bounded_by_the_cap(
     (`audio: {"id": …}`); the upstream puts that audio back in the prompt, but only the id's
     few characters were counted: 50 000 reported tokens were billed at the bound, about 20.
     It is bounded like a file: by the prompt cap (or the model's context)."""
-    key, acct = new_key(r, "10")
-    upstream.configure(prompt_tokens=50_000)
-    resp = post(live, key, {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [
+    resp, _, settle = _reported(live, r, upstream, {"model": "gpt-4o-mini", "max_tokens": 20,
+                                                    "messages": [
         {"role": "user", "content": "say hi"},
         {"role": "assistant", "audio": {"id": "audio_abc123"}},
-        {"role": "user", "content": "again"}]})
-    assert resp.status_code == 200, resp.text
-    (settle,) = entries(r, acct, "settle")
+        {"role": "user", "content": "again"}]}, "/v1/chat/completions", 50_000)
     assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 50_000
     assert ledger.verify(r) == []
 
@@ -779,12 +784,8 @@ def test_a_field_outside_openais_schema_is_held_and_its_reported_prompt_billed(
     report of those tokens was billed at the bound (a 2 000-token document for a few tokens)."""
     docs = {**body, "documents": [{"title": "x", "text": LONG_TEXT}]}
     counted = tokens.json_tokens(docs["documents"], body["model"])
-    key, acct = new_key(r, "10")
-    upstream.configure(prompt_tokens=counted)
-    resp = post(live, key, docs, path)
-    assert resp.status_code == 200, resp.text
+    resp, acct, settle = _reported(live, r, upstream, docs, path, counted)
     (reserve,) = entries(r, acct, "reserve")
-    (settle,) = entries(r, acct, "settle")
     assert int(settle["pt"]) == counted > 1500  # billed as reported, not cut to the old bound
     price = PRICES[body["model"]]
     assert abs(int(reserve["amount"])) >= pricing.token_cost(price, counted)
@@ -804,12 +805,8 @@ def test_a_field_outside_openais_schema_does_not_raise_the_completions_floor(
     body = {"model": "gpt-3.5-turbo-instruct", "max_tokens": 5, "prompt": "hi",
             "guided_json": schema}
     assert tokens.json_tokens(schema, body["model"]) > 4 * (2 + tokens.UNDER_SLACK)
-    key, acct = new_key(r, "10")
     before = anomalies("prompt_under_text")
-    upstream.configure(prompt_tokens=2)
-    resp = post(live, key, body, "/v1/completions")
-    assert resp.status_code == 200, resp.text
-    (settle,) = entries(r, acct, "settle")
+    resp, _, settle = _reported(live, r, upstream, body, "/v1/completions", 2)
     assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 2
     assert anomalies("prompt_under_text") == before
     assert ledger.verify(r) == []
@@ -827,12 +824,8 @@ def test_a_prompt_the_upstream_is_asked_to_cut_is_billed_as_reported(
     """vLLM's truncate_prompt_tokens keeps the prompt's last N tokens: an honest report is far
     below the text, so the text's own count is no floor there (as for Responses' truncation
     "auto"); the hold still covers the whole text."""
-    key, acct = new_key(r, "10")
     before = anomalies("prompt_under_text")
-    upstream.configure(prompt_tokens=100)
-    resp = post(live, key, body, path)
-    assert resp.status_code == 200, resp.text
-    (settle,) = entries(r, acct, "settle")
+    resp, acct, settle = _reported(live, r, upstream, body, path, 100)
     assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == 100
     assert anomalies("prompt_under_text") == before
     (reserve,) = entries(r, acct, "reserve")
@@ -841,25 +834,21 @@ def test_a_prompt_the_upstream_is_asked_to_cut_is_billed_as_reported(
     assert ledger.verify(r) == []
 
 
-def test_extra_pictures_are_not_handed_out_free(live: LiveServer, r: redis.Redis) -> None:
+@pytest.mark.parametrize("made, n, shown", [(5, 2, 2), (1, 3, 1)], ids=["extra", "missing"])
+def test_the_pictures_handed_out_are_the_pictures_billed(
+        made: int, n: int, shown: int, live: LiveServer, r: redis.Redis) -> None:
     """Red team: an upstream answering more pictures than `n` had them all relayed, billed for
-    `n`: the extra ones free. The answer holds the `n` billed pictures."""
+    `n`: the extra ones free. The answer holds the `n` billed pictures; fewer made, fewer
+    billed."""
     key, acct = new_key(r, "1")
-    body = {"model": "dall-e-2", "prompt": "a fox [[fake:items=5]]", "n": 2, "size": "256x256"}
+    body = {"model": "dall-e-2", "prompt": f"a fox [[fake:items={made}]]", "n": n,
+            "size": "256x256"}
     resp = post(live, key, body, "/v1/images/generations")
     assert resp.status_code == 200, resp.text
-    assert len(resp.json()["data"]) == 2
-    assert 10_000 - wallet.balance(r, acct) == pricing.image_cost(PRICES["dall-e-2"], "256x256", 2)
+    assert len(resp.json()["data"]) == shown
+    assert 10_000 - wallet.balance(r, acct) == pricing.image_cost(PRICES["dall-e-2"], "256x256",
+                                                                  shown)
     assert ledger.verify(r) == []
-
-
-def test_missing_pictures_are_not_billed(live: LiveServer, r: redis.Redis) -> None:
-    key, acct = new_key(r, "1")
-    body = {"model": "dall-e-2", "prompt": "a fox [[fake:items=1]]", "n": 3, "size": "256x256"}
-    resp = post(live, key, body, "/v1/images/generations")
-    assert resp.status_code == 200, resp.text
-    assert len(resp.json()["data"]) == 1
-    assert 10_000 - wallet.balance(r, acct) == pricing.image_cost(PRICES["dall-e-2"], "256x256", 1)
 
 
 @pytest.mark.parametrize("items", [1, 5])

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -88,6 +88,11 @@ class Prompt:
     def in_context(self) -> int:
         """Return what the prompt takes in the model's context (the prompt-length cap's count)."""
         return self.counted if self.length is None else self.length
+
+    def plus(self, more: int) -> Prompt:
+        """Return this prompt with `more` counted tokens (a field an upstream may read)."""
+        return replace(self, counted=self.counted + more,
+                       length=None if self.length is None else self.length + more)
 
     def bound(self, cap: int) -> int:
         """Return the most the upstream can bill: the count, or the cap if a part is uncounted."""

@@ -12,7 +12,6 @@ bounded before it is billed (billing.Meter, which counts anomalies), `usage` is 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -155,9 +154,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
         messages, call.upstream_model, tools=to_chat.chat_tools(body.get("tools")),
         response_format=fmt, limit=limit)
     if extra:  # read as prompt by some upstreams: counted, never free
-        more = tokens.json_tokens(extra, call.upstream_model, limit=limit)
-        prompt = replace(prompt, counted=prompt.counted + more,
-                         length=None if prompt.length is None else prompt.length + more)
+        prompt = prompt.plus(tokens.json_tokens(extra, call.upstream_model, limit=limit))
     if prompt.in_context > limit:
         raise InvalidRequest("The input is too long.", param="input", msg="输入内容过长")
     ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context

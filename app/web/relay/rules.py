@@ -117,9 +117,7 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
         prompt = tokens.Prompt(counted, plain=counted)  # the text(s) and suffix, or token ids
     extra = other_fields(kind, body)
     if extra:  # read as prompt by some upstreams: counted, never free
-        more = tokens.json_tokens(extra, model, limit=cap)
-        prompt = replace(prompt, counted=prompt.counted + more,
-                         length=None if prompt.length is None else prompt.length + more)
+        prompt = prompt.plus(tokens.json_tokens(extra, model, limit=cap))
     if prompt.in_context > cap:
         raise too_long("messages" if kind == "chat" else "prompt", cap)
     ceiling = call.price.prompt_ceiling(cap)  # what a file can cost: the cap or the context
