@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import make_settings, new_key
+from openapi_schemas import validate
 from stub_kit import odd_fixture  # noqa: F401 (the `odd` fixture)
 
 from app import create_app
@@ -221,6 +222,53 @@ def test_a_custom_tool_calls_input_is_billed(odd: ThreadingHTTPServer, r: redis.
             "role": "assistant", "content": None, "tool_calls": [call]}}]}
         resp, acct = ask(odd, r, redis_url, 200, body)
     assert resp.status_code == 200 and CALL_INPUT in resp.get_data(as_text=True)
+    assert _settled(r, acct)[1] >= pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
+    assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_translated_responses_custom_tool_call_is_shown(odd: ThreadingHTTPServer,
+                                                          r: redis.Redis, redis_url: str,
+                                                          stream: bool) -> None:
+    """Review: the same custom tool call from a chat upstream, on /v1/responses (translated),
+    was billed for its input but shown as a `function_call` item with no name nor arguments.
+    It is OpenAI's `custom_tool_call` item (call_id, name, input), streamed as
+    custom_tool_call_input.delta/.done events, and stored so."""
+    call = {"id": "call_1", "type": "custom", "custom": {"name": "run", "input": CALL_INPUT}}
+    if stream:
+        head = {"index": 0, **call, "custom": {"name": "run", "input": ""}}
+        odd.answer = (200, b"".join(_event({**CHUNK, "choices": [{  # type: ignore[attr-defined]
+            "index": 0, "delta": d, "finish_reason": f}]}) for d, f in [
+            ({"role": "assistant", "tool_calls": [head]}, None),
+            ({"tool_calls": [{"index": 0, "custom": {"input": CALL_INPUT}}]}, None),
+            ({}, "tool_calls")]) + b"data: [DONE]\n\n")
+    else:
+        odd.answer = (200, {**ANSWER, "choices": [{  # type: ignore[attr-defined]
+            "index": 0, "finish_reason": "tool_calls",
+            "message": {"role": "assistant", "content": None, "tool_calls": [call]}}]})
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url),
+                     redis_client=r)
+    key, acct = new_key(r)
+    client = app.test_client()
+    resp = client.post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "gpt-3.5", "input": "hi", "stream": stream})
+    if stream:
+        events = [json.loads(line[6:]) for line in resp.get_data(as_text=True).split("\n")
+                  if line.startswith("data: ")]
+        for event in events:
+            validate(event, "ResponseStreamEvent")
+        deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+        (done,) = [e for e in events if e["type"] == "response.custom_tool_call_input.done"]
+        assert "".join(deltas) == done["input"] == CALL_INPUT
+        final = events[-1]["response"]
+    else:
+        final = resp.json
+    validate(final, "Response")
+    (item,) = final["output"]
+    assert {k: item[k] for k in ("type", "call_id", "name", "input")} == {
+        "type": "custom_tool_call", "call_id": "call_1", "name": "run", "input": CALL_INPUT}
+    stored = client.get(f"/v1/responses/{final['id']}", headers={"Authorization": f"Bearer {key}"})
+    assert stored.json["output"] == [item]
     assert _settled(r, acct)[1] >= pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo") >= 300
     assert ledger.verify(r) == []
 

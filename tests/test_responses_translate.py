@@ -69,6 +69,44 @@ def test_text_then_parallel_tool_calls() -> None:
     assert final["status"] == "completed" and final["usage"]["total_tokens"] == 30
 
 
+CUSTOM_HEAD = {"index": 0, "id": "call_c", "type": "custom", "custom": {"name": "shell", "input": ""}}
+
+
+def test_a_custom_tool_call_is_a_custom_tool_call_item() -> None:
+    """Review: a chat upstream's call of a custom (free-form) tool, `tool_calls[].custom`, was
+    shown as an empty `function_call` item (its input billed but never shown). It is OpenAI's
+    `custom_tool_call` item (call_id, name, input), streamed with custom_tool_call_input events."""
+    out, final = run([
+        chunk({"role": "assistant", "tool_calls": [CUSTOM_HEAD]}),
+        chunk({"tool_calls": [{"index": 0, "custom": {"input": "ls -la "}}]}),
+        chunk({"tool_calls": [{"index": 0, "custom": {"input": "/tmp"}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_f", "type": "function",
+                               "function": {"name": "f", "arguments": "{}"}}]}),
+        chunk({}, "tool_calls"),
+    ])
+    assert [e["type"] for e in out][2:8] == [
+        "response.output_item.added", "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done",
+        "response.output_item.done", "response.output_item.added"]
+    custom, function = final["output"]
+    assert custom == {"id": custom["id"], "type": "custom_tool_call", "status": "completed",
+                      "input": "ls -la /tmp", "call_id": "call_c", "name": "shell"}
+    assert custom["id"].startswith("ctc_") and function["type"] == "function_call"
+    added, *deltas, done, item_done = out[2:7]
+    assert added["item"] == {**custom, "status": "in_progress", "input": ""}
+    assert [d["delta"] for d in deltas] == ["ls -la ", "/tmp"]
+    assert all(e["item_id"] == custom["id"] and e["output_index"] == 0 for e in [*deltas, done])
+    assert done["input"] == "ls -la /tmp" and item_done["item"] == custom
+    whole = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "tool_calls": [
+            {**CUSTOM_HEAD, "custom": {"name": "shell", "input": "ls -la /tmp"}}]}}]}
+    plain = events.from_chat(whole, answer.skeleton("resp_3", BODY, "gpt-4o-mini",
+                                                    previous=None, store=True))
+    (item,) = plain.finish(answer.usage(1, 2))[1]["output"]
+    assert {k: item[k] for k in ("type", "call_id", "name", "input")} == {
+        "type": "custom_tool_call", "call_id": "call_c", "name": "shell", "input": "ls -la /tmp"}
+
+
 def test_refusal_part_and_length_cut() -> None:
     out, final = run([chunk({"content": "Partial "}), chunk({"refusal": "I can't"}),
                       chunk({}, "length")])

@@ -8,6 +8,7 @@ The event sequence is OpenAI's:
     per message: output_item.added, content_part.added, output_text.delta…, output_text.done,
                  content_part.done, output_item.done   (refusal parts: refusal.delta/.done)
     per call:    output_item.added, function_call_arguments.delta…, .done, output_item.done
+                 (a custom tool's call, chat's `custom`: custom_tool_call_input.delta…, .done)
     response.completed | response.incomplete | response.failed
 
 each with a sequence_number from 0, framed as `event: <type>` + `data: <json>`.
@@ -23,6 +24,9 @@ import orjson
 from app.core.responses import answer
 
 _FIELD = {"output_text": "text", "refusal": "refusal"}
+# A call item's type -> the chat tool call's field holding it, its text field, its events' name.
+_CALLS = {"function_call": ("function", "arguments", "function_call_arguments"),
+          "custom_tool_call": ("custom", "input", "custom_tool_call_input")}
 
 
 def frame(event: dict[str, Any]) -> bytes:
@@ -125,25 +129,29 @@ class ChatEvents:
         return out + [self.event("response.refusal.delta", **where, delta=piece)]
 
     def _call(self, key: Any, call: dict[str, Any]) -> list[dict[str, Any]]:
-        given = call.get("function")
-        fn: dict[str, Any] = given if isinstance(given, dict) else {}
-        out: list[dict[str, Any]] = []
-        item = self.calls.get(key)
+        """Take a chat tool call's piece: a function's (name, arguments) or, chat's `custom`
+        (free-form tools), a custom tool's (name, input), its item `custom_tool_call`."""
+        item, new = self.calls.get(key), key not in self.calls
         if item is None:
-            name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+            custom = call.get("type") == "custom" or (
+                isinstance(call.get("custom"), dict) and not isinstance(call.get("function"), dict))
             call_id = call.get("id") if isinstance(call.get("id"), str) else answer.new_id("call")
-            item = {"id": answer.item_id("fc", self.response["id"]), "type": "function_call",
-                    "status": "in_progress", "arguments": "", "call_id": call_id, "name": name}
-            self.calls[key] = item
-            out += self._open(item)
-        elif not item["name"] and isinstance(fn.get("name"), str):
+            item = self.calls[key] = {
+                "id": answer.item_id("ctc" if custom else "fc", self.response["id"]),
+                "type": "custom_tool_call" if custom else "function_call", "status": "in_progress",
+                "input" if custom else "arguments": "", "call_id": call_id, "name": ""}
+        source, field, events_of = _CALLS[item["type"]]
+        given = call.get(source)
+        fn: dict[str, Any] = given if isinstance(given, dict) else {}
+        if not item["name"] and isinstance(fn.get("name"), str):
             item["name"] = fn["name"]
-        args = fn.get("arguments")
-        if isinstance(args, str) and args:
-            item["arguments"] += args
-            self.texts.append(args)
-            out.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
-                                  output_index=self.items.index(item), delta=args))
+        out = self._open(item) if new else []
+        piece = fn.get(field)
+        if isinstance(piece, str) and piece:
+            item[field] += piece
+            self.texts.append(piece)
+            out.append(self.event(f"response.{events_of}.delta", item_id=item["id"],
+                                  output_index=self.items.index(item), delta=piece))
         return out
 
     def _close_part(self) -> list[dict[str, Any]]:
@@ -169,6 +177,9 @@ class ChatEvents:
             out.append(self.event("response.function_call_arguments.done", item_id=item["id"],
                                   output_index=self._index(), name=item["name"],
                                   arguments=item["arguments"]))
+        elif item["type"] == "custom_tool_call":
+            out.append(self.event("response.custom_tool_call_input.done", item_id=item["id"],
+                                  output_index=self._index(), input=item["input"]))
         item["status"] = status
         self.open = None
         return out + [self.event("response.output_item.done", output_index=self._index(),

@@ -155,9 +155,12 @@ class Meter:
 
     def shown(self, text: str, usage: Any = None) -> dict[str, Any]:
         """Return the usage object the client sees: what was billed (extra details kept)."""
-        pt, ct = self.tokens(text)
-        extra = usage if isinstance(usage, dict) else {}
-        return {**extra, "prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+        return _usage_object(self.tokens(text), usage)
+
+    def running(self, usage: Any) -> dict[str, Any] | None:
+        """Return the usage so far as a stream's chunk shows it (continuous_usage_stats): the
+        reports bounded, not yet checked against the text (the stream's last usage is)."""
+        return None if self.billed is None else _usage_object(self.billed, usage)
 
     def cut(self, produced: str) -> None:
         """Bill a stream the content filter cut: the prompt and the text the upstream produced
@@ -214,6 +217,12 @@ class Meter:
             except Exception:
                 log.exception("could not settle %s", self.call.req_id)
                 return
+
+
+def _usage_object(billed: tuple[int, int], usage: Any) -> dict[str, Any]:
+    pt, ct = billed
+    extra = usage if isinstance(usage, dict) else {}
+    return {**extra, "prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
 
 @contextmanager

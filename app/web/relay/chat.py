@@ -73,6 +73,19 @@ def _message_text(src: Any) -> str:
     return "".join(p for p in parts if p)
 
 
+class Reports:
+    """A stream's usage reports as the client is shown them: the upstream's last usage object
+    (its details are kept) and its usage-only chunk, held back to be sent last, just before
+    `[DONE]`, with the billed numbers (the upstream's may be corrected once the answer is whole:
+    what was shown early would not be what was billed)."""
+
+    __slots__ = ("usage", "chunk")
+
+    def __init__(self) -> None:
+        self.usage: Any = None
+        self.chunk: dict[str, Any] | None = None
+
+
 class Produced:
     """What a stream's upstream produced, as produced (before the guard masks), per choice:
     n > 1 choices arrive interleaved, and joined in that order one choice's pieces would run
@@ -149,6 +162,7 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
     texts = Produced(kind)  # as produced (what the meter estimates from)
     guard = open_guard(kind)  # [safety] api_output: held back, masked or cut
     finish = StreamEnd(meter, held, resp, texts.text)
+    reports = Reports()
 
     def generate() -> Iterator[bytes]:
         events = iter_sse(resp, channel)
@@ -163,12 +177,12 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
                     yield _failed(failed, call, meter, texts)
                     return
                 last = obj
-                yield from _forward(screened, call, plan, meter, guard, texts)
+                yield from _forward(screened, call, plan, meter, guard, texts, reports)
                 if guard is not None and guard.refused:
                     break
             tail = guard.finish(last) if guard is not None else None
             if tail is not None:
-                yield from _forward(tail, call, plan, meter, guard, texts)
+                yield from _forward(tail, call, plan, meter, guard, texts, reports)
             if open_stream.cut:
                 yield shutdown.END
                 return
@@ -176,11 +190,11 @@ def _stream(kind: str, call: Call, held: Hold, plan: Plan, meter: Meter,
                 yield _failed(UpstreamError("The upstream's stream ended without an answer."),
                               call, meter, texts)
                 return
-            cut = guard is not None and guard.refused  # the upstream's usage was never read
             end = b"data: [DONE]\n\n"
-            if plan.want_usage and (meter.billed is None or cut):  # asked, none was sent
-                end = b"data: " + orjson.dumps(_usage_chunk(kind, call, meter, last,
-                                                            texts.text())) + b"\n\n" + end
+            if plan.want_usage:  # the bill, last: the reports checked against the whole answer
+                cut = guard is not None and guard.refused  # the upstream's usage was never read
+                end = b"data: " + orjson.dumps(_usage_chunk(kind, call, meter, last, reports,
+                                                            texts.text(), cut)) + b"\n\n" + end
             finish(now=True)  # settled before the end leaves: a balance read after it shows it
             yield end
         except GeneratorExit:
@@ -213,30 +227,39 @@ def _failed(err: UpstreamError, call: Call, meter: Meter, texts: Produced) -> by
 
 
 def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
-             guard: StreamGuard | None, texts: Produced) -> Iterator[bytes]:
-    """Yield one (screened) chunk as the client gets it: the billed usage, the model's name."""
+             guard: StreamGuard | None, texts: Produced, reports: Reports) -> Iterator[bytes]:
+    """Yield one (screened) chunk as the client gets it (the model's name); a usage-only chunk
+    is held back (sent last, as billed), a text chunk's usage is null (or the usage so far)."""
     if guard is not None and guard.refused:  # obj ends each open choice: content_filter
         meter.cut(texts.text())
-    if obj.get("usage"):
-        meter.usage(obj["usage"])
-        if not plan.want_usage and not obj.get("choices"):
+    usage = obj.get("usage")
+    if usage:
+        # Bounded as it comes; checked against the delivered text once, when the answer is
+        # whole (tokens.under_text): per report, a stream reporting in every chunk would
+        # recount its text each time.
+        meter.usage(usage)
+        reports.usage = usage
+        if not obj.get("choices"):
+            reports.chunk = obj
             return
-        # Checked against the text delivered so far, this chunk's included (tokens.under_text):
-        # an upstream may put its only report on its last text chunk.
-        obj["usage"] = meter.shown(texts.text(), obj["usage"])
-    elif not plan.want_usage and "usage" in obj:  # the null the relay's own include_usage adds
+        # An upstream may report on a text chunk (its last, or every one): the text goes on,
+        # the usage shown is the last chunk's (OpenAI's null here), or the running one asked for.
+        obj["usage"] = meter.running(usage) if plan.running_usage else None
+    if not plan.want_usage and "usage" in obj:  # the null the relay's own include_usage adds
         del obj["usage"]
     obj["model"] = call.model
     yield b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _usage_chunk(kind: str, call: Call, meter: Meter, last: dict[str, Any],
-                 text: str) -> dict[str, Any]:
-    """Build the final usage-only chunk from the estimate (what the meter bills)."""
-    return {"id": last.get("id") or call.req_id,
+def _usage_chunk(kind: str, call: Call, meter: Meter, last: dict[str, Any], reports: Reports,
+                 text: str, cut: bool) -> dict[str, Any]:
+    """Build the final usage-only chunk (the upstream's, held back, or one of ours): its usage
+    what the meter bills (the reports, or the estimate, checked against the whole answer)."""
+    base = {"id": last.get("id") or call.req_id,
             "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-            "created": last.get("created") or int(time.time()),
-            "model": call.model, "choices": [], "usage": meter.shown(text)}
+            "created": last.get("created") or int(time.time()), **(reports.chunk or {})}
+    usage = meter.shown(text, None if cut else reports.usage)
+    return {**base, "model": call.model, "choices": [], "usage": usage}
 
 
 def _drain(events: Iterator[str], texts: Produced, cap: int) -> dict[str, Any] | None:

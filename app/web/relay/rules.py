@@ -46,7 +46,8 @@ class Plan:
     text_prompt: int = 0  # the prompt's own text (or token ids) counted: a reported prompt far
     #                       below it is not plausible (billing.Meter); 0: not checked
     stream: bool = False
-    want_usage: bool = False
+    want_usage: bool = False  # stream_options.include_usage: the billed usage, last
+    running_usage: bool = False  # and continuous_usage_stats (vLLM's): the usage so far, too
 
 
 def check_messages(body: dict[str, Any]) -> list[Any]:
@@ -169,7 +170,9 @@ def _stream_flags(body: dict[str, Any], plan: Plan) -> None:
         raise InvalidRequest("'stream_options' must be an object with a boolean include_usage.",
                              param="stream_options", msg="stream_options 参数错误")
     plan.stream = stream
-    plan.want_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    asked = options if isinstance(options, dict) else {}
+    plan.want_usage = bool(asked.get("include_usage"))
+    plan.running_usage = plan.want_usage and asked.get("continuous_usage_stats") is True
     if stream:  # the relay asks for usage itself, to bill it
         body["stream_options"] = {**(options or {}), "include_usage": True}
     else:
