@@ -149,6 +149,27 @@ def test_revoke_and_topup_from_the_account_page(client: Any, r: redis.Redis) -> 
     assert ledger.verify(r) == []
 
 
+def test_an_account_whose_id_has_a_slash_opens_and_is_topped_up(client: Any,
+                                                                r: redis.Redis) -> None:
+    """Red team: `xiaoyi keys create --account team/alice` makes an account the admin listed
+    but could not open (its link was a 404: the route took one path segment) nor top up."""
+    acct = wallet.create_account(r, "team/alice", initial=10_000)
+    login(client)
+    listed = client.get("/admin/accounts").get_data(as_text=True)
+    assert 'href="/admin/accounts/team/alice"' in listed
+    page = client.get("/admin/accounts/team/alice")
+    assert page.status_code == 200 and "team/alice" in page.get_data(as_text=True)
+    nonce = re.search(r'name="nonce" value="([0-9a-f]+)"', page.get_data(as_text=True))[1]
+    resp = client.post("/admin/accounts/team/alice/topup",
+                       data={"yuan": "1", "nonce": nonce,
+                             "csrf": csrf_of(client, "/admin/accounts/team/alice")})
+    assert resp.status_code == 302 and resp.location == "/admin/accounts/team/alice"
+    assert wallet.balance(r, acct) == 20_000
+    assert client.get("/admin/accounts", query_string={"q": acct}).location == \
+        "/admin/accounts/team/alice"
+    assert ledger.verify(r) == []
+
+
 def test_usage_requests_and_overview_show_settled_requests(client: Any, r: redis.Redis) -> None:
     key, acct = new_key(r)
     ids = [chat(client, key).headers["X-Request-Id"] for _ in range(3)]
