@@ -80,6 +80,18 @@ def test_login_refuses_foreign_redirects_and_brute_force(client: Any) -> None:
     assert login(fresh).status_code == 429  # even the right token waits out the window
 
 
+def test_a_login_link_with_control_characters_in_next_still_logs_in(client: Any) -> None:
+    """Red team: /admin/login?next=/admin/%0D%0A… (a link anyone can send the admin) made the
+    right token's login a 500 (werkzeug refuses a newline in Location), no session opened. A
+    `next` with a control character is ignored like a foreign one."""
+    for target in ("/admin/\r\nSet-Cookie: a=b", "/admin/\t/x", "/admin/\x00"):
+        fresh = client.application.test_client()
+        resp = login(fresh, next_path=target)
+        assert resp.status_code == 302 and resp.location == "/admin/", repr(target)
+        assert fresh.get("/admin/").status_code == 200
+    assert login(client, next_path="/admin/usage?days=7").location == "/admin/usage?days=7"
+
+
 def test_session_dies_when_the_token_changes(upstream: FakeUpstream, redis_url: str,
                                              r: redis.Redis) -> None:
     common = {"XIAOYI_SECRET_KEY": "fixed-cookie-secret-0123456789"}

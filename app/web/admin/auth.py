@@ -176,7 +176,10 @@ def harden(resp: Response) -> Response:
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/admin") and "//" not in target and "\\" not in target:
+    """Return a login's `next` when it is an admin path, else the overview (a control
+    character, which no Location header may carry, included)."""
+    if (target and target.startswith("/admin") and "//" not in target and "\\" not in target
+            and target.isprintable()):
         return target
     return url_for("admin.overview")
 
