@@ -80,6 +80,18 @@ def test_login_refuses_foreign_redirects_and_brute_force(client: Any) -> None:
     assert login(fresh).status_code == 429  # even the right token waits out the window
 
 
+def test_a_login_link_with_control_characters_in_next_still_logs_in(client: Any) -> None:
+    """Red team: /admin/login?next=/admin/%0D%0A… (a link anyone can send the admin) made the
+    right token's login a 500 (werkzeug refuses a newline in Location), no session opened. A
+    `next` with a control character is ignored like a foreign one."""
+    for target in ("/admin/\r\nSet-Cookie: a=b", "/admin/\t/x", "/admin/\x00"):
+        fresh = client.application.test_client()
+        resp = login(fresh, next_path=target)
+        assert resp.status_code == 302 and resp.location == "/admin/", repr(target)
+        assert fresh.get("/admin/").status_code == 200
+    assert login(client, next_path="/admin/usage?days=7").location == "/admin/usage?days=7"
+
+
 def test_session_dies_when_the_token_changes(upstream: FakeUpstream, redis_url: str,
                                              r: redis.Redis) -> None:
     common = {"XIAOYI_SECRET_KEY": "fixed-cookie-secret-0123456789"}
@@ -146,6 +158,27 @@ def test_revoke_and_topup_from_the_account_page(client: Any, r: redis.Redis) -> 
     assert keys.lookup(r, key) is None and chat(client, key).status_code == 401
     assert "已吊销" in client.get(f"/admin/accounts/{acct}").get_data(as_text=True)
     assert client.get("/admin/accounts/acct_missing").status_code == 404
+    assert ledger.verify(r) == []
+
+
+def test_an_account_whose_id_has_a_slash_opens_and_is_topped_up(client: Any,
+                                                                r: redis.Redis) -> None:
+    """Red team: `xiaoyi keys create --account team/alice` makes an account the admin listed
+    but could not open (its link was a 404: the route took one path segment) nor top up."""
+    acct = wallet.create_account(r, "team/alice", initial=10_000)
+    login(client)
+    listed = client.get("/admin/accounts").get_data(as_text=True)
+    assert 'href="/admin/accounts/team/alice"' in listed
+    page = client.get("/admin/accounts/team/alice")
+    assert page.status_code == 200 and "team/alice" in page.get_data(as_text=True)
+    nonce = re.search(r'name="nonce" value="([0-9a-f]+)"', page.get_data(as_text=True))[1]
+    resp = client.post("/admin/accounts/team/alice/topup",
+                       data={"yuan": "1", "nonce": nonce,
+                             "csrf": csrf_of(client, "/admin/accounts/team/alice")})
+    assert resp.status_code == 302 and resp.location == "/admin/accounts/team/alice"
+    assert wallet.balance(r, acct) == 20_000
+    assert client.get("/admin/accounts", query_string={"q": acct}).location == \
+        "/admin/accounts/team/alice"
     assert ledger.verify(r) == []
 
 

@@ -273,6 +273,32 @@ def test_readyz_caches_probes_and_needs_redis(r: redis.Redis, redis_url: str,
     assert down.get("/healthz").status_code == 200
 
 
+def test_concurrent_readyz_probe_each_channel_once(r: redis.Redis, redis_url: str,
+                                                  upstream: FakeUpstream) -> None:
+    """Red team: /readyz is public, and every request that came while a probe was on its way
+    (the cache was stale) sent its own GET /models with the upstream key: 100 anonymous
+    requests were 100 authenticated upstream calls. One probe per channel runs at a time in a
+    process; the requests that came meanwhile take its result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import LiveServer
+
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    settings = load_settings(env, toml={"relay": {"probe_cache_seconds": COOLDOWN_S}})
+    server = LiveServer(create_app(settings, redis_client=r))
+    upstream.configure(delay=0.5)
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: requests.get(server.url + "/readyz", timeout=30),
+                                    range(20)))
+    finally:
+        server.stop()
+    assert [a.status_code for a in answers] == [200] * 20
+    assert all(a.json()["channels"][0]["reachable"] for a in answers)
+    assert sum(q["path"] == "/v1/models" for q in upstream.requests) == 1
+
+
 @pytest.mark.parametrize("bad_key", ["sk-first\r\nX-Injected: 1", "sk-密钥"])
 def test_a_channel_key_that_cannot_be_a_header_fails_over_unsent(
         r: redis.Redis, redis_url: str, upstream: FakeUpstream, second: FakeUpstream,

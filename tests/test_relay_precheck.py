@@ -340,3 +340,86 @@ def test_a_body_over_4_kib_is_counted_only_for_a_good_key(
             resp = client.post(path, data=data, content_type="application/json")
         assert resp.status_code == status, resp.get_data(as_text=True)[:300]
         assert counts.count == (0 if status == 401 else 1)
+
+
+def _gzip_post(url: str, body: bytes, auth: str = "") -> requests.Response:
+    import gzip
+
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    if auth:
+        headers["Authorization"] = auth
+    return requests.post(url + "/v1/chat/completions", data=gzip.compress(body), timeout=60,
+                         headers=headers)
+
+
+def test_a_compressed_body_is_as_large_as_it_decodes_to(live: LiveServer, r: redis.Redis) -> None:
+    """Red team: a body's size was its compressed length, so 32 KB of gzip (32 MiB once
+    decoded) took the small-body path: inflated and parsed before its key was looked at (0.15 s
+    of CPU per 401, uploads 1 000 times smaller than what they cost) and past the keyless gate.
+    A compressed body is now as large as it decodes to: a Bearer key is checked before a byte
+    is inflated, and a keyless one is inflated only as far as its key (its first 256 KiB)."""
+    pad = b"x" * (1 << 20)
+    broken = b'{"model": "gpt-3.5", "api_secret_key": "sk-not-a-key-0123456789", "pad": "' + pad
+    keyless = b'{"model": "gpt-3.5", "pad": "' + pad  # no key, not JSON
+    for body in (broken, keyless):  # a parse would have failed first (400)
+        resp = _gzip_post(live.url, body)
+        assert resp.status_code == 401, resp.text[:300]
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    bomb = b"[" + b" " * (33 << 20) + b"]"  # inflated, it would be a 413
+    resp = _gzip_post(live.url, bomb, "Bearer sk-not-a-key-0123456789")
+    assert resp.status_code == 401, resp.text[:300]
+    raw, _ = new_key(r, "100")
+    served = {"api_secret_key": raw, "messages": [{"role": "user", "content": "hi"}],
+              "metadata": {"pad": "x" * (1 << 20)}}
+    resp = _gzip_post(live.url, json.dumps(served).encode())
+    assert resp.status_code == 200, resp.text[:300]
+    late = {"messages": served["messages"], "metadata": served["metadata"], "api_secret_key": raw}
+    resp = _gzip_post(live.url, json.dumps(late).encode())  # the key only past 256 KiB
+    assert resp.status_code == 401, resp.text[:300]
+    assert "Bearer" in resp.json()["error"]["message"]
+    assert _gzip_post(live.url, json.dumps(late).encode(), f"Bearer {raw}").status_code == 200
+    small = {"api_secret_key": raw, "messages": [{"role": "user", "content": "hi"}]}
+    assert _gzip_post(live.url, json.dumps(small).encode()).status_code == 200
+
+
+def test_a_compressed_body_spends_the_budget_it_decodes_to(
+        upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
+    """Red team: 600 KiB of JSON gzipped to 1 KB spent nothing of the key's large-body budget
+    (it counted compressed bytes). The decoded size is spent now."""
+    server = _server(upstream, redis_url, r, key_large_body_mib_per_minute=1)
+    try:
+        raw, acct = new_key(r, "100")
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                           "metadata": {"pad": "x" * (600 << 10)}}).encode()
+        for where in ("bearer", "body"):
+            r.delete(layout.body_budget_key(acct, keys.hash_key(raw)))
+            auth = f"Bearer {raw}" if where == "bearer" else ""
+            sent = body if auth else body.replace(b"{", b'{"api_secret_key": "%s", ' %
+                                                  raw.encode(), 1)
+            assert _gzip_post(server.url, sent, auth).status_code == 200
+            budget = int(r.get(layout.body_budget_key(acct, keys.hash_key(raw))) or 0)
+            assert 600 << 10 < budget < 1 << 20, (where, budget)
+            over = _gzip_post(server.url, sent, auth)
+            assert over.status_code == 429, (where, over.text[:300])
+    finally:
+        server.stop()
+
+
+def test_a_compressed_body_over_4_kib_once_decoded_is_counted_only_for_a_good_key(
+        client: Any, r: redis.Redis) -> None:
+    """Red team: the 4 KiB rule (count the tokens of a body only for a good key) read the
+    compressed length: 255 KB of empty content parts gzipped to 1 KB were counted (0.2 s of
+    CPU) before their 401."""
+    import gzip
+
+    from app.core import tokens
+
+    body = {"messages": [{"role": "user", "content": [{}] * 2000}]}
+    for key, status in (("sk-not-a-key-0123456789", 401), (new_key(r)[0], 200)):
+        data = gzip.compress(json.dumps({**body, "api_secret_key": key}).encode())
+        assert len(data) < 4096
+        with _Calls(tokens._Budget.__init__) as counts:
+            resp = client.post("/v1/chat/completions", data=data, content_type="application/json",
+                               headers={"Content-Encoding": "gzip"})
+        assert resp.status_code == status, resp.get_data(as_text=True)[:300]
+        assert counts.count == (0 if status == 401 else 1)

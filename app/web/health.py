@@ -7,12 +7,15 @@ here runs the check (app.edges.store.get_redis).
 
 /readyz is public (load balancers call it), so it names channels but never their URLs or keys.
 A channel is reachable when GET {base_url}/models answers 200 within the probe timeout; each
-process caches a channel's result for `relay.probe_cache_seconds`.
+process caches a channel's result for `relay.probe_cache_seconds`, and runs one round of probes
+at a time: requests that come while it runs wait for it and take its results, so a flood of
+anonymous /readyz calls is never a flood of upstream calls made with the upstream key.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +32,7 @@ from app.edges.upstream import get_upstream
 log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
 EXTENSION = "xiaoyi.probes"
+PROBING = "xiaoyi.probing"  # app.extensions: the lock one round of probes holds
 
 
 def _probe(session: requests.Session, channel: Channel, timeout: float) -> tuple[bool, str]:
@@ -50,14 +54,16 @@ def probe_channels() -> dict[str, tuple[bool, str]]:
     ttl = relay.get("probe_cache_seconds", 5)
     timeout = relay.get("probe_timeout_seconds", 2)
     cache: dict[str, tuple[float, bool, str]] = current_app.extensions.setdefault(EXTENSION, {})
+    probing: threading.Lock = current_app.extensions.setdefault(PROBING, threading.Lock())
     up = get_upstream()
-    now = time.monotonic()
-    stale = [c for c in up.channels if c.name not in cache or now - cache[c.name][0] >= ttl]
-    if stale:
-        with ThreadPoolExecutor(max_workers=len(stale)) as pool:
-            results = list(pool.map(lambda c: _probe(up.session, c, timeout), stale))
-        for channel, (ok, detail) in zip(stale, results, strict=True):
-            cache[channel.name] = (time.monotonic(), ok, detail)
+    asked = time.monotonic()
+    with probing:  # a round that started after this request came serves it too
+        stale = [c for c in up.channels if c.name not in cache or asked - cache[c.name][0] >= ttl]
+        if stale:
+            with ThreadPoolExecutor(max_workers=len(stale)) as pool:
+                results = list(pool.map(lambda c: _probe(up.session, c, timeout), stale))
+            for channel, (ok, detail) in zip(stale, results, strict=True):
+                cache[channel.name] = (time.monotonic(), ok, detail)
     return {c.name: cache[c.name][1:] for c in up.channels}
 
 

@@ -46,6 +46,7 @@ from app.web.admin.cookies import SESSION_HOURS, cookie_key
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
 LOGIN_FAILURES_PER_MINUTE = 10
+FORM_BYTES = 64 << 10  # an admin form (login, codes, top-up, revoke, rq) is far smaller
 _LOCAL: dict[str, list[float]] = {}  # key -> monotonic times of attempts (store down)
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -139,7 +140,12 @@ def is_admin() -> bool:
 
 @bp.before_request
 def guard() -> BaseResponse | None:
-    """Let the admin in; send browsers to the login form and scripts a 401."""
+    """Let the admin in; send browsers to the login form and scripts a 401.
+
+    A body over FORM_BYTES is a 413 before anything parses it: the login form is public, and
+    the app's body limit (the relay's 32 MiB) would let anyone have a 32 MiB form parsed.
+    """
+    request.max_content_length = FORM_BYTES
     cookie_key()  # the store is down: 503 now, before any session is written
     if request.endpoint == "admin.login":
         return None
@@ -170,7 +176,10 @@ def harden(resp: Response) -> Response:
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/admin") and "//" not in target and "\\" not in target:
+    """Return a login's `next` when it is an admin path, else the overview (a control
+    character, which no Location header may carry, included)."""
+    if (target and target.startswith("/admin") and "//" not in target and "\\" not in target
+            and target.isprintable()):
         return target
     return url_for("admin.overview")
 

@@ -115,7 +115,7 @@ def accounts() -> BaseResponse | str:
                            more=len(ids) == PAGE, total=r.zcard(ACCOUNTS))
 
 
-@bp.get("/accounts/<acct>")
+@bp.get("/accounts/<path:acct>")
 def account(acct: str) -> str:
     """Show one account: balance, keys (masked) with revoke, ledger entries."""
     r = get_redis()
@@ -139,7 +139,7 @@ def revoke_key(key_id: str) -> BaseResponse:
     return redirect(url_for("admin.accounts"))
 
 
-@bp.post("/accounts/<acct>/topup")
+@bp.post("/accounts/<path:acct>/topup")
 def topup(acct: str) -> BaseResponse | tuple[str, int]:
     """Credit an account by hand; the form's nonce makes a double submit credit once."""
     r = get_redis()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import secrets
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -35,6 +34,7 @@ from app.edges import current
 from app.edges.store import get_redis
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
+from app.web.relay import compression
 
 
 @dataclass
@@ -79,36 +79,26 @@ def read_body() -> bytes:
         return raw
     decoded: bytes | None = req.environ.get(DECODED)
     if decoded is None:
-        decoded = req.environ[DECODED] = _decode(raw, coding.strip().lower(), limit)
+        decoded = req.environ[DECODED] = compression.decode(raw, coding, limit)
     return decoded
 
 
+def _compressed() -> bool:
+    return compression.compressed(current.request().environ.get("HTTP_CONTENT_ENCODING"))
+
+
+def _decoded_prefix() -> bytes:
+    """Return the first PRECHECK_BYTES + 1 bytes of a compressed body, decoded (cached)."""
+    req = current.request()
+    found: bytes | None = req.environ.get(PREFIX)
+    if found is None:
+        found = req.environ[PREFIX] = compression.prefix(
+            req.get_data(cache=True), req.environ["HTTP_CONTENT_ENCODING"], PRECHECK_BYTES + 1)
+    return found
+
+
 DECODED = "xiaoyi.decoded_body"
-CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-def _decode(raw: bytes, coding: str, limit: int | None) -> bytes:
-    """Return a compressed body inflated, at most `limit` bytes (a bomb stops one past it)."""
-    if coding in ("", "identity"):
-        return raw
-    wbits = CODINGS.get(coding)
-    if wbits is None:
-        raise InvalidRequest(f"Content-Encoding {coding[:40]!r} is not supported: send the body "
-                             "as is, gzip or deflate.", msg="不支持的 Content-Encoding")
-    if coding == "deflate" and raw[:1] != b"\x78":  # raw deflate, as some clients send it
-        wbits = -zlib.MAX_WBITS
-    inflate = zlib.decompressobj(wbits)
-    try:
-        out = inflate.decompress(raw, limit + 1 if limit else 0)
-    except zlib.error as exc:
-        raise InvalidRequest(f"The request body is not valid {coding}: {exc}",
-                             msg="请求体解压失败") from None
-    if limit is not None and len(out) > limit:
-        raise RequestTooLarge("The request body is larger than the limit once decompressed.")
-    if not inflate.eof:
-        raise InvalidRequest(f"The request body's {coding} data ends early.",
-                             msg="请求体解压失败")
-    return out
+PREFIX = "xiaoyi.decoded_prefix"
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
@@ -311,6 +301,10 @@ def _raw_key(body: dict[str, Any] | None) -> str:
 
 NO_KEY = ("You didn't provide an API key. Send it as 'Authorization: Bearer sk-…' or as "
           "api_secret_key in the JSON body.")
+NO_KEY_COMPRESSED = (
+    "You didn't provide an API key in the first 256 KiB of this compressed body (once "
+    "decoded). Send it as 'Authorization: Bearer sk-…', or put api_secret_key first in the JSON "
+    "body.")
 
 
 def _limit() -> int:
@@ -355,8 +349,15 @@ KEY_FIRST_BYTES = 4 << 10  # a larger body has its key checked before its valida
 
 
 def _large_body() -> bool:
+    """Tell whether the body is large: over PRECHECK_BYTES, chunked, or compressed and either
+    sent with a Bearer key (checked before a byte is inflated) or decoding past PRECHECK_BYTES
+    (a few hundred bytes of gzip inflate to megabytes: a body is as large as it decodes to)."""
     length = current.request().content_length
-    return length is None or length > PRECHECK_BYTES
+    if length is None or length > PRECHECK_BYTES:
+        return True
+    if not _compressed():
+        return False
+    return bool(bearer_or_body(None)) or len(_decoded_prefix()) > PRECHECK_BYTES
 
 
 def _precheck(raw: str) -> None:
@@ -421,8 +422,12 @@ def _precheck_large(bearer: str) -> None:
 
 def _precheck_body_key() -> None:
     """Check the key found in a large body's raw bytes (see _precheck_large)."""
-    raw = read_body()
-    refused: ApiError = InvalidKey(NO_KEY, msg="缺少密钥")
+    if _compressed():  # inflated only as far as its key: its first PRECHECK_BYTES
+        raw = _decoded_prefix()
+        whole = len(raw) <= PRECHECK_BYTES
+    else:
+        raw, whole = read_body(), True
+    refused: ApiError = InvalidKey(NO_KEY if whole else NO_KEY_COMPRESSED, msg="缺少密钥")
     for found in islice(BODY_KEY.finditer(raw), BODY_KEY_TRIES):
         candidate = found[1].decode("utf-8", "replace").strip()
         try:
@@ -441,7 +446,7 @@ def _spend_body_budget(raw: str) -> None:
     req = current.request()
     size = req.content_length
     limit = req.max_content_length
-    if size is None:  # chunked: read (within the size limit) to know it
+    if size is None or _compressed():  # chunked or compressed: read (within the limit) to know it
         size = len(read_body())
     elif limit is not None and size > limit:
         return  # refused unread (413): nothing to spend
@@ -486,7 +491,7 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     if large and state.get("prechecked_raw") != raw:  # the top-level key is another one: it is
         _precheck(raw)  # the request's, checked and counted, and its budget pays the bytes
         _spend_body_budget(raw)
-    elif not large and (current.request().content_length or 0) > KEY_FIRST_BYTES:
+    elif not large and len(read_body()) > KEY_FIRST_BYTES:  # decoded: parse_json read it
         _precheck(raw)  # counting its tokens costs more than the round trip: not for a 401
     check_depth(body, read_body())
     for name in [k for k, v in body.items() if v is None]:
