@@ -195,7 +195,7 @@ def json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None
     """Answer a request gunicorn refused before the app saw it (a header over its limit, a
     malformed request line…) in the API's two error shapes, with a request id, instead of
     gunicorn's HTML page (its util.write_error, which this replaces in each worker)."""
-    client = status < 500
+    client = status < 500 or status == 501  # 501: a Transfer-Encoding it does not know
     body = json.dumps({
         "code": status * 100 + (1 if client else 0),
         "msg": "请求格式错误" if client else "服务内部错误",
