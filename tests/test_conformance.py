@@ -49,6 +49,9 @@ REFUSALS = [
     (400, "invalid_value", r"^max_(completion_)?tokens is too large: \d+\. This model supports"),
     (400, "invalid_request_error", r"^The (prompt|input) is too long"),
     (400, "invalid_request_error", r"is not offered for (dall-e-2|dall-e-3)"),  # size, quality
+    # a field or value OpenAI's schema says the model does not take (dall-e-2's style, hd)
+    (400, "invalid_request_error", r"is not supported for (dall-e-2|dall-e-3) \(OpenAI's schema"),
+    (400, "invalid_request_error", r"^'output_compression' must be an integer between 0 and 100"),
     (400, "invalid_request_error", r"^'n' must be at most 1 for dall-e-3"),
     (400, "invalid_request_error", r"^Streaming image generation is not offered"),
     (400, "invalid_request_error", r"^'prompt' must be a non-empty string"),  # a blank picture
@@ -175,6 +178,9 @@ def test_the_refusal_list_is_not_vacuous(relay: tuple[Any, redis.Redis, str]) ->
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                   "max_tokens": 2**62}),
         ("/v1/images/generations", {"model": "dall-e-2", "prompt": "x", "quality": "hd"}),
+        ("/v1/images/generations", {"model": "dall-e-2", "prompt": "x", "size": "1792x1024"}),
+        ("/v1/images/generations", {"model": "dall-e-2", "prompt": "x", "style": "vivid"}),
+        ("/v1/images/generations", {"prompt": "x", "output_compression": -1}),
         ("/v1/images/generations", {"model": "dall-e-3", "prompt": "x", "n": 2}),
         ("/v1/images/generations", {"prompt": ""}),
         ("/v1/embeddings", {"input": ""}),

@@ -20,11 +20,11 @@ from stub_kit import send_body
 from wechat_kit import WeChat, bot, image_xml, wait_for, wechat_settings
 
 from app import create_app
-from app.bot import users
+from app.bot import pictures, users
 from app.bot.jobs import Hopeless
 from app.bot.pictures import shrink
 from app.core import pricing, tokens
-from app.core.config import ConfigError, load_settings
+from app.core.config import ConfigError, load_settings, units_to_yuan
 from app.core.money import ledger, wallet
 from fakes import FakeWeChatAPI
 from fakes.upstream import ANSWER_PREFIX, count_tokens
@@ -100,7 +100,15 @@ def chats(upstream: Any) -> list[dict[str, Any]]:
 
 
 def entries(r: Any) -> list[dict[str, Any]]:
-    return ledger.ledger_entries(r, users.account_of(r, OPENID))
+    return list(ledger.ledger_entries(r, users.account_of(r, OPENID)))
+
+
+def charged_nothing(r: Any) -> None:
+    """Assert every hold was given back whole (the trial credit untouched, no settle)."""
+    kinds = [e["kind"] for e in entries(r)]
+    assert kinds[0] == "topup" and set(kinds[1:]) <= {"reserve", "refund"}
+    assert kinds.count("reserve") == kinds.count("refund")
+    assert wallet.balance(r, users.account_of(r, OPENID)) == 10_000 and ledger.verify(r) == []
 
 
 def send_picture(wechat: WeChat, media_id: str, pic_url: str,
@@ -130,7 +138,11 @@ def test_a_picture_is_answered_and_billed_with_its_image_tokens(
     assert int(settle["cost"]) == pricing.token_cost(PRICE, int(settle["pt"]), int(settle["ct"]))
     bound = tokens.messages_bound(asked["messages"], "gpt-4o")
     assert bound >= int(settle["pt"]) > image
-    assert -int(reserve["amount"]) == pricing.reserve_cost(PRICE, bound, BOT.chat_max_tokens)
+    # held before media/get, for a picture of any size: its worst case (2 × 4 tiles)
+    worst = [*asked["messages"][:-1], {"role": "user", "content": pictures.stand_in(SETTINGS)}]
+    held = tokens.messages_bound(worst, "gpt-4o")
+    assert held - bound == 170 * (8 - 4)
+    assert -int(reserve["amount"]) == pricing.reserve_cost(PRICE, held, BOT.chat_max_tokens)
     assert ledger.verify(r) == []
     assert wechat.say(OPENID, "余额").endswith(f"今日免费对话剩余：{BOT.daily_free_messages} 条")
     wechat.say(OPENID, "图里是什么颜色")
@@ -138,6 +150,27 @@ def test_a_picture_is_answered_and_billed_with_its_image_tokens(
     assert {"role": "user", "content": "[图片]"} in history
     assert {"role": "assistant", "content": answers[0]} in history
     assert history[-1] == {"role": "user", "content": "图里是什么颜色"}
+
+
+def test_an_empty_wallet_is_told_before_the_picture_is_fetched(
+        start: Callable[..., Any], upstream: Any, wx: FakeWeChatAPI, r: Any,
+        pic_host: PicUrlHost) -> None:
+    """Red team: a picture from a user whose wallet was empty (free chats do not pay for
+    pictures) cost a media/get download and a decode before the wallet said no. The wallet is
+    held first: the empty one gets the recharge note with no media/get, and once funded the
+    next picture is fetched once and answered."""
+    _, wechat = start(trial_credit="0")
+    got = send_picture(wechat, wx.add_media(jpeg(640, 480)), pic_host.url("e.jpg"), "660000101")
+    assert got == TEXTS["insufficient"].format(balance=units_to_yuan(0))
+    assert wx.calls_to("media/get") == [] and chats(upstream) == [] and pic_host.hits == []
+    acct = users.account_of(r, OPENID)
+    assert wallet.balance(r, acct) == 0 and entries(r) == []
+    wallet.topup(r, acct, 10_000)
+    media = wx.add_media(jpeg(640, 480))
+    got = send_picture(wechat, media, pic_host.url("f.jpg"), "660000102")
+    assert got == ANSWER_PREFIX + BOT.vision_prompt
+    assert [c["query"]["media_id"] for c in wx.calls_to("media/get")] == [media]
+    assert ledger.verify(r) == []
 
 
 def test_an_oversized_picture_is_downscaled_before_it_is_sent(
@@ -179,7 +212,7 @@ def test_a_failing_media_get_apologises_and_charges_nothing(
     assert got == TEXTS["picture_failed"]
     assert len(wx.calls_to("media/get")) == (3 if errcode == -1 else 1)
     assert chats(upstream) == [] and pic_host.hits == []
-    assert [e["kind"] for e in entries(r)] == ["topup"]
+    charged_nothing(r)  # held before media/get, given back whole
 
 
 def test_an_unreadable_picture_or_a_failing_upstream_charges_nothing(
@@ -194,8 +227,8 @@ def test_an_unreadable_picture_or_a_failing_upstream_charges_nothing(
     assert send_picture(wechat, wx.add_media(jpeg(50, 50)),
                         pic_host.url("ok.jpg")) == TEXTS["picture_failed"]
     assert len(chats(upstream)) == 1
-    assert [e["kind"] for e in entries(r)] == ["topup", "reserve", "refund"]
-    assert wallet.balance(r, users.account_of(r, OPENID)) == 10_000 and ledger.verify(r) == []
+    assert [e["kind"] for e in entries(r)] == ["topup"] + ["reserve", "refund"] * 2
+    charged_nothing(r)
     assert pic_host.hits == []
 
 
@@ -277,7 +310,8 @@ def test_a_picture_of_too_many_pixels_is_refused_before_it_is_decoded(
     _, wechat = start()
     media = wx.add_media(pixels.getvalue(), content_type="image/png", filename="wide.png")
     assert send_picture(wechat, media, pic_host.url("wide.png")) == TEXTS["picture_failed"]
-    assert chats(upstream) == [] and [e["kind"] for e in entries(r)] == ["topup"]
+    assert chats(upstream) == []
+    charged_nothing(r)
     big = io.BytesIO()
     Image.new("RGB", (9000, 6000), (30, 120, 200)).save(big, "JPEG")  # 54 MP, drafted to 13.5
     data, mime = shrink(big.getvalue(), 2048, 2 * 1024 * 1024)

@@ -1,5 +1,9 @@
 """One bot answer: moderation → context → wallet (free chat or hold) → upstream → screen → settle.
 
+A content that is costly to build (a picture: media/get and a decode) is built only once the
+wallet is held, for its worst case (Question.stand_in): an empty wallet gets the recharge note
+and costs the service nothing more.
+
 Shared by the chat job and the picture job (workers/). Idempotent per message: the answer is
 kept under the dedupe key, the charge uses the dedupe key as request id (a settled request is
 never charged again), delivery records what it sent, and a message whose job finished or gave
@@ -40,6 +44,10 @@ class Question:
     price: ModelPrice
     said: str  # the user's turn as the context keeps it (a picture: a placeholder)
     content: Callable[[], Any]  # the user message's content, built only when asked
+    # What content() is bounded by before it is built (a picture of unknown size: its worst
+    # case): the wallet is held for it first, so a costly content() (media/get, a decode) is
+    # never built for a wallet that cannot pay. None: content() is cheap, built at once.
+    stand_in: Any = None
     free: bool = True  # may use one of the day's free chats
     moderate: str | None = None  # text for /moderations when [safety] moderation is on
     failed: str = "chat_failed"  # the apology's text name
@@ -98,7 +106,8 @@ def _produce(dl: Delivery, acct: str, q: Question) -> dict[str, str] | str:
         if q.moderate is not None and screening.moderating(settings) and screening.flagged(
                 r, settings, q.moderate):
             return dl.note("safety_refused")
-        messages = context.messages_for(r, settings, dl.openid, q.content())
+        first = q.content() if q.stand_in is None else q.stand_in
+        messages = context.messages_for(r, settings, dl.openid, first)
         bound = tokens.messages_bound(messages, q.model)
         free = q.free and users.use_free(r, settings, dl.openid, dl.dk)
         held: money.Hold | None = None
@@ -112,6 +121,9 @@ def _produce(dl: Delivery, acct: str, q: Question) -> dict[str, str] | str:
                 dl.drop_pending()
                 return "settled"  # charged and answered by an earlier run whose answer expired
         with held or nullcontext():  # any failure before settle() releases the hold
+            if q.stand_in is not None:  # built now that the wallet is held; bounded by it
+                messages[-1] = {"role": "user", "content": q.content()}
+                bound = tokens.messages_bound(messages, q.model)
             return _answer(dl, q, messages, bound, free, held)
     except (InvalidRequest, jobs.Hopeless) as exc:  # no retry helps
         give_up(dl, exc, q.failed)

@@ -1,5 +1,7 @@
 """A picture a user sent: fetched by MediaId, shrunk to fit, asked about as a data URL.
 
+The wallet is held before the picture is fetched (app.bot.answers: the hold counts a picture
+of unknown size at its worst, `stand_in`), so an empty wallet costs no download and no decode.
 The picture is fetched only through WeChat's API (media/get with the shared access token),
 never from the PicUrl of the message (SPEC §7.10: that URL comes from the message, so fetching
 it would let a forged message make the service fetch any address). A picture over
@@ -91,10 +93,20 @@ def shrink(data: bytes, max_side: int, max_bytes: int) -> tuple[bytes, str]:
         quality = max(60, quality - 10)
 
 
+def _parts(settings: Settings, url: str) -> list[dict[str, Any]]:
+    return [{"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": settings.bot.vision_prompt}]
+
+
+def stand_in(settings: Settings) -> list[dict[str, Any]]:
+    """Return the user message's parts before the picture is fetched: a picture of unknown
+    size, which the token bound counts at its worst (app.core.tokens.image_cost), so the
+    wallet is held for any picture before media/get is called."""
+    return _parts(settings, "")
+
+
 def content(settings: Settings, media_id: str) -> list[dict[str, Any]]:
     """Return the user message's parts: the picture as a data URL, then the bot's question."""
     bot = settings.bot
     data, mime = shrink(fetch(media_id), bot.picture_max_side, bot.picture_max_bytes)
-    url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    return [{"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": bot.vision_prompt}]
+    return _parts(settings, f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}")

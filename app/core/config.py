@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.core import image_models
 from app.core.config_sections import (
     SAFETY_ACTIONS,
     SAFETY_PLACES,
@@ -281,6 +282,9 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             value = spec.get(name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{where}.{name}: must be a positive integer")
+        default_quality = str(spec.get("default_quality", "standard"))
+        if kind == "image":
+            _check_qualities(model, [default_quality, *qualities], where)
         cap = spec.get("max_output") or spec.get("context")
         prices[model] = ModelPrice(
             kind=kind,
@@ -290,11 +294,25 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             # chat models' own (16 384): too high only holds more, too low bills less.
             max_output=int(cap or DEFAULT_MAX_OUTPUT), output_cap=cap,
             images=images, qualities=qualities,
-            default_quality=str(spec.get("default_quality", "standard")),
+            default_quality=default_quality,
             max_images=spec.get("max_images", 10),
             context=spec.get("context"),
         )
     return prices
+
+
+def _check_qualities(model: str, named: list[str], where: str) -> None:
+    """Refuse a default or priced quality an OpenAI image model does not take (it would be sent
+    upstream and refused there): gpt-image-* need default_quality = low, medium or high."""
+    family = image_models.of(model)
+    if family is None:  # an upstream's own model: its qualities are its own
+        return
+    takes = [q for q in family.qualities if q != "auto"]
+    for quality in named:
+        if quality not in takes:
+            raise ConfigError(f"{where}: quality {quality!r} is not offered by {family.name} "
+                              f"(OpenAI's schema: {', '.join(takes)}); set default_quality and "
+                              f"quality.<name> to those")
 
 
 def _sizes(table: Any, where: str) -> dict[str, int]:

@@ -605,6 +605,14 @@ def optional_int(body: dict[str, Any], name: str, low: int,
     return value
 
 
+def optional_text(body: dict[str, Any], name: str) -> str | None:
+    """Return an optional string field (None when absent), or raise a 400."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string.", param=name, msg=f"{name} 参数错误")
+    return value
+
+
 def optional_choice(body: dict[str, Any], name: str, allowed: tuple[Any, ...]) -> Any:
     """Return an optional field that must be one of `allowed` (None when absent), or a 400."""
     value = body.get(name)

@@ -10,6 +10,7 @@ from flask import Response
 from app.core import pricing
 from app.core.errors import InvalidRequest, StringTooLong
 from app.edges.upstream import get_upstream
+from app.web.relay import image_fields
 from app.web.relay.billing import Meter, prompt_billed_if_sent
 from app.web.relay.common import (
     Call,
@@ -17,6 +18,7 @@ from app.web.relay.common import (
     int_tokens,
     optional_choice,
     optional_int,
+    optional_text,
     settings,
     texts_or_tokens,
     token_ids,
@@ -25,9 +27,8 @@ from app.web.relay.common import (
 from app.web.relay.rules import Plan
 from app.web.render import json_response
 
-FORMATS = ("url", "b64_json")
-QUALITIES = ("standard", "hd", "low", "medium", "high", "auto")  # OpenAI's enum
-STYLES = ("vivid", "natural")
+ENCODINGS = ("float", "base64")
+MAX_DIMENSIONS = 2**63 - 1  # the schema sets no maximum; no upstream reads past an int64
 MAX_INPUTS = 2048  # OpenAI's maxItems for every array form of embeddings' input
 
 # A prompt needs one character that is not white space as /openapi.json's pattern `\S` means it
@@ -35,7 +36,16 @@ MAX_INPUTS = 2048  # OpenAI's maxItems for every array form of embeddings' input
 VISIBLE = re.compile("[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
 
 
+def _embeddings_fields(body: dict[str, Any]) -> None:
+    """Refuse what OpenAI's schema calls invalid (CreateEmbeddingRequest): `encoding_format`
+    float or base64, `dimensions` an integer >= 1 (an int64), `user` a string (null: absent)."""
+    optional_choice(body, "encoding_format", ENCODINGS)
+    optional_int(body, "dimensions", 1, MAX_DIMENSIONS)  # 3.0 is an integer, sent on as 3
+    optional_text(body, "user")
+
+
 def _embeddings_cost(call: Call, plan: Plan) -> int:
+    _embeddings_fields(call.body)
     value = call.body.get("input")
     cap = settings().relay.get("max_input_tokens", 300000)
     if token_ids(value) > cap:  # counted before 11 M ids are checked one by one
@@ -47,7 +57,6 @@ def _embeddings_cost(call: Call, plan: Plan) -> int:
         raise InvalidRequest(f"'input' may hold at most {MAX_INPUTS} entries.", param="input",
                              msg="input 条目太多")
     value = call.body["input"] = int_tokens(value)  # ids written 3.0 go upstream as 3
-    optional_choice(call.body, "encoding_format", ("float", "base64"))
     plan.prompt_bound = pricing.estimate_any(value, call.upstream_model, limit=cap)
     if plan.prompt_bound > cap:
         raise too_long("input", cap)
@@ -120,17 +129,17 @@ def _images_cost(call: Call) -> int:
     if body.get("stream", False) is not False:  # the answer is relayed whole, never as events
         raise InvalidRequest("Streaming image generation is not offered here: leave 'stream' "
                              "out or send false.", param="stream", msg="图片生成不支持流式返回")
-    optional_choice(body, "response_format", FORMATS)
-    optional_choice(body, "style", STYLES)
-    quality = optional_choice(body, "quality", QUALITIES)
+    family = image_fields.check(body, call.upstream_model, call.model)
+    quality = body.get("quality")
     if quality == "auto" or (quality is None and price.qualities):
         # Priced and sent as the model's default, so what is made is what is billed: an
         # upstream's own default (gpt-image-1's is auto: high) may be dearer than this one.
         quality = body["quality"] = price.default_quality
     n = optional_int(body, "n", 1, 10) or 1
-    if n > price.max_images:
-        raise InvalidRequest(f"'n' must be at most {price.max_images} for {call.model}.",
-                             param="n", msg="n 参数错误")
+    at_most = min(price.max_images, family.most_images if family else price.max_images)
+    if n > at_most:  # OpenAI's dall-e-3 makes one; a price may allow fewer
+        raise InvalidRequest(f"'n' must be at most {at_most} for {call.model}.", param="n",
+                             msg="n 参数错误")
     size = _size(call)
     cost = pricing.image_cost(price, size, n, quality) if isinstance(size, str) else None
     if cost is None:
