@@ -600,6 +600,15 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
                 {"type": "function_call_output", "call_id": "c1", "output": [
                     {"type": "input_file", "file_data": "data:application/pdf;base64,JVBERi0=",
                      "filename": "a.pdf"}]}]}, "input[1].output[0]"),
+    ({"input": [{"type": "custom_tool_call", "call_id": "c1", "name": "shot", "input": "x"},
+                {"type": "custom_tool_call_output", "call_id": "c1", "output": [
+                    {"type": "input_image", "image_url": "https://example.com/p.png"}]}]},
+     "input[1].output[0]"),
+    # What chat completions cannot express of a custom tool: tool search, programmatic calls
+    ({"input": "x", "tools": [{"type": "custom", "name": "c", "defer_loading": True}]},
+     "tools[0].defer_loading"),
+    ({"input": "x", "tools": [{"type": "custom", "name": "c",
+                               "allowed_callers": ["programmatic"]}]}, "tools[0].allowed_callers"),
 ])
 def test_refused_requests_are_400_and_charge_nothing(
         live: LiveServer, funded: tuple[str, str], r: redis.Redis, body: dict[str, Any],

@@ -187,12 +187,142 @@ def test_replay_drops_ids_and_bare_reasoning() -> None:
         {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]
 
 
-def test_native_mode_lets_custom_tools_and_unknown_items_through() -> None:
-    body = {**BODY, "tools": [{"type": "custom", "name": "shell"}],
-            "input": [{"type": "custom_tool_call_output", "call_id": "c", "output": "ok"}]}
+def test_native_mode_lets_unknown_items_through() -> None:
+    body = {**BODY, "tools": [{"type": "custom", "name": "shell", "defer_loading": True}],
+            "input": [{"type": "computer_call_output", "call_id": "c",
+                       "output": {"type": "computer_screenshot", "file_id": "f"}}]}
     request.check(body, native=True)
     assert request.input_items(body["input"], native=True) == body["input"]
     with pytest.raises(InvalidRequest):
         request.check(body, native=False)
     with pytest.raises(InvalidRequest):
         request.input_items(body["input"], native=False)
+
+
+GRAMMAR = {"type": "grammar", "syntax": "lark", "definition": 'start: "ls" | "pwd"'}
+CUSTOM_TOOLS = [{"type": "custom", "name": "shell", "description": "Run a command.",
+                 "format": GRAMMAR},
+                {"type": "custom", "name": "note", "format": {"type": "text"}},
+                {"type": "custom", "name": "free"}]
+CUSTOM_TURN = [
+    {"role": "user", "content": "list files"},
+    {"type": "custom_tool_call", "call_id": "call_1", "name": "shell", "input": "ls"},
+    {"type": "custom_tool_call_output", "call_id": "call_1",
+     "output": [{"type": "input_text", "text": "a.txt "}, {"type": "input_text", "text": "b"}]},
+    {"type": "custom_tool_call", "call_id": "call_2", "name": "note", "input": "两个文件",
+     "status": "completed", "id": "ctc_1"},
+    {"type": "custom_tool_call_output", "call_id": "call_2", "output": "ok"}]
+
+
+@pytest.mark.parametrize(("choice", "chat_choice"), [
+    ({"type": "custom", "name": "shell"}, {"type": "custom", "custom": {"name": "shell"}}),
+    ({"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "custom", "name": "shell"}, {"type": "function", "name": "f"}]},
+     {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+         {"type": "custom", "custom": {"name": "shell"}},
+         {"type": "function", "function": {"name": "f"}}]}}),
+])
+def test_custom_tools_and_their_calls_translate_to_chat(choice: dict[str, Any],
+                                                         chat_choice: dict[str, Any]) -> None:
+    """Custom (free-form) tools were served natively only (400 on a chat upstream), and their
+    calls and outputs could not be sent nor continued: each has its chat shape (OpenAI's
+    CreateChatCompletionRequest validates it): the tool under `custom` (a grammar format's
+    syntax and definition under `grammar`), the choice naming it, a call as an assistant
+    message's `tool_calls[].custom`, its output as a tool message's text."""
+    body = {**BODY, "tools": CUSTOM_TOOLS, "tool_choice": choice, "input": CUSTOM_TURN}
+    request.check(body, native=False)
+    chat = to_chat.to_chat(body, request.input_items(body["input"], native=False), stream=False)
+    validate(chat, "CreateChatCompletionRequest")
+    assert chat["tools"] == [
+        {"type": "custom", "custom": {"name": "shell", "description": "Run a command.",
+                                      "format": {"type": "grammar", "grammar": {
+                                          "definition": GRAMMAR["definition"],
+                                          "syntax": "lark"}}}},
+        {"type": "custom", "custom": {"name": "note", "format": {"type": "text"}}},
+        {"type": "custom", "custom": {"name": "free"}}]
+    assert chat["tool_choice"] == chat_choice
+    assert chat["messages"] == [
+        {"role": "user", "content": "list files"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "custom", "custom": {"name": "shell", "input": "ls"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a.txt b"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_2", "type": "custom", "custom": {"name": "note", "input": "两个文件"}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "ok"}]
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"tools": [{"type": "custom", "name": "c", "defer_loading": True}]},
+     "tools[0].defer_loading"),
+    ({"tools": [{"type": "function", "name": "f", "allowed_callers": ["programmatic"]}]},
+     "tools[0].allowed_callers"),
+    ({"tools": [{"type": "custom", "name": "c", "format": {**GRAMMAR, "syntax": "ebnf"}}]},
+     "tools[0].format.syntax"),
+    ({"tools": [{"type": "custom", "name": "c", "format": {"type": "grammar", "syntax": "regex"}}]},
+     "tools[0].format.definition"),
+    ({"tools": [{"type": "custom", "name": "c", "format": {"type": "json"}}]}, "tools[0].format"),
+    ({"tools": [{"type": "custom", "name": "c"}], "tool_choice": {"type": "custom"}},
+     "tool_choice"),
+    ({"tools": [{"type": "custom", "name": "c"}], "tool_choice": {
+        "type": "allowed_tools", "mode": "auto", "tools": [{"type": "mcp", "name": "x"}]}},
+     "tool_choice.tools[0]"),
+    ({"input": [{"type": "custom_tool_call", "call_id": "c", "name": "n"}]}, "input[0].input"),
+    ({"input": [{"type": "custom_tool_call_output", "call_id": "c", "output": 5}]},
+     "input[0].output"),
+])
+def test_what_chat_cannot_express_of_custom_tools_is_refused(change: dict[str, Any],
+                                                             param: str) -> None:
+    body = {**BODY, **change}
+    with pytest.raises(InvalidRequest) as caught:
+        request.check(body, native=False)
+        items = request.input_items(body["input"], native=False)
+        to_chat.to_chat(body, items, stream=False)
+    assert caught.value.param == param
+
+
+def test_a_custom_tool_outputs_picture_is_refused_naming_it() -> None:
+    items = [{"type": "custom_tool_call", "call_id": "c", "name": "shot", "input": "x"},
+             {"type": "custom_tool_call_output", "call_id": "c", "output": [
+                 {"type": "input_image", "image_url": "https://example.com/a.png"}]}]
+    request.input_items(items, native=False)
+    with pytest.raises(InvalidRequest) as caught:
+        to_chat.to_messages(None, items)
+    assert caught.value.param == "input[1].output[0]"
+    assert "custom tool call's output" in str(caught.value.message)
+
+
+class Piece(str):
+    """A stream piece that counts the characters copied when text is appended to it."""
+
+    copied = 0
+
+    def __radd__(self, other: str) -> str:
+        Piece.copied += len(other)
+        return other + str(self)
+
+
+def test_a_long_stream_is_assembled_in_linear_time() -> None:
+    """Review: each delta was appended with `+=` to the text held in its part (its call's
+    arguments or input): the whole text copied again per piece, quadratic in a long stream.
+    The pieces are now joined when read; events and output are unchanged."""
+    n = 3000
+    text = [Piece(f"w{i} ") for i in range(n)]
+    args = [Piece("x") for _ in range(n)]
+    head = {"index": 0, "id": "call_a", "type": "function",
+            "function": {"name": "f", "arguments": ""}}
+    chunks = [chunk({"content": p}) for p in text] + [chunk({"tool_calls": [head]})] + [
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in args]
+    Piece.copied = 0
+    state = events.ChatEvents(answer.skeleton("resp_1", BODY, "gpt-4o-mini", previous=None,
+                                              store=True))
+    out = [e for c in [*chunks, chunk({}, "tool_calls")] for e in state.feed(c)]
+    closing, final = state.finish(answer.usage(1, 2))
+    out += closing
+    assert Piece.copied == 0  # was n * (n - 1) / 2 * (len of a piece), twice
+    message, call = final["output"]
+    whole = "".join(text)
+    assert message["content"][0]["text"] == whole and call["arguments"] == "x" * n
+    (text_done,) = [e for e in out if e["type"] == "response.output_text.done"]
+    (args_done,) = [e for e in out if e["type"] == "response.function_call_arguments.done"]
+    assert text_done["text"] == whole and args_done["arguments"] == "x" * n
+    assert [e["delta"] for e in out if e["type"] == "response.output_text.delta"] == text

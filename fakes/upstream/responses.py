@@ -5,9 +5,12 @@ framed as `event: <type>` + `data: {...}` with sequence numbers, no [DONE]. The 
 last user message as chat does, and the markers work the same (status, delay, nousage, long,
 chunk_delay, cut, malformed).
 
-A request that forces a tool (tool_choice "required", or a named function) is answered with a
-call to that function (the first function tool for "required") whose arguments are
-{"said": <the last user message>}: on /v1/chat/completions (plain and streamed) and here.
+A request that forces a tool (tool_choice "required", or a named function or custom tool) is
+answered with a call to it (the first function or custom tool for "required"): a function's
+arguments are {"said": <the last user message>}, a custom tool's input is that message itself;
+on /v1/chat/completions (plain and streamed, `tool_calls[].function` or `.custom`) and here
+(`function_call` or `custom_tool_call` items). Chat custom tools, and calls of them sent back in
+assistant messages, are checked as OpenAI's chat schema has them (a 400 otherwise).
 """
 
 from __future__ import annotations
@@ -34,16 +37,52 @@ if TYPE_CHECKING:
     from fakes.upstream.views import FakeHandler
 
 
-def forced_tool(body: dict[str, Any]) -> str | None:
-    """Return the name of the function the request forces the model to call, if any."""
+CLIENT_TOOLS = ("function", "custom")
+
+
+def _tool_name(tool: dict[str, Any], kind: str) -> Any:
+    """Return a tool's (or a tool_choice's) name: Responses' flat, or chat's under its type."""
+    inner = tool.get(kind)
+    return tool.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
+
+
+def forced_tool(body: dict[str, Any]) -> tuple[str, str] | None:
+    """Return the (type, name) of the function or custom tool the request forces, if any."""
     choice, tools = body.get("tool_choice"), body.get("tools")
-    names = [t.get("name") or (t.get("function") or {}).get("name")
-             for t in tools or [] if isinstance(t, dict) and t.get("type") == "function"]
-    if choice == "required" and names:
-        return names[0]
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        return choice.get("name") or (choice.get("function") or {}).get("name")
+    listed = [(t["type"], _tool_name(t, t["type"])) for t in tools or []
+              if isinstance(t, dict) and t.get("type") in CLIENT_TOOLS]
+    if choice == "required" and listed:
+        return listed[0]
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if isinstance(choice, dict) and kind in CLIENT_TOOLS:
+        return kind, _tool_name(choice, kind) or ""
     return None
+
+
+def check_custom(body: dict[str, Any]) -> None:
+    """Refuse what OpenAI's chat schema refuses in custom tools and in calls of them
+    (CustomToolChatCompletions, ChatCompletionMessageCustomToolCall)."""
+    for i, tool in enumerate(body.get("tools") or []):
+        if not isinstance(tool, dict) or tool.get("type") != "custom":
+            continue
+        spec = tool.get("custom")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise FakeError(400, f"Missing required parameter: 'tools[{i}].custom.name'.")
+        fmt = spec.get("format")
+        grammar = fmt.get("grammar") if isinstance(fmt, dict) else None
+        if fmt is not None and fmt != {"type": "text"} and not (
+                isinstance(grammar, dict) and set(fmt) == {"type", "grammar"}
+                and fmt["type"] == "grammar" and isinstance(grammar.get("definition"), str)
+                and grammar.get("syntax") in ("lark", "regex")):
+            raise FakeError(400, f"Invalid value for 'tools[{i}].custom.format'.")
+    for i, message in enumerate(body.get("messages") or []):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for j, call in enumerate(calls if isinstance(calls, list) else []):
+            spec = call.get("custom") if isinstance(call, dict) else None
+            if isinstance(call, dict) and call.get("type") == "custom" and not (
+                    isinstance(spec, dict) and isinstance(spec.get("name"), str)
+                    and isinstance(spec.get("input"), str)):
+                raise FakeError(400, f"Invalid value for 'messages[{i}].tool_calls[{j}]'.")
 
 
 def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
@@ -51,12 +90,14 @@ def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said:
     """Answer a chat completion that forces a tool with a call to it."""
     if handler._apply(behaviour, body.get("stream") is True):
         return
-    name, args = forced_tool(body) or "", _dumps({"said": said}).decode()
+    kind, name = forced_tool(body) or ("function", "")
+    text = said if kind == "custom" else _dumps({"said": said}).decode()
+    field = "input" if kind == "custom" else "arguments"
     call_id = _new_id("call")
-    usage = None if behaviour.get("nousage") else _usage(prompt_tokens, count_tokens(args) + 1)
+    usage = None if behaviour.get("nousage") else _usage(prompt_tokens, count_tokens(text) + 1)
     base = {"id": _new_id("chatcmpl"), "created": int(time.time()), "model": model}
     if body.get("stream") is not True:
-        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+        call = {"id": call_id, "type": kind, kind: {"name": name, field: text}}
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
         out = {**base, "object": "chat.completion", "choices": [choice]}
@@ -67,12 +108,11 @@ def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return _dumps({**base, "choices": [choice]})
 
-    half = len(args) // 2
-    head = {"index": 0, "id": call_id, "type": "function",
-            "function": {"name": name, "arguments": ""}}
+    half = len(text) // 2
+    head = {"index": 0, "id": call_id, "type": kind, kind: {"name": name, field: ""}}
     chunks = [(_HEAD, chunk({"role": "assistant", "content": None, "tool_calls": [head]}))]
-    chunks += [(_CONTENT, chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
-               for piece in (args[:half], args[half:])]
+    chunks += [(_CONTENT, chunk({"tool_calls": [{"index": 0, kind: {field: piece}}]}))
+               for piece in (text[:half], text[half:])]
     chunks.append((_TAIL, chunk({}, "tool_calls")))
     wants = isinstance(body.get("stream_options"), dict) and body["stream_options"].get(
         "include_usage") is True
@@ -94,8 +134,8 @@ def _said(body: dict[str, Any]) -> tuple[str, list[str]]:
             parts = [content]
         elif isinstance(content, list):
             parts = [p.get("text", "") for p in content if isinstance(p, dict)]
-        else:  # function_call / function_call_output items
-            parts = [item.get("output") or item.get("arguments") or ""]
+        else:  # function_call(_output) / custom_tool_call(_output) items
+            parts = [item.get("output") or item.get("arguments") or item.get("input") or ""]
         text = " ".join(p for p in parts if isinstance(p, str))
         texts.append(text)
         if item.get("role") == "user":
@@ -134,10 +174,15 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
         return
     rid = _new_id("resp")
     tool = forced_tool(body)
-    if tool:
+    if tool and tool[0] == "custom":
+        item: dict[str, Any] = {"id": _new_id("ctc"), "type": "custom_tool_call",
+                                "status": "completed", "call_id": _new_id("call"),
+                                "name": tool[1], "input": said}
+        pieces, finish = [said], "stop"
+    elif tool:
         args = _dumps({"said": said}).decode()
-        item: dict[str, Any] = {"id": _new_id("fc"), "type": "function_call", "status": "completed",
-                "call_id": _new_id("call"), "name": tool, "arguments": args}
+        item = {"id": _new_id("fc"), "type": "function_call", "status": "completed",
+                "call_id": _new_id("call"), "name": tool[1], "arguments": args}
         pieces, finish = [args], "stop"
     else:
         pieces, finish = make_answer(said, behaviour, limit)
@@ -159,7 +204,8 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
 
 def _events(done: dict[str, Any], item: dict[str, Any],
             pieces: list[str]) -> Iterator[dict[str, Any]]:
-    """Yield the typed events of one answer (a message or a function call), unnumbered."""
+    """Yield the typed events of one answer (a message, a function or custom tool call),
+    unnumbered."""
     start = {**done, "status": "in_progress", "output": [], "usage": None}
     yield {"type": "response.created", "response": start}
     yield {"type": "response.in_progress", "response": start}
@@ -172,6 +218,12 @@ def _events(done: dict[str, Any], item: dict[str, Any],
             yield {"type": "response.function_call_arguments.delta", **where, "delta": piece}
         yield {"type": "response.function_call_arguments.done", **where, "name": item["name"],
                "arguments": item["arguments"]}
+    elif item["type"] == "custom_tool_call":
+        yield {"type": "response.output_item.added", "output_index": 0,
+               "item": {**opened, "input": ""}}
+        for piece in pieces:
+            yield {"type": "response.custom_tool_call_input.delta", **where, "delta": piece}
+        yield {"type": "response.custom_tool_call_input.done", **where, "input": item["input"]}
     else:
         part = item["content"][0]
         yield {"type": "response.output_item.added", "output_index": 0,

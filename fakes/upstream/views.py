@@ -34,7 +34,12 @@ from fakes.upstream.behaviour import FakeError, _loads, extract_markers
 from fakes.upstream.images import _IMAGE_RE, IMAGE_SIZES, png_image
 from fakes.upstream.moderation import answer_moderations
 from fakes.upstream.protocol import FakeProtocol
-from fakes.upstream.responses import answer_responses, chat_tool_call, forced_tool
+from fakes.upstream.responses import (
+    answer_responses,
+    chat_tool_call,
+    check_custom,
+    forced_tool,
+)
 from fakes.upstream.structured import structured_text
 from fakes.upstream.vision import image_tokens
 
@@ -107,6 +112,7 @@ class FakeHandler(FakeProtocol):
         said, markers = extract_markers(texts[last]) if last >= 0 else ("", {})
         if markers:
             texts[last] = said
+        check_custom(body)
         if forced_tool(body):  # tool_choice forces a call: answer with one (fakes/.../responses)
             prompt = sum(map(count_tokens, texts)) + 1 + image_tokens(messages, model)
             return chat_tool_call(self, body, model, said, self._behaviour(markers), prompt)

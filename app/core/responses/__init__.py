@@ -1,6 +1,7 @@
 """OpenAI's Responses API in pure functions: no I/O, no Flask, no Redis.
 
     request.py   check a `POST /v1/responses` body and its input items
+    tools.py     its client-side tools (function, custom), tool_choice and calls in chat's shapes
     to_chat.py   items → chat messages; the whole request → a chat/completions body (for
                  chat-only upstreams); stored items → a native upstream's input (replay)
     answer.py    the Response object: its skeleton, usage in its shape, a chat completion → Response

@@ -35,19 +35,45 @@ def frame(event: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
+class _Growing:
+    """A part's text (and logprobs) or a call's arguments (input), given piece by piece: the
+    pieces are kept and added to the holder when it is read (flush). Appending each piece to
+    the holder's string would copy the whole text again per piece: quadratic in a long stream."""
+
+    __slots__ = ("holder", "field", "pieces", "probs")
+
+    def __init__(self, holder: dict[str, Any], field: str) -> None:
+        self.holder, self.field = holder, field
+        self.pieces: list[str] = []
+        self.probs: list[dict[str, Any]] = []
+
+    def flush(self) -> None:
+        """Add the pieces taken since the last flush to the holder."""
+        if self.pieces:
+            self.holder[self.field] += "".join(self.pieces)
+            self.pieces.clear()
+        if self.probs:  # a new list: events (content_part.added) hold the old one
+            self.holder["logprobs"] = self.holder["logprobs"] + self.probs
+            self.probs = []
+
+
 class ChatEvents:
-    """Build a Response from chat/completions output, emitting the typed events as it goes."""
+    """Build a Response from chat/completions output, emitting the typed events as it goes.
+
+    Texts grow as pieces (_Growing): an item is whole in the events that show it whole (a
+    part's and a call's .done, output_item.done, the final Response) and in output()."""
 
     def __init__(self, response: dict[str, Any]) -> None:
         self.response = response  # the skeleton (answer.skeleton)
         self.seq = 0
-        self.items: list[dict[str, Any]] = []
+        self.items: list[dict[str, Any]] = []  # whole once flushed (output())
         self.open: dict[str, Any] | None = None  # the item being streamed
-        self.part_open = False
-        self.calls: dict[Any, dict[str, Any]] = {}  # chat tool-call index -> its item
+        self.part: _Growing | None = None  # its open content part
+        self.open_call: _Growing | None = None  # or its call's arguments (input)
+        # chat tool-call index -> its item, output_index and arguments (input)
+        self.calls: dict[Any, tuple[dict[str, Any], int, _Growing]] = {}
         self.finish_reason: Any = None
         self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
-        self.texts: list[str] = []  # everything produced, to estimate tokens without usage
         self.error: dict[str, str] | None = None  # the error an upstream stream ended with
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -89,6 +115,14 @@ class ChatEvents:
                 self.finish_reason = choice["finish_reason"]
         return out
 
+    def output(self) -> list[dict[str, Any]]:
+        """Return the output items so far, their texts whole."""
+        if self.part is not None:
+            self.part.flush()
+        for _, _, grown in self.calls.values():
+            grown.flush()
+        return self.items
+
     def _index(self) -> int:
         return len(self.items) - 1
 
@@ -107,23 +141,21 @@ class ChatEvents:
                                "content": [], "role": "assistant"})
         item = self.open
         assert item is not None
-        if not self.part_open or item["content"][-1]["type"] != kind:
+        if self.part is None or item["content"][-1]["type"] != kind:
             out += self._close_part()
             part: dict[str, Any] = {"type": kind, _FIELD[kind]: ""}
             if kind == "output_text":
                 part.update(annotations=[], logprobs=[])
             item["content"].append(part)
-            self.part_open = True
+            self.part = _Growing(part, _FIELD[kind])
             out.append(self.event("response.content_part.added", item_id=item["id"],
                                   output_index=self._index(),
                                   content_index=len(item["content"]) - 1, part=dict(part)))
-        part = item["content"][-1]
-        part[_FIELD[kind]] += piece
-        self.texts.append(piece)
+        self.part.pieces.append(piece)
         where = {"item_id": item["id"], "output_index": self._index(),
                  "content_index": len(item["content"]) - 1}
         if kind == "output_text":
-            part["logprobs"] = part["logprobs"] + probs  # a new list: events hold the old one
+            self.part.probs += probs
             return out + [self.event("response.output_text.delta", **where, delta=piece,
                                      logprobs=event_logprobs(probs))]
         return out + [self.event("response.refusal.delta", **where, delta=piece)]
@@ -131,35 +163,42 @@ class ChatEvents:
     def _call(self, key: Any, call: dict[str, Any]) -> list[dict[str, Any]]:
         """Take a chat tool call's piece: a function's (name, arguments) or, chat's `custom`
         (free-form tools), a custom tool's (name, input), its item `custom_tool_call`."""
-        item, new = self.calls.get(key), key not in self.calls
-        if item is None:
+        known = self.calls.get(key)
+        item: dict[str, Any]
+        if known is None:
             custom = call.get("type") == "custom" or (
                 isinstance(call.get("custom"), dict) and not isinstance(call.get("function"), dict))
             call_id = call.get("id") if isinstance(call.get("id"), str) else answer.new_id("call")
-            item = self.calls[key] = {
+            item = {
                 "id": answer.item_id("ctc" if custom else "fc", self.response["id"]),
                 "type": "custom_tool_call" if custom else "function_call", "status": "in_progress",
                 "input" if custom else "arguments": "", "call_id": call_id, "name": ""}
+        else:
+            item = known[0]
         source, field, events_of = _CALLS[item["type"]]
         given = call.get(source)
         fn: dict[str, Any] = given if isinstance(given, dict) else {}
         if not item["name"] and isinstance(fn.get("name"), str):
             item["name"] = fn["name"]
-        out = self._open(item) if new else []
+        out: list[dict[str, Any]] = []
+        if known is None:
+            out = self._open(item)
+            known = self.calls[key] = (item, self._index(), _Growing(item, field))
+            self.open_call = known[2]
         piece = fn.get(field)
         if isinstance(piece, str) and piece:
-            item[field] += piece
-            self.texts.append(piece)
+            known[2].pieces.append(piece)
             out.append(self.event(f"response.{events_of}.delta", item_id=item["id"],
-                                  output_index=self.items.index(item), delta=piece))
+                                  output_index=known[1], delta=piece))
         return out
 
     def _close_part(self) -> list[dict[str, Any]]:
-        item = self.open
-        if not self.part_open or item is None:
+        item, grown = self.open, self.part
+        if grown is None or item is None:
             return []
-        self.part_open = False
-        part = item["content"][-1]
+        self.part = None
+        grown.flush()
+        part = grown.holder
         where = {"item_id": item["id"], "output_index": self._index(),
                  "content_index": len(item["content"]) - 1}
         done = (self.event("response.output_text.done", **where, text=part["text"],
@@ -173,6 +212,9 @@ class ChatEvents:
         if item is None:
             return []
         out = self._close_part()
+        if self.open_call is not None:
+            self.open_call.flush()
+            self.open_call = None
         if item["type"] == "function_call":
             out.append(self.event("response.function_call_arguments.done", item_id=item["id"],
                                   output_index=self._index(), name=item["name"],
@@ -190,7 +232,7 @@ class ChatEvents:
         reason = answer.INCOMPLETE.get(self.finish_reason) if isinstance(
             self.finish_reason, str) else None
         out = self._close("incomplete" if reason else "completed")
-        final = answer.finish(self.response, self.items, self.finish_reason, usage)
+        final = answer.finish(self.response, self.output(), self.finish_reason, usage)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return out + [self.event(kind, response=final)], final
 
@@ -198,13 +240,9 @@ class ChatEvents:
         """Return the response.failed event of a broken-off generation, and its Response: the
         error the upstream sent, else a server_error saying `message`."""
         error = self.error or {"code": "server_error", "message": message}
-        final = {**answer.failed(self.response, self.items, error), "usage": usage}
-        self.open, self.part_open = None, False
+        final = {**answer.failed(self.response, self.output(), error), "usage": usage}
+        self.open, self.part, self.open_call = None, None, None
         return self.event("response.failed", response=final), final
-
-    def text(self) -> str:
-        """Return everything produced so far (text, refusals, call arguments)."""
-        return "".join(self.texts)
 
 
 def logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:

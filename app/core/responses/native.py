@@ -119,7 +119,6 @@ class NativeEvents:
         self.seq = 0
         self.final: dict[str, Any] | None = None  # the terminal event's Response
         self.usage: Any = None
-        self.texts: list[str] = []
         self.items: dict[int, Any] = {}  # output_index -> finished item
         self.ids: dict[str, str] = {}  # the upstream's item id -> ours (own)
 
@@ -137,7 +136,6 @@ class NativeEvents:
             event["item"] = _renamed(event["item"], rid, self.ids)
         if isinstance(event.get("item_id"), str):
             event["item_id"] = _our_id(event["item_id"], rid, self.ids)
-        self.texts.append(produced(event))
         if kind == "response.output_item.done" and isinstance(event.get("output_index"), int):
             self.items[event["output_index"]] = event.get("item")
         if kind in TERMINAL and isinstance(event.get("response"), dict):
@@ -153,7 +151,3 @@ class NativeEvents:
         event = {"type": "response.failed", "response": self.final, "sequence_number": self.seq}
         self.seq += 1
         return event
-
-    def text(self) -> str:
-        """Return the text produced so far."""
-        return "".join(self.texts)

@@ -3,18 +3,19 @@
 What OpenAI accepts is accepted (a field sent as null is absent); what this service cannot honour
 is refused with a 400 naming it, never silently dropped: background mode, the Conversations API,
 stored prompt templates, and tools the upstream would run and bill itself (web search, file
-search, code interpreter…): only client-side tools (function, custom) pass. An item_reference
-is checked here and replaced by the stored item it names (app/web/relay/responses.py).
+search, code interpreter…): only client-side tools (function, custom) pass (tools.py). An
+item_reference is checked here and replaced by the stored item it names
+(app/web/relay/responses.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from app.core.responses.to_chat import TEXT_PARTS, bad, chat_format, chat_tool_choice
+from app.core.responses.to_chat import OUTPUTS, TEXT_PARTS, bad, chat_format
+from app.core.responses.tools import chat_tool_choice, check_call, check_tools
 
 ROLES = ("user", "assistant", "system", "developer")
-CLIENT_TOOLS = ("function", "custom")  # run by the caller: their only cost is tokens
 REFUSED = {"background": "background mode", "conversation": "the Conversations API",
            "prompt": "stored prompt templates"}
 PART_TYPES = (*TEXT_PARTS, "input_image", "input_file")
@@ -58,25 +59,10 @@ def check(body: dict[str, Any], native: bool) -> None:
     prev = body.get("previous_response_id")
     if prev is not None and (not isinstance(prev, str) or not prev):
         raise bad("'previous_response_id' must be a non-empty string.", "previous_response_id")
-    _check_tools(body.get("tools"), native)
+    check_tools(body.get("tools"), native)
     if not native:
         chat_tool_choice(body.get("tool_choice"))
         chat_format(body.get("text"))
-
-
-def _check_tools(tools: Any, native: bool) -> None:
-    if tools is None:
-        return
-    if not isinstance(tools, list):
-        raise bad("'tools' must be an array.", "tools")
-    allowed = CLIENT_TOOLS if native else ("function",)
-    for i, tool in enumerate(tools):
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind not in allowed:
-            raise bad(f"tools[{i}]: tools of type '{kind}' are not supported by this service "
-                      f"(supported: {', '.join(allowed)}).", f"tools[{i}].type", "不支持该工具类型")
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise bad(f"tools[{i}].name must be a non-empty string.", f"tools[{i}].name")
 
 
 def input_items(value: Any, native: bool) -> list[dict[str, Any]]:
@@ -111,11 +97,9 @@ def _check_item(item: Any, where: str, native: bool) -> None:
                 _check_part(part, f"{where}.content[{j}]", native)
         elif not isinstance(content, str):
             raise bad(f"{where}.content must be a string or an array.", f"{where}.content")
-    elif kind == "function_call":
-        for name in ("call_id", "name", "arguments"):
-            if not isinstance(item.get(name), str):
-                raise bad(f"{where}.{name} must be a string.", f"{where}.{name}")
-    elif kind == "function_call_output":
+    elif kind in ("function_call", "custom_tool_call"):
+        check_call(item, kind, where)
+    elif kind in OUTPUTS:
         if not isinstance(item.get("call_id"), str):
             raise bad(f"{where}.call_id must be a string.", f"{where}.call_id")
         output = item.get("output")

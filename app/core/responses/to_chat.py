@@ -1,11 +1,12 @@
 """Translate a Responses request to chat/completions (for upstreams that only speak chat).
 
-Items become messages (developer → system, which every chat upstream knows), function calls
-become an assistant turn's tool_calls and their outputs tool messages (text only: chat has no
-place for an image or a file there, nor in system and assistant messages: a 400 names it);
-tools, tool_choice and text.format take chat's shapes; max_output_tokens becomes max_tokens
-(max_completion_tokens for reasoning models); logprobs asked for (include, top_logprobs) become
-chat's. `replay` readies stored items for a native upstream instead.
+Items become messages (developer → system, which every chat upstream knows), function and
+custom tool calls become an assistant turn's tool_calls and their outputs tool messages (text
+only: chat has no place for an image or a file there, nor in system and assistant messages: a
+400 names it); tools and tool_choice take chat's shapes (tools.py), text.format too;
+max_output_tokens becomes max_tokens (max_completion_tokens for reasoning models); logprobs
+asked for (include, top_logprobs) become chat's. `replay` readies stored items for a native
+upstream instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.core.errors import InvalidRequest
+from app.core.responses.tools import chat_call, chat_tool_choice, chat_tools
 
 TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # Chat fields a Responses request carries under the same name and meaning.
@@ -84,14 +86,20 @@ def _message(item: dict[str, Any], where: str | None, strict: bool) -> dict[str,
     return {"role": "assistant" if role == "assistant" else "system", "content": text}
 
 
+# An output item's type -> what a refusal of an image or a file in it calls it.
+OUTPUTS = {"function_call_output": "a function call's output",
+           "custom_tool_call_output": "a custom tool call's output"}
+
+
 def _tool_message(item: dict[str, Any], where: str | None, strict: bool) -> dict[str, Any]:
-    """Return a function_call_output as chat's tool message: its output as text (a chat tool
-    message takes text only; natively, strict=False, every part is kept to be bounded)."""
+    """Return a function's or custom tool's call output as chat's tool message: its output as
+    text (a chat tool message takes text only; natively, strict=False, every part is kept to
+    be bounded)."""
     output = item["output"]
     if not strict and isinstance(output, list):
         content: Any = [_chat_part(p) for p in output if isinstance(p, dict)] or ""
     else:
-        content = _only_text(output, where and f"{where}.output", "a function call's output")
+        content = _only_text(output, where and f"{where}.output", OUTPUTS[item["type"]])
     return {"role": "tool", "tool_call_id": item["call_id"], "content": content}
 
 
@@ -114,14 +122,13 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]],
         where = _where(index, stored)
         if kind == "message":
             out.append(_message(item, where, strict))
-        elif kind == "function_call":
-            call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+        elif kind in ("function_call", "custom_tool_call") and (call := chat_call(item)):
             if out and out[-1]["role"] == "assistant":  # one assistant turn: text + its calls
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind in OUTPUTS and isinstance(item.get("call_id"), str) and isinstance(
+                item.get("output"), (str, list)):
             out.append(_tool_message(item, where, strict))
         elif kind != "reasoning" or not strict:
             if strict:
@@ -129,35 +136,6 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]],
                           "upstream cannot take.", "previous_response_id")
             out.append(item)
     return out
-
-
-def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
-    """Translate Responses function tools to chat tools (others are kept, to be bounded)."""
-    out = []
-    for tool in tools or []:
-        if tool.get("type") != "function":
-            out.append(tool)
-            continue
-        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict")
-              if tool.get(k) is not None}
-        out.append({"type": "function", "function": fn})
-    return out or None
-
-
-def chat_tool_choice(choice: Any) -> Any:
-    """Translate a Responses tool_choice to chat's (or raise the 400 for one chat lacks)."""
-    if choice is None or choice in ("none", "auto", "required"):
-        return choice
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind == "function" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
-    if kind == "allowed_tools" and isinstance(choice.get("tools"), list):
-        tools = [{"type": "function", "function": {"name": t.get("name")}}
-                 for t in choice["tools"] if isinstance(t, dict)]
-        return {"type": "allowed_tools",
-                "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": tools}}
-    raise bad("'tool_choice' must be none, auto, required, a function or allowed_tools.",
-              "tool_choice")
 
 
 def chat_format(text: Any) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from werkzeug.routing import BaseConverter
 from app.core import pricing, tokens
 from app.core.errors import InvalidKey, InvalidRequest, NotFound
 from app.core.money import Hold, keys
-from app.core.responses import answer, events, native, request, to_chat
+from app.core.responses import answer, events, native, request, to_chat, tools
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store, responses_stream, screening
@@ -151,7 +151,7 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     fmt = body.get("text") if plan.native else to_chat.chat_format(body.get("text"))
     limit = relay.get("max_prompt_tokens", 128000)
     prompt = tokens.messages_prompt(  # input files: bounded by the cap (tokens.Prompt)
-        messages, call.upstream_model, tools=to_chat.chat_tools(body.get("tools")),
+        messages, call.upstream_model, tools=tools.chat_tools(body.get("tools")),
         response_format=fmt, limit=limit)
     if extra:  # read as prompt by some upstreams: counted, never free
         prompt = prompt.plus(tokens.json_tokens(extra, call.upstream_model, limit=limit))
@@ -186,7 +186,7 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
     else:
         state = events.from_chat(data, plan.response)
         # Billed as produced, as chat bills it: its reasoning too (the translation drops it).
-        output, text, reported = state.items, answer_text("chat", data), state.usage
+        output, text, reported = state.output(), answer_text("chat", data), state.usage
     meter.usage(reported)
     try:
         screening.screen_answer(screening.response_slots(final) if plan.native

@@ -1,0 +1,144 @@
+"""A Responses request's client-side tools (function, custom) and calls, in chat's shapes.
+
+    Responses                                  chat/completions
+    {type: function, name, parameters, …}     {type: function, function: {name, parameters, …}}
+    {type: custom, name, description, format} {type: custom, custom: {name, description, format}}
+      format {type: grammar, syntax, definition}  format {type: grammar, grammar: {syntax,
+                                                                              definition}}
+    tool_choice {type: custom, name}           {type: custom, custom: {name}}
+    function_call / custom_tool_call item      an assistant message's tool_calls[] entry
+
+What chat cannot express is refused (translated only; natively the upstream judges): a tool
+deferred to tool search (`defer_loading`), or one only code may call (`allowed_callers`
+without "direct"): chat has neither tool search nor programmatic calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.core.errors import InvalidRequest
+
+CLIENT_TOOLS = ("function", "custom")  # run by the caller: their only cost is tokens
+SYNTAXES = ("lark", "regex")  # OpenAI's GrammarSyntax1, chat's grammar syntax too
+
+
+def _bad(message: str, param: str, msg: str = "请求参数错误") -> InvalidRequest:
+    return InvalidRequest(message, param=param, msg=msg)
+
+
+def check_tools(tools: Any, native: bool) -> None:
+    """Check `tools`: client-side tools only, each named; translated, each as chat takes it."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise _bad("'tools' must be an array.", "tools")
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in CLIENT_TOOLS:
+            raise _bad(f"tools[{i}]: tools of type '{kind}' are not supported by this service "
+                       f"(supported: {', '.join(CLIENT_TOOLS)}).", f"tools[{i}].type",
+                       "不支持该工具类型")
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise _bad(f"tools[{i}].name must be a non-empty string.", f"tools[{i}].name")
+        if not native:
+            _check_for_chat(tool, f"tools[{i}]")
+
+
+def _check_for_chat(tool: dict[str, Any], where: str) -> None:
+    if tool.get("defer_loading") is True:
+        raise _bad(f"{where}: 'defer_loading' (tool search) cannot be translated to chat "
+                   "completions, which has no tool search; this service's chat upstream "
+                   "needs every tool loaded.", f"{where}.defer_loading", "对话上游不支持延迟加载工具")
+    callers = tool.get("allowed_callers")
+    if callers is not None and (not isinstance(callers, list) or "direct" not in callers):
+        raise _bad(f"{where}: 'allowed_callers' must include 'direct' on this service's chat "
+                   "upstream: chat completions has no programmatic tool calls.",
+                   f"{where}.allowed_callers", "对话上游只支持模型直接调用工具")
+    if tool["type"] != "custom":
+        return
+    if tool.get("description") is not None and not isinstance(tool["description"], str):
+        raise _bad(f"{where}.description must be a string.", f"{where}.description")
+    fmt = tool.get("format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return
+    if kind != "grammar":
+        raise _bad(f"{where}.format must be a text or grammar format.", f"{where}.format")
+    if fmt.get("syntax") not in SYNTAXES:
+        raise _bad(f"{where}.format.syntax must be one of {', '.join(SYNTAXES)}.",
+                   f"{where}.format.syntax")
+    if not isinstance(fmt.get("definition"), str):
+        raise _bad(f"{where}.format.definition must be a string.", f"{where}.format.definition")
+
+
+def _custom(tool: dict[str, Any]) -> dict[str, Any]:
+    spec = {k: tool[k] for k in ("name", "description") if tool.get(k) is not None}
+    fmt = tool.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar":
+        spec["format"] = {"type": "grammar", "grammar": {
+            k: fmt[k] for k in ("definition", "syntax") if k in fmt}}
+    elif isinstance(fmt, dict) and fmt.get("type") == "text":
+        spec["format"] = {"type": "text"}
+    elif fmt is not None:
+        spec["format"] = fmt  # natively only (unchecked): counted as sent
+    return {"type": "custom", "custom": spec}
+
+
+def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Translate Responses function and custom tools to chat's (others are kept, to be
+    bounded)."""
+    out = []
+    for tool in tools or []:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "custom":
+            out.append(_custom(tool))
+        elif kind == "function":
+            fn = {k: tool[k] for k in ("name", "description", "parameters", "strict")
+                  if tool.get(k) is not None}
+            out.append({"type": "function", "function": fn})
+        else:
+            out.append(tool)
+    return out or None
+
+
+def _named(tool: Any, where: str) -> dict[str, Any]:
+    """Return chat's reference to a function or custom tool: {type, <type>: {name}}."""
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind not in CLIENT_TOOLS or not isinstance(tool.get("name"), str):
+        raise _bad(f"'{where}' must name a function or custom tool (type and name).", where)
+    return {"type": kind, kind: {"name": tool["name"]}}
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    """Translate a Responses tool_choice to chat's (or raise the 400 for one chat lacks)."""
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in CLIENT_TOOLS:
+        return _named(choice, "tool_choice")
+    if kind == "allowed_tools" and isinstance(choice.get("tools"), list):
+        tools = [_named(t, f"tool_choice.tools[{i}]") for i, t in enumerate(choice["tools"])]
+        return {"type": "allowed_tools",
+                "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": tools}}
+    raise _bad("'tool_choice' must be none, auto, required, a function or custom tool, or "
+               "allowed_tools.", "tool_choice")
+
+
+def check_call(item: dict[str, Any], kind: str, where: str) -> None:
+    """Check a function_call or custom_tool_call input item's fields (OpenAI requires them)."""
+    for name in ("call_id", "name", "arguments" if kind == "function_call" else "input"):
+        if not isinstance(item.get(name), str):
+            raise _bad(f"{where}.{name} must be a string.", f"{where}.{name}")
+
+
+def chat_call(item: dict[str, Any]) -> dict[str, Any] | None:
+    """Return a function_call or custom_tool_call item as chat's tool call (None: a stored
+    item without its fields, which only a native upstream's turn may hold)."""
+    custom = item.get("type") == "custom_tool_call"
+    field = "input" if custom else "arguments"
+    if not all(isinstance(item.get(k), str) for k in ("call_id", "name", field)):
+        return None
+    kind = "custom" if custom else "function"
+    return {"id": item["call_id"], "type": kind,
+            "function" if not custom else "custom": {"name": item["name"], field: item[field]}}

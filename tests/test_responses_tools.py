@@ -1,0 +1,150 @@
+"""Custom (free-form) tools on /v1/responses, translated to a chat upstream (the fake, at the
+HTTP edge): the tools, the choice forcing one, the calls and their outputs in chat's shapes,
+continued with previous_response_id, held and billed as chat bills them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from conftest import LiveServer
+from openapi_schemas import validate
+from test_responses import (
+    MODEL,
+    last_chat,
+    native,  # noqa: F401 (a fixture)
+    post,
+    reserved,
+    sdk,
+    settles,
+    sse,
+)
+
+from app.core import pricing, tokens
+from app.core.config import Settings
+from app.core.money import ledger
+from fakes.upstream import FakeUpstream
+
+WORDS = " ".join(f"word{i}" for i in range(200))  # what the fake's call is given as input
+SHELL = {"type": "custom", "name": "shell", "description": "Run a shell command.",
+         "format": {"type": "grammar", "syntax": "regex", "definition": "^[a-z0-9 ]+$"}}
+CHAT_SHELL = {"type": "custom", "custom": {
+    "name": "shell", "description": "Run a shell command.",
+    "format": {"type": "grammar", "grammar": {"definition": "^[a-z0-9 ]+$", "syntax": "regex"}}}}
+FORCE = {"type": "custom", "name": "shell"}
+
+
+def create(live: LiveServer, key: str, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+    """POST a Responses request (streamed or not); return the final Response, validated (each
+    event too, and the custom tool call's input deltas adding up to its .done)."""
+    if not stream:
+        resp = post(live, key, body)
+        assert resp.status_code == 200, resp.text
+        final: dict[str, Any] = resp.json()
+    else:
+        events = [data for _, data in sse(post(live, key, {**body, "stream": True},
+                                               stream=True))]
+        for event in events:
+            validate(event, "ResponseStreamEvent")
+        deltas = "".join(e["delta"] for e in events
+                         if e["type"] == "response.custom_tool_call_input.delta")
+        done = [e["input"] for e in events
+                if e["type"] == "response.custom_tool_call_input.done"]
+        assert done == ([deltas] if deltas else [])
+        final = events[-1]["response"]
+    validate(final, "Response")
+    return final
+
+
+def held_for(settings: Settings, sent: dict[str, Any]) -> int:
+    """Return the hold of a chat request as sent upstream: its messages and tools, bounded,
+    plus the model's output cap."""
+    price = settings.prices[MODEL]
+    bound = tokens.messages_bound(sent["messages"], MODEL, tools=sent.get("tools"))
+    return pricing.token_cost(price, bound, price.max_output)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_custom_tool_loop_runs_on_a_chat_upstream(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream, r: redis.Redis,
+        settings: Settings, stream: bool) -> None:
+    """Custom tools were refused on a chat upstream (400 `tools[0].type`), a stored turn holding
+    a custom_tool_call could not be continued (400) and custom_tool_call_output items were
+    refused. Now the tool (its grammar under chat's `grammar`), the choice forcing it, the call
+    and its output go to chat in chat's shapes; the hold counts the tool definitions and the
+    calls sent back; the call's input is billed as output (here without a usage object)."""
+    key, acct = funded
+    first = create(live, key, {"model": MODEL, "tools": [SHELL], "tool_choice": FORCE,
+                               "input": WORDS + " [[fake:nousage]]"}, stream)
+    sent = last_chat(upstream)
+    assert sent["tools"] == [CHAT_SHELL]
+    assert sent["tool_choice"] == {"type": "custom", "custom": {"name": "shell"}}
+    (call,) = first["output"]
+    assert {k: call[k] for k in ("type", "name", "input", "status")} == {
+        "type": "custom_tool_call", "name": "shell", "input": WORDS, "status": "completed"}
+    (settled,) = settles(r, acct)
+    assert int(settled["ct"]) == first["usage"]["output_tokens"] >= tokens.completion_tokens(
+        WORDS, MODEL) >= 200
+    assert reserved(r, acct) == [held_for(settings, sent)]
+
+    second = create(live, key, {
+        "model": MODEL, "tools": [SHELL], "previous_response_id": first["id"],
+        "input": [{"type": "custom_tool_call_output", "call_id": call["call_id"],
+                   "output": [{"type": "input_text", "text": "total 0"}]}]}, stream)
+    sent = last_chat(upstream)
+    assert sent["messages"] == [
+        {"role": "user", "content": WORDS + " [[fake:nousage]]"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call["call_id"], "type": "custom",
+             "custom": {"name": "shell", "input": WORDS}}]},
+        {"role": "tool", "tool_call_id": call["call_id"], "content": "total 0"}]
+    assert second["output"][0]["content"][0]["text"].endswith(WORDS)  # the fake echoes
+    assert reserved(r, acct)[1] == held_for(settings, sent)
+    # the call sent back counts into the hold: more than the same turn without it
+    assert held_for(settings, sent) > held_for(settings, {**sent, "messages": [
+        m for m in sent["messages"] if m["role"] != "assistant"]})
+    assert ledger.verify(r) == []
+
+
+def test_the_sdk_sends_a_custom_tools_call_and_output_as_items(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """The official SDK's custom tool loop, the items sent back themselves (no stored turn)."""
+    client = sdk(live, funded[0])
+    got = client.responses.create(model=MODEL, input="pwd", tools=[SHELL],  # type: ignore[list-item]
+                                  tool_choice="required", store=False)
+    (call,) = got.output
+    assert call.type == "custom_tool_call" and call.input == "pwd"
+    again = client.responses.create(model=MODEL, tools=[SHELL], input=[  # type: ignore[list-item]
+        {"role": "user", "content": "pwd"},
+        {"type": "custom_tool_call", "call_id": call.call_id, "name": "shell", "input": "pwd"},
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "/root"}])
+    assert last_chat(upstream)["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "custom", "custom": {"name": "shell", "input": "pwd"}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "/root"}]
+    assert again.output_text.endswith("pwd")
+
+
+def test_a_native_custom_tool_turn_continues_on_a_chat_upstream(
+        live: LiveServer, native: LiveServer,  # noqa: F811 (the fixture)
+        funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """A turn a native upstream answered with a custom_tool_call is continued translated: the
+    stored call becomes chat's, its output a tool message."""
+    key, _ = funded
+    made = post(native, key, {"model": MODEL, "input": "uname", "tools": [SHELL],
+                              "tool_choice": FORCE})
+    assert made.status_code == 200, made.text
+    (call,) = made.json()["output"]
+    assert call["type"] == "custom_tool_call" and call["input"] == "uname"
+    resp = post(live, key, {"model": MODEL, "previous_response_id": made.json()["id"],
+                            "tools": [SHELL], "input": [
+                                {"type": "custom_tool_call_output", "call_id": call["call_id"],
+                                 "output": "Linux"}]})
+    assert resp.status_code == 200, resp.text
+    assert last_chat(upstream)["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call["call_id"], "type": "custom",
+             "custom": {"name": "shell", "input": "uname"}}]},
+        {"role": "tool", "tool_call_id": call["call_id"], "content": "Linux"}]
