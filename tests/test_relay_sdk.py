@@ -253,3 +253,31 @@ def test_structured_outputs_parse_into_the_callers_model(
     assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
     assert wallet.balance(r, acct) < before
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_include_usage_puts_a_null_usage_on_every_chunk_but_the_last(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, route: str) -> None:
+    """OpenAI's stream_options.include_usage: "All other chunks will also include a `usage`
+    field, but with a null value". An upstream that writes no usage on its text chunks (vLLM's
+    are left out, the fake's [[fake:nousage]]) had them relayed without the field: a client
+    testing `chunk.usage === null` (or `"usage" in chunk`) took them for the wrong shape."""
+    key, acct = funded
+    client = sdk(live, key)
+    ask: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+    if route == "chat":
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "no usage [[fake:nousage]]"}],
+            **ask)
+    else:
+        raw = client.completions.with_raw_response.create(
+            model="gpt-3.5-turbo-instruct", prompt="no usage [[fake:nousage]]", **ask)
+    chunks = [json.loads(line[6:]) for line in raw.http_response.iter_lines()
+              if line.startswith("data: {")]
+    assert len(chunks) > 2 and all(c["choices"] for c in chunks[:-1])
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0
+    entry = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
+    assert (int(entry["pt"]), int(entry["ct"])) == (
+        last["usage"]["prompt_tokens"], last["usage"]["completion_tokens"])

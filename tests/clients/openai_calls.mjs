@@ -30,6 +30,12 @@ await run("chat_stream", async () => {
   }
   return { text, completion_tokens: usage?.completion_tokens ?? null };
 });
+await run("chat_stream_nulls", async () => {  // OpenAI's include_usage: null on all but the last
+  const chunks = [];
+  for await (const ch of await c.chat.completions.create({ model: "gpt-4o", stream: true,
+    messages: [{ role: "user", content: "hi [[fake:nousage]]" }], stream_options: { include_usage: true } })) chunks.push(ch);
+  return [chunks.slice(0, -1).every((ch) => ch.usage === null), chunks.at(-1).usage?.completion_tokens > 0];
+});
 await run("chat_stream_helper", async () =>
   (await c.chat.completions.stream({ model: "gpt-4o", messages: hi, tools, tool_choice: "required" })
     .finalChatCompletion()).choices[0].message.tool_calls.map((t) => t.function.name));
