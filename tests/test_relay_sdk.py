@@ -281,3 +281,40 @@ def test_include_usage_puts_a_null_usage_on_every_chunk_but_the_last(
     entry = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
     assert (int(entry["pt"]), int(entry["ct"])) == (
         last["usage"]["prompt_tokens"], last["usage"]["completion_tokens"])
+
+
+def test_strict_tools_parse_into_the_callers_model(live: LiveServer, funded: tuple[str, str],
+                                                   upstream: Any) -> None:
+    """`openai.pydantic_function_tool` (strict) with the SDK's parse() helpers, chat plain and
+    streamed and Responses: OpenAI calls a strict function with arguments fitting its
+    parameters. The fake upstream answered {"said": …} whatever the schema, so under
+    `xiaoyi run` every parse() with a tool raised a pydantic ValidationError."""
+    from pydantic import BaseModel
+
+    class Lookup(BaseModel):
+        city: str
+        days: int
+        metric: bool
+
+    client = sdk(live, funded[0])
+    msgs = [{"role": "user", "content": "weather in Paris"}]
+    tool = openai.pydantic_function_tool(Lookup)
+    done = client.chat.completions.parse(model="gpt-4o", messages=msgs, tools=[tool],
+                                         tool_choice="required")
+    (call,) = done.choices[0].message.tool_calls or []
+    assert upstream.requests[-1]["body"]["tools"][0]["function"]["strict"] is True
+    assert call.function.parsed_arguments == Lookup(city="weather in Paris", days=0, metric=False)
+    with client.chat.completions.stream(model="gpt-4o", messages=msgs, tools=[tool],
+                                        tool_choice="required") as stream:
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls or []
+    assert isinstance(call.function.parsed_arguments, Lookup)
+    got = client.responses.parse(model="gpt-4o", input="weather in Paris", tools=[tool],
+                                 tool_choice="required")
+    (item,) = got.output
+    assert item.type == "function_call" and isinstance(item.parsed_arguments, Lookup)
+    loose = client.chat.completions.create(  # not strict: the fake's {"said": …}, as before
+        model="gpt-4o", messages=msgs, tool_choice="required", tools=[{"type": "function",
+            "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    assert json.loads((loose.choices[0].message.tool_calls or [])[0].function.arguments) == {
+        "said": "weather in Paris"}

@@ -7,7 +7,8 @@ chunk_delay, cut, malformed).
 
 A request that forces a tool (tool_choice "required", or a named function) is answered with a
 call to that function (the first function tool for "required") whose arguments are
-{"said": <the last user message>}: on /v1/chat/completions (plain and streamed) and here.
+{"said": <the last user message>}, or for a `strict` tool an instance of its parameters
+(fakes/upstream/structured.py): on /v1/chat/completions (plain and streamed) and here.
 """
 
 from __future__ import annotations
@@ -29,21 +30,35 @@ from fakes.upstream.answers import (
     make_answer,
 )
 from fakes.upstream.behaviour import FakeError, _dumps, extract_markers
+from fakes.upstream.structured import tool_arguments
 
 if TYPE_CHECKING:
     from fakes.upstream.views import FakeHandler
 
 
+def _name(tool: dict[str, Any]) -> str | None:
+    """Return a tool's (or tool_choice's) function name: Responses' flat shape or chat's."""
+    name = tool.get("name") or (tool.get("function") or {}).get("name")
+    return name if isinstance(name, str) else None
+
+
 def forced_tool(body: dict[str, Any]) -> str | None:
     """Return the name of the function the request forces the model to call, if any."""
     choice, tools = body.get("tool_choice"), body.get("tools")
-    names = [t.get("name") or (t.get("function") or {}).get("name")
-             for t in tools or [] if isinstance(t, dict) and t.get("type") == "function"]
+    names = [_name(t) for t in tools or [] if isinstance(t, dict) and t.get("type") == "function"]
     if choice == "required" and names:
         return names[0]
     if isinstance(choice, dict) and choice.get("type") == "function":
-        return choice.get("name") or (choice.get("function") or {}).get("name")
+        return _name(choice)
     return None
+
+
+def forced_arguments(body: dict[str, Any], name: str, said: str) -> str:
+    """Return the arguments of the forced call to the function `name`."""
+    tools = body.get("tools")
+    tool = next((t for t in tools if isinstance(t, dict) and t.get("type") == "function"
+                 and _name(t) == name), None) if isinstance(tools, list) else None
+    return tool_arguments(tool, said)
 
 
 def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
@@ -51,7 +66,8 @@ def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said:
     """Answer a chat completion that forces a tool with a call to it."""
     if handler._apply(behaviour, body.get("stream") is True):
         return
-    name, args = forced_tool(body) or "", _dumps({"said": said}).decode()
+    name = forced_tool(body) or ""
+    args = forced_arguments(body, name, said)
     call_id = _new_id("call")
     usage = None if behaviour.get("nousage") else _usage(prompt_tokens, count_tokens(args) + 1)
     base = {"id": _new_id("chatcmpl"), "created": int(time.time()), "model": model}
@@ -135,7 +151,7 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
     rid = _new_id("resp")
     tool = forced_tool(body)
     if tool:
-        args = _dumps({"said": said}).decode()
+        args = forced_arguments(body, tool, said)
         item: dict[str, Any] = {"id": _new_id("fc"), "type": "function_call", "status": "completed",
                 "call_id": _new_id("call"), "name": tool, "arguments": args}
         pieces, finish = [args], "stop"
