@@ -318,3 +318,20 @@ def test_strict_tools_parse_into_the_callers_model(live: LiveServer, funded: tup
             "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
     assert json.loads((loose.choices[0].message.tool_calls or [])[0].function.arguments) == {
         "said": "weather in Paris"}
+
+
+def test_embeddings_dimensions_give_that_many_floats(live: LiveServer,
+                                                     funded: tuple[str, str]) -> None:
+    """`dimensions=256` (a vector store's width) gives 256 floats, as OpenAI's text-embedding-3
+    models do, through the SDK's default base64 and as floats; the fake upstream cut every
+    vector to 16, so a store created for 256 refused what `xiaoyi run` answered."""
+    client = sdk(live, funded[0])
+    packed = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"],
+                                      dimensions=256)
+    floats = client.embeddings.create(model="text-embedding-3-small", input="a", dimensions=256,
+                                      encoding_format="float")
+    assert [len(d.embedding) for d in packed.data] == [256, 256]
+    assert packed.data[0].embedding == floats.data[0].embedding  # the same vector, two wires
+    assert abs(sum(v * v for v in floats.data[0].embedding) - 1.0) < 1e-3
+    assert len(client.embeddings.create(model="text-embedding-3-small", input="a").data[0]
+               .embedding) == 16  # without dimensions: the fake's own short vector

@@ -16,6 +16,7 @@ from fakes.upstream.answers import (
     _MODEL_LIST,
     ANSWER_PREFIX,
     EMBEDDING_DIMS,
+    MAX_EMBEDDING_DIMS,
     MODEL_CREATED,
     MODELS,
     _content_text,
@@ -186,7 +187,8 @@ class FakeHandler(FakeProtocol):
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise FakeError(400, "'encoding_format' must be 'float' or 'base64'")
-        dims = min(_int_param(body, "dimensions", 1, 2**63 - 1, EMBEDDING_DIMS), EMBEDDING_DIMS)
+        dims = min(_int_param(body, "dimensions", 1, 2**63 - 1, EMBEDDING_DIMS),
+                   MAX_EMBEDDING_DIMS)  # as many as asked, as OpenAI's 3-small/3-large make
         texts, markers = [], {}
         for text in _texts(body.get("input"), "input"):
             clean, found = extract_markers(text)
