@@ -114,6 +114,11 @@ def test_images_url_and_b64(live: LiveServer, funded: tuple[str, str]) -> None:
     validate(body, "ImagesResponse")
     png = base64.b64decode(raw.parse().data[0].b64_json)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    # OpenAI revises only dall-e-3's prompts: dall-e-2's pictures carry no revised_prompt (the
+    # fake gave every picture one, so a client showing "the model drew: …" showed it for all)
+    assert "revised_prompt" not in body["data"][0]
+    three = client.images.generate(model="dall-e-3", prompt="a fox", response_format="url")
+    assert three.data[0].revised_prompt == "a fox" and (three.data[0].url or "").startswith("http")
 
 
 def test_models_list(live: LiveServer, funded: tuple[str, str]) -> None:

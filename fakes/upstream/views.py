@@ -231,15 +231,17 @@ class FakeHandler(FakeProtocol):
         if self._apply(behaviour):
             return
         host = self.lower_headers.get("host") or "{}:{}".format(*self.server.server_address[:2])
+        # OpenAI revises dall-e-3's prompts only (its answer says how); the others carry none
+        revised = {"revised_prompt": clean} if body.get("model") == "dall-e-3" else {}
         data = []
         for i in range(behaviour.get("items", n)):
             rgb = zlib.crc32(f"{clean}#{i}".encode()) & 0xFFFFFF
             if fmt == "b64_json":
                 png = base64.b64encode(png_image(*dims, rgb)).decode("ascii")
-                data.append({"b64_json": png, "revised_prompt": clean})
+                data.append({"b64_json": png, **revised})
             else:
                 name = f"img-{dims[0]}x{dims[1]}-{rgb:06x}-{_ID_SALT}{next(_IDS):x}.png"
-                data.append({"url": f"http://{host}/v1/files/{name}", "revised_prompt": clean})
+                data.append({"url": f"http://{host}/v1/files/{name}", **revised})
         self._send_json({"created": int(time.time()), "data": data})
 
     def _file(self, path: str) -> None:
