@@ -56,7 +56,7 @@ def test_litellm_every_route_and_its_exceptions(live: LiveServer, funded: tuple[
     assert ok["text_completion"].startswith("Say this")  # echo
     assert ok["embedding_list"] == 3 and ok["embedding_dims"] == 8 and ok["embedding_tokens"] == 2
     assert ok["embedding_b64"] > 0 and ok["aembedding"] == 2
-    assert ok["image"] == 2
+    assert ok["image"] == 2 and ok["image_url"].startswith("http")
     assert "which number?" in ok["responses_chain"]
     assert ok["responses_stream"][0] == "response.created"
     assert ok["responses_stream"][-1] == "response.completed"

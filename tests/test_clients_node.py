@@ -59,7 +59,9 @@ def test_node_sdk_every_route_and_its_exceptions(node_sdk: Path, live: LiveServe
 
     assert "hello relay" in ok["chat"]
     assert "hello relay" in ok["chat_stream"]["text"] and ok["chat_stream"]["completion_tokens"] > 0
+    assert ok["chat_stream_nulls"] == [True, True]
     assert ok["chat_stream_helper"] == ["get_weather"]
+    assert ok["chat_strict_tool"] == {"city": "hello relay", "days": 0}
     assert ok["chat_params"] == 2
     assert ok["completion"].startswith("Say this")  # echo
     assert ok["embeddings_default"][0] == 2 and ok["embeddings_default"][2] == "number"

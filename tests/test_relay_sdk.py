@@ -114,6 +114,11 @@ def test_images_url_and_b64(live: LiveServer, funded: tuple[str, str]) -> None:
     validate(body, "ImagesResponse")
     png = base64.b64decode(raw.parse().data[0].b64_json)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    # OpenAI revises only dall-e-3's prompts: dall-e-2's pictures carry no revised_prompt (the
+    # fake gave every picture one, so a client showing "the model drew: …" showed it for all)
+    assert "revised_prompt" not in body["data"][0]
+    three = client.images.generate(model="dall-e-3", prompt="a fox", response_format="url")
+    assert three.data[0].revised_prompt == "a fox" and (three.data[0].url or "").startswith("http")
 
 
 def test_models_list(live: LiveServer, funded: tuple[str, str]) -> None:
@@ -253,3 +258,85 @@ def test_structured_outputs_parse_into_the_callers_model(
     assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
     assert wallet.balance(r, acct) < before
     assert ledger.verify(r) == []
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_include_usage_puts_a_null_usage_on_every_chunk_but_the_last(
+        live: LiveServer, funded: tuple[str, str], r: redis.Redis, route: str) -> None:
+    """OpenAI's stream_options.include_usage: "All other chunks will also include a `usage`
+    field, but with a null value". An upstream that writes no usage on its text chunks (vLLM's
+    are left out, the fake's [[fake:nousage]]) had them relayed without the field: a client
+    testing `chunk.usage === null` (or `"usage" in chunk`) took them for the wrong shape."""
+    key, acct = funded
+    client = sdk(live, key)
+    ask: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+    if route == "chat":
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "no usage [[fake:nousage]]"}],
+            **ask)
+    else:
+        raw = client.completions.with_raw_response.create(
+            model="gpt-3.5-turbo-instruct", prompt="no usage [[fake:nousage]]", **ask)
+    chunks = [json.loads(line[6:]) for line in raw.http_response.iter_lines()
+              if line.startswith("data: {")]
+    assert len(chunks) > 2 and all(c["choices"] for c in chunks[:-1])
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0
+    entry = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"][-1]
+    assert (int(entry["pt"]), int(entry["ct"])) == (
+        last["usage"]["prompt_tokens"], last["usage"]["completion_tokens"])
+
+
+def test_strict_tools_parse_into_the_callers_model(live: LiveServer, funded: tuple[str, str],
+                                                   upstream: Any) -> None:
+    """`openai.pydantic_function_tool` (strict) with the SDK's parse() helpers, chat plain and
+    streamed and Responses: OpenAI calls a strict function with arguments fitting its
+    parameters. The fake upstream answered {"said": …} whatever the schema, so under
+    `xiaoyi run` every parse() with a tool raised a pydantic ValidationError."""
+    from pydantic import BaseModel
+
+    class Lookup(BaseModel):
+        city: str
+        days: int
+        metric: bool
+
+    client = sdk(live, funded[0])
+    msgs = [{"role": "user", "content": "weather in Paris"}]
+    tool = openai.pydantic_function_tool(Lookup)
+    done = client.chat.completions.parse(model="gpt-4o", messages=msgs, tools=[tool],
+                                         tool_choice="required")
+    (call,) = done.choices[0].message.tool_calls or []
+    assert upstream.requests[-1]["body"]["tools"][0]["function"]["strict"] is True
+    assert call.function.parsed_arguments == Lookup(city="weather in Paris", days=0, metric=False)
+    with client.chat.completions.stream(model="gpt-4o", messages=msgs, tools=[tool],
+                                        tool_choice="required") as stream:
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls or []
+    assert isinstance(call.function.parsed_arguments, Lookup)
+    got = client.responses.parse(model="gpt-4o", input="weather in Paris", tools=[tool],
+                                 tool_choice="required")
+    (item,) = got.output
+    assert item.type == "function_call" and isinstance(item.parsed_arguments, Lookup)
+    loose = client.chat.completions.create(  # not strict: the fake's {"said": …}, as before
+        model="gpt-4o", messages=msgs, tool_choice="required", tools=[{"type": "function",
+            "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    assert json.loads((loose.choices[0].message.tool_calls or [])[0].function.arguments) == {
+        "said": "weather in Paris"}
+
+
+def test_embeddings_dimensions_give_that_many_floats(live: LiveServer,
+                                                     funded: tuple[str, str]) -> None:
+    """`dimensions=256` (a vector store's width) gives 256 floats, as OpenAI's text-embedding-3
+    models do, through the SDK's default base64 and as floats; the fake upstream cut every
+    vector to 16, so a store created for 256 refused what `xiaoyi run` answered."""
+    client = sdk(live, funded[0])
+    packed = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"],
+                                      dimensions=256)
+    floats = client.embeddings.create(model="text-embedding-3-small", input="a", dimensions=256,
+                                      encoding_format="float")
+    assert [len(d.embedding) for d in packed.data] == [256, 256]
+    assert packed.data[0].embedding == floats.data[0].embedding  # the same vector, two wires
+    assert abs(sum(v * v for v in floats.data[0].embedding) - 1.0) < 1e-3
+    assert len(client.embeddings.create(model="text-embedding-3-small", input="a").data[0]
+               .embedding) == 16  # without dimensions: the fake's own short vector

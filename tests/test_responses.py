@@ -779,6 +779,9 @@ def test_native_function_call_and_refused_builtin_tool(native: LiveServer,
                                   tool_choice={"type": "function", "name": "get_weather"})
     (call,) = got.output
     assert call.type == "function_call" and call.arguments == '{"said":"上海"}'
+    strict = client.responses.create(model=MODEL, input="上海", tool_choice="required",
+                                     tools=[{**WEATHER, "strict": True}])
+    assert strict.output[0].arguments == '{"city":"上海"}'  # fits the parameters, as OpenAI's
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=MODEL, input="x", tools=[{"type": "file_search",
                                                                "vector_store_ids": ["vs_1"]}])

@@ -20,7 +20,8 @@ MODELS = (
     "text-embedding-3-small", "dall-e-2", "dall-e-3", "gpt-3.5-turbo-instruct",
 )  # fmt: skip
 MODEL_CREATED = 1_700_000_000
-EMBEDDING_DIMS = 16
+EMBEDDING_DIMS = 16  # without `dimensions`; with it, up to MAX_EMBEDDING_DIMS (OpenAI's 3-large)
+MAX_EMBEDDING_DIMS = 3072
 STREAM_PIECES = 8
 
 _TOKEN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[A-Za-z0-9]+")
@@ -73,9 +74,14 @@ def make_answer(text: str, behaviour: dict[str, Any], limit: int | None,
 
 
 def embedding_bytes(text: str, dims: int = EMBEDDING_DIMS) -> bytes:
-    """Return the unit-length little-endian float32 vector derived from a hash of text."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=32).digest()
-    values = [x / 32767.5 - 1.0 for x in struct.unpack("<16H", digest)[:dims]]
+    """Return the unit-length little-endian float32 vector derived from a hash of text: 16
+    values a 32-byte digest (the first one unkeyed, the next ones keyed by their number)."""
+    data, values = text.encode("utf-8", "surrogatepass"), []
+    for block in range(-(-dims // 16)):
+        key = block.to_bytes(4, "little") if block else b""
+        digest = hashlib.blake2b(data, digest_size=32, key=key).digest()
+        values += [x / 32767.5 - 1.0 for x in struct.unpack("<16H", digest)]
+    values = values[:dims]
     norm = math.sqrt(sum(v * v for v in values)) or 1.0
     return struct.pack(f"<{dims}f", *(v / norm for v in values))
 

@@ -7,7 +7,8 @@ chunk_delay, cut, malformed).
 
 A request that forces a tool (tool_choice "required", or a named function or custom tool) is
 answered with a call to it (the first function or custom tool for "required"): a function's
-arguments are {"said": <the last user message>}, a custom tool's input is that message itself;
+arguments are {"said": <the last user message>} (for a `strict` function, an instance of its
+parameters: fakes/upstream/structured.py), a custom tool's input is that message itself;
 on /v1/chat/completions (plain and streamed, `tool_calls[].function` or `.custom`) and here
 (`function_call` or `custom_tool_call` items). Chat custom tools, and calls of them sent back in
 assistant messages, are checked as OpenAI's chat schema has them (a 400 otherwise).
@@ -32,6 +33,7 @@ from fakes.upstream.answers import (
     make_answer,
 )
 from fakes.upstream.behaviour import FakeError, _dumps, extract_markers
+from fakes.upstream.structured import tool_arguments
 
 if TYPE_CHECKING:
     from fakes.upstream.views import FakeHandler
@@ -85,13 +87,21 @@ def check_custom(body: dict[str, Any]) -> None:
                 raise FakeError(400, f"Invalid value for 'messages[{i}].tool_calls[{j}]'.")
 
 
+def forced_arguments(body: dict[str, Any], name: str, said: str) -> str:
+    """Return the arguments of the forced call to the function `name`."""
+    tools = body.get("tools")
+    tool = next((t for t in tools if isinstance(t, dict) and t.get("type") == "function"
+                 and _tool_name(t, "function") == name), None) if isinstance(tools, list) else None
+    return tool_arguments(tool, said)
+
+
 def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
                    behaviour: dict[str, Any], prompt_tokens: int) -> None:
     """Answer a chat completion that forces a tool with a call to it."""
     if handler._apply(behaviour, body.get("stream") is True):
         return
     kind, name = forced_tool(body) or ("function", "")
-    text = said if kind == "custom" else _dumps({"said": said}).decode()
+    text = said if kind == "custom" else forced_arguments(body, name, said)
     field = "input" if kind == "custom" else "arguments"
     call_id = _new_id("call")
     usage = None if behaviour.get("nousage") else _usage(prompt_tokens, count_tokens(text) + 1)
@@ -180,7 +190,7 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
                                 "name": tool[1], "input": said}
         pieces, finish = [said], "stop"
     elif tool:
-        args = _dumps({"said": said}).decode()
+        args = forced_arguments(body, tool[1], said)
         item = {"id": _new_id("fc"), "type": "function_call", "status": "completed",
                 "call_id": _new_id("call"), "name": tool[1], "arguments": args}
         pieces, finish = [args], "stop"

@@ -1,8 +1,10 @@
-"""Structured outputs: a chat answer that is a JSON document fitting `response_format`.
+"""Structured outputs: a chat answer that is a JSON document fitting `response_format`, and the
+arguments of a forced call to a strict function tool.
 
 OpenAI answers `json_schema` with an instance of the schema (and `json_object` with a JSON
-object), so the SDKs' `parse()` helpers turn it into the caller's model: the fake does the same,
-each string in the document saying what the request said.
+object), and calls a `strict` function with arguments fitting its `parameters`, so the SDKs'
+`parse()` helpers (`response_format`, `pydantic_function_tool`, `zodFunction`) turn them into the
+caller's model: the fake does the same, each string in the document saying what the request said.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ def structured_text(response_format: Any, said: str) -> str | None:
     if kind != "json_schema" or not isinstance(spec, dict):
         return None
     schema = spec.get("schema")
+    schema = schema if isinstance(schema, dict) else {"type": "object"}
+    return _dumps(_instance(schema, schema, said, 0)).decode()
+
+
+def tool_arguments(tool: Any, said: str) -> str:
+    """Return the arguments of a forced call to `tool` (chat's or Responses' shape): an instance
+    of its parameters when it is strict, else {"said": <the last user message>}."""
+    spec = tool.get("function") if isinstance(tool, dict) and "function" in tool else tool
+    if not isinstance(spec, dict) or spec.get("strict") is not True:
+        return _dumps({"said": said}).decode()
+    schema = spec.get("parameters")
     schema = schema if isinstance(schema, dict) else {"type": "object"}
     return _dumps(_instance(schema, schema, said, 0)).decode()
 

@@ -16,6 +16,7 @@ from fakes.upstream.answers import (
     _MODEL_LIST,
     ANSWER_PREFIX,
     EMBEDDING_DIMS,
+    MAX_EMBEDDING_DIMS,
     MODEL_CREATED,
     MODELS,
     _content_text,
@@ -192,7 +193,8 @@ class FakeHandler(FakeProtocol):
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise FakeError(400, "'encoding_format' must be 'float' or 'base64'")
-        dims = min(_int_param(body, "dimensions", 1, 2**63 - 1, EMBEDDING_DIMS), EMBEDDING_DIMS)
+        dims = min(_int_param(body, "dimensions", 1, 2**63 - 1, EMBEDDING_DIMS),
+                   MAX_EMBEDDING_DIMS)  # as many as asked, as OpenAI's 3-small/3-large make
         texts, markers = [], {}
         for text in _texts(body.get("input"), "input"):
             clean, found = extract_markers(text)
@@ -235,15 +237,17 @@ class FakeHandler(FakeProtocol):
         if self._apply(behaviour):
             return
         host = self.lower_headers.get("host") or "{}:{}".format(*self.server.server_address[:2])
+        # OpenAI revises dall-e-3's prompts only (its answer says how); the others carry none
+        revised = {"revised_prompt": clean} if body.get("model") == "dall-e-3" else {}
         data = []
         for i in range(behaviour.get("items", n)):
             rgb = zlib.crc32(f"{clean}#{i}".encode()) & 0xFFFFFF
             if fmt == "b64_json":
                 png = base64.b64encode(png_image(*dims, rgb)).decode("ascii")
-                data.append({"b64_json": png, "revised_prompt": clean})
+                data.append({"b64_json": png, **revised})
             else:
                 name = f"img-{dims[0]}x{dims[1]}-{rgb:06x}-{_ID_SALT}{next(_IDS):x}.png"
-                data.append({"url": f"http://{host}/v1/files/{name}", "revised_prompt": clean})
+                data.append({"url": f"http://{host}/v1/files/{name}", **revised})
         self._send_json({"created": int(time.time()), "data": data})
 
     def _file(self, path: str) -> None:

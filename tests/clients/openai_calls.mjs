@@ -30,9 +30,22 @@ await run("chat_stream", async () => {
   }
   return { text, completion_tokens: usage?.completion_tokens ?? null };
 });
+await run("chat_stream_nulls", async () => {  // OpenAI's include_usage: null on all but the last
+  const chunks = [];
+  for await (const ch of await c.chat.completions.create({ model: "gpt-4o", stream: true,
+    messages: [{ role: "user", content: "hi [[fake:nousage]]" }], stream_options: { include_usage: true } })) chunks.push(ch);
+  return [chunks.slice(0, -1).every((ch) => ch.usage === null), chunks.at(-1).usage?.completion_tokens > 0];
+});
 await run("chat_stream_helper", async () =>
   (await c.chat.completions.stream({ model: "gpt-4o", messages: hi, tools, tool_choice: "required" })
     .finalChatCompletion()).choices[0].message.tool_calls.map((t) => t.function.name));
+await run("chat_strict_tool", async () => {  // a strict tool is called with its parameters' shape
+  const strict = [{ type: "function", function: { name: "lookup", strict: true, parameters: { type: "object",
+    properties: { city: { type: "string" }, days: { type: "integer" } }, required: ["city", "days"],
+    additionalProperties: false } } }];
+  const done = await c.chat.completions.parse({ model: "gpt-4o", messages: hi, tools: strict, tool_choice: "required" });
+  return done.choices[0].message.tool_calls[0].function.parsed_arguments;
+});
 await run("chat_params", async () => (await c.chat.completions.create({ model: "gpt-4o", messages: hi, n: 2,
   logprobs: true, top_logprobs: 2, seed: 3, stop: ["END"], user: "u-2", metadata: { a: "b" }, store: true,
   max_completion_tokens: 30, parallel_tool_calls: true, tools,

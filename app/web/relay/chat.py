@@ -229,7 +229,8 @@ def _failed(err: UpstreamError, call: Call, meter: Meter, texts: Produced) -> by
 def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
              guard: StreamGuard | None, texts: Produced, reports: Reports) -> Iterator[bytes]:
     """Yield one (screened) chunk as the client gets it (the model's name); a usage-only chunk
-    is held back (sent last, as billed), a text chunk's usage is null (or the usage so far)."""
+    is held back (sent last, as billed), a text chunk's usage is null (or the usage so far):
+    present when the client asked for include_usage, whether the upstream wrote one or not."""
     if guard is not None and guard.refused:  # obj ends each open choice: content_filter
         meter.cut(texts.text())
     usage = obj.get("usage")
@@ -245,8 +246,10 @@ def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
         # An upstream may report on a text chunk (its last, or every one): the text goes on,
         # the usage shown is the last chunk's (OpenAI's null here), or the running one asked for.
         obj["usage"] = meter.running(usage) if plan.running_usage else None
-    if not plan.want_usage and "usage" in obj:  # the null the relay's own include_usage adds
-        del obj["usage"]
+    if not plan.want_usage:
+        obj.pop("usage", None)  # the null the relay's own include_usage adds
+    elif "usage" not in obj:  # OpenAI's: every chunk but the last carries a null usage
+        obj["usage"] = None
     obj["model"] = call.model
     yield b"data: " + orjson.dumps(obj) + b"\n\n"
 
