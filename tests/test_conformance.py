@@ -58,6 +58,13 @@ REFUSALS = [
     (400, "invalid_request_error", r"^'input' must be a non-empty string"),  # "" to embed
     (400, "invalid_request_error", r"^'prompt' must be a string, a non-empty array"),  # []
     (400, "invalid_request_error", r"^'max_(completion_)?tokens' must be an integer >= 0"),
+    # OpenAI's limits stated only in a field's description, which a body drawn from the schema
+    # does not keep (tools/request_limits.py PROSE; tests/test_request_limits.py has each).
+    (400, "object_above_max_properties", r"^Invalid 'metadata': too many properties"),
+    (400, "property_name_above_max_length", r"^Invalid property name in 'metadata'"),
+    (400, "string_above_max_length", r"(?s)^Invalid 'metadata\..*': string too long"),
+    (400, "integer_above_max_value", r"(?s)^Invalid 'logit_bias\..*': integer above maximum"),
+    (400, "integer_below_min_value", r"(?s)^Invalid 'logit_bias\..*': integer below minimum"),
 ]
 JSON_REFUSAL = r"^The request body is not valid JSON"  # only for bodies with lone surrogates
 EXAMPLES = 75  # per route: 300 bodies in all

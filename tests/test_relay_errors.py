@@ -24,6 +24,11 @@ CODES = {"invalid_request_error": 40001, "invalid_api_key": 40101, "model_not_fo
          "not_found": 40400, "method_not_allowed": 40500, "request_too_large": 41301,
          "upstream_error": 50201, "service_unavailable": 50301, "upstream_timeout": 50401,
          "rate_limit_exceeded": 42902}
+# OpenAI's own error.code for a field outside its published constraints (app/web/relay/limits.py;
+# every case of them: tests/test_request_limits.py), the original service's code 40001 still.
+PARAM_CODES = ("invalid_type", "invalid_value", "empty_array", "integer_below_min_value",
+               "integer_above_max_value")
+CODES.update(dict.fromkeys(PARAM_CODES, 40001))
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -97,13 +102,23 @@ BAD_CHAT = {
 }
 
 
+# The cases refused by OpenAI's published constraints, with OpenAI's code for each.
+OPENAI_CODE = {"empty messages": "empty_array", "messages not a list": "invalid_type",
+               "n = 0": "integer_below_min_value", "n = 129": "integer_above_max_value",
+               "n = '2'": "invalid_type", "max_completion_tokens = 1.5": "invalid_type",
+               "stream_options a string": "invalid_type", "stream not bool": "invalid_type",
+               "model not a string": "invalid_type",
+               "completion n = 129": "integer_above_max_value",
+               "completion best_of = 21": "integer_above_max_value"}
+
+
 @pytest.mark.parametrize("case", list(BAD_CHAT), ids=list(BAD_CHAT))
 def test_bad_chat_input_is_400_and_free(case: str, client: Any, funded: tuple[str, str],
                                         r: redis.Redis, upstream: FakeUpstream) -> None:
     key, acct = funded
     before = snapshot(r, acct)
     resp = call(client, key, "/v1/chat/completions", BAD_CHAT[case])
-    check_error(resp, 400, "invalid_request_error")
+    check_error(resp, 400, OPENAI_CODE.get(case, "invalid_request_error"))
     assert snapshot(r, acct) == before and upstream.requests == []
 
 
@@ -148,7 +163,7 @@ def test_bad_input_other_endpoints_is_400_and_free(case: str, client: Any,
     key, acct = funded
     before = snapshot(r, acct)
     path, body = BAD_OTHER[case]
-    check_error(call(client, key, path, body), 400, "invalid_request_error")
+    check_error(call(client, key, path, body), 400, OPENAI_CODE.get(case, "invalid_request_error"))
     assert snapshot(r, acct) == before and upstream.requests == []
 
 

@@ -95,8 +95,9 @@ def test_large_body_with_a_good_key_is_served_and_counted_once(
         raw, _ = new_key(r, "100")
         pad = "x" * (2 << 20)  # a large body: an image-sized field the upstream ignores
         for where in ("bearer", "body"):
-            # (in `metadata`: a field outside OpenAI's schema is counted as prompt)
-            body = {"messages": [{"role": "user", "content": "hi"}], "metadata": {"pad": pad}}
+            # (in `user`: a field of OpenAI's schema with no length limit, not counted as
+            # prompt; `metadata` values are at most 512 characters, one outside the schema is)
+            body = {"messages": [{"role": "user", "content": "hi"}], "user": pad}
             headers = {"Content-Type": "application/json"}
             if where == "bearer":
                 headers["Authorization"] = f"Bearer {raw}"
@@ -166,13 +167,13 @@ def test_a_large_body_key_is_found_past_decoys_and_the_top_level_one_decides(
     raw, _ = new_key(r, "100")
     other, _ = new_key(r, "100")
     pad = "x" * (1 << 20)
-    decoys = {"metadata": {"api_secret_key": "sk-decoy-0123456789", "pad": pad}}
+    decoys = {"metadata": {"api_secret_key": "sk-decoy-0123456789"}, "user": pad}
     body = {**decoys, "messages": [{"role": "user", "content": "hi"}], "api_secret_key": raw}
     resp = requests.post(live.url + "/v1/chat/completions", data=json.dumps(body), timeout=60,
                          headers={"Content-Type": "application/json"})
     assert resp.status_code == 200, resp.text[:300]
     # a valid key nested, a wrong one at the top: the top-level key is the request's
-    body = {"metadata": {"api_secret_key": other, "pad": pad}, "api_secret_key": "sk-nope-12345",
+    body = {"metadata": {"api_secret_key": other}, "user": pad, "api_secret_key": "sk-nope-12345",
             "messages": [{"role": "user", "content": "hi"}]}
     resp = requests.post(live.url + "/v1/chat/completions", data=json.dumps(body), timeout=60,
                          headers={"Content-Type": "application/json"})
@@ -192,7 +193,7 @@ def test_a_key_has_a_budget_of_large_body_bytes_a_minute(
 
         def send(key: str, filler: str) -> requests.Response:
             body = {"messages": [{"role": "user", "content": "hi"}],
-                    "metadata": {"pad": filler}}
+                    "user": filler}
             return requests.post(server.url + "/v1/chat/completions", json=body, timeout=60,
                                  headers={"Authorization": f"Bearer {key}"})
 
@@ -370,10 +371,10 @@ def test_a_compressed_body_is_as_large_as_it_decodes_to(live: LiveServer, r: red
     assert resp.status_code == 401, resp.text[:300]
     raw, _ = new_key(r, "100")
     served = {"api_secret_key": raw, "messages": [{"role": "user", "content": "hi"}],
-              "metadata": {"pad": "x" * (1 << 20)}}
+              "user": "x" * (1 << 20)}
     resp = _gzip_post(live.url, json.dumps(served).encode())
     assert resp.status_code == 200, resp.text[:300]
-    late = {"messages": served["messages"], "metadata": served["metadata"], "api_secret_key": raw}
+    late = {"messages": served["messages"], "user": served["user"], "api_secret_key": raw}
     resp = _gzip_post(live.url, json.dumps(late).encode())  # the key only past 256 KiB
     assert resp.status_code == 401, resp.text[:300]
     assert "Bearer" in resp.json()["error"]["message"]
@@ -390,7 +391,7 @@ def test_a_compressed_body_spends_the_budget_it_decodes_to(
     try:
         raw, acct = new_key(r, "100")
         body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
-                           "metadata": {"pad": "x" * (600 << 10)}}).encode()
+                           "user": "x" * (600 << 10)}).encode()
         for where in ("bearer", "body"):
             r.delete(layout.body_budget_key(acct, keys.hash_key(raw)))
             auth = f"Bearer {raw}" if where == "bearer" else ""

@@ -29,11 +29,16 @@ ROOTS: tuple[str, ...] = (
     "Response",
     "ResponseStreamEvent",
     "CreateModerationResponse",
-    # The request bodies of the four POST routes (tests/test_conformance.py draws from them).
+    # The request bodies of the POST routes (tests/test_conformance.py draws from them;
+    # tools/request_limits.py reads their constraints). /responses?beta=true's BetaCreateResponse
+    # and BetaTokenCountsBody are not vendored: the same top-level constraints (plus an object
+    # `multi_agent`) under 220 more schemas (tests/test_request_limits.py checks it on the spec).
     "CreateChatCompletionRequest",
     "CreateCompletionRequest",
     "CreateEmbeddingRequest",
     "CreateImageRequest",
+    "CreateResponse",
+    "TokenCountsBody",
 )
 
 # Keywords whose values are data, not subschemas: refs inside them are not followed.

@@ -3,6 +3,8 @@
     ApiError                      status  error.code
     ├── InvalidKey                 401    invalid_api_key
     ├── InvalidRequest             400    invalid_request_error
+    │   ├── InvalidParam           400    OpenAI's for the field (invalid_type, invalid_value,
+    │   │                                 decimal_above_max_value, array_above_max_length, …)
     │   └── UpstreamRefused        400    the upstream's own    (its 404 and 422 as they came)
     ├── ModelNotFound              404    model_not_found
     ├── InsufficientQuota          429    insufficient_quota      (x-should-retry: false)
@@ -69,6 +71,25 @@ class StringTooLong(InvalidRequest):
     `error.code` "string_above_max_length", the same `code` 40001 as any bad request."""
 
     error_code = "string_above_max_length"
+
+
+class InvalidParam(InvalidRequest):
+    """A field outside OpenAI's published constraints (app/web/relay/limits.py): OpenAI's own
+    `error.code` for the broken constraint (invalid_type, invalid_value,
+    integer_above_max_value, string_above_max_length, array_above_max_length, …) and `param`
+    naming the field, the same `code` 40001 as any bad request."""
+
+    at = -1  # the index of the array item (or map value) at fault; -1: the field itself
+
+    def __init__(self, message: str, *, error_code: str, param: str, msg: str) -> None:
+        super().__init__(message, param=param, msg=msg)
+        self.param_code = error_code
+
+    def body(self) -> dict[str, Any]:
+        """Return the error body with OpenAI's code for the constraint."""
+        out = super().body()
+        out["error"]["code"] = self.param_code
+        return out
 
 
 class UpstreamRefused(InvalidRequest):

@@ -125,7 +125,7 @@ def _call_texts(message: dict[str, Any]) -> list[str]:
 def relay_text(kind: str, path: str) -> Response:
     """Serve one chat or completions request."""
     plan = Plan()
-    call, held = admit((kind,), lambda c: prepare(kind, c, plan))
+    call, held = admit((kind,), lambda c: prepare(kind, c, plan), fields=kind)
     with held:  # an upstream failure (or a refused answer) releases the whole hold
         # Non-stream: a channel answering malformed JSON fails over like a 5xx.
         with prompt_billed_if_sent(call, plan, held):

@@ -34,7 +34,7 @@ from app.edges import current
 from app.edges.store import get_redis
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
-from app.web.relay import compression
+from app.web.relay import compression, limits
 
 
 @dataclass
@@ -469,8 +469,10 @@ def spend_large_bytes(raw: str, acct: str, size: int) -> None:
                                 f"after {wait}s.")
 
 
-def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
-    """Parse the body, take the raw key (checked later), map the model and find its price.
+def gather(kinds: tuple[str, ...], empty_ok: bool = False, fields: str | None = None) -> Call:
+    """Parse the body, take the raw key (checked later), map the model and find its price, then
+    check the top-level fields against OpenAI's constraints for the route (`fields`: a
+    limits.TABLE kind; an unknown model is a 404 first, as it was before this check).
 
     A large body is read only for a good key that its rate limit admits: a Bearer key is checked
     before the body is read, an api_secret_key right after the parse (before the depth check
@@ -504,6 +506,8 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     cfg = settings()
     model = body.get("model", cfg.defaults.get(kinds[0], ""))
     if not isinstance(model, str) or not model:
+        if fields is not None:  # a model of another type: OpenAI's invalid_type
+            limits.check(fields, {"model": model})
         raise InvalidRequest("'model' must be a non-empty string.", param="model",
                              msg="model 参数错误")
     upstream_model = cfg.resolve(model)
@@ -514,17 +518,19 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False) -> Call:
     if price.kind not in kinds:
         raise InvalidRequest(f"The model '{model}' cannot be used on this endpoint.",
                              param="model", msg="该模型不能用于此接口")
+    if fields is not None:  # a known model first (404), as before any other field's check
+        limits.check(fields, body)
     body["model"] = upstream_model
     call.model, call.upstream_model, call.price = model, upstream_model, price
     return call
 
 
-def gather_keyed(kinds: tuple[str, ...], empty_ok: bool = False
+def gather_keyed(kinds: tuple[str, ...], empty_ok: bool = False, fields: str | None = None
                  ) -> tuple[Call, keys.KeyInfo]:
     """Gather the request and check its key and rate limit (a route that holds no money); a
     body refused by gather still has its key checked first, as admit does."""
     try:
-        call = gather(kinds, empty_ok)
+        call = gather(kinds, empty_ok, fields)
     except ApiError:
         _check_refused_key()
         raise
@@ -547,15 +553,17 @@ def _check_refused_key() -> None:
         _precheck(raw)
 
 
-def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int]) -> tuple[Call, money.Hold]:
+def admit(kinds: tuple[str, ...], prepare: Callable[[Call], int],
+          fields: str | None = None) -> tuple[Call, money.Hold]:
     """Gather and check the request, then authenticate + rate-limit + reserve in one round trip.
 
-    `prepare` validates the body and returns the most the call can cost. A request refused
+    `fields`: the route's OpenAI constraints (gather). `prepare` validates the body and returns
+    the most the call can cost. A request refused
     before the reservation has its key checked first, so a bad key (401) or a rate limit (429)
     is answered before the request's own error.
     """
     try:
-        call = gather(kinds)
+        call = gather(kinds, fields=fields)
         amount = prepare(call)
         if amount > MAX_UNITS:  # more than any wallet can hold (and than a script accepts)
             raise InsufficientQuota()

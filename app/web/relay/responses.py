@@ -207,7 +207,7 @@ def create() -> Response:
     """Serve POST /v1/responses."""
 
     plan = Plan()
-    call, held = admit(("chat",), lambda c: _prepare(c, plan))
+    call, held = admit(("chat",), lambda c: _prepare(c, plan), fields="responses")
     assert call.key is not None
     with held:  # an upstream failure (or a bug) before settling releases the whole hold
         if plan.acct is not None and plan.acct != call.key.acct:
@@ -289,7 +289,8 @@ def input_tokens() -> Response:
     bounds (a file) at its estimate. Key and rate limit apply; nothing is charged or sent
     upstream."""
     plan = Plan()
-    call, info = gather_keyed(("chat",), empty_ok=True)  # OpenAI requires no body here
+    call, info = gather_keyed(("chat",), empty_ok=True,  # OpenAI requires no body here
+                              fields="input_tokens")
     _prepare(call, plan, counting=True)
     if plan.acct is not None and plan.acct != info.acct:
         raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
