@@ -196,7 +196,8 @@ def test_empty_wallet_gets_recharge_hint(start: Callable[..., Any], upstream: An
 
 def test_upstream_failure_retries_then_apologises_and_gives_the_free_chat_back(
         start: Callable[..., Any], upstream: Any, wx: FakeWeChatAPI) -> None:
-    _, wechat = start(daily_free_messages=1, reply_wait_seconds=0.2)
+    _, wechat = start(daily_free_messages=1, reply_wait_seconds=0.2,
+                      retry_seconds=[1, 1])  # the retries outlast the webhook's wait
     assert wechat.say(OPENID, "[[fake:status=503]]坏了") is None
     sent = wait_for(lambda: wx.sent(OPENID), timeout=15)
     assert sent[0]["text"]["content"] == TEXTS["chat_failed"]

@@ -67,23 +67,27 @@ def test_a_keyerror_fails_the_job_at_once_with_the_hold_released(
     assert ledger.verify(r) == []
 
 
-@pytest.mark.parametrize("fault", ["upstream", "upstream-once"])
+@pytest.mark.parametrize("fault,waits", [("upstream", [0, 0]), ("upstream-once", [0, 0]),
+                                         ("upstream", [0, 0, 0, 0]), ("upstream", [])])
 def test_a_transient_failure_is_retried_then_apologised_for_once(
-        upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI, fault: str) -> None:
+        upstream: Any, redis_url: str, r: Any, wx: FakeWeChatAPI, fault: str,
+        waits: list[int]) -> None:
     """Also inside jobs.once (the run lock of the real jobs): a failure rq retries leaves the
-    message open, so the retries run; only the last one closes it."""
-    settings = wechat_settings(upstream.url, redis_url, wx)
+    message open, so the retries run; only the last one closes it. One retry per wait of
+    [bot] retry_seconds ([]: none)."""
+    settings = wechat_settings(upstream.url, redis_url, wx, retry_seconds=waits)
     acct = wallet.create_account(r, initial=10_000)
     dk = f"{OPENID}:7770002"
     with bot(settings, r, worker=False) as (app, _):
         job_id = _enqueue(app, dk, acct, fault)
         with WorkerThread(app):
             wait_for(lambda: _failed(app, job_id), timeout=20)
-    assert int(r.get(runs_key(dk))) == 3  # the first run and two retries
+    runs = 1 + len(waits)  # the first run and a retry per wait
+    assert int(r.get(runs_key(dk))) == runs
     assert [m["text"]["content"] for m in wx.sent(OPENID)] == [TEXTS["chat_failed"]]
     assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
     kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct) if e.get("req") == dk)
-    assert kinds == {"reserve": 3, "refund": 3}
+    assert kinds == {"reserve": runs, "refund": runs}
     assert ledger.verify(r) == []
 
 

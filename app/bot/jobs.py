@@ -38,15 +38,13 @@ import requests
 from redis.client import Pipeline
 from rq import Retry, get_current_job
 
-from app.bot import slots
+from app.bot import slots, texts
 from app.core.errors import UpstreamError, UpstreamTimeout
 from app.core.money.layout import Store
 from app.edges.wechat_api import WeChatTransient
 from app.edges.worklock import worker_lock
 
 log = logging.getLogger(__name__)
-MAX_RETRIES = 2
-INTERVALS = [1, 3]  # seconds before the first and second retry
 KEEP_TTL = 86400
 FAILED_TTL = 7 * 86400  # rq keeps a failed bot job this long (it can be requeued meanwhile)
 CLOSED_TTL = FAILED_TTL + 86400
@@ -102,10 +100,16 @@ def closed(r: redis.Redis, dk: str) -> bool:
     return bool(r.exists(closed_key(dk)))
 
 
+def _retry_seconds() -> list[int]:
+    """Return the waits before a failed job's retries ([bot] retry_seconds)."""
+    waits: list[int] = texts.settings().bot.retry_seconds
+    return waits
+
+
 def last_attempt() -> bool:
     """Tell whether this job run is its last (no retry follows it; True outside rq)."""
     job = get_current_job()
-    return job is None or (job.number_of_retries or 0) >= MAX_RETRIES
+    return job is None or (job.number_of_retries or 0) >= len(_retry_seconds())
 
 
 def attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
@@ -134,7 +138,8 @@ def _attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
         if not last_attempt():
             log.warning("bot job: transient failure (%s: %s); rq retries it",
                         type(exc).__name__, exc)
-            return Retry(max=MAX_RETRIES, interval=INTERVALS)
+            waits = _retry_seconds()
+            return Retry(max=len(waits), interval=waits)
         _tell(r, dk, give_up, exc)
         raise
     except Exception as exc:

@@ -116,6 +116,7 @@ class BotSettings:
     picture_max_side: int
     picture_max_bytes: int
     usage_link_minutes: int  # 1 to 10080 (a week)
+    retry_seconds: list[int]  # a failed bot job's retries: the wait before each (0 to 5 of them)
 
 
 BOT_RULES: dict[str, Rule] = {
@@ -131,6 +132,9 @@ BOT_RULES: dict[str, Rule] = {
     "vision_prompt": (lambda v: isinstance(v, str) and bool(v.strip()),
                       "must be a non-empty text"),
     "image_format": (lambda v: v in ("b64_json", "url"), "must be b64_json or url"),
+    "retry_seconds": (lambda v: isinstance(v, list) and len(v) <= 5
+                      and all(_int(x) and 0 <= x <= 3600 for x in v),
+                      "must be a list of at most 5 integers from 0 to 3600"),
 }
 
 

@@ -272,7 +272,7 @@ def test_wechat_user_gets_a_polite_message_never_silence(r: redis.Redis, redis_u
     openid = "oChaosUpstreamFault00000001"
     with FakeWeChatAPI() as wx:
         settings = wechat_settings(upstream.url, redis_url, wx, daily_free_messages=0,
-                                   reply_wait_seconds=0.2)
+                                   reply_wait_seconds=0.2, retry_seconds=[1, 1])  # pushed later
         settings = type(settings)(**{**settings.__dict__, "relay": {
             **settings.relay, "timeout_seconds": 1}})
         with bot(settings, r) as (_, url):
