@@ -1,6 +1,6 @@
 """The import direction the README's Architecture section draws, read from the source with `ast`.
 
-core ← edges ← bot ← web ← the factory (`app/__init__.py`) ← runtime; `workers/` use core, edges
+core ← edges ← bot ← web ← the factory (`app/factory.py`, `app/__init__.py`) ← runtime; `workers/` use core, edges
 and bot; `fakes/` stand alone. Every import counts for the direction: at module level, inside
 functions and under `TYPE_CHECKING`. `python -m pytest tests/test_layers.py -q` checks the rules;
 `python tests/test_layers.py` prints how many import statements go from each layer to each other.
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "workers", "fakes")
 APP_LAYERS = ("core", "edges", "bot", "web", "runtime")
-# What each layer must never import; "app" is the factory, app/__init__.py.
+# What each layer must never import; "app" is the factory, app/factory.py and app/__init__.py.
 FORBIDDEN: dict[str, frozenset[str]] = {
     "app.core": frozenset({"app.edges", "app.bot", "app.web", "app.runtime", "app", "workers",
                            "fakes"}),

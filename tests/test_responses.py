@@ -607,6 +607,10 @@ def test_without_upstream_usage_the_bill_is_the_estimate(
     # What chat completions cannot express of a custom tool: tool search, programmatic calls
     ({"input": "x", "tools": [{"type": "custom", "name": "c", "defer_loading": True}]},
      "tools[0].defer_loading"),
+    # An input item's type that is no string (an object was a 500: found by the schema fuzz)
+    ({"input": [{"role": "user", "content": "x", "type": {"x": 1}}]}, "input[0].type"),
+    ({"input": [{"role": "user", "content": "x", "type": [1]}]}, "input[0].type"),
+    ({"input": [{"role": "user", "content": "x", "type": 1.5}]}, "input[0].type"),
     ({"input": "x", "tools": [{"type": "custom", "name": "c",
                                "allowed_callers": ["programmatic"]}]}, "tools[0].allowed_callers"),
 ])

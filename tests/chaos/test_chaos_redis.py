@@ -256,9 +256,9 @@ def test_a_bot_job_that_finds_the_store_down_at_its_start_is_retried(
     money = make_redis(embedded.url, max_connections=10)
     dk = "oChaosStartDown00000000001:1"
     with FakeWeChatAPI() as wx:
-        settings = wechat_settings(upstream.url, embedded.url, wx,
-                                   env_extra={"XIAOYI_QUEUE_REDIS_URL": redis_url})
-        with bot(settings, money, worker=False) as (app, _):
+        settings = wechat_settings(upstream.url, embedded.url, wx, retry_seconds=[1, 3],
+                                   env_extra={"XIAOYI_QUEUE_REDIS_URL": redis_url})  # waits: the
+        with bot(settings, money, worker=False) as (app, _):  # retry comes once Redis is back
             with app.app_context():
                 job = get_queue("chat").enqueue("botjobs.count_runs", dk, failure_ttl=3600)
             crash(embedded)

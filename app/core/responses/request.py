@@ -88,6 +88,8 @@ def _check_item(item: Any, where: str, native: bool) -> None:
     if kind is None and "id" in item and "role" not in item and "content" not in item:
         kind = item["type"] = "item_reference"  # OpenAI's ItemReferenceParam: type optional
     kind = "message" if kind is None else kind  # a message may leave its type out
+    if not isinstance(kind, str):  # (an object here was a 500: found by the schema fuzz)
+        raise bad(f"{where}.type must be a string.", f"{where}.type")
     if kind == "message":
         if item.get("role") not in ROLES:
             raise bad(f"{where}.role must be one of {', '.join(ROLES)}.", f"{where}.role")
