@@ -68,6 +68,9 @@ def read_body() -> bytes:
     """Return the request body (read once, cached; a gzip or deflate body decoded); a 413 when
     it is over the limit, compressed or not."""
     req = current.request()
+    found: bytes | None = req.environ.get(BODY)  # read several times a request: once here
+    if found is not None:  # (max_content_length alone is two reads of Flask's proxies)
+        return found
     raw = req.get_data(cache=True)
     limit = req.max_content_length
     if (req.content_length is None and limit is not None and len(raw) >= limit
@@ -75,12 +78,9 @@ def read_body() -> bytes:
         # A chunked body is cut at the limit without an error (werkzeug): refuse, never truncate.
         raise RequestTooLarge("The request body is larger than the limit.")
     coding = req.environ.get("HTTP_CONTENT_ENCODING")
-    if coding is None or not raw:
-        return raw
-    decoded: bytes | None = req.environ.get(DECODED)
-    if decoded is None:
-        decoded = req.environ[DECODED] = compression.decode(raw, coding, limit)
-    return decoded
+    body = raw if coding is None or not raw else compression.decode(raw, coding, limit)
+    req.environ[BODY] = body
+    return body
 
 
 def _compressed() -> bool:
@@ -97,7 +97,7 @@ def _decoded_prefix() -> bytes:
     return found
 
 
-DECODED = "xiaoyi.decoded_body"
+BODY = "xiaoyi.body"  # the body as read_body returned it (decoded)
 PREFIX = "xiaoyi.decoded_prefix"
 
 
