@@ -50,15 +50,17 @@ def out_of_range(param: str, value: float, whole: bool, below: bool, sign: str,
                    f"Expected a value {sign} {bound}, but got {value} instead.", "超出范围")
 
 
+def _too(param: str, noun: str, longer: bool, bound: int, size: int, zh: str) -> InvalidParam:
+    """A string or an array longer (or shorter) than its bound, in OpenAI's words."""
+    code = f"{noun}_{'above_max' if longer else 'below_min'}_length"
+    word, limit = ("long", "maximum") if longer else ("short", "minimum")
+    return refused(param, code, f"Invalid '{param}': {noun} too {word}. Expected a {noun} with "
+                   f"{limit} length {bound}, but got a {noun} with length {size} instead.", zh)
+
+
 def bad_length(param: str, size: int, bound: int, longer: bool) -> InvalidParam:
     """A string longer (or shorter) than its bound."""
-    if longer:
-        return refused(param, "string_above_max_length", f"Invalid '{param}': string too long. "
-                       f"Expected a string with maximum length {bound}, but got a string with "
-                       f"length {size} instead.", "过长")
-    return refused(param, "string_below_min_length", f"Invalid '{param}': string too short. "
-                   f"Expected a string with minimum length {bound}, but got a string with "
-                   f"length {size} instead.", "过短")
+    return _too(param, "string", longer, bound, size, "过长" if longer else "过短")
 
 
 def no_match(param: str, pattern: str) -> InvalidParam:
@@ -69,18 +71,12 @@ def no_match(param: str, pattern: str) -> InvalidParam:
 
 def bad_count(param: str, array: bool, size: int, bound: int, more: bool) -> InvalidParam:
     """An array with too many (or too few) items, an object with too many (few) properties."""
-    if array and more:
-        return refused(param, "array_above_max_length", f"Invalid '{param}': array too long. "
-                       f"Expected an array with maximum length {bound}, but got an array with "
-                       f"length {size} instead.", "元素过多")
-    if array and size == 0:
+    if array and size == 0 and not more:
         return refused(param, "empty_array", f"Invalid '{param}': empty array. Expected an "
                        f"array with minimum length {bound}, but got an empty array instead.",
                        "不能为空")
     if array:
-        return refused(param, "array_below_min_length", f"Invalid '{param}': array too short. "
-                       f"Expected an array with minimum length {bound}, but got an array with "
-                       f"length {size} instead.", "元素过少")
+        return _too(param, "array", more, bound, size, "元素过多" if more else "元素过少")
     if more:
         return refused(param, "object_above_max_properties", f"Invalid '{param}': too many "
                        f"properties. Expected an object with at most {bound} properties, but "
