@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from fakes.upstream import ANSWER_PREFIX, MODELS, FakeUpstream, count_tokens
+from fakes.upstream import ANSWER_PREFIX, MODELS, FakeUpstream, count_tokens, embedding_bytes
 
 try:
     from tests import openapi_schemas
@@ -281,6 +281,20 @@ def test_embeddings_base64_decodes_to_the_float_vector(
     vector = list(struct.unpack("<16f", raw))
     floats = http.post(f"{fake.url}/embeddings", json={**body, "encoding_format": "float"}).json()
     assert vector == floats["data"][0]["embedding"]
+
+
+def test_embeddings_vectors_marker_answers_one_encoding_whatever_asked(
+    fake: FakeUpstream, http: requests.Session
+) -> None:
+    """[[fake:vectors=F]] answers F (as vLLM and Ollama answer floats to a base64 request)."""
+    body = {"model": "m", "input": "alpha [[fake:vectors=float]]", "encoding_format": "base64"}
+    floats = http.post(f"{fake.url}/embeddings", json=body).json()["data"][0]["embedding"]
+    assert floats == list(struct.unpack("<16f", embedding_bytes("alpha")))
+    body = {"model": "m", "input": "alpha [[fake:vectors=base64]]", "encoding_format": "float"}
+    packed = http.post(f"{fake.url}/embeddings", json=body).json()["data"][0]["embedding"]
+    assert base64.b64decode(packed) == embedding_bytes("alpha")
+    bad = {"model": "m", "input": "alpha [[fake:vectors=int8]]"}
+    assert_error(http.post(f"{fake.url}/embeddings", json=bad), 400)
 
 
 def test_embeddings_token_arrays_and_bad_input(fake: FakeUpstream, http: requests.Session) -> None:

@@ -148,3 +148,29 @@ def test_a_native_custom_tool_turn_continues_on_a_chat_upstream(
             {"id": call["call_id"], "type": "custom",
              "custom": {"name": "shell", "input": "uname"}}]},
         {"role": "tool", "tool_call_id": call["call_id"], "content": "Linux"}]
+
+
+LOOSE = {"type": "function", "name": "lookup", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}}, "additionalProperties": True}}
+WEATHER_FN = {"type": "function", "name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "additionalProperties": {
+        "type": "string"}}}}  # a property so named is no keyword
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_tools_echo_strict_as_openai_does(stream: bool, live: LiveServer,
+                                                   funded: tuple[str, str],
+                                                   upstream: FakeUpstream) -> None:
+    """A function tool sent without `strict` was echoed `strict: null`; OpenAI's Responses
+    treats it as strict when its schema is compatible (FunctionToolParam) and echoes true,
+    else false. The chat upstream is asked what the client sent (no `strict`: chat's false)."""
+    tools = [WEATHER_FN, {**WEATHER_FN, "name": "nulled", "strict": None}, LOOSE,
+             {**WEATHER_FN, "name": "off", "strict": False},
+             {"type": "function", "name": "bare"}]
+    final = create(live, funded[0], {"model": MODEL, "input": "hi", "tools": tools}, stream)
+    assert [t["strict"] for t in final["tools"]] == [True, True, False, False, True]
+    assert final["tools"][0] == {**WEATHER_FN, "description": None, "strict": True}
+    sent = last_chat(upstream)["tools"]
+    assert [t["function"].get("strict") for t in sent] == [None, None, None, False, None]
+    stored = sdk(live, funded[0]).responses.retrieve(final["id"])
+    assert [t.strict for t in stored.tools] == [True, True, False, False, True]  # type: ignore[union-attr]

@@ -20,6 +20,8 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     cut=N          stream: close the connection after N content chunks (no [DONE], no last chunk)
     items=N        /v1/embeddings, /v1/images/generations: answer N vectors or pictures, however
                    many were asked for
+    vectors=F      /v1/embeddings: answer every vector as F (float or base64), whatever
+                   encoding_format asked (vLLM and Ollama answer floats to a base64 request)
     malformed      answer 200 with a body (or, streaming, an event) that is not JSON
     crlf           stream: frame events with CRLF, as sse-starlette does, each JSON payload split
                    over two `data:` lines, with a `retry:` field and `:` comment lines between

@@ -97,6 +97,13 @@ def as_category(value: Any) -> str:
     return str(value)
 
 
+def _as_encoding(value: Any) -> str:
+    """Parse the vectors marker's value: the encoding of every vector (float or base64)."""
+    if value not in ("float", "base64"):
+        raise ValueError("vectors must be float or base64")
+    return str(value)
+
+
 def _as_word(value: Any) -> str:
     """Parse an error field's value (error_code, error_param): 1-80 printable characters."""
     text = str(value)
@@ -137,6 +144,7 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "step": _as_flag,
     "cut": _as_count,
     "items": _as_count,
+    "vectors": _as_encoding,
     "stream_error": _as_count,
     "malformed": _as_flag,
     "flag": as_category,

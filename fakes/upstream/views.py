@@ -204,6 +204,7 @@ class FakeHandler(FakeProtocol):
         if self._apply(behaviour):
             return
         data = []
+        fmt = behaviour.get("vectors", fmt)  # a server that answers one encoding whatever asked
         count = behaviour.get("items", len(texts))
         for index, text in enumerate((texts * count)[:count] if texts else []):
             packed = embedding_bytes(text, dims)

@@ -6,6 +6,8 @@ import secrets
 import time
 from typing import Any
 
+from app.core.responses import tools
+
 # chat finish_reason -> the Responses incomplete_details.reason it means
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -31,10 +33,11 @@ def response_of(item: str) -> str | None:
 
 
 def _echo_tool(tool: Any) -> Any:
-    """Return a tool as OpenAI echoes it: a function tool with all four of its fields."""
+    """Return a tool as OpenAI echoes it: a function tool with all four of its fields, `strict`
+    a boolean (tools.strict_echo; the chat upstream is sent the client's own)."""
     if not isinstance(tool, dict) or tool.get("type") != "function":
         return tool
-    return {"description": None, "parameters": None, "strict": None, **tool}
+    return {"description": None, "parameters": None, **tool, "strict": tools.strict_echo(tool)}
 
 
 def skeleton(rid: str, body: dict[str, Any], model: str, *, previous: str | None,

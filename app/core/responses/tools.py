@@ -142,3 +142,36 @@ def chat_call(item: dict[str, Any]) -> dict[str, Any] | None:
     kind = "custom" if custom else "function"
     return {"id": item["call_id"], "type": kind,
             "function" if not custom else "custom": {"name": item["name"], field: item[field]}}
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_VALUES = ("enum", "const", "default", "examples")  # data, not schemas
+
+
+def strict_echo(tool: dict[str, Any]) -> Any:
+    """Return the `strict` a Response echoes for a function tool. One sent without it (or null)
+    is, as OpenAI's FunctionToolParam says, strict when its schema is compatible (OpenAI then
+    normalises it: every property required, no others), else not: the parameters are not an
+    object schema, or some object in them allows properties beyond its own."""
+    strict = tool.get("strict")
+    if strict is not None:
+        return strict  # as sent (a non-boolean is the upstream's to refuse)
+    params = tool.get("parameters")
+    if params is None:
+        return True
+    if not isinstance(params, dict) or params.get("type") != "object":
+        return False
+    stack: list[Any] = [params]
+    while stack:  # iterative: a schema may nest deeper than Python's recursion allows
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("additionalProperties", False) is not False:
+                return False
+            for key, value in node.items():
+                if key in _SCHEMA_MAPS and isinstance(value, dict):
+                    stack.extend(value.values())  # names -> schemas: a name is no keyword
+                elif key not in _VALUES:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return True

@@ -10,7 +10,7 @@ from flask import Response
 from app.core import pricing
 from app.core.errors import InvalidRequest, StringTooLong
 from app.edges.upstream import get_upstream
-from app.web.relay import image_fields
+from app.web.relay import image_fields, vectors
 from app.web.relay.billing import Meter, prompt_billed_if_sent
 from app.web.relay.common import (
     Call,
@@ -94,6 +94,7 @@ def embeddings() -> Response:
                                       expect="data")
         data: dict[str, Any] = got.value
         _delivered(call, plan, data)
+        vectors.encode(data["data"], call.body.get("encoding_format"))
         meter = Meter(call, plan, got.channel.name)
         meter.usage(data.get("usage"))
         meter.settle(held, "")
