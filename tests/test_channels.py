@@ -316,3 +316,44 @@ def test_a_channel_key_that_cannot_be_a_header_fails_over_unsent(
     assert resp.status_code == 200, resp.data
     assert chats(second) == 0 and chats(upstream) == 1
     assert channel_state(client, "a").startswith("冷却中")
+
+
+class _Dripping(socketserver.StreamRequestHandler):
+    """An upstream whose /models answers 200 at once, then its body a byte at a time, each
+    within the probe's read timeout (a slow or hostile gateway)."""
+
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n")
+        try:
+            for _ in range(100):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            return
+
+
+def test_readyz_is_not_held_by_a_dripping_models_body(r: redis.Redis, redis_url: str) -> None:
+    """Red team: the probe read /models' whole body, and a body dripped a byte at a time, each
+    within the read timeout, kept the probe (and, since one round of probes runs at a time,
+    every /readyz of the process waiting on it) for 30 s here, unbounded in general, though its
+    status was known at once. Only the status line is read now: /readyz answers within the
+    probe timeout."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Dripping)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}/v1"}
+    settings = load_settings(env, toml={"relay": {"probe_timeout_seconds": 1}})
+    client = create_app(settings, redis_client=r).test_client()
+    try:
+        started = time.monotonic()
+        status, chans = readiness(client)
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200 and chans["default"]["reachable"]
+    assert took < 3, took

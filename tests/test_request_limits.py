@@ -404,3 +404,16 @@ def test_an_integer_written_as_a_float_goes_upstream_as_an_integer(
     assert resp.status_code == 200, resp.get_json()
     sent = relay[4].requests[-1]["body"]["top_logprobs"]
     assert sent == 3 and type(sent) is int
+
+
+@pytest.mark.parametrize("value", [1e20, -1e308, 1e308])
+def test_an_integral_float_past_int64_is_no_500(
+        relay: tuple[Any, redis.Redis, str, str, FakeUpstream], value: float) -> None:
+    """An integral float too large for an int64 (an integer to JSON Schema, on a field without a
+    maximum: completions' logprobs) was made a Python int no JSON encoder writes: a 500. It now
+    goes upstream as sent, a float, the upstream's to judge."""
+    resp = _post(relay, "completion", "logprobs", value)
+    assert resp.status_code < 500, resp.get_json()
+    if resp.status_code == 200:
+        sent = relay[4].requests[-1]["body"]["logprobs"]
+        assert sent == value and type(sent) is float

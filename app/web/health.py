@@ -36,10 +36,12 @@ PROBING = "xiaoyi.probing"  # app.extensions: the lock one round of probes holds
 
 
 def _probe(session: requests.Session, channel: Channel, timeout: float) -> tuple[bool, str]:
-    """GET the channel's /models; return (reachable, short detail without secrets)."""
+    """GET the channel's /models; return (reachable, short detail without secrets). Only its
+    status is read (stream=True, closed unread): a body dripped within the read timeout would
+    hold the round of probes, and every /readyz waiting on it, as long as it lasts."""
     try:
         resp = session.get(channel.base_url + "/models", timeout=(timeout, timeout),
-                           headers={"Authorization": f"Bearer {channel.api_key}"})
+                           headers={"Authorization": f"Bearer {channel.api_key}"}, stream=True)
         resp.close()
     except requests.Timeout:
         return False, "timeout"

@@ -13,7 +13,7 @@ pattern), `integer_`/`decimal_` `above_max_value`/`below_min_value`,
 `string_above_max_length`/`string_below_min_length`, `array_above_max_length`/
 `array_below_min_length`/`empty_array`, `object_above_max_properties`/
 `object_below_min_properties`, `property_name_above_max_length` (a map's key). An integer sent
-as 3.0 (an integer to JSON Schema) goes upstream as 3.
+as 3.0 (an integer to JSON Schema) goes upstream as 3 (1e20, past an int64, as sent).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Shape:
         if self.whole and type(value) is float:
             if not value.is_integer():
                 return wrong_type(param, "an integer", value)
-            value = int(value)
+            value = _whole(value)
         if self.enum is not None and value not in (self.enum_set or self.enum):
             return not_offered(param, value, self.enum)
         own = self.own
@@ -209,7 +209,7 @@ class Rule:
         for shape in shapes:
             fault = shape.fault(value, param)
             if fault is None:
-                return int(value) if shape.whole and type(value) is float else value
+                return _whole(value) if shape.whole and type(value) is float else value
             faults.append(fault)
         # the alternative the value went furthest in: its fault's item, and the type matched
         raise max(faults, key=lambda f: (f.at, f.param_code != "invalid_type"))
@@ -243,6 +243,12 @@ class Rule:
             if faults[0] is not None and all(faults):
                 return _at(i, faults[0])
         return None
+
+
+def _whole(value: float) -> int | float:
+    """Return an integral float as an int, unless past an int64 (no JSON encoder writes such an
+    int: it goes on as the float it came as, the upstream's to judge)."""
+    return int(value) if abs(value) < 2**63 else value
 
 
 def _at(i: int, fault: InvalidParam) -> InvalidParam:
