@@ -8,7 +8,8 @@ import zlib
 
 from app.core.errors import InvalidRequest, RequestTooLarge
 
-CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+GZIP = 16 + zlib.MAX_WBITS
+CODINGS = {"gzip": GZIP, "x-gzip": GZIP, "deflate": zlib.MAX_WBITS}
 
 
 def compressed(coding: str | None) -> bool:
@@ -27,14 +28,46 @@ def _inflater(raw: bytes, coding: str) -> zlib._Decompress:
     return zlib.decompressobj(wbits)
 
 
+MAX_MEMBERS = 64  # gzip members one body may hold (each costs a decompressor: a 32 MiB body of
+#                   empty members would be 1.6 million of them)
+
+
 def _inflate(raw: bytes, coding: str, most: int) -> tuple[bytes, bool]:
-    """Return at most `most` bytes of the decoded body (0: all) and whether its data ended."""
-    inflate = _inflater(raw, coding)
-    try:
-        return inflate.decompress(raw, most), inflate.eof
-    except zlib.error as exc:
-        raise InvalidRequest(f"The request body is not valid {coding.strip().lower()}: {exc}",
-                             msg="请求体解压失败") from None
+    """Return at most `most` bytes of the decoded body (0: all) and whether its data ended.
+
+    A gzip body may hold several members, one after another (RFC 1952 §2.2; `cat a.gz b.gz`),
+    and zero bytes after the last (gzip's padding): all are decoded, as gzip itself does. Any
+    other byte after the compressed data is refused, never silently dropped.
+    """
+    pieces: list[bytes] = []
+    size, rest = 0, raw
+    for _ in range(MAX_MEMBERS):
+        inflate = _inflater(rest, coding)
+        try:
+            piece = inflate.decompress(rest, most - size if most else 0)
+        except zlib.error as exc:
+            raise _bad(coding, f"is not valid {_name(coding)}: {exc}") from None
+        pieces.append(piece)
+        size += len(piece)
+        if not inflate.eof:  # cut short, or stopped at `most`
+            return b"".join(pieces), False
+        if most and size >= most:
+            return b"".join(pieces), True
+        gzip = CODINGS.get(_name(coding)) == GZIP
+        rest = inflate.unused_data.lstrip(b"\0") if gzip else inflate.unused_data
+        if not rest:
+            return b"".join(pieces), True
+        if not gzip:
+            raise _bad(coding, f"has bytes after the end of its {_name(coding)} data")
+    raise _bad(coding, f"holds more than {MAX_MEMBERS} gzip members")
+
+
+def _name(coding: str) -> str:
+    return coding.strip().lower()
+
+
+def _bad(coding: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"The request body {what}.", msg="请求体解压失败")
 
 
 def decode(raw: bytes, coding: str, limit: int | None) -> bytes:
