@@ -458,3 +458,37 @@ def test_a_count_a_later_report_leaves_out_keeps_the_earlier_one() -> None:
     assert meter.usage({"prompt_tokens": 50, "completion_tokens": 90}) == (50, 130)
     fresh = Meter(call, plan, "default")  # type: ignore[arg-type]
     assert fresh.usage({"prompt_tokens": 50}) == (50, 16_384)  # alone, a missing count: the bound
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("reported", ["{}", "null"])
+@pytest.mark.parametrize("asked", [False, True], ids=["unasked", "include_usage"])
+def test_an_empty_usage_only_chunk_is_not_forwarded(
+        live: LiveServer, funded: tuple[str, str], path: str, reported: str,
+        asked: bool) -> None:
+    """An upstream's usage-only chunk whose usage is {} or null (the relay asks the upstream
+    for usage whatever the client asked) reached the client as a chunk of `choices: []`:
+    unasked, OpenAI sends no such chunk at all; asked, its one is the last, with the usage
+    billed. Now it is dropped: unasked every chunk has a choice, asked one usage chunk ends."""
+    key, _ = funded
+    said = f"hello [[fake:usage={reported}]]"
+    body: dict[str, Any] = {"model": "gpt-3.5", "stream": True,
+                            "messages": [{"role": "user", "content": said}]}
+    if path == "/v1/completions":
+        body = {"model": "gpt-3.5-turbo-instruct", "stream": True, "prompt": said}
+    if asked:
+        body["stream_options"] = {"include_usage": True}
+    resp = requests.post(live.url + path, json=body, stream=True, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+    events = read_events(resp)
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    schema = ("CreateChatCompletionStreamResponse" if path == "/v1/chat/completions"
+              else "CreateCompletionStreamResponse")
+    for chunk in chunks:
+        validate(chunk, schema)
+    if not asked:
+        assert all(c["choices"] for c in chunks) and all("usage" not in c for c in chunks)
+    else:
+        assert [c for c in chunks if not c["choices"]] == chunks[-1:]
+        assert chunks[-1]["usage"]["completion_tokens"] > 0  # the billed estimate

@@ -28,6 +28,8 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     prompt_tokens=V, completion_tokens=V
                    report these usage counts as given (any JSON value: 10**15, 9223372036854775807,
                    -1, 2.5, "3"), whatever was really counted
+    usage=V        report the whole usage object as V (any JSON value: {}, null): a stream that
+                   asked for include_usage gets it in its usage-only chunk
     flag[=C]       /v1/moderations: flag the input in category C (bare: harassment)
 
 A chat request's usage counts its image_url parts by OpenAI's tile rule (fakes/upstream/vision.py).

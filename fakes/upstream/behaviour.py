@@ -151,6 +151,7 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "crlf": _as_flag,
     "prompt_tokens": _as_reported,
     "completion_tokens": _as_reported,
+    "usage": _as_reported,
 }
 
 

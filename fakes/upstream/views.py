@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import struct
 import time
 import zlib
@@ -14,6 +15,7 @@ from fakes.upstream.answers import (
     _ID_SALT,
     _IDS,
     _MODEL_LIST,
+    _TAIL,
     ANSWER_PREFIX,
     EMBEDDING_DIMS,
     MAX_EMBEDDING_DIMS,
@@ -31,7 +33,7 @@ from fakes.upstream.answers import (
     embedding_bytes,
     make_answer,
 )
-from fakes.upstream.behaviour import FakeError, _loads, extract_markers
+from fakes.upstream.behaviour import FakeError, _dumps, _loads, extract_markers
 from fakes.upstream.images import _IMAGE_RE, IMAGE_SIZES, png_image
 from fakes.upstream.moderation import answer_moderations
 from fakes.upstream.protocol import FakeProtocol
@@ -150,7 +152,7 @@ class FakeHandler(FakeProtocol):
                    for s in ([said] if isinstance(said, str) else said)]
         answers = [a for a in answers for _ in range(n)]
         usage = None
-        if not behaviour.get("nousage"):
+        if not behaviour.get("nousage") and "usage" not in behaviour:
             completion = sum(count_tokens("".join(pieces)) for pieces, _ in answers)
             usage = _reported(_usage(sum(map(count_tokens, texts)) + 1 + images, completion), behaviour)
         if not chat and body.get("echo") is True:  # the prompt comes back before the answer
@@ -168,14 +170,17 @@ class FakeHandler(FakeProtocol):
                 options, dict) and wants_usage and options.get("continuous_usage_stats") is True
             events = _stream_events(base, pieces, finishes, usage if wants_usage else None, chat,
                                     running, top)
+            if "usage" in behaviour and wants_usage:  # the usage-only chunk, usage as given
+                events = itertools.chain(events, [(_TAIL, _dumps(
+                    {**base, "choices": [], "usage": behaviour["usage"]}))])
             return self._stream(events, behaviour)
         base["choices"] = [
             self._choice(i, "".join(pieces), finish, chat,
                          None if top is None else chat_logprobs(pieces, top))
             for i, (pieces, finish) in enumerate(answers)
         ]
-        if usage is not None:
-            base["usage"] = usage
+        if usage is not None or "usage" in behaviour:
+            base["usage"] = behaviour.get("usage", usage)
         self._send_json(base)
 
     @staticmethod

@@ -246,6 +246,10 @@ def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
         # An upstream may report on a text chunk (its last, or every one): the text goes on,
         # the usage shown is the last chunk's (OpenAI's null here), or the running one asked for.
         obj["usage"] = meter.running(usage) if plan.running_usage else None
+    elif "usage" in obj and not obj.get("choices"):
+        # A usage-only chunk reporting nothing ({} or null): no chunk of OpenAI's. Unasked, it
+        # sends no choices-less chunk; asked, its one is the last, ours, with the bill.
+        return
     if not plan.want_usage:
         obj.pop("usage", None)  # the null the relay's own include_usage adds
     elif "usage" not in obj:  # OpenAI's: every chunk but the last carries a null usage
