@@ -169,12 +169,14 @@ def test_function_call_then_its_output_continue_the_conversation(
         model=MODEL, input="北京天气", tools=[WEATHER], tool_choice="required")
     validate(raw.http_response.json(), "Response")
     sent = last_chat(upstream)
+    # Strict by default, as OpenAI's Responses holds it (and echoes it): chat is asked so too.
     assert sent["tools"] == [{"type": "function", "function": {
-        k: WEATHER[k] for k in ("name", "description", "parameters")}}]
+        "name": WEATHER["name"], "description": WEATHER["description"], "strict": True,
+        "parameters": {**WEATHER["parameters"], "additionalProperties": False}}}]
     assert sent["tool_choice"] == "required"
     (call,) = raw.parse().output
     assert call.type == "function_call" and call.name == "get_weather"
-    assert call.arguments == '{"said":"北京天气"}' and call.status == "completed"
+    assert call.arguments == '{"city":"北京天气"}' and call.status == "completed"
     second = client.responses.create(
         model=MODEL, previous_response_id=raw.parse().id, tools=[WEATHER],
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "晴"}])

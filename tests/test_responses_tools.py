@@ -163,7 +163,8 @@ def test_function_tools_echo_strict_as_openai_does(stream: bool, live: LiveServe
                                                    upstream: FakeUpstream) -> None:
     """A function tool sent without `strict` was echoed `strict: null`; OpenAI's Responses
     treats it as strict when its schema is compatible (FunctionToolParam) and echoes true,
-    else false. The chat upstream is asked what the client sent (no `strict`: chat's false)."""
+    else false. The chat upstream is asked what is echoed: such a tool went to chat without
+    `strict` (chat's non-strict), so the model was not held to what the Response said."""
     tools = [WEATHER_FN, {**WEATHER_FN, "name": "nulled", "strict": None}, LOOSE,
              {**WEATHER_FN, "name": "off", "strict": False},
              {"type": "function", "name": "bare"}]
@@ -171,6 +172,86 @@ def test_function_tools_echo_strict_as_openai_does(stream: bool, live: LiveServe
     assert [t["strict"] for t in final["tools"]] == [True, True, False, False, True]
     assert final["tools"][0] == {**WEATHER_FN, "description": None, "strict": True}
     sent = last_chat(upstream)["tools"]
-    assert [t["function"].get("strict") for t in sent] == [None, None, None, False, None]
+    assert [t["function"].get("strict") for t in sent] == [True, True, None, False, True]
+    closed = {**WEATHER_FN["parameters"], "required": ["city", "additionalProperties"],
+              "additionalProperties": False}  # what chat's strict mode requires
+    assert [t["function"].get("parameters") for t in sent] == [
+        closed, closed, LOOSE["parameters"], WEATHER_FN["parameters"],
+        {"type": "object", "properties": {}, "required": [], "additionalProperties": False}]
     stored = sdk(live, funded[0]).responses.retrieve(final["id"])
     assert [t.strict for t in stored.tools] == [True, True, False, False, True]  # type: ignore[union-attr]
+
+
+NESTED = {"type": "function", "name": "book", "parameters": {
+    "type": "object", "properties": {
+        "guest": {"type": "object", "properties": {"name": {"type": "string"},
+                                                    "age": {"type": ["integer", "null"]}}},
+        "rooms": {"type": "array", "items": {"$ref": "#/$defs/room"}},
+        "kind": {"enum": [{"type": "object"}], "default": {"properties": {}}}},
+    "required": ["guest"],
+    "$defs": {"room": {"anyOf": [{"type": "object", "properties": {"beds": {
+        "type": "integer"}}}, {"type": "null"}]}}}}
+
+
+def test_a_strict_by_default_function_goes_to_chat_closed_at_every_depth(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """Each object of a strict-by-default function's schema (nested, in items, in $defs and
+    anyOf) goes to chat closed, its properties all required, as chat's strict mode requires;
+    data (enum, default) is left as it is, and so is the Response's echo of the schema."""
+    final = create(live, funded[0], {"model": MODEL, "input": "hi", "tools": [NESTED]}, False)
+    assert final["tools"][0]["parameters"] == NESTED["parameters"]
+    sent = last_chat(upstream)["tools"][0]["function"]
+    assert sent["strict"] is True
+    params = sent["parameters"]
+    assert params["required"] == ["guest", "rooms", "kind"]
+    assert params["additionalProperties"] is False
+    guest = params["properties"]["guest"]
+    assert (guest["required"], guest["additionalProperties"]) == (["name", "age"], False)
+    room = params["$defs"]["room"]["anyOf"][0]
+    assert (room["required"], room["additionalProperties"]) == (["beds"], False)
+    assert params["properties"]["kind"] == NESTED["parameters"]["properties"]["kind"]
+    assert params["properties"]["rooms"] == {"type": "array", "items": {"$ref": "#/$defs/room"}}
+
+
+FN = {"type": "function", "name": "f"}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"tools": [FN], "tool_choice": {"type": "function", "name": "g"}},
+     "Tool choice 'function' not found in 'tools' parameter."),
+    ({"tool_choice": {"type": "function", "name": "f"}},
+     "Tool choice 'function' not found in 'tools' parameter."),
+    ({"tools": [FN], "tool_choice": {"type": "custom", "name": "f"}},  # the type counts too
+     "Tool choice 'custom' not found in 'tools' parameter."),
+    ({"tools": [SHELL, FN], "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "custom", "name": "shell"}, {"type": "function", "name": "lookup"}]}},
+     "Tool choice 'lookup' not found in 'tools' parameter."),
+    ({"tool_choice": "required"},
+     "Tool choice 'required' must be specified with 'tools' parameter."),
+    ({"tools": [], "tool_choice": "required"},
+     "Tool choice 'required' must be specified with 'tools' parameter."),
+])
+def test_a_tool_choice_the_tools_cannot_satisfy_is_refused_as_openai_does(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream, r: redis.Redis,
+        body: dict[str, Any], message: str) -> None:
+    """A tool_choice naming a tool that `tools` lacks (or "required" with no tools) went to
+    chat: without tools it was dropped (an answer that calls nothing), with others the upstream
+    chose. OpenAI's Responses answers 400 (param tool_choice), as now, before any hold."""
+    key, acct = funded
+    resp = post(live, key, {"model": MODEL, "input": "hi", **body})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()
+    validate(err, "ErrorResponse")
+    assert (err["error"]["message"], err["error"]["param"]) == (message, "tool_choice")
+    assert not upstream.requests
+    assert not reserved(r, acct)
+
+
+def test_a_tool_choice_the_tools_satisfy_goes_to_chat(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """The choices that name a tool sent (or none) still pass: auto and none without tools."""
+    for body in ({"tools": [FN, SHELL], "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                                       "tools": [FORCE, {**FN}]}},
+                 {"tool_choice": "auto"}, {"tool_choice": "none", "tools": []}):
+        create(live, funded[0], {"model": MODEL, "input": "hi", **body}, False)
+    assert "tool_choice" not in last_chat(upstream)

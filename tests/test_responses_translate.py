@@ -160,13 +160,13 @@ def test_whole_answer_and_failure() -> None:
      {"temperature": 0.2, "top_p": 0.9, "user": "u1"}),
 ])
 def test_request_fields_translate(responses: dict[str, Any], chat: dict[str, Any]) -> None:
-    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": False}]
     body = {**BODY, "tools": tools, **responses}
     request.check(body, native=False)
     got = to_chat.to_chat(body, request.input_items(body["input"], native=False), stream=True)
     expected = {"model": body["model"], "messages": [{"role": "user", "content": "hi"}],
                 "tools": [{"type": "function", "function": {
-                    "name": "f", "parameters": {"type": "object"}}}],
+                    "name": "f", "parameters": {"type": "object"}, "strict": False}}],
                 "stream": True, "stream_options": {"include_usage": True}, **chat}
     assert got == expected
 
@@ -217,10 +217,10 @@ CUSTOM_TURN = [
 @pytest.mark.parametrize(("choice", "chat_choice"), [
     ({"type": "custom", "name": "shell"}, {"type": "custom", "custom": {"name": "shell"}}),
     ({"type": "allowed_tools", "mode": "required", "tools": [
-        {"type": "custom", "name": "shell"}, {"type": "function", "name": "f"}]},
+        {"type": "custom", "name": "shell"}, {"type": "custom", "name": "note"}]},
      {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
          {"type": "custom", "custom": {"name": "shell"}},
-         {"type": "function", "function": {"name": "f"}}]}}),
+         {"type": "custom", "custom": {"name": "note"}}]}}),
 ])
 def test_custom_tools_and_their_calls_translate_to_chat(choice: dict[str, Any],
                                                          chat_choice: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ def response_of(item: str) -> str | None:
 
 def _echo_tool(tool: Any) -> Any:
     """Return a tool as OpenAI echoes it: a function tool with all four of its fields, `strict`
-    a boolean (tools.strict_echo; the chat upstream is sent the client's own)."""
+    a boolean (tools.strict_echo; a chat upstream is asked the same: tools.chat_tools)."""
     if not isinstance(tool, dict) or tool.get("type") != "function":
         return tool
     return {"description": None, "parameters": None, **tool, "strict": tools.strict_echo(tool)}

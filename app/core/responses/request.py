@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.core.responses.to_chat import OUTPUTS, TEXT_PARTS, bad, chat_format
-from app.core.responses.tools import chat_tool_choice, check_call, check_tools
+from app.core.responses.tools import chat_tool_choice, check_call, check_choice, check_tools
 
 ROLES = ("user", "assistant", "system", "developer")
 REFUSED = {"background": "background mode", "conversation": "the Conversations API",
@@ -61,7 +61,8 @@ def check(body: dict[str, Any], native: bool) -> None:
         raise bad("'previous_response_id' must be a non-empty string.", "previous_response_id")
     check_tools(body.get("tools"), native)
     if not native:
-        chat_tool_choice(body.get("tool_choice"))
+        chat_tool_choice(body.get("tool_choice"))  # a shape chat takes (else the 400)
+        check_choice(body.get("tool_choice"), body.get("tools"))
         chat_format(body.get("text"))
 
 

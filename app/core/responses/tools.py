@@ -15,6 +15,7 @@ without "direct"): chat has neither tool search nor programmatic calls.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from app.core.errors import InvalidRequest
@@ -94,12 +95,25 @@ def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
         if kind == "custom":
             out.append(_custom(tool))
         elif kind == "function":
-            fn = {k: tool[k] for k in ("name", "description", "parameters", "strict")
-                  if tool.get(k) is not None}
-            out.append({"type": "function", "function": fn})
+            out.append({"type": "function", "function": _function(tool)})
         else:
             out.append(tool)
     return out or None
+
+
+def _function(tool: dict[str, Any]) -> dict[str, Any]:
+    """Return a function tool as chat's `function`. One sent without `strict` (or null) is
+    strict on OpenAI's Responses when its schema can be (strict_echo, what the Response echoes),
+    so chat is asked for that too: `strict: true` and the parameters OpenAI's normalisation
+    makes of it (every object closed, all its properties required), which chat's strict mode
+    requires. Chat's own default is non-strict: sent as given, the upstream would not be asked
+    what the Response says was enforced."""
+    fn = {k: tool[k] for k in ("name", "description", "parameters", "strict")
+          if tool.get(k) is not None}
+    if tool.get("strict") is None and strict_echo(tool) is True:
+        fn["strict"] = True
+        fn["parameters"] = strict_parameters(tool.get("parameters"))
+    return fn
 
 
 def _named(tool: Any, where: str) -> dict[str, Any]:
@@ -123,6 +137,28 @@ def chat_tool_choice(choice: Any) -> Any:
                 "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": tools}}
     raise _bad("'tool_choice' must be none, auto, required, a function or custom tool, or "
                "allowed_tools.", "tool_choice")
+
+
+def check_choice(choice: Any, tools: Any) -> None:
+    """Refuse, as OpenAI's Responses does, a tool_choice `tools` cannot satisfy: "required"
+    without tools, or a function or custom tool (alone or in allowed_tools) that no tool of
+    that type and name is (a chat upstream would drop the choice, or force another tool)."""
+    if choice is None or isinstance(choice, str) and choice != "required":
+        return
+    if choice == "required":
+        if not tools:
+            raise _bad("Tool choice 'required' must be specified with 'tools' parameter.",
+                       "tool_choice")
+        return
+    have = {(t.get("type"), t.get("name")) for t in tools or () if isinstance(t, dict)}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in CLIENT_TOOLS and (kind, choice.get("name")) not in have:
+        raise _bad(f"Tool choice '{kind}' not found in 'tools' parameter.", "tool_choice")
+    if kind == "allowed_tools" and isinstance(choice.get("tools"), list):
+        for tool in choice["tools"]:
+            if isinstance(tool, dict) and (tool.get("type"), tool.get("name")) not in have:
+                raise _bad(f"Tool choice '{str(tool.get('name'))[:128]}' not found in 'tools' "
+                           "parameter.", "tool_choice")
 
 
 def check_call(item: dict[str, Any], kind: str, where: str) -> None:
@@ -175,3 +211,35 @@ def strict_echo(tool: dict[str, Any]) -> Any:
         elif isinstance(node, list):
             stack.extend(node)
     return True
+
+
+def _is_object(node: dict[str, Any]) -> bool:
+    kind = node.get("type")
+    return kind == "object" or (isinstance(kind, list) and "object" in kind) or isinstance(
+        node.get("properties"), dict)
+
+
+def strict_parameters(params: Any) -> dict[str, Any]:
+    """Return a strict-compatible schema (strict_echo) as OpenAI normalises it for strict mode:
+    a copy in which every object schema has `additionalProperties: false` and all its
+    properties `required` (none given: an empty object). The schema sent is left as it is."""
+    if params is None:
+        return {"type": "object", "properties": {}, "required": [],
+                "additionalProperties": False}
+    root = copy.deepcopy(params)
+    stack: list[Any] = [root]
+    while stack:  # the walk strict_echo makes: schemas, never data or property names
+        node = stack.pop()
+        if isinstance(node, dict):
+            if _is_object(node):
+                node["additionalProperties"] = False
+                if isinstance(node.get("properties"), dict):
+                    node["required"] = list(node["properties"])
+            for key, value in node.items():
+                if key in _SCHEMA_MAPS and isinstance(value, dict):
+                    stack.extend(value.values())
+                elif key not in _VALUES:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return root  # type: ignore[no-any-return]
