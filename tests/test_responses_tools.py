@@ -255,3 +255,72 @@ def test_a_tool_choice_the_tools_satisfy_goes_to_chat(
                  {"tool_choice": "auto"}, {"tool_choice": "none", "tools": []}):
         create(live, funded[0], {"model": MODEL, "input": "hi", **body}, False)
     assert "tool_choice" not in last_chat(upstream)
+
+
+CRM = {"type": "namespace", "name": "crm", "description": "The CRM's tools.", "tools": [
+    {"type": "function", "name": "lookup", "description": "Find a customer.", "strict": False,
+     "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+    {"type": "custom", "name": "note"}]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_namespace_tools_calls_carry_their_namespace_on_a_chat_upstream(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream, stream: bool) -> None:
+    """Namespace tools (OpenAI's NamespaceToolParam; Codex sends MCP tools so) were refused on
+    a chat upstream, and a function_call item's `namespace` was dropped when sent to chat: the
+    model saw a bare name, maybe another tool's. Each member now goes to chat as
+    <namespace>__<name> (the namespace's description before its own); the model's call of it
+    is a function_call with `name` and `namespace` again (the added and done events too), and a
+    call item with a namespace goes back to chat under that chat name, stored or sent."""
+    key = funded[0]
+    first = create(live, key, {"model": MODEL, "input": "find bob", "tools": [CRM],
+                               "tool_choice": "required"}, stream)
+    sent = last_chat(upstream)
+    assert sent["tools"] == [
+        {"type": "function", "function": {
+            "name": "crm__lookup", "description": "The CRM's tools.\n\nFind a customer.",
+            "strict": False, "parameters": CRM["tools"][0]["parameters"]}},
+        {"type": "custom", "custom": {"name": "crm__note", "description": "The CRM's tools."}}]
+    (call,) = first["output"]
+    assert (call["type"], call["name"], call["namespace"]) == ("function_call", "lookup", "crm")
+    assert first["tools"] == [CRM]  # echoed as sent
+    create(live, key, {"model": MODEL, "previous_response_id": first["id"], "tools": [CRM],
+                       "input": [{"type": "function_call_output", "call_id": call["call_id"],
+                                  "output": "bob: 42"}]}, stream)
+    again = [{"type": "function", "id": call["call_id"], "function": {
+        "name": "crm__lookup", "arguments": call["arguments"]}}]
+    assert last_chat(upstream)["messages"][1]["tool_calls"] == again
+    create(live, key, {"model": MODEL, "tools": [CRM], "input": [  # sent back by the client
+        {"role": "user", "content": "note it"},
+        {"type": "custom_tool_call", "call_id": "c1", "namespace": "crm", "name": "note",
+         "input": "bob", "caller": {"type": "direct"}},
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": "ok"}]}, stream)
+    assert last_chat(upstream)["messages"][1]["tool_calls"] == [
+        {"id": "c1", "type": "custom", "custom": {"name": "crm__note", "input": "bob"}}]
+
+
+@pytest.mark.parametrize(("tools", "param"), [
+    ([{"type": "function", "name": "crm__lookup"}, CRM], "tools[1].tools[0].name"),
+    ([CRM, {**CRM, "name": "crm"}], "tools[1].tools[0].name"),
+    ([{**CRM, "tools": []}], "tools[0].tools"),
+    ([{**CRM, "tools": [{"type": "web_search"}]}], "tools[0].tools[0].type"),
+    ([{**CRM, "tools": [{"type": "custom", "name": "x", "defer_loading": True}]}],
+     "tools[0].tools[0].defer_loading"),
+    ([{**CRM, "name": ""}], "tools[0].name"),
+])
+def test_a_namespace_chat_cannot_take_is_refused_naming_it(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream,
+        tools: list[dict[str, Any]], param: str) -> None:
+    resp = post(live, funded[0], {"model": MODEL, "input": "hi", "tools": tools})
+    assert resp.status_code == 400, resp.text
+    validate(resp.json(), "ErrorResponse")
+    assert resp.json()["error"]["param"] == param
+    assert not upstream.requests
+
+
+def test_a_call_items_namespace_must_be_a_string(live: LiveServer,
+                                                 funded: tuple[str, str]) -> None:
+    resp = post(live, funded[0], {"model": MODEL, "input": [
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}",
+         "namespace": 5}]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input[0].namespace"

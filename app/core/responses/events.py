@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from app.core.responses import answer
+from app.core.responses import answer, tools
 
 _FIELD = {"output_text": "text", "refusal": "refusal"}
 # A call item's type -> the chat tool call's field holding it, its text field, its events' name.
@@ -75,6 +75,7 @@ class ChatEvents:
         self.finish_reason: Any = None
         self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
         self.error: dict[str, str] | None = None  # the error an upstream stream ended with
+        self.spaces: dict[str, tuple[str, str]] | None = None  # chat name -> namespace, name
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Return the next event of the sequence."""
@@ -179,7 +180,7 @@ class ChatEvents:
         given = call.get(source)
         fn: dict[str, Any] = given if isinstance(given, dict) else {}
         if not item["name"] and isinstance(fn.get("name"), str):
-            item["name"] = fn["name"]
+            self._name(item, fn["name"])
         out: list[dict[str, Any]] = []
         if known is None:
             out = self._open(item)
@@ -191,6 +192,17 @@ class ChatEvents:
             out.append(self.event(f"response.{events_of}.delta", item_id=item["id"],
                                   output_index=known[1], delta=piece))
         return out
+
+    def _name(self, item: dict[str, Any], name: str) -> None:
+        """Name a call item: a namespace member's chat name (<namespace>__<name>) is its name
+        and namespace again, as OpenAI's item carries them (the client dispatches on both)."""
+        if self.spaces is None:  # read once, on a call: a request without one never pays it
+            self.spaces = tools.namespaced(self.response.get("tools"))
+        found = self.spaces.get(name)
+        if found is None:
+            item["name"] = name
+        else:
+            item["namespace"], item["name"] = found
 
     def _close_part(self) -> list[dict[str, Any]]:
         item, grown = self.open, self.part

@@ -8,9 +8,14 @@
     tool_choice {type: custom, name}           {type: custom, custom: {name}}
     function_call / custom_tool_call item      an assistant message's tool_calls[] entry
 
+    {type: namespace, name: ns, tools: […]}  each member as above, named "<ns>__<name>"
+    a call named "<ns>__<name>"               a function_call (custom_tool_call) item with
+                                               name and namespace (as OpenAI's carries them)
+
 What chat cannot express is refused (translated only; natively the upstream judges): a tool
 deferred to tool search (`defer_loading`), or one only code may call (`allowed_callers`
-without "direct"): chat has neither tool search nor programmatic calls.
+without "direct"): chat has neither tool search nor programmatic calls; a namespace member
+whose chat name another tool has already.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 from app.core.errors import InvalidRequest
 
 CLIENT_TOOLS = ("function", "custom")  # run by the caller: their only cost is tokens
+NAMESPACE = "namespace"  # OpenAI's NamespaceToolParam: function and custom tools, grouped
+SEP = "__"  # a namespace member's chat name: <namespace>__<name> (chat names: [a-zA-Z0-9_-])
 SYNTAXES = ("lark", "regex")  # OpenAI's GrammarSyntax1, chat's grammar syntax too
 
 
@@ -34,16 +41,50 @@ def check_tools(tools: Any, native: bool) -> None:
         return
     if not isinstance(tools, list):
         raise _bad("'tools' must be an array.", "tools")
+    names: set[str] = set()  # the chat names so far (translated): a member's must be new
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == NAMESPACE:
+            _check_named(tool, f"tools[{i}]")
+            _check_namespace(tool, f"tools[{i}]", native, names)
+            continue
         if kind not in CLIENT_TOOLS:
             raise _bad(f"tools[{i}]: tools of type '{kind}' are not supported by this service "
-                       f"(supported: {', '.join(CLIENT_TOOLS)}).", f"tools[{i}].type",
-                       "不支持该工具类型")
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise _bad(f"tools[{i}].name must be a non-empty string.", f"tools[{i}].name")
+                       f"(supported: {', '.join((*CLIENT_TOOLS, NAMESPACE))}).",
+                       f"tools[{i}].type", "不支持该工具类型")
+        _check_named(tool, f"tools[{i}]")
         if not native:
             _check_for_chat(tool, f"tools[{i}]")
+            names.add(tool["name"])
+
+
+def _check_named(tool: dict[str, Any], where: str) -> None:
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise _bad(f"{where}.name must be a non-empty string.", f"{where}.name")
+
+
+def _check_namespace(space: dict[str, Any], where: str, native: bool, names: set[str]) -> None:
+    """Check a namespace tool: its function and custom tools, each named; translated, each as
+    chat takes it, under a chat name (<namespace>__<name>) no other tool has."""
+    members = space.get("tools")
+    if not isinstance(members, list) or not members:
+        raise _bad(f"{where}.tools must be a non-empty array.", f"{where}.tools")
+    for j, tool in enumerate(members):
+        at = f"{where}.tools[{j}]"
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in CLIENT_TOOLS:
+            raise _bad(f"{at}: a namespace holds function and custom tools only.", f"{at}.type")
+        _check_named(tool, at)
+        if native:
+            continue
+        _check_for_chat(tool, at)
+        name = space["name"] + SEP + tool["name"]
+        if name in names:
+            raise _bad(f"{at}: its chat name '{name[:200]}' is another tool's on this "
+                       "service's chat upstream (a namespace member is named "
+                       f"<namespace>{SEP}<name> there); rename one of them.", f"{at}.name",
+                       "工具名称冲突")
+        names.add(name)
 
 
 def _check_for_chat(tool: dict[str, Any], where: str) -> None:
@@ -87,18 +128,54 @@ def _custom(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
-    """Translate Responses function and custom tools to chat's (others are kept, to be
-    bounded)."""
+    """Translate Responses function and custom tools to chat's, a namespace's each under its
+    chat name (others are kept, to be bounded)."""
     out = []
     for tool in tools or []:
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind == "custom":
-            out.append(_custom(tool))
-        elif kind == "function":
-            out.append({"type": "function", "function": _function(tool)})
+        if kind == NAMESPACE and isinstance(tool.get("tools"), list):
+            out += [_chat_tool(_member(tool, t)) for t in tool["tools"] if isinstance(t, dict)]
         else:
-            out.append(tool)
+            out.append(_chat_tool(tool))
     return out or None
+
+
+def _chat_tool(tool: Any) -> Any:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind == "custom":
+        return _custom(tool)
+    if kind == "function":
+        return {"type": "function", "function": _function(tool)}
+    return tool
+
+
+def _member(space: dict[str, Any], tool: dict[str, Any]) -> dict[str, Any]:
+    """Return a namespace's tool as a tool of its own: its chat name, and the namespace's
+    description (what OpenAI shows the model of it) before its own."""
+    said = [d for d in (space.get("description"), tool.get("description"))
+            if isinstance(d, str) and d]
+    out = {**tool, "name": f"{space.get('name')}{SEP}{tool.get('name')}"}
+    if said:
+        out["description"] = "\n\n".join(said)
+    return out
+
+
+def namespaced(tools: Any) -> dict[str, tuple[str, str]]:
+    """Return each namespace member's chat name -> (namespace, name) (empty without one)."""
+    out: dict[str, tuple[str, str]] = {}
+    for space in tools or ():
+        if isinstance(space, dict) and space.get("type") == NAMESPACE and isinstance(
+                space.get("tools"), list):
+            for tool in space["tools"]:
+                if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                    out[space["name"] + SEP + tool["name"]] = (space["name"], tool["name"])
+    return out
+
+
+def chat_name(item: dict[str, Any]) -> Any:
+    """Return the chat name of a call item's tool: a namespaced one's <namespace>__<name>."""
+    ns = item.get("namespace")
+    return f"{ns}{SEP}{item['name']}" if isinstance(ns, str) and ns else item["name"]
 
 
 def _function(tool: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +243,9 @@ def check_call(item: dict[str, Any], kind: str, where: str) -> None:
     for name in ("call_id", "name", "arguments" if kind == "function_call" else "input"):
         if not isinstance(item.get(name), str):
             raise _bad(f"{where}.{name} must be a string.", f"{where}.{name}")
+    space = item.get("namespace")
+    if space is not None and (not isinstance(space, str) or not space):
+        raise _bad(f"{where}.namespace must be a non-empty string.", f"{where}.namespace")
 
 
 def chat_call(item: dict[str, Any]) -> dict[str, Any] | None:
@@ -177,7 +257,8 @@ def chat_call(item: dict[str, Any]) -> dict[str, Any] | None:
         return None
     kind = "custom" if custom else "function"
     return {"id": item["call_id"], "type": kind,
-            "function" if not custom else "custom": {"name": item["name"], field: item[field]}}
+            "function" if not custom else "custom": {"name": chat_name(item),
+                                                     field: item[field]}}
 
 
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
