@@ -1082,3 +1082,23 @@ def test_a_beta_field_of_openais_schema_is_not_held_as_prompt(
         holds.append(reserve["amount"])
     assert holds[0] == holds[1]  # gpt-4: 0.21 元 per 1K prompt tokens, 1 unit per 0.48
     assert ledger.verify(r) == []
+
+
+def test_prompt_cache_fields_go_to_chat_and_are_echoed(live: LiveServer, funded: tuple[str, str],
+                                                       upstream: FakeUpstream) -> None:
+    """prompt_cache_retention and prompt_cache_options (chat takes both, same names and
+    meaning) were dropped on their way to a chat upstream and missing from the Response: the
+    upstream cached as it pleased while the client asked otherwise. Now they go to chat and are
+    echoed (prompt_cache_options as applied: OpenAI's defaults filled in); max_tool_calls
+    (built-in tools only: none here) is echoed too."""
+    body = {"model": MODEL, "input": "hi", "prompt_cache_retention": "24h",
+            "prompt_cache_options": {"mode": "explicit"}, "max_tool_calls": 3}
+    resp = post(live, funded[0], body)
+    assert resp.status_code == 200, resp.text
+    final = resp.json()
+    validate(final, "Response")
+    sent = last_chat(upstream)
+    assert (sent["prompt_cache_retention"], sent["prompt_cache_options"]) == (
+        "24h", {"mode": "explicit"})
+    assert final["prompt_cache_retention"] == "24h" and final["max_tool_calls"] == 3
+    assert final["prompt_cache_options"] == {"ttl": "30m", "mode": "explicit"}

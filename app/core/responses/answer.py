@@ -60,9 +60,12 @@ def skeleton(rid: str, body: dict[str, Any], model: str, *, previous: str | None
         "metadata": body.get("metadata") or {},  # usage: set once known (never null)
     }
     for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key",
-                 "top_logprobs"):
+                 "prompt_cache_retention", "top_logprobs", "max_tool_calls"):
         if body.get(name) is not None:
             out[name] = body[name]
+    cache = body.get("prompt_cache_options")
+    if isinstance(cache, dict):  # as applied: the defaults OpenAI documents filled in
+        out["prompt_cache_options"] = {"ttl": "30m", "mode": "implicit", **cache}
     return out
 
 
