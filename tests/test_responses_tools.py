@@ -302,6 +302,7 @@ def test_a_namespace_tools_calls_carry_their_namespace_on_a_chat_upstream(
 @pytest.mark.parametrize(("tools", "param"), [
     ([{"type": "function", "name": "crm__lookup"}, CRM], "tools[1].tools[0].name"),
     ([CRM, {**CRM, "name": "crm"}], "tools[1].tools[0].name"),
+    ([CRM, {"type": "custom", "name": "crm__note"}], "tools[1].name"),
     ([{**CRM, "tools": []}], "tools[0].tools"),
     ([{**CRM, "tools": [{"type": "web_search"}]}], "tools[0].tools[0].type"),
     ([{**CRM, "tools": [{"type": "custom", "name": "x", "defer_loading": True}]}],

@@ -42,11 +42,12 @@ def check_tools(tools: Any, native: bool) -> None:
     if not isinstance(tools, list):
         raise _bad("'tools' must be an array.", "tools")
     names: set[str] = set()  # the chat names so far (translated): a member's must be new
+    members: set[str] = set()  # the namespace members' (a later tool's must not be one)
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == NAMESPACE:
             _check_named(tool, f"tools[{i}]")
-            _check_namespace(tool, f"tools[{i}]", native, names)
+            _check_namespace(tool, f"tools[{i}]", native, names, members)
             continue
         if kind not in CLIENT_TOOLS:
             raise _bad(f"tools[{i}]: tools of type '{kind}' are not supported by this service "
@@ -55,6 +56,8 @@ def check_tools(tools: Any, native: bool) -> None:
         _check_named(tool, f"tools[{i}]")
         if not native:
             _check_for_chat(tool, f"tools[{i}]")
+            if tool["name"] in members:
+                raise _collides(f"tools[{i}]", tool["name"])
             names.add(tool["name"])
 
 
@@ -63,13 +66,20 @@ def _check_named(tool: dict[str, Any], where: str) -> None:
         raise _bad(f"{where}.name must be a non-empty string.", f"{where}.name")
 
 
-def _check_namespace(space: dict[str, Any], where: str, native: bool, names: set[str]) -> None:
+def _collides(where: str, name: str) -> InvalidRequest:
+    return _bad(f"{where}: its chat name '{name[:200]}' is another tool's on this service's chat "
+                f"upstream (a namespace member is named <namespace>{SEP}<name> there); rename "
+                "one of them.", f"{where}.name", "工具名称冲突")
+
+
+def _check_namespace(space: dict[str, Any], where: str, native: bool, names: set[str],
+                     members: set[str]) -> None:
     """Check a namespace tool: its function and custom tools, each named; translated, each as
     chat takes it, under a chat name (<namespace>__<name>) no other tool has."""
-    members = space.get("tools")
-    if not isinstance(members, list) or not members:
+    inner = space.get("tools")
+    if not isinstance(inner, list) or not inner:
         raise _bad(f"{where}.tools must be a non-empty array.", f"{where}.tools")
-    for j, tool in enumerate(members):
+    for j, tool in enumerate(inner):
         at = f"{where}.tools[{j}]"
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind not in CLIENT_TOOLS:
@@ -80,11 +90,9 @@ def _check_namespace(space: dict[str, Any], where: str, native: bool, names: set
         _check_for_chat(tool, at)
         name = space["name"] + SEP + tool["name"]
         if name in names:
-            raise _bad(f"{at}: its chat name '{name[:200]}' is another tool's on this "
-                       "service's chat upstream (a namespace member is named "
-                       f"<namespace>{SEP}<name> there); rename one of them.", f"{at}.name",
-                       "工具名称冲突")
+            raise _collides(at, name)
         names.add(name)
+        members.add(name)
 
 
 def _check_for_chat(tool: dict[str, Any], where: str) -> None:
