@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import make_settings, new_key
+from openapi_schemas import validate
 from stub_kit import odd_fixture  # noqa: F401 (the `odd` fixture)
 
 from app import create_app
@@ -231,3 +232,30 @@ def test_a_responses_streams_usage_is_the_settle(odd: ThreadingHTTPServer, r: re
     assert last["type"] == "response.completed" and ct >= 2000
     assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (
         pt, ct, pt + ct)
+
+
+MODERATION = {"input": {"type": "moderation_results", "model": "omni-moderation-latest",
+                        "results": []},
+              "output": {"type": "error", "code": "timeout", "message": "too slow"}}
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["unasked", "include_usage"])
+@pytest.mark.parametrize("usage", [None, {}, "real"])
+def test_a_choiceless_chunk_carrying_more_than_usage_is_sent(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, asked: bool,
+        usage: Any) -> None:
+    """A moderated completion's moderation chunk has no choices (usage null beside it when
+    include_usage is on): only a chunk reporting usage alone is held back or dropped. The
+    moderation reaches the client (unasked without a usage; asked on its own chunk, or on the
+    last one when it rode on the usage report), and the last chunk is still the billed one."""
+    extra = _usage(3) if usage == "real" else usage
+    body = [_piece("hi ", finish="stop"), {**USAGE_ONLY, "usage": extra, "moderation": MODERATION}]
+    raw = b"".join(map(_event, body)) + b"data: [DONE]\n\n"
+    chunks, _, _ = _chat(odd, r, redis_url, raw, **({"include_usage": True} if asked else {}))
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    assert [c["moderation"] for c in chunks if "moderation" in c] == [MODERATION]
+    if asked:
+        assert chunks[-1]["usage"]["completion_tokens"] >= 1 and not chunks[-1]["choices"]
+    else:
+        assert all("usage" not in c for c in chunks)

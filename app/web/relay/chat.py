@@ -241,21 +241,36 @@ def _forward(obj: dict[str, Any], call: Call, plan: Plan, meter: Meter,
         meter.usage(usage)
         reports.usage = usage
         if not obj.get("choices"):
-            reports.chunk = obj
-            return
-        # An upstream may report on a text chunk (its last, or every one): the text goes on,
-        # the usage shown is the last chunk's (OpenAI's null here), or the running one asked for.
-        obj["usage"] = meter.running(usage) if plan.running_usage else None
-    elif "usage" in obj and not obj.get("choices"):
+            reports.chunk = obj  # asked: the last chunk, with whatever else it carries
+            if plan.want_usage or _bare(obj):
+                return
+            # Unasked, but it carries more (a moderation chunk's results): sent, its usage not.
+        else:
+            # An upstream may report on a text chunk (its last, or every one): the text goes
+            # on, the usage shown is the last chunk's (OpenAI's null here), or the running one
+            # asked for.
+            obj["usage"] = meter.running(usage) if plan.running_usage else None
+    elif "usage" in obj and not obj.get("choices") and _bare(obj):
         # A usage-only chunk reporting nothing ({} or null): no chunk of OpenAI's. Unasked, it
         # sends no choices-less chunk; asked, its one is the last, ours, with the bill.
         return
     if not plan.want_usage:
         obj.pop("usage", None)  # the null the relay's own include_usage adds
-    elif "usage" not in obj:  # OpenAI's: every chunk but the last carries a null usage
+    elif not usage:  # OpenAI's: every chunk but the last carries a null usage ({}: none)
         obj["usage"] = None
     obj["model"] = call.model
     yield b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+# What any chunk carries; one without choices holding nothing else is a usage report alone
+# (a chunk of choices: [] may carry more: a moderated completion's moderation chunk).
+ENVELOPE = frozenset(("id", "object", "created", "model", "system_fingerprint", "service_tier",
+                      "choices", "usage", "obfuscation"))
+
+
+def _bare(obj: dict[str, Any]) -> bool:
+    """Tell whether a chunk without choices carries nothing but its envelope and usage."""
+    return all(k in ENVELOPE or v is None for k, v in obj.items())
 
 
 def _usage_chunk(kind: str, call: Call, meter: Meter, last: dict[str, Any], reports: Reports,
