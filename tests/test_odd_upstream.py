@@ -426,3 +426,53 @@ def test_a_native_event_whose_type_is_not_a_string_is_skipped(
     _, acct = _native_stream(odd, r, redis_url, replay[:cut] + odd_events + replay[cut:])
     assert _settled(r, acct)[1] == pricing.estimate_tokens(CALL_INPUT, "gpt-3.5-turbo")
     assert ledger.verify(r) == []
+
+
+def _result(flags: dict[str, bool], scores: dict[str, float]) -> dict[str, Any]:
+    return {"type": "moderation_result", "model": "omni-moderation-latest",
+            "flagged": any(flags.values()), "categories": flags, "category_scores": scores,
+            "category_applied_input_types": {k: ["text"] for k in flags}}
+
+
+CHAT_MODERATION = {
+    "input": {"type": "moderation_results", "model": "omni-moderation-latest", "results": [
+        _result({"violence": False, "hate": True}, {"violence": 0.25, "hate": 0.75}),
+        _result({"violence": True, "hate": False}, {"violence": 0.5, "hate": 0.125})]},
+    "output": {"type": "error", "code": "moderation_timeout", "message": "too slow"}}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_translated_responses_moderation_is_shown_as_openais(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, stream: bool) -> None:
+    """`moderation` (moderated completions) was dropped on its way to a chat upstream and no
+    Response ever carried results. It goes to chat (its field too), and chat's results (a list
+    per side, or an error; in a stream on their own chunk) are the Response's `moderation`: one
+    result per side, merged (flagged if any is, each category's highest score)."""
+    if stream:
+        body: Any = b"".join(_event({**CHUNK, "choices": [{"index": 0, "delta": d,
+                                                            "finish_reason": f}]}) for d, f in [
+            ({"role": "assistant", "content": "ok"}, "stop")]) + _event(
+            {**CHUNK, "choices": [], "moderation": CHAT_MODERATION}) + b"data: [DONE]\n\n"
+    else:
+        body = {**ANSWER, "moderation": CHAT_MODERATION, "choices": [{
+            "index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+                                                             "content": "ok"}}]}
+    odd.answer = (200, body)  # type: ignore[attr-defined]
+    app = create_app(make_settings(f"http://127.0.0.1:{odd.server_port}/v1", redis_url),
+                     redis_client=r)
+    key, _ = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "hi", "stream": stream,
+                                        "moderation": {"model": "omni-moderation-latest"}})
+    if stream:
+        events = [json.loads(line[6:]) for line in resp.get_data(as_text=True).split("\n")
+                  if line.startswith("data: ")]
+        final = events[-1]["response"]
+    else:
+        final = resp.json
+    validate(final, "Response")
+    merged = final["moderation"]["input"]
+    assert merged["flagged"] is True
+    assert merged["categories"] == {"violence": True, "hate": True}
+    assert merged["category_scores"] == {"violence": 0.5, "hate": 0.75}
+    assert final["moderation"]["output"] == CHAT_MODERATION["output"]

@@ -158,6 +158,8 @@ def test_whole_answer_and_failure() -> None:
      {"max_completion_tokens": 100, "reasoning_effort": "low", "model": "o3-mini"}),
     ({"temperature": 0.2, "top_p": 0.9, "user": "u1", "metadata": {"a": "b"}},
      {"temperature": 0.2, "top_p": 0.9, "user": "u1"}),
+    ({"moderation": {"model": "omni-moderation-latest"}},  # moderated completions: chat's too
+     {"moderation": {"model": "omni-moderation-latest"}}),
     # Chat's own prompt-cache fields (they were dropped: another cache than asked for)
     ({"prompt_cache_key": "k", "prompt_cache_retention": "24h",
       "prompt_cache_options": {"mode": "explicit"}},

@@ -148,3 +148,51 @@ def failed(response: dict[str, Any], output: list[dict[str, Any]],
         if item.get("status") == "in_progress":
             item["status"] = "incomplete"
     return {**response, "status": "failed", "output": output, "error": error}
+
+
+def moderation(given: Any) -> dict[str, Any] | None:
+    """Return a chat completion's `moderation` (ChatCompletionModeration: for the input and the
+    output, a list of results or an error) as a Response's (Moderation: one result or an error
+    each), the results merged: flagged if any is, a category flagged if any flags it, its
+    score the highest, its input types all of theirs. None for anything else (untrusted)."""
+    if not isinstance(given, dict):
+        return None
+    out = {side: _moderated(given.get(side)) for side in ("input", "output")}
+    return out if all(out.values()) else None
+
+
+def _moderated(side: Any) -> dict[str, Any] | None:
+    if not isinstance(side, dict):
+        return None
+    if side.get("type") == "error":
+        code, message = side.get("code"), side.get("message")
+        return {"type": "error", "code": code if isinstance(code, str) else "error",
+                "message": message[:1000] if isinstance(message, str) else ""}
+    results, model = side.get("results"), side.get("model")
+    if side.get("type") != "moderation_results" or not isinstance(results, list):
+        return None
+    merged: dict[str, Any] = {"type": "moderation_result",
+                              "model": model if isinstance(model, str) else "", "flagged": False,
+                              "categories": {}, "category_scores": {},
+                              "category_applied_input_types": {}}
+    for result in results:
+        if not isinstance(result, dict):
+            return None
+        merged["flagged"] |= result.get("flagged") is True
+        for name, flag in _pairs(result.get("categories"), bool):
+            merged["categories"][name] = merged["categories"].get(name, False) or flag
+        for name, score in _pairs(result.get("category_scores"), (int, float)):
+            merged["category_scores"][name] = max(merged["category_scores"].get(name, score),
+                                                  score)
+        for name, kinds in _pairs(result.get("category_applied_input_types"), list):
+            have = merged["category_applied_input_types"].setdefault(name, [])
+            have += [k for k in kinds if isinstance(k, str) and k not in have]
+    return merged
+
+
+def _pairs(value: Any, kind: Any) -> list[tuple[str, Any]]:
+    """Return a map's (name, value) pairs whose value is of `kind` (bool: only a bool)."""
+    if not isinstance(value, dict):
+        return []
+    return [(k, v) for k, v in value.items() if isinstance(k, str) and (
+        type(v) is bool if kind is bool else isinstance(v, kind) and type(v) is not bool)]

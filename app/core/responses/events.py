@@ -76,6 +76,7 @@ class ChatEvents:
         self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
         self.error: dict[str, str] | None = None  # the error an upstream stream ended with
         self.spaces: dict[str, tuple[str, str]] | None = None  # chat name -> namespace, name
+        self.moderation: Any = None  # a moderated completion's results (untrusted, chat's)
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Return the next event of the sequence."""
@@ -93,6 +94,8 @@ class ChatEvents:
         """Take one chat chunk (or a whole answer as one); return the events it makes."""
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if chunk.get("moderation") is not None:  # asked for (moderation): its own chunk
+            self.moderation = chunk["moderation"]
         if chunk.get("error") is not None:  # the upstream broke off: fail() ends the Response
             self.error = answer.error_of(chunk["error"])
             return []
@@ -245,6 +248,8 @@ class ChatEvents:
             self.finish_reason, str) else None
         out = self._close("incomplete" if reason else "completed")
         final = answer.finish(self.response, self.output(), self.finish_reason, usage)
+        if self.moderation is not None:
+            final["moderation"] = answer.moderation(self.moderation)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return out + [self.event(kind, response=final)], final
 

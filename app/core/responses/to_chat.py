@@ -19,7 +19,7 @@ from app.core.responses.tools import chat_call, chat_tool_choice, chat_tools
 TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # Chat fields a Responses request carries under the same name and meaning.
 PASSED = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key",
-          "prompt_cache_retention", "prompt_cache_options", "service_tier")
+          "prompt_cache_retention", "prompt_cache_options", "service_tier", "moderation")
 LOGPROBS = "message.output_text.logprobs"  # the `include` value asking for them
 # Models that take max_completion_tokens on chat/completions (max_tokens is refused there).
 REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
