@@ -98,9 +98,11 @@ def balance(ctx: Ctx) -> Item:
 
 def more(ctx: Ctx) -> Item:
     """Serve the next parked answer (继续)."""
-    item = ctx.dl.unpark()
+    how, item = ctx.dl.take_parked()
     if item is not None:
         return item
+    if how == "late":  # WeChat has had its answer: the item stays parked for the next 继续
+        return _t(ctx, "still_thinking")
     return _t(ctx, "pending" if ctx.dl.pending() else "nothing_parked")
 
 

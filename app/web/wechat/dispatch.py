@@ -65,7 +65,7 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage,
     if kind == "ignore":
         return None
     dk = dedupe.key_for(msg)
-    dl = Delivery(r, settings, str(msg.source), dk)
+    dl = Delivery(r, settings, str(msg.source), dk, until)
     first, attempt, known = dedupe.arrive(r, dk, dl.openid)
     if not first:  # a retry: the outcome of the first delivery (a lost job is queued again)
         return dl.wait(attempt, (lambda: _queue(dl, kind, arg, only_missing=True))
