@@ -138,9 +138,12 @@ def test_recharge_by_yuan_starts_a_pay_order(upstream: Any, redis_url: str, r: A
         with bot(settings, r, worker=False) as (_, url):
             reply = WeChat(url, fake_api.appid).say(OPENID, "充值 10元")
             clicked = WeChat(url, fake_api.appid).click(OPENID + "x", "RECHARGE")
+            # typed with a Chinese IME in full-width mode (全角): the same amount, not a code
+            wide = WeChat(url, fake_api.appid).say(OPENID, "充值 １０．５元")
     assert "充值订单已创建：10 元" in reply and "weixin://" in reply
     assert "充值订单已创建：10 元" in clicked and "weixin://" in clicked  # pay.menu_yuan
-    assert len(pay.orders) == 2
+    assert "充值订单已创建：10.5 元" in wide and "weixin://" in wide
+    assert len(pay.orders) == 3
 
 
 def test_commands_answer_16_concurrent_senders(served: tuple[WeChat, str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,8 @@ EXACT: dict[str, str] = {
 }
 _PREFIXED = re.compile(r"^(画|/image|充值|/redeem)(?:[\s:：]+)(.+)$", re.IGNORECASE | re.DOTALL)
 PLACEHOLDER = "sk-你的密钥"
-_YUAN = re.compile(r"^(\d{1,6}(?:\.\d{1,2})?)\s*元?$")
+# an amount of 元, read after NFKC (a Chinese IME's full-width １０．５ is 10.5)
+_YUAN = re.compile(r"^([0-9]{1,6}(?:\.[0-9]{1,2})?)\s*元?$")
 
 
 @dataclass
@@ -156,7 +158,7 @@ def redeem(ctx: Ctx) -> Item:
     arg = ctx.arg.strip()
     if not arg:
         return _t(ctx, "redeem_usage")
-    if yuan := _YUAN.match(arg):
+    if yuan := _YUAN.match(unicodedata.normalize("NFKC", arg)):
         return _pay(ctx, yuan.group(1))
     status, amount, bal = codes.redeem(ctx.r, ctx.acct, arg)
     if status == "ok":
