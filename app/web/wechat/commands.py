@@ -36,6 +36,10 @@ EXACT: dict[str, str] = {
     "用量": "usage", "/usage": "usage",
 }
 _PREFIXED = re.compile(r"^(画|/image|充值|/redeem)(?:[\s:：]+)(.+)$", re.IGNORECASE | re.DOTALL)
+# 充值 glued to what it redeems (充值XY0123…, 充值10元): a code or an amount, never a sentence
+# (充值怎么弄 stays a chat), read after NFKC like the code and the amount themselves
+_GLUED = re.compile(r"^充值((?:XY[0-9A-F]{16})|(?:[0-9]{1,6}(?:\.[0-9]{1,2})?\s*元?))$",
+                    re.IGNORECASE)
 PLACEHOLDER = "sk-你的密钥"
 # an amount of 元, read after NFKC (a Chinese IME's full-width １０．５ is 10.5)
 _YUAN = re.compile(r"^([0-9]{1,6}(?:\.[0-9]{1,2})?)\s*元?$")
@@ -74,6 +78,9 @@ def classify(raw: str) -> tuple[str, str]:
     found = _PREFIXED.match(body)
     if found:
         return EXACT[found.group(1).lower()], found.group(2).strip()
+    glued = _GLUED.match(unicodedata.normalize("NFKC", body))
+    if glued:
+        return "redeem", glued.group(1)
     return "chat", body
 
 
