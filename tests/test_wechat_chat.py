@@ -185,6 +185,19 @@ def test_a_continue_answered_past_the_deadline_leaves_the_answer_parked(
     assert wechat.say(OPENID, "继续") == "停着的回答"
 
 
+def test_a_busy_token_endpoint_is_retried_and_the_answer_pushed(
+        start: Callable[..., Any], r: Any, wx: FakeWeChatAPI) -> None:
+    """Review: WeChat's "system busy" (-1) from the token endpoint was raised as a permanent
+    failure (every other endpoint's -1 is transient): the push was not retried, and the paid
+    answer was parked for 继续 without a word to the user, who had been answered `success`."""
+    _, wechat = start(reply_wait_seconds=0.3)
+    wx.set_error("token", -1, times=1)
+    assert wechat.say(OPENID, "[[fake:delay=1]]忙的时候") is None
+    sent = wait_for(lambda: wx.sent(OPENID))
+    assert "忙的时候" in sent[0]["text"]["content"]
+    assert r.llen(handoff.park_key(OPENID)) == 0 and wx.token_fetches == 1
+
+
 def test_long_answer_is_split_in_order_within_push_limit(start: Callable[..., Any],
                                                          upstream: Any, wx: FakeWeChatAPI,
                                                          r: Any) -> None:
