@@ -181,14 +181,21 @@ class Delivery:
         """Take the user's next parked item as this message's passive reply, in one script
         (h.UNPARK): WeChat's retries of the message, and the webhook's late path, get that same
         item, never another one popped and lost. Past the webhook's deadline (`until`, else
-        self.until; by the store's clock) nothing is taken: WeChat has had its answer already,
-        so a popped item would be lost. Return (how, item): how is 'taken', 'passive' (taken
-        before by this message), 'late' or '' (nothing parked)."""
+        self.until) nothing is taken: WeChat has had its answer already, so a popped item would
+        be lost. The script checks the deadline when it runs (a stalled store may run it
+        later), by the store's clock: the time this process has left, added to the store's
+        time read just before (so the clocks of the hosts need not agree). Return (how, item):
+        how is 'taken', 'passive' (taken before by this message), 'late' or '' (nothing
+        parked)."""
         until = until if until is not None else self.until
+        due = 0
+        if until is not None:
+            seconds, micros = self.r.time()
+            due = max(1, int(seconds) * 1000 + int(micros) // 1000
+                      + int((until - time.time()) * 1000))
         how, raw = script(self.r, h.UNPARK)(
             keys=[h.state_key(self.dk), h.park_key(self.openid)],
-            args=[int(until * 1000) if until is not None else 0, h.STATE_TTL,
-                  text("more", self.settings)])
+            args=[due, h.STATE_TTL, text("more", self.settings)])
         how = how.decode() if isinstance(how, bytes) else str(how)
         return how, (json.loads(raw) if raw else None)
 
