@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from rq.job import Job
 from stub_kit import send_body
-from wechat_kit import WeChat, bot, voice_xml, wait_for, wechat_settings
+from wechat_kit import WeChat, bot, text_xml, voice_xml, wait_for, wechat_settings
 
 from app.bot import handoff, users
 from app.core.config import load_settings
@@ -146,6 +146,56 @@ def test_an_answer_done_after_the_webhooks_deadline_is_pushed_not_lost(
     assert wechat.say(OPENID, "[[fake:delay=4.35]]慢答案") is None  # "success" at 4.3 s
     sent = wait_for(lambda: wx.sent(OPENID))
     assert "慢答案" in sent[0]["text"]["content"]
+
+
+def test_a_retry_of_a_parked_message_gets_the_item_its_first_retry_got(
+        start: Callable[..., Any], r: Any, wx: FakeWeChatAPI) -> None:
+    """Red team: a WeChat retry of a message whose answer was parked popped the user's next
+    parked item on every retry: when one retry's reply was lost on its way to WeChat (WeChat
+    retries it), the next retry popped the following piece and the first was gone for good.
+    The item a retry takes is now the message's own passive reply: every later retry gets it
+    again, and 继续 goes on with the next piece."""
+    _, wechat = start(push_enabled=False, reply_wait_seconds=0.3, chat_max_tokens=4000)
+    question = text_xml(OPENID, "[[fake:delay=1]][[fake:long=1200]]", msg_id="777000201")
+    assert wechat.reply(wechat.post(question))["Content"] == TEXTS["still_thinking"]
+    wait_for(lambda: r.llen(handoff.park_key(OPENID)) >= 3)
+    first = wechat.reply(wechat.post(question))["Content"]  # WeChat's retry: the first piece
+    assert first.startswith("word0 ") and first.endswith(NOTE)
+    assert wechat.reply(wechat.post(question))["Content"] == first  # its reply was lost
+    pieces = [first, wechat.say(OPENID, "继续")]  # the next piece, none skipped
+    words = " ".join(p.removesuffix(NOTE) for p in pieces).split()
+    assert words == [f"word{i}" for i in range(len(words))]
+
+
+def test_a_continue_answered_past_the_deadline_leaves_the_answer_parked(
+        start: Callable[..., Any], r: Any, wx: FakeWeChatAPI) -> None:
+    """Red team: 继续 popped the parked answer whenever its thread got to it: past the
+    webhook's 4.3 s deadline (a stalled store) WeChat had already been answered, so the paid
+    answer, popped into a reply nobody sent, was lost (the next 继续 said nothing was waiting).
+    Past the deadline the item now stays parked."""
+    _, wechat = start(push_enabled=False)
+    assert wechat.say(OPENID, "余额")
+    r.rpush(handoff.park_key(OPENID), json.dumps({"t": "text", "c": "停着的回答"},
+                                                 ensure_ascii=False))
+    r.execute_command("CLIENT", "PAUSE", 5500, "ALL")  # the store stalls past the deadline
+    assert wechat.say(OPENID, "继续") in (None, TEXTS["still_thinking"])  # at 4.3 s
+    wait_for(lambda: r.ping())
+    time.sleep(1)  # the webhook's thread goes on once the store answers
+    assert r.llen(handoff.park_key(OPENID)) == 1
+    assert wechat.say(OPENID, "继续") == "停着的回答"
+
+
+def test_a_busy_token_endpoint_is_retried_and_the_answer_pushed(
+        start: Callable[..., Any], r: Any, wx: FakeWeChatAPI) -> None:
+    """Review: WeChat's "system busy" (-1) from the token endpoint was raised as a permanent
+    failure (every other endpoint's -1 is transient): the push was not retried, and the paid
+    answer was parked for 继续 without a word to the user, who had been answered `success`."""
+    _, wechat = start(reply_wait_seconds=0.3)
+    wx.set_error("token", -1, times=1)
+    assert wechat.say(OPENID, "[[fake:delay=1]]忙的时候") is None
+    sent = wait_for(lambda: wx.sent(OPENID))
+    assert "忙的时候" in sent[0]["text"]["content"]
+    assert r.llen(handoff.park_key(OPENID)) == 0 and wx.token_fetches == 1
 
 
 def test_long_answer_is_split_in_order_within_push_limit(start: Callable[..., Any],

@@ -50,6 +50,14 @@ def test_classify_both_forms() -> None:
     assert commands.classify("充值：XY01") == ("redeem", "XY01")
     assert commands.classify("/redeem XY01") == ("redeem", "XY01")
     assert commands.classify("重置密钥") == ("rotate", "")
+    # 充值 glued to a code or an amount (no space typed) is still 充值, never a chat that
+    # spends a free message and shows the code to the model
+    assert commands.classify("充值XY0123456789ABCDEF") == ("redeem", "XY0123456789ABCDEF")
+    assert commands.classify("充值ｘｙ0123456789abcdef") == ("redeem", "xy0123456789abcdef")
+    assert commands.classify("充值10元") == ("redeem", "10元")
+    assert commands.classify("充值１０．５") == ("redeem", "10.5")
+    assert commands.classify("充值怎么弄") == ("chat", "充值怎么弄")
+    assert commands.classify("充值XY01是什么") == ("chat", "充值XY01是什么")
 
 
 def test_chat_api_key_works_against_the_relay_and_is_then_masked(
@@ -138,9 +146,12 @@ def test_recharge_by_yuan_starts_a_pay_order(upstream: Any, redis_url: str, r: A
         with bot(settings, r, worker=False) as (_, url):
             reply = WeChat(url, fake_api.appid).say(OPENID, "充值 10元")
             clicked = WeChat(url, fake_api.appid).click(OPENID + "x", "RECHARGE")
+            # typed with a Chinese IME in full-width mode (全角): the same amount, not a code
+            wide = WeChat(url, fake_api.appid).say(OPENID, "充值 １０．５元")
     assert "充值订单已创建：10 元" in reply and "weixin://" in reply
     assert "充值订单已创建：10 元" in clicked and "weixin://" in clicked  # pay.menu_yuan
-    assert len(pay.orders) == 2
+    assert "充值订单已创建：10.5 元" in wide and "weixin://" in wide
+    assert len(pay.orders) == 3
 
 
 def test_commands_answer_16_concurrent_senders(served: tuple[WeChat, str]) -> None:
@@ -271,6 +282,19 @@ def test_a_code_typed_full_width_in_groups_or_lower_case_is_redeemed(
     typed = _full_width(code[:6].lower()) + "\u3000" + code[6:12] + " " + _full_width(code[12:])
     assert wechat.say(OPENID, f"充值 {typed}").startswith("充值成功")
     assert wechat.say(OPENID, f"充值 {code}") == TEXTS["redeem_used"]
+    assert wallet.balance(r, users.account_of(r, OPENID)) == 30_000 and ledger.verify(r) == []
+
+
+def test_a_code_glued_to_its_command_is_redeemed_and_never_asked_about(
+        served: tuple[WeChat, str], r: Any, upstream: Any) -> None:
+    """Review: 「充值XY…」 typed without the space was a chat: it spent a free message, sent
+    the redemption code to the upstream's model and credited nothing."""
+    wechat, _ = served
+    code = money_codes.create_codes(r, 20_000)[0]
+    assert wechat.say(OPENID, f"充值{code}").startswith("充值成功")
+    assert wechat.say(OPENID, f"充值{code}") == TEXTS["redeem_used"]
+    assert wechat.say(OPENID, "充值10元") == TEXTS["pay_unavailable"]
+    assert upstream.requests == []
     assert wallet.balance(r, users.account_of(r, OPENID)) == 30_000 and ledger.verify(r) == []
 
 

@@ -2,7 +2,7 @@
 
 One small object per message, `Delivery(r, settings, openid, dk)`. The webhook calls expect(),
 wait() and reply_now(); the jobs call send_text(), send(), note() and, giving up on a paid
-answer, rescue(); 继续 calls unpark().
+answer, rescue(); 继续 calls take_parked().
 WeChat allows max_push_messages customer-service messages per user message: the rest is parked
 and the last pushed message says to send 继续. Each pushed item is recorded before it is sent,
 so a re-run of the job never sends it twice. Without the customer-service API (48001, no
@@ -76,10 +76,12 @@ def _now_ms() -> int:
 class Delivery:
     """The way one message's answer takes to its user."""
 
-    __slots__ = ("r", "settings", "openid", "dk")
+    __slots__ = ("r", "settings", "openid", "dk", "until")
 
-    def __init__(self, r: redis.Redis, settings: Settings, openid: str, dk: str) -> None:
+    def __init__(self, r: redis.Redis, settings: Settings, openid: str, dk: str,
+                 until: float | None = None) -> None:
         self.r, self.settings, self.openid, self.dk = r, settings, openid, dk
+        self.until = until  # the webhook's deadline (time.time()) when a webhook answers it
 
     def text(self, name: str, **values: Any) -> Item:
         """Return the bot's text `name` as an item."""
@@ -107,13 +109,15 @@ class Delivery:
         A decided message (answered, refused, rate-limited, pushed) never queues its job again:
         that job would charge for an answer no one can be given any more."""
         wait_s = self.settings.bot.reply_wait_seconds
+        until = until if until is not None else self.until
         if until is not None:  # the webhook's own deadline (time.time()): never wait past it
             wait_s = max(0.0, min(wait_s, until - time.time()))
         state, item = self._await(wait_s, then)
         if state == "passive":
             return item
-        if state == "parked":
-            return self.unpark()
+        if state == "parked":  # the user's next parked item becomes this message's reply
+            how, item = self.take_parked(until)
+            return self.text("still_thinking") if how == "late" else item
         if state in ("pushing", "pushed"):
             return None
         if attempt >= 3 or not self.can_push():
@@ -173,14 +177,27 @@ class Delivery:
         pipe.execute()
         return item
 
-    def unpark(self) -> Item | None:
-        """Pop the user's next parked item (noting when more wait); None when nothing waits."""
-        pipe = self.r.pipeline()
-        pipe.lpop(h.park_key(self.openid))
-        pipe.llen(h.park_key(self.openid))
-        raw, left = pipe.execute()
-        item = json.loads(raw) if raw else None
-        return self._with_note(item) if item and left else item
+    def take_parked(self, until: float | None = None) -> tuple[str, Item | None]:
+        """Take the user's next parked item as this message's passive reply, in one script
+        (h.UNPARK): WeChat's retries of the message, and the webhook's late path, get that same
+        item, never another one popped and lost. Past the webhook's deadline (`until`, else
+        self.until) nothing is taken: WeChat has had its answer already, so a popped item would
+        be lost. The script checks the deadline when it runs (a stalled store may run it
+        later), by the store's clock: the time this process has left, added to the store's
+        time read just before (so the clocks of the hosts need not agree). Return (how, item):
+        how is 'taken', 'passive' (taken before by this message), 'late' or '' (nothing
+        parked)."""
+        until = until if until is not None else self.until
+        due = 0
+        if until is not None:
+            seconds, micros = self.r.time()
+            due = max(1, int(seconds) * 1000 + int(micros) // 1000
+                      + int((until - time.time()) * 1000))
+        how, raw = script(self.r, h.UNPARK)(
+            keys=[h.state_key(self.dk), h.park_key(self.openid)],
+            args=[due, h.STATE_TTL, text("more", self.settings)])
+        how = how.decode() if isinstance(how, bytes) else str(how)
+        return how, (json.loads(raw) if raw else None)
 
     def pending(self) -> bool:
         """Tell whether any message of the user is still being answered."""

@@ -7,7 +7,8 @@ user, and so every key a script or transaction here touches, shares one Redis Cl
                                    a raw API key, encrypted: app/bot/sealed.py)
     xy:wx:rdy:{dk}         list    wake-up tokens for webhooks waiting on that message (BLPOP)
     xy:wx:sent:{dk}        set     indices of the items already pushed: a re-run skips them
-    xy:wx:park:{openid}    list    JSON items waiting for 继续
+    xy:wx:park:{openid}    list    JSON items waiting for 继续 (taken by UNPARK: the item taken
+                                   becomes the taking message's passive reply, atomically)
     xy:wx:pending:{openid} set     dedupe keys of the user's messages still being answered
     xy:wx:nopush           string  WeChat answered 48001: this account has no customer-service API
 
@@ -97,4 +98,36 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 for i = 1, 4 do redis.call('RPUSH', KEYS[2], 1) end
 redis.call('EXPIRE', KEYS[2], 60)
 return out
+"""
+
+# KEYS[1]=st of the message taking an item, KEYS[2]=park; ARGV: until_ms (0: no deadline), ttl,
+# note (appended to a text item when more wait) -> {how, item}: 'taken' (the item is now the
+# message's passive reply: its retries, and the webhook's late path, get the same one),
+# 'passive' (taken by this message before), 'late' (the webhook's deadline passed by the
+# store's clock: the item stays parked, never popped for an answer WeChat will not see),
+# '' (nothing parked)
+UNPARK = """
+local due = tonumber(ARGV[1])
+if due > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= due then
+    return {'late', ''}
+  end
+end
+if redis.call('HGET', KEYS[1], 'state') == 'passive' then
+  local kept = redis.call('HGET', KEYS[1], 'reply')
+  if kept and kept ~= '' then return {'passive', kept} end
+end
+local item = redis.call('LPOP', KEYS[2])
+if not item then return {'', ''} end
+if ARGV[3] ~= '' and redis.call('LLEN', KEYS[2]) > 0 then
+  local ok, parsed = pcall(cjson.decode, item)
+  if ok and type(parsed) == 'table' and parsed['t'] == 'text' and type(parsed['c']) == 'string' then
+    parsed['c'] = parsed['c'] .. ARGV[3]
+    item = cjson.encode(parsed)
+  end
+end
+redis.call('HSET', KEYS[1], 'state', 'passive', 'reply', item)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {'taken', item}
 """

@@ -109,8 +109,13 @@ class SharedTokenClient(WeChatClient):  # type: ignore[misc]  # wechatpy ships n
         except (requests.RequestException, ValueError) as exc:
             raise _unnamed(self, exc, "token") from None
         if data.get("errcode") or not data.get("access_token"):
-            raise WeChatClientException(data.get("errcode"), data.get("errmsg"), client=self,
-                                        request=resp.request, response=resp)
+            code = data.get("errcode") or None
+            # as for every other endpoint (_call): "system busy" or an answer without an
+            # errcode may pass, so the job is retried; a refusal (a bad AppSecret, the day's
+            # quota, an IP not whitelisted) is not
+            failed = WeChatTransient if code is None or code in BUSY else WeChatClientException
+            raise failed(code, data.get("errmsg"), client=self, request=resp.request,
+                         response=resp)
         ttl = max(60, int(data.get("expires_in", 7200)) - 300)
         token: str = data["access_token"]
         self.session.set(self.access_token_key, token, ttl)

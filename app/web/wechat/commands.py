@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,13 @@ EXACT: dict[str, str] = {
     "用量": "usage", "/usage": "usage",
 }
 _PREFIXED = re.compile(r"^(画|/image|充值|/redeem)(?:[\s:：]+)(.+)$", re.IGNORECASE | re.DOTALL)
+# 充值 glued to what it redeems (充值XY0123…, 充值10元): a code or an amount, never a sentence
+# (充值怎么弄 stays a chat), read after NFKC like the code and the amount themselves
+_GLUED = re.compile(r"^充值((?:XY[0-9A-F]{16})|(?:[0-9]{1,6}(?:\.[0-9]{1,2})?\s*元?))$",
+                    re.IGNORECASE)
 PLACEHOLDER = "sk-你的密钥"
-_YUAN = re.compile(r"^(\d{1,6}(?:\.\d{1,2})?)\s*元?$")
+# an amount of 元, read after NFKC (a Chinese IME's full-width １０．５ is 10.5)
+_YUAN = re.compile(r"^([0-9]{1,6}(?:\.[0-9]{1,2})?)\s*元?$")
 
 
 @dataclass
@@ -72,6 +78,9 @@ def classify(raw: str) -> tuple[str, str]:
     found = _PREFIXED.match(body)
     if found:
         return EXACT[found.group(1).lower()], found.group(2).strip()
+    glued = _GLUED.match(unicodedata.normalize("NFKC", body))
+    if glued:
+        return "redeem", glued.group(1)
     return "chat", body
 
 
@@ -98,9 +107,11 @@ def balance(ctx: Ctx) -> Item:
 
 def more(ctx: Ctx) -> Item:
     """Serve the next parked answer (继续)."""
-    item = ctx.dl.unpark()
+    how, item = ctx.dl.take_parked()
     if item is not None:
         return item
+    if how == "late":  # WeChat has had its answer: the item stays parked for the next 继续
+        return _t(ctx, "still_thinking")
     return _t(ctx, "pending" if ctx.dl.pending() else "nothing_parked")
 
 
@@ -154,7 +165,7 @@ def redeem(ctx: Ctx) -> Item:
     arg = ctx.arg.strip()
     if not arg:
         return _t(ctx, "redeem_usage")
-    if yuan := _YUAN.match(arg):
+    if yuan := _YUAN.match(unicodedata.normalize("NFKC", arg)):
         return _pay(ctx, yuan.group(1))
     status, amount, bal = codes.redeem(ctx.r, ctx.acct, arg)
     if status == "ok":

@@ -56,16 +56,21 @@ def job_id(dk: str, kind: str) -> str:
     return f"wx-{kind}-{hashlib.sha256(dk.encode()).hexdigest()[:32]}"
 
 
+def queued(dk: str, queue: str) -> bool:
+    """Tell whether the message's job exists (queued, running, scheduled or kept by rq)."""
+    from rq.job import Job
+
+    return bool(Job.exists(job_id(dk, queue), connection=get_rq_redis()))
+
+
 def enqueue(queue: str, func: str, dk: str, *args: str, only_missing: bool = False) -> None:
     """Queue the message's job by dotted path; with only_missing, unless it exists already.
 
     No rq Retry here: a job asks for its own retry on a transient failure (app.bot.jobs), so
     anything else fails it at once.
     """
-    from rq.job import Job
-
     jid = job_id(dk, queue)
-    if only_missing and Job.exists(jid, connection=get_rq_redis()):
+    if only_missing and queued(dk, queue):
         return
     get_queue(queue).enqueue(func, *args, job_id=jid, job_timeout=JOB_TIMEOUT, result_ttl=600,
                              failure_ttl=jobs.FAILED_TTL)

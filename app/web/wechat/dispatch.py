@@ -65,7 +65,7 @@ def handle(r: redis.Redis, settings: Settings, msg: BaseMessage,
     if kind == "ignore":
         return None
     dk = dedupe.key_for(msg)
-    dl = Delivery(r, settings, str(msg.source), dk)
+    dl = Delivery(r, settings, str(msg.source), dk, until)
     first, attempt, known = dedupe.arrive(r, dk, dl.openid)
     if not first:  # a retry: the outcome of the first delivery (a lost job is queued again)
         return dl.wait(attempt, (lambda: _queue(dl, kind, arg, only_missing=True))
@@ -96,7 +96,10 @@ def late(r: redis.Redis, settings: Settings, msg: BaseMessage) -> Item | None:
 
 
 def _queue(dl: Delivery, kind: str, arg: str, only_missing: bool = False) -> None:
-    """Queue the message's job; a refused text is answered instead (the waiting webhook gets it)."""
+    """Queue the message's job; a refused text is answered instead (the waiting webhook gets it).
+    A retry whose job exists joins it: its text is not screened again (nor its hit counted)."""
+    if only_missing and dedupe.queued(dl.dk, "chat"):
+        return
     if kind == "picture":
         dedupe.enqueue("chat", PICTURE_JOB, dl.dk, dl.openid, dl.dk, arg,
                        only_missing=only_missing)
