@@ -29,6 +29,7 @@ from app import create_app
 from app.core import pricing, tokens
 from app.core.config import Settings, load_settings
 from app.core.money import ledger, wallet
+from app.core.responses import answer
 from fakes.upstream import ANSWER_PREFIX, FakeUpstream, count_tokens
 
 MODEL = "gpt-4o-mini"
@@ -951,6 +952,44 @@ def test_a_reference_spends_the_budget_once(upstream: FakeUpstream, redis_url: s
         got = [post(server, key, {"model": MODEL, "input": [ref]}).status_code
                for _ in range(6)]
         assert got[:4] == [200] * 4 and got[-1] == 429, got
+    finally:
+        server.stop()
+
+
+def _redis_sent(r: redis.Redis) -> int:
+    """Return the bytes the Redis server has written to its clients so far."""
+    return int(r.info("stats")["total_net_output_bytes"])
+
+
+def test_a_key_past_its_limits_reads_no_stored_turn(upstream: FakeUpstream, redis_url: str,
+                                                     r: redis.Redis) -> None:
+    """Red team (round 10): a tiny request naming a stored turn made the relay read it from the
+    money store before its key was counted, and an item_reference's turns were read before
+    the key's large-body budget was spent: every request of a key past both limits still read
+    megabytes (8 MB a 300-byte request, 429 each time, unlimited). The key is checked and
+    counted first, the turns' stored bytes spent before they are read: a refused request reads
+    (almost) nothing."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    toml = {"limits": {"key_large_body_mib_per_minute": 1, "key_requests_per_minute": 4}}
+    server = LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
+    try:
+        key, ref = _a_stored_picture(server, r, 700_000)  # 2 requests: its making spends 0.7 MB
+        turn = answer.response_of(ref["id"])
+        assert turn is not None
+        before = _redis_sent(r)
+        over_budget = post(server, key, {"model": MODEL, "input": [ref]})
+        assert over_budget.status_code == 429, over_budget.text[:200]
+        assert "MiB" in over_budget.json()["error"]["message"]
+        assert _redis_sent(r) - before < 100_000  # the 0.7 MB turn was not read
+        follow = {"model": MODEL, "input": "x", "previous_response_id": turn}
+        limited = post(server, key, follow)  # the 4th request this minute: still counted
+        assert limited.status_code == 429
+        before = _redis_sent(r)
+        for body in (follow, {"model": MODEL, "input": [ref]}):
+            past = post(server, key, body)  # past 4 requests a minute
+            assert past.status_code == 429 and "MiB" not in past.json()["error"]["message"]
+        assert _redis_sent(r) - before < 100_000  # neither read the turn
     finally:
         server.stop()
 

@@ -141,17 +141,20 @@ def _items(turn: dict[str, Any]) -> list[Any]:
 
 
 def referenced(r: Store, acct: str, ids: list[str], max_bytes: int,
+               spend: Callable[[int], None] | None = None,
                ) -> tuple[dict[str, dict[str, Any]], int]:
     """Return the stored items of the account these ids name (item_reference), by id (an id
     not found is absent), and the bytes read. Each id of ours names its turn (answer.item_id):
     the turns are read in one MGET, after their stored sizes say they fit in `max_bytes`
-    together (else TooLarge)."""
+    together (else TooLarge) and `spend` was given them (it may raise: nothing is read)."""
     turns = sorted({t for t in map(answer.response_of, ids) if t and _plausible(t)})
     if not turns:
         return {}, 0
     total = _stored_bytes(r, acct, turns)
     if total > max_bytes:
         raise TooLarge(turns[0])
+    if spend is not None:
+        spend(total)
     wanted, found = set(ids), {}
     for raw in r.mget([_key(acct, t) for t in turns]):
         for item in _items(orjson.loads(raw)) if raw is not None else []:

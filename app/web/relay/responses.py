@@ -22,7 +22,7 @@ from werkzeug.routing import BaseConverter
 
 from app.core import pricing, tokens
 from app.core.errors import InvalidKey, InvalidRequest, NotFound
-from app.core.money import Hold, keys
+from app.core.money import Hold
 from app.core.responses import answer, events, native, request, to_chat, tools
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
@@ -33,6 +33,7 @@ from app.web.relay.common import (
     Call,
     admit,
     authenticate,
+    check_key,
     check_output_cap,
     gather_keyed,
     page_limit,
@@ -58,12 +59,11 @@ class ResponseNotFound(NotFound):
 
 
 def _account(call: Call, plan: Plan) -> str:
-    """Return the key's account (read once), whose stored turns the request may use."""
+    """Return the key's account, whose stored turns the request may use: the key checked and
+    counted in its rate window first (common.check_key), so a key past its limit reads
+    nothing (a lookup alone let a rate-limited key read megabytes a request, unlimited)."""
     if plan.acct is None:
-        info = keys.lookup(get_redis(), call.raw_key)
-        if info is None:
-            raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
-        plan.acct = info.acct
+        plan.acct = check_key(call.raw_key).acct
     return plan.acct
 
 
@@ -79,8 +79,11 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
     if not ids:
         return items
     limit = settings().relay.get("max_body_bytes", 32 << 20)
-    try:
-        found, read = response_store.referenced(get_redis(), _account(call, plan), ids, limit)
+    acct = _account(call, plan)
+    try:  # the turns' stored bytes are spent before they are read
+        found, read = response_store.referenced(
+            get_redis(), acct, ids, limit,
+            spend=lambda size: spend_large_bytes(call.raw_key, acct, size))
     except response_store.TooLarge:
         raise _too_large(limit, "input") from None
     out, size, sizes = [], 0, {}
@@ -98,7 +101,7 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
                 raise _too_large(limit, "input")
         out.append(item)
     # The key's large-body budget pays once: the turns read or the items sent, the larger.
-    spend_large_bytes(call.raw_key, plan.acct or "", max(read, size))
+    spend_large_bytes(call.raw_key, acct, size, counted=read)
     return out
 
 
