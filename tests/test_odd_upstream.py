@@ -367,7 +367,11 @@ NATIVE_ERROR = {"type": "error", "code": "server_error", "message": "quota probl
     (False, b""),  # nothing at all
     (True, _event(NATIVE_HEAD) + _event(NATIVE_ERROR)),  # a native error event before any text
     (True, b"data: [DONE]\n\n"),
-], ids=["error-first", "empty", "nothing", "native-error-first", "native-empty"])
+    (True, _event(NATIVE_HEAD) + _event({"type": "response.failed", "response": {
+        **NATIVE_HEAD["response"], "status": "failed",
+        "error": {"code": "server_error", "message": "down"}}})),  # failed, no usage
+], ids=["error-first", "empty", "nothing", "native-error-first", "native-empty",
+        "native-failed"])
 def test_a_responses_stream_that_fails_before_any_text_costs_nothing(
         odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, native: bool,
         body: bytes) -> None:

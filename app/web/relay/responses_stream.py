@@ -121,9 +121,12 @@ class Turn:
         return event
 
     def _failed_empty(self) -> bool:
-        """Tell whether the upstream failed before producing anything: an empty stream, or an
-        error event before any text (chat's rule: such a stream bills nothing)."""
-        if self.seen and not (self._erred() or self.native_error):
+        """Tell whether the upstream failed before producing anything: an empty stream, an
+        error event before any text (chat's rule: such a stream bills nothing), or a native
+        `response.failed` with no text that reports no usage (one that does is billed by it)."""
+        gave_up = self.terminal is not None and self.terminal.get("type") == "response.failed" \
+            and not isinstance(self.state.usage, dict)
+        if self.seen and not (self._erred() or self.native_error or gave_up):
             return False
         made = "".join(self.produced)
         return not (self.shown.text(made) if self.plan.native else made)
