@@ -397,6 +397,24 @@ def test_a_responses_stream_that_fails_before_any_text_costs_nothing(
     assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
 
 
+def test_a_native_failed_response_with_nothing_in_it_costs_nothing(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """Red team (round 10): the plain form of the stream above: a native upstream's Response
+    that failed with no output and no usage was billed its prompt. The hold is released."""
+    odd.answer = (200, {**NATIVE_HEAD["response"], "status": "failed",  # type: ignore[attr-defined]
+                        "error": {"code": "server_error", "message": "down"}})
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "你好"})
+    assert resp.status_code == 200 and resp.json["status"] == "failed", resp.json
+    assert resp.json["usage"]["input_tokens"] == 0
+    assert _kinds(r, acct) == ["reserve", "refund"]
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
+
+
 def test_interleaved_choices_are_billed_each_for_its_own_text(
         odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
     """Red team: an `n` = 2 stream without usage, its choices' pieces interleaved ("ab" for

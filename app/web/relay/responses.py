@@ -186,6 +186,8 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
         screening.mask_errors(screening.error_slots(final))  # a failed Response's message
         output = final.get("output")
         text, reported = native.output_text(output), data.get("usage")
+        if final.get("status") == "failed" and not text and not isinstance(reported, dict):
+            meter.fail()  # the upstream failed, produced nothing and bills nothing: nor do we
     else:
         state = events.from_chat(data, plan.response)
         # Billed as produced, as chat bills it: its reasoning too (the translation drops it).
