@@ -710,10 +710,14 @@ def _reported(live: LiveServer, r: redis.Redis, upstream: FakeUpstream, body: di
         {"role": "user", "content": [{"type": "text", "text": LONG_TEXT}]}]}, "text"),
     ("/v1/responses", {"model": "gpt-4", "max_output_tokens": 16, "input": LONG_TEXT},
      "text"),
+    # Red team (round 10): truncation "auto" turned the floor off, but a translated request
+    # never sends it: the chat upstream gets the whole text, and may not report 1 token for it
+    ("/v1/responses", {"model": "gpt-4", "max_output_tokens": 16, "input": LONG_TEXT,
+                       "truncation": "auto"}, "text"),
     ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 5, "web_search_options": {},
                               "messages": [{"role": "user", "content": LONG_TEXT}]}, "text"),
 ], ids=["embeddings-ids", "embeddings-id-arrays", "completions-ids", "chat", "chat-stream",
-        "responses", "chat-web-search"])
+        "responses", "responses-truncation-translated", "chat-web-search"])
 def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
         live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
         body: dict[str, Any], counted: Any) -> None:

@@ -163,8 +163,10 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
     # The floor of a reported input (billing.Meter): the messages' own texts, unless the
-    # upstream may drop turns that overflow the context itself (truncation "auto").
-    plan.text_prompt = 0 if body.get("truncation") == "auto" else prompt.plain
+    # upstream may drop turns that overflow the context itself (truncation "auto", which only
+    # a native upstream is sent: a chat upstream gets the whole conversation, floored).
+    auto = plan.native and body.get("truncation") == "auto"
+    plan.text_prompt = 0 if auto else prompt.plain
     if counting:
         return 0
     check_output_cap(call.price, "max_output_tokens", body.get("max_output_tokens"))
