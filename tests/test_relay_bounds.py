@@ -739,6 +739,20 @@ def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
     assert ledger.verify(r) == []
 
 
+def test_an_embeddings_field_outside_openais_schema_is_counted(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """Red team (round 10): an embeddings request's fields outside OpenAI's schema go upstream
+    as sent (an upstream may embed a `documents` field too, and bill it), but only `input`
+    was counted: a 2 000-token field was held and billed as the 1-token input, the upstream's
+    report of it cut to that bound. They are counted into the bound, as chat's and completions'
+    are (and never into the floor of an honest report)."""
+    body = {"model": "text-embedding-ada-002", "input": "hi", "documents": LONG_TEXT}
+    extra = tokens.json_tokens({"documents": LONG_TEXT}, "text-embedding-ada-002")
+    resp, _, settle = _reported(live, r, upstream, body, "/v1/embeddings", extra)
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == extra > 1500
+    assert ledger.verify(r) == []
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_suffix_is_not_taken_for_echoed_text(live: LiveServer, r: redis.Redis,
                                                upstream: FakeUpstream, stream: bool) -> None:
