@@ -8,7 +8,7 @@ from typing import Any
 from flask import Response
 
 from app.core import pricing, tokens
-from app.core.errors import InvalidRequest, StringTooLong
+from app.core.errors import InvalidRequest, StringTooLong, UpstreamTooLarge
 from app.edges.upstream import get_upstream
 from app.web.relay import image_fields, vectors
 from app.web.relay.billing import Meter, prompt_billed_if_sent
@@ -164,8 +164,12 @@ def images() -> Response:
     """Serve one image generation request."""
     call, held = admit(("image",), _images_cost)
     with held:
-        data = get_upstream().post("/images/generations", call.body, call.upstream_model,
-                                   expect="data")
+        try:
+            data = get_upstream().post("/images/generations", call.body, call.upstream_model,
+                                       expect="data")
+        except UpstreamTooLarge:  # the pictures were made (and billed upstream), never read
+            held.settle(held.amount)
+            raise
         n = call.body.get("n") or 1
         data["data"] = data["data"][:n]  # an upstream's extra pictures are not handed out free
         made = len(data["data"])
