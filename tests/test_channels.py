@@ -236,6 +236,57 @@ def test_a_proxied_answer_timing_out_after_its_headers_is_billed_and_not_retried
     assert ledger.verify(r) == []
 
 
+class _Huge(socketserver.BaseRequestHandler):
+    """An upstream whose 200 says it is longer than the relay reads (ANSWER_LIMIT: 256 MiB),
+    as a hundred long choices with 20 top_logprobs each are."""
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 300000000\r\n\r\n{\"id\": ")
+
+
+@pytest.mark.parametrize("path,body", [
+    (CHAT, {"model": "gpt-3.5", "max_tokens": 50, "n": 3,
+            "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/images/generations", {"model": "dall-e-2", "prompt": "a fox", "n": 2,
+                                "size": "256x256"}),
+], ids=["chat", "images"])
+def test_an_answer_too_large_to_read_is_billed_at_its_bound_and_not_run_again(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, path: str,
+        body: dict[str, Any]) -> None:
+    """Red team (round 10): a plain answer longer than the relay reads (256 MiB: 128 choices
+    of 16 384 tokens with 20 top_logprobs each are 2 GB) was taken for a connect failure: sent
+    to the next channel to be written (and billed by it) again, then a 502 and the whole hold
+    released. The upstream wrote it, so it billed the operator every time, and the caller
+    nothing: a trial account could burn the operator's credit 600 times a minute. It is a 502
+    (x-should-retry: false) billed at the request's bound, and no other channel is asked."""
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Huge) as huge:
+        huge.daemon_threads = True
+        threading.Thread(target=huge.serve_forever, args=(0.05,), daemon=True).start()
+        env = {"XIAOYI_REDIS_URL": redis_url}
+        channels = [{"name": "a", "base_url": f"http://127.0.0.1:{huge.server_address[1]}/v1",
+                     "api_key": UPSTREAM_KEY, "priority": 0},
+                    {"name": "b", "base_url": upstream.url, "api_key": UPSTREAM_KEY,
+                     "priority": 1}]
+        client = create_app(load_settings(env, toml={"channels": channels}),
+                            redis_client=r).test_client()
+        key, acct = new_key(r)
+        before = wallet.balance(r, acct)
+        resp = client.post(path, headers={"Authorization": f"Bearer {key}"}, json=body)
+        huge.shutdown()
+    assert resp.status_code == 502 and resp.headers["x-should-retry"] == "false", resp.json
+    assert resp.get_json()["error"]["code"] == "upstream_error"
+    assert len(upstream.requests) == 0  # never written a second time
+    entries = ledger.ledger_entries(r, acct)
+    held = -int(next(e for e in entries if e["kind"] == "reserve")["amount"])
+    settled = [e for e in entries if e["kind"] == "settle"]
+    assert len(settled) == 1 and int(settled[0]["cost"]) == held > 0
+    if path == CHAT:
+        assert int(settled[0]["ct"]) == 150  # every choice's max_tokens
+    assert before - wallet.balance(r, acct) == held and ledger.verify(r) == []
+
+
 def test_every_channel_failing_is_502_and_not_ready(r: redis.Redis, redis_url: str,
                                                     upstream: FakeUpstream,
                                                     second: FakeUpstream) -> None:

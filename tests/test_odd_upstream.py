@@ -354,6 +354,67 @@ def test_a_native_stream_showing_its_text_whole_is_billed_for_it(
     assert completed[-1]["response"]["usage"]["output_tokens"] == want  # shown as billed
 
 
+NATIVE_HEAD = {"type": "response.created", "response": {
+    "id": "resp_up", "object": "response", "status": "in_progress", "output": [],
+    "model": "gpt-3.5-turbo"}}
+NATIVE_ERROR = {"type": "error", "code": "server_error", "message": "quota problem with {auth}",
+                "param": None}
+
+
+@pytest.mark.parametrize("native,body", [
+    (False, _event(QUOTING)),  # an error event before any text
+    (False, b"data: [DONE]\n\n"),  # an empty stream
+    (False, b""),  # nothing at all
+    (True, _event(NATIVE_HEAD) + _event(NATIVE_ERROR)),  # a native error event before any text
+    (True, b"data: [DONE]\n\n"),
+    (True, _event(NATIVE_HEAD) + _event({"type": "response.failed", "response": {
+        **NATIVE_HEAD["response"], "status": "failed",
+        "error": {"code": "server_error", "message": "down"}}})),  # failed, no usage
+], ids=["error-first", "empty", "nothing", "native-error-first", "native-empty",
+        "native-failed"])
+def test_a_responses_stream_that_fails_before_any_text_costs_nothing(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, native: bool,
+        body: bytes) -> None:
+    """Red team (round 10): the stream that costs nothing on /v1/chat/completions (an error
+    event before any text, an empty stream) was billed its prompt on /v1/responses, and an
+    empty one was a `response.completed` with no output: an upstream failure the client paid
+    for (SPEC §4: an upstream failure releases the whole hold). It ends `response.failed` and
+    the hold is released."""
+    odd.answer = (200, body)  # type: ignore[attr-defined]
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": int(native)}}),
+                     redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "你好", "stream": True})
+    text = resp.get_data(as_text=True)
+    assert resp.status_code == 200 and UPSTREAM_KEY not in text
+    last = json.loads([line[6:] for line in text.split("\n") if line.startswith("data: ")][-1])
+    assert last["type"] == "response.failed", last
+    assert last["response"]["usage"]["input_tokens"] == 0  # shown as billed: nothing
+    assert _kinds(r, acct) == ["reserve", "refund"]
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
+
+
+def test_a_native_failed_response_with_nothing_in_it_costs_nothing(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
+    """Red team (round 10): the plain form of the stream above: a native upstream's Response
+    that failed with no output and no usage was billed its prompt. The hold is released."""
+    odd.answer = (200, {**NATIVE_HEAD["response"], "status": "failed",  # type: ignore[attr-defined]
+                        "error": {"code": "server_error", "message": "down"}})
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "XIAOYI_UPSTREAM_BASE_URL": f"http://127.0.0.1:{odd.server_port}/v1"}
+    app = create_app(load_settings(env, toml={"relay": {"responses_native": 1}}), redis_client=r)
+    key, acct = new_key(r)
+    resp = app.test_client().post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-3.5", "input": "你好"})
+    assert resp.status_code == 200 and resp.json["status"] == "failed", resp.json
+    assert resp.json["usage"]["input_tokens"] == 0
+    assert _kinds(r, acct) == ["reserve", "refund"]
+    assert wallet.balance(r, acct) == 100_000 and ledger.verify(r) == []
+
+
 def test_interleaved_choices_are_billed_each_for_its_own_text(
         odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str) -> None:
     """Red team: an `n` = 2 stream without usage, its choices' pieces interleaved ("ab" for

@@ -710,10 +710,14 @@ def _reported(live: LiveServer, r: redis.Redis, upstream: FakeUpstream, body: di
         {"role": "user", "content": [{"type": "text", "text": LONG_TEXT}]}]}, "text"),
     ("/v1/responses", {"model": "gpt-4", "max_output_tokens": 16, "input": LONG_TEXT},
      "text"),
+    # Red team (round 10): truncation "auto" turned the floor off, but a translated request
+    # never sends it: the chat upstream gets the whole text, and may not report 1 token for it
+    ("/v1/responses", {"model": "gpt-4", "max_output_tokens": 16, "input": LONG_TEXT,
+                       "truncation": "auto"}, "text"),
     ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 5, "web_search_options": {},
                               "messages": [{"role": "user", "content": LONG_TEXT}]}, "text"),
 ], ids=["embeddings-ids", "embeddings-id-arrays", "completions-ids", "chat", "chat-stream",
-        "responses", "chat-web-search"])
+        "responses", "responses-truncation-translated", "chat-web-search"])
 def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
         live: LiveServer, r: redis.Redis, upstream: FakeUpstream, path: str,
         body: dict[str, Any], counted: Any) -> None:
@@ -732,6 +736,20 @@ def test_a_prompt_usage_far_below_token_ids_or_chat_text_bills_them(
     if not body.get("stream"):
         usage = resp.json()["usage"]
         assert usage.get("prompt_tokens", usage.get("input_tokens")) == int(settle["pt"])
+    assert ledger.verify(r) == []
+
+
+def test_an_embeddings_field_outside_openais_schema_is_counted(
+        live: LiveServer, r: redis.Redis, upstream: FakeUpstream) -> None:
+    """Red team (round 10): an embeddings request's fields outside OpenAI's schema go upstream
+    as sent (an upstream may embed a `documents` field too, and bill it), but only `input`
+    was counted: a 2 000-token field was held and billed as the 1-token input, the upstream's
+    report of it cut to that bound. They are counted into the bound, as chat's and completions'
+    are (and never into the floor of an honest report)."""
+    body = {"model": "text-embedding-ada-002", "input": "hi", "documents": LONG_TEXT}
+    extra = tokens.json_tokens({"documents": LONG_TEXT}, "text-embedding-ada-002")
+    resp, _, settle = _reported(live, r, upstream, body, "/v1/embeddings", extra)
+    assert int(settle["pt"]) == resp.json()["usage"]["prompt_tokens"] == extra > 1500
     assert ledger.verify(r) == []
 
 

@@ -957,6 +957,75 @@ def test_a_reference_spends_the_budget_once(upstream: FakeUpstream, redis_url: s
         server.stop()
 
 
+def _redis_sent(r: redis.Redis) -> int:
+    """Return the bytes the Redis server has written to its clients so far."""
+    return int(r.info("stats")["total_net_output_bytes"])
+
+
+def _limited(upstream: FakeUpstream, redis_url: str, r: redis.Redis, mib: int,
+             per_minute: int) -> LiveServer:
+    """Start the relay live with a key budget of `mib` MiB a minute and `per_minute` requests."""
+    env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream.url,
+           "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    toml = {"limits": {"key_large_body_mib_per_minute": mib, "key_requests_per_minute": per_minute}}
+    return LiveServer(create_app(load_settings(env, toml=toml), redis_client=r))
+
+
+def test_a_key_past_its_limits_reads_no_stored_turn(upstream: FakeUpstream, redis_url: str,
+                                                     r: redis.Redis) -> None:
+    """Red team (round 10): a request naming a stored turn made the relay read it from the
+    money store before its key's limits stopped it. A continuation's key was looked up, not
+    counted, before its turn was read; an item_reference's turns were read before the key's
+    large-body budget was spent; GET /v1/responses/{id} and its input_items spent no budget at
+    all, and DELETE read the whole turn to see it was there: a key past both limits still read
+    megabytes a request (8 MB a 300-byte request, 429 each time, unlimited). The key is
+    checked and counted first, a turn's stored bytes are spent before it is read, and DELETE
+    reads nothing: a refused request reads (almost) nothing."""
+    maker = _limited(upstream, redis_url, r, mib=0, per_minute=0)  # stores without limits
+    server = _limited(upstream, redis_url, r, mib=1, per_minute=8)
+    try:
+        key, acct = new_key(r)
+        turns, refs = [], []
+        for _ in range(2):
+            image = {"type": "input_image", "image_url": _padded_image(700_000), "detail": "low"}
+            made = post(maker, key, {"model": MODEL, "input": [{"role": "user",
+                                                                 "content": [image]}]}).json()
+            listed = requests.get(f"{maker.url}/v1/responses/{made['id']}/input_items",
+                                  headers={"Authorization": f"Bearer {key}"}, timeout=20)
+            turns.append(made["id"])
+            refs.append({"type": "item_reference", "id": listed.json()["data"][0]["id"]})
+        auth = {"Authorization": f"Bearer {key}"}
+
+        def sent(method: str, path: str, body: dict[str, Any] | None = None) -> requests.Response:
+            before = _redis_sent(r)
+            answer = requests.request(method, server.url + path, json=body, headers=auth,
+                                      timeout=20)
+            assert _redis_sent(r) - before < 100_000, (path, answer.text[:200])  # not read
+            return answer
+
+        first = requests.get(f"{server.url}/v1/responses/{turns[0]}", headers=auth, timeout=20)
+        assert first.status_code == 200  # a window's first 0.7 MB pass
+        for method, path, body in [
+                ("GET", f"/v1/responses/{turns[1]}", None),
+                ("GET", f"/v1/responses/{turns[1]}/input_items", None),
+                ("POST", "/v1/responses", {"model": MODEL, "input": "x",
+                                           "previous_response_id": turns[1]}),
+                ("POST", "/v1/responses", {"model": MODEL, "input": [refs[1]]})]:
+            over = sent(method, path, body)  # another 0.7 MB would pass 1 MiB a minute
+            assert over.status_code == 429 and "MiB" in over.json()["error"]["message"], path
+        assert sent("DELETE", f"/v1/responses/{turns[1]}").status_code == 200  # 6 requests
+        for _ in range(2):  # 7, 8
+            assert requests.get(f"{server.url}/v1/models", headers=auth, timeout=20).ok
+        for body in ({"model": MODEL, "input": "x", "previous_response_id": turns[0]},
+                     {"model": MODEL, "input": [refs[0]]}):
+            past = sent("POST", "/v1/responses", body)  # past 8 requests a minute
+            assert past.status_code == 429 and "MiB" not in past.json()["error"]["message"]
+        assert ledger.verify(r) == []
+    finally:
+        server.stop()
+        maker.stop()
+
+
 def test_an_item_named_again_and_again_is_sent_each_time_and_counted_each_time(
         upstream: FakeUpstream, redis_url: str, r: redis.Redis) -> None:
     """Red team: one stored turn of a 250 kB low-detail picture, named 1 000 times by

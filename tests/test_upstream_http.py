@@ -28,6 +28,7 @@ import requests
 from nginx_kit import self_signed
 
 from app.core.config import load_settings
+from app.core.errors import UpstreamTooLarge
 from app.edges.upstream import Upstream, iter_sse
 from app.edges.upstream_http import (
     ANSWER_LIMIT,
@@ -435,11 +436,12 @@ def test_a_gzip_bomb_is_not_inflated_past_the_limit(serve: Callable[..., Server]
     assert peak < 8 * LIMITED
 
 
-def test_a_channel_whose_answer_is_too_large_fails_over(
+def test_a_channel_whose_answer_is_too_large_is_not_asked_again(
         serve: Callable[..., Server], r: redis.Redis, redis_url: str) -> None:
     """The relay's limit (ANSWER_LIMIT) refuses an answer announcing more at once (its body
-    never comes: read on, it would be a timeout, which a plain answer does not fail over on);
-    the next channel answers."""
+    never comes). Red team (round 10): it failed over, so an answer a request made too large
+    (128 long choices with 20 top_logprobs each) was written, and billed, by every channel,
+    and released: it is UpstreamTooLarge (the caller bills the bound), no other channel asked."""
     huge = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n{" % (ANSWER_LIMIT + 1)
     chat = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}'
     fine = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(chat) + chat
@@ -449,10 +451,10 @@ def test_a_channel_whose_answer_is_too_large_fails_over(
                 for i, (name, server) in enumerate((("huge", first), ("fine", second)))]
     toml = {"channels": channels, "relay": {"answer_timeout_seconds": 2}}
     up = Upstream(load_settings({"XIAOYI_REDIS_URL": redis_url}, toml=toml), r)
-    got = up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
-                  "gpt-3.5-turbo", expect="choices")
-    assert got.channel.name == "fine" and got.value["choices"][0]["message"]["content"] == "hi"
-    assert first.accepted == 1
+    with pytest.raises(UpstreamTooLarge):
+        up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
+                "gpt-3.5-turbo", expect="choices")
+    assert first.accepted == 1 and second.accepted == 0
 
 
 def _framed(kind: str, body: bytes, ctype: bytes) -> bytes:
@@ -493,12 +495,13 @@ def _proxied(serve: Callable[..., Server], monkeypatch: pytest.MonkeyPatch, answ
 
 
 @pytest.mark.parametrize("kind", ["declared", "chunked", "close-delimited", "gzip bomb"])
-def test_a_proxied_answer_longer_than_the_limit_is_refused_and_fails_over(
+def test_a_proxied_answer_longer_than_the_limit_is_refused(
         serve: Callable[..., Server], r: redis.Redis, redis_url: str,
         monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """Red team: a channel behind a proxy is called through requests, which read any body
     whole into memory (a gzip bomb inflated in full): the fast path's limit applies there too,
-    with the same error (AnswerTooLarge: the channel fails over), never inflated past it."""
+    with the same error (UpstreamTooLarge: no other channel asked, as on the fast path), never
+    inflated past it."""
     text = b"x" * LIMITED if kind != "gzip bomb" else bytes(64 << 20)
     big = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "%s"}}]}' % text
     chat = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}'
@@ -507,13 +510,13 @@ def test_a_proxied_answer_longer_than_the_limit_is_refused_and_fails_over(
                   fine)
     tracemalloc.start()
     try:
-        got = up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
-                      "gpt-3.5-turbo", expect="choices")
+        with pytest.raises(UpstreamTooLarge):
+            up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
+                    "gpt-3.5-turbo", expect="choices")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert got.channel.name == "fine" and got.value["choices"][0]["message"]["content"] == "hi"
-    assert peak < 8 * LIMITED
+    assert fine.accepted == 0 and peak < 8 * LIMITED
 
 
 @pytest.mark.parametrize("kind", ["chunked", "close-delimited", "gzip bomb"])

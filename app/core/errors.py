@@ -11,6 +11,7 @@
     ├── RateLimited                429    rate_limit_exceeded     (Retry-After)
     ├── RequestTooLarge            413    request_too_large
     ├── UpstreamError              502    upstream_error
+    │   └── UpstreamTooLarge       502    upstream_error          (x-should-retry: false)
     ├── UpstreamTimeout            504    upstream_timeout
     ├── StoreUnavailable           503    service_unavailable     (wallet cannot be read/written)
     ├── NotFound                   404    not_found               (unknown route)
@@ -185,6 +186,18 @@ class RequestTooLarge(ApiError):
 class UpstreamError(ApiError):
     status, code, error_code = 502, 50201, "upstream_error"
     error_type, default_msg = "api_error", "上游服务出错，请稍后再试"
+
+
+class UpstreamTooLarge(UpstreamError):
+    """The upstream wrote an answer longer than the relay reads (ANSWER_LIMIT, 256 MiB: a
+    hundred choices of long answers with 20 top_logprobs each): written, and billed by the
+    upstream, but never delivered. The request is billed at its bound and not sent to another
+    channel, nor retried by the SDKs (it would be written, and billed, again)."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, msg="上游的回答太大，无法转发；已按本次请求的预扣上限计费。请减少 n、"
+                                      "max_tokens 或 logprobs，或改用流式请求",
+                         headers={"x-should-retry": "false"})
 
 
 class UpstreamTimeout(ApiError):

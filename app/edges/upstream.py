@@ -32,6 +32,7 @@ from app.core.errors import (
     UpstreamNotFound,
     UpstreamRefused,
     UpstreamTimeout,
+    UpstreamTooLarge,
     UpstreamUnprocessable,
 )
 from app.core.metrics import FAILOVERS, UPSTREAM_FAILURES, UPSTREAM_LATENCY
@@ -43,7 +44,13 @@ from app.edges.sse import data_events
 from app.edges.turns import DEFAULT_SIZE as DEFAULT_TURNS
 from app.edges.turns import EXTENSION as TURNS
 from app.edges.turns import Turns
-from app.edges.upstream_http import ANSWER_LIMIT, Origin, UpstreamResponse, read_tail
+from app.edges.upstream_http import (
+    ANSWER_LIMIT,
+    AnswerTooLarge,
+    Origin,
+    UpstreamResponse,
+    read_tail,
+)
 
 __all__ = ["Upstream", "UpstreamResponse", "get_upstream", "init_app", "iter_sse",
            "iter_sse_objects"]
@@ -285,6 +292,8 @@ class Upstream:
                 timed_out = True
                 self._mark(channel, False, "timeout")
                 continue
+            except AnswerTooLarge:  # (a ConnectionError) written whole: not the channel's fault
+                raise _too_large() from None
             except requests.RequestException as exc:
                 last = type(exc).__name__
                 self._mark(channel, False, "connect")
@@ -301,7 +310,10 @@ class Upstream:
                 if expect is None:
                     self._mark(channel, True)
                     return Answer(resp, channel)
-                parsed = _parse(resp, expect)
+                try:
+                    parsed = _parse(resp, expect)
+                except AnswerTooLarge:  # read through requests (a proxy): found reading it
+                    raise _too_large() from None
                 if parsed is not None:
                     self._mark(channel, True)
                     return Answer(parsed, channel)
@@ -391,10 +403,22 @@ def _head(prep: _Prepared, path: str) -> bytes:
             "a header for the upstream is not Latin-1") from None
 
 
+def _too_large() -> UpstreamTooLarge:
+    """The error of an answer longer than ANSWER_LIMIT: the upstream wrote (and bills) it, so
+    no other channel is asked to write it again (the caller bills the request's bound)."""
+    return UpstreamTooLarge(f"The upstream's answer is larger than this service relays "
+                            f"({ANSWER_LIMIT >> 20} MiB). It was written, so this request is "
+                            "billed at its bound (its prompt and max_tokens for every choice). "
+                            "Ask for fewer choices, fewer tokens or no logprobs, or stream it.")
+
+
 def _parse(resp: requests.Response | UpstreamResponse, field: str) -> dict[str, Any] | None:
-    """Return the body as a JSON object holding a list `field`, or None when it is not one."""
+    """Return the body as a JSON object holding a list `field`, or None when it is not one
+    (AnswerTooLarge, a longer body read through requests, is raised)."""
     try:
         data = resp.json()
+    except AnswerTooLarge:
+        raise
     except (ValueError, requests.RequestException, Urllib3Error):
         return None
     return data if isinstance(data, dict) and isinstance(data.get(field), list) else None

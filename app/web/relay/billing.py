@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from redis import RedisError
 
 from app.core import pricing, tokens
-from app.core.errors import UpstreamRefused, UpstreamTimeout
+from app.core.errors import UpstreamRefused, UpstreamTimeout, UpstreamTooLarge
 from app.core.metrics import USAGE_ANOMALIES
 from app.core.money import Hold
 from app.core.responses.answer import reported_tokens
@@ -168,6 +168,12 @@ class Meter:
         self.final = True
         self.billed = self._prompt_estimate(), self._generated(produced)
 
+    def most(self) -> None:
+        """Bill the request's bound: the upstream wrote an answer too large to read
+        (UpstreamTooLarge), whose usage is unknown and which it bills all the same."""
+        self.final = True
+        self.billed = self.plan.prompt_bound, self.plan.completion_max
+
     def fail(self) -> None:
         """Bill nothing: the upstream failed before producing anything (the hold is released)."""
         self.nothing = self.final = True
@@ -229,13 +235,19 @@ def _usage_object(billed: tuple[int, int], usage: Any) -> dict[str, Any]:
 def prompt_billed_if_sent(call: Call, plan: Bounds, held: Hold) -> Iterator[None]:
     """Around an upstream call: a request the upstream had but did not answer in time is billed
     for its prompt (SPEC §7.7: the upstream bills what it was sent), then answered 504, or with
-    the refusal of the channel it was sent on next. A request that never reached the upstream
+    the refusal of the channel it was sent on next; one answered longer than the relay reads
+    (UpstreamTooLarge) is billed at its bound. A request that never reached the upstream
     (connect failures) is released in full."""
     try:
         yield
     except (UpstreamTimeout, UpstreamRefused) as exc:
         if exc.sent:
             Meter(call, plan, "").try_settle(held, "")  # Redis away: the hold is released
+        raise
+    except UpstreamTooLarge:  # written whole (and billed upstream), never read: the bound
+        meter = Meter(call, plan, "")
+        meter.most()
+        meter.try_settle(held, "")
         raise
 
 

@@ -373,6 +373,18 @@ def _precheck(raw: str) -> None:
     state.key_info, state.prechecked_raw = info, raw
 
 
+def check_key(raw: str) -> keys.KeyInfo:
+    """Return the request's key, authenticated and counted in its rate window now (401/429)
+    unless an earlier check did: a request that reads its account's stored data before its
+    hold (Responses: previous_response_id, item_reference) checks its key first, so a key past
+    its rate limit (or an unknown one) makes no read. The hold then counts nothing more."""
+    state = current.g()
+    if not (state.get("prechecked") and state.get("prechecked_raw") == raw):
+        _precheck(raw)
+    info: keys.KeyInfo = state.key_info
+    return info
+
+
 # api_secret_key's value as a client writes it (no escapes inside): found in a large body's
 # bytes at C speed, so its key is checked before the parse.
 BODY_KEY = re.compile(rb'"api_secret_key"\s*:\s*"([^"\\\x00-\x1f]{1,512})"')
@@ -454,13 +466,15 @@ def _spend_body_budget(raw: str) -> None:
     spend_large_bytes(raw, info.acct, size)
 
 
-def spend_large_bytes(raw: str, acct: str, size: int) -> None:
+def spend_large_bytes(raw: str, acct: str, size: int, counted: int = 0) -> None:
     """Spend `size` bytes from the key's budget of large requests ([limits]
     key_large_body_mib_per_minute): its bodies over 256 KiB, and the stored conversation a
-    request makes the relay read and send on (responses); over it, a 429 before the read."""
+    request makes the relay read and send on (responses); over it, a 429 before the read.
+    `counted`: the size an earlier call spent for the same bytes (only the rest is spent)."""
     mib = settings().limits.get("key_large_body_mib_per_minute", 0)
-    if mib <= 0 or size <= PRECHECK_BYTES:
+    if mib <= 0 or size <= PRECHECK_BYTES or size <= counted:
         return
+    size -= counted if counted > PRECHECK_BYTES else 0  # (an earlier size under it spent none)
     wait = ratelimit.spend(get_redis(), body_budget_key(acct, keys.hash_key(raw)), size,
                            min(mib, 1 << 29) << 20)  # the script takes at most 2**50 bytes
     if wait:

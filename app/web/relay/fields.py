@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 # The request fields of OpenAI's schema (shared/openai-openapi.json: CreateChatCompletionRequest,
-# CreateCompletionRequest, CreateResponse and BetaCreateResponse, the body of
+# CreateCompletionRequest, CreateEmbeddingRequest, CreateResponse and BetaCreateResponse, the body of
 # POST /responses?beta=true, which the same route serves). Any other field goes upstream as
 # sent, and an upstream that reads one as prompt (vLLM's `documents`, say) bills its text, so
 # that text is counted into the bound.
@@ -27,6 +27,7 @@ OPENAI_FIELDS: dict[str, frozenset[str]] = {
         "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model",
         "n", "presence_penalty", "prompt", "seed", "stop", "stream", "stream_options", "suffix",
         "temperature", "top_p", "user")),
+    "embedding": frozenset(("dimensions", "encoding_format", "input", "model", "user")),
     "responses": frozenset((  # only a native relay sends others upstream
         "background", "context_management", "conversation", "include", "input", "instructions",
         "max_output_tokens", "max_tool_calls", "metadata", "model", "moderation", "multi_agent",

@@ -7,8 +7,8 @@ from typing import Any
 
 from flask import Response
 
-from app.core import pricing
-from app.core.errors import InvalidRequest, StringTooLong
+from app.core import pricing, tokens
+from app.core.errors import InvalidRequest, StringTooLong, UpstreamTooLarge
 from app.edges.upstream import get_upstream
 from app.web.relay import image_fields, vectors
 from app.web.relay.billing import Meter, prompt_billed_if_sent
@@ -24,6 +24,7 @@ from app.web.relay.common import (
     token_ids,
     too_long,
 )
+from app.web.relay.fields import other_fields
 from app.web.relay.rules import Plan
 from app.web.render import json_response
 
@@ -61,6 +62,11 @@ def _embeddings_cost(call: Call, plan: Plan) -> int:
     if plan.prompt_bound > cap:
         raise too_long("input", cap)
     plan.text_prompt = plan.prompt_bound  # text(s) or token ids (one token each), counted
+    extra = other_fields("embedding", call.body)
+    if extra:  # sent upstream as is, and read as input by some upstreams: counted, never free
+        plan.prompt_bound += tokens.json_tokens(extra, call.upstream_model, limit=cap)
+        if plan.prompt_bound > cap:
+            raise too_long("input", cap)
     return pricing.token_cost(call.price, plan.prompt_bound)
 
 
@@ -80,8 +86,10 @@ def _delivered(call: Call, plan: Plan, data: dict[str, Any]) -> None:
     data["data"] = kept
     if len(seen) < len(inputs):
         got = [inputs[at] for at in sorted(seen)]
-        plan.prompt_bound = plan.text_prompt = pricing.estimate_any(
-            got, call.upstream_model, limit=plan.prompt_bound) if got else 0
+        extra = plan.prompt_bound - plan.text_prompt  # the fields outside the schema
+        plan.text_prompt = pricing.estimate_any(
+            got, call.upstream_model, limit=plan.text_prompt) if got else 0
+        plan.prompt_bound = plan.text_prompt + extra
 
 
 def embeddings() -> Response:
@@ -156,8 +164,12 @@ def images() -> Response:
     """Serve one image generation request."""
     call, held = admit(("image",), _images_cost)
     with held:
-        data = get_upstream().post("/images/generations", call.body, call.upstream_model,
-                                   expect="data")
+        try:
+            data = get_upstream().post("/images/generations", call.body, call.upstream_model,
+                                       expect="data")
+        except UpstreamTooLarge:  # the pictures were made (and billed upstream), never read
+            held.settle(held.amount)
+            raise
         n = call.body.get("n") or 1
         data["data"] = data["data"][:n]  # an upstream's extra pictures are not handed out free
         made = len(data["data"])

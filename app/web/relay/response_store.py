@@ -108,9 +108,17 @@ def load(r: Store, acct: str, rid: str, max_bytes: int | None = None,
     before its ancestors are read (their sizes are in the quota's hash): continuing it would
     send the upstream more than a request body may hold, and reading it costs the worker that
     much memory (a low-detail picture counts 85 tokens whatever its bytes). `spend` is given
-    the bytes to be read first (the key's budget of large requests: it may raise).
+    the bytes to be read before each read (the key's budget of large requests: it may raise):
+    the turn's own stored size, then the whole conversation's.
     """
-    raw = r.get(_key(acct, rid)) if _plausible(rid) else None
+    if not _plausible(rid):
+        return None
+    if spend is not None:
+        own = _stored_bytes(r, acct, [rid])
+        if max_bytes is not None and own > max_bytes:
+            raise TooLarge(rid)
+        spend(own)
+    raw = r.get(_key(acct, rid))
     if raw is None:
         return None
     record = orjson.loads(raw)
@@ -141,17 +149,20 @@ def _items(turn: dict[str, Any]) -> list[Any]:
 
 
 def referenced(r: Store, acct: str, ids: list[str], max_bytes: int,
+               spend: Callable[[int], None] | None = None,
                ) -> tuple[dict[str, dict[str, Any]], int]:
     """Return the stored items of the account these ids name (item_reference), by id (an id
     not found is absent), and the bytes read. Each id of ours names its turn (answer.item_id):
     the turns are read in one MGET, after their stored sizes say they fit in `max_bytes`
-    together (else TooLarge)."""
+    together (else TooLarge) and `spend` was given them (it may raise: nothing is read)."""
     turns = sorted({t for t in map(answer.response_of, ids) if t and _plausible(t)})
     if not turns:
         return {}, 0
     total = _stored_bytes(r, acct, turns)
     if total > max_bytes:
         raise TooLarge(turns[0])
+    if spend is not None:
+        spend(total)
     wanted, found = set(ids), {}
     for raw in r.mget([_key(acct, t) for t in turns]):
         for item in _items(orjson.loads(raw)) if raw is not None else []:
@@ -178,16 +189,21 @@ def save(r: redis.Redis, acct: str, chain: list[str], items: list[dict[str, Any]
     return bool(stored)
 
 
-def get(r: redis.Redis, acct: str, rid: str) -> dict[str, Any] | None:
-    """Return a stored Response of the account, or None."""
-    raw = r.get(_key(acct, rid)) if _plausible(rid) else None
-    return None if raw is None else orjson.loads(raw)["response"]
+def read(r: redis.Redis, acct: str, rid: str, spend: Callable[[int], None] | None = None,
+         ) -> dict[str, Any] | None:
+    """Return a stored turn of the account ({"chain", "input", "response"}), or None. `spend`
+    is given its stored size first (the quota's sizes hash; it may raise: nothing is read)."""
+    if not _plausible(rid):
+        return None
+    if spend is not None:
+        spend(_stored_bytes(r, acct, [rid]))
+    raw = r.get(_key(acct, rid))
+    return None if raw is None else orjson.loads(raw)
 
 
-def input_items(r: redis.Redis, acct: str, rid: str) -> list[dict[str, Any]] | None:
-    """Return the input items a stored turn was given (without its history), or None."""
-    raw = r.get(_key(acct, rid)) if _plausible(rid) else None
-    return None if raw is None else orjson.loads(raw)["input"]
+def exists(r: redis.Redis, acct: str, rid: str) -> bool:
+    """Tell whether the account has this stored turn (nothing of it is read)."""
+    return _plausible(rid) and bool(r.exists(_key(acct, rid)))
 
 
 def delete(r: redis.Redis, acct: str, rid: str) -> bool:

@@ -22,7 +22,7 @@ from werkzeug.routing import BaseConverter
 
 from app.core import pricing, tokens
 from app.core.errors import InvalidKey, InvalidRequest, NotFound
-from app.core.money import Hold, keys
+from app.core.money import Hold
 from app.core.responses import answer, events, native, request, to_chat, tools
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
@@ -33,6 +33,8 @@ from app.web.relay.common import (
     Call,
     admit,
     authenticate,
+    bearer_or_body,
+    check_key,
     check_output_cap,
     gather_keyed,
     page_limit,
@@ -58,12 +60,11 @@ class ResponseNotFound(NotFound):
 
 
 def _account(call: Call, plan: Plan) -> str:
-    """Return the key's account (read once), whose stored turns the request may use."""
+    """Return the key's account, whose stored turns the request may use: the key checked and
+    counted in its rate window first (common.check_key), so a key past its limit reads
+    nothing (a lookup alone let a rate-limited key read megabytes a request, unlimited)."""
     if plan.acct is None:
-        info = keys.lookup(get_redis(), call.raw_key)
-        if info is None:
-            raise InvalidKey("Incorrect API key provided.", msg="密钥无效")
-        plan.acct = info.acct
+        plan.acct = check_key(call.raw_key).acct
     return plan.acct
 
 
@@ -79,8 +80,11 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
     if not ids:
         return items
     limit = settings().relay.get("max_body_bytes", 32 << 20)
-    try:
-        found, read = response_store.referenced(get_redis(), _account(call, plan), ids, limit)
+    acct = _account(call, plan)
+    try:  # the turns' stored bytes are spent before they are read
+        found, read = response_store.referenced(
+            get_redis(), acct, ids, limit,
+            spend=lambda size: spend_large_bytes(call.raw_key, acct, size))
     except response_store.TooLarge:
         raise _too_large(limit, "input") from None
     out, size, sizes = [], 0, {}
@@ -98,7 +102,7 @@ def _referenced(call: Call, plan: Plan, items: list[dict[str, Any]]) -> list[dic
                 raise _too_large(limit, "input")
         out.append(item)
     # The key's large-body budget pays once: the turns read or the items sent, the larger.
-    spend_large_bytes(call.raw_key, plan.acct or "", max(read, size))
+    spend_large_bytes(call.raw_key, acct, size, counted=read)
     return out
 
 
@@ -106,9 +110,14 @@ def _history(call: Call, plan: Plan, prev: str) -> list[dict[str, Any]]:
     """Return the stored conversation up to `prev` (of the key's account) or raise the 400."""
     acct = _account(call, plan)
     limit = settings().relay.get("max_body_bytes", 32 << 20)
+    spent = [0]  # load spends the turn's size, then the conversation's: each byte once
+
+    def spend(size: int) -> None:
+        spend_large_bytes(call.raw_key, acct, size, counted=spent[0])
+        spent[0] = size
+
     try:
-        found = response_store.load(get_redis(), acct, prev, max_bytes=limit,
-                                    spend=lambda size: spend_large_bytes(call.raw_key, acct, size))
+        found = response_store.load(get_redis(), acct, prev, max_bytes=limit, spend=spend)
     except response_store.TooLarge:
         raise _too_large(limit, "previous_response_id") from None
     if found is None:
@@ -160,8 +169,10 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     ceiling = call.price.prompt_ceiling(limit)  # what a file can cost: the cap or the context
     plan.prompt_bound, plan.prompt_estimate = prompt.bound(ceiling), prompt.estimate(ceiling)
     # The floor of a reported input (billing.Meter): the messages' own texts, unless the
-    # upstream may drop turns that overflow the context itself (truncation "auto").
-    plan.text_prompt = 0 if body.get("truncation") == "auto" else prompt.plain
+    # upstream may drop turns that overflow the context itself (truncation "auto", which only
+    # a native upstream is sent: a chat upstream gets the whole conversation, floored).
+    auto = plan.native and body.get("truncation") == "auto"
+    plan.text_prompt = 0 if auto else prompt.plain
     if counting:
         return 0
     check_output_cap(call.price, "max_output_tokens", body.get("max_output_tokens"))
@@ -183,6 +194,8 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
         screening.mask_errors(screening.error_slots(final))  # a failed Response's message
         output = final.get("output")
         text, reported = native.output_text(output), data.get("usage")
+        if final.get("status") == "failed" and not text and not isinstance(reported, dict):
+            meter.fail()  # the upstream failed, produced nothing and bills nothing: nor do we
     else:
         state = events.from_chat(data, plan.response)
         # Billed as produced, as chat bills it: its reasoning too (the translation drops it).
@@ -225,17 +238,34 @@ def create() -> Response:
     return json_response({**final, "code": 0, "msg": ""}, headers={"X-Request-Id": call.req_id})
 
 
-def _stored(rid: str) -> tuple[str, dict[str, Any]]:
-    acct = authenticate(None).acct
-    found = response_store.get(get_redis(), acct, rid)
+def _not_found(rid: str) -> ResponseNotFound:
+    return ResponseNotFound(f"Response with id '{rid[:100]}' not found.", msg="回答不存在或已过期")
+
+
+def _stored(rid: str, acct: str) -> dict[str, Any]:
+    """Return the account's stored turn `rid` (or raise the 404): its stored bytes are spent
+    from the key's large-body budget before they are read, as a continuation's are (a turn
+    may hold 4 MiB: read 600 times a minute, 2.4 GB a minute)."""
+    raw = bearer_or_body(None)  # the key authenticate(None) checked
+    found = response_store.read(get_redis(), acct, rid,
+                                spend=lambda size: spend_large_bytes(raw, acct, size))
     if found is None:
-        raise ResponseNotFound(f"Response with id '{rid[:100]}' not found.", msg="回答不存在或已过期")
-    return acct, found
+        raise _not_found(rid)
+    return found
+
+
+def _exists(rid: str) -> str:
+    """Return the key's account when it has the stored turn `rid` (nothing of it is read)."""
+    acct = authenticate(None).acct
+    if not response_store.exists(get_redis(), acct, rid):
+        raise _not_found(rid)
+    return acct
 
 
 def retrieve(response_id: str) -> Response:
     """Serve GET /v1/responses/{id}: a stored Response of the key's account."""
-    return json_response({**_stored(response_id)[1], "code": 0, "msg": ""})
+    found = _stored(response_id, authenticate(None).acct)
+    return json_response({**found["response"], "code": 0, "msg": ""})
 
 
 ITEMS_LIMIT, ITEMS_MAX = 20, 100  # OpenAI's default page and its largest
@@ -254,9 +284,9 @@ def _page_args() -> tuple[int, bool, str | None]:
 def input_items(response_id: str) -> Response:
     """Serve GET /v1/responses/{id}/input_items: the input items that turn was given, a page
     at a time as OpenAI pages them (newest first unless order=asc; `after` an item's id)."""
-    acct, _ = _stored(response_id)  # the key first, as on every route
+    acct = _exists(response_id)  # the key first, as on every route
     limit, newest_first, after = _page_args()
-    items = response_store.input_items(get_redis(), acct, response_id) or []
+    items: list[dict[str, Any]] = _stored(response_id, acct)["input"]
     items = items[::-1] if newest_first else items
     if after is not None:  # an id that is not one of them leaves nothing after it
         ids = [item.get("id") for item in items]
@@ -269,8 +299,9 @@ def input_items(response_id: str) -> Response:
 
 def delete(response_id: str) -> Response:
     """Serve DELETE /v1/responses/{id}."""
-    acct, _ = _stored(response_id)
-    response_store.delete(get_redis(), acct, response_id)
+    acct = authenticate(None).acct
+    if not response_store.delete(get_redis(), acct, response_id):  # read nothing of it
+        raise _not_found(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True, "code": 0,
                           "msg": ""})
 
@@ -279,7 +310,7 @@ def cancel(response_id: str) -> Response:
     """Serve POST /v1/responses/{id}/cancel. Only a background response can be cancelled and
     background mode is refused at creation, so a stored response gets OpenAI's 400 for a
     synchronous one (an unknown id: 404, as everywhere)."""
-    _stored(response_id)
+    _exists(response_id)
     raise InvalidRequest("Cannot cancel a synchronous response.", msg="只有后台模式的回答可以取消")
 
 

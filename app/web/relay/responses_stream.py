@@ -27,6 +27,7 @@ from app.web.relay.stream_guard import open_guard
 
 log = logging.getLogger(__name__)
 BROKEN = "The upstream stream was interrupted."
+EMPTY = "The upstream's stream ended without an answer."
 DRAIN_SECONDS = 120
 
 
@@ -45,6 +46,8 @@ class Turn:
         self.drain_cap = settings().relay.get("drain_cap_tokens", 8192)
         self.terminal: dict[str, Any] | None = None  # a native terminal event, held back
         self.text: str | None = None  # what was produced, once the stream has ended
+        self.seen = False  # the upstream sent a JSON object
+        self.native_error = False  # a native upstream sent an `error` event
         # Settle once, then close the upstream response (billing.StreamEnd).
         self.close = StreamEnd(meter, held, resp, lambda: self.text or "")
         # [safety] api_output on chat chunks (stream_guard); a native stream: native_guard.
@@ -65,6 +68,7 @@ class Turn:
 
     def feed(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Return the events one upstream payload makes (a native terminal one waits for end)."""
+        self.seen = True
         if isinstance(self.state, events.ChatEvents):
             if obj.get("usage"):  # every report: running usage is billed at its largest
                 self.meter.usage(obj["usage"])
@@ -72,6 +76,7 @@ class Turn:
             return self._screened(self.guard.take(obj) if self.guard is not None else obj)
         self.produced.append(native.produced(obj))
         self.shown.take(obj)
+        self.native_error = self.native_error or obj.get("type") == "error"
         if self.native_guard is None:
             return self._native(obj)
         out = [e for screened in self.native_guard.take(obj) for e in self._native(screened)]
@@ -115,11 +120,26 @@ class Turn:
         event["response"] = keep(self.redis, self.call.key.acct, self.plan, event["response"])
         return event
 
+    def _failed_empty(self) -> bool:
+        """Tell whether the upstream failed before producing anything: an empty stream, an
+        error event before any text (chat's rule: such a stream bills nothing), or a native
+        `response.failed` with no text that reports no usage (one that does is billed by it)."""
+        gave_up = self.terminal is not None and self.terminal.get("type") == "response.failed" \
+            and not isinstance(self.state.usage, dict)
+        if self.seen and not (self._erred() or self.native_error or gave_up):
+            return False
+        made = "".join(self.produced)
+        return not (self.shown.text(made) if self.plan.native else made)
+
     def end(self) -> list[dict[str, Any]]:
         """Return the closing events of a stream the upstream ended; store the turn first."""
+        if self._failed_empty():  # an upstream failure: the hold is released, as on chat
+            self.meter.fail()
         usage = self._usage()
         if self._erred():  # the upstream's in-stream error: failed, billed for what was made
             return [self.broken(usage)]
+        if not self.seen:  # no answer at all: failed, never an empty success
+            return [self.broken(usage, EMPTY)]
         if isinstance(self.state, events.ChatEvents):
             closing, _ = self.state.finish(usage)
             return closing[:-1] + [self._keep(closing[-1])]
@@ -128,12 +148,12 @@ class Turn:
         self.terminal["response"]["usage"] = usage
         return [self._keep(self.terminal)]
 
-    def broken(self, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    def broken(self, usage: dict[str, Any] | None = None, why: str = BROKEN) -> dict[str, Any]:
         """Return the response.failed event of a stream the upstream broke off."""
         usage = usage or self._usage()
         if isinstance(self.state, events.ChatEvents):
-            return self._keep(self.state.fail(BROKEN, usage)[0])
-        return self._keep(self.state.failed(BROKEN, usage))
+            return self._keep(self.state.fail(why, usage)[0])
+        return self._keep(self.state.failed(why, usage))
 
     def drain(self, payloads: Iterator[str]) -> None:
         """Read on what the upstream produces after the client left (to a cap), to bill it."""
