@@ -94,6 +94,25 @@ TOML_CASES: dict[str, tuple[str, str]] = {
     "menu malformed": ("[menu]\nbutton = 5\n", "menu.button"),
     "text not a string": ("[texts]\nhelp = 5\n", "texts.help"),
     "image sizes": ('[prices.x]\nkind = "image"\nimages = 5\n', "prices.x.images"),
+    # A setting that does nothing is said at start: a typo, or a key read from nowhere.
+    "channel key from an unset variable": (
+        '[[channels]]\nbase_url = "http://x"\napi_key_env = "XIAOYI_TEST_NO_SUCH_KEY"\n',
+        "channels[0].api_key_env: XIAOYI_TEST_NO_SUCH_KEY is not set; export it"),
+    "channel key misspelt": ('[[channels]]\nbase_url = "http://x"\napi_key_evn = "K"\n',
+                             "channels[0].api_key_evn: unknown setting (known: name, base_url"),
+    "channel named twice": ('[[channels]]\nname = "a"\nbase_url = "http://x"\n'
+                            '[[channels]]\nname = "a"\nbase_url = "http://y"\n',
+                            "channels[1].name: 'a' names two channels"),
+    "channel weight zero": ('[[channels]]\nbase_url = "http://x"\nweight = 0\n',
+                            "channels[0].weight: must be at least 1"),
+    "relay key misspelt": ("[relay]\ncooldown_secondz = 5\n", "relay.cooldown_secondz: unknown"),
+    "limits key misspelt": ("[limits]\nkey_requests_per_minite = 5\n",
+                            "limits.key_requests_per_minite: unknown"),
+    "price key misspelt": ('[prices."gpt-4"]\nprompt_price = "1"\n',
+                           "prices.gpt-4.prompt_price: unknown setting (known: kind, prompt"),
+    "text key misspelt": ('[texts]\nhelpp = "x"\n', "texts.helpp: unknown"),
+    "default of no route": ('[defaults]\nchatt = "gpt-3.5"\n', "defaults.chatt: unknown"),
+    "table misspelt": ("[relya]\ntimeout_seconds = 5\n", "relya: unknown setting"),
 }
 
 
