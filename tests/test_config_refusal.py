@@ -205,3 +205,25 @@ def test_a_busy_port_is_refused_in_one_line(tmp_path: Path, command: str) -> Non
     assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert not (tmp_path / "var").exists()  # refused before anything started
+
+
+def test_web_says_how_to_go_on_when_its_fake_upstream_cannot_start(tmp_path: Path) -> None:
+    """`xiaoyi web` without an upstream serves the built-in fake: when that cannot start, the one
+    line names both ways out (another port, or a real upstream), not a bare 'process exited'."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+        env = {**base, "XIAOYI_DATA_DIR": str(tmp_path / "var"),
+               "XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0", "XIAOYI_FAKE_UPSTREAM_PORT": str(taken)}
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "app.runtime.cli", "web", "--port",
+                               str(port)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{taken}" in done.stderr
+    assert "XIAOYI_FAKE_UPSTREAM_PORT" in done.stderr and "XIAOYI_UPSTREAM_BASE_URL" in done.stderr

@@ -152,12 +152,21 @@ def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
         from app.runtime.supervisor import pdeathsig_preexec, wait_http
 
         up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        real = "or XIAOYI_UPSTREAM_BASE_URL (or [[channels]]) for a real upstream"
+        check_port("127.0.0.1", up_port, f"the fake upstream's: set XIAOYI_FAKE_UPSTREAM_PORT, "
+                                         f"{real}")
         # Its own session: Ctrl-C in the terminal reaches gunicorn only, which then finishes open
         # streams against this upstream; it still dies with its parent (PR_SET_PDEATHSIG).
         proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "fake-upstream", "--port",
                                  str(up_port)], preexec_fn=pdeathsig_preexec(),
                                 start_new_session=True)
-        wait_http(f"http://127.0.0.1:{up_port}/healthz", 15, process=proc)
+        try:
+            wait_http(f"http://127.0.0.1:{up_port}/healthz", 15, process=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            proc.kill()
+            raise StartError(f"the built-in fake upstream (no upstream is set) did not start: "
+                             f"{exc}; set XIAOYI_UPSTREAM_BASE_URL (or [[channels]]) for a real "
+                             "upstream") from exc
         env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
     return env
 
