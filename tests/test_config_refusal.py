@@ -227,3 +227,26 @@ def test_web_says_how_to_go_on_when_its_fake_upstream_cannot_start(tmp_path: Pat
     assert done.stderr.count("\n") == 1, done.stderr
     assert f"cannot listen on 127.0.0.1:{taken}" in done.stderr
     assert "XIAOYI_FAKE_UPSTREAM_PORT" in done.stderr and "XIAOYI_UPSTREAM_BASE_URL" in done.stderr
+
+
+def test_the_start_check_leaves_the_warnings_to_the_processes_it_starts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`xiaoyi run`, `web` and `worker` check the settings by building the app once before
+    anything starts; that build logs nothing, so each started process gives each warning once
+    (make run printed the no-AppID warning twice over: 8 lines for 4 processes)."""
+    import logging
+
+    import redis
+
+    from app import create_app
+    from app.runtime.procs import check_config
+
+    settings = load_settings({"XIAOYI_WECHAT_TOKEN": "tok-for-the-check"})
+    with caplog.at_level(logging.INFO):
+        check_config(settings)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    with caplog.at_level(logging.INFO):
+        create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1),
+                   check_store=False)
+    assert any("XIAOYI_WECHAT_APP_ID" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)  # a started process still says it

@@ -264,7 +264,15 @@ def check_config(settings: Settings) -> None:
         check_url(settings.redis_url, "XIAOYI_REDIS_URL")  # parses, never connects
     if settings.queue_redis_url:
         check_url(settings.queue_redis_url, "XIAOYI_QUEUE_REDIS_URL", queues=True)
-    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
+    # A check, not a start: the warnings create_app logs (no AppID…) are the started processes'
+    # to give, once each, not this one's too (make run showed each of them twice over).
+    was = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1),
+                   check_store=False)
+    finally:
+        logging.disable(was)
 
 
 def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,
