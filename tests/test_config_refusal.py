@@ -250,3 +250,24 @@ def test_the_start_check_leaves_the_warnings_to_the_processes_it_starts(
                    check_store=False)
     assert any("XIAOYI_WECHAT_APP_ID" in r.getMessage() for r in caplog.records
                if r.levelno == logging.WARNING)  # a started process still says it
+
+
+def test_run_names_a_free_way_when_the_fake_upstreams_port_is_taken(tmp_path: Path) -> None:
+    """Port 9000 is often taken (php-fpm, MinIO…): `make run` says how to move the fake."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "app.runtime.cli", "run", "--port",
+                               str(port)],
+                              env={**base, "XIAOYI_DATA_DIR": str(tmp_path / "var"),
+                                   "XIAOYI_FAKE_UPSTREAM_PORT": str(taken)},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert f"cannot listen on 127.0.0.1:{taken}" in done.stderr
+    assert f"XIAOYI_FAKE_UPSTREAM_PORT={taken + 1} make run" in done.stderr
+    assert not (tmp_path / "var").exists()  # refused before anything started

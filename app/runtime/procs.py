@@ -318,7 +318,8 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
                            f"or make run PORT={port + 1}")
     if not settings.channels:
         up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
-        check_port("127.0.0.1", up_port, "the fake upstream's: set XIAOYI_FAKE_UPSTREAM_PORT")
+        check_port("127.0.0.1", up_port, f"the fake upstream's: choose another, e.g. "
+                                         f"XIAOYI_FAKE_UPSTREAM_PORT={up_port + 1} make run")
     sup = Supervisor()
     sup.install_signal_handlers()
     try:
