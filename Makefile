@@ -7,7 +7,11 @@ DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: run test lint bench chaos clean chromium lock
 
+# Python 3.11+ (pyproject's requires-python): an older or missing $(PY) is named, with the fix.
 $(BIN)/python:
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "xiaoyi needs Python 3.11 or newer, and $(PY) is $$($(PY) --version 2>/dev/null || \
+	  echo 'not found'): name one with PY, e.g. make run PY=python3.11" >&2; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import NotFound as NoSuchUrl
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.core import logs, tokens
@@ -78,7 +79,11 @@ def _init_errors(app: Flask) -> None:
     def http_error(exc: HTTPException) -> Response:
         allow = ", ".join(getattr(exc, "valid_methods", None) or [])
         mapped: dict[int, ApiError] = {
-            404: NotFound(f"Unknown route {request.path[:200]}."),
+            # A route that matched and says what is missing (abort(404, "no account …")) is
+            # not an unknown route.
+            404: NotFound(exc.description if request.url_rule is not None
+                          and exc.description != NoSuchUrl.description
+                          else f"Unknown route {request.path[:200]}."),
             405: MethodNotAllowed(f"{request.method} is not allowed on this route.",
                                   headers={"Allow": allow} if allow else None),
             413: RequestTooLarge("The request body is larger than the limit."),

@@ -157,7 +157,12 @@ def test_revoke_and_topup_from_the_account_page(client: Any, r: redis.Redis) -> 
     assert resp.status_code == 302 and resp.location == f"/admin/accounts/{acct}"
     assert keys.lookup(r, key) is None and chat(client, key).status_code == 401
     assert "已吊销" in client.get(f"/admin/accounts/{acct}").get_data(as_text=True)
-    assert client.get("/admin/accounts/acct_missing").status_code == 404
+    missing = client.get("/admin/accounts/acct_missing")
+    assert missing.status_code == 404
+    # The page exists; the account does not: said so, with where to look (not "Unknown route").
+    message = missing.get_json()["error"]["message"]
+    assert "no account acct_missing" in message and "/admin/accounts lists them" in message
+    assert "Unknown route" in client.get("/admin/nowhere").get_json()["error"]["message"]
     assert ledger.verify(r) == []
 
 

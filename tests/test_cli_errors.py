@@ -33,9 +33,10 @@ WECHAT_TOKEN = {"XIAOYI_WECHAT_TOKEN": "tok-for-cli-errors"}
 # Per command: bad inputs no generic rule can guess (unknown ids, empty values, nothing to
 # reach), as (args, extra environment, a word the error must contain).
 SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
-    "accounts show": [(["acct_missing"], {}, "no account acct_missing"),
+    "accounts show": [(["acct_missing"], {}, "no account acct_missing (xiaoyi keys list shows"),
                       (["a b"], {}, "Invalid value")],
-    "accounts topup": [(["acct_missing", "1"], {}, "no account acct_missing"),
+    "accounts topup": [(["acct_missing", "1"], {},
+                        "xiaoyi keys create --account acct_missing opens one"),
                        (["ACCT", "0"], {}, "positive"),
                        (["ACCT", "1000001"], {}, "more than")],
     "codes create": [(["--amount", "0"], {}, "positive"),
@@ -45,7 +46,8 @@ SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
                     (["--account", "x" * 65], {}, "Invalid value"),
                     (["--name", "x" * 201], {}, "--name")],
     "keys list": [(["--account", "a b"], {}, "Invalid value")],
-    "keys revoke": [(["key_missing"], {}, "no live key key_missing"), (["REVOKED"], {}, "no live"),
+    "keys revoke": [(["key_missing"], {}, "no live key key_missing (xiaoyi keys list shows"),
+                    (["REVOKED"], {}, "no live"),
                     (["k" * 201], {}, "KEY_ID")],
     "ledger export": [(["--account", "{x}"], {}, "Invalid value")],
     "ledger verify": [(["BROKEN"], {}, "does not add up")],
@@ -54,7 +56,7 @@ SEMANTIC: dict[str, list[tuple[list[str], dict[str, str], str]]] = {
                         "no `xiaoyi run` is running with XIAOYI_DATA_DIR /nonexistent/xy-var")],
     "menu push": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
     "menu show": [([], NO_WECHAT, "XIAOYI_WECHAT_APP_ID")],
-    "wechat send": [(["hi"], NO_WECHAT, "XIAOYI_WECHAT_TOKEN"),
+    "wechat send": [(["hi"], NO_WECHAT, "set XIAOYI_WECHAT_TOKEN to the webhook's own token"),
                     ([], WECHAT_TOKEN, "give TEXT or --event"),
                     (["hi", "--url", "not-a-url"], WECHAT_TOKEN, "could not reach"),
                     (["hi", "--url", "http://127.0.0.1:1/wechat"], WECHAT_TOKEN,

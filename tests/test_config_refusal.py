@@ -94,6 +94,25 @@ TOML_CASES: dict[str, tuple[str, str]] = {
     "menu malformed": ("[menu]\nbutton = 5\n", "menu.button"),
     "text not a string": ("[texts]\nhelp = 5\n", "texts.help"),
     "image sizes": ('[prices.x]\nkind = "image"\nimages = 5\n', "prices.x.images"),
+    # A setting that does nothing is said at start: a typo, or a key read from nowhere.
+    "channel key from an unset variable": (
+        '[[channels]]\nbase_url = "http://x"\napi_key_env = "XIAOYI_TEST_NO_SUCH_KEY"\n',
+        "channels[0].api_key_env: XIAOYI_TEST_NO_SUCH_KEY is not set; export it"),
+    "channel key misspelt": ('[[channels]]\nbase_url = "http://x"\napi_key_evn = "K"\n',
+                             "channels[0].api_key_evn: unknown setting (known: name, base_url"),
+    "channel named twice": ('[[channels]]\nname = "a"\nbase_url = "http://x"\n'
+                            '[[channels]]\nname = "a"\nbase_url = "http://y"\n',
+                            "channels[1].name: 'a' names two channels"),
+    "channel weight zero": ('[[channels]]\nbase_url = "http://x"\nweight = 0\n',
+                            "channels[0].weight: must be at least 1"),
+    "relay key misspelt": ("[relay]\ncooldown_secondz = 5\n", "relay.cooldown_secondz: unknown"),
+    "limits key misspelt": ("[limits]\nkey_requests_per_minite = 5\n",
+                            "limits.key_requests_per_minite: unknown"),
+    "price key misspelt": ('[prices."gpt-4"]\nprompt_price = "1"\n',
+                           "prices.gpt-4.prompt_price: unknown setting (known: kind, prompt"),
+    "text key misspelt": ('[texts]\nhelpp = "x"\n', "texts.helpp: unknown"),
+    "default of no route": ('[defaults]\nchatt = "gpt-3.5"\n', "defaults.chatt: unknown"),
+    "table misspelt": ("[relya]\ntimeout_seconds = 5\n", "relya: unknown setting"),
 }
 
 
@@ -185,4 +204,70 @@ def test_a_busy_port_is_refused_in_one_line(tmp_path: Path, command: str) -> Non
                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert not (tmp_path / "var").exists()  # refused before anything started
+
+
+def test_web_says_how_to_go_on_when_its_fake_upstream_cannot_start(tmp_path: Path) -> None:
+    """`xiaoyi web` without an upstream serves the built-in fake: when that cannot start, the one
+    line names both ways out (another port, or a real upstream), not a bare 'process exited'."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+        env = {**base, "XIAOYI_DATA_DIR": str(tmp_path / "var"),
+               "XIAOYI_REDIS_URL": "redis://127.0.0.1:1/0", "XIAOYI_FAKE_UPSTREAM_PORT": str(taken)}
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "app.runtime.cli", "web", "--port",
+                               str(port)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{taken}" in done.stderr
+    assert "XIAOYI_FAKE_UPSTREAM_PORT" in done.stderr and "XIAOYI_UPSTREAM_BASE_URL" in done.stderr
+
+
+def test_the_start_check_leaves_the_warnings_to_the_processes_it_starts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`xiaoyi run`, `web` and `worker` check the settings by building the app once before
+    anything starts; that build logs nothing, so each started process gives each warning once
+    (make run printed the no-AppID warning twice over: 8 lines for 4 processes)."""
+    import logging
+
+    import redis
+
+    from app import create_app
+    from app.runtime.procs import check_config
+
+    settings = load_settings({"XIAOYI_WECHAT_TOKEN": "tok-for-the-check"})
+    with caplog.at_level(logging.INFO):
+        check_config(settings)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    with caplog.at_level(logging.INFO):
+        create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1),
+                   check_store=False)
+    assert any("XIAOYI_WECHAT_APP_ID" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)  # a started process still says it
+
+
+def test_run_names_a_free_way_when_the_fake_upstreams_port_is_taken(tmp_path: Path) -> None:
+    """Port 9000 is often taken (php-fpm, MinIO…): `make run` says how to move the fake."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("XIAOYI_")}
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "app.runtime.cli", "run", "--port",
+                               str(port)],
+                              env={**base, "XIAOYI_DATA_DIR": str(tmp_path / "var"),
+                                   "XIAOYI_FAKE_UPSTREAM_PORT": str(taken)},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert f"cannot listen on 127.0.0.1:{taken}" in done.stderr
+    assert f"XIAOYI_FAKE_UPSTREAM_PORT={taken + 1} make run" in done.stderr
     assert not (tmp_path / "var").exists()  # refused before anything started

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
+import pytest
 import redis
 
 from app.core.config import load_settings
 from app.core.money import keys, ledger, wallet
-from app.runtime.demo import DEMO_ACCOUNT, DEMO_KEY_FILE, banner, demo_key
+from app.runtime.demo import DEMO_ACCOUNT, DEMO_KEY_FILE, banner, cli_command, demo_key
 
 
 def _live(r: redis.Redis) -> list[str]:
@@ -81,3 +83,28 @@ def test_the_banner_hides_the_redis_password_and_shows_the_balance() -> None:
     assert "s3cret" not in text and "redis://u:***@10.0.0.5:6380/2" in text
     assert "Demo key (8.8900 元): sk-demo" in text and "http://127.0.0.1:8080/v1" in text
     assert "topup" in banner(settings, "127.0.0.1", 8000, "redis://h/0", "up", "sk-demo", 0)
+
+
+def test_the_banner_writes_commands_that_run_as_pasted(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run` starts .venv/bin/xiaoyi, which is not on PATH: the banner's `wechat send` and
+    `accounts topup` lines name that path, so they run when pasted into the same directory."""
+    script = tmp_path / ".venv" / "bin" / "xiaoyi"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert cli_command(".venv/bin/xiaoyi") == os.path.join(".venv", "bin", "xiaoyi")
+    assert cli_command(str(script)) == os.path.join(".venv", "bin", "xiaoyi")
+    settings = load_settings({"XIAOYI_REDIS_URL": "redis://h/0", "XIAOYI_WECHAT_TOKEN": "tok"})
+    text = banner(settings, "127.0.0.1", 8000, "redis://h/0", "up", "sk-demo", 0,
+                  command=cli_command(".venv/bin/xiaoyi"))
+    assert "try it: .venv/bin/xiaoyi wechat send 你好" in text
+    assert "empty: .venv/bin/xiaoyi accounts topup demo 10" in text
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # an activated venv
+    assert cli_command(".venv/bin/xiaoyi") == "xiaoyi"
+    assert cli_command("xiaoyi") == "xiaoyi"
+    assert cli_command("/elsewhere/python3 -m app") == "xiaoyi"
+    outside = tmp_path.parent / "other-bin" / "xiaoyi"
+    assert cli_command(str(outside)) == str(outside)  # above the working directory: absolute

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,22 @@ def test_a_worker_tries_its_queued_settlements_once_more_as_it_exits(
                          capture_output=True, text=True, timeout=60)
     ran, pending = json.loads(out.stdout.strip().splitlines()[-1])
     assert ran == ["req-1"] and pending == 1
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    """`pip install -e .` in the image finds app, workers and fakes (pyproject's packages): one
+    missing from the COPY lines, or dropped by the ignore file, is a ModuleNotFoundError at run
+    time (`xiaoyi web` without an upstream runs `fakes.upstream`)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    packages = [p.rstrip("*") for p in
+                project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    text = (DEPLOY / "Dockerfile").read_text()
+    copied = {path for source in re.findall(r"^COPY (.+) \S+$", text, re.M)
+              for path in source.split()}
+    allowed = {line.strip()[1:].rstrip("/") for line in
+               (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip().startswith("!")}
+    assert packages and all((ROOT / p).is_dir() for p in packages)
+    for package in packages:
+        assert package in copied, f"deploy/Dockerfile does not COPY {package}/"
+        assert package in allowed, f"deploy/Dockerfile.dockerignore drops {package}/"

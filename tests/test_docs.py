@@ -295,3 +295,28 @@ def test_named_modules_exist(name: str) -> None:
     names = {m for span in _code_spans(name) for m in DOTTED_IN_CODE.findall(span)}
     wrong = sorted(n for n in names if not _resolves(n))
     assert not wrong, f"{name} names modules or functions that do not exist: {wrong}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_make_run_names_an_old_python_and_how_to_choose_another(name: str,
+                                                                tmp_path: Path) -> None:
+    """Both READMEs say Python 3.11+ and `make run PY=…`; make says so itself, before it builds
+    a venv on an older interpreter (whose pip would fail on a dependency, naming none of this)."""
+    import shutil
+    import subprocess
+
+    assert "PY=python3.12" in (ROOT / name).read_text(encoding="utf-8")
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make on this machine")
+    for file in ("Makefile", "pyproject.toml", "requirements.lock"):
+        shutil.copy(ROOT / file, tmp_path / file)
+    old = tmp_path / "old-python"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.10.12" && exit 0\nexit 1\n')
+    old.chmod(0o755)
+    for py, said in ((str(old), "Python 3.10.12"), ("no-such-python3", "not found")):
+        done = subprocess.run([make, "-s", "run", f"PY={py}"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode != 0 and not (tmp_path / ".venv").exists()
+        assert f"xiaoyi needs Python 3.11 or newer, and {py} is {said}" in done.stderr
+        assert "make run PY=python3.11" in done.stderr

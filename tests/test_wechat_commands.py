@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import threading
 import time
@@ -187,6 +188,11 @@ def _run_examples(card: str, base: str, raw: str) -> list[str]:
         with contextlib.redirect_stdout(printed):
             exec(real(_block(card, title)), {})  # the code a developer copies
         out.append(printed.getvalue())
+    php = _block(card, "【PHP】")
+    assert php.startswith("<?php\n")  # saved as a .php file, it runs (without the tag: echoed)
+    if shutil.which("php"):  # `apt-get install php-cli php-curl`, as both READMEs say
+        out.append(subprocess.run(["php", "-r", real(php).removeprefix("<?php\n")],
+                                  capture_output=True, text=True, timeout=30, check=True).stdout)
     return out
 
 
@@ -206,11 +212,13 @@ def test_chat_api_second_click_is_masked_with_the_rotate_hint_and_runnable_examp
         assert "https://xiaoyi.example/index.php/api/v1/chat/completions" in card
         assert '"api_secret_key"' in card and "curl_init(" in card and "php-curl" in card
         assert 'base_url="https://xiaoyi.example/v1"' in card
-        curl, python, sdk = _run_examples(card, base, raw)
+        curl, python, sdk, *php = _run_examples(card, base, raw)
         assert json.loads(curl)["code"] == 0
         assert python.startswith("你好，我是小一的测试模型") and sdk == python
+        assert all(printed and python.startswith(printed) for printed in php)
     bodies = [q["body"] for q in upstream.requests if q["path"] == "/v1/chat/completions"]
-    assert len(bodies) == 6 and all("api_secret_key" not in b for b in bodies)
+    runs = 4 if shutil.which("php") else 3  # curl, Python, SDK (and PHP) for each card
+    assert len(bodies) == 2 * runs and all("api_secret_key" not in b for b in bodies)
 
 
 def test_card_fits_2048_bytes_with_a_long_public_url(upstream: Any, redis_url: str, r: Any,

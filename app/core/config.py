@@ -212,6 +212,33 @@ def _read_toml(path: Path, setting: str) -> dict[str, Any]:
 TABLES = ("models", "prices", "relay", "limits", "bot", "pay", "menu", "texts")
 
 
+PRICE_KEYS = ("kind", "prompt", "completion", "max_output", "images", "quality",
+              "default_quality", "max_images", "context")
+CHANNEL_KEYS = ("name", "base_url", "api_key", "api_key_env", "models", "priority", "weight")
+
+
+def _unknown(table: dict[str, Any], known: Any, where: str) -> None:
+    """Refuse a key the table does not have (a typo would otherwise be ignored in silence)."""
+    for key in table:
+        if key not in known:
+            listed = (", ".join(known) if len(known) <= 10 else
+                      f"app/core/defaults.toml lists them under [{where.rstrip('.')}]")
+            raise ConfigError(f"{where}{key}: unknown setting (known: {listed})")
+
+
+def _check_known(data: dict[str, Any], base: dict[str, Any]) -> None:
+    """Refuse a table, or a key of [relay], [limits], [texts], [defaults], [prices.*] or
+    [[channels]], that the defaults do not have: `[relay] cooldown_secondz = 5` does nothing, so
+    it is said at start, as [bot], [pay], [safety] and [menu] say it of theirs."""
+    _unknown(data, [*base, "channels"], "")
+    for table in ("relay", "limits", "texts"):
+        _unknown(data.get(table, {}), list(base[table]), f"{table}.")
+    _unknown(data.get("defaults", {}), ROUTE_KINDS, "defaults.")
+    for model, spec in data.get("prices", {}).items():
+        if isinstance(spec, dict):
+            _unknown(spec, PRICE_KEYS, f"prices.{model}.")
+
+
 def _check_shape(data: dict[str, Any]) -> None:
     """Refuse a TOML whose tables or lists have the wrong type, naming the setting."""
     for name in TABLES:
@@ -234,7 +261,15 @@ def _check_shape(data: dict[str, Any]) -> None:
     channels = data.get("channels", [])
     if not isinstance(channels, list) or not all(isinstance(c, dict) for c in channels):
         raise ConfigError("channels: must be an array of tables ([[channels]])")
+    names = [spec.get("name", f"channel{i}") for i, spec in enumerate(channels)]
     for i, spec in enumerate(channels):
+        _unknown(spec, CHANNEL_KEYS, f"channels[{i}].")
+        name = spec.get("name", f"channel{i}")
+        if not isinstance(name, str) or not 0 < len(name.encode("utf-8")) <= NAME_MAX_BYTES:
+            raise ConfigError(f"channels[{i}].name: a name is 1 to {NAME_MAX_BYTES} bytes")
+        if name in names[:i]:  # its cooldown and counters are kept under its name
+            raise ConfigError(f"channels[{i}].name: {name!r} names two channels; give each its "
+                              "own")
         url = spec.get("base_url")
         if url is not None and not _is_http_url(url):
             raise ConfigError(f"channels[{i}].base_url: must be an http(s):// URL")
@@ -354,14 +389,27 @@ def _channels(table: list[dict[str, Any]], env: dict[str, str], default_url: str
         where = f"channels[{i}]"
         if not spec.get("base_url"):
             raise ConfigError(f"{where}.base_url: required")
-        key = spec.get("api_key") or env.get(spec.get("api_key_env", ""), "")
+        key = spec.get("api_key") or ""
+        variable = spec.get("api_key_env")
+        if variable is not None and not key:
+            if not isinstance(variable, str) or not variable:
+                raise ConfigError(f"{where}.api_key_env: must be the name of an environment "
+                                  "variable")
+            key = env.get(variable, "")
+            if not key:  # else every request would reach the upstream without a key
+                raise ConfigError(f"{where}.api_key_env: {variable} is not set; export it "
+                                  f"(or put {variable}=… in .env), or give the key as api_key")
         for name in ("priority", "weight"):
-            if not isinstance(spec.get(name, 0), int):
+            value = spec.get(name, 0 if name == "priority" else 1)
+            if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{where}.{name}: must be an integer")
+        if spec.get("weight", 1) < 1:
+            raise ConfigError(f"{where}.weight: must be at least 1 (a share among the channels "
+                              "of its priority; remove a channel to turn it off)")
         channels.append(Channel(
             name=str(spec.get("name", f"channel{i}")), base_url=spec["base_url"].rstrip("/"),
             api_key=key, models=tuple(spec.get("models", ())),
-            priority=spec.get("priority", 0), weight=max(1, spec.get("weight", 1))))
+            priority=spec.get("priority", 0), weight=spec.get("weight", 1)))
     return tuple(channels)
 
 
@@ -412,12 +460,13 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         value = env.get(name)
         return value if value not in (None, "") else ENV_SETTINGS[name][0]
 
-    data = _read_toml(Path(__file__).with_name("defaults.toml"), "defaults.toml")
+    base = data = _read_toml(Path(__file__).with_name("defaults.toml"), "defaults.toml")
     config_path = get("XIAOYI_CONFIG")
     if config_path:
         data = _merge(data, _read_toml(Path(config_path), "XIAOYI_CONFIG"))
     data = _merge(data, overrides.pop("toml", {}))
     _check_shape(data)
+    _check_known(data, base)
 
     prices = _prices(data.get("prices", {}))
     models, aliases, defaults = _model_names(data, prices)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,20 +62,45 @@ def _shown(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def cli_command(argv0: str | None = None) -> str:
+    """Return how to type this `xiaoyi` in the shell that started it.
+
+    `xiaoyi` when that name on PATH is this very program; else its path, relative to the working
+    directory when it lies below it: `make run` starts `.venv/bin/xiaoyi`, which is on nobody's
+    PATH until the venv is activated, so a bare `xiaoyi …` pasted from the banner would not run.
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if os.path.basename(argv0) != "xiaoyi" or os.sep not in argv0:
+        return "xiaoyi"  # found on PATH, or started another way (python -m app.runtime.cli)
+    found = shutil.which("xiaoyi")
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return "xiaoyi"
+    path = os.path.abspath(argv0)
+    relative = os.path.relpath(path)
+    if relative.startswith(".."):
+        return path
+    return relative if os.sep in relative else os.path.join(".", relative)
+
+
 def banner(settings: Settings, host: str, port: int, redis_url: str, upstream: str,
-           key: str, balance: int) -> str:
-    """Return what `xiaoyi run` prints once everything answers: URLs, the demo key, a curl."""
+           key: str, balance: int, command: str | None = None) -> str:
+    """Return what `xiaoyi run` prints once everything answers: URLs, the demo key, a curl.
+
+    Every command in it is written as this program was started (`command`, by default
+    cli_command()), so each line runs as pasted.
+    """
+    xiaoyi = command or cli_command()
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     base = f"http://{shown}:{port}"
     admin = "" if settings.admin_token else "  (set XIAOYI_ADMIN_TOKEN to enable)"
-    wechat = ("  (try it: xiaoyi wechat send 你好, with the same XIAOYI_WECHAT_TOKEN)"
+    wechat = (f"  (try it: {xiaoyi} wechat send 你好, with the same XIAOYI_WECHAT_TOKEN)"
               if settings.wechat_token else "  (set XIAOYI_WECHAT_TOKEN to enable)")
     fake = ("" if settings.channels else
             "  (the built-in fake, not a model: set XIAOYI_UPSTREAM_BASE_URL for a real one)")
     where = "" if settings.redis_url else (f"  (embedded, AOF in {settings.data_dir}; the full "
                                            f"URL is in {os.path.join(settings.data_dir, URL_FILE)}, "
                                            "mode 0600)")
-    low = "" if balance > 0 else f"  (empty: xiaoyi accounts topup {DEMO_ACCOUNT} 10)"
+    low = "" if balance > 0 else f"  (empty: {xiaoyi} accounts topup {DEMO_ACCOUNT} 10)"
     return f"""
 xiaoyi is running.
   API:      {base}/v1   (also {base}/index.php/api/v1)

@@ -32,13 +32,18 @@ def _account_id(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def _no_account(acct: str) -> str:
+    return (f"no account {acct} (xiaoyi keys list shows the accounts that hold keys; "
+            f"xiaoyi keys create --account {acct} opens one)")
+
+
 def _account_view(r: redis.Redis, acct: str) -> dict[str, Any]:
     """Return an account's fields with its money in 元."""
     from app.core.money import wallet
 
     data = wallet.get_account(r, acct)
     if data is None:
-        raise CliError(f"no account {acct}")
+        raise CliError(_no_account(acct))
     return {**data, "balance": money(data["balance"]), "used": money(data["used"])}
 
 
@@ -104,7 +109,7 @@ def keys_revoke(key_id: str, as_json: bool) -> None:
     from app.core.money import keys
 
     if not keys.revoke(store(), key_id):
-        raise CliError(f"no live key {key_id}")
+        raise CliError(f"no live key {key_id} (xiaoyi keys list shows the keys' ids)")
     emit({"revoked": key_id}, as_json, f"revoked {key_id}")
 
 
@@ -134,7 +139,7 @@ def accounts_topup(acct: str, units: int, as_json: bool) -> None:
     try:
         wallet.topup(r, acct, units, note="admin top-up")
     except wallet.NoAccount as exc:
-        raise CliError(f"no account {acct}") from exc
+        raise CliError(_no_account(acct)) from exc
     view = _account_view(r, acct)
     emit(view, as_json, f"{acct}: balance {view['balance']} 元")
 

@@ -152,12 +152,21 @@ def prepare_env(settings: Settings, upstream: bool = True) -> dict[str, str]:
         from app.runtime.supervisor import pdeathsig_preexec, wait_http
 
         up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
+        real = "or XIAOYI_UPSTREAM_BASE_URL (or [[channels]]) for a real upstream"
+        check_port("127.0.0.1", up_port, f"the fake upstream's: set XIAOYI_FAKE_UPSTREAM_PORT, "
+                                         f"{real}")
         # Its own session: Ctrl-C in the terminal reaches gunicorn only, which then finishes open
         # streams against this upstream; it still dies with its parent (PR_SET_PDEATHSIG).
         proc = subprocess.Popen([sys.executable, "-m", "app.runtime.cli", "fake-upstream", "--port",
                                  str(up_port)], preexec_fn=pdeathsig_preexec(),
                                 start_new_session=True)
-        wait_http(f"http://127.0.0.1:{up_port}/healthz", 15, process=proc)
+        try:
+            wait_http(f"http://127.0.0.1:{up_port}/healthz", 15, process=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            proc.kill()
+            raise StartError(f"the built-in fake upstream (no upstream is set) did not start: "
+                             f"{exc}; set XIAOYI_UPSTREAM_BASE_URL (or [[channels]]) for a real "
+                             "upstream") from exc
         env["XIAOYI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
     return env
 
@@ -255,7 +264,15 @@ def check_config(settings: Settings) -> None:
         check_url(settings.redis_url, "XIAOYI_REDIS_URL")  # parses, never connects
     if settings.queue_redis_url:
         check_url(settings.queue_redis_url, "XIAOYI_QUEUE_REDIS_URL", queues=True)
-    create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1), check_store=False)
+    # A check, not a start: the warnings create_app logs (no AppID…) are the started processes'
+    # to give, once each, not this one's too (make run showed each of them twice over).
+    was = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        create_app(settings, redis_client=redis.Redis(host="127.0.0.1", port=1),
+                   check_store=False)
+    finally:
+        logging.disable(was)
 
 
 def _start_children(sup: Supervisor, settings: Settings, host: str, port: int, workers: int,
@@ -301,7 +318,8 @@ def run_all(settings: Settings, host: str, port: int, workers: int) -> int:
                            f"or make run PORT={port + 1}")
     if not settings.channels:
         up_port = int(os.environ.get("XIAOYI_FAKE_UPSTREAM_PORT", "9000"))
-        check_port("127.0.0.1", up_port, "the fake upstream's: set XIAOYI_FAKE_UPSTREAM_PORT")
+        check_port("127.0.0.1", up_port, f"the fake upstream's: choose another, e.g. "
+                                         f"XIAOYI_FAKE_UPSTREAM_PORT={up_port + 1} make run")
     sup = Supervisor()
     sup.install_signal_handlers()
     try:

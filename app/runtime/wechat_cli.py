@@ -101,7 +101,8 @@ def wechat_send(text: str, openid: str, event: str | None, url: str | None,
     settings = _settings()
     url = url or (running_web(settings.data_dir) or "http://127.0.0.1:8000") + "/wechat"
     if not settings.wechat_token:
-        raise CliError("set XIAOYI_WECHAT_TOKEN (the webhook's token)")
+        raise CliError("set XIAOYI_WECHAT_TOKEN to the webhook's own token (the value the server "
+                       "runs with), e.g. XIAOYI_WECHAT_TOKEN=test-token xiaoyi wechat send 你好")
     if not text and not event:
         raise CliError("give TEXT or --event")
     xml = simulate.message_xml(openid, text, event, msg_id)

@@ -115,13 +115,18 @@ def accounts() -> BaseResponse | str:
                            more=len(ids) == PAGE, total=r.zcard(ACCOUNTS))
 
 
+def _no_account(acct: str) -> str:
+    return (f"没有账户 {acct[:64]} (no account {acct[:64]}: /admin/accounts lists them, "
+            "?q=ID finds one).")
+
+
 @bp.get("/accounts/<path:acct>")
 def account(acct: str) -> str:
     """Show one account: balance, keys (masked) with revoke, ledger entries."""
     r = get_redis()
     info = wallet.get_account(r, acct)
     if info is None:
-        abort(404)
+        abort(404, _no_account(acct))
     return render_template("admin_account.html", acct=info, keys=keys.list_keys(r, acct),
                            ledger=ledger.recent_ledger(r, acct, 200),
                            nonce=secrets.token_hex(16))
@@ -144,7 +149,7 @@ def topup(acct: str) -> BaseResponse | tuple[str, int]:
     """Credit an account by hand; the form's nonce makes a double submit credit once."""
     r = get_redis()
     if wallet.get_account(r, acct) is None:
-        abort(404)
+        abort(404, _no_account(acct))
     try:
         units = yuan_arg()
         if not NONCE.fullmatch(request.form.get("nonce", "")):
@@ -158,7 +163,7 @@ def topup(acct: str) -> BaseResponse | tuple[str, int]:
         credited, _ = wallet.topup(r, acct, units, kind="topup", note="admin",
                                    ref=f"admin:{nonce}")
     except wallet.NoAccount:
-        abort(404)
+        abort(404, _no_account(acct))
     if credited:
         current_app.logger.info("admin top-up of %s units to %s", units, acct)
     flash(f"已充值 {units_to_yuan(units)} 元" if credited else "该表单已提交过，未重复充值")
