@@ -49,6 +49,29 @@ def images_generations() -> Response:
     return media.images()
 
 
+# openai<1 sends `engine=` (old LangChain's embeddings, OpenAI's 2022 examples) to
+# /engines/{engine}/…, the engine naming the model: it is the model unless the body names one.
+@bp.post("/engines/<engine>/chat/completions")
+def engine_chat_completions(engine: str) -> Response:
+    """Relay a chat completion for the model the path names."""
+    current.g().engine = engine
+    return chat.relay_text("chat", "/chat/completions")
+
+
+@bp.post("/engines/<engine>/completions")
+def engine_completions(engine: str) -> Response:
+    """Relay a legacy completion for the model the path names."""
+    current.g().engine = engine
+    return chat.relay_text("completion", "/completions")
+
+
+@bp.post("/engines/<engine>/embeddings")
+def engine_embeddings(engine: str) -> Response:
+    """Relay an embeddings request for the model the path names."""
+    current.g().engine = engine
+    return media.embeddings()
+
+
 responses.register(bp)  # /responses, /responses/<id>[/input_items]
 bp.add_url_rule("/models", "models", account.models, methods=["GET"])
 bp.add_url_rule("/models/<path:model_id>", "model", account.model, methods=["GET"])
