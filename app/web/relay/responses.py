@@ -234,8 +234,15 @@ def _stored(rid: str) -> tuple[str, dict[str, Any]]:
 
 
 def retrieve(response_id: str) -> Response:
-    """Serve GET /v1/responses/{id}: a stored Response of the key's account."""
-    return json_response({**_stored(response_id)[1], "code": 0, "msg": ""})
+    """Serve GET /v1/responses/{id}: a stored Response of the key's account. `stream=true`
+    replays a background response's events: background mode is refused at creation, so a
+    stored response gets OpenAI's 400 for one that was not (a JSON answer to the SDK's
+    `retrieve(id, stream=True)` would be read as a stream of no events)."""
+    found = _stored(response_id)[1]
+    if incoming.args.get("stream", "").lower() in ("true", "1"):
+        raise InvalidRequest("This response cannot be streamed because it was not created with "
+                             "background=true.", param="stream", msg="只有后台模式的回答可以流式读取")
+    return json_response({**found, "code": 0, "msg": ""})
 
 
 ITEMS_LIMIT, ITEMS_MAX = 20, 100  # OpenAI's default page and its largest
