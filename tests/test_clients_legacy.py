@@ -108,6 +108,40 @@ def test_an_unknown_or_wrong_engine_is_refused_and_charges_nothing(
     assert wallet.balance(r, acct) == before and upstream.requests == []
 
 
+FUNCTIONS = [{"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def test_a_forced_legacy_function_call_is_answered_with_one(live: LiveServer,
+                                                            funded: tuple[str, str]) -> None:
+    """`functions` + `function_call: {"name"}` (AutoGPT-era code): OpenAI answers with that
+    function's call, finish_reason function_call; the fake answered with text, so such code
+    found no call to make."""
+    key, _ = funded
+    body = {"model": "gpt-3.5-turbo", "messages": HI, "functions": FUNCTIONS,
+            "function_call": {"name": "get_weather"}}
+    plain = post(live, "/chat/completions", key, body)
+    assert plain.status_code == 200, plain.text
+    validate(plain.json(), "CreateChatCompletionResponse")
+    (choice,) = plain.json()["choices"]
+    assert choice["finish_reason"] == "function_call" and choice["message"]["content"] is None
+    call = choice["message"]["function_call"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"said": "hello relay"}
+    streamed = post(live, "/chat/completions", key, {**body, "stream": True,
+                                                     "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0]["function_call"]["name"] == "get_weather"
+    assert "".join(d.get("function_call", {}).get("arguments", "") for d in deltas) == \
+        call["arguments"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == \
+        "function_call"
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    auto = post(live, "/chat/completions", key, {**body, "function_call": "auto"})
+    assert auto.json()["choices"][0]["message"]["content"]  # not forced: the usual answer
+
+
 def openai028_python() -> str:
     """Return an interpreter that imports openai 0.28, or skip saying why there is none."""
     python = os.environ.get("XIAOYI_TEST_OPENAI028_PYTHON")
@@ -137,6 +171,7 @@ def test_openai028_every_route_and_its_exceptions(live: LiveServer, funded: tupl
     assert all("hello relay" in text for text in ok["chat_async"])
     assert ok["completion"] and ok["completion_engine"][0] == "text-davinci-003"
     assert ok["chat_engine"] == "gpt-4o" and ok["embedding_engine"] == [16, 16]
+    assert ok["functions"] == ["function_call", "get_weather", {"said": "hello relay"}]
     assert ok["embedding_default"] in ("no numpy", [16, "float"])
     assert ok["image"] == [True, True] and ok["model"] == "gpt-3.5"
     assert {"gpt-3.5", "text-embedding-ada-002", "dall-e-2"} <= set(ok["models"])

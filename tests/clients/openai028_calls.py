@@ -57,6 +57,11 @@ run("chat", lambda: openai.ChatCompletion.create(
     model="gpt-3.5-turbo", messages=hi, temperature=0.7).choices[0].message.content)
 run("chat_stream", chat_stream)
 run("chat_async", lambda: asyncio.run(both_async()))
+run("functions", lambda: (lambda c: [c.finish_reason, c.message.function_call.name,
+                                     json.loads(c.message.function_call.arguments)])(
+    openai.ChatCompletion.create(model="gpt-3.5-turbo", messages=hi, functions=[{
+        "name": "get_weather", "parameters": {"type": "object", "properties": {}}}],
+        function_call={"name": "get_weather"}).choices[0]))
 run("completion", lambda: openai.Completion.create(
     model="text-davinci-003", prompt="Say this", max_tokens=7).choices[0].text)
 run("completion_engine", lambda: (lambda c: [c.model, c.choices[0].text])(openai.Completion.create(
