@@ -77,8 +77,10 @@ def _init_errors(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         allow = ", ".join(getattr(exc, "valid_methods", None) or [])
+        from app.web.relay import route_hint
+
         mapped: dict[int, ApiError] = {
-            404: NotFound(f"Unknown route {request.path[:200]}."),
+            404: NotFound(f"Unknown route {request.path[:200]}.{route_hint(request.path)}"),
             405: MethodNotAllowed(f"{request.method} is not allowed on this route.",
                                   headers={"Allow": allow} if allow else None),
             413: RequestTooLarge("The request body is larger than the limit."),

@@ -108,6 +108,26 @@ def test_an_unknown_or_wrong_engine_is_refused_and_charges_nothing(
     assert wallet.balance(r, acct) == before and upstream.requests == []
 
 
+@pytest.mark.parametrize(("path", "meant"), [
+    ("/chat/completions", "/v1/chat/completions"),  # api_base = "http://host"
+    ("/index.php/chat/completions", "/v1/chat/completions"),  # the seed's base_url, as is
+    ("/api/v1/embeddings", "/v1/embeddings"),
+    ("/v1/v1/models", "/v1/models"),  # base_url …/v1 joined to /v1/models
+    ("/engines/gpt-4o/chat/completions", "/v1/engines/gpt-4o/chat/completions")])
+def test_an_api_route_without_its_prefix_is_a_404_naming_the_one_meant(
+        path: str, meant: str, live: LiveServer, funded: tuple[str, str]) -> None:
+    """A base_url (api_base) without /v1 is the commonest set-up slip: the 404 says where the
+    API is and which route was meant, in both error shapes."""
+    resp = requests.post(live.url + path, json={"messages": HI}, timeout=10,
+                         headers={"Authorization": f"Bearer {funded[0]}"})
+    assert resp.status_code == 404 and resp.json()["code"] == 40400
+    assert resp.json()["error"]["code"] == "not_found"
+    assert resp.json()["error"]["message"].endswith(f"did you mean {meant}?")
+    for unmeant in ("/v1/chat/completions/chatcmpl-x", "/index.php/api/v1/nope", "/admin/x/models"):
+        plain = requests.get(live.url + unmeant, timeout=10)
+        assert plain.status_code == 404 and "did you mean" not in plain.json()["error"]["message"]
+
+
 FUNCTIONS = [{"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}]
 
@@ -183,5 +203,7 @@ def test_openai028_every_route_and_its_exceptions(live: LiveServer, funded: tupl
         "unknown_engine": ("openai.error.InvalidRequestError", 404, "model_not_found"),
         "no_messages": ("openai.error.InvalidRequestError", 400, "empty_array"),
         "stream_broken": ("openai.error.APIError", 200, "upstream_error"),
-        "timeout": ("openai.error.Timeout", None, None)}
+        "timeout": ("openai.error.Timeout", None, None),
+        "no_v1": ("openai.error.InvalidRequestError", 404, "not_found")}
+    assert "did you mean /v1/chat/completions?" in out["no_v1"]["message"]
     assert wallet.balance(r, acct) < before and ledger.verify(r) == []

@@ -28,7 +28,8 @@ def run(name: str, call: Callable[[], Any]) -> None:
         err = getattr(exc, "error", None)
         out[name] = {"error": f"{type(exc).__module__}.{type(exc).__name__}",
                      "status": getattr(exc, "http_status", None),
-                     "code": getattr(err, "code", None) if err is not None else None}
+                     "code": getattr(err, "code", None) if err is not None else None,
+                     "message": getattr(exc, "user_message", str(exc))}
 
 
 def chat_stream() -> Any:
@@ -87,4 +88,6 @@ run("stream_broken", lambda: list(openai.ChatCompletion.create(
 run("timeout", lambda: openai.ChatCompletion.create(
     model="gpt-3.5", messages=[{"role": "user", "content": "hi [[fake:delay=3]]"}],
     request_timeout=0.5))
+run("no_v1", lambda: openai.ChatCompletion.create(  # api_base without /v1: a common slip
+    model="gpt-3.5", messages=hi, api_base=openai.api_base.removesuffix("/v1")))
 print(json.dumps(out, default=str))
