@@ -78,12 +78,14 @@ def _init_errors(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         allow = ", ".join(getattr(exc, "valid_methods", None) or [])
+        from app.web.relay import route_hint
+
         mapped: dict[int, ApiError] = {
             # A route that matched and says what is missing (abort(404, "no account …")) is
             # not an unknown route.
             404: NotFound(exc.description if request.url_rule is not None
                           and exc.description != NoSuchUrl.description
-                          else f"Unknown route {request.path[:200]}."),
+                          else f"Unknown route {request.path[:200]}.{route_hint(request.path)}"),
             405: MethodNotAllowed(f"{request.method} is not allowed on this route.",
                                   headers={"Allow": allow} if allow else None),
             413: RequestTooLarge("The request body is larger than the limit."),

@@ -340,3 +340,22 @@ def test_embeddings_dimensions_give_that_many_floats(live: LiveServer,
     assert abs(sum(v * v for v in floats.data[0].embedding) - 1.0) < 1e-3
     assert len(client.embeddings.create(model="text-embedding-3-small", input="a").data[0]
                .embedding) == 16  # without dimensions: the fake's own short vector
+
+
+def test_retrieving_a_stored_response_as_a_stream_is_openais_400(live: LiveServer,
+                                                                 funded: tuple[str, str]) -> None:
+    """`responses.retrieve(id, stream=True)` (GET ?stream=true) replays a background response's
+    events; background mode is refused here, so it is OpenAI's 400 for a response not created
+    with background=true. A JSON answer was read by the SDK as a stream of no events: the
+    caller got nothing and no error."""
+    client = sdk(live, funded[0])
+    done = client.responses.create(model="gpt-4o", input="remember 7")
+    with pytest.raises(openai.BadRequestError) as refused:
+        list(client.responses.retrieve(done.id, stream=True))
+    assert refused.value.param == "stream" and "background=true" in refused.value.message
+    with pytest.raises(openai.NotFoundError):  # an unknown id is a 404 first, as everywhere
+        list(client.responses.retrieve("resp_never_made", stream=True))
+    assert client.responses.retrieve(done.id).output_text == done.output_text
+    plain = requests.get(f"{live.url}/v1/responses/{done.id}?stream=false", timeout=10,
+                         headers={"Authorization": f"Bearer {funded[0]}"})
+    assert plain.status_code == 200 and plain.json()["id"] == done.id

@@ -11,7 +11,9 @@ arguments are {"said": <the last user message>} (for a `strict` function, an ins
 parameters: fakes/upstream/structured.py), a custom tool's input is that message itself;
 on /v1/chat/completions (plain and streamed, `tool_calls[].function` or `.custom`) and here
 (`function_call` or `custom_tool_call` items). Chat custom tools, and calls of them sent back in
-assistant messages, are checked as OpenAI's chat schema has them (a 400 otherwise).
+assistant messages, are checked as OpenAI's chat schema has them (a 400 otherwise). A chat
+request whose legacy `function_call` names one of its `functions` gets a `function_call`
+message (finish_reason function_call), its arguments made the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ def forced_tool(body: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def forced_function(body: dict[str, Any]) -> str | None:
+    """Return the name of the legacy function (`functions` + `function_call: {"name": …}`, the
+    API before tools) the request forces, if any."""
+    choice, functions = body.get("function_call"), body.get("functions")
+    name = choice.get("name") if isinstance(choice, dict) else None
+    listed = isinstance(functions, list) and any(
+        isinstance(f, dict) and f.get("name") == name for f in functions)
+    return name if isinstance(name, str) and listed else None
+
+
 def check_custom(body: dict[str, Any]) -> None:
     """Refuse what OpenAI's chat schema refuses in custom tools and in calls of them
     (CustomToolChatCompletions, ChatCompletionMessageCustomToolCall)."""
@@ -88,24 +100,32 @@ def check_custom(body: dict[str, Any]) -> None:
 
 
 def forced_arguments(body: dict[str, Any], name: str, said: str) -> str:
-    """Return the arguments of the forced call to the function `name`."""
+    """Return the arguments of the forced call to the function `name` (a tool, or a legacy
+    function)."""
     tools = body.get("tools")
     tool = next((t for t in tools if isinstance(t, dict) and t.get("type") == "function"
                  and _tool_name(t, "function") == name), None) if isinstance(tools, list) else None
+    if tool is None and isinstance(body.get("functions"), list):
+        spec = next((f for f in body["functions"] if isinstance(f, dict)
+                     and f.get("name") == name), None)
+        tool = {"type": "function", "function": spec} if spec is not None else None
     return tool_arguments(tool, said)
 
 
 def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
                    behaviour: dict[str, Any], prompt_tokens: int) -> None:
-    """Answer a chat completion that forces a tool with a call to it."""
+    """Answer a chat completion that forces a tool (or a legacy function) with a call to it."""
     if handler._apply(behaviour, body.get("stream") is True):
         return
-    kind, name = forced_tool(body) or ("function", "")
+    legacy = forced_function(body) if forced_tool(body) is None else None
+    kind, name = ("function", legacy) if legacy else forced_tool(body) or ("function", "")
     text = said if kind == "custom" else forced_arguments(body, name, said)
     field = "input" if kind == "custom" else "arguments"
     call_id = _new_id("call")
     usage = None if behaviour.get("nousage") else _usage(prompt_tokens, count_tokens(text) + 1)
     base = {"id": _new_id("chatcmpl"), "created": int(time.time()), "model": model}
+    if legacy:
+        return _function_call(handler, body, base, name, text, usage, behaviour)
     if body.get("stream") is not True:
         call = {"id": call_id, "type": kind, kind: {"name": name, field: text}}
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
@@ -127,6 +147,34 @@ def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said:
     wants = isinstance(body.get("stream_options"), dict) and body["stream_options"].get(
         "include_usage") is True
     if usage and wants:
+        chunks.append((_TAIL, _dumps({**base, "choices": [], "usage": usage})))
+    handler._stream(iter(chunks), behaviour)
+
+
+def _function_call(handler: FakeHandler, body: dict[str, Any], base: dict[str, Any], name: str,
+                   text: str, usage: dict[str, Any] | None, behaviour: dict[str, Any]) -> None:
+    """Answer with a legacy `function_call` (finish_reason function_call), plain or streamed."""
+    if body.get("stream") is not True:
+        message = {"role": "assistant", "content": None, "refusal": None,
+                   "function_call": {"name": name, "arguments": text}}
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": "function_call"}
+        out = {**base, "object": "chat.completion", "choices": [choice]}
+        return handler._send_json({**out, "usage": usage} if usage else out)
+    base = {**base, "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _dumps({**base, "choices": [choice]})
+
+    half = len(text) // 2
+    chunks = [(_HEAD, chunk({"role": "assistant", "content": None,
+                             "function_call": {"name": name, "arguments": ""}}))]
+    chunks += [(_CONTENT, chunk({"function_call": {"arguments": piece}}))
+               for piece in (text[:half], text[half:])]
+    chunks.append((_TAIL, chunk({}, "function_call")))
+    options = body.get("stream_options")
+    if usage and isinstance(options, dict) and options.get("include_usage") is True:
         chunks.append((_TAIL, _dumps({**base, "choices": [], "usage": usage})))
     handler._stream(iter(chunks), behaviour)
 

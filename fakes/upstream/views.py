@@ -41,6 +41,7 @@ from fakes.upstream.responses import (
     answer_responses,
     chat_tool_call,
     check_custom,
+    forced_function,
     forced_tool,
 )
 from fakes.upstream.structured import structured_text
@@ -116,7 +117,7 @@ class FakeHandler(FakeProtocol):
         if markers:
             texts[last] = said
         check_custom(body)
-        if forced_tool(body):  # tool_choice forces a call: answer with one (fakes/.../responses)
+        if forced_tool(body) or forced_function(body):  # a forced call: answer with one
             prompt = sum(map(count_tokens, texts)) + 1 + image_tokens(messages, model)
             return chat_tool_call(self, body, model, said, self._behaviour(markers), prompt)
         doc = structured_text(body.get("response_format"), ANSWER_PREFIX + said)

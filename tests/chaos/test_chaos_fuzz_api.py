@@ -107,10 +107,12 @@ class Target:
         """Tell whether a drawn body asks more completion tokens than its model's output cap."""
         body = getattr(case, "body", None)
         kind = {"/v1/chat/completions": "chat", "/v1/completions": "completion",
-                "/v1/responses": "chat"}.get(getattr(case, "path", ""))
+                "/v1/responses": "chat", "/v1/engines/{engine}/chat/completions": "chat",
+                "/v1/engines/{engine}/completions": "completion"}.get(getattr(case, "path", ""))
         if not isinstance(body, dict) or kind is None:
             return False
-        name = body.get("model") or self.settings.defaults.get(kind)
+        engine = (getattr(case, "path_parameters", None) or {}).get("engine")
+        name = body.get("model") or engine or self.settings.defaults.get(kind)
         upstream = self.settings.resolve(name) if isinstance(name, str) else None
         price = self.settings.prices.get(upstream) if upstream else None
         cap = price.output_cap if price is not None else None

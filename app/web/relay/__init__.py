@@ -49,6 +49,29 @@ def images_generations() -> Response:
     return media.images()
 
 
+# openai<1 sends `engine=` (old LangChain's embeddings, OpenAI's 2022 examples) to
+# /engines/{engine}/…, the engine naming the model: it is the model unless the body names one.
+@bp.post("/engines/<engine>/chat/completions")
+def engine_chat_completions(engine: str) -> Response:
+    """Relay a chat completion for the model the path names."""
+    current.g().engine = engine
+    return chat.relay_text("chat", "/chat/completions")
+
+
+@bp.post("/engines/<engine>/completions")
+def engine_completions(engine: str) -> Response:
+    """Relay a legacy completion for the model the path names."""
+    current.g().engine = engine
+    return chat.relay_text("completion", "/completions")
+
+
+@bp.post("/engines/<engine>/embeddings")
+def engine_embeddings(engine: str) -> Response:
+    """Relay an embeddings request for the model the path names."""
+    current.g().engine = engine
+    return media.embeddings()
+
+
 responses.register(bp)  # /responses, /responses/<id>[/input_items]
 bp.add_url_rule("/models", "models", account.models, methods=["GET"])
 bp.add_url_rule("/models/<path:model_id>", "model", account.model, methods=["GET"])
@@ -64,6 +87,21 @@ UNDER = tuple(p + "/" for p in PREFIXES)  # a path under one of them
 
 
 SLASHES = re.compile(r"/{2,}")
+# A path naming an API route under no prefix, or under a prefix's pieces only (a base_url
+# without /v1, or http://host/index.php/ given to an SDK): its 404 names the route it meant.
+MISSED_PREFIX = re.compile(r"(?:/(?:index\.php|api|v1))*(/(?:chat/completions|completions|"
+                           r"embeddings|images/generations|models|responses|balance|engines"
+                           r"|dashboard/billing)(?:/.*)?)")
+
+
+def route_hint(path: str) -> str:
+    """Return the hint a 404 for `path` carries: the /v1 route it meant, when it names one
+    under a prefix of ours' pieces that is not one of them (under one, it is unknown as is)."""
+    found = MISSED_PREFIX.fullmatch(path)
+    if found is None or path[:found.start(1)] in PREFIXES:
+        return ""
+    return (f" The API is served under /v1 (an SDK's base_url, openai<1's api_base: "
+            f"http://host/v1) and /index.php/api/v1: did you mean /v1{found.group(1)[:200]}?")
 
 
 def tidy_path(path: str) -> str:

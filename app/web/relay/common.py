@@ -495,7 +495,8 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False, fields: str | None = 
     hold's own round trip): an outsider's 256 KiB of empty content parts is a 401, not 0.2 s
     of counting.
     Top-level fields sent as null are dropped (null is the same as absent, as at OpenAI); a
-    missing model takes the route's default (config [defaults]); aliases map to public names.
+    missing model takes the one the path names (/engines/{engine}/…), else the route's
+    default (config [defaults]); aliases map to public names.
     """
     large = _large_body()
     if large:
@@ -518,7 +519,7 @@ def gather(kinds: tuple[str, ...], empty_ok: bool = False, fields: str | None = 
     call = Call(req_id, body, raw, "", "", ModelPrice("chat"))
     state.call = call
     cfg = settings()
-    model = body.get("model", cfg.defaults.get(kinds[0], ""))
+    model = body.get("model", state.get("engine") or cfg.defaults.get(kinds[0], ""))
     if not isinstance(model, str) or not model:
         if fields is not None:  # a model of another type: OpenAI's invalid_type
             limits.check(fields, {"model": model})

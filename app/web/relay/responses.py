@@ -263,7 +263,14 @@ def _exists(rid: str) -> str:
 
 
 def retrieve(response_id: str) -> Response:
-    """Serve GET /v1/responses/{id}: a stored Response of the key's account."""
+    """Serve GET /v1/responses/{id}: a stored Response of the key's account. `stream=true`
+    replays a background response's events: background mode is refused at creation, so a
+    stored response gets OpenAI's 400 for one that was not (a JSON answer to the SDK's
+    `retrieve(id, stream=True)` would be read as a stream of no events)."""
+    if incoming.args.get("stream", "").lower() in ("true", "1"):
+        _exists(response_id)  # an unknown id is the 404 first, as OpenAI's; nothing is read
+        raise InvalidRequest("This response cannot be streamed because it was not created with "
+                             "background=true.", param="stream", msg="只有后台模式的回答可以流式读取")
     found = _stored(response_id, authenticate(None).acct)
     return json_response({**found["response"], "code": 0, "msg": ""})
 
