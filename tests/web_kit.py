@@ -30,6 +30,7 @@ class Web:
         for sub in ("xdg", "prom"):
             (home / sub).mkdir(parents=True, exist_ok=True)
         self.log = home / "web.log"
+        self.signalled = False  # signal_stop sent its signal
         base = {k: v for k, v in os.environ.items()
                 if not k.startswith(("XIAOYI_", "GUNICORN_", "PROMETHEUS_"))}
         base.update(HOME=str(home), XDG_RUNTIME_DIR=str(home / "xdg"), XIAOYI_CONFIG="",
@@ -71,12 +72,17 @@ class Web:
         return count
 
     def signal_stop(self, quick: bool = False) -> None:
-        """Send the master SIGTERM (graceful) or SIGINT (quick) unless it has exited."""
-        if self.proc.poll() is None:
+        """Send the master SIGTERM (graceful) or SIGINT (quick) unless it has exited.
+
+        Once only: a master already stopping may be past gunicorn's handlers, in the
+        interpreter's exit, where a second SIGTERM kills it (exit -15, not its own 0)."""
+        if self.proc.poll() is None and not self.signalled:
+            self.signalled = True
             os.kill(self.proc.pid, signal.SIGINT if quick else signal.SIGTERM)
 
     def stop(self, quick: bool = False) -> int:
-        """SIGTERM (graceful) or SIGINT (quick) the master; return its exit status."""
+        """SIGTERM (graceful) or SIGINT (quick) the master, unless signalled already; return
+        its exit status."""
         self.signal_stop(quick)
         try:
             return self.proc.wait(timeout=40)

@@ -6,8 +6,6 @@ import json
 from typing import TYPE_CHECKING
 
 import click
-import requests
-from wechatpy.exceptions import WeChatClientException
 
 from app.core.config import ConfigError, Settings
 from app.runtime.clikit import CliError, config_error, emit, json_option
@@ -32,6 +30,8 @@ def _client(settings: Settings) -> SharedTokenClient:
 
 def _why(exc: Exception) -> str:
     """Say what failed without echoing a URL (it carries the access token)."""
+    from wechatpy.exceptions import WeChatClientException
+
     return str(exc) if isinstance(exc, WeChatClientException) else type(exc).__name__
 
 
@@ -44,6 +44,9 @@ def menu_group() -> None:
 @json_option
 def menu_push(as_json: bool) -> None:
     """Create the menu on WeChat from the config; print what was pushed."""
+    import requests
+    from wechatpy.exceptions import WeChatClientException
+
     from app.edges import wechat_menu as menu
 
     settings = _settings()
@@ -59,6 +62,9 @@ def menu_push(as_json: bool) -> None:
 @json_option
 def menu_show(as_json: bool) -> None:
     """Print the menu WeChat has now."""
+    import requests
+    from wechatpy.exceptions import WeChatClientException
+
     from app.edges import wechat_menu as menu
 
     try:
@@ -95,6 +101,8 @@ def wechat_group() -> None:
 def wechat_send(text: str, openid: str, event: str | None, url: str | None,
                 msg_id: str | None, as_json: bool) -> None:
     """Send TEXT (or an event) to a running webhook, signed like WeChat; print the reply."""
+    import requests
+
     from app.runtime import simulate
     from app.runtime.procs import running_web
 
