@@ -287,6 +287,55 @@ def test_an_answer_too_large_to_read_is_billed_at_its_bound_and_not_run_again(
     assert before - wallet.balance(r, acct) == held and ledger.verify(r) == []
 
 
+class _HugeHead(socketserver.BaseRequestHandler):
+    """An upstream whose answer's head announces more than the relay reads, with the status
+    the server's `status` names (a gateway's error page, or a 200 to a stream)."""
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        status: bytes = self.server.status  # type: ignore[attr-defined]
+        self.request.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\r\n"
+                             b"Content-Length: 300000000\r\n\r\n<html>")
+
+
+@pytest.mark.parametrize("status,stream", [
+    (b"503 Service Unavailable", False),
+    (b"429 Too Many Requests", False),
+    (b"200 OK", True),
+], ids=["503", "429", "stream"])
+def test_an_error_or_stream_head_announcing_too_much_fails_over_unbilled(
+        r: redis.Redis, redis_url: str, upstream: FakeUpstream, status: bytes,
+        stream: bool) -> None:
+    """Review (round 11): only a plain 200 answer too large to read was written (and billed)
+    by the upstream; the bound was billed on any head announcing more than 256 MiB: a
+    gateway's 503 or 429 error page, or a 200 to a stream (a number from the upstream, not
+    an answer), charged the caller the whole hold and asked no other channel. Those fail over
+    as any failed channel does, and the answer the next channel gives is billed as usual."""
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _HugeHead) as huge:
+        huge.daemon_threads = True
+        huge.status = status  # type: ignore[attr-defined]
+        threading.Thread(target=huge.serve_forever, args=(0.05,), daemon=True).start()
+        env = {"XIAOYI_REDIS_URL": redis_url}
+        channels = [{"name": "a", "base_url": f"http://127.0.0.1:{huge.server_address[1]}/v1",
+                     "api_key": UPSTREAM_KEY, "priority": 0},
+                    {"name": "b", "base_url": upstream.url, "api_key": UPSTREAM_KEY,
+                     "priority": 1}]
+        client = create_app(load_settings(env, toml={"channels": channels}),
+                            redis_client=r).test_client()
+        key, acct = new_key(r)
+        before = wallet.balance(r, acct)
+        resp = ask(client, key, stream=stream)
+        text = resp.get_data(as_text=True)
+        huge.shutdown()
+    assert resp.status_code == 200, text
+    assert chats(upstream) == 1  # the next channel answered
+    entries = ledger.ledger_entries(r, acct)
+    held = -int(next(e for e in entries if e["kind"] == "reserve")["amount"])
+    settled = [e for e in entries if e["kind"] == "settle"]
+    assert len(settled) == 1 and 0 < int(settled[0]["cost"]) < held  # its answer, not the bound
+    assert before - wallet.balance(r, acct) == int(settled[0]["cost"]) and ledger.verify(r) == []
+
+
 def test_every_channel_failing_is_502_and_not_ready(r: redis.Redis, redis_url: str,
                                                     upstream: FakeUpstream,
                                                     second: FakeUpstream) -> None:

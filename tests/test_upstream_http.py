@@ -519,6 +519,22 @@ def test_a_proxied_answer_longer_than_the_limit_is_refused(
     assert fine.accepted == 0 and peak < 8 * LIMITED
 
 
+def test_a_proxied_error_page_announcing_too_much_fails_over(
+        serve: Callable[..., Server], r: redis.Redis, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (round 11): a 503 whose head announces more than the limit is the channel's
+    failure (the next channel answers), not an answer too large to read (billed at the bound),
+    through a proxy as on the fast path (test_channels: ..._fails_over_unbilled)."""
+    chat = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}'
+    fine = serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(chat) + chat))
+    page = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n<html>" % (
+        LIMITED + 1)
+    up = _proxied(serve, monkeypatch, page, redis_url, r, fine)
+    got = up.call("/chat/completions", {"model": "gpt-3.5-turbo", "messages": []},
+                  "gpt-3.5-turbo", expect="choices")
+    assert got.channel.name == "fine" and got.value["choices"][0]["message"]["content"] == "hi"
+
+
 @pytest.mark.parametrize("kind", ["chunked", "close-delimited", "gzip bomb"])
 def test_a_proxied_stream_longer_than_the_limit_is_cut(
         serve: Callable[..., Server], r: redis.Redis, redis_url: str,

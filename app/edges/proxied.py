@@ -40,8 +40,10 @@ class CappedResponse(requests.Response):
             size += len(piece)
             if size > self.answer_limit:
                 self.close()  # not read to its end: the connection is closed, never reused
-                raise AnswerTooLarge(
+                too_large = AnswerTooLarge(
                     f"the upstream's answer is longer than {self.answer_limit} bytes")
+                too_large.status = self.status_code
+                raise too_large
             yield piece
         self._content_consumed = True
 
@@ -79,5 +81,7 @@ class CappedAdapter(HTTPAdapter):
             declared = 0
         if declared > self.answer_limit:
             capped.close()
-            raise AnswerTooLarge(f"the upstream's answer says it has {declared} bytes")
+            too_large = AnswerTooLarge(f"the upstream's answer says it has {declared} bytes")
+            too_large.status = capped.status_code
+            raise too_large
         return capped

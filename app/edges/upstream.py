@@ -292,8 +292,14 @@ class Upstream:
                 timed_out = True
                 self._mark(channel, False, "timeout")
                 continue
-            except AnswerTooLarge:  # (a ConnectionError) written whole: not the channel's fault
-                raise _too_large() from None
+            except AnswerTooLarge as exc:  # (a ConnectionError) its head says it is too long
+                if exc.status == 200 and not stream:  # an answer written: not run again
+                    raise _too_large() from None
+                # An error status (a gateway's page), or a stream (a JSON answer to a stream
+                # is the channel's failure): nothing to bill, the next channel may answer.
+                last = f"HTTP {exc.status} too large"
+                self._mark(channel, False, "connect")
+                continue
             except requests.RequestException as exc:
                 last = type(exc).__name__
                 self._mark(channel, False, "connect")

@@ -42,7 +42,10 @@ ANSWER_LIMIT = 256 << 20
 
 
 class AnswerTooLarge(requests.ConnectionError):
-    """The upstream's answer is (or says it is) longer than its origin's answer_limit."""
+    """The upstream's answer is (or says it is) longer than its origin's answer_limit.
+    `status`: the answer's HTTP status (0: not known)."""
+
+    status = 0
 
 
 class Headers(dict[str, str]):
@@ -259,7 +262,9 @@ class UpstreamResponse:
             except ValueError:
                 declared = 0
             if declared > self.origin.answer_limit:
-                raise AnswerTooLarge(f"the upstream's answer says it has {declared} bytes")
+                too_large = AnswerTooLarge(f"the upstream's answer says it has {declared} bytes")
+                too_large.status = self.status_code
+                raise too_large
         except OSError as exc:  # requests' exceptions are OSErrors too
             failure = self._as_post(exc)
             if failure is exc:
@@ -307,8 +312,10 @@ class UpstreamResponse:
         """Add decoded bytes to the answer's length; AnswerTooLarge past the origin's limit."""
         self._size += size
         if self._size > self.origin.answer_limit:
-            raise AnswerTooLarge(
+            too_large = AnswerTooLarge(
                 f"the upstream's answer is longer than {self.origin.answer_limit} bytes")
+            too_large.status = self.status_code
+            raise too_large
 
     def _decode(self, data: bytes) -> bytes:
         """Decompress a piece, never past one byte over the answer's limit (a gzip bomb stops
