@@ -70,7 +70,7 @@ def check_messages(body: dict[str, Any]) -> list[Any]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidRequest(f"messages[{i}] must be an object with a 'role'.",
                                  param=f"messages[{i}]", msg="messages 格式错误")
-        if m["role"] not in ROLE_SET:  # OpenAI's 400 (served, it reached the upstream)
+        if m["role"] not in ROLE_SET:  # OpenAI's 400 (it used to reach the upstream)
             raise not_offered(f"messages[{i}].role", m["role"], ROLES)
         content = m.get("content")
         # Only assistant (and legacy function) messages may omit content or send null; an
