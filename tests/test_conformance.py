@@ -58,6 +58,9 @@ REFUSALS = [
     (400, "invalid_request_error", r"^'input' must be a non-empty string"),  # "" to embed
     (400, "invalid_request_error", r"^'prompt' must be a string, a non-empty array"),  # []
     (400, "invalid_request_error", r"^'max_(completion_)?tokens' must be an integer >= 0"),
+    # OpenAI's refusal of a choice without its list (the schema cannot say it)
+    (400, "invalid_request_error", r"^Invalid value for '(tool_choice|parallel_tool_calls|"
+                                   r"function_call)': '\w+' is only allowed when"),
     # OpenAI's limits stated only in a field's description, which a body drawn from the schema
     # does not keep (tools/request_limits.py PROSE; tests/test_request_limits.py has each).
     (400, "object_above_max_properties", r"^Invalid 'metadata': too many properties"),
@@ -194,6 +197,8 @@ def test_the_refusal_list_is_not_vacuous(relay: tuple[Any, redis.Redis, str]) ->
         ("/v1/completions", {"prompt": []}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                   "max_tokens": -1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                  "tool_choice": "auto"}),
     ]
     for path, body in cases:
         resp = client.post(path, json=body, headers={"Authorization": f"Bearer {key}"})

@@ -55,9 +55,10 @@ def test_text_then_parallel_tool_calls() -> None:
         "response.output_text.delta", "response.output_text.done", "response.content_part.done",
         "response.output_item.done",
         "response.output_item.added", "response.function_call_arguments.delta",
-        "response.function_call_arguments.delta", "response.function_call_arguments.done",
-        "response.output_item.done",
+        "response.function_call_arguments.delta",
         "response.output_item.added", "response.function_call_arguments.delta",
+        # the calls stay open until the answer ends (a parallel call's deltas may interleave)
+        "response.function_call_arguments.done", "response.output_item.done",
         "response.function_call_arguments.done", "response.output_item.done",
         "response.completed"]
     message, first, second = final["output"]
@@ -84,15 +85,18 @@ def test_a_custom_tool_call_is_a_custom_tool_call_item() -> None:
                                "function": {"name": "f", "arguments": "{}"}}]}),
         chunk({}, "tool_calls"),
     ])
-    assert [e["type"] for e in out][2:8] == [
+    assert [e["type"] for e in out][2:11] == [
         "response.output_item.added", "response.custom_tool_call_input.delta",
-        "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done",
-        "response.output_item.done", "response.output_item.added"]
+        "response.custom_tool_call_input.delta", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.custom_tool_call_input.done",
+        "response.output_item.done", "response.function_call_arguments.done",
+        "response.output_item.done"]
     custom, function = final["output"]
     assert custom == {"id": custom["id"], "type": "custom_tool_call", "status": "completed",
                       "input": "ls -la /tmp", "call_id": "call_c", "name": "shell"}
     assert custom["id"].startswith("ctc_") and function["type"] == "function_call"
-    added, *deltas, done, item_done = out[2:7]
+    added, *deltas = out[2:5]
+    done, item_done = out[7:9]
     assert added["item"] == {**custom, "status": "in_progress", "input": ""}
     assert [d["delta"] for d in deltas] == ["ls -la ", "/tmp"]
     assert all(e["item_id"] == custom["id"] and e["output_index"] == 0 for e in [*deltas, done])
@@ -333,3 +337,100 @@ def test_a_long_stream_is_assembled_in_linear_time() -> None:
     (args_done,) = [e for e in out if e["type"] == "response.function_call_arguments.done"]
     assert text_done["text"] == whole and args_done["arguments"] == "x" * n
     assert [e["delta"] for e in out if e["type"] == "response.output_text.delta"] == text
+
+
+def _call_events(out: list[dict[str, Any]], item_id: str) -> list[str]:
+    return [e["type"] for e in out if e.get("item_id") == item_id or (
+        isinstance(e.get("item"), dict) and e["item"].get("id") == item_id)]
+
+
+def test_interleaved_parallel_calls_each_end_once_whole() -> None:
+    """Review: a chat upstream streaming parallel calls' deltas interleaved (index 0, 1, 0, 1)
+    closed call 0 when call 1 began: call 0's later deltas came after its .done (which carried
+    half its arguments) and its output_item.done. Every call now stays open until the answer
+    ends: each call's deltas, then one .done with its whole arguments, then its item's done."""
+    out, final = run([
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                                    "function": {"name": "a", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                               "function": {"name": "b", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]}),
+        chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"y":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        chunk({"tool_calls": [{"index": 1, "function": {"arguments": "2}"}}]}),
+        chunk({}, "tool_calls"),
+    ])
+    first, second = final["output"]
+    assert (first["name"], first["arguments"], second["name"], second["arguments"]) == (
+        "a", '{"x":1}', "b", '{"y":2}')
+    for item, index in ((first, 0), (second, 1)):
+        kinds = _call_events(out, item["id"])
+        assert kinds == ["response.output_item.added"] + [
+            "response.function_call_arguments.delta"] * 2 + [
+            "response.function_call_arguments.done", "response.output_item.done"], kinds
+        mine = [e for e in out if e.get("item_id") == item["id"] or e.get("output_index") == index
+                and "item" in e]
+        assert all(e["output_index"] == index for e in mine)
+        deltas = "".join(e["delta"] for e in mine if e["type"].endswith(".delta"))
+        (done,) = [e for e in mine if e["type"] == "response.function_call_arguments.done"]
+        (item_done,) = [e for e in mine if e["type"] == "response.output_item.done"]
+        assert deltas == done["arguments"] == item["arguments"]
+        assert item_done["item"] == item and item["status"] == "completed"
+    assert out[-1]["type"] == "response.completed"
+
+
+def test_text_between_interleaved_calls_keeps_them_open() -> None:
+    """A text between two deltas of one call is a message item of its own; the call goes on."""
+    out, final = run([
+        chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                               "function": {"name": "a", "arguments": '{"x":'}}]}),
+        chunk({"content": "and "}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        chunk({}, "length"),
+    ])
+    call, message = final["output"]
+    assert call["arguments"] == '{"x":1}' and message["content"][0]["text"] == "and "
+    assert _call_events(out, call["id"])[-2:] == [
+        "response.function_call_arguments.done", "response.output_item.done"]
+    (done,) = [e for e in out if e["type"] == "response.function_call_arguments.done"]
+    assert done["arguments"] == '{"x":1}'
+    assert call["status"] == "incomplete" and final["status"] == "incomplete"
+    closed = [e["output_index"] for e in out if e["type"] == "response.output_item.done"]
+    assert closed == [0, 1]
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "both"])
+def test_reasoning_is_a_reasoning_item(field: str) -> None:
+    """Review: an upstream's reasoning (DeepSeek's and vLLM's `reasoning_content`, vLLM's newer
+    `reasoning`) was billed but never shown. It is OpenAI's `reasoning` item: the raw reasoning
+    as a `reasoning_text` content part (an empty summary: it is no summary), streamed with
+    reasoning_text.delta/.done before the message."""
+    names = ("reasoning_content", "reasoning") if field == "both" else (field,)
+    out, final = run([
+        chunk({"role": "assistant", **dict.fromkeys(names, "Think ")}),
+        chunk(dict.fromkeys(names, "hard.")),
+        chunk({"content": "Answer."}),
+        chunk({}, "stop"),
+    ])
+    thought, message = final["output"]
+    assert thought == {"id": thought["id"], "type": "reasoning", "summary": [],
+                       "content": [{"type": "reasoning_text", "text": "Think hard."}],
+                       "status": "completed"}
+    assert thought["id"].startswith("rs_") and message["content"][0]["text"] == "Answer."
+    assert [e["type"] for e in out][2:9] == [
+        "response.output_item.added", "response.content_part.added",
+        "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done"]
+    assert [e["delta"] for e in out if e["type"] == "response.reasoning_text.delta"] == [
+        "Think ", "hard."]  # once each, when sent under both names
+    (done,) = [e for e in out if e["type"] == "response.reasoning_text.done"]
+    assert done["text"] == "Think hard." and done["output_index"] == 0
+    whole = {"choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "Answer.", **dict.fromkeys(names, "Think hard.")}}]}
+    plain = events.from_chat(whole, answer.skeleton("resp_4", BODY, "gpt-4o-mini",
+                                                    previous=None, store=True))
+    response = plain.finish(answer.usage(1, 2))[1]
+    validate(response, "Response")
+    assert [(i["type"], i["content"][0]["text"]) for i in response["output"]] == [
+        ("reasoning", "Think hard."), ("message", "Answer.")]

@@ -2,6 +2,7 @@
 
     ApiError                      status  error.code
     ├── InvalidKey                 401    invalid_api_key
+    │   └── UnknownKey             401    invalid_api_key         (names the key checked)
     ├── InvalidRequest             400    invalid_request_error
     │   ├── InvalidParam           400    OpenAI's for the field (invalid_type, invalid_value,
     │   │                                 decimal_above_max_value, array_above_max_length, …)
@@ -53,6 +54,14 @@ class ApiError(Exception):
 class InvalidKey(ApiError):
     status, code, error_code = 401, 40101, "invalid_api_key"
     error_type, default_msg = "invalid_request_error", "密钥无效"
+
+
+class UnknownKey(InvalidKey):
+    """A key no account holds (or revoked): the relay names the key it checked, the Bearer one
+    or api_secret_key (app/web/relay/common.name_bad_key)."""
+
+    def __init__(self) -> None:
+        super().__init__("Incorrect API key provided.", msg="密钥无效")
 
 
 class InvalidRequest(ApiError):

@@ -31,6 +31,11 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
     usage=V        report the whole usage object as V (any JSON value: {}, null): a stream that
                    asked for include_usage gets it in its usage-only chunk
     flag[=C]       /v1/moderations: flag the input in category C (bare: harassment)
+    reasoning[=F]  chat: the answer carries its reasoning ("Thinking about: <said>") before its
+                   content, in field F: reasoning_content (bare, DeepSeek's), reasoning, or both
+                   (vLLM's); streamed as deltas of it first; counted in the completion tokens
+    parallel       chat, a forced tool_choice "required": two calls (the first two function tools,
+                   or the first twice), streamed with their deltas interleaved (index 0, 1, 0, 1)
 
 A chat request's usage counts its image_url parts by OpenAI's tile rule (fakes/upstream/vision.py).
 

@@ -163,15 +163,26 @@ def _token_logprob(token: str, top: int) -> dict[str, Any]:
                              for t, v in alternatives[:top]]}
 
 
+THOUGHT_PREFIX = "Thinking about: "
+
+
+def reasoning_fields(field: str, text: str) -> dict[str, str]:
+    """Return a message's (or delta's) reasoning as the reasoning marker's field names it."""
+    names = ("reasoning_content", "reasoning") if field == "both" else (field,)
+    return dict.fromkeys(names, text)
+
+
 def _stream_events(
     base: dict[str, Any], answers: list[list[str]], finishes: list[str],
     usage: dict[str, int] | None, chat: bool, running: bool = False, top: int | None = None,
+    thought: tuple[str, list[str]] | None = None,
 ) -> Iterator[tuple[int, bytes]]:  # fmt: skip
     """Yield (kind, JSON) stream chunks: role heads, content pieces, finishes, usage.
 
     `running` (vLLM's and SGLang's stream_options.continuous_usage_stats): every chunk carries
     the usage so far, the completion counted over the text sent until then. `top` (a chat
     request's top_logprobs, when it asked for logprobs): each piece carries its logprobs.
+    `thought` (the reasoning marker): each chat choice's reasoning pieces first, in that field.
     """
     extra: dict[str, Any] = {} if usage is None else {"usage": None}
     said: list[str] = []
@@ -200,6 +211,11 @@ def _stream_events(
             choice = {"index": index, "delta": head, "logprobs": None, "finish_reason": None}
             yield _HEAD, _dumps({**base, "choices": [choice], **extra})
     for index, pieces in enumerate(answers):
+        if thought is not None and chat:
+            for piece in thought[1]:
+                choice = {"index": index, "delta": reasoning_fields(thought[0], piece),
+                          "logprobs": None, "finish_reason": None}
+                yield _CONTENT, _dumps({**base, "choices": [choice], **extra})
         for piece in pieces:
             yield _CONTENT, event(index, piece, None)
     for index, finish in enumerate(finishes):

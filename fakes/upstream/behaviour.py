@@ -120,6 +120,19 @@ def _as_text(value: Any) -> str:
     return text
 
 
+REASONING_FIELDS = ("reasoning_content", "reasoning", "both")
+
+
+def _as_reasoning(value: Any) -> str:
+    """Parse the reasoning marker's value: the field the reasoning goes in (bare:
+    reasoning_content, DeepSeek's; `reasoning`, vLLM's newer name; `both`, as vLLM sends)."""
+    if value is None or value is True or value == "":
+        return "reasoning_content"
+    if value not in REASONING_FIELDS:
+        raise ValueError(f"reasoning must be one of {', '.join(REASONING_FIELDS)}")
+    return str(value)
+
+
 def _as_reported(value: Any) -> Any:
     """Parse a usage count to report as is: any JSON value (huge ints, floats, strings)."""
     if not isinstance(value, str):
@@ -152,6 +165,8 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "prompt_tokens": _as_reported,
     "completion_tokens": _as_reported,
     "usage": _as_reported,
+    "parallel": _as_flag,
+    "reasoning": _as_reasoning,
 }
 
 

@@ -112,6 +112,17 @@ def forced_arguments(body: dict[str, Any], name: str, said: str) -> str:
     return tool_arguments(tool, said)
 
 
+def _second_call(body: dict[str, Any], said: str) -> tuple[str, str] | None:
+    """Return the (name, arguments) of the parallel marker's second call: the second function
+    tool (or the first again), its arguments {"said": …, "call": 2}."""
+    names = [_tool_name(t, "function") for t in body.get("tools") or []
+             if isinstance(t, dict) and t.get("type") == "function"]
+    if body.get("tool_choice") != "required" or not names:
+        return None
+    name = names[1] if len(names) > 1 else names[0]
+    return name, _dumps({"said": said, "call": 2}).decode()
+
+
 def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
                    behaviour: dict[str, Any], prompt_tokens: int) -> None:
     """Answer a chat completion that forces a tool (or a legacy function) with a call to it."""
@@ -122,13 +133,18 @@ def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said:
     text = said if kind == "custom" else forced_arguments(body, name, said)
     field = "input" if kind == "custom" else "arguments"
     call_id = _new_id("call")
-    usage = None if behaviour.get("nousage") else _usage(prompt_tokens, count_tokens(text) + 1)
+    second = _second_call(body, said) if behaviour.get("parallel") and not legacy else None
+    made = count_tokens(text) + 1 + (count_tokens(second[1]) + 1 if second else 0)
+    usage = None if behaviour.get("nousage") else _usage(prompt_tokens, made)
     base = {"id": _new_id("chatcmpl"), "created": int(time.time()), "model": model}
     if legacy:
         return _function_call(handler, body, base, name, text, usage, behaviour)
     if body.get("stream") is not True:
-        call = {"id": call_id, "type": kind, kind: {"name": name, field: text}}
-        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+        calls: list[dict[str, Any]] = [{"id": call_id, "type": kind, kind: {"name": name, field: text}}]
+        if second is not None:
+            calls.append({"id": _new_id("call"), "type": "function", "function": {
+                "name": second[0], "arguments": second[1]}})
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
         out = {**base, "object": "chat.completion", "choices": [choice]}
         return handler._send_json({**out, "usage": usage} if usage else out)
@@ -143,6 +159,16 @@ def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said:
     chunks = [(_HEAD, chunk({"role": "assistant", "content": None, "tool_calls": [head]}))]
     chunks += [(_CONTENT, chunk({"tool_calls": [{"index": 0, kind: {field: piece}}]}))
                for piece in (text[:half], text[half:])]
+    if second is not None:  # the second call's head, then the pieces interleaved: 0, 1, 0, 1
+        other, other_text = second
+        cut = len(other_text) // 2
+        chunks[1:1] = [(_HEAD, chunk({"tool_calls": [{"index": 1, "id": _new_id("call"),
+                                                      "type": "function", "function": {
+                                                          "name": other, "arguments": ""}}]}))]
+        chunks.insert(3, (_CONTENT, chunk({"tool_calls": [
+            {"index": 1, "function": {"arguments": other_text[:cut]}}]})))
+        chunks.append((_CONTENT, chunk({"tool_calls": [
+            {"index": 1, "function": {"arguments": other_text[cut:]}}]})))
     chunks.append((_TAIL, chunk({}, "tool_calls")))
     wants = isinstance(body.get("stream_options"), dict) and body["stream_options"].get(
         "include_usage") is True

@@ -21,10 +21,12 @@ from fakes.upstream.answers import (
     MAX_EMBEDDING_DIMS,
     MODEL_CREATED,
     MODELS,
+    THOUGHT_PREFIX,
     _content_text,
     _int_param,
     _model,
     _new_id,
+    _split,
     _stream_events,
     _texts,
     _usage,
@@ -32,6 +34,7 @@ from fakes.upstream.answers import (
     count_tokens,
     embedding_bytes,
     make_answer,
+    reasoning_fields,
 )
 from fakes.upstream.behaviour import FakeError, _dumps, _loads, extract_markers
 from fakes.upstream.images import _IMAGE_RE, IMAGE_SIZES, png_image
@@ -152,9 +155,12 @@ class FakeHandler(FakeProtocol):
         answers = [make_answer(s, behaviour, limit, exact)
                    for s in ([said] if isinstance(said, str) else said)]
         answers = [a for a in answers for _ in range(n)]
+        field: str | None = behaviour.get("reasoning") if chat else None
+        thought = THOUGHT_PREFIX + (said if isinstance(said, str) else "") if field else ""
         usage = None
         if not behaviour.get("nousage") and "usage" not in behaviour:
             completion = sum(count_tokens("".join(pieces)) for pieces, _ in answers)
+            completion += len(answers) * count_tokens(thought)
             usage = _reported(_usage(sum(map(count_tokens, texts)) + 1 + images, completion), behaviour)
         if not chat and body.get("echo") is True:  # the prompt comes back before the answer
             answers = [([p, *pieces], f) for p, (pieces, f) in zip(
@@ -170,16 +176,20 @@ class FakeHandler(FakeProtocol):
             running = bool(behaviour.get("running_usage")) or isinstance(
                 options, dict) and wants_usage and options.get("continuous_usage_stats") is True
             events = _stream_events(base, pieces, finishes, usage if wants_usage else None, chat,
-                                    running, top)
+                                    running, top, (field, _split(thought)) if field else None)
             if "usage" in behaviour and wants_usage:  # the usage-only chunk, usage as given
                 events = itertools.chain(events, [(_TAIL, _dumps(
                     {**base, "choices": [], "usage": behaviour["usage"]}))])
             return self._stream(events, behaviour)
-        base["choices"] = [
+        choices = [
             self._choice(i, "".join(pieces), finish, chat,
                          None if top is None else chat_logprobs(pieces, top))
             for i, (pieces, finish) in enumerate(answers)
         ]
+        if field:
+            for choice in choices:
+                choice["message"].update(reasoning_fields(field, thought))
+        base["choices"] = choices
         if usage is not None or "usage" in behaviour:
             base["usage"] = behaviour.get("usage", usage)
         self._send_json(base)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from app.core.errors import InsufficientQuota, InvalidKey, RateLimited
+from app.core.errors import InsufficientQuota, InvalidKey, RateLimited, UnknownKey
 from app.core.money import holders, keys, lease, wallet
 from app.core.money.layout import MAX_UNITS, NAME_MAX_BYTES, Store, key_record, window_key
 from app.core.money.ratelimit import WINDOW_FN, Window, to_window, window_args
@@ -114,7 +114,7 @@ def settled(r: Store, acct: str, req: str) -> bool:
 
 
 def _invalid() -> InvalidKey:
-    return InvalidKey("Incorrect API key provided.", msg="密钥无效")
+    return UnknownKey()
 
 
 def authenticate(r: Store, raw: str, limit: int) -> tuple[keys.KeyInfo, Window]:

@@ -5,10 +5,15 @@ returns); a plain answer feeds it the whole message as one chunk (and keeps only
 The event sequence is OpenAI's:
 
     response.created, response.in_progress,
+    per reasoning (the chat answer's reasoning_content, raw reasoning: OpenAI's `reasoning`
+                 item, its text a `reasoning_text` content part, its summary empty):
+                 output_item.added, content_part.added, reasoning_text.delta…, .done,
+                 content_part.done, output_item.done
     per message: output_item.added, content_part.added, output_text.delta…, output_text.done,
                  content_part.done, output_item.done   (refusal parts: refusal.delta/.done)
     per call:    output_item.added, function_call_arguments.delta…, .done, output_item.done
-                 (a custom tool's call, chat's `custom`: custom_tool_call_input.delta…, .done)
+                 (a custom tool's call, chat's `custom`: custom_tool_call_input.delta…, .done);
+                 calls stay open until the answer ends (parallel calls' deltas interleave)
     response.completed | response.incomplete | response.failed
 
 each with a sequence_number from 0, framed as `event: <type>` + `data: <json>`.
@@ -23,7 +28,7 @@ import orjson
 
 from app.core.responses import answer, tools
 
-_FIELD = {"output_text": "text", "refusal": "refusal"}
+_FIELD = {"output_text": "text", "refusal": "refusal", "reasoning_text": "text"}
 # A call item's type -> the chat tool call's field holding it, its text field, its events' name.
 _CALLS = {"function_call": ("function", "arguments", "function_call_arguments"),
           "custom_tool_call": ("custom", "input", "custom_tool_call_input")}
@@ -61,17 +66,23 @@ class ChatEvents:
     """Build a Response from chat/completions output, emitting the typed events as it goes.
 
     Texts grow as pieces (_Growing): an item is whole in the events that show it whole (a
-    part's and a call's .done, output_item.done, the final Response) and in output()."""
+    part's and a call's .done, output_item.done, the final Response) and in output().
+
+    One text item (a message, or a reasoning item holding the chat answer's reasoning_content)
+    is open at a time: a new item closes it. Tool calls stay open until the answer ends (chat
+    streams parallel calls' deltas interleaved, by index: 0, 1, 0, 1), each call's .done sent
+    once, with its whole arguments, after every delta of it."""
 
     def __init__(self, response: dict[str, Any]) -> None:
         self.response = response  # the skeleton (answer.skeleton)
         self.seq = 0
         self.items: list[dict[str, Any]] = []  # whole once flushed (output())
-        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.open: dict[str, Any] | None = None  # the text item being streamed
+        self.open_index = -1  # its output_index
         self.part: _Growing | None = None  # its open content part
-        self.open_call: _Growing | None = None  # or its call's arguments (input)
         # chat tool-call index -> its item, output_index and arguments (input)
         self.calls: dict[Any, tuple[dict[str, Any], int, _Growing]] = {}
+        self.live: list[Any] = []  # the calls not closed yet (their keys, in order)
         self.finish_reason: Any = None
         self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
         self.error: dict[str, str] | None = None  # the error an upstream stream ended with
@@ -106,6 +117,9 @@ class ChatEvents:
                 continue  # one answer per Response (n is not a Responses parameter)
             delta = choice.get("delta") or choice.get("message") or {}
             delta = delta if isinstance(delta, dict) else {}
+            thought = reasoning(delta)  # the model's reasoning comes before its answer
+            if thought:
+                out += self._text("reasoning_text", thought, [])
             for kind in ("output_text", "refusal"):
                 piece = delta.get("content" if kind == "output_text" else "refusal")
                 if isinstance(piece, str) and piece:
@@ -127,24 +141,26 @@ class ChatEvents:
             grown.flush()
         return self.items
 
-    def _index(self) -> int:
-        return len(self.items) - 1
-
-    def _open(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        out = self._close()
+    def _add(self, item: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Add an output item; return its output_index and its output_item.added event."""
         self.items.append(item)
-        self.open = item
-        return out + [self.event("response.output_item.added", output_index=self._index(),
-                                 item=copy.deepcopy(item))]
+        index = len(self.items) - 1
+        return index, self.event("response.output_item.added", output_index=index,
+                                 item=copy.deepcopy(item))
 
     def _text(self, kind: str, piece: str, probs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        if self.open is None or self.open["type"] != "message":
-            made = answer.item_id("msg", self.response["id"])
-            out += self._open({"id": made, "type": "message", "status": "in_progress",
-                               "content": [], "role": "assistant"})
+        holder = "reasoning" if kind == "reasoning_text" else "message"
+        if self.open is None or self.open["type"] != holder:
+            out += self._close_text()
+            self.open = {"id": answer.item_id("msg", self.response["id"]), "type": "message",
+                         "status": "in_progress", "content": [], "role": "assistant"} \
+                if holder == "message" else \
+                {"id": answer.item_id("rs", self.response["id"]), "type": "reasoning",
+                 "summary": [], "content": [], "status": "in_progress"}
+            self.open_index, added = self._add(self.open)
+            out.append(added)
         item = self.open
-        assert item is not None
         if self.part is None or item["content"][-1]["type"] != kind:
             out += self._close_part()
             part: dict[str, Any] = {"type": kind, _FIELD[kind]: ""}
@@ -153,20 +169,21 @@ class ChatEvents:
             item["content"].append(part)
             self.part = _Growing(part, _FIELD[kind])
             out.append(self.event("response.content_part.added", item_id=item["id"],
-                                  output_index=self._index(),
+                                  output_index=self.open_index,
                                   content_index=len(item["content"]) - 1, part=dict(part)))
         self.part.pieces.append(piece)
-        where = {"item_id": item["id"], "output_index": self._index(),
+        where = {"item_id": item["id"], "output_index": self.open_index,
                  "content_index": len(item["content"]) - 1}
         if kind == "output_text":
             self.part.probs += probs
             return out + [self.event("response.output_text.delta", **where, delta=piece,
                                      logprobs=event_logprobs(probs))]
-        return out + [self.event("response.refusal.delta", **where, delta=piece)]
+        return out + [self.event(f"response.{kind}.delta", **where, delta=piece)]
 
     def _call(self, key: Any, call: dict[str, Any]) -> list[dict[str, Any]]:
         """Take a chat tool call's piece: a function's (name, arguments) or, chat's `custom`
-        (free-form tools), a custom tool's (name, input), its item `custom_tool_call`."""
+        (free-form tools), a custom tool's (name, input), its item `custom_tool_call`. A call
+        already closed (only by a failure) takes no more."""
         known = self.calls.get(key)
         item: dict[str, Any]
         if known is None:
@@ -177,6 +194,8 @@ class ChatEvents:
                 "id": answer.item_id("ctc" if custom else "fc", self.response["id"]),
                 "type": "custom_tool_call" if custom else "function_call", "status": "in_progress",
                 "input" if custom else "arguments": "", "call_id": call_id, "name": ""}
+        elif key not in self.live:
+            return []
         else:
             item = known[0]
         source, field, events_of = _CALLS[item["type"]]
@@ -186,9 +205,11 @@ class ChatEvents:
             self._name(item, fn["name"])
         out: list[dict[str, Any]] = []
         if known is None:
-            out = self._open(item)
-            known = self.calls[key] = (item, self._index(), _Growing(item, field))
-            self.open_call = known[2]
+            out = self._close_text()  # a text after the call is a new item
+            index, added = self._add(item)
+            out.append(added)
+            known = self.calls[key] = (item, index, _Growing(item, field))
+            self.live.append(key)
         piece = fn.get(field)
         if isinstance(piece, str) and piece:
             known[2].pieces.append(piece)
@@ -214,33 +235,54 @@ class ChatEvents:
         self.part = None
         grown.flush()
         part = grown.holder
-        where = {"item_id": item["id"], "output_index": self._index(),
+        where = {"item_id": item["id"], "output_index": self.open_index,
                  "content_index": len(item["content"]) - 1}
-        done = (self.event("response.output_text.done", **where, text=part["text"],
-                           logprobs=event_logprobs(part["logprobs"]))
-                if part["type"] == "output_text"
-                else self.event("response.refusal.done", **where, refusal=part["refusal"]))
+        kind = part["type"]
+        if kind == "output_text":
+            done = self.event("response.output_text.done", **where, text=part["text"],
+                              logprobs=event_logprobs(part["logprobs"]))
+        else:  # refusal, reasoning_text
+            done = self.event(f"response.{kind}.done", **where,
+                              **{_FIELD[kind]: part[_FIELD[kind]]})
         return [done, self.event("response.content_part.done", **where, part=dict(part))]
 
-    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
+    def _close_text(self, status: str = "completed") -> list[dict[str, Any]]:
+        """Close the open text item (a message or a reasoning item), if any."""
         item = self.open
         if item is None:
             return []
         out = self._close_part()
-        if self.open_call is not None:
-            self.open_call.flush()
-            self.open_call = None
-        if item["type"] == "function_call":
-            out.append(self.event("response.function_call_arguments.done", item_id=item["id"],
-                                  output_index=self._index(), name=item["name"],
-                                  arguments=item["arguments"]))
-        elif item["type"] == "custom_tool_call":
-            out.append(self.event("response.custom_tool_call_input.done", item_id=item["id"],
-                                  output_index=self._index(), input=item["input"]))
         item["status"] = status
         self.open = None
-        return out + [self.event("response.output_item.done", output_index=self._index(),
+        return out + [self.event("response.output_item.done", output_index=self.open_index,
                                  item=copy.deepcopy(item))]
+
+    def _close_call(self, key: Any, status: str) -> list[dict[str, Any]]:
+        """Close a call: its .done (the whole arguments or input), then output_item.done."""
+        item, index, grown = self.calls[key]
+        grown.flush()
+        if item["type"] == "function_call":
+            done = self.event("response.function_call_arguments.done", item_id=item["id"],
+                              output_index=index, name=item["name"],
+                              arguments=item["arguments"])
+        else:
+            done = self.event("response.custom_tool_call_input.done", item_id=item["id"],
+                              output_index=index, input=item["input"])
+        item["status"] = status
+        return [done, self.event("response.output_item.done", output_index=index,
+                                 item=copy.deepcopy(item))]
+
+    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """Close every open item, in output order."""
+        keys = sorted(self.live, key=lambda k: self.calls[k][1])
+        self.live = []
+        if self.open is None:
+            return [e for k in keys for e in self._close_call(k, status)]
+        before = [k for k in keys if self.calls[k][1] < self.open_index]
+        after = [k for k in keys if self.calls[k][1] > self.open_index]
+        return ([e for k in before for e in self._close_call(k, status)]
+                + self._close_text(status)
+                + [e for k in after for e in self._close_call(k, status)])
 
     def finish(self, usage: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Close what is open; return the closing events and the final Response."""
@@ -258,8 +300,19 @@ class ChatEvents:
         error the upstream sent, else a server_error saying `message`."""
         error = self.error or {"code": "server_error", "message": message}
         final = {**answer.failed(self.response, self.output(), error), "usage": usage}
-        self.open, self.part, self.open_call = None, None, None
+        self.open, self.part, self.live = None, None, []
         return self.event("response.failed", response=final), final
+
+
+def reasoning(delta: dict[str, Any]) -> str:
+    """Return a chat message's (or delta's) reasoning: `reasoning_content` (DeepSeek, vLLM's
+    reasoning parsers), else `reasoning` (vLLM's newer name, OpenRouter); once when sent under
+    both names (vLLM sends both, the same text)."""
+    for name in ("reasoning_content", "reasoning"):
+        piece = delta.get(name)
+        if isinstance(piece, str) and piece:
+            return piece
+    return ""
 
 
 def logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:

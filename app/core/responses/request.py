@@ -10,8 +10,10 @@ item_reference is checked here and replaced by the stored item it names
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from app.core.errors import InvalidParam
 from app.core.responses.to_chat import OUTPUTS, TEXT_PARTS, bad, chat_format
 from app.core.responses.tools import chat_tool_choice, check_call, check_choice, check_tools
 
@@ -80,6 +82,14 @@ def input_items(value: Any, native: bool) -> list[dict[str, Any]]:
     return value
 
 
+def _bad_role(role: Any, where: str) -> InvalidParam:
+    """OpenAI's 400 for a message role outside its enum (`param` the item, as OpenAI's)."""
+    shown = role if isinstance(role, str) else "" if role is None else json.dumps(role)[:80]
+    return InvalidParam(f"Invalid value: '{shown[:80]}'. Supported values are: 'assistant', "
+                        "'system', 'developer', and 'user'.", error_code="invalid_value",
+                        param=where, msg=f"{where}.role 取值无效")
+
+
 def _check_item(item: Any, where: str, native: bool) -> None:
     if not isinstance(item, dict):
         raise bad(f"{where} must be an object.", where)
@@ -93,7 +103,7 @@ def _check_item(item: Any, where: str, native: bool) -> None:
         raise bad(f"{where}.type must be a string.", f"{where}.type")
     if kind == "message":
         if item.get("role") not in ROLES:
-            raise bad(f"{where}.role must be one of {', '.join(ROLES)}.", f"{where}.role")
+            raise _bad_role(item.get("role"), where)
         content = item.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):

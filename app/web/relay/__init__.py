@@ -8,10 +8,10 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response
 
-from app.core.errors import UpstreamRefused
+from app.core.errors import InvalidKey, UpstreamRefused
 from app.edges import current
 from app.web.relay import account, chat, cors, media, responses, screening, settle_later, usage
-from app.web.relay.common import give_turn, ratelimit_headers, request_id_header
+from app.web.relay.common import give_turn, name_bad_key, ratelimit_headers, request_id_header
 from app.web.render import error_response
 
 bp = Blueprint("relay", __name__)
@@ -23,6 +23,12 @@ def upstream_refused(err: UpstreamRefused) -> Response:
     """Answer the upstream's refusal of a request, its message (which may quote the prompt or
     the answer) masked by [safety] api_output."""
     return error_response(screening.mask_error(err))
+
+
+@bp.errorhandler(InvalidKey)
+def invalid_key(err: InvalidKey) -> Response:
+    """Answer a refused key, naming the key checked (Bearer or api_secret_key)."""
+    return error_response(name_bad_key(err))
 
 
 @bp.post("/chat/completions")

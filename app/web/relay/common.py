@@ -25,6 +25,7 @@ from app.core.errors import (
     RateLimited,
     RequestTooLarge,
     ServerBusy,
+    UnknownKey,
     go_duration,
 )
 from app.core.money import keys, ratelimit
@@ -264,11 +265,18 @@ def give_turn(_exc: BaseException | None = None) -> None:
     turns.give()
 
 
-def bearer_or_body(body: dict[str, Any] | None) -> str:
-    """Return the raw key from Authorization: Bearer, api_secret_key, or nothing."""
+def bearer() -> str:
+    """Return the Authorization header's Bearer key, or nothing (an empty one: nothing)."""
     auth = current.request().headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer " and auth[7:].strip():  # an empty Bearer falls through
-        return auth[7:].strip()
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+
+def bearer_or_body(body: dict[str, Any] | None) -> str:
+    """Return the raw key from Authorization: Bearer, api_secret_key, or nothing. A Bearer key
+    wins: the body's is then never read (no second key tried per request: README)."""
+    sent = bearer()
+    if sent:  # an empty Bearer falls through
+        return sent
     if body is not None and isinstance(key := body.get("api_secret_key"), str):
         return key.strip()
     return ""  # never from the query string: URLs end up in access logs
@@ -305,6 +313,21 @@ NO_KEY_COMPRESSED = (
     "You didn't provide an API key in the first 256 KiB of this compressed body (once "
     "decoded). Send it as 'Authorization: Bearer sk-…', or put api_secret_key first in the JSON "
     "body.")
+
+
+def name_bad_key(err: InvalidKey) -> InvalidKey:
+    """Return an unknown key's 401 saying which key was checked (the Bearer one wins over
+    api_secret_key): a client sending an SDK's dummy Bearer key beside its real body key learns
+    why. `msg` stays the original service's (SPEC: 密钥无效). Built only when a key is refused."""
+    if not isinstance(err, UnknownKey):
+        return err
+    if bearer():
+        return InvalidKey("Incorrect API key provided: the key in the Authorization header "
+                          "(Bearer) is not valid. When a Bearer key is sent it is the one "
+                          "checked; an api_secret_key in the body is then not read.",
+                          msg=err.msg)
+    return InvalidKey("Incorrect API key provided: the api_secret_key in the JSON body is not "
+                      "valid.", msg=err.msg)
 
 
 def _limit() -> int:

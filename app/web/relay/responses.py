@@ -198,7 +198,7 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
             meter.fail()  # the upstream failed, produced nothing and bills nothing: nor do we
     else:
         state = events.from_chat(data, plan.response)
-        # Billed as produced, as chat bills it: its reasoning too (the translation drops it).
+        # Billed as produced, as chat bills it: its reasoning too (a reasoning item).
         output, text, reported = state.output(), answer_text("chat", data), state.usage
     meter.usage(reported)
     try:

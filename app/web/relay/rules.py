@@ -28,6 +28,7 @@ from app.web.relay.common import (
     too_long,
 )
 from app.web.relay.fields import other_fields
+from app.web.relay.refusals import not_offered
 from app.web.relay.screening import chat_slots, completion_slots, screen_input
 
 MAX_N = 128  # OpenAI's limit for `n`
@@ -50,8 +51,17 @@ class Plan:
     running_usage: bool = False  # and continuous_usage_stats (vLLM's): the usage so far, too
 
 
+# OpenAI's chat message roles (ChatCompletionRequestMessage), in the order its 400 lists them.
+ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+ROLE_SET = frozenset(ROLES)
+# A field OpenAI takes only beside the list it chooses from (absent or empty: a 400 naming it).
+CHOICE_LISTS = (("tool_choice", "tools"), ("parallel_tool_calls", "tools"),
+                ("function_call", "functions"))
+
+
 def check_messages(body: dict[str, Any]) -> list[Any]:
-    """Check `messages` as OpenAI's schema does: a non-empty array of role-bearing objects."""
+    """Check `messages` as OpenAI's schema does: a non-empty array of objects, each of one of
+    OpenAI's roles (checked in this one walk over the messages)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array.", param="messages",
@@ -60,6 +70,8 @@ def check_messages(body: dict[str, Any]) -> list[Any]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidRequest(f"messages[{i}] must be an object with a 'role'.",
                                  param=f"messages[{i}]", msg="messages 格式错误")
+        if m["role"] not in ROLE_SET:  # OpenAI's 400 (it used to reach the upstream)
+            raise not_offered(f"messages[{i}].role", m["role"], ROLES)
         content = m.get("content")
         # Only assistant (and legacy function) messages may omit content or send null; an
         # empty string is fine for every role, an empty array for none.
@@ -68,6 +80,16 @@ def check_messages(body: dict[str, Any]) -> list[Any]:
             raise InvalidRequest(f"messages[{i}].content must be a string or a non-empty array.",
                                  param=f"messages[{i}].content", msg="content 不能为空")
     return messages
+
+
+def check_choices(body: dict[str, Any]) -> None:
+    """Refuse tool_choice or parallel_tool_calls without tools, function_call without functions,
+    in OpenAI's words ("none" too: OpenAI refuses it as well, README)."""
+    for name, listed in CHOICE_LISTS:
+        if name in body and not body.get(listed):
+            raise InvalidRequest(f"Invalid value for '{name}': '{name}' is only allowed when "
+                                 f"'{listed}' are specified.", param=name,
+                                 msg=f"{name} 仅可与 {listed} 一起使用")
 
 
 def check_prompt(body: dict[str, Any]) -> Any:
@@ -104,7 +126,7 @@ def _prompt_bound(kind: str, call: Call, plan: Plan) -> None:
     cap = settings().relay.get("max_prompt_tokens", 128000)
     if kind == "chat":
         prompt = tokens.messages_prompt(
-            check_messages(body), model, tools=body.get("tools"),
+            body["messages"], model, tools=body.get("tools"),
             functions=body.get("functions"), response_format=body.get("response_format"),
             limit=cap)
         if body.get("web_search_options") is not None:
@@ -193,6 +215,7 @@ def prepare(kind: str, call: Call, plan: Plan) -> int:
     """Check the body (filling `plan`), screen its texts and return the most the call can cost."""
     if kind == "chat":  # the shape first: a malformed body is a 400 of its own
         check_messages(call.body)
+        check_choices(call.body)
         screen_input(chat_slots(call.body))
     else:
         check_prompt(call.body)
