@@ -26,7 +26,7 @@ from wechatpy.exceptions import WeChatClientException
 
 from app.bot import graphemes
 from app.bot import handoff as h
-from app.bot.jobs import TRANSIENT, last_attempt
+from app.bot.jobs import last_attempt, transient
 from app.bot.sealed import SEAL_TTL, seal, unseal
 from app.bot.texts import text
 from app.core.config import Settings
@@ -283,7 +283,7 @@ class Delivery:
                 code = getattr(exc, "errcode", None)
                 if code == 48001:
                     self.r.set(h.NOPUSH, 1, ex=h.NOPUSH_TTL)
-                if isinstance(exc, TRANSIENT) and not last_attempt():
+                if transient(exc) and not last_attempt():
                     raise  # rq retries, and the re-run skips what was sent
                 expected = isinstance(exc, WeChatClientException | requests.RequestException)
                 log.log(logging.WARNING if expected else logging.ERROR,
