@@ -10,6 +10,7 @@ import socketserver
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,19 +58,27 @@ def _texts(wx: FakeWeChatAPI, openid: str) -> list[str]:
     return [m.get("text", {}).get("content", "") for m in wx.sent(openid)]
 
 
-@pytest.mark.parametrize("what,free", [("chat", 0), ("chat", 1), ("image", 1)])
+@pytest.mark.parametrize("what,free,moderated", [("chat", 0, False), ("chat", 1, False),
+                                                 ("image", 1, False), ("image", 1, True)])
 def test_an_answer_too_large_to_read_is_apologised_for_at_once(
-        what: str, free: int, huge: tuple[str, list[bytes]], redis_url: str, r: Any,
-        wx: FakeWeChatAPI) -> None:
+        what: str, free: int, moderated: bool, huge: tuple[str, list[bytes]], redis_url: str,
+        r: Any, wx: FakeWeChatAPI, tmp_path: Path) -> None:
     """Review: UpstreamTooLarge (an answer past the read limit, an UpstreamError) was retried
     as transient: the upstream wrote (and billed) the answer three times, and the user waited
     for the same apology. It is not transient: one request, the apology at once, the hold
     released (the user cannot ask for such an answer: one choice, chat_max_tokens, one
-    picture), a free chat given back; the job ends, nothing in rq's failed registry."""
+    picture), a free chat given back; the job ends, nothing in rq's failed registry. With
+    [safety] moderation on, a 画 prompt's /moderations answer too large ends it the same way,
+    before any hold."""
     url, hits = huge
+    safety: dict[str, Any] = {}
+    if moderated:
+        words = tmp_path / "words.txt"
+        words.write_text("违禁词\n", encoding="utf-8")
+        safety = {"safety": {"enabled": True, "words_file": str(words), "moderation": True}}
     settings = wechat_settings(url, redis_url, wx, daily_free_messages=free,
-                               reply_wait_seconds=0.2)
-    msg_id = f"55500{what}{free}"
+                               reply_wait_seconds=0.2, **safety)
+    msg_id = f"55500{what}{free}{int(moderated)}"
     with bot(settings, r, worker=False) as (app, base):
         wechat = WeChat(base, wx.appid)
         said = wechat.say(OPENID, "画 一只猫" if what == "image" else "你好", msg_id=msg_id)
@@ -82,13 +91,15 @@ def test_an_answer_too_large_to_read_is_apologised_for_at_once(
             queue = "image" if what == "image" else "chat"
             assert FailedJobRegistry(queue, connection=get_rq_redis()).count == 0
     assert len(hits) == 1  # asked once: never written (and billed upstream) again
+    assert hits[0].startswith(b"POST /v1/moderations" if moderated else b"POST /v1/")
     apology = TEXTS["image_failed" if what == "image" else "chat_failed"]
     assert _texts(wx, OPENID) == [apology]
     acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 10_000 and ledger.open_holds(r) == 0
     kinds = Counter(e["kind"] for e in ledger.ledger_entries(r, acct)
                     if e.get("req") == f"{OPENID}:{msg_id}")
-    assert kinds == ({} if free and what == "chat" else {"reserve": 1, "refund": 1})
+    held = what == "image" and not moderated or what == "chat" and not free
+    assert kinds == ({"reserve": 1, "refund": 1} if held else {})
     assert ledger.verify(r) == []
 
 

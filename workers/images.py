@@ -85,7 +85,7 @@ def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | st
     try:  # a 画 prompt is bot input: with [safety] moderation on, asked about before any hold
         if screening.moderating(settings) and screening.flagged(dl.r, settings, prompt):
             return dl.note("safety_refused")
-    except InvalidRequest as exc:  # /moderations refused the request: no retry helps
+    except (InvalidRequest, UpstreamTooLarge) as exc:  # /moderations refused: no retry helps
         _give_up(dl, req, exc)
         return "refused"
     try:
