@@ -229,17 +229,47 @@ def test_forged_or_mismatched_notifications_change_nothing(
     assert wallet.balance(r, acct) == before + 100_000 and ledger.verify(r) == []
 
 
-def test_failed_payment_result_credits_nothing(r: redis.Redis, settings: Settings,
-                                               fake: FakeWeChatPay, acct: str,
-                                               client: Any) -> None:
-    no = order(r, settings, acct, 10)
+def failed_notify(fake: FakeWeChatPay, no: str, **changes: Any) -> bytes:
+    """A genuine, signed "payment failed" notification (return_code SUCCESS, result_code FAIL)."""
     fields = dict(xmltodict.parse(fake.notify_for(no))["xml"])
     fields.pop("sign")
-    fields["result_code"] = "FAIL"  # a genuine, signed "payment failed" notification
+    fields.update(result_code="FAIL", err_code="NOTENOUGH", err_code_des="余额不足", **changes)
     fields["sign"] = sign(fields, fake.api_key)
-    assert FAIL in notify(client, to_xml(fields))
-    assert wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []
-    assert r.hget(pay.order_key(no), "state") == "pending"
+    return to_xml(fields)
+
+
+def test_a_failed_payment_is_acknowledged_credits_nothing_and_a_later_success_credits_once(
+        r: redis.Redis, settings: Settings, fake: FakeWeChatPay, acct: str,
+        client: Any) -> None:
+    """Review: a verified notification saying the payment failed (result_code FAIL) was
+    answered FAIL, so WeChat Pay re-sent it for a day (15 s … 3 h apart). WeChat Pay's protocol:
+    return_code SUCCESS acknowledges every notification the merchant verified and handled; a
+    failed payment is handled by crediting nothing. Only one that fails verification gets FAIL."""
+    no = order(r, settings, acct, 10)
+    for _ in range(2):  # acknowledged each time it comes, credited never
+        answer = notify(client, failed_notify(fake, no))
+        assert SUCCESS in answer and FAIL not in answer
+        assert wallet.balance(r, acct) == 10_000 and ledger.verify(r) == []
+    stored = r.hgetall(pay.order_key(no))
+    assert stored["state"] == "failed" and stored["error"] == "NOTENOUGH"
+    # verification still refuses what is not ours: amount, merchant, order
+    for body in (failed_notify(fake, no, total_fee=str(int(stored["fen"]) - 1)),
+                 failed_notify(fake, no, mch_id="1900000999"),
+                 failed_notify(fake, no, out_trade_no="XYNOPE")):
+        answer = notify(client, body)
+        assert FAIL in answer and "订单不匹配".encode() in answer
+        assert r.hget(pay.order_key(no), "state") == "failed"
+    assert wallet.balance(r, acct) == 10_000
+    # the user pays after all: the SUCCESS notification credits, once
+    for _ in range(3):
+        assert SUCCESS in notify(client, fake.notify_for(no))
+    assert wallet.balance(r, acct) == 10_000 + 100_000
+    assert r.hget(pay.order_key(no), "state") == "paid"
+    # a FAIL notification arriving late (out of order) neither debits nor unmarks the payment
+    assert SUCCESS in notify(client, failed_notify(fake, no))
+    assert r.hget(pay.order_key(no), "state") == "paid"
+    topups = [e for e in ledger.ledger_entries(r, acct) if e["note"] == "wechat pay"]
+    assert len(topups) == 1 and wallet.balance(r, acct) == 110_000 and ledger.verify(r) == []
 
 
 def test_enabled_pay_without_merchant_fails_at_start(fake: FakeWeChatPay, redis_url: str,

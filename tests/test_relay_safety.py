@@ -555,6 +555,34 @@ def test_a_clean_audio_stream_arrives_whole_at_its_finish(
     assert "data" in audio[-1] and got[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("second", ["wrapped", "junk"])
+def test_audio_data_wrapped_in_lines_is_joined_and_junk_is_passed_on_as_sent(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,
+        second: str) -> None:
+    """Review: the audio pieces were joined by a lax base64 decoder, which drops every
+    character outside the alphabet: a piece that is not base64 was turned into other bytes.
+    Whitespace inside a piece (a proxy wrapping base64) is read; anything else leaves the data
+    as the upstream wrote it."""
+    one = base64.b64encode(SOUND[0]).decode()
+    two = base64.b64encode(SOUND[1]).decode()
+    two = "\n".join(two[i:i + 8] for i in range(0, len(two), 8)) if second == "wrapped" \
+        else "!!not-audio!!"
+    stream = _stream_of(
+        {"role": "assistant", "audio": {"id": "audio_1", "transcript": "你好，"}},
+        {"audio": {"id": "audio_1", "data": one}},
+        {"audio": {"id": "audio_1", "transcript": "朋友们"}},
+        {"audio": {"id": "audio_1", "data": two, "expires_at": 1}})
+    client = odd_client(odd, r, redis_url, tmp_path, stream, api_output="mask")
+    key, _ = new_key(r)
+    got = _data(_ask(client, key, stream=True, modalities=["text", "audio"]))
+    audio = [c["choices"][0]["delta"].get("audio") or {} for c in got if c["choices"]]
+    [data] = [a["data"] for a in audio if "data" in a]
+    if second == "wrapped":
+        assert base64.b64decode(data, validate=True) == b"".join(SOUND)
+    else:
+        assert data == one + two
+
+
 @pytest.mark.parametrize("action", ["mask", "refuse"])
 def test_upstream_error_messages_are_masked(
         odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, tmp_path: Path,

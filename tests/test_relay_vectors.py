@@ -8,6 +8,7 @@ client's base64 decoder broke. The fake's [[fake:vectors=F]] marker plays such a
 from __future__ import annotations
 
 import base64
+import binascii
 import struct
 from typing import Any
 
@@ -18,6 +19,7 @@ import requests
 from conftest import LiveServer, new_key
 from openapi_schemas import validate
 
+from app.core import b64
 from app.core.money import ledger
 from app.web.relay import vectors
 from fakes.upstream import FakeUpstream, embedding_bytes
@@ -100,8 +102,39 @@ def test_a_vector_that_cannot_be_re_encoded_is_handed_on_as_sent() -> None:
     as_sent = [dict(v) if isinstance(v, dict) else v for v in odd]
     vectors.encode(odd, "base64")
     assert odd == as_sent
-    odd = [{"embedding": "not base64!"}, {"embedding": "AAAA AA=="}, {"embedding": "AAA="},
-           {"embedding": nan}]
+    odd = [{"embedding": "not base64!"}, {"embedding": "AAAA*AA="}, {"embedding": "AAA="},
+           {"embedding": nan}, {"embedding": "AAAA\u00a0AA=="}]
     as_sent = [dict(v) for v in odd]
     vectors.encode(odd, "float")
     assert odd == as_sent
+
+
+@pytest.mark.parametrize("asked", ["float", "absent"])
+def test_base64_vectors_wrapped_in_lines_are_read(asked: str, live: LiveServer,
+                                                  r: redis.Redis) -> None:
+    """Review: base64 an upstream (a proxy) wraps in lines (MIME: 76 columns) failed strict
+    decoding, so a float request got the string as sent. Whitespace inside base64 is read."""
+    key, _ = new_key(r, "1")
+    body: dict[str, Any] = {"model": MODEL,
+                            "input": ["alpha [[fake:vectors=base64]] [[fake:wrap=12]]", "beta"]}
+    if asked != "absent":
+        body["encoding_format"] = asked
+    resp = post(live, key, body)
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    assert [d["embedding"] for d in got["data"]] == [floats("alpha"), floats("beta")]
+    validate(got, "CreateEmbeddingResponse")
+
+
+def test_base64_takes_whitespace_and_refuses_any_other_stray_character() -> None:
+    """app.core.b64.decode: line breaks, CRLF, spaces and tabs inside are dropped; anything else
+    outside the alphabet (or a non-ASCII space, or bad padding) is refused, never skipped."""
+    data = bytes(range(256)) * 3
+    text = base64.b64encode(data).decode()
+    for sep in ("\n", "\r\n", " ", "\t"):
+        wrapped = sep.join(text[i:i + 76] for i in range(0, len(text), 76)) + sep
+        assert b64.decode(wrapped) == data
+    for bad in (text[:10] + "*" + text[10:], text[:10] + "\u00a0" + text[10:], text[:-1],
+                text[:10] + "-" + text[10:], "é"):
+        with pytest.raises(binascii.Error):
+            b64.decode(bad)

@@ -27,6 +27,41 @@ def test_split_keeps_order_and_limit(content: str, limit: int) -> None:
     assert all(pieces) or pieces == [""]
 
 
+# Whole grapheme clusters (what a reader sees as one character) and their UTF-8 sizes: the
+# largest, the family, is 25 bytes.
+CLUSTERS = ["a", "中", "e\u0301", "\U0001F468\u200d\U0001F469\u200d\U0001F467\u200d\U0001F466",
+            "\U0001F1E8\U0001F1F3", "\U0001F1FA\U0001F1F8", "1\ufe0f\u20e3", "\U0001F44D\U0001F3FD",
+            "\u2764\ufe0f", "\U0001F3F4\U000E0067\U000E0062\U000E0065\U000E006E\U000E0067\U000E007F",
+            "\r\n", "\n", "。", " ", "\u0915\u093f"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(CLUSTERS), max_size=400), st.integers(min_value=32, max_value=300))
+def test_split_never_cuts_inside_a_grapheme_cluster(clusters: list[str], limit: int) -> None:
+    """Review: a piece ended inside a ZWJ emoji sequence, a flag, a keycap or a base and its
+    combining mark (only code points were kept whole): WeChat showed broken halves. Every cut
+    now falls between clusters, when a whole cluster fits the room."""
+    content = "".join(clusters)
+    bounds, at = {0}, 0
+    for cluster in clusters:
+        at += len(cluster)
+        bounds.add(at)
+    pieces = split_text(content, limit)
+    assert "".join(pieces) == content
+    assert all(len(p.encode("utf-8")) <= limit for p in pieces)
+    cuts = [sum(map(len, pieces[:i])) for i in range(1, len(pieces))]
+    assert set(cuts) <= bounds, [content[c - 2:c + 2] for c in cuts if c not in bounds]
+
+
+def test_split_cuts_a_cluster_longer_than_the_room_by_code_point() -> None:
+    """One cluster longer than the room (a base with 100 combining marks) cannot be kept whole:
+    it is cut between code points, within the limit, and nothing is lost."""
+    content = "ab" + "e" + "\u0301" * 100 + "cd"
+    pieces = split_text(content, 40)
+    assert "".join(pieces) == content and pieces[0] == "ab"
+    assert all(len(p.encode("utf-8")) <= 40 for p in pieces)
+
+
 def test_split_prefers_sentence_ends() -> None:
     content = "第一句话。" * 100 + "尾巴"
     pieces = split_text(content, 100)

@@ -22,7 +22,7 @@ from wechat_kit import WeChat, WorkerThread, bot, run_jobs, text_xml, wait_for, 
 
 from app.bot import handoff, jobs, users
 from app.core import pricing
-from app.core.config import load_settings
+from app.core.config import load_settings, units_to_yuan
 from app.core.money import hold, ledger, wallet
 from app.edges.store import get_queue, get_rq_redis, make_redis
 from app.web.wechat import dedupe, dispatch
@@ -349,7 +349,8 @@ def test_a_kept_answer_whose_charge_was_released_is_charged_before_it_is_deliver
         assert kinds == {"reserve": 1, "refund": 1}, kinds
         assert wallet.balance(r, acct) == before
         assert not any("早就写好的回答" in t or "img.example" in t for t in sent), sent
-        assert any("余额" in t for t in sent), sent
+        note = "insufficient" if kind == "chat" else "insufficient_picture"  # 画: no free chat
+        assert TEXTS[note].format(balance=units_to_yuan(wallet.balance(r, acct))) in sent, sent
     assert ledger.verify(r) == []
 
 

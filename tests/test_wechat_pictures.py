@@ -161,7 +161,8 @@ def test_an_empty_wallet_is_told_before_the_picture_is_fetched(
     next picture is fetched once and answered."""
     _, wechat = start(trial_credit="0")
     got = send_picture(wechat, wx.add_media(jpeg(640, 480)), pic_host.url("e.jpg"), "660000101")
-    assert got == TEXTS["insufficient"].format(balance=units_to_yuan(0))
+    # the note for a picture: it uses no free chat (not "今日免费次数也已用完": they are all left)
+    assert got == TEXTS["insufficient_picture"].format(balance=units_to_yuan(0))
     assert wx.calls_to("media/get") == [] and chats(upstream) == [] and pic_host.hits == []
     acct = users.account_of(r, OPENID)
     assert wallet.balance(r, acct) == 0 and entries(r) == []

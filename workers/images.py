@@ -13,7 +13,6 @@ parks it for 继续.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import logging
@@ -26,9 +25,9 @@ from wechatpy.exceptions import WeChatClientException
 
 from app.bot import answers, jobs, screening, users
 from app.bot.delivery import Delivery, Item
-from app.core import money, pricing
+from app.core import b64, money, pricing
 from app.core.config import Settings, units_to_yuan
-from app.core.errors import InvalidRequest, UpstreamError
+from app.core.errors import InvalidRequest, UpstreamError, UpstreamTooLarge
 from app.edges import wechat_api
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
@@ -59,7 +58,7 @@ def _reply(dl: Delivery, req: str, prompt: str) -> str:
         done = made
     else:  # an earlier run kept the picture: charged, or charged now
         model, _, cost = _priced(dl.settings)
-        short = answers.charge_kept(dl, acct, req, cost, model)
+        short = answers.charge_kept(dl, acct, req, cost, model, short="insufficient_picture")
         if short is not None:
             return short
     return dl.send(_items(dl, done))
@@ -86,14 +85,15 @@ def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | st
     try:  # a 画 prompt is bot input: with [safety] moderation on, asked about before any hold
         if screening.moderating(settings) and screening.flagged(dl.r, settings, prompt):
             return dl.note("safety_refused")
-    except InvalidRequest as exc:  # /moderations refused the request: no retry helps
+    except (InvalidRequest, UpstreamTooLarge) as exc:  # /moderations refused: no retry helps
         _give_up(dl, req, exc)
         return "refused"
     try:
         held = money.reserve(dl.r, acct, req, cost, key_id="wechat", model=model)
-    except money.Short as exc:
-        return dl.note("insufficient", balance=units_to_yuan(exc.balance))
-    except money.Settled:
+    except money.Short as exc:  # a picture never uses a free chat: the note says so
+        return dl.note("insufficient_picture", balance=units_to_yuan(exc.balance))
+    except money.Settled:  # charged and sent by an earlier run whose kept picture expired
+        dl.drop_pending()
         return "settled"
     try:
         with held:  # any failure before settle() releases the hold
@@ -103,7 +103,7 @@ def _make(dl: Delivery, acct: str, req: str, prompt: str) -> dict[str, str] | st
             jobs.keep(pipe, dl.dk, {"media": media, "url": url})
             pipe.execute()
             held.settle(cost)
-    except InvalidRequest as exc:  # the upstream refused the prompt: no retry helps
+    except (InvalidRequest, UpstreamTooLarge) as exc:  # refused, or too large: no retry helps
         _give_up(dl, req, exc)
         return "refused"
     return {"media": media, "url": url}
@@ -118,10 +118,10 @@ def _generate(settings: Settings, model: str, size: str, prompt: str) -> tuple[b
     data = get_upstream().post("/images/generations", body, model, expect="data",
                                quick=True)["data"]  # within the job's own timeout
     first = data[0] if data and isinstance(data[0], dict) else {}
-    b64, url = first.get("b64_json"), first.get("url")
-    if isinstance(b64, str) and b64:
+    b64_json, url = first.get("b64_json"), first.get("url")
+    if isinstance(b64_json, str) and b64_json:
         try:
-            return base64.b64decode(b64, validate=True), ""
+            return b64.decode(b64_json), ""  # wrapped lines (some proxies) are fine
         except (binascii.Error, ValueError) as exc:
             raise UpstreamError("The upstream's picture is not base64.") from exc
     if isinstance(url, str) and url:

@@ -22,6 +22,7 @@ def reply_picture(openid: str, dedupe_key: str, media_id: str) -> Any:
     dl = Delivery(get_redis(), current_app.config["SETTINGS"], openid, dedupe_key)
     model, price = answers.model_for(dl.settings, dl.settings.bot.vision_model)
     question = answers.Question(model, price, said=pictures.PLACEHOLDER, free=False,
+                                short="insufficient_picture",
                                 content=lambda: pictures.content(dl.settings, media_id),
                                 stand_in=pictures.stand_in(dl.settings),
                                 failed="picture_failed")

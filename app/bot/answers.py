@@ -30,7 +30,7 @@ from app.bot.delivery import Delivery
 from app.bot.texts import text
 from app.core import money, pricing, tokens
 from app.core.config import ModelPrice, Settings, units_to_yuan
-from app.core.errors import InvalidRequest, UpstreamError
+from app.core.errors import InvalidRequest, UpstreamError, UpstreamTooLarge
 from app.edges.upstream import get_upstream
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class Question:
     # never built for a wallet that cannot pay. None: content() is cheap, built at once.
     stand_in: Any = None
     free: bool = True  # may use one of the day's free chats
+    short: str = "insufficient"  # the note's text name when the wallet cannot pay
     moderate: str | None = None  # text for /moderations when [safety] moderation is on
     failed: str = "chat_failed"  # the apology's text name
 
@@ -75,18 +76,18 @@ def _reply(dl: Delivery, q: Question) -> str:
         answer = produced
     elif answer.get("paid") == "1":  # an earlier run kept it: charged, or charged now
         short = charge_kept(dl, acct, dl.dk, int(answer["cost"]), q.model,
-                            int(answer["pt"]), int(answer["ct"]))
+                            int(answer["pt"]), int(answer["ct"]), q.short)
         if short is not None:
             return short
     return dl.send_text(answer["text"])
 
 
 def charge_kept(dl: Delivery, acct: str, req: str, cost: int, model: str, pt: int = 0,
-                ct: int = 0) -> str | None:
+                ct: int = 0, short: str = "insufficient") -> str | None:
     """Charge an answer an earlier run kept but did not settle, before it is delivered: that
     run died with its hold open, or its failure released the hold (a Redis error at settle).
     Hold again and settle; None when it is paid (now or before), else how the message was
-    settled (the balance cannot cover it: the user is told, the answer not given away)."""
+    settled (the balance cannot cover it: the user gets the note `short`, not the answer)."""
     if money.settled(dl.r, acct, req):
         return None
     try:
@@ -94,7 +95,7 @@ def charge_kept(dl: Delivery, acct: str, req: str, cost: int, model: str, pt: in
     except money.Settled:
         return None
     except money.Short as exc:
-        return dl.note("insufficient", balance=units_to_yuan(exc.balance))
+        return dl.note(short, balance=units_to_yuan(exc.balance))
     held.settle(cost, prompt_tokens=pt, completion_tokens=ct)
     return None
 
@@ -116,7 +117,7 @@ def _produce(dl: Delivery, acct: str, q: Question) -> dict[str, str] | str:
             try:
                 held = money.reserve(r, acct, dl.dk, amount, key_id="wechat", model=q.model)
             except money.Short as exc:
-                return dl.note("insufficient", balance=units_to_yuan(exc.balance))
+                return dl.note(q.short, balance=units_to_yuan(exc.balance))
             except money.Settled:
                 dl.drop_pending()
                 return "settled"  # charged and answered by an earlier run whose answer expired
@@ -125,7 +126,7 @@ def _produce(dl: Delivery, acct: str, q: Question) -> dict[str, str] | str:
                 messages[-1] = {"role": "user", "content": q.content()}
                 bound = tokens.messages_bound(messages, q.model)
             return _answer(dl, q, messages, bound, free, held)
-    except (InvalidRequest, jobs.Hopeless) as exc:  # no retry helps
+    except (InvalidRequest, jobs.Hopeless, UpstreamTooLarge) as exc:  # no retry helps
         give_up(dl, exc, q.failed)
         return "refused"
 

@@ -24,8 +24,9 @@ from redis.client import Pipeline
 from redis.typing import EncodableT
 from wechatpy.exceptions import WeChatClientException
 
+from app.bot import graphemes
 from app.bot import handoff as h
-from app.bot.jobs import TRANSIENT, last_attempt
+from app.bot.jobs import last_attempt, transient
 from app.bot.sealed import SEAL_TTL, seal, unseal
 from app.bot.texts import text
 from app.core.config import Settings
@@ -46,7 +47,9 @@ def text_item(content: str) -> Item:
 
 
 def split_text(content: str, limit: int) -> list[str]:
-    """Split text into pieces of at most `limit` UTF-8 bytes, in order, never mid-character."""
+    """Split text into pieces of at most `limit` UTF-8 bytes, in order, never inside a code
+    point, nor inside a grapheme cluster (an emoji sequence, a flag, a base and its marks)
+    unless one cluster is longer than the room (app/bot/graphemes.py)."""
     pieces: list[str] = []
     rest = content
     while len(rest.encode("utf-8")) > limit:
@@ -57,7 +60,7 @@ def split_text(content: str, limit: int) -> list[str]:
                 break
             cut += 1
         soft = max(rest.rfind(b, 0, cut) for b in _BREAKS) + 1
-        cut = max(1, soft if soft > cut * 3 // 4 else cut)
+        cut = graphemes.boundary_at_or_before(rest, max(1, soft if soft > cut * 3 // 4 else cut))
         pieces.append(rest[:cut])
         rest = rest[cut:]
     if rest or not pieces:
@@ -280,7 +283,7 @@ class Delivery:
                 code = getattr(exc, "errcode", None)
                 if code == 48001:
                     self.r.set(h.NOPUSH, 1, ex=h.NOPUSH_TTL)
-                if isinstance(exc, TRANSIENT) and not last_attempt():
+                if transient(exc) and not last_attempt():
                     raise  # rq retries, and the re-run skips what was sent
                 expected = isinstance(exc, WeChatClientException | requests.RequestException)
                 log.log(logging.WARNING if expected else logging.ERROR,

@@ -8,7 +8,11 @@ TypeError: a bug) fails the job at once into rq's failed registry. Either way, o
 is left the user gets a short apology (or, when the answer was kept and settled already, that
 paid answer: app.bot.answers.give_up); a hold is released by its own `with` block. A request
 the upstream refuses (InvalidRequest) or a Hopeless one is apologised for by the job itself,
-which then ends normally: nothing is retried, and nothing is a bug.
+which then ends normally: nothing is retried, and nothing is a bug. So is an answer longer than
+the service reads (UpstreamTooLarge, an UpstreamError): the upstream wrote it whole, a retry
+would have it written (and billed by the upstream) again, and it is never delivered, so the
+hold is released and the user gets the apology at once (the user cannot ask for such an answer:
+the bot asks one choice of at most chat_max_tokens, or one picture of [bot] image_size).
 
 A message whose job finished (answered, parked, settled, refused) or gave up (apologised, or
 tried to: WeChat may refuse even the apology) is closed: a later run of it (rq requeueing the
@@ -39,7 +43,7 @@ from redis.client import Pipeline
 from rq import Retry, get_current_job
 
 from app.bot import slots, texts
-from app.core.errors import UpstreamError, UpstreamTimeout
+from app.core.errors import UpstreamError, UpstreamTimeout, UpstreamTooLarge
 from app.core.money.layout import Store
 from app.edges.wechat_api import WeChatTransient
 from app.edges.worklock import worker_lock
@@ -51,6 +55,8 @@ CLOSED_TTL = FAILED_TTL + 86400
 TRANSIENT: tuple[type[BaseException], ...] = (
     UpstreamError, UpstreamTimeout, requests.RequestException, WeChatTransient,
     redis.ConnectionError, redis.TimeoutError)
+# UpstreamErrors that no retry mends (the answer was written whole, just too large to read).
+NOT_TRANSIENT: tuple[type[BaseException], ...] = (UpstreamTooLarge,)
 
 
 # Which run of a job this is: the closed mark holds it, so the run that closed a message for
@@ -90,9 +96,14 @@ def _closed_by_this_run(r: redis.Redis, dk: str) -> bool:
     return bool(run) and found == run
 
 
+def transient(exc: BaseException) -> bool:
+    """Tell whether a retry may mend this failure (SPEC §7.14)."""
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, NOT_TRANSIENT)
+
+
 def final(exc: BaseException) -> bool:
     """Tell whether no run follows this failure: not transient, or the job's last attempt."""
-    return not isinstance(exc, TRANSIENT) or last_attempt()
+    return not transient(exc) or last_attempt()
 
 
 def closed(r: redis.Redis, dk: str) -> bool:
@@ -134,16 +145,14 @@ def _attempt(r: redis.Redis, dk: str, work: Callable[[], Any],
             log.info("bot job: the message finished or gave up before; nothing to do")
             return "closed"
         return work()
-    except TRANSIENT as exc:
-        if not last_attempt():
+    except Exception as exc:
+        if not transient(exc):
+            log.error("bot job: %s is not transient; failing the job", type(exc).__name__)
+        elif not last_attempt():
             log.warning("bot job: transient failure (%s: %s); rq retries it",
                         type(exc).__name__, exc)
             waits = _retry_seconds()
             return Retry(max=len(waits), interval=waits)
-        _tell(r, dk, give_up, exc)
-        raise
-    except Exception as exc:
-        log.error("bot job: %s is not transient; failing the job", type(exc).__name__)
         _tell(r, dk, give_up, exc)
         raise
 

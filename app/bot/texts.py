@@ -11,7 +11,8 @@ from app.core.config import Settings
 # Every text the bot uses; tests check that the defaults define each one.
 NAMES = (
     "welcome", "help", "still_thinking", "more", "nothing_parked", "pending", "reset", "balance",
-    "insufficient", "redeem_ok", "redeem_used", "redeem_unknown", "redeem_usage",
+    "insufficient", "insufficient_picture", "redeem_ok", "redeem_used", "redeem_unknown",
+    "redeem_usage",
     "pay_unavailable", "image_usage", "image_started", "image_started_parked", "image_failed",
     "image_link", "chat_failed", "rate_limited", "voice_empty", "unsupported", "key_new",
     "key_masked", "key_rotated", "api_card", "recharge_how", "cut", "safety_refused",

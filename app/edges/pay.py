@@ -14,6 +14,12 @@ The credit is wallet.topup(..., ref="pay:{no}"): the ref marker is set inside th
 as the credit, so replayed or concurrent notifications credit once. A notification is accepted
 only when its MD5 signature matches (compared in constant time before wechatpy parses it), its
 appid/mch_id are ours, the order exists and total_fee equals the order's amount exactly.
+
+Every accepted notification is acknowledged with return_code SUCCESS, also one saying the payment
+failed (result_code FAIL): it is handled by crediting nothing and marking the order failed
+(unless a SUCCESS notification paid it: that one always wins, and a later SUCCESS still credits
+once). WeChat Pay re-sends a notification until it is acknowledged, so only one that fails
+verification, or that could not be handled (the store down), is answered FAIL.
 """
 
 from __future__ import annotations
@@ -36,10 +42,18 @@ from wechatpy.pay.utils import calculate_signature
 from app.core.config import UNITS_PER_FEN, ConfigError, Settings
 from app.core.money import ratelimit, wallet
 from app.core.money.layout import Store
+from app.core.money.scripts import script
 
 log = logging.getLogger(__name__)
 CHINA = timezone(timedelta(hours=8))
 ORDERS = "xy:pay:orders"
+# KEYS[1] the order's hash; ARGV[1] WeChat Pay's err_code. A failed payment marks the order
+# failed unless a SUCCESS notification marked it paid (written after its credit): paid stays.
+_FAILED = """
+if redis.call('HGET', KEYS[1], 'state') == 'paid' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[1])
+return 1
+"""
 
 
 def order_key(no: str) -> str:
@@ -174,7 +188,7 @@ def verify_notify(settings: Settings, body: bytes) -> dict[str, Any] | None:
 
 def _matches(r: Store, settings: Settings, data: dict[str, Any]) -> dict[str, str] | None:
     """Return the order a verified notification pays for, when every fact agrees."""
-    if data.get("return_code") != "SUCCESS" or data.get("result_code") != "SUCCESS":
+    if data.get("return_code") != "SUCCESS" or data.get("result_code") not in ("SUCCESS", "FAIL"):
         return None
     if data.get("appid") != settings.wechat_app_id or data.get("mch_id") != settings.pay_mch_id:
         return None
@@ -195,6 +209,11 @@ def handle_notify(r: redis.Redis, settings: Settings, body: bytes) -> tuple[bool
         log.warning("payment notification for %s refused", str(data.get("out_trade_no"))[:64])
         return False, "订单不匹配"
     no = data["out_trade_no"]
+    if data["result_code"] == "FAIL":  # the payment failed: nothing to credit, acknowledged
+        error = str(data.get("err_code") or "FAIL")[:100]
+        script(r, _FAILED)(keys=[order_key(no)], args=[error])
+        log.info("order %s: payment failed (%s); nothing credited", no, error)
+        return True, "OK"
     units = int(order["fen"]) * UNITS_PER_FEN
     try:
         credited, _ = wallet.topup(r, order["acct"], units, kind="topup", note="wechat pay",

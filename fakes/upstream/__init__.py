@@ -22,6 +22,8 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
                    many were asked for
     vectors=F      /v1/embeddings: answer every vector as F (float or base64), whatever
                    encoding_format asked (vLLM and Ollama answer floats to a base64 request)
+    wrap=N         base64 answers (b64_json pictures, base64 vectors) broken into lines of N
+                   characters ending in a line break, as some proxies wrap base64 (MIME: 76)
     malformed      answer 200 with a body (or, streaming, an event) that is not JSON
     crlf           stream: frame events with CRLF, as sse-starlette does, each JSON payload split
                    over two `data:` lines, with a `retry:` field and `:` comment lines between

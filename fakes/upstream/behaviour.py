@@ -158,6 +158,7 @@ BEHAVIOURS: dict[str, Callable[[Any], Any]] = {
     "cut": _as_count,
     "items": _as_count,
     "vectors": _as_encoding,
+    "wrap": _as_count,
     "stream_error": _as_count,
     "malformed": _as_flag,
     "flag": as_category,

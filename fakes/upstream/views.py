@@ -59,6 +59,13 @@ def _reported(usage: dict[str, Any], behaviour: dict[str, Any]) -> dict[str, Any
     return usage
 
 
+def _wrapped(text: str, columns: int | None) -> str:
+    """Return base64 text broken into lines of `columns` (a proxy's MIME wrapping), or as is."""
+    if not columns:
+        return text
+    return "\n".join(text[i:i + columns] for i in range(0, len(text), columns)) + "\n"
+
+
 class FakeHandler(FakeProtocol):
     """Answer the fake upstream's routes; FakeProtocol does the HTTP."""
 
@@ -225,7 +232,7 @@ class FakeHandler(FakeProtocol):
         for index, text in enumerate((texts * count)[:count] if texts else []):
             packed = embedding_bytes(text, dims)
             vector: Any = (
-                base64.b64encode(packed).decode("ascii")
+                _wrapped(base64.b64encode(packed).decode("ascii"), behaviour.get("wrap"))
                 if fmt == "base64"
                 else list(struct.unpack(f"<{dims}f", packed))
             )
@@ -260,7 +267,8 @@ class FakeHandler(FakeProtocol):
         for i in range(behaviour.get("items", n)):
             rgb = zlib.crc32(f"{clean}#{i}".encode()) & 0xFFFFFF
             if fmt == "b64_json":
-                png = base64.b64encode(png_image(*dims, rgb)).decode("ascii")
+                png = _wrapped(base64.b64encode(png_image(*dims, rgb)).decode("ascii"),
+                               behaviour.get("wrap"))
                 data.append({"b64_json": png, **revised})
             else:
                 name = f"img-{dims[0]}x{dims[1]}-{rgb:06x}-{_ID_SALT}{next(_IDS):x}.png"

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
+from app.core import b64
 from app.core.safety import FOLD, Matcher, fold
 from app.web.relay import screening
 
@@ -176,7 +177,7 @@ class StreamGuard:
         pieces = self.audio.pop(index, None) if done else None
         if pieces:
             try:
-                data = base64.b64encode(b"".join(map(base64.b64decode, pieces))).decode()
+                data = base64.b64encode(b"".join(map(b64.decode, pieces))).decode()
             except (binascii.Error, ValueError):
                 data = "".join(pieces)  # not base64: passed on as the upstream wrote it
             delta["audio"] = {**(audio if isinstance(audio, dict) else {}), "data": data}

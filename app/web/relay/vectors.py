@@ -16,6 +16,8 @@ import math
 import struct
 from typing import Any
 
+from app.core import b64
+
 
 def _packed(vector: list[Any]) -> str | None:
     """Return a list of numbers as OpenAI's base64 of little-endian float32s, or None."""
@@ -28,7 +30,7 @@ def _packed(vector: list[Any]) -> str | None:
 def _unpacked(text: str) -> list[float] | None:
     """Return the floats of a base64 string of little-endian float32s, or None."""
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = b64.decode(text)  # line breaks inside (a proxy wrapping it) are fine
     except (binascii.Error, ValueError):
         return None
     if len(raw) % 4:
