@@ -11,6 +11,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -236,6 +237,28 @@ def test_a_proxied_answer_timing_out_after_its_headers_is_billed_and_not_retried
     assert ledger.verify(r) == []
 
 
+@contextmanager
+def socket_first(handler: type[socketserver.BaseRequestHandler], r: redis.Redis,
+                 redis_url: str, backup: FakeUpstream, **attrs: Any) -> Iterator[Any]:
+    """Yield a test client whose first channel is a socket server run by `handler` (the
+    server carries `attrs`) and whose second is `backup`."""
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler) as server:
+        server.daemon_threads = True
+        for name, value in attrs.items():
+            setattr(server, name, value)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        channels = [{"name": "a", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+                     "api_key": UPSTREAM_KEY, "priority": 0},
+                    {"name": "b", "base_url": backup.url, "api_key": UPSTREAM_KEY,
+                     "priority": 1}]
+        try:
+            yield create_app(load_settings({"XIAOYI_REDIS_URL": redis_url},
+                                           toml={"channels": channels}),
+                             redis_client=r).test_client()
+        finally:
+            server.shutdown()
+
+
 class _Huge(socketserver.BaseRequestHandler):
     """An upstream whose 200 says it is longer than the relay reads (ANSWER_LIMIT: 256 MiB),
     as a hundred long choices with 20 top_logprobs each are."""
@@ -261,20 +284,10 @@ def test_an_answer_too_large_to_read_is_billed_at_its_bound_and_not_run_again(
     released. The upstream wrote it, so it billed the operator every time, and the caller
     nothing: a trial account could burn the operator's credit 600 times a minute. It is a 502
     (x-should-retry: false) billed at the request's bound, and no other channel is asked."""
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Huge) as huge:
-        huge.daemon_threads = True
-        threading.Thread(target=huge.serve_forever, args=(0.05,), daemon=True).start()
-        env = {"XIAOYI_REDIS_URL": redis_url}
-        channels = [{"name": "a", "base_url": f"http://127.0.0.1:{huge.server_address[1]}/v1",
-                     "api_key": UPSTREAM_KEY, "priority": 0},
-                    {"name": "b", "base_url": upstream.url, "api_key": UPSTREAM_KEY,
-                     "priority": 1}]
-        client = create_app(load_settings(env, toml={"channels": channels}),
-                            redis_client=r).test_client()
+    with socket_first(_Huge, r, redis_url, upstream) as client:
         key, acct = new_key(r)
         before = wallet.balance(r, acct)
         resp = client.post(path, headers={"Authorization": f"Bearer {key}"}, json=body)
-        huge.shutdown()
     assert resp.status_code == 502 and resp.headers["x-should-retry"] == "false", resp.json
     assert resp.get_json()["error"]["code"] == "upstream_error"
     assert len(upstream.requests) == 0  # never written a second time
@@ -311,22 +324,11 @@ def test_an_error_or_stream_head_announcing_too_much_fails_over_unbilled(
     gateway's 503 or 429 error page, or a 200 to a stream (a number from the upstream, not
     an answer), charged the caller the whole hold and asked no other channel. Those fail over
     as any failed channel does, and the answer the next channel gives is billed as usual."""
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _HugeHead) as huge:
-        huge.daemon_threads = True
-        huge.status = status  # type: ignore[attr-defined]
-        threading.Thread(target=huge.serve_forever, args=(0.05,), daemon=True).start()
-        env = {"XIAOYI_REDIS_URL": redis_url}
-        channels = [{"name": "a", "base_url": f"http://127.0.0.1:{huge.server_address[1]}/v1",
-                     "api_key": UPSTREAM_KEY, "priority": 0},
-                    {"name": "b", "base_url": upstream.url, "api_key": UPSTREAM_KEY,
-                     "priority": 1}]
-        client = create_app(load_settings(env, toml={"channels": channels}),
-                            redis_client=r).test_client()
+    with socket_first(_HugeHead, r, redis_url, upstream, status=status) as client:
         key, acct = new_key(r)
         before = wallet.balance(r, acct)
         resp = ask(client, key, stream=stream)
         text = resp.get_data(as_text=True)
-        huge.shutdown()
     assert resp.status_code == 200, text
     assert chats(upstream) == 1  # the next channel answered
     entries = ledger.ledger_entries(r, acct)
