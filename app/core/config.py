@@ -10,6 +10,7 @@ of their own ([bot], [pay], [menu], [safety]) are typed in `app/core/config_sect
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,9 @@ class ModelPrice:
     default_quality: str = "standard"  # what an absent or "auto" quality is priced and sent as
     max_images: int = 10  # the most pictures one request may ask for (dall-e-3: 1)
     context: int | None = None  # the model's context window in tokens, when known
+    # The model reasons hiddenly (tokens billed as completion, never shown): a call whose usage
+    # never arrives bills the completion at its bound, not the visible text's estimate.
+    reasoning: bool = False
 
     def prompt_ceiling(self, cap: int) -> int:
         """Return the most prompt tokens a request can be billed: the cap, or the model's
@@ -213,7 +217,7 @@ TABLES = ("models", "prices", "relay", "limits", "bot", "pay", "menu", "texts")
 
 
 PRICE_KEYS = ("kind", "prompt", "completion", "max_output", "images", "quality",
-              "default_quality", "max_images", "context")
+              "default_quality", "max_images", "context", "reasoning")
 CHANNEL_KEYS = ("name", "base_url", "api_key", "api_key_env", "models", "priority", "weight")
 
 
@@ -297,6 +301,14 @@ def _check_urls(values: dict[str, Any]) -> None:
 
 
 DEFAULT_MAX_OUTPUT = 16384  # a price's max_output when it gives neither it nor its context
+# OpenAI's models that reason hiddenly, by name: the o-series (o1, o3-mini, o4-mini ...) and
+# gpt-5 (not its -chat variants, which do not reason): a price's `reasoning` default.
+_REASONING = re.compile(r"o[1-9](?![0-9a-z])|gpt-5(?!.*-chat)")
+
+
+def reasons_hiddenly(model: str) -> bool:
+    """Tell whether an upstream model reasons hiddenly by default (by its name)."""
+    return _REASONING.match(model.lower()) is not None
 
 
 def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
@@ -318,6 +330,9 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{where}.{name}: must be a positive integer")
         default_quality = str(spec.get("default_quality", "standard"))
+        reasoning = spec.get("reasoning", kind != "image" and reasons_hiddenly(model))
+        if not isinstance(reasoning, bool):
+            raise ConfigError(f"{where}.reasoning: must be true or false")
         if kind == "image":
             _check_qualities(model, [default_quality, *qualities], where)
         cap = spec.get("max_output") or spec.get("context")
@@ -332,6 +347,7 @@ def _prices(table: dict[str, Any]) -> dict[str, ModelPrice]:
             default_quality=default_quality,
             max_images=spec.get("max_images", 10),
             context=spec.get("context"),
+            reasoning=reasoning,
         )
     return prices
 

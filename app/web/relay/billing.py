@@ -7,7 +7,10 @@ token ids': prompt_under_text); an anomaly is counted in
 xiaoyi_usage_anomalies_total{channel, reason} and logged with the channel's name. Without a
 usage object the prompt bound (the estimate where a part cannot be counted: a file is bounded by
 the prompt cap, estimated at tokens.FILE_TOKENS) and max(seed rule, tokenizer) of the visible
-answer are billed (less the prompt completions' `echo` repeats in it: billed once, as prompt).
+answer are billed (less the prompt completions' `echo` repeats in it: billed once, as prompt);
+for a model that reasons hiddenly (its price's `reasoning`, config.reasons_hiddenly) the visible
+text says nothing of what the upstream billed, so its completion is billed at the held maximum
+(the bound), counted as the anomaly `reasoning_unreported`.
 Every text route (chat, completions, embeddings, responses) bills through one Meter.
 """
 
@@ -47,7 +50,7 @@ class Meter:
     """One call's billed tokens: set from a usage object, or estimated from the answer text."""
 
     __slots__ = ("call", "plan", "channel", "billed", "nothing", "final", "flagged", "under",
-                 "short_prompt")
+                 "short_prompt", "hidden")
 
     def __init__(self, call: Call, plan: Bounds, channel: str) -> None:
         self.call, self.plan, self.channel = call, plan, channel
@@ -57,6 +60,7 @@ class Meter:
         self.flagged = False  # an anomaly was recorded (once per call)
         self.under = False  # completion_under_text was recorded (once per call)
         self.short_prompt = False  # prompt_under_text was recorded (once per call)
+        self.hidden = False  # reasoning_unreported was recorded (once per call)
 
     def usage(self, usage: Any) -> tuple[int, int] | None:
         """Bound a reported usage object (recording any anomaly); None when there is none.
@@ -123,7 +127,22 @@ class Meter:
                     self.billed[1], text, self.call.upstream_model, self.plan.echoed):
                 self._under(text)
             return self.billed
-        return self._prompt_estimate(), self._generated(text)
+        return self._prompt_estimate(), self._unreported(text)
+
+    def _unreported(self, text: str) -> int:
+        """Return the completion tokens to bill when no usage arrives: the visible text's
+        estimate, or, for a model that reasons hiddenly (an abandoned stream drained to its cap,
+        one the content filter cut, a read timeout), the held maximum: its reasoning was
+        produced and billed upstream, and nothing the relay saw counts it."""
+        if not self.call.price.reasoning or not self.plan.completion_max:
+            return self._generated(text)
+        if not self.hidden:
+            self.hidden = True
+            USAGE_ANOMALIES.labels(self.channel, "reasoning_unreported").inc()
+            log.warning("usage anomaly on channel %s for %s: reasoning_unreported (no usage from "
+                        "a reasoning model; billed the completion bound %d)", self.channel,
+                        self.call.req_id, self.plan.completion_max)
+        return self.plan.completion_max
 
     def _generated(self, text: str) -> int:
         """Return the completion tokens of a delivered text, estimated: max(seed, BPE) less the
@@ -164,9 +183,10 @@ class Meter:
 
     def cut(self, produced: str) -> None:
         """Bill a stream the content filter cut: the prompt and the text the upstream produced
-        up to the cut, sent or held back (estimated: its usage never arrives)."""
+        up to the cut, sent or held back (estimated: its usage never arrives; a model reasoning
+        hiddenly: the completion bound)."""
         self.final = True
-        self.billed = self._prompt_estimate(), self._generated(produced)
+        self.billed = self._prompt_estimate(), self._unreported(produced)
 
     def most(self) -> None:
         """Bill the request's bound: the upstream wrote an answer too large to read
@@ -225,6 +245,18 @@ class Meter:
                 return
 
 
+def wrote_nothing(text: str, usage: Any) -> bool:
+    """Tell whether a failed answer produced nothing: no text, and no usage reporting completion
+    tokens (hidden reasoning is work). Such a failure releases the hold, as chat releases an
+    upstream's error answer or an error event before any text (SPEC §4): a usage of no work
+    (`{input_tokens: 0, output_tokens: 0}`, or input alone) is not made a charge by the prompt
+    floor."""
+    if text:
+        return False
+    out = reported_tokens(usage)[1]
+    return not (isinstance(out, int) and not isinstance(out, bool) and out > 0)
+
+
 def _usage_object(billed: tuple[int, int], usage: Any) -> dict[str, Any]:
     pt, ct = billed
     extra = usage if isinstance(usage, dict) else {}
@@ -234,7 +266,8 @@ def _usage_object(billed: tuple[int, int], usage: Any) -> dict[str, Any]:
 @contextmanager
 def prompt_billed_if_sent(call: Call, plan: Bounds, held: Hold) -> Iterator[None]:
     """Around an upstream call: a request the upstream had but did not answer in time is billed
-    for its prompt (SPEC §7.7: the upstream bills what it was sent), then answered 504, or with
+    for its prompt (SPEC §7.7: the upstream bills what it was sent; a model reasoning hiddenly
+    also for its completion bound, Meter._unreported), then answered 504, or with
     the refusal of the channel it was sent on next; one answered longer than the relay reads
     (UpstreamTooLarge) is billed at its bound. A request that never reached the upstream
     (connect failures) is released in full."""

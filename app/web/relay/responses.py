@@ -27,7 +27,7 @@ from app.core.responses import answer, events, native, request, to_chat, tools
 from app.edges.store import get_redis
 from app.edges.upstream import get_upstream
 from app.web.relay import response_store, responses_stream, screening
-from app.web.relay.billing import Meter, prompt_billed_if_sent
+from app.web.relay.billing import Meter, prompt_billed_if_sent, wrote_nothing
 from app.web.relay.chat import answer_text
 from app.web.relay.common import (
     Call,
@@ -194,8 +194,8 @@ def _plain(held: Hold, plan: Plan, meter: Meter, data: dict[str, Any]) -> dict[s
         screening.mask_errors(screening.error_slots(final))  # a failed Response's message
         output = final.get("output")
         text, reported = native.output_text(output), data.get("usage")
-        if final.get("status") == "failed" and not text and not isinstance(reported, dict):
-            meter.fail()  # the upstream failed, produced nothing and bills nothing: nor do we
+        if final.get("status") == "failed" and wrote_nothing(text, reported):
+            meter.fail()  # the upstream failed and produced nothing: released, as on chat
     else:
         state = events.from_chat(data, plan.response)
         # Billed as produced, as chat bills it: its reasoning too (a reasoning item).

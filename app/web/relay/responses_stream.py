@@ -18,7 +18,7 @@ from app.core.money import Hold
 from app.core.responses import answer, events, native
 from app.edges.store import get_redis
 from app.edges.upstream import UpstreamResponse, iter_sse, iter_sse_objects
-from app.web.relay.billing import Meter, StreamEnd
+from app.web.relay.billing import Meter, StreamEnd, wrote_nothing
 from app.web.relay.chat import answer_text
 from app.web.relay.common import Call, event_stream, settings
 from app.web.relay.native_guard import open_native_guard
@@ -48,6 +48,7 @@ class Turn:
         self.text: str | None = None  # what was produced, once the stream has ended
         self.seen = False  # the upstream sent a JSON object
         self.native_error = False  # a native upstream sent an `error` event
+        self.abandoned = False  # the client left: what follows is drained, to bill it
         # Settle once, then close the upstream response (billing.StreamEnd).
         self.close = StreamEnd(meter, held, resp, lambda: self.text or "")
         # [safety] api_output on chat chunks (stream_guard); a native stream: native_guard.
@@ -123,13 +124,17 @@ class Turn:
     def _failed_empty(self) -> bool:
         """Tell whether the upstream failed before producing anything: an empty stream, an
         error event before any text (chat's rule: such a stream bills nothing), or a native
-        `response.failed` with no text that reports no usage (one that does is billed by it)."""
-        gave_up = self.terminal is not None and self.terminal.get("type") == "response.failed" \
-            and not isinstance(self.state.usage, dict)
-        if self.seen and not (self._erred() or self.native_error or gave_up):
+        `response.failed` that wrote nothing (billing.wrote_nothing: no text, no completion
+        tokens reported), as a plain failed Response. A stream the client abandoned is not:
+        its prompt was sent, and billed (chat's rule, SPEC §7.7)."""
+        if self.abandoned:
+            return False
+        failed = self.terminal is not None and self.terminal.get("type") == "response.failed"
+        if self.seen and not (self._erred() or self.native_error or failed):
             return False
         made = "".join(self.produced)
-        return not (self.shown.text(made) if self.plan.native else made)
+        return wrote_nothing(self.shown.text(made) if self.plan.native else made,
+                             self.state.usage if failed else None)
 
     def end(self) -> list[dict[str, Any]]:
         """Return the closing events of a stream the upstream ended; store the turn first."""
@@ -158,6 +163,7 @@ class Turn:
     def drain(self, payloads: Iterator[str]) -> None:
         """Read on what the upstream produces after the client left (to a cap), to bill it."""
         deadline = time.monotonic() + DRAIN_SECONDS
+        self.abandoned = True
         try:
             for i, obj in enumerate(iter_sse_objects(payloads)):
                 if i >= self.drain_cap or time.monotonic() > deadline or self.cut():
