@@ -401,3 +401,21 @@ def test_a_wait_that_begins_late_ends_by_the_webhooks_deadline(r: Any) -> None:
     late = Delivery(r, settings, OPENID, f"{OPENID}:777000098")
     late.wait(1, None, time.time() - 1)  # its deadline passed: no wait at all
     assert r.hget(handoff.state_key(late.dk), "state") == "handed"
+
+
+@pytest.mark.parametrize("reasons", [True, False], ids=["reasoning", "plain"])
+def test_a_reasoning_models_answer_without_usage_bills_its_bound(reasons: bool, start: Callable[
+        ..., Any], upstream: Any, r: Any) -> None:
+    """Red team (round 10, left for the bot): a model reasoning hiddenly that reports no usage
+    was billed the visible answer's estimate, though its upstream billed the reasoning too. As
+    on the relay, its completion is billed at the bound (`chat_max_tokens`); a model that does
+    not reason keeps the estimate."""
+    price = {"kind": "chat", "prompt": "0.01", "completion": "0.02", "reasoning": reasons}
+    start(daily_free_messages=0, chat_model="thinker", models={"thinker": "thinker-1"},
+          prices={"thinker-1": price})[1].say(OPENID, "你好 [[fake:nousage]]")
+    assert chats(upstream)[-1]["model"] == "thinker-1"
+    acct = users.account_of(r, OPENID)
+    (entry,) = [e for e in ledger.ledger_entries(r, acct) if e["kind"] == "settle"]
+    limit = load_settings({}).bot.chat_max_tokens
+    assert (int(entry["ct"]) == limit) is reasons and 0 < int(entry["ct"]) <= limit
+    assert ledger.open_holds(r) == 0 and ledger.verify(r) == []

@@ -35,7 +35,7 @@ AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"  # 43 characters, decode
 def wechat_settings(upstream_url: str, redis_url: str, fake: FakeWeChatAPI, aes: bool = False,
                     env_extra: dict[str, str] | None = None, **bot: Any) -> Settings:
     """Settings with WeChat configured against the fake, [bot] overrides (and limits, safety,
-    models)."""
+    models, prices)."""
     env = {"XIAOYI_REDIS_URL": redis_url, "XIAOYI_UPSTREAM_BASE_URL": upstream_url,
            "XIAOYI_UPSTREAM_API_KEY": UPSTREAM_KEY, "XIAOYI_WECHAT_TOKEN": TOKEN,
            "XIAOYI_WECHAT_APP_ID": fake.appid, "XIAOYI_WECHAT_APP_SECRET": fake.secret,
@@ -44,7 +44,8 @@ def wechat_settings(upstream_url: str, redis_url: str, fake: FakeWeChatAPI, aes:
     if aes:
         env["XIAOYI_WECHAT_AES_KEY"] = AES_KEY
     env.update(env_extra or {})
-    tables = {name: bot.pop(name) for name in ("limits", "safety", "models") if name in bot}
+    tables = {name: bot.pop(name) for name in ("limits", "safety", "models", "prices")
+              if name in bot}
     # A failed job's retries at once (production waits 1 s, then 3: [bot] retry_seconds); the
     # tests of the waits' own scheduling (a dead worker's scheduler lock) run the default.
     toml: dict[str, Any] = {"bot": {"reply_wait_seconds": 1.0, "retry_seconds": [0, 0], **bot},

@@ -31,6 +31,7 @@ from app.bot.texts import text
 from app.core import money, pricing, tokens
 from app.core.config import ModelPrice, Settings, units_to_yuan
 from app.core.errors import InvalidRequest, UpstreamError, UpstreamTooLarge
+from app.core.metrics import USAGE_ANOMALIES
 from app.edges.upstream import get_upstream
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def _answer(dl: Delivery, q: Question, messages: list[dict[str, Any]], bound: in
     screened = screening.bot_output(dl.r, settings, answer)
     if screened.action == "refuse":
         return _refused(dl, free, held)
-    pt, ct = _billed(settings, q.model, usage, answer, bound)
+    pt, ct = _billed(settings, q.model, q.price, usage, answer, bound)
     cost = 0 if free else pricing.token_cost(q.price, pt, ct)
     shown = screened.text + (settings.texts["cut"] if cut else "")
     fields = {"text": shown, "cost": cost, "pt": pt, "ct": ct, "paid": 0 if free else 1}
@@ -178,13 +179,23 @@ def ask(settings: Settings, model: str, messages: list[dict[str, Any]]) -> tuple
     return answer, data.get("usage"), first.get("finish_reason") == "length"
 
 
-def _billed(settings: Settings, model: str, usage: Any, answer: str,
+def _billed(settings: Settings, model: str, price: ModelPrice, usage: Any, answer: str,
             bound: int) -> tuple[int, int]:
-    """Return (prompt, completion) tokens to bill: the upstream's usage, bounded."""
+    """Return (prompt, completion) tokens to bill: the upstream's usage, bounded. Without a
+    completion count, the answer's estimate; for a model that reasons hiddenly (its price's
+    `reasoning`), the completion's maximum, as the relay bills it: the reasoning the answer
+    does not show was billed by the upstream too."""
     usage = usage if isinstance(usage, dict) else {}
     reported_pt = usage["prompt_tokens"] if "prompt_tokens" in usage else bound
-    reported_ct = (usage["completion_tokens"] if "completion_tokens" in usage
-                   else tokens.completion_tokens(answer, model))
+    if "completion_tokens" in usage:
+        reported_ct = usage["completion_tokens"]
+    elif price.reasoning:
+        reported_ct = settings.bot.chat_max_tokens
+        USAGE_ANOMALIES.labels("", "reasoning_unreported").inc()
+        log.warning("bot answer: no usage from reasoning model %s; billed the completion bound "
+                    "%d", model, reported_ct)
+    else:
+        reported_ct = tokens.completion_tokens(answer, model)
     pt, ct, anomaly = tokens.bound_usage(reported_pt, reported_ct, bound,
                                          settings.bot.chat_max_tokens)
     if anomaly:
