@@ -23,3 +23,16 @@ def decode(text: str) -> bytes:
         if isinstance(exc, binascii.Error):
             raise
         raise binascii.Error(str(exc)) from None
+
+
+def unwrapped(text: str) -> str | None:
+    """Return base64 `text` without the whitespace inside it (a proxy's wrapped lines), or None
+    when it has none, or is not base64 without it (left as sent)."""
+    bare = text.translate(_WHITESPACE)
+    if len(bare) == len(text):
+        return None
+    try:
+        base64.b64decode(bare, validate=True)
+    except ValueError:  # binascii.Error, or a non-ASCII str
+        return None
+    return bare
