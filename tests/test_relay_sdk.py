@@ -121,6 +121,21 @@ def test_images_url_and_b64(live: LiveServer, funded: tuple[str, str]) -> None:
     assert three.data[0].revised_prompt == "a fox" and (three.data[0].url or "").startswith("http")
 
 
+def test_b64_json_wrapped_by_the_upstream_is_answered_unwrapped(
+        live: LiveServer, funded: tuple[str, str]) -> None:
+    """Review12: an upstream's (a proxy's) b64_json wrapped in lines went to the client as sent;
+    OpenAI's is one unbroken string and strict decoders (Java's Base64.getDecoder(), Python's
+    validate=True) refuse a line break. The relay unwraps it (base64 once unwrapped only)."""
+    raw = sdk(live, funded[0]).images.with_raw_response.generate(
+        model="dall-e-2", prompt="a dog [[fake:wrap=76]]", size="256x256",
+        response_format="b64_json")
+    body = raw.http_response.json()
+    validate(body, "ImagesResponse")
+    text = body["data"][0]["b64_json"]
+    assert text.isascii() and not any(c.isspace() for c in text)
+    assert base64.b64decode(text, validate=True).startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_models_list(live: LiveServer, funded: tuple[str, str]) -> None:
     raw = sdk(live, funded[0]).models.with_raw_response.list()
     validate(raw.http_response.json(), "ListModelsResponse")

@@ -126,6 +126,27 @@ def test_base64_vectors_wrapped_in_lines_are_read(asked: str, live: LiveServer,
     validate(got, "CreateEmbeddingResponse")
 
 
+def test_base64_asked_is_answered_unwrapped_when_the_upstream_wraps_it(
+        live: LiveServer, r: redis.Redis) -> None:
+    """Review12: asked for base64, an upstream's (a proxy's) base64 wrapped in lines went to the
+    client as sent, line breaks inside. OpenAI's is one unbroken string, and strict decoders
+    (Java's Base64.getDecoder(), Python's validate=True) refuse a line break: it is unwrapped."""
+    key, _ = new_key(r, "1")
+    body = {"model": MODEL, "encoding_format": "base64",
+            "input": ["alpha [[fake:vectors=base64]] [[fake:wrap=12]]", "beta"]}
+    resp = post(live, key, body)
+    assert resp.status_code == 200, resp.text
+    got = [d["embedding"] for d in resp.json()["data"]]
+    for vector, text in zip(got, ("alpha", "beta"), strict=True):
+        assert isinstance(vector, str) and vector.isascii() and not any(c.isspace() for c in vector)
+        assert base64.b64decode(vector, validate=True) == embedding_bytes(text)
+    # not base64 once unwrapped, or nothing to unwrap: as sent
+    odd = [{"embedding": "AAAA\n*AAA\n"}, {"embedding": "AA\nA"}, {"embedding": "AAAA"}]
+    as_sent = [dict(v) for v in odd]
+    vectors.encode(odd, "base64")
+    assert odd == as_sent
+
+
 def test_base64_takes_whitespace_and_refuses_any_other_stray_character() -> None:
     """app.core.b64.decode: line breaks, CRLF, spaces and tabs inside are dropped; anything else
     outside the alphabet (or a non-ASCII space, or bad padding) is refused, never skipped."""

@@ -434,3 +434,43 @@ def test_reasoning_is_a_reasoning_item(field: str) -> None:
     validate(response, "Response")
     assert [(i["type"], i["content"][0]["text"]) for i in response["output"]] == [
         ("reasoning", "Think hard."), ("message", "Answer.")]
+
+
+def test_a_chat_index_reused_by_a_new_call_is_a_call_of_its_own() -> None:
+    """Review12: Ollama streams every parallel call with `index: 0` (ollama/ollama#15457), each
+    call whole in one chunk with its own id. Keyed by index alone, the second call was taken
+    for more of the first: one item named after the first, its arguments the two JSON objects
+    run together ('{"x":1}{"y":2}'). A new id at a used index is a new call; a piece without an
+    id goes on the latest call at that index."""
+    out, final = run([
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                                    "function": {"name": "a", "arguments": '{"x":1}'}}]}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_b", "type": "function",
+                               "function": {"name": "b", "arguments": '{"y":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "2}"}}]}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_b", "function": {"arguments": ""}}]}),
+        chunk({}, "tool_calls"),
+    ])
+    first, second = final["output"]
+    assert [(c["call_id"], c["name"], c["arguments"]) for c in (first, second)] == [
+        ("call_a", "a", '{"x":1}'), ("call_b", "b", '{"y":2}')]
+    for item, index in ((first, 0), (second, 1)):
+        (done,) = [e for e in out if e["type"] == "response.function_call_arguments.done"
+                   and e["item_id"] == item["id"]]
+        assert done["arguments"] == item["arguments"] and done["output_index"] == index
+    validate(final, "Response")
+
+
+def test_a_call_index_of_any_json_type_is_taken() -> None:
+    """Review12: a tool call's `index` is the upstream's: a list or an object (unhashable) was
+    a TypeError mid-stream (the Response never ended). It keys its call like any other value."""
+    out, final = run([
+        chunk({"tool_calls": [{"index": [1], "id": "call_a", "type": "function",
+                               "function": {"name": "a", "arguments": '{"x":'}}]}),
+        chunk({"tool_calls": [{"index": {"i": 2}, "id": "call_b", "type": "function",
+                               "function": {"name": "b", "arguments": "{}"}}]}),
+        chunk({"tool_calls": [{"index": [1], "function": {"arguments": "1}"}}]}),
+        chunk({}, "tool_calls"),
+    ])
+    assert [(c["name"], c["arguments"]) for c in final["output"]] == [("a", '{"x":1}'), ("b", "{}")]
+    assert out[-1]["type"] == "response.completed"

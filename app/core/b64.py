@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 
-_WHITESPACE = str.maketrans("", "", " \t\n\r\v\f")
+_SPACES = " \t\n\r\v\f"
+_WHITESPACE = str.maketrans("", "", _SPACES)
 
 
 def decode(text: str) -> bytes:
@@ -23,3 +24,16 @@ def decode(text: str) -> bytes:
         if isinstance(exc, binascii.Error):
             raise
         raise binascii.Error(str(exc)) from None
+
+
+def unwrapped(text: str) -> str | None:
+    """Return base64 `text` without the whitespace inside it (a proxy's wrapped lines), or None
+    when it has none, or is not base64 without it (left as sent)."""
+    if not any(space in text for space in _SPACES):  # (C-speed scans: the common case)
+        return None
+    bare = text.translate(_WHITESPACE)
+    try:
+        base64.b64decode(bare, validate=True)
+    except ValueError:  # binascii.Error, or a non-ASCII str
+        return None
+    return bare

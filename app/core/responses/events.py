@@ -83,6 +83,10 @@ class ChatEvents:
         # chat tool-call index -> its item, output_index and arguments (input)
         self.calls: dict[Any, tuple[dict[str, Any], int, _Growing]] = {}
         self.live: list[Any] = []  # the calls not closed yet (their keys, in order)
+        # chat tool-call index -> the key of the latest call at it, and the upstream id that
+        # call came with: a new id at a used index is a new call (Ollama sends every parallel
+        # call at index 0, each with its own id)
+        self.at: dict[Any, tuple[Any, str | None]] = {}
         self.finish_reason: Any = None
         self.usage: Any = None  # the upstream's (untrusted) chat usage, when it sent one
         self.error: dict[str, str] | None = None  # the error an upstream stream ended with
@@ -128,7 +132,9 @@ class ChatEvents:
             calls = delta.get("tool_calls")
             for i, call in enumerate(calls if isinstance(calls, list) else []):
                 if isinstance(call, dict):
-                    out += self._call(call.get("index", i), call)
+                    index = call.get("index", i)  # an upstream's: a list or an object is
+                    out += self._call(index if not isinstance(index, list | dict)
+                                      else repr(index), call)  # keyed by its text
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         return out
@@ -183,7 +189,17 @@ class ChatEvents:
     def _call(self, key: Any, call: dict[str, Any]) -> list[dict[str, Any]]:
         """Take a chat tool call's piece: a function's (name, arguments) or, chat's `custom`
         (free-form tools), a custom tool's (name, input), its item `custom_tool_call`. A call
-        already closed (only by a failure) takes no more."""
+        already closed (only by a failure) takes no more. A piece naming another id than the
+        call at its index had is a new call (an index reused: Ollama's parallel calls); a piece
+        without an id goes on the latest call at its index."""
+        sent = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else None
+        latest, had = self.at.get(key, (key, None))
+        if sent is not None and had is not None and sent != had:
+            latest, had = ("again", key, len(self.calls)), sent  # a key no chat index takes
+        elif had is None:
+            had = sent
+        self.at[key] = (latest, had)
+        key = latest
         known = self.calls.get(key)
         item: dict[str, Any]
         if known is None:

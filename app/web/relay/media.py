@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Response
 
-from app.core import pricing, tokens
+from app.core import b64, pricing, tokens
 from app.core.errors import InvalidRequest, StringTooLong, UpstreamTooLarge
 from app.edges.upstream import get_upstream
 from app.web.relay import image_fields, vectors
@@ -173,6 +173,9 @@ def images() -> Response:
         n = call.body.get("n") or 1
         data["data"] = data["data"][:n]  # an upstream's extra pictures are not handed out free
         made = len(data["data"])
+        for picture in data["data"]:  # OpenAI's base64 is one unbroken string (a proxy may wrap)
+            if isinstance(picture, dict) and isinstance(picture.get("b64_json"), str):
+                picture["b64_json"] = b64.unwrapped(picture["b64_json"]) or picture["b64_json"]
         held.settle((held.amount // n) * made)
     data["code"], data["msg"] = 0, ""
     return json_response(data, headers={"X-Request-Id": call.req_id})

@@ -109,7 +109,7 @@ class Turn:
 
     def _usage(self) -> dict[str, Any]:
         # Billed as produced: a masked word costs what the upstream wrote, not its stars, and a
-        # chat upstream's reasoning costs what it costs on chat (the translation drops it).
+        # chat upstream's reasoning costs what it costs on chat (shown as a reasoning item).
         self.text = "".join(self.produced)
         if self.plan.native:  # text shown whole (a part's .done, an item, the Response) counts
             self.text = self.shown.text(self.text)

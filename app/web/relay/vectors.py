@@ -49,6 +49,8 @@ def encode(vectors: list[Any], encoding: Any) -> None:
             done: Any = _packed(value)
         elif not wants_base64 and isinstance(value, str):
             done = _unpacked(value)
+        elif wants_base64 and isinstance(value, str):  # OpenAI's is one unbroken string
+            done = b64.unwrapped(value)  # a proxy's wrapped lines: strict decoders refuse them
         else:
             continue
         if done is not None:
