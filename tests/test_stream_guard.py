@@ -99,3 +99,17 @@ def test_any_text_cut_anyhow_streams_as_the_whole_text_masks(text: str, points: 
     got, _ = run(refused, pieces)
     assert refused.refused == words.check(text).hit
     assert text.startswith(got) and not words.check(got).hit
+
+
+@pytest.mark.parametrize("index", [[1], {"i": 2}], ids=["list", "object"])
+def test_a_choice_index_of_any_json_type_is_taken(ctx: Any, index: Any) -> None:
+    """Review (round 12): a choice's `index` is the upstream's JSON; a list or an object (not
+    hashable) was a TypeError mid-stream with `api_output` on (the stream ended without
+    [DONE]). It keys its choice like any other value, and the text is still masked."""
+    guard = StreamGuard("chat", "mask", Matcher(WORDS), count=lambda: None)
+    out = []
+    for piece, finish in (("说违", None), ("禁词好吗", "stop")):
+        sent = guard.take({"id": "c", "choices": [{"index": index, "delta": {"content": piece},
+                                                   "finish_reason": finish}]})
+        out.append(sent["choices"][0]["delta"]["content"])
+    assert "".join(out) == Matcher(WORDS).check("说违禁词好吗").masked != "说违禁词好吗"

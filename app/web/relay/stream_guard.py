@@ -33,6 +33,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
+import orjson
+
 from app.core import b64
 from app.core.safety import FOLD, Matcher, fold
 from app.web.relay import screening
@@ -97,6 +99,8 @@ class StreamGuard:
             if not isinstance(choice, dict):
                 continue
             index, done = choice.get("index", 0), final or bool(choice.get("finish_reason"))
+            if isinstance(index, (list, dict)):  # the upstream's JSON: keyed by what it says
+                index = orjson.dumps(index).decode()
             for slot, holder, key in self._slots(index, choice, done):
                 piece = holder.get(key)
                 if isinstance(piece, str) or (done and self.held.get(slot)):
