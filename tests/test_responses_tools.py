@@ -319,6 +319,27 @@ def test_a_namespace_chat_cannot_take_is_refused_naming_it(
     assert not upstream.requests
 
 
+def test_a_namespace_description_copied_past_the_bound_is_refused_before_it_is_built(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream,
+        r: redis.Redis) -> None:
+    """Each member goes to chat with its namespace's description before its own, so a long
+    description over many tiny members was copied once per member before the prompt was
+    counted: a 5 MB body built 1 GB (12 s of CPU), a 32 MiB one could build terabytes. The
+    copies are bounded (tools.COPIED_MAX characters) before any is built: a 400 naming it."""
+    key, acct = funded
+    members = [{"type": "function", "name": f"f{i}"} for i in range(100)]
+    space = {**CRM, "description": "x" * 64 * 1024, "tools": members}  # 6.4 Mi chars copied
+    resp = post(live, key, {"model": MODEL, "input": "hi", "tools": [space]})
+    assert resp.status_code == 400, resp.text
+    validate(resp.json(), "ErrorResponse")
+    assert resp.json()["error"]["param"] == "tools[0].description"
+    assert not upstream.requests
+    assert not reserved(r, acct)
+    space["description"] = "x" * 1024  # 100 KiB copied: sent
+    create(live, key, {"model": MODEL, "input": "hi", "tools": [space]}, False)
+    assert last_chat(upstream)["tools"][99]["function"]["description"] == "x" * 1024
+
+
 def test_a_call_items_namespace_must_be_a_string(live: LiveServer,
                                                  funded: tuple[str, str]) -> None:
     resp = post(live, funded[0], {"model": MODEL, "input": [

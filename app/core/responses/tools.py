@@ -28,6 +28,11 @@ from app.core.errors import InvalidRequest
 CLIENT_TOOLS = ("function", "custom")  # run by the caller: their only cost is tokens
 NAMESPACE = "namespace"  # OpenAI's NamespaceToolParam: function and custom tools, grouped
 SEP = "__"  # a namespace member's chat name: <namespace>__<name> (chat names: [a-zA-Z0-9_-])
+# The characters a request's namespace descriptions may add to the chat body: each member
+# carries its namespace's description, so a 16 MiB description over 1 000 tiny members was
+# 16 GB built (and counted) from one 32 MiB body, 12 s of CPU for a 5 MB one. 4 Mi characters
+# (about a million tokens) are past any model's context: only a refusal is lost.
+COPIED_MAX = 4 << 20
 SYNTAXES = ("lark", "regex")  # OpenAI's GrammarSyntax1, chat's grammar syntax too
 
 
@@ -43,11 +48,21 @@ def check_tools(tools: Any, native: bool) -> None:
         raise _bad("'tools' must be an array.", "tools")
     names: set[str] = set()  # the chat names so far (translated): a member's must be new
     members: set[str] = set()  # the namespace members' (a later tool's must not be one)
+    copied = 0  # the characters the namespaces' descriptions add, copied into each member
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == NAMESPACE:
             _check_named(tool, f"tools[{i}]")
             _check_namespace(tool, f"tools[{i}]", native, names, members)
+            said = tool.get("description")
+            if not native and isinstance(said, str):  # checked before chat_tools builds them
+                copied += len(said) * (len(tool["tools"]) - 1)
+                if copied > COPIED_MAX:
+                    raise _bad(f"tools[{i}].description: a namespace's description goes to "
+                               "this service's chat upstream before each of its tools' own; "
+                               f"repeated {len(tool['tools'])} times it makes more than "
+                               f"{COPIED_MAX} characters. Shorten it or split the namespace.",
+                               f"tools[{i}].description", "命名空间描述过长")
             continue
         if kind not in CLIENT_TOOLS:
             raise _bad(f"tools[{i}]: tools of type '{kind}' are not supported by this service "
