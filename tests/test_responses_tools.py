@@ -15,6 +15,7 @@ from test_responses import (
     MODEL,
     last_chat,
     native,  # noqa: F401 (a fixture)
+    native_sent,
     post,
     reserved,
     sdk,
@@ -338,6 +339,20 @@ def test_a_namespace_description_copied_past_the_bound_is_refused_before_it_is_b
     space["description"] = "x" * 1024  # 100 KiB copied: sent
     create(live, key, {"model": MODEL, "input": "hi", "tools": [space]}, False)
     assert last_chat(upstream)["tools"][99]["function"]["description"] == "x" * 1024
+
+
+def test_a_native_namespace_description_is_counted_once(
+        native: LiveServer,  # noqa: F811 (the fixture)
+        funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """Natively the namespace goes upstream as sent (its description once), but the prompt was
+    counted on its chat translation, the description copied before each member's own: 100
+    members and a 64 KiB description counted 6.4 Mi characters (the 400 'input too long', and
+    the work and memory of building them). It is counted once, as it is sent."""
+    members = [{"type": "function", "name": f"f{i}"} for i in range(100)]
+    space = {**CRM, "description": "x" * 64 * 1024, "tools": members}
+    resp = post(native, funded[0], {"model": MODEL, "input": "hi", "tools": [space]})
+    assert resp.status_code == 200, resp.text
+    assert native_sent(upstream)["tools"] == [space]
 
 
 def test_a_call_items_namespace_must_be_a_string(live: LiveServer,

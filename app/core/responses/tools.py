@@ -150,14 +150,17 @@ def _custom(tool: dict[str, Any]) -> dict[str, Any]:
     return {"type": "custom", "custom": spec}
 
 
-def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
+def chat_tools(tools: Any, once: bool = False) -> list[dict[str, Any]] | None:
     """Translate Responses function and custom tools to chat's, a namespace's each under its
-    chat name (others are kept, to be bounded)."""
+    chat name (others are kept, to be bounded). `once` (to count what a native upstream is
+    sent): a namespace's description goes to its first member only, as it is sent once."""
     out = []
     for tool in tools or []:
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == NAMESPACE and isinstance(tool.get("tools"), list):
-            out += [_chat_tool(_member(tool, t)) for t in tool["tools"] if isinstance(t, dict)]
+            inner = [t for t in tool["tools"] if isinstance(t, dict)]
+            rest = {**tool, "description": None} if once else tool
+            out += [_chat_tool(_member(rest if j else tool, t)) for j, t in enumerate(inner)]
         else:
             out.append(_chat_tool(tool))
     return out or None

@@ -159,8 +159,9 @@ def _prepare(call: Call, plan: Plan, counting: bool = False) -> int:
     messages = to_chat.to_messages(instructions, items, strict=not plan.native, stored=stored)
     fmt = body.get("text") if plan.native else to_chat.chat_format(body.get("text"))
     limit = relay.get("max_prompt_tokens", 128000)
+    chat_tools = tools.chat_tools(body.get("tools"), once=plan.native)  # as sent, counted
     prompt = tokens.messages_prompt(  # input files: bounded by the cap (tokens.Prompt)
-        messages, call.upstream_model, tools=tools.chat_tools(body.get("tools")),
+        messages, call.upstream_model, tools=chat_tools,
         response_format=fmt, limit=limit)
     if extra:  # read as prompt by some upstreams: counted, never free
         prompt = prompt.plus(tokens.json_tokens(extra, call.upstream_model, limit=limit))
