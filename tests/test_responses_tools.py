@@ -320,6 +320,30 @@ def test_a_namespace_chat_cannot_take_is_refused_naming_it(
     assert not upstream.requests
 
 
+def test_a_namespace_members_chat_name_over_64_characters_is_shortened_and_mapped_back(
+        live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream) -> None:
+    """Chat takes tool names of at most 64 characters (OpenAI's chat refuses the whole request
+    over it), and <namespace>__<name> of an MCP server's namespace and a long tool name often
+    is longer: it was sent as is. Such a chat name is now its head and a digest of the whole;
+    the model's call of it is a call item with `name` and `namespace` apart again, and the
+    call sent back goes to chat under that same short name."""
+    space, long = "mcp__" + "github_enterprise_server" * 2, "create_pull_request_review_" * 2
+    spec = {"type": "namespace", "name": space, "description": "GitHub.", "tools": [
+        {"type": "function", "name": long, "parameters": {"type": "object", "properties": {}}},
+        {"type": "function", "name": long + "x"}]}
+    first = create(live, funded[0], {"model": MODEL, "input": "review", "tools": [spec],
+                                     "tool_choice": "required"}, False)
+    names = [t["function"]["name"] for t in last_chat(upstream)["tools"]]
+    assert all(len(n) <= 64 for n in names) and len(set(names)) == 2, names
+    (call,) = first["output"]
+    assert (call["name"], call["namespace"]) == (long, space)
+    create(live, funded[0], {"model": MODEL, "previous_response_id": first["id"],
+                             "tools": [spec], "input": [{"type": "function_call_output",
+                                                         "call_id": call["call_id"],
+                                                         "output": "done"}]}, False)
+    assert last_chat(upstream)["messages"][1]["tool_calls"][0]["function"]["name"] == names[0]
+
+
 def test_a_namespace_description_copied_past_the_bound_is_refused_before_it_is_built(
         live: LiveServer, funded: tuple[str, str], upstream: FakeUpstream,
         r: redis.Redis) -> None:

@@ -21,6 +21,7 @@ whose chat name another tool has already.
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 from app.core.errors import InvalidRequest
@@ -28,6 +29,7 @@ from app.core.errors import InvalidRequest
 CLIENT_TOOLS = ("function", "custom")  # run by the caller: their only cost is tokens
 NAMESPACE = "namespace"  # OpenAI's NamespaceToolParam: function and custom tools, grouped
 SEP = "__"  # a namespace member's chat name: <namespace>__<name> (chat names: [a-zA-Z0-9_-])
+CHAT_NAME_MAX = 64  # chat's function and custom tool names: at most 64 characters (OpenAI's)
 # The characters a request's namespace descriptions may add to the chat body: each member
 # carries its namespace's description, so a 16 MiB description over 1 000 tiny members was
 # 16 GB built (and counted) from one 32 MiB body, 12 s of CPU for a 5 MB one. 4 Mi characters
@@ -103,7 +105,7 @@ def _check_namespace(space: dict[str, Any], where: str, native: bool, names: set
         if native:
             continue
         _check_for_chat(tool, at)
-        name = space["name"] + SEP + tool["name"]
+        name = member_name(space["name"], tool["name"])
         if name in names:
             raise _collides(at, name)
         names.add(name)
@@ -180,7 +182,7 @@ def _member(space: dict[str, Any], tool: dict[str, Any]) -> dict[str, Any]:
     description (what OpenAI shows the model of it) before its own."""
     said = [d for d in (space.get("description"), tool.get("description"))
             if isinstance(d, str) and d]
-    out = {**tool, "name": f"{space.get('name')}{SEP}{tool.get('name')}"}
+    out = {**tool, "name": member_name(str(space.get("name")), str(tool.get("name")))}
     if said:
         out["description"] = "\n\n".join(said)
     return out
@@ -194,14 +196,25 @@ def namespaced(tools: Any) -> dict[str, tuple[str, str]]:
                 space.get("tools"), list):
             for tool in space["tools"]:
                 if isinstance(tool, dict) and isinstance(tool.get("name"), str):
-                    out[space["name"] + SEP + tool["name"]] = (space["name"], tool["name"])
+                    out[member_name(space["name"], tool["name"])] = (space["name"], tool["name"])
     return out
 
 
 def chat_name(item: dict[str, Any]) -> Any:
     """Return the chat name of a call item's tool: a namespaced one's <namespace>__<name>."""
     ns = item.get("namespace")
-    return f"{ns}{SEP}{item['name']}" if isinstance(ns, str) and ns else item["name"]
+    return member_name(ns, item["name"]) if isinstance(ns, str) and ns else item["name"]
+
+
+def member_name(space: str, name: str) -> str:
+    """Return a namespace member's chat name: <namespace>__<name>, or, when that is longer than
+    chat takes (CHAT_NAME_MAX: an MCP server's namespace and a long tool name often are), its
+    head and a digest of the whole (mapped back to namespace and name like any other)."""
+    full = f"{space}{SEP}{name}"
+    if len(full) <= CHAT_NAME_MAX:
+        return full
+    digest = hashlib.sha256(full.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{full[:CHAT_NAME_MAX - 13]}_{digest}"
 
 
 def _function(tool: dict[str, Any]) -> dict[str, Any]:
