@@ -720,3 +720,37 @@ def test_stop_releases_the_port_and_closes_idle_connections() -> None:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", fake.port))
+
+
+def test_parallel_second_call_of_a_strict_tool_fits_its_schema(
+        fake: FakeUpstream, http: requests.Session) -> None:
+    """Clients12: the parallel marker's second call carried {"said", "call": 2} even for a
+    strict tool, so the Vercel AI SDK's schema check refused it (AI_InvalidToolInputError) and
+    a two-tool demo ran only the first; a non-strict tool keeps the plain shape."""
+    strict = {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": strict}},
+             {"type": "function", "function": {"name": "time", "parameters": strict,
+                                               "strict": True}}]
+    for stream in (False, True):
+        body = chat_body("Oslo [[fake:parallel]]", tools=tools, tool_choice="required",
+                         stream=stream)
+        resp = http.post(fake.url + "/chat/completions", json=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+        if stream:
+            args: dict[int, str] = {}
+            for chunk in stream_chunks(resp)[0]:
+                for call in (chunk["choices"] or [{}])[0].get("delta", {}).get("tool_calls") or []:
+                    args[call["index"]] = args.get(call["index"], "") + call["function"][
+                        "arguments"]
+            first, second = args[0], args[1]
+        else:
+            calls = resp.json()["choices"][0]["message"]["tool_calls"]
+            first, second = (c["function"]["arguments"] for c in calls)
+        assert json.loads(first) == {"said": "Oslo"}
+        assert json.loads(second) == {"tz": "Oslo"}
+    tools[1]["function"].pop("strict")
+    resp = http.post(fake.url + "/chat/completions", timeout=10, json=chat_body(
+        "Oslo [[fake:parallel]]", tools=tools, tool_choice="required"))
+    calls = resp.json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(calls[1]["function"]["arguments"]) == {"said": "Oslo", "call": 2}

@@ -114,13 +114,18 @@ def forced_arguments(body: dict[str, Any], name: str, said: str) -> str:
 
 def _second_call(body: dict[str, Any], said: str) -> tuple[str, str] | None:
     """Return the (name, arguments) of the parallel marker's second call: the second function
-    tool (or the first again), its arguments {"said": …, "call": 2}."""
-    names = [_tool_name(t, "function") for t in body.get("tools") or []
+    tool (or the first again), its arguments {"said": …, "call": 2}, or for a strict tool an
+    instance of its parameters (as the first call's), so an SDK's schema check takes it."""
+    tools = [t for t in body.get("tools") or []
              if isinstance(t, dict) and t.get("type") == "function"]
-    if body.get("tool_choice") != "required" or not names:
+    if body.get("tool_choice") != "required" or not tools:
         return None
-    name = names[1] if len(names) > 1 else names[0]
-    return name, _dumps({"said": said, "call": 2}).decode()
+    tool = tools[1] if len(tools) > 1 else tools[0]
+    inner = tool.get("function")
+    spec: dict[str, Any] = inner if isinstance(inner, dict) else tool
+    if spec.get("strict") is True:
+        return _tool_name(tool, "function"), tool_arguments(tool, said)
+    return _tool_name(tool, "function"), _dumps({"said": said, "call": 2}).decode()
 
 
 def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
