@@ -754,3 +754,30 @@ def test_parallel_second_call_of_a_strict_tool_fits_its_schema(
         "Oslo [[fake:parallel]]", tools=tools, tool_choice="required"))
     calls = resp.json()["choices"][0]["message"]["tool_calls"]
     assert json.loads(calls[1]["function"]["arguments"]) == {"said": "Oslo", "call": 2}
+
+
+def test_responses_text_format_is_answered_with_structured_output(
+        fake: FakeUpstream, http: requests.Session) -> None:
+    """Clients12: /v1/responses answered a text.format json_schema with the plain echo, so
+    with relay.responses_native on the Agents SDK's output_type and the Vercel AI SDK's
+    generateObject failed to parse it; it is answered as chat's response_format now."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "person", "schema": schema, "strict": True}
+    expected = {"name": ANSWER_PREFIX + "Bob", "age": 0}
+    body = {"model": "gpt-4o-mini", "input": "Bob", "text": {"format": fmt}}
+    resp = http.post(fake.url + "/responses", json=body, timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert json.loads(resp.json()["output"][0]["content"][0]["text"]) == expected
+    resp = http.post(fake.url + "/responses", json={**body, "stream": True}, timeout=10)
+    done = [json.loads(line[5:]) for line in resp.text.splitlines() if line.startswith("data:")]
+    text = next(e["text"] for e in done if e["type"] == "response.output_text.done")
+    assert json.loads(text) == expected
+    body["text"] = {"format": {"type": "json_object"}}
+    resp = http.post(fake.url + "/responses", json=body, timeout=10)
+    assert json.loads(resp.json()["output"][0]["content"][0]["text"]) == {
+        "said": ANSWER_PREFIX + "Bob"}
+    body["text"] = {"format": {"type": "text"}}
+    resp = http.post(fake.url + "/responses", json=body, timeout=10)
+    assert resp.json()["output"][0]["content"][0]["text"] == ANSWER_PREFIX + "Bob"

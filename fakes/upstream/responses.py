@@ -3,7 +3,8 @@
 POST /v1/responses answers like OpenAI's: a Response object, or (stream: true) the typed events
 framed as `event: <type>` + `data: {...}` with sequence numbers, no [DONE]. The answer echoes the
 last user message as chat does, and the markers work the same (status, delay, nousage, long,
-chunk_delay, cut, malformed).
+chunk_delay, cut, malformed); a `text.format` of json_schema or json_object is answered as chat's
+`response_format` is (fakes/upstream/structured.py).
 
 A request that forces a tool (tool_choice "required", or a named function or custom tool) is
 answered with a call to it (the first function or custom tool for "required"): a function's
@@ -27,6 +28,7 @@ from fakes.upstream.answers import (
     _CONTENT,
     _HEAD,
     _TAIL,
+    ANSWER_PREFIX,
     _int_param,
     _model,
     _new_id,
@@ -35,7 +37,7 @@ from fakes.upstream.answers import (
     make_answer,
 )
 from fakes.upstream.behaviour import FakeError, _dumps, extract_markers
-from fakes.upstream.structured import tool_arguments
+from fakes.upstream.structured import structured_text, tool_arguments
 
 if TYPE_CHECKING:
     from fakes.upstream.views import FakeHandler
@@ -48,6 +50,15 @@ def _tool_name(tool: dict[str, Any], kind: str) -> Any:
     """Return a tool's (or a tool_choice's) name: Responses' flat, or chat's under its type."""
     inner = tool.get(kind)
     return tool.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
+
+
+def _chat_format(text: Any) -> Any:
+    """Return a Responses `text.format` as chat's `response_format` (json_schema's name,
+    schema and strict move under `json_schema`), or None."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return fmt
+    return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
 
 
 def forced_tool(body: dict[str, Any]) -> tuple[str, str] | None:
@@ -274,7 +285,9 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
                 "call_id": _new_id("call"), "name": tool[1], "arguments": args}
         pieces, finish = [args], "stop"
     else:
-        pieces, finish = make_answer(said, behaviour, limit)
+        doc = structured_text(_chat_format(body.get("text")), ANSWER_PREFIX + said)
+        pieces, finish = make_answer(said if doc is None else doc, behaviour, limit,
+                                     exact=doc is not None)
         part = {"type": "output_text", "text": "".join(pieces), "annotations": [], "logprobs": []}
         item = {"id": _new_id("msg"), "type": "message", "status": "completed",
                 "role": "assistant", "content": [part]}
