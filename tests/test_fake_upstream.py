@@ -720,3 +720,64 @@ def test_stop_releases_the_port_and_closes_idle_connections() -> None:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", fake.port))
+
+
+def test_parallel_second_call_of_a_strict_tool_fits_its_schema(
+        fake: FakeUpstream, http: requests.Session) -> None:
+    """Clients12: the parallel marker's second call carried {"said", "call": 2} even for a
+    strict tool, so the Vercel AI SDK's schema check refused it (AI_InvalidToolInputError) and
+    a two-tool demo ran only the first; a non-strict tool keeps the plain shape."""
+    strict = {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": strict}},
+             {"type": "function", "function": {"name": "time", "parameters": strict,
+                                               "strict": True}}]
+    for stream in (False, True):
+        body = chat_body("Oslo [[fake:parallel]]", tools=tools, tool_choice="required",
+                         stream=stream)
+        resp = http.post(fake.url + "/chat/completions", json=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+        if stream:
+            args: dict[int, str] = {}
+            for chunk in stream_chunks(resp)[0]:
+                for call in (chunk["choices"] or [{}])[0].get("delta", {}).get("tool_calls") or []:
+                    args[call["index"]] = args.get(call["index"], "") + call["function"][
+                        "arguments"]
+            first, second = args[0], args[1]
+        else:
+            calls = resp.json()["choices"][0]["message"]["tool_calls"]
+            first, second = (c["function"]["arguments"] for c in calls)
+        assert json.loads(first) == {"said": "Oslo"}
+        assert json.loads(second) == {"tz": "Oslo"}
+    tools[1]["function"].pop("strict")
+    resp = http.post(fake.url + "/chat/completions", timeout=10, json=chat_body(
+        "Oslo [[fake:parallel]]", tools=tools, tool_choice="required"))
+    calls = resp.json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(calls[1]["function"]["arguments"]) == {"said": "Oslo", "call": 2}
+
+
+def test_responses_text_format_is_answered_with_structured_output(
+        fake: FakeUpstream, http: requests.Session) -> None:
+    """Clients12: /v1/responses answered a text.format json_schema with the plain echo, so
+    with relay.responses_native on the Agents SDK's output_type and the Vercel AI SDK's
+    generateObject failed to parse it; it is answered as chat's response_format now."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "person", "schema": schema, "strict": True}
+    expected = {"name": ANSWER_PREFIX + "Bob", "age": 0}
+    body = {"model": "gpt-4o-mini", "input": "Bob", "text": {"format": fmt}}
+    resp = http.post(fake.url + "/responses", json=body, timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert json.loads(resp.json()["output"][0]["content"][0]["text"]) == expected
+    resp = http.post(fake.url + "/responses", json={**body, "stream": True}, timeout=10)
+    done = [json.loads(line[5:]) for line in resp.text.splitlines() if line.startswith("data:")]
+    text = next(e["text"] for e in done if e["type"] == "response.output_text.done")
+    assert json.loads(text) == expected
+    body["text"] = {"format": {"type": "json_object"}}
+    resp = http.post(fake.url + "/responses", json=body, timeout=10)
+    assert json.loads(resp.json()["output"][0]["content"][0]["text"]) == {
+        "said": ANSWER_PREFIX + "Bob"}
+    body["text"] = {"format": {"type": "text"}}
+    resp = http.post(fake.url + "/responses", json=body, timeout=10)
+    assert resp.json()["output"][0]["content"][0]["text"] == ANSWER_PREFIX + "Bob"

@@ -23,8 +23,8 @@ from app.core.money import ledger
 from fakes.upstream import count_tokens
 
 MODEL = "gpt-4o-mini"
-TOOLS = [{"type": "function", "name": name, "parameters": {"type": "object"}}
-         for name in ("lookup", "fetch")]
+TOOLS = [{"type": "function", "name": name, "parameters": {"type": "object"}, "strict": False}
+         for name in ("lookup", "fetch")]  # non-strict: the fake's calls say what was said
 
 
 def _stream(live: LiveServer, key: str, body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -37,7 +37,9 @@ POST /_fake/config with a JSON object of the same names; a marker wins over the 
                    content, in field F: reasoning_content (bare, DeepSeek's), reasoning, or both
                    (vLLM's); streamed as deltas of it first; counted in the completion tokens
     parallel       chat, a forced tool_choice "required": two calls (the first two function tools,
-                   or the first twice), streamed with their deltas interleaved (index 0, 1, 0, 1)
+                   or the first twice), streamed with their deltas interleaved (index 0, 1, 0, 1);
+                   the second's arguments {"said": …, "call": 2}, for a strict tool an instance
+                   of its parameters
 
 A chat request's usage counts its image_url parts by OpenAI's tile rule (fakes/upstream/vision.py).
 

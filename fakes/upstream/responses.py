@@ -3,7 +3,8 @@
 POST /v1/responses answers like OpenAI's: a Response object, or (stream: true) the typed events
 framed as `event: <type>` + `data: {...}` with sequence numbers, no [DONE]. The answer echoes the
 last user message as chat does, and the markers work the same (status, delay, nousage, long,
-chunk_delay, cut, malformed).
+chunk_delay, cut, malformed); a `text.format` of json_schema or json_object is answered as chat's
+`response_format` is (fakes/upstream/structured.py).
 
 A request that forces a tool (tool_choice "required", or a named function or custom tool) is
 answered with a call to it (the first function or custom tool for "required"): a function's
@@ -27,6 +28,7 @@ from fakes.upstream.answers import (
     _CONTENT,
     _HEAD,
     _TAIL,
+    ANSWER_PREFIX,
     _int_param,
     _model,
     _new_id,
@@ -35,7 +37,7 @@ from fakes.upstream.answers import (
     make_answer,
 )
 from fakes.upstream.behaviour import FakeError, _dumps, extract_markers
-from fakes.upstream.structured import tool_arguments
+from fakes.upstream.structured import structured_text, tool_arguments
 
 if TYPE_CHECKING:
     from fakes.upstream.views import FakeHandler
@@ -48,6 +50,15 @@ def _tool_name(tool: dict[str, Any], kind: str) -> Any:
     """Return a tool's (or a tool_choice's) name: Responses' flat, or chat's under its type."""
     inner = tool.get(kind)
     return tool.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
+
+
+def _chat_format(text: Any) -> Any:
+    """Return a Responses `text.format` as chat's `response_format` (json_schema's name,
+    schema and strict move under `json_schema`), or None."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return fmt
+    return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
 
 
 def forced_tool(body: dict[str, Any]) -> tuple[str, str] | None:
@@ -114,13 +125,18 @@ def forced_arguments(body: dict[str, Any], name: str, said: str) -> str:
 
 def _second_call(body: dict[str, Any], said: str) -> tuple[str, str] | None:
     """Return the (name, arguments) of the parallel marker's second call: the second function
-    tool (or the first again), its arguments {"said": …, "call": 2}."""
-    names = [_tool_name(t, "function") for t in body.get("tools") or []
+    tool (or the first again), its arguments {"said": …, "call": 2}, or for a strict tool an
+    instance of its parameters (as the first call's), so an SDK's schema check takes it."""
+    tools = [t for t in body.get("tools") or []
              if isinstance(t, dict) and t.get("type") == "function"]
-    if body.get("tool_choice") != "required" or not names:
+    if body.get("tool_choice") != "required" or not tools:
         return None
-    name = names[1] if len(names) > 1 else names[0]
-    return name, _dumps({"said": said, "call": 2}).decode()
+    tool = tools[1] if len(tools) > 1 else tools[0]
+    inner = tool.get("function")
+    spec: dict[str, Any] = inner if isinstance(inner, dict) else tool
+    if spec.get("strict") is True:
+        return _tool_name(tool, "function"), tool_arguments(tool, said)
+    return _tool_name(tool, "function"), _dumps({"said": said, "call": 2}).decode()
 
 
 def chat_tool_call(handler: FakeHandler, body: dict[str, Any], model: str, said: str,
@@ -269,7 +285,9 @@ def answer_responses(handler: FakeHandler, body: dict[str, Any]) -> None:
                 "call_id": _new_id("call"), "name": tool[1], "arguments": args}
         pieces, finish = [args], "stop"
     else:
-        pieces, finish = make_answer(said, behaviour, limit)
+        doc = structured_text(_chat_format(body.get("text")), ANSWER_PREFIX + said)
+        pieces, finish = make_answer(said if doc is None else doc, behaviour, limit,
+                                     exact=doc is not None)
         part = {"type": "output_text", "text": "".join(pieces), "annotations": [], "logprobs": []}
         item = {"id": _new_id("msg"), "type": "message", "status": "completed",
                 "role": "assistant", "content": [part]}
