@@ -259,3 +259,16 @@ def test_a_choiceless_chunk_carrying_more_than_usage_is_sent(
         assert chunks[-1]["usage"]["completion_tokens"] >= 1 and not chunks[-1]["choices"]
     else:
         assert all("usage" not in c for c in chunks)
+
+
+@pytest.mark.parametrize("usage", [None, "real"])
+def test_a_choiceless_chunk_whose_other_fields_are_null_is_a_usage_report(
+        odd: ThreadingHTTPServer, r: redis.Redis, redis_url: str, usage: Any) -> None:
+    """A field outside the envelope sent as null carries nothing: the chunk is a usage report
+    alone, not sent to a client that did not ask for usage (no chunk without choices)."""
+    extra = _usage(3) if usage == "real" else usage
+    body = [_piece("hi ", finish="stop"), {**USAGE_ONLY, "usage": extra, "moderation": None}]
+    raw = b"".join(map(_event, body)) + b"data: [DONE]\n\n"
+    chunks, _, _ = _chat(odd, r, redis_url, raw)
+    assert chunks and all(c["choices"] for c in chunks)
+    assert all("usage" not in c and "moderation" not in c for c in chunks)

@@ -269,8 +269,10 @@ ENVELOPE = frozenset(("id", "object", "created", "model", "system_fingerprint", 
 
 
 def _bare(obj: dict[str, Any]) -> bool:
-    """Tell whether a chunk without choices carries nothing but its envelope and usage."""
-    return all(k in ENVELOPE or v is None for k, v in obj.items())
+    """Tell whether a chunk without choices carries nothing but its envelope and usage (or
+    other fields only as null). The set test runs in C; the walk only for a chunk with more."""
+    return ENVELOPE.issuperset(obj) or all(v is None for k, v in obj.items()
+                                           if k not in ENVELOPE)
 
 
 def _usage_chunk(kind: str, call: Call, meter: Meter, last: dict[str, Any], reports: Reports,
