@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import UPSTREAM_KEY, LiveServer
+from npm_kit import npm_dir
 
 from app import create_app
 from app.core.config import load_settings
@@ -101,22 +101,10 @@ def test_agents_sdk_tools_handoffs_structured_streams_sessions(
 
 
 @pytest.fixture(scope="module")
-def vercel_sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def vercel_sdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding the script and the Vercel AI SDK; skip when it cannot be made."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("Node absent: no node or npm on PATH")
-    where = tmp_path_factory.mktemp("node-vercel-ai")
-    try:
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent",
-                               "--fetch-retries=0", "--fetch-timeout=20000", *VERCEL],
-                              cwd=where, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"npm could not install {VERCEL} within 120 s (registry unreachable?)")
-    if done.returncode != 0:
-        pytest.skip(f"npm could not install {VERCEL} (registry unreachable?): {done.stderr[-300:]}")
-    shutil.copy(HERE / "vercel_calls.mjs", where / "vercel_calls.mjs")
-    yield where
+    return npm_dir(tmp_path_factory.mktemp("node-vercel-ai"), VERCEL,
+                   HERE / "vercel_calls.mjs", timeout=120)
 
 
 def test_vercel_ai_sdk_responses_and_chat_providers(

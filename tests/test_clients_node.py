@@ -8,15 +8,14 @@ be reached.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from conftest import LiveServer, new_key
+from npm_kit import npm_dir
 
 from app.core.money import ledger, wallet
 from fakes.upstream import FakeUpstream
@@ -26,23 +25,9 @@ SDK = "openai@6"
 
 
 @pytest.fixture(scope="module")
-def node_sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def node_sdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding the script and node_modules/openai; skip when it cannot be made."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("Node absent: no node or npm on PATH")
-    where = tmp_path_factory.mktemp("node-openai")
-    try:
-        # Without a registry npm would retry for minutes: one try, 20 s per fetch.
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent",
-                               "--fetch-retries=0", "--fetch-timeout=20000", SDK],
-                              cwd=where, capture_output=True, text=True, timeout=90)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"npm could not install {SDK} within 90 s (registry unreachable?)")
-    if done.returncode != 0:
-        pytest.skip(f"npm could not install {SDK} (registry unreachable?): {done.stderr[-300:]}")
-    shutil.copy(SCRIPT, where / SCRIPT.name)
-    yield where
+    return npm_dir(tmp_path_factory.mktemp("node-openai"), [SDK], SCRIPT, timeout=90)
 
 
 def test_node_sdk_every_route_and_its_exceptions(node_sdk: Path, live: LiveServer,
